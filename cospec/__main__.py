@@ -1,0 +1,5 @@
+import sys
+
+from cospec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,164 @@
+"""Acceptance rules: (draft tokens, draft logits, verifier logits) -> (accepted, next token).
+
+Terminology: the verifier scores k drafted tokens d_1..d_k and produces k + 1 rows of logits;
+row i is its distribution for the token at d_{i+1}'s position, row k is the *bonus* row.
+A rule keeps a prefix d_1..d_n (``accepted`` = n) and commits one more token: *recovered*
+at a rejection, or the *bonus* when all k are kept.
+
+Exact rules reproduce the verifier (greedy output, or sampling distribution). Lossy rules
+(an arbiter that may keep a draft token the verifier disagrees with) set ``lossy = True``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from cospec.sampling import SamplingConfig, probabilities, residual, sample
+
+
+@dataclass
+class Proposal:
+    """One speculative step's tensors (k = len(tokens), V = vocabulary, d = hidden size)."""
+
+    tokens: list[int]                             # d_1..d_k
+    draft_logits: torch.Tensor | None = None      # [k, V]: row i drew d_{i+1}
+    draft_hidden: torch.Tensor | None = None      # [k, d_draft]
+    target_logits: torch.Tensor | None = None     # [k + 1, V]
+    target_hidden: torch.Tensor | None = None     # [k + 1, d_target]
+    position: int = 0                             # tokens generated before d_1
+    lookahead: int | None = None                  # draft's token at the bonus position
+    lookahead_logits: torch.Tensor | None = None  # [1, V]
+    lookahead_hidden: torch.Tensor | None = None  # [1, d_draft]
+
+    def split_lookahead(self) -> None:
+        """Move the last drafted token out of ``tokens``: the draft's opinion at the bonus
+        position, which the verifier does not score (it already has that row)."""
+        self.lookahead = self.tokens.pop()
+        self.lookahead_logits, self.draft_logits = (self.draft_logits[-1:],
+                                                    self.draft_logits[:-1])
+        if self.draft_hidden is not None:
+            self.lookahead_hidden, self.draft_hidden = (self.draft_hidden[-1:],
+                                                        self.draft_hidden[:-1])
+
+
+@dataclass
+class Verdict:
+    accepted: int                 # n: d_1..d_n are committed
+    next_token: int               # recovered or bonus token, committed after them
+    arbiter_calls: int = 0
+    overrides: int = 0            # mismatches where the draft token was kept
+    arbiter_s: float = 0.0
+    next_from_draft: bool = False  # the token after the accepted ones is the draft's
+
+
+class AcceptanceRule(Protocol):
+    lossy: bool
+    needs_hidden: bool
+    lookahead: bool  # wants the draft's token at the bonus position too
+
+    def __call__(self, prop: Proposal, sampling: SamplingConfig,
+                 gen: torch.Generator | None) -> Verdict: ...
+
+
+@dataclass
+class ExactRule:
+    """Plain speculative decoding: greedy match at T = 0, rejection sampling at T > 0.
+
+    Rejection sampling (Leviathan et al. / Chen et al.): accept d_i with probability
+    min(1, p_i(d_i) / q_i(d_i)); at the first rejection resample from norm(max(0, p_i - q_i));
+    if all pass, sample the bonus from p_k. The committed tokens are distributed exactly as
+    sampling from the (processed) verifier distribution p.
+    """
+
+    lossy: bool = False
+    needs_hidden: bool = False
+    lookahead: bool = False
+
+    def __call__(self, prop, sampling, gen):
+        k = len(prop.tokens)
+        if sampling.greedy:
+            best = prop.target_logits.argmax(-1).tolist()
+            n = next((i for i in range(k) if prop.tokens[i] != best[i]), k)
+            return Verdict(n, best[n])
+        p = probabilities(prop.target_logits, sampling)
+        q = probabilities(prop.draft_logits, sampling) if k else None
+        for i, tok in enumerate(prop.tokens):
+            u = torch.rand((), generator=gen, device=p.device)
+            if u * q[i, tok] >= p[i, tok]:  # reject: u >= p/q, without dividing by zero
+                return Verdict(i, sample(residual(p[i], q[i]), gen))
+        return Verdict(k, sample(p[k], gen))
+
+
+class MismatchPolicy(Protocol):
+    """Decides, at a draft/target mismatch, how likely keeping the draft token is right."""
+
+    needs_hidden: bool
+
+    def draft_prob(self, features: torch.Tensor, target_hidden: torch.Tensor | None,
+                   draft_hidden: torch.Tensor | None) -> torch.Tensor:
+        """features [B, F] -> probability of DRAFT [B]."""
+        ...
+
+
+@dataclass
+class ArbiterRule:
+    """CoSpec (greedy): at a mismatch d_i != t_i ask a policy; DRAFT keeps d_i and goes on
+    checking d_{i+1} against t_{i+1} (already computed, conditioned on d_i: no extra pass);
+    TARGET commits t_i and ends the block, as plain SPD does. Lossy by design.
+
+    The draft also drafts one *lookahead* token past the block, so that the bonus position
+    is arbitrated like every other: every committed position then gets the same decision
+    whatever the block structure, which is what makes batched lockstep decoding equal to
+    this loop. (The lookahead forward is the draft's catch-up on d_k, done one step early.)
+    """
+
+    policy: MismatchPolicy
+    threshold: float = 0.5
+    every_mismatch: bool = True   # False: only the first mismatch of a block is arbitrated
+    lossy: bool = True
+    lookahead: bool = True
+    needs_hidden: bool = field(init=False)
+
+    def __post_init__(self):
+        self.needs_hidden = self.policy.needs_hidden
+
+    def _keep_draft(self, t_logits, d_logits, t, d, position, t_hidden, d_hidden) -> bool:
+        from cospec.arbiter import mismatch_features
+
+        feats = mismatch_features(t_logits, d_logits, torch.tensor([t]), torch.tensor([d]),
+                                  torch.tensor([position]))
+        return float(self.policy.draft_prob(feats, t_hidden, d_hidden)[0]) >= self.threshold
+
+    def __call__(self, prop, sampling, gen):
+        k = len(prop.tokens)
+        best = prop.target_logits.argmax(-1).tolist()
+        tokens = prop.tokens + ([prop.lookahead] if prop.lookahead is not None else [])
+        calls = overrides = 0
+        spent = 0.0
+        for i, d in enumerate(tokens):
+            t = best[i]
+            if d == t:
+                continue
+            if calls and not self.every_mismatch:
+                return Verdict(i, t, calls, overrides, spent)
+            bonus = i == k
+            t0 = time.perf_counter()
+            keep = self._keep_draft(
+                prop.target_logits[i:i + 1],
+                prop.lookahead_logits if bonus else prop.draft_logits[i:i + 1], t, d,
+                prop.position + i,
+                prop.target_hidden[i:i + 1] if self.needs_hidden else None,
+                (prop.lookahead_hidden if bonus else prop.draft_hidden[i:i + 1])
+                if self.needs_hidden else None)
+            spent += time.perf_counter() - t0
+            calls += 1
+            if not keep:
+                return Verdict(i, t, calls, overrides, spent)
+            overrides += 1
+            if bonus:
+                return Verdict(k, d, calls, overrides, spent, next_from_draft=True)
+        return Verdict(k, best[k], calls, overrides, spent)

@@ -1,0 +1,173 @@
+"""The CoSpec arbiter: features at a draft/target mismatch, policies, and the arbiter file.
+
+A mismatch is a position where the draft's greedy token d differs from the target's greedy
+token t for the same prefix. Features use only what the decoding step already has: both
+models' logits at that position (and, optionally, their last hidden states). They do not
+depend on where the position falls inside a speculative block, so a policy decides the same
+way in the batch-1 loop and in the batched lockstep decoder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cospec.errors import CospecError
+
+FEATURES = (
+    "logp_t_t", "logp_t_d", "logp_d_d", "logp_d_t",   # log p_model(token)
+    "entropy_t", "entropy_d",
+    "margin_t", "margin_d",                           # top-1 minus top-2 probability
+    "top5_t", "top5_d",                               # top-5 probability mass
+    "gap_t", "gap_d",                                 # log-prob gaps between t and d
+    "log_position",                                   # log(1 + tokens generated before)
+)
+
+
+def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
+                      t: torch.Tensor, d: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Scalar features [B, len(FEATURES)] (float32) from logits rows [B, V] and ids [B]."""
+    rows = torch.arange(t.shape[0])
+    out = []
+    stats = {}
+    for name, logits in (("t", target_logits), ("d", draft_logits)):
+        logp = logits.float().log_softmax(-1)
+        p = logp.exp()
+        top = p.topk(5, dim=-1).values
+        stats[name] = (logp[rows, t.to(logp.device)].cpu(), logp[rows, d.to(logp.device)].cpu(),
+                       -(p * logp).nan_to_num().sum(-1).cpu(),
+                       (top[:, 0] - top[:, 1]).cpu(), top.sum(-1).cpu())
+    (tt, td, ht, mt, ft), (dt, dd, hd, md, fd) = stats["t"], stats["d"]
+    out = [tt, td, dd, dt, ht, hd, mt, md, ft, fd, tt - td, dd - dt,
+           torch.log1p(position.float().cpu())]
+    return torch.stack(out, dim=-1)
+
+
+# ---------------------------------------------------------------- policies
+
+
+@dataclass
+class ConstantPolicy:
+    """Always DRAFT (p = 1) or always TARGET (p = 0): baselines and tests."""
+
+    p: float
+    needs_hidden: bool = False
+
+    def draft_prob(self, features, target_hidden=None, draft_hidden=None):
+        return torch.full((features.shape[0],), self.p)
+
+
+@dataclass
+class ConfidencePolicy:
+    """Keep the draft token when the target's probability of it is within ``delta`` of the
+    target's top choice: p_t(t) - p_t(d) <= delta."""
+
+    delta: float = 0.1
+    needs_hidden: bool = False
+
+    def draft_prob(self, features, target_hidden=None, draft_hidden=None):
+        i, j = FEATURES.index("logp_t_t"), FEATURES.index("logp_t_d")
+        return (features[:, i].exp() - features[:, j].exp() <= self.delta).float()
+
+
+@dataclass
+class EntropyPolicy:
+    """FLy-style entropy-gated deferral (simplified): when the target is uncertain
+    (entropy >= ``threshold`` nats) defer to the draft's token, else take the target's."""
+
+    threshold: float = 1.0
+    needs_hidden: bool = False
+
+    def draft_prob(self, features, target_hidden=None, draft_hidden=None):
+        return (features[:, FEATURES.index("entropy_t")] >= self.threshold).float()
+
+
+class LearnedPolicy(torch.nn.Module):
+    """A small MLP (or linear, ``hidden_units = 0``) over standardised features, optionally
+    concatenated with both models' last hidden states; outputs P(DRAFT) = sigmoid(logit)."""
+
+    def __init__(self, n_features: int, hidden_sizes: tuple[int, int] | None = None,
+                 hidden_units: int = 32):
+        super().__init__()
+        self.hidden_sizes = hidden_sizes  # (target d, draft d) when hidden states are used
+        width = n_features + (sum(hidden_sizes) if hidden_sizes else 0)
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+        self.net = (torch.nn.Sequential(torch.nn.Linear(width, hidden_units), torch.nn.Tanh(),
+                                        torch.nn.Linear(hidden_units, 1))
+                    if hidden_units else torch.nn.Linear(width, 1))
+        self.hidden_units = hidden_units
+
+    @property
+    def needs_hidden(self) -> bool:
+        return self.hidden_sizes is not None
+
+    def inputs(self, features, target_hidden=None, draft_hidden=None) -> torch.Tensor:
+        parts = [features.float()]
+        if self.needs_hidden:
+            parts += [target_hidden.float().cpu(), draft_hidden.float().cpu()]
+        return torch.cat(parts, dim=-1)
+
+    def logit(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, width] (raw inputs) -> logit of DRAFT [B]."""
+        return self.net((x - self.mean) / self.std).squeeze(-1)
+
+    @torch.no_grad()
+    def draft_prob(self, features, target_hidden=None, draft_hidden=None):
+        return torch.sigmoid(self.logit(self.inputs(features, target_hidden, draft_hidden)))
+
+
+# ---------------------------------------------------------------- the arbiter file
+
+
+def save_arbiter(policy: LearnedPolicy, path: str | Path, pair: tuple[str, str],
+                 info: dict | None = None) -> None:
+    """Weights as safetensors; the feature spec, model pair and training info as metadata."""
+    meta = {"format": "cospec-arbiter/1", "features": json.dumps(FEATURES),
+            "hidden_sizes": json.dumps(policy.hidden_sizes),
+            "hidden_units": str(policy.hidden_units),
+            "target": pair[0], "draft": pair[1], "info": json.dumps(info or {})}
+    tensors = {k: v.contiguous() for k, v in policy.state_dict().items()}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def arbiter_info(path: str | Path) -> dict:
+    """The metadata of an arbiter file (raises CospecError if it is not one)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise CospecError(f"{path} is not a readable arbiter file: {err}") from None
+    if meta.get("format") != "cospec-arbiter/1":
+        raise CospecError(f"{path} is not a cospec arbiter file (format {meta.get('format')!r})")
+    return meta
+
+
+def load_arbiter(path: str | Path, pair: tuple[str, str] | None = None) -> LearnedPolicy:
+    """Load an arbiter; with ``pair`` = (target, draft), refuse one trained for another pair."""
+    if not Path(path).is_file():
+        raise CospecError(f"arbiter file not found: {path}")
+    meta = arbiter_info(path)
+    if json.loads(meta["features"]) != list(FEATURES):
+        raise CospecError(f"{path} was trained on other features; retrain it with this version")
+    if pair is not None and (Path(meta["target"]).name, Path(meta["draft"]).name) != (
+            Path(pair[0]).name, Path(pair[1]).name):
+        raise CospecError(f"{path} was trained for target {meta['target']} / draft "
+                          f"{meta['draft']}, not {pair[0]} / {pair[1]}")
+    hs = json.loads(meta["hidden_sizes"])
+    policy = LearnedPolicy(len(FEATURES), tuple(hs) if hs else None, int(meta["hidden_units"]))
+    try:
+        policy.load_state_dict(load_file(str(path)))
+    except (SafetensorError, RuntimeError) as err:
+        raise CospecError(f"{path} is corrupt: {err}") from None
+    if not all(math.isfinite(float(v.abs().sum())) for v in policy.state_dict().values()):
+        raise CospecError(f"{path} holds non-finite weights")
+    return policy.eval()

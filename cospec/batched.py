@@ -1,0 +1,126 @@
+"""Batched lockstep greedy decoding, for accuracy runs and divergence collection.
+
+At every step each row feeds its last committed token to the target (and the draft, when
+given) and both predict the next token for the *same* committed prefix. The committed token
+is the target's greedy token, or — when a mismatch policy says DRAFT — the draft's.
+
+Why this equals the batch-1 speculative loop: in greedy SPD and token-level CoSpec every
+committed token is either the target's or the draft's greedy token for exactly the
+committed prefix, and the arbiter's features do not depend on the block structure. So the
+tokens are the same, up to floating-point differences between batched (padded) and batch-1
+kernels; ``tests/test_batched.py`` checks equality and ``cospec eval`` reports agreement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from cospec.arbiter import mismatch_features
+from cospec.cpu import fast_linear
+
+
+@dataclass
+class Divergence:
+    """A mismatch on a row's committed path: at ``position`` the target wanted ``t``."""
+
+    position: int            # index in the generated tokens
+    t: int
+    d: int
+    features: list[float]
+    kept_draft: bool
+
+
+@dataclass
+class LockstepResult:
+    tokens: list[int]
+    mismatches: int = 0
+    overrides: int = 0
+    divergences: list[Divergence] = field(default_factory=list)
+
+
+def _forward(model, ids, mask, pos, cache):
+    with fast_linear(ids.device):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), out.past_key_values
+
+
+@torch.inference_mode()
+def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, record):
+    device = next(target.parameters()).device
+    n, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    t_logits, t_cache = _forward(target, ids, mask, pos, None)
+    d_logits, d_cache = _forward(draft, ids, mask, pos, None) if draft is not None else (None, None)
+    results = [LockstepResult([]) for _ in prompts]
+    alive = torch.ones(n, dtype=torch.bool)
+    budget = torch.tensor(budgets)
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long)
+    last_pos = pos[:, -1:]
+    for step in range(max(budgets)):
+        choice = t_logits.argmax(-1)
+        if draft is not None:
+            d_best = d_logits.argmax(-1)
+            rows = ((d_best != choice).cpu() & alive).nonzero().flatten()
+            if len(rows):
+                t_r, d_r = choice[rows].cpu(), d_best[rows].cpu()
+                feats = mismatch_features(t_logits[rows], d_logits[rows], t_r, d_r,
+                                          torch.full((len(rows),), step))
+                keep = (policy.draft_prob(feats) >= threshold if policy is not None
+                        else torch.zeros(len(rows), dtype=torch.bool))
+                choice[rows.to(device)[keep.to(device)]] = d_best[rows.to(device)[keep.to(device)]]
+                for j, r in enumerate(rows.tolist()):
+                    res = results[r]
+                    res.mismatches += 1
+                    res.overrides += int(keep[j])
+                    if record:
+                        res.divergences.append(Divergence(step, int(t_r[j]), int(d_r[j]),
+                                                          feats[j].tolist(), bool(keep[j])))
+        chosen = choice.cpu()
+        for r in alive.nonzero().flatten().tolist():
+            results[r].tokens.append(int(chosen[r]))
+        alive &= ~torch.isin(chosen, eos_t) & (budget > step + 1)
+        if not alive.any():
+            break
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+        last_pos = last_pos + 1
+        x = choice[:, None]
+        t_logits, t_cache = _forward(target, x, mask, last_pos, t_cache)
+        if draft is not None:
+            d_logits, d_cache = _forward(draft, x, mask, last_pos, d_cache)
+    return results
+
+
+def lockstep(target, draft, prompts: list[list[int]], *, max_new_tokens: int | list[int],
+             eos_ids, pad_id: int, batch_size: int = 16, policy=None, threshold: float = 0.5,
+             record: bool = False, desc: str | None = None) -> list[LockstepResult]:
+    """Greedy-decode every prompt; returns results in the order of ``prompts``.
+
+    ``draft=None``: plain target greedy decoding. With a draft and ``policy=None``: target
+    greedy decoding that also records where the draft disagrees (``record=True`` keeps the
+    features of each divergence). With a policy: token-level CoSpec. Prompts are grouped by
+    length to limit padding; each row stops at EOS or its budget.
+    """
+    budgets = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
+               else list(max_new_tokens))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + budgets[i])
+    out: list[LockstepResult | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, disable=desc is None, unit="seq")
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        res = _batch(target, draft, [prompts[i] for i in chunk], [budgets[i] for i in chunk],
+                     set(eos_ids), pad_id, policy, threshold, record)
+        for i, r in zip(chunk, res):
+            out[i] = r
+        bar.update(len(chunk))
+    bar.close()
+    return out

@@ -1,0 +1,166 @@
+"""Command line: ``cospec generate | eval | bench | collect | train`` (also ``python -m cospec``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cospec.errors import CospecError
+from cospec.methods import METHODS, MethodOptions
+from cospec.models import DEFAULT_DRAFT, DEFAULT_TARGET
+from cospec.sampling import SamplingConfig
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _unit(text: str) -> float:
+    value = _nonneg_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--target", default=DEFAULT_TARGET,
+                   help="target: shipped name, .gguf file or HF folder (default %(default)s)")
+    g.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model (default %(default)s)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: float32 on CPU, bfloat16 on GPU")
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--k", type=_positive(int), default=4, help="draft length (default 4)")
+    g.add_argument("--max-new-tokens", type=_positive(int), default=128)
+    g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_unit, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-chat", action="store_true", help="send the prompt as raw text")
+    g.add_argument("--arbiter", default=None, help="arbiter file for --method cospec")
+    g.add_argument("--threshold", type=float, default=0.5,
+                   help="P(DRAFT) needed to keep a draft token (cospec)")
+    g.add_argument("--first-mismatch-only", action="store_true",
+                   help="arbitrate only the first mismatch of each block")
+    g.add_argument("--delta", type=float, default=0.1, help="confidence heuristic threshold")
+    g.add_argument("--entropy", type=float, default=1.0, help="entropy-gated deferral (nats)")
+
+
+def sampling_of(args) -> SamplingConfig:
+    return SamplingConfig(args.temperature, args.top_p, args.top_k)
+
+
+def options_of(args) -> MethodOptions:
+    return MethodOptions(args.arbiter, args.threshold, not args.first_mismatch_only,
+                         args.delta, args.entropy)
+
+
+def load_pair_of(args, need_draft: bool = True):
+    import torch
+
+    from cospec.models import load_pair, set_cpu_threads
+
+    set_cpu_threads()
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return load_pair(args.target, args.draft if need_draft else None, args.device, dtype)
+
+
+def cmd_generate(args) -> int:
+    from cospec.decoding import generate
+    from cospec.methods import build_method, encode_prompt, eos_ids
+    from cospec.stats import DecodeStats
+
+    if args.method not in METHODS or args.method == "hf-assisted":
+        raise CospecError(f"unknown method {args.method!r} for generate; choose from "
+                          f"{', '.join(m for m in METHODS if m != 'hf-assisted')}")
+    if not args.prompt.strip():
+        raise CospecError("empty prompt")
+    pair = load_pair_of(args, need_draft=args.method != "target")
+    sampling = sampling_of(args)
+    method = build_method(args.method, pair, options_of(args), sampling)
+    tok = pair.tokenizer
+    ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
+    stats = DecodeStats()
+    out: list[int] = []
+    stream = generate(method.verifier, method.proposer, ids, method.rule, k=args.k,
+                      max_new_tokens=args.max_new_tokens, sampling=sampling,
+                      eos_ids=eos_ids(tok, pair.target), seed=args.seed, stats=stats)
+    shown = ""
+    color = args.color and sys.stdout.isatty() and not args.json
+    for token in stream:
+        out.append(token.id)
+        if args.json:
+            continue
+        text = tok.decode(out, skip_special_tokens=True)
+        piece, shown = text[len(shown):], text
+        print(f"\033[32m{piece}\033[0m" if color and token.from_draft else piece, end="",
+              flush=True)
+    text = tok.decode(out, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"method": args.method, "text": text, "token_ids": out,
+                          "stats": stats.to_dict()}))
+    else:
+        s = stats
+        print(f"\n\n[{args.method}] {s.generated} tokens, {s.tokens_per_s:.2f} tok/s, "
+              f"tau {s.tau:.2f}, prefill {s.prefill_s:.2f}s, decode {s.decode_s:.2f}s"
+              + (f", overrides {s.overrides}/{s.arbiter_calls}" if s.arbiter_calls else ""),
+              file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cospec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="decode one prompt and stream the text")
+    add_model_args(p)
+    add_decoding_args(p)
+    p.add_argument("--method", default="spd", help=f"one of {', '.join(METHODS[:-1])}")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.add_argument("--color", action="store_true", help="color draft-kept tokens")
+    p.set_defaults(func=cmd_generate)
+
+    from cospec import evaluate
+
+    evaluate.add_parsers(sub, add_model_args, add_decoding_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CospecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The decode loop: propose, score, accept, commit.
+
+One loop serves every method. A *proposer* (the draft, or nothing) drafts k tokens; the
+*verifier* (the target) scores ``[pending..., d_1..d_k]`` in one forward pass; an acceptance
+rule (``cospec.acceptance``) turns that into ``accepted`` draft tokens plus one next token;
+commit trims both KV caches to the committed sequence.
+
+Invariant between steps: each model's KV cache holds a prefix of the committed sequence
+``seq`` and never its last token. The last committed token is kept apart because it is the
+input of the next forward pass; so every step emits at least one token (the verifier's).
+A model whose cache lags (the draft after a fully accepted block lacks d_k) first catches up
+on the tokens it is missing, in the same forward pass as its next input.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from cospec.acceptance import AcceptanceRule, Proposal
+from cospec.cpu import fast_linear
+from cospec.errors import CospecError
+from cospec.sampling import SamplingConfig, probabilities, sample
+from cospec.stats import DecodeStats
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    from_draft: bool  # a draft token kept by the verifier (or by an arbiter override)
+
+
+class CachedLM:
+    """A causal LM with its KV cache; ``length`` = number of tokens the cache covers."""
+
+    def __init__(self, model: torch.nn.Module, hidden: bool = False):
+        self.model, self.hidden = model, hidden
+        self.device = next(model.parameters()).device
+        self.cache = None
+        self.length = 0
+
+    def forward(self, ids: list[int], keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed ``ids`` after the cached prefix; returns the last ``keep`` rows of
+        logits [keep, V] (float32) and, if ``hidden``, of last hidden states [keep, d]."""
+        x = torch.tensor([ids], device=self.device)
+        with fast_linear(self.device):
+            out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True,
+                             output_hidden_states=self.hidden, logits_to_keep=keep)
+        self.cache = out.past_key_values
+        self.length += len(ids)
+        hidden = out.hidden_states[-1][0, -keep:].float() if self.hidden else None
+        return out.logits[0, -keep:].float(), hidden
+
+    def prefill(self, ids: list[int]) -> None:
+        if ids:
+            self.forward(ids, keep=1)
+
+    def reset(self) -> None:
+        """Forget the cache (the next forward re-reads the whole sequence)."""
+        self.cache, self.length = None, 0
+
+    def crop(self, length: int) -> None:
+        """Drop cached tokens beyond ``length`` (an O(1) slice of every layer)."""
+        if length >= self.length:
+            return
+        self.cache.crop(length - self.length)  # negative: tokens to remove (transformers 4 and 5)
+        if self.cache.get_seq_length() != length:
+            raise RuntimeError(f"KV cache crop failed: wanted {length}, "
+                               f"have {self.cache.get_seq_length()}")
+        self.length = length
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
+            gen: torch.Generator | None) -> Proposal:
+    """Draft k tokens after ``seq``. Leaves the draft cache at ``len(seq) + k - 1``."""
+    lm.crop(min(lm.length, len(seq) - 1))
+    pending = seq[lm.length:]
+    tokens, logits, hidden = [], [], []
+    for _ in range(k):
+        row, h = lm.forward(pending, keep=1)
+        tok = int(row[0].argmax()) if sampling.greedy else sample(
+            probabilities(row[0], sampling), gen)
+        tokens.append(tok)
+        logits.append(row)
+        if h is not None:
+            hidden.append(h)
+        pending = [tok]
+    return Proposal(tokens=tokens,
+                    draft_logits=torch.cat(logits) if logits else None,
+                    draft_hidden=torch.cat(hidden) if hidden else None)
+
+
+def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
+             prompt_ids: list[int], rule: AcceptanceRule, *, k: int = 4,
+             max_new_tokens: int = 128, sampling: SamplingConfig = SamplingConfig(),
+             eos_ids: Iterable[int] = (), seed: int | None = None,
+             stats: DecodeStats | None = None) -> Iterator[Token]:
+    """Yield tokens as they are committed (batch size 1).
+
+    ``proposer=None`` (or k = 0) is plain autoregressive decoding of ``verifier`` through the
+    same loop. ``stats`` (if given) is updated in place. Stops after an EOS id (which is
+    yielded) or ``max_new_tokens`` tokens.
+    """
+    if not prompt_ids:
+        raise CospecError("empty prompt: give at least one token")
+    if k < 1 and proposer is not None:
+        raise CospecError(f"k (draft length) must be >= 1, got {k}")
+    stats = stats if stats is not None else DecodeStats()
+    eos = set(eos_ids)
+    hidden = rule.needs_hidden
+    target = CachedLM(verifier, hidden)
+    draft = CachedLM(proposer, hidden) if proposer is not None else None
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=target.device).manual_seed(seed)
+    seq = list(prompt_ids)
+    with torch.inference_mode():
+        t0 = _clock(target.device)
+        target.prefill(seq[:-1])
+        if draft is not None:
+            draft.prefill(seq[:-1])
+        stats.prefill_s += _clock(target.device) - t0
+        while (left := max_new_tokens - (len(seq) - len(prompt_ids))) > 0:
+            t0 = _clock(target.device)
+            try:
+                n_draft = min(k, left - 1) if draft is not None else 0
+                n_look = int(rule.lookahead and draft is not None)
+                prop = (propose(draft, seq, n_draft + n_look, sampling, gen)
+                        if n_draft + n_look else Proposal(tokens=[]))
+                if n_look:
+                    prop.split_lookahead()
+                logits, h = target.forward(seq[target.length:] + prop.tokens, keep=n_draft + 1)
+                prop.target_logits, prop.target_hidden = logits, h
+                prop.position = len(seq) - len(prompt_ids)
+                verdict = rule(prop, sampling, gen)
+            except BaseException:  # a half-done step: forget the caches, keep ``seq`` valid
+                target.reset()
+                if draft is not None:
+                    draft.reset()
+                raise
+            # commit: each cache keeps what the committed sequence confirms
+            target.crop(len(seq) + verdict.accepted)
+            if draft is not None:
+                draft.crop(min(draft.length, len(seq) + verdict.accepted))
+            new = prop.tokens[:verdict.accepted] + [verdict.next_token]
+            seq.extend(new)
+            stats.record_step(n_draft, verdict.accepted)
+            stats.arbiter_calls += verdict.arbiter_calls
+            stats.overrides += verdict.overrides
+            stats.arbiter_s += verdict.arbiter_s
+            cut = next((j + 1 for j, tok in enumerate(new) if tok in eos), len(new))
+            stats.generated += cut
+            stats.decode_s += _clock(target.device) - t0
+            for j in range(cut):
+                yield Token(new[j], j < verdict.accepted or verdict.next_from_draft)
+            if cut < len(new) or new[cut - 1] in eos:
+                return

