@@ -170,4 +170,5 @@ def load_arbiter(path: str | Path, pair: tuple[str, str] | None = None) -> Learn
         raise CospecError(f"{path} is corrupt: {err}") from None
     if not all(math.isfinite(float(v.abs().sum())) for v in policy.state_dict().values()):
         raise CospecError(f"{path} holds non-finite weights")
+    policy.threshold = float(json.loads(meta["info"]).get("threshold", 0.5))
     return policy.eval()

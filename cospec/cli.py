@@ -61,8 +61,8 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="send the prompt as raw text")
     g.add_argument("--arbiter", default=None, help="arbiter file for --method cospec")
-    g.add_argument("--threshold", type=float, default=0.5,
-                   help="P(DRAFT) needed to keep a draft token (cospec)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="P(DRAFT) needed to keep a draft token (cospec; default: the arbiter's)")
     g.add_argument("--first-mismatch-only", action="store_true",
                    help="arbitrate only the first mismatch of each block")
     g.add_argument("--delta", type=float, default=0.1, help="confidence heuristic threshold")
@@ -144,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", action="store_true", help="color draft-kept tokens")
     p.set_defaults(func=cmd_generate)
 
-    from cospec import evaluate
+    from cospec import collect, evaluate, train
 
     evaluate.add_parsers(sub, add_model_args, add_decoding_args)
+    collect.add_parser(sub, add_model_args, add_decoding_args)
+    train.add_parser(sub)
     return parser
 
 

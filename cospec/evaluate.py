@@ -25,8 +25,7 @@ from cospec.methods import GREEDY_ONLY, METHODS, build_method, encode_prompt, eo
 from cospec.report import markdown_table, mcnemar, pct, plot_accuracy_speed, wilson
 
 IDENTITY = ("task", "split", "target", "draft", "k", "max_new_tokens", "temperature", "top_p",
-            "top_k", "seed", "no_chat", "arbiter_sha", "threshold", "first_mismatch_only",
-            "delta", "entropy")
+            "top_k", "seed", "no_chat")
 
 
 # ---------------------------------------------------------------- the results folder
@@ -113,10 +112,28 @@ class PeakMemory:
 
 
 def _config(args) -> dict:
-    cfg = {k: getattr(args, k, None) for k in IDENTITY if k != "arbiter_sha"}
-    cfg["arbiter_sha"] = file_sha(args.arbiter)
+    cfg = {k: getattr(args, k, None) for k in IDENTITY}
     cfg.update(methods=args.methods, limit=args.limit)
     return cfg
+
+
+def method_opts(s: Session, m: str) -> dict:
+    """The options a lossy method's results depend on (stored with each of its records)."""
+    rule = s.built[m].rule
+    if m == "cospec":
+        return {"arbiter_sha": file_sha(s.arbiter_path), "threshold": rule.threshold,
+                "every_mismatch": rule.every_mismatch}
+    if m in ("confidence", "entropy"):
+        return {"policy": repr(rule.policy), "every_mismatch": rule.every_mismatch}
+    return {}
+
+
+def check_opts(s: Session, done: dict, run: RunDir) -> None:
+    """Refuse to mix results of a lossy method run with different options."""
+    for (_, m), r in done.items():
+        if m in s.built and r.get("opts", {}) != method_opts(s, m):
+            raise CospecError(f"{run.path} holds {m} results made with other options "
+                              f"({r.get('opts')} vs {method_opts(s, m)}); use another --out")
 
 
 def _methods(text: str) -> list[str]:
@@ -152,6 +169,10 @@ class Session:
         self.eos = eos_ids(tok, self.pair.target)
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos[0]
         self.device = next(self.pair.target.parameters()).device
+        from cospec.methods import SHIPPED_ARBITER
+
+        self.arbiter_path = args.arbiter or (str(SHIPPED_ARBITER) if "cospec" in methods
+                                             else None)
 
     def text(self, ids: list[int]) -> str:
         return self.pair.tokenizer.decode(ids, skip_special_tokens=True)
@@ -174,6 +195,7 @@ def accuracy_pass(s: Session, run: RunDir) -> None:
 
     a = s.args
     done = run.records("accuracy")
+    check_opts(s, done, run)
     for method in s.methods:
         if method == "hf-assisted":
             continue  # the peer is measured at batch 1 only (speed subset)
@@ -198,7 +220,7 @@ def accuracy_pass(s: Session, run: RunDir) -> None:
                 res = lockstep(m.verifier, m.proposer if policy is not None else None,
                                [s.prompts[i] for i in idx], max_new_tokens=a.max_new_tokens,
                                eos_ids=s.eos, pad_id=s.pad, batch_size=a.batch_size,
-                               policy=policy, threshold=a.threshold)
+                               policy=policy, threshold=getattr(m.rule, "threshold", 0.5))
                 dt = time.perf_counter() - t0
                 outs = [(r.tokens, r.overrides, r.mismatches) for r in res]
                 path = "batched"
@@ -211,6 +233,7 @@ def accuracy_pass(s: Session, run: RunDir) -> None:
                 path = "batch1"
             correct = s.grade([(i, o[0]) for i, o in zip(idx, outs)])
             recs = [{"id": s.problems[i].id, "method": method, "correct": c, "path": path,
+                     "opts": method_opts(s, method),
                      "tokens": len(o[0]), "overrides": o[1], "mismatches": o[2],
                      "token_ids": o[0], "text": s.text(o[0])}
                     for i, o, c in zip(idx, outs, correct)]
@@ -229,6 +252,7 @@ def accuracy_pass(s: Session, run: RunDir) -> None:
 def speed_pass(s: Session, run: RunDir, n: int) -> None:
     """Batch-1 timing with the real loop on the first n problems, interleaved per problem."""
     done = run.records("speed")
+    check_opts(s, done, run)
     idx = [i for i in range(min(n, len(s.problems)))
            if any((s.problems[i].id, m) not in done for m in s.methods)]
     if not idx:
@@ -245,7 +269,8 @@ def speed_pass(s: Session, run: RunDir, n: int) -> None:
                 continue
             with PeakMemory(s.device) as mem:
                 ids, flags, st = s.run_one(m, i)
-            recs.append({"id": pid, "method": m, "token_ids": ids, "text": s.text(ids),
+            recs.append({"id": pid, "method": m, "opts": method_opts(s, m),
+                         "token_ids": ids, "text": s.text(ids),
                          "peak_mem_gb": mem.peak / 2**30, **st.to_dict()})
         for r, c in zip(recs, s.grade([(i, r["token_ids"]) for r in recs])):
             r["correct"] = c

@@ -28,7 +28,7 @@ SHIPPED_ARBITER = Path(__file__).parent / "data" / "arbiter-qwen2.5-coder-1.5b-0
 @dataclass
 class MethodOptions:
     arbiter: str | None = None        # path of a trained arbiter (cospec)
-    threshold: float = 0.5            # P(DRAFT) needed to keep the draft token (cospec)
+    threshold: float | None = None    # P(DRAFT) to keep the draft token (default: arbiter's)
     every_mismatch: bool = True       # arbitrate every mismatch of a block, or the first only
     delta: float = 0.1                # confidence heuristic
     entropy: float = 1.0              # entropy-gated deferral (nats)
@@ -67,7 +67,6 @@ def policy_for(name: str, pair: Pair, opts: MethodOptions):
         if not SHIPPED_ARBITER.exists():
             raise CospecError("cospec needs --arbiter PATH (no shipped arbiter in this build)")
         path = str(SHIPPED_ARBITER)
-        return load_arbiter(path, None if pair.draft_name is None else None)
     return load_arbiter(path, (pair.target_name, pair.draft_name))
 
 
@@ -86,8 +85,9 @@ def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
         return Method(name, pair.draft, None, ExactRule())
     if name in ("spd", "hf-assisted"):
         return Method(name, pair.target, pair.draft, ExactRule())
-    rule = ArbiterRule(policy_for(name, pair, opts), threshold=opts.threshold,
-                       every_mismatch=opts.every_mismatch)
+    policy = policy_for(name, pair, opts)
+    threshold = opts.threshold if opts.threshold is not None else getattr(policy, "threshold", 0.5)
+    rule = ArbiterRule(policy, threshold=threshold, every_mismatch=opts.every_mismatch)
     return Method(name, pair.target, pair.draft, rule)
 
 

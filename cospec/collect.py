@@ -1,0 +1,141 @@
+"""``cospec collect``: divergence points with both branches rolled out and graded.
+
+For each training prompt the target decodes greedily (lockstep with the draft, so every
+position where the draft's greedy token differs is recorded with its features). That
+target-only trajectory *is* the TARGET branch of every divergence point on it, graded once
+per prompt. For the DRAFT branch of a point, the draft's token is committed there and the
+target continues greedily (batched across points). Each point thus gets counterfactual
+rewards for both actions: a contextual bandit with full information.
+
+Output: ``OUT/shard-NNNN.jsonl.gz``, one per ``--shard-size`` problems, written atomically,
+so an interrupted run resumes at the first missing shard and never duplicates a point.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cospec.batched import lockstep
+from cospec.errors import CospecError
+
+TRAIN_SPLITS = {"gsm8k": ("dev",), "math500": ("train", "all")}
+
+
+def read_points(paths: list[str | Path]) -> list[dict]:
+    """All divergence records of the given shard files or folders."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.glob("shard-*.jsonl.gz"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise CospecError(f"no divergence data at {p}")
+    if not files:
+        raise CospecError(f"no shard-*.jsonl.gz files in {', '.join(map(str, paths))}")
+    out = []
+    for f in files:
+        with gzip.open(f, "rt") as fh:
+            out += [json.loads(line) for line in fh if '"position"' in line]
+    return out
+
+
+def collect_shard(s, idx: list[int], max_points: int, batch_size: int) -> list[dict]:
+    """Records for problems ``idx`` of session ``s`` (see module doc)."""
+    a = s.args
+    prompts = [s.prompts[i] for i in idx]
+    paths = lockstep(s.pair.target, s.pair.draft, prompts, max_new_tokens=a.max_new_tokens,
+                     eos_ids=s.eos, pad_id=s.pad, batch_size=batch_size, record=True)
+    target_ok = s.grade([(i, r.tokens) for i, r in zip(idx, paths)])
+    points = [(j, d) for j, r in enumerate(paths) for d in r.divergences[:max_points]]
+    branches, budgets = [], []
+    for j, d in points:
+        branches.append(prompts[j] + paths[j].tokens[:d.position] + [d.d])
+        budgets.append(a.max_new_tokens - d.position - 1)
+    live = [n for n, (b, (_, d)) in enumerate(zip(budgets, points)) if b > 0 and d.d not in s.eos]
+    rolled = lockstep(s.pair.target, None, [branches[n] for n in live],
+                      max_new_tokens=[budgets[n] for n in live], eos_ids=s.eos, pad_id=s.pad,
+                      batch_size=batch_size) if live else []
+    tails = dict(zip(live, (r.tokens for r in rolled)))
+    outs = [(idx[j], paths[j].tokens[:d.position] + [d.d] + tails.get(n, []))
+            for n, (j, d) in enumerate(points)]
+    draft_ok = s.grade(outs)
+    recs = [{"id": s.problems[i].id, "target_correct": ok, "tokens": len(r.tokens),
+             "mismatches": r.mismatches} for i, r, ok in zip(idx, paths, target_ok)]
+    for (j, d), (_, toks), ok in zip(points, outs, draft_ok):
+        recs.append({"id": s.problems[idx[j]].id, "position": d.position, "t": d.t, "d": d.d,
+                     "features": [round(x, 5) for x in d.features],
+                     "target_correct": target_ok[j], "draft_correct": ok,
+                     "draft_tokens": len(toks)})
+    return recs
+
+
+def cmd_collect(args) -> int:
+    from cospec.evaluate import Session
+
+    if args.split not in TRAIN_SPLITS.get(args.task, ()):
+        allowed = "; ".join(f"{t}: {', '.join(s)}" for t, s in TRAIN_SPLITS.items())
+        raise CospecError(f"collect only uses training data ({allowed}); "
+                          f"{args.task}/{args.split} is kept for evaluation")
+    if args.temperature != 0:
+        raise CospecError("collect is greedy: use --temperature 0")
+    s = Session(args, ["target", "draft"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"task": args.task, "split": args.split, "target": args.target,
+            "draft": args.draft, "max_new_tokens": args.max_new_tokens,
+            "max_points": args.max_points, "shard_size": args.shard_size}
+    meta_file = out / "meta.json"
+    if meta_file.exists():
+        old = json.loads(meta_file.read_text())
+        diff = [k for k in meta if old.get(k) != meta[k]]
+        if diff:
+            raise CospecError(f"{out} holds data collected with other settings ({', '.join(diff)})"
+                              "; use another --out")
+    meta_file.write_text(json.dumps(meta, indent=1))
+    n = len(s.problems)
+    shards = range(0, n, args.shard_size)
+    bar = tqdm(total=n, desc="collect", unit="problem")
+    for start in shards:
+        f = out / f"shard-{start // args.shard_size:04d}.jsonl.gz"
+        idx = list(range(start, min(start + args.shard_size, n)))
+        if f.exists():
+            bar.update(len(idx))
+            continue
+        t0 = time.perf_counter()
+        recs = collect_shard(s, idx, args.max_points, args.batch_size)
+        tmp = f.with_suffix(".tmp")
+        with gzip.open(tmp, "wt") as fh:
+            fh.write(json.dumps({"shard_seconds": time.perf_counter() - t0}) + "\n")
+            fh.writelines(json.dumps(r) + "\n" for r in recs)
+        tmp.rename(f)
+        bar.update(len(idx))
+        pts = [r for r in recs if "position" in r]
+        bar.set_postfix(points=len(pts),
+                        draft_better=sum(r["draft_correct"] > r["target_correct"] for r in pts))
+    bar.close()
+    pts = read_points([out])
+    print(f"{len(pts)} divergence points in {out}: draft branch better at "
+          f"{sum(p['draft_correct'] > p['target_correct'] for p in pts)}, worse at "
+          f"{sum(p['draft_correct'] < p['target_correct'] for p in pts)}")
+    return 0
+
+
+def add_parser(sub, add_model_args, add_decoding_args) -> None:
+    p = sub.add_parser("collect", help="divergence points with both branches graded")
+    add_model_args(p)
+    add_decoding_args(p)
+    p.add_argument("--task", default="gsm8k")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-points", type=int, default=8,
+                   help="divergence points rolled out per problem (the first ones)")
+    p.add_argument("--shard-size", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_collect)

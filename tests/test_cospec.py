@@ -1,0 +1,121 @@
+"""CoSpec: arbiter rule, lockstep equivalence, arbiter files, training."""
+
+import pytest
+import torch
+
+from cospec.acceptance import ArbiterRule, ExactRule
+from cospec.arbiter import (FEATURES, ConfidencePolicy, ConstantPolicy, EntropyPolicy,
+                            LearnedPolicy, load_arbiter, save_arbiter)
+from cospec.batched import lockstep
+from cospec.decoding import generate
+from cospec.errors import CospecError
+from cospec.stats import DecodeStats
+from cospec.train import evaluate_policy, reinforce
+
+
+def prompts(n=5):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(2, 96, (int(torch.randint(2, 12, (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]
+
+
+def loop(target, draft, ids, rule, k, n=30, stats=None):
+    return [t.id for t in generate(target, draft, ids, rule, k=k, max_new_tokens=n,
+                                   eos_ids=[1], stats=stats)]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_always_target_arbiter_is_spd_is_target(target, draft, k):
+    for ids in prompts(3):
+        want = loop(target, None, ids, ExactRule(), k)
+        stats = DecodeStats()
+        assert loop(target, draft, ids, ArbiterRule(ConstantPolicy(0.0)), k, stats=stats) == want
+        assert loop(target, draft, ids, ExactRule(), k) == want
+        assert stats.overrides == 0 and stats.arbiter_calls > 0
+
+
+def test_always_draft_is_the_draft_greedy_path(target, draft):
+    """Keeping the draft token at every mismatch reproduces the draft's own greedy output."""
+    for ids in prompts(3):
+        want = loop(draft, None, ids, ExactRule(), 1)
+        stats = DecodeStats()
+        assert loop(target, draft, ids, ArbiterRule(ConstantPolicy(1.0)), 3, stats=stats) == want
+        assert stats.overrides == stats.arbiter_calls > 0
+
+
+def test_first_mismatch_only_by_hand(target, draft):
+    """Always-DRAFT at the first mismatch of each block, by hand: walk the target's and the
+    draft's greedy choices block by block."""
+    ids, k, n = prompts(1)[0], 3, 20
+
+    def best(model, seq):
+        with torch.no_grad():
+            return int(model(torch.tensor([seq])).logits[0, -1].argmax())
+
+    seq, out = list(ids), []
+    while len(out) < n:
+        first_used = False
+        for i in range(k + 1):  # k drafts, then the bonus position
+            t = best(target, seq)
+            d = best(draft, seq)
+            if d == t or (not first_used and i <= k):
+                tok = d
+                if d != t:
+                    first_used = True
+            else:
+                tok = t
+            seq.append(tok)
+            out.append(tok)
+            if (d != t and tok == t) or i == k or len(out) == n:
+                break
+    rule = ArbiterRule(ConstantPolicy(1.0), every_mismatch=False)
+    got = [t.id for t in generate(target, draft, ids, rule, k=k, max_new_tokens=n)]
+    assert got == out[:n]
+
+
+@pytest.mark.parametrize("policy", [None, ConstantPolicy(1.0), ConfidencePolicy(0.3),
+                                    EntropyPolicy(2.0)])
+def test_lockstep_equals_the_batch1_loop(target, draft, policy):
+    ps = prompts(5)
+    res = lockstep(target, draft, ps, max_new_tokens=25, eos_ids=[1], pad_id=0, batch_size=3,
+                   policy=policy, record=True)
+    for ids, r in zip(ps, res):
+        rule = ExactRule() if policy is None else ArbiterRule(policy)
+        for k in (1, 4):
+            stats = DecodeStats()
+            assert loop(target, draft, ids, rule, k, 25, stats) == r.tokens
+        if policy is not None:
+            assert r.overrides == stats.overrides
+        assert len(r.divergences) == r.mismatches
+
+
+def test_arbiter_file_roundtrip_and_errors(tmp_path):
+    pol = LearnedPolicy(len(FEATURES), None, 8)
+    path = tmp_path / "a.safetensors"
+    save_arbiter(pol, path, ("tgt", "drf"), {"threshold": 0.7})
+    back = load_arbiter(path, ("tgt", "drf"))
+    x = torch.randn(4, len(FEATURES))
+    torch.testing.assert_close(back.draft_prob(x), pol.draft_prob(x))
+    assert back.threshold == 0.7
+    with pytest.raises(CospecError, match="trained for"):
+        load_arbiter(path, ("other", "drf"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CospecError):
+        load_arbiter(bad)
+    with pytest.raises(CospecError, match="not found"):
+        load_arbiter(tmp_path / "missing.safetensors")
+
+
+def test_reinforce_learns_where_the_draft_helps():
+    """Synthetic bandit: the draft branch is right exactly when feature 0 > 0."""
+    g = torch.Generator().manual_seed(0)
+    points = []
+    for i in range(600):
+        f = torch.randn(len(FEATURES), generator=g).tolist()
+        points.append({"id": f"p{i}", "features": f, "draft_correct": f[0] > 0,
+                       "target_correct": f[0] <= 0})
+    pol = reinforce(points[:400], epochs=300, hidden_units=0)
+    ev = evaluate_policy(pol, points[400:], 0.5)
+    assert ev["oracle_agreement"] > 0.9
+    assert ev["single_flip_gain"] > 0.8 * ev["draft_better"]
