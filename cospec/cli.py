@@ -1,4 +1,4 @@
-"""Command line: ``cospec generate | eval | bench | collect | train`` (also ``python -m cospec``)."""
+"""Command line: ``cospec generate | eval | bench | collect | train | verify-cost``."""
 
 from __future__ import annotations
 
@@ -144,11 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", action="store_true", help="color draft-kept tokens")
     p.set_defaults(func=cmd_generate)
 
-    from cospec import collect, evaluate, train
+    from cospec import bench, collect, evaluate, train
 
     evaluate.add_parsers(sub, add_model_args, add_decoding_args)
     collect.add_parser(sub, add_model_args, add_decoding_args)
     train.add_parser(sub)
+    bench.add_parser(sub, add_model_args)
     return parser
 
 

@@ -23,7 +23,7 @@ import torch
 from cospec.acceptance import AcceptanceRule, Proposal
 from cospec.cpu import fast_linear
 from cospec.errors import CospecError
-from cospec.sampling import SamplingConfig, probabilities, sample
+from cospec.sampling import GREEDY, SamplingConfig, probabilities, sample
 from cospec.stats import DecodeStats
 
 
@@ -101,7 +101,7 @@ def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
 
 def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
              prompt_ids: list[int], rule: AcceptanceRule, *, k: int = 4,
-             max_new_tokens: int = 128, sampling: SamplingConfig = SamplingConfig(),
+             max_new_tokens: int = 128, sampling: SamplingConfig = GREEDY,
              eos_ids: Iterable[int] = (), seed: int | None = None,
              stats: DecodeStats | None = None) -> Iterator[Token]:
     """Yield tokens as they are committed (batch size 1).

@@ -16,7 +16,7 @@ from cospec.arbiter import ConfidencePolicy, EntropyPolicy, load_arbiter
 from cospec.decoding import generate
 from cospec.errors import CospecError
 from cospec.models import Pair
-from cospec.sampling import SamplingConfig
+from cospec.sampling import GREEDY, SamplingConfig
 from cospec.stats import DecodeStats
 
 METHODS = ("target", "draft", "spd", "cospec", "confidence", "entropy", "hf-assisted")
@@ -71,7 +71,7 @@ def policy_for(name: str, pair: Pair, opts: MethodOptions):
 
 
 def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
-                 sampling: SamplingConfig = SamplingConfig()) -> Method:
+                 sampling: SamplingConfig = GREEDY) -> Method:
     opts = opts or MethodOptions()
     if name not in METHODS:
         raise CospecError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")

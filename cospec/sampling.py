@@ -22,6 +22,9 @@ class SamplingConfig:
         return self.temperature <= 0.0
 
 
+GREEDY = SamplingConfig()
+
+
 def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Processed probabilities, float32, same shape as ``logits`` [..., V].
 

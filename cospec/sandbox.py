@@ -8,6 +8,7 @@ run as root — as user ``nobody``, so it cannot write outside its directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -103,9 +104,7 @@ def run_python(program: str, timeout: float = 10.0, memory_mb: int = 1024) -> Sa
         except subprocess.TimeoutExpired:
             status, err = "timeout", b""
         finally:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # the whole group: children too
-            except ProcessLookupError:
-                pass
             proc.wait()
     return SandboxResult(status == "passed", status, err.decode(errors="replace")[-2000:])

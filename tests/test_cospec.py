@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from cospec.acceptance import ArbiterRule, ExactRule
-from cospec.arbiter import (FEATURES, ConfidencePolicy, ConstantPolicy, EntropyPolicy,
-                            LearnedPolicy, load_arbiter, save_arbiter)
+from cospec.arbiter import (
+    FEATURES,
+    ConfidencePolicy,
+    ConstantPolicy,
+    EntropyPolicy,
+    LearnedPolicy,
+    load_arbiter,
+    save_arbiter,
+)
 from cospec.batched import lockstep
 from cospec.decoding import generate
 from cospec.errors import CospecError
