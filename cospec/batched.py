@@ -61,35 +61,40 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     t_logits, t_cache = _forward(target, ids, mask, pos, None)
     d_logits, d_cache = _forward(draft, ids, mask, pos, None) if draft is not None else (None, None)
-    results = [LockstepResult([]) for _ in prompts]
-    alive = torch.ones(n, dtype=torch.bool)
-    budget = torch.tensor(budgets)
-    eos_t = torch.tensor(sorted(eos), dtype=torch.long)
+    steps = max(budgets)
+    # all bookkeeping stays on the device: no per-row Python work in the step loop
+    tokens = torch.full((n, steps), -1, dtype=torch.long, device=device)
+    alive = torch.ones(n, dtype=torch.bool, device=device)
+    budget = torch.tensor(budgets, device=device)
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+    mismatches = torch.zeros(n, dtype=torch.long, device=device)
+    overrides = torch.zeros(n, dtype=torch.long, device=device)
+    divergences: list[list[Divergence]] = [[] for _ in prompts]
     last_pos = pos[:, -1:]
-    for step in range(max(budgets)):
+    for step in range(steps):
         choice = t_logits.argmax(-1)
         if draft is not None:
             d_best = d_logits.argmax(-1)
-            rows = ((d_best != choice).cpu() & alive).nonzero().flatten()
-            if len(rows):
-                t_r, d_r = choice[rows].cpu(), d_best[rows].cpu()
-                feats = mismatch_features(t_logits[rows], d_logits[rows], t_r, d_r,
-                                          torch.full((len(rows),), step))
-                keep = (policy.draft_prob(feats) >= threshold if policy is not None
-                        else torch.zeros(len(rows), dtype=torch.bool))
-                choice[rows.to(device)[keep.to(device)]] = d_best[rows.to(device)[keep.to(device)]]
-                for j, r in enumerate(rows.tolist()):
-                    res = results[r]
-                    res.mismatches += 1
-                    res.overrides += int(keep[j])
+            differ = (d_best != choice) & alive
+            mismatches += differ
+            if policy is not None or record:
+                rows = differ.nonzero().flatten()
+                if len(rows):
+                    t_r, d_r = choice[rows], d_best[rows]
+                    feats = mismatch_features(t_logits[rows], d_logits[rows], t_r.cpu(),
+                                              d_r.cpu(), torch.full((len(rows),), step))
+                    keep = (policy.draft_prob(feats) >= threshold if policy is not None
+                            else torch.zeros(len(rows), dtype=torch.bool)).to(device)
+                    choice[rows[keep]] = d_r[keep]
+                    overrides[rows[keep]] += 1
                     if record:
-                        res.divergences.append(Divergence(step, int(t_r[j]), int(d_r[j]),
-                                                          feats[j].tolist(), bool(keep[j])))
-        chosen = choice.cpu()
-        for r in alive.nonzero().flatten().tolist():
-            results[r].tokens.append(int(chosen[r]))
-        alive &= ~torch.isin(chosen, eos_t) & (budget > step + 1)
-        if not alive.any():
+                        for j, r in enumerate(rows.tolist()):
+                            divergences[r].append(Divergence(
+                                step, int(t_r[j]), int(d_r[j]), feats[j].tolist(),
+                                bool(keep[j])))
+        tokens[:, step] = torch.where(alive, choice, -1)
+        alive &= ~torch.isin(choice, eos_t) & (budget > step + 1)
+        if step % 8 == 7 and not bool(alive.any()):
             break
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         last_pos = last_pos + 1
@@ -97,7 +102,10 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
         t_logits, t_cache = _forward(target, x, mask, last_pos, t_cache)
         if draft is not None:
             d_logits, d_cache = _forward(draft, x, mask, last_pos, d_cache)
-    return results
+    rows = tokens.cpu().tolist()
+    return [LockstepResult([t for t in row if t >= 0], int(mm), int(ov), dv)
+            for row, mm, ov, dv in zip(rows, mismatches.tolist(), overrides.tolist(),
+                                       divergences)]
 
 
 def lockstep(target, draft, prompts: list[list[int]], *, max_new_tokens: int | list[int],
