@@ -26,9 +26,14 @@ from cospec.errors import CospecError
 
 
 def split_by_problem(points: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
-    """Deterministic split by a hash of the problem id, so no problem is on both sides."""
+    """Deterministic split by a hash of the problem id, so no problem is on both sides.
+
+    The hash is salted: GSM8K's dev split is itself chosen by an unsalted hash of the id,
+    and reusing that hash would put a correlated, not random, share of dev into validation.
+    """
     def is_val(pid: str) -> bool:
-        return int(hashlib.sha256(pid.encode()).hexdigest()[:8], 16) % 1000 < 1000 * val_fraction
+        h = int(hashlib.sha256(f"arbiter-val:{pid}".encode()).hexdigest()[:8], 16)
+        return h % 1000 < 1000 * val_fraction
     train = [p for p in points if not is_val(p["id"])]
     val = [p for p in points if is_val(p["id"])]
     return train, val

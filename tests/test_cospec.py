@@ -126,3 +126,13 @@ def test_reinforce_learns_where_the_draft_helps():
     ev = evaluate_policy(pol, points[400:], 0.5)
     assert ev["oracle_agreement"] > 0.9
     assert ev["single_flip_gain"] > 0.8 * ev["draft_better"]
+
+
+def test_validation_split_is_the_requested_share_of_gsm8k_dev():
+    from cospec.tasks import get_task
+    from cospec.train import split_by_problem
+
+    points = [{"id": p.id} for p in get_task("gsm8k").problems("dev")]
+    train, val = split_by_problem(points, 0.2)
+    assert 0.15 < len(val) / len(points) < 0.25
+    assert not {p["id"] for p in train} & {p["id"] for p in val}
