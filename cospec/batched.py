@@ -49,7 +49,8 @@ def _forward(model, ids, mask, pos, cache):
 
 
 @torch.inference_mode()
-def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, record):
+def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, record,
+           combo=None):
     device = next(target.parameters()).device
     n, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -72,8 +73,13 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
     divergences: list[list[Divergence]] = [[] for _ in prompts]
     last_pos = pos[:, -1:]
     for step in range(steps):
-        choice = t_logits.argmax(-1)
-        if draft is not None:
+        if combo is not None:  # greedy collaborative decoding: argmax of r
+            from cospec.sampling import GREEDY
+
+            choice = combo.probs([d_logits, t_logits], GREEDY).argmax(-1)
+        else:
+            choice = t_logits.argmax(-1)
+        if draft is not None and combo is None:
             d_best = d_logits.argmax(-1)
             differ = (d_best != choice) & alive
             mismatches += differ
@@ -110,13 +116,15 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
 
 def lockstep(target, draft, prompts: list[list[int]], *, max_new_tokens: int | list[int],
              eos_ids, pad_id: int, batch_size: int = 16, policy=None, threshold: float = 0.5,
-             record: bool = False, desc: str | None = None) -> list[LockstepResult]:
+             record: bool = False, desc: str | None = None, combo=None
+             ) -> list[LockstepResult]:
     """Greedy-decode every prompt; returns results in the order of ``prompts``.
 
     ``draft=None``: plain target greedy decoding. With a draft and ``policy=None``: target
     greedy decoding that also records where the draft disagrees (``record=True`` keeps the
     features of each divergence). With a policy: token-level CoSpec. Prompts are grouped by
-    length to limit padding; each row stops at EOS or its budget.
+    length to limit padding; each row stops at EOS or its budget. With ``combo`` (a CoS
+    ``Combination`` of draft and target), greedy collaborative decoding.
     """
     budgets = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
                else list(max_new_tokens))
@@ -126,7 +134,7 @@ def lockstep(target, draft, prompts: list[list[int]], *, max_new_tokens: int | l
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         res = _batch(target, draft, [prompts[i] for i in chunk], [budgets[i] for i in chunk],
-                     set(eos_ids), pad_id, policy, threshold, record)
+                     set(eos_ids), pad_id, policy, threshold, record, combo)
         for i, r in zip(chunk, res):
             out[i] = r
         bar.update(len(chunk))

@@ -41,6 +41,13 @@ def _unit(text: str) -> float:
     return value
 
 
+def _unit_closed(text: str) -> float:
+    value = _nonneg_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--target", default=DEFAULT_TARGET,
@@ -67,6 +74,10 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="arbitrate only the first mismatch of each block")
     g.add_argument("--delta", type=float, default=0.1, help="confidence heuristic threshold")
     g.add_argument("--entropy", type=float, default=1.0, help="entropy-gated deferral (nats)")
+    g.add_argument("--lambda", dest="lam", type=_unit_closed, default=0.5,
+                   help="CoS ensemble: r = lambda q_draft + (1 - lambda) p_target")
+    g.add_argument("--mu", type=_nonneg_float, default=0.1,
+                   help="CoS contrastive: r = softmax(l_target - mu l_draft)")
 
 
 def sampling_of(args) -> SamplingConfig:
@@ -75,7 +86,7 @@ def sampling_of(args) -> SamplingConfig:
 
 def options_of(args) -> MethodOptions:
     return MethodOptions(args.arbiter, args.threshold, not args.first_mismatch_only,
-                         args.delta, args.entropy)
+                         args.delta, args.entropy, args.lam, args.mu)
 
 
 def load_pair_of(args, need_draft: bool = True):
@@ -105,9 +116,17 @@ def cmd_generate(args) -> int:
     ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
     stats = DecodeStats()
     out: list[int] = []
-    stream = generate(method.verifier, method.proposer, ids, method.rule, k=args.k,
-                      max_new_tokens=args.max_new_tokens, sampling=sampling,
-                      eos_ids=eos_ids(tok, pair.target), seed=args.seed, stats=stats)
+    if method.combo is not None:
+        from cospec.cos import cos_generate
+
+        stream = cos_generate(list(method.models), ids, method.combo, args.method,
+                              gamma=args.k, max_new_tokens=args.max_new_tokens,
+                              sampling=sampling, eos_ids=eos_ids(tok, pair.target),
+                              seed=args.seed, stats=stats)
+    else:
+        stream = generate(method.verifier, method.proposer, ids, method.rule, k=args.k,
+                          max_new_tokens=args.max_new_tokens, sampling=sampling,
+                          eos_ids=eos_ids(tok, pair.target), seed=args.seed, stats=stats)
     shown = ""
     color = args.color and sys.stdout.isatty() and not args.json
     for token in stream:

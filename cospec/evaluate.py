@@ -21,7 +21,14 @@ import torch
 from tqdm import tqdm
 
 from cospec.errors import CospecError
-from cospec.methods import GREEDY_ONLY, METHODS, build_method, encode_prompt, eos_ids
+from cospec.methods import (
+    GREEDY_ONLY,
+    METHODS,
+    SAME_AS_GREEDY,
+    build_method,
+    encode_prompt,
+    eos_ids,
+)
 from cospec.report import markdown_table, mcnemar, pct, plot_accuracy_speed, wilson
 
 IDENTITY = ("task", "split", "target", "draft", "k", "max_new_tokens", "temperature", "top_p",
@@ -202,11 +209,12 @@ def accuracy_pass(s: Session, run: RunDir) -> None:
         todo = [i for i, p in enumerate(s.problems) if (p.id, method) not in done]
         if not todo:
             continue
-        if method == "spd" and s.sampling.greedy:
-            # greedy SPD is exact: its tokens are the target's (checked on the speed subset)
-            base = [done.get((s.problems[i].id, "target")) for i in todo]
+        same = SAME_AS_GREEDY.get(method)
+        if same and s.sampling.greedy:
+            # exact speculation: its tokens are those of `same` (checked on the speed subset)
+            base = [done.get((s.problems[i].id, same)) for i in todo]
             if all(base):
-                run.append("accuracy", [dict(r, method="spd", via="target") for r in base])
+                run.append("accuracy", [dict(r, method=method, via=same) for r in base])
                 continue
         bar = tqdm(total=len(todo), desc=f"accuracy {method}", unit="problem")
         right = total = 0
@@ -214,13 +222,14 @@ def accuracy_pass(s: Session, run: RunDir) -> None:
         for start in range(0, len(todo), chunk):
             idx = todo[start:start + chunk]
             m = s.built[method]
-            if s.sampling.greedy and method != "spd":
+            if s.sampling.greedy and (m.combo is None or len(m.models) == 2):
                 policy = getattr(m.rule, "policy", None)
                 t0 = time.perf_counter()
-                res = lockstep(m.verifier, m.proposer if policy is not None else None,
+                res = lockstep(m.verifier, m.proposer if policy or m.combo else None,
                                [s.prompts[i] for i in idx], max_new_tokens=a.max_new_tokens,
                                eos_ids=s.eos, pad_id=s.pad, batch_size=a.batch_size,
-                               policy=policy, threshold=getattr(m.rule, "threshold", 0.5))
+                               policy=policy, threshold=getattr(m.rule, "threshold", 0.5),
+                               combo=m.combo)
                 dt = time.perf_counter() - t0
                 outs = [(r.tokens, r.overrides, r.mismatches) for r in res]
                 path = "batched"

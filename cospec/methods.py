@@ -1,6 +1,7 @@
 """Decoding methods by name: which model verifies, which proposes, and the acceptance rule.
 
-Every method runs through the one loop in ``cospec.decoding``. ``hf-assisted`` (the peer,
+Target/draft/SPD/CoSpec and the heuristics run through the one loop in ``cospec.decoding``;
+the CoS combination methods through ``cospec.cos``. ``hf-assisted`` (the peer,
 transformers' assisted generation) lives beside them for benchmarks.
 """
 
@@ -13,13 +14,18 @@ import torch
 
 from cospec.acceptance import AcceptanceRule, ArbiterRule, ExactRule
 from cospec.arbiter import ConfidencePolicy, EntropyPolicy, load_arbiter
+from cospec.cos import COS_METHODS, Combination, cos_generate
 from cospec.decoding import generate
 from cospec.errors import CospecError
 from cospec.models import Pair
 from cospec.sampling import GREEDY, SamplingConfig
 from cospec.stats import DecodeStats
 
-METHODS = ("target", "draft", "spd", "cospec", "confidence", "entropy", "hf-assisted")
+METHODS = ("target", "draft", "spd", "cospec", "confidence", "entropy", "hf-assisted",
+           *COS_METHODS)
+# greedy methods whose tokens equal another method's by construction (exact speculation)
+SAME_AS_GREEDY = {"spd": "target", "we-sd": "we", "cos-we": "we", "cd-sd": "cd",
+                  "cos-cd": "cd"}
 LOSSY = ("cospec", "confidence", "entropy")
 GREEDY_ONLY = LOSSY
 SHIPPED_ARBITER = Path(__file__).parent / "data" / "arbiter-qwen2.5-coder-1.5b-0.5b.safetensors"
@@ -32,20 +38,31 @@ class MethodOptions:
     every_mismatch: bool = True       # arbitrate every mismatch of a block, or the first only
     delta: float = 0.1                # confidence heuristic
     entropy: float = 1.0              # entropy-gated deferral (nats)
-
+    lam: float = 0.5                  # CoS weighted ensemble: r = lam q_draft + (1-lam) p
+    mu: float = 0.1                   # CoS contrastive decoding: r ~ l_target - mu l_draft
+    extra_models: tuple = ()          # CoS with n > 2 models: more models after the draft
+    weights: tuple[float, ...] = ()   # CoS ensemble weights for n > 2 models
 
 @dataclass
 class Method:
     name: str
     verifier: torch.nn.Module
     proposer: torch.nn.Module | None
-    rule: AcceptanceRule
+    rule: AcceptanceRule | None
+    combo: Combination | None = None
+    models: tuple = ()  # CoS: every model, proposer first
 
     def run(self, prompt_ids: list[int], *, k: int, max_new_tokens: int,
             sampling: SamplingConfig, eos_ids, seed: int | None = None
             ) -> tuple[list[int], list[bool], DecodeStats]:
         """Generate to completion: (token ids, from_draft flags, stats)."""
         stats = DecodeStats()
+        if self.combo is not None:
+            toks = list(cos_generate(list(self.models), prompt_ids, self.combo, self.name,
+                                     gamma=k, max_new_tokens=max_new_tokens,
+                                     sampling=sampling, eos_ids=eos_ids, seed=seed,
+                                     stats=stats))
+            return [t.id for t in toks], [t.from_draft for t in toks], stats
         if self.name == "hf-assisted":
             ids = hf_assisted(self.verifier, self.proposer, prompt_ids, k, max_new_tokens,
                               sampling, eos_ids, seed, stats)
@@ -85,6 +102,18 @@ def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
         return Method(name, pair.draft, None, ExactRule())
     if name in ("spd", "hf-assisted"):
         return Method(name, pair.target, pair.draft, ExactRule())
+    if name in COS_METHODS:
+        models = (pair.draft, *opts.extra_models, pair.target)
+        kind = name.split("-")[-1]
+        if kind == "we":
+            weights = opts.weights or ((opts.lam, 1 - opts.lam) if len(models) == 2 else
+                                       tuple([1 / len(models)] * len(models)))
+            if len(weights) != len(models):
+                raise CospecError(f"{len(models)} models but {len(weights)} weights")
+            combo = Combination("we", tuple(weights))
+        else:
+            combo = Combination("cd", mu=opts.mu)
+        return Method(name, pair.target, pair.draft, None, combo, models)
     policy = policy_for(name, pair, opts)
     threshold = opts.threshold if opts.threshold is not None else getattr(policy, "threshold", 0.5)
     rule = ArbiterRule(policy, threshold=threshold, every_mismatch=opts.every_mismatch)

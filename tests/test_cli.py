@@ -51,7 +51,7 @@ def test_generate_bad_input_is_a_clear_error(tiny_dirs, args, message):
 def test_mismatched_vocabularies_are_refused(tmp_path, tiny_dirs):
     from tiny import save_tiny
 
-    other = save_tiny(tmp_path / "other", 3, vocab=80)
+    other = save_tiny(tmp_path / "other", 3, vocab=280)
     res = cli("generate", "--target", tiny_dirs[0], "--draft", other, "--prompt", "w5",
               "--no-chat")
     assert res.returncode == 2 and "different vocabularies" in res.stderr
@@ -121,3 +121,22 @@ def test_collect_train_and_cospec_end_to_end(tiny_dirs, tmp_path):
                  "--val-fraction", "0.5"]) == 0
     assert main(["generate", *models(tiny_dirs), "--method", "cospec", "--arbiter", str(arb),
                  "--prompt", "w5 w6", "--no-chat", "--max-new-tokens", "10", "--json"]) == 0
+
+
+def test_cos_methods_through_generate_and_eval(tiny_dirs, capsys, tmp_path):
+    outs = {}
+    for method in ("we", "cos-we", "cd", "cos-cd"):
+        assert main(["generate", *models(tiny_dirs), "--method", method, "--prompt",
+                     "w5 w9 w12", "--no-chat", "--max-new-tokens", "16", "--json",
+                     "--lambda", "0.3"]) == 0
+        outs[method] = json.loads(capsys.readouterr().out)["token_ids"]
+    assert outs["cos-we"] == outs["we"] and outs["cos-cd"] == outs["cd"]
+    out = tmp_path / "cos"
+    assert main(["eval", *models(tiny_dirs), "--task", "gsm8k", "--split", "dev", "--limit",
+                 "2", "--max-new-tokens", "8", "--methods", "we,cos-we,we-sd",
+                 "--speed-subset", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"]["we"]["batched_agreement"] == 1.0
+    recs = [json.loads(x) for x in (out / "speed.jsonl").read_text().splitlines()]
+    by = {(r["id"], r["method"]): r["token_ids"] for r in recs}
+    assert all(by[(i, "cos-we")] == by[(i, "we")] for i, m in by if m == "we")

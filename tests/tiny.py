@@ -23,21 +23,24 @@ def tiny_model(seed: int, layers: int = 2, width: int = 32, vocab: int = VOCAB,
     return Qwen2ForCausalLM(cfg).to(dtype).eval()
 
 
-def tiny_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: '<pad>' 0, '<eos>' 1, then words 'w2'..'w{vocab-1}'."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def tiny_tokenizer(vocab: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer ('<pad>' 0, '<eos>' 1) trained on a few words, so any
+    text tokenizes, as with the real models (vocab >= 258)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    words = {"<pad>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, vocab)}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    from tokenizers import decoders
-
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = "the answer is 42 because 6 times 7 def return print hello world " * 20
+    tok.train_from_iterator([text], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
-def save_tiny(path: Path, seed: int, vocab: int = VOCAB, **kw) -> Path:
+def save_tiny(path: Path, seed: int, vocab: int = 300, **kw) -> Path:
     """Write a tiny model + tokenizer as a Hugging Face folder (fp32 on disk)."""
-    tiny_model(seed, vocab=vocab, dtype=torch.float32, **kw).save_pretrained(path)
-    tiny_tokenizer(vocab).save_pretrained(path)
+    tok = tiny_tokenizer(vocab)
+    tiny_model(seed, vocab=len(tok), dtype=torch.float32, **kw).save_pretrained(path)
+    tok.save_pretrained(path)
     return path

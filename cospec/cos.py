@@ -1,0 +1,209 @@
+"""CoS: exact speculative decoding of a *combination* of models (ICML 2025, 2502.01662).
+
+Collaborative decoding samples each token from a combination r of several models:
+
+- weighted ensemble (WE): r = sum_i lambda_i p_i, on (temperature-scaled) probabilities;
+- contrastive decoding (CD): r = softmax((l_large - mu * l_small) / T), on logits.
+
+Run naively (``we`` / ``cd``) every token costs a forward pass of every model. With
+speculation the first model (the *proposer*, the smallest) drafts gamma tokens from its own
+distribution q; every other model scores them in one pass; d_i is accepted with
+probability min(1, r_i(d_i) / q_i(d_i)), else a token is drawn from norm(max(0, r_i - q_i)).
+That is exact sampling from r (rejection sampling with q as the proposal).
+
+- ``*-sd``: when all drafts pass, the bonus token needs r at the next position, hence the
+  proposer's distribution there: the proposer runs one more (lookahead) step.
+- ``cos-*`` (**alternate proposal**): when all drafts pass, the last verifier's own bonus
+  token x ~ p is not committed but *proposed*; the proposer scores it in its next pass —
+  the pass it needs anyway to draft again — and x is accepted with probability
+  min(1, r(x) / p(x)), else replaced by a draw from norm(max(0, r - p)). The verifiers
+  already computed their rows at x's position, so nothing is scored twice.
+
+At T = 0 every "accept with probability" becomes "accept iff the token is argmax r", and
+every resample becomes argmax r: the output equals greedy collaborative decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from cospec.decoding import CachedLM, Token, _clock
+from cospec.errors import CospecError
+from cospec.sampling import GREEDY, SamplingConfig, probabilities, residual, sample
+from cospec.stats import DecodeStats
+
+COS_METHODS = ("we", "cd", "we-sd", "cd-sd", "cos-we", "cos-cd")
+
+
+@dataclass(frozen=True)
+class Combination:
+    """How r combines the models' logits, listed proposer (smallest) first.
+
+    ``kind="we"``: weights (one per model, summing to 1). ``kind="cd"``: exactly two models,
+    r from l_large - mu * l_small (the proposer is the "amateur").
+    """
+
+    kind: str
+    weights: tuple[float, ...] = ()
+    mu: float = 0.1
+
+    def __post_init__(self):
+        if self.kind not in ("we", "cd"):
+            raise CospecError(f"unknown combination {self.kind!r} (we or cd)")
+        if self.kind == "we" and (abs(sum(self.weights) - 1) > 1e-6
+                                  or any(w < 0 for w in self.weights)):
+            raise CospecError(f"ensemble weights must be >= 0 and sum to 1: {self.weights}")
+
+    def probs(self, logits: list[torch.Tensor], cfg: SamplingConfig) -> torch.Tensor:
+        """r [..., V] from per-model logits [..., V] (proposer first). Greedy configs give
+        the one-hot of argmax r; otherwise top-k / top-p are applied to r itself."""
+        if self.kind == "cd":
+            if len(logits) != 2:
+                raise CospecError("contrastive decoding combines exactly two models")
+            return probabilities(logits[1].float() - self.mu * logits[0].float(), cfg)
+        if len(logits) != len(self.weights):
+            raise CospecError(f"{len(logits)} models but {len(self.weights)} weights")
+        temp = 1.0 if cfg.greedy else cfg.temperature
+        r = sum(w * (lg.float() / temp).softmax(-1) for w, lg in zip(self.weights, logits))
+        if cfg.greedy:
+            return torch.nn.functional.one_hot(r.argmax(-1), r.shape[-1]).float()
+        if cfg.top_k or cfg.top_p < 1.0:  # filter r with the same rules, via log r
+            return probabilities(r.clamp_min(1e-30).log(), SamplingConfig(1.0, cfg.top_p,
+                                                                           cfg.top_k))
+        return r
+
+
+def _pick(probs: torch.Tensor, cfg: SamplingConfig, gen) -> int:
+    return int(probs.argmax()) if cfg.greedy else sample(probs, gen)
+
+
+def _accept(r_tok: torch.Tensor, q_tok: torch.Tensor, cfg: SamplingConfig, gen) -> bool:
+    """Accept a token proposed with probability q_tok where the target has r_tok."""
+    if cfg.greedy:
+        return bool(r_tok > 0.5)
+    u = torch.rand((), generator=gen, device=r_tok.device)
+    return bool(u * q_tok < r_tok)
+
+
+def _next_row(lm: CachedLM, seq: list[int]) -> torch.Tensor:
+    """lm's logits [V] for the token after ``seq`` (its cache may already cover all of
+    ``seq``: it is cut back to keep the last token as input)."""
+    lm.crop(min(lm.length, len(seq) - 1))
+    return lm.forward(seq[lm.length:], keep=1)[0][0]
+
+
+def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Combination,
+                 method: str, *, gamma: int = 5, max_new_tokens: int = 128,
+                 sampling: SamplingConfig = GREEDY, eos_ids: Iterable[int] = (),
+                 seed: int | None = None, stats: DecodeStats | None = None
+                 ) -> Iterator[Token]:
+    """Yield tokens sampled (exactly) from the combination r of ``models``.
+
+    ``models[0]`` proposes (``*-sd``, ``cos-*``); ``method`` in COS_METHODS.
+    ``stats.steps`` counts passes of the verifiers; ``accepted`` counts committed proposals.
+    """
+    if method not in COS_METHODS:
+        raise CospecError(f"unknown combination method {method!r}; choose from "
+                          f"{', '.join(COS_METHODS)}")
+    if not prompt_ids:
+        raise CospecError("empty prompt: give at least one token")
+    if gamma < 1:
+        raise CospecError(f"gamma must be >= 1, got {gamma}")
+    stats = stats if stats is not None else DecodeStats()
+    eos = set(eos_ids)
+    lms = [CachedLM(m) for m in models]
+    proposer, verifiers = lms[0], lms[1:]
+    gen = torch.Generator(device=proposer.device).manual_seed(seed) if seed is not None else None
+    seq, out = list(prompt_ids), 0
+    pending = None  # cos: (token, its proposal probs, verifier rows at its position)
+    speculative = method != combo.kind
+    with torch.inference_mode():
+        t0 = _clock(proposer.device)
+        for lm in lms:
+            lm.prefill(seq[:-1])
+        stats.prefill_s += _clock(proposer.device) - t0
+        while out < max_new_tokens:
+            t0 = _clock(proposer.device)
+            new: list[int] = []
+            from_draft: list[bool] = []
+            first = None  # proposer row for the next draft, when already computed
+            if not speculative:  # every model scores every token
+                rows = [_next_row(lm, seq) for lm in lms]
+                new.append(_pick(combo.probs(rows, sampling), sampling, gen))
+                from_draft.append(False)
+                stats.record_step(0, 0)
+            else:
+                if pending is not None:  # the proposer scores the large model's proposal
+                    x, p_x, rows_x = pending
+                    pending = None
+                    two = proposer.forward(seq[proposer.length:] + [x], keep=2)[0]
+                    r = combo.probs([two[0], *rows_x], sampling)
+                    stats.drafted += 1
+                    if _accept(r[x], p_x[x], sampling, gen):
+                        new.append(x)
+                        first = two[1]
+                        stats.accepted += 1
+                    else:
+                        proposer.crop(len(seq))
+                        new.append(_pick(r if sampling.greedy else residual(r, p_x),
+                                         sampling, gen))
+                    from_draft.append(True)
+                    seq.extend(new)
+                n = min(gamma, max(max_new_tokens - out - len(new) - 1, 0))
+                if n:
+                    drafts, q_rows = [], []
+                    row = first if first is not None else _next_row(proposer, seq)
+                    for i in range(n):
+                        q_rows.append(row)
+                        drafts.append(_pick(probabilities(row, sampling), sampling, gen))
+                        if i < n - 1 or method.endswith("-sd"):  # -sd: lookahead row too
+                            row = proposer.forward([drafts[-1]], keep=1)[0][0]
+                    v_rows = [v.forward(seq[v.length:] + drafts, keep=n + 1)[0]
+                              for v in verifiers]
+                    base = len(seq)
+                    kept = n
+                    tail = None
+                    for i, d in enumerate(drafts):
+                        q = probabilities(q_rows[i], sampling)
+                        r = combo.probs([q_rows[i], *(v[i] for v in v_rows)], sampling)
+                        if not _accept(r[d], q[d], sampling, gen):
+                            kept = i
+                            tail = _pick(r if sampling.greedy else residual(r, q),
+                                         sampling, gen)
+                            break
+                    stats.record_step(n, kept)
+                    new_part = drafts[:kept]
+                    if tail is None:  # all passed
+                        if method.endswith("-sd"):
+                            r = combo.probs([row, *(v[n] for v in v_rows)], sampling)
+                            tail = _pick(r, sampling, gen)
+                        else:
+                            p_last = probabilities(v_rows[-1][n], sampling)
+                            pending = (_pick(p_last, sampling, gen), p_last,
+                                       [v[n] for v in v_rows])
+                    for lm in lms:
+                        lm.crop(min(lm.length, base + kept))
+                    new_part += [tail] if tail is not None else []
+                    seq.extend(new_part)
+                    new += new_part
+                    from_draft += [True] * kept + ([False] if tail is not None else [])
+                elif pending is None and not new:  # one token left: no room to speculate
+                    rows = [_next_row(lm, seq) for lm in lms]
+                    new.append(_pick(combo.probs(rows, sampling), sampling, gen))
+                    from_draft.append(False)
+                    seq.extend(new)
+                    stats.record_step(0, 0)
+            if not speculative:
+                seq.extend(new)
+            cut = next((j + 1 for j, tok in enumerate(new) if tok in eos), len(new))
+            cut = min(cut, max_new_tokens - out)
+            stats.generated += cut
+            stats.decode_s += _clock(proposer.device) - t0
+            for j in range(cut):
+                yield Token(new[j], from_draft[j])
+            out += cut
+            if cut < len(new) or (cut and new[cut - 1] in eos):
+                return
