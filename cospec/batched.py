@@ -42,7 +42,7 @@ class LockstepResult:
 
 
 def _forward(model, ids, mask, pos, cache):
-    with fast_linear(ids.device):
+    with fast_linear(model, ids.device):
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float(), out.past_key_values

@@ -38,8 +38,14 @@ class SmallRowsLinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def fast_linear(device: torch.device):
-    """``SmallRowsLinear`` on CPU (unless ``COSPEC_PLAIN_LINEAR=1``), else nothing."""
-    if device.type == "cpu" and os.environ.get("COSPEC_PLAIN_LINEAR") != "1":
+MIN_WIDTH = 256  # below this the rewrite's Python overhead outweighs MKL's small-row cost
+
+
+def fast_linear(model: torch.nn.Module, device: torch.device):
+    """``SmallRowsLinear`` for a CPU model of real size (unless ``COSPEC_PLAIN_LINEAR=1``),
+    else nothing."""
+    width = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+    if (device.type == "cpu" and width >= MIN_WIDTH
+            and os.environ.get("COSPEC_PLAIN_LINEAR") != "1"):
         return SmallRowsLinear()
     return contextlib.nullcontext()

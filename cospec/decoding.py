@@ -46,7 +46,7 @@ class CachedLM:
         """Feed ``ids`` after the cached prefix; returns the last ``keep`` rows of
         logits [keep, V] (float32) and, if ``hidden``, of last hidden states [keep, d]."""
         x = torch.tensor([ids], device=self.device)
-        with fast_linear(self.device):
+        with fast_linear(self.model, self.device):
             out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True,
                              output_hidden_states=self.hidden, logits_to_keep=keep)
         self.cache = out.past_key_values

@@ -30,7 +30,7 @@ def run(models, combo, method, ids, gamma=3, n=30, cfg=GREEDY, seed=None,
 @pytest.mark.parametrize("combo, base", [(WE, "we"), (CD, "cd")])
 @pytest.mark.parametrize("gamma", [1, 3, 5])
 def test_greedy_speculative_equals_plain_collaborative(target, draft, combo, base, gamma):
-    for seed in range(3):
+    for seed in range(2):
         ids = torch.randint(2, 96, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
         want = run([draft, target], combo, base, ids)
         assert len(want) == 30
@@ -59,7 +59,7 @@ def test_three_models(target, draft, third):
     assert run([draft, third, target], combo, "we-sd", ids, 2) == want
 
 
-@pytest.mark.parametrize("method", ["cos-we", "we-sd", "cos-cd"])
+@pytest.mark.parametrize("method", ["cos-we", "cos-cd"])
 def test_sampled_tokens_follow_the_combination(target, draft, method):
     """First and second tokens (gamma = 1, so the second often comes through the
     alternate-proposal path) match r's exact marginals."""
@@ -72,7 +72,7 @@ def test_sampled_tokens_follow_the_combination(target, draft, method):
         batch = torch.tensor([ids + [t] for t in range(r1.shape[0])])
         nxt = [m(batch).logits[:, -1] for m in (draft, target)]
         r2 = (r1[:, None] * combo.probs(nxt, cfg)).sum(0)
-    n = 2000
+    n = 1500
     c1, c2 = torch.zeros_like(r1), torch.zeros_like(r1)
     for seed in range(n):
         toks = run([draft, target], combo, method, ids, gamma=1, n=2, cfg=cfg, seed=seed)

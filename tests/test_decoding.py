@@ -94,3 +94,17 @@ def test_bad_arguments(target, draft):
         list(generate(target, draft, [], ExactRule()))
     with pytest.raises(CospecError):
         list(generate(target, draft, [3, 4], ExactRule(), k=0))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 17])
+def test_small_rows_linear_equals_linear(rows):
+    from cospec.cpu import SmallRowsLinear
+
+    g = torch.Generator().manual_seed(rows)
+    layer = torch.nn.Linear(64, 48)
+    x = torch.randn(1, rows, 64, generator=g)
+    want = layer(x)
+    with SmallRowsLinear():
+        got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.shape == want.shape

@@ -76,7 +76,7 @@ def test_spd_sampling_matches_target_distribution(target, draft, cfg):
         batch = torch.tensor([ids + [t] for t in support])
         p2_given = probabilities(target(batch).logits[:, -1], cfg)
         p2 = (p1[support, None] * p2_given).sum(0)
-    n = 2500
+    n = 1500
     c1, c2 = torch.zeros_like(p1), torch.zeros_like(p1)
     for seed in range(n):
         toks = [t.id for t in generate(target, draft, ids, ExactRule(), k=2, max_new_tokens=2,
