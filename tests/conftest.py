@@ -1,11 +1,17 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import save_tiny, tiny_model  # noqa: E402
+
+# tiny models: intra-op threads only add overhead (and oversubscribe a busy machine)
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in the CLI subprocesses
 
 
 @pytest.fixture(scope="session")
