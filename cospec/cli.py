@@ -100,7 +100,6 @@ def load_pair_of(args, need_draft: bool = True):
 
 
 def cmd_generate(args) -> int:
-    from cospec.decoding import generate
     from cospec.methods import build_method, encode_prompt, eos_ids
     from cospec.stats import DecodeStats
 
@@ -116,17 +115,9 @@ def cmd_generate(args) -> int:
     ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
     stats = DecodeStats()
     out: list[int] = []
-    if method.combo is not None:
-        from cospec.cos import cos_generate
-
-        stream = cos_generate(list(method.models), ids, method.combo, args.method,
-                              gamma=args.k, max_new_tokens=args.max_new_tokens,
-                              sampling=sampling, eos_ids=eos_ids(tok, pair.target),
-                              seed=args.seed, stats=stats)
-    else:
-        stream = generate(method.verifier, method.proposer, ids, method.rule, k=args.k,
-                          max_new_tokens=args.max_new_tokens, sampling=sampling,
-                          eos_ids=eos_ids(tok, pair.target), seed=args.seed, stats=stats)
+    stream = method.stream(ids, k=args.k, max_new_tokens=args.max_new_tokens,
+                           sampling=sampling, eos_ids=eos_ids(tok, pair.target),
+                           seed=args.seed, stats=stats)
     shown = ""
     color = args.color and sys.stdout.isatty() and not args.json
     for token in stream:

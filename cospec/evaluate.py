@@ -132,6 +132,8 @@ def method_opts(s: Session, m: str) -> dict:
                 "every_mismatch": rule.every_mismatch}
     if m in ("confidence", "entropy"):
         return {"policy": repr(rule.policy), "every_mismatch": rule.every_mismatch}
+    if s.built[m].combo is not None:
+        return {"combo": repr(s.built[m].combo)}
     return {}
 
 

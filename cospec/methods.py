@@ -7,6 +7,7 @@ transformers' assisted generation) lives beside them for benchmarks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from cospec.acceptance import AcceptanceRule, ArbiterRule, ExactRule
 from cospec.arbiter import ConfidencePolicy, EntropyPolicy, load_arbiter
 from cospec.cos import COS_METHODS, Combination, cos_generate
-from cospec.decoding import generate
+from cospec.decoding import Token, generate
 from cospec.errors import CospecError
 from cospec.models import Pair
 from cospec.sampling import GREEDY, SamplingConfig
@@ -52,24 +53,29 @@ class Method:
     combo: Combination | None = None
     models: tuple = ()  # CoS: every model, proposer first
 
+    def stream(self, prompt_ids: list[int], *, k: int, max_new_tokens: int,
+               sampling: SamplingConfig, eos_ids, seed: int | None = None,
+               stats: DecodeStats | None = None) -> Iterator[Token]:
+        """Tokens as they are committed (the loop for this method)."""
+        if self.combo is not None:
+            return cos_generate(list(self.models), prompt_ids, self.combo, self.name, gamma=k,
+                                max_new_tokens=max_new_tokens, sampling=sampling,
+                                eos_ids=eos_ids, seed=seed, stats=stats)
+        return generate(self.verifier, self.proposer, prompt_ids, self.rule, k=k,
+                        max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
+                        seed=seed, stats=stats)
+
     def run(self, prompt_ids: list[int], *, k: int, max_new_tokens: int,
             sampling: SamplingConfig, eos_ids, seed: int | None = None
             ) -> tuple[list[int], list[bool], DecodeStats]:
         """Generate to completion: (token ids, from_draft flags, stats)."""
         stats = DecodeStats()
-        if self.combo is not None:
-            toks = list(cos_generate(list(self.models), prompt_ids, self.combo, self.name,
-                                     gamma=k, max_new_tokens=max_new_tokens,
-                                     sampling=sampling, eos_ids=eos_ids, seed=seed,
-                                     stats=stats))
-            return [t.id for t in toks], [t.from_draft for t in toks], stats
         if self.name == "hf-assisted":
             ids = hf_assisted(self.verifier, self.proposer, prompt_ids, k, max_new_tokens,
                               sampling, eos_ids, seed, stats)
             return ids, [False] * len(ids), stats
-        toks = list(generate(self.verifier, self.proposer, prompt_ids, self.rule, k=k,
-                             max_new_tokens=max_new_tokens, sampling=sampling,
-                             eos_ids=eos_ids, seed=seed, stats=stats))
+        toks = list(self.stream(prompt_ids, k=k, max_new_tokens=max_new_tokens,
+                                sampling=sampling, eos_ids=eos_ids, seed=seed, stats=stats))
         return [t.id for t in toks], [t.from_draft for t in toks], stats
 
 
