@@ -95,6 +95,12 @@ def _next_row(lm: CachedLM, seq: list[int]) -> torch.Tensor:
     return lm.forward(seq[lm.length:], keep=1)[0][0]
 
 
+def _plain_step(lms: list[CachedLM], seq: list[int], combo: Combination,
+                sampling: SamplingConfig, gen) -> int:
+    """One token of plain collaborative decoding: every model scores the next position."""
+    return _pick(combo.probs([_next_row(lm, seq) for lm in lms], sampling), sampling, gen)
+
+
 def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Combination,
                  method: str, *, gamma: int = 5, max_new_tokens: int = 128,
                  sampling: SamplingConfig = GREEDY, eos_ids: Iterable[int] = (),
@@ -131,8 +137,7 @@ def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Co
             from_draft: list[bool] = []
             first = None  # proposer row for the next draft, when already computed
             if not speculative:  # every model scores every token
-                rows = [_next_row(lm, seq) for lm in lms]
-                new.append(_pick(combo.probs(rows, sampling), sampling, gen))
+                new.append(_plain_step(lms, seq, combo, sampling, gen))
                 from_draft.append(False)
                 stats.record_step(0, 0)
             else:
@@ -191,8 +196,7 @@ def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Co
                     new += new_part
                     from_draft += [True] * kept + ([False] if tail is not None else [])
                 elif pending is None and not new:  # one token left: no room to speculate
-                    rows = [_next_row(lm, seq) for lm in lms]
-                    new.append(_pick(combo.probs(rows, sampling), sampling, gen))
+                    new.append(_plain_step(lms, seq, combo, sampling, gen))
                     from_draft.append(False)
                     seq.extend(new)
                     stats.record_step(0, 0)
