@@ -30,6 +30,7 @@ class Proposal:
     target_logits: torch.Tensor | None = None     # [k + 1, V]
     target_hidden: torch.Tensor | None = None     # [k + 1, d_target]
     position: int = 0                             # tokens generated before d_1
+    overrides_so_far: int = 0                     # draft tokens kept by an arbiter so far
     lookahead: int | None = None                  # draft's token at the bonus position
     lookahead_logits: torch.Tensor | None = None  # [1, V]
     lookahead_hidden: torch.Tensor | None = None  # [1, d_draft]
@@ -119,6 +120,7 @@ class ArbiterRule:
     policy: MismatchPolicy
     threshold: float = 0.5
     every_mismatch: bool = True   # False: only the first mismatch of a block is arbitrated
+    max_overrides: int | None = None  # draft tokens kept per generation at most (None: any)
     lossy: bool = True
     lookahead: bool = True
     needs_hidden: bool = field(init=False)
@@ -145,6 +147,9 @@ class ArbiterRule:
                 continue
             if calls and not self.every_mismatch:
                 return Verdict(i, t, calls, overrides, spent)
+            if (self.max_overrides is not None
+                    and prop.overrides_so_far + overrides >= self.max_overrides):
+                return Verdict(i, t, calls, overrides, spent)  # budget spent: plain SPD
             bonus = i == k
             t0 = time.perf_counter()
             keep = self._keep_draft(

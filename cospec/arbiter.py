@@ -110,8 +110,9 @@ class LearnedPolicy(torch.nn.Module):
 
     def inputs(self, features, target_hidden=None, draft_hidden=None) -> torch.Tensor:
         parts = [features.float()]
-        if self.needs_hidden:
-            parts += [target_hidden.float().cpu(), draft_hidden.float().cpu()]
+        if self.needs_hidden:  # a size of 0 leaves that model's hidden state out
+            parts += [h.float().cpu() for h, d in zip((target_hidden, draft_hidden),
+                                                       self.hidden_sizes) if d]
         return torch.cat(parts, dim=-1)
 
     def logit(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,5 +171,7 @@ def load_arbiter(path: str | Path, pair: tuple[str, str] | None = None) -> Learn
         raise CospecError(f"{path} is corrupt: {err}") from None
     if not all(math.isfinite(float(v.abs().sum())) for v in policy.state_dict().values()):
         raise CospecError(f"{path} holds non-finite weights")
-    policy.threshold = float(json.loads(meta["info"]).get("threshold", 0.5))
+    info = json.loads(meta["info"])
+    policy.threshold = float(info.get("threshold", 0.5))
+    policy.max_overrides = info.get("max_overrides")  # the budget it was tuned for (or None)
     return policy.eval()

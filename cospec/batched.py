@@ -1,4 +1,4 @@
-"""Batched lockstep greedy decoding, for accuracy runs and divergence collection.
+"""Batched lockstep decoding, for accuracy runs and divergence collection.
 
 At every step each row feeds its last committed token to the target (and the draft, when
 given) and both predict the next token for the *same* committed prefix. The committed token
@@ -9,6 +9,10 @@ committed token is either the target's or the draft's greedy token for exactly t
 committed prefix, and the arbiter's features do not depend on the block structure. So the
 tokens are the same, up to floating-point differences between batched (padded) and batch-1
 kernels; ``tests/test_batched.py`` checks equality and ``cospec eval`` reports agreement.
+
+With a sampling config (T > 0, target-only or a CoS combination) each row samples its next
+token from the target's (or r's) processed distribution: the distribution every exact
+speculative method samples, though not the same random draws as the batch-1 loop.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from tqdm import tqdm
 
 from cospec.arbiter import mismatch_features
 from cospec.cpu import fast_linear
+from cospec.decoding import LastHidden
+from cospec.sampling import GREEDY, SamplingConfig, probabilities
 
 
 @dataclass
@@ -41,16 +47,20 @@ class LockstepResult:
     divergences: list[Divergence] = field(default_factory=list)
 
 
-def _forward(model, ids, mask, pos, cache):
-    with fast_linear(model, ids.device):
+def _forward(model, ids, mask, pos, cache, hidden: bool = False):
+    """Last-position logits [B, V] (float32), the cache, and (if ``hidden``) the last
+    hidden states [B, d] (else None)."""
+    with fast_linear(model, ids.device), LastHidden(model, hidden) as h:
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float(), out.past_key_values
+    return (out.logits[:, -1].float(), out.past_key_values,
+            h.value[:, -1].float() if hidden else None)
 
 
 @torch.inference_mode()
 def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, record,
-           combo=None):
+           combo=None, sampling: SamplingConfig = GREEDY, gen: torch.Generator | None = None,
+           max_overrides: int | None = None):
     device = next(target.parameters()).device
     n, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -60,8 +70,10 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    t_logits, t_cache = _forward(target, ids, mask, pos, None)
-    d_logits, d_cache = _forward(draft, ids, mask, pos, None) if draft is not None else (None, None)
+    hid = bool(getattr(policy, "needs_hidden", False))
+    t_logits, t_cache, t_hid = _forward(target, ids, mask, pos, None, hid)
+    d_logits, d_cache, d_hid = (_forward(draft, ids, mask, pos, None, hid)
+                                if draft is not None else (None, None, None))
     steps = max(budgets)
     # all bookkeeping stays on the device: no per-row Python work in the step loop
     tokens = torch.full((n, steps), -1, dtype=torch.long, device=device)
@@ -73,23 +85,26 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
     divergences: list[list[Divergence]] = [[] for _ in prompts]
     last_pos = pos[:, -1:]
     for step in range(steps):
-        if combo is not None:  # greedy collaborative decoding: argmax of r
-            from cospec.sampling import GREEDY
-
-            choice = combo.probs([d_logits, t_logits], GREEDY).argmax(-1)
+        if combo is not None:  # collaborative decoding: r of both models
+            r = combo.probs([d_logits, t_logits], sampling)
         else:
-            choice = t_logits.argmax(-1)
+            r = t_logits if sampling.greedy else probabilities(t_logits, sampling)
+        choice = r.argmax(-1) if sampling.greedy else torch.multinomial(r, 1, generator=gen)[:, 0]
         if draft is not None and combo is None:
             d_best = d_logits.argmax(-1)
             differ = (d_best != choice) & alive
             mismatches += differ
+            if max_overrides is not None:  # rows whose budget is spent decide as plain SPD
+                differ &= overrides < max_overrides
             if policy is not None or record:
                 rows = differ.nonzero().flatten()
                 if len(rows):
                     t_r, d_r = choice[rows], d_best[rows]
                     feats = mismatch_features(t_logits[rows], d_logits[rows], t_r.cpu(),
                                               d_r.cpu(), torch.full((len(rows),), step))
-                    keep = (policy.draft_prob(feats) >= threshold if policy is not None
+                    keep = (policy.draft_prob(feats, t_hid[rows] if hid else None,
+                                              d_hid[rows] if hid else None) >= threshold
+                            if policy is not None
                             else torch.zeros(len(rows), dtype=torch.bool)).to(device)
                     choice[rows[keep]] = d_r[keep]
                     overrides[rows[keep]] += 1
@@ -105,9 +120,9 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         last_pos = last_pos + 1
         x = choice[:, None]
-        t_logits, t_cache = _forward(target, x, mask, last_pos, t_cache)
+        t_logits, t_cache, t_hid = _forward(target, x, mask, last_pos, t_cache, hid)
         if draft is not None:
-            d_logits, d_cache = _forward(draft, x, mask, last_pos, d_cache)
+            d_logits, d_cache, d_hid = _forward(draft, x, mask, last_pos, d_cache, hid)
     rows = tokens.cpu().tolist()
     return [LockstepResult([t for t in row if t >= 0], int(mm), int(ov), dv)
             for row, mm, ov, dv in zip(rows, mismatches.tolist(), overrides.tolist(),
@@ -116,25 +131,32 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
 
 def lockstep(target, draft, prompts: list[list[int]], *, max_new_tokens: int | list[int],
              eos_ids, pad_id: int, batch_size: int = 16, policy=None, threshold: float = 0.5,
-             record: bool = False, desc: str | None = None, combo=None
-             ) -> list[LockstepResult]:
-    """Greedy-decode every prompt; returns results in the order of ``prompts``.
+             record: bool = False, desc: str | None = None, combo=None,
+             sampling: SamplingConfig = GREEDY, seed: int = 0,
+             max_overrides: int | None = None) -> list[LockstepResult]:
+    """Decode every prompt; returns results in the order of ``prompts``.
 
     ``draft=None``: plain target greedy decoding. With a draft and ``policy=None``: target
     greedy decoding that also records where the draft disagrees (``record=True`` keeps the
     features of each divergence). With a policy: token-level CoSpec. Prompts are grouped by
     length to limit padding; each row stops at EOS or its budget. With ``combo`` (a CoS
-    ``Combination`` of draft and target), greedy collaborative decoding.
+    ``Combination`` of draft and target), collaborative decoding. ``sampling`` with T > 0
+    (no policy, no recording): rows sample from the target's or r's distribution, seeded.
     """
+    if not sampling.greedy and (policy is not None or record):
+        raise ValueError("mismatch policies and divergence recording are greedy-only")
     budgets = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
                else list(max_new_tokens))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + budgets[i])
     out: list[LockstepResult | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=desc is None, unit="seq")
+    device = next(target.parameters()).device
+    gen = None if sampling.greedy else torch.Generator(device=device).manual_seed(seed)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         res = _batch(target, draft, [prompts[i] for i in chunk], [budgets[i] for i in chunk],
-                     set(eos_ids), pad_id, policy, threshold, record, combo)
+                     set(eos_ids), pad_id, policy, threshold, record, combo, sampling, gen,
+                     max_overrides)
         for i, r in zip(chunk, res):
             out[i] = r
         bar.update(len(chunk))

@@ -72,6 +72,9 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="P(DRAFT) needed to keep a draft token (cospec; default: the arbiter's)")
     g.add_argument("--first-mismatch-only", action="store_true",
                    help="arbitrate only the first mismatch of each block")
+    g.add_argument("--max-overrides", type=int, default=None,
+                   help="draft tokens an arbiter may keep per generation (default: the "
+                        "arbiter's own, else no limit)")
     g.add_argument("--delta", type=float, default=0.1, help="confidence heuristic threshold")
     g.add_argument("--entropy", type=float, default=1.0, help="entropy-gated deferral (nats)")
     g.add_argument("--lambda", dest="lam", type=_unit_closed, default=0.5,
@@ -85,8 +88,10 @@ def sampling_of(args) -> SamplingConfig:
 
 
 def options_of(args) -> MethodOptions:
+    if args.max_overrides is not None and args.max_overrides < 0:
+        raise CospecError(f"--max-overrides must be >= 0, got {args.max_overrides}")
     return MethodOptions(args.arbiter, args.threshold, not args.first_mismatch_only,
-                         args.delta, args.entropy, args.lam, args.mu)
+                         args.max_overrides, args.delta, args.entropy, args.lam, args.mu)
 
 
 def load_pair_of(args, need_draft: bool = True):

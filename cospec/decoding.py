@@ -33,6 +33,27 @@ class Token:
     from_draft: bool  # a draft token kept by the verifier (or by an arbiter override)
 
 
+class LastHidden:
+    """Captures the input of the model's output layer: the final (normed) hidden states of
+    the rows whose logits are computed. Works for any HF causal LM with output embeddings,
+    and costs nothing when not entered (no ``output_hidden_states`` for every layer)."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool = True):
+        self.head = model.get_output_embeddings() if enabled else None
+        self.value: torch.Tensor | None = None
+
+    def _hook(self, module, args):
+        self.value = args[0]
+
+    def __enter__(self):
+        self._handle = self.head.register_forward_pre_hook(self._hook) if self.head else None
+        return self
+
+    def __exit__(self, *exc):
+        if self._handle is not None:
+            self._handle.remove()
+
+
 class CachedLM:
     """A causal LM with its KV cache; ``length`` = number of tokens the cache covers."""
 
@@ -46,12 +67,12 @@ class CachedLM:
         """Feed ``ids`` after the cached prefix; returns the last ``keep`` rows of
         logits [keep, V] (float32) and, if ``hidden``, of last hidden states [keep, d]."""
         x = torch.tensor([ids], device=self.device)
-        with fast_linear(self.model, self.device):
+        with fast_linear(self.model, self.device), LastHidden(self.model, self.hidden) as h:
             out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True,
-                             output_hidden_states=self.hidden, logits_to_keep=keep)
+                             logits_to_keep=keep)
         self.cache = out.past_key_values
         self.length += len(ids)
-        hidden = out.hidden_states[-1][0, -keep:].float() if self.hidden else None
+        hidden = h.value[0, -keep:].float() if self.hidden else None
         return out.logits[0, -keep:].float(), hidden
 
     def prefill(self, ids: list[int]) -> None:
@@ -123,6 +144,7 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
     if seed is not None:
         gen = torch.Generator(device=target.device).manual_seed(seed)
     seq = list(prompt_ids)
+    overrides = 0  # draft tokens kept by the arbiter in this generation
     with torch.inference_mode():
         t0 = _clock(target.device)
         target.prefill(seq[:-1])
@@ -141,6 +163,7 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
                 logits, h = target.forward(seq[target.length:] + prop.tokens, keep=n_draft + 1)
                 prop.target_logits, prop.target_hidden = logits, h
                 prop.position = len(seq) - len(prompt_ids)
+                prop.overrides_so_far = overrides
                 verdict = rule(prop, sampling, gen)
             except BaseException:  # a half-done step: forget the caches, keep ``seq`` valid
                 target.reset()
@@ -156,6 +179,7 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
             stats.record_step(n_draft, verdict.accepted)
             stats.arbiter_calls += verdict.arbiter_calls
             stats.overrides += verdict.overrides
+            overrides += verdict.overrides
             stats.arbiter_s += verdict.arbiter_s
             cut = next((j + 1 for j, tok in enumerate(new) if tok in eos), len(new))
             stats.generated += cut

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from cospec.errors import CospecError
 from cospec.methods import (
     GREEDY_ONLY,
+    LOSSY,
     METHODS,
     SAME_AS_GREEDY,
     build_method,
@@ -128,10 +129,14 @@ def method_opts(s: Session, m: str) -> dict:
     """The options a lossy method's results depend on (stored with each of its records)."""
     rule = s.built[m].rule
     if m == "cospec":
-        return {"arbiter_sha": file_sha(s.arbiter_path), "threshold": rule.threshold,
-                "every_mismatch": rule.every_mismatch}
-    if m in ("confidence", "entropy"):
-        return {"policy": repr(rule.policy), "every_mismatch": rule.every_mismatch}
+        out = {"arbiter_sha": file_sha(s.arbiter_path), "threshold": rule.threshold,
+               "every_mismatch": rule.every_mismatch}
+    elif m in ("confidence", "entropy"):
+        out = {"policy": repr(rule.policy), "every_mismatch": rule.every_mismatch}
+    if m in LOSSY:
+        if rule.max_overrides is not None:  # absent when unlimited: older records stay valid
+            out["max_overrides"] = rule.max_overrides
+        return out
     if s.built[m].combo is not None:
         return {"combo": repr(s.built[m].combo)}
     return {}
@@ -218,20 +223,30 @@ def accuracy_pass(s: Session, run: RunDir) -> None:
             if all(base):
                 run.append("accuracy", [dict(r, method=method, via=same) for r in base])
                 continue
+        m = s.built[method]
+        two_models = m.combo is None or len(m.models) == 2
+        batched = two_models and (s.sampling.greedy or same is None)
+        if same and not s.sampling.greedy:
+            # an exact sampler of `same`'s distribution (tests/test_cos.py, test_sampling.py):
+            # its accuracy is that distribution's; here it is scored on the speed subset only
+            print(f"accuracy {method}: samples exactly as {same} does; scored on the batch-1 "
+                  "speed subset only")
+            continue
         bar = tqdm(total=len(todo), desc=f"accuracy {method}", unit="problem")
         right = total = 0
-        chunk = max(a.batch_size * 4, 1) if s.sampling.greedy else 1
+        chunk = max(a.batch_size * 4, 1) if batched else 1
         for start in range(0, len(todo), chunk):
             idx = todo[start:start + chunk]
-            m = s.built[method]
-            if s.sampling.greedy and (m.combo is None or len(m.models) == 2):
+            if batched:
                 policy = getattr(m.rule, "policy", None)
                 t0 = time.perf_counter()
                 res = lockstep(m.verifier, m.proposer if policy or m.combo else None,
                                [s.prompts[i] for i in idx], max_new_tokens=a.max_new_tokens,
                                eos_ids=s.eos, pad_id=s.pad, batch_size=a.batch_size,
                                policy=policy, threshold=getattr(m.rule, "threshold", 0.5),
-                               combo=m.combo)
+                               combo=m.combo, sampling=s.sampling,
+                               seed=(a.seed or 0) + start,
+                               max_overrides=getattr(m.rule, "max_overrides", None))
                 dt = time.perf_counter() - t0
                 outs = [(r.tokens, r.overrides, r.mismatches) for r in res]
                 path = "batched"
@@ -301,6 +316,10 @@ def summarize(s: Session, run: RunDir, title: str) -> dict:
         row: dict = {"method": m + (" (lossy)" if m in GREEDY_ONLY else "")}
         got = [acc.get((i, m)) for i in ids]
         scored = [(i, r["correct"]) for i, r in zip(ids, got) if r]
+        if not scored and not s.sampling.greedy:  # exact samplers at T > 0: speed subset
+            scored = [(i, speed[(i, m)]["correct"]) for i in ids if (i, m) in speed]
+            if scored:
+                row["method"] += " (b=1 subset)"
         if scored:
             k, n = sum(c for _, c in scored), len(scored)
             lo, hi = wilson(k, n)
@@ -320,7 +339,8 @@ def summarize(s: Session, run: RunDir, title: str) -> dict:
             tps = sum(r["tokens_per_s"] for _, r in sp) / len(sp)
             base = sum(b["tokens_per_s"] for b, _ in sp) / len(sp)
             same = sum(r["token_ids"] == b["token_ids"] for b, r in sp)
-            batched = [(acc.get((r["id"], m)) or {}).get("token_ids") for _, r in sp]
+            batched = [(acc.get((r["id"], m)) or {}).get("token_ids") if s.sampling.greedy
+                       else None for _, r in sp]
             agree = [b == r["token_ids"] for b, (_, r) in zip(batched, sp) if b is not None]
             steps = sum(r["steps"] for _, r in sp)
             info = {"speed_n": len(sp), "tokens_per_s": tps, "speedup": tps / base,
@@ -351,8 +371,10 @@ def summarize(s: Session, run: RunDir, title: str) -> dict:
     (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
     cfg = summary["config"]
     md = [f"# {title}", "", f"`{cfg.get('command', '')}`", "", table, "",
-          "accuracy: batched lockstep greedy decoding (equal to the batch-1 loop; 'batched = b1' "
-          "counts agreement on the speed subset); speed: batch 1, real loop, same problems, "
+          "accuracy: batched lockstep decoding (greedy: equal to the batch-1 loop; 'batched = b1' "
+          "counts agreement on the speed subset; T > 0: rows sample the target's or r's "
+          "distribution, which spd/*-sd/cos-* sample exactly, so those are scored on the "
+          "batch-1 subset only); speed: batch 1, real loop, same problems, "
           "interleaved; speedup = mean decode tokens/s ÷ target's; τ = 1 + accepted/steps; "
           "McNemar: exact, paired vs target (+ right only here / − right only for target)."]
     (run.path / "report.md").write_text("\n".join(md) + "\n")

@@ -37,6 +37,7 @@ class MethodOptions:
     arbiter: str | None = None        # path of a trained arbiter (cospec)
     threshold: float | None = None    # P(DRAFT) to keep the draft token (default: arbiter's)
     every_mismatch: bool = True       # arbitrate every mismatch of a block, or the first only
+    max_overrides: int | None = None  # draft tokens an arbiter may keep per generation
     delta: float = 0.1                # confidence heuristic
     entropy: float = 1.0              # entropy-gated deferral (nats)
     lam: float = 0.5                  # CoS weighted ensemble: r = lam q_draft + (1-lam) p
@@ -122,7 +123,10 @@ def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
         return Method(name, pair.target, pair.draft, None, combo, models)
     policy = policy_for(name, pair, opts)
     threshold = opts.threshold if opts.threshold is not None else getattr(policy, "threshold", 0.5)
-    rule = ArbiterRule(policy, threshold=threshold, every_mismatch=opts.every_mismatch)
+    budget = (opts.max_overrides if opts.max_overrides is not None
+              else getattr(policy, "max_overrides", None))
+    rule = ArbiterRule(policy, threshold=threshold, every_mismatch=opts.every_mismatch,
+                       max_overrides=budget)
     return Method(name, pair.target, pair.draft, rule)
 
 

@@ -93,3 +93,40 @@ def test_bad_combinations(target, draft):
         run([draft, target], WE, "nope", [3])
     with pytest.raises(CospecError, match="exactly two"):
         run([draft, target, draft], CD, "cd", [3], n=2)
+
+
+@pytest.mark.parametrize("combo, base", [(WE, "we"), (CD, "cd")])
+def test_batched_combination_equals_the_batch1_loop(target, draft, combo, base):
+    """Greedy lockstep decoding of r (ragged prompts, left padding) = the batch-1 loop."""
+    from cospec.batched import lockstep
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 96, (n,), generator=gen).tolist() for n in (3, 7, 5)]
+    res = lockstep(target, draft, prompts, max_new_tokens=20, eos_ids=[], pad_id=0,
+                   batch_size=3, combo=combo)
+    for p, r in zip(prompts, res):
+        assert r.tokens == run([draft, target], combo, base, p, n=20)
+
+
+def test_batched_sampling_follows_the_combination(target, draft):
+    """Batched sampled rows (one prompt repeated) draw their first two tokens from r."""
+    from cospec.batched import lockstep
+
+    cfg = SamplingConfig(temperature=1.0)
+    ids = [5, 17, 33, 8]
+    with torch.inference_mode():
+        rows = [m(torch.tensor([ids])).logits[0, -1] for m in (draft, target)]
+        r1 = WE.probs(rows, cfg)
+        batch = torch.tensor([ids + [t] for t in range(r1.shape[0])])
+        r2 = (r1[:, None] * WE.probs([m(batch).logits[:, -1] for m in (draft, target)],
+                                     cfg)).sum(0)
+    n = 1500
+    res = lockstep(target, draft, [ids] * n, max_new_tokens=2, eos_ids=[], pad_id=0,
+                   batch_size=500, combo=WE, sampling=cfg, seed=1)
+    for j, r in enumerate((r1, r2)):
+        counts = torch.bincount(torch.tensor([x.tokens[j] for x in res]),
+                                minlength=r.shape[0]).double()
+        assert tv(counts, r) < 1.2 * tv_noise(r, n)
+    with pytest.raises(ValueError):
+        lockstep(target, draft, [ids], max_new_tokens=2, eos_ids=[], pad_id=0, record=True,
+                 sampling=cfg)

@@ -96,6 +96,49 @@ def test_lockstep_equals_the_batch1_loop(target, draft, policy):
         assert len(r.divergences) == r.mismatches
 
 
+def hidden_policy(target, draft_size=0, seed=0):
+    """A random linear arbiter over features and the target's (and draft's) hidden state."""
+    torch.manual_seed(seed)
+    pol = LearnedPolicy(len(FEATURES), (target.config.hidden_size, draft_size), 0)
+    pol.std.fill_(0.5)
+    return pol.eval()
+
+
+@pytest.mark.parametrize("budget", [None, 0, 2])
+def test_hidden_state_arbiter_and_budget_lockstep_equals_the_batch1_loop(target, draft,
+                                                                         budget):
+    """Hidden-state features (target only, or both models) and a budget of overrides give
+    the same tokens in the lockstep decoder as in the batch-1 loop."""
+    ps = prompts(4)
+    for pol in (hidden_policy(target), hidden_policy(target, draft.config.hidden_size, 1)):
+        res = lockstep(target, draft, ps, max_new_tokens=25, eos_ids=[1], pad_id=0,
+                       batch_size=2, policy=pol, max_overrides=budget)
+        rule = ArbiterRule(pol, max_overrides=budget)
+        kept = 0
+        for ids, r in zip(ps, res):
+            stats = DecodeStats()
+            assert loop(target, draft, ids, rule, 3, 25, stats) == r.tokens
+            assert r.overrides == stats.overrides
+            assert budget is None or stats.overrides <= budget
+            kept += stats.overrides
+        assert kept > 0 or budget == 0
+
+
+def test_budget_of_one_keeps_only_the_first_draft_token(target, draft):
+    """Always-DRAFT with a budget of one: the draft's token at the first mismatch, then the
+    target's greedy continuation of that prefix (by hand)."""
+    for ids in prompts(3):
+        plain = loop(target, None, ids, ExactRule(), 1)
+        drafted = loop(draft, None, ids, ExactRule(), 1)
+        first = next(i for i, (a, b) in enumerate(zip(plain, drafted)) if a != b)
+        prefix = plain[:first] + [drafted[first]]
+        want = prefix + loop(target, None, ids + prefix, ExactRule(), 1, 30 - len(prefix))
+        stats = DecodeStats()
+        got = loop(target, draft, ids, ArbiterRule(ConstantPolicy(1.0), max_overrides=1), 4,
+                   stats=stats)
+        assert got == want[:len(got)] and stats.overrides == 1
+
+
 def test_arbiter_file_roundtrip_and_errors(tmp_path):
     pol = LearnedPolicy(len(FEATURES), None, 8)
     path = tmp_path / "a.safetensors"
