@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Session-2 GPU runs (after scripts/gpu_pipeline.sh): hidden states at the collected dev
+# points, the CoSpec heuristics on GSM8K heldout, CoS accuracy (GSM8K, HumanEval; T=0 and 1),
+# MBPP transfer. Same set-up as gpu_pipeline.sh (GGUFs + data wheels in $COSPEC_CACHE); run
+# from the repository root. Every stage resumes where it stopped.
+set -u
+R=${RESULTS:-/tmp/work/results}
+B=${BATCH:-512}
+N=${MAX_NEW:-768}
+mkdir -p "$R"
+if [ ! -e "$R/gsm8k-heldout/accuracy.jsonl" ]; then  # resume session 1's heldout folder
+    cp -r results/gpu/gsm8k-heldout "$R/" && gunzip "$R/gsm8k-heldout/accuracy.jsonl.gz"
+fi
+run() { echo "=== $(date +%T) $*"; python3 -m cospec "$@" --device ${DEVICE:-cuda} 2>&1 | grep -v -E "it/s\]|s/it\]|problem/s\]|seq/s\]|Loading weights" ; }
+echo "=== $(date +%T) hidden states"
+[ -e "$R/hidden-gsm8k-dev/probe.safetensors" ] || python3 scripts/hidden_at_points.py \
+    --data data/divergences-gsm8k-dev --out "$R/hidden-gsm8k-dev" --batch-size $B 2>&1 \
+    | grep -v -E "it/s\]|s/it\]|seq/s\]|Loading weights"
+COS=target,we,we-sd,cos-we,cd,cd-sd,cos-cd
+for T in 0 1; do
+    run eval --task gsm8k --split heldout --limit 200 --methods $COS --k 5 --temperature $T \
+        --max-new-tokens $N --batch-size $B --out "$R/cos-gsm8k-T$T"
+    run eval --task humaneval --split test --methods $COS --k 5 --temperature $T \
+        --max-new-tokens 512 --batch-size $B --out "$R/cos-humaneval-T$T"
+done
+run eval --task gsm8k --split heldout --methods target,confidence,entropy --max-new-tokens $N \
+    --batch-size $B --out "$R/gsm8k-heldout"
+run eval --task mbpp --split test --methods target,spd,cospec --max-new-tokens 512 \
+    --batch-size $B --out "$R/mbpp"
+echo "=== $(date +%T) session-2 runs done"
