@@ -12,19 +12,21 @@ if [ ! -e "$R/gsm8k-heldout/accuracy.jsonl" ]; then  # resume session 1's heldou
     cp -r results/gpu/gsm8k-heldout "$R/" && gunzip "$R/gsm8k-heldout/accuracy.jsonl.gz"
 fi
 run() { echo "=== $(date +%T) $*"; python3 -m cospec "$@" --device ${DEVICE:-cuda} 2>&1 | grep -v -E "it/s\]|s/it\]|problem/s\]|seq/s\]|Loading weights" ; }
-echo "=== $(date +%T) hidden states"
-[ -e "$R/hidden-gsm8k-dev/probe.safetensors" ] || python3 scripts/hidden_at_points.py \
-    --data data/divergences-gsm8k-dev --out "$R/hidden-gsm8k-dev" --batch-size $B 2>&1 \
-    | grep -v -E "it/s\]|s/it\]|seq/s\]|Loading weights"
+if [ -n "${HIDDEN:-}" ]; then  # hidden states at the dev points (analysis: results/cospec)
+    python3 scripts/hidden_at_points.py --data data/divergences-gsm8k-dev \
+        --out "$R/hidden-gsm8k-dev" --batch-size $B
+fi
 COS=target,we,we-sd,cos-we,cd,cd-sd,cos-cd
-for T in 0 1; do
-    run eval --task gsm8k --split heldout --limit 200 --methods $COS --k 5 --temperature $T \
-        --max-new-tokens $N --batch-size $B --out "$R/cos-gsm8k-T$T"
-    run eval --task humaneval --split test --methods $COS --k 5 --temperature $T \
-        --max-new-tokens 512 --batch-size $B --out "$R/cos-humaneval-T$T"
-done
+cos_eval() {  # $1 = temperature
+    run eval --task gsm8k --split heldout --limit 200 --methods $COS --k 5 --temperature $1 \
+        --max-new-tokens $N --batch-size $B --out "$R/cos-gsm8k-T$1"
+    run eval --task humaneval --split test --methods $COS --k 5 --temperature $1 \
+        --max-new-tokens 512 --batch-size $B --out "$R/cos-humaneval-T$1"
+}
+cos_eval 0
 run eval --task gsm8k --split heldout --methods target,confidence,entropy --max-new-tokens $N \
     --batch-size $B --out "$R/gsm8k-heldout"
 run eval --task mbpp --split test --methods target,spd,cospec --max-new-tokens 512 \
     --batch-size $B --out "$R/mbpp"
+cos_eval 1
 echo "=== $(date +%T) session-2 runs done"
