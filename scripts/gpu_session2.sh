@@ -30,3 +30,7 @@ run eval --task mbpp --split test --methods target,spd,cospec --max-new-tokens 5
     --batch-size $B --out "$R/mbpp"
 cos_eval 1
 echo "=== $(date +%T) session-2 runs done"
+# batch-1 speed on the GPU (eager HF forward passes; arbiter share of decode time)
+run eval --task gsm8k --split heldout --limit 10 --speed-subset 10 --methods target,spd,cospec \
+    --max-new-tokens 256 --batch-size 10 --out "$R/gpu-b1-gsm8k"
+echo "=== $(date +%T) batch-1 done"
