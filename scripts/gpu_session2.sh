@@ -8,9 +8,12 @@ R=${RESULTS:-/tmp/work/results}
 B=${BATCH:-512}
 N=${MAX_NEW:-768}
 mkdir -p "$R"
-if [ ! -e "$R/gsm8k-heldout/accuracy.jsonl" ]; then  # resume session 1's heldout folder
-    cp -r results/gpu/gsm8k-heldout "$R/" && gunzip "$R/gsm8k-heldout/accuracy.jsonl.gz"
-fi
+for d in results/gpu/*/; do  # resume the committed folders (their records are gzipped)
+    n=$(basename "$d")
+    if [ -e "$d/accuracy.jsonl.gz" ] && [ ! -e "$R/$n/accuracy.jsonl" ]; then
+        cp -r "$d" "$R/" && gunzip "$R/$n/accuracy.jsonl.gz"
+    fi
+done
 run() { echo "=== $(date +%T) $*"; python3 -m cospec "$@" --device ${DEVICE:-cuda} 2>&1 | grep -v -E "it/s\]|s/it\]|problem/s\]|seq/s\]|Loading weights" ; }
 if [ -n "${HIDDEN:-}" ]; then  # hidden states at the dev points (analysis: results/cospec)
     python3 scripts/hidden_at_points.py --data data/divergences-gsm8k-dev \
@@ -27,7 +30,7 @@ cos_eval 0
 run eval --task gsm8k --split heldout --methods target,confidence,entropy --max-new-tokens $N \
     --batch-size $B --out "$R/gsm8k-heldout"
 run eval --task mbpp --split test --methods target,spd,cospec --max-new-tokens 512 \
-    --batch-size $B --out "$R/mbpp"
+    --batch-size 128 --out "$R/mbpp"  # long prompts: batch 512 ran out of memory at prefill
 cos_eval 1
 echo "=== $(date +%T) session-2 runs done"
 # batch-1 speed on the GPU (eager HF forward passes; arbiter share of decode time)
