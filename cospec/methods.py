@@ -111,7 +111,7 @@ def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
         return Method(name, pair.target, pair.draft, ExactRule())
     if name in COS_METHODS:
         models = (pair.draft, *opts.extra_models, pair.target)
-        kind = name.split("-")[-1]
+        kind = "we" if "we" in name.split("-") else "cd"
         if kind == "we":
             weights = opts.weights or ((opts.lam, 1 - opts.lam) if len(models) == 2 else
                                        tuple([1 / len(models)] * len(models)))

@@ -74,7 +74,7 @@ def test_eval_is_resumable_and_refuses_other_configs(tiny_dirs, tmp_path):
     lines = (out / "accuracy.jsonl").read_text().splitlines()
     assert len(lines) == 9
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["methods"]["spd"]["identical_to_target"] == 2
+    assert summary["methods"]["spd"]["identical"] == 2
     assert (out / "report.md").exists() and (out / "accuracy_vs_speedup.png").exists()
     # rerun: nothing is redone, nothing duplicated
     assert main([*map(str, common), "--methods", "target,draft,spd",
@@ -125,12 +125,13 @@ def test_collect_train_and_cospec_end_to_end(tiny_dirs, tmp_path):
 
 def test_cos_methods_through_generate_and_eval(tiny_dirs, capsys, tmp_path):
     outs = {}
-    for method in ("we", "cos-we", "cd", "cos-cd"):
+    for method in ("we", "we-sd", "cos-we", "cd", "cd-sd", "cos-cd"):
         assert main(["generate", *models(tiny_dirs), "--method", method, "--prompt",
                      "w5 w9 w12", "--no-chat", "--max-new-tokens", "16", "--json",
                      "--lambda", "0.3"]) == 0
         outs[method] = json.loads(capsys.readouterr().out)["token_ids"]
-    assert outs["cos-we"] == outs["we"] and outs["cos-cd"] == outs["cd"]
+    assert outs["cos-we"] == outs["we-sd"] == outs["we"] != outs["cd"]
+    assert outs["cos-cd"] == outs["cd-sd"] == outs["cd"]
     out = tmp_path / "cos"
     assert main(["eval", *models(tiny_dirs), "--task", "gsm8k", "--split", "dev", "--limit",
                  "2", "--max-new-tokens", "8", "--methods", "we,cos-we,we-sd",
@@ -139,4 +140,5 @@ def test_cos_methods_through_generate_and_eval(tiny_dirs, capsys, tmp_path):
     assert summary["methods"]["we"]["batched_agreement"] == 1.0
     recs = [json.loads(x) for x in (out / "speed.jsonl").read_text().splitlines()]
     by = {(r["id"], r["method"]): r["token_ids"] for r in recs}
-    assert all(by[(i, "cos-we")] == by[(i, "we")] for i, m in by if m == "we")
+    assert all(by[(i, "cos-we")] == by[(i, "we-sd")] == by[(i, "we")] for i, m in by if m == "we")
+    assert summary["methods"]["we-sd"]["identical"] == 2  # compared with `we`, its base
