@@ -129,17 +129,35 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
                                        divergences)]
 
 
+def _chunks(order: list[int], prompts: list[list[int]], rows: int, tokens: int
+            ) -> list[list[int]]:
+    """Consecutive groups of ``order`` with at most ``rows`` prompts and at most ``tokens``
+    padded prompt tokens (rows x longest prompt), at least one prompt each: the prefill's
+    attention scores grow with rows x length^2, so long prompts get smaller batches."""
+    out: list[list[int]] = []
+    for i in order:
+        cur = out[-1] if out else None
+        if (cur is None or len(cur) >= rows
+                or (len(cur) + 1) * max(len(prompts[j]) for j in [*cur, i]) > tokens):
+            out.append([i])
+        else:
+            cur.append(i)
+    return out
+
+
 def lockstep(target, draft, prompts: list[list[int]], *, max_new_tokens: int | list[int],
              eos_ids, pad_id: int, batch_size: int = 16, policy=None, threshold: float = 0.5,
              record: bool = False, desc: str | None = None, combo=None,
              sampling: SamplingConfig = GREEDY, seed: int = 0,
-             max_overrides: int | None = None) -> list[LockstepResult]:
+             max_overrides: int | None = None, max_prefill_tokens: int = 1 << 17
+             ) -> list[LockstepResult]:
     """Decode every prompt; returns results in the order of ``prompts``.
 
     ``draft=None``: plain target greedy decoding. With a draft and ``policy=None``: target
     greedy decoding that also records where the draft disagrees (``record=True`` keeps the
     features of each divergence). With a policy: token-level CoSpec. Prompts are grouped by
-    length to limit padding; each row stops at EOS or its budget. With ``combo`` (a CoS
+    length to limit padding (and capped at ``max_prefill_tokens`` padded prompt tokens per
+    batch); each row stops at EOS or its budget. With ``combo`` (a CoS
     ``Combination`` of draft and target), collaborative decoding. ``sampling`` with T > 0
     (no policy, no recording): rows sample from the target's or r's distribution, seeded.
     """
@@ -152,8 +170,7 @@ def lockstep(target, draft, prompts: list[list[int]], *, max_new_tokens: int | l
     bar = tqdm(total=len(prompts), desc=desc, disable=desc is None, unit="seq")
     device = next(target.parameters()).device
     gen = None if sampling.greedy else torch.Generator(device=device).manual_seed(seed)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in _chunks(order, prompts, batch_size, max_prefill_tokens):
         res = _batch(target, draft, [prompts[i] for i in chunk], [budgets[i] for i in chunk],
                      set(eos_ids), pad_id, policy, threshold, record, combo, sampling, gen,
                      max_overrides)

@@ -30,7 +30,7 @@ cos_eval 0
 run eval --task gsm8k --split heldout --methods target,confidence,entropy --max-new-tokens $N \
     --batch-size $B --out "$R/gsm8k-heldout"
 run eval --task mbpp --split test --methods target,spd,cospec --max-new-tokens 512 \
-    --batch-size 128 --out "$R/mbpp"  # long prompts: batch 512 ran out of memory at prefill
+    --batch-size $B --out "$R/mbpp"
 cos_eval 1
 echo "=== $(date +%T) session-2 runs done"
 # batch-1 speed on the GPU (eager HF forward passes; arbiter share of decode time)

@@ -124,6 +124,22 @@ def test_hidden_state_arbiter_and_budget_lockstep_equals_the_batch1_loop(target,
         assert kept > 0 or budget == 0
 
 
+def test_prefill_token_cap_splits_batches_without_changing_tokens(target, draft):
+    from cospec.batched import _chunks
+
+    ps = prompts(6)
+    order = sorted(range(6), key=lambda i: len(ps[i]))
+    chunks = _chunks(order, ps, 4, 20)
+    assert [i for c in chunks for i in c] == order
+    assert all(len(c) <= 4 and (len(c) == 1 or len(c) * max(len(ps[i]) for i in c) <= 20)
+               for c in chunks)
+    want = lockstep(target, draft, ps, max_new_tokens=12, eos_ids=[1], pad_id=0,
+                    batch_size=6, policy=ConstantPolicy(1.0))
+    got = lockstep(target, draft, ps, max_new_tokens=12, eos_ids=[1], pad_id=0,
+                   batch_size=6, policy=ConstantPolicy(1.0), max_prefill_tokens=20)
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+
+
 def test_budget_of_one_keeps_only_the_first_draft_token(target, draft):
     """Always-DRAFT with a budget of one: the draft's token at the first mismatch, then the
     target's greedy continuation of that prefix (by hand)."""
