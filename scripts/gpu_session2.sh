@@ -26,6 +26,7 @@ cos_eval() {  # $1 = temperature
     run eval --task humaneval --split test --methods $COS --k 5 --temperature $1 \
         --max-new-tokens 512 --batch-size $B --out "$R/cos-humaneval-T$1"
 }
+if [ -n "${ONLY_T:-}" ]; then cos_eval "$ONLY_T"; exit; fi  # just the CoS runs at one T
 cos_eval 0
 run eval --task gsm8k --split heldout --methods target,confidence,entropy --max-new-tokens $N \
     --batch-size $B --out "$R/gsm8k-heldout"
