@@ -316,7 +316,8 @@ def summarize(s: Session, run: RunDir, title: str) -> dict:
         row: dict = {"method": m + (" (lossy)" if m in GREEDY_ONLY else "")}
         got = [acc.get((i, m)) for i in ids]
         scored = [(i, r["correct"]) for i, r in zip(ids, got) if r]
-        if not scored and not s.sampling.greedy:  # exact samplers at T > 0: speed subset
+        if not scored and not s.sampling.greedy and s.args.command == "eval":
+            # exact samplers at T > 0 are scored on the speed subset (full-length answers)
             scored = [(i, speed[(i, m)]["correct"]) for i in ids if (i, m) in speed]
             if scored:
                 row["method"] += " (b=1 subset)"
@@ -341,7 +342,7 @@ def summarize(s: Session, run: RunDir, title: str) -> dict:
             # exact methods must reproduce their base (spd: target; *-sd, cos-*: we / cd)
             ref = SAME_AS_GREEDY.get(m, "target")
             same = sum(r["token_ids"] == (speed.get((r["id"], ref)) or {}).get("token_ids")
-                       for _, r in sp)
+                       for _, r in sp) if s.sampling.greedy else None  # T > 0: other draws
             batched = [(acc.get((r["id"], m)) or {}).get("token_ids") if s.sampling.greedy
                        else None for _, r in sp]
             agree = [b == r["token_ids"] for b, (_, r) in zip(batched, sp) if b is not None]
@@ -356,7 +357,8 @@ def summarize(s: Session, run: RunDir, title: str) -> dict:
                                       / max(sum(r["decode_s"] for _, r in sp), 1e-9))}
             summary["methods"].setdefault(m, {}).update(info)
             row.update(speed_n=len(sp), tok_s=tps, speedup=f"{tps / base:.2f}x",
-                       tau=info["tau"], same=f"{same}/{len(sp)} {ref}",
+                       tau=info["tau"],
+                       same=None if same is None else f"{same}/{len(sp)} {ref}",
                        agree=None if not agree else f"{sum(agree)}/{len(agree)}",
                        mem=info["peak_mem_gb"])
         rows.append(row)
