@@ -59,6 +59,15 @@ def test_three_models(target, draft, third):
     assert run([draft, third, target], combo, "we-sd", ids, 2) == want
 
 
+def marginals(draft, target, combo, ids, cfg):
+    """Exact distributions of r's first and second tokens after ``ids`` ([V] each)."""
+    with torch.inference_mode():
+        r1 = combo.probs([m(torch.tensor([ids])).logits[0, -1] for m in (draft, target)], cfg)
+        batch = torch.tensor([ids + [t] for t in range(r1.shape[0])])
+        nxt = [m(batch).logits[:, -1] for m in (draft, target)]
+        return r1, (r1[:, None] * combo.probs(nxt, cfg)).sum(0)
+
+
 @pytest.mark.parametrize("method", ["cos-we", "cos-cd"])
 def test_sampled_tokens_follow_the_combination(target, draft, method):
     """First and second tokens (gamma = 1, so the second often comes through the
@@ -66,12 +75,7 @@ def test_sampled_tokens_follow_the_combination(target, draft, method):
     combo = WE if method.endswith("we") else CD
     cfg = SamplingConfig(temperature=1.0)
     ids = [5, 17, 33, 8]
-    with torch.inference_mode():
-        rows = [m(torch.tensor([ids])).logits[0, -1] for m in (draft, target)]
-        r1 = combo.probs(rows, cfg)
-        batch = torch.tensor([ids + [t] for t in range(r1.shape[0])])
-        nxt = [m(batch).logits[:, -1] for m in (draft, target)]
-        r2 = (r1[:, None] * combo.probs(nxt, cfg)).sum(0)
+    r1, r2 = marginals(draft, target, combo, ids, cfg)
     n = 1500
     c1, c2 = torch.zeros_like(r1), torch.zeros_like(r1)
     for seed in range(n):
@@ -114,12 +118,7 @@ def test_batched_sampling_follows_the_combination(target, draft):
 
     cfg = SamplingConfig(temperature=1.0)
     ids = [5, 17, 33, 8]
-    with torch.inference_mode():
-        rows = [m(torch.tensor([ids])).logits[0, -1] for m in (draft, target)]
-        r1 = WE.probs(rows, cfg)
-        batch = torch.tensor([ids + [t] for t in range(r1.shape[0])])
-        r2 = (r1[:, None] * WE.probs([m(batch).logits[:, -1] for m in (draft, target)],
-                                     cfg)).sum(0)
+    r1, r2 = marginals(draft, target, WE, ids, cfg)
     n = 1500
     res = lockstep(target, draft, [ids] * n, max_new_tokens=2, eos_ids=[], pad_id=0,
                    batch_size=500, combo=WE, sampling=cfg, seed=1)
