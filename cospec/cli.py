@@ -53,6 +53,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", default=DEFAULT_TARGET,
                    help="target: shipped name, .gguf file or HF folder (default %(default)s)")
     g.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model (default %(default)s)")
+    g.add_argument("--models", default=None,
+                   help="CoS with n models: comma-separated, the proposer (smallest) first and "
+                        "the target last (replaces --draft / --target)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: float32 on CPU, bfloat16 on GPU")
@@ -79,6 +82,9 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--entropy", type=float, default=1.0, help="entropy-gated deferral (nats)")
     g.add_argument("--lambda", dest="lam", type=_unit_closed, default=0.5,
                    help="CoS ensemble: r = lambda q_draft + (1 - lambda) p_target")
+    g.add_argument("--weights", default=None,
+                   help="CoS ensemble weights, one per model of --models, summing to 1 "
+                        "(default: --lambda for two models, else uniform)")
     g.add_argument("--mu", type=_nonneg_float, default=0.1,
                    help="CoS contrastive: r = softmax(l_target - mu l_draft)")
 
@@ -90,8 +96,16 @@ def sampling_of(args) -> SamplingConfig:
 def options_of(args) -> MethodOptions:
     if args.max_overrides is not None and args.max_overrides < 0:
         raise CospecError(f"--max-overrides must be >= 0, got {args.max_overrides}")
+    weights: tuple[float, ...] = ()
+    if args.weights:
+        try:
+            weights = tuple(float(w) for w in args.weights.split(","))
+        except ValueError:
+            raise CospecError(f"--weights must be numbers separated by commas: "
+                              f"{args.weights!r}") from None
     return MethodOptions(args.arbiter, args.threshold, not args.first_mismatch_only,
-                         args.max_overrides, args.delta, args.entropy, args.lam, args.mu)
+                         args.max_overrides, args.delta, args.entropy, args.lam, args.mu,
+                         weights=weights)
 
 
 def load_pair_of(args, need_draft: bool = True):
@@ -101,6 +115,11 @@ def load_pair_of(args, need_draft: bool = True):
 
     set_cpu_threads()
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.models:
+        specs = [m.strip() for m in args.models.split(",") if m.strip()]
+        if len(specs) < 2:
+            raise CospecError(f"--models needs at least two models, got {args.models!r}")
+        return load_pair(specs[-1], specs[0], args.device, dtype, tuple(specs[1:-1]))
     return load_pair(args.target, args.draft if need_draft else None, args.device, dtype)
 
 

@@ -32,8 +32,8 @@ from cospec.methods import (
 )
 from cospec.report import markdown_table, mcnemar, pct, plot_accuracy_speed, wilson
 
-IDENTITY = ("task", "split", "target", "draft", "k", "max_new_tokens", "temperature", "top_p",
-            "top_k", "seed", "no_chat")
+IDENTITY = ("task", "split", "target", "draft", "models", "k", "max_new_tokens", "temperature",
+            "top_p", "top_k", "seed", "no_chat")
 
 
 # ---------------------------------------------------------------- the results folder

@@ -101,6 +101,9 @@ def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
         raise CospecError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if name != "target" and pair.draft is None:
         raise CospecError(f"method {name} needs a draft model (--draft)")
+    if pair.extra and name not in (*COS_METHODS, "target", "draft"):
+        raise CospecError(f"{len(pair.extra) + 2} models given but {name} uses two: more "
+                          f"than two models are for the CoS methods ({', '.join(COS_METHODS)})")
     if name in GREEDY_ONLY and not sampling.greedy:
         raise CospecError(f"method {name} is greedy-only: use --temperature 0")
     if name == "target":
@@ -110,7 +113,7 @@ def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
     if name in ("spd", "hf-assisted"):
         return Method(name, pair.target, pair.draft, ExactRule())
     if name in COS_METHODS:
-        models = (pair.draft, *opts.extra_models, pair.target)
+        models = (pair.draft, *pair.extra, *opts.extra_models, pair.target)
         kind = "we" if "we" in name.split("-") else "cd"
         if kind == "we":
             weights = opts.weights or ((opts.lam, 1 - opts.lam) if len(models) == 2 else

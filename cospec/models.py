@@ -160,16 +160,23 @@ class Pair:
     tokenizer: object
     target_name: str
     draft_name: str | None
+    extra: tuple = ()  # CoS with n > 2 models: the models between the draft and the target
 
 
 def load_pair(target: str, draft: str | None, device: str | None = None,
-              dtype: torch.dtype | None = None) -> Pair:
+              dtype: torch.dtype | None = None, extra: tuple[str, ...] = ()) -> Pair:
+    """Target, draft and (for CoS with n models) extra models, all sharing one vocabulary."""
     t_model, t_tok = load_model(target, device, dtype)
     d_model = None
     if draft is not None:
         d_model, d_tok = load_model(draft, device, dtype)
         check_same_vocab(t_tok, d_tok, target, draft)
-    return Pair(t_model, d_model, t_tok, target, draft)
+    more = []
+    for spec in extra:
+        model, tok = load_model(spec, device, dtype)
+        check_same_vocab(t_tok, tok, target, spec)
+        more.append(model)
+    return Pair(t_model, d_model, t_tok, target, draft, tuple(more))
 
 
 def set_cpu_threads() -> None:

@@ -142,3 +142,22 @@ def test_cos_methods_through_generate_and_eval(tiny_dirs, capsys, tmp_path):
     by = {(r["id"], r["method"]): r["token_ids"] for r in recs}
     assert all(by[(i, "cos-we")] == by[(i, "we-sd")] == by[(i, "we")] for i, m in by if m == "we")
     assert summary["methods"]["we-sd"]["identical"] == 2  # compared with `we`, its base
+
+
+def test_three_models_through_the_cli(tiny_dirs, capsys, tmp_path):
+    """--models A,B,C: CoS over three models; cos-we equals we; bad weights are refused."""
+    from tiny import save_tiny
+
+    t, d = tiny_dirs
+    mid = save_tiny(tmp_path / "mid", 3, layers=1)
+    spec = ["--models", f"{d},{mid},{t}", "--prompt", "w5 w9 w12", "--no-chat",
+            "--max-new-tokens", "12", "--json", "--weights", "0.2,0.3,0.5"]
+    outs = {}
+    for method in ("we", "cos-we", "we-sd"):
+        assert main(["generate", *spec, "--method", method]) == 0
+        outs[method] = json.loads(capsys.readouterr().out)["token_ids"]
+    assert outs["cos-we"] == outs["we-sd"] == outs["we"]
+    assert main(["generate", *spec[:-1], "0.5,0.5", "--method", "we"]) == 2
+    assert "3 models but 2 weights" in capsys.readouterr().err
+    assert main(["generate", *spec, "--method", "spd"]) == 2
+    assert "CoS methods" in capsys.readouterr().err
