@@ -1,4 +1,4 @@
-"""Command line: ``cospec generate | eval | bench | collect | train | verify-cost``."""
+"""Command line: ``cospec generate | eval | bench | collect | train | verify-cost | serve``."""
 
 from __future__ import annotations
 
@@ -184,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_parser(sub, add_model_args, add_decoding_args)
     train.add_parser(sub)
     bench.add_parser(sub, add_model_args)
+    try:
+        from cospec import server
+    except ModuleNotFoundError as err:  # without the `serve` extra: say what to install
+        if err.name not in ("fastapi", "pydantic", "starlette"):
+            raise
+        def no_serve(args, why: str = str(err)) -> int:
+            raise CospecError(f"cospec serve needs fastapi and uvicorn ({why}): "
+                              "pip install 'cospec[serve]'")
+
+        p = sub.add_parser("serve", help="OpenAI-compatible server (needs the serve extra)")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=no_serve)
+    else:
+        server.add_parser(sub, add_model_args)
     return parser
 
 

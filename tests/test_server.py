@@ -1,0 +1,320 @@
+"""``cospec serve`` on tiny models over loopback, with the official ``openai`` client.
+
+Greedy spd through the server = target through the server = the library's own loop; streams
+carry the same text as plain responses; bad input is a 4xx with an OpenAI-shaped error and
+never a 500; a full queue is a 429; a client that goes away frees its slot.
+"""
+
+import copy
+import json
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+import torch  # noqa: E402
+from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+from cospec.arbiter import FEATURES, LearnedPolicy, save_arbiter  # noqa: E402
+from cospec.cli import main  # noqa: E402
+from cospec.methods import build_method, eos_ids  # noqa: E402
+from cospec.models import Pair  # noqa: E402
+from cospec.sampling import GREEDY  # noqa: E402
+from cospec.server import BackgroundServer, chat_ids, create_app, safe_len, stop_at  # noqa: E402
+
+MODEL = "tiny"
+TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+PROMPTS = ["hello world", "the answer is 42", "def return print", "6 times 7 because"]
+
+
+def near_copy(model, noise: float, seed: int = 5):
+    """The model with Gaussian noise on every weight: a draft that agrees often, not always."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * noise * p.std())
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair():
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATE
+    target = tiny_model(1, vocab=len(tok))
+    return Pair(target, near_copy(target, 0.05), tok, MODEL, "tiny-draft")
+
+
+@pytest.fixture(scope="module")
+def arbiter(pair, tmp_path_factory):
+    path = tmp_path_factory.mktemp("arbiter") / "arbiter.safetensors"
+    save_arbiter(LearnedPolicy(len(FEATURES), None, 8), path, (MODEL, "tiny-draft"))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(pair, arbiter):
+    app = create_app(pair, methods=["target", "spd", "cospec", "cos-we"], arbiter=arbiter,
+                     max_active=4, max_queue=16, timeout=60)
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+
+
+def chat(client, prompt, **kw):
+    kw.setdefault("temperature", 0)
+    kw.setdefault("max_tokens", 24)
+    extra = {k: kw.pop(k) for k in ("method", "k", "ignore_eos") if k in kw}
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user",
+                                          "content": prompt}], extra_body=extra, **kw)
+
+
+def health(server):
+    r = httpx.get(server.url + "/health")
+    assert r.status_code == 200
+    return r.json()
+
+
+def test_models_and_health(client, server):
+    (card,) = client.models.list().data
+    assert card.id == MODEL and card.model_extra["methods"] == ["target", "spd", "cospec",
+                                                                "cos-we"]
+    assert card.model_extra["default_method"] == "spd"
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert health(server)["status"] == "ok"
+
+
+def test_greedy_spd_equals_target_and_the_library(client, pair):
+    taus = []
+    for prompt in PROMPTS:
+        ref = build_method("target", pair).run(
+            chat_ids(pair.tokenizer, [{"role": "user", "content": prompt}]), k=4,
+            max_new_tokens=24, sampling=GREEDY, eos_ids=eos_ids(pair.tokenizer, pair.target))[0]
+        texts = set()
+        for method, k in (("target", None), ("spd", 4), ("spd", 1), ("cos-we", 3)):
+            r = chat(client, prompt, method=method, **({"k": k} if k else {}))
+            if method != "cos-we":  # we is its own combination
+                texts.add(r.choices[0].message.content)
+                assert r.usage.completion_tokens == len(ref)
+            m = r.model_extra["metrics"]
+            assert m["method"] == method and m["k"] == k
+            assert 0 <= m["accepted"] <= m["drafted"]
+            if method != "cos-we":  # (CoS marks every token of a proposer pass as from_draft)
+                assert m["from_draft"] <= m["accepted"]
+            assert m["tau"] >= 1 and m["decode_s"] > 0 and m["queue_s"] >= 0
+            assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+            if method == "spd" and k == 4:
+                taus.append(m["tau"])
+        assert texts == {pair.tokenizer.decode(ref, skip_special_tokens=True)}
+    assert max(taus) > 1.5  # the near-copy draft is accepted often
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_stream_equals_plain_response(client, endpoint):
+    for prompt in PROMPTS[:2]:
+        kw = dict(model=MODEL, temperature=0, max_tokens=20, extra_body={"method": "spd"})
+        if endpoint == "chat":
+            create, kw["messages"] = client.chat.completions.create, [{"role": "user",
+                                                                       "content": prompt}]
+        else:
+            create, kw["prompt"] = client.completions.create, prompt
+        plain = create(**kw)
+        chunks = list(create(stream=True, stream_options={"include_usage": True}, **kw))
+        pieces = [(c.choices[0].delta.content or "") if endpoint == "chat" else c.choices[0].text
+                  for c in chunks if c.choices]
+        finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+        choice = plain.choices[0]
+        text = choice.message.content if endpoint == "chat" else choice.text
+        assert "".join(pieces) == text
+        assert len(finals) == 1 and finals[0].choices[0].finish_reason == choice.finish_reason
+        assert finals[0].model_extra["metrics"]["method"] == "spd"
+        assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+        assert len({c.id for c in chunks}) == 1
+
+
+def test_stop_strings(client):
+    full = chat(client, PROMPTS[0], ignore_eos=True, max_tokens=40).choices[0].message.content
+    stop = full[12:15]
+    want = full[:full.find(stop)]
+    r = chat(client, PROMPTS[0], ignore_eos=True, max_tokens=40, stop=[stop, "\u2603never"])
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+    stream = chat(client, PROMPTS[0], ignore_eos=True, max_tokens=40, stop=stop, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_stop_helpers():
+    assert stop_at("abcSTOPx", ("STOP", "c")) == 2 and stop_at("abc", ("x",)) is None
+    assert safe_len("hello ST", ("STOP",)) == 6  # "ST" may start a stop string
+    assert safe_len("hello S", ("xyz", "S!")) == 6
+    assert safe_len("caf\ufffd", ()) == 3  # an incomplete character waits
+
+
+def test_sampling_is_reproducible_with_a_seed(client):
+    a, b = (chat(client, PROMPTS[1], temperature=0.9, top_p=0.9, seed=7, max_tokens=16,
+                 method="spd").choices[0].message.content for _ in range(2))
+    assert a == b
+
+
+BAD = [  # (body or raw bytes, status, error code)
+    (b"{not json", 400, "invalid_json"),
+    (b"[1, 2]", 400, "invalid_value"),
+    ({"model": "gpt-4o", "prompt": "x"}, 404, "model_not_found"),
+    ({"prompt": "x"}, 400, "invalid_value"),
+    ({"model": MODEL, "prompt": "x", "method": "nope"}, 400, "invalid_method"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "invalid_value"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "8"}, 400, "invalid_value"),
+    ({"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "invalid_value"),
+    ({"model": MODEL, "prompt": "x", "temperature": 5}, 400, "invalid_value"),
+    ({"model": MODEL, "prompt": "hello world " * 400}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "prompt": "x", "n": 2}, 400, "unsupported"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 3}, 400, "unsupported"),
+    ({"model": MODEL, "prompt": "x", "frobnicate": 1}, 400, "invalid_value"),
+    ({"model": MODEL, "prompt": "x", "k": 0}, 400, "invalid_value"),
+    ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
+    ({"model": MODEL, "prompt": "x", "method": "cospec", "temperature": 0.5}, 400,
+     "invalid_value"),
+    ({"model": MODEL, "prompt": [10**6]}, 400, "invalid_value"),
+    ({"model": MODEL, "prompt": ["a", "b"]}, 400, "unsupported"),
+    ({"model": MODEL, "prompt": ""}, 400, "invalid_prompt"),
+    ({"model": MODEL, "prompt": None}, 400, "invalid_value"),
+    ({"model": MODEL, "messages": []}, 400, "invalid_value"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value"),
+    ({"model": MODEL, "messages": "hello"}, 400, "invalid_value"),
+]
+
+
+@pytest.mark.parametrize("body, status, code", BAD)
+def test_bad_input_is_a_clear_4xx(server, body, status, code):
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else \
+        "/v1/completions"
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"] == "invalid_request_error"
+    assert "Traceback" not in r.text
+
+
+def test_wrong_routes_and_the_openai_client_errors(server, client):
+    assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
+    r = httpx.get(server.url + "/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="not offered"):
+        chat(client, "x", method="draft")
+    with pytest.raises(openai.BadRequestError, match="greedy-only"):
+        chat(client, "x", method="cospec", temperature=1.0)
+
+
+def test_concurrent_requests_are_not_mixed_up(client, server):
+    prompts = [f"request {i}: {p}" for i, p in enumerate(PROMPTS * 3)]
+    want = {p: chat(client, p, max_tokens=16, method="target").choices[0].message.content
+            for p in prompts}
+    got, errors = {}, []
+
+    def ask(i, p):
+        try:
+            if i % 2:
+                got[p] = "".join(c.choices[0].delta.content or "" for c in
+                                 chat(client, p, max_tokens=16, stream=True))
+            else:
+                got[p] = chat(client, p, max_tokens=16).choices[0].message.content
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=ask, args=(i, p)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and got == want
+    h = health(server)
+    assert h["errors"] == 0 and h["active"] == 0 and h["queued"] == 0  # never a 500
+
+
+@pytest.fixture
+def slow_server(pair):
+    """One decoding slot and one queue place: the third concurrent request gets 429."""
+    app = create_app(pair, methods=["target", "spd"], max_active=1, max_queue=1, timeout=60)
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+LONG = {"model": MODEL, "prompt": "hello", "max_tokens": 480, "ignore_eos": True,
+        "temperature": 0, "method": "spd", "k": 1}
+
+
+def test_full_queue_is_a_429(slow_server):
+    statuses, bodies = [], []
+
+    def post():
+        r = httpx.post(slow_server.url + "/v1/completions", json=LONG, timeout=60)
+        statuses.append(r.status_code)
+        bodies.append(r.json())
+
+    threads = [threading.Thread(target=post) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(statuses)[:2] == [200, 200] and 429 in statuses
+    assert set(statuses) <= {200, 429}
+    assert all(b["error"]["code"] == "queue_full" for b in bodies if "error" in b)
+    h = health(slow_server)
+    assert h["rejected"] == statuses.count(429) and h["completed"] == statuses.count(200)
+
+
+def wait_idle(server, timeout=10.0) -> dict:
+    t0 = time.monotonic()
+    while True:
+        h = health(server)
+        if (h["active"] == 0 and h["queued"] == 0) or time.monotonic() - t0 > timeout:
+            return h
+        time.sleep(0.05)
+
+
+def test_disconnect_frees_the_slot(slow_server):
+    url = slow_server.url + "/v1/completions"
+    with httpx.Client(timeout=30) as c, c.stream("POST", url, json={**LONG, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk read, then the client goes away
+    t0 = time.monotonic()
+    r = httpx.post(url, json={**LONG, "max_tokens": 4}, timeout=30)
+    assert r.status_code == 200 and time.monotonic() - t0 < 10
+    # a plain request whose client gives up is dropped too (seen by polling the connection)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=LONG, timeout=0.1)
+    h = wait_idle(slow_server)
+    assert h["active"] == 0 and h["queued"] == 0 and h["cancelled"] == 2 and h["errors"] == 0
+
+
+def test_time_limit_ends_with_length(pair):
+    app = create_app(pair, methods=["spd"], timeout=0.2)
+    with BackgroundServer(app) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json=LONG, timeout=30)
+        body = r.json()
+        assert r.status_code == 200 and body["choices"][0]["finish_reason"] == "length"
+        assert body["metrics"]["timed_out"] and body["usage"]["completion_tokens"] < 480
+        assert wait_idle(srv)["timed_out"] == 1
+
+
+def test_cli_serve_refuses_a_missing_model(capsys):
+    assert main(["serve", "--target", "/no/such/model", "--port", "0"]) == 2
+    assert "model not found" in capsys.readouterr().err
+    assert main(["serve", "--target", "/no/such/model", "--max-active", "0"]) == 2
