@@ -94,6 +94,16 @@ class CachedLM:
         self.length = length
 
 
+def cached_lm(model: torch.nn.Module, hidden: bool = False, max_len: int = 2048):
+    """The model with its KV cache: ``cospec.fast.StaticLM`` (static cache, CUDA graphs) on
+    CUDA for the architectures it supports — same interface, same results — else
+    ``CachedLM``. ``max_len`` bounds the tokens the cache will ever hold."""
+    from cospec import fast
+
+    return fast.StaticLM(model, hidden, max_len) if fast.wanted(model) else CachedLM(model,
+                                                                                      hidden)
+
+
 def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,8 +148,9 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
     stats = stats if stats is not None else DecodeStats()
     eos = set(eos_ids)
     hidden = rule.needs_hidden
-    target = CachedLM(verifier, hidden)
-    draft = CachedLM(proposer, hidden) if proposer is not None else None
+    room = len(prompt_ids) + max_new_tokens + k + 3  # the most any cache holds, with margin
+    target = cached_lm(verifier, hidden, room)
+    draft = cached_lm(proposer, hidden, room) if proposer is not None else None
     gen = None
     if seed is not None:
         gen = torch.Generator(device=target.device).manual_seed(seed)

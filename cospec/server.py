@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -108,11 +109,18 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+# the names pydantic gives the members of a union in an error's location (not fields)
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+
+
 def _validation_error(errors: list[dict]) -> ApiError:
     """One readable 400 from pydantic's list of errors (the first one named)."""
-    e = errors[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
+    def where(e: dict) -> str | None:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body" and not _UNION_TAG.match(str(x))]
+        return ".".join(loc) or None
+
+    e, param = errors[0], where(errors[0])
+    others = {where(x) for x in errors[1:]} - {param}
     if e.get("type") == "json_invalid":
         detail = (e.get("ctx") or {}).get("error", e.get("msg", ""))
         return ApiError(400, f"the request body is not valid JSON: {detail}", None, "invalid_json")
@@ -125,8 +133,8 @@ def _validation_error(errors: list[dict]) -> ApiError:
         msg = f"the request body must be a JSON object ({e.get('msg', '')})"
     else:
         msg = f"Invalid value for '{param}': {e.get('msg', '')}"
-    if len(errors) > 1:
-        msg += f" (and {len(errors) - 1} more)"
+    if others:
+        msg += f" (and {len(others)} more invalid field{'s' if len(others) > 1 else ''})"
     return ApiError(400, msg, param, "invalid_value")
 
 
@@ -181,7 +189,7 @@ class _Common(_Strict):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -406,8 +414,13 @@ class Engine:
             job.end("cancelled")
         self._wake.set()
 
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def health(self) -> dict:
-        return {"status": "ok", "active": len(self.active), "queued": len(self.waiting),
+        return {"status": "ok" if self.alive else "scheduler stopped",
+                "active": len(self.active), "queued": len(self.waiting),
                 "max_active": self.max_active, "max_queue": self.max_queue, **self.counts}
 
     async def _schedule(self) -> None:
@@ -432,12 +445,14 @@ class Engine:
             if job.cancelled and not job.done:
                 self.counts["cancelled"] += 1
                 job.end("cancelled")
-            if job.done:
-                if job.tokens is not None:
-                    await self.on_worker(_close, job.tokens)
-                    job.tokens = None
-            else:
+            if not job.done:
                 self.active.append(job)
+            elif job.tokens is not None:
+                tokens, job.tokens = job.tokens, None
+                try:
+                    await self.on_worker(_close, tokens)
+                except Exception:  # the job is over anyway; keep serving the others
+                    log.exception("closing a generation failed")
 
     def _timed_out(self, job: Job) -> None:
         job.timed_out = True
@@ -570,8 +585,8 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
         return ApiError(500, "internal server error", None, "internal_error").response()
 
     @app.get("/health")
-    async def health() -> dict:
-        return engine.health()
+    async def health():
+        return JSONResponse(engine.health(), status_code=200 if engine.alive else 503)
 
     def model_card() -> dict:
         return {"id": served, "object": "model", "created": created, "owned_by": "cospec",
@@ -599,7 +614,9 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
         if name not in built:
             raise ApiError(400, f"method {name!r} is not offered by this server; offered: "
                                 f"{', '.join(built)}", "method", "invalid_method")
-        sampling = SamplingConfig(body.temperature, body.top_p, body.top_k)
+        # below 1e-5 greedy (as vLLM): logits / T would overflow into NaN probabilities
+        sampling = SamplingConfig(body.temperature if body.temperature >= 1e-5 else 0.0,
+                                  body.top_p, body.top_k)
         if name in GREEDY_ONLY and not sampling.greedy:
             raise ApiError(400, f"method {name} is greedy-only: send temperature 0",
                            "temperature", "invalid_value")
@@ -609,8 +626,6 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
                            "invalid_value")
         try:
             ids = await engine.on_worker(prompt)
-        except ApiError:
-            raise
         except Exception as err:  # e.g. a chat template that refuses the conversation
             raise ApiError(400, f"could not encode the prompt: {err}", None,
                            "invalid_prompt") from None
@@ -659,7 +674,8 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [{"role": m.role, "content": _utf8(m.text(), f"messages.{i}.content")}
+                    for i, m in enumerate(body.messages)]
         job = await prepare(body, lambda: chat_ids(engine.tokenizer, messages))
         return await complete(job, request, True, body)
 
@@ -675,11 +691,23 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
             raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "prompt",
                            "invalid_value")
         ids = list(p) if isinstance(p, list) else None
+        if ids is None:
+            _utf8(p, "prompt")
         job = await prepare(body, (lambda: ids) if ids is not None
                             else (lambda: text_ids(engine.tokenizer, p)))
         return await complete(job, request, False, body)
 
     return app
+
+
+def _utf8(text: str, param: str) -> str:
+    """``text``, unless it cannot be encoded (a lone surrogate from a JSON escape): 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ApiError(400, f"'{param}' is not valid Unicode: {err.reason} at {err.start}",
+                       param, "invalid_value") from None
+    return text
 
 
 class _Client:

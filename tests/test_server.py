@@ -7,6 +7,10 @@ never a 500; a full queue is a 429; a client that goes away frees its slot.
 
 import copy
 import json
+import random
+import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -193,6 +197,7 @@ BAD = [  # (body or raw bytes, status, error code)
     ({"model": MODEL, "messages": []}, 400, "invalid_value"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value"),
     ({"model": MODEL, "messages": "hello"}, 400, "invalid_value"),
+    (b'{"model": "tiny", "prompt": "lone \\udfff surrogate"}', 400, "invalid_value"),
 ]
 
 
@@ -206,6 +211,30 @@ def test_bad_input_is_a_clear_4xx(server, body, status, code):
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["type"] == "invalid_request_error"
     assert "Traceback" not in r.text
+
+
+def test_random_bodies_never_give_a_5xx(server):
+    rng = random.Random(0)
+    values = [None, True, -1, 0, 1, 2**64, 1e-30, -0.5, 3.7, "", "x", "hot", "\u0000\udfff",
+              [], [1], ["a"], [[1, 2]], {}, {"include_usage": "yes"}, 10**9,
+              [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+              [{"role": "user"}], [{"role": "user", "content": [{"type": "image"}]}]]
+    fields = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k",
+              "stop", "seed", "stream", "n", "method", "k", "ignore_eos", "stream_options",
+              "logprobs", "user", "max_completion_tokens"]
+    for i in range(80):
+        body = {"model": MODEL, "max_tokens": 4, "temperature": 0.5}
+        body.update({"messages": [{"role": "user", "content": "hi"}]} if i % 2 else
+                    {"prompt": "hi"})
+        for name in rng.sample(fields, rng.randint(1, 3)):
+            body[name] = rng.choice(values)
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        r = httpx.post(server.url + path, content=json.dumps(body), timeout=60,
+                       headers={"content-type": "application/json"})
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"]
+    assert health(server)["errors"] == 0
 
 
 def test_wrong_routes_and_the_openai_client_errors(server, client):
@@ -318,3 +347,29 @@ def test_cli_serve_refuses_a_missing_model(capsys):
     assert main(["serve", "--target", "/no/such/model", "--port", "0"]) == 2
     assert "model not found" in capsys.readouterr().err
     assert main(["serve", "--target", "/no/such/model", "--max-active", "0"]) == 2
+
+
+def test_cli_serve_end_to_end(tiny_dirs):
+    target, draft = tiny_dirs
+    proc = subprocess.Popen([sys.executable, "-m", "cospec", "serve", "--target", str(target),
+                             "--draft", str(draft), "--port", "0", "--served-model-name",
+                             MODEL, "--methods", "target,spd"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # "serving tiny on http://127.0.0.1:PORT (methods: ...)"
+        url = re.search(r"http://[\d.:]+", line).group(0)
+        t0 = time.monotonic()
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() - t0 < 60 and proc.poll() is None
+                time.sleep(0.1)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = chat(c, "hello world", max_tokens=8)  # no chat template: the raw text
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert r.model_extra["metrics"]["method"] == "spd"
+    finally:
+        proc.terminate()
+        proc.wait(30)

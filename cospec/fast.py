@@ -1,0 +1,293 @@
+"""The CUDA fast path: a static KV cache indexed by position, each step one CUDA graph.
+
+``StaticLM`` has ``CachedLM``'s interface (``forward`` / ``prefill`` / ``crop`` / ``reset`` /
+``length``) for Llama-family models (Qwen2, Qwen3, Llama, Mistral). It runs the model's own
+weights through a short functional forward (gpt-fast style; the model is not modified):
+
+- layer l's K/V cache is one preallocated tensor [kv_heads, max_len, head_dim]; the token at
+  position p lives in slot p. ``crop(n)`` only moves ``length``: the slots >= n keep stale
+  entries (rejected drafts) that no query sees — a query at position p attends to slots <= p
+  only, the mask being computed from positions on the device — and the next forward
+  overwrites them.
+- a forward over n <= MAX_GRAPH tokens is captured once per n as a CUDA graph that reads its
+  ids and start position from static device buffers: a step is one graph launch, and the
+  only host sync is the caller's read of the logits. On CUDA the two halves of a layer are
+  also compiled with ``torch.compile`` (fused elementwise work) unless COSPEC_COMPILE=0.
+- longer inputs (prefill) and every input on CPU run the same code eagerly: its exactness
+  is tested on CPU against the model's own forward in float64.
+
+The heavy part (``Engine``: caches, graphs) is pooled per model, so graphs are captured
+once per process; a ``StaticLM`` leases an engine and gives it back when it is collected.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from cospec.errors import CospecError
+
+MAX_GRAPH = 16      # forwards over more tokens than this run eagerly
+LEN_ROUND = 256     # engines' cache lengths are rounded up to this (fewer re-captures)
+FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
+
+Weights = tuple  # one layer's tensors, see Engine._layer
+
+
+def supported(model: torch.nn.Module) -> bool:
+    """A Llama-family causal LM that this forward reproduces: SiLU MLP without biases, full
+    attention in every layer (no sliding window)."""
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in FAMILIES or getattr(cfg, "hidden_act", "silu") != "silu":
+        return False
+    if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "mlp_bias", False):
+        return False
+    if kind in ("llama", "mistral") and getattr(cfg, "sliding_window", None):
+        return False
+    return all(t == "full_attention" for t in getattr(cfg, "layer_types", None) or [])
+
+
+def wanted(model: torch.nn.Module) -> bool:
+    """Use the fast path for this model? On CUDA by default; ``COSPEC_EAGER=1`` never,
+    ``COSPEC_STATIC=1`` also on CPU (tests)."""
+    if os.environ.get("COSPEC_EAGER") == "1" or not supported(model):
+        return False
+    device = next(model.parameters()).device
+    return device.type == "cuda" or os.environ.get("COSPEC_STATIC") == "1"
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as transformers computes it (float32 statistics)."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x.to(dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [heads, n, hd] rotated by cos, sin [n, hd] (transformers' rotate_half form)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _qkv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: Weights, heads: int,
+         kv_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First half of a layer: x [n, d] -> q [heads, n, hd], k, v [kv_heads, n, hd]."""
+    ln1, qw, qb, kw, kb, vw, vb, qn, kn = w[:9]
+    n = x.shape[0]
+    h = _rms(x, ln1, eps)
+    q = F.linear(h, qw, qb).view(n, heads, -1)
+    k = F.linear(h, kw, kb).view(n, kv_heads, -1)
+    v = F.linear(h, vw, vb).view(n, kv_heads, -1)
+    if qn is not None:  # Qwen3: per-head norms before the rotation
+        q, k = _rms(q, qn, eps), _rms(k, kn, eps)
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
+def _rest(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+          bias: torch.Tensor, w: Weights, scale: float, eps: float) -> torch.Tensor:
+    """Second half of a layer: attention of q [H, n, hd] over the whole cache kc, vc
+    [KVH, L, hd] with the additive mask ``bias`` [H/KVH * n, L] (0 or -inf), then the MLP.
+    Query heads h*G..h*G+G-1 share kv head h (transformers' repeat_kv order)."""
+    ow, ob, ln2, gw, uw, dw = w[9:]
+    heads, n, hd = q.shape
+    kvh = kc.shape[0]
+    s = torch.matmul(q.reshape(kvh, heads // kvh * n, hd), kc.transpose(1, 2)) * scale
+    p = torch.softmax(s + bias, dim=-1, dtype=torch.float32).to(q.dtype)
+    o = torch.matmul(p, vc).view(heads, n, hd).transpose(0, 1).reshape(n, heads * hd)
+    x = x + F.linear(o, ow, ob)
+    h = _rms(x, ln2, eps)
+    return x + F.linear(F.silu(F.linear(h, gw)) * F.linear(h, uw), dw)
+
+
+class Engine:
+    """Static KV cache, rotary tables and per-length CUDA graphs of one model.
+
+    ``run(ids, start)`` computes the forward of ``ids`` at positions start.. and writes their
+    K/V into slots start..; it returns logits [n, V] and final hidden states [n, d] in the
+    model's dtype, which may be the graph's static buffers (valid until the next run).
+    """
+
+    def __init__(self, model: torch.nn.Module, max_len: int, graphs: bool | None = None,
+                 compile: bool | None = None):
+        cfg = model.config
+        base = model.model
+        p = next(model.parameters())
+        self.device, self.dtype, self.max_len = p.device, p.dtype, max_len
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = (getattr(cfg, "head_dim", None)
+                         or cfg.hidden_size // cfg.num_attention_heads)
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.head_dim ** -0.5
+        self.embed = base.embed_tokens.weight
+        self.norm = base.norm.weight
+        head = model.get_output_embeddings()
+        self.head_w, self.head_b = head.weight, head.bias
+        self.layers = [self._layer(layer) for layer in base.layers]
+        with torch.inference_mode(False), torch.no_grad():
+            shape = (self.kv_heads, max_len, self.head_dim)
+            self.kc = [torch.zeros(shape, device=self.device, dtype=self.dtype)
+                       for _ in self.layers]
+            self.vc = [torch.zeros_like(k) for k in self.kc]
+            slots = torch.arange(max_len, device=self.device)
+            cos, sin = base.rotary_emb(self.norm[None], slots[None])
+            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [L, hd]
+            self.slots = slots
+            self.steps = torch.arange(MAX_GRAPH, device=self.device)
+            self.ids = torch.zeros(MAX_GRAPH, dtype=torch.long, device=self.device)
+            self.start = torch.zeros(1, dtype=torch.long, device=self.device)
+        cuda = self.device.type == "cuda"
+        self.use_graphs = cuda if graphs is None else graphs
+        if compile is None:
+            compile = cuda and os.environ.get("COSPEC_COMPILE", "1") != "0"
+        self.qkv, self.rest = _qkv, _rest
+        if compile:
+            _raise_recompile_limit()
+            self.qkv = torch.compile(_qkv, dynamic=True, fullgraph=True)
+            self.rest = torch.compile(_rest, dynamic=True, fullgraph=True)
+        self.compiled = compile
+        self.graphs: dict[int, tuple] = {}   # n -> (graph, logits, hidden)
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.host = (torch.zeros(MAX_GRAPH + 1, dtype=torch.long, pin_memory=True)
+                     if self.use_graphs else None)
+        self.staged = torch.cuda.Event() if self.use_graphs else None
+        self.capture_s = 0.0  # graph captures (and the compiles they trigger), in seconds
+
+    @staticmethod
+    def _layer(layer: torch.nn.Module) -> Weights:
+        a, m = layer.self_attn, layer.mlp
+        qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+        return (layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
+                a.k_proj.bias, a.v_proj.weight, a.v_proj.bias,
+                qn.weight if qn is not None else None, kn.weight if kn is not None else None,
+                a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
+                m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+
+    def _forward(self, ids: torch.Tensor, start: torch.Tensor, eager: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [n] (device), start [1] (device) -> logits [n, V], hidden [n, d]."""
+        n = ids.shape[0]
+        qkv, rest = (_qkv, _rest) if eager else (self.qkv, self.rest)
+        pos = start + self.steps[:n] if n <= MAX_GRAPH else start + torch.arange(
+            n, device=self.device)
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.cos[pos], self.sin[pos]
+        visible = self.slots[None, :] <= pos[:, None]                       # [n, L]
+        bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        bias = bias.masked_fill(~visible, float("-inf")).repeat(self.heads // self.kv_heads, 1)
+        for w, kc, vc in zip(self.layers, self.kc, self.vc):
+            q, k, v = qkv(x, cos, sin, w, self.heads, self.kv_heads, self.eps)
+            kc.index_copy_(1, pos, k)
+            vc.index_copy_(1, pos, v)
+            x = rest(x, q, kc, vc, bias, w, self.scale, self.eps)
+        h = _rms(x, self.norm, self.eps)
+        return F.linear(h, self.head_w, self.head_b), h
+
+    def run(self, ids: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(ids)
+        if start + n > self.max_len:
+            raise CospecError(f"static KV cache full: {start} + {n} tokens > {self.max_len}")
+        if not self.use_graphs or n > MAX_GRAPH:
+            x = torch.tensor(ids, device=self.device)
+            s = torch.tensor([start], device=self.device)
+            return self._forward(x, s, eager=True)
+        # stage ids and start through pinned memory: no host sync (the event only waits for
+        # the previous copy out of the same host buffer, long done in practice)
+        self.staged.synchronize()
+        self.host[:n] = torch.tensor(ids)
+        self.host[MAX_GRAPH] = start
+        self.ids[:n].copy_(self.host[:n], non_blocking=True)
+        self.start.copy_(self.host[MAX_GRAPH:], non_blocking=True)
+        self.staged.record()
+        if n not in self.graphs:
+            self.graphs[n] = self._capture(n)
+        graph, logits, hidden = self.graphs[n]
+        graph.replay()
+        return logits, hidden
+
+    def _capture(self, n: int) -> tuple:
+        """Capture the forward over n tokens. The warm-up runs compute this very call (the
+        buffers already hold its ids and start), so their K/V writes are the real ones."""
+        t0 = time.perf_counter()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(self.ids[:n], self.start, eager=False)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits, hidden = self._forward(self.ids[:n], self.start, eager=False)
+        torch.cuda.synchronize(self.device)
+        self.capture_s += time.perf_counter() - t0
+        return graph, logits, hidden
+
+
+def _raise_recompile_limit() -> None:
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+
+
+_FREE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [free Engine]
+
+
+def acquire(model: torch.nn.Module, max_len: int) -> Engine:
+    """A free engine of ``model`` with room for ``max_len`` tokens (a new one if none)."""
+    free = _FREE.setdefault(model, [])
+    for eng in free:
+        if eng.max_len >= max_len:
+            free.remove(eng)
+            return eng
+    free.clear()  # too small: let them go, a larger one replaces them
+    return Engine(model, -(-max_len // LEN_ROUND) * LEN_ROUND)
+
+
+def _release(model_ref: weakref.ref, engine: Engine) -> None:
+    model = model_ref()
+    if model is not None:
+        _FREE.setdefault(model, []).append(engine)
+
+
+def engines(model: torch.nn.Module) -> list[Engine]:
+    """The free (pooled) engines of ``model``: for reporting capture time."""
+    return list(_FREE.get(model, []))
+
+
+class StaticLM:
+    """``CachedLM``'s interface over a pooled ``Engine``; ``length`` = tokens in the cache
+    (slots 0..length-1 hold them; slots beyond are stale and invisible)."""
+
+    def __init__(self, model: torch.nn.Module, hidden: bool = False, max_len: int = 2048):
+        self.engine = acquire(model, max_len)
+        self.hidden, self.device = hidden, self.engine.device
+        self.length = 0
+        weakref.finalize(self, _release, weakref.ref(model), self.engine)
+
+    def forward(self, ids: list[int], keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed ``ids`` after the cached prefix; returns the last ``keep`` rows of logits
+        [keep, V] (float32, a copy) and, if ``hidden``, of last hidden states [keep, d]."""
+        logits, h = self.engine.run(ids, self.length)
+        self.length += len(ids)
+        out = logits[-keep:].to(torch.float32, copy=True)
+        return out, h[-keep:].to(torch.float32, copy=True) if self.hidden else None
+
+    def prefill(self, ids: list[int]) -> None:
+        if ids:
+            self.forward(ids, keep=1)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def crop(self, length: int) -> None:
+        """Forget tokens beyond ``length``: O(1), their slots are overwritten later."""
+        self.length = min(self.length, length)

@@ -1,0 +1,167 @@
+"""The static-cache fast path (``cospec.fast``) gives the same results as ``CachedLM``.
+
+On CPU it runs eagerly (no CUDA graphs), so these tests check its arithmetic and its cache
+bookkeeping: position-indexed slots, O(1) rollback, stale slots never seen, a full cache.
+"""
+
+import gc
+
+import pytest
+import torch
+from tiny import tiny_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cospec import fast
+from cospec.acceptance import ArbiterRule, ExactRule
+from cospec.arbiter import ConfidencePolicy
+from cospec.cos import Combination, cos_generate
+from cospec.decoding import CachedLM, cached_lm, generate
+from cospec.errors import CospecError
+from cospec.fast import Engine, StaticLM
+from cospec.sampling import SamplingConfig
+from cospec.stats import DecodeStats
+
+
+def prompt(seed: int, n: int = 6) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 96, (n,), generator=g).tolist()
+
+
+@pytest.fixture
+def static(monkeypatch):
+    """Run the loops with StaticLM (as on CUDA); ``eager()`` switches back to CachedLM."""
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+
+    def eager():
+        monkeypatch.setenv("COSPEC_EAGER", "1")
+
+    def on():
+        monkeypatch.delenv("COSPEC_EAGER", raising=False)
+
+    return eager, on
+
+
+def both(static, fn):
+    """fn() under StaticLM and under CachedLM."""
+    eager, on = static
+    on()
+    got = fn()
+    eager()
+    want = fn()
+    on()
+    return got, want
+
+
+def test_static_lm_is_chosen(target, static):
+    assert isinstance(cached_lm(target), StaticLM)
+    static[0]()
+    assert isinstance(cached_lm(target), CachedLM)
+
+
+def test_logits_and_hidden_match_the_model(target):
+    ids = prompt(0, 12)
+    a, b = StaticLM(target, hidden=True, max_len=64), CachedLM(target, hidden=True)
+    for chunk, keep in ((ids[:7], 3), (ids[7:8], 1), (ids[8:12], 4)):
+        got, want = a.forward(chunk, keep), b.forward(chunk, keep)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+        assert got[0].dtype == torch.float32 and a.length == b.length
+
+
+def test_rollback_hides_stale_slots(target):
+    """Rejected tokens stay in their slots after crop; the next forward must not see them."""
+    ids = prompt(1, 12)
+    lm = StaticLM(target, max_len=64)
+    lm.forward(ids + prompt(9, 20), keep=1)   # 20 tokens that will be rolled back
+    lm.crop(7)
+    assert lm.length == 7
+    got, _ = lm.forward(ids[7:10], keep=3)
+    want, _ = CachedLM(target).forward(ids[:10], keep=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_full_cache_and_overflow(target):
+    ids = prompt(2, 16)
+    eng = Engine(target, max_len=16)
+    eng.run(ids[:15], 0)
+    logits, _ = eng.run(ids[15:], 15)  # the last slot
+    want, _ = CachedLM(target).forward(ids, keep=1)
+    torch.testing.assert_close(logits[-1:].float(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CospecError, match="full"):
+        eng.run(ids[:2], 15)
+
+
+def test_engines_are_pooled_and_never_shared(target):
+    a = StaticLM(target, max_len=100)
+    b = StaticLM(target, max_len=100)
+    assert a.engine is not b.engine  # draft = target: two caches of one model
+    eng = a.engine
+    del a
+    gc.collect()
+    c = StaticLM(target, max_len=200)  # reuses the released engine
+    assert c.engine is eng and eng.max_len % fast.LEN_ROUND == 0
+    del b, c
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_generate_greedy_same_tokens(target, draft, static, k):
+    ids = prompt(k)
+    for proposer in (None, draft, target):
+        got, want = both(static, lambda p=proposer: [
+            t.id for t in generate(target, p, ids, ExactRule(), k=k, max_new_tokens=40)])
+        assert got == want and len(got) == 40
+
+
+def test_generate_sampling_same_draws(target, draft, static):
+    ids = prompt(7)
+    cfg = SamplingConfig(temperature=1.0)
+
+    def run():
+        stats = DecodeStats()
+        toks = [t.id for t in generate(target, draft, ids, ExactRule(), k=4, max_new_tokens=48,
+                                       sampling=cfg, seed=3, stats=stats)]
+        return toks, stats.accepted, stats.steps
+
+    got, want = both(static, run)
+    assert got == want and got[2] > 12  # rejections (rollbacks) happened
+
+
+def test_arbiter_with_lookahead_same_tokens(target, draft, static):
+    rule = ArbiterRule(ConfidencePolicy(0.05))
+    ids = prompt(8)
+    got, want = both(static, lambda: [(t.id, t.from_draft) for t in generate(
+        target, draft, ids, rule, k=3, max_new_tokens=30)])
+    assert got == want
+
+
+@pytest.mark.parametrize("method", ["we", "cos-we", "cd-sd"])
+def test_cos_same_tokens(target, draft, static, method):
+    combo = Combination("we", (0.5, 0.5)) if "we" in method else Combination("cd", mu=0.1)
+    ids = prompt(10)
+    got, want = both(static, lambda: [t.id for t in cos_generate(
+        [draft, target], ids, combo, method, gamma=4, max_new_tokens=30)])
+    assert got == want
+
+
+def test_llama_family(static):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                      initializer_range=0.3, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    model = LlamaForCausalLM(cfg).double().eval()
+    assert fast.supported(model)
+    ids = prompt(11)
+    got, want = both(static, lambda: [t.id for t in generate(
+        model, None, ids, ExactRule(), k=1, max_new_tokens=20)])
+    assert got == want
+
+
+def test_unsupported_falls_back(target, monkeypatch):
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    target.config.hidden_act = "gelu"
+    try:
+        assert not fast.supported(target)
+        assert isinstance(cached_lm(target), CachedLM)
+    finally:
+        target.config.hidden_act = "silu"
+    assert fast.wanted(tiny_model(5)) is True
