@@ -23,7 +23,7 @@ import torch
 from cospec.acceptance import AcceptanceRule, Proposal
 from cospec.cpu import fast_linear
 from cospec.errors import CospecError
-from cospec.sampling import GREEDY, SamplingConfig, probabilities, sample
+from cospec.sampling import GREEDY, SamplingConfig, probabilities
 from cospec.stats import DecodeStats
 
 
@@ -63,10 +63,13 @@ class CachedLM:
         self.cache = None
         self.length = 0
 
-    def forward(self, ids: list[int], keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed ``ids`` after the cached prefix; returns the last ``keep`` rows of
-        logits [keep, V] (float32) and, if ``hidden``, of last hidden states [keep, d]."""
-        x = torch.tensor([ids], device=self.device)
+    def forward(self, ids: list[int] | torch.Tensor, keep: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed ``ids`` (a list or a 1-d tensor) after the cached prefix; returns the last
+        ``keep`` rows of logits [keep, V] (float32) and, if ``hidden``, of last hidden
+        states [keep, d]."""
+        x = (ids.view(1, -1).to(self.device) if isinstance(ids, torch.Tensor)
+             else torch.tensor([ids], device=self.device))
         with fast_linear(self.model, self.device), LastHidden(self.model, self.hidden) as h:
             out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True,
                              logits_to_keep=keep)
@@ -112,20 +115,26 @@ def _clock(device: torch.device) -> float:
 
 def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
             gen: torch.Generator | None) -> Proposal:
-    """Draft k tokens after ``seq``. Leaves the draft cache at ``len(seq) + k - 1``."""
+    """Draft k tokens after ``seq``. Leaves the draft cache at ``len(seq) + k - 1``.
+
+    Each drafted token stays on the device and feeds the next draft step directly; the k
+    tokens reach the host once, at the end (one synchronisation per block, not per token).
+    """
     lm.crop(min(lm.length, len(seq) - 1))
-    pending = seq[lm.length:]
+    pending: list[int] | torch.Tensor = seq[lm.length:]
     tokens, logits, hidden = [], [], []
     for _ in range(k):
         row, h = lm.forward(pending, keep=1)
-        tok = int(row[0].argmax()) if sampling.greedy else sample(
-            probabilities(row[0], sampling), gen)
+        if sampling.greedy:
+            tok = row[0].argmax().view(1)
+        else:
+            tok = torch.multinomial(probabilities(row[0], sampling), 1, generator=gen)
         tokens.append(tok)
         logits.append(row)
         if h is not None:
             hidden.append(h)
-        pending = [tok]
-    return Proposal(tokens=tokens,
+        pending = tok
+    return Proposal(tokens=torch.cat(tokens).tolist() if tokens else [],
                     draft_logits=torch.cat(logits) if logits else None,
                     draft_hidden=torch.cat(hidden) if hidden else None)
 

@@ -190,20 +190,27 @@ class Engine:
         h = _rms(x, self.norm, self.eps)
         return F.linear(h, self.head_w, self.head_b), h
 
-    def run(self, ids: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, ids: list[int] | torch.Tensor, start: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids``: a list, or a 1-d tensor already on the device (a drafted token: it is
+        copied device to device, never read by the host)."""
         n = len(ids)
         if start + n > self.max_len:
             raise CospecError(f"static KV cache full: {start} + {n} tokens > {self.max_len}")
+        on_device = isinstance(ids, torch.Tensor)
         if not self.use_graphs or n > MAX_GRAPH:
-            x = torch.tensor(ids, device=self.device)
+            x = ids.to(self.device) if on_device else torch.tensor(ids, device=self.device)
             s = torch.tensor([start], device=self.device)
             return self._forward(x, s, eager=True)
         # stage ids and start through pinned memory: no host sync (the event only waits for
         # the previous copy out of the same host buffer, long done in practice)
         self.staged.synchronize()
-        self.host[:n] = torch.tensor(ids)
         self.host[MAX_GRAPH] = start
-        self.ids[:n].copy_(self.host[:n], non_blocking=True)
+        if on_device:
+            self.ids[:n].copy_(ids)
+        else:
+            self.host[:n] = torch.tensor(ids)
+            self.ids[:n].copy_(self.host[:n], non_blocking=True)
         self.start.copy_(self.host[MAX_GRAPH:], non_blocking=True)
         self.staged.record()
         if n not in self.graphs:
@@ -273,9 +280,11 @@ class StaticLM:
         self.length = 0
         weakref.finalize(self, _release, weakref.ref(model), self.engine)
 
-    def forward(self, ids: list[int], keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed ``ids`` after the cached prefix; returns the last ``keep`` rows of logits
-        [keep, V] (float32, a copy) and, if ``hidden``, of last hidden states [keep, d]."""
+    def forward(self, ids: list[int] | torch.Tensor, keep: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed ``ids`` (a list or a 1-d device tensor) after the cached prefix; returns the
+        last ``keep`` rows of logits [keep, V] (float32, a copy) and, if ``hidden``, of last
+        hidden states [keep, d]."""
         logits, h = self.engine.run(ids, self.length)
         self.length += len(ids)
         out = logits[-keep:].to(torch.float32, copy=True)

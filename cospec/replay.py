@@ -1,0 +1,68 @@
+"""Trace replay: measure the speed of a speculative method on a model we cannot run for real.
+
+No 7B model of the default pair's tokenizer ships here, so its speed is measured on random
+weights with the real architecture. Random weights would accept nothing, so the acceptance
+decisions are *replayed*: ``Recording`` wraps a rule on the real pair and keeps, per step,
+how many draft tokens it accepted; ``ReplayRule`` then drives the same loop
+(``cospec.decoding.generate``) with those numbers. Every forward pass (k draft steps, one
+verify over k + 1 tokens, the cache rollbacks) has the shape it had in the real run, and the
+step still reads the verifier's logits to the host as a real acceptance decision does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cospec.acceptance import AcceptanceRule, Proposal, Verdict
+from cospec.errors import CospecError
+from cospec.sampling import SamplingConfig
+
+
+@dataclass
+class Recording:
+    """``rule`` unchanged, plus ``trace``: accepted draft tokens of each step, in order."""
+
+    rule: AcceptanceRule
+    trace: list[int] = field(default_factory=list)
+
+    @property
+    def lossy(self) -> bool:
+        return self.rule.lossy
+
+    @property
+    def needs_hidden(self) -> bool:
+        return self.rule.needs_hidden
+
+    @property
+    def lookahead(self) -> bool:
+        return self.rule.lookahead
+
+    def __call__(self, prop: Proposal, sampling: SamplingConfig,
+                 gen: torch.Generator | None) -> Verdict:
+        verdict = self.rule(prop, sampling, gen)
+        self.trace.append(verdict.accepted)
+        return verdict
+
+
+@dataclass
+class ReplayRule:
+    """Accepts ``trace[i]`` draft tokens at step i, whatever the models say; the next token is
+    the verifier's argmax at that position (read to the host, like a real decision).
+    ``lookahead`` drafts one more token per step, as CoSpec's rule does."""
+
+    trace: list[int]
+    lookahead: bool = False
+    lossy: bool = True
+    needs_hidden: bool = False
+    step: int = 0
+
+    def __call__(self, prop: Proposal, sampling: SamplingConfig,
+                 gen: torch.Generator | None) -> Verdict:
+        if self.step >= len(self.trace):
+            raise CospecError(f"the trace has {len(self.trace)} steps; the replay needs more "
+                              "(replay with the generated length of the recorded run)")
+        n = min(self.trace[self.step], len(prop.tokens))
+        self.step += 1
+        return Verdict(n, int(prop.target_logits[n].argmax()))

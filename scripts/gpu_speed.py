@@ -1,0 +1,423 @@
+"""GPU speed figures (issue 7): cospec's fast path against transformers on one machine.
+
+    PYTHONPATH=. python scripts/gpu_speed.py --out DIR [--parts target,pair,replay]
+        [--random] [--prompts 10] [--new 256] [--k 5]
+
+Parts (each writes its entry of DIR/gpu_speed.json as soon as it is done; a part already
+there is skipped, so a rerun resumes):
+
+- ``target``: target-only decoding, batch 1, bf16, 128-token prompt, ``--new`` tokens, for the
+  Qwen2.5 0.5B / 1.5B / 7B shapes (real weights for 0.5B/1.5B unless ``--random``; 7B always
+  random, none ships): cospec (static cache + CUDA graphs) vs ``transformers.generate`` eager
+  and with ``cache_implementation="static"`` (compiled); tokens/s end to end (prefill
+  included, warm-up and compilation excluded and reported apart) and as a fraction of the
+  memory-bandwidth roofline (bytes of weights read per token / HBM bandwidth).
+- ``pair``: the real pair on GSM8K heldout prompts (chat template), methods interleaved per
+  prompt: target, spd, cospec, cos-we, we, and transformers' eager ``generate`` and assisted
+  generation (same k, constant schedule). Records spd's and cospec's accepted-length traces.
+- ``replay``: Qwen2.5-7B shapes (random weights) verifying the 0.5B draft, the acceptance
+  decisions replayed from the ``pair`` traces (``cospec.replay``): every forward has the
+  shape it had with the real pair. Labelled *replayed*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cospec import fast
+from cospec.acceptance import ExactRule
+from cospec.decoding import generate
+from cospec.methods import MethodOptions, build_method, encode_prompt, eos_ids
+from cospec.replay import Recording, ReplayRule
+from cospec.sampling import GREEDY
+from cospec.stats import DecodeStats
+
+PAIR = ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b")
+# Qwen2.5 shapes (config.json of the released models)
+SHAPES = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                 tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                 tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+               tie_word_embeddings=False),
+}
+REAL = {"0.5b": PAIR[1], "1.5b": PAIR[0]}
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # HBM bytes/s (SXM)
+
+
+def sync() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def random_model(size: str):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                      use_sliding_window=False, **SHAPES[size])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    return model.eval()
+
+
+def get_model(size: str, random: bool):
+    if size in REAL and not random:
+        from cospec.models import load_model
+
+        return load_model(REAL[size], "cuda", torch.bfloat16)[0], "real"
+    return random_model(size), "random"
+
+
+def bytes_per_token(model) -> int:
+    """Weight bytes one decode step reads: every parameter once, but an untied input
+    embedding only by the row it looks up."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if emb.data_ptr() != head.data_ptr():
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def bandwidth() -> float:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in BANDWIDTH.items() if k in name), 3.35e12)
+
+
+def ours(model, draft, prompt, rule, n, k=5, stats=None) -> tuple[list[int], float]:
+    """(tokens, end-to-end seconds) of our loop, no EOS."""
+    t0 = sync()
+    ids = [t.id for t in generate(model, draft, prompt, rule, k=k, max_new_tokens=n,
+                                  stats=stats)]
+    return ids, sync() - t0
+
+
+def hf(model, prompt, n, eos: list[int] | None = None, **kw) -> tuple[list[int], float]:
+    """transformers' generate, greedy: exactly n tokens, or up to n stopping at ``eos``."""
+    x = torch.tensor([prompt], device="cuda")
+    length = dict(eos_token_id=eos) if eos else dict(min_new_tokens=n)
+    t0 = sync()
+    with torch.inference_mode():
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                             max_new_tokens=n, pad_token_id=0, **length, **kw)
+    return out[0, len(prompt):].tolist(), sync() - t0
+
+
+def capture_s(*models) -> float:
+    return sum(e.capture_s for m in models for e in fast.engines(m))
+
+
+def part_target(args) -> dict:
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1000, 100000, (128,), generator=g).tolist()
+    n, reps, out = args.new, args.reps, {}
+    for size in SHAPES:
+        model, weights = get_model(size, args.random)
+        row = {"weights": weights, "bytes_per_token": bytes_per_token(model)}
+        row["roofline_tok_s"] = bandwidth() / row["bytes_per_token"]
+        t0 = time.perf_counter()
+        ours(model, None, prompt, ExactRule(), n)
+        row["ours_warmup_s"] = time.perf_counter() - t0
+        row["ours_capture_s"] = capture_s(model)
+        times = [ours(model, None, prompt, ExactRule(), n)[1] for _ in range(reps)]
+        row["ours_tok_s"] = n / statistics.median(times)
+        s = DecodeStats()
+        ids_ours, _ = ours(model, None, prompt, ExactRule(), n, stats=s)
+        row["ours_decode_tok_s"] = s.tokens_per_s
+        hf(model, prompt, 8)
+        times = [hf(model, prompt, n)[1] for _ in range(max(1, reps - 1))]
+        row["hf_eager_tok_s"] = n / statistics.median(times)
+        ids_eager = hf(model, prompt, n)[0]
+        t0 = time.perf_counter()
+        hf(model, prompt, n, cache_implementation="static")
+        row["hf_static_warmup_s"] = time.perf_counter() - t0
+        hf(model, prompt, n, cache_implementation="static")
+        times = [hf(model, prompt, n, cache_implementation="static")[1] for _ in range(reps)]
+        row["hf_static_tok_s"] = n / statistics.median(times)
+        row["same_tokens_as_hf_eager"] = sum(a == b for a, b in zip(ids_ours, ids_eager))
+        for key in ("ours", "hf_eager", "hf_static"):
+            row[f"{key}_roofline"] = row[f"{key}_tok_s"] / row["roofline_tok_s"]
+        row["ours_vs_hf_eager"] = row["ours_tok_s"] / row["hf_eager_tok_s"]
+        row["ours_vs_hf_static"] = row["ours_tok_s"] / row["hf_static_tok_s"]
+        out[size] = row
+        print(size, json.dumps(row), flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+def part_check(args) -> dict:
+    """The fast path against transformers' own forward on the GPU (0.5B shapes, random
+    weights): logits of a prefill, 1-token steps, 6-token verifies and a rollback; float32
+    and bfloat16."""
+    from cospec.decoding import CachedLM
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = random_model("0.5b").to(dtype)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(1000, 100000, (200,), generator=g).tolist()
+        fast_lm, ref = fast.StaticLM(model, max_len=512), CachedLM(model)
+        worst, agree, rows = 0.0, 0, 0
+        with torch.inference_mode():
+            fast_lm.prefill(ids[:100])
+            ref.prefill(ids[:100])
+            pos = 100
+            for step in range(30):
+                n = 1 if step % 3 else 6
+                a = fast_lm.forward(ids[pos:pos + n], keep=n)[0]
+                b = ref.forward(ids[pos:pos + n], keep=n)[0]
+                worst = max(worst, float((a - b).abs().max()))
+                agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+                rows += n
+                pos += n
+                if n == 6:  # reject the last 4, as a verify would
+                    pos -= 4
+                    fast_lm.crop(pos)
+                    ref.crop(pos)
+        name = str(dtype).split(".")[-1]
+        out[name] = {"max_abs_logit_diff": worst, "argmax_agree": agree, "rows": rows}
+        g2 = torch.Generator().manual_seed(2)
+        prompt = torch.randint(1000, 100000, (64,), generator=g2).tolist()
+        import os
+
+        a = ours(model, None, prompt, ExactRule(), 64)[0]
+        os.environ["COSPEC_EAGER"] = "1"
+        b = ours(model, None, prompt, ExactRule(), 64)[0]
+        del os.environ["COSPEC_EAGER"]
+        out[name]["greedy_64_same_prefix"] = next(
+            (i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        print(name, out[name], flush=True)
+        del model, fast_lm
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+def gsm8k_prompts(tok, count: int) -> list[list[int]]:
+    from cospec.tasks import get_task
+
+    problems = get_task("gsm8k").problems("heldout")[:count]
+    return [encode_prompt(tok, p.prompt) for p in problems]
+
+
+def part_pair(args) -> dict:
+    from cospec.models import load_pair
+
+    pair = load_pair(*PAIR, device="cuda", dtype=torch.bfloat16)
+    eos = eos_ids(pair.tokenizer, pair.target)
+    prompts = gsm8k_prompts(pair.tokenizer, args.prompts)
+    names = ["target", "spd", "cospec", "cos-we", "we", "hf-assisted"]
+    methods = {m: build_method(m, pair, MethodOptions()) for m in names}
+    k, n = args.k, args.new
+
+    def run(name: str, prompt: list[int]) -> dict:
+        stats, trace = DecodeStats(), None
+        t0 = sync()
+        if name == "hf-eager":
+            ids = hf(pair.target, prompt, n, eos)[0]
+        elif name in ("spd", "cospec"):
+            m = methods[name]
+            rec = Recording(m.rule)
+            ids = [t.id for t in generate(m.verifier, m.proposer, prompt, rec, k=k,
+                                          max_new_tokens=n, eos_ids=eos, stats=stats)]
+            trace = rec.trace
+        else:
+            ids = methods[name].run(prompt, k=k, max_new_tokens=n, sampling=GREEDY,
+                                    eos_ids=eos)[0]
+        total = sync() - t0
+        return {"ids": ids, "total_s": total, "tok_s": len(ids) / total, "tau": stats.tau,
+                "arbiter_s": stats.arbiter_s, "decode_s": stats.decode_s, "trace": trace}
+
+    order = names + ["hf-eager"]
+    longest = max(prompts, key=len)
+    t0 = time.perf_counter()
+    for name in order:  # warm-up: graphs for every shape, compilation
+        run(name, longest)
+    warm = time.perf_counter() - t0
+    rows = []
+    for i, prompt in enumerate(prompts):
+        rows.append({name: run(name, prompt) for name in order})
+        print(i, {m: round(r["tok_s"], 1) for m, r in rows[-1].items()}, flush=True)
+    out = {"prompts": len(prompts), "k": k, "max_new_tokens": n, "warmup_s": warm,
+           "capture_s": capture_s(pair.target, pair.draft), "per_prompt": rows}
+    summary = {}
+    for name in order:
+        toks = sum(len(r[name]["ids"]) for r in rows)
+        secs = sum(r[name]["total_s"] for r in rows)
+        summary[name] = {"tokens": toks, "seconds": secs, "tok_s": toks / secs}
+    for name in order:
+        summary[name]["vs_target"] = summary[name]["tok_s"] / summary["target"]["tok_s"]
+    summary["spd_vs_hf_assisted"] = summary["spd"]["tok_s"] / summary["hf-assisted"]["tok_s"]
+    summary["hf_assisted_vs_hf_eager"] = (summary["hf-assisted"]["tok_s"]
+                                          / summary["hf-eager"]["tok_s"])
+    summary["spd_identical_to_target"] = sum(r["spd"]["ids"] == r["target"]["ids"]
+                                             for r in rows)
+    summary["cos_we_identical_to_we"] = sum(r["cos-we"]["ids"] == r["we"]["ids"] for r in rows)
+    for name in ("spd", "cospec"):
+        summary[name]["tau"] = statistics.mean(r[name]["tau"] for r in rows)
+    summary["cospec"]["arbiter_share"] = (sum(r["cospec"]["arbiter_s"] for r in rows)
+                                          / sum(r["cospec"]["decode_s"] for r in rows))
+    out["summary"] = summary
+    return out
+
+
+def part_replay(args, pair_result: dict | None) -> dict:
+    draft, dweights = get_model("0.5b", args.random)
+    target = random_model("7b")
+    if pair_result is None:  # smoke run without the real pair: a synthetic trace
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(1000, 100000, (100,), generator=g).tolist()
+                   for _ in range(args.prompts)]
+        traces = {m: [[3] * args.new] * len(prompts) for m in ("spd", "cospec")}
+        lengths = {m: [args.new] * len(prompts) for m in ("spd", "cospec")}
+        source = "synthetic (3 accepted per step)"
+    else:
+        rows = pair_result["per_prompt"]
+        from cospec.models import load_model
+
+        tok = load_model(PAIR[1], "cpu")[1]
+        prompts = gsm8k_prompts(tok, len(rows))
+        traces = {m: [r[m]["trace"] for r in rows] for m in ("spd", "cospec")}
+        lengths = {m: [len(r[m]["ids"]) for r in rows] for m in ("spd", "cospec")}
+        source = "replayed from the real pair (pair part)"
+    k = args.k
+
+    def one(name: str, i: int) -> tuple[float, int]:
+        """(seconds, tokens) of method ``name`` on prompt i; the target generates as many
+        tokens as spd did."""
+        n = lengths["spd" if name == "target" else name][i]
+        if name == "target":
+            return ours(target, None, prompts[i], ExactRule(), n)[1], n
+        rule = ReplayRule(traces[name][i], lookahead=name == "cospec")
+        return ours(target, draft, prompts[i], rule, n, k=k)[1], n
+
+    for name in ("target", "spd", "cospec"):
+        one(name, max(range(len(prompts)), key=lambda j: len(prompts[j])))  # warm-up
+    per = {m: [] for m in ("target", "spd", "cospec")}
+    for i in range(len(prompts)):
+        for name in per:
+            per[name].append(one(name, i))
+    out = {"draft_weights": dweights, "target": "Qwen2.5-7B shapes, random weights",
+           "traces": source, "k": k}
+    for name, xs in per.items():
+        out[name] = {"tokens": sum(n for _, n in xs), "seconds": sum(t for t, _ in xs)}
+        out[name]["tok_s"] = out[name]["tokens"] / out[name]["seconds"]
+    for name in ("spd", "cospec"):
+        out[name]["vs_target"] = out[name]["tok_s"] / out["target"]["tok_s"]
+    return out
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# GPU speed ({res.get('device', '?')})", "", f"Command: `{res['command']}`", ""]
+    if "check" in res:
+        lines += ["## Fast path vs transformers' forward (0.5B shapes, random weights)", "",
+                  "| dtype | max |logit diff| | argmax agree | greedy 64: same first |",
+                  "|---|---|---|---|"]
+        for name, r in res["check"].items():
+            lines.append(f"| {name} | {r['max_abs_logit_diff']:.2e} | {r['argmax_agree']}/"
+                         f"{r['rows']} | {r['greedy_64_same_prefix']} tokens |")
+        lines.append("")
+    if "target" in res:
+        lines += ["## Target-only decoding, batch 1, bf16, 128-token prompt", "",
+                  "| model | weights | cospec tok/s | % roofline | HF eager | HF static "
+                  "(compiled) | cospec ÷ eager | cospec ÷ static | roofline tok/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for size, r in res["target"].items():
+            lines.append(
+                f"| {size} | {r['weights']} | {r['ours_tok_s']:.0f} | "
+                f"{100 * r['ours_roofline']:.0f}% | {r['hf_eager_tok_s']:.1f} "
+                f"({100 * r['hf_eager_roofline']:.0f}%) | {r['hf_static_tok_s']:.0f} "
+                f"({100 * r['hf_static_roofline']:.0f}%) | {r['ours_vs_hf_eager']:.2f}× | "
+                f"{r['ours_vs_hf_static']:.2f}× | {r['roofline_tok_s']:.0f} |")
+        lines += ["", "Warm-up (graph capture + compilation, excluded): " + ", ".join(
+            f"{s} cospec {r['ours_warmup_s']:.0f} s, HF static {r['hf_static_warmup_s']:.0f} s"
+            for s, r in res["target"].items()), ""]
+    if "pair" in res:
+        p = res["pair"]
+        s = p["summary"]
+        lines += [f"## Real pair (1.5B ← 0.5B), {p['prompts']} GSM8K heldout prompts, "
+                  f"k = {p['k']}, ≤ {p['max_new_tokens']} new tokens, greedy", "",
+                  "| method | tokens | tok/s | ÷ target (ours) | τ |", "|---|---|---|---|---|"]
+        for name, r in s.items():
+            if isinstance(r, dict):
+                lines.append(f"| {name} | {r['tokens']} | {r['tok_s']:.1f} | "
+                             f"{r['vs_target']:.2f}× | {r.get('tau', float('nan')):.2f} |")
+        lines += ["", f"spd ÷ HF assisted: **{s['spd_vs_hf_assisted']:.2f}×**; HF assisted ÷ "
+                  f"HF eager: {s['hf_assisted_vs_hf_eager']:.2f}×; spd output identical to "
+                  f"target on {s['spd_identical_to_target']}/{p['prompts']} (bf16: a verify "
+                  f"over k+1 rows and a 1-row step round differently); cos-we identical to "
+                  f"we on {s['cos_we_identical_to_we']}/{p['prompts']}; arbiter share of "
+                  f"cospec decode time {100 * s['cospec']['arbiter_share']:.2f}%; warm-up "
+                  f"{p['warmup_s']:.0f} s.", ""]
+    if "replay" in res:
+        r = res["replay"]
+        lines += [f"## Replayed: 7B target (random weights, Qwen2.5-7B shapes) ← 0.5B draft "
+                  f"({r['draft_weights']} weights), k = {r['k']}; traces: {r['traces']}", "",
+                  "| method | tokens | tok/s | ÷ target |", "|---|---|---|---|"]
+        for name in ("target", "spd", "cospec"):
+            x = r[name]
+            lines.append(f"| {name} | {x['tokens']} | {x['tok_s']:.1f} | "
+                         f"{x.get('vs_target', 1.0):.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--parts", default="target,pair,replay")
+    ap.add_argument("--random", action="store_true", help="random weights for every model")
+    ap.add_argument("--prompts", type=int, default=10)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu_speed.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    import transformers
+
+    res.update(device=torch.cuda.get_device_name(), torch=torch.__version__,
+               transformers=transformers.__version__,
+               command="PYTHONPATH=. python scripts/gpu_speed.py " + " ".join(
+                   f"--{k} {v}" if not isinstance(v, bool) else f"--{k}"
+                   for k, v in vars(args).items() if v is not False))
+    for part in args.parts.split(","):
+        if part in res:
+            print("done already:", part)
+            continue
+        t0 = time.perf_counter()
+        if part == "check":
+            res[part] = part_check(args)
+        elif part == "target":
+            res[part] = part_target(args)
+        elif part == "pair":
+            res[part] = part_pair(args)
+        elif part == "replay":
+            res[part] = part_replay(args, res.get("pair"))
+        res[part + "_wall_s"] = time.perf_counter() - t0
+        path.write_text(json.dumps(res))
+        (out / "gpu_speed.md").write_text(markdown(res))
+        print(f"{part} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
