@@ -32,21 +32,21 @@ FEATURES = (
 
 def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
                       t: torch.Tensor, d: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """Scalar features [B, len(FEATURES)] (float32) from logits rows [B, V] and ids [B]."""
-    rows = torch.arange(t.shape[0])
-    out = []
+    """Scalar features [B, len(FEATURES)] (float32, on the CPU) from logits rows [B, V] and
+    ids [B]. Computed where the logits are; one device-to-host copy at the end."""
+    device = target_logits.device
+    rows = torch.arange(t.shape[0], device=device)
+    t, d = t.to(device), d.to(device)
     stats = {}
     for name, logits in (("t", target_logits), ("d", draft_logits)):
         logp = logits.float().log_softmax(-1)
         p = logp.exp()
         top = p.topk(5, dim=-1).values
-        stats[name] = (logp[rows, t.to(logp.device)].cpu(), logp[rows, d.to(logp.device)].cpu(),
-                       -(p * logp).nan_to_num().sum(-1).cpu(),
-                       (top[:, 0] - top[:, 1]).cpu(), top.sum(-1).cpu())
+        stats[name] = (logp[rows, t], logp[rows, d], -(p * logp).nan_to_num().sum(-1),
+                       top[:, 0] - top[:, 1], top.sum(-1))
     (tt, td, ht, mt, ft), (dt, dd, hd, md, fd) = stats["t"], stats["d"]
-    out = [tt, td, dd, dt, ht, hd, mt, md, ft, fd, tt - td, dd - dt,
-           torch.log1p(position.float().cpu())]
-    return torch.stack(out, dim=-1)
+    cols = torch.stack([tt, td, dd, dt, ht, hd, mt, md, ft, fd, tt - td, dd - dt], dim=-1)
+    return torch.cat([cols.cpu(), torch.log1p(position.float().cpu())[:, None]], dim=-1)
 
 
 # ---------------------------------------------------------------- policies
