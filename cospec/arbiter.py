@@ -34,18 +34,18 @@ def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
                       t: torch.Tensor, d: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """Scalar features [B, len(FEATURES)] (float32, on the CPU) from logits rows [B, V] and
     ids [B]. Computed where the logits are; one device-to-host copy at the end."""
-    device = target_logits.device
-    rows = torch.arange(t.shape[0], device=device)
+    device, b = target_logits.device, t.shape[0]
     t, d = t.to(device), d.to(device)
-    stats = {}
-    for name, logits in (("t", target_logits), ("d", draft_logits)):
-        logp = logits.float().log_softmax(-1)
-        p = logp.exp()
-        top = p.topk(5, dim=-1).values
-        stats[name] = (logp[rows, t], logp[rows, d], -(p * logp).nan_to_num().sum(-1),
-                       top[:, 0] - top[:, 1], top.sum(-1))
-    (tt, td, ht, mt, ft), (dt, dd, hd, md, fd) = stats["t"], stats["d"]
-    cols = torch.stack([tt, td, dd, dt, ht, hd, mt, md, ft, fd, tt - td, dd - dt], dim=-1)
+    logp = torch.cat([target_logits, draft_logits]).float().log_softmax(-1)  # both models
+    p = logp.exp()
+    top = p.topk(5, dim=-1).values
+    rows = torch.arange(2 * b, device=device)
+    at_t, at_d = logp[rows, t.repeat(2)], logp[rows, d.repeat(2)]
+    ent = -(p * logp).nan_to_num().sum(-1)
+    margin, mass = top[:, 0] - top[:, 1], top.sum(-1)
+    tt, dt, td, dd = at_t[:b], at_t[b:], at_d[:b], at_d[b:]  # xy: model x's log-prob of y
+    cols = torch.stack([tt, td, dd, dt, ent[:b], ent[b:], margin[:b], margin[b:], mass[:b],
+                        mass[b:], tt - td, dd - dt], dim=-1)
     return torch.cat([cols.cpu(), torch.log1p(position.float().cpu())[:, None]], dim=-1)
 
 

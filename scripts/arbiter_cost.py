@@ -37,6 +37,7 @@ def timed(fn, reps=500) -> float:
     return (time.perf_counter() - t0) / reps * 1e3
 
 
+compiled = torch.compile(mismatch_features)  # a variant to try: fused kernels
 rule = ArbiterRule(load_arbiter(SHIPPED_ARBITER))
 g = torch.Generator(device="cuda").manual_seed(0)
 tl, dl = (torch.randn(6, 151936, device="cuda", generator=g) * 3 for _ in range(2))
@@ -44,5 +45,6 @@ args = (torch.tensor([5]), torch.tensor([7]), torch.tensor([40]))
 res = {"device": torch.cuda.get_device_name(),
        "keep_draft_ms": timed(lambda: rule._keep_draft(tl[1:2], dl[1:2], 5, 7, 40, None, None)),
        "features_ms": timed(lambda: mismatch_features(tl[1:2], dl[1:2], *args)),
+       "features_compiled_ms": timed(lambda: compiled(tl[1:2], dl[1:2], *args)),
        "features_per_stat_copies_ms": timed(lambda: per_stat_copies(tl[1:2], dl[1:2], *args))}
 print(json.dumps(res))
