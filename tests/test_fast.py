@@ -165,3 +165,25 @@ def test_unsupported_falls_back(target, monkeypatch):
     finally:
         target.config.hidden_act = "silu"
     assert fast.wanted(tiny_model(5)) is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_match_the_eager_cache():
+    """On a GPU: the captured, compiled steps give CachedLM's logits (float32), through
+    1-token steps, multi-token verifies and rollbacks."""
+    model = tiny_model(1).to("cuda", torch.float32)
+    ids = prompt(3, 40)
+    fast_lm, ref = StaticLM(model, max_len=64), CachedLM(model)
+    with torch.inference_mode():
+        fast_lm.prefill(ids[:20])
+        ref.prefill(ids[:20])
+        pos = 20
+        for step in range(8):
+            n = 1 if step % 2 else 4
+            a = fast_lm.forward(ids[pos:pos + n], keep=n)[0]
+            b = ref.forward(ids[pos:pos + n], keep=n)[0]
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            pos += n - (2 if n == 4 else 0)
+            fast_lm.crop(pos)
+            ref.crop(pos)
+    assert fast_lm.engine.graphs  # the steps did run as CUDA graphs
