@@ -162,17 +162,29 @@ def hf_assisted(target, draft, prompt_ids, k, max_new_tokens, sampling, eos_ids,
     return ids
 
 
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template (generation prompt
+    added). Without a template the contents are joined by blank lines and sent as raw text."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return text_ids(tokenizer, "\n\n".join(m["content"] for m in messages))
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a raw prompt (special tokens added as the tokenizer does)."""
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
 def encode_prompt(tokenizer, text: str, chat: bool = True) -> list[int]:
     """Token ids of a user prompt, through the chat template unless ``chat`` is False."""
     if not text.strip():
         raise CospecError("empty prompt")
-    if chat and getattr(tokenizer, "chat_template", None):
-        msgs = [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+    if chat:
+        return chat_ids(tokenizer, [{"role": "user", "content": text}])
+    return text_ids(tokenizer, text)
 
 
 def eos_ids(tokenizer, model) -> list[int]:

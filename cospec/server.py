@@ -71,7 +71,9 @@ from cospec.methods import (
     Method,
     MethodOptions,
     build_method,
+    chat_ids,
     eos_ids,
+    text_ids,
 )
 from cospec.models import Pair
 from cospec.sampling import SamplingConfig
@@ -245,23 +247,6 @@ class CompletionRequest(_Common):
 
 
 # ----------------------------------------------------------------------------- prompts
-
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation through the tokenizer's chat template (generation prompt
-    added). Without a template the contents are joined by blank lines and sent as raw text
-    (for one user message that is ``encode_prompt(..., chat=True)``'s fallback too)."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-    text = "\n\n".join(m["content"] for m in messages)
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
-
-
-def text_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of a raw completion prompt."""
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
 def context_length(pair: Pair) -> int:

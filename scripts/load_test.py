@@ -37,15 +37,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from cospec.methods import build_method, eos_ids  # noqa: E402
+from cospec.methods import build_method, chat_ids, eos_ids, text_ids  # noqa: E402
 from cospec.models import Pair  # noqa: E402
 from cospec.sampling import GREEDY  # noqa: E402
 from cospec.server import (  # noqa: E402
     BackgroundServer,
-    chat_ids,
     context_length,
     create_app,
-    text_ids,
 )
 
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"

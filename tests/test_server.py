@@ -26,10 +26,10 @@ from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 from cospec.arbiter import FEATURES, LearnedPolicy, save_arbiter  # noqa: E402
 from cospec.cli import main  # noqa: E402
-from cospec.methods import build_method, eos_ids  # noqa: E402
+from cospec.methods import build_method, chat_ids, eos_ids  # noqa: E402
 from cospec.models import Pair  # noqa: E402
 from cospec.sampling import GREEDY  # noqa: E402
-from cospec.server import BackgroundServer, chat_ids, create_app, safe_len, stop_at  # noqa: E402
+from cospec.server import BackgroundServer, create_app, safe_len, stop_at  # noqa: E402
 
 MODEL = "tiny"
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
