@@ -300,3 +300,21 @@ class StaticLM:
     def crop(self, length: int) -> None:
         """Forget tokens beyond ``length``: O(1), their slots are overwritten later."""
         self.length = min(self.length, length)
+
+
+def side_by_side(a, b, ids: list[int], start: int, steps: int, verify: int, reject: int,
+                 every: int):
+    """Drive two caches (a ``StaticLM`` and a reference such as ``CachedLM``) through one
+    schedule and yield their logits, ([n, V], [n, V]), step by step: both prefilled with
+    ``ids[:start]``, then one token per step except every ``every``-th step (the first
+    included), a verify of ``verify`` tokens whose last ``reject`` are rolled back. For
+    checking the fast path's arithmetic and cache bookkeeping."""
+    a.prefill(ids[:start])
+    b.prefill(ids[:start])
+    pos = start
+    for step in range(steps):
+        n = verify if step % every == 0 else 1
+        yield a.forward(ids[pos:pos + n], keep=n)[0], b.forward(ids[pos:pos + n], keep=n)[0]
+        pos += n - (reject if step % every == 0 else 0)
+        a.crop(pos)
+        b.crop(pos)

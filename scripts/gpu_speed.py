@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -176,27 +177,15 @@ def part_check(args) -> dict:
         fast_lm, ref = fast.StaticLM(model, max_len=512), CachedLM(model)
         worst, agree, rows = 0.0, 0, 0
         with torch.inference_mode():
-            fast_lm.prefill(ids[:100])
-            ref.prefill(ids[:100])
-            pos = 100
-            for step in range(30):
-                n = 1 if step % 3 else 6
-                a = fast_lm.forward(ids[pos:pos + n], keep=n)[0]
-                b = ref.forward(ids[pos:pos + n], keep=n)[0]
+            for a, b in fast.side_by_side(fast_lm, ref, ids, start=100, steps=30, verify=6,
+                                          reject=4, every=3):
                 worst = max(worst, float((a - b).abs().max()))
                 agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-                rows += n
-                pos += n
-                if n == 6:  # reject the last 4, as a verify would
-                    pos -= 4
-                    fast_lm.crop(pos)
-                    ref.crop(pos)
+                rows += a.shape[0]
         name = str(dtype).split(".")[-1]
         out[name] = {"max_abs_logit_diff": worst, "argmax_agree": agree, "rows": rows}
         g2 = torch.Generator().manual_seed(2)
         prompt = torch.randint(1000, 100000, (64,), generator=g2).tolist()
-        import os
-
         a = ours(model, None, prompt, ExactRule(), 64)[0]
         os.environ["COSPEC_EAGER"] = "1"
         b = ours(model, None, prompt, ExactRule(), 64)[0]

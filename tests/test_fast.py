@@ -167,23 +167,20 @@ def test_unsupported_falls_back(target, monkeypatch):
     assert fast.wanted(tiny_model(5)) is True
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graphs_match_the_eager_cache():
-    """On a GPU: the captured, compiled steps give CachedLM's logits (float32), through
-    1-token steps, multi-token verifies and rollbacks."""
-    model = tiny_model(1).to("cuda", torch.float32)
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA GPU"))])
+def test_steps_and_rollbacks_match_the_eager_cache(device):
+    """StaticLM gives CachedLM's logits (float32) through 1-token steps, multi-token
+    verifies and rollbacks; on a GPU through captured, compiled CUDA graphs."""
+    model = tiny_model(1).to(device, torch.float32)
     ids = prompt(3, 40)
     fast_lm, ref = StaticLM(model, max_len=64), CachedLM(model)
+    steps = 0
     with torch.inference_mode():
-        fast_lm.prefill(ids[:20])
-        ref.prefill(ids[:20])
-        pos = 20
-        for step in range(8):
-            n = 1 if step % 2 else 4
-            a = fast_lm.forward(ids[pos:pos + n], keep=n)[0]
-            b = ref.forward(ids[pos:pos + n], keep=n)[0]
+        for a, b in fast.side_by_side(fast_lm, ref, ids, start=20, steps=8, verify=4, reject=2,
+                                      every=2):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-            pos += n - (2 if n == 4 else 0)
-            fast_lm.crop(pos)
-            ref.crop(pos)
-    assert fast_lm.engine.graphs  # the steps did run as CUDA graphs
+            steps += 1
+    assert steps == 8 and fast_lm.length == ref.length == 20 + 4 * 2 + 4 * 1
+    assert bool(fast_lm.engine.graphs) == (device == "cuda")  # graphs exactly on the GPU
