@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cospec.decoding import CachedLM, Token, _clock, cached_lm
+from cospec.decoding import CachedLM, Token, _clock, cache_room, cached_lm
 from cospec.errors import CospecError
 from cospec.sampling import GREEDY, SamplingConfig, probabilities, residual, sample
 from cospec.stats import DecodeStats
@@ -120,7 +120,7 @@ def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Co
         raise CospecError(f"gamma must be >= 1, got {gamma}")
     stats = stats if stats is not None else DecodeStats()
     eos = set(eos_ids)
-    lms = [cached_lm(m, False, len(prompt_ids) + max_new_tokens + gamma + 3) for m in models]
+    lms = [cached_lm(m, False, cache_room(prompt_ids, max_new_tokens, gamma)) for m in models]
     proposer, verifiers = lms[0], lms[1:]
     gen = torch.Generator(device=proposer.device).manual_seed(seed) if seed is not None else None
     seq, out = list(prompt_ids), 0

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from cospec import fast
 from cospec.acceptance import AcceptanceRule, Proposal
 from cospec.cpu import fast_linear
 from cospec.errors import CospecError
-from cospec.sampling import GREEDY, SamplingConfig, probabilities
+from cospec.sampling import GREEDY, SamplingConfig, probabilities, sample_on_device
 from cospec.stats import DecodeStats
 
 
@@ -97,12 +98,16 @@ class CachedLM:
         self.length = length
 
 
+def cache_room(prompt_ids: list[int], max_new_tokens: int, k: int) -> int:
+    """The most tokens a cache holds in one generation (a block of k drafts may run past
+    ``max_new_tokens``), with a small margin."""
+    return len(prompt_ids) + max_new_tokens + k + 3
+
+
 def cached_lm(model: torch.nn.Module, hidden: bool = False, max_len: int = 2048):
     """The model with its KV cache: ``cospec.fast.StaticLM`` (static cache, CUDA graphs) on
     CUDA for the architectures it supports — same interface, same results — else
     ``CachedLM``. ``max_len`` bounds the tokens the cache will ever hold."""
-    from cospec import fast
-
     return fast.StaticLM(model, hidden, max_len) if fast.wanted(model) else CachedLM(model,
                                                                                       hidden)
 
@@ -128,7 +133,7 @@ def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
         if sampling.greedy:
             tok = row[0].argmax().view(1)
         else:
-            tok = torch.multinomial(probabilities(row[0], sampling), 1, generator=gen)
+            tok = sample_on_device(probabilities(row[0], sampling), gen)
         tokens.append(tok)
         logits.append(row)
         if h is not None:
@@ -157,7 +162,7 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
     stats = stats if stats is not None else DecodeStats()
     eos = set(eos_ids)
     hidden = rule.needs_hidden
-    room = len(prompt_ids) + max_new_tokens + k + 3  # the most any cache holds, with margin
+    room = cache_room(prompt_ids, max_new_tokens, k)
     target = cached_lm(verifier, hidden, room)
     draft = cached_lm(proposer, hidden, room) if proposer is not None else None
     gen = None

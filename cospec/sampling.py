@@ -48,9 +48,14 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return probs
 
 
+def sample_on_device(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token id [1] from a probability vector [V], left where ``probs`` is."""
+    return torch.multinomial(probs, 1, generator=generator)
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token id from a probability vector [V]."""
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(sample_on_device(probs, generator))
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
