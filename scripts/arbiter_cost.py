@@ -3,6 +3,7 @@ shipped policy), against the previous feature code that copied each statistic to
 separately (10 synchronisations per call): ``PYTHONPATH=. python scripts/arbiter_cost.py``."""
 
 import json
+import sys
 import time
 
 import torch
@@ -37,6 +38,8 @@ def timed(fn, reps=500) -> float:
     return (time.perf_counter() - t0) / reps * 1e3
 
 
+if not torch.cuda.is_available():
+    sys.exit("arbiter_cost.py measures an arbiter call on the GPU: it needs CUDA")
 compiled = torch.compile(mismatch_features)  # a variant to try: fused kernels
 rule = ArbiterRule(load_arbiter(SHIPPED_ARBITER))
 g = torch.Generator(device="cuda").manual_seed(0)

@@ -386,6 +386,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
+    unknown = set(args.parts.split(",")) - {"check", "target", "pair", "replay"}
+    if unknown:
+        ap.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from check, target, "
+                 "pair, replay")
+    if not torch.cuda.is_available():
+        ap.error("this script measures the CUDA fast path: it needs a GPU")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gpu_speed.json"

@@ -7,11 +7,13 @@ import time
 import torch
 
 sys.path.insert(0, "scripts")
-from gpu_speed import random_model  # noqa: E402
+from gpu_speed import SHAPES, random_model  # noqa: E402
 
 from cospec import fast  # noqa: E402
 
-size = sys.argv[1]
+size = sys.argv[1] if len(sys.argv) > 1 else ""
+if size not in SHAPES or not torch.cuda.is_available():
+    sys.exit(f"usage: python scripts/prof_fast.py {{{','.join(SHAPES)}}} [cdt]  (needs a GPU)")
 if "cdt" in sys.argv[2:]:
     import torch._inductor.config as ic
 
