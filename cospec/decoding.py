@@ -21,11 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from cospec import fast
-from cospec.acceptance import AcceptanceRule, Proposal
+from cospec.acceptance import AcceptanceRule, Proposal, Verdict
 from cospec.cpu import fast_linear
 from cospec.errors import CospecError
 from cospec.sampling import GREEDY, SamplingConfig, probabilities, sample_on_device
 from cospec.stats import DecodeStats
+
+RUN_AHEAD = 8  # target-only decoding: tokens decoded per host synchronisation
 
 
 @dataclass(frozen=True)
@@ -151,9 +153,10 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
              stats: DecodeStats | None = None) -> Iterator[Token]:
     """Yield tokens as they are committed (batch size 1).
 
-    ``proposer=None`` (or k = 0) is plain autoregressive decoding of ``verifier`` through the
-    same loop. ``stats`` (if given) is updated in place. Stops after an EOS id (which is
-    yielded) or ``max_new_tokens`` tokens.
+    ``proposer=None`` is plain autoregressive decoding of ``verifier`` through the same loop:
+    it runs ``RUN_AHEAD`` tokens ahead on the device (each token fed straight back, as the
+    draft does) and commits them at once. ``stats`` (if given) is updated in place. Stops
+    after an EOS id (which is yielded) or ``max_new_tokens`` tokens.
     """
     if not prompt_ids:
         raise CospecError("empty prompt: give at least one token")
@@ -179,17 +182,21 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
         while (left := max_new_tokens - (len(seq) - len(prompt_ids))) > 0:
             t0 = _clock(target.device)
             try:
-                n_draft = min(k, left - 1) if draft is not None else 0
-                n_look = int(rule.lookahead and draft is not None)
-                prop = (propose(draft, seq, n_draft + n_look, sampling, gen)
-                        if n_draft + n_look else Proposal(tokens=[]))
-                if n_look:
-                    prop.split_lookahead()
-                logits, h = target.forward(seq[target.length:] + prop.tokens, keep=n_draft + 1)
-                prop.target_logits, prop.target_hidden = logits, h
-                prop.position = len(seq) - len(prompt_ids)
-                prop.overrides_so_far = overrides
-                verdict = rule(prop, sampling, gen)
+                if draft is None:  # target only: run ahead, one host sync per chunk
+                    prop = propose(target, seq, min(RUN_AHEAD, left), sampling, gen)
+                    n_draft, verdict = 0, Verdict(len(prop.tokens) - 1, prop.tokens[-1])
+                else:
+                    n_draft = min(k, left - 1)
+                    n_look = int(rule.lookahead)
+                    prop = propose(draft, seq, n_draft + n_look, sampling, gen)
+                    if n_look:
+                        prop.split_lookahead()
+                    logits, h = target.forward(seq[target.length:] + prop.tokens,
+                                               keep=n_draft + 1)
+                    prop.target_logits, prop.target_hidden = logits, h
+                    prop.position = len(seq) - len(prompt_ids)
+                    prop.overrides_so_far = overrides
+                    verdict = rule(prop, sampling, gen)
             except BaseException:  # a half-done step: forget the caches, keep ``seq`` valid
                 target.reset()
                 if draft is not None:
@@ -201,7 +208,8 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
                 draft.crop(min(draft.length, len(seq) + verdict.accepted))
             new = prop.tokens[:verdict.accepted] + [verdict.next_token]
             seq.extend(new)
-            stats.record_step(n_draft, verdict.accepted)
+            for _ in range(1 if draft is not None else len(new)):  # a step per verifier pass
+                stats.record_step(n_draft, verdict.accepted if draft is not None else 0)
             stats.arbiter_calls += verdict.arbiter_calls
             stats.overrides += verdict.overrides
             overrides += verdict.overrides
@@ -210,6 +218,7 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
             stats.generated += cut
             stats.decode_s += _clock(target.device) - t0
             for j in range(cut):
-                yield Token(new[j], j < verdict.accepted or verdict.next_from_draft)
+                yield Token(new[j], draft is not None and (j < verdict.accepted
+                                                           or verdict.next_from_draft))
             if cut < len(new) or new[cut - 1] in eos:
                 return
