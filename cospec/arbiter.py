@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,22 +31,45 @@ FEATURES = (
 )
 
 
-def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
-                      t: torch.Tensor, d: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """Scalar features [B, len(FEATURES)] (float32, on the CPU) from logits rows [B, V] and
-    ids [B]. Computed where the logits are; one device-to-host copy at the end."""
-    device, b = target_logits.device, t.shape[0]
-    t, d = t.to(device), d.to(device)
+def _columns(target_logits: torch.Tensor, draft_logits: torch.Tensor, t: torch.Tensor,
+             d: torch.Tensor) -> torch.Tensor:
+    """The logit-derived features [B, 12] (float32, on the logits' device) from rows [B, V]
+    and ids [B] on the same device: pure tensor code, compiled into a few kernels on CUDA."""
+    b = t.shape[0]
     logp = torch.cat([target_logits, draft_logits]).float().log_softmax(-1)  # both models
     p = logp.exp()
     top = p.topk(5, dim=-1).values
-    rows = torch.arange(2 * b, device=device)
-    at_t, at_d = logp[rows, t.repeat(2)], logp[rows, d.repeat(2)]
+    at_t = logp.gather(1, t.repeat(2)[:, None])[:, 0]
+    at_d = logp.gather(1, d.repeat(2)[:, None])[:, 0]
     ent = -(p * logp).nan_to_num().sum(-1)
     margin, mass = top[:, 0] - top[:, 1], top.sum(-1)
     tt, dt, td, dd = at_t[:b], at_t[b:], at_d[:b], at_d[b:]  # xy: model x's log-prob of y
-    cols = torch.stack([tt, td, dd, dt, ent[:b], ent[b:], margin[:b], margin[b:], mass[:b],
+    return torch.stack([tt, td, dd, dt, ent[:b], ent[b:], margin[:b], margin[b:], mass[:b],
                         mass[b:], tt - td, dd - dt], dim=-1)
+
+
+_compiled_columns = None
+
+
+def _columns_fn(device: torch.device):
+    """``_columns``, compiled on CUDA (an arbiter call is launch-bound there: ~20 small
+    kernels become a few) unless COSPEC_COMPILE=0; eager elsewhere."""
+    global _compiled_columns
+    if device.type != "cuda" or os.environ.get("COSPEC_COMPILE", "1") == "0":
+        return _columns
+    if _compiled_columns is None:
+        _compiled_columns = torch.compile(_columns, dynamic=True, fullgraph=True)
+    return _compiled_columns
+
+
+def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
+                      t: torch.Tensor, d: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Scalar features [B, len(FEATURES)] (float32, on the CPU) from logits rows [B, V] and
+    ids [B] (any device). Computed where the logits are; one device-to-host copy at the
+    end."""
+    device = target_logits.device
+    td = torch.stack([t, d]).to(device)  # one host-to-device copy when the ids are host's
+    cols = _columns_fn(device)(target_logits, draft_logits, td[0], td[1])
     return torch.cat([cols.cpu(), torch.log1p(position.float().cpu())[:, None]], dim=-1)
 
 

@@ -100,8 +100,8 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
                 rows = differ.nonzero().flatten()
                 if len(rows):
                     t_r, d_r = choice[rows], d_best[rows]
-                    feats = mismatch_features(t_logits[rows], d_logits[rows], t_r.cpu(),
-                                              d_r.cpu(), torch.full((len(rows),), step))
+                    feats = mismatch_features(t_logits[rows], d_logits[rows], t_r, d_r,
+                                              torch.full((len(rows),), step))
                     keep = (policy.draft_prob(feats, t_hid[rows] if hid else None,
                                               d_hid[rows] if hid else None) >= threshold
                             if policy is not None

@@ -13,6 +13,9 @@ weights through a short functional forward (gpt-fast style; the model is not mod
   ids and start position from static device buffers: a step is one graph launch, and the
   only host sync is the caller's read of the logits. On CUDA the two halves of a layer are
   also compiled with ``torch.compile`` (fused elementwise work) unless COSPEC_COMPILE=0.
+- a layer's q/k/v projections are read as one stacked weight, and so are gate/up (one
+  kernel each instead of three and two): the model's parameters become slices of the
+  stacked buffers (``fused``), same values, no second copy.
 - longer inputs (prefill) and every input on CPU run the same code eagerly: its exactness
   is tested on CPU against the model's own forward in float64.
 
@@ -78,12 +81,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 def _qkv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: Weights, heads: int,
          kv_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """First half of a layer: x [n, d] -> q [heads, n, hd], k, v [kv_heads, n, hd]."""
-    ln1, qw, qb, kw, kb, vw, vb, qn, kn = w[:9]
+    ln1, qkv_w, qkv_b, qn, kn = w[:5]
     n = x.shape[0]
     h = _rms(x, ln1, eps)
-    q = F.linear(h, qw, qb).view(n, heads, -1)
-    k = F.linear(h, kw, kb).view(n, kv_heads, -1)
-    v = F.linear(h, vw, vb).view(n, kv_heads, -1)
+    q, k, v = F.linear(h, qkv_w, qkv_b).view(n, heads + 2 * kv_heads, -1).split(
+        (heads, kv_heads, kv_heads), dim=1)
     if qn is not None:  # Qwen3: per-head norms before the rotation
         q, k = _rms(q, qn, eps), _rms(k, kn, eps)
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
@@ -95,7 +97,7 @@ def _rest(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     """Second half of a layer: attention of q [H, n, hd] over the whole cache kc, vc
     [KVH, L, hd] with the additive mask ``bias`` [H/KVH * n, L] (0 or -inf), then the MLP.
     Query heads h*G..h*G+G-1 share kv head h (transformers' repeat_kv order)."""
-    ow, ob, ln2, gw, uw, dw = w[9:]
+    ow, ob, ln2, gate_up_w, dw = w[5:]
     heads, n, hd = q.shape
     kvh = kc.shape[0]
     s = torch.matmul(q.reshape(kvh, heads // kvh * n, hd), kc.transpose(1, 2)) * scale
@@ -103,7 +105,36 @@ def _rest(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     o = torch.matmul(p, vc).view(heads, n, hd).transpose(0, 1).reshape(n, heads * hd)
     x = x + F.linear(o, ow, ob)
     h = _rms(x, ln2, eps)
-    return x + F.linear(F.silu(F.linear(h, gw)) * F.linear(h, uw), dw)
+    gate, up = F.linear(h, gate_up_w).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, dw)
+
+
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first linear -> (w, b)
+
+
+def fused(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight [sum of outs, in] (and bias) stacking the rows of ``linears``, so that a
+    decode step reads them with one kernel instead of one per linear. The linears'
+    parameters are re-pointed at slices of it: the model computes exactly what it did and
+    the memory is not doubled; a second engine of the model finds them fused already."""
+    known = _FUSED.get(linears[0])
+    if known is not None and known[0].data_ptr() == linears[0].weight.data_ptr():
+        return known
+    with torch.inference_mode(False), torch.no_grad():
+        w = torch.cat([m.weight for m in linears])
+        b = (torch.cat([m.bias for m in linears])
+             if all(m.bias is not None for m in linears) else None)
+        if b is None and any(m.bias is not None for m in linears):
+            raise CospecError("cannot fuse linears of which only some have a bias")
+        row = 0
+        for m in linears:
+            rows = m.weight.shape[0]
+            m.weight.data = w[row:row + rows]
+            if b is not None:
+                m.bias.data = b[row:row + rows]
+            row += rows
+    _FUSED[linears[0]] = (w, b)
+    return w, b
 
 
 class Engine:
@@ -164,11 +195,12 @@ class Engine:
     def _layer(layer: torch.nn.Module) -> Weights:
         a, m = layer.self_attn, layer.mlp
         qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
-        return (layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
-                a.k_proj.bias, a.v_proj.weight, a.v_proj.bias,
+        qkv_w, qkv_b = fused([a.q_proj, a.k_proj, a.v_proj])
+        gate_up_w, _ = fused([m.gate_proj, m.up_proj])
+        return (layer.input_layernorm.weight, qkv_w, qkv_b,
                 qn.weight if qn is not None else None, kn.weight if kn is not None else None,
                 a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
-                m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+                gate_up_w, m.down_proj.weight)
 
     def _forward(self, ids: torch.Tensor, start: torch.Tensor, eager: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:

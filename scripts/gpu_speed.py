@@ -13,8 +13,9 @@ there is skipped, so a rerun resumes):
   included, warm-up and compilation excluded and reported apart) and as a fraction of the
   memory-bandwidth roofline (bytes of weights read per token / HBM bandwidth).
 - ``pair``: the real pair on GSM8K heldout prompts (chat template), methods interleaved per
-  prompt: target, spd, cospec, cos-we, we, and transformers' eager ``generate`` and assisted
-  generation (same k, constant schedule). Records spd's and cospec's accepted-length traces.
+  prompt: target, spd, cospec, the CoS methods (cos-we, we-sd, we, cos-cd, cd-sd, cd; T = 0),
+  and transformers' eager ``generate`` and assisted generation (same k, constant schedule).
+  Records spd's and cospec's accepted-length traces.
 - ``replay``: Qwen2.5-7B shapes (random weights) verifying the 0.5B draft, the acceptance
   decisions replayed from the ``pair`` traces (``cospec.replay``): every forward has the
   shape it had with the real pair. Labelled *replayed*.
@@ -212,7 +213,8 @@ def part_pair(args) -> dict:
     pair = load_pair(*PAIR, device="cuda", dtype=torch.bfloat16)
     eos = eos_ids(pair.tokenizer, pair.target)
     prompts = gsm8k_prompts(pair.tokenizer, args.prompts)
-    names = ["target", "spd", "cospec", "cos-we", "we", "hf-assisted"]
+    names = ["target", "spd", "cospec", "cos-we", "we-sd", "we", "cos-cd", "cd-sd", "cd",
+             "hf-assisted"]
     methods = {m: build_method(m, pair, MethodOptions()) for m in names}
     k, n = args.k, args.new
 
@@ -263,7 +265,8 @@ def part_pair(args) -> dict:
         summary["hf_assisted_vs_hf_eager"] = (summary["hf-assisted"]["tok_s"]
                                               / summary["hf-eager"]["tok_s"])
     same = {"spd_identical_to_target": ("spd", "target"),
-            "cos_we_identical_to_we": ("cos-we", "we")}
+            "cos_we_identical_to_we": ("cos-we", "we"),
+            "cos_cd_identical_to_cd": ("cos-cd", "cd")}
     for key, (a, b) in same.items():
         summary[key] = (sum(r[a]["ids"] == r[b]["ids"] for r in rows)
                         if a in order and b in order else None)
@@ -361,7 +364,8 @@ def markdown(res: dict) -> str:
         lines += ["", f"spd output identical to "
                   f"target on {s['spd_identical_to_target']}/{p['prompts']} (bf16: a verify "
                   f"over k+1 rows and a 1-row step round differently); cos-we identical to "
-                  f"we on {s['cos_we_identical_to_we']}/{p['prompts']}; arbiter share of "
+                  f"we on {s['cos_we_identical_to_we']}/{p['prompts']}, cos-cd to cd on "
+                  f"{s.get('cos_cd_identical_to_cd')}/{p['prompts']}; arbiter share of "
                   f"cospec decode time {100 * s['cospec']['arbiter_share']:.2f}%; warm-up "
                   f"{p['warmup_s']:.0f} s.", ""]
     if "replay" in res:

@@ -184,3 +184,20 @@ def test_steps_and_rollbacks_match_the_eager_cache(device):
             steps += 1
     assert steps == 8 and fast_lm.length == ref.length == 20 + 4 * 2 + 4 * 1
     assert bool(fast_lm.engine.graphs) == (device == "cuda")  # graphs exactly on the GPU
+
+
+def test_fused_weights_are_the_models_own():
+    """The engine's stacked q/k/v (and gate/up) weights share the model's memory: the model's
+    parameters keep their values and become slices of one buffer; fusing twice is a no-op."""
+    model = tiny_model(seed=3)
+    attn = model.model.layers[0].self_attn
+    before = [p.detach().clone() for p in (attn.q_proj.weight, attn.k_proj.weight,
+                                           attn.v_proj.weight)]
+    w, _ = fast.fused([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert w.shape[0] == sum(b.shape[0] for b in before)
+    for p, b in zip((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight), before):
+        assert torch.equal(p, b)
+        assert p.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+    assert fast.fused([attn.q_proj, attn.k_proj, attn.v_proj])[0] is w
+    w.zero_()  # one buffer: writing it writes the model's weights
+    assert float(attn.k_proj.weight.detach().abs().sum()) == 0.0
