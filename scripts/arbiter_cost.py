@@ -41,3 +41,21 @@ for mode in ("compiled", "eager"):
                                                                           *args))
     res[f"{mode}_features"] = arbiter.mismatch_features(tl[1:2], dl[1:2], *args)[0].tolist()
 print(json.dumps(res))
+
+# where an eager call's time goes (each piece alone, warm)
+two = torch.cat([tl[1:2], dl[1:2]])
+logp = two.log_softmax(-1)
+idx = torch.tensor([[5], [7]], device="cuda")
+feats = arbiter.mismatch_features(tl[1:2], dl[1:2], *args)
+res["parts_ms"] = {
+    "log_softmax": timed(lambda: two.log_softmax(-1)),
+    "topk5": timed(lambda: logp.topk(5, dim=-1)),
+    "topk5_chunked": timed(lambda: logp.view(2, 128, -1).topk(5, dim=-1).values.view(2, -1)
+                           .topk(5, dim=-1)),
+    "entropy": timed(lambda: -(logp.exp() * logp).nan_to_num().sum(-1)),
+    "gather": timed(lambda: logp.gather(1, idx)),
+    "h2d_ids": timed(lambda: torch.stack([args[0], args[1]]).to("cuda")),
+    "d2h_13": timed(lambda: logp[:, :13].cpu()),
+    "policy_cpu": timed(lambda: rule.policy.draft_prob(feats)),
+}
+print(json.dumps(res["parts_ms"]))
