@@ -1,6 +1,5 @@
 """Cost of one CoSpec arbiter call on the GPU (features from two [1, V] logit rows + the
-shipped policy): the feature code compiled (the default on CUDA) and eager
-(COSPEC_COMPILE=0): ``PYTHONPATH=. python scripts/arbiter_cost.py``."""
+shipped policy), and of its pieces: ``PYTHONPATH=. python scripts/arbiter_cost.py``."""
 
 import json
 import sys
@@ -32,17 +31,12 @@ g = torch.Generator(device="cuda").manual_seed(0)
 tl, dl = (torch.randn(6, 151936, device="cuda", generator=g) * 3 for _ in range(2))
 args = (torch.tensor([5]), torch.tensor([7]), torch.tensor([40]))
 res = {"device": torch.cuda.get_device_name()}
-for mode in ("compiled", "eager"):
-    if mode == "eager":
-        arbiter._columns_fn = lambda device: arbiter._columns
-    res[f"{mode}_call_ms"] = timed(lambda: rule._keep_draft(tl[1:2], dl[1:2], 5, 7, 40, None,
-                                                            None))
-    res[f"{mode}_features_ms"] = timed(lambda: arbiter.mismatch_features(tl[1:2], dl[1:2],
-                                                                          *args))
-    res[f"{mode}_features"] = arbiter.mismatch_features(tl[1:2], dl[1:2], *args)[0].tolist()
+res["call_ms"] = timed(lambda: rule._keep_draft(tl[1:2], dl[1:2], 5, 7, 40, None, None))
+res["features_ms"] = timed(lambda: arbiter.mismatch_features(tl[1:2], dl[1:2], *args))
+res["features"] = arbiter.mismatch_features(tl[1:2], dl[1:2], *args)[0].tolist()
 print(json.dumps(res))
 
-# where an eager call's time goes (each piece alone, warm)
+# where a call's time goes (each piece alone, warm)
 two = torch.cat([tl[1:2], dl[1:2]])
 logp = two.log_softmax(-1)
 idx = torch.tensor([[5], [7]], device="cuda")
