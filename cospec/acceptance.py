@@ -12,6 +12,7 @@ Exact rules reproduce the verifier (greedy output, or sampling distribution). Lo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,16 +35,18 @@ class Proposal:
     lookahead: int | None = None                  # draft's token at the bonus position
     lookahead_logits: torch.Tensor | None = None  # [1, V]
     lookahead_hidden: torch.Tensor | None = None  # [1, d_draft]
+    draft_more: Callable[[], Proposal] | None = None  # one more draft step (set by the loop)
 
-    def split_lookahead(self) -> None:
-        """Move the last drafted token out of ``tokens``: the draft's opinion at the bonus
-        position, which the verifier does not score (it already has that row)."""
-        self.lookahead = self.tokens.pop()
-        self.lookahead_logits, self.draft_logits = (self.draft_logits[-1:],
-                                                    self.draft_logits[:-1])
-        if self.draft_hidden is not None:
-            self.lookahead_hidden, self.draft_hidden = (self.draft_hidden[-1:],
-                                                        self.draft_hidden[:-1])
+    def fetch_lookahead(self) -> int | None:
+        """The draft's token at the bonus position, drafted on demand (once): one draft step
+        on d_k, which is the catch-up the draft needs at its next step anyway, so it costs
+        only a separate launch — and nothing in blocks that end before the bonus. None if
+        the loop cannot draft one."""
+        if self.lookahead is None and self.draft_more is not None:
+            more = self.draft_more()
+            self.lookahead = more.tokens[0]
+            self.lookahead_logits, self.lookahead_hidden = more.draft_logits, more.draft_hidden
+        return self.lookahead
 
 
 @dataclass
@@ -111,10 +114,12 @@ class ArbiterRule:
     checking d_{i+1} against t_{i+1} (already computed, conditioned on d_i: no extra pass);
     TARGET commits t_i and ends the block, as plain SPD does. Lossy by design.
 
-    The draft also drafts one *lookahead* token past the block, so that the bonus position
-    is arbitrated like every other: every committed position then gets the same decision
-    whatever the block structure, which is what makes batched lockstep decoding equal to
-    this loop. (The lookahead forward is the draft's catch-up on d_k, done one step early.)
+    The bonus position is arbitrated like every other: when the scan reaches it, the draft
+    drafts its *lookahead* token there (``Proposal.fetch_lookahead``: the draft's catch-up on
+    d_k, done one step early, and only in blocks that get that far). Every committed position
+    then gets the same decision whatever the block structure, which is what makes batched
+    lockstep decoding equal to this loop. The mismatches among d_1..d_k are decided in one
+    batched call per block.
     """
 
     policy: MismatchPolicy
@@ -128,42 +133,60 @@ class ArbiterRule:
     def __post_init__(self):
         self.needs_hidden = self.policy.needs_hidden
 
-    def _keep_draft(self, t_logits, d_logits, t, d, position, t_hidden, d_hidden) -> bool:
+    def _decide(self, prop: Proposal, rows: list[int], best: list[int]) -> dict[int, bool]:
+        """DRAFT (True) or TARGET at the mismatch rows ``rows`` of the block: one batched
+        feature computation (one device-to-host copy) and one policy call for all of them."""
         from cospec.arbiter import mismatch_features
 
-        feats = mismatch_features(t_logits, d_logits, torch.tensor([t]), torch.tensor([d]),
-                                  torch.tensor([position]))
-        return float(self.policy.draft_prob(feats, t_hidden, d_hidden)[0]) >= self.threshold
+        k = len(prop.tokens)
+        tokens = prop.tokens + ([prop.lookahead] if prop.lookahead is not None else [])
+        def draft_rows(block, look):  # [k (+ 1 with the lookahead), ...]
+            return block if rows[-1] < k else torch.cat([block[:k], look]) if k else look
+
+        d_logits = draft_rows(prop.draft_logits, prop.lookahead_logits)
+        idx = torch.tensor(rows, device=prop.target_logits.device)
+        feats = mismatch_features(prop.target_logits[idx], d_logits[idx],
+                                  torch.tensor([best[i] for i in rows]),
+                                  torch.tensor([tokens[i] for i in rows]),
+                                  torch.tensor([prop.position + i for i in rows]))
+        t_hid = d_hid = None
+        if self.needs_hidden:
+            t_hid = prop.target_hidden[idx]
+            d_hid = draft_rows(prop.draft_hidden, prop.lookahead_hidden)[idx]
+        keep = (self.policy.draft_prob(feats, t_hid, d_hid) >= self.threshold).tolist()
+        return dict(zip(rows, keep))
 
     def __call__(self, prop, sampling, gen):
         k = len(prop.tokens)
         best = prop.target_logits.argmax(-1).tolist()
-        tokens = prop.tokens + ([prop.lookahead] if prop.lookahead is not None else [])
+        budget = (None if self.max_overrides is None
+                  else self.max_overrides - prop.overrides_so_far)
+        # every mismatch among d_1..d_k the scan may reach, decided at once
+        rows = [i for i in range(k) if prop.tokens[i] != best[i]]
+        rows = rows if self.every_mismatch else rows[:1]
+        rows = rows if budget is None or budget > 0 else []
+        t0 = time.perf_counter()
+        keep = self._decide(prop, rows, best) if rows else {}
+        spent = time.perf_counter() - t0
         calls = overrides = 0
-        spent = 0.0
-        for i, d in enumerate(tokens):
-            t = best[i]
-            if d == t:
+        for i in range(k + 1):
+            may_arbitrate = ((self.every_mismatch or not calls)
+                             and (budget is None or overrides < budget))
+            if i == k:  # the bonus position: the draft's opinion is drafted only if needed
+                if not may_arbitrate or prop.fetch_lookahead() in (None, best[k]):
+                    break
+                t0 = time.perf_counter()
+                keep.update(self._decide(prop, [k], best))
+                spent += time.perf_counter() - t0
+            elif prop.tokens[i] == best[i]:
                 continue
-            if calls and not self.every_mismatch:
-                return Verdict(i, t, calls, overrides, spent)
-            if (self.max_overrides is not None
-                    and prop.overrides_so_far + overrides >= self.max_overrides):
-                return Verdict(i, t, calls, overrides, spent)  # budget spent: plain SPD
-            bonus = i == k
-            t0 = time.perf_counter()
-            keep = self._keep_draft(
-                prop.target_logits[i:i + 1],
-                prop.lookahead_logits if bonus else prop.draft_logits[i:i + 1], t, d,
-                prop.position + i,
-                prop.target_hidden[i:i + 1] if self.needs_hidden else None,
-                (prop.lookahead_hidden if bonus else prop.draft_hidden[i:i + 1])
-                if self.needs_hidden else None)
-            spent += time.perf_counter() - t0
+            if not may_arbitrate:
+                return Verdict(i, best[i], calls, overrides, spent)
             calls += 1
-            if not keep:
-                return Verdict(i, t, calls, overrides, spent)
+            if not keep[i]:
+                return Verdict(i, best[i], calls, overrides, spent)
             overrides += 1
-            if bonus:
-                return Verdict(k, d, calls, overrides, spent, next_from_draft=True)
+            if i == k:
+                return Verdict(k, prop.lookahead, calls, overrides, spent,
+                               next_from_draft=True)
         return Verdict(k, best[k], calls, overrides, spent)

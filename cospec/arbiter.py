@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,21 +41,39 @@ def _top5(logp: torch.Tensor) -> torch.Tensor:
     return logp.topk(5, dim=-1).values
 
 
+def _row_stats(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logits [R, V], ids [R, 2] -> [R, 8]: log-probs of the two ids, entropy, top-5
+    log-probs (float32, on the logits' device)."""
+    logp = logits.float().log_softmax(-1)
+    ent = torch.special.entr(logp.exp()).sum(-1, keepdim=True)
+    return torch.cat([logp.gather(1, ids), ent, _top5(logp)], dim=-1)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def row_stats(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``_row_stats``; on CUDA compiled (a few fused kernels instead of about ten launches,
+    which is what an arbiter call costs there) unless COSPEC_COMPILE=0."""
+    if logits.device.type != "cuda" or os.environ.get("COSPEC_COMPILE", "1") == "0":
+        return _row_stats(logits, ids)
+    if "row_stats" not in _COMPILED:
+        _COMPILED["row_stats"] = torch.compile(_row_stats, dynamic=True)
+    return _COMPILED["row_stats"](logits, ids)
+
+
 def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
                       t: torch.Tensor, d: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """Scalar features [B, len(FEATURES)] (float32, on the CPU) from logits rows [B, V] and
     ids [B] (any device).
 
     An arbiter call is launch-bound on a GPU, so the device does only the vocabulary-wide
-    work, for both models at once (log-softmax, entropy, top-5, the log-probs of t and d:
-    about ten kernels) and sends 9 numbers per row to the host in one copy; the features
-    are combined there.
+    work, for both models at once (``row_stats``) and sends 8 numbers per row to the host in
+    one copy; the features are combined there.
     """
     device, b = target_logits.device, t.shape[0]
     ids = torch.stack([t, d], dim=-1).to(device).repeat(2, 1)            # [2B, 2]
-    logp = torch.cat([target_logits, draft_logits]).float().log_softmax(-1)  # [2B, V]
-    ent = torch.special.entr(logp.exp()).sum(-1, keepdim=True)
-    row = torch.cat([logp.gather(1, ids), ent, _top5(logp)], dim=-1).cpu()  # [2B, 8]
+    row = row_stats(torch.cat([target_logits, draft_logits]), ids).cpu()  # [2B, 8]
     at_t, at_d, ent, top = row[:, 0], row[:, 1], row[:, 2], row[:, 3:].exp()
     margin, mass = top[:, 0] - top[:, 1], top.sum(-1)
     tt, dt, td, dd = at_t[:b], at_t[b:], at_d[:b], at_d[b:]  # xy: model x's log-prob of y

@@ -14,6 +14,7 @@ on the tokens it is missing, in the same forward pass as its next input.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -187,10 +188,10 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
                     n_draft, verdict = 0, Verdict(len(prop.tokens) - 1, prop.tokens[-1])
                 else:
                     n_draft = min(k, left - 1)
-                    n_look = int(rule.lookahead)
-                    prop = propose(draft, seq, n_draft + n_look, sampling, gen)
-                    if n_look:
-                        prop.split_lookahead()
+                    prop = propose(draft, seq, n_draft, sampling, gen)
+                    if rule.lookahead:  # the rule may ask for the draft's bonus token
+                        prop.draft_more = functools.partial(propose, draft, seq + prop.tokens,
+                                                            1, sampling, gen)
                     logits, h = target.forward(seq[target.length:] + prop.tokens,
                                                keep=n_draft + 1)
                     prop.target_logits, prop.target_hidden = logits, h

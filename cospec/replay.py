@@ -50,7 +50,8 @@ class Recording:
 class ReplayRule:
     """Accepts ``trace[i]`` draft tokens at step i, whatever the models say; the next token is
     the verifier's argmax at that position (read to the host, like a real decision).
-    ``lookahead`` drafts one more token per step, as CoSpec's rule does."""
+    ``lookahead``: after a fully accepted block the draft drafts its bonus token, as
+    CoSpec's rule does when it reaches the bonus position."""
 
     trace: list[int]
     lookahead: bool = False
@@ -65,4 +66,6 @@ class ReplayRule:
                               "(replay with the generated length of the recorded run)")
         n = min(self.trace[self.step], len(prop.tokens))
         self.step += 1
+        if self.lookahead and n == len(prop.tokens):
+            prop.fetch_lookahead()
         return Verdict(n, int(prop.target_logits[n].argmax()))

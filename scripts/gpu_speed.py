@@ -12,10 +12,11 @@ there is skipped, so a rerun resumes):
   and with ``cache_implementation="static"`` (compiled); tokens/s end to end (prefill
   included, warm-up and compilation excluded and reported apart) and as a fraction of the
   memory-bandwidth roofline (bytes of weights read per token / HBM bandwidth).
-- ``pair``: the real pair on GSM8K heldout prompts (chat template), methods interleaved per
-  prompt: target, spd, cospec, the CoS methods (cos-we, we-sd, we, cos-cd, cd-sd, cd; T = 0),
-  and transformers' eager ``generate`` and assisted generation (same k, constant schedule).
-  Records spd's and cospec's accepted-length traces.
+- ``pair`` (or ``pair:TASK:T``, e.g. ``pair:humaneval:1``): the real pair on GSM8K heldout
+  (or HumanEval / MBPP test) prompts, chat template, methods interleaved per prompt: target,
+  spd, cospec (T = 0 only), the CoS methods (cos-we, we-sd, we, cos-cd, cd-sd, cd), and with
+  ``--hf`` at T = 0 transformers' eager ``generate`` and assisted generation (same k,
+  constant schedule). Records spd's and cospec's accepted-length traces.
 - ``replay``: Qwen2.5-7B shapes (random weights) verifying the 0.5B draft, the acceptance
   decisions replayed from the ``pair`` traces (``cospec.replay``): every forward has the
   shape it had with the real pair. Labelled *replayed*.
@@ -38,7 +39,7 @@ from cospec.acceptance import ExactRule
 from cospec.decoding import generate
 from cospec.methods import MethodOptions, build_method, encode_prompt, eos_ids
 from cospec.replay import Recording, ReplayRule
-from cospec.sampling import GREEDY
+from cospec.sampling import SamplingConfig
 from cospec.stats import DecodeStats
 
 PAIR = ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b")
@@ -200,25 +201,33 @@ def part_check(args) -> dict:
     return out
 
 
-def gsm8k_prompts(tok, count: int) -> list[list[int]]:
+def task_prompts(tok, task: str, count: int) -> list[list[int]]:
     from cospec.tasks import get_task
 
-    problems = get_task("gsm8k").problems("heldout")[:count]
+    problems = get_task(task).problems("heldout" if task == "gsm8k" else "test")[:count]
     return [encode_prompt(tok, p.prompt) for p in problems]
 
 
-def part_pair(args) -> dict:
+_PAIR: list = []  # the loaded pair, shared by the pair parts of one process
+
+
+def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
+    """Part ``pair`` (GSM8K, T = 0) or ``pair:TASK:T``; transformers' baselines with --hf."""
     from cospec.models import load_pair
 
-    pair = load_pair(*PAIR, device="cuda", dtype=torch.bfloat16)
+    if not _PAIR:
+        _PAIR.append(load_pair(*PAIR, device="cuda", dtype=torch.bfloat16))
+    pair = _PAIR[0]
     eos = eos_ids(pair.tokenizer, pair.target)
-    prompts = gsm8k_prompts(pair.tokenizer, args.prompts)
-    names = ["target", "spd", "cospec", "cos-we", "we-sd", "we", "cos-cd", "cd-sd", "cd",
-             "hf-assisted"]
-    methods = {m: build_method(m, pair, MethodOptions()) for m in names}
+    prompts = task_prompts(pair.tokenizer, task, args.prompts)
+    sampling = SamplingConfig(temperature=temperature)
+    names = ["target", "spd"] + (["cospec"] if sampling.greedy else []) + [
+        "cos-we", "we-sd", "we", "cos-cd", "cd-sd", "cd"]
+    names += ["hf-assisted"] if args.hf and sampling.greedy else []
+    methods = {m: build_method(m, pair, MethodOptions(), sampling) for m in names}
     k, n = args.k, args.new
 
-    def run(name: str, prompt: list[int]) -> dict:
+    def run(name: str, prompt: list[int], seed: int) -> dict:
         stats, trace = DecodeStats(), None
         t0 = sync()
         if name == "hf-eager":
@@ -227,30 +236,34 @@ def part_pair(args) -> dict:
             m = methods[name]
             rec = Recording(m.rule)
             ids = [t.id for t in generate(m.verifier, m.proposer, prompt, rec, k=k,
-                                          max_new_tokens=n, eos_ids=eos, stats=stats)]
+                                          max_new_tokens=n, sampling=sampling, eos_ids=eos,
+                                          seed=seed, stats=stats)]
             trace = rec.trace
         else:
-            ids = methods[name].run(prompt, k=k, max_new_tokens=n, sampling=GREEDY,
-                                    eos_ids=eos)[0]
+            ids, _, stats = methods[name].run(prompt, k=k, max_new_tokens=n,
+                                              sampling=sampling, eos_ids=eos, seed=seed)
         total = sync() - t0
         return {"ids": ids, "total_s": total, "tok_s": len(ids) / total, "tau": stats.tau,
-                "arbiter_s": stats.arbiter_s, "decode_s": stats.decode_s, "trace": trace}
+                "arbiter_s": stats.arbiter_s, "arbiter_calls": stats.arbiter_calls,
+                "overrides": stats.overrides, "steps": stats.steps,
+                "decode_s": stats.decode_s, "trace": trace}
 
-    order = names + ["hf-eager"]
+    order = names + (["hf-eager"] if "hf-assisted" in names else [])
     longest = max(prompts, key=len)
     t0 = time.perf_counter()
     for name in list(order):  # warm-up: graphs for every shape, compilation
         try:
-            run(name, longest)
+            run(name, longest, 0)
         except Exception as err:  # report the others rather than lose the part
             print(f"{name} failed, left out: {err!r}", flush=True)
             order.remove(name)
     warm = time.perf_counter() - t0
     rows = []
     for i, prompt in enumerate(prompts):
-        rows.append({name: run(name, prompt) for name in order})
+        rows.append({name: run(name, prompt, i) for name in order})
         print(i, {m: round(r["tok_s"], 1) for m, r in rows[-1].items()}, flush=True)
-    out = {"prompts": len(prompts), "prompt_ids": prompts, "k": k, "max_new_tokens": n,
+    out = {"task": task, "temperature": temperature, "prompts": len(prompts),
+           "prompt_ids": prompts, "k": k, "max_new_tokens": n,
            "warmup_s": warm, "capture_s": capture_s(pair.target, pair.draft), "per_prompt": rows}
     summary = {}
     for name in order:
@@ -270,12 +283,23 @@ def part_pair(args) -> dict:
     for key, (a, b) in same.items():
         summary[key] = (sum(r[a]["ids"] == r[b]["ids"] for r in rows)
                         if a in order and b in order else None)
-    for name in ("spd", "cospec"):
-        if name in order:
+    for name in order:
+        if rows[0][name]["steps"]:
             summary[name]["tau"] = statistics.mean(r[name]["tau"] for r in rows)
+    for base, exact in (("we", ("we-sd", "cos-we")), ("cd", ("cd-sd", "cos-cd"))):
+        for name in exact:
+            summary[name][f"vs_{base}"] = summary[name]["tok_s"] / summary[base]["tok_s"]
+        summary[exact[1]][f"vs_{exact[0]}"] = (summary[exact[1]]["tok_s"]
+                                               / summary[exact[0]]["tok_s"])
     if "cospec" in order:
-        summary["cospec"]["arbiter_share"] = (sum(r["cospec"]["arbiter_s"] for r in rows)
-                                              / sum(r["cospec"]["decode_s"] for r in rows))
+        c = summary["cospec"]
+        c["arbiter_share"] = (sum(r["cospec"]["arbiter_s"] for r in rows)
+                              / sum(r["cospec"]["decode_s"] for r in rows))
+        c["vs_spd"] = c["tok_s"] / summary["spd"]["tok_s"]
+        c["arbiter_calls"] = sum(r["cospec"]["arbiter_calls"] for r in rows)
+        c["overrides"] = sum(r["cospec"]["overrides"] for r in rows)
+        c["steps"] = sum(r["cospec"]["steps"] for r in rows)
+        c["identical_to_spd"] = sum(r["cospec"]["ids"] == r["spd"]["ids"] for r in rows)
     out["summary"] = summary
     return out
 
@@ -348,26 +372,41 @@ def markdown(res: dict) -> str:
         lines += ["", "Warm-up (graph capture + compilation, excluded): " + ", ".join(
             f"{s} cospec {r['ours_warmup_s']:.0f} s, HF static {r['hf_static_warmup_s']:.0f} s"
             for s, r in res["target"].items()), ""]
-    if "pair" in res:
-        p = res["pair"]
+    for key in sorted(k for k in res if k.startswith("pair") and not k.endswith("_wall_s")):
+        p = res[key]
         s = p["summary"]
-        lines += [f"## Real pair (1.5B ← 0.5B), {p['prompts']} GSM8K heldout prompts, "
-                  f"k = {p['k']}, ≤ {p['max_new_tokens']} new tokens, greedy", "",
-                  "| method | tokens | tok/s | ÷ target (ours) | τ |", "|---|---|---|---|---|"]
+        task, temp = p.get("task", "gsm8k"), p.get("temperature", 0.0)
+        lines += [f"## Real pair (1.5B ← 0.5B), {p['prompts']} {task} prompts, T = {temp:g}, "
+                  f"k = {p['k']}, ≤ {p['max_new_tokens']} new tokens (part `{key}`)", "",
+                  "| method | tokens | tok/s | ÷ target (ours) | ÷ we / cd | ÷ *-sd | τ |",
+                  "|---|---|---|---|---|---|---|"]
         for name, r in s.items():
             if isinstance(r, dict):
+                base = r.get("vs_we", r.get("vs_cd"))
+                sd = r.get("vs_we-sd", r.get("vs_cd-sd"))
                 lines.append(f"| {name} | {r['tokens']} | {r['tok_s']:.1f} | "
-                             f"{r['vs_target']:.2f}× | {r.get('tau', float('nan')):.2f} |")
+                             f"{r['vs_target']:.2f}× | "
+                             f"{f'{base:.2f}×' if base else ''} | {f'{sd:.2f}×' if sd else ''}"
+                             f" | {r.get('tau', float('nan')):.2f} |")
         if "spd_vs_hf_assisted" in s:
             lines += ["", f"spd ÷ HF assisted: **{s['spd_vs_hf_assisted']:.2f}×**; HF "
                       f"assisted ÷ HF eager: {s['hf_assisted_vs_hf_eager']:.2f}×."]
-        lines += ["", f"spd output identical to "
-                  f"target on {s['spd_identical_to_target']}/{p['prompts']} (bf16: a verify "
-                  f"over k+1 rows and a 1-row step round differently); cos-we identical to "
-                  f"we on {s['cos_we_identical_to_we']}/{p['prompts']}, cos-cd to cd on "
-                  f"{s.get('cos_cd_identical_to_cd')}/{p['prompts']}; arbiter share of "
-                  f"cospec decode time {100 * s['cospec']['arbiter_share']:.2f}%; warm-up "
-                  f"{p['warmup_s']:.0f} s.", ""]
+        notes = []
+        if temp == 0:
+            notes.append(f"spd output identical to target on {s['spd_identical_to_target']}/"
+                         f"{p['prompts']} (bf16: a verify over k+1 rows and a 1-row step round "
+                         f"differently); cos-we identical to we on "
+                         f"{s['cos_we_identical_to_we']}/{p['prompts']}, cos-cd to cd on "
+                         f"{s.get('cos_cd_identical_to_cd')}/{p['prompts']}")
+        if "cospec" in s:
+            c = s["cospec"]
+            notes.append(f"cospec ÷ spd {c.get('vs_spd', float('nan')):.2f}×, arbiter share of "
+                         f"cospec decode time {100 * c['arbiter_share']:.2f}% "
+                         f"({c.get('arbiter_calls', '?')} decisions, "
+                         f"{c.get('overrides', '?')} draft tokens kept, "
+                         f"{c.get('steps', '?')} steps)")
+        notes.append(f"warm-up {p['warmup_s']:.0f} s")
+        lines += ["", "; ".join(notes) + ".", ""]
     if "replay" in res:
         r = res["replay"]
         lines += [f"## Replayed: 7B target (random weights, Qwen2.5-7B shapes) ← 0.5B draft "
@@ -389,8 +428,11 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--hf", action="store_true",
+                    help="pair parts at T = 0 also time transformers' eager and assisted generate")
     args = ap.parse_args()
-    unknown = set(args.parts.split(",")) - {"check", "target", "pair", "replay"}
+    unknown = {p for p in args.parts.split(",") if not p.startswith("pair:")} - {
+        "check", "target", "pair", "replay"}
     if unknown:
         ap.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from check, target, "
                  "pair, replay")
@@ -416,8 +458,10 @@ def main() -> None:
             res[part] = part_check(args)
         elif part == "target":
             res[part] = part_target(args)
-        elif part == "pair":
-            res[part] = part_pair(args)
+        elif part.startswith("pair"):  # pair, or pair:TASK:TEMPERATURE
+            _, task, temp = (part.split(":") + ["gsm8k", "0"])[:3] if ":" in part else (
+                part, "gsm8k", "0")
+            res[part] = part_pair(args, task, float(temp))
         elif part == "replay":
             res[part] = part_replay(args, res.get("pair"))
         res[part + "_wall_s"] = time.perf_counter() - t0

@@ -41,6 +41,27 @@ def test_always_target_arbiter_is_spd_is_target(target, draft, k):
         assert stats.overrides == 0 and stats.arbiter_calls > 0
 
 
+def test_lookahead_is_drafted_only_when_needed(target, draft):
+    """CoSpec's bonus-position token costs the draft nothing in blocks that end early: with
+    an always-TARGET arbiter the draft reads exactly the tokens it reads under spd (the
+    lookahead is the catch-up on d_k, done one step early, only after a full block), but for
+    the last block of a generation, whose catch-up spd never needs."""
+    fed = []
+    hook = draft.register_forward_pre_hook(
+        lambda mod, args, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        for ids in prompts(3):
+            fed.clear()
+            loop(target, draft, ids, ExactRule(), 4)
+            spd = sum(fed)
+            fed.clear()
+            stats = DecodeStats()
+            loop(target, draft, ids, ArbiterRule(ConstantPolicy(0.0)), 4, stats=stats)
+            assert spd <= sum(fed) <= spd + 1 and stats.accepted < stats.drafted
+    finally:
+        hook.remove()
+
+
 def test_always_draft_is_the_draft_greedy_path(target, draft):
     """Keeping the draft token at every mismatch reproduces the draft's own greedy output."""
     for ids in prompts(3):
