@@ -134,25 +134,28 @@ class ArbiterRule:
         self.needs_hidden = self.policy.needs_hidden
 
     def _decide(self, prop: Proposal, rows: list[int], best: list[int]) -> dict[int, bool]:
-        """DRAFT (True) or TARGET at the mismatch rows ``rows`` of the block: one batched
-        feature computation (one device-to-host copy) and one policy call for all of them."""
+        """DRAFT (True) or TARGET at the mismatch rows ``rows`` of the block — rows of
+        d_1..d_k, or the bonus row k alone — in one batched call: one feature computation
+        (one device-to-host copy) and one policy call."""
         from cospec.arbiter import mismatch_features
 
         k = len(prop.tokens)
-        tokens = prop.tokens + ([prop.lookahead] if prop.lookahead is not None else [])
-        def draft_rows(block, look):  # [k (+ 1 with the lookahead), ...]
-            return block if rows[-1] < k else torch.cat([block[:k], look]) if k else look
+        bonus = rows == [k]
+        d_tokens = [prop.lookahead] if bonus else [prop.tokens[i] for i in rows]
 
-        d_logits = draft_rows(prop.draft_logits, prop.lookahead_logits)
-        idx = torch.tensor(rows, device=prop.target_logits.device)
-        feats = mismatch_features(prop.target_logits[idx], d_logits[idx],
-                                  torch.tensor([best[i] for i in rows]),
-                                  torch.tensor([tokens[i] for i in rows]),
-                                  torch.tensor([prop.position + i for i in rows]))
+        def pick(x):  # the rows of x at ``rows``: a view when they are contiguous
+            return (x[rows[0]:rows[-1] + 1] if rows[-1] - rows[0] == len(rows) - 1
+                    else x[torch.tensor(rows, device=x.device)])
+
+        feats = mismatch_features(
+            pick(prop.target_logits),
+            prop.lookahead_logits if bonus else pick(prop.draft_logits),
+            torch.tensor([best[i] for i in rows]), torch.tensor(d_tokens),
+            torch.tensor([prop.position + i for i in rows]))
         t_hid = d_hid = None
         if self.needs_hidden:
-            t_hid = prop.target_hidden[idx]
-            d_hid = draft_rows(prop.draft_hidden, prop.lookahead_hidden)[idx]
+            t_hid = pick(prop.target_hidden)
+            d_hid = prop.lookahead_hidden if bonus else pick(prop.draft_hidden)
         keep = (self.policy.draft_prob(feats, t_hid, d_hid) >= self.threshold).tolist()
         return dict(zip(rows, keep))
 

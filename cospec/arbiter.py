@@ -49,17 +49,56 @@ def _row_stats(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([logp.gather(1, ids), ent, _top5(logp)], dim=-1)
 
 
-_COMPILED: dict[str, object] = {}
+class GraphedRowStats:
+    """``_row_stats`` on CUDA as one CUDA graph per row count. An arbiter call is
+    launch-bound there (about ten small kernels over the vocabulary): copying the rows into
+    static buffers and replaying one graph replaces the launches. Up to ``max_rows`` rows."""
+
+    def __init__(self, device: torch.device, vocab: int, max_rows: int = 34):
+        self.max_rows = max_rows
+        self.x = torch.zeros(max_rows, vocab, device=device)
+        self.ids = torch.zeros(max_rows, 2, dtype=torch.long, device=device)
+        self.host = torch.zeros(max_rows, 2, dtype=torch.long, pin_memory=True)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __call__(self, rows: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        """rows: tensors [r_i, V] stacked in order (sum r_i = R); ids [R, 2] (CPU) ->
+        [R, 8] on the device (a static buffer: read it before the next call)."""
+        n = 0
+        for part in rows:
+            self.x[n:n + part.shape[0]].copy_(part)
+            n += part.shape[0]
+        self.host[:n].copy_(ids)  # the previous call's copy out of it ended with its .cpu()
+        self.ids[:n].copy_(self.host[:n], non_blocking=True)
+        if n not in self.graphs:
+            stream = torch.cuda.Stream(self.x.device)
+            stream.wait_stream(torch.cuda.current_stream(self.x.device))
+            with torch.cuda.stream(stream):
+                _row_stats(self.x[:n], self.ids[:n])  # warm-up outside the capture
+            torch.cuda.current_stream(self.x.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = _row_stats(self.x[:n], self.ids[:n])
+            self.graphs[n] = (graph, out)
+        graph, out = self.graphs[n]
+        graph.replay()
+        return out[:n]
 
 
-def row_stats(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``_row_stats``; on CUDA compiled (a few fused kernels instead of about ten launches,
-    which is what an arbiter call costs there) unless COSPEC_COMPILE=0."""
-    if logits.device.type != "cuda" or os.environ.get("COSPEC_COMPILE", "1") == "0":
-        return _row_stats(logits, ids)
-    if "row_stats" not in _COMPILED:
-        _COMPILED["row_stats"] = torch.compile(_row_stats, dynamic=True)
-    return _COMPILED["row_stats"](logits, ids)
+_GRAPHED: dict[tuple[torch.device, int], GraphedRowStats] = {}
+
+
+def row_stats(rows: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """``_row_stats`` of the rows stacked in order, ids [R, 2] -> [R, 8] (on the rows'
+    device); on CUDA through ``GraphedRowStats`` unless COSPEC_EAGER=1 or there are more
+    rows than it holds."""
+    device, vocab = rows[0].device, rows[0].shape[-1]
+    n = sum(part.shape[0] for part in rows)
+    if device.type != "cuda" or os.environ.get("COSPEC_EAGER") == "1" or n > 34:
+        return _row_stats(torch.cat(rows), ids.to(device))
+    if (device, vocab) not in _GRAPHED:
+        _GRAPHED[device, vocab] = GraphedRowStats(device, vocab)
+    return _GRAPHED[device, vocab](rows, ids)
 
 
 def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
@@ -71,9 +110,9 @@ def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
     work, for both models at once (``row_stats``) and sends 8 numbers per row to the host in
     one copy; the features are combined there.
     """
-    device, b = target_logits.device, t.shape[0]
-    ids = torch.stack([t, d], dim=-1).to(device).repeat(2, 1)            # [2B, 2]
-    row = row_stats(torch.cat([target_logits, draft_logits]), ids).cpu()  # [2B, 8]
+    b = t.shape[0]
+    ids = torch.stack([t, d], dim=-1).cpu().repeat(2, 1)                  # [2B, 2]
+    row = row_stats([target_logits, draft_logits], ids).cpu()             # [2B, 8]
     at_t, at_d, ent, top = row[:, 0], row[:, 1], row[:, 2], row[:, 3:].exp()
     margin, mass = top[:, 0] - top[:, 1], top.sum(-1)
     tt, dt, td, dd = at_t[:b], at_t[b:], at_d[:b], at_d[b:]  # xy: model x's log-prob of y

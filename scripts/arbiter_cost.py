@@ -1,5 +1,6 @@
 """Cost of a CoSpec arbiter decision on the GPU: features from target/draft logit rows + the
-shipped policy, for one mismatch row and for a block's five rows at once, eager and compiled:
+shipped policy, for one mismatch row and for a block's five rows at once, eager and as a
+replayed CUDA graph (``cospec.arbiter.GraphedRowStats``):
 ``PYTHONPATH=. python scripts/arbiter_cost.py``."""
 
 import json
@@ -34,8 +35,8 @@ tl, dl = (torch.randn(6, 151936, device="cuda", generator=g) * 3 for _ in range(
 prop = Proposal(tokens=[5, 7, 9, 11, 13], draft_logits=dl[:5], target_logits=tl, position=40)
 best = [1, 2, 3, 4, 6, 8]
 res = {"device": torch.cuda.get_device_name()}
-for mode in ("eager", "compiled"):
-    os.environ["COSPEC_COMPILE"] = "0" if mode == "eager" else "1"
+for mode in ("eager", "graphed"):
+    os.environ["COSPEC_EAGER"] = "1" if mode == "eager" else "0"
     res[mode] = {"decide_1_row_ms": timed(lambda: rule._decide(prop, [1], best)),
                  "decide_5_rows_ms": timed(lambda: rule._decide(prop, [0, 1, 2, 3, 4], best)),
                  "features_1_row_ms": timed(lambda: arbiter.mismatch_features(

@@ -14,9 +14,10 @@ there is skipped, so a rerun resumes):
   memory-bandwidth roofline (bytes of weights read per token / HBM bandwidth).
 - ``pair`` (or ``pair:TASK:T``, e.g. ``pair:humaneval:1``): the real pair on GSM8K heldout
   (or HumanEval / MBPP test) prompts, chat template, methods interleaved per prompt: target,
-  spd, cospec (T = 0 only), the CoS methods (cos-we, we-sd, we, cos-cd, cd-sd, cd), and with
-  ``--hf`` at T = 0 transformers' eager ``generate`` and assisted generation (same k,
-  constant schedule). Records spd's and cospec's accepted-length traces.
+  spd, cospec and the heuristics confidence / entropy (T = 0 only), the CoS methods (cos-we,
+  we-sd, we, cos-cd, cd-sd, cd), and with ``--hf`` at T = 0 transformers' eager ``generate``
+  and assisted generation (same k, constant schedule); ``--methods`` keeps a subset.
+  Records spd's and cospec's accepted-length traces.
 - ``replay``: Qwen2.5-7B shapes (random weights) verifying the 0.5B draft, the acceptance
   decisions replayed from the ``pair`` traces (``cospec.replay``): every forward has the
   shape it had with the real pair. Labelled *replayed*.
@@ -221,9 +222,12 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     eos = eos_ids(pair.tokenizer, pair.target)
     prompts = task_prompts(pair.tokenizer, task, args.prompts)
     sampling = SamplingConfig(temperature=temperature)
-    names = ["target", "spd"] + (["cospec"] if sampling.greedy else []) + [
+    lossy = ["cospec", "confidence", "entropy"] if sampling.greedy else []
+    names = ["target", "spd"] + lossy + [
         "cos-we", "we-sd", "we", "cos-cd", "cd-sd", "cd"]
     names += ["hf-assisted"] if args.hf and sampling.greedy else []
+    if args.methods:
+        names = [m for m in names if m in args.methods.split(",") or m == "target"]
     methods = {m: build_method(m, pair, MethodOptions(), sampling) for m in names}
     k, n = args.k, args.new
 
@@ -232,7 +236,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         t0 = sync()
         if name == "hf-eager":
             ids = hf(pair.target, prompt, n, eos)[0]
-        elif name in ("spd", "cospec"):
+        elif name in ("spd", *lossy):
             m = methods[name]
             rec = Recording(m.rule)
             ids = [t.id for t in generate(m.verifier, m.proposer, prompt, rec, k=k,
@@ -287,19 +291,22 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         if rows[0][name]["steps"]:
             summary[name]["tau"] = statistics.mean(r[name]["tau"] for r in rows)
     for base, exact in (("we", ("we-sd", "cos-we")), ("cd", ("cd-sd", "cos-cd"))):
+        if not {base, *exact} <= set(order):
+            continue
         for name in exact:
             summary[name][f"vs_{base}"] = summary[name]["tok_s"] / summary[base]["tok_s"]
         summary[exact[1]][f"vs_{exact[0]}"] = (summary[exact[1]]["tok_s"]
                                                / summary[exact[0]]["tok_s"])
-    if "cospec" in order:
-        c = summary["cospec"]
-        c["arbiter_share"] = (sum(r["cospec"]["arbiter_s"] for r in rows)
-                              / sum(r["cospec"]["decode_s"] for r in rows))
-        c["vs_spd"] = c["tok_s"] / summary["spd"]["tok_s"]
-        c["arbiter_calls"] = sum(r["cospec"]["arbiter_calls"] for r in rows)
-        c["overrides"] = sum(r["cospec"]["overrides"] for r in rows)
-        c["steps"] = sum(r["cospec"]["steps"] for r in rows)
-        c["identical_to_spd"] = sum(r["cospec"]["ids"] == r["spd"]["ids"] for r in rows)
+    for name in (m for m in lossy if m in order):
+        c = summary[name]
+        c["arbiter_share"] = (sum(r[name]["arbiter_s"] for r in rows)
+                              / sum(r[name]["decode_s"] for r in rows))
+        c["vs_spd"] = c["tok_s"] / summary["spd"]["tok_s"] if "spd" in order else None
+        c["arbiter_calls"] = sum(r[name]["arbiter_calls"] for r in rows)
+        c["overrides"] = sum(r[name]["overrides"] for r in rows)
+        c["steps"] = sum(r[name]["steps"] for r in rows)
+        c["identical_to_spd"] = (sum(r[name]["ids"] == r["spd"]["ids"] for r in rows)
+                                 if "spd" in order else None)
     out["summary"] = summary
     return out
 
@@ -393,15 +400,20 @@ def markdown(res: dict) -> str:
                       f"assisted ÷ HF eager: {s['hf_assisted_vs_hf_eager']:.2f}×."]
         notes = []
         if temp == 0:
-            notes.append(f"spd output identical to target on {s['spd_identical_to_target']}/"
-                         f"{p['prompts']} (bf16: a verify over k+1 rows and a 1-row step round "
-                         f"differently); cos-we identical to we on "
-                         f"{s['cos_we_identical_to_we']}/{p['prompts']}, cos-cd to cd on "
-                         f"{s.get('cos_cd_identical_to_cd')}/{p['prompts']}")
-        if "cospec" in s:
-            c = s["cospec"]
-            notes.append(f"cospec ÷ spd {c.get('vs_spd', float('nan')):.2f}×, arbiter share of "
-                         f"cospec decode time {100 * c['arbiter_share']:.2f}% "
+            for key, text in (("spd_identical_to_target", "spd output identical to target"),
+                              ("cos_we_identical_to_we", "cos-we identical to we"),
+                              ("cos_cd_identical_to_cd", "cos-cd identical to cd")):
+                if s.get(key) is not None:
+                    notes.append(f"{text} on {s[key]}/{p['prompts']}")
+            if s.get("spd_identical_to_target") is not None:
+                notes[-1 if len(notes) == 1 else 0] += (" (bf16: a verify over k+1 rows and a "
+                                                        "1-row step round differently)")
+        for name in ("cospec", "confidence", "entropy"):
+            if name not in s:
+                continue
+            c = s[name]
+            notes.append(f"{name} ÷ spd {c.get('vs_spd') or float('nan'):.2f}×, arbiter share "
+                         f"of its decode time {100 * c['arbiter_share']:.2f}% "
                          f"({c.get('arbiter_calls', '?')} decisions, "
                          f"{c.get('overrides', '?')} draft tokens kept, "
                          f"{c.get('steps', '?')} steps)")
@@ -428,6 +440,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--methods", default="",
+                    help="pair parts: only these methods (and target), comma-separated")
     ap.add_argument("--hf", action="store_true",
                     help="pair parts at T = 0 also time transformers' eager and assisted generate")
     args = ap.parse_args()

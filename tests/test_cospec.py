@@ -216,3 +216,22 @@ def test_validation_split_is_the_requested_share_of_gsm8k_dev():
     train, val = split_by_problem(points, 0.2)
     assert 0.15 < len(val) / len(points) < 0.25
     assert not {p["id"] for p in train} & {p["id"] for p in val}
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a GPU"))])
+def test_row_stats_match_their_definition(device):
+    """The arbiter's row statistics (on CUDA: a replayed graph per row count, called again
+    with other rows and another count) equal log-softmax / entropy / top-5 computed plainly."""
+    from cospec.arbiter import row_stats
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 3, 1):
+        t, d = (torch.randn(n, 1000, generator=g) * 3 for _ in range(2))
+        ids = torch.randint(0, 1000, (2 * n, 2), generator=g)
+        got = row_stats([t.to(device), d.to(device)], ids).cpu()
+        logp = torch.cat([t, d]).log_softmax(-1)
+        want = torch.cat([logp.gather(1, ids), -(logp.exp() * logp).sum(-1, keepdim=True),
+                          logp.topk(5, dim=-1).values], dim=-1)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
