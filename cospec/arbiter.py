@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -50,37 +51,42 @@ def _row_stats(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 class GraphedRowStats:
-    """``_row_stats`` on CUDA as one CUDA graph per row count. An arbiter call is
-    launch-bound there (about ten small kernels over the vocabulary): copying the rows into
-    static buffers and replaying one graph replaces the launches. Up to ``max_rows`` rows."""
+    """``_row_stats`` on CUDA as replayed CUDA graphs. An arbiter call is launch-bound there
+    (about ten small kernels over the vocabulary): the rows are copied into a static buffer
+    and one graph runs, for the smallest of ``SIZES`` rows that holds them (the rows past
+    them are stale and ignored). Every size is captured up front, so no capture falls
+    inside a timed generation."""
 
-    def __init__(self, device: torch.device, vocab: int, max_rows: int = 34):
-        self.max_rows = max_rows
-        self.x = torch.zeros(max_rows, vocab, device=device)
-        self.ids = torch.zeros(max_rows, 2, dtype=torch.long, device=device)
-        self.host = torch.zeros(max_rows, 2, dtype=torch.long, pin_memory=True)
+    SIZES = (2, 4, 8, 16, 32)
+
+    def __init__(self, device: torch.device, vocab: int):
+        rows = self.SIZES[-1]
+        self.x = torch.zeros(rows, vocab, device=device)
+        self.ids = torch.zeros(rows, 2, dtype=torch.long, device=device)
+        self.host = torch.zeros(rows, 2, dtype=torch.long, pin_memory=True)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for n in self.SIZES:  # warm-up outside the captures
+                _row_stats(self.x[:n], self.ids[:n])
+        torch.cuda.current_stream(device).wait_stream(stream)
+        for n in self.SIZES:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = _row_stats(self.x[:n], self.ids[:n])
+            self.graphs[n] = (graph, out)
 
     def __call__(self, rows: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        """rows: tensors [r_i, V] stacked in order (sum r_i = R); ids [R, 2] (CPU) ->
-        [R, 8] on the device (a static buffer: read it before the next call)."""
+        """rows: tensors [r_i, V] stacked in order (sum r_i = R <= 32); ids [R, 2] (CPU) ->
+        [R, 8] on the device (a view of a static buffer: read it before the next call)."""
         n = 0
         for part in rows:
             self.x[n:n + part.shape[0]].copy_(part)
             n += part.shape[0]
         self.host[:n].copy_(ids)  # the previous call's copy out of it ended with its .cpu()
         self.ids[:n].copy_(self.host[:n], non_blocking=True)
-        if n not in self.graphs:
-            stream = torch.cuda.Stream(self.x.device)
-            stream.wait_stream(torch.cuda.current_stream(self.x.device))
-            with torch.cuda.stream(stream):
-                _row_stats(self.x[:n], self.ids[:n])  # warm-up outside the capture
-            torch.cuda.current_stream(self.x.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = _row_stats(self.x[:n], self.ids[:n])
-            self.graphs[n] = (graph, out)
-        graph, out = self.graphs[n]
+        graph, out = self.graphs[next(size for size in self.SIZES if size >= n)]
         graph.replay()
         return out[:n]
 
@@ -94,7 +100,8 @@ def row_stats(rows: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     rows than it holds."""
     device, vocab = rows[0].device, rows[0].shape[-1]
     n = sum(part.shape[0] for part in rows)
-    if device.type != "cuda" or os.environ.get("COSPEC_EAGER") == "1" or n > 34:
+    if (device.type != "cuda" or os.environ.get("COSPEC_EAGER") == "1"
+            or n > GraphedRowStats.SIZES[-1]):
         return _row_stats(torch.cat(rows), ids.to(device))
     if (device, vocab) not in _GRAPHED:
         _GRAPHED[device, vocab] = GraphedRowStats(device, vocab)
@@ -112,13 +119,14 @@ def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
     """
     b = t.shape[0]
     ids = torch.stack([t, d], dim=-1).cpu().repeat(2, 1)                  # [2B, 2]
-    row = row_stats([target_logits, draft_logits], ids).cpu()             # [2B, 8]
-    at_t, at_d, ent, top = row[:, 0], row[:, 1], row[:, 2], row[:, 3:].exp()
+    row = row_stats([target_logits, draft_logits], ids).cpu().numpy()     # [2B, 8]
+    # combined in numpy: a dozen tiny torch ops would cost more than the device work
+    at_t, at_d, ent, top = row[:, 0], row[:, 1], row[:, 2], np.exp(row[:, 3:])
     margin, mass = top[:, 0] - top[:, 1], top.sum(-1)
     tt, dt, td, dd = at_t[:b], at_t[b:], at_d[:b], at_d[b:]  # xy: model x's log-prob of y
-    return torch.stack([tt, td, dd, dt, ent[:b], ent[b:], margin[:b], margin[b:], mass[:b],
-                        mass[b:], tt - td, dd - dt, torch.log1p(position.float().cpu())],
-                       dim=-1)
+    pos = np.log1p(position.cpu().numpy().astype(np.float32))
+    return torch.from_numpy(np.stack([tt, td, dd, dt, ent[:b], ent[b:], margin[:b], margin[b:],
+                                      mass[:b], mass[b:], tt - td, dd - dt, pos], axis=-1))
 
 
 # ---------------------------------------------------------------- policies
