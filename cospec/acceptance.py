@@ -118,8 +118,7 @@ class ArbiterRule:
     drafts its *lookahead* token there (``Proposal.fetch_lookahead``: the draft's catch-up on
     d_k, done one step early, and only in blocks that get that far). Every committed position
     then gets the same decision whatever the block structure, which is what makes batched
-    lockstep decoding equal to this loop. The mismatches among d_1..d_k are decided in one
-    batched call per block.
+    lockstep decoding equal to this loop.
     """
 
     policy: MismatchPolicy
@@ -133,60 +132,44 @@ class ArbiterRule:
     def __post_init__(self):
         self.needs_hidden = self.policy.needs_hidden
 
-    def _decide(self, prop: Proposal, rows: list[int], best: list[int]) -> dict[int, bool]:
-        """DRAFT (True) or TARGET at the mismatch rows ``rows`` of the block — rows of
-        d_1..d_k, or the bonus row k alone — in one batched call: one feature computation
-        (one device-to-host copy) and one policy call."""
+    def _keep_draft(self, prop: Proposal, i: int, t: int) -> bool:
+        """DRAFT (True) or TARGET at the mismatch in row i (the bonus row when i = k): the
+        rows are views, one feature computation (one device-to-host copy), one policy call."""
         from cospec.arbiter import mismatch_features
 
-        k = len(prop.tokens)
-        bonus = rows == [k]
-        d_tokens = [prop.lookahead] if bonus else [prop.tokens[i] for i in rows]
-
-        def pick(x):  # the rows of x at ``rows``: a view when they are contiguous
-            return (x[rows[0]:rows[-1] + 1] if rows[-1] - rows[0] == len(rows) - 1
-                    else x[torch.tensor(rows, device=x.device)])
-
-        feats = mismatch_features(
-            pick(prop.target_logits),
-            prop.lookahead_logits if bonus else pick(prop.draft_logits),
-            torch.tensor([best[i] for i in rows]), torch.tensor(d_tokens),
-            torch.tensor([prop.position + i for i in rows]))
+        bonus = i == len(prop.tokens)
+        d = prop.lookahead if bonus else prop.tokens[i]
+        d_logits = prop.lookahead_logits if bonus else prop.draft_logits[i:i + 1]
+        feats = mismatch_features(prop.target_logits[i:i + 1], d_logits, [t], [d],
+                                  [prop.position + i])
         t_hid = d_hid = None
         if self.needs_hidden:
-            t_hid = pick(prop.target_hidden)
-            d_hid = prop.lookahead_hidden if bonus else pick(prop.draft_hidden)
-        keep = (self.policy.draft_prob(feats, t_hid, d_hid) >= self.threshold).tolist()
-        return dict(zip(rows, keep))
+            t_hid = prop.target_hidden[i:i + 1]
+            d_hid = prop.lookahead_hidden if bonus else prop.draft_hidden[i:i + 1]
+        return float(self.policy.draft_prob(feats, t_hid, d_hid)[0]) >= self.threshold
 
     def __call__(self, prop, sampling, gen):
         k = len(prop.tokens)
         best = prop.target_logits.argmax(-1).tolist()
         budget = (None if self.max_overrides is None
                   else self.max_overrides - prop.overrides_so_far)
-        # every mismatch among d_1..d_k the scan may reach, decided at once
-        rows = [i for i in range(k) if prop.tokens[i] != best[i]]
-        rows = rows if self.every_mismatch else rows[:1]
-        rows = rows if budget is None or budget > 0 else []
-        t0 = time.perf_counter()
-        keep = self._decide(prop, rows, best) if rows else {}
-        spent = time.perf_counter() - t0
         calls = overrides = 0
+        spent = 0.0
         for i in range(k + 1):
             may_arbitrate = ((self.every_mismatch or not calls)
                              and (budget is None or overrides < budget))
             if i == k:  # the bonus position: the draft's opinion is drafted only if needed
                 if not may_arbitrate or prop.fetch_lookahead() in (None, best[k]):
                     break
-                t0 = time.perf_counter()
-                keep.update(self._decide(prop, [k], best))
-                spent += time.perf_counter() - t0
             elif prop.tokens[i] == best[i]:
                 continue
             if not may_arbitrate:
                 return Verdict(i, best[i], calls, overrides, spent)
+            t0 = time.perf_counter()
+            keep = self._keep_draft(prop, i, best[i])
+            spent += time.perf_counter() - t0
             calls += 1
-            if not keep[i]:
+            if not keep:
                 return Verdict(i, best[i], calls, overrides, spent)
             overrides += 1
             if i == k:

@@ -109,22 +109,25 @@ def row_stats(rows: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
 
 
 def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
-                      t: torch.Tensor, d: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+                      t: torch.Tensor | list[int], d: torch.Tensor | list[int],
+                      position: torch.Tensor | list[int]) -> torch.Tensor:
     """Scalar features [B, len(FEATURES)] (float32, on the CPU) from logits rows [B, V] and
-    ids [B] (any device).
+    ids [B] (tensors on any device, or lists).
 
     An arbiter call is launch-bound on a GPU, so the device does only the vocabulary-wide
     work, for both models at once (``row_stats``) and sends 8 numbers per row to the host in
-    one copy; the features are combined there.
+    one copy; the features are combined there, in numpy (a dozen tiny torch ops would cost
+    more than the device work).
     """
-    b = t.shape[0]
-    ids = torch.stack([t, d], dim=-1).cpu().repeat(2, 1)                  # [2B, 2]
+    t, d, position = (np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
+                      for x in (t, d, position))
+    b = len(t)
+    ids = torch.from_numpy(np.tile(np.stack([t, d], axis=-1), (2, 1)))    # [2B, 2]
     row = row_stats([target_logits, draft_logits], ids).cpu().numpy()     # [2B, 8]
-    # combined in numpy: a dozen tiny torch ops would cost more than the device work
     at_t, at_d, ent, top = row[:, 0], row[:, 1], row[:, 2], np.exp(row[:, 3:])
     margin, mass = top[:, 0] - top[:, 1], top.sum(-1)
     tt, dt, td, dd = at_t[:b], at_t[b:], at_d[:b], at_d[b:]  # xy: model x's log-prob of y
-    pos = np.log1p(position.cpu().numpy().astype(np.float32))
+    pos = np.log1p(position.astype(np.float32))
     return torch.from_numpy(np.stack([tt, td, dd, dt, ent[:b], ent[b:], margin[:b], margin[b:],
                                       mass[:b], mass[b:], tt - td, dd - dt, pos], axis=-1))
 
@@ -202,7 +205,6 @@ class LearnedPolicy(torch.nn.Module):
     @torch.no_grad()
     def draft_prob(self, features, target_hidden=None, draft_hidden=None):
         return torch.sigmoid(self.logit(self.inputs(features, target_hidden, draft_hidden)))
-
 
 # ---------------------------------------------------------------- the arbiter file
 

@@ -1,8 +1,15 @@
-"""Cost of a CoSpec arbiter decision on the GPU: features from target/draft logit rows + the
-shipped policy, for one mismatch row and for a block's five rows at once, eager and as a
-replayed CUDA graph (``cospec.arbiter.GraphedRowStats``):
-``PYTHONPATH=. python scripts/arbiter_cost.py``."""
+"""Cost of a CoSpec arbiter decision on the GPU:
+``PYTHONPATH=. python scripts/arbiter_cost.py [--tokens 256]``.
 
+- alone: features from one target/draft logit row pair + the shipped policy
+  (``ArbiterRule._keep_draft``), eager and as a replayed CUDA graph
+  (``cospec.arbiter.GraphedRowStats``), warm, in a tight loop;
+- in the loop: CoSpec decoding with random-weight Qwen2.5 1.5B / 0.5B shapes (bf16, fast
+  path, k = 5, ``--tokens``): random models disagree at nearly every block, so nearly every
+  step asks the arbiter once; reports the time per decision and its share of decode time.
+"""
+
+import argparse
 import json
 import os
 import sys
@@ -10,13 +17,15 @@ import time
 
 import torch
 
-from cospec import arbiter
 from cospec.acceptance import ArbiterRule, Proposal
+from cospec.arbiter import load_arbiter
+from cospec.decoding import generate
 from cospec.methods import SHIPPED_ARBITER
+from cospec.stats import DecodeStats
 
 
 def timed(fn, reps=500) -> float:
-    """Milliseconds per call, warm (the first calls compile)."""
+    """Milliseconds per call, warm."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
@@ -27,22 +36,30 @@ def timed(fn, reps=500) -> float:
     return (time.perf_counter() - t0) / reps * 1e3
 
 
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("--tokens", type=int, default=256, help="tokens generated in the loop part")
+args = ap.parse_args()
 if not torch.cuda.is_available():
     sys.exit("arbiter_cost.py measures an arbiter call on the GPU: it needs CUDA")
-rule = ArbiterRule(arbiter.load_arbiter(SHIPPED_ARBITER))
+from gpu_speed import random_model  # noqa: E402  (scripts/ is on the path when run as a script)
+
+rule = ArbiterRule(load_arbiter(SHIPPED_ARBITER))
 g = torch.Generator(device="cuda").manual_seed(0)
 tl, dl = (torch.randn(6, 151936, device="cuda", generator=g) * 3 for _ in range(2))
 prop = Proposal(tokens=[5, 7, 9, 11, 13], draft_logits=dl[:5], target_logits=tl, position=40)
-best = [1, 2, 3, 4, 6, 8]
 res = {"device": torch.cuda.get_device_name()}
 for mode in ("eager", "graphed"):
     os.environ["COSPEC_EAGER"] = "1" if mode == "eager" else "0"
-    res[mode] = {"decide_1_row_ms": timed(lambda: rule._decide(prop, [1], best)),
-                 "decide_5_rows_ms": timed(lambda: rule._decide(prop, [0, 1, 2, 3, 4], best)),
-                 "features_1_row_ms": timed(lambda: arbiter.mismatch_features(
-                     tl[1:2], dl[1:2], torch.tensor([5]), torch.tensor([7]),
-                     torch.tensor([40])))}
-feats = arbiter.mismatch_features(tl[1:2], dl[1:2], torch.tensor([5]), torch.tensor([7]),
-                                  torch.tensor([40]))
-res["policy_cpu_ms"] = timed(lambda: rule.policy.draft_prob(feats))
+    res[f"decision_ms_{mode}"] = timed(lambda: rule._keep_draft(prop, 1, 3))
+os.environ.pop("COSPEC_EAGER")
+target, draft = random_model("1.5b"), random_model("0.5b")
+prompt = torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+for _ in range(2):  # the first run captures the graphs; the second is measured
+    stats = DecodeStats()
+    list(generate(target, draft, prompt, rule, k=5, max_new_tokens=args.tokens,
+                  stats=stats))
+res["in_loop"] = {"decisions": stats.arbiter_calls, "steps": stats.steps,
+                  "ms_per_decision": 1e3 * stats.arbiter_s / max(stats.arbiter_calls, 1),
+                  "share_of_decode": stats.arbiter_s / stats.decode_s,
+                  "tokens_per_s": stats.tokens_per_s}
 print(json.dumps(res))
