@@ -204,7 +204,22 @@ class LearnedPolicy(torch.nn.Module):
 
     @torch.no_grad()
     def draft_prob(self, features, target_hidden=None, draft_hidden=None):
-        return torch.sigmoid(self.logit(self.inputs(features, target_hidden, draft_hidden)))
+        x = self.inputs(features, target_hidden, draft_hidden)
+        if x.shape[0] == 1 and self.mean.device.type == "cpu":
+            return torch.from_numpy(self._one_row(x.numpy()))
+        return torch.sigmoid(self.logit(x))
+
+    def _one_row(self, x: np.ndarray) -> np.ndarray:
+        """``sigmoid(logit(x))`` in numpy, on zero-copy views of the weights. The decoding
+        loop asks one row at a time, milliseconds apart: torch's CPU kernels then pay for
+        waking their thread pool (measured 0.22 ms a call on the GPU host, against 0.04 ms
+        in a tight loop); numpy does not."""
+        h = (x - self.mean.numpy()) / self.std.numpy()
+        layers = [m for m in self.net.modules() if isinstance(m, torch.nn.Linear)]
+        for j, m in enumerate(layers):
+            h = h @ m.weight.detach().numpy().T + m.bias.detach().numpy()
+            h = np.tanh(h) if j < len(layers) - 1 else h
+        return (1.0 / (1.0 + np.exp(-h[:, 0]))).astype(np.float32)
 
 # ---------------------------------------------------------------- the arbiter file
 

@@ -235,3 +235,17 @@ def test_row_stats_match_their_definition(device):
         want = torch.cat([logp.gather(1, ids), -(logp.exp() * logp).sum(-1, keepdim=True),
                           logp.topk(5, dim=-1).values], dim=-1)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("hidden_units", [0, 8])
+def test_one_row_policy_path_is_the_batched_one(hidden_units):
+    """A learned policy asked for one row (the decoding loop; computed in numpy) gives what
+    it gives for that row within a batch (torch)."""
+    torch.manual_seed(0)
+    pol = LearnedPolicy(len(FEATURES), hidden_units=hidden_units)
+    pol.mean.normal_()
+    pol.std.uniform_(0.5, 2.0)
+    x = torch.randn(6, len(FEATURES)) * 2
+    batch = pol.draft_prob(x)
+    rows = torch.cat([pol.draft_prob(x[i:i + 1]) for i in range(6)])
+    torch.testing.assert_close(rows, batch, atol=1e-6, rtol=1e-5)
