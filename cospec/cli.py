@@ -178,11 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", action="store_true", help="color draft-kept tokens")
     p.set_defaults(func=cmd_generate)
 
-    from cospec import bench, collect, evaluate, train
+    from cospec import bench, collect, evaluate, refine, train
 
     evaluate.add_parsers(sub, add_model_args, add_decoding_args)
     collect.add_parser(sub, add_model_args, add_decoding_args)
     train.add_parser(sub)
+    refine.add_parser(sub, add_model_args, add_decoding_args)
     bench.add_parser(sub, add_model_args)
     try:
         from cospec import server

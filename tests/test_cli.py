@@ -161,3 +161,47 @@ def test_three_models_through_the_cli(tiny_dirs, capsys, tmp_path):
     assert "3 models but 2 weights" in capsys.readouterr().err
     assert main(["generate", *spec, "--method", "spd"]) == 2
     assert "CoS methods" in capsys.readouterr().err
+
+
+def test_refine_runs_resumes_and_refuses_evaluation_data(tiny_dirs, tmp_path):
+    """On-policy refinement from an arbiter: runs on tiny models (a speed bonus gives the
+    groups a signal), resumes after its last finished iteration, refuses evaluation splits."""
+    from cospec.arbiter import FEATURES, LearnedPolicy, arbiter_info, load_arbiter, save_arbiter
+
+    start = tmp_path / "start.safetensors"
+    save_arbiter(LearnedPolicy(len(FEATURES), hidden_units=4), start,
+                 (str(tiny_dirs[0]), str(tiny_dirs[1])))
+    out = tmp_path / "refined"
+    args = ["refine", *models(tiny_dirs), "--arbiter", start, "--task", "gsm8k", "--split",
+            "dev", "--limit", "3", "--problems", "2", "--group", "2", "--max-new-tokens", "8",
+            "--speed-bonus", "0.5", "--lr", "0.01", "--out", out]
+    assert main(list(map(str, args + ["--iterations", "2"]))) == 0
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == [0, 1] and log[0]["decisions"] > 0
+    assert main(list(map(str, args + ["--iterations", "3"]))) == 0  # resumes: one more
+    hist = json.loads(arbiter_info(out / "arbiter.safetensors")["info"])["refine_history"]
+    assert [r["iteration"] for r in hist] == [0, 1, 2] and hist[:2] == log
+    assert load_arbiter(out / "arbiter.safetensors").threshold == 0.5
+    res = cli(*args, "--split", "heldout", "--out", tmp_path / "x")
+    assert res.returncode == 2 and "kept for evaluation" in res.stderr
+    res = cli(*args, "--group", "1")
+    assert res.returncode == 2 and "--group must be >= 2" in res.stderr
+
+
+def test_refine_with_a_speed_bonus_learns_to_keep_draft_tokens(tiny_dirs, tmp_path):
+    """Tiny models answer nothing right, so a speed bonus is the only reward: on-policy
+    refinement must then raise the share of mismatches where the draft token is kept."""
+    from cospec.arbiter import FEATURES, LearnedPolicy, save_arbiter
+
+    start = tmp_path / "start.safetensors"
+    save_arbiter(LearnedPolicy(len(FEATURES), hidden_units=4), start,
+                 (str(tiny_dirs[0]), str(tiny_dirs[1])))
+    out = tmp_path / "refined"
+    assert main(list(map(str, [
+        "refine", *models(tiny_dirs), "--arbiter", start, "--limit", "8", "--problems", "4",
+        "--group", "4", "--max-new-tokens", "16", "--speed-bonus", "0.2", "--lr", "0.05",
+        "--iterations", "8", "--out", out]))) == 0
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert all(r["accuracy"] == 0 for r in log)
+    first, last = log[0]["keep_rate"], (log[-1]["keep_rate"] + log[-2]["keep_rate"]) / 2
+    assert last > first + 0.1

@@ -249,3 +249,23 @@ def test_one_row_policy_path_is_the_batched_one(hidden_units):
     batch = pol.draft_prob(x)
     rows = torch.cat([pol.draft_prob(x[i:i + 1]) for i in range(6)])
     torch.testing.assert_close(rows, batch, atol=1e-6, rtol=1e-5)
+
+
+def test_refine_step_follows_the_advantage():
+    """One on-policy step raises pi(DRAFT) where keeping the draft token came with a positive
+    advantage and lowers it where it came with a negative one; group advantages are centred."""
+    from cospec.refine import advantages, policy_step
+
+    assert advantages([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], 3) == pytest.approx(
+        [2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0])
+    torch.manual_seed(0)
+    pol = LearnedPolicy(len(FEATURES), hidden_units=8)
+    good, bad = torch.randn(len(FEATURES)), torch.randn(len(FEATURES))
+    x = torch.stack([good, bad])
+    before = pol.draft_prob(x)
+    opt = torch.optim.SGD(pol.parameters(), lr=0.5)
+    for _ in range(5):
+        loss = policy_step(pol, opt, [(good.tolist(), True, 1.0), (bad.tolist(), True, -1.0)])
+    after = pol.draft_prob(x)
+    assert loss != 0.0 and after[0] > before[0] and after[1] < before[1]
+    assert policy_step(pol, opt, [(good.tolist(), True, 0.0)]) == 0.0  # no signal, no step

@@ -1,0 +1,177 @@
+"""``cospec refine``: on-policy refinement of an arbiter over whole generations (GRPO-style).
+
+``cospec train`` learns from single flips on the target's own path (a contextual bandit).
+Here the arbiter decides *every* mismatch of whole generations, as it does when decoding:
+each iteration takes P training problems and decodes each one G times with the batched
+lockstep decoder, the arbiter *sampling* its action at every mismatch (DRAFT with
+probability pi(x)). A generation's reward is its grade (1 right, 0 wrong) plus
+``speed_bonus`` per draft token kept; its advantage is the reward minus the mean reward of
+its group (the G generations of the same problem), so only problems whose generations
+disagree carry a gradient. One policy-gradient step then raises the log-probability of
+every action taken in a generation in proportion to that generation's advantage:
+
+    loss = -(1 / N) * sum_g A_g * sum_{decisions d of g} log pi(a_d | x_d),  N = decisions
+
+Scalar-feature arbiters only (the lockstep record keeps the features, not hidden states).
+
+Output folder: ``arbiter.safetensors`` (the current policy, usable with ``--arbiter``; its
+decision threshold becomes 0.5, the policy's most likely action; its metadata holds the
+history), ``optim.pt`` and ``log.jsonl`` (one
+line per iteration, rewritten from that history). Both files are replaced atomically after
+each iteration, so a rerun of the same command resumes after the last finished iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cospec.arbiter import LearnedPolicy, arbiter_info, load_arbiter, save_arbiter
+from cospec.batched import lockstep
+from cospec.collect import TRAIN_SPLITS
+from cospec.errors import CospecError
+
+
+@dataclass
+class SampledPolicy:
+    """A policy whose ``draft_prob`` is a 0/1 draw of Bernoulli(pi(x)): with threshold 0.5
+    the lockstep decoder commits the drawn action and records it as ``kept_draft``."""
+
+    policy: LearnedPolicy
+    gen: torch.Generator
+    needs_hidden: bool = False
+
+    def draft_prob(self, features, target_hidden=None, draft_hidden=None):
+        return torch.bernoulli(self.policy.draft_prob(features).float(), generator=self.gen)
+
+
+def advantages(rewards: list[float], group: int) -> list[float]:
+    """Reward minus the mean of its group; rewards come in consecutive groups of ``group``."""
+    out = []
+    for g in range(0, len(rewards), group):
+        block = rewards[g:g + group]
+        mean = sum(block) / len(block)
+        out += [r - mean for r in block]
+    return out
+
+
+def policy_step(policy: LearnedPolicy, opt: torch.optim.Optimizer,
+                decisions: list[tuple[list[float], bool, float]]) -> float:
+    """One step on (features, kept draft, advantage of its generation) triples; returns the
+    loss (0 when there is nothing to learn from)."""
+    if not decisions or not any(a for _, _, a in decisions):
+        return 0.0
+    x = torch.tensor([f for f, _, _ in decisions], dtype=torch.float32)
+    act = torch.tensor([float(k) for _, k, _ in decisions])
+    adv = torch.tensor([a for _, _, a in decisions])
+    policy.train()
+    logp = -torch.nn.functional.binary_cross_entropy_with_logits(
+        policy.logit(x), act, reduction="none")
+    loss = -(adv * logp).sum() / len(decisions)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    policy.eval()
+    return float(loss.detach())
+
+
+def run_iteration(s, policy: LearnedPolicy, opt, idx: list[int], args, it: int) -> dict:
+    """Roll out problems ``idx`` of session ``s`` G times each, grade, take one step."""
+    g = args.group
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(args.seed * 100_003 + it)
+    prompts = [s.prompts[i] for i in idx for _ in range(g)]
+    results = lockstep(s.pair.target, s.pair.draft, prompts, max_new_tokens=args.max_new_tokens,
+                       eos_ids=s.eos, pad_id=s.pad, batch_size=args.batch_size,
+                       policy=SampledPolicy(policy, gen), threshold=0.5, record=True)
+    correct = s.grade([(i, r.tokens) for i, r in zip([i for i in idx for _ in range(g)],
+                                                     results)])
+    rewards = [float(ok) + args.speed_bonus * r.overrides for ok, r in zip(correct, results)]
+    adv = advantages(rewards, g)
+    decisions = [(d.features, d.kept_draft, a) for r, a in zip(results, adv)
+                 for d in r.divergences]
+    loss = policy_step(policy, opt, decisions)
+    kept = sum(d.kept_draft for r in results for d in r.divergences)
+    return {"iteration": it, "problems": len(idx), "generations": len(results),
+            "accuracy": sum(correct) / len(correct), "mean_reward": sum(rewards) / len(rewards),
+            "decisions": len(decisions), "keep_rate": kept / max(len(decisions), 1),
+            "groups_with_signal": sum(any(adv[j:j + g]) for j in range(0, len(adv), g)),
+            "loss": loss, "seconds": time.perf_counter() - t0}
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def cmd_refine(args) -> int:
+    from cospec.evaluate import Session
+
+    if args.split not in TRAIN_SPLITS.get(args.task, ()):
+        allowed = "; ".join(f"{t}: {', '.join(s)}" for t, s in TRAIN_SPLITS.items())
+        raise CospecError(f"refine only uses training data ({allowed}); "
+                          f"{args.task}/{args.split} is kept for evaluation")
+    if args.temperature != 0:
+        raise CospecError("refine decodes greedily (the arbiter's actions are the only "
+                          "randomness): use --temperature 0")
+    if args.group < 2:
+        raise CospecError(f"--group must be >= 2 (a group baseline needs two generations), "
+                          f"got {args.group}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    current = out / "arbiter.safetensors"
+    start = current if current.exists() else args.arbiter
+    if start is None:
+        raise CospecError("refine starts from an arbiter: give --arbiter PATH (e.g. one made "
+                          "by cospec train)")
+    s = Session(args, ["target", "draft"])
+    pair = (s.pair.target_name, s.pair.draft_name)
+    policy = load_arbiter(start, pair)
+    if policy.needs_hidden:
+        raise CospecError(f"{start} uses hidden states; refine trains scalar-feature arbiters")
+    info = json.loads(arbiter_info(start)["info"])
+    history = info.get("refine_history", []) if start == current else []
+    opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    if start == current and (out / "optim.pt").exists():
+        opt.load_state_dict(torch.load(out / "optim.pt"))
+    n = len(s.problems)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).tolist()
+    for it in range(len(history), args.iterations):
+        idx = [order[(it * args.problems + j) % n] for j in range(min(args.problems, n))]
+        row = run_iteration(s, policy, opt, idx, args, it)
+        history.append(row)
+        print(json.dumps(row), flush=True)
+        info.update(threshold=0.5, refine_history=history, refine_settings={
+            k: getattr(args, k) for k in ("task", "split", "group", "problems", "lr",
+                                          "speed_bonus", "max_new_tokens", "seed")})
+        _atomic(out / "optim.pt", lambda p: torch.save(opt.state_dict(), p))
+        _atomic(current, lambda p: save_arbiter(policy, p, pair, info))
+        _atomic(out / "log.jsonl",
+                lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in history)))
+    print(f"{len(history)} iterations in {out}; decode with --arbiter {current}")
+    return 0
+
+
+def add_parser(sub, add_model_args, add_decoding_args) -> None:
+    p = sub.add_parser("refine", help="on-policy refinement of an arbiter (whole generations, "
+                                      "group baseline)")
+    add_model_args(p)
+    add_decoding_args(p)
+    p.add_argument("--task", default="gsm8k")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--problems", type=int, default=64, help="problems per iteration")
+    p.add_argument("--group", type=int, default=4, help="generations per problem")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--speed-bonus", type=float, default=0.0,
+                   help="reward per draft token kept, added to the grade")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_refine)
