@@ -75,15 +75,20 @@ def collect_shard(s, idx: list[int], max_points: int, batch_size: int) -> list[d
     return recs
 
 
+def require_training_data(args, verb: str) -> None:
+    """Arbiters learn from training splits only, decoded greedily: refuse anything else."""
+    if args.split not in TRAIN_SPLITS.get(args.task, ()):
+        allowed = "; ".join(f"{t}: {', '.join(s)}" for t, s in TRAIN_SPLITS.items())
+        raise CospecError(f"{verb} only uses training data ({allowed}); "
+                          f"{args.task}/{args.split} is kept for evaluation")
+    if args.temperature != 0:
+        raise CospecError(f"{verb} is greedy: use --temperature 0")
+
+
 def cmd_collect(args) -> int:
     from cospec.evaluate import Session
 
-    if args.split not in TRAIN_SPLITS.get(args.task, ()):
-        allowed = "; ".join(f"{t}: {', '.join(s)}" for t, s in TRAIN_SPLITS.items())
-        raise CospecError(f"collect only uses training data ({allowed}); "
-                          f"{args.task}/{args.split} is kept for evaluation")
-    if args.temperature != 0:
-        raise CospecError("collect is greedy: use --temperature 0")
+    require_training_data(args, "collect")
     s = Session(args, ["target", "draft"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ import torch
 
 from cospec.arbiter import LearnedPolicy, arbiter_info, load_arbiter, save_arbiter
 from cospec.batched import lockstep
-from cospec.collect import TRAIN_SPLITS
+from cospec.collect import require_training_data
 from cospec.errors import CospecError
 
 
@@ -113,13 +113,7 @@ def _atomic(path: Path, write) -> None:
 def cmd_refine(args) -> int:
     from cospec.evaluate import Session
 
-    if args.split not in TRAIN_SPLITS.get(args.task, ()):
-        allowed = "; ".join(f"{t}: {', '.join(s)}" for t, s in TRAIN_SPLITS.items())
-        raise CospecError(f"refine only uses training data ({allowed}); "
-                          f"{args.task}/{args.split} is kept for evaluation")
-    if args.temperature != 0:
-        raise CospecError("refine decodes greedily (the arbiter's actions are the only "
-                          "randomness): use --temperature 0")
+    require_training_data(args, "refine")  # greedy: the arbiter's actions are the randomness
     if args.group < 2:
         raise CospecError(f"--group must be >= 2 (a group baseline needs two generations), "
                           f"got {args.group}")
