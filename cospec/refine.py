@@ -80,6 +80,15 @@ def policy_step(policy: LearnedPolicy, opt: torch.optim.Optimizer,
     return float(loss.detach())
 
 
+def recentre(policy: LearnedPolicy, threshold: float) -> None:
+    """Shift the output bias by -logit(threshold): afterwards pi(x) >= 0.5 exactly where
+    pi(x) >= ``threshold`` before, so the sampled policy starts around the decisions the
+    arbiter made at its own threshold (and the refined one is used at 0.5)."""
+    last = [m for m in policy.net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias -= torch.logit(torch.tensor(threshold)).item()
+
+
 def run_iteration(s, policy: LearnedPolicy, opt, idx: list[int], args, it: int) -> dict:
     """Roll out problems ``idx`` of session ``s`` G times each, grade, take one step."""
     g = args.group
@@ -131,6 +140,8 @@ def cmd_refine(args) -> int:
         raise CospecError(f"{start} uses hidden states; refine trains scalar-feature arbiters")
     info = json.loads(arbiter_info(start)["info"])
     history = info.get("refine_history", []) if start == current else []
+    if start != current:
+        recentre(policy, policy.threshold)
     opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
     if start == current and (out / "optim.pt").exists():
         opt.load_state_dict(torch.load(out / "optim.pt"))

@@ -269,3 +269,16 @@ def test_refine_step_follows_the_advantage():
     after = pol.draft_prob(x)
     assert loss != 0.0 and after[0] > before[0] and after[1] < before[1]
     assert policy_step(pol, opt, [(good.tolist(), True, 0.0)]) == 0.0  # no signal, no step
+
+
+def test_refine_recentres_the_start_policy_at_its_threshold():
+    from cospec.refine import recentre
+
+    torch.manual_seed(1)
+    pol = LearnedPolicy(len(FEATURES), hidden_units=8)
+    x = torch.randn(200, len(FEATURES)) * 3
+    before = pol.draft_prob(x)
+    vals = before.sort().values
+    th = float(vals[159] + vals[160]) / 2  # between two policy values: no tie to round
+    recentre(pol, th)
+    assert torch.equal(pol.draft_prob(x) >= 0.5, before >= th)
