@@ -60,6 +60,12 @@ class GraphedRowStats:
     SIZES = (2, 4, 8, 16, 32)
 
     def __init__(self, device: torch.device, vocab: int):
+        # normal tensors, even when first built inside inference mode: later calls may
+        # come from outside it, and inference tensors cannot be written there
+        with torch.inference_mode(False), torch.no_grad():
+            self._build(device, vocab)
+
+    def _build(self, device: torch.device, vocab: int) -> None:
         rows = self.SIZES[-1]
         self.x = torch.zeros(rows, vocab, device=device)
         self.ids = torch.zeros(rows, 2, dtype=torch.long, device=device)
