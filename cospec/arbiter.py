@@ -192,6 +192,7 @@ class LearnedPolicy(torch.nn.Module):
                                         torch.nn.Linear(hidden_units, 1))
                     if hidden_units else torch.nn.Linear(width, 1))
         self.hidden_units = hidden_units
+        self._linears = [m for m in self.net.modules() if isinstance(m, torch.nn.Linear)]
 
     @property
     def needs_hidden(self) -> bool:
@@ -221,10 +222,9 @@ class LearnedPolicy(torch.nn.Module):
         waking their thread pool (measured 0.22 ms a call on the GPU host, against 0.04 ms
         in a tight loop); numpy does not."""
         h = (x - self.mean.numpy()) / self.std.numpy()
-        layers = [m for m in self.net.modules() if isinstance(m, torch.nn.Linear)]
-        for j, m in enumerate(layers):
+        for j, m in enumerate(self._linears):
             h = h @ m.weight.detach().numpy().T + m.bias.detach().numpy()
-            h = np.tanh(h) if j < len(layers) - 1 else h
+            h = np.tanh(h) if j < len(self._linears) - 1 else h
         return (1.0 / (1.0 + np.exp(-h[:, 0]))).astype(np.float32)
 
 # ---------------------------------------------------------------- the arbiter file
