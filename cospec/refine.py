@@ -16,9 +16,9 @@ Scalar-feature arbiters only (the lockstep record keeps the features, not hidden
 
 Output folder: ``arbiter.safetensors`` (the current policy, usable with ``--arbiter``; its
 decision threshold becomes 0.5, the policy's most likely action; its metadata holds the
-history), ``optim.pt`` and ``log.jsonl`` (one
-line per iteration, rewritten from that history). Both files are replaced atomically after
-each iteration, so a rerun of the same command resumes after the last finished iteration.
+settings and the history), ``optim.pt`` and ``log.jsonl`` (one line per iteration, rewritten
+from that history). All three are replaced atomically after each iteration, so a rerun of
+the same command resumes after the last finished iteration; other settings are refused.
 """
 
 from __future__ import annotations
@@ -84,9 +84,8 @@ def recentre(policy: LearnedPolicy, threshold: float) -> None:
     """Shift the output bias by -logit(threshold): afterwards pi(x) >= 0.5 exactly where
     pi(x) >= ``threshold`` before, so the sampled policy starts around the decisions the
     arbiter made at its own threshold (and the refined one is used at 0.5)."""
-    last = [m for m in policy.net.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
-        last.bias -= torch.logit(torch.tensor(threshold)).item()
+        policy._linears[-1].bias -= torch.logit(torch.tensor(threshold)).item()
 
 
 def run_iteration(s, policy: LearnedPolicy, opt, idx: list[int], args, it: int) -> dict:
@@ -94,18 +93,18 @@ def run_iteration(s, policy: LearnedPolicy, opt, idx: list[int], args, it: int) 
     g = args.group
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(args.seed * 100_003 + it)
-    prompts = [s.prompts[i] for i in idx for _ in range(g)]
-    results = lockstep(s.pair.target, s.pair.draft, prompts, max_new_tokens=args.max_new_tokens,
-                       eos_ids=s.eos, pad_id=s.pad, batch_size=args.batch_size,
-                       policy=SampledPolicy(policy, gen), threshold=0.5, record=True)
-    correct = s.grade([(i, r.tokens) for i, r in zip([i for i in idx for _ in range(g)],
-                                                     results)])
+    problems = [i for i in idx for _ in range(g)]  # G consecutive generations per problem
+    results = lockstep(s.pair.target, s.pair.draft, [s.prompts[i] for i in problems],
+                       max_new_tokens=args.max_new_tokens, eos_ids=s.eos, pad_id=s.pad,
+                       batch_size=args.batch_size, policy=SampledPolicy(policy, gen),
+                       threshold=0.5, record=True, desc=f"refine {it}")
+    correct = s.grade([(i, r.tokens) for i, r in zip(problems, results)])
     rewards = [float(ok) + args.speed_bonus * r.overrides for ok, r in zip(correct, results)]
     adv = advantages(rewards, g)
     decisions = [(d.features, d.kept_draft, a) for r, a in zip(results, adv)
                  for d in r.divergences]
     loss = policy_step(policy, opt, decisions)
-    kept = sum(d.kept_draft for r in results for d in r.divergences)
+    kept = sum(k for _, k, _ in decisions)
     return {"iteration": it, "problems": len(idx), "generations": len(results),
             "accuracy": sum(correct) / len(correct), "mean_reward": sum(rewards) / len(rewards),
             "decisions": len(decisions), "keep_rate": kept / max(len(decisions), 1),
@@ -139,8 +138,15 @@ def cmd_refine(args) -> int:
     if policy.needs_hidden:
         raise CospecError(f"{start} uses hidden states; refine trains scalar-feature arbiters")
     info = json.loads(arbiter_info(start)["info"])
+    settings = {k: getattr(args, k) for k in ("task", "split", "limit", "group", "problems",
+                                              "lr", "speed_bonus", "max_new_tokens", "seed")}
     history = info.get("refine_history", []) if start == current else []
-    if start != current:
+    if start == current:
+        diff = [k for k, v in settings.items() if info.get("refine_settings", {}).get(k) != v]
+        if diff:
+            raise CospecError(f"{out} holds a refinement with other settings "
+                              f"({', '.join(diff)}); use another --out")
+    else:
         recentre(policy, policy.threshold)
     opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
     if start == current and (out / "optim.pt").exists():
@@ -152,9 +158,7 @@ def cmd_refine(args) -> int:
         row = run_iteration(s, policy, opt, idx, args, it)
         history.append(row)
         print(json.dumps(row), flush=True)
-        info.update(threshold=0.5, refine_history=history, refine_settings={
-            k: getattr(args, k) for k in ("task", "split", "group", "problems", "lr",
-                                          "speed_bonus", "max_new_tokens", "seed")})
+        info.update(threshold=0.5, refine_history=history, refine_settings=settings)
         _atomic(out / "optim.pt", lambda p: torch.save(opt.state_dict(), p))
         _atomic(current, lambda p: save_arbiter(policy, p, pair, info))
         _atomic(out / "log.jsonl",

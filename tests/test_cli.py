@@ -182,6 +182,8 @@ def test_refine_runs_resumes_and_refuses_evaluation_data(tiny_dirs, tmp_path):
     hist = json.loads(arbiter_info(out / "arbiter.safetensors")["info"])["refine_history"]
     assert [r["iteration"] for r in hist] == [0, 1, 2] and hist[:2] == log
     assert load_arbiter(out / "arbiter.safetensors").threshold == 0.5
+    res = cli(*args, "--iterations", "4", "--lr", "0.02")  # resume with other settings
+    assert res.returncode == 2 and "other settings (lr)" in res.stderr
     res = cli(*args, "--split", "heldout", "--out", tmp_path / "x")
     assert res.returncode == 2 and "kept for evaluation" in res.stderr
     res = cli(*args, "--group", "1")
