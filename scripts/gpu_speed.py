@@ -26,6 +26,7 @@ there is skipped, so a rerun resumes):
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -209,16 +210,29 @@ def task_prompts(tok, task: str, count: int) -> list[list[int]]:
     return [encode_prompt(tok, p.prompt) for p in problems]
 
 
-_PAIR: list = []  # the loaded pair, shared by the pair parts of one process
+@functools.cache
+def real_pair():
+    """The real pair on the GPU, loaded once and shared by the pair parts of one process."""
+    from cospec.models import load_pair
+
+    return load_pair(*PAIR, device="cuda", dtype=torch.bfloat16)
+
+
+def pair_part(part: str) -> tuple[str, float] | None:
+    """(task, temperature) of a part named ``pair`` or ``pair:TASK:T``; None if it is not
+    one of those."""
+    fields = part.split(":")
+    if fields == ["pair"]:
+        return "gsm8k", 0.0
+    if (len(fields) == 3 and fields[0] == "pair" and fields[1] in ("gsm8k", "humaneval", "mbpp")
+            and fields[2].replace(".", "", 1).isdigit()):
+        return fields[1], float(fields[2])
+    return None
 
 
 def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     """Part ``pair`` (GSM8K, T = 0) or ``pair:TASK:T``; transformers' baselines with --hf."""
-    from cospec.models import load_pair
-
-    if not _PAIR:
-        _PAIR.append(load_pair(*PAIR, device="cuda", dtype=torch.bfloat16))
-    pair = _PAIR[0]
+    pair = real_pair()
     eos = eos_ids(pair.tokenizer, pair.target)
     prompts = task_prompts(pair.tokenizer, task, args.prompts)
     sampling = SamplingConfig(temperature=temperature)
@@ -445,11 +459,11 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true",
                     help="pair parts at T = 0 also time transformers' eager and assisted generate")
     args = ap.parse_args()
-    unknown = {p for p in args.parts.split(",") if not p.startswith("pair:")} - {
-        "check", "target", "pair", "replay"}
+    unknown = [p for p in args.parts.split(",")
+               if p not in ("check", "target", "replay") and pair_part(p) is None]
     if unknown:
-        ap.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from check, target, "
-                 "pair, replay")
+        ap.error(f"unknown part(s) {', '.join(unknown)}; choose from check, target, pair, "
+                 "pair:TASK:T (TASK gsm8k, humaneval or mbpp; T a temperature), replay")
     if not torch.cuda.is_available():
         ap.error("this script measures the CUDA fast path: it needs a GPU")
     out = Path(args.out)
@@ -472,10 +486,8 @@ def main() -> None:
             res[part] = part_check(args)
         elif part == "target":
             res[part] = part_target(args)
-        elif part.startswith("pair"):  # pair, or pair:TASK:TEMPERATURE
-            _, task, temp = (part.split(":") + ["gsm8k", "0"])[:3] if ":" in part else (
-                part, "gsm8k", "0")
-            res[part] = part_pair(args, task, float(temp))
+        elif pair_part(part):
+            res[part] = part_pair(args, *pair_part(part))
         elif part == "replay":
             res[part] = part_replay(args, res.get("pair"))
         res[part + "_wall_s"] = time.perf_counter() - t0
