@@ -122,6 +122,10 @@ def cmd_refine(args) -> int:
     from cospec.evaluate import Session
 
     require_training_data(args, "refine")  # greedy: the arbiter's actions are the randomness
+    for name in ("iterations", "problems", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CospecError(f"--{name.replace('_', '-')} must be >= 1, "
+                              f"got {getattr(args, name)}")
     if args.group < 2:
         raise CospecError(f"--group must be >= 2 (a group baseline needs two generations), "
                           f"got {args.group}")

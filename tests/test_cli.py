@@ -188,6 +188,9 @@ def test_refine_runs_resumes_and_refuses_evaluation_data(tiny_dirs, tmp_path):
     assert res.returncode == 2 and "kept for evaluation" in res.stderr
     res = cli(*args, "--group", "1")
     assert res.returncode == 2 and "--group must be >= 2" in res.stderr
+    res = cli(*args, "--problems", "0")
+    assert res.returncode == 2 and "--problems must be >= 1" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_refine_with_a_speed_bonus_learns_to_keep_draft_tokens(tiny_dirs, tmp_path):
