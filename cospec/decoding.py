@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,7 @@ from cospec.sampling import GREEDY, SamplingConfig, probabilities, sample_on_dev
 from cospec.stats import DecodeStats
 
 RUN_AHEAD = 8  # target-only decoding: tokens decoded per host synchronisation
+LOOKAHEAD_ASIDE = True  # the fast path queues a rule's lookahead step on a side stream
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,15 @@ def _clock(device: torch.device) -> float:
 
 
 def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
-            gen: torch.Generator | None) -> Proposal:
+            gen: torch.Generator | None, lookahead: bool = False) -> Proposal:
     """Draft k tokens after ``seq``. Leaves the draft cache at ``len(seq) + k - 1``.
 
     Each drafted token stays on the device and feeds the next draft step directly; the k
     tokens reach the host once, at the end (one synchronisation per block, not per token).
+    ``lookahead``: also set ``draft_more``, the draft's next token after d_k (one more step,
+    leaving the cache at ``len(seq) + k``). On the CUDA fast path at T = 0 that step is
+    queued now on a side stream, overlapping the verifier's pass; elsewhere it is drafted
+    only if asked for.
     """
     lm.crop(min(lm.length, len(seq) - 1))
     pending: list[int] | torch.Tensor = seq[lm.length:]
@@ -142,9 +147,28 @@ def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
         if h is not None:
             hidden.append(h)
         pending = tok
-    return Proposal(tokens=torch.cat(tokens).tolist() if tokens else [],
+    more = None
+    if lookahead and LOOKAHEAD_ASIDE and k and sampling.greedy and hasattr(lm, "forward_aside"):
+        more = _draft_aside(lm, pending)
+    prop = Proposal(tokens=torch.cat(tokens).tolist() if tokens else [],
                     draft_logits=torch.cat(logits) if logits else None,
                     draft_hidden=torch.cat(hidden) if hidden else None)
+    if lookahead:
+        prop.draft_more = more or functools.partial(propose, lm, seq + prop.tokens, 1,
+                                                    sampling, gen)
+    return prop
+
+
+def _draft_aside(lm, last: torch.Tensor) -> Callable[[], Proposal]:
+    """Queue the greedy draft step on ``last`` (d_k, on the device) on a side stream; the
+    returned function gives its one-token Proposal when the loop asks for it."""
+    row, h, ready = lm.forward_aside(last, keep=1)
+
+    def fetch() -> Proposal:
+        ready()
+        return Proposal(tokens=[int(row[0].argmax())], draft_logits=row, draft_hidden=h)
+
+    return fetch
 
 
 def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
@@ -188,10 +212,8 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
                     n_draft, verdict = 0, Verdict(len(prop.tokens) - 1, prop.tokens[-1])
                 else:
                     n_draft = min(k, left - 1)
-                    prop = propose(draft, seq, n_draft, sampling, gen)
-                    if rule.lookahead:  # the rule may ask for the draft's bonus token
-                        prop.draft_more = functools.partial(propose, draft, seq + prop.tokens,
-                                                            1, sampling, gen)
+                    # the rule may ask for the draft's token at the bonus position
+                    prop = propose(draft, seq, n_draft, sampling, gen, rule.lookahead)
                     logits, h = target.forward(seq[target.length:] + prop.tokens,
                                                keep=n_draft + 1)
                     prop.target_logits, prop.target_hidden = logits, h

