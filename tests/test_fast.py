@@ -11,7 +11,7 @@ import torch
 from tiny import tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cospec import decoding, fast
+from cospec import fast
 from cospec.acceptance import ArbiterRule, ExactRule
 from cospec.arbiter import ConfidencePolicy
 from cospec.cos import Combination, cos_generate
@@ -126,35 +126,12 @@ def test_generate_sampling_same_draws(target, draft, static):
     assert got == want and got[2] > 12  # rejections (rollbacks) happened
 
 
-@pytest.mark.parametrize("aside", [True, False])
-def test_arbiter_with_lookahead_same_tokens(target, draft, static, aside, monkeypatch):
-    """The lookahead queued beside the verify (inline on CPU) or drafted on demand: the
-    same tokens as CachedLM's loop."""
-    monkeypatch.setattr(decoding, "LOOKAHEAD_ASIDE", aside)
+def test_arbiter_with_lookahead_same_tokens(target, draft, static):
     rule = ArbiterRule(ConfidencePolicy(0.2))
     ids = prompt(8)
     got, want = both(static, lambda: [(t.id, t.from_draft) for t in generate(
         target, draft, ids, rule, k=3, max_new_tokens=30)])
     assert got == want and any(d for _, d in got)  # some draft tokens kept over the target
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_lookahead_on_a_side_stream_same_tokens(monkeypatch):
-    """On CUDA the lookahead step runs on a second stream, overlapping the verify: the
-    decisions and tokens are those of the on-demand lookahead, and of the eager loop."""
-    t, d = (tiny_model(1).to("cuda"), tiny_model(2, layers=1).to("cuda"))
-    rule = ArbiterRule(ConfidencePolicy(0.2))
-
-    def run(aside: bool) -> list[tuple[int, bool]]:
-        monkeypatch.setattr(decoding, "LOOKAHEAD_ASIDE", aside)
-        return [(x.id, x.from_draft) for x in generate(t, d, prompt(9), rule, k=4,
-                                                        max_new_tokens=60)]
-
-    got = run(True)
-    assert fast.acquire(d, 1)._side is not None  # the side stream was used
-    assert got == run(False)
-    monkeypatch.setenv("COSPEC_EAGER", "1")
-    assert got == run(True) and any(x for _, x in got)
 
 
 @pytest.mark.parametrize("method", ["we", "cos-we", "cd-sd"])
