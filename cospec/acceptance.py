@@ -35,17 +35,22 @@ class Proposal:
     lookahead: int | None = None                  # draft's token at the bonus position
     lookahead_logits: torch.Tensor | None = None  # [1, V]
     lookahead_hidden: torch.Tensor | None = None  # [1, d_draft]
-    draft_more: Callable[[], Proposal] | None = None  # one more draft step (set by the loop)
+    # the draft's next step, given the verifier's bonus token (set by the loop)
+    draft_more: Callable[[int], Proposal] | None = None
+    # (bonus, logits [1, V], hidden [1, d] | None): the draft's row after the verifier's
+    # bonus token, computed with the lookahead; the loop starts the next block with it
+    ahead: tuple | None = None
 
-    def fetch_lookahead(self) -> int | None:
-        """The draft's token at the bonus position, drafted on demand (once): one draft step
-        on d_k, which is the catch-up the draft needs at its next step anyway, so it costs
-        only a separate launch — and nothing in blocks that end before the bonus. None if
-        the loop cannot draft one."""
+    def fetch_lookahead(self, bonus: int) -> int | None:
+        """The draft's token at the bonus position, where the verifier's is ``bonus``;
+        drafted on demand (once), by the draft's catch-up on [d_k, bonus] that its next step
+        needs anyway: no extra pass when the verifier's token is committed, nothing in blocks
+        that end before the bonus. None if the loop cannot draft one."""
         if self.lookahead is None and self.draft_more is not None:
-            more = self.draft_more()
+            more = self.draft_more(bonus)
             self.lookahead = more.tokens[0]
             self.lookahead_logits, self.lookahead_hidden = more.draft_logits, more.draft_hidden
+            self.ahead = more.ahead
         return self.lookahead
 
 
@@ -116,9 +121,9 @@ class ArbiterRule:
 
     The bonus position is arbitrated like every other: when the scan reaches it, the draft
     drafts its *lookahead* token there (``Proposal.fetch_lookahead``: the draft's catch-up on
-    d_k, done one step early, and only in blocks that get that far). Every committed position
-    then gets the same decision whatever the block structure, which is what makes batched
-    lockstep decoding equal to this loop.
+    [d_k, bonus] done one step early, and only in blocks that get that far). Every committed
+    position then gets the same decision whatever the block structure, which is what makes
+    batched lockstep decoding equal to this loop.
     """
 
     policy: MismatchPolicy
@@ -159,7 +164,7 @@ class ArbiterRule:
             may_arbitrate = ((self.every_mismatch or not calls)
                              and (budget is None or overrides < budget))
             if i == k:  # the bonus position: the draft's opinion is drafted only if needed
-                if not may_arbitrate or prop.fetch_lookahead() in (None, best[k]):
+                if not may_arbitrate or prop.fetch_lookahead(best[k]) in (None, best[k]):
                     break
             elif prop.tokens[i] == best[i]:
                 continue

@@ -9,7 +9,9 @@ Invariant between steps: each model's KV cache holds a prefix of the committed s
 ``seq`` and never its last token. The last committed token is kept apart because it is the
 input of the next forward pass; so every step emits at least one token (the verifier's).
 A model whose cache lags (the draft after a fully accepted block lacks d_k) first catches up
-on the tokens it is missing, in the same forward pass as its next input.
+on the tokens it is missing, in the same forward pass as its next input. One exception: a
+rule's lookahead (CoSpec at the bonus position) makes the draft run that catch-up early,
+last token included; its row after that token (``first``) then starts the next block.
 """
 
 from __future__ import annotations
@@ -121,24 +123,37 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+Row = tuple[torch.Tensor, torch.Tensor | None]  # one row of logits [1, V], hidden [1, d]
+
+
+def _draw(row: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator | None
+          ) -> torch.Tensor:
+    """The draft's token from its logits row [V], on the device: argmax or a sample."""
+    if sampling.greedy:
+        return row.argmax().view(1)
+    return sample_on_device(probabilities(row, sampling), gen)
+
+
 def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
-            gen: torch.Generator | None, lookahead: bool = False) -> Proposal:
+            gen: torch.Generator | None, lookahead: bool = False,
+            first: Row | None = None) -> Proposal:
     """Draft k tokens after ``seq``. Leaves the draft cache at ``len(seq) + k - 1``.
 
     Each drafted token stays on the device and feeds the next draft step directly; the k
     tokens reach the host once, at the end (one synchronisation per block, not per token).
-    ``lookahead``: also set ``draft_more``, which drafts the next token after d_k when asked
-    (one more step, leaving the cache at ``len(seq) + k``).
+    ``first``: the draft's row after ``seq``, already computed (the cache then holds all of
+    ``seq``): the first step reuses it instead of a forward pass. ``lookahead``: also set
+    ``draft_more`` (see ``_lookahead``).
     """
-    lm.crop(min(lm.length, len(seq) - 1))
+    if first is None:
+        lm.crop(min(lm.length, len(seq) - 1))
+    elif lm.length != len(seq):
+        raise RuntimeError(f"draft cache at {lm.length}, the reused row needs {len(seq)}")
     pending: list[int] | torch.Tensor = seq[lm.length:]
     tokens, logits, hidden = [], [], []
-    for _ in range(k):
-        row, h = lm.forward(pending, keep=1)
-        if sampling.greedy:
-            tok = row[0].argmax().view(1)
-        else:
-            tok = sample_on_device(probabilities(row[0], sampling), gen)
+    for i in range(k):
+        row, h = first if i == 0 and first is not None else lm.forward(pending, keep=1)
+        tok = _draw(row[0], sampling, gen)
         tokens.append(tok)
         logits.append(row)
         if h is not None:
@@ -148,8 +163,28 @@ def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
                     draft_logits=torch.cat(logits) if logits else None,
                     draft_hidden=torch.cat(hidden) if hidden else None)
     if lookahead:
-        prop.draft_more = functools.partial(propose, lm, seq + prop.tokens, 1, sampling, gen)
+        prop.draft_more = functools.partial(_lookahead, lm, seq + prop.tokens, sampling, gen,
+                                            None if k else first)
     return prop
+
+
+def _lookahead(lm: CachedLM, prefix: list[int], sampling: SamplingConfig,
+               gen: torch.Generator | None, known: Row | None, bonus: int) -> Proposal:
+    """The draft's token after ``prefix`` (= seq + d_1..d_k), where the verifier's is
+    ``bonus``. One forward over the tokens the cache lacks plus ``bonus``, two rows kept:
+    row 0 is the lookahead, row 1 the draft's row after ``bonus`` (``Proposal.ahead``), which
+    starts the next block when ``bonus`` is committed. That forward is the catch-up plain
+    speculative decoding does at its next step anyway ([d_k, bonus]), so the lookahead costs
+    no extra pass unless the draft's token is kept instead. ``known``: the row after
+    ``prefix`` when it is already computed (k = 0 after a reused row)."""
+    if known is not None:
+        return Proposal(tokens=_draw(known[0][0], sampling, gen).tolist(),
+                        draft_logits=known[0], draft_hidden=known[1])
+    lm.crop(min(lm.length, len(prefix) - 1))
+    rows, h = lm.forward(prefix[lm.length:] + [bonus], keep=2)
+    return Proposal(tokens=_draw(rows[0], sampling, gen).tolist(), draft_logits=rows[:1],
+                    draft_hidden=None if h is None else h[:1],
+                    ahead=(bonus, rows[1:], None if h is None else h[1:]))
 
 
 def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
@@ -179,6 +214,7 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
         gen = torch.Generator(device=target.device).manual_seed(seed)
     seq = list(prompt_ids)
     overrides = 0  # draft tokens kept by the arbiter in this generation
+    first: Row | None = None  # the draft's row after seq, when the lookahead computed it
     with torch.inference_mode():
         t0 = _clock(target.device)
         target.prefill(seq[:-1])
@@ -194,7 +230,7 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
                 else:
                     n_draft = min(k, left - 1)
                     # the rule may ask for the draft's token at the bonus position
-                    prop = propose(draft, seq, n_draft, sampling, gen, rule.lookahead)
+                    prop = propose(draft, seq, n_draft, sampling, gen, rule.lookahead, first)
                     logits, h = target.forward(seq[target.length:] + prop.tokens,
                                                keep=n_draft + 1)
                     prop.target_logits, prop.target_hidden = logits, h
@@ -202,14 +238,21 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
                     prop.overrides_so_far = overrides
                     verdict = rule(prop, sampling, gen)
             except BaseException:  # a half-done step: forget the caches, keep ``seq`` valid
+                first = None
                 target.reset()
                 if draft is not None:
                     draft.reset()
                 raise
             # commit: each cache keeps what the committed sequence confirms
             target.crop(len(seq) + verdict.accepted)
+            first = None
             if draft is not None:
-                draft.crop(min(draft.length, len(seq) + verdict.accepted))
+                ahead = prop.ahead  # the lookahead fed the verifier's bonus token too
+                if (ahead is not None and verdict.accepted == len(prop.tokens)
+                        and ahead[0] == verdict.next_token and not verdict.next_from_draft):
+                    first = ahead[1:]
+                draft.crop(min(draft.length,
+                               len(seq) + verdict.accepted + (first is not None)))
             new = prop.tokens[:verdict.accepted] + [verdict.next_token]
             seq.extend(new)
             for _ in range(1 if draft is not None else len(new)):  # a step per verifier pass

@@ -66,6 +66,7 @@ class ReplayRule:
                               "(replay with the generated length of the recorded run)")
         n = min(self.trace[self.step], len(prop.tokens))
         self.step += 1
+        nxt = int(prop.target_logits[n].argmax())
         if self.lookahead and n == len(prop.tokens):
-            prop.fetch_lookahead()
-        return Verdict(n, int(prop.target_logits[n].argmax()))
+            prop.fetch_lookahead(nxt)
+        return Verdict(n, nxt)

@@ -1,5 +1,7 @@
 """CoSpec: arbiter rule, lockstep equivalence, arbiter files, training."""
 
+import copy
+
 import pytest
 import torch
 
@@ -41,23 +43,39 @@ def test_always_target_arbiter_is_spd_is_target(target, draft, k):
         assert stats.overrides == 0 and stats.arbiter_calls > 0
 
 
-def test_lookahead_is_drafted_only_when_needed(target, draft):
-    """CoSpec's bonus-position token costs the draft nothing in blocks that end early: with
-    an always-TARGET arbiter the draft reads exactly the tokens it reads under spd (the
-    lookahead is the catch-up on d_k, done one step early, only after a full block), but for
-    the last block of a generation, whose catch-up spd never needs."""
+def noisy_copy(model, scale: float):
+    """The model with Gaussian noise of std ``scale`` added to every weight (a draft that
+    agrees with it often but not always)."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return out
+
+
+@pytest.mark.parametrize("noise", [None, 0.0, 0.005])
+def test_lookahead_costs_no_draft_pass(target, draft, noise):
+    """CoSpec's bonus-position token costs the draft nothing: with an always-TARGET arbiter
+    the draft runs exactly spd's forward passes over exactly spd's tokens (the lookahead is
+    the catch-up on [d_k, bonus], done one step early, and its row after the bonus starts the
+    next block), but for a last block that ends full, whose catch-up spd never needs. Drafts:
+    the tiny draft (blocks rarely full), a copy of the target (every block full, the reused
+    row starts each one), a noisy copy (both, and mismatches at the bonus position)."""
+    proposer = draft if noise is None else noisy_copy(target, noise)  # its own hook
     fed = []
-    hook = draft.register_forward_pre_hook(
-        lambda mod, args, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    hook = proposer.register_forward_pre_hook(
+        lambda mod, args, kw: fed.append(kw["input_ids"][0].tolist()), with_kwargs=True)
     try:
-        for ids in prompts(3):
+        for ids in prompts(4):
             fed.clear()
-            loop(target, draft, ids, ExactRule(), 4)
-            spd = sum(fed)
+            want = loop(target, proposer, ids, ExactRule(), 4)
+            spd = list(fed)
             fed.clear()
             stats = DecodeStats()
-            loop(target, draft, ids, ArbiterRule(ConstantPolicy(0.0)), 4, stats=stats)
-            assert spd <= sum(fed) <= spd + 1 and stats.accepted < stats.drafted
+            got = loop(target, proposer, ids, ArbiterRule(ConstantPolicy(0.0)), 4, stats=stats)
+            assert got == want and fed[:len(spd)] == spd and len(fed) - len(spd) in (0, 1)
+            assert (stats.accepted == stats.drafted) == (noise == 0.0)
     finally:
         hook.remove()
 
