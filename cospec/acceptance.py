@@ -130,6 +130,9 @@ class ArbiterRule:
     threshold: float = 0.5
     every_mismatch: bool = True   # False: only the first mismatch of a block is arbitrated
     max_overrides: int | None = None  # draft tokens kept per generation at most (None: any)
+    # compute every draft row's features with the block's one read-back (None: on CUDA,
+    # where a separate read per decision costs far more than the few extra rows)
+    whole_block: bool | None = None
     lossy: bool = True
     lookahead: bool = True
     needs_hidden: bool = field(init=False)
@@ -137,16 +140,48 @@ class ArbiterRule:
     def __post_init__(self):
         self.needs_hidden = self.policy.needs_hidden
 
-    def _keep_draft(self, prop: Proposal, i: int, t: int) -> bool:
+    def _block(self, prop: Proposal) -> tuple[list[int], torch.Tensor | None, float]:
+        """(the verifier's argmax per row, the draft rows' features or None, seconds of
+        arbiter work). With ``whole_block`` the features come with the argmaxes in one copy;
+        the arbiter is charged the host time of queuing them and their device time (CUDA
+        events), not the wait for the verifier's pass that the copy also does."""
+        k = len(prop.tokens)
+        cuda = prop.target_logits.is_cuda
+        if not k or not (cuda if self.whole_block is None else self.whole_block):
+            return prop.target_logits.argmax(-1).tolist(), None, 0.0
+        from cospec.arbiter import block_stats, unpack_block
+
+        t0 = time.perf_counter()
+        if cuda:
+            marks = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            marks[0].record()
+        packed = block_stats(prop.target_logits, prop.draft_logits, prop.tokens)
+        if cuda:
+            marks[1].record()
+        spent = time.perf_counter() - t0
+        host = packed.cpu().numpy()
+        t0 = time.perf_counter()
+        best, feats = unpack_block(host, k, prop.position)
+        spent += time.perf_counter() - t0
+        if cuda:
+            spent += marks[0].elapsed_time(marks[1]) / 1e3
+        return best, feats, spent
+
+    def _keep_draft(self, prop: Proposal, i: int, t: int,
+                    block: torch.Tensor | None = None) -> bool:
         """DRAFT (True) or TARGET at the mismatch in row i (the bonus row when i = k): the
-        rows are views, one feature computation (one device-to-host copy), one policy call."""
+        features are row i of ``block`` (the block's features) if given, else computed from
+        views of the two rows (one device-to-host copy); then one policy call."""
         from cospec.arbiter import mismatch_features
 
         bonus = i == len(prop.tokens)
         d = prop.lookahead if bonus else prop.tokens[i]
         d_logits = prop.lookahead_logits if bonus else prop.draft_logits[i:i + 1]
-        feats = mismatch_features(prop.target_logits[i:i + 1], d_logits, [t], [d],
-                                  [prop.position + i])
+        if block is not None and not bonus:
+            feats = block[i:i + 1]
+        else:
+            feats = mismatch_features(prop.target_logits[i:i + 1], d_logits, [t], [d],
+                                      [prop.position + i])
         t_hid = d_hid = None
         if self.needs_hidden:
             t_hid = prop.target_hidden[i:i + 1]
@@ -155,11 +190,10 @@ class ArbiterRule:
 
     def __call__(self, prop, sampling, gen):
         k = len(prop.tokens)
-        best = prop.target_logits.argmax(-1).tolist()
+        best, block, spent = self._block(prop)
         budget = (None if self.max_overrides is None
                   else self.max_overrides - prop.overrides_so_far)
         calls = overrides = 0
-        spent = 0.0
         for i in range(k + 1):
             may_arbitrate = ((self.every_mismatch or not calls)
                              and (budget is None or overrides < budget))
@@ -171,7 +205,7 @@ class ArbiterRule:
             if not may_arbitrate:
                 return Verdict(i, best[i], calls, overrides, spent)
             t0 = time.perf_counter()
-            keep = self._keep_draft(prop, i, best[i])
+            keep = self._keep_draft(prop, i, best[i], block)
             spent += time.perf_counter() - t0
             calls += 1
             if not keep:

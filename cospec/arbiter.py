@@ -84,14 +84,18 @@ class GraphedRowStats:
             self.graphs[n] = (graph, out)
 
     def __call__(self, rows: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        """rows: tensors [r_i, V] stacked in order (sum r_i = R <= 32); ids [R, 2] (CPU) ->
-        [R, 8] on the device (a view of a static buffer: read it before the next call)."""
+        """rows: tensors [r_i, V] stacked in order (sum r_i = R <= 32); ids [R, 2] (CPU, or
+        on the device) -> [R, 8] on the device (a view of a static buffer: read it before the
+        next call)."""
         n = 0
         for part in rows:
             self.x[n:n + part.shape[0]].copy_(part)
             n += part.shape[0]
-        self.host[:n].copy_(ids)  # the previous call's copy out of it ended with its .cpu()
-        self.ids[:n].copy_(self.host[:n], non_blocking=True)
+        if ids.is_cuda:
+            self.ids[:n].copy_(ids)
+        else:
+            self.host[:n].copy_(ids)  # the previous call's copy out of it ended with .cpu()
+            self.ids[:n].copy_(self.host[:n], non_blocking=True)
         graph, out = self.graphs[next(size for size in self.SIZES if size >= n)]
         graph.replay()
         return out[:n]
@@ -114,6 +118,16 @@ def row_stats(rows: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     return _GRAPHED[device, vocab](rows, ids)
 
 
+def _combine(row: np.ndarray, b: int, position: np.ndarray) -> torch.Tensor:
+    """Features [b, F] from the row statistics [2b, 8] of b target rows then b draft rows."""
+    at_t, at_d, ent, top = row[:, 0], row[:, 1], row[:, 2], np.exp(row[:, 3:])
+    margin, mass = top[:, 0] - top[:, 1], top.sum(-1)
+    tt, dt, td, dd = at_t[:b], at_t[b:], at_d[:b], at_d[b:]  # xy: model x's log-prob of y
+    pos = np.log1p(position.astype(np.float32))
+    return torch.from_numpy(np.stack([tt, td, dd, dt, ent[:b], ent[b:], margin[:b], margin[b:],
+                                      mass[:b], mass[b:], tt - td, dd - dt, pos], axis=-1))
+
+
 def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
                       t: torch.Tensor | list[int], d: torch.Tensor | list[int],
                       position: torch.Tensor | list[int]) -> torch.Tensor:
@@ -127,15 +141,34 @@ def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
     """
     t, d, position = (np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
                       for x in (t, d, position))
-    b = len(t)
     ids = torch.from_numpy(np.tile(np.stack([t, d], axis=-1), (2, 1)))    # [2B, 2]
     row = row_stats([target_logits, draft_logits], ids).cpu().numpy()     # [2B, 8]
-    at_t, at_d, ent, top = row[:, 0], row[:, 1], row[:, 2], np.exp(row[:, 3:])
-    margin, mass = top[:, 0] - top[:, 1], top.sum(-1)
-    tt, dt, td, dd = at_t[:b], at_t[b:], at_d[:b], at_d[b:]  # xy: model x's log-prob of y
-    pos = np.log1p(position.astype(np.float32))
-    return torch.from_numpy(np.stack([tt, td, dd, dt, ent[:b], ent[b:], margin[:b], margin[b:],
-                                      mass[:b], mass[b:], tt - td, dd - dt, pos], axis=-1))
+    return _combine(row, len(t), position)
+
+
+def block_stats(target_logits: torch.Tensor, draft_logits: torch.Tensor,
+                tokens: list[int]) -> torch.Tensor:
+    """A whole block's statistics, queued on the device before anything is read back:
+    target_logits [k + 1, V], draft_logits [k, V], the drafted tokens d_1..d_k -> one packed
+    float32 tensor [16k + k + 1] (``unpack_block`` reads it): the row statistics of the k
+    target rows and the k draft rows at (t_i, d_i), t_i the verifier's argmax, then the k + 1
+    argmaxes (exact in float32: vocabularies are far below 2^24 ids). Its one copy to the host
+    is the copy the acceptance decision makes anyway."""
+    k = len(tokens)
+    best = target_logits.argmax(-1)                                       # [k + 1]
+    pair = torch.stack([best[:k], torch.tensor(tokens, device=best.device)], dim=-1)
+    row = row_stats([target_logits[:k], draft_logits], torch.cat([pair, pair]))  # [2k, 8]
+    return torch.cat([row.flatten(), best.float()])
+
+
+def unpack_block(packed: np.ndarray, k: int, position: int) -> tuple[list[int], torch.Tensor]:
+    """``block_stats``' tensor, on the host -> (the verifier's argmax at each of the k + 1
+    rows, features [k, F] of a mismatch at each draft row, equal to ``mismatch_features``';
+    rows where the models agree hold values no one reads). ``position``: tokens generated
+    before d_1."""
+    best = packed[16 * k:].astype(np.int64).tolist()
+    return best, _combine(packed[:16 * k].reshape(2 * k, 8), k,
+                          np.arange(position, position + k))
 
 
 # ---------------------------------------------------------------- policies

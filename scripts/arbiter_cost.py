@@ -4,9 +4,13 @@
 - alone: features from one target/draft logit row pair + the shipped policy
   (``ArbiterRule._keep_draft``), eager and as a replayed CUDA graph
   (``cospec.arbiter.GraphedRowStats``), warm, in a tight loop;
+- a block's features at once (``block_stats`` + ``unpack_block``, k = 5, with its copy to
+  the host), and a decision given them;
 - in the loop: CoSpec decoding with random-weight Qwen2.5 1.5B / 0.5B shapes (bf16, fast
-  path, k = 5, ``--tokens``): random models disagree at nearly every block, so nearly every
-  step asks the arbiter once; reports the time per decision and its share of decode time.
+  path, k = 5, ``--tokens``), features per mismatch (with a breakdown: row statistics and
+  their copy, the policy) and for the whole block with the step's one copy (the CUDA
+  default): random models disagree at nearly every block, so nearly every step asks the
+  arbiter once; reports the time per decision and its share of decode time.
 """
 
 import argparse
@@ -53,6 +57,11 @@ for mode in ("eager", "graphed"):
     os.environ["COSPEC_EAGER"] = "1" if mode == "eager" else "0"
     res[f"decision_ms_{mode}"] = timed(lambda: rule._keep_draft(prop, 1, 3))
 os.environ.pop("COSPEC_EAGER")
+res["block_ms"] = timed(lambda: arbiter.unpack_block(
+    arbiter.block_stats(tl, dl[:5], prop.tokens).cpu().numpy(), 5, 40))
+block = arbiter.unpack_block(arbiter.block_stats(tl, dl[:5], prop.tokens).cpu().numpy(),
+                             5, 40)[1]
+res["decision_given_block_ms"] = timed(lambda: rule._keep_draft(prop, 1, 3, block))
 target, draft = random_model("1.5b"), random_model("0.5b")
 prompt = torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
 spent = {"row_stats": 0.0, "policy": 0.0}  # seconds inside the two pieces, in the loop
@@ -67,18 +76,28 @@ def clocked(name, fn):
     return wrapper
 
 
+def in_loop(whole_block: bool, breakdown: bool) -> dict:
+    rule.whole_block = whole_block
+    for _ in range(2):  # the first run captures the graphs; the second is measured
+        stats = DecodeStats()
+        spent.update(row_stats=0.0, policy=0.0)
+        list(generate(target, draft, prompt, rule, k=5, max_new_tokens=args.tokens,
+                      stats=stats))
+    n = max(stats.arbiter_calls, 1)
+    out = {"decisions": stats.arbiter_calls, "steps": stats.steps,
+           "ms_per_decision": 1e3 * stats.arbiter_s / n,
+           "share_of_decode": stats.arbiter_s / stats.decode_s,
+           "tokens_per_s": stats.tokens_per_s}
+    if breakdown:
+        out.update(of_which_row_stats_ms=1e3 * spent["row_stats"] / n,
+                   of_which_policy_ms=1e3 * spent["policy"] / n)
+    return out
+
+
+res["in_loop_whole_block"] = in_loop(True, False)
+res["in_loop_per_mismatch"] = in_loop(False, False)
+# the breakdown's timers read the row statistics back at once (a sync of their own)
 arbiter.row_stats = clocked("row_stats", lambda *a, f=arbiter.row_stats: f(*a).cpu())
 rule.policy.draft_prob = clocked("policy", rule.policy.draft_prob)
-for _ in range(2):  # the first run captures the graphs; the second is measured
-    stats = DecodeStats()
-    spent.update(row_stats=0.0, policy=0.0)
-    list(generate(target, draft, prompt, rule, k=5, max_new_tokens=args.tokens,
-                  stats=stats))
-n = max(stats.arbiter_calls, 1)
-res["in_loop"] = {"decisions": stats.arbiter_calls, "steps": stats.steps,
-                  "ms_per_decision": 1e3 * stats.arbiter_s / n,
-                  "of_which_row_stats_ms": 1e3 * spent["row_stats"] / n,
-                  "of_which_policy_ms": 1e3 * spent["policy"] / n,
-                  "share_of_decode": stats.arbiter_s / stats.decode_s,
-                  "tokens_per_s": stats.tokens_per_s}
+res["in_loop_per_mismatch_timed"] = in_loop(False, True)
 print(json.dumps(res))

@@ -58,4 +58,4 @@ for stage in "$@"; do
     echo "=== $(date +%T) $stage"
     "stage_$stage"
 done
-if [ -n "${OUT:-}" ]; then cp -r "$R/." "$OUT/"; fi
+if [ -n "${OUT:-}" ] && [ "$R" != "$OUT" ]; then cp -r "$R/." "$OUT/"; fi

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from cospec import arbiter
 from cospec.acceptance import ArbiterRule, ExactRule
 from cospec.arbiter import (
     FEATURES,
@@ -257,6 +258,47 @@ def test_row_stats_match_their_definition(device):
         want = torch.cat([logp.gather(1, ids), -(logp.exp() * logp).sum(-1, keepdim=True),
                           logp.topk(5, dim=-1).values], dim=-1)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA GPU"))])
+def test_block_features_are_the_single_row_ones(device):
+    """A block's features, computed for every draft row at once with the argmaxes, equal the
+    features of each row computed alone (where the rows disagree)."""
+    g = torch.Generator().manual_seed(4)
+    k, v = 5, 300
+    t_logits, d_logits = torch.randn(k + 1, v, generator=g), torch.randn(k, v, generator=g)
+    tokens = torch.randint(0, v, (k,), generator=g).tolist()
+    tokens[2] = int(t_logits[2].argmax())  # one row where the models agree
+    packed = arbiter.block_stats(t_logits.to(device), d_logits.to(device), tokens)
+    best, feats = arbiter.unpack_block(packed.cpu().numpy(), k, 7)
+    assert best == t_logits.argmax(-1).tolist()
+    for i in range(k):
+        want = arbiter.mismatch_features(t_logits[i:i + 1], d_logits[i:i + 1], [best[i]],
+                                         [tokens[i]], [7 + i])
+        torch.testing.assert_close(feats[i:i + 1], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_whole_block_features_same_decisions(target, draft, budget):
+    """The rule with every draft row's features computed up front (the CUDA default) takes
+    the decisions and gives the tokens it gives computing them per mismatch."""
+    torch.manual_seed(2)
+    learned = LearnedPolicy(len(FEATURES), hidden_units=8).eval()
+    pols = (ConfidencePolicy(0.2), learned)
+    kept = {id(p): 0 for p in pols}
+    for ids in prompts(4):
+        for p in pols:
+            got, want = DecodeStats(), DecodeStats()
+            a = loop(target, draft, ids, ArbiterRule(p, max_overrides=budget,
+                                                    whole_block=True), 4, 30, got)
+            b = loop(target, draft, ids, ArbiterRule(p, max_overrides=budget,
+                                                    whole_block=False), 4, 30, want)
+            assert a == b and (got.overrides, got.arbiter_calls) == (want.overrides,
+                                                                   want.arbiter_calls)
+            kept[id(p)] += got.overrides
+    assert all(kept.values())  # both policies kept draft tokens somewhere
 
 
 @pytest.mark.parametrize("hidden_units", [0, 8])
