@@ -9,7 +9,10 @@
 #           device's 10-minute call limit; rerun to go on)
 #   eval    the refined arbiter on GSM8K heldout (all 831), beside the target's committed
 #           records (same problems, same settings)
+#   transfer  the same on HumanEval (164) and MBPP (500)
 #
+# eval and transfer evaluate $R/refine/arbiter.safetensors (the committed refinement, 7
+# iterations, unless refine ran further); its hash is in every cospec record's opts.
 # Results go to $R (default /tmp/r6) and are copied to $OUT when set. Run from the repository
 # root: COSPEC_CACHE=/tmp/cc PYTHONPATH=/tmp/site:. bash scripts/gpu_session6.sh setup speed
 set -eu
@@ -33,25 +36,38 @@ stage_speed() {
         --methods spd,cospec --prompts 20
 }
 
-stage_refine() {  # resumes the committed refinement when $R has none
+committed_refine() {  # $R/refine starts from the committed refinement when $R has none
     if [ ! -e "$R/refine" ] && [ -d results/gpu/refine-gsm8k-dev ]; then
         cp -r results/gpu/refine-gsm8k-dev "$R/refine"
     fi
+}
+
+stage_refine() {
+    committed_refine
     timeout "${REFINE_S:-540}" python3 -m cospec refine --arbiter "$ARBITER" "${REFINE[@]}" \
         2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]|Loading weights" || true
 }
 
-stage_eval() {
-    local d="$R/gsm8k-heldout-refined"
+refined_eval() {  # $1 task, $2 split, $3 committed folder with the target's records, $4 tokens
+    local d="$R/$(basename "$3")-refined"
+    committed_refine
     if [ ! -e "$d/accuracy.jsonl" ]; then
         mkdir -p "$d"
-        cp results/gpu/gsm8k-heldout/config.json "$d/"
-        zcat results/gpu/gsm8k-heldout/accuracy.jsonl.gz | grep '"method": "target"' \
-            > "$d/accuracy.jsonl"
+        cp "$3/config.json" "$d/"
+        zcat "$3/accuracy.jsonl.gz" | grep '"method": "target"' > "$d/accuracy.jsonl"
     fi
-    python3 -m cospec eval --task gsm8k --split heldout --methods target,cospec \
-        --arbiter "$R/refine/arbiter.safetensors" --max-new-tokens 768 --batch-size 512 \
+    python3 -m cospec eval --task "$1" --split "$2" --methods target,cospec \
+        --arbiter "$R/refine/arbiter.safetensors" --max-new-tokens "$4" --batch-size 512 \
         --speed-subset 0 --device cuda --out "$d" 2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]"
+}
+
+stage_eval() {
+    refined_eval gsm8k heldout results/gpu/gsm8k-heldout 768
+}
+
+stage_transfer() {  # the GSM8K-refined arbiter on code, as the shipped one was evaluated
+    refined_eval humaneval test results/gpu/humaneval 512
+    refined_eval mbpp test results/gpu/mbpp 512
 }
 
 for stage in "$@"; do
