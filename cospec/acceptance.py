@@ -26,6 +26,7 @@ class Proposal:
     """One speculative step's tensors (k = len(tokens), V = vocabulary, d = hidden size)."""
 
     tokens: list[int]                             # d_1..d_k
+    token_ids: torch.Tensor | None = None         # [k]: the same, on the draft's device
     draft_logits: torch.Tensor | None = None      # [k, V]: row i drew d_{i+1}
     draft_hidden: torch.Tensor | None = None      # [k, d_draft]
     target_logits: torch.Tensor | None = None     # [k + 1, V]
@@ -155,7 +156,8 @@ class ArbiterRule:
         if cuda:
             marks = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             marks[0].record()
-        packed = block_stats(prop.target_logits, prop.draft_logits, prop.tokens)
+        tokens = prop.token_ids if prop.token_ids is not None else prop.tokens
+        packed = block_stats(prop.target_logits, prop.draft_logits, tokens)
         if cuda:
             marks[1].record()
         spent = time.perf_counter() - t0

@@ -159,7 +159,8 @@ def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
         if h is not None:
             hidden.append(h)
         pending = tok
-    prop = Proposal(tokens=torch.cat(tokens).tolist() if tokens else [],
+    ids = torch.cat(tokens) if tokens else None
+    prop = Proposal(tokens=ids.tolist() if tokens else [], token_ids=ids,
                     draft_logits=torch.cat(logits) if logits else None,
                     draft_hidden=torch.cat(hidden) if hidden else None)
     if lookahead:

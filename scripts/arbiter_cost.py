@@ -57,10 +57,10 @@ for mode in ("eager", "graphed"):
     os.environ["COSPEC_EAGER"] = "1" if mode == "eager" else "0"
     res[f"decision_ms_{mode}"] = timed(lambda: rule._keep_draft(prop, 1, 3))
 os.environ.pop("COSPEC_EAGER")
+ids = torch.tensor(prop.tokens, device="cuda")  # the loop has the drafted ids on the device
 res["block_ms"] = timed(lambda: arbiter.unpack_block(
-    arbiter.block_stats(tl, dl[:5], prop.tokens).cpu().numpy(), 5, 40))
-block = arbiter.unpack_block(arbiter.block_stats(tl, dl[:5], prop.tokens).cpu().numpy(),
-                             5, 40)[1]
+    arbiter.block_stats(tl, dl[:5], ids).cpu().numpy(), 5, 40))
+block = arbiter.unpack_block(arbiter.block_stats(tl, dl[:5], ids).cpu().numpy(), 5, 40)[1]
 res["decision_given_block_ms"] = timed(lambda: rule._keep_draft(prop, 1, 3, block))
 target, draft = random_model("1.5b"), random_model("0.5b")
 prompt = torch.randint(1000, 100000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
