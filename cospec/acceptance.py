@@ -177,11 +177,11 @@ class ArbiterRule:
         from cospec.arbiter import mismatch_features
 
         bonus = i == len(prop.tokens)
-        d = prop.lookahead if bonus else prop.tokens[i]
-        d_logits = prop.lookahead_logits if bonus else prop.draft_logits[i:i + 1]
         if block is not None and not bonus:
             feats = block[i:i + 1]
         else:
+            d = prop.lookahead if bonus else prop.tokens[i]
+            d_logits = prop.lookahead_logits if bonus else prop.draft_logits[i:i + 1]
             feats = mismatch_features(prop.target_logits[i:i + 1], d_logits, [t], [d],
                                       [prop.position + i])
         t_hid = d_hid = None

@@ -149,13 +149,13 @@ def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
 def block_stats(target_logits: torch.Tensor, draft_logits: torch.Tensor,
                 tokens: torch.Tensor | list[int]) -> torch.Tensor:
     """A whole block's statistics, queued on the device before anything is read back:
-    target_logits [k + 1, V], draft_logits [k, V], the drafted tokens d_1..d_k (best as a
-    tensor on the device: a list is copied there, and a copy from the host waits for all
-    queued work, the verifier's pass included) -> one packed
+    target_logits [k + 1, V], draft_logits [k, V], the drafted tokens d_1..d_k -> one packed
     float32 tensor [16k + k + 1] (``unpack_block`` reads it): the row statistics of the k
     target rows and the k draft rows at (t_i, d_i), t_i the verifier's argmax, then the k + 1
     argmaxes (exact in float32: vocabularies are far below 2^24 ids). Its one copy to the host
-    is the copy the acceptance decision makes anyway."""
+    is the copy the acceptance decision makes anyway. Give the tokens as a tensor on the
+    device: a list is copied there, and a blocking copy from the host first waits for all
+    queued work, the verifier's pass included."""
     k = len(tokens)
     best = target_logits.argmax(-1)                                       # [k + 1]
     pair = torch.stack([best[:k], torch.as_tensor(tokens, device=best.device)], dim=-1)

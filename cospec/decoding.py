@@ -250,7 +250,7 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
             if draft is not None:
                 ahead = prop.ahead  # the lookahead fed the verifier's bonus token too
                 if (ahead is not None and verdict.accepted == len(prop.tokens)
-                        and ahead[0] == verdict.next_token and not verdict.next_from_draft):
+                        and ahead[0] == verdict.next_token):  # ... and it was committed
                     first = ahead[1:]
                 draft.crop(min(draft.length,
                                len(seq) + verdict.accepted + (first is not None)))

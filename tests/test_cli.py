@@ -190,6 +190,8 @@ def test_refine_runs_resumes_and_refuses_evaluation_data(tiny_dirs, tmp_path):
     assert res.returncode == 2 and "--group must be >= 2" in res.stderr
     res = cli(*args, "--problems", "0")
     assert res.returncode == 2 and "--problems must be >= 1" in res.stderr
+    res = cli(*args, "--lr", "0")
+    assert res.returncode == 2 and "--lr must be > 0" in res.stderr
     assert "Traceback" not in res.stderr
 
 
