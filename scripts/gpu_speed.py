@@ -243,6 +243,12 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     if args.methods:
         names = [m for m in names if m in args.methods.split(",") or m == "target"]
     methods = {m: build_method(m, pair, MethodOptions(), sampling) for m in names}
+    if "cospec-rows" in args.methods.split(",") and "cospec" in methods:
+        # the arbiter's features one mismatch at a time (ArbiterRule.whole_block off)
+        rows = build_method("cospec", pair, MethodOptions(), sampling)
+        rows.rule.whole_block = False
+        names.insert(names.index("cospec") + 1, "cospec-rows")
+        methods["cospec-rows"] = rows
     k, n = args.k, args.new
 
     def run(name: str, prompt: list[int], seed: int) -> dict:
