@@ -11,6 +11,7 @@ Exact rules reproduce the verifier (greedy output, or sampling distribution). Lo
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,6 @@ class Proposal:
     """One speculative step's tensors (k = len(tokens), V = vocabulary, d = hidden size)."""
 
     tokens: list[int]                             # d_1..d_k
-    token_ids: torch.Tensor | None = None         # [k]: the same, on the draft's device
     draft_logits: torch.Tensor | None = None      # [k, V]: row i drew d_{i+1}
     draft_hidden: torch.Tensor | None = None      # [k, d_draft]
     target_logits: torch.Tensor | None = None     # [k + 1, V]
@@ -131,59 +131,38 @@ class ArbiterRule:
     threshold: float = 0.5
     every_mismatch: bool = True   # False: only the first mismatch of a block is arbitrated
     max_overrides: int | None = None  # draft tokens kept per generation at most (None: any)
-    # compute every draft row's features with the block's one read-back (None: on CUDA,
-    # where a separate read per decision costs far more than the few extra rows)
-    whole_block: bool | None = None
+    # on CUDA, each decision as one replayed graph (policies without hidden states)
+    graphed: bool = True
     lossy: bool = True
     lookahead: bool = True
     needs_hidden: bool = field(init=False)
+    _graph: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.needs_hidden = self.policy.needs_hidden
 
-    def _block(self, prop: Proposal) -> tuple[list[int], torch.Tensor | None, float]:
-        """(the verifier's argmax per row, the draft rows' features or None, seconds of
-        arbiter work). With ``whole_block`` the features come with the argmaxes in one copy;
-        the arbiter is charged the host time of queuing them and their device time (CUDA
-        events), not the wait for the verifier's pass that the copy also does."""
-        k = len(prop.tokens)
-        cuda = prop.target_logits.is_cuda
-        if not k or not (cuda if self.whole_block is None else self.whole_block):
-            return prop.target_logits.argmax(-1).tolist(), None, 0.0
-        from cospec.arbiter import block_stats, unpack_block
-
-        t0 = time.perf_counter()
-        if cuda:
-            marks = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            marks[0].record()
-        tokens = prop.token_ids if prop.token_ids is not None else prop.tokens
-        packed = block_stats(prop.target_logits, prop.draft_logits, tokens)
-        if cuda:
-            marks[1].record()
-        spent = time.perf_counter() - t0
-        host = packed.cpu().numpy()
-        t0 = time.perf_counter()
-        best, feats = unpack_block(host, k, prop.position)
-        spent += time.perf_counter() - t0
-        if cuda:
-            spent += marks[0].elapsed_time(marks[1]) / 1e3
-        return best, feats, spent
-
-    def _keep_draft(self, prop: Proposal, i: int, t: int,
-                    block: torch.Tensor | None = None) -> bool:
-        """DRAFT (True) or TARGET at the mismatch in row i (the bonus row when i = k): the
-        features are row i of ``block`` (the block's features) if given, else computed from
-        views of the two rows (one device-to-host copy); then one policy call."""
-        from cospec.arbiter import mismatch_features
+    def _keep_draft(self, prop: Proposal, i: int, t: int) -> bool:
+        """DRAFT (True) or TARGET at the mismatch in row i (the bonus row when i = k), from
+        the two rows' features. On CUDA, for a policy without hidden states, the whole
+        decision is one replayed graph (``arbiter.GraphedDecision``); else the features are
+        read back (one copy) and the policy runs on the host. Computed only when a mismatch
+        is met: a pass over every row of every block, read back with the argmaxes, cost
+        more on the GPU (0.85 ms a step against 0.8 ms a decision at 0.36 decisions a step;
+        results/gpu/speed-session7)."""
+        from cospec.arbiter import GraphedDecision, mismatch_features
 
         bonus = i == len(prop.tokens)
-        if block is not None and not bonus:
-            feats = block[i:i + 1]
-        else:
-            d = prop.lookahead if bonus else prop.tokens[i]
-            d_logits = prop.lookahead_logits if bonus else prop.draft_logits[i:i + 1]
-            feats = mismatch_features(prop.target_logits[i:i + 1], d_logits, [t], [d],
-                                      [prop.position + i])
+        d = prop.lookahead if bonus else prop.tokens[i]
+        t_logits = prop.target_logits[i:i + 1]
+        d_logits = prop.lookahead_logits if bonus else prop.draft_logits[i:i + 1]
+        if (self.graphed and t_logits.is_cuda and not self.needs_hidden
+                and os.environ.get("COSPEC_EAGER") != "1"):
+            device, vocab = t_logits.device, t_logits.shape[-1]
+            if self._graph is None or not self._graph.fits(self.policy, device, vocab):
+                self._graph = GraphedDecision(self.policy, device, vocab)
+            prob = self._graph(t_logits, d_logits, t, d, prop.position + i)
+            return prob >= self.threshold
+        feats = mismatch_features(t_logits, d_logits, [t], [d], [prop.position + i])
         t_hid = d_hid = None
         if self.needs_hidden:
             t_hid = prop.target_hidden[i:i + 1]
@@ -192,7 +171,7 @@ class ArbiterRule:
 
     def __call__(self, prop, sampling, gen):
         k = len(prop.tokens)
-        best, block, spent = self._block(prop)
+        best, spent = prop.target_logits.argmax(-1).tolist(), 0.0
         budget = (None if self.max_overrides is None
                   else self.max_overrides - prop.overrides_so_far)
         calls = overrides = 0
@@ -207,7 +186,7 @@ class ArbiterRule:
             if not may_arbitrate:
                 return Verdict(i, best[i], calls, overrides, spent)
             t0 = time.perf_counter()
-            keep = self._keep_draft(prop, i, best[i], block)
+            keep = self._keep_draft(prop, i, best[i])
             spent += time.perf_counter() - t0
             calls += 1
             if not keep:

@@ -160,7 +160,7 @@ def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
             hidden.append(h)
         pending = tok
     ids = torch.cat(tokens) if tokens else None
-    prop = Proposal(tokens=ids.tolist() if tokens else [], token_ids=ids,
+    prop = Proposal(tokens=ids.tolist() if tokens else [],
                     draft_logits=torch.cat(logits) if logits else None,
                     draft_hidden=torch.cat(hidden) if hidden else None)
     if lookahead:

@@ -243,12 +243,12 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     if args.methods:
         names = [m for m in names if m in args.methods.split(",") or m == "target"]
     methods = {m: build_method(m, pair, MethodOptions(), sampling) for m in names}
-    if "cospec-rows" in args.methods.split(",") and "cospec" in methods:
-        # the arbiter's features one mismatch at a time (ArbiterRule.whole_block off)
-        rows = build_method("cospec", pair, MethodOptions(), sampling)
-        rows.rule.whole_block = False
-        names.insert(names.index("cospec") + 1, "cospec-rows")
-        methods["cospec-rows"] = rows
+    if "cospec-host" in args.methods.split(",") and "cospec" in methods:
+        # the arbiter's decisions on the host path (ArbiterRule.graphed off), for comparison
+        methods["cospec-host"] = build_method("cospec", pair, MethodOptions(), sampling)
+        methods["cospec-host"].rule.graphed = False
+        names.insert(names.index("cospec") + 1, "cospec-host")
+        lossy.insert(lossy.index("cospec") + 1, "cospec-host")
     k, n = args.k, args.new
 
     def run(name: str, prompt: list[int], seed: int) -> dict:
@@ -461,7 +461,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--methods", default="",
-                    help="pair parts: only these methods (and target), comma-separated")
+                    help="pair parts: only these methods (and target), comma-separated; "
+                         "cospec-host: cospec with its decisions on the host path")
     ap.add_argument("--hf", action="store_true",
                     help="pair parts at T = 0 also time transformers' eager and assisted generate")
     args = ap.parse_args()

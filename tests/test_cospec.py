@@ -245,8 +245,6 @@ def test_row_stats_match_their_definition(device):
     with other rows and another count) equal log-softmax / entropy / top-5 computed plainly."""
     from contextlib import nullcontext
 
-    from cospec import arbiter
-
     arbiter._GRAPHED.clear()  # built inside inference mode below, then used outside it
     g = torch.Generator().manual_seed(0)
     for j, n in enumerate((1, 3, 1)):
@@ -260,45 +258,69 @@ def test_row_stats_match_their_definition(device):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device", [
-    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                         reason="needs a CUDA GPU"))])
-def test_block_features_are_the_single_row_ones(device):
-    """A block's features, computed for every draft row at once with the argmaxes, equal the
-    features of each row computed alone (where the rows disagree)."""
-    g = torch.Generator().manual_seed(4)
-    k, v = 5, 300
-    t_logits, d_logits = torch.randn(k + 1, v, generator=g), torch.randn(k, v, generator=g)
-    tokens = torch.randint(0, v, (k,), generator=g).tolist()
-    tokens[2] = int(t_logits[2].argmax())  # one row where the models agree
-    packed = arbiter.block_stats(t_logits.to(device), d_logits.to(device), tokens)
-    best, feats = arbiter.unpack_block(packed.cpu().numpy(), k, 7)
-    assert best == t_logits.argmax(-1).tolist()
-    for i in range(k):
-        want = arbiter.mismatch_features(t_logits[i:i + 1], d_logits[i:i + 1], [best[i]],
-                                         [tokens[i]], [7 + i])
-        torch.testing.assert_close(feats[i:i + 1], want, atol=1e-4, rtol=1e-4)
+def test_features_in_torch_are_the_numpy_ones():
+    """The features' arithmetic run in torch (inside ``GraphedDecision``'s graph) gives what
+    the numpy version gives (the host path)."""
+    g = torch.Generator().manual_seed(3)
+    row, pos = torch.randn(6, 8, generator=g), torch.tensor([0.0, 7.0, 300.0])
+    want = arbiter._combine(row.numpy(), 3, pos.numpy())
+    torch.testing.assert_close(arbiter._combine(row, 3, pos, torch), torch.from_numpy(want))
 
 
-@pytest.mark.parametrize("budget", [None, 1])
-def test_whole_block_features_same_decisions(target, draft, budget):
-    """The rule with every draft row's features computed up front (the CUDA default) takes
-    the decisions and gives the tokens it gives computing them per mismatch."""
-    torch.manual_seed(2)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@needs_cuda
+def test_graphed_decision_is_the_host_path():
+    """A whole decision as one CUDA graph (rows, ids and position written in, one probability
+    read back) equals features + policy on the host, for each kind of policy, call after
+    call with new inputs; a policy changed in place is captured again."""
+    g = torch.Generator().manual_seed(5)
     learned = LearnedPolicy(len(FEATURES), hidden_units=8).eval()
-    pols = (ConfidencePolicy(0.2), learned)
-    kept = {id(p): 0 for p in pols}
-    for ids in prompts(4):
-        for p in pols:
-            got, want = DecodeStats(), DecodeStats()
-            a = loop(target, draft, ids, ArbiterRule(p, max_overrides=budget,
-                                                    whole_block=True), 4, 30, got)
-            b = loop(target, draft, ids, ArbiterRule(p, max_overrides=budget,
-                                                    whole_block=False), 4, 30, want)
-            assert a == b and (got.overrides, got.arbiter_calls) == (want.overrides,
-                                                                   want.arbiter_calls)
-            kept[id(p)] += got.overrides
-    assert all(kept.values())  # both policies kept draft tokens somewhere
+    with torch.no_grad():
+        learned.mean.normal_(generator=g)
+    policies = (ConstantPolicy(1.0), ConfidencePolicy(0.3), EntropyPolicy(4.0), learned)
+    for policy in policies:
+        rule = ArbiterRule(policy)
+        for step in range(4):
+            t_row, d_row = (torch.randn(1, 500, generator=g) * 3 for _ in range(2))
+            t, d, pos = int(t_row.argmax()), int(d_row.argmax()), 10 * step
+            feats = arbiter.mismatch_features(t_row, d_row, [t], [d], [pos])
+            want = float(policy.draft_prob(feats)[0])
+            if rule._graph is None or not rule._graph.fits(policy, torch.device("cuda:0"), 500):
+                rule._graph = arbiter.GraphedDecision(policy, torch.device("cuda:0"), 500)
+            got = rule._graph(t_row.cuda(), d_row.cuda(), t, d, pos)
+            assert abs(got - want) < 1e-4, (policy, step)
+            if policy is learned and step == 1:
+                graph = rule._graph
+                with torch.no_grad():
+                    learned.net[0].bias.add_(1.0)
+                assert not graph.fits(learned, torch.device("cuda:0"), 500)
+
+
+@needs_cuda
+@pytest.mark.parametrize("policy", [ConfidencePolicy(0.3), "learned"])
+def test_graphed_decisions_give_the_host_paths_tokens(target, draft, policy):
+    """CoSpec on CUDA decides through the graph; the tokens and decisions equal those of the
+    host path (``graphed=False``) on the same models."""
+    if policy == "learned":  # keep d when p_t(t) / p_t(d) < e^3, steeply (decisive)
+        policy = LearnedPolicy(len(FEATURES), hidden_units=0).eval()
+        with torch.no_grad():
+            policy.net.weight.zero_()
+            policy.net.weight[0, FEATURES.index("gap_t")] = -10.0
+            policy.net.bias.fill_(30.0)
+    t_gpu, d_gpu = copy.deepcopy(target).cuda(), copy.deepcopy(draft).cuda()
+    kept = 0
+    for ids in prompts(3):
+        got, want = DecodeStats(), DecodeStats()
+        rule = ArbiterRule(policy)
+        a = loop(t_gpu, d_gpu, ids, rule, 4, 30, got)
+        assert rule._graph is not None  # the graph decided
+        b = loop(t_gpu, d_gpu, ids, ArbiterRule(policy, graphed=False), 4, 30, want)
+        assert a == b and (got.arbiter_calls, got.overrides) == (want.arbiter_calls,
+                                                               want.overrides)
+        kept += got.overrides
+    assert kept
 
 
 @pytest.mark.parametrize("hidden_units", [0, 8])
