@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -159,7 +160,14 @@ class ArbiterRule:
                 and os.environ.get("COSPEC_EAGER") != "1"):
             device, vocab = t_logits.device, t_logits.shape[-1]
             if self._graph is None or not self._graph.fits(self.policy, device, vocab):
-                self._graph = GraphedDecision(self.policy, device, vocab)
+                try:
+                    self._graph = GraphedDecision(self.policy, device, vocab)
+                except (RuntimeError, TypeError, ValueError) as err:  # host-only policy
+                    warnings.warn(f"{type(self.policy).__name__} cannot run inside a CUDA "
+                                  f"graph ({err}); its decisions run on the host",
+                                  stacklevel=2)
+                    self.graphed = False
+                    return self._keep_draft(prop, i, t)
             prob = self._graph(t_logits, d_logits, t, d, prop.position + i)
             return prob >= self.threshold
         feats = mismatch_features(t_logits, d_logits, [t], [d], [prop.position + i])

@@ -1,6 +1,7 @@
 """CoSpec: arbiter rule, lockstep equivalence, arbiter files, training."""
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -321,6 +322,30 @@ def test_graphed_decisions_give_the_host_paths_tokens(target, draft, policy):
                                                                want.overrides)
         kept += got.overrides
     assert kept
+
+
+@dataclass
+class HostOnlyPolicy:
+    """A user's policy that reads its features on the host (cannot be graph-captured)."""
+
+    needs_hidden: bool = False
+
+    def draft_prob(self, features, target_hidden=None, draft_hidden=None):
+        margin = features[:, FEATURES.index("margin_t")].cpu().numpy()
+        return torch.from_numpy((margin < 0.5).astype("float32"))
+
+
+@needs_cuda
+def test_a_policy_that_cannot_be_captured_decides_on_the_host(target, draft):
+    """A policy that cannot run inside a CUDA graph gets a warning and the host path: the
+    tokens of ``graphed=False``, not a crash."""
+    t_gpu, d_gpu = copy.deepcopy(target).cuda(), copy.deepcopy(draft).cuda()
+    ids = prompts(1)[0]
+    rule = ArbiterRule(HostOnlyPolicy())
+    with pytest.warns(UserWarning, match="cannot run inside a CUDA graph"):
+        got = loop(t_gpu, d_gpu, ids, rule, 4, 30)
+    assert not rule.graphed
+    assert got == loop(t_gpu, d_gpu, ids, ArbiterRule(HostOnlyPolicy(), graphed=False), 4, 30)
 
 
 @pytest.mark.parametrize("hidden_units", [0, 8])
