@@ -428,7 +428,7 @@ def markdown(res: dict) -> str:
             if s.get("spd_identical_to_target") is not None:
                 notes[-1 if len(notes) == 1 else 0] += (" (bf16: a verify over k+1 rows and a "
                                                         "1-row step round differently)")
-        for name in ("cospec", "confidence", "entropy"):
+        for name in ("cospec", "cospec-host", "confidence", "entropy"):
             if name not in s:
                 continue
             c = s[name]
