@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from cospec.arbiter import mismatch_features
 from cospec.cpu import fast_linear
-from cospec.decoding import LastHidden
+from cospec.decoding import LastHidden, call_lm
 from cospec.sampling import GREEDY, SamplingConfig, probabilities
 
 
@@ -51,9 +51,9 @@ def _forward(model, ids, mask, pos, cache, hidden: bool = False):
     """Last-position logits [B, V] (float32), the cache, and (if ``hidden``) the last
     hidden states [B, d] (else None)."""
     with fast_linear(model, ids.device), LastHidden(model, hidden) as h:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return (out.logits[:, -1].float(), out.past_key_values,
+        out, cache = call_lm(model, cache, input_ids=ids, attention_mask=mask,
+                             position_ids=pos, logits_to_keep=1)
+    return (out.logits[:, -1].float(), cache,
             h.value[:, -1].float() if hidden else None)
 
 

@@ -17,6 +17,7 @@ last token included; its row after that token (``first``) then starts the next b
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -60,6 +61,22 @@ class LastHidden:
             self._handle.remove()
 
 
+@functools.cache
+def _cache_name(model_class: type) -> str:
+    """What this transformers version calls a forward's KV cache, in and out: ``cache``
+    (5.24 on; ``past_key_values`` is then deprecated, removed in 5.40) or ``past_key_values``."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def call_lm(model: torch.nn.Module, cache, **inputs) -> tuple[object, object]:
+    """``model(**inputs)`` with its KV cache ``cache`` (None at first) passed under the name
+    this transformers version uses; returns (the model's output, the updated cache)."""
+    name = _cache_name(type(model))
+    out = model(**inputs, use_cache=True, **{name: cache})
+    return out, getattr(out, name)
+
+
 class CachedLM:
     """A causal LM with its KV cache; ``length`` = number of tokens the cache covers."""
 
@@ -77,9 +94,7 @@ class CachedLM:
         x = (ids.view(1, -1).to(self.device) if isinstance(ids, torch.Tensor)
              else torch.tensor([ids], device=self.device))
         with fast_linear(self.model, self.device), LastHidden(self.model, self.hidden) as h:
-            out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True,
-                             logits_to_keep=keep)
-        self.cache = out.past_key_values
+            out, self.cache = call_lm(self.model, self.cache, input_ids=x, logits_to_keep=keep)
         self.length += len(ids)
         hidden = h.value[0, -keep:].float() if self.hidden else None
         return out.logits[0, -keep:].float(), hidden
