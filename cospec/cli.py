@@ -34,6 +34,16 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _unit(text: str) -> float:
     value = _nonneg_float(text)
     if not 0 < value <= 1:
@@ -67,19 +77,21 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=_positive(int), default=128)
     g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=_unit, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-k", type=_nonneg_int, default=0, help="0 = no top-k filter")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="send the prompt as raw text")
     g.add_argument("--arbiter", default=None, help="arbiter file for --method cospec")
-    g.add_argument("--threshold", type=float, default=None,
+    g.add_argument("--threshold", type=_unit_closed, default=None,
                    help="P(DRAFT) needed to keep a draft token (cospec; default: the arbiter's)")
     g.add_argument("--first-mismatch-only", action="store_true",
                    help="arbitrate only the first mismatch of each block")
-    g.add_argument("--max-overrides", type=int, default=None,
+    g.add_argument("--max-overrides", type=_nonneg_int, default=None,
                    help="draft tokens an arbiter may keep per generation (default: the "
                         "arbiter's own, else no limit)")
-    g.add_argument("--delta", type=float, default=0.1, help="confidence heuristic threshold")
-    g.add_argument("--entropy", type=float, default=1.0, help="entropy-gated deferral (nats)")
+    g.add_argument("--delta", type=_nonneg_float, default=0.1,
+                   help="confidence heuristic threshold")
+    g.add_argument("--entropy", type=_nonneg_float, default=1.0,
+                   help="entropy-gated deferral (nats)")
     g.add_argument("--lambda", dest="lam", type=_unit_closed, default=0.5,
                    help="CoS ensemble: r = lambda q_draft + (1 - lambda) p_target")
     g.add_argument("--weights", default=None,
@@ -94,8 +106,6 @@ def sampling_of(args) -> SamplingConfig:
 
 
 def options_of(args) -> MethodOptions:
-    if args.max_overrides is not None and args.max_overrides < 0:
-        raise CospecError(f"--max-overrides must be >= 0, got {args.max_overrides}")
     weights: tuple[float, ...] = ()
     if args.weights:
         try:
@@ -207,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CospecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a folder that cannot be made, a file that cannot be written
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

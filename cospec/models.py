@@ -51,6 +51,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """``device`` if torch can use it here, else a clear error (not torch's traceback)."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise CospecError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CospecError(f"device {device!r}: no CUDA GPU is usable here (torch "
+                          f"{torch.__version__}); use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise CospecError(f"device {device!r}: cospec runs on cpu or cuda")
+    return device
+
+
 def default_dtype(device: str) -> torch.dtype:
     """fp32 on CPU (bf16 matmul is far slower on CPUs without AMX), bf16 on GPU."""
     return torch.float32 if device == "cpu" else torch.bfloat16
@@ -129,7 +143,7 @@ def load_model(spec: str, device: str | None = None, dtype: torch.dtype | None =
     """Load ``(model, tokenizer)`` for a spec, in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = device or default_device()
+    device = check_device(device or default_device())
     dtype = dtype or default_dtype(device)
     folder = resolve(spec)
     try:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from cospec.cli import main
 
@@ -35,6 +36,11 @@ def test_generate_json_spd_equals_target(tiny_dirs, capsys):
     (["--k", "0"], "must be > 0"),
     (["--prompt", "   "], "empty prompt"),
     (["--target", "/no/such/model"], "model not found"),
+    (["--top-k", "-3"], "must be >= 0"),
+    (["--method", "cospec", "--threshold", "2"], "must be in [0, 1]"),
+    (["--device", "tpu"], "unknown device"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
 ])
 def test_generate_bad_input_is_a_clear_error(tiny_dirs, args, message):
     base = {"--prompt": "w5 w6", "--method": "spd"}
@@ -89,9 +95,12 @@ def test_eval_is_resumable_and_refuses_other_configs(tiny_dirs, tmp_path):
     (["--task", "nope"], "unknown task"),
     (["--task", "gsm8k", "--split", "train"], "no split"),
     (["--task", "gsm8k", "--limit", "0"], "--limit must be > 0"),
+    (["--task", "gsm8k", "--split", "dev", "--limit", "1", "--methods", "target",
+      "--out", "/dev/null/x"], "Not a directory"),
 ])
 def test_eval_bad_input(tiny_dirs, tmp_path, args, message):
-    res = cli("eval", *models(tiny_dirs), *args, "--out", tmp_path / "x")
+    out = [] if "--out" in args else ["--out", tmp_path / "x"]
+    res = cli("eval", *models(tiny_dirs), *args, *out)
     assert res.returncode == 2 and message in res.stderr
     assert "Traceback" not in res.stderr
 
