@@ -32,6 +32,7 @@ import torch
 
 from cospec.decoding import CachedLM, Token, _clock, cache_room, cached_lm
 from cospec.errors import CospecError
+from cospec.replay import CosTrace
 from cospec.sampling import GREEDY, SamplingConfig, probabilities, residual, sample
 from cospec.stats import DecodeStats
 
@@ -104,12 +105,13 @@ def _plain_step(lms: list[CachedLM], seq: list[int], combo: Combination,
 def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Combination,
                  method: str, *, gamma: int = 5, max_new_tokens: int = 128,
                  sampling: SamplingConfig = GREEDY, eos_ids: Iterable[int] = (),
-                 seed: int | None = None, stats: DecodeStats | None = None
-                 ) -> Iterator[Token]:
+                 seed: int | None = None, stats: DecodeStats | None = None,
+                 trace: CosTrace | None = None) -> Iterator[Token]:
     """Yield tokens sampled (exactly) from the combination r of ``models``.
 
     ``models[0]`` proposes (``*-sd``, ``cos-*``); ``method`` in COS_METHODS.
     ``stats.steps`` counts passes of the verifiers; ``accepted`` counts committed proposals.
+    ``trace`` records (or replays) every accept/reject outcome (``cospec.replay``).
     """
     if method not in COS_METHODS:
         raise CospecError(f"unknown combination method {method!r}; choose from "
@@ -126,6 +128,7 @@ def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Co
     seq, out = list(prompt_ids), 0
     pending = None  # cos: (token, its proposal probs, verifier rows at its position)
     speculative = method != combo.kind
+    trace = trace if trace is not None else CosTrace()
     with torch.inference_mode():
         t0 = _clock(proposer.device)
         for lm in lms:
@@ -147,7 +150,7 @@ def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Co
                     two = proposer.forward(seq[proposer.length:] + [x], keep=2)[0]
                     r = combo.probs([two[0], *rows_x], sampling)
                     stats.drafted += 1
-                    if _accept(r[x], p_x[x], sampling, gen):
+                    if trace.decide(_accept(r[x], p_x[x], sampling, gen)):
                         new.append(x)
                         first = two[1]
                         stats.accepted += 1
@@ -174,7 +177,7 @@ def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Co
                     for i, d in enumerate(drafts):
                         q = probabilities(q_rows[i], sampling)
                         r = combo.probs([q_rows[i], *(v[i] for v in v_rows)], sampling)
-                        if not _accept(r[d], q[d], sampling, gen):
+                        if not trace.decide(_accept(r[d], q[d], sampling, gen)):
                             kept = i
                             tail = _pick(r if sampling.greedy else residual(r, q),
                                          sampling, gen)

@@ -7,6 +7,9 @@ how many draft tokens it accepted; ``ReplayRule`` then drives the same loop
 (``cospec.decoding.generate``) with those numbers. Every forward pass (k draft steps, one
 verify over k + 1 tokens, the cache rollbacks) has the shape it had in the real run, and the
 step still reads the verifier's logits to the host as a real acceptance decision does.
+
+CoS (``cospec.cos``) has its own loop; ``CosTrace`` records and replays its accept/reject
+outcomes (the drafted tokens' and the alternate proposals') the same way.
 """
 
 from __future__ import annotations
@@ -70,3 +73,25 @@ class ReplayRule:
         if self.lookahead and n == len(prop.tokens):
             prop.fetch_lookahead(nxt)
         return Verdict(n, nxt)
+
+
+@dataclass
+class CosTrace:
+    """The accept/reject outcomes of a CoS run (``cos_generate(..., trace=)``), in order.
+
+    Recording (``replay=False``): each real outcome is appended to ``outcomes``. Replaying:
+    the loop still computes every decision (r, the acceptance test, a resampled token), so
+    each step costs what it cost, but takes the recorded outcome instead. Past the end of
+    the recording (a replay cut shorter than its run) every proposal is rejected.
+    """
+
+    outcomes: list[bool] = field(default_factory=list)
+    replay: bool = False
+    step: int = 0
+
+    def decide(self, real: bool) -> bool:
+        if not self.replay:
+            self.outcomes.append(real)
+            return real
+        self.step += 1
+        return self.step <= len(self.outcomes) and self.outcomes[self.step - 1]

@@ -20,7 +20,10 @@ there is skipped, so a rerun resumes):
   Records spd's and cospec's accepted-length traces.
 - ``replay``: Qwen2.5-7B shapes (random weights) verifying the 0.5B draft, the acceptance
   decisions replayed from the ``pair`` traces (``cospec.replay``): every forward has the
-  shape it had with the real pair. Labelled *replayed*.
+  shape it had with the real pair. Labelled *replayed*. spd and cospec against target-only;
+  CoS (we-sd, cos-we, when the ``pair`` part recorded them) against ``we`` with the 7B.
+  The 7B is given the draft's vocabulary (151,936 rows, not 152,064) so that the two
+  models' distributions can be combined.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ import torch
 
 from cospec import fast
 from cospec.acceptance import ExactRule
+from cospec.cos import Combination, cos_generate
 from cospec.decoding import generate
 from cospec.methods import MethodOptions, build_method, encode_prompt, eos_ids
-from cospec.replay import Recording, ReplayRule
+from cospec.replay import CosTrace, Recording, ReplayRule
 from cospec.sampling import SamplingConfig
 from cospec.stats import DecodeStats
 
@@ -66,11 +70,12 @@ def sync() -> float:
     return time.perf_counter()
 
 
-def random_model(size: str):
+def random_model(size: str, vocab: int | None = None):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    shape = SHAPES[size] | ({"vocab_size": vocab} if vocab else {})
     cfg = Qwen2Config(rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
-                      use_sliding_window=False, **SHAPES[size])
+                      use_sliding_window=False, **shape)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
@@ -263,6 +268,13 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
                                           max_new_tokens=n, sampling=sampling, eos_ids=eos,
                                           seed=seed, stats=stats)]
             trace = rec.trace
+        elif name in COS_REPLAYED + ("cos-cd", "cd-sd"):
+            m, rec = methods[name], CosTrace()
+            ids = [t.id for t in cos_generate(list(m.models), prompt, m.combo, name, gamma=k,
+                                              max_new_tokens=n, sampling=sampling,
+                                              eos_ids=eos, seed=seed, stats=stats,
+                                              trace=rec)]
+            trace = rec.outcomes
         else:
             ids, _, stats = methods[name].run(prompt, k=k, max_new_tokens=n,
                                               sampling=sampling, eos_ids=eos, seed=seed)
@@ -331,46 +343,67 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     return out
 
 
+COS_REPLAYED = ("we-sd", "cos-we")  # replayed on the 7B against ``we``
+
+
 def part_replay(args, pair_result: dict | None) -> dict:
     draft, dweights = get_model("0.5b", args.random)
-    target = random_model("7b")
-    if pair_result is None:  # smoke run without the real pair: a synthetic trace
+    target = random_model("7b", vocab=draft.config.vocab_size)
+    methods = ["spd", "cospec", *COS_REPLAYED]
+    if pair_result is None:  # smoke run without the real pair: synthetic traces
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(1000, 100000, (100,), generator=g).tolist()
                    for _ in range(args.prompts)]
-        traces = {m: [[3] * args.new] * len(prompts) for m in ("spd", "cospec")}
-        lengths = {m: [args.new] * len(prompts) for m in ("spd", "cospec")}
+        block = [True, True, True, False]  # 3 of 5 drafts accepted, as below
+        traces = {m: [[3] * args.new if m in ("spd", "cospec") else block * args.new]
+                  * len(prompts) for m in methods}
+        lengths = {m: [args.new] * len(prompts) for m in methods}
         source = "synthetic (3 accepted per step)"
     else:
         rows = pair_result["per_prompt"]
         prompts = pair_result["prompt_ids"]
-        traces = {m: [r[m]["trace"] for r in rows] for m in ("spd", "cospec")}
-        lengths = {m: [len(r[m]["ids"]) for r in rows] for m in ("spd", "cospec")}
+        methods = [m for m in methods if rows[0].get(m, {}).get("trace") is not None]
+        traces = {m: [r[m]["trace"] for r in rows] for m in methods}
+        lengths = {m: [len(r[m]["ids"]) for r in rows] for m in methods}
         source = "replayed from the real pair (pair part)"
     k = args.k
+    we = Combination("we", (0.5, 0.5))
 
     def one(name: str, i: int) -> tuple[float, int]:
         """(seconds, tokens) of method ``name`` on prompt i; the target generates as many
-        tokens as spd did."""
-        n = lengths["spd" if name == "target" else name][i]
+        tokens as spd did, ``we`` as many as cos-we did."""
+        base = {"target": "spd", "we": COS_REPLAYED[-1]}.get(name, name)
+        n = lengths[base][i]
         if name == "target":
             return ours(target, None, prompts[i], ExactRule(), n)[1], n
+        if name in ("we", *COS_REPLAYED):
+            trace = CosTrace(traces[name][i], replay=True) if name != "we" else None
+            t0 = sync()
+            for _ in cos_generate([draft, target], prompts[i], we, name, gamma=k,
+                                  max_new_tokens=n, trace=trace):
+                pass
+            return sync() - t0, n
         rule = ReplayRule(traces[name][i], lookahead=name == "cospec")
         return ours(target, draft, prompts[i], rule, n, k=k)[1], n
 
-    for name in ("target", "spd", "cospec"):
+    order = ["target", *(m for m in ("spd", "cospec") if m in methods)]
+    if COS_REPLAYED[-1] in methods:
+        order += ["we", *(m for m in COS_REPLAYED if m in methods)]
+    for name in order:
         one(name, max(range(len(prompts)), key=lambda j: len(prompts[j])))  # warm-up
-    per = {m: [] for m in ("target", "spd", "cospec")}
+    per = {m: [] for m in order}
     for i in range(len(prompts)):
         for name in per:
             per[name].append(one(name, i))
-    out = {"draft_weights": dweights, "target": "Qwen2.5-7B shapes, random weights",
-           "traces": source, "k": k}
+    out = {"draft_weights": dweights, "traces": source, "k": k,
+           "target": "Qwen2.5-7B shapes (vocabulary of the draft), random weights"}
     for name, xs in per.items():
         out[name] = {"tokens": sum(n for _, n in xs), "seconds": sum(t for t, _ in xs)}
         out[name]["tok_s"] = out[name]["tokens"] / out[name]["seconds"]
-    for name in ("spd", "cospec"):
+    for name in order[1:]:
         out[name]["vs_target"] = out[name]["tok_s"] / out["target"]["tok_s"]
+        if name in COS_REPLAYED:
+            out[name]["vs_we"] = out[name]["tok_s"] / out["we"]["tok_s"]
     return out
 
 
@@ -443,11 +476,14 @@ def markdown(res: dict) -> str:
         r = res["replay"]
         lines += [f"## Replayed: 7B target (random weights, Qwen2.5-7B shapes) ← 0.5B draft "
                   f"({r['draft_weights']} weights), k = {r['k']}; traces: {r['traces']}", "",
-                  "| method | tokens | tok/s | ÷ target |", "|---|---|---|---|"]
-        for name in ("target", "spd", "cospec"):
+                  "| method | tokens | tok/s | ÷ target | ÷ we |", "|---|---|---|---|---|"]
+        for name in ("target", "spd", "cospec", "we", *COS_REPLAYED):
+            if name not in r:
+                continue
             x = r[name]
+            vs_we = f"{x['vs_we']:.2f}×" if "vs_we" in x else ""
             lines.append(f"| {name} | {x['tokens']} | {x['tok_s']:.1f} | "
-                         f"{x.get('vs_target', 1.0):.2f}× |")
+                         f"{x.get('vs_target', 1.0):.2f}× | {vs_we} |")
     return "\n".join(lines) + "\n"
 
 
