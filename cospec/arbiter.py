@@ -174,8 +174,10 @@ class GraphedDecision:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):  # warm-up outside the capture
-                self._decide()
+                out = self._decide()
             torch.cuda.current_stream(device).wait_stream(stream)
+            if not isinstance(out, torch.Tensor) or out.device != device:
+                raise TypeError("its draft_prob does not return a tensor on the GPU")
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.prob = self._decide()

