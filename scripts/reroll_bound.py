@@ -155,7 +155,7 @@ def main() -> None:
         ax.axhline(goal, ls="--", lw=0.8, color="gray")
         ax.text(0.505, goal + 0.1, name, fontsize=8, color="gray")
     ax.axvline(PROBE_AUC, ls=":", color="C3")
-    ax.text(PROBE_AUC + 0.005, 5.0, "hidden-state probe", fontsize=8, color="C3")
+    ax.text(PROBE_AUC + 0.005, 3.2, "hidden-state probe", fontsize=8, color="C3")
     best_gate = max(gate, key=lambda x: x[2])
     ax.plot([gate_auc], [100 * best_gate[2]], "o", color="C1",
             label="measured: gate on the mismatch count (best threshold)")
