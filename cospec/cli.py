@@ -12,50 +12,25 @@ from cospec.models import DEFAULT_DRAFT, DEFAULT_TARGET
 from cospec.sampling import SamplingConfig
 
 
-def _positive(kind):
+def _number(kind: type, ok, rule: str):
+    """An argparse type: ``kind(text)`` where ``ok(value)``, else a message saying ``rule``."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
     return parse
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _unit(text: str) -> float:
-    value = _nonneg_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _unit_closed(text: str) -> float:
-    value = _nonneg_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+_positive_int = _number(int, lambda v: v > 0, "> 0")
+_nonneg_int = _number(int, lambda v: v >= 0, ">= 0")
+_nonneg_float = _number(float, lambda v: v >= 0, ">= 0")
+_unit = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+_unit_closed = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -73,8 +48,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
-    g.add_argument("--k", type=_positive(int), default=4, help="draft length (default 4)")
-    g.add_argument("--max-new-tokens", type=_positive(int), default=128)
+    g.add_argument("--k", type=_positive_int, default=4, help="draft length (default 4)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128)
     g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=_unit, default=1.0)
     g.add_argument("--top-k", type=_nonneg_int, default=0, help="0 = no top-k filter")
