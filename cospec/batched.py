@@ -50,7 +50,7 @@ class LockstepResult:
 def _forward(model, ids, mask, pos, cache, hidden: bool = False):
     """Last-position logits [B, V] (float32), the cache, and (if ``hidden``) the last
     hidden states [B, d] (else None)."""
-    with fast_linear(model, ids.device), LastHidden(model, hidden) as h:
+    with fast_linear(model, ids.device, ids.numel()), LastHidden(model, hidden) as h:
         out, cache = call_lm(model, cache, input_ids=ids, attention_mask=mask,
                              position_ids=pos, logits_to_keep=1)
     return (out.logits[:, -1].float(), cache,

@@ -2,7 +2,8 @@
 
 Speculation pays only if verifying k draft tokens costs about one decoding step. This
 measures it for each model (median of ``--reps`` after a warm-up, prefix of ``--prefix``
-tokens), with our CPU small-rows path and without it, and writes JSON + a Markdown table.
+tokens) with each CPU linear mode (``cospec.cpu``: plain, weight-first, and auto — the
+faster of the two, measured per shape), and writes JSON + a Markdown table.
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ from pathlib import Path
 
 import torch
 
+from cospec.cpu import MODES
 from cospec.decoding import CachedLM
 
 
-def forward_cost(model, k: int, prefix: int, reps: int, fast: bool) -> float:
-    """Median seconds of a cached forward over k tokens after ``prefix`` tokens."""
-    os.environ["COSPEC_PLAIN_LINEAR"] = "0" if fast else "1"  # read by cpu.fast_linear
+def forward_cost(model, k: int, prefix: int, reps: int, mode: str) -> float:
+    """Median seconds of a cached forward over k tokens after ``prefix`` tokens, with CPU
+    linear mode ``mode``."""
+    os.environ["COSPEC_LINEAR"] = mode  # read by cpu.fast_linear
     lm = CachedLM(model)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 5000, (prefix + k,), generator=g).tolist()
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(min(100, vocab // 2), min(5000, vocab), (prefix + k,),
+                        generator=g).tolist()
     times = []
     with torch.inference_mode():
         lm.forward(ids[:prefix], keep=1)
@@ -35,7 +40,7 @@ def forward_cost(model, k: int, prefix: int, reps: int, fast: bool) -> float:
             if rep:
                 times.append(time.perf_counter() - t0)
             lm.crop(prefix)
-    os.environ.pop("COSPEC_PLAIN_LINEAR")
+    os.environ.pop("COSPEC_LINEAR")
     return statistics.median(times)
 
 
@@ -48,22 +53,24 @@ def cmd_verify_cost(args) -> int:
     rows, out = [], {"prefix": args.prefix, "reps": args.reps, "models": {}}
     for name, model in ((args.target, pair.target), (args.draft, pair.draft)):
         res = {}
-        for fast in (False, True):
+        for mode in MODES:
             base = None
             for k in ks:
-                t = forward_cost(model, k, args.prefix, args.reps, fast)
+                t = forward_cost(model, k, args.prefix, args.reps, mode)
                 base = base or t
-                res.setdefault(k, {})["fast" if fast else "plain"] = t
-                res[k]["fast_rel" if fast else "plain_rel"] = t / base
+                res.setdefault(k, {})[mode] = t
+                res[k][f"{mode}_rel"] = t / base
         out["models"][name] = res
-        rows += [{"model": name, "k": k, "plain_ms": 1000 * v["plain"],
-                  "plain_rel": v["plain_rel"], "fast_ms": 1000 * v["fast"],
-                  "fast_rel": v["fast_rel"]} for k, v in res.items()]
+        for k, v in res.items():
+            row = {"model": name, "k": k}
+            for m in MODES:
+                row[f"{m}_ms"], row[f"{m}_rel"] = 1000 * v[m], v[f"{m}_rel"]
+            rows.append(row)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "verify_cost.json").write_text(json.dumps(out, indent=1))
-    table = markdown_table(rows, [("model", "model"), ("k", "k tokens"),
-                                  ("plain_ms", "plain ms"), ("plain_rel", "plain ÷ k=1"),
-                                  ("fast_ms", "small-rows ms"), ("fast_rel", "small-rows ÷ k=1")])
+    table = markdown_table(rows, [("model", "model"), ("k", "k tokens")] + [
+        (f"{m}_{x}", f"{m} {'ms' if x == 'ms' else '÷ k=1'}") for m in MODES
+        for x in ("ms", "rel")])
     Path(args.out, "verify_cost.md").write_text(
         f"# Cost of a cached forward over k tokens (prefix {args.prefix}, median of "
         f"{args.reps})\n\n{table}\n")

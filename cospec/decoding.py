@@ -93,7 +93,8 @@ class CachedLM:
         states [keep, d]."""
         x = (ids.view(1, -1).to(self.device) if isinstance(ids, torch.Tensor)
              else torch.tensor([ids], device=self.device))
-        with fast_linear(self.model, self.device), LastHidden(self.model, self.hidden) as h:
+        with (fast_linear(self.model, self.device, x.numel()),
+              LastHidden(self.model, self.hidden) as h):
             out, self.cache = call_lm(self.model, self.cache, input_ids=x, logits_to_keep=keep)
         self.length += len(ids)
         hidden = h.value[0, -keep:].float() if self.hidden else None

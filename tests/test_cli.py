@@ -64,6 +64,16 @@ def test_mismatched_vocabularies_are_refused(tmp_path, tiny_dirs):
     assert "Traceback" not in res.stderr
 
 
+def test_verify_cost_times_every_linear_mode(tiny_dirs, tmp_path):
+    assert main(["verify-cost", *models(tiny_dirs), "--ks", "1,2", "--reps", "1",
+                 "--prefix", "8", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "verify_cost.json").read_text())
+    assert set(res["models"]) == {str(d) for d in tiny_dirs}
+    for per_k in res["models"].values():
+        assert {"auto", "plain", "weight-first"} <= set(per_k["2"])
+    assert "weight-first ÷ k=1" in (tmp_path / "verify_cost.md").read_text()
+
+
 def test_not_a_model(tmp_path):
     f = tmp_path / "weights.bin"
     f.write_bytes(b"junk")

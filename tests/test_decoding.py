@@ -96,15 +96,35 @@ def test_bad_arguments(target, draft):
         list(generate(target, draft, [3, 4], ExactRule(), k=0))
 
 
+@pytest.mark.parametrize("mode", ["auto", "weight-first"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 17])
-def test_small_rows_linear_equals_linear(rows):
-    from cospec.cpu import SmallRowsLinear
+def test_small_rows_linear_equals_linear(rows, mode):
+    from cospec import cpu
 
     g = torch.Generator().manual_seed(rows)
     layer = torch.nn.Linear(64, 48)
     x = torch.randn(1, rows, 64, generator=g)
     want = layer(x)
-    with SmallRowsLinear():
+    with cpu.SmallRowsLinear(mode=mode):
         got = layer(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.shape == want.shape
+    if mode == "auto" and 1 < rows <= cpu.MAX_ROWS:  # the order was measured, and kept
+        assert (rows, 48, 64) in cpu._weight_first_wins
+
+
+def test_fast_linear_only_where_it_can_serve(monkeypatch):
+    from tiny import tiny_model
+
+    from cospec import cpu
+
+    big = tiny_model(1, width=256, dtype=torch.float32)
+    cpu_ = torch.device("cpu")
+    assert isinstance(cpu.fast_linear(big, cpu_, 4), cpu.SmallRowsLinear)
+    for model, rows in ((big, 1), (big, cpu.MAX_ROWS + 1), (tiny_model(1), 4)):
+        assert not isinstance(cpu.fast_linear(model, cpu_, rows), cpu.SmallRowsLinear)
+    monkeypatch.setenv("COSPEC_LINEAR", "plain")
+    assert not isinstance(cpu.fast_linear(big, cpu_, 4), cpu.SmallRowsLinear)
+    monkeypatch.setenv("COSPEC_LINEAR", "fastest")
+    with pytest.raises(CospecError, match="COSPEC_LINEAR"):
+        cpu.fast_linear(big, cpu_, 4)
