@@ -44,6 +44,18 @@ def forward_cost(model, k: int, prefix: int, reps: int, mode: str) -> float:
     return statistics.median(times)
 
 
+def best_k(target_s: dict[int, float], draft_s: float, alpha: float) -> tuple[int, float]:
+    """The draft length with the most tokens per second, and its predicted speedup over
+    target-only decoding, from measured forward costs (``target_s[n]``: the target over n
+    tokens; ``draft_s``: one draft step) if each draft token is accepted with probability
+    ``alpha``: a block of k drafts costs k draft steps + a verify over k + 1 tokens and
+    commits (1 - alpha^(k+1)) / (1 - alpha) tokens on average."""
+    speed = {k: (1 - alpha ** (k + 1)) / (1 - alpha) / (k * draft_s + target_s[k + 1])
+             for k in range(1, max(target_s)) if k + 1 in target_s}
+    k = max(speed, key=speed.get)
+    return k, speed[k] * target_s[1]
+
+
 def cmd_verify_cost(args) -> int:
     from cospec.cli import load_pair_of
     from cospec.report import markdown_table
@@ -67,14 +79,23 @@ def cmd_verify_cost(args) -> int:
                 row[f"{m}_ms"], row[f"{m}_rel"] = 1000 * v[m], v[f"{m}_rel"]
             rows.append(row)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "verify_cost.json").write_text(json.dumps(out, indent=1))
     table = markdown_table(rows, [("model", "model"), ("k", "k tokens")] + [
         (f"{m}_{x}", f"{m} {'ms' if x == 'ms' else '÷ k=1'}") for m in MODES
         for x in ("ms", "rel")])
+    t_cost = {k: v["auto"] for k, v in out["models"][args.target].items()}
+    d_cost = out["models"][args.draft][1]["auto"] if 1 in ks else None
+    choice = ""
+    if d_cost is not None and 1 in t_cost:
+        picks = {a: best_k(t_cost, d_cost, a) for a in (0.6, 0.75, 0.9)}
+        out["best_k"] = {str(a): {"k": k, "predicted_speedup": x} for a, (k, x) in picks.items()}
+        choice = ("\n\nBest draft length here (auto mode), for a per-token acceptance rate "
+                  "alpha: " + "; ".join(f"alpha {a}: k = {k} (predicted {x:.2f}x target-only)"
+                                         for a, (k, x) in picks.items()) + ".")
+    Path(args.out, "verify_cost.json").write_text(json.dumps(out, indent=1))
     Path(args.out, "verify_cost.md").write_text(
         f"# Cost of a cached forward over k tokens (prefix {args.prefix}, median of "
-        f"{args.reps})\n\n{table}\n")
-    print(table)
+        f"{args.reps})\n\n{table}{choice}\n")
+    print(table + choice)
     return 0
 
 

@@ -72,6 +72,18 @@ def test_verify_cost_times_every_linear_mode(tiny_dirs, tmp_path):
     for per_k in res["models"].values():
         assert {"auto", "plain", "weight-first"} <= set(per_k["2"])
     assert "weight-first ÷ k=1" in (tmp_path / "verify_cost.md").read_text()
+    assert res["best_k"]["0.9"]["k"] == 1  # only 1 and 2 tokens were timed
+
+
+def test_best_k_follows_the_verify_cost():
+    from cospec.bench import best_k
+
+    flat = {n: 1.0 for n in range(1, 9)}
+    assert best_k(flat, 0.01, 0.9)[0] == 7  # verifying is free: draft as far as measured
+    cliff = flat | {n: 2.0 for n in range(4, 9)}  # 4+ tokens cost two steps
+    k, speedup = best_k(cliff, 0.3, 0.9)
+    assert k == 2 and speedup == pytest.approx((1 + 0.9 + 0.81) / (0.6 + 1.0))
+    assert best_k(cliff, 0.3, 0.2)[0] == 1  # rarely accepted: one draft at most
 
 
 def test_not_a_model(tmp_path):
