@@ -3,7 +3,8 @@
 Speculation pays only if verifying k draft tokens costs about one decoding step. This
 measures it for each model (median of ``--reps`` after a warm-up, prefix of ``--prefix``
 tokens) with each CPU linear mode (``cospec.cpu``: plain, weight-first, and auto — the
-faster of the two, measured per shape), and writes JSON + a Markdown table.
+faster of the two on the model's own forwards, per row count), and writes JSON + a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from cospec.cpu import MODES
+from cospec.cpu import MODES, TRIALS
 from cospec.decoding import CachedLM
 
 
 def forward_cost(model, k: int, prefix: int, reps: int, mode: str) -> float:
     """Median seconds of a cached forward over k tokens after ``prefix`` tokens, with CPU
-    linear mode ``mode``."""
+    linear mode ``mode`` (``auto``: timed once the order is chosen)."""
     os.environ["COSPEC_LINEAR"] = mode  # read by cpu.fast_linear
     lm = CachedLM(model)
     g = torch.Generator().manual_seed(0)
@@ -32,12 +33,13 @@ def forward_cost(model, k: int, prefix: int, reps: int, mode: str) -> float:
     times = []
     with torch.inference_mode():
         lm.forward(ids[:prefix], keep=1)
-        for rep in range(reps + 1):
+        warm = 1 + (2 * TRIALS if mode == "auto" else 0)  # the choice's own timed forwards
+        for rep in range(reps + warm):
             t0 = time.perf_counter()
             lm.forward(ids[prefix:], keep=k)
             if lm.device.type == "cuda":
                 torch.cuda.synchronize()
-            if rep:
+            if rep >= warm:
                 times.append(time.perf_counter() - t0)
             lm.crop(prefix)
     os.environ.pop("COSPEC_LINEAR")

@@ -4,11 +4,15 @@ On some CPUs MKL's sgemm is slow for a handful of rows (measured on a 2-core AMD
 4864x896 linear layer over 4 rows cost 3x one row); there, computing ``x @ W.T`` as
 ``(W @ x.T).T`` — the weight on the left, over a transposed *view* of x — takes MKL's fast
 path and 4 rows cost about one. On others (a 2-core Intel Xeon) the plain product is the
-faster one. So ``SmallRowsLinear`` *measures* both orders the first time it meets a
-(rows, weight shape) in this process and uses the faster from then on; it applies to every
-``F.linear`` call inside it, through PyTorch's function-mode hook: no model code or weight
-is touched. ``COSPEC_LINEAR`` = ``auto`` (default), ``plain`` or ``weight-first`` forces a
-choice (``cospec verify-cost`` times all three).
+faster for 2–3 rows. ``SmallRowsLinear`` applies the rewrite to every ``F.linear`` call
+inside it, through PyTorch's function-mode hook: no model code or weight is touched.
+
+Which order to use is *measured* per model and row count, on the model's own forwards (as
+``torch.backends.cudnn.benchmark`` does for convolutions): the first ``TRIALS`` forwards of
+each row count run in each order, timed, and the faster is kept for the rest of the
+process. A micro-benchmark of one layer would mislead: repeated, its weight sits in cache,
+where a real forward streams every weight from memory. ``COSPEC_LINEAR`` = ``plain`` or
+``weight-first`` pins one order (deterministic kernels); the default is ``auto``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -23,43 +28,16 @@ from torch.overrides import TorchFunctionMode
 
 MAX_ROWS = 16
 MIN_WIDTH = 256  # below this the rewrite's Python overhead outweighs MKL's small-row cost
+TRIALS = 3       # timed forwards per order and row count before the faster is kept
 MODES = ("auto", "plain", "weight-first")
-_weight_first_wins: dict[tuple[int, int, int], bool] = {}  # (rows, out, in) -> measured
-
-
-def _weight_first(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` for x [rows, in], w [out, in], computed as ``(w @ x.T).T``."""
-    return (w @ x.T).T
-
-
-def _seconds(fn, reps: int = 3) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def weight_first_faster(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``(w @ x.T).T`` beats ``F.linear(x, w)`` here for this shape (x [rows, in]):
-    measured once per process and shape (best of 3 each), then remembered."""
-    key = (x.shape[0], *w.shape)
-    if key not in _weight_first_wins:
-        _weight_first_wins[key] = (_seconds(lambda: _weight_first(x, w))
-                                   < _seconds(lambda: F.linear(x, w)))
-    return _weight_first_wins[key]
 
 
 class SmallRowsLinear(TorchFunctionMode):
-    """Within this context, CPU ``F.linear`` over 2..``max_rows`` rows runs weight-first
-    where that is faster on this machine (``mode="auto"``), or always
-    (``mode="weight-first"``)."""
+    """Within this context, CPU ``F.linear`` over 2..``max_rows`` rows runs weight-first."""
 
-    def __init__(self, max_rows: int = MAX_ROWS, mode: str = "auto"):
+    def __init__(self, max_rows: int = MAX_ROWS):
         super().__init__()
-        self.max_rows, self.mode = max_rows, mode
+        self.max_rows = max_rows
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -68,13 +46,33 @@ class SmallRowsLinear(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.numel() // x.shape[-1]
             if x.device.type == "cpu" and 1 < rows <= self.max_rows and w.dim() == 2:
-                x2 = x.reshape(rows, -1)
-                if self.mode == "weight-first" or weight_first_faster(x2, w):
-                    y = _weight_first(x2, w)
-                    if bias is not None:
-                        y = y + bias
-                    return y.reshape(*x.shape[:-1], w.shape[0])
+                y = (w @ x.reshape(rows, -1).T).T
+                if bias is not None:
+                    y = y + bias
+                return y.reshape(*x.shape[:-1], w.shape[0])
         return func(*args, **kwargs)
+
+
+class OrderChoice:
+    """Seconds of a model's timed forwards per row count and order; ``pick`` alternates the
+    orders until each has ``TRIALS`` forwards, then keeps the one with the fastest."""
+
+    def __init__(self):
+        self.seconds: dict[int, dict[str, list[float]]] = {}
+
+    def pick(self, rows: int) -> str:
+        tried = self.seconds.setdefault(rows, {"plain": [], "weight-first": []})
+        fewest = min(tried, key=lambda m: len(tried[m]))
+        if len(tried[fewest]) < TRIALS:
+            return fewest
+        return min(tried, key=lambda m: min(tried[m]))
+
+    def record(self, rows: int, order: str, seconds: float) -> None:
+        if len(self.seconds[rows][order]) < TRIALS:
+            self.seconds[rows][order].append(seconds)
+
+
+_choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderChoice
 
 
 def linear_mode() -> str:
@@ -88,13 +86,20 @@ def linear_mode() -> str:
     return mode
 
 
+@contextlib.contextmanager
 def fast_linear(model: torch.nn.Module, device: torch.device, rows: int):
-    """``SmallRowsLinear`` for a CPU model of real size over a forward of ``rows`` rows
-    (batch x new tokens) that it can serve, else nothing (a one-row step then pays no
-    function-mode overhead)."""
+    """Run the forward inside this block over ``rows`` rows (batch x new tokens) in the
+    order chosen for this model: a CPU model of real size, 2..MAX_ROWS rows, else plain (a
+    one-row step pays no function-mode overhead)."""
     width = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
     mode = linear_mode()
-    if (device.type == "cpu" and width >= MIN_WIDTH and 1 < rows <= MAX_ROWS
-            and mode != "plain"):
-        return SmallRowsLinear(mode=mode)
-    return contextlib.nullcontext()
+    if device.type != "cpu" or width < MIN_WIDTH or not 1 < rows <= MAX_ROWS or mode == "plain":
+        yield
+        return
+    choice = _choices.setdefault(model, OrderChoice()) if mode == "auto" else None
+    order = choice.pick(rows) if choice is not None else mode
+    t0 = time.perf_counter()
+    with SmallRowsLinear() if order == "weight-first" else contextlib.nullcontext():
+        yield
+    if choice is not None:
+        choice.record(rows, order, time.perf_counter() - t0)

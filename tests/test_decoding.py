@@ -96,21 +96,32 @@ def test_bad_arguments(target, draft):
         list(generate(target, draft, [3, 4], ExactRule(), k=0))
 
 
-@pytest.mark.parametrize("mode", ["auto", "weight-first"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 17])
-def test_small_rows_linear_equals_linear(rows, mode):
-    from cospec import cpu
+def test_small_rows_linear_equals_linear(rows):
+    from cospec.cpu import SmallRowsLinear
 
     g = torch.Generator().manual_seed(rows)
     layer = torch.nn.Linear(64, 48)
     x = torch.randn(1, rows, 64, generator=g)
     want = layer(x)
-    with cpu.SmallRowsLinear(mode=mode):
+    with SmallRowsLinear():
         got = layer(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.shape == want.shape
-    if mode == "auto" and 1 < rows <= cpu.MAX_ROWS:  # the order was measured, and kept
-        assert (rows, 48, 64) in cpu._weight_first_wins
+
+
+def test_order_choice_tries_both_then_keeps_the_faster():
+    from cospec.cpu import TRIALS, OrderChoice
+
+    choice, clock = OrderChoice(), {"plain": 2.0, "weight-first": 1.0}
+    picks = []
+    for _ in range(2 * TRIALS + 4):
+        order = choice.pick(3)
+        picks.append(order)
+        choice.record(3, order, clock[order])
+    assert sorted(picks[:2 * TRIALS]) == ["plain"] * TRIALS + ["weight-first"] * TRIALS
+    assert picks[2 * TRIALS:] == ["weight-first"] * 4
+    assert choice.pick(2) == "plain"  # another row count is measured afresh
 
 
 def test_fast_linear_only_where_it_can_serve(monkeypatch):
@@ -120,11 +131,19 @@ def test_fast_linear_only_where_it_can_serve(monkeypatch):
 
     big = tiny_model(1, width=256, dtype=torch.float32)
     cpu_ = torch.device("cpu")
-    assert isinstance(cpu.fast_linear(big, cpu_, 4), cpu.SmallRowsLinear)
-    for model, rows in ((big, 1), (big, cpu.MAX_ROWS + 1), (tiny_model(1), 4)):
-        assert not isinstance(cpu.fast_linear(model, cpu_, rows), cpu.SmallRowsLinear)
-    monkeypatch.setenv("COSPEC_LINEAR", "plain")
-    assert not isinstance(cpu.fast_linear(big, cpu_, 4), cpu.SmallRowsLinear)
+
+    def forward(model, rows):
+        with cpu.fast_linear(model, cpu_, rows):
+            return model(input_ids=torch.arange(rows).view(1, -1) + 2).logits
+
+    want = {rows: big(input_ids=torch.arange(rows).view(1, -1) + 2).logits for rows in (3, 17)}
+    for _ in range(2 * cpu.TRIALS + 1):  # auto: both orders timed on real forwards, then one
+        torch.testing.assert_close(forward(big, 3), want[3], rtol=1e-4, atol=1e-4)
+    assert [len(v) for v in cpu._choices[big].seconds[3].values()] == [cpu.TRIALS] * 2
+    forward(big, 17)  # more rows than the rewrite serves: untimed
+    small = tiny_model(1)
+    forward(small, 3)  # a small model: untimed
+    assert list(cpu._choices[big].seconds) == [3] and small not in cpu._choices
     monkeypatch.setenv("COSPEC_LINEAR", "fastest")
     with pytest.raises(CospecError, match="COSPEC_LINEAR"):
-        cpu.fast_linear(big, cpu_, 4)
+        forward(big, 3)
