@@ -9,6 +9,7 @@ Markdown table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -46,6 +47,17 @@ def forward_cost(model, k: int, prefix: int, reps: int, mode: str) -> float:
     return statistics.median(times)
 
 
+def machine() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one), core count and torch version."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                     if line.startswith("model name")), name)
+    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
 def best_k(target_s: dict[int, float], draft_s: float, alpha: float) -> tuple[int, float]:
     """The draft length with the most tokens per second, and its predicted speedup over
     target-only decoding, from measured forward costs (``target_s[n]``: the target over n
@@ -64,7 +76,10 @@ def cmd_verify_cost(args) -> int:
 
     pair = load_pair_of(args, need_draft=True)
     ks = [int(x) for x in args.ks.split(",")]
-    rows, out = [], {"prefix": args.prefix, "reps": args.reps, "models": {}}
+    rows, out = [], {"prefix": args.prefix, "reps": args.reps, "models": {},
+                     "machine": machine(), "command": "cospec verify-cost " + " ".join(
+                         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                         if k in ("target", "draft", "ks", "prefix", "reps", "out"))}
     for name, model in ((args.target, pair.target), (args.draft, pair.draft)):
         res = {}
         for mode in MODES:
@@ -96,7 +111,7 @@ def cmd_verify_cost(args) -> int:
     Path(args.out, "verify_cost.json").write_text(json.dumps(out, indent=1))
     Path(args.out, "verify_cost.md").write_text(
         f"# Cost of a cached forward over k tokens (prefix {args.prefix}, median of "
-        f"{args.reps})\n\n{table}{choice}\n")
+        f"{args.reps})\n\n{out['machine']}. Command: `{out['command']}`\n\n{table}{choice}\n")
     print(table + choice)
     return 0
 
