@@ -53,7 +53,8 @@ def machine() -> str:
 
     name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
-        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in lines
                      if line.startswith("model name")), name)
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}"
 
