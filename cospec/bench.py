@@ -25,6 +25,7 @@ from cospec.decoding import CachedLM
 def forward_cost(model, k: int, prefix: int, reps: int, mode: str) -> float:
     """Median seconds of a cached forward over k tokens after ``prefix`` tokens, with CPU
     linear mode ``mode`` (``auto``: timed once the order is chosen)."""
+    before = os.environ.get("COSPEC_LINEAR")
     os.environ["COSPEC_LINEAR"] = mode  # read by cpu.fast_linear
     lm = CachedLM(model)
     g = torch.Generator().manual_seed(0)
@@ -43,7 +44,10 @@ def forward_cost(model, k: int, prefix: int, reps: int, mode: str) -> float:
             if rep >= warm:
                 times.append(time.perf_counter() - t0)
             lm.crop(prefix)
-    os.environ.pop("COSPEC_LINEAR")
+    if before is None:
+        os.environ.pop("COSPEC_LINEAR")
+    else:
+        os.environ["COSPEC_LINEAR"] = before
     return statistics.median(times)
 
 
