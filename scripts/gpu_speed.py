@@ -268,8 +268,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
                                           max_new_tokens=n, sampling=sampling, eos_ids=eos,
                                           seed=seed, stats=stats)]
             trace = rec.trace
-        elif name in COS_REPLAYED + ("cos-cd", "cd-sd"):
-            m, rec = methods[name], CosTrace()
+        elif methods[name].combo is not None and name != methods[name].combo.kind:
+            m, rec = methods[name], CosTrace()  # speculative CoS: keep its outcomes
             ids = [t.id for t in cos_generate(list(m.models), prompt, m.combo, name, gamma=k,
                                               max_new_tokens=n, sampling=sampling,
                                               eos_ids=eos, seed=seed, stats=stats,
