@@ -315,6 +315,8 @@ def arbiter_info(path: str | Path) -> dict:
     """The metadata of an arbiter file (raises CospecError if it is not one)."""
     from safetensors import safe_open
 
+    if not Path(path).is_file():
+        raise CospecError(f"arbiter file not found: {path}")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -327,8 +329,6 @@ def arbiter_info(path: str | Path) -> dict:
 
 def load_arbiter(path: str | Path, pair: tuple[str, str] | None = None) -> LearnedPolicy:
     """Load an arbiter; with ``pair`` = (target, draft), refuse one trained for another pair."""
-    if not Path(path).is_file():
-        raise CospecError(f"arbiter file not found: {path}")
     meta = arbiter_info(path)
     if json.loads(meta["features"]) != list(FEATURES):
         raise CospecError(f"{path} was trained on other features; retrain it with this version")

@@ -88,6 +88,10 @@ def options_of(args) -> MethodOptions:
         except ValueError:
             raise CospecError(f"--weights must be numbers separated by commas: "
                               f"{args.weights!r}") from None
+    if args.arbiter:
+        from cospec.arbiter import arbiter_info
+
+        arbiter_info(args.arbiter)  # a bad file is refused before any model is loaded
     return MethodOptions(args.arbiter, args.threshold, not args.first_mismatch_only,
                          args.max_overrides, args.delta, args.entropy, args.lam, args.mu,
                          weights=weights)
@@ -117,9 +121,9 @@ def cmd_generate(args) -> int:
                           f"{', '.join(m for m in METHODS if m != 'hf-assisted')}")
     if not args.prompt.strip():
         raise CospecError("empty prompt")
+    options, sampling = options_of(args), sampling_of(args)
     pair = load_pair_of(args, need_draft=args.method != "target")
-    sampling = sampling_of(args)
-    method = build_method(args.method, pair, options_of(args), sampling)
+    method = build_method(args.method, pair, options, sampling)
     tok = pair.tokenizer
     ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
     stats = DecodeStats()

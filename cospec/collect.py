@@ -89,9 +89,9 @@ def cmd_collect(args) -> int:
     from cospec.evaluate import Session
 
     require_training_data(args, "collect")
-    s = Session(args, ["target", "draft"])
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # before minutes of model loading
+    s = Session(args, ["target", "draft"])
     meta = {"task": args.task, "split": args.split, "target": args.target,
             "draft": args.draft, "max_new_tokens": args.max_new_tokens,
             "max_points": args.max_points, "shard_size": args.shard_size}

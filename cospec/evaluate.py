@@ -31,6 +31,7 @@ from cospec.methods import (
     eos_ids,
 )
 from cospec.report import markdown_table, mcnemar, pct, plot_accuracy_speed, wilson
+from cospec.tasks import get_task
 
 IDENTITY = ("task", "split", "target", "draft", "models", "k", "max_new_tokens", "temperature",
             "top_p", "top_k", "seed", "no_chat")
@@ -166,7 +167,6 @@ class Session:
 
     def __init__(self, args, methods: list[str]):
         from cospec.cli import load_pair_of, options_of, sampling_of
-        from cospec.tasks import get_task
 
         self.args, self.methods = args, methods
         self.task = get_task(args.task)
@@ -174,10 +174,9 @@ class Session:
         if args.limit is not None:
             problems = problems[:args.limit]
         self.problems = problems
-        self.sampling = sampling_of(args)
+        self.sampling, options = sampling_of(args), options_of(args)
         self.pair = load_pair_of(args, need_draft=methods != ["target"])
-        self.built = {m: build_method(m, self.pair, options_of(args), self.sampling)
-                      for m in methods}
+        self.built = {m: build_method(m, self.pair, options, self.sampling) for m in methods}
         tok = self.pair.tokenizer
         self.prompts = [encode_prompt(tok, p.prompt, chat=not args.no_chat) for p in problems]
         self.eos = eos_ids(tok, self.pair.target)
@@ -399,6 +398,7 @@ def cmd_eval(args) -> int:
     if args.limit is not None and args.limit <= 0:
         raise CospecError(f"--limit must be > 0, got {args.limit}")
     methods = _methods(args.methods)
+    get_task(args.task).split(args.split)  # a bad task or split must not reach the folder
     cfg = _config(args)
     cfg["command"] = "cospec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     run = RunDir(args.out, cfg)

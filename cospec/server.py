@@ -828,6 +828,10 @@ def cmd_serve(args) -> int:
     if args.port > 65535 or args.timeout <= 0:
         raise CospecError("--port must be <= 65535 and --timeout > 0")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if args.arbiter:
+        from cospec.arbiter import arbiter_info
+
+        arbiter_info(args.arbiter)
     sock = bind(args.host, args.port)  # fail on a busy port before minutes of model loading
     pair = load_pair_of(args, need_draft=methods != ["target"])
     app = create_app(pair, methods=methods, arbiter=args.arbiter,

@@ -141,12 +141,16 @@ class Task:
     name: str = ""
     splits: tuple[str, ...] = ()
 
-    def problems(self, split: str | None = None) -> list[Problem]:
-        split = split or self.splits[0]
-        if split not in self.splits:
-            raise CospecError(f"{self.name} has no split {split!r}; choose from "
+    def split(self, name: str | None = None) -> str:
+        """The split called ``name`` (None: the task's default); CospecError if it has none."""
+        name = name or self.splits[0]
+        if name not in self.splits:
+            raise CospecError(f"{self.name} has no split {name!r}; choose from "
                               f"{', '.join(self.splits)}")
-        return self._problems(split)
+        return name
+
+    def problems(self, split: str | None = None) -> list[Problem]:
+        return self._problems(self.split(split))
 
     def _problems(self, split: str) -> list[Problem]:
         raise NotImplementedError

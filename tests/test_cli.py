@@ -39,6 +39,8 @@ def test_generate_json_spd_equals_target(tiny_dirs, capsys):
     (["--top-k", "-3"], "must be >= 0"),
     (["--method", "cospec", "--threshold", "2"], "must be in [0, 1]"),
     (["--device", "tpu"], "unknown device"),
+    (["--method", "cospec", "--arbiter", "/no/such/arbiter"], "arbiter file not found"),
+    (["--method", "cospec", "--arbiter", __file__], "not a readable arbiter file"),
     pytest.param(["--device", "cuda"], "no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
 ])
@@ -125,6 +127,7 @@ def test_eval_bad_input(tiny_dirs, tmp_path, args, message):
     res = cli("eval", *models(tiny_dirs), *args, *out)
     assert res.returncode == 2 and message in res.stderr
     assert "Traceback" not in res.stderr
+    assert not (tmp_path / "x").exists()  # a refused run leaves no folder to refuse the next
 
 
 def test_collect_refuses_evaluation_data(tiny_dirs, tmp_path):
