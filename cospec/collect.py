@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cospec.batched import lockstep
-from cospec.errors import CospecError
+from cospec.errors import CospecError, read_json
 
 TRAIN_SPLITS = {"gsm8k": ("dev",), "math500": ("train", "all")}
 
@@ -97,7 +97,7 @@ def cmd_collect(args) -> int:
             "max_points": args.max_points, "shard_size": args.shard_size}
     meta_file = out / "meta.json"
     if meta_file.exists():
-        old = json.loads(meta_file.read_text())
+        old = read_json(meta_file)
         diff = [k for k in meta if old.get(k) != meta[k]]
         if diff:
             raise CospecError(f"{out} holds data collected with other settings ({', '.join(diff)})"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cospec.errors import CospecError
+from cospec.errors import CospecError, read_json
 from cospec.methods import (
     GREEDY_ONLY,
     LOSSY,
@@ -48,7 +48,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
-            old = json.loads(cfg_file.read_text())
+            old = read_json(cfg_file)
             diff = {k: (old.get(k), config.get(k)) for k in IDENTITY if old.get(k) != config.get(k)}
             if diff:
                 lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -308,7 +308,7 @@ def summarize(s: Session, run: RunDir, title: str) -> dict:
     """summary.json, report.md and accuracy_vs_speedup.png from the record files."""
     acc, speed = run.records("accuracy"), run.records("speed")
     ids = [p.id for p in s.problems]
-    rows, summary = [], {"config": json.loads((run.path / "config.json").read_text()),
+    rows, summary = [], {"config": read_json(run.path / "config.json"),
                          "methods": {}}
     base_speed = [speed.get((i, "target")) for i in ids]  # speedups are against target
     for m in s.methods:

@@ -22,7 +22,7 @@ import torch
 
 from cospec.arbiter import FEATURES, LearnedPolicy, save_arbiter
 from cospec.collect import read_points
-from cospec.errors import CospecError
+from cospec.errors import CospecError, read_json
 
 
 def split_by_problem(points: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -130,7 +130,7 @@ def cmd_train(args) -> int:
                            ("epochs", "lr", "hidden_units", "speed_bonus", "seed",
                             "val_fraction")},
               "data": [str(d) for d in args.data]}
-    metas = [json.loads((Path(d) / "meta.json").read_text()) for d in args.data
+    metas = [read_json(Path(d) / "meta.json") for d in args.data
              if (Path(d) / "meta.json").exists()]
     target = args.target or (metas[0]["target"] if metas else None)
     draft = args.draft or (metas[0]["draft"] if metas else None)

@@ -130,6 +130,13 @@ def test_eval_bad_input(tiny_dirs, tmp_path, args, message):
     assert not (tmp_path / "x").exists()  # a refused run leaves no folder to refuse the next
 
 
+def test_a_malformed_results_config_is_a_clear_error(tiny_dirs, tmp_path):
+    (tmp_path / "config.json").write_text("{cut")
+    res = cli("eval", *models(tiny_dirs), "--task", "gsm8k", "--limit", "1", "--out", tmp_path)
+    assert res.returncode == 2 and "config.json is not valid JSON" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_collect_refuses_evaluation_data(tiny_dirs, tmp_path):
     res = cli("collect", *models(tiny_dirs), "--task", "gsm8k", "--split", "heldout",
               "--out", tmp_path / "c")
