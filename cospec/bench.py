@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -73,6 +74,49 @@ def best_k(target_s: dict[int, float], draft_s: float, alpha: float) -> tuple[in
              for k in range(1, max(target_s)) if k + 1 in target_s}
     k = max(speed, key=speed.get)
     return k, speed[k] * target_s[1]
+
+
+AUTO_ALPHA = 0.85   # per-token acceptance assumed by --k auto (GSM8K: tau 2.70 at k = 2,
+                    # 3.95 at k = 4 on the default pair, i.e. alpha = 0.85-0.9)
+AUTO_KS = range(1, 8)  # --k auto picks k in 1..6 (a verify over k + 1 <= 7 tokens)
+
+
+def auto_k(pair, alpha: float = AUTO_ALPHA) -> int:
+    """The draft length ``best_k`` predicts fastest for ``pair`` on this machine, from the
+    pair's own forward costs (CPU only: on CUDA the fast path's costs are not these).
+
+    Timed once per machine, models, dtype, thread count and ``COSPEC_LINEAR``; the costs are
+    kept in the cache folder (``k-auto.json``), so later runs reuse the same k."""
+    from cospec.assets import cache_dir
+    from cospec.errors import CospecError
+
+    dev = next(pair.target.parameters())
+    if dev.device.type != "cpu":
+        raise CospecError("--k auto times CPU forwards; on a GPU give a number (the GPU "
+                          "results use --k 5)")
+    mode = os.environ.get("COSPEC_LINEAR", "auto")
+    key = " | ".join([machine(), pair.target_name, str(pair.draft_name), str(dev.dtype),
+                      f"{torch.get_num_threads()} threads", f"linear {mode}"])
+    path = cache_dir() / "k-auto.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or cut by a crash: timed again
+        known = {}
+    if key not in known:
+        print("--k auto: timing the pair's forwards once on this machine ...", file=sys.stderr,
+              flush=True)
+        known[key] = {"target_s": {n: forward_cost(pair.target, n, 128, 3, mode)
+                                   for n in AUTO_KS},
+                      "draft_s": forward_cost(pair.draft, 1, 128, 3, mode)}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(path)
+    costs = known[key]
+    k, speedup = best_k({int(n): t for n, t in costs["target_s"].items()}, costs["draft_s"],
+                        alpha)
+    print(f"--k auto: k = {k} (predicted {speedup:.2f}x target-only at acceptance {alpha}; "
+          f"costs in {path})", file=sys.stderr, flush=True)
+    return k
 
 
 def cmd_verify_cost(args) -> int:

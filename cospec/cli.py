@@ -33,6 +33,12 @@ _unit = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 _unit_closed = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
+def draft_length(text: str) -> int | str:
+    """An argparse type for --k: a positive integer, or ``auto`` (chosen by timing the pair
+    once on this machine: ``bench.auto_k``; resolved by ``load_pair_of``)."""
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--target", default=DEFAULT_TARGET,
@@ -48,7 +54,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
-    g.add_argument("--k", type=_positive_int, default=4, help="draft length (default 4)")
+    g.add_argument("--k", type=draft_length, default=4,
+                   help="draft length (default 4), or auto: the fastest on this CPU, "
+                        "from the pair's timed forwards")
     g.add_argument("--max-new-tokens", type=_positive_int, default=128)
     g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=_unit, default=1.0)
@@ -98,8 +106,10 @@ def options_of(args) -> MethodOptions:
 
 
 def load_pair_of(args, need_draft: bool = True):
+    """The models named by ``args``; resolves ``args.k == "auto"`` for them (``auto_k``)."""
     import torch
 
+    from cospec.bench import auto_k
     from cospec.models import load_pair, set_cpu_threads
 
     set_cpu_threads()
@@ -108,8 +118,12 @@ def load_pair_of(args, need_draft: bool = True):
         specs = [m.strip() for m in args.models.split(",") if m.strip()]
         if len(specs) < 2:
             raise CospecError(f"--models needs at least two models, got {args.models!r}")
-        return load_pair(specs[-1], specs[0], args.device, dtype, tuple(specs[1:-1]))
-    return load_pair(args.target, args.draft if need_draft else None, args.device, dtype)
+        pair = load_pair(specs[-1], specs[0], args.device, dtype, tuple(specs[1:-1]))
+    else:
+        pair = load_pair(args.target, args.draft if need_draft else None, args.device, dtype)
+    if getattr(args, "k", None) == "auto":
+        args.k = auto_k(pair) if pair.draft is not None else 1  # target-only: k is unused
+    return pair
 
 
 def cmd_generate(args) -> int:
@@ -143,7 +157,7 @@ def cmd_generate(args) -> int:
               flush=True)
     text = tok.decode(out, skip_special_tokens=True)
     if args.json:
-        print(json.dumps({"method": args.method, "text": text, "token_ids": out,
+        print(json.dumps({"method": args.method, "k": args.k, "text": text, "token_ids": out,
                           "stats": stats.to_dict()}))
     else:
         s = stats

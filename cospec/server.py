@@ -819,8 +819,7 @@ def cmd_serve(args) -> int:
                           "'cospec[serve]'") from None
     from cospec.cli import load_pair_of
 
-    for flag, value, low in (("--port", args.port, 0), ("--k", args.k, 1),
-                             ("--max-active", args.max_active, 1),
+    for flag, value, low in (("--port", args.port, 0), ("--max-active", args.max_active, 1),
                              ("--max-queue", args.max_queue, 0),
                              ("--default-max-tokens", args.default_max_tokens, 1)):
         if value < low:
@@ -847,6 +846,8 @@ def cmd_serve(args) -> int:
 
 
 def add_parser(sub, add_model_args) -> None:
+    from cospec.cli import draft_length
+
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, "
                                      "/v1/completions, streaming) with speculative metrics")
     add_model_args(p)
@@ -858,7 +859,8 @@ def add_parser(sub, add_model_args) -> None:
                    help="the model id clients send (default: the --target spec)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
-    p.add_argument("--k", type=int, default=4, help="draft length when a request sets none")
+    p.add_argument("--k", type=draft_length, default=4,
+                   help="draft length when a request sets none (or auto: see cospec generate)")
     p.add_argument("--max-active", type=int, default=4,
                    help="requests decoded at once, round robin token by token")
     p.add_argument("--max-queue", type=int, default=64,

@@ -88,6 +88,31 @@ def test_best_k_follows_the_verify_cost():
     assert best_k(cliff, 0.3, 0.2)[0] == 1  # rarely accepted: one draft at most
 
 
+def test_k_auto_picks_the_predicted_length_and_times_once(tiny_dirs, tmp_path, monkeypatch,
+                                                          capsys):
+    from cospec import bench
+
+    monkeypatch.setenv("COSPEC_CACHE", str(tmp_path))
+    timed = []
+
+    def cost(model, n, prefix, reps, mode):  # 4+ tokens cost two steps (the Xeon's cliff)
+        timed.append(n)
+        if model.config.num_hidden_layers == 1:  # the tiny draft
+            return 0.3
+        return 1.0 if n <= 3 else 2.0
+
+    monkeypatch.setattr(bench, "forward_cost", cost)
+    outs = []
+    for _ in range(2):
+        assert main(["generate", *models(tiny_dirs), "--method", "spd", "--k", "auto",
+                     "--prompt", "w5 w9 w12", "--no-chat", "--max-new-tokens", "20",
+                     "--json"]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0]["k"] == 2 == outs[1]["k"]  # best_k on these costs at alpha 0.85
+    assert len(timed) == len(bench.AUTO_KS) + 1  # timed once: the second run read the cache
+    assert outs[0]["token_ids"] == outs[1]["token_ids"]
+
+
 def test_not_a_model(tmp_path):
     f = tmp_path / "weights.bin"
     f.write_bytes(b"junk")
