@@ -23,6 +23,14 @@ def cache_dir() -> Path:
     return root
 
 
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` beside ``path``, then rename it over ``path``: a crash never leaves a
+    half-written file under the real name (a resumed job redoes that file instead)."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def wheel(package: str, version: str) -> Path:
     """Path of ``package==version``'s wheel in the cache, downloading it if absent."""
     folder = cache_dir() / "wheels"

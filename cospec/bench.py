@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from cospec.assets import cache_dir, write_atomic
 from cospec.cpu import MODES, TRIALS
 from cospec.decoding import CachedLM
+from cospec.errors import CospecError
 
 
 def forward_cost(model, k: int, prefix: int, reps: int, mode: str) -> float:
@@ -87,15 +89,12 @@ def auto_k(pair, alpha: float = AUTO_ALPHA) -> int:
 
     Timed once per machine, models, dtype, thread count and ``COSPEC_LINEAR``; the costs are
     kept in the cache folder (``k-auto.json``), so later runs reuse the same k."""
-    from cospec.assets import cache_dir
-    from cospec.errors import CospecError
-
-    dev = next(pair.target.parameters())
-    if dev.device.type != "cpu":
+    param = next(pair.target.parameters())
+    if param.device.type != "cpu":
         raise CospecError("--k auto times CPU forwards; on a GPU give a number (the GPU "
                           "results use --k 5)")
     mode = os.environ.get("COSPEC_LINEAR", "auto")
-    key = " | ".join([machine(), pair.target_name, str(pair.draft_name), str(dev.dtype),
+    key = " | ".join([machine(), pair.target_name, str(pair.draft_name), str(param.dtype),
                       f"{torch.get_num_threads()} threads", f"linear {mode}"])
     path = cache_dir() / "k-auto.json"
     try:
@@ -108,9 +107,7 @@ def auto_k(pair, alpha: float = AUTO_ALPHA) -> int:
         known[key] = {"target_s": {n: forward_cost(pair.target, n, 128, 3, mode)
                                    for n in AUTO_KS},
                       "draft_s": forward_cost(pair.draft, 1, 128, 3, mode)}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(known, indent=1)))
     costs = known[key]
     k, speedup = best_k({int(n): t for n, t in costs["target_s"].items()}, costs["draft_s"],
                         alpha)

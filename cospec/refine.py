@@ -24,7 +24,6 @@ the same command resumes after the last finished iteration; other settings are r
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from cospec.arbiter import LearnedPolicy, arbiter_info, load_arbiter, save_arbiter
+from cospec.assets import write_atomic
 from cospec.batched import lockstep
 from cospec.collect import require_training_data
 from cospec.errors import CospecError
@@ -112,12 +112,6 @@ def run_iteration(s, policy: LearnedPolicy, opt, idx: list[int], args, it: int) 
             "loss": loss, "seconds": time.perf_counter() - t0}
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def cmd_refine(args) -> int:
     from cospec.evaluate import Session
 
@@ -165,10 +159,10 @@ def cmd_refine(args) -> int:
         history.append(row)
         print(json.dumps(row), flush=True)
         info.update(threshold=0.5, refine_history=history, refine_settings=settings)
-        _atomic(out / "optim.pt", lambda p: torch.save(opt.state_dict(), p))
-        _atomic(current, lambda p: save_arbiter(policy, p, pair, info))
-        _atomic(out / "log.jsonl",
-                lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in history)))
+        write_atomic(out / "optim.pt", lambda p: torch.save(opt.state_dict(), p))
+        write_atomic(current, lambda p: save_arbiter(policy, p, pair, info))
+        write_atomic(out / "log.jsonl",
+                     lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in history)))
     print(f"{len(history)} iterations in {out}; decode with --arbiter {current}")
     return 0
 
