@@ -203,12 +203,20 @@ class Session:
 
 
 def accuracy_pass(s: Session, run: RunDir) -> None:
-    """Score every method on every problem (batched lockstep for greedy methods)."""
+    """Score every method on every problem with its own tokens.
+
+    Target-only, draft-only, the lossy rules and the autoregressive combinations go through
+    the batched lockstep decoder. The exact speculative methods (spd, *-sd, cos-*) are run
+    at batch 1 with the real loop, never copied from the method they reproduce: in bf16 a
+    k+1-row verify rounds unlike a one-row step, so their tokens can differ; a problem the
+    speed pass already decoded reuses those tokens (same loop, same settings).
+    """
     from cospec.batched import lockstep
 
     a = s.args
     done = run.records("accuracy")
     check_opts(s, done, run)
+    timed = run.records("speed")
     for method in s.methods:
         if method == "hf-assisted":
             continue  # the peer is measured at batch 1 only (speed subset)
@@ -216,21 +224,28 @@ def accuracy_pass(s: Session, run: RunDir) -> None:
         if not todo:
             continue
         same = SAME_AS_GREEDY.get(method)
-        if same and s.sampling.greedy:
-            # exact speculation: its tokens are those of `same` (checked on the speed subset)
-            base = [done.get((s.problems[i].id, same)) for i in todo]
-            if all(base):
-                run.append("accuracy", [dict(r, method=method, via=same) for r in base])
-                continue
-        m = s.built[method]
-        two_models = m.combo is None or len(m.models) == 2
-        batched = two_models and (s.sampling.greedy or same is None)
         if same and not s.sampling.greedy:
-            # an exact sampler of `same`'s distribution (tests/test_cos.py, test_sampling.py):
-            # its accuracy is that distribution's; here it is scored on the speed subset only
+            # an exact sampler of `same`'s distribution (tests/test_exactness.py): the batched
+            # decoder samples that distribution but not this method's draws, so the method is
+            # scored on the batch-1 speed subset only
             print(f"accuracy {method}: samples exactly as {same} does; scored on the batch-1 "
                   "speed subset only")
             continue
+        reused = [timed[(s.problems[i].id, method)] for i in todo
+                  if (s.problems[i].id, method) in timed]
+        if reused:
+            run.append("accuracy", [accuracy_record(s, r["id"], method, r["token_ids"],
+                                                    r["correct"], "batch1",
+                                                    r.get("overrides", 0),
+                                                    r.get("arbiter_calls", 0))
+                                    for r in reused])
+            got = {r["id"] for r in reused}
+            todo = [i for i in todo if s.problems[i].id not in got]
+            if not todo:
+                continue
+        m = s.built[method]
+        two_models = m.combo is None or len(m.models) == 2
+        batched = two_models and same is None
         bar = tqdm(total=len(todo), desc=f"accuracy {method}", unit="problem")
         right = total = 0
         chunk = max(a.batch_size * 4, 1) if batched else 1
@@ -257,10 +272,7 @@ def accuracy_pass(s: Session, run: RunDir) -> None:
                     dt += st.decode_s + st.prefill_s
                 path = "batch1"
             correct = s.grade([(i, o[0]) for i, o in zip(idx, outs)])
-            recs = [{"id": s.problems[i].id, "method": method, "correct": c, "path": path,
-                     "opts": method_opts(s, method),
-                     "tokens": len(o[0]), "overrides": o[1], "mismatches": o[2],
-                     "token_ids": o[0], "text": s.text(o[0])}
+            recs = [accuracy_record(s, s.problems[i].id, method, o[0], c, path, o[1], o[2])
                     for i, o, c in zip(idx, outs, correct)]
             run.append("accuracy", recs)
             total += len(recs)
@@ -272,6 +284,14 @@ def accuracy_pass(s: Session, run: RunDir) -> None:
             bar.set_postfix(acc=f"{right / total:.1%}")
         bar.close()
         done = run.records("accuracy")
+
+
+def accuracy_record(s: Session, pid: str, method: str, ids: list[int], correct: bool,
+                    path: str, overrides: int, mismatches: int) -> dict:
+    """One graded answer of ``method`` (its own tokens), as stored in accuracy.jsonl."""
+    return {"id": pid, "method": method, "correct": correct, "path": path,
+            "opts": method_opts(s, method), "tokens": len(ids), "overrides": overrides,
+            "mismatches": mismatches, "token_ids": ids, "text": s.text(ids)}
 
 
 def speed_pass(s: Session, run: RunDir, n: int) -> None:
@@ -403,9 +423,10 @@ def cmd_eval(args) -> int:
     cfg["command"] = "cospec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     run = RunDir(args.out, cfg)
     s = Session(args, methods)
+    # speed first: the exact methods' accuracy reuses the tokens it decoded at batch 1
+    speed_pass(s, run, args.speed_subset if args.command == "eval" else len(s.problems))
     if args.command == "eval":
         accuracy_pass(s, run)
-    speed_pass(s, run, args.speed_subset if args.command == "eval" else len(s.problems))
     summarize(s, run, f"{args.command}: {args.task}/{args.split}, {len(s.problems)} problems, "
                       f"k={args.k}, T={args.temperature}, max {args.max_new_tokens} tokens")
     print(f"results in {run.path}/ (report.md, summary.json, *.jsonl)")

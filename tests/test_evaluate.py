@@ -1,0 +1,36 @@
+"""cospec eval scores every method with its own tokens (nothing copied from another method)."""
+
+import json
+
+from cospec.cli import main
+from cospec.methods import Method
+
+
+def test_exact_methods_are_scored_with_their_own_tokens(tiny_dirs, tmp_path, monkeypatch):
+    """spd's accuracy records hold spd's own tokens, not the target's: a run whose spd
+    tokens differ from the target's (as bf16 rounding can make them) must show it."""
+    real_run = Method.run
+
+    def run(self, prompt_ids, **kw):
+        ids, flags, stats = real_run(self, prompt_ids, **kw)
+        if self.name == "spd":  # stand-in for a bf16 rounding difference
+            ids, flags = ids[:-1] + [(ids[-1] + 1) % 50], flags
+        return ids, flags, stats
+
+    monkeypatch.setattr(Method, "run", run)
+    t, d = tiny_dirs
+    out = tmp_path / "run"
+    assert main(["eval", "--target", str(t), "--draft", str(d), "--task", "gsm8k", "--split",
+                 "dev", "--limit", "3", "--max-new-tokens", "6", "--methods", "target,spd",
+                 "--speed-subset", "1", "--out", str(out)]) == 0
+    recs = [json.loads(x) for x in (out / "accuracy.jsonl").read_text().splitlines()]
+    by = {(r["id"], r["method"]): r for r in recs}
+    ids = sorted({r["id"] for r in recs})
+    assert len(ids) == 3 and len(recs) == 6
+    for pid in ids:
+        spd, target = by[(pid, "spd")], by[(pid, "target")]
+        assert "via" not in spd and spd["path"] == "batch1"
+        assert spd["token_ids"][:-1] == target["token_ids"][:-1]
+        assert spd["token_ids"][-1] != target["token_ids"][-1]
+    speed = {json.loads(x)["id"] for x in (out / "speed.jsonl").read_text().splitlines()}
+    assert len(speed) == 1  # the speed subset's spd tokens were reused, not decoded again
