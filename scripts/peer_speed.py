@@ -127,7 +127,9 @@ def run_hf(args, prompts) -> dict:
                                                num_assistant_tokens_schedule="constant",
                                                assistant_confidence_threshold=0.0)}
     else:
-        configs = {"eager-dynamic": {}, "static-compiled": dict(cache_implementation="static")}
+        configs = {"static-compiled": dict(cache_implementation="static")}
+        if args.eager:
+            configs["eager-dynamic"] = {}
         if args.device == "cpu":  # generate compiles a static cache by itself on GPUs only
             compiled = CompileConfig(mode="default")  # CUDA graphs mean nothing on a CPU
             compiled._compile_all_devices = True
@@ -318,6 +320,7 @@ def main() -> None:
     p.add_argument("--draft", default="qwen2.5-coder-0.5b")
     p.add_argument("--device", default="cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
+    p.add_argument("--eager", action="store_true", help="hf: also time eager generate")
     p.add_argument("--out", required=True)
     p = sub.add_parser("table")
     p.add_argument("dir")
