@@ -32,6 +32,7 @@ import json
 import os
 import pwd
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -168,8 +169,11 @@ def use(mode: str) -> None:
     global _mode
     if mode not in MODES:
         raise CospecError(f"unknown sandbox {mode!r}; choose from {', '.join(MODES)}")
+    if mode == "bwrap" and not bwrap_works()[0]:
+        raise CospecError(f"--sandbox bwrap: bubblewrap cannot run here ({bwrap_works()[1]}); "
+                          "install it (apt-get install bubblewrap) where namespaces are "
+                          "allowed, or choose --sandbox process")
     _mode = mode
-    kind()
 
 
 def kind() -> str:
@@ -180,10 +184,6 @@ def kind() -> str:
     ok, why = bwrap_works()
     if ok:
         return "bwrap"
-    if _mode == "bwrap":
-        raise CospecError(f"--sandbox bwrap: bubblewrap cannot run here ({why}); install it "
-                          "(apt-get install bubblewrap) where namespaces are allowed, or "
-                          "choose --sandbox process")
     with _lock:
         if not _warned:
             _warned = True
@@ -334,14 +334,14 @@ def _sandbox_init(info_r: int) -> int | None:
 
 
 def _end(proc: subprocess.Popen, pidfd: int | None) -> None:
-    """Kill whatever of the run is left and wait for it. Killing the pid namespace's first
-    process kills every process in it, and bwrap exits only once that one is reaped."""
+    """Kill whatever of the run is left and wait until it is gone. Killing the pid namespace's
+    first process kills every process in it; that process has exited (its pidfd reads ready)
+    only once all the others have, while bwrap itself may exit a little earlier."""
     if pidfd is not None:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [], 10.0)
         os.close(pidfd)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # the whole group: children too
     proc.wait()
