@@ -285,3 +285,13 @@ def test_all_reference_solutions_pass(kind, task, failing):
     if task == "humaneval":
         with ThreadPoolExecutor(max_workers=2) as pool:
             assert not any(pool.map(lambda ps: code_correct(ps[0], ""), pairs))
+
+
+def test_cli_sandbox_bwrap_is_a_clear_error_where_it_cannot_run(monkeypatch, capsys):
+    from cospec.cli import main
+
+    monkeypatch.setattr(sandbox, "_probe", (False, "no bwrap on PATH"))
+    assert main(["generate", "--prompt", "hi", "--sandbox", "bwrap"]) == 2
+    assert "bubblewrap cannot run here (no bwrap on PATH)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "hi", "--sandbox", "docker"])
