@@ -206,8 +206,10 @@ def test_a_sleeper_and_its_children_are_killed_on_time(run):
 def test_a_setsid_double_forked_orphan_dies_with_the_run(run, open_dir):
     marker = open_dir / "orphan-was-here"
     res, left = run(f"import os, time\nif os.fork() == 0:\n    os.setsid()\n"
-                    f"    if os.fork() == 0:\n        time.sleep(1.5)\n"
-                    f"        open({str(marker)!r}, 'w').write('x')\n        time.sleep(60)\n"
+                    f"    if os.fork() == 0:\n        os.closerange(0, 64)\n"
+                    f"        time.sleep(1.5)\n"
+                    f"        os.open({str(marker)!r}, os.O_WRONLY | os.O_CREAT)\n"
+                    f"        time.sleep(60)\n"
                     f"    os._exit(0)\ntime.sleep(0.5)\nassert False")
     assert res.status == "failed" and not left
     time.sleep(2)
