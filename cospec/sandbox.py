@@ -296,7 +296,7 @@ def _run(program: str, timeout: float, memory_mb: int, where: str) -> SandboxRes
                 caps = ([] if _nobody_can_run(sys.executable) else
                         ["--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search"])
                 cmd = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
-                       "--clear-groups", *caps, *python]
+                       "--clear-groups", "--no-new-privs", *caps, *python]
         env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
         try:
             proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=out,
