@@ -204,8 +204,8 @@ def bwrap_works() -> tuple[bool, str]:
                 _probe = (False, "no bwrap on PATH")
             else:
                 res = _run("pass", 30.0, 1024, "bwrap")
-                _probe = (res.passed, res.stderr_tail.strip().splitlines()[-1:] and
-                          res.stderr_tail.strip().splitlines()[-1] or res.status)
+                lines = res.stderr_tail.strip().splitlines()
+                _probe = (res.passed, lines[-1] if lines else res.status)
         return _probe
 
 
@@ -245,7 +245,8 @@ def _python_dirs() -> list[str]:
 def _bwrap_args(info_fd: int) -> list[str]:
     """bwrap's arguments up to the command (see the module docstring for what they make)."""
     root = os.geteuid() == 0
-    args = ["bwrap", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    args = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL"]
     if root:  # no user namespace: the driver drops to the host's nobody, then has no caps
         args += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
                  "--unshare-cgroup-try", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
@@ -295,8 +296,9 @@ def _run(program: str, timeout: float, memory_mb: int, where: str) -> SandboxRes
                 os.chown(cwd, NOBODY, NOBODY)
                 caps = ([] if _nobody_can_run(sys.executable) else
                         ["--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search"])
-                cmd = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
-                       "--clear-groups", "--no-new-privs", *caps, *python]
+                cmd = [shutil.which("setpriv") or "setpriv", "--reuid", str(NOBODY),
+                       "--regid", str(NOBODY), "--clear-groups", "--no-new-privs", *caps,
+                       *python]
         env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
         try:
             proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=out,
