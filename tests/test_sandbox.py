@@ -293,7 +293,8 @@ def test_cli_sandbox_bwrap_is_a_clear_error_where_it_cannot_run(monkeypatch, cap
     from cospec.cli import main
 
     monkeypatch.setattr(sandbox, "_probe", (False, "no bwrap on PATH"))
-    assert main(["generate", "--prompt", "hi", "--sandbox", "bwrap"]) == 2
+    assert main(["generate", "--prompt", "hi", "--target", "/nonexistent.gguf",
+                 "--sandbox", "bwrap"]) == 2
     assert "bubblewrap cannot run here (no bwrap on PATH)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "hi", "--sandbox", "docker"])
