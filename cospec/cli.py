@@ -10,6 +10,7 @@ from cospec.errors import CospecError
 from cospec.methods import METHODS, MethodOptions
 from cospec.models import DEFAULT_DRAFT, DEFAULT_TARGET
 from cospec.sampling import SamplingConfig
+from cospec.sandbox import MODES, use
 
 
 def _number(kind: type, ok, rule: str):
@@ -82,6 +83,9 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                         "(default: --lambda for two models, else uniform)")
     g.add_argument("--mu", type=_nonneg_float, default=0.1,
                    help="CoS contrastive: r = softmax(l_target - mu l_draft)")
+    g.add_argument("--sandbox", choices=MODES, default="auto",
+                   help="where generated code is graded: bwrap (required), process (a plain "
+                        "subprocess) or auto (bwrap where it runs; default)")
 
 
 def sampling_of(args) -> SamplingConfig:
@@ -208,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "sandbox", None):
+            use(args.sandbox)
         return args.func(args)
     except CospecError as err:
         print(f"error: {err}", file=sys.stderr)

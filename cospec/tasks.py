@@ -125,8 +125,9 @@ def extract_code(text: str) -> str:
 
 
 def code_correct(problem: Problem, completion: str, timeout: float = 10.0) -> bool:
-    """Run preamble + extracted code + tests. A HumanEval preamble is the whole prompt (its
-    function has only a docstring), so a bare body completes it and a whole function
+    """Run preamble + extracted code + tests in ``cospec.sandbox``: True only if the tests
+    ran to their end (an exit before them fails). A HumanEval preamble is the whole prompt
+    (its function has only a docstring), so a bare body completes it and a whole function
     replaces it."""
     code = extract_code(completion)
     sep = "" if code[:1] in (" ", "\t") else "\n"

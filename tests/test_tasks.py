@@ -1,14 +1,10 @@
-"""Graders on hand-written cases, splits, and the sandbox."""
+"""Graders on hand-written cases and splits (the sandbox: test_sandbox.py)."""
 
-import os
-import time
-import uuid
 
 import pytest
 
 from cospec.errors import CospecError
-from cospec.sandbox import run_python
-from cospec.tasks import Problem, get_task, gsm8k_split, math_correct
+from cospec.tasks import get_task, gsm8k_split, math_correct
 
 
 @pytest.mark.parametrize("text, gold, ok", [
@@ -66,36 +62,6 @@ def test_unknown_task_and_split():
         get_task("nope")
     with pytest.raises(CospecError, match="no split"):
         get_task("humaneval").problems("train")
-
-
-@pytest.mark.parametrize("code, status", [
-    ("assert 1 + 1 == 2", "passed"),
-    ("assert 1 + 1 == 3", "failed"),
-    ("def f(:\n  pass", "failed"),
-    ("x = bytearray(4 * 1024 ** 3)", "failed"),
-    ("import socket\nsocket.create_connection(('127.0.0.1', 9))", "failed"),
-])
-def test_sandbox_outcomes(code, status):
-    assert run_python(code, timeout=5).status == status
-
-
-def test_sandbox_kills_loops_and_their_children():
-    t0 = time.perf_counter()
-    res = run_python("import os, time\nif os.fork() == 0:\n    time.sleep(60)\nwhile True: pass",
-                     timeout=2)
-    assert res.status == "timeout" and time.perf_counter() - t0 < 6
-
-
-def test_sandbox_cannot_write_outside_its_folder():
-    target = f"/tmp/cospec_escape_{uuid.uuid4().hex}"
-    res = run_python(f"open({target!r}, 'w').write('x')", timeout=5)
-    assert res.status == "failed" and not os.path.exists(target)
-    assert run_python("open('inside.txt', 'w').write('ok')", timeout=5).passed
-
-
-def test_code_problem_dataclass_defaults():
-    p = Problem("x/1", "prompt")
-    assert p.tests == "" and p.entry_point == ""
 
 
 def test_a_cut_wheel_in_the_cache_is_a_clear_error(tmp_path, monkeypatch):
