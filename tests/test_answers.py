@@ -152,6 +152,11 @@ def test_extract_code_fallbacks():
     assert extract_code(body, "add") == body
 
 
+@pytest.mark.parametrize("tag", ["python3", "py", "Python", ""])
+def test_extract_code_prefers_python_blocks(tag):
+    assert extract_code(f"```{tag}\nprint(1)\n```\n```output\n1\n```") == "print(1)\n"
+
+
 def test_function_under_test_skips_builtins():
     assert function_under_test("assert remove_Occ('hello', 'l') == 'heo'\n") == "remove_Occ"
     assert function_under_test("assert set(similar([1, 2], [2])) == set([2])\n") == "similar"
