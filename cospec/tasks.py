@@ -12,11 +12,10 @@ import ast
 import gzip
 import hashlib
 import json
-import re
 from dataclasses import dataclass
-from fractions import Fraction
 from functools import cache
 
+from cospec.answers import extract_code, function_under_test, math_correct
 from cospec.assets import read_member
 from cospec.errors import CospecError
 from cospec.sandbox import run_python
@@ -41,87 +40,7 @@ def _jsonl(package: tuple[str, str], member: str) -> list[dict]:
             gzip.decompress(read_member(*package, member)).decode().splitlines()]
 
 
-# ---------------------------------------------------------------- answers
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (nested braces allowed), or None."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None
-
-
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def to_number(text: str) -> Fraction | None:
-    """A number from an answer string ('$1,234.', '18.00', '\\frac{1}{2}', '3/4', '50%')."""
-    s = text.replace("\\!", "").replace("\\$", "").replace("$", "").replace("\\%", "")
-    s = re.sub(r"\\text\{[^}]*\}", "", s).replace("%", "").replace(" ", "").rstrip(".")
-    s = re.sub(r"\\[dt]?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", r"\1/\2", s)
-    m = re.fullmatch(r"(-?[\d,]*\.?\d+)(?:/(-?[\d.]+))?", s)
-    if m is None:
-        found = NUMBER.findall(s)
-        if len(found) != 1:
-            return None
-        m = re.fullmatch(r"(-?[\d,]*\.?\d+)()", found[0].replace(",", ""))
-        if m is None:
-            return None
-    try:
-        value = Fraction(m.group(1).replace(",", ""))
-        return value / Fraction(m.group(2)) if m.group(2) else value
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def final_answer(text: str) -> str | None:
-    """The boxed answer if any, else the last number in the text."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
-    found = NUMBER.findall(text)
-    return found[-1] if found else None
-
-
-def normalize(answer: str) -> str:
-    s = re.sub(r"\\text\{([^}]*)\}", r"\1", answer)
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("$", "")
-    s = s.replace("dfrac", "frac").replace("tfrac", "frac").replace(" ", "").rstrip(".")
-    return s
-
-
-def math_correct(completion: str, gold: str) -> bool:
-    got = final_answer(completion)
-    if got is None:
-        return False
-    a, b = to_number(got), to_number(gold)
-    if a is not None and b is not None:
-        return a == b
-    return normalize(got) == normalize(gold)
-
-
 # ---------------------------------------------------------------- code
-
-
-FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)```", re.S)
-
-
-def extract_code(text: str) -> str:
-    """The last fenced code block (an unclosed last fence counts), else the raw text."""
-    blocks = FENCE.findall(text)
-    if blocks:
-        return blocks[-1]
-    opened = re.search(r"```[ \t]*(?:python|py)?[ \t]*\n(.*)$", text, re.S)
-    return opened.group(1) if opened else text
 
 
 def code_correct(problem: Problem, completion: str, timeout: float = 10.0) -> bool:
@@ -129,7 +48,7 @@ def code_correct(problem: Problem, completion: str, timeout: float = 10.0) -> bo
     ran to their end (an exit before them fails). A HumanEval preamble is the whole prompt
     (its function has only a docstring), so a bare body completes it and a whole function
     replaces it."""
-    code = extract_code(completion)
+    code = extract_code(completion, problem.entry_point or function_under_test(problem.tests))
     sep = "" if code[:1] in (" ", "\t") else "\n"
     program = problem.preamble + sep + code + "\n" + problem.tests
     return run_python(program, timeout=timeout).passed

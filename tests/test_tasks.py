@@ -4,24 +4,7 @@
 import pytest
 
 from cospec.errors import CospecError
-from cospec.tasks import get_task, gsm8k_split, math_correct
-
-
-@pytest.mark.parametrize("text, gold, ok", [
-    ("so the answer is \\boxed{18}", "18", True),
-    ("The answer is $1,234.", "1234", True),
-    ("She pays 18.00 dollars", "18", True),
-    ("\\boxed{\\$18}", "18", True),
-    ("\\boxed{18 \\text{ eggs}}", "18", True),
-    ("\\boxed{\\frac{1}{2}}", "0.5", True),
-    ("first 12, then \\boxed{17}", "18", False),
-    ("I cannot solve this.", "18", False),
-    ("\\boxed{", "18", False),
-    ("\\boxed{50\\%}", "50", True),
-    ("\\boxed{-3}", "-3", True),
-])
-def test_math_grader(text, gold, ok):
-    assert math_correct(text, gold) is ok
+from cospec.tasks import get_task, gsm8k_split
 
 
 def test_gsm8k_split_is_fixed_and_disjoint():
