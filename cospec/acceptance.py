@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from cospec.sampling import SamplingConfig, probabilities, residual, sample
+from cospec.sampling import SamplingConfig, first_rejection, probabilities, recover, rejection_test
 
 
 @dataclass
@@ -82,7 +82,8 @@ class ExactRule:
     Rejection sampling (Leviathan et al. / Chen et al.): accept d_i with probability
     min(1, p_i(d_i) / q_i(d_i)); at the first rejection resample from norm(max(0, p_i - q_i));
     if all pass, sample the bonus from p_k. The committed tokens are distributed exactly as
-    sampling from the (processed) verifier distribution p.
+    sampling from the (processed) verifier distribution p. Every position is tested at once
+    on the device (``sampling.rejection_test``); the verdict costs one host sync per block.
     """
 
     lossy: bool = False
@@ -91,17 +92,20 @@ class ExactRule:
 
     def __call__(self, prop, sampling, gen):
         k = len(prop.tokens)
+        device = prop.target_logits.device
+        tokens = torch.tensor(prop.tokens, dtype=torch.long, device=device)
         if sampling.greedy:
-            best = prop.target_logits.argmax(-1).tolist()
-            n = next((i for i in range(k) if prop.tokens[i] != best[i]), k)
-            return Verdict(n, best[n])
-        p = probabilities(prop.target_logits, sampling)
-        q = probabilities(prop.draft_logits, sampling) if k else None
-        for i, tok in enumerate(prop.tokens):
-            u = torch.rand((), generator=gen, device=p.device)
-            if u * q[i, tok] >= p[i, tok]:  # reject: u >= p/q, without dividing by zero
-                return Verdict(i, sample(residual(p[i], q[i]), gen))
-        return Verdict(k, sample(p[k], gen))
+            best = prop.target_logits.argmax(-1)                # [k + 1]
+            n = first_rejection(tokens == best[:k])
+            nxt = best.index_select(0, n)
+        else:
+            p = probabilities(prop.target_logits, sampling)     # [k + 1, V]
+            q = probabilities(prop.draft_logits, sampling) if k else p[:0]
+            n = first_rejection(rejection_test(p, q, tokens, gen))
+            nxt = recover(p, q, n, gen)
+        # the block's verdict is decided on the device and read back once
+        n, nxt = torch.cat([n, nxt]).tolist()
+        return Verdict(n, nxt)
 
 
 class MismatchPolicy(Protocol):

@@ -33,7 +33,15 @@ import torch
 from cospec.decoding import CachedLM, Token, _clock, cache_room, cached_lm
 from cospec.errors import CospecError
 from cospec.replay import CosTrace
-from cospec.sampling import GREEDY, SamplingConfig, probabilities, residual, sample
+from cospec.sampling import (
+    GREEDY,
+    SamplingConfig,
+    first_rejection,
+    probabilities,
+    recover,
+    rejection_test,
+    sample,
+)
 from cospec.stats import DecodeStats
 
 COS_METHODS = ("we", "cd", "we-sd", "cd-sd", "cos-we", "cos-cd")
@@ -81,12 +89,36 @@ def _pick(probs: torch.Tensor, cfg: SamplingConfig, gen) -> int:
     return int(probs.argmax()) if cfg.greedy else sample(probs, gen)
 
 
-def _accept(r_tok: torch.Tensor, q_tok: torch.Tensor, cfg: SamplingConfig, gen) -> bool:
-    """Accept a token proposed with probability q_tok where the target has r_tok."""
+def _verify(target: torch.Tensor, proposal: torch.Tensor, tokens: list[int],
+            cfg: SamplingConfig, gen, trace: CosTrace) -> tuple[int, int | None]:
+    """Test k proposed ``tokens`` at once on the device: (kept n, the token after them;
+    None when all pass and ``target`` has no bonus row), read back in one host sync.
+    ``target`` [m, V] (m = k or k + 1) is r at each position (row k: where a bonus is
+    drawn), ``proposal`` [k, V] what the tokens were drawn from.
+    Sampled: rejection sampling (``sampling.rejection_test``, ``sampling.recover``);
+    greedy: a token passes iff it is argmax r, and the next token is argmax r. ``trace``
+    sees each outcome up to the first rejection; where a replay decides otherwise, the
+    token after the replayed n is drawn for that position (a second sync, replay only)."""
+    k = len(tokens)
+    ids = torch.tensor(tokens, dtype=torch.long, device=target.device)
     if cfg.greedy:
-        return bool(r_tok > 0.5)
-    u = torch.rand((), generator=gen, device=r_tok.device)
-    return bool(u * q_tok < r_tok)
+        passes = target[:k].gather(-1, ids.view(k, 1))[:, 0] > 0.5
+    else:
+        passes = rejection_test(target, proposal, ids, gen)
+    real = first_rejection(passes)
+
+    def after(at: torch.Tensor) -> torch.Tensor:
+        if cfg.greedy:
+            return target.index_select(0, at).argmax(-1)
+        return recover(target, proposal, at, gen)
+
+    out = torch.cat([passes.long(), real, after(real.clamp_max(len(target) - 1))]).tolist()
+    n = next((i for i, ok in enumerate(out[:k]) if not trace.decide(bool(ok))), k)
+    if n == len(target):
+        return n, None
+    if n == out[k]:
+        return n, out[k + 1]
+    return n, int(after(torch.tensor([n], device=target.device))[0])
 
 
 def _next_row(lm: CachedLM, seq: list[int]) -> torch.Tensor:
@@ -150,14 +182,14 @@ def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Co
                     two = proposer.forward(seq[proposer.length:] + [x], keep=2)[0]
                     r = combo.probs([two[0], *rows_x], sampling)
                     stats.drafted += 1
-                    if trace.decide(_accept(r[x], p_x[x], sampling, gen)):
+                    kept, recovered = _verify(r[None], p_x[None], [x], sampling, gen, trace)
+                    if kept:
                         new.append(x)
                         first = two[1]
                         stats.accepted += 1
                     else:
                         proposer.crop(len(seq))
-                        new.append(_pick(r if sampling.greedy else residual(r, p_x),
-                                         sampling, gen))
+                        new.append(recovered)
                     from_draft.append(True)
                     seq.extend(new)
                 n = min(gamma, max(max_new_tokens - out - len(new) - 1, 0))
@@ -172,26 +204,21 @@ def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Co
                     v_rows = [v.forward(seq[v.length:] + drafts, keep=n + 1)[0]
                               for v in verifiers]
                     base = len(seq)
-                    kept = n
-                    tail = None
-                    for i, d in enumerate(drafts):
-                        q = probabilities(q_rows[i], sampling)
-                        r = combo.probs([q_rows[i], *(v[i] for v in v_rows)], sampling)
-                        if not trace.decide(_accept(r[d], q[d], sampling, gen)):
-                            kept = i
-                            tail = _pick(r if sampling.greedy else residual(r, q),
-                                         sampling, gen)
-                            break
+                    # r at every draft position, and where a bonus is drawn: r after the
+                    # block (-sd, with the proposer's lookahead row) or the last verifier's
+                    # own p (cos: its bonus is proposed, see ``pending``)
+                    sd = method.endswith("-sd")
+                    q_logits = torch.stack(q_rows + [row] if sd else q_rows)  # [n (+ 1), V]
+                    r = combo.probs([q_logits, *(v[:len(q_logits)] for v in v_rows)], sampling)
+                    if not sd:
+                        r = torch.cat([r, probabilities(v_rows[-1][n:], sampling)])
+                    q = probabilities(q_logits[:n], sampling)
+                    kept, tail = _verify(r, q, drafts, sampling, gen, trace)
                     stats.record_step(n, kept)
                     new_part = drafts[:kept]
-                    if tail is None:  # all passed
-                        if method.endswith("-sd"):
-                            r = combo.probs([row, *(v[n] for v in v_rows)], sampling)
-                            tail = _pick(r, sampling, gen)
-                        else:
-                            p_last = probabilities(v_rows[-1][n], sampling)
-                            pending = (_pick(p_last, sampling, gen), p_last,
-                                       [v[n] for v in v_rows])
+                    if kept == n and not sd:  # all passed: the last verifier proposes its bonus
+                        pending = (tail, r[n], [v[n] for v in v_rows])
+                        tail = None
                     for lm in lms:
                         lm.crop(min(lm.length, base + kept))
                     new_part += [tail] if tail is not None else []

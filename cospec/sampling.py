@@ -59,10 +59,46 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)) [V]: where rejection sampling resamples from.
+    """norm(max(0, p - q)) [..., V], row by row: where rejection sampling resamples from.
 
-    Falls back to ``p`` when p <= q everywhere (only possible when p == q up to rounding).
+    A row falls back to ``p`` where p <= q everywhere (only possible when p == q up to
+    rounding).
     """
     r = (p - q).clamp_min(0.0)
-    total = r.sum()
-    return r / total if total > 0 else p
+    total = r.sum(-1, keepdim=True)
+    return torch.where(total > 0, r / total.clamp_min(torch.finfo(r.dtype).tiny), p)
+
+
+def rejection_test(target: torch.Tensor, proposal: torch.Tensor, tokens: torch.Tensor,
+                   gen: torch.Generator | None) -> torch.Tensor:
+    """Each of k proposed tokens' own acceptance test, all at once on the device.
+
+    ``tokens`` [k] were drawn from ``proposal`` [k, V]; ``target`` [m, V] (m >= k) is the
+    distribution wanted at each position. Returns [k] bool: u_i < target_i(d_i) /
+    proposal_i(d_i), one uniform u_i each (compared without dividing: a token of proposal
+    probability 0 is never drawn). A block keeps its tokens up to ``first_rejection``.
+    """
+    k = len(tokens)
+    u = torch.rand(k, generator=gen, device=target.device, dtype=target.dtype)
+    idx = tokens.view(k, 1)
+    return u * proposal.gather(-1, idx)[:, 0] < target[:k].gather(-1, idx)[:, 0]
+
+
+def first_rejection(accepted: torch.Tensor) -> torch.Tensor:
+    """Index [1] of the first False in ``accepted`` [k] (k when all pass), on the device."""
+    stop = torch.cat([~accepted, accepted.new_ones(1)])
+    return stop.int().argmax().view(1)
+
+
+def recover(target: torch.Tensor, proposal: torch.Tensor, at: torch.Tensor,
+            gen: torch.Generator | None) -> torch.Tensor:
+    """The token [1] committed at row ``at`` [1] (a device index, no sync) after the
+    tokens before it passed: drawn from norm(max(0, target - proposal)) in that row where a
+    proposed token was rejected (at < k = len(proposal)), from ``target`` itself past the
+    proposals (the bonus). The draw is independent of the uniforms that chose ``at``, so the
+    committed tokens follow ``target`` exactly."""
+    k = len(proposal)
+    t = target.index_select(0, at)  # [1, V]
+    if k:  # past the proposals (the bonus) the proposal row is zero: residual(t, 0) = t
+        t = residual(t, proposal.index_select(0, at.clamp_max(k - 1)) * (at < k).view(1, 1))
+    return torch.multinomial(t, 1, generator=gen)[0]
