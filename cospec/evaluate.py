@@ -4,7 +4,9 @@ Accuracy goes through the batched lockstep decoder (greedy methods) — the only
 hundreds of problems with a 1.5B model on a small machine; speed is measured at batch 1 with
 the real loop on a subset, every method on the same problems, interleaved per problem after
 a warm-up, so machine noise hits all methods alike. Results are appended to JSONL files
-as they finish: rerunning the same command resumes where it stopped.
+as they finish: rerunning the same command resumes where it stopped (on a finished folder it
+loads the models, decodes nothing and writes the summary again); ``cospec summarize FOLDER``
+writes it again from the records alone, loading no model.
 """
 
 from __future__ import annotations
