@@ -407,7 +407,8 @@ def summarize(run: RunDir, command: str) -> dict:
     if load_file.exists() and speed:
         passes = read_json(load_file)
         load = load_verdict(passes if isinstance(passes, list) else [passes])
-        pts = [f"{p['start']['load1']:.2f} → {p['end']['load1']:.2f}" for p in load["passes"]]
+        pts = [f"{p['start']['load1']:.2f} → {p['end']['load1']:.2f}" for p in load["passes"]
+               if p.get("start") and p.get("end")]
         load_md = (f"Machine load during the speed pass (1-min load average, start → end): "
                    f"{'; '.join(pts)}, on {load['cpus']} cores (peak 1/5-min: "
                    f"{load['peak_load']:.2f}).")
