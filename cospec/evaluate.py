@@ -4,7 +4,9 @@ Accuracy goes through the batched lockstep decoder (greedy methods) — the only
 hundreds of problems with a 1.5B model on a small machine; speed is measured at batch 1 with
 the real loop on a subset, every method on the same problems, interleaved per problem after
 a warm-up, so machine noise hits all methods alike. Results are appended to JSONL files
-as they finish: rerunning the same command resumes where it stopped.
+as they finish: rerunning the same command resumes where it stopped (on a finished folder it
+loads the models, decodes nothing and writes the summary again); ``cospec summarize FOLDER``
+writes it again from the records alone, loading no model.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from cospec.methods import (
     encode_prompt,
     eos_ids,
 )
-from cospec.report import markdown_table, mcnemar, pct, plot_accuracy_speed, wilson
+from cospec.report import machine_load, markdown_table, mcnemar, pct, plot_accuracy_speed, wilson
+from cospec.sandbox import kind as sandbox_kind
 from cospec.tasks import get_task
 
 IDENTITY = ("task", "split", "target", "draft", "models", "k", "max_new_tokens", "temperature",
@@ -187,6 +190,10 @@ class Session:
         self.arbiter_path = args.arbiter or (str(SHIPPED_ARBITER) if "cospec" in methods
                                              else None)
 
+    def grader(self) -> dict:
+        """What graded a record: code answers name their sandbox (bwrap or process)."""
+        return {"sandbox": sandbox_kind()} if self.task.name in ("humaneval", "mbpp") else {}
+
     def text(self, ids: list[int]) -> str:
         return self.pair.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -291,7 +298,8 @@ def accuracy_record(s: Session, pid: str, method: str, ids: list[int], correct: 
     """One graded answer of ``method`` (its own tokens), as stored in accuracy.jsonl."""
     return {"id": pid, "method": method, "correct": correct, "path": path,
             "opts": method_opts(s, method), "tokens": len(ids), "overrides": overrides,
-            "mismatches": mismatches, "token_ids": ids, "text": s.text(ids)}
+            "mismatches": mismatches, "token_ids": ids, "text": s.text(ids),
+            **s.grader()}
 
 
 def speed_pass(s: Session, run: RunDir, n: int) -> None:
@@ -302,6 +310,7 @@ def speed_pass(s: Session, run: RunDir, n: int) -> None:
            if any((s.problems[i].id, m) not in done for m in s.methods)]
     if not idx:
         return
+    start = machine_load()
     for m in s.methods:  # warm-up: allocator, kernels, thread pools
         s.run_one(m, idx[0], max_new_tokens=8)
     bar = tqdm(total=len(idx), desc="speed (batch 1)", unit="problem")
@@ -316,26 +325,53 @@ def speed_pass(s: Session, run: RunDir, n: int) -> None:
                 ids, flags, st = s.run_one(m, i)
             recs.append({"id": pid, "method": m, "opts": method_opts(s, m),
                          "token_ids": ids, "text": s.text(ids),
-                         "peak_mem_gb": mem.peak / 2**30, **st.to_dict()})
+                         "peak_mem_gb": mem.peak / 2**30, **st.to_dict(), **s.grader()})
         for r, c in zip(recs, s.grade([(i, r["token_ids"]) for r in recs])):
             r["correct"] = c
         run.append("speed", recs)
         bar.update(1)
     bar.close()
+    load_file = run.path / "speed_load.json"
+    passes = read_json(load_file) if load_file.exists() else []
+    passes = passes if isinstance(passes, list) else [passes]
+    load_file.write_text(json.dumps([*passes, {"start": start, "end": machine_load()}]))
 
 
-def summarize(s: Session, run: RunDir, title: str) -> dict:
-    """summary.json, report.md and accuracy_vs_speedup.png from the record files."""
+def summarize(run: RunDir, command: str) -> dict:
+    """summary.json, report.md and accuracy_vs_speedup.png from the record files alone.
+
+    Needs no model: the methods, problems and sampling come from the folder's config.json, the
+    results from its JSONL records, the machine's load from ``speed_load.json`` (``{"start":
+    machine_load(), "end": machine_load()}``, or a list of those, one per speed pass), so a
+    finished folder can be summarized again (``cospec summarize``). ``command``: eval | bench.
+    """
+    import math
+
+    from cospec.report import load_verdict, paired_speed
+    from cospec.sampling import SamplingConfig
+
+    cfg = read_json(run.path / "config.json")
+    methods = _methods(cfg["methods"])
+    task = get_task(cfg["task"])
+    problems = task.problems(cfg.get("split"))
+    if cfg.get("limit") is not None:
+        problems = problems[:cfg["limit"]]
+    greedy = SamplingConfig(cfg.get("temperature") or 0.0).greedy
     acc, speed = run.records("accuracy"), run.records("speed")
-    ids = [p.id for p in s.problems]
-    rows, summary = [], {"config": read_json(run.path / "config.json"),
-                         "methods": {}}
+    k = cfg.get("k")
+    if k == "auto":  # the length it chose: the most drafts one step of our loop made
+        k = max((len(r["accepted_at"]) for (_, m), r in speed.items() if m != "hf-assisted"),
+                default="auto")
+    title = (f"{command}: {task.name}/{task.split(cfg.get('split'))}, {len(problems)} problems, "
+             f"k={k}, T={cfg.get('temperature')}, max {cfg.get('max_new_tokens')} tokens")
+    ids = [p.id for p in problems]
+    rows, summary = [], {"config": cfg, "methods": {}}
     base_speed = [speed.get((i, "target")) for i in ids]  # speedups are against target
-    for m in s.methods:
+    for m in methods:
         row: dict = {"method": m + (" (lossy)" if m in GREEDY_ONLY else "")}
         got = [acc.get((i, m)) for i in ids]
         scored = [(i, r["correct"]) for i, r in zip(ids, got) if r]
-        if not scored and not s.sampling.greedy and s.args.command == "eval":
+        if not scored and not greedy and command == "eval":
             # exact samplers at T > 0 are scored on the speed subset (full-length answers)
             scored = [(i, speed[(i, m)]["correct"]) for i in ids if (i, m) in speed]
             if scored:
@@ -356,54 +392,86 @@ def summarize(s: Session, run: RunDir, title: str) -> dict:
         sp = [(b, speed.get((i, m))) for i, b in zip(ids, base_speed)]
         sp = [(b, r) for b, r in sp if b and r]
         if sp:
-            tps = sum(r["tokens_per_s"] for _, r in sp) / len(sp)
-            base = sum(b["tokens_per_s"] for b, _ in sp) / len(sp)
+            ps = paired_speed(sp)
             # exact methods must reproduce their base (spd: target; *-sd, cos-*: we / cd)
             ref = SAME_AS_GREEDY.get(m, "target")
             same = sum(r["token_ids"] == (speed.get((r["id"], ref)) or {}).get("token_ids")
-                       for _, r in sp) if s.sampling.greedy else None  # T > 0: other draws
-            batched = [(acc.get((r["id"], m)) or {}).get("token_ids") if s.sampling.greedy
-                       else None for _, r in sp]
+                       for _, r in sp) if greedy else None  # T > 0: other draws
+            batched = [(acc.get((r["id"], m)) or {}).get("token_ids") if greedy else None
+                       for _, r in sp]
             agree = [b == r["token_ids"] for b, (_, r) in zip(batched, sp) if b is not None]
             steps = sum(r["steps"] for _, r in sp)
-            info = {"speed_n": len(sp), "tokens_per_s": tps, "speedup": tps / base,
+            info = {"speed_n": len(sp), **ps,
                     "tau": 1 + sum(r["accepted"] for _, r in sp) / steps if steps else None,
                     "identical": same, "identical_to": ref,
                     "batched_agreement": (sum(agree) / len(agree)) if agree else None,
-                    "prefill_s": sum(r["prefill_s"] for _, r in sp) / len(sp),
                     "peak_mem_gb": max(r["peak_mem_gb"] for _, r in sp),
                     "arbiter_share": (sum(r["arbiter_s"] for _, r in sp)
-                                      / max(sum(r["decode_s"] for _, r in sp), 1e-9))}
+                                      / max(ps["total_decode_s"], 1e-9))}
             summary["methods"].setdefault(m, {}).update(info)
-            row.update(speed_n=len(sp), tok_s=tps, speedup=f"{tps / base:.2f}x",
+            lo, hi = ps["ratio_ci95"]
+            ci = "" if math.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"
+            row.update(speed_n=len(sp), tok_s=ps["tokens_per_s"],
+                       speedup=f"{ps['speedup']:.2f}x",
+                       speedup_all=f"{ps['speedup_with_prefill']:.2f}x",
+                       ratio=None if m == "target" else f"{ps['ratio_median']:.2f}x{ci}",
                        tau=info["tau"],
                        same=None if same is None else f"{same}/{len(sp)} {ref}",
                        agree=None if not agree else f"{sum(agree)}/{len(agree)}",
                        mem=info["peak_mem_gb"])
         rows.append(row)
     thr = run.records("throughput")
-    for m in s.methods:
+    for m in methods:
         ch = [r for (_, mm), r in thr.items() if mm == m and r["path"] == "batched"]
         if ch:
             summary["methods"].setdefault(m, {})["batched_tokens_per_s"] = (
                 sum(r["tokens"] for r in ch) / sum(r["seconds"] for r in ch))
-    table = markdown_table(rows, [
+    columns = [
         ("method", "method"), ("n", "n"), ("accuracy", "accuracy %"), ("ci", "95% CI"),
         ("vs_target", "vs target (+/-)"), ("p", "McNemar p"), ("speed_n", "speed n"),
-        ("tok_s", "tok/s (b=1)"), ("speedup", "speedup"), ("tau", "τ"),
-        ("same", "identical to"), ("agree", "batched = b1"), ("mem", "peak GB")])
+        ("tok_s", "tok/s (b=1)"), ("speedup", "speedup"), ("speedup_all", "incl. prefill"),
+        ("ratio", "median paired ratio [95% CI]"), ("tau", "τ"),
+        ("same", "identical to"), ("agree", "batched = b1"), ("mem", "peak GB")]
+    table = markdown_table(rows, [c for c in columns  # bench: no accuracy columns
+                                  if any(r.get(c[0]) is not None for r in rows)])
+    load_file = run.path / "speed_load.json"
+    if load_file.exists() and speed:
+        passes = read_json(load_file)
+        load = load_verdict(passes if isinstance(passes, list) else [passes])
+        pts = [f"{p['start']['load1']:.2f} → {p['end']['load1']:.2f}" for p in load["passes"]
+               if p.get("start") and p.get("end")]
+        load_md = (f"Machine load during the speed pass (1-min load average, start → end): "
+                   f"{'; '.join(pts)}, on {load['cpus']} cores (peak 1/5-min: "
+                   f"{load['peak_load']:.2f}).")
+        if load["overloaded"]:
+            load_md = ("**Warning: the machine's load exceeded its core count during the speed "
+                       "pass — other jobs competed for the CPU, so these timings are not a fair "
+                       "measurement.** " + load_md)
+    else:
+        load = None
+        load_md = "Machine load during the speed pass: load not recorded." if speed else ""
+    summary["speed_load"] = load
     (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
-    cfg = summary["config"]
+    peer = ("hf-assisted times transformers' `generate` whole, so its prefill is inside its "
+            "decode time: compare it on 'incl. prefill'. " if "hf-assisted" in methods else "")
     md = [f"# {title}", "", f"`{cfg.get('command', '')}`", "", table, "",
-          "accuracy: batched lockstep decoding (greedy: equal to the batch-1 loop; 'batched = b1' "
-          "counts agreement on the speed subset; T > 0: rows sample the target's or r's "
-          "distribution, which spd/*-sd/cos-* sample exactly, so those are scored on the "
-          "batch-1 subset only); speed: batch 1, real loop, same problems, "
-          "interleaved; speedup = mean decode tokens/s ÷ target's; τ = 1 + accepted/steps; "
+          ("accuracy: batched lockstep decoding (greedy: equal to the batch-1 loop; 'batched = "
+           "b1' counts agreement on the speed subset; T > 0: rows sample the target's or r's "
+           "distribution, which spd/*-sd/cos-* sample exactly, so those are scored on the "
+           "batch-1 subset only); McNemar: exact, paired vs target (+ right only here / − "
+           "right only for target); " if any(r.get("n") for r in rows) else "") +
+          "speed: batch 1, real loop, same problems, interleaved; "
+          "tok/s = all decoded tokens ÷ all decode time over the speed subset; speedup = that "
+          "÷ target's on the same problems ('incl. prefill': with prefill time added to both); "
+          "median paired ratio = median over problems of (this method's decode tok/s ÷ "
+          "target's on that problem), with its exact 95% interval (order statistics; none "
+          "below 6 problems) — a stalled problem moves the totals by the time it took and "
+          "barely moves the median, so the two disagreeing flags noise; " + peer +
+          "τ = 1 + accepted/steps; "
           "'identical to': outputs equal to those of the method named (spd must equal target, "
-          "*-sd and cos-* must equal we / cd at T = 0); "
-          "McNemar: exact, paired vs target (+ right only here / − right only for target)."]
-    (run.path / "report.md").write_text("\n".join(md) + "\n")
+          "*-sd and cos-* must equal we / cd at T = 0).",
+          "", load_md]
+    (run.path / "report.md").write_text("\n".join(md).rstrip() + "\n")
     pts = [{"method": m, "accuracy": v.get("accuracy"), "ci": v.get("ci95"),
             "speedup": v.get("speedup")} for m, v in summary["methods"].items()]
     plot_accuracy_speed(pts, run.path / "accuracy_vs_speedup.png", title)
@@ -427,14 +495,37 @@ def cmd_eval(args) -> int:
     speed_pass(s, run, args.speed_subset if args.command == "eval" else len(s.problems))
     if args.command == "eval":
         accuracy_pass(s, run)
-    summarize(s, run, f"{args.command}: {args.task}/{args.split}, {len(s.problems)} problems, "
-                      f"k={args.k}, T={args.temperature}, max {args.max_new_tokens} tokens")
+    summarize(run, args.command)
     print(f"results in {run.path}/ (report.md, summary.json, *.jsonl)")
+    return 0
+
+
+def cmd_summarize(args) -> int:
+    """Summarize finished eval/bench folders again from their records, loading no model."""
+    for path in args.folders:
+        folder = Path(path)
+        cfg = read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+        if not {"task", "methods"} <= set(cfg):
+            raise CospecError(f"{folder} is not an eval/bench results folder (no config.json "
+                              "naming its task and methods)")
+        if (folder / "accuracy.jsonl.gz").exists() and not (folder / "accuracy.jsonl").exists():
+            raise CospecError(f"{folder}: gunzip accuracy.jsonl.gz first (the summary reads "
+                              "accuracy.jsonl)")
+        words = str(cfg.get("command", "")).split()
+        command = words[1] if words[1:2] in (["eval"], ["bench"]) else (
+            "eval" if (folder / "accuracy.jsonl").exists() else "bench")
+        summarize(RunDir(folder, cfg), command)
+        print(f"summarized {folder}/ (report.md, summary.json)")
     return 0
 
 
 def add_parsers(sub, add_model_args, add_decoding_args) -> None:
     from cospec.tasks import TASK_NAMES
+
+    p = sub.add_parser("summarize", help="rewrite the report of finished eval/bench folders "
+                       "from their records (no models loaded, nothing decoded)")
+    p.add_argument("folders", nargs="+", help="results folders written by eval or bench")
+    p.set_defaults(func=cmd_summarize)
 
     for name, helptext in (("eval", "accuracy (batched) and speed (batch 1) on a task"),
                            ("bench", "batch-1 speed of methods on a task's prompts")):

@@ -1,11 +1,15 @@
-"""Statistics and rendering for evaluation results: intervals, paired tests, tables, plots."""
+"""Statistics and rendering for evaluation results: intervals, paired tests, paired speed
+ratios, the machine's load, tables, plots."""
 
 from __future__ import annotations
 
 import math
+import os
+import statistics
+import time
 from pathlib import Path
 
-from scipy.stats import binomtest
+from scipy.stats import binomtest, quantile_test
 
 
 def wilson(correct: int, n: int) -> tuple[float, float]:
@@ -26,6 +30,65 @@ def mcnemar(a: list[bool], b: list[bool]) -> dict:
     n = a_only + b_only
     p = binomtest(a_only, n, 0.5).pvalue if n else 1.0
     return {"a_only": a_only, "b_only": b_only, "p_value": p}
+
+
+def machine_load() -> dict:
+    """The machine's load averages now (runnable processes over the last 1, 5 and 15 min), its
+    core count and the time: taken at the start and end of a speed pass, so that a timing made
+    beside other jobs (load above the core count) can be told apart."""
+    load1, load5, load15 = os.getloadavg()
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load1": load1, "load5": load5,
+            "load15": load15, "cpus": os.cpu_count()}
+
+
+def load_verdict(passes: list[dict]) -> dict:
+    """Whether the machine was busier than its cores during any speed pass.
+
+    ``passes``: ``[{"start": machine_load(), "end": machine_load()}, ...]`` (one per pass; a
+    resumed run has several). Over: a 1- or 5-minute load average above the core count at a
+    start or an end — the run's own threads count too, so anything above means others ran."""
+    points = [p[w] for p in passes for w in ("start", "end") if p.get(w)]
+    peak = max((max(x["load1"], x["load5"]) for x in points), default=math.nan)
+    cpus = min((x["cpus"] for x in points), default=0)
+    return {"passes": passes, "peak_load": peak, "cpus": cpus, "overloaded": peak > cpus}
+
+
+def median_ci(x: list[float]) -> tuple[float, float]:
+    """Exact distribution-free 95% interval of the median (order statistics, as
+    ``scipy.stats.quantile_test``); NaN with fewer than 6 values (none reaches 95% then)."""
+    if len(x) < 2:
+        return (math.nan, math.nan)
+    ci = quantile_test(x, q=statistics.median(x), p=0.5).confidence_interval(0.95)
+    return (float(ci.low), float(ci.high))
+
+
+def paired_speed(pairs: list[tuple[dict, dict]]) -> dict:
+    """Batch-1 speed of a method against a base on the same prompts.
+
+    ``pairs``: ``[(base record, method record)]``, one per prompt, each record with
+    ``generated`` tokens, ``decode_s`` and ``prefill_s``. Rates are totals (all tokens ÷ all
+    time), so a prompt that stalled weighs by the time it took, as it did; the per-prompt view is
+    the median of paired ratios (method's tokens/s ÷ base's on the same prompt) with its
+    interquartile range and exact 95% interval — never a mean of rates, which hides a stall.
+    """
+    def rate(rs: list[dict], prefill: bool) -> float:
+        secs = sum(r["decode_s"] + (r["prefill_s"] if prefill else 0.0) for r in rs)
+        return sum(r["generated"] for r in rs) / secs if secs > 0 else math.nan
+
+    base, mine = [b for b, _ in pairs], [r for _, r in pairs]
+    ratios = [rate([r], False) / rate([b], False) for b, r in pairs
+              if b["decode_s"] > 0 and r["decode_s"] > 0 and b["generated"] > 0]
+    quart = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2
+             else [math.nan] * 3)
+    return {"total_tokens": sum(r["generated"] for r in mine),
+            "total_decode_s": sum(r["decode_s"] for r in mine),
+            "total_prefill_s": sum(r["prefill_s"] for r in mine),
+            "tokens_per_s": rate(mine, False), "tokens_per_s_with_prefill": rate(mine, True),
+            "speedup": rate(mine, False) / rate(base, False),
+            "speedup_with_prefill": rate(mine, True) / rate(base, True),
+            "ratio_n": len(ratios),
+            "ratio_median": statistics.median(ratios) if ratios else math.nan,
+            "ratio_iqr": [quart[0], quart[2]], "ratio_ci95": list(median_ci(ratios))}
 
 
 def pct(x: float) -> str:
@@ -64,7 +127,7 @@ def plot_accuracy_speed(points: list[dict], path: Path, title: str) -> None:
         ax.annotate(pt["method"], (pt["speedup"], 100 * pt["accuracy"]),
                     textcoords="offset points", xytext=(6, 4))
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("speedup vs target-only (decode tokens/s, same run)")
+    ax.set_xlabel("speedup vs target-only (total decode tokens ÷ time, same prompts and run)")
     ax.set_ylabel("accuracy (%), 95% interval")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
