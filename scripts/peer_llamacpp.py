@@ -182,7 +182,8 @@ def _post(base: str, path: str, body: dict) -> dict:
 
 def _complete(base: str, ids: list[int], new_tokens: int) -> tuple[float, dict]:
     """Wall-clock seconds and llama.cpp's answer for one prompt; CospecError unless it
-    generated exactly ``new_tokens`` tokens from exactly the given prompt."""
+    generated exactly ``new_tokens`` tokens after prefilling exactly the given prompt (nothing
+    taken from a cache)."""
     t0 = time.perf_counter()
     out = _post(base, "/completion", _request(ids, new_tokens))
     seconds = time.perf_counter() - t0
@@ -192,9 +193,11 @@ def _complete(base: str, ids: list[int], new_tokens: int) -> tuple[float, dict]:
     if n_gen != new_tokens or len(out.get("tokens", [])) != new_tokens:
         raise CospecError(f"llama.cpp generated {n_gen} tokens, not {new_tokens} "
                           f"(stop_type {out.get('stop_type')!r})")
-    if out.get("tokens_evaluated") != len(ids):
-        raise CospecError(f"llama.cpp evaluated {out.get('tokens_evaluated')} prompt tokens, "
-                          f"not the {len(ids)} given")
+    timings = out.get("timings", {})
+    if out.get("tokens_evaluated") != len(ids) or timings.get("prompt_n") != len(ids):
+        raise CospecError(f"llama.cpp took a prompt of {out.get('tokens_evaluated')} tokens and "
+                          f"prefilled {timings.get('prompt_n')}, not the {len(ids)} given "
+                          "(a reused prompt cache or an added BOS)")
     return seconds, out
 
 
