@@ -153,7 +153,7 @@ class ArbiterRule:
         read back (one copy) and the policy runs on the host. Computed only when a mismatch
         is met: a pass over every row of every block, read back with the argmaxes, cost
         more on the GPU (0.85 ms a step against 0.8 ms a decision at 0.36 decisions a step;
-        results/gpu/speed-session7)."""
+        results/gpu/speed-cospec-graphed-h100)."""
         from cospec.arbiter import GraphedDecision, mismatch_features
 
         bonus = i == len(prop.tokens)

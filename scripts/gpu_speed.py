@@ -1,4 +1,4 @@
-"""GPU speed figures (issue 7): cospec's fast path against transformers on one machine.
+"""GPU speed figures: cospec's fast path against transformers on one machine.
 
     PYTHONPATH=. python scripts/gpu_speed.py --out DIR [--parts target,pair,replay]
         [--random] [--prompts 10] [--new 256] [--k 5]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session-2 GPU runs (after scripts/gpu_pipeline.sh): hidden states at the collected dev
+# GPU runs (after scripts/gpu_pipeline.sh): hidden states at the collected dev
 # points, the CoSpec heuristics on GSM8K heldout, CoS accuracy (GSM8K, HumanEval; T=0 and 1),
 # MBPP transfer. Same set-up as gpu_pipeline.sh (GGUFs + data wheels in $COSPEC_CACHE); run
 # from the repository root. Every stage resumes where it stopped.
@@ -33,7 +33,7 @@ run eval --task gsm8k --split heldout --methods target,confidence,entropy --max-
 run eval --task mbpp --split test --methods target,spd,cospec --max-new-tokens 512 \
     --batch-size $B --out "$R/mbpp"
 cos_eval 1
-echo "=== $(date +%T) session-2 runs done"
+echo "=== $(date +%T) runs done"
 # batch-1 speed on the GPU (eager HF forward passes; arbiter share of decode time)
 run eval --task gsm8k --split heldout --limit 10 --speed-subset 10 --methods target,spd,cospec \
     --max-new-tokens 256 --batch-size 10 --out "$R/gpu-b1-gsm8k"
