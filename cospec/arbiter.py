@@ -159,8 +159,8 @@ class GraphedDecision:
 
     Measured in the decoding loop on the H100, the host side of a decision ran several times
     slower than in a tight loop, so its cost was the count of small host operations (ids,
-    numpy features, the policy: 0.6 of 0.85 ms; results/gpu/speed-cospec-graphed-h100), not the device's
-    work. The policy runs on a device copy, captured again when the original changes
+    numpy features, the policy: 0.6 of 0.85 ms; results/gpu/speed-cospec-graphed-h100), not the
+    device's work. The policy runs on a device copy, captured again when the original changes
     (parameters updated in place, or a dataclass policy's fields)."""
 
     def __init__(self, policy: MismatchPolicy, device: torch.device, vocab: int):
