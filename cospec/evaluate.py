@@ -331,10 +331,19 @@ def speed_pass(s: Session, run: RunDir, n: int) -> None:
         run.append("speed", recs)
         bar.update(1)
     bar.close()
+    passes = speed_passes(run) or []
+    (run.path / "speed_load.json").write_text(
+        json.dumps([*passes, {"start": start, "end": machine_load()}]))
+
+
+def speed_passes(run: RunDir) -> list[dict] | None:
+    """The machine's load at the start and end of each speed pass (``speed_load.json``: one
+    ``{"start", "end"}`` or a list of them); None where none was recorded."""
     load_file = run.path / "speed_load.json"
-    passes = read_json(load_file) if load_file.exists() else []
-    passes = passes if isinstance(passes, list) else [passes]
-    load_file.write_text(json.dumps([*passes, {"start": start, "end": machine_load()}]))
+    if not load_file.exists():
+        return None
+    passes = read_json(load_file)
+    return passes if isinstance(passes, list) else [passes]
 
 
 def summarize(run: RunDir, command: str) -> dict:
@@ -434,10 +443,9 @@ def summarize(run: RunDir, command: str) -> dict:
         ("same", "identical to"), ("agree", "batched = b1"), ("mem", "peak GB")]
     table = markdown_table(rows, [c for c in columns  # bench: no accuracy columns
                                   if any(r.get(c[0]) is not None for r in rows)])
-    load_file = run.path / "speed_load.json"
-    if load_file.exists() and speed:
-        passes = read_json(load_file)
-        load = load_verdict(passes if isinstance(passes, list) else [passes])
+    passes = speed_passes(run)
+    if passes is not None and speed:
+        load = load_verdict(passes)
         pts = [f"{p['start']['load1']:.2f} → {p['end']['load1']:.2f}" for p in load["passes"]
                if p.get("start") and p.get("end")]
         load_md = (f"Machine load during the speed pass (1-min load average, start → end): "

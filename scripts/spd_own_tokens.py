@@ -9,11 +9,14 @@ from __future__ import annotations
 import gzip
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from regrade import grade_all, grader_fingerprint, key  # noqa: E402
+
+from cospec.assets import cache_dir  # noqa: E402
 from cospec.report import mcnemar, wilson  # noqa: E402
 from cospec.sandbox import kind  # noqa: E402
 from cospec.tasks import get_task  # noqa: E402
@@ -27,10 +30,14 @@ def one(folder: Path) -> dict:
     problems = {p.id: p for p in task.problems(cfg["split"])}
     by = {(r["id"], r["method"]): r for r in recs}
     ids = sorted({i for i, m in by if m == "spd"})
-    with ThreadPoolExecutor(4) as pool:
-        grade = dict(zip([(i, m) for i in ids for m in ("target", "spd")], pool.map(
-            lambda im: task.grade(problems[im[0]], by[im]["text"]),
-            [(i, m) for i in ids for m in ("target", "spd")])))
+    pairs = [(i, m) for i in ids for m in ("target", "spd")]
+    todo = {key(i, by[(i, m)]["text"]): (cfg["task"], problems[i], by[(i, m)]["text"])
+            for i, m in pairs}
+    # regrade.py's cached, resumable grading (keyed by problem, text and grader source)
+    cache = cache_dir() / "regrade" / f"{grader_fingerprint()}.txt"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    grades = grade_all(todo, cache, 4)
+    grade = {(i, m): grades[key(i, by[(i, m)]["text"])] for i, m in pairs}
     out = {"folder": str(folder), "task": cfg["task"], "n": len(ids),
            "identical": sum(by[(i, "spd")]["token_ids"] == by[(i, "target")]["token_ids"]
                             for i in ids),
