@@ -212,8 +212,12 @@ ENGINES = {"cospec": run_cospec, "hf": run_hf, "vllm": run_vllm, "llamacpp": run
 
 
 def cmd_run(args) -> None:
-    data = json.loads(Path(args.prompts).read_text())
-    prompts = data["prompts"]
+    try:
+        data = json.loads(Path(args.prompts).read_text())
+        prompts = data["prompts"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        sys.exit(f"error: {args.prompts} is not a prompts file made by `peer_speed.py prompts` "
+                 f"({err!r})")
     if args.threads and args.device == "cpu":
         import torch
 
