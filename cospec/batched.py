@@ -30,13 +30,17 @@ from cospec.sampling import GREEDY, SamplingConfig, probabilities
 
 @dataclass
 class Divergence:
-    """A mismatch on a row's committed path: at ``position`` the target wanted ``t``."""
+    """A mismatch on a row's committed path: at ``position`` the target wanted ``t`` and the
+    draft ``d``; ``c`` is the control token (``control_tokens``), the flip a re-roll would
+    make without the draft."""
 
     position: int            # index in the generated tokens
     t: int
     d: int
     features: list[float]
     kept_draft: bool
+    c: int = -1
+    c_sampled: bool = False  # c was sampled (d was the target's second choice)
 
 
 @dataclass
@@ -45,6 +49,26 @@ class LockstepResult:
     mismatches: int = 0
     overrides: int = 0
     divergences: list[Divergence] = field(default_factory=list)
+
+
+def control_tokens(t_logits: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
+                   gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The re-roll control at mismatches: the target's second choice, or, where that is the
+    draft's token, a token sampled from the target at T = 1 among all but ``t`` and ``d``.
+
+    t_logits: [n, V] target logits; t, d: [n] the target's and the draft's tokens (t != d).
+    Returns (c [n], sampled [n] bool); c is never t nor d.
+    """
+    second = t_logits.topk(2, dim=-1).indices[:, 1]
+    sampled = second == d
+    c = second.clone()
+    if bool(sampled.any()):
+        rows = sampled.nonzero().flatten()
+        logits = t_logits[rows].float().clone()
+        logits[torch.arange(len(rows), device=logits.device), t[rows]] = float("-inf")
+        logits[torch.arange(len(rows), device=logits.device), d[rows]] = float("-inf")
+        c[rows] = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
+    return c, sampled
 
 
 def _forward(model, ids, mask, pos, cache, hidden: bool = False):
@@ -84,6 +108,7 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
     overrides = torch.zeros(n, dtype=torch.long, device=device)
     divergences: list[list[Divergence]] = [[] for _ in prompts]
     last_pos = pos[:, -1:]
+    control_gen = torch.Generator(device=device).manual_seed(0) if record else None
     for step in range(steps):
         if combo is not None:  # collaborative decoding: r of both models
             r = combo.probs([d_logits, t_logits], sampling)
@@ -109,10 +134,11 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
                     choice[rows[keep]] = d_r[keep]
                     overrides[rows[keep]] += 1
                     if record:
+                        c_r, c_s = control_tokens(t_logits[rows], t_r, d_r, control_gen)
                         for j, r in enumerate(rows.tolist()):
                             divergences[r].append(Divergence(
                                 step, int(t_r[j]), int(d_r[j]), feats[j].tolist(),
-                                bool(keep[j])))
+                                bool(keep[j]), int(c_r[j]), bool(c_s[j])))
         tokens[:, step] = torch.where(alive, choice, -1)
         alive &= ~torch.isin(choice, eos_t) & (budget > step + 1)
         if step % 8 == 7 and not bool(alive.any()):

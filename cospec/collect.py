@@ -5,7 +5,11 @@ position where the draft's greedy token differs is recorded with its features). 
 target-only trajectory *is* the TARGET branch of every divergence point on it, graded once
 per prompt. For the DRAFT branch of a point, the draft's token is committed there and the
 target continues greedily (batched across points). Each point thus gets counterfactual
-rewards for both actions: a contextual bandit with full information.
+rewards for both actions: a contextual bandit with full information. A third, CONTROL
+branch commits a token the draft did not propose (the target's second choice, or a T = 1
+sample of the target when the draft's token is its second choice): if flipping to the draft's
+token fixes wrong answers no more often than this re-roll does, the draft carries no
+information an arbiter could learn.
 
 Output: ``OUT/shard-NNNN.jsonl.gz``, one per ``--shard-size`` problems, written atomically,
 so an interrupted run resumes at the first missing shard and never duplicates a point.
@@ -23,7 +27,7 @@ from tqdm import tqdm
 from cospec.batched import lockstep
 from cospec.errors import CospecError, read_json
 
-TRAIN_SPLITS = {"gsm8k": ("dev",), "math500": ("train", "all")}
+TRAIN_SPLITS = {"gsm8k": ("dev",), "math500": ("train", "all"), "mbpp": ("dev",)}
 
 
 def read_points(paths: list[str | Path]) -> list[dict]:
@@ -45,33 +49,47 @@ def read_points(paths: list[str | Path]) -> list[dict]:
     return out
 
 
+def _rollouts(s, prompts: list[list[int]], paths, points, token_of, batch_size: int
+              ) -> list[list[int]]:
+    """Generated tokens of each point's branch: the target's path up to the point, the
+    token ``token_of(divergence)`` there, then the target greedily to the budget."""
+    a = s.args
+    heads = [paths[j].tokens[:d.position] + [token_of(d)] for j, d in points]
+    budgets = [a.max_new_tokens - d.position - 1 for _, d in points]
+    live = [n for n, (b, h) in enumerate(zip(budgets, heads)) if b > 0 and h[-1] not in s.eos]
+    rolled = lockstep(s.pair.target, None, [prompts[points[n][0]] + heads[n] for n in live],
+                      max_new_tokens=[budgets[n] for n in live], eos_ids=s.eos, pad_id=s.pad,
+                      batch_size=batch_size) if live else []
+    tails = dict(zip(live, (r.tokens for r in rolled)))
+    return [h + tails.get(n, []) for n, h in enumerate(heads)]
+
+
 def collect_shard(s, idx: list[int], max_points: int, batch_size: int) -> list[dict]:
-    """Records for problems ``idx`` of session ``s`` (see module doc)."""
+    """Records for problems ``idx`` of session ``s`` (see module doc): one per problem (the
+    target's path, graded) and one per divergence point with its DRAFT and CONTROL branches
+    (``batched.control_tokens``) rolled out and graded. Branch records keep their tokens
+    after the point so they can be regraded."""
     a = s.args
     prompts = [s.prompts[i] for i in idx]
     paths = lockstep(s.pair.target, s.pair.draft, prompts, max_new_tokens=a.max_new_tokens,
                      eos_ids=s.eos, pad_id=s.pad, batch_size=batch_size, record=True)
     target_ok = s.grade([(i, r.tokens) for i, r in zip(idx, paths)])
     points = [(j, d) for j, r in enumerate(paths) for d in r.divergences[:max_points]]
-    branches, budgets = [], []
-    for j, d in points:
-        branches.append(prompts[j] + paths[j].tokens[:d.position] + [d.d])
-        budgets.append(a.max_new_tokens - d.position - 1)
-    live = [n for n, (b, (_, d)) in enumerate(zip(budgets, points)) if b > 0 and d.d not in s.eos]
-    rolled = lockstep(s.pair.target, None, [branches[n] for n in live],
-                      max_new_tokens=[budgets[n] for n in live], eos_ids=s.eos, pad_id=s.pad,
-                      batch_size=batch_size) if live else []
-    tails = dict(zip(live, (r.tokens for r in rolled)))
-    outs = [(idx[j], paths[j].tokens[:d.position] + [d.d] + tails.get(n, []))
-            for n, (j, d) in enumerate(points)]
-    draft_ok = s.grade(outs)
+    drafts = _rollouts(s, prompts, paths, points, lambda d: d.d, batch_size)
+    controls = _rollouts(s, prompts, paths, points, lambda d: d.c, batch_size)
+    draft_ok = s.grade([(idx[j], toks) for (j, _), toks in zip(points, drafts)])
+    control_ok = s.grade([(idx[j], toks) for (j, _), toks in zip(points, controls)])
     recs = [{"id": s.problems[i].id, "target_correct": ok, "tokens": len(r.tokens),
-             "mismatches": r.mismatches} for i, r, ok in zip(idx, paths, target_ok)]
-    for (j, d), (_, toks), ok in zip(points, outs, draft_ok):
+             "mismatches": r.mismatches, "target_ids": r.tokens, **s.grader()}
+            for i, r, ok in zip(idx, paths, target_ok)]
+    for n, (j, d) in enumerate(points):
         recs.append({"id": s.problems[idx[j]].id, "position": d.position, "t": d.t, "d": d.d,
+                     "c": d.c, "c_sampled": d.c_sampled,
                      "features": [round(x, 5) for x in d.features],
-                     "target_correct": target_ok[j], "draft_correct": ok,
-                     "draft_tokens": len(toks)})
+                     "target_correct": target_ok[j], "draft_correct": draft_ok[n],
+                     "control_correct": control_ok[n], "draft_tokens": len(drafts[n]),
+                     "draft_tail": drafts[n][d.position:],
+                     "control_tail": controls[n][d.position:]})
     return recs
 
 
@@ -94,7 +112,8 @@ def cmd_collect(args) -> int:
     s = Session(args, ["target", "draft"])
     meta = {"task": args.task, "split": args.split, "target": args.target,
             "draft": args.draft, "max_new_tokens": args.max_new_tokens,
-            "max_points": args.max_points, "shard_size": args.shard_size}
+            "max_points": args.max_points, "shard_size": args.shard_size,
+            "branches": ["draft", "control"]}
     meta_file = out / "meta.json"
     if meta_file.exists():
         old = read_json(meta_file)

