@@ -22,6 +22,9 @@
 #   eval    the refined arbiter on GSM8K heldout (all 831), beside the target's committed
 #           records (same problems, same settings)
 #   transfer  the same on HumanEval (164) and MBPP (500)
+#   code    MBPP draft records beside the committed target ones (dev and heldout come from the
+#           one test run), then divergence points on MBPP dev with the draft's and the re-roll
+#           control's branches rolled out and graded (shards of 50 problems; rerun to go on)
 #
 # eval and transfer evaluate $R/refine/arbiter.safetensors (the committed refinement, 7
 # iterations, unless refine ran further); its hash is in every cospec record's opts.
@@ -92,6 +95,13 @@ stage_transfer() {  # the GSM8K-refined arbiter on code, as the shipped one was 
     refined_eval mbpp test results/gpu/mbpp 512
 }
 
+stage_code() {
+    exact_eval_methods=target,draft exact_eval mbpp test results/gpu/mbpp 512 mbpp-target-draft
+    timeout "${CODE_S:-540}" python3 -m cospec collect --task mbpp --split dev \
+        --max-new-tokens 512 --max-points 6 --shard-size 50 --batch-size 256 --device cuda \
+        --out "$R/divergences-mbpp-dev" 2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]" | tail -5 || true
+}
+
 stage_unpack() {
     if [ ! -e "$COSPEC_CACHE/models/qwen2.5-coder-0.5b/config.json" ]; then
         cat /tmp/p/A.* > /tmp/A.tar
@@ -107,15 +117,17 @@ stage_unpack() {
 for m in ('qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b'): print(resolve(m))"
 }
 
-exact_eval() {  # $1 task, $2 split, $3 committed folder with the target's records, $4 tokens
-    local d="$R/exact-$1"
+exact_eval() {  # $1 task, $2 split, $3 committed folder with the target's records, $4 tokens,
+                # $5 output folder name (default exact-TASK); methods: $exact_eval_methods
+    local d="$R/${5:-exact-$1}"
     if [ ! -e "$d/accuracy.jsonl" ]; then
         mkdir -p "$d"
         cp "$3/config.json" "$d/"
         zcat "$3/accuracy.jsonl.gz" | grep '"method": "target"' > "$d/accuracy.jsonl"
     fi
     timeout "${EXACT_S:-560}" python3 -m cospec eval --task "$1" --split "$2" \
-        --methods target,spd --max-new-tokens "$4" --batch-size 512 --speed-subset 0 \
+        --methods "${exact_eval_methods:-target,spd}" --max-new-tokens "$4" --batch-size 512 \
+        --speed-subset 0 \
         --device cuda --out "$d" 2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]" | tail -25 || true
 }
 

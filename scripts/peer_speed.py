@@ -11,8 +11,9 @@ and with a constant schedule; the best configuration is reported), ``vllm`` (GPU
 or draft-model speculation) and ``llamacpp`` (CPU, on the GGUF files; scripts/peer_llamacpp.py).
 Every engine gets the same prompt token ids (chat template applied once, by ``prompts``),
 greedy decoding and exactly ``--new`` new tokens (EOS does not stop a request), one request
-at a time after a warm-up; a request is timed end to end (prefill included). Each ``run``
-is one process that loads its models fresh, so no engine times a model another one touched.
+at a time after an untimed pass over every prompt; a request is timed end to end (prefill
+included). Each ``run`` is one process that loads its models fresh, so no engine times a
+model another one touched.
 ``table`` writes DIR/peers.json and DIR/peers.md: total tokens ÷ total time per engine and
 method, and the median of per-prompt paired ratios against cospec's (with its quartiles).
 """
@@ -85,6 +86,15 @@ def timed(fn, prompts: list[list[int]], device: str) -> list[dict]:
     return rows
 
 
+def warm_up(fn, prompts: list[list[int]]) -> float:
+    """Every prompt once, untimed, after the longest: each engine compiles, captures and
+    caches whatever its prompt shapes need before the timed pass. Returns seconds."""
+    t0 = time.perf_counter()
+    for p in [max(prompts, key=len), *prompts]:
+        fn(p)
+    return time.perf_counter() - t0
+
+
 def run_cospec(args, prompts) -> dict:
     from cospec.methods import MethodOptions, build_method
     from cospec.models import load_pair
@@ -97,9 +107,7 @@ def run_cospec(args, prompts) -> dict:
     def gen(p):  # no EOS: exactly args.new tokens
         return m.run(p, k=args.k, max_new_tokens=args.new, sampling=GREEDY, eos_ids=())[0]
 
-    t0 = time.perf_counter()
-    gen(max(prompts, key=len))
-    warm = time.perf_counter() - t0
+    warm = warm_up(gen, prompts)
     return {"configs": {"default": {"warmup_s": warm,
                                     "per_prompt": timed(gen, prompts, args.device)}}}
 
@@ -146,10 +154,8 @@ def run_hf(args, prompts) -> dict:
 
         print(f"hf {name}: warm-up", flush=True)
         try:
-            t0 = time.perf_counter()
-            for _ in range(2):  # compilation and graph capture, where the config has them
-                gen(max(prompts, key=len))
-            out[name] = {"warmup_s": time.perf_counter() - t0, "kwargs": repr(kw),
+            warm = warm_up(gen, prompts)  # compilation and graph capture, where it has them
+            out[name] = {"warmup_s": warm, "kwargs": repr(kw),
                          "per_prompt": timed(gen, prompts, args.device)}
         except Exception as err:  # a configuration this version cannot run is reported
             out[name] = {"error": repr(err)[:500]}
@@ -178,9 +184,7 @@ def run_vllm(args, prompts) -> dict:
         out = llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)
         return list(out[0].outputs[0].token_ids)
 
-    t0 = time.perf_counter()
-    gen(max(prompts, key=len))
-    warm = time.perf_counter() - t0
+    warm = warm_up(gen, prompts)
     import vllm
 
     res = {"configs": {"default": {"engine_start_s": start, "warmup_s": warm,
