@@ -62,6 +62,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cospec.args import load_pair_of
 from cospec.decoding import Token
 from cospec.errors import CospecError
 from cospec.methods import (
@@ -812,12 +813,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def cmd_serve(args) -> int:
-    try:
-        import uvicorn
-    except ImportError:
-        raise CospecError("cospec serve needs fastapi and uvicorn: pip install "
-                          "'cospec[serve]'") from None
-    from cospec.cli import load_pair_of
+    import uvicorn
 
     for flag, value, low in (("--port", args.port, 0), ("--max-active", args.max_active, 1),
                              ("--max-queue", args.max_queue, 0),
@@ -843,30 +839,3 @@ def cmd_serve(args) -> int:
           flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on")).run(sockets=[sock])
     return 0
-
-
-def add_parser(sub, add_model_args) -> None:
-    from cospec.cli import draft_length
-
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, "
-                                     "/v1/completions, streaming) with speculative metrics")
-    add_model_args(p)
-    p.add_argument("--arbiter", default=None, help="arbiter file for the cospec method")
-    p.add_argument("--methods", default=None,
-                   help="methods to offer, comma-separated (default: target, spd, and cospec "
-                        "when an arbiter for the pair is available)")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model id clients send (default: the --target spec)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0: any free port")
-    p.add_argument("--k", type=draft_length, default=4,
-                   help="draft length when a request sets none (or auto: see cospec generate)")
-    p.add_argument("--max-active", type=int, default=4,
-                   help="requests decoded at once, round robin token by token")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting beyond those; more get 429")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds per request, queueing included (then finish_reason length)")
-    p.add_argument("--default-max-tokens", type=int, default=256,
-                   help="max_tokens of a request that sets none")
-    p.set_defaults(func=cmd_serve)
