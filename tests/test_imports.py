@@ -33,20 +33,25 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
 
 
 def cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import circle of ``graph`` (first module repeated at the end), or None."""
+    """One import circle of ``graph``, each module importing the next (the first repeated at
+    the end), or None."""
     try:
         tuple(graphlib.TopologicalSorter(graph).static_order())
-    except graphlib.CycleError as err:
-        return list(err.args[1])
+    except graphlib.CycleError as err:  # graphlib lists each module after its importer
+        return list(reversed(err.args[1]))
     return None
 
 
 def test_graph_sees_function_level_imports(tmp_path):
-    (tmp_path / "a.py").write_text("def f():\n    from cospec.b import g\n")
-    (tmp_path / "b.py").write_text("from cospec import a\n")
+    (tmp_path / "a.py").write_text("import os\n\ndef f():\n    from cospec.b import g\n")
+    (tmp_path / "b.py").write_text("import cospec.c\n")
+    (tmp_path / "c.py").write_text("from cospec import a, errors\n")
     graph = import_graph(tmp_path)
-    assert graph == {"a": {"b"}, "b": {"a"}}
-    assert set(cycle(graph)) == {"a", "b"}
+    assert graph == {"a": {"b"}, "b": {"c"}, "c": {"a"}}
+    found = cycle(graph)
+    assert len(found) == 4 and found[0] == found[-1]
+    assert all(y in graph[x] for x, y in zip(found, found[1:]))
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
 def test_no_import_circles():
