@@ -12,7 +12,6 @@ set ``lossy = True``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,23 +34,17 @@ class Proposal:
     lookahead: int | None = None                  # draft's token at the bonus position
     lookahead_logits: torch.Tensor | None = None  # [1, V]
     lookahead_hidden: torch.Tensor | None = None  # [1, d_draft]
-    # the draft's next step, given the verifier's bonus token (set by the loop)
-    draft_more: Callable[[int], Proposal] | None = None
     # (bonus, logits [1, V], hidden [1, d] | None): the draft's row after the verifier's
     # bonus token, computed with the lookahead; the loop starts the next block with it
     ahead: tuple | None = None
 
-    def fetch_lookahead(self, bonus: int) -> int | None:
-        """The draft's token at the bonus position, where the verifier's is ``bonus``;
-        drafted on demand (once), by the draft's catch-up on [d_k, bonus] that its next step
-        needs anyway: no extra pass when the verifier's token is committed, nothing in blocks
-        that end before the bonus. None if the loop cannot draft one."""
-        if self.lookahead is None and self.draft_more is not None:
-            more = self.draft_more(bonus)
-            self.lookahead = more.tokens[0]
-            self.lookahead_logits, self.lookahead_hidden = more.draft_logits, more.draft_hidden
-            self.ahead = more.ahead
-        return self.lookahead
+    def with_lookahead(self, more: Proposal) -> Proposal:
+        """This proposal with the draft's token at the bonus position (``more``: the draft's
+        one-token proposal there, from ``decoding.lookahead``)."""
+        self.lookahead = more.tokens[0]
+        self.lookahead_logits, self.lookahead_hidden = more.draft_logits, more.draft_hidden
+        self.ahead = more.ahead
+        return self
 
 
 @dataclass
@@ -62,15 +55,26 @@ class Verdict:
     overrides: int = 0            # mismatches where the draft token was kept
     arbiter_s: float = 0.0
     next_from_draft: bool = False  # the token after the accepted ones is the draft's
+    # all k drafts kept, and the rule would arbitrate the bonus position given the draft's
+    # token there: the loop drafts it (``Proposal.with_lookahead``), then calls ``at_bonus``
+    wants_lookahead: bool = False
 
 
 class AcceptanceRule(Protocol):
+    """A rule reads the step's tensors and runs no model: where it needs the draft's token at
+    the bonus position (``lookahead``), its verdict says so (``wants_lookahead``); the loop
+    drafts that token and asks ``at_bonus``."""
+
     lossy: bool
     needs_hidden: bool
-    lookahead: bool  # wants the draft's token at the bonus position too
+    lookahead: bool  # may want the draft's token at the bonus position too
 
     def __call__(self, prop: Proposal, sampling: SamplingConfig,
                  gen: torch.Generator | None) -> Verdict: ...
+
+    def at_bonus(self, prop: Proposal, verdict: Verdict) -> Verdict:
+        """The final verdict once ``prop.lookahead`` is known (rules with ``lookahead``)."""
+        ...
 
 
 @dataclass

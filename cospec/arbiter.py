@@ -16,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -368,9 +368,10 @@ class ArbiterRule:
     checking d_{i+1} against t_{i+1} (already computed, conditioned on d_i: no extra pass);
     TARGET commits t_i and ends the block, as plain SPD does. Lossy by design.
 
-    The bonus position is arbitrated like every other: when the scan reaches it, the draft
-    drafts its *lookahead* token there (``Proposal.fetch_lookahead``: the draft's catch-up on
-    [d_k, bonus] done one step early, and only in blocks that get that far). Every committed
+    The bonus position is arbitrated like every other: when the scan reaches it, the verdict
+    asks for the draft's *lookahead* token there (``wants_lookahead``; the loop drafts it by
+    the draft's catch-up on [d_k, bonus] done one step early, only in blocks that get that
+    far) and ``at_bonus`` decides. Every committed
     position then gets the same decision whatever the block structure, which is what makes
     batched lockstep decoding equal to this loop.
     """
@@ -422,30 +423,40 @@ class ArbiterRule:
             d_hid = prop.lookahead_hidden if bonus else prop.draft_hidden[i:i + 1]
         return float(self.policy.draft_prob(feats, t_hid, d_hid)[0]) >= self.threshold
 
+    def _may_arbitrate(self, prop: Proposal, calls: int, overrides: int) -> bool:
+        """Another mismatch of this block may go to the policy (first-only, budget)."""
+        budget = (None if self.max_overrides is None
+                  else self.max_overrides - prop.overrides_so_far)
+        return (self.every_mismatch or not calls) and (budget is None or overrides < budget)
+
     def __call__(self, prop, sampling, gen):
         k = len(prop.tokens)
         best, spent = prop.target_logits.argmax(-1).tolist(), 0.0
-        budget = (None if self.max_overrides is None
-                  else self.max_overrides - prop.overrides_so_far)
         calls = overrides = 0
-        for i in range(k + 1):
-            may_arbitrate = ((self.every_mismatch or not calls)
-                             and (budget is None or overrides < budget))
-            if i == k:  # the bonus position: the draft's opinion is drafted only if needed
-                if not may_arbitrate or prop.fetch_lookahead(best[k]) in (None, best[k]):
-                    break
-            elif prop.tokens[i] == best[i]:
+        for i in range(k):
+            if prop.tokens[i] == best[i]:
                 continue
-            if not may_arbitrate:
-                return Verdict(i, best[i], calls, overrides, spent)
-            t0 = time.perf_counter()
-            keep = self._keep_draft(prop, i, best[i])
-            spent += time.perf_counter() - t0
-            calls += 1
+            keep = False
+            if self._may_arbitrate(prop, calls, overrides):
+                t0 = time.perf_counter()
+                keep = self._keep_draft(prop, i, best[i])
+                spent += time.perf_counter() - t0
+                calls += 1
             if not keep:
                 return Verdict(i, best[i], calls, overrides, spent)
             overrides += 1
-            if i == k:
-                return Verdict(k, prop.lookahead, calls, overrides, spent,
-                               next_from_draft=True)
-        return Verdict(k, best[k], calls, overrides, spent)
+        # the bonus position: the draft's token there is drafted (by the loop) only if needed
+        return Verdict(k, best[k], calls, overrides, spent,
+                       wants_lookahead=self._may_arbitrate(prop, calls, overrides))
+
+    def at_bonus(self, prop: Proposal, verdict: Verdict) -> Verdict:
+        """The bonus position arbitrated like any other, now that the draft's token there
+        (``prop.lookahead``) is known."""
+        k, t = len(prop.tokens), verdict.next_token
+        if prop.lookahead in (None, t):
+            return replace(verdict, wants_lookahead=False)
+        t0 = time.perf_counter()
+        keep = self._keep_draft(prop, k, t)
+        spent = verdict.arbiter_s + time.perf_counter() - t0
+        return Verdict(k, prop.lookahead if keep else t, verdict.arbiter_calls + 1,
+                       verdict.overrides + keep, spent, next_from_draft=keep)
