@@ -1,6 +1,7 @@
 """The decode loop: propose, score, accept, commit.
 
-One loop serves every method. A *proposer* (the draft, or nothing) drafts k tokens; the
+One loop serves target-only decoding, SPD and the arbiter rules (the CoS combinations have
+theirs: ``cospec.cos``). A *proposer* (the draft, or nothing) drafts k tokens; the
 *verifier* (the target) scores ``[pending..., d_1..d_k]`` in one forward pass; an acceptance
 rule (``cospec.acceptance``) turns that into ``accepted`` draft tokens plus one next token;
 commit trims both KV caches to the committed sequence.
@@ -286,16 +287,16 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
                 new, kept = run_ahead(target, seq, min(RUN_AHEAD, left), sampling, gen)[0], 0
                 prop = verdict = None
             else:
-                prop = propose(draft, seq, min(k, left - 1), sampling, gen, first)
-                score(target, seq, prop)
+                prop = propose(draft, seq, min(k, left - 1), sampling, gen, first)  # propose
+                score(target, seq, prop)                                            # score
                 prop.position = len(seq) - len(prompt_ids)
                 prop.overrides_so_far = stats.overrides - overrides_before
-                verdict = rule(prop, sampling, gen)
+                verdict = rule(prop, sampling, gen)                                 # accept
                 if verdict.wants_lookahead:  # the rule asks the draft at the bonus position
                     more = lookahead(draft, seq + prop.tokens, verdict.next_token, sampling,
                                      gen, None if prop.tokens else first)
                     verdict = rule.at_bonus(prop.with_lookahead(more), verdict)
-                first = commit(target, draft, seq, prop, verdict)
+                first = commit(target, draft, seq, prop, verdict)                   # commit
                 kept = verdict.accepted + verdict.next_from_draft
                 new = prop.tokens[:verdict.accepted] + [verdict.next_token]
         seq.extend(new)
