@@ -328,8 +328,11 @@ def test_generate_help_lists_the_methods_it_runs(monkeypatch, capsys):
 def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
     """Where fastapi is missing, `cospec serve` with its usual flags is a one-line error
     naming the extra, not an argparse complaint about the flags."""
-    for name in ("cospec.server", "cospec.server_schemas", "cospec.scheduler"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    import cospec
+
+    for name in ("server", "server_schemas", "scheduler"):  # as if never imported
+        monkeypatch.delitem(sys.modules, f"cospec.{name}", raising=False)
+        monkeypatch.delattr(cospec, name, raising=False)
     monkeypatch.setitem(sys.modules, "fastapi", None)  # `import fastapi` fails
     assert main(["serve", "--target", "x", "--port", "0"]) == 2
     err = capsys.readouterr().err
