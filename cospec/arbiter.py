@@ -1,4 +1,5 @@
-"""The CoSpec arbiter: features at a draft/target mismatch, policies, and the arbiter file.
+"""The CoSpec arbiter: features at a draft/target mismatch, policies, the arbiter file, and
+the acceptance rule that asks a policy at each mismatch (``ArbiterRule``).
 
 A mismatch is a position where the draft's greedy token d differs from the target's greedy
 token t for the same prefix. Features use only what the decoding step already has: both
@@ -13,19 +14,19 @@ import copy
 import json
 import math
 import os
-from dataclasses import dataclass
+import time
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cospec.acceptance import Proposal, Verdict
 from cospec.errors import CospecError
-
-if TYPE_CHECKING:
-    from cospec.acceptance import MismatchPolicy
 
 FEATURES = (
     "logp_t_t", "logp_t_d", "logp_d_d", "logp_d_t",   # log p_model(token)
@@ -150,6 +151,17 @@ def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
     ids = torch.from_numpy(np.tile(np.stack([t, d], axis=-1), (2, 1)))    # [2B, 2]
     row = row_stats([target_logits, draft_logits], ids).cpu().numpy()     # [2B, 8]
     return torch.from_numpy(_combine(row, len(t), position.astype(np.float32)))
+
+
+class MismatchPolicy(Protocol):
+    """Decides, at a draft/target mismatch, how likely keeping the draft token is right."""
+
+    needs_hidden: bool
+
+    def draft_prob(self, features: torch.Tensor, target_hidden: torch.Tensor | None,
+                   draft_hidden: torch.Tensor | None) -> torch.Tensor:
+        """features [B, F] -> probability of DRAFT [B]."""
+        ...
 
 
 class GraphedDecision:
@@ -348,3 +360,103 @@ def load_arbiter(path: str | Path, pair: tuple[str, str] | None = None) -> Learn
     policy.threshold = float(info.get("threshold", 0.5))
     policy.max_overrides = info.get("max_overrides")  # the budget it was tuned for (or None)
     return policy.eval()
+
+
+@dataclass
+class ArbiterRule:
+    """CoSpec (greedy): at a mismatch d_i != t_i ask a policy; DRAFT keeps d_i and goes on
+    checking d_{i+1} against t_{i+1} (already computed, conditioned on d_i: no extra pass);
+    TARGET commits t_i and ends the block, as plain SPD does. Lossy by design.
+
+    The bonus position is arbitrated like every other: when the scan reaches it, the verdict
+    asks for the draft's *lookahead* token there (``wants_lookahead``; the loop drafts it by
+    the draft's catch-up on [d_k, bonus] done one step early, only in blocks that get that
+    far) and ``at_bonus`` decides. Every committed
+    position then gets the same decision whatever the block structure, which is what makes
+    batched lockstep decoding equal to this loop.
+    """
+
+    policy: MismatchPolicy
+    threshold: float = 0.5
+    every_mismatch: bool = True   # False: only the first mismatch of a block is arbitrated
+    max_overrides: int | None = None  # draft tokens kept per generation at most (None: any)
+    # on CUDA, each decision as one replayed graph (policies without hidden states)
+    graphed: bool = True
+    lossy: bool = True
+    lookahead: bool = True
+    needs_hidden: bool = field(init=False)
+    _graph: object = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.needs_hidden = self.policy.needs_hidden
+
+    def _keep_draft(self, prop: Proposal, i: int, t: int) -> bool:
+        """DRAFT (True) or TARGET at the mismatch in row i (the bonus row when i = k), from
+        the two rows' features. On CUDA, for a policy without hidden states, the whole
+        decision is one replayed graph (``arbiter.GraphedDecision``); else the features are
+        read back (one copy) and the policy runs on the host. Computed only when a mismatch
+        is met: a pass over every row of every block, read back with the argmaxes, cost
+        more on the GPU (0.85 ms a step against 0.8 ms a decision at 0.36 decisions a step;
+        results/gpu/speed-cospec-graphed-h100)."""
+        bonus = i == len(prop.tokens)
+        d = prop.lookahead if bonus else prop.tokens[i]
+        t_logits = prop.target_logits[i:i + 1]
+        d_logits = prop.lookahead_logits if bonus else prop.draft_logits[i:i + 1]
+        if (self.graphed and t_logits.is_cuda and not self.needs_hidden
+                and os.environ.get("COSPEC_EAGER") != "1"):
+            device, vocab = t_logits.device, t_logits.shape[-1]
+            if self._graph is None or not self._graph.fits(self.policy, device, vocab):
+                try:
+                    self._graph = GraphedDecision(self.policy, device, vocab)
+                except (RuntimeError, TypeError, ValueError) as err:  # host-only policy
+                    warnings.warn(f"{type(self.policy).__name__} cannot run inside a CUDA "
+                                  f"graph ({err}); its decisions run on the host",
+                                  stacklevel=2)
+                    self.graphed = False
+                    return self._keep_draft(prop, i, t)
+            prob = self._graph(t_logits, d_logits, t, d, prop.position + i)
+            return prob >= self.threshold
+        feats = mismatch_features(t_logits, d_logits, [t], [d], [prop.position + i])
+        t_hid = d_hid = None
+        if self.needs_hidden:
+            t_hid = prop.target_hidden[i:i + 1]
+            d_hid = prop.lookahead_hidden if bonus else prop.draft_hidden[i:i + 1]
+        return float(self.policy.draft_prob(feats, t_hid, d_hid)[0]) >= self.threshold
+
+    def _may_arbitrate(self, prop: Proposal, calls: int, overrides: int) -> bool:
+        """Another mismatch of this block may go to the policy (first-only, budget)."""
+        budget = (None if self.max_overrides is None
+                  else self.max_overrides - prop.overrides_so_far)
+        return (self.every_mismatch or not calls) and (budget is None or overrides < budget)
+
+    def __call__(self, prop, sampling, gen):
+        k = len(prop.tokens)
+        best, spent = prop.target_logits.argmax(-1).tolist(), 0.0
+        calls = overrides = 0
+        for i in range(k):
+            if prop.tokens[i] == best[i]:
+                continue
+            keep = False
+            if self._may_arbitrate(prop, calls, overrides):
+                t0 = time.perf_counter()
+                keep = self._keep_draft(prop, i, best[i])
+                spent += time.perf_counter() - t0
+                calls += 1
+            if not keep:
+                return Verdict(i, best[i], calls, overrides, spent)
+            overrides += 1
+        # the bonus position: the draft's token there is drafted (by the loop) only if needed
+        return Verdict(k, best[k], calls, overrides, spent,
+                       wants_lookahead=self._may_arbitrate(prop, calls, overrides))
+
+    def at_bonus(self, prop: Proposal, verdict: Verdict) -> Verdict:
+        """The bonus position arbitrated like any other, now that the draft's token there
+        (``prop.lookahead``) is known."""
+        k, t = len(prop.tokens), verdict.next_token
+        if prop.lookahead in (None, t):
+            return replace(verdict, wants_lookahead=False)
+        t0 = time.perf_counter()
+        keep = self._keep_draft(prop, k, t)
+        spent = verdict.arbiter_s + time.perf_counter() - t0
+        return Verdict(k, prop.lookahead if keep else t, verdict.arbiter_calls + 1,
+                       verdict.overrides + keep, spent, next_from_draft=keep)

@@ -9,115 +9,15 @@ Markdown table.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import statistics
-import sys
-import time
 from pathlib import Path
 
-import torch
-
-from cospec.assets import cache_dir, write_atomic
-from cospec.cpu import MODES, TRIALS
-from cospec.decoding import CachedLM
-from cospec.errors import CospecError
-
-
-def forward_cost(model, k: int, prefix: int, reps: int, mode: str) -> float:
-    """Median seconds of a cached forward over k tokens after ``prefix`` tokens, with CPU
-    linear mode ``mode`` (``auto``: timed once the order is chosen)."""
-    before = os.environ.get("COSPEC_LINEAR")
-    os.environ["COSPEC_LINEAR"] = mode  # read by cpu.fast_linear
-    lm = CachedLM(model)
-    g = torch.Generator().manual_seed(0)
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.randint(min(100, vocab // 2), min(5000, vocab), (prefix + k,),
-                        generator=g).tolist()
-    times = []
-    with torch.inference_mode():
-        lm.forward(ids[:prefix], keep=1)
-        warm = 1 + (2 * TRIALS if mode == "auto" else 0)  # the choice's own timed forwards
-        for rep in range(reps + warm):
-            t0 = time.perf_counter()
-            lm.forward(ids[prefix:], keep=k)
-            if lm.device.type == "cuda":
-                torch.cuda.synchronize()
-            if rep >= warm:
-                times.append(time.perf_counter() - t0)
-            lm.crop(prefix)
-    if before is None:
-        os.environ.pop("COSPEC_LINEAR")
-    else:
-        os.environ["COSPEC_LINEAR"] = before
-    return statistics.median(times)
-
-
-def machine() -> str:
-    """The CPU model (from /proc/cpuinfo where there is one), core count and torch version."""
-    import platform
-
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next((line.split(":", 1)[1].strip() for line in lines
-                     if line.startswith("model name")), name)
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-def best_k(target_s: dict[int, float], draft_s: float, alpha: float) -> tuple[int, float]:
-    """The draft length with the most tokens per second, and its predicted speedup over
-    target-only decoding, from measured forward costs (``target_s[n]``: the target over n
-    tokens; ``draft_s``: one draft step) if each draft token is accepted with probability
-    ``alpha``: a block of k drafts costs k draft steps + a verify over k + 1 tokens and
-    commits (1 - alpha^(k+1)) / (1 - alpha) tokens on average."""
-    speed = {k: (1 - alpha ** (k + 1)) / (1 - alpha) / (k * draft_s + target_s[k + 1])
-             for k in range(1, max(target_s)) if k + 1 in target_s}
-    k = max(speed, key=speed.get)
-    return k, speed[k] * target_s[1]
-
-
-AUTO_ALPHA = 0.85   # per-token acceptance assumed by --k auto (GSM8K: tau 2.70 at k = 2,
-                    # 3.95 at k = 4 on the default pair, i.e. alpha = 0.85-0.9)
-AUTO_KS = range(1, 8)  # --k auto picks k in 1..6 (a verify over k + 1 <= 7 tokens)
-
-
-def auto_k(pair, alpha: float = AUTO_ALPHA) -> int:
-    """The draft length ``best_k`` predicts fastest for ``pair`` on this machine, from the
-    pair's own forward costs (CPU only: on CUDA the fast path's costs are not these).
-
-    Timed once per machine, models, dtype, thread count and ``COSPEC_LINEAR``; the costs are
-    kept in the cache folder (``k-auto.json``), so later runs reuse the same k."""
-    param = next(pair.target.parameters())
-    if param.device.type != "cpu":
-        raise CospecError("--k auto times CPU forwards; on a GPU give a number (the GPU "
-                          "results use --k 5)")
-    mode = os.environ.get("COSPEC_LINEAR", "auto")
-    key = " | ".join([machine(), pair.target_name, str(pair.draft_name), str(param.dtype),
-                      f"{torch.get_num_threads()} threads", f"linear {mode}"])
-    path = cache_dir() / "k-auto.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or cut by a crash: timed again
-        known = {}
-    if key not in known:
-        print("--k auto: timing the pair's forwards once on this machine ...", file=sys.stderr,
-              flush=True)
-        known[key] = {"target_s": {n: forward_cost(pair.target, n, 128, 3, mode)
-                                   for n in AUTO_KS},
-                      "draft_s": forward_cost(pair.draft, 1, 128, 3, mode)}
-        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(known, indent=1)))
-    costs = known[key]
-    k, speedup = best_k({int(n): t for n, t in costs["target_s"].items()}, costs["draft_s"],
-                        alpha)
-    print(f"--k auto: k = {k} (predicted {speedup:.2f}x target-only at acceptance {alpha}; "
-          f"costs in {path})", file=sys.stderr, flush=True)
-    return k
+from cospec.cpu import MODES
+from cospec.k_auto import best_k, forward_cost, machine
 
 
 def cmd_verify_cost(args) -> int:
-    from cospec.cli import load_pair_of
+    from cospec.args import load_pair_of
     from cospec.report import markdown_table
 
     pair = load_pair_of(args, need_draft=True)

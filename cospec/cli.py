@@ -1,211 +1,46 @@
-"""Command line: ``cospec generate | eval | bench | collect | train | verify-cost | serve``."""
+"""Command line: ``cospec generate | eval | bench | summarize | collect | train | refine |
+verify-cost | serve``. Each subcommand lives in its own module (its flags and its ``cmd_*``);
+the flags they share are in ``cospec.args``. This module only assembles them and dispatches."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from cospec import bench, collect, evaluate, generate_cmd, refine, train
+from cospec.args import add_decoding_args, add_model_args, add_serve_args
 from cospec.errors import CospecError
-from cospec.methods import METHODS, MethodOptions
-from cospec.models import DEFAULT_DRAFT, DEFAULT_TARGET
-from cospec.sampling import SamplingConfig
-from cospec.sandbox import MODES, use
+from cospec.sandbox import use
+
+SERVE_EXTRA = ("fastapi", "pydantic", "starlette", "uvicorn")  # what `cospec[serve]` brings
 
 
-def _number(kind: type, ok, rule: str):
-    """An argparse type: ``kind(text)`` where ``ok(value)``, else a message saying ``rule``."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return value
-    return parse
-
-
-_positive_int = _number(int, lambda v: v > 0, "> 0")
-_nonneg_int = _number(int, lambda v: v >= 0, ">= 0")
-_nonneg_float = _number(float, lambda v: v >= 0, ">= 0")
-_unit = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
-_unit_closed = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
-
-
-def draft_length(text: str) -> int | str:
-    """An argparse type for --k: a positive integer, or ``auto`` (chosen by timing the pair
-    once on this machine: ``bench.auto_k``; resolved by ``load_pair_of``)."""
-    return "auto" if text == "auto" else _positive_int(text)
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models")
-    g.add_argument("--target", default=DEFAULT_TARGET,
-                   help="target: shipped name, .gguf file or HF folder (default %(default)s)")
-    g.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model (default %(default)s)")
-    g.add_argument("--models", default=None,
-                   help="CoS with n models: comma-separated, the proposer (smallest) first and "
-                        "the target last (replaces --draft / --target)")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="default: float32 on CPU, bfloat16 on GPU")
-
-
-def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding")
-    g.add_argument("--k", type=draft_length, default=4,
-                   help="draft length (default 4), or auto: the fastest on this CPU, "
-                        "from the pair's timed forwards")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=_unit, default=1.0)
-    g.add_argument("--top-k", type=_nonneg_int, default=0, help="0 = no top-k filter")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-chat", action="store_true", help="send the prompt as raw text")
-    g.add_argument("--arbiter", default=None, help="arbiter file for --method cospec")
-    g.add_argument("--threshold", type=_unit_closed, default=None,
-                   help="P(DRAFT) needed to keep a draft token (cospec; default: the arbiter's)")
-    g.add_argument("--first-mismatch-only", action="store_true",
-                   help="arbitrate only the first mismatch of each block")
-    g.add_argument("--max-overrides", type=_nonneg_int, default=None,
-                   help="draft tokens an arbiter may keep per generation (default: the "
-                        "arbiter's own, else no limit)")
-    g.add_argument("--delta", type=_nonneg_float, default=0.1,
-                   help="confidence heuristic threshold")
-    g.add_argument("--entropy", type=_nonneg_float, default=1.0,
-                   help="entropy-gated deferral (nats)")
-    g.add_argument("--lambda", dest="lam", type=_unit_closed, default=0.5,
-                   help="CoS ensemble: r = lambda q_draft + (1 - lambda) p_target")
-    g.add_argument("--weights", default=None,
-                   help="CoS ensemble weights, one per model of --models, summing to 1 "
-                        "(default: --lambda for two models, else uniform)")
-    g.add_argument("--mu", type=_nonneg_float, default=0.1,
-                   help="CoS contrastive: r = softmax(l_target - mu l_draft)")
-    g.add_argument("--sandbox", choices=MODES, default="auto",
-                   help="where generated code is graded: bwrap (required), process (a plain "
-                        "subprocess) or auto (bwrap where it runs; default)")
-
-
-def sampling_of(args) -> SamplingConfig:
-    return SamplingConfig(args.temperature, args.top_p, args.top_k)
-
-
-def options_of(args) -> MethodOptions:
-    weights: tuple[float, ...] = ()
-    if args.weights:
-        try:
-            weights = tuple(float(w) for w in args.weights.split(","))
-        except ValueError:
-            raise CospecError(f"--weights must be numbers separated by commas: "
-                              f"{args.weights!r}") from None
-    if args.arbiter:
-        from cospec.arbiter import arbiter_info
-
-        arbiter_info(args.arbiter)  # a bad file is refused before any model is loaded
-    return MethodOptions(args.arbiter, args.threshold, not args.first_mismatch_only,
-                         args.max_overrides, args.delta, args.entropy, args.lam, args.mu,
-                         weights=weights)
-
-
-def load_pair_of(args, need_draft: bool = True):
-    """The models named by ``args``; resolves ``args.k == "auto"`` for them (``auto_k``)."""
-    import torch
-
-    from cospec.bench import auto_k
-    from cospec.models import load_pair, set_cpu_threads
-
-    set_cpu_threads()
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.models:
-        specs = [m.strip() for m in args.models.split(",") if m.strip()]
-        if len(specs) < 2:
-            raise CospecError(f"--models needs at least two models, got {args.models!r}")
-        pair = load_pair(specs[-1], specs[0], args.device, dtype, tuple(specs[1:-1]))
-    else:
-        pair = load_pair(args.target, args.draft if need_draft else None, args.device, dtype)
-    if getattr(args, "k", None) == "auto":
-        args.k = auto_k(pair) if pair.draft is not None else 1  # target-only: k is unused
-    return pair
-
-
-def cmd_generate(args) -> int:
-    from cospec.methods import build_method, encode_prompt, eos_ids
-    from cospec.stats import DecodeStats
-
-    if args.method not in METHODS or args.method == "hf-assisted":
-        raise CospecError(f"unknown method {args.method!r} for generate; choose from "
-                          f"{', '.join(m for m in METHODS if m != 'hf-assisted')}")
-    if not args.prompt.strip():
-        raise CospecError("empty prompt")
-    options, sampling = options_of(args), sampling_of(args)
-    pair = load_pair_of(args, need_draft=args.method != "target")
-    method = build_method(args.method, pair, options, sampling)
-    tok = pair.tokenizer
-    ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
-    stats = DecodeStats()
-    out: list[int] = []
-    stream = method.stream(ids, k=args.k, max_new_tokens=args.max_new_tokens,
-                           sampling=sampling, eos_ids=eos_ids(tok, pair.target),
-                           seed=args.seed, stats=stats)
-    shown = ""
-    color = args.color and sys.stdout.isatty() and not args.json
-    for token in stream:
-        out.append(token.id)
-        if args.json:
-            continue
-        text = tok.decode(out, skip_special_tokens=True)
-        piece, shown = text[len(shown):], text
-        print(f"\033[32m{piece}\033[0m" if color and token.from_draft else piece, end="",
-              flush=True)
-    text = tok.decode(out, skip_special_tokens=True)
-    if args.json:
-        print(json.dumps({"method": args.method, "k": args.k, "text": text, "token_ids": out,
-                          "stats": stats.to_dict()}))
-    else:
-        s = stats
-        print(f"\n\n[{args.method}] {s.generated} tokens, {s.tokens_per_s:.2f} tok/s, "
-              f"tau {s.tau:.2f}, prefill {s.prefill_s:.2f}s, decode {s.decode_s:.2f}s"
-              + (f", overrides {s.overrides}/{s.arbiter_calls}" if s.arbiter_calls else ""),
-              file=sys.stderr)
-    return 0
+def cmd_serve(args) -> int:
+    """``cospec serve``, or a clear error when the ``serve`` extra is not installed."""
+    try:
+        from cospec import server
+    except ModuleNotFoundError as err:
+        if err.name not in SERVE_EXTRA:
+            raise
+        raise CospecError(f"cospec serve needs the serve extra ({err.name} is not installed): "
+                          "pip install 'cospec[serve]'") from None
+    return server.cmd_serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cospec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("generate", help="decode one prompt and stream the text")
-    add_model_args(p)
-    add_decoding_args(p)
-    p.add_argument("--method", default="spd", help=f"one of {', '.join(METHODS[:-1])}")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.add_argument("--color", action="store_true", help="color draft-kept tokens")
-    p.set_defaults(func=cmd_generate)
-
-    from cospec import bench, collect, evaluate, refine, train
-
+    generate_cmd.add_parser(sub)
     evaluate.add_parsers(sub, add_model_args, add_decoding_args)
     collect.add_parser(sub, add_model_args, add_decoding_args)
     train.add_parser(sub)
     refine.add_parser(sub, add_model_args, add_decoding_args)
     bench.add_parser(sub, add_model_args)
-    try:
-        from cospec import server
-    except ModuleNotFoundError as err:  # without the `serve` extra: say what to install
-        if err.name not in ("fastapi", "pydantic", "starlette"):
-            raise
-        def no_serve(args, why: str = str(err)) -> int:
-            raise CospecError(f"cospec serve needs fastapi and uvicorn ({why}): "
-                              "pip install 'cospec[serve]'")
-
-        p = sub.add_parser("serve", help="OpenAI-compatible server (needs the serve extra)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=no_serve)
-    else:
-        server.add_parser(sub, add_model_args)
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, "
+                                     "/v1/completions, streaming) with speculative metrics "
+                                     "(needs the serve extra)")
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

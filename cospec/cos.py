@@ -134,6 +134,7 @@ def _plain_step(lms: list[CachedLM], seq: list[int], combo: Combination,
     return _pick(combo.probs([_next_row(lm, seq) for lm in lms], sampling), sampling, gen)
 
 
+@torch.inference_mode()
 def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Combination,
                  method: str, *, gamma: int = 5, max_new_tokens: int = 128,
                  sampling: SamplingConfig = GREEDY, eos_ids: Iterable[int] = (),
@@ -144,6 +145,7 @@ def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Co
     ``models[0]`` proposes (``*-sd``, ``cos-*``); ``method`` in COS_METHODS.
     ``stats.steps`` counts passes of the verifiers; ``accepted`` counts committed proposals.
     ``trace`` records (or replays) every accept/reject outcome (``cospec.replay``).
+    Inference mode holds while the loop runs, not between yields.
     """
     if method not in COS_METHODS:
         raise CospecError(f"unknown combination method {method!r}; choose from "
@@ -161,83 +163,82 @@ def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Co
     pending = None  # cos: (token, its proposal probs, verifier rows at its position)
     speculative = method != combo.kind
     trace = trace if trace is not None else CosTrace()
-    with torch.inference_mode():
+    t0 = _clock(proposer.device)
+    for lm in lms:
+        lm.prefill(seq[:-1])
+    stats.prefill_s += _clock(proposer.device) - t0
+    while out < max_new_tokens:
         t0 = _clock(proposer.device)
-        for lm in lms:
-            lm.prefill(seq[:-1])
-        stats.prefill_s += _clock(proposer.device) - t0
-        while out < max_new_tokens:
-            t0 = _clock(proposer.device)
-            new: list[int] = []
-            from_draft: list[bool] = []
-            first = None  # proposer row for the next draft, when already computed
-            if not speculative:  # every model scores every token
+        new: list[int] = []
+        from_draft: list[bool] = []
+        first = None  # proposer row for the next draft, when already computed
+        if not speculative:  # every model scores every token
+            new.append(_plain_step(lms, seq, combo, sampling, gen))
+            from_draft.append(False)
+            stats.record_step(0, 0)
+        else:
+            if pending is not None:  # the proposer scores the large model's proposal
+                x, p_x, rows_x = pending
+                pending = None
+                two = proposer.forward(seq[proposer.length:] + [x], keep=2)[0]
+                r = combo.probs([two[0], *rows_x], sampling)
+                stats.drafted += 1
+                kept, recovered = _verify(r[None], p_x[None], [x], sampling, gen, trace)
+                if kept:
+                    new.append(x)
+                    first = two[1]
+                    stats.accepted += 1
+                else:
+                    proposer.crop(len(seq))
+                    new.append(recovered)
+                from_draft.append(bool(kept))  # a recovered token is no proposal's
+                seq.extend(new)
+            n = min(gamma, max(max_new_tokens - out - len(new) - 1, 0))
+            if n:
+                drafts, q_rows = [], []
+                row = first if first is not None else _next_row(proposer, seq)
+                for i in range(n):
+                    q_rows.append(row)
+                    drafts.append(_pick(probabilities(row, sampling), sampling, gen))
+                    if i < n - 1 or method.endswith("-sd"):  # -sd: lookahead row too
+                        row = proposer.forward([drafts[-1]], keep=1)[0][0]
+                v_rows = [v.forward(seq[v.length:] + drafts, keep=n + 1)[0]
+                          for v in verifiers]
+                base = len(seq)
+                # r at every draft position, and where a bonus is drawn: r after the
+                # block (-sd, with the proposer's lookahead row) or the last verifier's
+                # own p (cos: its bonus is proposed, see ``pending``)
+                sd = method.endswith("-sd")
+                q_logits = torch.stack(q_rows + [row] if sd else q_rows)  # [n (+ 1), V]
+                r = combo.probs([q_logits, *(v[:len(q_logits)] for v in v_rows)], sampling)
+                if not sd:
+                    r = torch.cat([r, probabilities(v_rows[-1][n:], sampling)])
+                q = probabilities(q_logits[:n], sampling)
+                kept, tail = _verify(r, q, drafts, sampling, gen, trace)
+                stats.record_step(n, kept)
+                new_part = drafts[:kept]
+                if kept == n and not sd:  # all passed: the last verifier proposes its bonus
+                    pending = (tail, r[n], [v[n] for v in v_rows])
+                    tail = None
+                for lm in lms:
+                    lm.crop(min(lm.length, base + kept))
+                new_part += [tail] if tail is not None else []
+                seq.extend(new_part)
+                new += new_part
+                from_draft += [True] * kept + ([False] if tail is not None else [])
+            elif pending is None and not new:  # one token left: no room to speculate
                 new.append(_plain_step(lms, seq, combo, sampling, gen))
                 from_draft.append(False)
-                stats.record_step(0, 0)
-            else:
-                if pending is not None:  # the proposer scores the large model's proposal
-                    x, p_x, rows_x = pending
-                    pending = None
-                    two = proposer.forward(seq[proposer.length:] + [x], keep=2)[0]
-                    r = combo.probs([two[0], *rows_x], sampling)
-                    stats.drafted += 1
-                    kept, recovered = _verify(r[None], p_x[None], [x], sampling, gen, trace)
-                    if kept:
-                        new.append(x)
-                        first = two[1]
-                        stats.accepted += 1
-                    else:
-                        proposer.crop(len(seq))
-                        new.append(recovered)
-                    from_draft.append(True)
-                    seq.extend(new)
-                n = min(gamma, max(max_new_tokens - out - len(new) - 1, 0))
-                if n:
-                    drafts, q_rows = [], []
-                    row = first if first is not None else _next_row(proposer, seq)
-                    for i in range(n):
-                        q_rows.append(row)
-                        drafts.append(_pick(probabilities(row, sampling), sampling, gen))
-                        if i < n - 1 or method.endswith("-sd"):  # -sd: lookahead row too
-                            row = proposer.forward([drafts[-1]], keep=1)[0][0]
-                    v_rows = [v.forward(seq[v.length:] + drafts, keep=n + 1)[0]
-                              for v in verifiers]
-                    base = len(seq)
-                    # r at every draft position, and where a bonus is drawn: r after the
-                    # block (-sd, with the proposer's lookahead row) or the last verifier's
-                    # own p (cos: its bonus is proposed, see ``pending``)
-                    sd = method.endswith("-sd")
-                    q_logits = torch.stack(q_rows + [row] if sd else q_rows)  # [n (+ 1), V]
-                    r = combo.probs([q_logits, *(v[:len(q_logits)] for v in v_rows)], sampling)
-                    if not sd:
-                        r = torch.cat([r, probabilities(v_rows[-1][n:], sampling)])
-                    q = probabilities(q_logits[:n], sampling)
-                    kept, tail = _verify(r, q, drafts, sampling, gen, trace)
-                    stats.record_step(n, kept)
-                    new_part = drafts[:kept]
-                    if kept == n and not sd:  # all passed: the last verifier proposes its bonus
-                        pending = (tail, r[n], [v[n] for v in v_rows])
-                        tail = None
-                    for lm in lms:
-                        lm.crop(min(lm.length, base + kept))
-                    new_part += [tail] if tail is not None else []
-                    seq.extend(new_part)
-                    new += new_part
-                    from_draft += [True] * kept + ([False] if tail is not None else [])
-                elif pending is None and not new:  # one token left: no room to speculate
-                    new.append(_plain_step(lms, seq, combo, sampling, gen))
-                    from_draft.append(False)
-                    seq.extend(new)
-                    stats.record_step(0, 0)
-            if not speculative:
                 seq.extend(new)
-            cut = next((j + 1 for j, tok in enumerate(new) if tok in eos), len(new))
-            cut = min(cut, max_new_tokens - out)
-            stats.generated += cut
-            stats.decode_s += _clock(proposer.device) - t0
-            for j in range(cut):
-                yield Token(new[j], from_draft[j])
-            out += cut
-            if cut < len(new) or (cut and new[cut - 1] in eos):
-                return
+                stats.record_step(0, 0)
+        if not speculative:
+            seq.extend(new)
+        cut = next((j + 1 for j, tok in enumerate(new) if tok in eos), len(new))
+        cut = min(cut, max_new_tokens - out)
+        stats.generated += cut
+        stats.decode_s += _clock(proposer.device) - t0
+        for j in range(cut):
+            yield Token(new[j], from_draft[j])
+        out += cut
+        if cut < len(new) or (cut and new[cut - 1] in eos):
+            return

@@ -1,6 +1,7 @@
 """The decode loop: propose, score, accept, commit.
 
-One loop serves every method. A *proposer* (the draft, or nothing) drafts k tokens; the
+One loop serves target-only decoding, SPD and the arbiter rules (the CoS combinations have
+theirs: ``cospec.cos``). A *proposer* (the draft, or nothing) drafts k tokens; the
 *verifier* (the target) scores ``[pending..., d_1..d_k]`` in one forward pass; an acceptance
 rule (``cospec.acceptance``) turns that into ``accepted`` draft tokens plus one next token;
 commit trims both KV caches to the committed sequence.
@@ -16,6 +17,7 @@ last token included; its row after that token (``first``) then starts the next b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
@@ -144,49 +146,52 @@ Row = tuple[torch.Tensor, torch.Tensor | None]  # one row of logits [1, V], hidd
 
 def _draw(row: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator | None
           ) -> torch.Tensor:
-    """The draft's token from its logits row [V], on the device: argmax or a sample."""
+    """A token from a logits row [V], on the device: argmax or a sample."""
     if sampling.greedy:
         return row.argmax().view(1)
     return sample_on_device(probabilities(row, sampling), gen)
 
 
-def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
-            gen: torch.Generator | None, lookahead: bool = False,
-            first: Row | None = None) -> Proposal:
-    """Draft k tokens after ``seq``. Leaves the draft cache at ``len(seq) + k - 1``.
-
-    Each drafted token stays on the device and feeds the next draft step directly; the k
-    tokens reach the host once, at the end (one synchronisation per block, not per token).
-    ``first``: the draft's row after ``seq``, already computed (the cache then holds all of
-    ``seq``): the first step reuses it instead of a forward pass. ``lookahead``: also set
-    ``draft_more`` (see ``_lookahead``).
-    """
+def run_ahead(lm: CachedLM, seq: list[int], n: int, sampling: SamplingConfig,
+              gen: torch.Generator | None, first: Row | None = None
+              ) -> tuple[list[int], list[Row]]:
+    """n tokens of ``lm`` after ``seq``, each fed straight back on the device: the tokens
+    reach the host once, at the end (one synchronisation for n, not per token). Returns the
+    tokens and the row [1, V] (hidden [1, d] or None) each was drawn from; leaves the cache
+    at ``len(seq) + n - 1``. ``first``: ``lm``'s row after ``seq``, already computed (the cache
+    then holds all of ``seq``), used instead of a forward pass."""
     if first is None:
         lm.crop(min(lm.length, len(seq) - 1))
     elif lm.length != len(seq):
-        raise RuntimeError(f"draft cache at {lm.length}, the reused row needs {len(seq)}")
+        raise RuntimeError(f"cache at {lm.length}, the reused row needs {len(seq)}")
     pending: list[int] | torch.Tensor = seq[lm.length:]
-    tokens, logits, hidden = [], [], []
-    for i in range(k):
-        row, h = first if i == 0 and first is not None else lm.forward(pending, keep=1)
-        tok = _draw(row[0], sampling, gen)
-        tokens.append(tok)
-        logits.append(row)
-        if h is not None:
-            hidden.append(h)
-        pending = tok
-    ids = torch.cat(tokens) if tokens else None
-    prop = Proposal(tokens=ids.tolist() if tokens else [],
-                    draft_logits=torch.cat(logits) if logits else None,
-                    draft_hidden=torch.cat(hidden) if hidden else None)
-    if lookahead:
-        prop.draft_more = functools.partial(_lookahead, lm, seq + prop.tokens, sampling, gen,
-                                            None if k else first)
-    return prop
+    tokens, rows = [], []
+    for i in range(n):
+        row = first if i == 0 and first is not None else lm.forward(pending, keep=1)
+        pending = _draw(row[0][0], sampling, gen)
+        tokens.append(pending)
+        rows.append(row)
+    return (torch.cat(tokens).tolist() if tokens else []), rows
 
 
-def _lookahead(lm: CachedLM, prefix: list[int], sampling: SamplingConfig,
-               gen: torch.Generator | None, known: Row | None, bonus: int) -> Proposal:
+def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
+            gen: torch.Generator | None, first: Row | None = None) -> Proposal:
+    """The draft's k tokens after ``seq``, with their logits (and hidden states)."""
+    tokens, rows = run_ahead(lm, seq, k, sampling, gen, first)
+    hidden = [h for _, h in rows if h is not None]
+    return Proposal(tokens, torch.cat([r for r, _ in rows]) if rows else None,
+                    torch.cat(hidden) if hidden else None)
+
+
+def score(lm: CachedLM, seq: list[int], prop: Proposal) -> None:
+    """The verifier's rows for ``[pending..., d_1..d_k]`` in one forward pass, the last k + 1
+    kept (``prop.target_logits`` [k + 1, V], ``prop.target_hidden``)."""
+    k = len(prop.tokens)
+    prop.target_logits, prop.target_hidden = lm.forward(seq[lm.length:] + prop.tokens, k + 1)
+
+
+def lookahead(lm: CachedLM, prefix: list[int], bonus: int, sampling: SamplingConfig,
+              gen: torch.Generator | None, known: Row | None) -> Proposal:
     """The draft's token after ``prefix`` (= seq + d_1..d_k), where the verifier's is
     ``bonus``. One forward over the tokens the cache lacks plus ``bonus``, two rows kept:
     row 0 is the lookahead, row 1 the draft's row after ``bonus`` (``Proposal.ahead``), which
@@ -195,15 +200,58 @@ def _lookahead(lm: CachedLM, prefix: list[int], sampling: SamplingConfig,
     no extra pass unless the draft's token is kept instead. ``known``: the row after
     ``prefix`` when it is already computed (k = 0 after a reused row)."""
     if known is not None:
-        return Proposal(tokens=_draw(known[0][0], sampling, gen).tolist(),
-                        draft_logits=known[0], draft_hidden=known[1])
+        return Proposal(_draw(known[0][0], sampling, gen).tolist(), known[0], known[1])
     lm.crop(min(lm.length, len(prefix) - 1))
     rows, h = lm.forward(prefix[lm.length:] + [bonus], keep=2)
-    return Proposal(tokens=_draw(rows[0], sampling, gen).tolist(), draft_logits=rows[:1],
-                    draft_hidden=None if h is None else h[:1],
+    return Proposal(_draw(rows[0], sampling, gen).tolist(), rows[:1],
+                    None if h is None else h[:1],
                     ahead=(bonus, rows[1:], None if h is None else h[1:]))
 
 
+def commit(target: CachedLM, draft: CachedLM, seq: list[int], prop: Proposal,
+           verdict: Verdict) -> Row | None:
+    """Trim each cache to what the verdict confirms (``seq`` not yet extended); returns the
+    draft's row after the committed tokens when the lookahead already computed it."""
+    target.crop(len(seq) + verdict.accepted)
+    first = None
+    ahead = prop.ahead  # the lookahead fed the verifier's bonus token too ...
+    if (ahead is not None and verdict.accepted == len(prop.tokens)
+            and ahead[0] == verdict.next_token):  # ... and it was committed
+        first = ahead[1:]
+    draft.crop(min(draft.length, len(seq) + verdict.accepted + (first is not None)))
+    return first
+
+
+@contextlib.contextmanager
+def _reset_on_error(*lms: CachedLM | None) -> Iterator[None]:
+    """A step that raises leaves its caches half done: forget them (the committed sequence
+    stays valid; a later forward re-reads it)."""
+    try:
+        yield
+    except BaseException:
+        for lm in lms:
+            if lm is not None:
+                lm.reset()
+        raise
+
+
+def _count(stats: DecodeStats, prop: Proposal | None, verdict: Verdict | None, new: int,
+           cut: int) -> None:
+    """Add one step's counts to ``stats``: a verify pass (or ``new`` plain steps when there is
+    no proposal), its drafted and accepted tokens, the arbiter's work, and the ``cut`` tokens
+    yielded (up to an EOS)."""
+    if verdict is None:
+        for _ in range(new):
+            stats.record_step(0, 0)
+    else:
+        stats.record_step(len(prop.tokens), verdict.accepted)
+        stats.arbiter_calls += verdict.arbiter_calls
+        stats.overrides += verdict.overrides
+        stats.arbiter_s += verdict.arbiter_s
+    stats.generated += cut
+
+
+@torch.inference_mode()
 def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
              prompt_ids: list[int], rule: AcceptanceRule, *, k: int = 4,
              max_new_tokens: int = 128, sampling: SamplingConfig = GREEDY,
@@ -211,78 +259,51 @@ def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
              stats: DecodeStats | None = None) -> Iterator[Token]:
     """Yield tokens as they are committed (batch size 1).
 
-    ``proposer=None`` is plain autoregressive decoding of ``verifier`` through the same loop:
-    it runs ``RUN_AHEAD`` tokens ahead on the device (each token fed straight back, as the
-    draft does) and commits them at once. ``stats`` (if given) is updated in place. Stops
-    after an EOS id (which is yielded) or ``max_new_tokens`` tokens.
+    ``proposer=None`` is plain autoregressive decoding of ``verifier`` (``rule`` unused): it
+    runs ``RUN_AHEAD`` tokens ahead on the device and commits them at once, one step each.
+    ``stats`` (if given) is updated in place. Stops after an EOS id (which is yielded) or
+    ``max_new_tokens`` tokens. Inference mode holds while the loop runs, not between yields.
     """
     if not prompt_ids:
         raise CospecError("empty prompt: give at least one token")
     if k < 1 and proposer is not None:
         raise CospecError(f"k (draft length) must be >= 1, got {k}")
     stats = stats if stats is not None else DecodeStats()
-    eos = set(eos_ids)
-    hidden = rule.needs_hidden
-    room = cache_room(prompt_ids, max_new_tokens, k)
-    target = cached_lm(verifier, hidden, room)
-    draft = cached_lm(proposer, hidden, room) if proposer is not None else None
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=target.device).manual_seed(seed)
+    eos, room = set(eos_ids), cache_room(prompt_ids, max_new_tokens, k)
+    target = cached_lm(verifier, rule.needs_hidden, room)
+    draft = cached_lm(proposer, rule.needs_hidden, room) if proposer is not None else None
+    gen = torch.Generator(target.device).manual_seed(seed) if seed is not None else None
     seq = list(prompt_ids)
-    overrides = 0  # draft tokens kept by the arbiter in this generation
+    t0 = _clock(target.device)
+    for lm in (target, draft) if draft is not None else (target,):
+        lm.prefill(seq[:-1])
+    stats.prefill_s += _clock(target.device) - t0
     first: Row | None = None  # the draft's row after seq, when the lookahead computed it
-    with torch.inference_mode():
+    overrides_before = stats.overrides  # ``stats`` may sum several generations
+    while (left := max_new_tokens - (len(seq) - len(prompt_ids))) > 0:
         t0 = _clock(target.device)
-        target.prefill(seq[:-1])
-        if draft is not None:
-            draft.prefill(seq[:-1])
-        stats.prefill_s += _clock(target.device) - t0
-        while (left := max_new_tokens - (len(seq) - len(prompt_ids))) > 0:
-            t0 = _clock(target.device)
-            try:
-                if draft is None:  # target only: run ahead, one host sync per chunk
-                    prop = propose(target, seq, min(RUN_AHEAD, left), sampling, gen)
-                    n_draft, verdict = 0, Verdict(len(prop.tokens) - 1, prop.tokens[-1])
-                else:
-                    n_draft = min(k, left - 1)
-                    # the rule may ask for the draft's token at the bonus position
-                    prop = propose(draft, seq, n_draft, sampling, gen, rule.lookahead, first)
-                    logits, h = target.forward(seq[target.length:] + prop.tokens,
-                                               keep=n_draft + 1)
-                    prop.target_logits, prop.target_hidden = logits, h
-                    prop.position = len(seq) - len(prompt_ids)
-                    prop.overrides_so_far = overrides
-                    verdict = rule(prop, sampling, gen)
-            except BaseException:  # a half-done step: forget the caches, keep ``seq`` valid
-                first = None
-                target.reset()
-                if draft is not None:
-                    draft.reset()
-                raise
-            # commit: each cache keeps what the committed sequence confirms
-            target.crop(len(seq) + verdict.accepted)
-            first = None
-            if draft is not None:
-                ahead = prop.ahead  # the lookahead fed the verifier's bonus token too
-                if (ahead is not None and verdict.accepted == len(prop.tokens)
-                        and ahead[0] == verdict.next_token):  # ... and it was committed
-                    first = ahead[1:]
-                draft.crop(min(draft.length,
-                               len(seq) + verdict.accepted + (first is not None)))
-            new = prop.tokens[:verdict.accepted] + [verdict.next_token]
-            seq.extend(new)
-            for _ in range(1 if draft is not None else len(new)):  # a step per verifier pass
-                stats.record_step(n_draft, verdict.accepted if draft is not None else 0)
-            stats.arbiter_calls += verdict.arbiter_calls
-            stats.overrides += verdict.overrides
-            overrides += verdict.overrides
-            stats.arbiter_s += verdict.arbiter_s
-            cut = next((j + 1 for j, tok in enumerate(new) if tok in eos), len(new))
-            stats.generated += cut
-            stats.decode_s += _clock(target.device) - t0
-            for j in range(cut):
-                yield Token(new[j], draft is not None and (j < verdict.accepted
-                                                           or verdict.next_from_draft))
-            if cut < len(new) or new[cut - 1] in eos:
-                return
+        with _reset_on_error(target, draft):
+            if draft is None:  # target only: RUN_AHEAD plain steps per host sync
+                new, kept = run_ahead(target, seq, min(RUN_AHEAD, left), sampling, gen)[0], 0
+                prop = verdict = None
+            else:
+                prop = propose(draft, seq, min(k, left - 1), sampling, gen, first)  # propose
+                score(target, seq, prop)                                            # score
+                prop.position = len(seq) - len(prompt_ids)
+                prop.overrides_so_far = stats.overrides - overrides_before
+                verdict = rule(prop, sampling, gen)                                 # accept
+                if verdict.wants_lookahead:  # the rule asks the draft at the bonus position
+                    more = lookahead(draft, seq + prop.tokens, verdict.next_token, sampling,
+                                     gen, None if prop.tokens else first)
+                    verdict = rule.at_bonus(prop.with_lookahead(more), verdict)
+                first = commit(target, draft, seq, prop, verdict)                   # commit
+                kept = verdict.accepted + verdict.next_from_draft
+                new = prop.tokens[:verdict.accepted] + [verdict.next_token]
+        seq.extend(new)
+        cut = next((j + 1 for j, tok in enumerate(new) if tok in eos), len(new))
+        _count(stats, prop, verdict, len(new), cut)
+        stats.decode_s += _clock(target.device) - t0
+        for j in range(cut):
+            yield Token(new[j], j < kept)
+        if cut < len(new) or new[cut - 1] in eos:
+            return

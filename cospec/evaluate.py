@@ -16,24 +16,15 @@ import json
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from cospec.errors import CospecError, read_json
-from cospec.methods import (
-    GREEDY_ONLY,
-    LOSSY,
-    METHODS,
-    SAME_AS_GREEDY,
-    build_method,
-    encode_prompt,
-    eos_ids,
-)
+from cospec.methods import GREEDY_ONLY, LOSSY, METHODS, SAME_AS_GREEDY
 from cospec.report import machine_load, markdown_table, mcnemar, pct, plot_accuracy_speed, wilson
-from cospec.sandbox import kind as sandbox_kind
+from cospec.session import Session
 from cospec.tasks import get_task
 
 IDENTITY = ("task", "split", "target", "draft", "models", "k", "max_new_tokens", "temperature",
@@ -163,50 +154,6 @@ def _methods(text: str) -> list[str]:
     if "target" not in names:
         names.insert(0, "target")  # every speedup is measured against it
     return names
-
-
-class Session:
-    """A loaded pair, a task and its prompts: what eval and bench share."""
-
-    def __init__(self, args, methods: list[str]):
-        from cospec.cli import load_pair_of, options_of, sampling_of
-
-        self.args, self.methods = args, methods
-        self.task = get_task(args.task)
-        problems = self.task.problems(args.split)
-        if args.limit is not None:
-            problems = problems[:args.limit]
-        self.problems = problems
-        self.sampling, options = sampling_of(args), options_of(args)
-        self.pair = load_pair_of(args, need_draft=methods != ["target"])
-        self.built = {m: build_method(m, self.pair, options, self.sampling) for m in methods}
-        tok = self.pair.tokenizer
-        self.prompts = [encode_prompt(tok, p.prompt, chat=not args.no_chat) for p in problems]
-        self.eos = eos_ids(tok, self.pair.target)
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos[0]
-        self.device = next(self.pair.target.parameters()).device
-        from cospec.methods import SHIPPED_ARBITER
-
-        self.arbiter_path = args.arbiter or (str(SHIPPED_ARBITER) if "cospec" in methods
-                                             else None)
-
-    def grader(self) -> dict:
-        """What graded a record: code answers name their sandbox (bwrap or process)."""
-        return {"sandbox": sandbox_kind()} if self.task.name in ("humaneval", "mbpp") else {}
-
-    def text(self, ids: list[int]) -> str:
-        return self.pair.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def grade(self, items: list[tuple[int, list[int]]]) -> list[bool]:
-        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-            return list(pool.map(lambda it: self.task.grade(self.problems[it[0]],
-                                                            self.text(it[1])), items))
-
-    def run_one(self, method: str, i: int, max_new_tokens: int | None = None):
-        a = self.args
-        return self.built[method].run(self.prompts[i], k=a.k,
-                                      max_new_tokens=max_new_tokens or a.max_new_tokens,
-                                      sampling=self.sampling, eos_ids=self.eos, seed=a.seed)
 
 
 def accuracy_pass(s: Session, run: RunDir) -> None:

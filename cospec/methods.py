@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from cospec.acceptance import AcceptanceRule, ArbiterRule, ExactRule
-from cospec.arbiter import ConfidencePolicy, EntropyPolicy, load_arbiter
+from cospec.acceptance import AcceptanceRule, ExactRule
+from cospec.arbiter import ArbiterRule, ConfidencePolicy, EntropyPolicy, load_arbiter
 from cospec.cos import COS_METHODS, Combination, cos_generate
 from cospec.decoding import Token, generate
 from cospec.errors import CospecError
@@ -24,6 +24,7 @@ from cospec.stats import DecodeStats
 
 METHODS = ("target", "draft", "spd", "cospec", "confidence", "entropy", "hf-assisted",
            *COS_METHODS)
+OWN_METHODS = tuple(m for m in METHODS if m != "hf-assisted")  # decoded by cospec's own loops
 # greedy methods whose tokens equal another method's by construction (exact speculation)
 SAME_AS_GREEDY = {"spd": "target", "we-sd": "we", "cos-we": "we", "cd-sd": "cd",
                   "cos-cd": "cd"}

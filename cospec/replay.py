@@ -14,7 +14,7 @@ outcomes (the drafted tokens' and the alternate proposals') the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -48,6 +48,9 @@ class Recording:
         self.trace.append(verdict.accepted)
         return verdict
 
+    def at_bonus(self, prop: Proposal, verdict: Verdict) -> Verdict:
+        return self.rule.at_bonus(prop, verdict)  # the accepted count stays k
+
 
 @dataclass
 class ReplayRule:
@@ -70,9 +73,11 @@ class ReplayRule:
         n = min(self.trace[self.step], len(prop.tokens))
         self.step += 1
         nxt = int(prop.target_logits[n].argmax())
-        if self.lookahead and n == len(prop.tokens):
-            prop.fetch_lookahead(nxt)
-        return Verdict(n, nxt)
+        return Verdict(n, nxt, wants_lookahead=self.lookahead and n == len(prop.tokens))
+
+    def at_bonus(self, prop: Proposal, verdict: Verdict) -> Verdict:
+        """The lookahead was drafted (its cost is the point); the replay keeps the verdict."""
+        return replace(verdict, wants_lookahead=False)
 
 
 @dataclass

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from cospec import arbiter
-from cospec.acceptance import ArbiterRule, Proposal
-from cospec.arbiter import load_arbiter
+from cospec.acceptance import Proposal
+from cospec.arbiter import ArbiterRule, load_arbiter
 from cospec.decoding import generate
 from cospec.methods import SHIPPED_ARBITER
 from cospec.stats import DecodeStats

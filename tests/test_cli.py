@@ -107,7 +107,7 @@ def simulate(target_s: dict[int, float], draft_s: float, alpha: float, k: int) -
     (XEON, 0.06, 0.85, None),  # the verify costs measured on a Xeon (DESIGN.md)
 ])
 def test_best_k_matches_a_simulation(target_s, draft_s, alpha, want_k):
-    from cospec.bench import best_k
+    from cospec.k_auto import best_k
 
     k, speedup = best_k(target_s, draft_s, alpha)
     sim = {n: simulate(target_s, draft_s, alpha, n) for n in range(1, max(target_s))}
@@ -118,7 +118,7 @@ def test_best_k_matches_a_simulation(target_s, draft_s, alpha, want_k):
 
 def test_k_auto_picks_the_predicted_length_and_times_once(tiny_dirs, tmp_path, monkeypatch,
                                                           capsys):
-    from cospec import bench
+    from cospec import k_auto
 
     monkeypatch.setenv("COSPEC_CACHE", str(tmp_path))
     timed = []
@@ -129,7 +129,7 @@ def test_k_auto_picks_the_predicted_length_and_times_once(tiny_dirs, tmp_path, m
             return 0.3
         return 1.0 if n <= 3 else 2.0
 
-    monkeypatch.setattr(bench, "forward_cost", cost)
+    monkeypatch.setattr(k_auto, "forward_cost", cost)
     outs = []
     for _ in range(2):
         assert main(["generate", *models(tiny_dirs), "--method", "spd", "--k", "auto",
@@ -137,7 +137,7 @@ def test_k_auto_picks_the_predicted_length_and_times_once(tiny_dirs, tmp_path, m
                      "--json"]) == 0
         outs.append(json.loads(capsys.readouterr().out))
     assert outs[0]["k"] == 2 == outs[1]["k"]  # best_k on these costs at alpha 0.85
-    assert len(timed) == len(bench.AUTO_KS) + 1  # timed once: the second run read the cache
+    assert len(timed) == len(k_auto.AUTO_KS) + 1  # timed once: the second run read the cache
     assert outs[0]["token_ids"] == outs[1]["token_ids"]
 
 
@@ -306,3 +306,34 @@ def test_refine_with_a_speed_bonus_learns_to_keep_draft_tokens(tiny_dirs, tmp_pa
     assert all(r["accuracy"] == 0 for r in log)
     first, last = log[0]["keep_rate"], (log[-1]["keep_rate"] + log[-2]["keep_rate"]) / 2
     assert last > first + 0.1
+
+
+def test_generate_help_lists_the_methods_it_runs(monkeypatch, capsys):
+    """--method's help names every method generate decodes, and no other."""
+    from cospec.methods import METHODS
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one help line per flag
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    line = next(x for x in capsys.readouterr().out.splitlines()
+                if x.strip().startswith("--method"))
+    listed = set(line.split("one of ", 1)[1].split(", "))
+    assert "cos-cd" in listed
+    assert listed == set(METHODS) - {"hf-assisted"}
+    for name in listed - {"target", "draft", "spd"}:  # the help's names are ones it accepts
+        assert main(["generate", "--method", name, "--prompt", " "]) == 2
+        assert "unknown method" not in capsys.readouterr().err
+
+
+def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
+    """Where fastapi is missing, `cospec serve` with its usual flags is a one-line error
+    naming the extra, not an argparse complaint about the flags."""
+    import cospec
+
+    for name in ("server", "server_schemas", "scheduler"):  # as if never imported
+        monkeypatch.delitem(sys.modules, f"cospec.{name}", raising=False)
+        monkeypatch.delattr(cospec, name, raising=False)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # `import fastapi` fails
+    assert main(["serve", "--target", "x", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "fastapi" in err and "pip install 'cospec[serve]'" in err

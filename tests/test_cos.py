@@ -40,6 +40,22 @@ def test_greedy_speculative_equals_plain_collaborative(target, draft, combo, bas
                 assert stats.steps < 30  # speculation saved verifier passes
 
 
+@pytest.mark.parametrize("method", ["cos-we", "cos-cd", "we-sd"])
+def test_from_draft_marks_accepted_proposals_only(target, draft, method):
+    """A token is from_draft iff a proposal was accepted for it: a rejected alternate
+    proposal (replaced by a recovered token) is not; so the flags count ``accepted``."""
+    combo = WE if "we" in method else CD
+    rejected = 0
+    for seed in range(4):
+        ids = torch.randint(2, 96, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
+        stats = DecodeStats()
+        toks = list(cos_generate([draft, target], ids, combo, method, gamma=3,
+                                 max_new_tokens=40, stats=stats))
+        assert sum(t.from_draft for t in toks) == stats.accepted
+        rejected += stats.drafted - stats.accepted
+    assert rejected  # proposals were turned down, so the check had something to see
+
+
 def test_plain_combination_is_a_real_mixture(target, draft):
     """WE with weight 1 on one model is that model's greedy output; 0.5/0.5 differs."""
     ids = [5, 9, 12]

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from cospec import arbiter
-from cospec.acceptance import ArbiterRule, ExactRule
+from cospec.acceptance import ExactRule
 from cospec.arbiter import (
     FEATURES,
+    ArbiterRule,
     ConfidencePolicy,
     ConstantPolicy,
     EntropyPolicy,

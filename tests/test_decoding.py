@@ -89,6 +89,25 @@ def test_failed_step_leaves_a_usable_state(target, draft):
     assert got == ref[:len(got)] and got  # what was yielded before the error is right
 
 
+def test_inference_mode_only_inside_the_loop(target, draft):
+    """Both loops run in inference mode but hand the caller back its own mode at every
+    yield, so generators of several requests can be interleaved (the server does)."""
+    from cospec.cos import Combination, cos_generate
+
+    ids = prompt(4)
+    streams = [generate(target, draft, ids, ExactRule(), k=2, max_new_tokens=12),
+               generate(target, None, ids, ExactRule(), max_new_tokens=12),
+               cos_generate([draft, target], ids, Combination("we", (0.5, 0.5)), "cos-we",
+                            gamma=2, max_new_tokens=12)]
+    for _ in range(3):
+        for stream in streams:
+            next(stream)
+            assert not torch.is_inference_mode_enabled()
+    for stream in streams:
+        stream.close()
+        assert not torch.is_inference_mode_enabled()
+
+
 def test_bad_arguments(target, draft):
     with pytest.raises(CospecError):
         list(generate(target, draft, [], ExactRule()))

@@ -12,8 +12,8 @@ from tiny import tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cospec import fast
-from cospec.acceptance import ArbiterRule, ExactRule
-from cospec.arbiter import ConfidencePolicy
+from cospec.acceptance import ExactRule
+from cospec.arbiter import ArbiterRule, ConfidencePolicy
 from cospec.cos import Combination, cos_generate
 from cospec.decoding import CachedLM, cached_lm, generate
 from cospec.errors import CospecError

@@ -49,8 +49,7 @@ def test_real_pair_target_and_spd_equal_transformers_greedy(real):
 def test_real_pair_cospec_arbiters(real):
     """On real shapes (152k vocabulary): an always-TARGET arbiter is transformers' greedy
     target; the shipped arbiter loads for this pair and decodes through the same rule."""
-    from cospec.acceptance import ArbiterRule
-    from cospec.arbiter import ConstantPolicy, load_arbiter
+    from cospec.arbiter import ArbiterRule, ConstantPolicy, load_arbiter
     from cospec.methods import SHIPPED_ARBITER
 
     assert run(real, ArbiterRule(ConstantPolicy(0.0))) == real[3]

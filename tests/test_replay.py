@@ -5,8 +5,8 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from cospec.acceptance import ArbiterRule, ExactRule
-from cospec.arbiter import ConfidencePolicy
+from cospec.acceptance import ExactRule
+from cospec.arbiter import ArbiterRule, ConfidencePolicy
 from cospec.cos import Combination, cos_generate
 from cospec.decoding import generate
 from cospec.errors import CospecError

@@ -29,7 +29,8 @@ from cospec.cli import main  # noqa: E402
 from cospec.methods import build_method, chat_ids, eos_ids  # noqa: E402
 from cospec.models import Pair  # noqa: E402
 from cospec.sampling import GREEDY  # noqa: E402
-from cospec.server import BackgroundServer, create_app, safe_len, stop_at  # noqa: E402
+from cospec.scheduler import TextStream, safe_len, stop_at  # noqa: E402
+from cospec.server import BackgroundServer, create_app  # noqa: E402
 
 MODEL = "tiny"
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
@@ -113,8 +114,7 @@ def test_greedy_spd_equals_target_and_the_library(client, pair):
             m = r.model_extra["metrics"]
             assert m["method"] == method and m["k"] == k
             assert 0 <= m["accepted"] <= m["drafted"]
-            if method != "cos-we":  # (CoS marks every token of a proposer pass as from_draft)
-                assert m["from_draft"] <= m["accepted"]
+            assert m["from_draft"] <= m["accepted"]  # only accepted proposals come from one
             assert m["tau"] >= 1 and m["decode_s"] > 0 and m["queue_s"] >= 0
             assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
             if method == "spd" and k == 4:
@@ -163,6 +163,29 @@ def test_stop_helpers():
     assert safe_len("hello ST", ("STOP",)) == 6  # "ST" may start a stop string
     assert safe_len("hello S", ("xyz", "S!")) == 6
     assert safe_len("caf\ufffd", ()) == 3  # an incomplete character waits
+    assert stop_at("STOP abc STOP", ("STOP",), 1) == 9  # only from ``start`` on
+
+
+def test_text_stream_equals_a_full_decode(pair):
+    """Token by token, the incremental text is the whole sequence's decode, also where a
+    multi-byte character is split between tokens or a special token is skipped; and what
+    it settles only grows, so the pieces sent join to the full decode."""
+    tok = pair.tokenizer
+    gen = random.Random(3)
+    text = "caf\u00e9 \u4e16\u754c 42 hello \U0001f600 world"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids += [gen.randrange(len(tok)) for _ in range(200)]  # stray bytes, <eos>, <pad>
+    ids.insert(5, tok.eos_token_id)
+    stream, pieces, settled, held = TextStream(tok), [], "", 0
+    for i, t in enumerate(ids):
+        now = stream.add(t)
+        assert now == tok.decode(ids[:i + 1], skip_special_tokens=True)
+        assert stream.text.startswith(settled) and now.startswith(stream.text)
+        held += now != stream.text  # an incomplete character, shown but not settled
+        pieces.append(stream.text[len(settled):])
+        settled = stream.text
+    assert held and stream.stream is not None  # the incremental path, split characters seen
+    assert "".join(pieces) == stream.text
 
 
 def test_sampling_is_reproducible_with_a_seed(client):

@@ -1,0 +1,153 @@
+"""Command-line arguments shared by the subcommands, and what they build: sampling settings,
+method options and the loaded models (with ``--k auto`` resolved)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cospec.errors import CospecError
+from cospec.methods import MethodOptions
+from cospec.models import DEFAULT_DRAFT, DEFAULT_TARGET
+from cospec.sampling import SamplingConfig
+from cospec.sandbox import MODES
+
+
+def _number(kind: type, ok, rule: str):
+    """An argparse type: ``kind(text)`` where ``ok(value)``, else a message saying ``rule``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
+
+
+_positive_int = _number(int, lambda v: v > 0, "> 0")
+_nonneg_int = _number(int, lambda v: v >= 0, ">= 0")
+_nonneg_float = _number(float, lambda v: v >= 0, ">= 0")
+_unit = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+_unit_closed = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def draft_length(text: str) -> int | str:
+    """An argparse type for --k: a positive integer, or ``auto`` (chosen by timing the pair
+    once on this machine: ``k_auto.auto_k``; resolved by ``load_pair_of``)."""
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--target", default=DEFAULT_TARGET,
+                   help="target: shipped name, .gguf file or HF folder (default %(default)s)")
+    g.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model (default %(default)s)")
+    g.add_argument("--models", default=None,
+                   help="CoS with n models: comma-separated, the proposer (smallest) first and "
+                        "the target last (replaces --draft / --target)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: float32 on CPU, bfloat16 on GPU")
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--k", type=draft_length, default=4,
+                   help="draft length (default 4), or auto: the fastest on this CPU, "
+                        "from the pair's timed forwards")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_unit, default=1.0)
+    g.add_argument("--top-k", type=_nonneg_int, default=0, help="0 = no top-k filter")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-chat", action="store_true", help="send the prompt as raw text")
+    g.add_argument("--arbiter", default=None, help="arbiter file for --method cospec")
+    g.add_argument("--threshold", type=_unit_closed, default=None,
+                   help="P(DRAFT) needed to keep a draft token (cospec; default: the arbiter's)")
+    g.add_argument("--first-mismatch-only", action="store_true",
+                   help="arbitrate only the first mismatch of each block")
+    g.add_argument("--max-overrides", type=_nonneg_int, default=None,
+                   help="draft tokens an arbiter may keep per generation (default: the "
+                        "arbiter's own, else no limit)")
+    g.add_argument("--delta", type=_nonneg_float, default=0.1,
+                   help="confidence heuristic threshold")
+    g.add_argument("--entropy", type=_nonneg_float, default=1.0,
+                   help="entropy-gated deferral (nats)")
+    g.add_argument("--lambda", dest="lam", type=_unit_closed, default=0.5,
+                   help="CoS ensemble: r = lambda q_draft + (1 - lambda) p_target")
+    g.add_argument("--weights", default=None,
+                   help="CoS ensemble weights, one per model of --models, summing to 1 "
+                        "(default: --lambda for two models, else uniform)")
+    g.add_argument("--mu", type=_nonneg_float, default=0.1,
+                   help="CoS contrastive: r = softmax(l_target - mu l_draft)")
+    g.add_argument("--sandbox", choices=MODES, default="auto",
+                   help="where generated code is graded: bwrap (required), process (a plain "
+                        "subprocess) or auto (bwrap where it runs; default)")
+
+
+def sampling_of(args) -> SamplingConfig:
+    return SamplingConfig(args.temperature, args.top_p, args.top_k)
+
+
+def options_of(args) -> MethodOptions:
+    weights: tuple[float, ...] = ()
+    if args.weights:
+        try:
+            weights = tuple(float(w) for w in args.weights.split(","))
+        except ValueError:
+            raise CospecError(f"--weights must be numbers separated by commas: "
+                              f"{args.weights!r}") from None
+    if args.arbiter:
+        from cospec.arbiter import arbiter_info
+
+        arbiter_info(args.arbiter)  # a bad file is refused before any model is loaded
+    return MethodOptions(args.arbiter, args.threshold, not args.first_mismatch_only,
+                         args.max_overrides, args.delta, args.entropy, args.lam, args.mu,
+                         weights=weights)
+
+
+def load_pair_of(args, need_draft: bool = True):
+    """The models named by ``args``; resolves ``args.k == "auto"`` for them (``auto_k``)."""
+    import torch
+
+    from cospec.k_auto import auto_k
+    from cospec.models import load_pair, set_cpu_threads
+
+    set_cpu_threads()
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.models:
+        specs = [m.strip() for m in args.models.split(",") if m.strip()]
+        if len(specs) < 2:
+            raise CospecError(f"--models needs at least two models, got {args.models!r}")
+        pair = load_pair(specs[-1], specs[0], args.device, dtype, tuple(specs[1:-1]))
+    else:
+        pair = load_pair(args.target, args.draft if need_draft else None, args.device, dtype)
+    if getattr(args, "k", None) == "auto":
+        args.k = auto_k(pair) if pair.draft is not None else 1  # target-only: k is unused
+    return pair
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``cospec serve`` (here, not in ``cospec.server``, so that the command line
+    reads the same, and says what to install, where the serve extra is missing)."""
+    add_model_args(p)
+    p.add_argument("--arbiter", default=None, help="arbiter file for the cospec method")
+    p.add_argument("--methods", default=None,
+                   help="methods to offer, comma-separated (default: target, spd, and cospec "
+                        "when an arbiter for the pair is available)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the --target spec)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port")
+    p.add_argument("--k", type=draft_length, default=4,
+                   help="draft length when a request sets none (or auto: see cospec generate)")
+    p.add_argument("--max-active", type=int, default=4,
+                   help="requests decoded at once, round robin token by token")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond those; more get 429")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds per request, queueing included (then finish_reason length)")
+    p.add_argument("--default-max-tokens", type=int, default=256,
+                   help="max_tokens of a request that sets none")

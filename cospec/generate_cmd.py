@@ -1,0 +1,61 @@
+"""``cospec generate``: decode one prompt with one method and stream the text."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from cospec.args import add_decoding_args, add_model_args, load_pair_of, options_of, sampling_of
+from cospec.errors import CospecError
+from cospec.methods import OWN_METHODS, build_method, encode_prompt, eos_ids
+from cospec.stats import DecodeStats
+
+
+def cmd_generate(args) -> int:
+    if args.method not in OWN_METHODS:
+        raise CospecError(f"unknown method {args.method!r} for generate; choose from "
+                          f"{', '.join(OWN_METHODS)}")
+    if not args.prompt.strip():
+        raise CospecError("empty prompt")
+    options, sampling = options_of(args), sampling_of(args)
+    pair = load_pair_of(args, need_draft=args.method != "target")
+    method = build_method(args.method, pair, options, sampling)
+    tok = pair.tokenizer
+    ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
+    stats = DecodeStats()
+    out: list[int] = []
+    stream = method.stream(ids, k=args.k, max_new_tokens=args.max_new_tokens,
+                           sampling=sampling, eos_ids=eos_ids(tok, pair.target),
+                           seed=args.seed, stats=stats)
+    shown = ""
+    color = args.color and sys.stdout.isatty() and not args.json
+    for token in stream:
+        out.append(token.id)
+        if args.json:
+            continue
+        text = tok.decode(out, skip_special_tokens=True)
+        piece, shown = text[len(shown):], text
+        print(f"\033[32m{piece}\033[0m" if color and token.from_draft else piece, end="",
+              flush=True)
+    text = tok.decode(out, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"method": args.method, "k": args.k, "text": text, "token_ids": out,
+                          "stats": stats.to_dict()}))
+    else:
+        s = stats
+        print(f"\n\n[{args.method}] {s.generated} tokens, {s.tokens_per_s:.2f} tok/s, "
+              f"tau {s.tau:.2f}, prefill {s.prefill_s:.2f}s, decode {s.decode_s:.2f}s"
+              + (f", overrides {s.overrides}/{s.arbiter_calls}" if s.arbiter_calls else ""),
+              file=sys.stderr)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="decode one prompt and stream the text")
+    add_model_args(p)
+    add_decoding_args(p)
+    p.add_argument("--method", default="spd", help=f"one of {', '.join(OWN_METHODS)}")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.add_argument("--color", action="store_true", help="color draft-kept tokens")
+    p.set_defaults(func=cmd_generate)
