@@ -159,6 +159,37 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _options(given: dict) -> methods.MethodOptions:
+    """``MethodOptions`` from keyword options, each checked (``CospecError`` naming it)."""
+    unknown = sorted(set(given) - set(OPTIONS))
+    _check(not unknown, f"unknown option(s) {', '.join(unknown)}; the methods take "
+                        f"{', '.join(OPTIONS)}")
+    opts = methods.MethodOptions(**given)
+    for name, ok, rule in (("lam", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                           ("mu", lambda v: v >= 0, ">= 0"),
+                           ("delta", lambda v: v >= 0, ">= 0"),
+                           ("entropy", lambda v: v >= 0, ">= 0")):
+        value = getattr(opts, name)
+        _check(_number(value) and ok(value), f"{name} must be {rule}, got {value!r}")
+    _check(opts.threshold is None or _number(opts.threshold) and 0 <= opts.threshold <= 1,
+           f"threshold must be None or in [0, 1], got {opts.threshold!r}")
+    _check(opts.max_overrides is None or _is_int(opts.max_overrides)
+           and opts.max_overrides >= 0,
+           f"max_overrides must be None or an integer >= 0, got {opts.max_overrides!r}")
+    _check(opts.arbiter is None or isinstance(opts.arbiter, str),
+           f"arbiter must be the path of an arbiter file, got {opts.arbiter!r}")
+    weights = opts.weights
+    _check(isinstance(weights, list | tuple) and all(_number(w) for w in weights),
+           f"weights must be a list of numbers, one per model, got {weights!r}")
+    opts.weights = tuple(float(w) for w in weights)
+    opts.every_mismatch = bool(opts.every_mismatch)
+    return opts
+
+
 class Pair:
     """A loaded target (and draft) with their shared tokenizer; ``generate`` and ``stream``
     decode one prompt with any method. ``models``: the underlying ``cospec.models.Pair``."""
@@ -222,19 +253,13 @@ class Pair:
         _check(_is_int(k) and k >= 1, f"k (draft length) must be an integer >= 1, got {k!r}")
         _check(_is_int(max_new_tokens) and max_new_tokens >= 1,
                f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        _check(isinstance(temperature, int | float) and temperature >= 0,
+        _check(_number(temperature) and temperature >= 0,
                f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-        _check(isinstance(top_p, int | float) and 0 < top_p <= 1,
+        _check(_number(top_p) and 0 < top_p <= 1,
                f"top_p must be in (0, 1], got {top_p!r}")
         _check(_is_int(top_k) and top_k >= 0, f"top_k must be an integer >= 0, got {top_k!r}")
         _check(seed is None or _is_int(seed), f"seed must be an integer or None, got {seed!r}")
-        unknown = sorted(set(options) - set(OPTIONS))
-        _check(not unknown, f"unknown option(s) {', '.join(unknown)}; the methods take "
-                            f"{', '.join(OPTIONS)}")
-        opts = methods.MethodOptions(**options)
-        _check(0 <= opts.lam <= 1, f"lam must be in [0, 1], got {opts.lam}")
-        _check(opts.mu >= 0, f"mu must be >= 0, got {opts.mu}")
-        opts.weights = tuple(float(w) for w in opts.weights)
+        opts = _options(options)
         sampling = SamplingConfig(float(temperature), float(top_p), top_k)
         ids = self.encode(prompt, chat)
         built = methods.build_method(method, self.models, opts, sampling)

@@ -118,6 +118,8 @@ def test_detokenizing_holds_back_incomplete_characters(pair, fast):
     ({"method": "we", "lam": 1.5}, "lam must be in [0, 1]"),
     ({"method": "we", "weights": (0.5, 0.6)}, "sum to 1"),
     ({"method": "cd", "mu": -1}, "mu must be >= 0"),
+    ({"method": "we", "weights": 0.3}, "weights must be a list of numbers"),
+    ({"method": "cospec", "threshold": 1.5}, "threshold must be None or in [0, 1]"),
     ({"method": "entropy", "temperature": 0.7}, "greedy-only"),
     ({"prompt": "   "}, "empty prompt"),
     ({"prompt": []}, "non-empty string"),
