@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import torch
 
@@ -290,7 +291,7 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def load_pair(target: str | None = None, draft: str | bool | None = None,
+def load_pair(target: str | None = None, draft: str | Literal[False] | None = None,
               device: str | None = None, dtype: torch.dtype | str | None = None) -> Pair:
     """Load a target and a draft that share one vocabulary.
 
@@ -300,8 +301,11 @@ def load_pair(target: str | None = None, draft: str | bool | None = None,
     ``HF_HUB_OFFLINE=1`` once cached). ``draft=False``: the target alone (method
     ``target``). ``device``: cpu or cuda (default: cuda if present); ``dtype``: a torch
     dtype or its name (default float32 on CPU, bfloat16 on GPU)."""
-    if draft is True:
-        draft = None
+    _check(target is None or isinstance(target, str),
+           f"target must be a model spec (a string) or None, got {target!r}")
+    _check(draft is None or draft is False or isinstance(draft, str),
+           f"draft must be a model spec (a string), None (the shipped draft) or False (no "
+           f"draft), got {draft!r}")
     loaded = models.load_pair(target or models.DEFAULT_TARGET,
                               None if draft is False else draft or models.DEFAULT_DRAFT,
                               device, _dtype(dtype))

@@ -144,6 +144,8 @@ def test_target_only_pair_and_bad_loads(tiny_dirs):
         cospec.load_pair(str(tiny_dirs[0]), draft=False, dtype="fp8")
     with pytest.raises(cospec.CospecError, match="model not found"):
         cospec.load_pair("/no/such/model")
+    with pytest.raises(cospec.CospecError, match="draft must be a model spec"):
+        cospec.load_pair(str(tiny_dirs[0]), draft=True)
 
 
 def test_vocabularies_must_match(tiny_dirs, tmp_path):
