@@ -1,6 +1,7 @@
-"""Loading target and draft models: a local Hugging Face folder, a ``.gguf`` file, or a short
+"""Loading target and draft models: a local Hugging Face folder, a ``.gguf`` file, a short
 name of the shipped default pair (GGUF files inside registry packages, converted once to
-safetensors and cached).
+safetensors and cached), or a Hugging Face hub id (``org/name``), which transformers loads
+through its own cache (offline with ``HF_HUB_OFFLINE=1`` once the files are there).
 
 Models are used as they are: no layer is modified. A pair must share its vocabulary.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,15 +122,28 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
-def resolve(spec: str) -> Path:
-    """Turn a model spec (short name, GGUF file, HF folder) into a loadable HF folder."""
+# a hub id: "name" or "org/name" (letters, digits, "-", "_", "."; no "..", no leading ".")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` is spelled like a Hugging Face hub id (not whether it exists)."""
+    return bool(HUB_ID.fullmatch(spec)) and ".." not in spec and not spec.endswith(".gguf")
+
+
+def resolve(spec: str) -> Path | str:
+    """Turn a model spec into what ``from_pretrained`` loads: a HF folder (shipped name, GGUF
+    file converted once, or the folder itself), or the hub id itself (a spec that is no
+    existing path but is spelled like ``org/name``: transformers finds it in its cache)."""
     if spec in SHIPPED:
         return _convert_gguf(shipped_gguf(spec), cache_dir() / "models" / spec)
     path = Path(spec).expanduser()
     if not path.exists():
+        if is_hub_id(spec):
+            return spec
         known = ", ".join(SHIPPED)
-        raise CospecError(f"model not found: {spec!r} is neither an existing path nor a "
-                          f"shipped model ({known})")
+        raise CospecError(f"model not found: {spec!r} is neither an existing path, a hub id "
+                          f"(org/name) nor a shipped model ({known})")
     if path.is_file():
         if path.suffix != ".gguf":
             raise CospecError(f"{spec} is a file but not a .gguf model")
@@ -139,18 +154,34 @@ def resolve(spec: str) -> Path:
     return path
 
 
+def _hub_hint(spec: str) -> str:
+    """Why a hub id may not load, for the error message."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return (f"{spec!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                "HF_HUB_OFFLINE is set; download it once online, or give a folder or a shipped "
+                f"model ({', '.join(SHIPPED)})")
+    return (f"{spec!r} is no existing path, and loading it as a hub id failed (no such "
+            "model, no network, or a gated model without a token)")
+
+
 def load_model(spec: str, device: str | None = None, dtype: torch.dtype | None = None):
     """Load ``(model, tokenizer)`` for a spec, in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = check_device(device or default_device())
     dtype = dtype or default_dtype(device)
-    folder = resolve(spec)
+    source = resolve(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(source))
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
     except (OSError, ValueError, json.JSONDecodeError) as err:
-        raise CospecError(f"could not load a causal LM from {spec}: {err}") from None
+        if isinstance(source, Path):
+            raise CospecError(f"could not load a causal LM from {spec}: {err}") from None
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CospecError(f"could not load a causal LM from {spec}: {_hub_hint(spec)} "
+                          f"({why})") from None
     return model.to(device).eval(), tok
 
 

@@ -9,11 +9,24 @@ import statistics
 import time
 from pathlib import Path
 
-from scipy.stats import binomtest, quantile_test
+from cospec.errors import CospecError
+
+
+def _eval_extra(module: str):
+    """``module`` (scipy.stats, matplotlib), part of the eval extra rather than the core
+    install; a clear error saying what to install when it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        raise CospecError(f"{err.msg}: evaluation reports need the eval extra, "
+                          "pip install 'cospec[eval]'") from None
 
 
 def wilson(correct: int, n: int) -> tuple[float, float]:
     """95% Wilson score interval for a proportion."""
+    binomtest = _eval_extra("scipy.stats").binomtest
     if n == 0:
         return (math.nan, math.nan)
     ci = binomtest(correct, n).proportion_ci(0.95, method="wilson")
@@ -25,6 +38,7 @@ def mcnemar(a: list[bool], b: list[bool]) -> dict:
 
     Returns the discordant counts (``a_only``: a right, b wrong) and the two-sided p-value.
     """
+    binomtest = _eval_extra("scipy.stats").binomtest
     a_only = sum(x and not y for x, y in zip(a, b))
     b_only = sum(y and not x for x, y in zip(a, b))
     n = a_only + b_only
@@ -56,6 +70,7 @@ def load_verdict(passes: list[dict]) -> dict:
 def median_ci(x: list[float]) -> tuple[float, float]:
     """Exact distribution-free 95% interval of the median (order statistics, as
     ``scipy.stats.quantile_test``); NaN with fewer than 6 values (none reaches 95% then)."""
+    quantile_test = _eval_extra("scipy.stats").quantile_test
     if len(x) < 2:
         return (math.nan, math.nan)
     ci = quantile_test(x, q=statistics.median(x), p=0.5).confidence_interval(0.95)
@@ -111,8 +126,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def plot_accuracy_speed(points: list[dict], path: Path, title: str) -> None:
     """Scatter of accuracy (with 95% interval) vs speedup, one labelled point per method."""
-    import matplotlib
-
+    matplotlib = _eval_extra("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
