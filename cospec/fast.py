@@ -98,12 +98,12 @@ def _qkv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: Weights, head
 
 def _rest(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
           bias: torch.Tensor, w: Weights, scale: float, eps: float,
-          group: list[int] | None = None) -> torch.Tensor:
+          group: str | None = None) -> torch.Tensor:
     """Second half of a layer: attention of q [H, n, hd] over the whole cache kc, vc
     [KVH, L, hd] with the additive mask ``bias`` [H/KVH * n, L] (0 or -inf), then the MLP.
     Query heads h*G..h*G+G-1 share kv head h (transformers' repeat_kv order).
-    ``group``: the ranks of a tensor-parallel shard (``cospec.tp``): o_proj and down_proj
-    then hold this rank's input columns, and their partial outputs are summed over ranks."""
+    ``group``: the process group (name) of a tensor-parallel shard (``cospec.tp``): o_proj
+    and down_proj then hold this rank's input columns; their partial outputs are summed."""
     ow, ob, ln2, gate_up_w, dw = w[5:]
     heads, n, hd = q.shape
     kvh = kc.shape[0]
@@ -116,9 +116,9 @@ def _rest(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     return x + _sum(F.linear(F.silu(gate) * up, dw), group)
 
 
-def _sum(x: torch.Tensor, group: list[int] | None) -> torch.Tensor:
-    """x summed over the ranks of ``group`` (a functional all-reduce: it can be compiled and
-    captured in a CUDA graph); x itself without a group."""
+def _sum(x: torch.Tensor, group: str | None) -> torch.Tensor:
+    """x summed over the ranks of the process group named ``group`` (a functional
+    all-reduce: it can be compiled and captured in a CUDA graph); x itself without one."""
     return x if group is None else funcol.all_reduce(x, "sum", group)
 
 
@@ -158,7 +158,7 @@ class Engine:
     model's dtype, which may be the graph's static buffers (valid until the next run).
     """
 
-    group: list[int] | None = None  # tensor-parallel ranks (cospec.tp); None: the whole model
+    group: str | None = None  # a tensor-parallel process group (cospec.tp); None: whole model
 
     def __init__(self, model: torch.nn.Module, max_len: int, graphs: bool | None = None,
                  compile: bool | None = None):
