@@ -119,7 +119,7 @@ def _rest(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
 def _sum(x: torch.Tensor, group: str | None) -> torch.Tensor:
     """x summed over the ranks of the process group named ``group`` (a functional
     all-reduce: it can be compiled and captured in a CUDA graph); x itself without one."""
-    return x if group is None else funcol.all_reduce(x, "sum", group)
+    return x if group is None else funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
 
 
 _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first linear -> (w, b)

@@ -184,7 +184,7 @@ class TPEngine(fast.Engine):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         part = F.linear(h, self.head_w, self.head_b)                          # [n, V/N]
-        return _gather(part, 1, self.group)[:, :self.vocab]                   # [n, V]
+        return funcol.wait_tensor(_gather(part, 1, self.group))[:, :self.vocab]  # [n, V]
 
     def run(self, ids: list[int] | torch.Tensor, start: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,3 +302,129 @@ def load_pair(target: str, draft: str | None, device: str, dtype: torch.dtype | 
         d_model, d_tok = load_model(draft, device, dtype)
         check_same_vocab(t_tok, d_tok, target, draft)
     return Pair(t_model, d_model, t_tok, target, draft)
+
+
+# Qwen2.5 shapes (config.json of the released models), for step timings on random weights
+SHAPES = {
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+    "72b": dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, vocab_size=152064),
+}
+
+
+def random_target(shape: dict, device: str, dtype: torch.dtype, seed: int = 0) -> ShardedLM:
+    """This rank's shard of a Qwen2 of ``shape`` with random weights, made on the device
+    slice by slice (the whole model never exists anywhere)."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                         use_sliding_window=False, tie_word_embeddings=False, **shape)
+    skeleton = _skeleton(config)
+    shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
+    gen = torch.Generator(device).manual_seed(seed + dist.get_rank())
+
+    def read(name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        size = list(shapes[name])
+        if dim is not None:
+            size[dim] = stop - start
+        if name.endswith("norm.weight"):
+            return torch.ones(size, device=device, dtype=dtype)
+        return torch.empty(size, device=device, dtype=dtype).normal_(0, 0.02, generator=gen)
+
+    return ShardedLM(config, read, set(shapes), _rotary(skeleton), device, dtype)
+
+
+def step_bytes(model: ShardedLM, cached: int) -> int:
+    """HBM bytes one rank reads in a decode step after ``cached`` tokens: its weights (the
+    input embedding only by the rows it looks up, so not at all) and its K/V cache."""
+    weights = {id(t): t for w in model.layers for t in w if t is not None}
+    weights.update({id(t): t for t in (model.norm, model.head_w, model.head_b)
+                    if t is not None})
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * model.kv_heads * hd * cached * model.norm.element_size()
+    return size + kv
+
+
+def _bench(args) -> dict:
+    """Median seconds of a forward over n tokens after ``args.prefix`` cached ones, for each
+    n of ``args.tokens``, on a random-weight shard of ``args.shape``."""
+    import statistics
+    import time
+
+    device = init(args.tp, "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    model = random_target(SHAPES[args.shape], device, dtype)
+    longest = max(args.tokens)
+    fast_path = device != "cpu" and not args.eager
+    engine = TPEngine(model, args.prefix + longest + 1, graphs=fast_path, compile=fast_path)
+    ids = torch.randint(100, 5000, (args.prefix + longest,)).tolist()
+
+    def clock() -> float:
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    rows = {}
+    with torch.inference_mode():
+        engine.run(ids[:args.prefix], 0)
+        for n in args.tokens:
+            times = []
+            for rep in range(args.warmup + args.reps):
+                t0 = clock()
+                engine.run(ids[args.prefix:args.prefix + n], args.prefix)
+                if rep >= args.warmup:
+                    times.append(clock() - t0)
+            rows[n] = {"median_s": statistics.median(times), "min_s": min(times),
+                       "max_s": max(times), "reps": args.reps}
+    bytes_ = step_bytes(model, args.prefix)
+    roofline = bytes_ / args.bandwidth
+    for row in rows.values():
+        row["roofline_ratio"] = row["median_s"] / roofline
+    return {"shape": args.shape, "config": SHAPES[args.shape], "tp": args.tp,
+            "dtype": args.dtype, "prefix": args.prefix, "graphs": engine.use_graphs,
+            "compiled": engine.compiled, "capture_s": engine.capture_s,
+            "device": torch.cuda.get_device_name() if device != "cpu" else "cpu",
+            "torch": torch.__version__, "bytes_per_rank_step": bytes_,
+            "bandwidth_bytes_per_s": args.bandwidth, "roofline_s": roofline,
+            "steps": {str(n): row for n, row in rows.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun --nproc-per-node N -m cospec.tp --tp N --shape 72b --out FILE``: step times
+    of a random-weight target shard at the shapes of ``--shape`` (rank 0 writes the JSON)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m cospec.tp", description=main.__doc__)
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--prefix", type=int, default=512, help="tokens already cached")
+    p.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1, 5],
+                   help="forward lengths to time, e.g. 1,5 (a step; a verify of k=4)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--bandwidth", type=float, default=4.8e12,
+                   help="HBM bytes/s of one GPU for the roofline (H200 SXM: 4.8e12)")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs, no torch.compile")
+    p.add_argument("--out", required=True, help="JSON file (written by rank 0)")
+    args = p.parse_args(argv)
+    try:
+        result = _bench(args)
+        if is_main():
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            print(json.dumps(result["steps"]))
+        return 0
+    except CospecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        finish()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -289,3 +289,33 @@ def test_init_refuses_a_wrong_world(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(CospecError, match="torchrun --nproc-per-node 2"):
         tp.init(2)
+
+
+def bench_tiny() -> dict:
+    """On a rank: ``python -m cospec.tp``'s measurement on a tiny random shape."""
+    from argparse import Namespace
+
+    tp.SHAPES["tiny"] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
+    args = Namespace(tp=WORLD, shape="tiny", dtype="float32", prefix=10, tokens=[1, 3],
+                     warmup=0, reps=2, bandwidth=1e9, eager=True)
+    return tp._bench(args)
+
+
+def test_step_timing_and_roofline(ranks):
+    """The GPU measurement runs on CPU ranks: a time per forward length, and a roofline from
+    the bytes a rank reads: half the weights but the input embedding (norms whole), and half
+    the K/V cache."""
+    import json
+
+    got = ranks.call(bench_tiny)
+    model = tiny_model(0, dtype=torch.float32)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    weights = model.num_parameters() - model.model.embed_tokens.weight.numel() - norms
+    kv = 2 * 2 * 1 * 8 * 10  # layers, K and V, kv heads per rank, head dim, cached tokens
+    for g in got:
+        json.dumps(g)
+        assert g["bytes_per_rank_step"] == 4 * (weights // 2 + norms + kv)
+        assert g["roofline_s"] == g["bytes_per_rank_step"] / 1e9
+        assert set(g["steps"]) == {"1", "3"} and all(
+            s["median_s"] > 0 and s["reps"] == 2 for s in g["steps"].values())
