@@ -31,6 +31,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.distributed import _functional_collectives as funcol
 
 from cospec.errors import CospecError
 
@@ -57,7 +58,10 @@ def supported(model: torch.nn.Module) -> bool:
 
 def wanted(model: torch.nn.Module) -> bool:
     """Use the fast path for this model? On CUDA by default; ``COSPEC_EAGER=1`` never,
-    ``COSPEC_STATIC=1`` also on CPU (tests)."""
+    ``COSPEC_STATIC=1`` also on CPU (tests). Always for a model that names its own
+    ``engine_class`` (a tensor-parallel shard, ``cospec.tp``: it has no other forward)."""
+    if getattr(model, "engine_class", None) is not None:
+        return True
     if os.environ.get("COSPEC_EAGER") == "1" or not supported(model):
         return False
     device = next(model.parameters()).device
@@ -93,20 +97,29 @@ def _qkv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: Weights, head
 
 
 def _rest(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-          bias: torch.Tensor, w: Weights, scale: float, eps: float) -> torch.Tensor:
+          bias: torch.Tensor, w: Weights, scale: float, eps: float,
+          group: str | None = None) -> torch.Tensor:
     """Second half of a layer: attention of q [H, n, hd] over the whole cache kc, vc
     [KVH, L, hd] with the additive mask ``bias`` [H/KVH * n, L] (0 or -inf), then the MLP.
-    Query heads h*G..h*G+G-1 share kv head h (transformers' repeat_kv order)."""
+    Query heads h*G..h*G+G-1 share kv head h (transformers' repeat_kv order).
+    ``group``: the process group (name) of a tensor-parallel shard (``cospec.tp``): o_proj
+    and down_proj then hold this rank's input columns; their partial outputs are summed."""
     ow, ob, ln2, gate_up_w, dw = w[5:]
     heads, n, hd = q.shape
     kvh = kc.shape[0]
     s = torch.matmul(q.reshape(kvh, heads // kvh * n, hd), kc.transpose(1, 2)) * scale
     p = torch.softmax(s + bias, dim=-1, dtype=torch.float32).to(q.dtype)
     o = torch.matmul(p, vc).view(heads, n, hd).transpose(0, 1).reshape(n, heads * hd)
-    x = x + F.linear(o, ow, ob)
+    x = x + _sum(F.linear(o, ow, ob), group)
     h = _rms(x, ln2, eps)
     gate, up = F.linear(h, gate_up_w).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, dw)
+    return x + _sum(F.linear(F.silu(gate) * up, dw), group)
+
+
+def _sum(x: torch.Tensor, group: str | None) -> torch.Tensor:
+    """x summed over the ranks of the process group named ``group`` (a functional
+    all-reduce: it can be compiled and captured in a CUDA graph); x itself without one."""
+    return x if group is None else funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
 
 
 _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first linear -> (w, b)
@@ -145,10 +158,11 @@ class Engine:
     model's dtype, which may be the graph's static buffers (valid until the next run).
     """
 
+    group: str | None = None  # a tensor-parallel process group (cospec.tp); None: whole model
+
     def __init__(self, model: torch.nn.Module, max_len: int, graphs: bool | None = None,
                  compile: bool | None = None):
         cfg = model.config
-        base = model.model
         p = next(model.parameters())
         self.device, self.dtype, self.max_len = p.device, p.dtype, max_len
         self.heads = cfg.num_attention_heads
@@ -157,18 +171,14 @@ class Engine:
                          or cfg.hidden_size // cfg.num_attention_heads)
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim ** -0.5
-        self.embed = base.embed_tokens.weight
-        self.norm = base.norm.weight
-        head = model.get_output_embeddings()
-        self.head_w, self.head_b = head.weight, head.bias
-        self.layers = [self._layer(layer) for layer in base.layers]
+        rotary = self._weights(model)
         with torch.inference_mode(False), torch.no_grad():
             shape = (self.kv_heads, max_len, self.head_dim)
             self.kc = [torch.zeros(shape, device=self.device, dtype=self.dtype)
                        for _ in self.layers]
             self.vc = [torch.zeros_like(k) for k in self.kc]
             slots = torch.arange(max_len, device=self.device)
-            cos, sin = base.rotary_emb(self.norm[None], slots[None])
+            cos, sin = rotary(self.norm[None], slots[None])
             self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [L, hd]
             self.slots = slots
             self.steps = torch.arange(MAX_GRAPH, device=self.device)
@@ -191,6 +201,17 @@ class Engine:
         self.staged = torch.cuda.Event() if self.use_graphs else None
         self.capture_s = 0.0  # graph captures (and the compiles they trigger), in seconds
 
+    def _weights(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Set the weights the forward reads (``embed``, ``norm``, ``head_w``, ``head_b``,
+        ``layers``) from ``model``; returns its rotary embedding module."""
+        base = model.model
+        self.embed = base.embed_tokens.weight
+        self.norm = base.norm.weight
+        head = model.get_output_embeddings()
+        self.head_w, self.head_b = head.weight, head.bias
+        self.layers = [self._layer(layer) for layer in base.layers]
+        return base.rotary_emb
+
     @staticmethod
     def _layer(layer: torch.nn.Module) -> Weights:
         a, m = layer.self_attn, layer.mlp
@@ -209,7 +230,7 @@ class Engine:
         qkv, rest = (_qkv, _rest) if eager else (self.qkv, self.rest)
         pos = start + self.steps[:n] if n <= MAX_GRAPH else start + torch.arange(
             n, device=self.device)
-        x = F.embedding(ids, self.embed)
+        x = self._embed(ids)
         cos, sin = self.cos[pos], self.sin[pos]
         visible = self.slots[None, :] <= pos[:, None]                       # [n, L]
         bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
@@ -218,9 +239,17 @@ class Engine:
             q, k, v = qkv(x, cos, sin, w, self.heads, self.kv_heads, self.eps)
             kc.index_copy_(1, pos, k)
             vc.index_copy_(1, pos, v)
-            x = rest(x, q, kc, vc, bias, w, self.scale, self.eps)
+            x = rest(x, q, kc, vc, bias, w, self.scale, self.eps, self.group)
         h = _rms(x, self.norm, self.eps)
-        return F.linear(h, self.head_w, self.head_b), h
+        return self._logits(h), h
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [n] -> input embeddings [n, d]."""
+        return F.embedding(ids, self.embed)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """final hidden states [n, d] -> logits [n, V]."""
+        return F.linear(h, self.head_w, self.head_b)
 
     def run(self, ids: list[int] | torch.Tensor, start: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +317,8 @@ def acquire(model: torch.nn.Module, max_len: int) -> Engine:
             free.remove(eng)
             return eng
     free.clear()  # too small: let them go, a larger one replaces them
-    return Engine(model, -(-max_len // LEN_ROUND) * LEN_ROUND)
+    engine_class = getattr(model, "engine_class", None) or Engine  # a TP shard names its own
+    return engine_class(model, -(-max_len // LEN_ROUND) * LEN_ROUND)
 
 
 def _release(model_ref: weakref.ref, engine: Engine) -> None:
