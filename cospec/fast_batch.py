@@ -123,7 +123,7 @@ class BatchLM:
     def run(self, ids: torch.Tensor, pos: torch.Tensor, first: int = 0
             ) -> tuple[torch.Tensor, torch.Tensor]:
         b, n = ids.shape
-        if not self.use_graphs or first or n > self.ids.shape[1]:
+        if not self.use_graphs or first or n > self.ids.shape[1]:  # eagerly
             return self._forward(ids, pos, first, eager=True)
         self.ids[:b, :n].copy_(ids)
         self.pos[:b, :n].copy_(pos)
@@ -134,10 +134,11 @@ class BatchLM:
         return logits, hidden
 
     def prefill(self, ids: list[int], slot: int) -> None:
-        """Write the K/V of ``ids`` at positions 0.. of ``slot`` (eagerly)."""
+        """Write the K/V of ``ids`` at positions 0.. of ``slot`` (eagerly: no graph per
+        prompt length)."""
         if ids:
             x = torch.tensor([ids], device=self.device)
-            self.run(x, self.slots[:len(ids)][None], first=slot)
+            self._forward(x, self.slots[:len(ids)][None], slot, eager=True)
 
     def _capture(self, b: int, n: int) -> tuple:
         """Capture the forward of (b, n); the warm-up runs compute this very call (the

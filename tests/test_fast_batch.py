@@ -88,6 +88,9 @@ def test_greedy_rows_equal_batch_one(pair, near, method):
 
 @pytest.mark.parametrize("max_overrides", [None, 2])
 def test_cospec_rows_equal_batch_one(pair, max_overrides):
+    """CoSpec with an arbiter at every mismatch (and an override budget): the arbiter reads
+    the draft's logits, so this also checks the draft's cache (greedy spd's tokens do not
+    depend on the draft)."""
     target, draft = pair
     policy = ConfidencePolicy(0.2)
     prompts = [prompt(10 + i, n) for i, n in enumerate(LENGTHS)]
