@@ -105,6 +105,23 @@ def test_cospec_rows_equal_batch_one(pair, max_overrides):
     assert got != plain  # the arbiter kept draft tokens the target disagreed with
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_same_tokens(pair, near):
+    """On a GPU (float32) every step is replayed CUDA graphs per (rows bucket, tokens); the
+    rows still equal the batch-1 loop's, and graphs were captured for several buckets."""
+    target, draft = (copy.deepcopy(m).cuda() for m in (pair[0], near))
+    prompts = [prompt(i, n) for i, n in enumerate(LENGTHS)]
+    want = batch1(target, draft, prompts, BUDGETS, ExactRule(), k=3)
+    eng = BatchEngine(target, draft, k=3, rows=4, max_len=96)
+    rid = [eng.submit(p, m) for p, m in zip(prompts, BUDGETS)]
+    out: dict[int, list[int]] = {r: [] for r in rid}
+    while eng.busy:
+        for c in eng.step():
+            out[c.rid] += c.tokens
+    assert [out[r] for r in rid] == want
+    assert len({b for b, _ in eng.target.graphs}) >= 2
+
+
 def test_submit_and_step(pair):
     """The scheduler API: requests join between steps into freed slots (lowest first), each
     step returns every live request's commit, a finished request leaves at once."""
