@@ -84,32 +84,35 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def _qkv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: Weights, heads: int,
          kv_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First half of a layer: x [n, d] -> q [heads, n, hd], k, v [kv_heads, n, hd]."""
+    """First half of a layer: x [..., n, d] -> q [..., heads, n, hd], k, v [..., kv_heads, n,
+    hd] (leading dims: rows of a batch, or none); cos, sin broadcast against q."""
     ln1, qkv_w, qkv_b, qn, kn = w[:5]
-    n = x.shape[0]
+    *lead, n, _ = x.shape
     h = _rms(x, ln1, eps)
-    q, k, v = F.linear(h, qkv_w, qkv_b).view(n, heads + 2 * kv_heads, -1).split(
-        (heads, kv_heads, kv_heads), dim=1)
+    q, k, v = F.linear(h, qkv_w, qkv_b).view(*lead, n, heads + 2 * kv_heads, -1).split(
+        (heads, kv_heads, kv_heads), dim=-2)
     if qn is not None:  # Qwen3: per-head norms before the rotation
         q, k = _rms(q, qn, eps), _rms(k, kn, eps)
-    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    q, k, v = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)
     return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
 def _rest(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
           bias: torch.Tensor, w: Weights, scale: float, eps: float,
           group: str | None = None) -> torch.Tensor:
-    """Second half of a layer: attention of q [H, n, hd] over the whole cache kc, vc
-    [KVH, L, hd] with the additive mask ``bias`` [H/KVH * n, L] (0 or -inf), then the MLP.
-    Query heads h*G..h*G+G-1 share kv head h (transformers' repeat_kv order).
+    """Second half of a layer: attention of q [..., H, n, hd] over the whole cache kc, vc
+    [..., KVH, L, hd] with the additive mask ``bias`` [..., 1, H/KVH * n, L] or [H/KVH * n,
+    L] (0 or -inf), then the MLP (leading dims: rows of a batch, or none). Query heads
+    h*G..h*G+G-1 share kv head h (transformers' repeat_kv order).
     ``group``: the process group (name) of a tensor-parallel shard (``cospec.tp``): o_proj
     and down_proj then hold this rank's input columns; their partial outputs are summed."""
     ow, ob, ln2, gate_up_w, dw = w[5:]
-    heads, n, hd = q.shape
-    kvh = kc.shape[0]
-    s = torch.matmul(q.reshape(kvh, heads // kvh * n, hd), kc.transpose(1, 2)) * scale
+    *lead, heads, n, hd = q.shape
+    kvh = kc.shape[-3]
+    s = torch.matmul(q.reshape(*lead, kvh, heads // kvh * n, hd), kc.transpose(-1, -2)) * scale
     p = torch.softmax(s + bias, dim=-1, dtype=torch.float32).to(q.dtype)
-    o = torch.matmul(p, vc).view(heads, n, hd).transpose(0, 1).reshape(n, heads * hd)
+    o = torch.matmul(p, vc).view(*lead, heads, n, hd).transpose(-3, -2).reshape(
+        *lead, n, heads * hd)
     x = x + _sum(F.linear(o, ow, ob), group)
     h = _rms(x, ln2, eps)
     gate, up = F.linear(h, gate_up_w).chunk(2, dim=-1)

@@ -1,0 +1,564 @@
+"""Batched speculative decoding on the fast path: B sequences at once, each at its own length.
+
+Terms as in ``cospec.acceptance``: per step each row's draft proposes d_1..d_k, the target
+scores [last, d_1..d_k] in one pass, the row keeps ``accepted`` = a drafts and commits one
+more token (recovered at a rejection, the bonus when all pass). A *slot* is a row of the
+static caches; a *request* occupies a slot from its prefill until it finishes.
+
+- Each model's layer l has one K/V cache [rows, kv_heads, max_len, head_dim]; slot r's token
+  at position p lives at [r, :, p]. A query at position p attends to slots <= p of its own
+  row only (the mask comes from per-row positions on the device), so a rollback is moving
+  the row's length ``n``: stale entries beyond it are overwritten before any query sees them.
+- Invariant between steps, per live row with committed sequence ``seq`` (n = len(seq)): both
+  caches hold seq[:-1] in slots 0..n-2 (the draft may lack seq[-2], the last accepted draft
+  token it never fed). The draft's first forward of a step reads [seq[-2], seq[-1]] at
+  positions [n-2, n-1]: it catches up and re-writes an entry it may already hold (same
+  values), so every row's step has the same shape whatever it accepted.
+- Everything a step decides (draws, acceptance, the arbiter, lengths) is computed for all
+  rows at once on the device; the host reads the committed tokens once per step.
+- Random numbers come from a counter-based hash of (row seed, row step, draw index): a
+  row's draws do not depend on which other rows share its batch.
+- On CUDA each forward over (rows bucket b, n tokens) is one captured CUDA graph; b is the
+  smallest of ``BUCKETS`` that covers the highest slot in use. On CPU it all runs eagerly.
+
+Rows join and leave between steps: ``submit`` queues a request; ``step`` prefills queued
+requests into free slots (one prompt at a time, the others wait), runs one step for every
+live row and returns what each committed; a finished request frees its slot at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from cospec.arbiter import MismatchPolicy
+from cospec.errors import CospecError
+from cospec.fast import Engine, _qkv, _raise_recompile_limit, _rest, _rms, supported
+from cospec.sampling import GREEDY, SamplingConfig, residual
+from cospec.stats import DecodeStats
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RUN_AHEAD = 8   # target-only decoding: tokens decoded per host read
+_M32 = 0xFFFFFFFF
+
+
+class BatchLM:
+    """One model's per-row static KV caches, rotary tables and per-(b, n) CUDA graphs.
+
+    ``run(ids, pos)`` computes rows 0..b-1 (ids, pos [b, n] on the device: token ids and
+    their positions), writes their K/V at [row, :, pos] and returns logits [b, n, V] and
+    final hidden states [b, n, d] in the model's dtype (on CUDA the graph's static buffers:
+    valid until the same (b, n) runs again).
+    """
+
+    def __init__(self, model: torch.nn.Module, rows: int, max_len: int,
+                 graphs: bool | None = None, compile: bool | None = None):
+        if not supported(model):
+            raise CospecError(f"{type(model).__name__} is not a model the fast path supports "
+                              "(Llama-family, SiLU MLP, full attention)")
+        cfg, base = model.config, model.model
+        p = next(model.parameters())
+        self.device, self.dtype, self.rows, self.max_len = p.device, p.dtype, rows, max_len
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = (getattr(cfg, "head_dim", None)
+                         or cfg.hidden_size // cfg.num_attention_heads)
+        self.eps, self.scale = cfg.rms_norm_eps, self.head_dim ** -0.5
+        self.embed, self.norm = base.embed_tokens.weight, base.norm.weight
+        head = model.get_output_embeddings()
+        self.head_w, self.head_b = head.weight, head.bias
+        self.layers = [Engine._layer(layer) for layer in base.layers]
+        with torch.inference_mode(False), torch.no_grad():
+            shape = (rows, self.kv_heads, max_len, self.head_dim)
+            self.kc = [torch.zeros(shape, device=self.device, dtype=self.dtype)
+                       for _ in self.layers]
+            self.vc = [torch.zeros_like(k) for k in self.kc]
+            self.slots = torch.arange(max_len, device=self.device)
+            cos, sin = base.rotary_emb(self.norm[None], self.slots[None])
+            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [L, hd]
+            self.row_ids = torch.arange(rows, device=self.device)
+            self.ids = torch.zeros(rows, 2 * RUN_AHEAD, dtype=torch.long, device=self.device)
+            self.pos = torch.zeros_like(self.ids)
+        cuda = self.device.type == "cuda"
+        self.use_graphs = cuda if graphs is None else graphs
+        if compile is None:
+            compile = cuda and os.environ.get("COSPEC_COMPILE", "1") != "0"
+        self.qkv, self.rest = _qkv, _rest
+        if compile:
+            _raise_recompile_limit()
+            self.qkv = torch.compile(_qkv, dynamic=True, fullgraph=True)
+            self.rest = torch.compile(_rest, dynamic=True, fullgraph=True)
+        self.graphs: dict[tuple[int, int], tuple] = {}  # (b, n) -> (graph, logits, hidden)
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.capture_s = 0.0
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, first: int, eager: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows first..first+b-1; ids, pos [b, n] -> logits [b, n, V], hidden [b, n, d]."""
+        b, n = ids.shape
+        qkv, rest = (_qkv, _rest) if eager else (self.qkv, self.rest)
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]          # [b, 1, n, hd]
+        visible = self.slots <= pos[..., None]                              # [b, n, L]
+        bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        bias = bias.masked_fill(~visible, float("-inf")).repeat(
+            1, self.heads // self.kv_heads, 1)[:, None]                     # [b, 1, G*n, L]
+        row = self.row_ids[:b, None].expand(b, n)
+        for w, k_all, v_all in zip(self.layers, self.kc, self.vc):
+            kc, vc = k_all[first:first + b], v_all[first:first + b]
+            q, k, v = qkv(x, cos, sin, w, self.heads, self.kv_heads, self.eps)
+            kc[row, :, pos] = k.transpose(1, 2)                             # [b, n, KVH, hd]
+            vc[row, :, pos] = v.transpose(1, 2)
+            x = rest(x, q, kc, vc, bias, w, self.scale, self.eps)
+        h = _rms(x, self.norm, self.eps)
+        return F.linear(h, self.head_w, self.head_b), h
+
+    def run(self, ids: torch.Tensor, pos: torch.Tensor, first: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n = ids.shape
+        if not self.use_graphs or first or n > self.ids.shape[1]:  # eagerly
+            return self._forward(ids, pos, first, eager=True)
+        self.ids[:b, :n].copy_(ids)
+        self.pos[:b, :n].copy_(pos)
+        if (b, n) not in self.graphs:
+            self.graphs[b, n] = self._capture(b, n)
+        graph, logits, hidden = self.graphs[b, n]
+        graph.replay()
+        return logits, hidden
+
+    def prefill(self, ids: list[int], slot: int) -> None:
+        """Write the K/V of ``ids`` at positions 0.. of ``slot`` (eagerly: no graph per
+        prompt length)."""
+        if ids:
+            x = torch.tensor([ids], device=self.device)
+            self._forward(x, self.slots[:len(ids)][None], slot, eager=True)
+
+    def _capture(self, b: int, n: int) -> tuple:
+        """Capture the forward of (b, n); the warm-up runs compute this very call (the
+        buffers hold its ids and positions), so their K/V writes are the real ones."""
+        t0 = time.perf_counter()
+        ids, pos = self.ids[:b, :n], self.pos[:b, :n]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(ids, pos, 0, eager=False)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits, hidden = self._forward(ids, pos, 0, eager=False)
+        torch.cuda.synchronize(self.device)
+        self.capture_s += time.perf_counter() - t0
+        return graph, logits, hidden
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (int64 tensors holding values < 2^32; no product overflows)."""
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def uniforms(seed: torch.Tensor, counter: torch.Tensor, n: int) -> torch.Tensor:
+    """[b, n] float32 uniforms in [0, 1) from row seeds and counters [b] (int64): a
+    function of (seed, counter, index) only, 24 random bits each."""
+    j = torch.arange(n, device=seed.device)
+    h = _mix((_mix(_mix(seed & _M32) ^ (counter & _M32))[:, None] + j * 0x9E3779B) & _M32)
+    return (h >> 8).float() / float(1 << 24)
+
+
+def pick(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One id per row of probs [b, V] by inverting its CDF at u [b] (a token of probability
+    0 is never picked: the search finds the first cumulative mass above u * total)."""
+    c = probs.cumsum(-1)
+    at = torch.searchsorted(c, u[:, None] * c[:, -1:], right=True)
+    return at.clamp_max(probs.shape[-1] - 1)[:, 0]
+
+
+@dataclass
+class RowSampling:
+    """Per-row sampling settings [b] on the device, with host flags saying which kinds of
+    processing any row needs (so an all-greedy batch does argmaxes only)."""
+
+    temp: torch.Tensor     # float32, 1 for greedy rows
+    top_k: torch.Tensor    # int64, V for "off"
+    top_p: torch.Tensor    # float32, 1 for "off"
+    greedy: torch.Tensor   # bool
+    all_greedy: bool
+    any_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+
+
+def row_probabilities(logits: torch.Tensor, s: RowSampling) -> torch.Tensor:
+    """``sampling.probabilities`` with each row's own settings: logits [b, ..., V] ->
+    float32 [b, ..., V] (greedy rows: one-hot of the argmax)."""
+    x = logits.float()
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    x = x / s.temp.view(shape)
+    if s.any_top_k:
+        at = (s.top_k.view(shape) - 1).expand(*x.shape[:-1], 1)
+        kth = x.sort(-1, descending=True).values.gather(-1, at)
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = x.softmax(-1)
+    if s.any_top_p:
+        top_p = s.top_p.view(shape)
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p >= top_p) & (top_p < 1)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    if s.any_greedy:
+        hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        probs = torch.where(s.greedy.view(shape), hot, probs)
+    return probs
+
+
+def first_false(ok: torch.Tensor) -> torch.Tensor:
+    """[b] index of the first False in each row of ok [b, m] (m when all are True)."""
+    return torch.cat([~ok, ok.new_ones(ok.shape[0], 1)], dim=1).int().argmax(-1)
+
+
+def verify(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, u: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling for every row at once: target p [b, k+1, V], draft q [b, k, V],
+    drafts d [b, k] (drawn from q), uniforms u [b, k+1] (k tests and the final draw).
+    Returns accepted a [b] and the next token [b]: drawn from norm(max(0, p_a - q_a)) at a
+    rejection (a < k), from the bonus row p_k when all pass. Greedy rows (one-hot p and q)
+    keep the drafts equal to the target's argmax and then commit its argmax."""
+    b, k = d.shape
+    rows = torch.arange(b, device=d.device)
+    q_d = q.gather(-1, d[..., None])[..., 0]
+    p_d = p[:, :k].gather(-1, d[..., None])[..., 0]
+    passed = u[:, :k] * q_d < p_d
+    a = first_false(passed)
+    t = p[rows, a]                                                          # [b, V]
+    qa = q[rows, a.clamp_max(k - 1)] * (a < k)[:, None].to(q.dtype)
+    return a, pick(residual(t, qa), u[:, k])
+
+
+@dataclass
+class Request:
+    rid: int
+    prompt: list[int]
+    max_new: int
+    sampling: SamplingConfig
+    seed: int
+    tokens: list[int] = field(default_factory=list)
+    from_draft: list[bool] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What one request committed in one step; ``done``: it has finished (EOS or budget)."""
+
+    rid: int
+    tokens: list[int]
+    done: bool
+
+
+class BatchEngine:
+    """Batched target-only (``draft=None``), speculative (exact: greedy match at T = 0,
+    rejection sampling at T > 0) or CoSpec (``policy``: greedy, an arbiter at every
+    mismatch, as ``acceptance.ArbiterRule``) decoding of up to ``rows`` requests at once.
+
+    ``submit`` queues a request and returns its id; ``step`` runs one step and returns the
+    ``Commit`` of every request that took part. ``stats`` sums all requests' counters.
+    """
+
+    def __init__(self, target: torch.nn.Module, draft: torch.nn.Module | None = None, *,
+                 k: int = 4, rows: int = 64, max_len: int = 2048, eos_ids: Iterable[int] = (),
+                 policy: MismatchPolicy | None = None, threshold: float = 0.5,
+                 max_overrides: int | None = None, every_mismatch: bool = True,
+                 run_ahead: int = RUN_AHEAD, graphs: bool | None = None):
+        if draft is None and policy is not None:
+            raise CospecError("an arbiter policy needs a draft model")
+        if draft is not None and not 1 <= k <= 2 * RUN_AHEAD - 1:
+            raise CospecError(f"k (draft length) must be in 1..{2 * RUN_AHEAD - 1}, got {k}")
+        self.k = k if draft is not None else 0
+        self.ahead = run_ahead if draft is None else 0
+        self.width = self.k + 1 if draft is not None else run_ahead  # candidates per step
+        self.rows, self.max_len = rows, max_len
+        self.target = BatchLM(target, rows, max_len, graphs)
+        self.draft = BatchLM(draft, rows, max_len, graphs) if draft is not None else None
+        self.eos = set(eos_ids)
+        self.threshold, self.max_overrides = threshold, max_overrides
+        self.every_mismatch = every_mismatch
+        self.policy = policy
+        dev = self.target.device
+        if isinstance(policy, torch.nn.Module) and not policy.needs_hidden:
+            with torch.inference_mode(False), torch.no_grad():
+                self.policy = copy.deepcopy(policy).to(dev)  # features stay on the device
+        self.device = dev
+        with torch.inference_mode(False):
+            self._state(rows, dev)
+        self.slots: list[Request | None] = [None] * rows
+        self.queue: deque[Request] = deque()
+        self.next_rid = 0
+        self.stats = DecodeStats()
+
+    def _state(self, rows: int, dev: torch.device) -> None:
+        """Per-slot device state (normal tensors, so that the host may write them between
+        steps whatever mode the engine was built in); free slots hold n = 1 and token 0."""
+        z = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.n, self.last, self.prev = z + 1, z.clone(), z.clone()
+        self.plen, self.seed, self.counter, self.overrides = (z.clone(), z.clone(), z.clone(),
+                                                              z.clone())
+        self.temp = torch.ones(rows, device=dev)
+        self.top_p = torch.ones(rows, device=dev)
+        self.top_k = z + 1
+        self.greedy = torch.ones(rows, dtype=torch.bool, device=dev)
+        self.live = torch.zeros(rows, dtype=torch.bool, device=dev)
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, prompt_ids: Sequence[int], max_new_tokens: int = 128,
+               sampling: SamplingConfig = GREEDY, seed: int = 0) -> int:
+        """Queue a request; returns its id. It joins at the next ``step`` with a free slot."""
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise CospecError("empty prompt: give at least one token")
+        if max_new_tokens < 1:
+            raise CospecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        need = len(prompt) + max_new_tokens + max(self.k, self.ahead) + 2
+        if need > self.max_len:
+            raise CospecError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) "
+                              f"do not fit the cache of {self.max_len} tokens")
+        if self.policy is not None and not sampling.greedy:
+            raise CospecError("CoSpec's arbiter decides greedy mismatches: use temperature 0")
+        rid = self.next_rid
+        self.next_rid += 1
+        self.queue.append(Request(rid, prompt, max_new_tokens, sampling, seed))
+        return rid
+
+    @property
+    def busy(self) -> bool:
+        """Requests queued or decoding."""
+        return bool(self.queue) or any(r is not None for r in self.slots)
+
+    def _admit(self) -> None:
+        """Prefill queued requests into free slots (both models, prompt[:-1])."""
+        vocab = self.target.head_w.shape[0]
+        for slot in range(self.rows):
+            if not self.queue:
+                return
+            if self.slots[slot] is not None:
+                continue
+            req = self.queue.popleft()
+            self.target.prefill(req.prompt[:-1], slot)
+            if self.draft is not None:
+                self.draft.prefill(req.prompt[:-1], slot)
+            s = req.sampling
+            self.n[slot], self.plen[slot] = len(req.prompt), len(req.prompt)
+            self.last[slot] = req.prompt[-1]
+            self.prev[slot] = req.prompt[-2] if len(req.prompt) > 1 else req.prompt[-1]
+            self.seed[slot], self.counter[slot], self.overrides[slot] = req.seed & _M32, 0, 0
+            self.temp[slot] = 1.0 if s.greedy else s.temperature
+            self.top_k[slot] = s.top_k if 0 < s.top_k < vocab else vocab
+            self.top_p[slot] = s.top_p
+            self.greedy[slot] = s.greedy
+            self.live[slot] = True
+            self.slots[slot] = req
+
+    def _free(self, slot: int) -> None:
+        self.slots[slot] = None
+        self.live[slot] = False
+        self.n[slot], self.last[slot], self.prev[slot] = 1, 0, 0
+
+    def _sampling(self, b: int) -> RowSampling:
+        reqs = [r for r in self.slots[:b] if r is not None]
+        vocab = self.target.head_w.shape[0]
+        return RowSampling(
+            self.temp[:b], self.top_k[:b], self.top_p[:b], self.greedy[:b],
+            all_greedy=all(r.sampling.greedy for r in reqs),
+            any_greedy=any(r.sampling.greedy for r in reqs),
+            any_top_k=any(0 < r.sampling.top_k < vocab for r in reqs),
+            any_top_p=any(r.sampling.top_p < 1 for r in reqs))
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[Commit]:
+        """Admit queued requests, run one step for every live row, commit, free finished
+        slots. Returns one ``Commit`` per request that decoded in this step."""
+        with torch.inference_mode():
+            t0 = _clock(self.device)
+            self._admit()
+            t1 = _clock(self.device)
+            self.stats.prefill_s += t1 - t0
+            used = [i for i, r in enumerate(self.slots) if r is not None]
+            if not used:
+                return []
+            b = min(next(size for size in (*BUCKETS, self.rows) if size > used[-1]), self.rows)
+            s = self._sampling(b)
+            if self.draft is None:
+                toks, a, extra = self._target_only(b, s)
+            else:
+                toks, a, extra = self._speculate(b, s)
+            live = self.live[:b]
+            nxt = toks.gather(1, a[:, None])[:, 0]
+            before = toks.gather(1, (a - 1).clamp_min(0)[:, None])[:, 0]
+            self.prev[:b] = torch.where(live, torch.where(a > 0, before, self.last[:b]),
+                                        self.prev[:b])
+            self.last[:b] = torch.where(live, nxt, self.last[:b])
+            self.n[:b] += (a + 1) * live
+            self.counter[:b] += live.long()
+            read = torch.cat([toks, a[:, None], *extra], dim=1).tolist()  # the one host read
+        commits = [self._commit(slot, read[slot]) for slot in used]
+        self.stats.decode_s += _clock(self.device) - t1
+        return commits
+
+    def _commit(self, slot: int, row: list[int]) -> Commit:
+        """Host bookkeeping of one row: cut at EOS or the budget, stats, free when done."""
+        req, width = self.slots[slot], self.width
+        a = row[width]
+        new = row[:a + 1]
+        left = req.max_new - len(req.tokens)
+        cut = next((j + 1 for j, t in enumerate(new) if t in self.eos), len(new))
+        cut = min(cut, left)
+        done = cut < len(new) or cut == left or new[cut - 1] in self.eos
+        if self.draft is not None:
+            calls, overrides, next_from_draft = row[width + 1:width + 4]
+            self.stats.record_step(self.k, a)
+            self.stats.arbiter_calls += calls
+            self.stats.overrides += overrides
+            req.from_draft += [j < a or bool(next_from_draft) for j in range(cut)]
+        else:
+            for _ in range(cut):
+                self.stats.record_step(0, 0)
+            req.from_draft += [False] * cut
+        req.tokens += new[:cut]
+        self.stats.generated += cut
+        if done:
+            self._free(slot)
+        return Commit(req.rid, new[:cut], done)
+
+    def _target_only(self, b: int, s: RowSampling):
+        """``ahead`` tokens per row, each fed straight back: toks [b, ahead], a = ahead - 1."""
+        n, x = self.n[:b], self.last[:b, None]
+        u = None if s.all_greedy else uniforms(self.seed[:b], self.counter[:b], self.ahead)
+        toks = []
+        for j in range(self.ahead):
+            logits, _ = self.target.run(x, (n - 1 + j)[:, None])
+            row = logits[:, -1]
+            tok = row.argmax(-1) if s.all_greedy else pick(row_probabilities(row, s), u[:, j])
+            toks.append(tok)
+            x = tok[:, None]
+        a = torch.full((b,), self.ahead - 1, dtype=torch.long, device=self.device)
+        return torch.stack(toks, 1), a, []
+
+    def _speculate(self, b: int, s: RowSampling):
+        """Draft k (k + 1 with a policy: the lookahead at the bonus position), verify, accept.
+        Returns toks [b, k+1] (the row's candidates: d_1..d_a then the next token at a),
+        accepted a [b], and [calls, overrides, next_from_draft] columns [b, 1]."""
+        k, n, dev = self.k, self.n[:b], self.device
+        look = self.policy is not None
+        u = None if s.all_greedy else uniforms(self.seed[:b], self.counter[:b], 2 * k + 1)
+        # draft: catch up on seq[-2] and read seq[-1], then one token at a time
+        x = torch.stack([self.prev[:b], self.last[:b]], 1)
+        pos = torch.stack([(n - 2).clamp_min(0), n - 1], 1)
+        d_rows, d_hid, drafts = [], [], []
+        for i in range(k + look):
+            logits, h = self.draft.run(x, pos)
+            d_rows.append(logits[:, -1].clone())
+            d_hid.append(h[:, -1].clone())
+            tok = (d_rows[-1].argmax(-1) if s.all_greedy
+                   else pick(row_probabilities(d_rows[-1], s), u[:, i]))
+            drafts.append(tok)
+            x, pos = tok[:, None], (n + i)[:, None]
+        d = torch.stack(drafts, 1)                                         # [b, k (+1)]
+        ids = torch.cat([self.last[:b, None], d[:, :k]], 1)
+        t_logits, t_hid = self.target.run(ids, n[:, None] - 1 + torch.arange(k + 1, device=dev))
+        zero = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        if look:
+            return self._arbitrate(d, torch.stack(d_rows, 1), torch.stack(d_hid, 1),
+                                   t_logits, t_hid)
+        if s.all_greedy:
+            best = t_logits.argmax(-1)                                     # [b, k+1]
+            a = first_false(d == best[:, :k])
+            nxt = best.gather(1, a[:, None])[:, 0]
+        else:
+            p = row_probabilities(t_logits, s)
+            q = row_probabilities(torch.stack(d_rows, 1), s)
+            a, nxt = verify(p, q, d, u[:, k:])
+        toks = torch.cat([d, zero], 1).scatter(1, a[:, None], nxt[:, None])
+        return toks, a, [zero, zero, zero]
+
+    def _arbitrate(self, dd: torch.Tensor, d_logits: torch.Tensor, d_hid: torch.Tensor,
+                   t_logits: torch.Tensor, t_hid: torch.Tensor):
+        """CoSpec at every position of every row at once: dd [b, k+1] the draft's greedy
+        tokens (the last one its lookahead at the bonus position), d_logits [b, k+1, V],
+        t_logits [b, k+1, V]. A position passes when the tokens agree or the policy keeps
+        the draft's (within the row's override budget; with ``every_mismatch`` off only the
+        block's first mismatch is asked); the row keeps dd up to its first failing position
+        and commits the target's token there (all pass: the lookahead, kept)."""
+        from cospec.arbiter import _combine, _row_stats
+
+        b, m = dd.shape
+        k, vocab = m - 1, t_logits.shape[-1]
+        best = t_logits.argmax(-1)                                         # [b, k+1]
+        miss = dd != best
+        ids = torch.stack([best, dd], -1).view(-1, 2)                      # [b(k+1), 2]
+        stats = _row_stats(torch.cat([t_logits.reshape(-1, vocab), d_logits.reshape(-1, vocab)]),
+                           torch.cat([ids, ids]))
+        at = (self.n[:b] - self.plen[:b])[:, None] + torch.arange(m, device=self.device)
+        feats = _combine(stats, b * m, at.reshape(-1).float(), torch)
+        if self.policy.needs_hidden:  # hidden-state policies run on the host
+            prob = self.policy.draft_prob(feats.cpu(), t_hid.reshape(b * m, -1).float().cpu(),
+                                          d_hid.reshape(b * m, -1).float().cpu())
+        else:
+            prob = self.policy.draft_prob(feats)
+        keep = (prob.to(self.device) >= self.threshold).view(b, m)
+        earlier = miss.long().cumsum(1) - miss.long()                      # mismatches before
+        asked = miss.clone()
+        if not self.every_mismatch:
+            asked &= earlier == 0
+        if self.max_overrides is not None:
+            asked &= self.overrides[:b, None] + earlier < self.max_overrides
+        stop = first_false(~miss | (asked & keep))                         # [b] in 0..k+1
+        a = stop.clamp_max(k)
+        nxt = torch.where(stop > k, dd[:, k], best.gather(1, a[:, None])[:, 0])
+        toks = dd.scatter(1, a[:, None], nxt[:, None])
+        upto = torch.arange(m, device=self.device) <= stop[:, None]
+        kept = (miss & upto & (torch.arange(m, device=self.device) < stop[:, None])).sum(1)
+        calls = (asked & upto).sum(1)
+        self.overrides[:b] += kept * self.live[:b]
+        from_draft = (stop > k) & miss[:, k]
+        return toks, a, [calls[:, None], kept[:, None], from_draft.long()[:, None]]
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def generate_batch(target: torch.nn.Module, draft: torch.nn.Module | None,
+                   prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int] = 128,
+                   sampling: SamplingConfig | Sequence[SamplingConfig] = GREEDY,
+                   seeds: Sequence[int] | None = None, rows: int = 64,
+                   stats: DecodeStats | None = None, **engine_kw) -> list[list[int]]:
+    """Decode every prompt with a ``BatchEngine`` of ``rows`` slots (requests join as slots
+    free up); returns each prompt's generated ids, in order. ``engine_kw``: ``k``,
+    ``eos_ids``, ``policy`` ... as for ``BatchEngine``; ``stats`` (if given) gets the sums."""
+    n = len(prompts)
+    budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    configs = [sampling] * n if isinstance(sampling, SamplingConfig) else list(sampling)
+    seeds = list(range(n)) if seeds is None else list(seeds)
+    k = engine_kw.get("k", 4)
+    room = max(len(p) + m for p, m in zip(prompts, budgets)) + max(k, RUN_AHEAD) + 2
+    engine = BatchEngine(target, draft, rows=min(rows, n), max_len=room, **engine_kw)
+    rid = [engine.submit(p, m, c, s) for p, m, c, s in zip(prompts, budgets, configs, seeds)]
+    out: dict[int, list[int]] = {r: [] for r in rid}
+    while engine.busy:
+        for c in engine.step():
+            out[c.rid] += c.tokens
+    if stats is not None:
+        for name, value in vars(engine.stats).items():
+            setattr(stats, name, value)
+    return [out[r] for r in rid]

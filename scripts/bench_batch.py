@@ -1,0 +1,141 @@
+"""Batched decoding speed (``cospec.fast_batch``): target-only and spd at several batch sizes.
+
+    PYTHONPATH=. python scripts/bench_batch.py --out DIR [--target qwen2.5-coder-1.5b]
+        [--draft qwen2.5-coder-0.5b] [--task gsm8k --split heldout] [--prompts 64]
+        [--new 256] [--k 4] [--batches 1,4,16,64] [--temperature 0]
+    PYTHONPATH=. python scripts/bench_batch.py --tiny --out DIR     # CPU smoke test
+
+The same ``--prompts`` prompts (chat template) go through an engine of B slots for every B
+(requests join as slots free up); both methods share the prompts and the code path. Before
+the timed pass every bucket of rows <= B is warmed up (on CUDA: its graphs captured), so no
+capture falls inside it. Per (B, method): generated tokens, prefill and decode seconds,
+tokens/s end to end and decode only, tau, peak memory (CUDA: the device's peak allocated in
+that pass; CPU: the process's peak resident set so far), capture seconds. Writes
+DIR/bench_batch.json after every configuration and prints a table. ``--tiny``: random
+tiny models (fp32, CPU), random prompts: checks that the script runs, measures nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cospec.fast_batch import BUCKETS, BatchEngine
+from cospec.sampling import SamplingConfig
+from cospec.stats import DecodeStats
+
+
+def tiny_pair() -> tuple[torch.nn.Module, torch.nn.Module, list[list[int]], list[int]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny import tiny_model
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 96, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 20, (16,), generator=g)]
+    return (tiny_model(1, dtype=torch.float32), tiny_model(2, layers=1, dtype=torch.float32),
+            prompts, [])
+
+
+def real_pair(args) -> tuple[torch.nn.Module, torch.nn.Module, list[list[int]], list[int]]:
+    from cospec.methods import encode_prompt, eos_ids
+    from cospec.models import load_pair
+    from cospec.tasks import get_task
+
+    pair = load_pair(args.target, args.draft)
+    problems = get_task(args.task).problems(args.split)[:args.prompts]
+    prompts = [encode_prompt(pair.tokenizer, p.prompt) for p in problems]
+    return pair.target, pair.draft, prompts, eos_ids(pair.tokenizer, pair.target)
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig) -> dict:
+    """Warm every bucket of ``rows`` slots, then decode all prompts once, timed."""
+    device = next(target.parameters()).device
+    warm = 2 * (args.k + 1)  # tokens per warm-up request: a few steps
+    room = max(map(len, prompts)) + max(args.new, warm) + max(args.k, 8) + 4
+    engine = BatchEngine(target, draft, k=args.k, rows=rows, max_len=room, eos_ids=eos)
+    for size in [b for b in BUCKETS if b < rows] + [rows]:  # slots 0..size-1: bucket size
+        for i in range(size):
+            engine.submit(prompts[i % len(prompts)], warm, sampling, seed=i)
+        while engine.busy:
+            engine.step()
+    engine.stats = DecodeStats()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    for i, p in enumerate(prompts):
+        engine.submit(p, args.new, sampling, seed=i)
+    t0 = time.perf_counter()
+    while engine.busy:
+        engine.step()
+    wall = time.perf_counter() - t0
+    s = engine.stats
+    models = [engine.target] + ([engine.draft] if engine.draft is not None else [])
+    return dict(rows=rows, method="spd" if draft is not None else "target",
+                prompts=len(prompts), generated=s.generated, prefill_s=s.prefill_s,
+                decode_s=s.decode_s, wall_s=wall, tokens_per_s=s.generated / wall,
+                decode_tokens_per_s=s.tokens_per_s, tau=s.tau if draft is not None else None,
+                acceptance_rate=s.acceptance_rate if draft is not None else None,
+                peak_mb=peak_mb(device), capture_s=sum(m.capture_s for m in models))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--target", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--draft", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--task", default="gsm8k")
+    ap.add_argument("--split", default="heldout")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--tiny", action="store_true", help="tiny random models on CPU (smoke)")
+    args = ap.parse_args()
+    if args.tiny:
+        os.environ.setdefault("COSPEC_STATIC", "1")
+        target, draft, prompts, eos = tiny_pair()
+        prompts = prompts[:args.prompts]
+    else:
+        target, draft, prompts, eos = real_pair(args)
+    sampling = SamplingConfig(temperature=args.temperature)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "bench_batch.json"
+    report = dict(target="tiny" if args.tiny else args.target,
+                  draft="tiny" if args.tiny else args.draft, task=args.task, split=args.split,
+                  new=args.new, k=args.k, temperature=args.temperature,
+                  device=str(next(target.parameters()).device),
+                  dtype=str(next(target.parameters()).dtype),
+                  load_start=os.getloadavg(), runs=[])
+    with torch.inference_mode():
+        for rows in (int(b) for b in args.batches.split(",")):
+            for proposer in (None, draft):
+                run = one(target, proposer, prompts, eos, rows, args, sampling)
+                report["runs"].append(run)
+                report["load_end"] = os.getloadavg()
+                path.write_text(json.dumps(report, indent=1))
+                print(f"B={rows:3d} {run['method']:6s} {run['tokens_per_s']:9.1f} tok/s "
+                      f"(decode {run['decode_tokens_per_s']:9.1f}) tau "
+                      f"{run['tau'] or 0:.2f} peak {run['peak_mb']:8.0f} MiB", flush=True)
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Batched decoding on the fast path (``cospec.fast_batch``) against the batch-1 loop.
+
+At T = 0 every row must give exactly the tokens ``cospec.decoding.generate`` gives it alone
+(target-only, spd with a weak and with a perfect draft, CoSpec with an arbiter), with rows of
+different prompt lengths joining as slots free up and leaving at EOS or at their budgets. At
+T > 0 the first four tokens of a prompt, sampled N times through the batch, must follow the
+exact joint distribution (enumerated from the model's uncached forwards), chi-square tested.
+On CPU every forward runs eagerly (float32, tiny random Qwen2 models).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from tiny import tiny_model
+
+from cospec.acceptance import ExactRule
+from cospec.arbiter import ArbiterRule, ConfidencePolicy
+from cospec.decoding import generate
+from cospec.errors import CospecError
+from cospec.fast_batch import (
+    BatchEngine,
+    RowSampling,
+    generate_batch,
+    row_probabilities,
+    uniforms,
+)
+from cospec.sampling import SamplingConfig, probabilities
+from cospec.stats import DecodeStats
+
+LENGTHS = (1, 3, 7, 12, 5, 9)      # prompt lengths (1: no token before the last)
+BUDGETS = (20, 33, 9, 40, 25, 14)   # max new tokens per prompt
+
+
+def prompt(seed: int, n: int, vocab: int = 96) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (n,), generator=g).tolist()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_model(1, dtype=torch.float32), tiny_model(2, layers=1, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def near(pair):
+    """The target with its weights perturbed by 5 % of their spread: a draft the target
+    agrees with about half the time (an independent random draft almost never)."""
+    model = copy.deepcopy(pair[0])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05 * p.std())
+    return model
+
+
+def batch1(target, proposer, prompts, budgets, rule, k, eos=()):
+    return [[t.id for t in generate(target, proposer, p, rule, k=k, max_new_tokens=m,
+                                    eos_ids=eos)] for p, m in zip(prompts, budgets)]
+
+
+@pytest.mark.parametrize("method", ["target", "spd", "spd-random", "spd-self"])
+def test_greedy_rows_equal_batch_one(pair, near, method):
+    """Six prompts through three slots: later rows join as earlier ones finish; one EOS id
+    (taken from a row's own output) ends some rows before their budgets. Drafts: one the
+    target partly agrees with, a random one (nothing kept), the target itself (all kept)."""
+    target, draft = pair
+    proposer = {"target": None, "spd": near, "spd-random": draft, "spd-self": target}[method]
+    prompts = [prompt(i, n) for i, n in enumerate(LENGTHS)]
+    free = batch1(target, proposer, prompts, BUDGETS, ExactRule(), k=3)
+    eos = [free[1][6]]
+    want = batch1(target, proposer, prompts, BUDGETS, ExactRule(), k=3, eos=eos)
+    stats = DecodeStats()
+    got = generate_batch(target, proposer, prompts, max_new_tokens=BUDGETS, rows=3, k=3,
+                         eos_ids=eos, stats=stats)
+    assert got == want
+    assert any(len(w) < m for w, m in zip(want, BUDGETS))        # some row stopped at EOS
+    assert any(len(w) == m for w, m in zip(want, BUDGETS))       # some ran to the budget
+    assert stats.generated == sum(map(len, want))
+    if method == "spd-self":
+        assert stats.accepted == stats.drafted > 0  # a perfect draft: everything kept
+    elif method == "spd":
+        assert 0.2 < stats.accepted / stats.drafted < 0.8
+
+
+@pytest.mark.parametrize("max_overrides", [None, 2])
+def test_cospec_rows_equal_batch_one(pair, max_overrides):
+    """CoSpec with an arbiter at every mismatch (and an override budget): the arbiter reads
+    the draft's logits, so this also checks the draft's cache (greedy spd's tokens do not
+    depend on the draft)."""
+    target, draft = pair
+    policy = ConfidencePolicy(0.2)
+    prompts = [prompt(10 + i, n) for i, n in enumerate(LENGTHS)]
+    rule = ArbiterRule(policy, max_overrides=max_overrides)
+    want = batch1(target, draft, prompts, BUDGETS, rule, k=3)
+    stats = DecodeStats()
+    got = generate_batch(target, draft, prompts, max_new_tokens=BUDGETS, rows=4, k=3,
+                         policy=policy, max_overrides=max_overrides, stats=stats)
+    assert got == want
+    assert stats.overrides > 0 and stats.arbiter_calls > stats.overrides
+    plain = batch1(target, draft, prompts, BUDGETS, ExactRule(), k=3)
+    assert got != plain  # the arbiter kept draft tokens the target disagreed with
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_same_tokens(pair, near):
+    """On a GPU (float32) every step is replayed CUDA graphs per (rows bucket, tokens); the
+    rows still equal the batch-1 loop's, and graphs were captured for several buckets."""
+    target, draft = (copy.deepcopy(m).cuda() for m in (pair[0], near))
+    prompts = [prompt(i, n) for i, n in enumerate(LENGTHS)]
+    want = batch1(target, draft, prompts, BUDGETS, ExactRule(), k=3)
+    eng = BatchEngine(target, draft, k=3, rows=4, max_len=96)
+    rid = [eng.submit(p, m) for p, m in zip(prompts, BUDGETS)]
+    out: dict[int, list[int]] = {r: [] for r in rid}
+    while eng.busy:
+        for c in eng.step():
+            out[c.rid] += c.tokens
+    assert [out[r] for r in rid] == want
+    assert len({b for b, _ in eng.target.graphs}) >= 2
+
+
+def test_submit_and_step(pair):
+    """The scheduler API: requests join between steps into freed slots (lowest first), each
+    step returns every live request's commit, a finished request leaves at once."""
+    target, draft = pair
+    eng = BatchEngine(target, draft, k=2, rows=2, max_len=64)
+    a = eng.submit(prompt(0, 4), max_new_tokens=3)
+    b = eng.submit(prompt(1, 6), max_new_tokens=12)
+    first = eng.step()
+    assert [c.rid for c in first] == [a, b]
+    c = eng.submit(prompt(2, 2), max_new_tokens=5)
+    seen: dict[int, list[int]] = {a: [], b: [], c: []}
+    for commit in first:
+        seen[commit.rid] += commit.tokens
+    while eng.busy:
+        for commit in eng.step():
+            seen[commit.rid] += commit.tokens
+            assert commit.done == (len(seen[commit.rid]) == {a: 3, b: 12, c: 5}[commit.rid])
+    assert eng.slots == [None, None]
+    want = batch1(target, draft, [prompt(0, 4), prompt(1, 6), prompt(2, 2)], (3, 12, 5),
+                  ExactRule(), k=2)
+    assert [seen[a], seen[b], seen[c]] == want
+
+
+def test_row_probabilities_match_sampling(pair):
+    """Per-row temperature / top-k / top-p (and greedy rows) as ``sampling.probabilities``."""
+    configs = [SamplingConfig(), SamplingConfig(temperature=0.7),
+               SamplingConfig(temperature=1.3, top_k=5), SamplingConfig(0.9, top_p=0.8),
+               SamplingConfig(1.0, top_p=0.5, top_k=10)]
+    logits = torch.randn(len(configs), 3, 96, generator=torch.Generator().manual_seed(0)) * 3
+    s = RowSampling(
+        torch.tensor([1.0 if c.greedy else c.temperature for c in configs]),
+        torch.tensor([c.top_k or 96 for c in configs]), torch.tensor([c.top_p for c in configs]),
+        torch.tensor([c.greedy for c in configs]), False, True, True, True)
+    got = row_probabilities(logits, s)
+    for i, c in enumerate(configs):
+        torch.testing.assert_close(got[i], probabilities(logits[i], c), rtol=1e-5, atol=1e-6)
+
+
+def test_draws_depend_on_the_row_only(pair):
+    """A row's sampled tokens are a function of its seed: the same alone as beside others,
+    in any slot."""
+    target, draft = pair
+    cfg = SamplingConfig(temperature=1.0)
+    prompts = [prompt(20 + i, n) for i, n in enumerate(LENGTHS)]
+    together = generate_batch(target, draft, prompts, max_new_tokens=12, sampling=cfg,
+                              seeds=range(6), rows=6, k=3)
+    alone = generate_batch(target, draft, prompts[3:4], max_new_tokens=12, sampling=cfg,
+                           seeds=[3], k=3)
+    assert alone[0] == together[3]
+    u = uniforms(torch.tensor([5, 5, 6]), torch.tensor([0, 1, 0]), 4)
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+
+
+def test_bad_requests(pair):
+    target, draft = pair
+    eng = BatchEngine(target, draft, k=2, rows=2, max_len=32, policy=ConfidencePolicy(0.2))
+    with pytest.raises(CospecError, match="empty"):
+        eng.submit([])
+    with pytest.raises(CospecError, match="fit"):
+        eng.submit(prompt(0, 20), max_new_tokens=12)
+    with pytest.raises(CospecError, match="temperature 0"):
+        eng.submit(prompt(0, 3), 8, sampling=SamplingConfig(temperature=1.0))
+
+
+# ---------------------------------------------------------------- exactness at T > 0
+
+VOCAB = 8
+NEW = 4                # tokens per generation: k = 3 drafts, the bonus, a second block
+CFG = SamplingConfig(temperature=0.9, top_p=0.9, top_k=5)
+PROMPT = [2, 5, 3]
+SAMPLES = 4000
+ALPHA = 1e-4
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return (tiny_model(3, vocab=VOCAB, dtype=torch.float32),
+            tiny_model(4, layers=1, vocab=VOCAB, dtype=torch.float32))
+
+
+def exact_joint(model) -> dict[tuple[int, ...], float]:
+    """P(first NEW tokens) for every sequence of nonzero probability (uncached forwards)."""
+    joint = {(): 1.0}
+    with torch.inference_mode():
+        for _ in range(NEW):
+            nxt = {}
+            for prefix, mass in joint.items():
+                x = torch.tensor([PROMPT + list(prefix)])
+                r = probabilities(model(x).logits[0, -1].double(), CFG)
+                for tok in r.nonzero().flatten().tolist():
+                    nxt[prefix + (tok,)] = mass * float(r[tok])
+            joint = nxt
+    return joint
+
+
+def chi_square(counts: dict, probs: dict, n: int) -> float:
+    """p-value, cells of expected count under 5 pooled (smallest first)."""
+    obs, exp, pool_o, pool_e = [], [], 0, 0.0
+    for c in sorted(probs, key=probs.get):
+        pool_o, pool_e = pool_o + counts.get(c, 0), pool_e + probs[c] * n
+        if pool_e >= 5:
+            obs.append(pool_o)
+            exp.append(pool_e)
+            pool_o, pool_e = 0, 0.0
+    obs[-1] += pool_o
+    exp[-1] += pool_e
+    return float(chisquare(obs, [e * n / sum(exp) for e in exp]).pvalue)  # float32 mass
+
+
+def marginal(table: dict, j: int) -> dict:
+    out: dict = {}
+    for seq, v in table.items():
+        out[seq[j]] = out.get(seq[j], 0) + v
+    return out
+
+
+def test_toy_pair_has_power(toy):
+    """The joints of target and draft are far apart (a draft-distributed output would fail)
+    and neither is near-certain."""
+    p, q = exact_joint(toy[0]), exact_joint(toy[1])
+    tv = 0.5 * sum(abs(p.get(c, 0) - q.get(c, 0)) for c in p.keys() | q.keys())
+    assert tv > 0.2 and len(p) >= 30 and max(p.values()) < 0.3
+
+
+@pytest.mark.parametrize("method", ["target", "spd"])
+def test_sampled_blocks_follow_the_exact_joint(toy, method):
+    target, draft = toy
+    probs = exact_joint(target)
+    out = generate_batch(target, draft if method == "spd" else None, [PROMPT] * SAMPLES,
+                         max_new_tokens=NEW, sampling=CFG, seeds=range(SAMPLES), rows=64, k=3)
+    counts: dict[tuple[int, ...], int] = {}
+    for ids in out:
+        counts[tuple(ids)] = counts.get(tuple(ids), 0) + 1
+    outside = {c: n for c, n in counts.items() if c not in probs}
+    assert not outside, f"sequences of probability 0 were sampled: {outside}"
+    pvalues = [chi_square(counts, probs, SAMPLES)]
+    pvalues += [chi_square(marginal(counts, j), marginal(probs, j), SAMPLES)
+                for j in range(NEW)]
+    assert min(pvalues) > ALPHA, f"p-values (joint, then positions): {pvalues}"
