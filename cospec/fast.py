@@ -187,16 +187,8 @@ class Engine:
             self.steps = torch.arange(MAX_GRAPH, device=self.device)
             self.ids = torch.zeros(MAX_GRAPH, dtype=torch.long, device=self.device)
             self.start = torch.zeros(1, dtype=torch.long, device=self.device)
-        cuda = self.device.type == "cuda"
-        self.use_graphs = cuda if graphs is None else graphs
-        if compile is None:
-            compile = cuda and os.environ.get("COSPEC_COMPILE", "1") != "0"
-        self.qkv, self.rest = _qkv, _rest
-        if compile:
-            _raise_recompile_limit()
-            self.qkv = torch.compile(_qkv, dynamic=True, fullgraph=True)
-            self.rest = torch.compile(_rest, dynamic=True, fullgraph=True)
-        self.compiled = compile
+        self.use_graphs, self.compiled, self.qkv, self.rest = layer_functions(
+            self.device, graphs, compile)
         self.graphs: dict[int, tuple] = {}   # n -> (graph, logits, hidden)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.host = (torch.zeros(MAX_GRAPH + 1, dtype=torch.long, pin_memory=True)
@@ -299,6 +291,20 @@ class Engine:
         torch.cuda.synchronize(self.device)
         self.capture_s += time.perf_counter() - t0
         return graph, logits, hidden
+
+
+def layer_functions(device: torch.device, graphs: bool | None, compile: bool | None):
+    """(use CUDA graphs, compiled, qkv, rest): the two halves of a layer an engine runs, compiled
+    on CUDA unless COSPEC_COMPILE=0; graphs and compile default to "on CUDA"."""
+    cuda = device.type == "cuda"
+    use_graphs = cuda if graphs is None else graphs
+    if compile is None:
+        compile = cuda and os.environ.get("COSPEC_COMPILE", "1") != "0"
+    if not compile:
+        return use_graphs, False, _qkv, _rest
+    _raise_recompile_limit()
+    return (use_graphs, True, torch.compile(_qkv, dynamic=True, fullgraph=True),
+            torch.compile(_rest, dynamic=True, fullgraph=True))
 
 
 def _raise_recompile_limit() -> None:

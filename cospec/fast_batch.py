@@ -29,7 +29,6 @@ live row and returns what each committed; a finished request frees its slot at o
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 from cospec.arbiter import MismatchPolicy
 from cospec.errors import CospecError
-from cospec.fast import Engine, _qkv, _raise_recompile_limit, _rest, _rms, supported
+from cospec.fast import Engine, _qkv, _rest, _rms, layer_functions, supported
 from cospec.sampling import GREEDY, SamplingConfig, residual
 from cospec.stats import DecodeStats
 
@@ -86,15 +85,7 @@ class BatchLM:
             self.row_ids = torch.arange(rows, device=self.device)
             self.ids = torch.zeros(rows, 2 * RUN_AHEAD, dtype=torch.long, device=self.device)
             self.pos = torch.zeros_like(self.ids)
-        cuda = self.device.type == "cuda"
-        self.use_graphs = cuda if graphs is None else graphs
-        if compile is None:
-            compile = cuda and os.environ.get("COSPEC_COMPILE", "1") != "0"
-        self.qkv, self.rest = _qkv, _rest
-        if compile:
-            _raise_recompile_limit()
-            self.qkv = torch.compile(_qkv, dynamic=True, fullgraph=True)
-            self.rest = torch.compile(_rest, dynamic=True, fullgraph=True)
+        self.use_graphs, _, self.qkv, self.rest = layer_functions(self.device, graphs, compile)
         self.graphs: dict[tuple[int, int], tuple] = {}  # (b, n) -> (graph, logits, hidden)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.capture_s = 0.0
