@@ -50,6 +50,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: float32 on CPU, bfloat16 on GPU")
+    g.add_argument("--tp", type=_number(int, lambda v: v >= 1, "an integer >= 1"), default=1,
+                   help="tensor-parallel ranks for the target (launch with torchrun "
+                        "--nproc-per-node N -m cospec ... --tp N; only rank 0 prints and writes)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -117,6 +120,13 @@ def load_pair_of(args, need_draft: bool = True):
 
     set_cpu_threads()
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if getattr(args, "tp", 1) > 1:
+        from cospec import tp
+
+        if args.models or getattr(args, "k", None) == "auto":
+            raise CospecError("--tp shards one target: --models and --k auto need it whole")
+        device = tp.init(args.tp, args.device)
+        return tp.load_pair(args.target, args.draft if need_draft else None, device, dtype)
     if args.models:
         specs = [m.strip() for m in args.models.split(",") if m.strip()]
         if len(specs) < 2:

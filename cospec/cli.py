@@ -5,6 +5,7 @@ the flags they share are in ``cospec.args``. This module only assembles them and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cospec import bench, collect, evaluate, generate_cmd, refine, train
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "tp", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        quiet_rank(args)
     try:
         if getattr(args, "sandbox", None):
             use(args.sandbox)
@@ -59,6 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if getattr(args, "tp", 1) > 1:
+            from cospec import tp
+
+            tp.finish()
+
+
+def quiet_rank(args) -> None:
+    """A tensor-parallel rank other than 0 computes with rank 0 but prints nothing and writes
+    its results (``--out``) to a scratch folder that is discarded."""
+    import tempfile
+
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    if getattr(args, "out", None):
+        args.out = tempfile.mkdtemp(prefix="cospec-rank-")
 
 
 if __name__ == "__main__":

@@ -319,3 +319,23 @@ def test_step_timing_and_roofline(ranks):
         assert g["roofline_s"] == g["bytes_per_rank_step"] / 1e9
         assert set(g["steps"]) == {"1", "3"} and all(
             s["median_s"] > 0 and s["reps"] == 2 for s in g["steps"].values())
+
+
+def test_cli_tp_generate_equals_one_process_and_prints_once(tiny_dirs):
+    """``torchrun --nproc-per-node 2 -m cospec generate --tp 2``: rank 0 alone prints, and its
+    greedy spd tokens equal the single-process run's."""
+    import json
+    import subprocess
+    import sys
+
+    t, d = tiny_dirs
+    args = ["generate", "--target", str(t), "--draft", str(d), "--method", "spd", "--prompt",
+            "w5 w9", "--no-chat", "--max-new-tokens", "12", "--json", "--device", "cpu",
+            "--dtype", "float32"]
+    one = subprocess.run([sys.executable, "-m", "cospec", *args], capture_output=True,
+                         text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "-m", "cospec", *args, "--tp", "2"], capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert json.loads(two.stdout)["token_ids"] == json.loads(one.stdout)["token_ids"]
