@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from distribution import assert_follows
 
 from cospec.methods import MethodOptions, build_method
 from cospec.models import Pair
@@ -131,29 +131,6 @@ def exact_joint(method: str, draft: ToyLM, target: ToyLM) -> dict[tuple[int, ...
     return joint
 
 
-def chi_square(counts: dict, probs: dict, n: int) -> float:
-    """p-value of the observed counts against the probabilities, cells with an expected
-    count under 5 pooled (smallest first) until every pooled cell reaches 5."""
-    cells = sorted(probs, key=probs.get)
-    obs, exp, pool_o, pool_e = [], [], 0, 0.0
-    for c in cells:
-        pool_o, pool_e = pool_o + counts.get(c, 0), pool_e + probs[c] * n
-        if pool_e >= 5:
-            obs.append(pool_o)
-            exp.append(pool_e)
-            pool_o, pool_e = 0, 0.0
-    obs[-1] += pool_o  # the rest is pooled into the largest cell
-    exp[-1] += pool_e
-    return float(chisquare(obs, exp).pvalue)
-
-
-def marginal(table: dict, j: int) -> dict:
-    out: dict = {}
-    for seq, v in table.items():
-        out[seq[j]] = out.get(seq[j], 0) + v
-    return out
-
-
 @pytest.fixture(scope="module")
 def pair() -> Pair:
     return Pair(ToyLM(1), ToyLM(2), None, "toy-target", "toy-draft")
@@ -184,14 +161,5 @@ def test_block_samples_follow_the_exact_joint(pair, method):
     probs = exact_joint(method, pair.draft, pair.target)
     assert abs(sum(probs.values()) - 1) < 1e-9
     run = build_method(method, pair, MethodOptions(lam=LAM, mu=MU), CFG)
-    counts: dict[tuple[int, ...], int] = {}
-    for seed in range(SAMPLES):
-        ids, _, _ = run.run(PROMPT, k=K, max_new_tokens=NEW, sampling=CFG, eos_ids=[],
-                            seed=seed)
-        counts[tuple(ids)] = counts.get(tuple(ids), 0) + 1
-    outside = {c: n for c, n in counts.items() if c not in probs}
-    assert not outside, f"sequences of probability 0 were sampled: {outside}"
-    pvalues = [chi_square(counts, probs, SAMPLES)]
-    pvalues += [chi_square(marginal(counts, j), marginal(probs, j), SAMPLES)
-                for j in range(NEW)]
-    assert min(pvalues) > ALPHA, f"p-values (joint, then positions 1..{NEW}): {pvalues}"
+    assert_follows((run.run(PROMPT, k=K, max_new_tokens=NEW, sampling=CFG, eos_ids=[],
+                            seed=seed)[0] for seed in range(SAMPLES)), probs, NEW, ALPHA)

@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from distribution import assert_follows
 from tiny import tiny_model
 
 from cospec.acceptance import ExactRule
@@ -217,27 +217,6 @@ def exact_joint(model) -> dict[tuple[int, ...], float]:
     return joint
 
 
-def chi_square(counts: dict, probs: dict, n: int) -> float:
-    """p-value, cells of expected count under 5 pooled (smallest first)."""
-    obs, exp, pool_o, pool_e = [], [], 0, 0.0
-    for c in sorted(probs, key=probs.get):
-        pool_o, pool_e = pool_o + counts.get(c, 0), pool_e + probs[c] * n
-        if pool_e >= 5:
-            obs.append(pool_o)
-            exp.append(pool_e)
-            pool_o, pool_e = 0, 0.0
-    obs[-1] += pool_o
-    exp[-1] += pool_e
-    return float(chisquare(obs, [e * n / sum(exp) for e in exp]).pvalue)  # float32 mass
-
-
-def marginal(table: dict, j: int) -> dict:
-    out: dict = {}
-    for seq, v in table.items():
-        out[seq[j]] = out.get(seq[j], 0) + v
-    return out
-
-
 def test_toy_pair_has_power(toy):
     """The joints of target and draft are far apart (a draft-distributed output would fail)
     and neither is near-certain."""
@@ -252,12 +231,4 @@ def test_sampled_blocks_follow_the_exact_joint(toy, method):
     probs = exact_joint(target)
     out = generate_batch(target, draft if method == "spd" else None, [PROMPT] * SAMPLES,
                          max_new_tokens=NEW, sampling=CFG, seeds=range(SAMPLES), rows=64, k=3)
-    counts: dict[tuple[int, ...], int] = {}
-    for ids in out:
-        counts[tuple(ids)] = counts.get(tuple(ids), 0) + 1
-    outside = {c: n for c, n in counts.items() if c not in probs}
-    assert not outside, f"sequences of probability 0 were sampled: {outside}"
-    pvalues = [chi_square(counts, probs, SAMPLES)]
-    pvalues += [chi_square(marginal(counts, j), marginal(probs, j), SAMPLES)
-                for j in range(NEW)]
-    assert min(pvalues) > ALPHA, f"p-values (joint, then positions): {pvalues}"
+    assert_follows(out, probs, NEW, ALPHA)
