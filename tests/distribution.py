@@ -39,3 +39,20 @@ def assert_follows(samples, probs: dict, new: int, alpha: float) -> None:
     pvalues = [chi_square(counts, probs, n)]
     pvalues += [chi_square(marginal(counts, j), marginal(probs, j), n) for j in range(new)]
     assert min(pvalues) > alpha, f"p-values (joint, then positions): {pvalues}"
+
+
+def exact_joint(next_probs, prompt: list[int], new: int) -> dict[tuple[int, ...], float]:
+    """P(first ``new`` tokens) for every sequence of nonzero probability, by enumerating the
+    prefixes: ``next_probs(ids [1, n]) -> [V]`` is the distribution sampled after ``ids``."""
+    import torch
+
+    joint = {(): 1.0}
+    with torch.inference_mode():
+        for _ in range(new):
+            nxt = {}
+            for prefix, mass in joint.items():
+                r = next_probs(torch.tensor([prompt + list(prefix)]))
+                for tok in r.nonzero().flatten().tolist():
+                    nxt[prefix + (tok,)] = mass * float(r[tok])
+            joint = nxt
+    return joint

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from distribution import assert_follows
+from distribution import exact_joint as joint_of
 
 from cospec.methods import MethodOptions, build_method
 from cospec.models import Pair
@@ -118,17 +119,8 @@ def combined(method: str, l_q: torch.Tensor, l_p: torch.Tensor) -> torch.Tensor:
 def exact_joint(method: str, draft: ToyLM, target: ToyLM) -> dict[tuple[int, ...], float]:
     """P(first NEW tokens) for every sequence of nonzero probability, by enumerating the
     prefixes with uncached forwards of both models."""
-    joint = {(): 1.0}
-    with torch.inference_mode():
-        for _ in range(NEW):
-            nxt = {}
-            for prefix, mass in joint.items():
-                x = torch.tensor([PROMPT + list(prefix)])
-                r = combined(method, draft(x).logits[0, -1], target(x).logits[0, -1])
-                for tok in r.nonzero().flatten().tolist():
-                    nxt[prefix + (tok,)] = mass * float(r[tok])
-            joint = nxt
-    return joint
+    return joint_of(lambda x: combined(method, draft(x).logits[0, -1], target(x).logits[0, -1]),
+                    PROMPT, NEW)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 from distribution import assert_follows
+from distribution import exact_joint as joint_of
 from tiny import tiny_model
 
 from cospec.acceptance import ExactRule
@@ -204,17 +205,7 @@ def toy():
 
 def exact_joint(model) -> dict[tuple[int, ...], float]:
     """P(first NEW tokens) for every sequence of nonzero probability (uncached forwards)."""
-    joint = {(): 1.0}
-    with torch.inference_mode():
-        for _ in range(NEW):
-            nxt = {}
-            for prefix, mass in joint.items():
-                x = torch.tensor([PROMPT + list(prefix)])
-                r = probabilities(model(x).logits[0, -1].double(), CFG)
-                for tok in r.nonzero().flatten().tolist():
-                    nxt[prefix + (tok,)] = mass * float(r[tok])
-            joint = nxt
-    return joint
+    return joint_of(lambda x: probabilities(model(x).logits[0, -1].double(), CFG), PROMPT, NEW)
 
 
 def test_toy_pair_has_power(toy):
