@@ -104,7 +104,7 @@ def require_training_data(args, verb: str) -> None:
 
 
 def cmd_collect(args) -> int:
-    from cospec.session import Session
+    from cospec.eval_setup import Session
 
     require_training_data(args, "collect")
     out = Path(args.out)

@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 from cospec.errors import CospecError, read_json
+from cospec.eval_setup import Session
 from cospec.methods import GREEDY_ONLY, LOSSY, METHODS, SAME_AS_GREEDY
 from cospec.report import machine_load, markdown_table, mcnemar, pct, plot_accuracy_speed, wilson
-from cospec.session import Session
 from cospec.tasks import get_task
 
 IDENTITY = ("task", "split", "target", "draft", "models", "k", "max_new_tokens", "temperature",

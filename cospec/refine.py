@@ -113,7 +113,7 @@ def run_iteration(s, policy: LearnedPolicy, opt, idx: list[int], args, it: int) 
 
 
 def cmd_refine(args) -> int:
-    from cospec.session import Session
+    from cospec.eval_setup import Session
 
     require_training_data(args, "refine")  # greedy: the arbiter's actions are the randomness
     for name in ("iterations", "problems", "batch_size"):
