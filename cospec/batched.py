@@ -64,7 +64,7 @@ def control_tokens(t_logits: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
     c = second.clone()
     if bool(sampled.any()):
         rows = sampled.nonzero().flatten()
-        logits = t_logits[rows].float().clone()
+        logits = t_logits[rows].float()  # indexing copies
         logits[torch.arange(len(rows), device=logits.device), t[rows]] = float("-inf")
         logits[torch.arange(len(rows), device=logits.device), d[rows]] = float("-inf")
         c[rows] = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]

@@ -49,15 +49,15 @@ def read_points(paths: list[str | Path]) -> list[dict]:
     return out
 
 
-def _rollouts(s, prompts: list[list[int]], paths, points, token_of, batch_size: int
+def _rollouts(s, prompts: list[list[int]], paths, branches, batch_size: int
               ) -> list[list[int]]:
-    """Generated tokens of each point's branch: the target's path up to the point, the
-    token ``token_of(divergence)`` there, then the target greedily to the budget."""
+    """Generated tokens of each branch ``(j, divergence, token)``: row j's target path up to
+    the point, ``token`` there, then the target greedily to the budget (one batched run)."""
     a = s.args
-    heads = [paths[j].tokens[:d.position] + [token_of(d)] for j, d in points]
-    budgets = [a.max_new_tokens - d.position - 1 for _, d in points]
+    heads = [paths[j].tokens[:d.position] + [tok] for j, d, tok in branches]
+    budgets = [a.max_new_tokens - d.position - 1 for _, d, _ in branches]
     live = [n for n, (b, h) in enumerate(zip(budgets, heads)) if b > 0 and h[-1] not in s.eos]
-    rolled = lockstep(s.pair.target, None, [prompts[points[n][0]] + heads[n] for n in live],
+    rolled = lockstep(s.pair.target, None, [prompts[branches[n][0]] + heads[n] for n in live],
                       max_new_tokens=[budgets[n] for n in live], eos_ids=s.eos, pad_id=s.pad,
                       batch_size=batch_size) if live else []
     tails = dict(zip(live, (r.tokens for r in rolled)))
@@ -75,10 +75,11 @@ def collect_shard(s, idx: list[int], max_points: int, batch_size: int) -> list[d
                      eos_ids=s.eos, pad_id=s.pad, batch_size=batch_size, record=True)
     target_ok = s.grade([(i, r.tokens) for i, r in zip(idx, paths)])
     points = [(j, d) for j, r in enumerate(paths) for d in r.divergences[:max_points]]
-    drafts = _rollouts(s, prompts, paths, points, lambda d: d.d, batch_size)
-    controls = _rollouts(s, prompts, paths, points, lambda d: d.c, batch_size)
-    draft_ok = s.grade([(idx[j], toks) for (j, _), toks in zip(points, drafts)])
-    control_ok = s.grade([(idx[j], toks) for (j, _), toks in zip(points, controls)])
+    branches = [(j, d, d.d) for j, d in points] + [(j, d, d.c) for j, d in points]
+    outs = _rollouts(s, prompts, paths, branches, batch_size)
+    branch_ok = s.grade([(idx[j], toks) for (j, _, _), toks in zip(branches, outs)])
+    drafts, controls = outs[:len(points)], outs[len(points):]
+    draft_ok, control_ok = branch_ok[:len(points)], branch_ok[len(points):]
     recs = [{"id": s.problems[i].id, "target_correct": ok, "tokens": len(r.tokens),
              "mismatches": r.mismatches, "target_ids": r.tokens, **s.grader()}
             for i, r, ok in zip(idx, paths, target_ok)]
