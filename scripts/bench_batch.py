@@ -1,18 +1,23 @@
 """Batched decoding speed (``cospec.fast_batch``): target-only and spd at several batch sizes.
 
     PYTHONPATH=. python scripts/bench_batch.py --out DIR [--target qwen2.5-coder-1.5b]
-        [--draft qwen2.5-coder-0.5b] [--task gsm8k --split heldout] [--prompts 64]
-        [--new 256] [--k 4] [--batches 1,4,16,64] [--temperature 0]
+        [--draft qwen2.5-coder-0.5b] [--task gsm8k,humaneval --split heldout] [--prompts 64]
+        [--new 256] [--k 4] [--batches 1,4,16,64] [--temperature 0] [--ignore-eos]
+        [--save-prompts FILE]
     PYTHONPATH=. python scripts/bench_batch.py --tiny --out DIR     # CPU smoke test
 
-The same ``--prompts`` prompts (chat template) go through an engine of B slots for every B
-(requests join as slots free up); both methods share the prompts and the code path. Before
-the timed pass every bucket of rows <= B is warmed up (on CUDA: its graphs captured), so no
-capture falls inside it. Per (B, method): generated tokens, prefill and decode seconds,
-tokens/s end to end and decode only, tau, peak memory (CUDA: the device's peak allocated in
-that pass; CPU: the process's peak resident set so far), capture seconds. Writes
-DIR/bench_batch.json after every configuration and prints a table. ``--tiny``: random
+The same ``--prompts`` prompts (chat template; shared out over the comma-separated tasks,
+GSM8K from ``--split``, the others from their test split) go through an engine of B slots
+for every B (requests join as slots free up); both methods share the prompts and the code
+path. Before the timed pass every bucket of rows <= B is warmed up (on CUDA: its graphs
+captured), so no capture falls inside it. Per (B, method): generated tokens, prefill and
+decode seconds, tokens/s end to end and decode only, tau, peak memory (CUDA: the device's
+peak allocated in that pass; CPU: the process's peak resident set so far), capture seconds.
+Writes DIR/bench_batch.json after every configuration and prints a table. ``--tiny``: random
 tiny models (fp32, CPU), random prompts: checks that the script runs, measures nothing.
+``--ignore-eos``: every request decodes exactly ``--new`` tokens (for a side-by-side with
+another engine at equal token counts); ``--save-prompts``: the prompt token ids as JSON
+(``scripts/vllm_batch.py --prompts`` reads them).
 """
 
 from __future__ import annotations
@@ -50,8 +55,13 @@ def real_pair(args) -> tuple[torch.nn.Module, torch.nn.Module, list[list[int]], 
     from cospec.tasks import get_task
 
     pair = load_pair(args.target, args.draft)
-    problems = get_task(args.task).problems(args.split)[:args.prompts]
-    prompts = [encode_prompt(pair.tokenizer, p.prompt) for p in problems]
+    tasks = args.task.split(",")
+    prompts = []
+    for i, task in enumerate(tasks):  # --prompts shared out over the tasks
+        n = args.prompts // len(tasks) + (i < args.prompts % len(tasks))
+        split = args.split if task == "gsm8k" else "test"
+        prompts += [encode_prompt(pair.tokenizer, p.prompt)
+                    for p in get_task(task).problems(split)[:n]]
     return pair.target, pair.draft, prompts, eos_ids(pair.tokenizer, pair.target)
 
 
@@ -104,6 +114,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--ignore-eos", action="store_true", help="decode exactly --new tokens")
+    ap.add_argument("--save-prompts", type=Path, help="write the prompt token ids here")
     ap.add_argument("--tiny", action="store_true", help="tiny random models on CPU (smoke)")
     args = ap.parse_args()
     if args.tiny:
@@ -112,12 +124,17 @@ def main() -> None:
         prompts = prompts[:args.prompts]
     else:
         target, draft, prompts, eos = real_pair(args)
+    if args.ignore_eos:
+        eos = []
+    if args.save_prompts:
+        args.save_prompts.parent.mkdir(parents=True, exist_ok=True)
+        args.save_prompts.write_text(json.dumps(prompts))
     sampling = SamplingConfig(temperature=args.temperature)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_batch.json"
     report = dict(target="tiny" if args.tiny else args.target,
                   draft="tiny" if args.tiny else args.draft, task=args.task, split=args.split,
-                  new=args.new, k=args.k, temperature=args.temperature,
+                  new=args.new, k=args.k, ignore_eos=args.ignore_eos, temperature=args.temperature,
                   device=str(next(target.parameters()).device),
                   dtype=str(next(target.parameters()).dtype),
                   load_start=os.getloadavg(), runs=[])

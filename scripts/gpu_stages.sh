@@ -22,6 +22,9 @@
 #   eval    the refined arbiter on GSM8K heldout (all 831), beside the target's committed
 #           records (same problems, same settings)
 #   transfer  the same on HumanEval (164) and MBPP (500)
+#   batch   cospec's batch engine (scripts/bench_batch.py): target-only and spd at 1, 4, 16, 64
+#           rows, 64 prompts (32 GSM8K heldout + 32 HumanEval), 256 tokens each, EOS ignored
+#   vbatch  vLLM on the same prompt ids (scripts/vllm_batch.py; wheels as for vllm)
 #   code    MBPP draft records beside the committed target ones (dev and heldout come from the
 #           one test run), then divergence points on MBPP dev with the draft's and the re-roll
 #           control's branches rolled out and graded (shards of 50 problems; rerun to go on)
@@ -48,7 +51,7 @@ stage_setup() {
 
 stage_tests() {
     python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_fast.py \
-        tests/test_cospec.py tests/test_replay.py 2>&1 | tail -15
+        tests/test_cospec.py tests/test_replay.py tests/test_fast_batch.py 2>&1 | tail -15
 }
 
 stage_replay() {
@@ -151,7 +154,7 @@ stage_peers() {
     python3 scripts/peer_speed.py table "$R/peers" | tail -8
 }
 
-stage_vllm() {
+vllm_install() {  # the wheels cut into /tmp/p/B.NN, installed under /tmp/vsite
     if [ ! -d /tmp/vsite/vllm ]; then
         cat /tmp/p/B.* > /tmp/B.tar
         echo "$B_SHA256  /tmp/B.tar" | sha256sum -c
@@ -159,8 +162,29 @@ stage_vllm() {
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --target /tmp/vsite /tmp/vw/*.whl
     fi
+}
+
+stage_vllm() {
+    vllm_install
     for m in target spd; do PYTHONPATH=/tmp/vsite:$PYTHONPATH peer vllm "$m"; done
     python3 scripts/peer_speed.py table "$R/peers" | tail -8
+}
+
+stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and token counts
+    mkdir -p "$R/batch"
+    [ -e "$R/batch/bench_batch.json" ] || timeout "${BATCH_S:-400}" python3 scripts/bench_batch.py \
+        --out "$R/batch" --task gsm8k,humaneval --prompts 64 --new 256 --k 4 \
+        --batches 1,4,16,64 --ignore-eos --save-prompts "$R/batch/prompts.json" 2>&1 | tail -12
+}
+
+stage_vbatch() {
+    vllm_install
+    for m in target spd; do
+        [ -e "$R/batch/vllm-$m.json" ] || PYTHONPATH=/tmp/vsite:$PYTHONPATH timeout "${VBATCH_S:-280}" \
+            python3 scripts/vllm_batch.py --prompts "$R/batch/prompts.json" --method "$m" \
+            --new 256 --k 4 --batches 1,4,16,64 --out "$R/batch/vllm-$m.json" 2>&1 \
+            | grep -E "^vllm|Error|error" | tail -8
+    done
 }
 
 for stage in "$@"; do
