@@ -3,7 +3,7 @@
     PYTHONPATH=. python scripts/bench_batch.py --out DIR [--target qwen2.5-coder-1.5b]
         [--draft qwen2.5-coder-0.5b] [--task gsm8k,humaneval --split heldout] [--prompts 64]
         [--new 256] [--k 4] [--batches 1,4,16,64] [--temperature 0] [--ignore-eos]
-        [--save-prompts FILE]
+        [--save-prompts FILE] [--random 1.5b|7b]
     PYTHONPATH=. python scripts/bench_batch.py --tiny --out DIR     # CPU smoke test
 
 The same ``--prompts`` prompts (chat template; shared out over the comma-separated tasks,
@@ -17,7 +17,9 @@ Writes DIR/bench_batch.json after every configuration and prints a table. ``--ti
 tiny models (fp32, CPU), random prompts: checks that the script runs, measures nothing.
 ``--ignore-eos``: every request decodes exactly ``--new`` tokens (for a side-by-side with
 another engine at equal token counts); ``--save-prompts``: the prompt token ids as JSON
-(``scripts/vllm_batch.py --prompts`` reads them).
+(``scripts/vllm_batch.py --prompts`` reads them). ``--random SIZE``: a random-weight target
+of Qwen2.5 shapes (bf16, CUDA; ``scripts/gpu_speed.py``'s shapes) and random 128-token prompts,
+target-only, EOS ignored: throughput against batch size without any weights to carry.
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ def real_pair(args) -> tuple[torch.nn.Module, torch.nn.Module, list[list[int]], 
         prompts += [encode_prompt(pair.tokenizer, p.prompt)
                     for p in get_task(task).problems(split)[:n]]
     return pair.target, pair.draft, prompts, eos_ids(pair.tokenizer, pair.target)
+
+
+def random_target(args) -> tuple[torch.nn.Module, None, list[list[int]], list[int]]:
+    from gpu_speed import random_model
+
+    model = random_model(args.random)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (args.prompts, 128), generator=g)
+    return model, None, prompts.tolist(), []
 
 
 def peak_mb(device: torch.device) -> float:
@@ -116,12 +127,16 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--ignore-eos", action="store_true", help="decode exactly --new tokens")
     ap.add_argument("--save-prompts", type=Path, help="write the prompt token ids here")
+    ap.add_argument("--random", choices=("0.5b", "1.5b", "7b"),
+                    help="random-weight target of Qwen2.5 shapes, target-only (CUDA)")
     ap.add_argument("--tiny", action="store_true", help="tiny random models on CPU (smoke)")
     args = ap.parse_args()
     if args.tiny:
         os.environ.setdefault("COSPEC_STATIC", "1")
         target, draft, prompts, eos = tiny_pair()
         prompts = prompts[:args.prompts]
+    elif args.random:
+        target, draft, prompts, eos = random_target(args)
     else:
         target, draft, prompts, eos = real_pair(args)
     if args.ignore_eos:
@@ -132,15 +147,16 @@ def main() -> None:
     sampling = SamplingConfig(temperature=args.temperature)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_batch.json"
-    report = dict(target="tiny" if args.tiny else args.target,
-                  draft="tiny" if args.tiny else args.draft, task=args.task, split=args.split,
+    report = dict(target="tiny" if args.tiny else f"random-{args.random}" if args.random
+                  else args.target, draft="tiny" if args.tiny else None if args.random
+                  else args.draft, task=args.task, split=args.split,
                   new=args.new, k=args.k, ignore_eos=args.ignore_eos, temperature=args.temperature,
                   device=str(next(target.parameters()).device),
                   dtype=str(next(target.parameters()).dtype),
                   load_start=os.getloadavg(), runs=[])
     with torch.inference_mode():
         for rows in (int(b) for b in args.batches.split(",")):
-            for proposer in (None, draft):
+            for proposer in (None, draft) if draft is not None else (None,):
                 run = one(target, proposer, prompts, eos, rows, args, sampling)
                 report["runs"].append(run)
                 report["load_end"] = os.getloadavg()

@@ -24,6 +24,7 @@
 #   transfer  the same on HumanEval (164) and MBPP (500)
 #   batch   cospec's batch engine (scripts/bench_batch.py): target-only and spd at 1, 4, 16, 64
 #           rows, 64 prompts (32 GSM8K heldout + 32 HumanEval), 256 tokens each, EOS ignored
+#   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights needed)
 #   vbatch  vLLM on the same prompt ids (scripts/vllm_batch.py; wheels as for vllm)
 #   code    MBPP draft records beside the committed target ones (dev and heldout come from the
 #           one test run), then divergence points on MBPP dev with the draft's and the re-roll
@@ -175,6 +176,13 @@ stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and 
     [ -e "$R/batch/bench_batch.json" ] || timeout "${BATCH_S:-400}" python3 scripts/bench_batch.py \
         --out "$R/batch" --task gsm8k,humaneval --prompts 64 --new 256 --k 4 \
         --batches 1,4,16,64 --ignore-eos --save-prompts "$R/batch/prompts.json" 2>&1 | tail -12
+}
+
+stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no weights to carry)
+    for size in 1.5b 7b; do
+        timeout "${RBATCH_S:-200}" python3 scripts/bench_batch.py --out "$R/rbatch-$size" \
+            --random "$size" --prompts 64 --new 256 --batches 1,4,16,64 --ignore-eos 2>&1 | tail -6
+    done
 }
 
 stage_vbatch() {
