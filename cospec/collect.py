@@ -65,7 +65,7 @@ def _rollouts(s, prompts: list[list[int]], paths, branches, batch_size: int
 
 
 def collect_shard(s, idx: list[int], max_points: int, batch_size: int) -> list[dict]:
-    """Records for problems ``idx`` of session ``s`` (see module doc): one per problem (the
+    """Records for problems ``idx`` of setup ``s`` (see module doc): one per problem (the
     target's path, graded) and one per divergence point with its DRAFT and CONTROL branches
     (``batched.control_tokens``) rolled out and graded. Branch records keep their tokens
     after the point so they can be regraded."""
@@ -105,12 +105,12 @@ def require_training_data(args, verb: str) -> None:
 
 
 def cmd_collect(args) -> int:
-    from cospec.eval_setup import Session
+    from cospec.eval_setup import EvalSetup
 
     require_training_data(args, "collect")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # before minutes of model loading
-    s = Session(args, ["target", "draft"])
+    s = EvalSetup(args, ["target", "draft"])
     meta = {"task": args.task, "split": args.split, "target": args.target,
             "draft": args.draft, "max_new_tokens": args.max_new_tokens,
             "max_points": args.max_points, "shard_size": args.shard_size,

@@ -1,4 +1,4 @@
-"""``Session``: a loaded pair, a task's problems and their prompts, with the methods built
+"""``EvalSetup``: a loaded pair, a task's problems and their prompts, with the methods built
 for them: what ``cospec eval``, ``bench``, ``collect`` and ``refine`` share."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from cospec.sandbox import kind as sandbox_kind
 from cospec.tasks import get_task
 
 
-class Session:
+class EvalSetup:
     """A loaded pair, a task and its prompts: what eval and bench share."""
 
     def __init__(self, args, methods: list[str]):

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from cospec.errors import CospecError, read_json
-from cospec.eval_setup import Session
+from cospec.eval_setup import EvalSetup
 from cospec.methods import GREEDY_ONLY, LOSSY, METHODS, SAME_AS_GREEDY
 from cospec.report import machine_load, markdown_table, mcnemar, pct, plot_accuracy_speed, wilson
 from cospec.tasks import get_task
@@ -120,7 +120,7 @@ def _config(args) -> dict:
     return cfg
 
 
-def method_opts(s: Session, m: str) -> dict:
+def method_opts(s: EvalSetup, m: str) -> dict:
     """The options a lossy method's results depend on (stored with each of its records)."""
     rule = s.built[m].rule
     if m == "cospec":
@@ -137,7 +137,7 @@ def method_opts(s: Session, m: str) -> dict:
     return {}
 
 
-def check_opts(s: Session, done: dict, run: RunDir) -> None:
+def check_opts(s: EvalSetup, done: dict, run: RunDir) -> None:
     """Refuse to mix results of a lossy method run with different options."""
     for (_, m), r in done.items():
         if m in s.built and r.get("opts", {}) != method_opts(s, m):
@@ -156,7 +156,7 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def accuracy_pass(s: Session, run: RunDir) -> None:
+def accuracy_pass(s: EvalSetup, run: RunDir) -> None:
     """Score every method on every problem with its own tokens.
 
     Target-only, draft-only, the lossy rules and the autoregressive combinations go through
@@ -240,7 +240,7 @@ def accuracy_pass(s: Session, run: RunDir) -> None:
         done = run.records("accuracy")
 
 
-def accuracy_record(s: Session, pid: str, method: str, ids: list[int], correct: bool,
+def accuracy_record(s: EvalSetup, pid: str, method: str, ids: list[int], correct: bool,
                     path: str, overrides: int, mismatches: int) -> dict:
     """One graded answer of ``method`` (its own tokens), as stored in accuracy.jsonl."""
     return {"id": pid, "method": method, "correct": correct, "path": path,
@@ -249,7 +249,7 @@ def accuracy_record(s: Session, pid: str, method: str, ids: list[int], correct: 
             **s.grader()}
 
 
-def speed_pass(s: Session, run: RunDir, n: int) -> None:
+def speed_pass(s: EvalSetup, run: RunDir, n: int) -> None:
     """Batch-1 timing with the real loop on the first n problems, interleaved per problem."""
     done = run.records("speed")
     check_opts(s, done, run)
@@ -445,7 +445,7 @@ def cmd_eval(args) -> int:
     cfg = _config(args)
     cfg["command"] = "cospec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     run = RunDir(args.out, cfg)
-    s = Session(args, methods)
+    s = EvalSetup(args, methods)
     # speed first: the exact methods' accuracy reuses the tokens it decoded at batch 1
     speed_pass(s, run, args.speed_subset if args.command == "eval" else len(s.problems))
     if args.command == "eval":

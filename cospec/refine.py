@@ -89,7 +89,7 @@ def recentre(policy: LearnedPolicy, threshold: float) -> None:
 
 
 def run_iteration(s, policy: LearnedPolicy, opt, idx: list[int], args, it: int) -> dict:
-    """Roll out problems ``idx`` of session ``s`` G times each, grade, take one step."""
+    """Roll out problems ``idx`` of setup ``s`` G times each, grade, take one step."""
     g = args.group
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(args.seed * 100_003 + it)
@@ -113,7 +113,7 @@ def run_iteration(s, policy: LearnedPolicy, opt, idx: list[int], args, it: int) 
 
 
 def cmd_refine(args) -> int:
-    from cospec.eval_setup import Session
+    from cospec.eval_setup import EvalSetup
 
     require_training_data(args, "refine")  # greedy: the arbiter's actions are the randomness
     for name in ("iterations", "problems", "batch_size"):
@@ -132,7 +132,7 @@ def cmd_refine(args) -> int:
     if start is None:
         raise CospecError("refine starts from an arbiter: give --arbiter PATH (e.g. one made "
                           "by cospec train)")
-    s = Session(args, ["target", "draft"])
+    s = EvalSetup(args, ["target", "draft"])
     pair = (s.pair.target_name, s.pair.draft_name)
     policy = load_arbiter(start, pair)
     if policy.needs_hidden:
