@@ -22,8 +22,9 @@ static caches; a *request* occupies a slot from its prefill until it finishes.
   smallest of ``BUCKETS`` that covers the highest slot in use. On CPU it all runs eagerly.
 
 Rows join and leave between steps: ``submit`` queues a request; ``step`` prefills queued
-requests into free slots (one prompt at a time, the others wait), runs one step for every
-live row and returns what each committed; a finished request frees its slot at once.
+requests into free slots (all of them in one padded pass per model, up to
+``PREFILL_TOKENS``), runs one step for every live row and returns what each committed; a
+finished request frees its slot at once.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from cospec.stats import DecodeStats
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RUN_AHEAD = 8   # target-only decoding: tokens decoded per host read
+PREFILL_TOKENS = 8192  # padded prompt tokens per prefill pass (bounds its attention mask)
 _M32 = 0xFFFFFFFF
 
 
@@ -90,9 +92,10 @@ class BatchLM:
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.capture_s = 0.0
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, first: int, eager: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows first..first+b-1; ids, pos [b, n] -> logits [b, n, V], hidden [b, n, d]."""
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, first: int, eager: bool,
+                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows first..first+b-1, or the slots ``rows`` [b] when given (eager only);
+        ids, pos [b, n] -> logits [b, n, V], hidden [b, n, d]."""
         b, n = ids.shape
         qkv, rest = (_qkv, _rest) if eager else (self.qkv, self.rest)
         x = F.embedding(ids, self.embed)
@@ -101,12 +104,15 @@ class BatchLM:
         bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         bias = bias.masked_fill(~visible, float("-inf")).repeat(
             1, self.heads // self.kv_heads, 1)[:, None]                     # [b, 1, G*n, L]
-        row = self.row_ids[:b, None].expand(b, n)
+        row = (self.row_ids[:b] if rows is None else rows)[:, None].expand(b, n)
         for w, k_all, v_all in zip(self.layers, self.kc, self.vc):
-            kc, vc = k_all[first:first + b], v_all[first:first + b]
+            kc, vc = (k_all[first:first + b], v_all[first:first + b]) if rows is None \
+                else (k_all, v_all)
             q, k, v = qkv(x, cos, sin, w, self.heads, self.kv_heads, self.eps)
             kc[row, :, pos] = k.transpose(1, 2)                             # [b, n, KVH, hd]
             vc[row, :, pos] = v.transpose(1, 2)
+            if rows is not None:  # the given slots' caches, gathered after the write
+                kc, vc = k_all[rows], v_all[rows]
             x = rest(x, q, kc, vc, bias, w, self.scale, self.eps)
         h = _rms(x, self.norm, self.eps)
         return F.linear(h, self.head_w, self.head_b), h
@@ -124,12 +130,22 @@ class BatchLM:
         graph.replay()
         return logits, hidden
 
-    def prefill(self, ids: list[int], slot: int) -> None:
-        """Write the K/V of ``ids`` at positions 0.. of ``slot`` (eagerly: no graph per
-        prompt length)."""
-        if ids:
-            x = torch.tensor([ids], device=self.device)
-            self._forward(x, self.slots[:len(ids)][None], slot, eager=True)
+    def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> None:
+        """Write the K/V of each ``prompts[i]`` at positions 0.. of slot ``slots[i]``, all
+        in one eager pass (no graph per prompt length). Shorter prompts are padded at the
+        end: the padding's K/V land beyond the row's length, where no query looks before
+        the row overwrites them. Empty prompts are skipped."""
+        todo = [(list(p), s) for p, s in zip(prompts, slots) if len(p)]
+        while todo:  # passes of at most PREFILL_TOKENS padded tokens (or one prompt)
+            m = 1
+            while m < len(todo) and (m + 1) * max(len(p) for p, _ in todo[:m + 1]) \
+                    <= PREFILL_TOKENS:
+                m += 1
+            part, todo = todo[:m], todo[m:]
+            n = max(len(p) for p, _ in part)
+            ids = torch.tensor([p + [0] * (n - len(p)) for p, _ in part], device=self.device)
+            rows = torch.tensor([s for _, s in part], device=self.device)
+            self._forward(ids, self.slots[:n].expand(m, n), 0, eager=True, rows=rows)
 
     def _capture(self, b: int, n: int) -> tuple:
         """Capture the forward of (b, n); the warm-up runs compute this very call (the
@@ -334,17 +350,17 @@ class BatchEngine:
         return bool(self.queue) or any(r is not None for r in self.slots)
 
     def _admit(self) -> None:
-        """Prefill queued requests into free slots (both models, prompt[:-1])."""
+        """Prefill queued requests into free slots (both models, prompt[:-1]; all the
+        requests admitted in a step in one pass per model)."""
         vocab = self.target.head_w.shape[0]
-        for slot in range(self.rows):
-            if not self.queue:
-                return
-            if self.slots[slot] is not None:
-                continue
-            req = self.queue.popleft()
-            self.target.prefill(req.prompt[:-1], slot)
-            if self.draft is not None:
-                self.draft.prefill(req.prompt[:-1], slot)
+        free = [slot for slot in range(self.rows) if self.slots[slot] is None]
+        admitted = [(slot, self.queue.popleft()) for slot in free[:len(self.queue)]]
+        if not admitted:
+            return
+        for lm in (self.target, self.draft):
+            if lm is not None:
+                lm.prefill([r.prompt[:-1] for _, r in admitted], [slot for slot, _ in admitted])
+        for slot, req in admitted:
             s = req.sampling
             self.n[slot], self.plen[slot] = len(req.prompt), len(req.prompt)
             self.last[slot] = req.prompt[-1]
