@@ -49,6 +49,7 @@ class LockstepResult:
     mismatches: int = 0
     overrides: int = 0
     divergences: list[Divergence] = field(default_factory=list)
+    logprob: float = 0.0  # the target's log-probability of ``tokens`` (when recording)
 
 
 def control_tokens(t_logits: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
@@ -106,6 +107,7 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     mismatches = torch.zeros(n, dtype=torch.long, device=device)
     overrides = torch.zeros(n, dtype=torch.long, device=device)
+    logprob = torch.zeros(n, dtype=torch.float64, device=device)
     divergences: list[list[Divergence]] = [[] for _ in prompts]
     last_pos = pos[:, -1:]
     control_gen = torch.Generator(device=device).manual_seed(0) if record else None
@@ -139,6 +141,9 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
                             divergences[r].append(Divergence(
                                 step, int(t_r[j]), int(d_r[j]), feats[j].tolist(),
                                 bool(keep[j]), int(c_r[j]), bool(c_s[j])))
+        if record:
+            lp = t_logits.gather(1, choice[:, None])[:, 0] - t_logits.logsumexp(-1)
+            logprob += torch.where(alive, lp, 0).double()
         tokens[:, step] = torch.where(alive, choice, -1)
         alive &= ~torch.isin(choice, eos_t) & (budget > step + 1)
         if step % 8 == 7 and not bool(alive.any()):
@@ -150,9 +155,9 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
         if draft is not None:
             d_logits, d_cache, d_hid = _forward(draft, x, mask, last_pos, d_cache, hid)
     rows = tokens.cpu().tolist()
-    return [LockstepResult([t for t in row if t >= 0], int(mm), int(ov), dv)
-            for row, mm, ov, dv in zip(rows, mismatches.tolist(), overrides.tolist(),
-                                       divergences)]
+    return [LockstepResult([t for t in row if t >= 0], int(mm), int(ov), dv, lp)
+            for row, mm, ov, dv, lp in zip(rows, mismatches.tolist(), overrides.tolist(),
+                                           divergences, logprob.tolist())]
 
 
 def _chunks(order: list[int], prompts: list[list[int]], rows: int, tokens: int

@@ -30,8 +30,10 @@ from cospec.errors import CospecError, read_json
 TRAIN_SPLITS = {"gsm8k": ("dev",), "math500": ("train", "all"), "mbpp": ("dev",)}
 
 
-def read_points(paths: list[str | Path]) -> list[dict]:
-    """All divergence records of the given shard files or folders."""
+def shard_files(paths: list[str | Path]) -> list[Path]:
+    """The shard files named, or found in the folders named (``shard-*.jsonl.gz``, sorted);
+    a shard holds a ``shard_seconds`` header line, then one record per problem (the target's
+    path graded) and one per divergence point (with ``position``)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -42,8 +44,13 @@ def read_points(paths: list[str | Path]) -> list[dict]:
             raise CospecError(f"no divergence data at {p}")
     if not files:
         raise CospecError(f"no shard-*.jsonl.gz files in {', '.join(map(str, paths))}")
+    return files
+
+
+def read_points(paths: list[str | Path]) -> list[dict]:
+    """All divergence records of the given shard files or folders."""
     out = []
-    for f in files:
+    for f in shard_files(paths):
         with gzip.open(f, "rt") as fh:
             out += [json.loads(line) for line in fh if '"position"' in line]
     return out
@@ -66,7 +73,8 @@ def _rollouts(s, prompts: list[list[int]], paths, branches, batch_size: int
 
 def collect_shard(s, idx: list[int], max_points: int, batch_size: int) -> list[dict]:
     """Records for problems ``idx`` of setup ``s`` (see module doc): one per problem (the
-    target's path, graded) and one per divergence point with its DRAFT and CONTROL branches
+    target's path, graded, and ``target_logprob``, the target's summed log-probability of
+    it) and one per divergence point with its DRAFT and CONTROL branches
     (``batched.control_tokens``) rolled out and graded. Branch records keep their tokens
     after the point so they can be regraded."""
     a = s.args
@@ -81,7 +89,8 @@ def collect_shard(s, idx: list[int], max_points: int, batch_size: int) -> list[d
     drafts, controls = outs[:len(points)], outs[len(points):]
     draft_ok, control_ok = branch_ok[:len(points)], branch_ok[len(points):]
     recs = [{"id": s.problems[i].id, "target_correct": ok, "tokens": len(r.tokens),
-             "mismatches": r.mismatches, "target_ids": r.tokens, **s.grader()}
+             "mismatches": r.mismatches, "target_ids": r.tokens,
+             "target_logprob": round(r.logprob, 4), **s.grader()}
             for i, r, ok in zip(idx, paths, target_ok)]
     for n, (j, d) in enumerate(points):
         recs.append({"id": s.problems[idx[j]].id, "position": d.position, "t": d.t, "d": d.d,

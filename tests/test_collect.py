@@ -65,6 +65,14 @@ def test_branches_are_the_target_path_with_one_token_flipped(tiny_dirs, tmp_path
 
     tok, target = AutoTokenizer.from_pretrained(t), AutoModelForCausalLM.from_pretrained(t)
     probs = {p.id: p for p in get_task(task).problems("dev")}
+    for r in recs:  # the path's log-probability: one unbatched forward over prompt + path
+        if "position" not in r:
+            prompt = encode_prompt(tok, probs[r["id"]].prompt)
+            with torch.no_grad():
+                logits = target(torch.tensor([prompt + r["target_ids"]])).logits[0]
+            logp = logits[len(prompt) - 1:-1].float().log_softmax(-1)
+            ref = logp.gather(1, torch.tensor(r["target_ids"])[:, None]).sum()
+            assert r["target_logprob"] == pytest.approx(float(ref), abs=1e-3)
     for p in points:
         path, pos = paths[p["id"]], p["position"]
         assert p["t"] == path[pos] and len({p["t"], p["d"], p["c"]}) == 3
@@ -74,3 +82,18 @@ def test_branches_are_the_target_path_with_one_token_flipped(tiny_dirs, tmp_path
             ref = lockstep(target, None, [prefix], max_new_tokens=10 - pos - 1,
                            eos_ids=[tok.eos_token_id], pad_id=0)[0].tokens
             assert p[key][1:] == ref
+
+
+def test_recorded_logprob_is_the_targets_over_the_rows_own_tokens(target, draft):
+    """A recording run sums the target's log-probabilities of each row's tokens, up to and
+    including its EOS (not the steps a finished row idles through in the batch)."""
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    eos = lockstep(target, None, prompts, max_new_tokens=8, eos_ids=[], pad_id=0)[0].tokens[2]
+    res = lockstep(target, draft, prompts, max_new_tokens=8, eos_ids=[eos], pad_id=0,
+                   record=True)
+    assert len(res[0].tokens) <= 3
+    for p, r in zip(prompts, res):
+        with torch.no_grad():
+            logits = target(torch.tensor([p + r.tokens])).logits[0, len(p) - 1:-1]
+        ref = logits.log_softmax(-1).gather(1, torch.tensor(r.tokens)[:, None]).sum()
+        assert r.logprob == pytest.approx(float(ref), abs=1e-6)
