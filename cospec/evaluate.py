@@ -161,9 +161,11 @@ def accuracy_pass(s: EvalSetup, run: RunDir) -> None:
 
     Target-only, draft-only, the lossy rules and the autoregressive combinations go through
     the batched lockstep decoder. The exact speculative methods (spd, *-sd, cos-*) are run
-    at batch 1 with the real loop, never copied from the method they reproduce: in bf16 a
-    k+1-row verify rounds unlike a one-row step, so their tokens can differ; a problem the
-    speed pass already decoded reuses those tokens (same loop, same settings).
+    with their own loop, never copied from the method they reproduce: in bf16 a k+1-row
+    verify rounds unlike a one-row step, so their tokens can differ. spd on a GPU goes
+    through the batch engine (``fast_batch``: the same speculation, many rows at once, at
+    T > 0 exact in distribution too), the others at batch 1; a problem the speed pass
+    already decoded reuses those tokens (same loop, same settings).
     """
     from cospec.batched import lockstep
 
@@ -178,7 +180,8 @@ def accuracy_pass(s: EvalSetup, run: RunDir) -> None:
         if not todo:
             continue
         same = SAME_AS_GREEDY.get(method)
-        if same and not s.sampling.greedy:
+        engine = uses_batch_engine(s, method)
+        if same and not s.sampling.greedy and not engine:
             # an exact sampler of `same`'s distribution (tests/test_exactness.py): the batched
             # decoder samples that distribution but not this method's draws, so the method is
             # scored on the batch-1 speed subset only
@@ -202,10 +205,15 @@ def accuracy_pass(s: EvalSetup, run: RunDir) -> None:
         batched = two_models and same is None
         bar = tqdm(total=len(todo), desc=f"accuracy {method}", unit="problem")
         right = total = 0
-        chunk = max(a.batch_size * 4, 1) if batched else 1
+        chunk = max(a.batch_size * 4, 1) if batched or engine else 1
         for start in range(0, len(todo), chunk):
             idx = todo[start:start + chunk]
-            if batched:
+            if engine:
+                t0 = time.perf_counter()
+                outs = [(ids, 0, 0) for ids in engine_decode(s, method, idx)]
+                dt = time.perf_counter() - t0
+                path = "batch-engine"
+            elif batched:
                 policy = getattr(m.rule, "policy", None)
                 t0 = time.perf_counter()
                 res = lockstep(m.verifier, m.proposer if policy or m.combo else None,
@@ -238,6 +246,28 @@ def accuracy_pass(s: EvalSetup, run: RunDir) -> None:
             bar.set_postfix(acc=f"{right / total:.1%}")
         bar.close()
         done = run.records("accuracy")
+
+
+def uses_batch_engine(s: EvalSetup, method: str) -> bool:
+    """spd on CUDA with a model family the fast path supports: decode it with the batch
+    engine (its own tokens, many rows at once) rather than one problem at a time."""
+    from cospec.fast import supported
+
+    m = s.built[method]
+    return (method == "spd" and s.device.type == "cuda" and m.combo is None
+            and all(supported(x) for x in (m.verifier, m.proposer)))
+
+
+def engine_decode(s: EvalSetup, method: str, idx: list[int]) -> list[list[int]]:
+    """Problems ``idx`` decoded by ``method`` in a ``fast_batch.BatchEngine`` (rows: the
+    run's batch size, at most 256); problem i's draws are seeded with seed + i."""
+    from cospec.fast_batch import generate_batch
+
+    a, m = s.args, s.built[method]
+    return generate_batch(m.verifier, m.proposer, [s.prompts[i] for i in idx],
+                          max_new_tokens=a.max_new_tokens, sampling=s.sampling,
+                          seeds=[(a.seed or 0) + i for i in idx],
+                          rows=max(1, min(a.batch_size, 256)), k=a.k, eos_ids=s.eos)
 
 
 def accuracy_record(s: EvalSetup, pid: str, method: str, ids: list[int], correct: bool,
