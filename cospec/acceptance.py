@@ -5,6 +5,11 @@ row i is its distribution for the token at d_{i+1}'s position, row k is the *bon
 A rule keeps a prefix d_1..d_n (``accepted`` = n) and commits one more token: *recovered*
 at a rejection, or the *bonus* when all k are kept.
 
+The distribution tested against is the verifier's own unless the step formed another
+(``Proposal.target_probs``: CoS's combination r of several models' rows); then a proposal may
+lack the bonus row (a verifier's token proposed to the proposer, CoS's alternate proposal),
+and a block that passes whole commits nothing after it.
+
 Exact rules reproduce the verifier (greedy output, or sampling distribution). Lossy rules
 (an arbiter that may keep a draft token the verifier disagrees with: ``arbiter.ArbiterRule``)
 set ``lossy = True``.
@@ -37,6 +42,11 @@ class Proposal:
     # (bonus, logits [1, V], hidden [1, d] | None): the draft's row after the verifier's
     # bonus token, computed with the lookahead; the loop starts the next block with it
     ahead: tuple | None = None
+    # the distribution wanted at each position when it is not the verifier's own (CoS: r),
+    # [k + 1, V], or [k, V] without a bonus row
+    target_probs: torch.Tensor | None = None
+    draft_probs: torch.Tensor | None = None       # [k, V]: drawn from, when not draft_logits
+    alternate: bool = False  # a verifier's tokens, scored by the proposer (no verifier pass)
 
     def with_lookahead(self, more: Proposal) -> Proposal:
         """This proposal with the draft's token at the bonus position (``more``: the draft's
@@ -50,7 +60,8 @@ class Proposal:
 @dataclass
 class Verdict:
     accepted: int                 # n: d_1..d_n are committed
-    next_token: int               # recovered or bonus token, committed after them
+    next_token: int | None        # recovered or bonus token, committed after them (None:
+    #                               all passed and there is no bonus row)
     arbiter_calls: int = 0
     overrides: int = 0            # mismatches where the draft token was kept
     arbiter_s: float = 0.0
@@ -77,6 +88,15 @@ class AcceptanceRule(Protocol):
         ...
 
 
+class Outcomes(Protocol):
+    """Records the accept/reject outcome of each tested token, or replays recorded ones
+    (``cospec.replay.CosTrace``)."""
+
+    def decide(self, real: bool) -> bool:
+        """The outcome to act on, given the real one."""
+        ...
+
+
 @dataclass
 class ExactRule:
     """Plain speculative decoding: greedy match at T = 0, rejection sampling at T > 0.
@@ -84,27 +104,48 @@ class ExactRule:
     Rejection sampling (Leviathan et al. / Chen et al.): accept d_i with probability
     min(1, p_i(d_i) / q_i(d_i)); at the first rejection resample from norm(max(0, p_i - q_i));
     if all pass, sample the bonus from p_k. The committed tokens are distributed exactly as
-    sampling from the (processed) verifier distribution p. Every position is tested at once
-    on the device (``sampling.rejection_test``); the verdict costs one host sync per block.
+    sampling from the target side p: the (processed) verifier distribution, or the step's
+    ``target_probs``; q is the draft's (processed) distribution, or ``draft_probs``. Greedy:
+    a token passes iff it is argmax p, and the next token is argmax p. Every position is
+    tested at once on the device (``sampling.rejection_test``); the verdict costs one host
+    sync per block. ``trace`` sees each outcome up to the first rejection; where a replay
+    decides otherwise, the token after the replayed n is drawn for that position (a second
+    sync, replay only).
     """
 
     lossy: bool = False
     needs_hidden: bool = False
     lookahead: bool = False
+    trace: Outcomes | None = None
 
     def __call__(self, prop, sampling, gen):
         k = len(prop.tokens)
-        device = prop.target_logits.device
-        tokens = torch.tensor(prop.tokens, dtype=torch.long, device=device)
+        p = prop.target_probs  # [m, V]: m = k + 1, or k without a bonus row
+        if p is None:
+            p = prop.target_logits if sampling.greedy else probabilities(prop.target_logits,
+                                                                         sampling)
+        tokens = torch.tensor(prop.tokens, dtype=torch.long, device=p.device)
         if sampling.greedy:
-            best = prop.target_logits.argmax(-1)                # [k + 1]
-            n = first_rejection(tokens == best[:k])
-            nxt = best.index_select(0, n)
+            best = p.argmax(-1)                                   # [m]
+            passes = tokens == best[:k]
+
+            def after(at: torch.Tensor) -> torch.Tensor:
+                return best.index_select(0, at)
         else:
-            p = probabilities(prop.target_logits, sampling)     # [k + 1, V]
-            q = probabilities(prop.draft_logits, sampling) if k else p[:0]
-            n = first_rejection(rejection_test(p, q, tokens, gen))
-            nxt = recover(p, q, n, gen)
+            q = prop.draft_probs
+            if q is None:
+                q = probabilities(prop.draft_logits, sampling) if k else p[:0]  # [k, V]
+            passes = rejection_test(p, q, tokens, gen)
+
+            def after(at: torch.Tensor) -> torch.Tensor:
+                return recover(p, q, at, gen)
+        real = first_rejection(passes)
         # the block's verdict is decided on the device and read back once
-        n, nxt = torch.cat([n, nxt]).tolist()
-        return Verdict(n, nxt)
+        out = torch.cat([passes.long(), real, after(real.clamp_max(len(p) - 1))]).tolist()
+        decide = bool if self.trace is None else self.trace.decide
+        n = next((i for i, ok in enumerate(out[:k]) if not decide(bool(ok))), k)
+        if n == len(p):  # all passed, no bonus row: nothing is committed after them
+            return Verdict(n, None)
+        if n != out[k]:  # a replay decided otherwise: the token after its n
+            return Verdict(n, int(after(torch.tensor([n], device=p.device))[0]))
+        return Verdict(n, out[k + 1])

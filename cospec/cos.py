@@ -30,18 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from cospec.decoding import CachedLM, Token, _clock, cache_room, cached_lm
+from cospec.acceptance import ExactRule, Proposal, Verdict
+from cospec.decoding import CachedLM, Row, Token, cached_lm, decode, propose
 from cospec.errors import CospecError
 from cospec.replay import CosTrace
-from cospec.sampling import (
-    GREEDY,
-    SamplingConfig,
-    first_rejection,
-    probabilities,
-    recover,
-    rejection_test,
-    sample,
-)
+from cospec.sampling import GREEDY, SamplingConfig, probabilities
 from cospec.stats import DecodeStats
 
 COS_METHODS = ("we", "cd", "we-sd", "cd-sd", "cos-we", "cos-cd")
@@ -85,160 +78,97 @@ class Combination:
         return r
 
 
-def _pick(probs: torch.Tensor, cfg: SamplingConfig, gen) -> int:
-    return int(probs.argmax()) if cfg.greedy else sample(probs, gen)
+class Collaboration:
+    """The models of a CoS method with their KV caches, the proposer (the smallest) first:
+    what each step of ``decoding.decode`` proposes, r at the proposed positions, and who
+    proposes next. Every step's tokens are tested by ``ExactRule`` against r.
+
+    - ``we`` / ``cd``: nothing is drafted; every model scores the next position (the bonus).
+    - ``*-sd``: the proposer drafts n tokens and its row at the bonus position; the others
+      score the drafts in one pass; r has a row at every position, the bonus's included.
+    - ``cos-*``: as ``-sd`` without the proposer's bonus row: the bonus is drawn from the last
+      verifier's own p, and when all n drafts pass it is not committed but *proposed* (an
+      ``alternate`` proposal, drawn from p); the proposer scores it in the pass it needs
+      anyway, and the verifiers' rows at its position are already known.
+    With no room left to speculate (n = 0) every method takes a ``we`` / ``cd`` step.
+    """
+
+    def __init__(self, models: list[torch.nn.Module], combo: Combination, method: str):
+        self.models, self.combo = models, combo
+        self.speculative = method != combo.kind
+        self.alternate = method.startswith("cos-")
+        self.lms: list[CachedLM] = []
+        self.first: Row | None = None  # the proposer's row after seq, when already computed
+        self.after: Row | None = None  # the proposer's row after an alternate proposal
+        self.rows: list[torch.Tensor] = []  # the verifiers' rows [1, V] at the bonus position
+        # (token, p [1, V]): the last verifier's bonus, proposed at the next step
+        self.pending: tuple[list[int], torch.Tensor] | None = None
+
+    def start(self, room: int) -> list[CachedLM]:
+        self.lms = [cached_lm(m, False, room) for m in self.models]
+        return self.lms
+
+    def propose(self, seq: list[int], n: int, sampling: SamplingConfig,
+                gen: torch.Generator | None) -> Proposal:
+        if self.pending is not None:  # roles alternate: the verifier's bonus is proposed
+            return Proposal(self.pending[0], draft_probs=self.pending[1], alternate=True)
+        n = n if self.speculative else 0
+        first, self.first = self.first, None
+        return propose(self.lms[0], seq, n, sampling, gen, first,
+                       extra=n == 0 or not self.alternate)  # the proposer's bonus row
+
+    def score(self, seq: list[int], prop: Proposal, sampling: SamplingConfig) -> None:
+        """r at each proposed position (``prop.target_probs``), and at the bonus position
+        where the proposer's row there is known; else the last verifier's p there."""
+        proposer, verifiers = self.lms[0], self.lms[1:]
+        if prop.alternate:  # the proposer's pass: its row at the token, and after it
+            two = proposer.forward(seq[proposer.length:] + prop.tokens, keep=2)[0]
+            prop.target_probs = self.combo.probs([two[:1], *self.rows], sampling)
+            self.after = (two[1:], None)
+            return
+        n = len(prop.tokens)
+        rows = [v.forward(seq[v.length:] + prop.tokens, keep=n + 1)[0] for v in verifiers]
+        own = torch.cat([r for r in (prop.draft_logits, prop.lookahead_logits) if r is not None])
+        r = self.combo.probs([own, *(v[:len(own)] for v in rows)], sampling)  # [n (+ 1), V]
+        if len(own) == n:  # no proposer row at the bonus position: the last verifier's p
+            r = torch.cat([r, probabilities(rows[-1][n:], sampling)])
+        prop.target_probs, self.rows = r, [v[n:] for v in rows]
+
+    def lookahead(self, seq: list[int], prop: Proposal, verdict: Verdict,
+                  sampling: SamplingConfig, gen: torch.Generator | None) -> Proposal:
+        raise CospecError("CoS tests against r and asks for no lookahead")
+
+    def commit(self, seq: list[int], prop: Proposal, verdict: Verdict) -> list[int]:
+        n, kept, nxt = len(prop.tokens), verdict.accepted, verdict.next_token
+        for lm in self.lms:
+            lm.crop(min(lm.length, len(seq) + kept))
+        self.pending = None
+        if prop.alternate:
+            self.first = self.after if kept else None
+        elif kept == n and prop.lookahead_logits is None:  # the bonus is the verifier's own:
+            self.pending = ([nxt], prop.target_probs[n:])  # it proposes it next
+            return prop.tokens
+        return prop.tokens[:kept] + ([] if nxt is None else [nxt])
 
 
-def _verify(target: torch.Tensor, proposal: torch.Tensor, tokens: list[int],
-            cfg: SamplingConfig, gen, trace: CosTrace) -> tuple[int, int | None]:
-    """Test k proposed ``tokens`` at once on the device: (kept n, the token after them;
-    None when all pass and ``target`` has no bonus row), read back in one host sync.
-    ``target`` [m, V] (m = k or k + 1) is r at each position (row k: where a bonus is
-    drawn), ``proposal`` [k, V] what the tokens were drawn from.
-    Sampled: rejection sampling (``sampling.rejection_test``, ``sampling.recover``);
-    greedy: a token passes iff it is argmax r, and the next token is argmax r. ``trace``
-    sees each outcome up to the first rejection; where a replay decides otherwise, the
-    token after the replayed n is drawn for that position (a second sync, replay only)."""
-    k = len(tokens)
-    ids = torch.tensor(tokens, dtype=torch.long, device=target.device)
-    if cfg.greedy:
-        passes = target[:k].gather(-1, ids.view(k, 1))[:, 0] > 0.5
-    else:
-        passes = rejection_test(target, proposal, ids, gen)
-    real = first_rejection(passes)
-
-    def after(at: torch.Tensor) -> torch.Tensor:
-        if cfg.greedy:
-            return target.index_select(0, at).argmax(-1)
-        return recover(target, proposal, at, gen)
-
-    out = torch.cat([passes.long(), real, after(real.clamp_max(len(target) - 1))]).tolist()
-    n = next((i for i, ok in enumerate(out[:k]) if not trace.decide(bool(ok))), k)
-    if n == len(target):
-        return n, None
-    if n == out[k]:
-        return n, out[k + 1]
-    return n, int(after(torch.tensor([n], device=target.device))[0])
-
-
-def _next_row(lm: CachedLM, seq: list[int]) -> torch.Tensor:
-    """lm's logits [V] for the token after ``seq`` (its cache may already cover all of
-    ``seq``: it is cut back to keep the last token as input)."""
-    lm.crop(min(lm.length, len(seq) - 1))
-    return lm.forward(seq[lm.length:], keep=1)[0][0]
-
-
-def _plain_step(lms: list[CachedLM], seq: list[int], combo: Combination,
-                sampling: SamplingConfig, gen) -> int:
-    """One token of plain collaborative decoding: every model scores the next position."""
-    return _pick(combo.probs([_next_row(lm, seq) for lm in lms], sampling), sampling, gen)
-
-
-@torch.inference_mode()
 def cos_generate(models: list[torch.nn.Module], prompt_ids: list[int], combo: Combination,
                  method: str, *, gamma: int = 5, max_new_tokens: int = 128,
                  sampling: SamplingConfig = GREEDY, eos_ids: Iterable[int] = (),
                  seed: int | None = None, stats: DecodeStats | None = None,
                  trace: CosTrace | None = None) -> Iterator[Token]:
-    """Yield tokens sampled (exactly) from the combination r of ``models``.
+    """Yield tokens sampled (exactly) from the combination r of ``models``, by the loop of
+    ``cospec.decoding.decode``.
 
     ``models[0]`` proposes (``*-sd``, ``cos-*``); ``method`` in COS_METHODS.
-    ``stats.steps`` counts passes of the verifiers; ``accepted`` counts committed proposals.
+    ``stats.steps`` counts passes of the verifiers; ``accepted`` counts committed proposals
+    (an alternate proposal counts as drafted, its pass as none).
     ``trace`` records (or replays) every accept/reject outcome (``cospec.replay``).
-    Inference mode holds while the loop runs, not between yields.
     """
     if method not in COS_METHODS:
         raise CospecError(f"unknown combination method {method!r}; choose from "
                           f"{', '.join(COS_METHODS)}")
-    if not prompt_ids:
-        raise CospecError("empty prompt: give at least one token")
     if gamma < 1:
         raise CospecError(f"gamma must be >= 1, got {gamma}")
-    stats = stats if stats is not None else DecodeStats()
-    eos = set(eos_ids)
-    lms = [cached_lm(m, False, cache_room(prompt_ids, max_new_tokens, gamma)) for m in models]
-    proposer, verifiers = lms[0], lms[1:]
-    gen = torch.Generator(device=proposer.device).manual_seed(seed) if seed is not None else None
-    seq, out = list(prompt_ids), 0
-    pending = None  # cos: (token, its proposal probs, verifier rows at its position)
-    speculative = method != combo.kind
-    trace = trace if trace is not None else CosTrace()
-    t0 = _clock(proposer.device)
-    for lm in lms:
-        lm.prefill(seq[:-1])
-    stats.prefill_s += _clock(proposer.device) - t0
-    while out < max_new_tokens:
-        t0 = _clock(proposer.device)
-        new: list[int] = []
-        from_draft: list[bool] = []
-        first = None  # proposer row for the next draft, when already computed
-        if not speculative:  # every model scores every token
-            new.append(_plain_step(lms, seq, combo, sampling, gen))
-            from_draft.append(False)
-            stats.record_step(0, 0)
-        else:
-            if pending is not None:  # the proposer scores the large model's proposal
-                x, p_x, rows_x = pending
-                pending = None
-                two = proposer.forward(seq[proposer.length:] + [x], keep=2)[0]
-                r = combo.probs([two[0], *rows_x], sampling)
-                stats.drafted += 1
-                kept, recovered = _verify(r[None], p_x[None], [x], sampling, gen, trace)
-                if kept:
-                    new.append(x)
-                    first = two[1]
-                    stats.accepted += 1
-                else:
-                    proposer.crop(len(seq))
-                    new.append(recovered)
-                from_draft.append(bool(kept))  # a recovered token is no proposal's
-                seq.extend(new)
-            n = min(gamma, max(max_new_tokens - out - len(new) - 1, 0))
-            if n:
-                drafts, q_rows = [], []
-                row = first if first is not None else _next_row(proposer, seq)
-                for i in range(n):
-                    q_rows.append(row)
-                    drafts.append(_pick(probabilities(row, sampling), sampling, gen))
-                    if i < n - 1 or method.endswith("-sd"):  # -sd: lookahead row too
-                        row = proposer.forward([drafts[-1]], keep=1)[0][0]
-                v_rows = [v.forward(seq[v.length:] + drafts, keep=n + 1)[0]
-                          for v in verifiers]
-                base = len(seq)
-                # r at every draft position, and where a bonus is drawn: r after the
-                # block (-sd, with the proposer's lookahead row) or the last verifier's
-                # own p (cos: its bonus is proposed, see ``pending``)
-                sd = method.endswith("-sd")
-                q_logits = torch.stack(q_rows + [row] if sd else q_rows)  # [n (+ 1), V]
-                r = combo.probs([q_logits, *(v[:len(q_logits)] for v in v_rows)], sampling)
-                if not sd:
-                    r = torch.cat([r, probabilities(v_rows[-1][n:], sampling)])
-                q = probabilities(q_logits[:n], sampling)
-                kept, tail = _verify(r, q, drafts, sampling, gen, trace)
-                stats.record_step(n, kept)
-                new_part = drafts[:kept]
-                if kept == n and not sd:  # all passed: the last verifier proposes its bonus
-                    pending = (tail, r[n], [v[n] for v in v_rows])
-                    tail = None
-                for lm in lms:
-                    lm.crop(min(lm.length, base + kept))
-                new_part += [tail] if tail is not None else []
-                seq.extend(new_part)
-                new += new_part
-                from_draft += [True] * kept + ([False] if tail is not None else [])
-            elif pending is None and not new:  # one token left: no room to speculate
-                new.append(_plain_step(lms, seq, combo, sampling, gen))
-                from_draft.append(False)
-                seq.extend(new)
-                stats.record_step(0, 0)
-        if not speculative:
-            seq.extend(new)
-        cut = next((j + 1 for j, tok in enumerate(new) if tok in eos), len(new))
-        cut = min(cut, max_new_tokens - out)
-        stats.generated += cut
-        stats.decode_s += _clock(proposer.device) - t0
-        for j in range(cut):
-            yield Token(new[j], from_draft[j])
-        out += cut
-        if cut < len(new) or (cut and new[cut - 1] in eos):
-            return
+    return decode(Collaboration(models, combo, method), prompt_ids, ExactRule(trace=trace),
+                  k=gamma, max_new_tokens=max_new_tokens, sampling=sampling,
+                  eos_ids=eos_ids, seed=seed, stats=stats)

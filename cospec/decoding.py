@@ -1,10 +1,13 @@
 """The decode loop: propose, score, accept, commit.
 
-One loop serves target-only decoding, SPD and the arbiter rules (the CoS combinations have
-theirs: ``cospec.cos``). A *proposer* (the draft, or nothing) drafts k tokens; the
-*verifier* (the target) scores ``[pending..., d_1..d_k]`` in one forward pass; an acceptance
-rule (``cospec.acceptance``) turns that into ``accepted`` draft tokens plus one next token;
-commit trims both KV caches to the committed sequence.
+One loop (``decode``) serves target-only decoding, SPD, the arbiter rules and the CoS
+combinations. A *team* holds the models and their KV caches and says what a step does with
+them: ``Speculation`` has the proposer (the draft, or nothing) draft k tokens and the
+verifier (the target) score ``[pending..., d_1..d_k]`` in one forward pass;
+``cospec.cos.Collaboration`` tests against a combination r of several models and lets them
+take turns proposing. An acceptance rule (``cospec.acceptance``) turns the scored proposal
+into ``accepted`` draft tokens plus one next token; commit trims the KV caches to the
+committed sequence.
 
 Invariant between steps: each model's KV cache holds a prefix of the committed sequence
 ``seq`` and never its last token. The last committed token is kept apart because it is the
@@ -13,6 +16,8 @@ A model whose cache lags (the draft after a fully accepted block lacks d_k) firs
 on the tokens it is missing, in the same forward pass as its next input. One exception: a
 rule's lookahead (CoSpec at the bonus position) makes the draft run that catch-up early,
 last token included; its row after that token (``first``) then starts the next block.
+CoS's alternate proposal is another: the verifiers, whose bonus the proposer is to score,
+hold all of ``seq`` (their rows at the bonus position are already known).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import inspect
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -153,34 +159,39 @@ def _draw(row: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator | No
 
 
 def run_ahead(lm: CachedLM, seq: list[int], n: int, sampling: SamplingConfig,
-              gen: torch.Generator | None, first: Row | None = None
+              gen: torch.Generator | None, first: Row | None = None, extra: bool = False
               ) -> tuple[list[int], list[Row]]:
     """n tokens of ``lm`` after ``seq``, each fed straight back on the device: the tokens
     reach the host once, at the end (one synchronisation for n, not per token). Returns the
-    tokens and the row [1, V] (hidden [1, d] or None) each was drawn from; leaves the cache
-    at ``len(seq) + n - 1``. ``first``: ``lm``'s row after ``seq``, already computed (the cache
-    then holds all of ``seq``), used instead of a forward pass."""
+    tokens and the row [1, V] (hidden [1, d] or None) each was drawn from, then, with
+    ``extra``, the row after the last of them; leaves the cache at ``len(seq) + n - 1``
+    (``+ n`` with ``extra``). ``first``: ``lm``'s row after ``seq``, already computed (the
+    cache then holds all of ``seq``), used instead of a forward pass."""
     if first is None:
         lm.crop(min(lm.length, len(seq) - 1))
     elif lm.length != len(seq):
         raise RuntimeError(f"cache at {lm.length}, the reused row needs {len(seq)}")
     pending: list[int] | torch.Tensor = seq[lm.length:]
     tokens, rows = [], []
-    for i in range(n):
+    for i in range(n + extra):
         row = first if i == 0 and first is not None else lm.forward(pending, keep=1)
-        pending = _draw(row[0][0], sampling, gen)
-        tokens.append(pending)
         rows.append(row)
+        if i < n:
+            pending = _draw(row[0][0], sampling, gen)
+            tokens.append(pending)
     return (torch.cat(tokens).tolist() if tokens else []), rows
 
 
 def propose(lm: CachedLM, seq: list[int], k: int, sampling: SamplingConfig,
-            gen: torch.Generator | None, first: Row | None = None) -> Proposal:
-    """The draft's k tokens after ``seq``, with their logits (and hidden states)."""
-    tokens, rows = run_ahead(lm, seq, k, sampling, gen, first)
-    hidden = [h for _, h in rows if h is not None]
-    return Proposal(tokens, torch.cat([r for r, _ in rows]) if rows else None,
-                    torch.cat(hidden) if hidden else None)
+            gen: torch.Generator | None, first: Row | None = None,
+            extra: bool = False) -> Proposal:
+    """The draft's k tokens after ``seq``, with their logits (and hidden states); with
+    ``extra``, its logits at the bonus position too (``lookahead_logits``)."""
+    tokens, rows = run_ahead(lm, seq, k, sampling, gen, first, extra)
+    hidden = [h for _, h in rows[:k] if h is not None]
+    return Proposal(tokens, torch.cat([r for r, _ in rows[:k]]) if k else None,
+                    torch.cat(hidden) if hidden else None,
+                    lookahead_logits=rows[k][0] if extra else None)
 
 
 def score(lm: CachedLM, seq: list[int], prop: Proposal) -> None:
@@ -222,27 +233,91 @@ def commit(target: CachedLM, draft: CachedLM, seq: list[int], prop: Proposal,
     return first
 
 
+class Team(Protocol):
+    """The models of one generation with their KV caches, and what a step does with them:
+    how tokens are proposed, how the distribution they are tested against is formed, what
+    is committed and who proposes next. ``Speculation`` (a verifier and its draft: target
+    only, SPD, CoSpec) and ``cospec.cos.Collaboration`` (a combination of models) are two."""
+
+    def start(self, room: int) -> list[CachedLM]:
+        """Make every model's cache (``room`` tokens at most); the first one's device runs
+        the loop's clock and random generator. One cache alone: plain decoding of it."""
+        ...
+
+    def propose(self, seq: list[int], n: int, sampling: SamplingConfig,
+                gen: torch.Generator | None) -> Proposal:
+        """Up to ``n`` tokens after ``seq``, with what they were drawn from."""
+        ...
+
+    def score(self, seq: list[int], prop: Proposal, sampling: SamplingConfig) -> None:
+        """One pass of whoever verifies ``prop``; fills its target side (``target_logits``,
+        or ``target_probs``)."""
+        ...
+
+    def lookahead(self, seq: list[int], prop: Proposal, verdict: Verdict,
+                  sampling: SamplingConfig, gen: torch.Generator | None) -> Proposal:
+        """``prop`` with the draft's token at the bonus position (a rule with lookahead)."""
+        ...
+
+    def commit(self, seq: list[int], prop: Proposal, verdict: Verdict) -> list[int]:
+        """Trim the caches to what ``verdict`` confirms (``seq`` not yet extended); returns
+        the tokens to commit."""
+        ...
+
+
+class Speculation:
+    """A verifier (the target) and its proposer (the draft), or the verifier alone."""
+
+    def __init__(self, verifier: torch.nn.Module, proposer: torch.nn.Module | None,
+                 hidden: bool = False):
+        self.models, self.hidden = (verifier, proposer), hidden
+        self.first: Row | None = None  # the draft's row after seq, when the lookahead made it
+
+    def start(self, room: int) -> list[CachedLM]:
+        self.target, self.draft = (None if m is None else cached_lm(m, self.hidden, room)
+                                   for m in self.models)
+        return [self.target] + ([self.draft] if self.draft is not None else [])
+
+    def propose(self, seq: list[int], n: int, sampling: SamplingConfig,
+                gen: torch.Generator | None) -> Proposal:
+        return propose(self.draft, seq, n, sampling, gen, self.first)
+
+    def score(self, seq: list[int], prop: Proposal, sampling: SamplingConfig) -> None:
+        score(self.target, seq, prop)
+
+    def lookahead(self, seq: list[int], prop: Proposal, verdict: Verdict,
+                  sampling: SamplingConfig, gen: torch.Generator | None) -> Proposal:
+        return prop.with_lookahead(lookahead(self.draft, seq + prop.tokens, verdict.next_token,
+                                             sampling, gen, None if prop.tokens else self.first))
+
+    def commit(self, seq: list[int], prop: Proposal, verdict: Verdict) -> list[int]:
+        self.first = commit(self.target, self.draft, seq, prop, verdict)
+        return prop.tokens[:verdict.accepted] + [verdict.next_token]
+
+
 @contextlib.contextmanager
-def _reset_on_error(*lms: CachedLM | None) -> Iterator[None]:
+def _reset_on_error(lms: list[CachedLM]) -> Iterator[None]:
     """A step that raises leaves its caches half done: forget them (the committed sequence
     stays valid; a later forward re-reads it)."""
     try:
         yield
     except BaseException:
         for lm in lms:
-            if lm is not None:
-                lm.reset()
+            lm.reset()
         raise
 
 
 def _count(stats: DecodeStats, prop: Proposal | None, verdict: Verdict | None, new: int,
            cut: int) -> None:
     """Add one step's counts to ``stats``: a verify pass (or ``new`` plain steps when there is
-    no proposal), its drafted and accepted tokens, the arbiter's work, and the ``cut`` tokens
-    yielded (up to an EOS)."""
+    no proposal; none for an alternate proposal, scored by the proposer), its drafted and
+    accepted tokens, the arbiter's work, and the ``cut`` tokens yielded (up to an EOS)."""
     if verdict is None:
         for _ in range(new):
             stats.record_step(0, 0)
+    elif prop.alternate:
+        stats.drafted += len(prop.tokens)
+        stats.accepted += verdict.accepted
     else:
         stats.record_step(len(prop.tokens), verdict.accepted)
         stats.arbiter_calls += verdict.arbiter_calls
@@ -252,58 +327,66 @@ def _count(stats: DecodeStats, prop: Proposal | None, verdict: Verdict | None, n
 
 
 @torch.inference_mode()
-def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
-             prompt_ids: list[int], rule: AcceptanceRule, *, k: int = 4,
-             max_new_tokens: int = 128, sampling: SamplingConfig = GREEDY,
-             eos_ids: Iterable[int] = (), seed: int | None = None,
-             stats: DecodeStats | None = None) -> Iterator[Token]:
-    """Yield tokens as they are committed (batch size 1).
+def decode(team: Team, prompt_ids: list[int], rule: AcceptanceRule, *, k: int = 4,
+           max_new_tokens: int = 128, sampling: SamplingConfig = GREEDY,
+           eos_ids: Iterable[int] = (), seed: int | None = None,
+           stats: DecodeStats | None = None) -> Iterator[Token]:
+    """Yield tokens as they are committed (batch size 1): each step ``team`` proposes up to
+    k tokens, scores them, ``rule`` accepts a prefix and the team commits it.
 
-    ``proposer=None`` is plain autoregressive decoding of ``verifier`` (``rule`` unused): it
-    runs ``RUN_AHEAD`` tokens ahead on the device and commits them at once, one step each.
+    A team of one model is plain autoregressive decoding (``rule`` unused): it runs
+    ``RUN_AHEAD`` tokens ahead on the device and commits them at once, one step each.
     ``stats`` (if given) is updated in place. Stops after an EOS id (which is yielded) or
     ``max_new_tokens`` tokens. Inference mode holds while the loop runs, not between yields.
     """
     if not prompt_ids:
         raise CospecError("empty prompt: give at least one token")
-    if k < 1 and proposer is not None:
-        raise CospecError(f"k (draft length) must be >= 1, got {k}")
     stats = stats if stats is not None else DecodeStats()
-    eos, room = set(eos_ids), cache_room(prompt_ids, max_new_tokens, k)
-    target = cached_lm(verifier, rule.needs_hidden, room)
-    draft = cached_lm(proposer, rule.needs_hidden, room) if proposer is not None else None
-    gen = torch.Generator(target.device).manual_seed(seed) if seed is not None else None
+    eos, lms = set(eos_ids), team.start(cache_room(prompt_ids, max_new_tokens, k))
+    device = lms[0].device
+    gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
     seq = list(prompt_ids)
-    t0 = _clock(target.device)
-    for lm in (target, draft) if draft is not None else (target,):
+    t0 = _clock(device)
+    for lm in lms:
         lm.prefill(seq[:-1])
-    stats.prefill_s += _clock(target.device) - t0
-    first: Row | None = None  # the draft's row after seq, when the lookahead computed it
+    stats.prefill_s += _clock(device) - t0
     overrides_before = stats.overrides  # ``stats`` may sum several generations
     while (left := max_new_tokens - (len(seq) - len(prompt_ids))) > 0:
-        t0 = _clock(target.device)
-        with _reset_on_error(target, draft):
-            if draft is None:  # target only: RUN_AHEAD plain steps per host sync
-                new, kept = run_ahead(target, seq, min(RUN_AHEAD, left), sampling, gen)[0], 0
-                prop = verdict = None
+        t0 = _clock(device)
+        with _reset_on_error(lms):
+            if len(lms) == 1:  # one model: RUN_AHEAD plain steps per host sync
+                new, prop, verdict = run_ahead(lms[0], seq, min(RUN_AHEAD, left), sampling,
+                                               gen)[0], None, None
             else:
-                prop = propose(draft, seq, min(k, left - 1), sampling, gen, first)  # propose
-                score(target, seq, prop)                                            # score
+                prop = team.propose(seq, min(k, left - 1), sampling, gen)           # propose
+                team.score(seq, prop, sampling)                                      # score
                 prop.position = len(seq) - len(prompt_ids)
                 prop.overrides_so_far = stats.overrides - overrides_before
-                verdict = rule(prop, sampling, gen)                                 # accept
+                verdict = rule(prop, sampling, gen)                                  # accept
                 if verdict.wants_lookahead:  # the rule asks the draft at the bonus position
-                    more = lookahead(draft, seq + prop.tokens, verdict.next_token, sampling,
-                                     gen, None if prop.tokens else first)
-                    verdict = rule.at_bonus(prop.with_lookahead(more), verdict)
-                first = commit(target, draft, seq, prop, verdict)                   # commit
-                kept = verdict.accepted + verdict.next_from_draft
-                new = prop.tokens[:verdict.accepted] + [verdict.next_token]
+                    prop = team.lookahead(seq, prop, verdict, sampling, gen)
+                    verdict = rule.at_bonus(prop, verdict)
+                new = team.commit(seq, prop, verdict)                                # commit
         seq.extend(new)
         cut = next((j + 1 for j, tok in enumerate(new) if tok in eos), len(new))
         _count(stats, prop, verdict, len(new), cut)
-        stats.decode_s += _clock(target.device) - t0
+        stats.decode_s += _clock(device) - t0
+        kept = 0 if verdict is None else verdict.accepted + verdict.next_from_draft
         for j in range(cut):
             yield Token(new[j], j < kept)
         if cut < len(new) or new[cut - 1] in eos:
             return
+
+
+def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
+             prompt_ids: list[int], rule: AcceptanceRule, *, k: int = 4,
+             max_new_tokens: int = 128, sampling: SamplingConfig = GREEDY,
+             eos_ids: Iterable[int] = (), seed: int | None = None,
+             stats: DecodeStats | None = None) -> Iterator[Token]:
+    """``decode`` with ``verifier`` checking ``proposer``'s k drafts by ``rule`` (SPD,
+    CoSpec); ``proposer=None`` is plain autoregressive decoding of ``verifier``."""
+    if k < 1 and proposer is not None:
+        raise CospecError(f"k (draft length) must be >= 1, got {k}")
+    return decode(Speculation(verifier, proposer, rule.needs_hidden), prompt_ids, rule, k=k,
+                  max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
+                  seed=seed, stats=stats)

@@ -1,7 +1,8 @@
 """Decoding methods by name: which model verifies, which proposes, and the acceptance rule.
 
-Target/draft/SPD/CoSpec and the heuristics run through the one loop in ``cospec.decoding``;
-the CoS combination methods through ``cospec.cos``. ``hf-assisted`` (the peer,
+Every method of cospec's own runs through the one loop in ``cospec.decoding``:
+target/draft/SPD/CoSpec and the heuristics by ``decoding.generate``, the CoS combination
+methods by ``cos.cos_generate``. ``hf-assisted`` (the peer,
 transformers' assisted generation) lives beside them for benchmarks.
 """
 

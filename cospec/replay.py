@@ -8,8 +8,9 @@ how many draft tokens it accepted; ``ReplayRule`` then drives the same loop
 verify over k + 1 tokens, the cache rollbacks) has the shape it had in the real run, and the
 step still reads the verifier's logits to the host as a real acceptance decision does.
 
-CoS (``cospec.cos``) has its own loop; ``CosTrace`` records and replays its accept/reject
-outcomes (the drafted tokens' and the alternate proposals') the same way.
+For CoS (``cospec.cos``), whose steps vary in shape, ``CosTrace`` records and replays each
+accept/reject outcome instead (the drafted tokens' and the alternate proposals'), through
+``acceptance.ExactRule(trace=)``.
 """
 
 from __future__ import annotations

@@ -40,6 +40,57 @@ def test_greedy_speculative_equals_plain_collaborative(target, draft, combo, bas
                 assert stats.steps < 30  # speculation saved verifier passes
 
 
+def reference_greedy(models, combo, ids, n):
+    """Plain greedy decoding of r, written apart from ``cospec``: each token the argmax of
+    the combination of every model's last row after an uncached forward of the prefix."""
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            rows = [m(torch.tensor([ids + out])).logits[0, -1] for m in models]
+            if combo.kind == "cd":
+                r = rows[1] - combo.mu * rows[0]
+            else:
+                r = sum(w * row.softmax(-1) for w, row in zip(combo.weights, rows))
+            out.append(int(r.argmax()))
+    return out
+
+
+def first_difference(got, want):
+    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b),
+                None if len(got) == len(want) else min(len(got), len(want)))
+
+
+@pytest.mark.parametrize("method", ["we", "cd", "we-sd", "cd-sd", "cos-we", "cos-cd"])
+@pytest.mark.parametrize("gamma", [1, 2, 4])
+@pytest.mark.parametrize("same", [False, True], ids=["random-draft", "draft-is-target"])
+def test_greedy_equals_plain_greedy_of_r_token_by_token(target, draft, method, gamma, same):
+    """Every method at T = 0 yields the argmax-of-r sequence, token by token: with a random
+    draft (little accepted) and with the draft the target itself (r's argmax is then the
+    target's, so under both WE and CD every proposal passes); the from_draft flags count the
+    accepted proposals; verifier passes and accepted counts are as the schedule says."""
+    combo = WE if "we" in method.split("-") else CD
+    models = [target, target] if same else [draft, target]
+    cos = method.startswith("cos-")
+    for seed in range(3):
+        ids = torch.randint(2, 96, (4 + seed,),
+                            generator=torch.Generator().manual_seed(seed)).tolist()
+        want = reference_greedy(models, combo, ids, 24)
+        stats = DecodeStats()
+        toks = list(cos_generate(models, ids, combo, method, gamma=gamma, max_new_tokens=24,
+                                 stats=stats))
+        got = [t.id for t in toks]
+        assert first_difference(got, want) is None, (seed, got, want)
+        assert sum(t.from_draft for t in toks) == stats.accepted <= stats.drafted
+        assert stats.generated == 24
+        if method in ("we", "cd"):
+            assert stats.steps == 24 and stats.drafted == 0
+        elif same:  # everything passes: one verifier pass per gamma + 1 tokens; with cos-*
+            # the last of them is the verifier's own proposal, accepted by the proposer
+            assert stats.steps == -(-24 // (gamma + 1))
+            assert stats.accepted == stats.drafted == 24 - (0 if cos else stats.steps)
+            assert all(t.from_draft for t in toks) == cos
+
+
 @pytest.mark.parametrize("method", ["cos-we", "cos-cd", "we-sd"])
 def test_from_draft_marks_accepted_proposals_only(target, draft, method):
     """A token is from_draft iff a proposal was accepted for it: a rejected alternate
