@@ -25,6 +25,11 @@ Rows join and leave between steps: ``submit`` queues a request; ``step`` prefill
 requests into free slots (all of them in one padded pass per model, up to
 ``PREFILL_TOKENS``), runs one step for every live row and returns what each committed; a
 finished request frees its slot at once.
+
+CoS (``combo``: exact sampling from a weighted ensemble or contrastive combination of the
+draft, ``middle`` models and the target) runs ``fast_batch_cos.CosStep`` in place of the
+spd step: same slots, positions, uniforms and host read; a row may carry a pending
+alternate proposal from one step to the next (invariants in that module).
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ import torch
 import torch.nn.functional as F
 
 from cospec.arbiter import MismatchPolicy
+from cospec.cos import Combination
 from cospec.errors import CospecError
 from cospec.fast import Engine, _qkv, _rest, _rms, layer_functions, supported
+from cospec.fast_batch_cos import EXTRA, CosStep
 from cospec.row_sampling import (
     _M32,
     RowSampling,
@@ -196,8 +203,10 @@ class Commit:
 
 class BatchEngine:
     """Batched target-only (``draft=None``), speculative (exact: greedy match at T = 0,
-    rejection sampling at T > 0) or CoSpec (``policy``: greedy, an arbiter at every
-    mismatch, as ``acceptance.ArbiterRule``) decoding of up to ``rows`` requests at once.
+    rejection sampling at T > 0), CoSpec (``policy``: greedy, an arbiter at every
+    mismatch, as ``acceptance.ArbiterRule``) or CoS (``combo``: exact sampling from the
+    combination of draft, ``middle`` and target, ``cospec.fast_batch_cos``; ``alternate``
+    True is ``cos-*``, False ``*-sd``) decoding of up to ``rows`` requests at once.
 
     ``submit`` queues a request and returns its id; ``step`` runs one step and returns the
     ``Commit`` of every request that took part. ``stats`` sums all requests' counters.
@@ -207,9 +216,15 @@ class BatchEngine:
                  k: int = 4, rows: int = 64, max_len: int = 2048, eos_ids: Iterable[int] = (),
                  policy: MismatchPolicy | None = None, threshold: float = 0.5,
                  max_overrides: int | None = None, every_mismatch: bool = True,
-                 run_ahead: int = RUN_AHEAD, graphs: bool | None = None):
-        if draft is None and policy is not None:
-            raise CospecError("an arbiter policy needs a draft model")
+                 run_ahead: int = RUN_AHEAD, graphs: bool | None = None,
+                 combo: Combination | None = None, middle: Sequence[torch.nn.Module] = (),
+                 alternate: bool = True):
+        if draft is None and (policy is not None or combo is not None):
+            raise CospecError("an arbiter policy or a combination needs a draft model")
+        if combo is not None and policy is not None:
+            raise CospecError("an arbiter policy decides spd's mismatches, not a combination's")
+        if middle and combo is None:
+            raise CospecError("more than two models are for a combination (combo)")
         if draft is not None and not 1 <= k <= 2 * RUN_AHEAD - 1:
             raise CospecError(f"k (draft length) must be in 1..{2 * RUN_AHEAD - 1}, got {k}")
         self.k = k if draft is not None else 0
@@ -218,6 +233,9 @@ class BatchEngine:
         self.rows, self.max_len = rows, max_len
         self.target = BatchLM(target, rows, max_len, graphs)
         self.draft = BatchLM(draft, rows, max_len, graphs) if draft is not None else None
+        self.middle = [BatchLM(m, rows, max_len, graphs) for m in middle]
+        self.cos = (CosStep(combo, self.draft, [*self.middle, self.target], k, alternate)
+                    if combo is not None else None)
         self.eos = set(eos_ids)
         self.threshold, self.max_overrides = threshold, max_overrides
         self.every_mismatch = every_mismatch
@@ -274,17 +292,19 @@ class BatchEngine:
         return bool(self.queue) or any(r is not None for r in self.slots)
 
     def _admit(self) -> None:
-        """Prefill queued requests into free slots (both models, prompt[:-1]; all the
+        """Prefill queued requests into free slots (every model, prompt[:-1]; all the
         requests admitted in a step in one pass per model)."""
         vocab = self.target.head_w.shape[0]
         free = [slot for slot in range(self.rows) if self.slots[slot] is None]
         admitted = [(slot, self.queue.popleft()) for slot in free[:len(self.queue)]]
         if not admitted:
             return
-        for lm in (self.target, self.draft):
+        for lm in (self.target, self.draft, *self.middle):
             if lm is not None:
                 lm.prefill([r.prompt[:-1] for _, r in admitted], [slot for slot, _ in admitted])
         for slot, req in admitted:
+            if self.cos is not None:
+                self.cos.free(slot)
             s = req.sampling
             self.n[slot], self.plen[slot] = len(req.prompt), len(req.prompt)
             self.last[slot] = req.prompt[-1]
@@ -301,6 +321,8 @@ class BatchEngine:
         self.slots[slot] = None
         self.live[slot] = False
         self.n[slot], self.last[slot], self.prev[slot] = 1, 0, 0
+        if self.cos is not None:
+            self.cos.free(slot)
 
     def _sampling(self, b: int) -> RowSampling:
         reqs = [r for r in self.slots[:b] if r is not None]
@@ -327,7 +349,11 @@ class BatchEngine:
                 return []
             b = min(next(size for size in (*BUCKETS, self.rows) if size > used[-1]), self.rows)
             s = self._sampling(b)
-            if self.draft is None:
+            if self.cos is not None:
+                u = uniforms(self.seed[:b], self.counter[:b], self.cos.draws())
+                toks, a, extra = self.cos(b, s, self.n[:b], self.prev[:b], self.last[:b],
+                                          self.live[:b], u)
+            elif self.draft is None:
                 toks, a, extra = self._target_only(b, s)
             else:
                 toks, a, extra = self._speculate(b, s)
@@ -353,7 +379,10 @@ class BatchEngine:
         cut = next((j + 1 for j, t in enumerate(new) if t in self.eos), len(new))
         cut = min(cut, left)
         done = cut < len(new) or cut == left or new[cut - 1] in self.eos
-        if self.draft is not None:
+        if self.cos is not None:
+            req.from_draft += self.cos.commit(slot, row[width + 1:width + 1 + EXTRA],
+                                              self.stats)[:cut]
+        elif self.draft is not None:
             calls, overrides, next_from_draft = row[width + 1:width + 4]
             self.stats.record_step(self.k, a)
             self.stats.arbiter_calls += calls
