@@ -119,8 +119,18 @@ SAMPLED = {"cos-we": Combination("we", (LAM, 1 - LAM)), "cos-cd": Combination("c
 
 @pytest.fixture(scope="module")
 def toy():
-    return (tiny_model(3, vocab=VOCAB, dtype=torch.float32),
-            tiny_model(4, layers=1, vocab=VOCAB, dtype=torch.float32))
+    """target, and per method a draft whose blocks all pass often enough that hundreds of
+    alternate proposals are turned down in SAMPLES generations: a random one for the
+    ensemble, the target perturbed by 10 % of its weights' spread for contrastive decoding
+    (a random draft's tokens rarely pass r = softmax(l_p - mu l_q))."""
+    target = tiny_model(3, vocab=VOCAB, dtype=torch.float32)
+    near = copy.deepcopy(target)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in near.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1 * p.std())
+    rand = tiny_model(4, layers=1, vocab=VOCAB, dtype=torch.float32)
+    return target, {"cos-we": rand, "we-sd": rand, "cos-cd": near}
 
 
 def exact_joint(method: str, draft, target) -> dict[tuple[int, ...], float]:
@@ -132,8 +142,9 @@ def exact_joint(method: str, draft, target) -> dict[tuple[int, ...], float]:
 def test_toy_combinations_have_power(toy):
     """The joints of r (we, cd) are far from each other and from the target's own, so an
     output drawn from the wrong one (e.g. a wrong residual) fails."""
-    target, draft = toy
-    joints = [exact_joint(m, draft, target) for m in ("spd", "cos-we", "cos-cd")]
+    target, drafts = toy
+    joints = [exact_joint(m, drafts[m], target) for m in ("cos-we", "cos-cd")]
+    joints.append(exact_joint("spd", drafts["cos-we"], target))  # the target's own
     for i, a in enumerate(joints):
         for b in joints[i + 1:]:
             assert 0.5 * sum(abs(a.get(c, 0) - b.get(c, 0)) for c in a.keys() | b.keys()) > 0.1
@@ -141,15 +152,15 @@ def test_toy_combinations_have_power(toy):
 
 @pytest.mark.parametrize("method", list(SAMPLED))
 def test_sampled_blocks_follow_the_exact_joint(toy, method):
-    target, draft = toy
-    probs = exact_joint(method, draft, target)
+    target, drafts = toy
+    probs = exact_joint(method, drafts[method], target)
     stats = DecodeStats()
-    out = generate_batch(target, draft, [PROMPT] * SAMPLES, max_new_tokens=NEW, sampling=CFG,
-                         seeds=range(SAMPLES), rows=64, k=K, stats=stats,
+    out = generate_batch(target, drafts[method], [PROMPT] * SAMPLES, max_new_tokens=NEW,
+                         sampling=CFG, seeds=range(SAMPLES), rows=64, k=K, stats=stats,
                          combo=SAMPLED[method], alternate=method.startswith("cos"))
     assert_follows(out, probs, NEW, ALPHA)
     proposed, kept = alternates(stats, K)
-    assert (0 < kept < proposed) if method.startswith("cos") else proposed == 0
+    assert (100 < kept < proposed - 400) if method.startswith("cos") else proposed == 0
 
 
 def test_draws_depend_on_the_row_only(models):
