@@ -505,7 +505,8 @@ def generate_batch(target: torch.nn.Module, draft: torch.nn.Module | None,
                    stats: DecodeStats | None = None, **engine_kw) -> list[list[int]]:
     """Decode every prompt with a ``BatchEngine`` of ``rows`` slots (requests join as slots
     free up); returns each prompt's generated ids, in order. ``engine_kw``: ``k``,
-    ``eos_ids``, ``policy`` ... as for ``BatchEngine``; ``stats`` (if given) gets the sums."""
+    ``eos_ids``, ``policy``, ``combo`` ... as for ``BatchEngine``; ``stats`` (if given) gets
+    the sums."""
     n = len(prompts)
     budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     configs = [sampling] * n if isinstance(sampling, SamplingConfig) else list(sampling)

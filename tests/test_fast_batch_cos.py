@@ -34,18 +34,23 @@ CD = Combination("cd", mu=0.1)
 WE3 = Combination("we", (0.2, 0.3, 0.5))
 
 
-@pytest.fixture(scope="module")
-def models():
-    """target, a random draft, a third model (fp32), and the target with its weights
-    perturbed by 5 % of their spread (a draft the target often agrees with)."""
-    target = tiny_model(1, dtype=torch.float32)
-    near = copy.deepcopy(target)
+def perturbed(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """A copy of ``model`` with each weight moved by ``scale`` times its spread."""
+    out = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in near.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05 * p.std())
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
+    return out
+
+
+@pytest.fixture(scope="module")
+def models():
+    """target, a random draft, a third model (fp32), and the target perturbed by 5 % (a
+    draft the target often agrees with)."""
+    target = tiny_model(1, dtype=torch.float32)
     return (target, tiny_model(2, layers=1, dtype=torch.float32),
-            tiny_model(4, layers=1, dtype=torch.float32), near)
+            tiny_model(4, layers=1, dtype=torch.float32), perturbed(target, 0.05))
 
 
 def batch1(models, combo, method, prompts, budgets, k, eos=()):
@@ -91,6 +96,21 @@ def test_greedy_rows_equal_batch_one(models, method):
         assert proposed == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_same_tokens(models):
+    """On a GPU (float32) every forward is a replayed CUDA graph per (rows bucket, tokens),
+    the pending proposals' rows kept between them; the rows still equal the batch-1 loop's."""
+    target, near = (copy.deepcopy(m).cuda() for m in (models[0], models[3]))
+    prompts = [prompt(30 + i, n) for i, n in enumerate(LENGTHS)]
+    want = batch1((near, target), WE, "cos-we", prompts, BUDGETS, k=3)
+    stats = DecodeStats()
+    got = generate_batch(target, near, prompts, max_new_tokens=BUDGETS, rows=4, k=3,
+                         stats=stats, combo=WE)
+    assert got == want
+    proposed, kept = alternates(stats, 3)
+    assert 0 < kept < proposed
+
+
 def test_bad_engines(models):
     target, draft, third, _ = models
     with pytest.raises(CospecError, match="exactly two"):
@@ -124,13 +144,8 @@ def toy():
     ensemble, the target perturbed by 10 % of its weights' spread for contrastive decoding
     (a random draft's tokens rarely pass r = softmax(l_p - mu l_q))."""
     target = tiny_model(3, vocab=VOCAB, dtype=torch.float32)
-    near = copy.deepcopy(target)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in near.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1 * p.std())
     rand = tiny_model(4, layers=1, vocab=VOCAB, dtype=torch.float32)
-    return target, {"cos-we": rand, "we-sd": rand, "cos-cd": near}
+    return target, {"cos-we": rand, "we-sd": rand, "cos-cd": perturbed(target, 0.1)}
 
 
 def exact_joint(method: str, draft, target) -> dict[tuple[int, ...], float]:
