@@ -25,6 +25,11 @@ Rows join and leave between steps: ``submit`` queues a request; ``step`` prefill
 requests into free slots (all of them in one padded pass per model, up to
 ``PREFILL_TOKENS``), runs one step for every live row and returns what each committed; a
 finished request frees its slot at once.
+
+CoS (``combo``: exact sampling from a weighted ensemble or contrastive combination of the
+draft, ``middle`` models and the target) runs ``fast_batch_cos.CosStep`` in place of the
+spd step: same slots, positions, uniforms and host read; a row may carry a pending
+alternate proposal from one step to the next (invariants in that module).
 """
 
 from __future__ import annotations
@@ -39,15 +44,25 @@ import torch
 import torch.nn.functional as F
 
 from cospec.arbiter import MismatchPolicy
+from cospec.cos import Combination
 from cospec.errors import CospecError
 from cospec.fast import Engine, _qkv, _rest, _rms, layer_functions, supported
-from cospec.sampling import GREEDY, SamplingConfig, residual
+from cospec.fast_batch_cos import EXTRA, CosStep
+from cospec.row_sampling import (
+    _M32,
+    RowSampling,
+    first_false,
+    pick,
+    row_probabilities,
+    uniforms,
+    verify,
+)
+from cospec.sampling import GREEDY, SamplingConfig
 from cospec.stats import DecodeStats
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RUN_AHEAD = 8   # target-only decoding: tokens decoded per host read
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill pass (bounds its attention mask)
-_M32 = 0xFFFFFFFF
 
 
 class BatchLM:
@@ -166,90 +181,6 @@ class BatchLM:
         return graph, logits, hidden
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (int64 tensors holding values < 2^32; no product overflows)."""
-    for _ in range(2):
-        x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    return (x >> 16) ^ x
-
-
-def uniforms(seed: torch.Tensor, counter: torch.Tensor, n: int) -> torch.Tensor:
-    """[b, n] float32 uniforms in [0, 1) from row seeds and counters [b] (int64): a
-    function of (seed, counter, index) only, 24 random bits each."""
-    j = torch.arange(n, device=seed.device)
-    h = _mix((_mix(_mix(seed & _M32) ^ (counter & _M32))[:, None] + j * 0x9E3779B) & _M32)
-    return (h >> 8).float() / float(1 << 24)
-
-
-def pick(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One id per row of probs [b, V] by inverting its CDF at u [b] (a token of probability
-    0 is never picked: the search finds the first cumulative mass above u * total)."""
-    c = probs.cumsum(-1)
-    at = torch.searchsorted(c, u[:, None] * c[:, -1:], right=True)
-    return at.clamp_max(probs.shape[-1] - 1)[:, 0]
-
-
-@dataclass
-class RowSampling:
-    """Per-row sampling settings [b] on the device, with host flags saying which kinds of
-    processing any row needs (so an all-greedy batch does argmaxes only)."""
-
-    temp: torch.Tensor     # float32, 1 for greedy rows
-    top_k: torch.Tensor    # int64, V for "off"
-    top_p: torch.Tensor    # float32, 1 for "off"
-    greedy: torch.Tensor   # bool
-    all_greedy: bool
-    any_greedy: bool
-    any_top_k: bool
-    any_top_p: bool
-
-
-def row_probabilities(logits: torch.Tensor, s: RowSampling) -> torch.Tensor:
-    """``sampling.probabilities`` with each row's own settings: logits [b, ..., V] ->
-    float32 [b, ..., V] (greedy rows: one-hot of the argmax)."""
-    x = logits.float()
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    x = x / s.temp.view(shape)
-    if s.any_top_k:
-        at = (s.top_k.view(shape) - 1).expand(*x.shape[:-1], 1)
-        kth = x.sort(-1, descending=True).values.gather(-1, at)
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = x.softmax(-1)
-    if s.any_top_p:
-        top_p = s.top_p.view(shape)
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = (sorted_p.cumsum(-1) - sorted_p >= top_p) & (top_p < 1)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
-    if s.any_greedy:
-        hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        probs = torch.where(s.greedy.view(shape), hot, probs)
-    return probs
-
-
-def first_false(ok: torch.Tensor) -> torch.Tensor:
-    """[b] index of the first False in each row of ok [b, m] (m when all are True)."""
-    return torch.cat([~ok, ok.new_ones(ok.shape[0], 1)], dim=1).int().argmax(-1)
-
-
-def verify(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, u: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rejection sampling for every row at once: target p [b, k+1, V], draft q [b, k, V],
-    drafts d [b, k] (drawn from q), uniforms u [b, k+1] (k tests and the final draw).
-    Returns accepted a [b] and the next token [b]: drawn from norm(max(0, p_a - q_a)) at a
-    rejection (a < k), from the bonus row p_k when all pass. Greedy rows (one-hot p and q)
-    keep the drafts equal to the target's argmax and then commit its argmax."""
-    b, k = d.shape
-    rows = torch.arange(b, device=d.device)
-    q_d = q.gather(-1, d[..., None])[..., 0]
-    p_d = p[:, :k].gather(-1, d[..., None])[..., 0]
-    passed = u[:, :k] * q_d < p_d
-    a = first_false(passed)
-    t = p[rows, a]                                                          # [b, V]
-    qa = q[rows, a.clamp_max(k - 1)] * (a < k)[:, None].to(q.dtype)
-    return a, pick(residual(t, qa), u[:, k])
-
-
 @dataclass
 class Request:
     rid: int
@@ -272,8 +203,10 @@ class Commit:
 
 class BatchEngine:
     """Batched target-only (``draft=None``), speculative (exact: greedy match at T = 0,
-    rejection sampling at T > 0) or CoSpec (``policy``: greedy, an arbiter at every
-    mismatch, as ``acceptance.ArbiterRule``) decoding of up to ``rows`` requests at once.
+    rejection sampling at T > 0), CoSpec (``policy``: greedy, an arbiter at every
+    mismatch, as ``acceptance.ArbiterRule``) or CoS (``combo``: exact sampling from the
+    combination of draft, ``middle`` and target, ``cospec.fast_batch_cos``; ``alternate``
+    True is ``cos-*``, False ``*-sd``) decoding of up to ``rows`` requests at once.
 
     ``submit`` queues a request and returns its id; ``step`` runs one step and returns the
     ``Commit`` of every request that took part. ``stats`` sums all requests' counters.
@@ -283,9 +216,15 @@ class BatchEngine:
                  k: int = 4, rows: int = 64, max_len: int = 2048, eos_ids: Iterable[int] = (),
                  policy: MismatchPolicy | None = None, threshold: float = 0.5,
                  max_overrides: int | None = None, every_mismatch: bool = True,
-                 run_ahead: int = RUN_AHEAD, graphs: bool | None = None):
-        if draft is None and policy is not None:
-            raise CospecError("an arbiter policy needs a draft model")
+                 run_ahead: int = RUN_AHEAD, graphs: bool | None = None,
+                 combo: Combination | None = None, middle: Sequence[torch.nn.Module] = (),
+                 alternate: bool = True):
+        if draft is None and (policy is not None or combo is not None):
+            raise CospecError("an arbiter policy or a combination needs a draft model")
+        if combo is not None and policy is not None:
+            raise CospecError("an arbiter policy decides spd's mismatches, not a combination's")
+        if middle and combo is None:
+            raise CospecError("more than two models are for a combination (combo)")
         if draft is not None and not 1 <= k <= 2 * RUN_AHEAD - 1:
             raise CospecError(f"k (draft length) must be in 1..{2 * RUN_AHEAD - 1}, got {k}")
         self.k = k if draft is not None else 0
@@ -294,6 +233,9 @@ class BatchEngine:
         self.rows, self.max_len = rows, max_len
         self.target = BatchLM(target, rows, max_len, graphs)
         self.draft = BatchLM(draft, rows, max_len, graphs) if draft is not None else None
+        self.middle = [BatchLM(m, rows, max_len, graphs) for m in middle]
+        self.cos = (CosStep(combo, self.draft, [*self.middle, self.target], k, alternate)
+                    if combo is not None else None)
         self.eos = set(eos_ids)
         self.threshold, self.max_overrides = threshold, max_overrides
         self.every_mismatch = every_mismatch
@@ -350,17 +292,19 @@ class BatchEngine:
         return bool(self.queue) or any(r is not None for r in self.slots)
 
     def _admit(self) -> None:
-        """Prefill queued requests into free slots (both models, prompt[:-1]; all the
+        """Prefill queued requests into free slots (every model, prompt[:-1]; all the
         requests admitted in a step in one pass per model)."""
         vocab = self.target.head_w.shape[0]
         free = [slot for slot in range(self.rows) if self.slots[slot] is None]
         admitted = [(slot, self.queue.popleft()) for slot in free[:len(self.queue)]]
         if not admitted:
             return
-        for lm in (self.target, self.draft):
+        for lm in (self.target, self.draft, *self.middle):
             if lm is not None:
                 lm.prefill([r.prompt[:-1] for _, r in admitted], [slot for slot, _ in admitted])
         for slot, req in admitted:
+            if self.cos is not None:
+                self.cos.free(slot)
             s = req.sampling
             self.n[slot], self.plen[slot] = len(req.prompt), len(req.prompt)
             self.last[slot] = req.prompt[-1]
@@ -377,6 +321,8 @@ class BatchEngine:
         self.slots[slot] = None
         self.live[slot] = False
         self.n[slot], self.last[slot], self.prev[slot] = 1, 0, 0
+        if self.cos is not None:
+            self.cos.free(slot)
 
     def _sampling(self, b: int) -> RowSampling:
         reqs = [r for r in self.slots[:b] if r is not None]
@@ -403,7 +349,11 @@ class BatchEngine:
                 return []
             b = min(next(size for size in (*BUCKETS, self.rows) if size > used[-1]), self.rows)
             s = self._sampling(b)
-            if self.draft is None:
+            if self.cos is not None:
+                u = uniforms(self.seed[:b], self.counter[:b], self.cos.draws())
+                toks, a, extra = self.cos(b, s, self.n[:b], self.prev[:b], self.last[:b],
+                                          self.live[:b], u)
+            elif self.draft is None:
                 toks, a, extra = self._target_only(b, s)
             else:
                 toks, a, extra = self._speculate(b, s)
@@ -429,7 +379,10 @@ class BatchEngine:
         cut = next((j + 1 for j, t in enumerate(new) if t in self.eos), len(new))
         cut = min(cut, left)
         done = cut < len(new) or cut == left or new[cut - 1] in self.eos
-        if self.draft is not None:
+        if self.cos is not None:
+            req.from_draft += self.cos.commit(slot, row[width + 1:width + 1 + EXTRA],
+                                              self.stats)[:cut]
+        elif self.draft is not None:
             calls, overrides, next_from_draft = row[width + 1:width + 4]
             self.stats.record_step(self.k, a)
             self.stats.arbiter_calls += calls
@@ -552,7 +505,8 @@ def generate_batch(target: torch.nn.Module, draft: torch.nn.Module | None,
                    stats: DecodeStats | None = None, **engine_kw) -> list[list[int]]:
     """Decode every prompt with a ``BatchEngine`` of ``rows`` slots (requests join as slots
     free up); returns each prompt's generated ids, in order. ``engine_kw``: ``k``,
-    ``eos_ids``, ``policy`` ... as for ``BatchEngine``; ``stats`` (if given) gets the sums."""
+    ``eos_ids``, ``policy``, ``combo`` ... as for ``BatchEngine``; ``stats`` (if given) gets
+    the sums."""
     n = len(prompts)
     budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     configs = [sampling] * n if isinstance(sampling, SamplingConfig) else list(sampling)

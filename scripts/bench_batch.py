@@ -1,18 +1,22 @@
-"""Batched decoding speed (``cospec.fast_batch``): target-only and spd at several batch sizes.
+"""Batched decoding speed (``cospec.fast_batch``): target-only, spd, CoS at several batch sizes.
 
     PYTHONPATH=. python scripts/bench_batch.py --out DIR [--target qwen2.5-coder-1.5b]
         [--draft qwen2.5-coder-0.5b] [--task gsm8k,humaneval --split heldout] [--prompts 64]
         [--new 256] [--k 4] [--batches 1,4,16,64] [--temperature 0] [--ignore-eos]
-        [--save-prompts FILE] [--random 1.5b|7b]
+        [--save-prompts FILE] [--random 1.5b|7b] [--methods target,spd,cos-we] [--lam 0.5]
+        [--mu 0.1]
     PYTHONPATH=. python scripts/bench_batch.py --tiny --out DIR     # CPU smoke test
 
 The same ``--prompts`` prompts (chat template; shared out over the comma-separated tasks,
 GSM8K from ``--split``, the others from their test split) go through an engine of B slots
-for every B (requests join as slots free up); both methods share the prompts and the code
-path. Before the timed pass every bucket of rows <= B is warmed up (on CUDA: its graphs
-captured), so no capture falls inside it. Per (B, method): generated tokens, prefill and
-decode seconds, tokens/s end to end and decode only, tau, peak memory (CUDA: the device's
-peak allocated in that pass; CPU: the process's peak resident set so far), capture seconds.
+for every B (requests join as slots free up); all methods share the prompts and the code
+path. ``--methods`` (default target,spd): any of target, spd, cos-we, cos-cd (CoS with
+alternate proposal), we-sd, cd-sd (``--lam``, ``--mu`` as ``cospec.methods``); those that
+need a draft are left out without one. Before the timed pass every bucket of rows <= B is
+warmed up (on CUDA: its graphs captured), so no capture falls inside it. Per (B, method):
+generated tokens, prefill and decode seconds, tokens/s end to end and decode only, tau,
+peak memory (CUDA: the device's peak allocated in that pass; CPU: the process's peak
+resident set so far), capture seconds.
 Writes DIR/bench_batch.json after every configuration and prints a table. ``--tiny``: random
 tiny models (fp32, CPU), random prompts: checks that the script runs, measures nothing.
 ``--ignore-eos``: every request decodes exactly ``--new`` tokens (for a side-by-side with
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from cospec.cos import Combination
 from cospec.fast_batch import BUCKETS, BatchEngine
 from cospec.sampling import SamplingConfig
 from cospec.stats import DecodeStats
@@ -82,12 +87,29 @@ def peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig) -> dict:
+METHODS = ("target", "spd", "cos-we", "cos-cd", "we-sd", "cd-sd")
+
+
+def engine_options(method: str, draft, args) -> dict:
+    """``BatchEngine``'s arguments for a method (CoS: the combination of draft and target)."""
+    if method == "target":
+        return dict(draft=None)
+    if method == "spd":
+        return dict(draft=draft)
+    combo = (Combination("we", (args.lam, 1 - args.lam)) if "we" in method.split("-")
+             else Combination("cd", mu=args.mu))
+    return dict(draft=draft, combo=combo, alternate=method.startswith("cos-"))
+
+
+def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig,
+        method: str) -> dict:
     """Warm every bucket of ``rows`` slots, then decode all prompts once, timed."""
     device = next(target.parameters()).device
     warm = 2 * (args.k + 1)  # tokens per warm-up request: a few steps
     room = max(map(len, prompts)) + max(args.new, warm) + max(args.k, 8) + 4
-    engine = BatchEngine(target, draft, k=args.k, rows=rows, max_len=room, eos_ids=eos)
+    opts = engine_options(method, draft, args)
+    engine = BatchEngine(target, k=args.k, rows=rows, max_len=room, eos_ids=eos, **opts)
+    speculative = opts["draft"] is not None
     for size in [b for b in BUCKETS if b < rows] + [rows]:  # slots 0..size-1: bucket size
         for i in range(size):
             engine.submit(prompts[i % len(prompts)], warm, sampling, seed=i)
@@ -104,12 +126,12 @@ def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig) 
         engine.step()
     wall = time.perf_counter() - t0
     s = engine.stats
-    models = [engine.target] + ([engine.draft] if engine.draft is not None else [])
-    return dict(rows=rows, method="spd" if draft is not None else "target",
+    models = [engine.target, *engine.middle] + ([engine.draft] if speculative else [])
+    return dict(rows=rows, method=method,
                 prompts=len(prompts), generated=s.generated, prefill_s=s.prefill_s,
                 decode_s=s.decode_s, wall_s=wall, tokens_per_s=s.generated / wall,
-                decode_tokens_per_s=s.tokens_per_s, tau=s.tau if draft is not None else None,
-                acceptance_rate=s.acceptance_rate if draft is not None else None,
+                decode_tokens_per_s=s.tokens_per_s, tau=s.tau if speculative else None,
+                acceptance_rate=s.acceptance_rate if speculative else None,
                 peak_mb=peak_mb(device), capture_s=sum(m.capture_s for m in models))
 
 
@@ -129,8 +151,14 @@ def main() -> None:
     ap.add_argument("--save-prompts", type=Path, help="write the prompt token ids here")
     ap.add_argument("--random", choices=("0.5b", "1.5b", "7b"),
                     help="random-weight target of Qwen2.5 shapes, target-only (CUDA)")
+    ap.add_argument("--methods", default="target,spd", help=f"comma-separated: {METHODS}")
+    ap.add_argument("--lam", type=float, default=0.5, help="CoS ensemble: lam q + (1-lam) p")
+    ap.add_argument("--mu", type=float, default=0.1, help="CoS contrastive: l_p - mu l_q")
     ap.add_argument("--tiny", action="store_true", help="tiny random models on CPU (smoke)")
     args = ap.parse_args()
+    methods = args.methods.split(",")
+    if set(methods) - set(METHODS):
+        ap.error(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {METHODS}")
     if args.tiny:
         os.environ.setdefault("COSPEC_STATIC", "1")
         target, draft, prompts, eos = tiny_pair()
@@ -151,13 +179,14 @@ def main() -> None:
                   else args.target, draft="tiny" if args.tiny else None if args.random
                   else args.draft, task=args.task, split=args.split,
                   new=args.new, k=args.k, ignore_eos=args.ignore_eos, temperature=args.temperature,
+                  methods=methods, lam=args.lam, mu=args.mu,
                   device=str(next(target.parameters()).device),
                   dtype=str(next(target.parameters()).dtype),
                   load_start=os.getloadavg(), runs=[])
     with torch.inference_mode():
         for rows in (int(b) for b in args.batches.split(",")):
-            for proposer in (None, draft) if draft is not None else (None,):
-                run = one(target, proposer, prompts, eos, rows, args, sampling)
+            for method in methods if draft is not None else ["target"]:
+                run = one(target, draft, prompts, eos, rows, args, sampling, method)
                 report["runs"].append(run)
                 report["load_end"] = os.getloadavg()
                 path.write_text(json.dumps(report, indent=1))
