@@ -8,10 +8,12 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
   (``ExactRule`` / ``ArbiterRule``, not the CoS combinations), every model it runs is one the
   fast path supports, and its k fits the engine. Rows of one engine share method and k;
   temperature, top-p, top-k and seed are per row.
-- ``plan`` reserves a slot (on the event loop, between turns): in the engine of the
-  request's (method, k) if it has a free row, else in a new engine of every slot no other
-  engine holds; engines with no live request are dropped to free their slots for it. A
-  request that finds no slot waits (the scheduler keeps the queue first come, first served).
+- ``plan`` reserves a slot (on the event loop, between turns): in an engine of the
+  request's (method, k) with a free row, else in a new engine of the slots no other engine
+  holds (engines with no live request are given up first), shared with the other (method,
+  k) waiting in the queue: alone it takes them all, with three others a quarter. A request
+  that finds no slot waits (the scheduler keeps the queue first come, first served); as
+  engines drain, the slots go where the queue needs them.
 - ``turn`` (on the worker thread) releases the rows of requests that ended (stop string,
   EOS, timeout, cancellation: the slot is free before the next step), prefills the planned
   ones, steps every non-empty engine once and returns what each request committed.
@@ -168,89 +170,92 @@ def available_ram() -> int | None:
     return None
 
 
-@dataclass
-class Row:
+@dataclass(eq=False)
+class Group:
+    """One engine's slots: its (method, k), its size, the engine (built at its first turn)
+    and the requests holding its slots (request id in the engine; None until submitted)."""
+
     key: tuple[str, int]
-    engine: ServedEngine
-    rid: int
+    size: int
+    engine: ServedEngine | None = None
+    jobs: dict[BatchJob, int | None] = field(default_factory=dict)
+
+    def live(self) -> int:
+        return sum(1 for j in list(self.jobs) if not (j.done or j.cancelled))
 
 
 @dataclass
 class BatchPool:
-    """The engines of every (method, k) sub-batch within ``max_batch`` slots of
-    ``max_context`` positions."""
+    """Engines (``Group``s) within ``max_batch`` slots of ``max_context`` positions."""
 
     max_batch: int
     max_context: int
-    sizes: dict[tuple[str, int], int] = field(default_factory=dict)      # key -> rows
-    engines: dict[tuple[str, int], ServedEngine] = field(default_factory=dict)
-    rows: dict[BatchJob, Row] = field(default_factory=dict)
-    pending: list[tuple[BatchJob, tuple[str, int]]] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
 
-    # --- on the event loop, between turns
+    # --- on the event loop, between turns (the readers are safe during a turn too)
 
-    def live(self, key: tuple[str, int] | None = None) -> int:
-        """Requests holding (or about to hold) a slot, of one sub-batch or of all (safe to
-        call during a turn: it reads copies, each taken at once)."""
-        jobs = [*((j, r.key) for j, r in list(self.rows.items())), *list(self.pending)]
-        return sum(1 for j, k in jobs if (key is None or k == key)
-                   and not (j.done or j.cancelled))
+    def live(self) -> int:
+        """Requests holding (or about to hold) a slot."""
+        return sum(g.live() for g in list(self.groups))
+
+    def jobs(self) -> list[BatchJob]:
+        return [j for g in list(self.groups) for j in list(g.jobs)]
 
     @property
     def busy(self) -> bool:
-        return bool(self.rows or self.pending)
+        return any(g.jobs for g in self.groups)
 
-    def plan(self, job: BatchJob, key: tuple[str, int]) -> bool:
-        """Reserve a slot for ``job`` in its sub-batch (False: none free now)."""
-        if key not in self.sizes:
-            free = self.max_batch - sum(self.sizes.values())
-            if free < 1:
-                for idle in [k for k in self.sizes if self.live(k) == 0]:
-                    self._drop(idle)
-                free = self.max_batch - sum(self.sizes.values())
+    def plan(self, job: BatchJob, key: tuple[str, int],
+             waiting: Iterable[tuple[str, int]] = ()) -> bool:
+        """Reserve a slot for ``job`` (False: none free now). The largest engine of its
+        (method, k) with a free row takes it; else a new engine gets the free slots
+        (engines with no live request given up first), shared with the other (method, k)
+        in the queue (``waiting``) that find no free row either."""
+        fits = [g for g in self.groups if g.key == key and g.live() < g.size]
+        if fits:
+            group = max(fits, key=lambda g: g.size)
+        else:
+            self.groups = [g for g in self.groups if g.live()]
+            free = self.max_batch - sum(g.size for g in self.groups)
             if free < 1:
                 return False
-            self.sizes[key] = free
-        elif self.live(key) >= self.sizes[key]:
-            return False
-        self.pending.append((job, key))
+            roomy = {g.key for g in self.groups if g.live() < g.size}
+            group = Group(key, max(1, free // len({key, *waiting} - roomy)))
+            self.groups.append(group)
+        group.jobs[job] = None
         return True
-
-    def _drop(self, key: tuple[str, int]) -> None:
-        del self.sizes[key]
-        self.engines.pop(key, None)
-        for job in [j for j, r in self.rows.items() if r.key == key]:
-            del self.rows[job]
 
     def clear(self) -> None:
         """Drop every engine (after a failed step: their state is unknown)."""
-        self.sizes.clear()
-        self.engines.clear()
-        self.rows.clear()
-        self.pending.clear()
+        self.groups.clear()
 
     def slots_in_use(self) -> dict[str, int]:
-        """Occupied slots per sub-batch, as the engines see them (for ``/health``)."""
-        return {f"{name}/k={k}" if k else name: sum(r is not None for r in list(e.slots))
-                for (name, k), e in list(self.engines.items())}
+        """Occupied slots per (method, k), as the engines see them (for ``/health``)."""
+        out: dict[str, int] = {}
+        for g in list(self.groups):
+            name = f"{g.key[0]}/k={g.key[1]}" if g.key[1] else g.key[0]
+            used = sum(r is not None for r in list(g.engine.slots)) if g.engine else 0
+            out[name] = out.get(name, 0) + used
+        return out
 
     # --- on the worker thread
 
     def turn(self) -> list[tuple[BatchJob, Served]]:
         """Release ended requests' rows, start the planned ones, step every non-empty
         engine once; returns each request's commit."""
-        for job in [j for j in self.rows if j.done or j.cancelled]:
-            row = self.rows.pop(job)
-            row.engine.cancel(row.rid)
-        for job, key in self.pending:
-            if job.done or job.cancelled:
-                continue
-            engine = self.engines.get(key) or self._build(job.method, key)
-            self.rows[job] = Row(key, engine, engine.add(job))
-        self.pending.clear()
+        for g in list(self.groups):
+            for job, rid in list(g.jobs.items()):
+                if job.done or job.cancelled:
+                    del g.jobs[job]
+                    if rid is not None:
+                        g.engine.cancel(rid)
+                elif rid is None:
+                    g.engine = g.engine or self._build(job.method, g)
+                    g.jobs[job] = g.engine.add(job)
         out = []
-        for engine in list(self.engines.values()):
-            if not engine.busy:
+        for g in list(self.groups):
+            engine = g.engine
+            if engine is None or not engine.busy:
                 continue
             t0, p0 = time.perf_counter(), engine.stats.prefill_s
             commits = engine.step()
@@ -262,18 +267,16 @@ class BatchPool:
                     job.stats.prefill_s += prefill
                 job.stats.decode_s += decode
                 if c.done:
-                    self.rows.pop(job, None)
+                    g.jobs.pop(job, None)
                     engine.jobs.pop(c.rid, None)
                 out.append((job, c))
         return out
 
-    def _build(self, method: Method, key: tuple[str, int]) -> ServedEngine:
+    def _build(self, method: Method, group: Group) -> ServedEngine:
         rule = method.rule
         kw = {}
         if isinstance(rule, ArbiterRule):
             kw = dict(policy=rule.policy, threshold=rule.threshold,
                       max_overrides=rule.max_overrides, every_mismatch=rule.every_mismatch)
-        engine = ServedEngine(method.verifier, method.proposer, k=max(key[1], 1),
-                              rows=self.sizes[key], max_len=self.max_context, **kw)
-        self.engines[key] = engine
-        return engine
+        return ServedEngine(method.verifier, method.proposer, k=max(group.key[1], 1),
+                            rows=group.size, max_len=self.max_context, **kw)

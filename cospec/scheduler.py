@@ -146,8 +146,7 @@ class Engine:
         """The live jobs of the batch pool (planned or decoding)."""
         if self.pool is None:
             return []
-        jobs = [*list(self.pool.rows), *(j for j, _ in list(self.pool.pending))]
-        return [j for j in jobs if not j.done]
+        return [j for j in self.pool.jobs() if not j.done]
 
     @property
     def decoding(self) -> int:
@@ -213,9 +212,10 @@ class Engine:
         """Waiting jobs into free slots, first come first served on each path (a job that
         finds none holds back the later ones of its path)."""
         full_batch = full_rr = False
+        keys = {j.batch for j in self.waiting if j.batch is not None}
         for job in list(self.waiting):
             if job.batch is not None:
-                full_batch = full_batch or not self.pool.plan(job, job.batch)
+                full_batch = full_batch or not self.pool.plan(job, job.batch, keys)
                 if full_batch:
                     continue
             else:
