@@ -28,6 +28,7 @@ the rest of every step it took part in.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Iterable
@@ -44,6 +45,8 @@ from cospec.fast_batch import RUN_AHEAD, BatchEngine, Commit
 from cospec.methods import Method
 from cospec.sampling import SamplingConfig
 from cospec.stats import DecodeStats
+
+log = logging.getLogger("cospec.server")
 
 COUNTERS = ("steps", "drafted", "accepted", "arbiter_calls", "overrides")
 MAX_K = 2 * RUN_AHEAD - 1  # the longest draft an engine runs
@@ -243,6 +246,7 @@ class BatchPool:
     def turn(self) -> list[tuple[BatchJob, Served]]:
         """Release ended requests' rows, start the planned ones, step every non-empty
         engine once; returns each request's commit."""
+        out = []
         for g in list(self.groups):
             for job, rid in list(g.jobs.items()):
                 if job.done or job.cancelled:
@@ -251,8 +255,12 @@ class BatchPool:
                         g.engine.cancel(rid)
                 elif rid is None:
                     g.engine = g.engine or self._build(job.method, g)
-                    g.jobs[job] = g.engine.add(job)
-        out = []
+                    try:
+                        g.jobs[job] = g.engine.add(job)
+                    except CospecError:  # refused (the server checks first): it alone fails
+                        log.exception("a batch engine refused a request")
+                        del g.jobs[job]
+                        out.append((job, Served(-1, [], True)))
         for g in list(self.groups):
             engine = g.engine
             if engine is None or not engine.busy:

@@ -256,7 +256,7 @@ class Engine:
                 job.end("error")
             self.pool.clear()
             return
-        for job, toks in updates:
+        for job, toks, last in updates:
             if job.done:  # cancelled or timed out during the step
                 continue
             for tok, text, fixed in toks:
@@ -264,10 +264,15 @@ class Engine:
                 if job.done:
                     self.counts["completed"] += 1
                     break
+            if last and not job.done:  # the engine let go of a job not over: a bug
+                log.error("a batch engine ended a request early")
+                self.counts["errors"] += 1
+                job.end("error")
             job.changed.set()
 
-    def _batch_step(self) -> list[tuple[Job, list[tuple[Token, str, int]]]]:
-        """On the worker thread: one pool turn, its tokens detokenized."""
+    def _batch_step(self) -> list[tuple[Job, list[tuple[Token, str, int]], bool]]:
+        """On the worker thread: one pool turn, its tokens detokenized (and whether the
+        engine let go of the job)."""
         out = []
         for job, commit in self.pool.turn():
             if job.detok is None:
@@ -278,7 +283,7 @@ class Engine:
                 toks.append((Token(tid, from_draft), job.detok.add(tid), fixed))
                 if tid in job.eos:
                     break
-            out.append((job, toks))
+            out.append((job, toks, commit.done))
         return out
 
     def _timed_out(self, job: Job) -> None:

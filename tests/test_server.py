@@ -325,8 +325,7 @@ def test_full_queue_is_a_429(slow_server):
         t.start()
     for t in threads:
         t.join(60)
-    assert sorted(statuses)[:2] == [200, 200] and 429 in statuses
-    assert set(statuses) <= {200, 429}
+    assert statuses.count(200) == 3 and statuses.count(429) == 2  # 1 + 1 slots, 1 queued
     assert all(b["error"]["code"] == "queue_full" for b in bodies if "error" in b)
     h = health(slow_server)
     assert h["rejected"] == statuses.count(429) and h["completed"] == statuses.count(200)

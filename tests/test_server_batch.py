@@ -89,12 +89,15 @@ def concurrently(fn, items) -> list:
         except Exception as err:  # reported below
             errors.append(err)
 
-    threads = [threading.Thread(target=run, args=(i, x)) for i, x in enumerate(items)]
+    threads = [threading.Thread(target=run, args=(i, x), daemon=True)
+               for i, x in enumerate(items)]
     for t in threads:
         t.start()
+    end = time.monotonic() + 120
     for t in threads:
-        t.join(120)
+        t.join(max(0.0, end - time.monotonic()))
     assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "requests still unanswered after 120 s"
     return out
 
 
@@ -120,7 +123,8 @@ def test_concurrent_requests_equal_each_alone(pair, arbiter, max_batch):
     assert len({w[0] for w in want}) == len(want)       # every answer differs
     assert {w[2] for w in want} == {"stop", "length"}    # some end at EOS, some at the budget
     with serve(pair, arbiter, max_batch=max_batch) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
         got = concurrently(lambda r: ask(client, r), reqs)
         h = health(srv)
     assert [g[:3] for g in got] == want
@@ -148,7 +152,8 @@ def test_requests_join_mid_flight(pair):
     want_long = alone(pair, None, "spd", long["prompt"], 3, 400, True)
     want_short = [alone(pair, None, "spd", r["prompt"], 3, r["max_tokens"]) for r in short]
     with serve(pair, max_batch=4) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
         stream = chat(client, long["prompt"], stream=True, method="spd", k=3, max_tokens=400,
                       ignore_eos=True)
         pieces = [next(stream).choices[0].delta.content or ""]  # the role chunk
