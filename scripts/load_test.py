@@ -122,7 +122,8 @@ def plan(args, model: str, ctx: int) -> list[dict]:
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
         req = {"i": i, "kind": kind, "endpoint": rng.choice(["chat", "completions"]),
                "stream": kind in ("disconnect", "slow") or rng.random() < 0.5,
-               "method": rng.choice(args.methods.split(",")), "k": rng.randint(*args.k),
+               "method": "default" if args.plain else rng.choice(args.methods.split(",")),
+               "k": rng.randint(*args.k),
                "prompt": f"request {i}: {words}"}
         if kind == "malformed":
             req["path"], req["raw"], req["expect"] = malformed(i, model, ctx)
@@ -313,15 +314,17 @@ def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> 
         return "—" if x is None else (f"{x * 1000:.0f} ms" if unit == "s" else f"{x:.2f}")
 
     server = (f"`{cfg['url']}`" if cfg["url"] else
-              f"in-process, max_batch {cfg['max_batch']}, max_context {cfg['max_context']}, "
-              f"max_active {cfg['max_active']}, max_queue {cfg['max_queue']}")
+              f"in-process, max_batch {cfg['max_batch']}, max_context "
+              f"{cfg['max_context'] or 'default'}, max_active {cfg['max_active']}, max_queue "
+              f"{cfg['max_queue']}")
     k = cfg["k"][0] if cfg["k"][0] == cfg["k"][1] else f"{cfg['k'][0]}–{cfg['k'][1]}"
     lines = [
         "# `cospec serve` load test", "",
         f"Command: `{cfg['command']}`", "",
         f"Models: {cfg['models']}. Machine: {cfg['machine']}. Server: {server}; greedy, "
-        f"max_tokens {cfg['max_tokens']}, methods {cfg['methods']}"
-        + ("" if cfg["plain"] else f" (k {k})") + ", chat and completions, streaming and not.",
+        f"max_tokens {cfg['max_tokens']}, "
+        + ("the server's default method" if cfg["plain"] else f"methods {cfg['methods']} (k {k})")
+        + ", chat and completions, streaming and not.",
         "",
         f"**{'PASS' if passed else 'FAIL'}**" + ("" if passed else ": " + "; ".join(failures)),
         "",
