@@ -1,5 +1,5 @@
 """Continuous batching for ``cospec serve``: live requests decode together in
-``fast_batch.BatchEngine`` sub-batches, one engine per (method, k).
+``fast_batch.BatchEngine`` sub-batches, each engine for one (method, k).
 
 Terms: a *slot* is one row of an engine's static KV caches, ``max_context`` positions of
 every model the method runs. The pool owns at most ``max_batch`` slots in all:
