@@ -1,21 +1,25 @@
-"""The scheduler of ``cospec serve``: a request queue, round-robin stepping of the live
-generations on one worker thread, and the limits (queue size, time limit, cancellation).
+"""The scheduler of ``cospec serve``: a request queue, continuous batching or round-robin
+stepping of the live generations on one worker thread, and the limits (queue size, time
+limit, cancellation).
 
 One worker thread owns the models. A scheduler task admits requests first come, first served
-into at most ``max_active`` live generations and steps those round robin, one committed token
-per turn (the tokens of one speculative block come out of one forward pass, so a turn is
-cheap after the first of a block). A long request therefore never holds a short one back for
-its whole duration. Between turns it drops a request whose client went away (``cancel``): its
-slot is free after at most one step. The worker never waits on a client and a handler only
-waits for its own tokens, so a slow reader delays nobody but itself. At most ``max_active +
-max_queue`` requests are admitted; beyond that a request gets a 429 at once.
+(each path keeps its own order). A request a batch engine can decode (``Job.batch``: see
+``cospec.batch_scheduler``) takes a slot of ``BatchPool``: each turn steps every non-empty
+engine once, so all batched requests advance together, joining at the next step and leaving
+when done. Any other request (the CoS methods) is one of at most ``max_active`` generations
+stepped round robin, one committed token per turn (the tokens of one speculative block come
+out of one forward pass, so a turn is cheap after the first of a block). A long request
+therefore never holds a short one back for its whole duration. Between turns it drops a
+request whose client went away (``cancel``): its slot is free before the next step. The
+worker never waits on a client and a handler only waits for its own tokens, so a slow reader
+delays nobody but itself. At most ``max_batch + max_active + max_queue`` requests are
+admitted; beyond that a request gets a 429 at once.
 
 Time limit: ``timeout`` seconds from arrival, queueing included. A request that reaches it
 ends as if it had reached max_tokens — finish_reason ``"length"`` — with
 ``metrics.timed_out`` true (and no text if it never started).
 
-Text: each committed token is detokenized incrementally (``TextStream``: tokenizers'
-``DecodeStream``, O(1) a token), and stop strings are looked for in the new text only.
+Text: ``cospec.server_text`` (incremental detokenization, stop strings in the new text only).
 """
 
 from __future__ import annotations
@@ -29,79 +33,16 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from tokenizers.decoders import DecodeStream
-
+from cospec.batch_scheduler import BatchPool
 from cospec.decoding import Token
 from cospec.methods import Method, eos_ids
 from cospec.models import Pair
 from cospec.sampling import SamplingConfig
 from cospec.server_schemas import ApiError
+from cospec.server_text import TextStream, stop_at
 from cospec.stats import DecodeStats
 
 log = logging.getLogger("cospec.server")
-
-
-# ----------------------------------------------------------------------------- text
-
-def stop_at(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
-    """Index of the first stop string in ``text`` that begins at ``start`` or later, or
-    None."""
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def safe_len(text: str, stops: tuple[str, ...]) -> int:
-    """How much of a growing ``text`` can be sent now: not a trailing incomplete character
-    ("\\ufffd" from a split multi-byte sequence), nor a suffix that could start a stop
-    string."""
-    n = len(text)
-    while n and text[n - 1] == "\ufffd":
-        n -= 1
-    hold = 0
-    for s in stops:
-        for j in range(min(len(s) - 1, n), hold, -1):
-            if text.endswith(s[:j], 0, n):
-                hold = j
-                break
-    return n - hold
-
-
-class TextStream:
-    """The text of a growing sequence of token ids (special tokens skipped), one id at a time.
-
-    A fast tokenizer goes through tokenizers' ``DecodeStream``: each id costs a decode of a
-    few ids, not of the whole sequence. ``DecodeStream`` holds back a character still
-    incomplete (a multi-byte sequence split between tokens); ``add`` then shows it as a full
-    decode does, as "\ufffd", from the ids not yet settled. A tokenizer without a ``tokenizers``
-    backend (or whose decoder the stream refuses) is decoded whole at every id.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.stream = DecodeStream(skip_special_tokens=True) if self.backend is not None else None
-        self.ids: list[int] = []
-        self.text = ""    # the text of ids[:settled], final
-        self.settled = 0
-
-    def add(self, token_id: int) -> str:
-        """Append ``token_id``; returns the text of every id so far, equal to
-        ``tokenizer.decode(ids, skip_special_tokens=True)``. Its first ``len(self.text)``
-        characters (before this call) never change."""
-        self.ids.append(token_id)
-        if self.stream is not None:
-            try:
-                piece = self.stream.step(self.backend, token_id)
-            except Exception:  # a decoder whose text is not prefix-stable: decode it whole
-                self.stream = None
-            else:
-                if piece is not None:
-                    self.text += piece
-                    self.settled = len(self.ids)
-                    return self.text
-                return self.text + self.tokenizer.decode(self.ids[self.settled:],
-                                                         skip_special_tokens=True)
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
 @dataclass(eq=False)
@@ -131,6 +72,7 @@ class Job:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     tokens: Iterator[Token] | None = None
     detok: TextStream | None = None
+    batch: tuple[str, int] | None = None    # its batch engine's (method, k); None: round robin
 
     @property
     def done(self) -> bool:
@@ -162,12 +104,14 @@ class Job:
 
 
 class Engine:
-    """The queue, the round-robin scheduler and the one worker thread that runs the models."""
+    """The queue, the batch pool, the round-robin scheduler and the one worker thread that
+    runs the models (``pool`` None: every request round robin)."""
 
     def __init__(self, pair: Pair, methods: dict[str, Method], *, max_active: int = 4,
-                 max_queue: int = 64, timeout: float = 300.0):
+                 max_queue: int = 64, timeout: float = 300.0, pool: BatchPool | None = None):
         self.pair, self.tokenizer, self.methods = pair, pair.tokenizer, methods
         self.max_active, self.max_queue, self.timeout = max_active, max_queue, timeout
+        self.pool = pool
         self.eos = tuple(eos_ids(pair.tokenizer, pair.target))
         self.waiting: deque[Job] = deque()
         self.active: deque[Job] = deque()
@@ -188,7 +132,7 @@ class Engine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for job in (*self.active, *self.waiting):
+        for job in (*self.active, *self.waiting, *self._batched()):
             job.cancelled = True
             job.end("cancelled")
         self.worker.shutdown(wait=True, cancel_futures=True)
@@ -198,23 +142,37 @@ class Engine:
         tokenizer: fast tokenizers are not safe to share between threads)."""
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
+    def _batched(self) -> list[Job]:
+        """The live jobs of the batch pool (planned or decoding)."""
+        if self.pool is None:
+            return []
+        return [j for j in self.pool.jobs() if not j.done]
+
+    @property
+    def decoding(self) -> int:
+        return len(self.active) + (self.pool.live() if self.pool is not None else 0)
+
     def submit(self, job: Job) -> None:
-        """Queue a job, or refuse it with a 429 when ``max_active + max_queue`` are in."""
-        if len(self.waiting) + len(self.active) >= self.max_active + self.max_queue:
+        """Queue a job, or refuse it with a 429 when ``max_batch + max_active + max_queue``
+        are in."""
+        slots = self.max_active + (self.pool.max_batch if self.pool is not None else 0)
+        if len(self.waiting) + self.decoding >= slots + self.max_queue:
             self.counts["rejected"] += 1
-            raise ApiError(429, f"server busy: {len(self.active)} requests decoding and "
+            raise ApiError(429, f"server busy: {self.decoding} requests decoding and "
                                 f"{len(self.waiting)} queued (limit {self.max_queue}); retry "
                                 "later", None, "queue_full")
         self.waiting.append(job)
         self._wake.set()
 
     def cancel(self, job: Job) -> None:
-        """The client is gone: forget a queued job now, an active one at its next turn."""
+        """The client is gone: forget a queued job now, an active one at its next turn (a
+        batched one's slot is freed before the next step)."""
         if job.done:
             return
         job.cancelled = True
-        if job in self.waiting:
-            self.waiting.remove(job)
+        if job in self.waiting or job.batch is not None:  # a batched job's slot: see BatchPool
+            if job in self.waiting:
+                self.waiting.remove(job)
             self.counts["cancelled"] += 1
             job.end("cancelled")
         self._wake.set()
@@ -224,9 +182,13 @@ class Engine:
         return self._task is not None and not self._task.done()
 
     def health(self) -> dict:
+        batch = {} if self.pool is None else {
+            "max_batch": self.pool.max_batch, "max_context": self.pool.max_context,
+            "batch_slots_in_use": self.pool.slots_in_use()}
         return {"status": "ok" if self.alive else "scheduler stopped",
-                "active": len(self.active), "queued": len(self.waiting),
-                "max_active": self.max_active, "max_queue": self.max_queue, **self.counts}
+                "active": self.decoding, "queued": len(self.waiting),
+                "max_active": self.max_active, "max_queue": self.max_queue, **batch,
+                **self.counts}
 
     async def _schedule(self) -> None:
         while True:
@@ -234,30 +196,95 @@ class Engine:
             for job in [j for j in self.waiting if j.deadline <= now]:
                 self.waiting.remove(job)
                 self._timed_out(job)
-            while self.waiting and len(self.active) < self.max_active:
-                job = self.waiting.popleft()
-                job.started = now
-                self.active.append(job)
-            if not self.active:
+            for job in [j for j in self._batched() if j.deadline <= now]:
+                self._timed_out(job)
+            self._admit(now)
+            if not self.active and not (self.pool is not None and self.pool.busy):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            job = self.active.popleft()
-            if not job.cancelled and time.monotonic() < job.deadline:
-                await self._turn(job)
-            elif not job.cancelled:
-                self._timed_out(job)
-            if job.cancelled and not job.done:
-                self.counts["cancelled"] += 1
-                job.end("cancelled")
-            if not job.done:
+            if self.pool is not None and self.pool.busy:
+                await self._batch_turn()
+            if self.active:
+                await self._round_robin()
+
+    def _admit(self, now: float) -> None:
+        """Waiting jobs into free slots, first come first served on each path (a job that
+        finds none holds back the later ones of its path)."""
+        full_batch = full_rr = False
+        keys = {j.batch for j in self.waiting if j.batch is not None}
+        for job in list(self.waiting):
+            if job.batch is not None:
+                full_batch = full_batch or not self.pool.plan(job, job.batch, keys)
+                if full_batch:
+                    continue
+            else:
+                full_rr = full_rr or len(self.active) >= self.max_active
+                if full_rr:
+                    continue
                 self.active.append(job)
-            elif job.tokens is not None:
-                tokens, job.tokens = job.tokens, None
-                try:
-                    await self.on_worker(tokens.close)
-                except Exception:  # the job is over anyway; keep serving the others
-                    log.exception("closing a generation failed")
+            self.waiting.remove(job)
+            job.started = now
+
+    async def _round_robin(self) -> None:
+        """One turn of the round robin: the next active job's next token."""
+        job = self.active.popleft()
+        if not job.cancelled and time.monotonic() < job.deadline:
+            await self._turn(job)
+        elif not job.cancelled:
+            self._timed_out(job)
+        if job.cancelled and not job.done:
+            self.counts["cancelled"] += 1
+            job.end("cancelled")
+        if not job.done:
+            self.active.append(job)
+        elif job.tokens is not None:
+            tokens, job.tokens = job.tokens, None
+            try:
+                await self.on_worker(tokens.close)
+            except Exception:  # the job is over anyway; keep serving the others
+                log.exception("closing a generation failed")
+
+    async def _batch_turn(self) -> None:
+        """One step of every batch engine; each commit's tokens go to their job."""
+        try:
+            updates = await self.on_worker(self._batch_step)
+        except Exception:  # a bug or a failing model: the batched requests fail
+            log.exception("batched decoding failed")
+            for job in self._batched():
+                self.counts["errors"] += 1
+                job.end("error")
+            self.pool.clear()
+            return
+        for job, toks, last in updates:
+            if job.done:  # cancelled or timed out during the step
+                continue
+            for tok, text, fixed in toks:
+                self._take(job, tok, text, fixed)
+                if job.done:
+                    self.counts["completed"] += 1
+                    break
+            if last and not job.done:  # the engine let go of a job not over: a bug
+                log.error("a batch engine ended a request early")
+                self.counts["errors"] += 1
+                job.end("error")
+            job.changed.set()
+
+    def _batch_step(self) -> list[tuple[Job, list[tuple[Token, str, int]], bool]]:
+        """On the worker thread: one pool turn, its tokens detokenized (and whether the
+        engine let go of the job)."""
+        out = []
+        for job, commit in self.pool.turn():
+            if job.detok is None:
+                job.detok = TextStream(self.tokenizer)
+            toks = []
+            for tid, from_draft in zip(commit.tokens, commit.from_draft):
+                fixed = len(job.detok.text)
+                toks.append((Token(tid, from_draft), job.detok.add(tid), fixed))
+                if tid in job.eos:
+                    break
+            out.append((job, toks, commit.done))
+        return out
 
     def _timed_out(self, job: Job) -> None:
         job.timed_out = True
@@ -276,18 +303,24 @@ class Engine:
         if tok is None:  # the loop ended by itself (EOS or max_tokens already seen)
             job.end("stop" if job.ids and job.ids[-1] in job.eos else "length")
         else:
-            job.ids.append(tok.id)
-            job.from_draft += tok.from_draft
-            longest = max(map(len, job.stops), default=0)
-            cut = stop_at(text, job.stops, max(0, fixed - longest + 1))  # new text only
-            job.text = text if cut is None else text[:cut]
-            if cut is not None or tok.id in job.eos:
-                job.end("stop")
-            elif len(job.ids) >= job.max_tokens:
-                job.end("length")
+            self._take(job, tok, text, fixed)
         if job.done:
             self.counts["completed"] += 1
         job.changed.set()
+
+    @staticmethod
+    def _take(job: Job, tok: Token, text: str, fixed: int) -> None:
+        """Append one committed token (``text``: the text with it; ``fixed``: how much of
+        it was final before) and end the job at a stop string, EOS or max_tokens."""
+        job.ids.append(tok.id)
+        job.from_draft += tok.from_draft
+        longest = max(map(len, job.stops), default=0)
+        cut = stop_at(text, job.stops, max(0, fixed - longest + 1))  # new text only
+        job.text = text if cut is None else text[:cut]
+        if cut is not None or tok.id in job.eos:
+            job.end("stop")
+        elif len(job.ids) >= job.max_tokens:
+            job.end("length")
 
     def _step(self, job: Job) -> tuple[Token | None, str, int]:
         """On the worker thread: the next token, the decoded text so far, and how much of

@@ -5,8 +5,11 @@ Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (server-se
 with ``"stream": true``, one JSON object otherwise), ``GET /v1/models``, ``GET /health``.
 
 Requests and errors are the pydantic models of ``cospec.server_schemas``; the queue, the
-round-robin stepping and the limits are ``cospec.scheduler``'s. ``max_tokens`` defaults to
-``default_max_tokens`` (capped by the context left).
+stepping and the limits are ``cospec.scheduler``'s, the batch engines
+``cospec.batch_scheduler``'s. ``max_tokens`` defaults to ``default_max_tokens`` (capped by
+the context left). Context: ``max_context`` tokens per request (prompt + completion; at most
+the model's), the length of a batch slot; KV caches for ``max_batch`` slots are the budget,
+checked against free memory at start.
 
 Every response carries ``usage`` and a ``metrics`` extension (like vLLM's per-request
 metrics): method, k, steps, drafted, accepted, tau, acceptance_rate, from_draft (committed
@@ -37,6 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cospec.args import load_pair_of
+from cospec.batch_scheduler import BatchPool, check_memory, engine_key, reserve
 from cospec.errors import CospecError
 from cospec.methods import (
     GREEDY_ONLY,
@@ -50,7 +54,7 @@ from cospec.methods import (
 )
 from cospec.models import Pair
 from cospec.sampling import SamplingConfig
-from cospec.scheduler import Engine, Job, safe_len
+from cospec.scheduler import Engine, Job
 from cospec.server_schemas import (
     ApiError,
     ChatRequest,
@@ -58,9 +62,11 @@ from cospec.server_schemas import (
     CompletionRequest,
     validation_error,
 )
+from cospec.server_text import safe_len
 
 log = logging.getLogger("cospec.server")
 
+DEFAULT_MAX_CONTEXT = 2048
 POLL_S = 0.1             # how often a waiting handler checks that its client is still there
 MAX_BODY = 8 << 20       # request bodies above this are refused (413)
 MAX_STOPS = 4
@@ -117,11 +123,13 @@ def default_methods(pair: Pair, arbiter: str | None) -> list[str]:
 def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | None = None,
                model_name: str | None = None, k: int = 4, max_active: int = 4,
                max_queue: int = 64, timeout: float = 300.0,
-               default_max_tokens: int = 256) -> FastAPI:
+               default_max_tokens: int = 256, max_batch: int = 16,
+               max_context: int | None = None) -> FastAPI:
     """The ASGI app serving an already loaded ``pair``.
 
     ``methods`` are built once here (CospecError for an unknown one or one the pair cannot
-    run); the first of ``spd``, ``target`` or the first listed is the default.
+    run); the first of ``spd``, ``target`` or the first listed is the default. ``max_batch``
+    0: no batch engines, every request round robin.
     """
     names = list(methods) if methods else default_methods(pair, arbiter)
     built: dict[str, Method] = {}
@@ -131,14 +139,25 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
             raise CospecError(f"cannot serve method {name!r}; choose from "
                               f"{', '.join(OWN_METHODS)}")
         built[name] = build_method(name, pair, opts)
-    if max_active < 1 or max_queue < 0 or timeout <= 0 or k < 1 or default_max_tokens < 1:
+    if (max_active < 1 or max_queue < 0 or timeout <= 0 or k < 1 or default_max_tokens < 1
+            or max_batch < 0 or (max_context is not None and max_context < 2)):
         raise CospecError("max_active, k, default_max_tokens and timeout must be > 0, "
-                          "max_queue >= 0")
+                          "max_queue and max_batch >= 0, max_context >= 2")
     default = next((m for m in ("spd", "target") if m in built), names[0])
     served = model_name or pair.target_name
-    ctx = context_length(pair)
+    ctx = min(context_length(pair), max_context or DEFAULT_MAX_CONTEXT)
     vocab = int(getattr(pair.target.config, "vocab_size", 0) or len(pair.tokenizer))
-    engine = Engine(pair, built, max_active=max_active, max_queue=max_queue, timeout=timeout)
+    batched = [m for m in built.values() if engine_key(m, 1) is not None]
+    pool = None
+    if max_batch and batched:
+        models = list({id(x): x for m in batched for x in (m.verifier, m.proposer)
+                       if x is not None}.values())
+        need = check_memory(models, max_batch, ctx)
+        log.info("batch engines: %d slots x %d tokens, %.2f GiB of KV cache at most",
+                 max_batch, ctx, need / 2**30)
+        pool = BatchPool(max_batch, ctx)
+    engine = Engine(pair, built, max_active=max_active, max_queue=max_queue, timeout=timeout,
+                    pool=pool)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -217,20 +236,24 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
                            "invalid_prompt") from None
         if not ids:
             raise ApiError(400, "the prompt is empty", None, "invalid_prompt")
-        room = ctx - len(ids)
+        method, draft_len = built[name], body.k or k
+        key = engine_key(method, draft_len) if pool is not None else None
+        kept = reserve(method, draft_len) if key is not None else 0
+        room = ctx - kept - len(ids)
         where = "messages" if isinstance(body, ChatRequest) else "prompt"
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        context = (f"This server's maximum context length is {ctx} tokens per request "
+                   f"(--max-context{f', {kept} of them kept for the batch step' if kept else ''})")
         if room < 1:
-            raise ApiError(400, f"This model's maximum context length is {ctx} tokens, but the "
-                                f"prompt has {len(ids)} tokens", where, "context_length_exceeded")
+            raise ApiError(400, f"{context}, but the prompt has {len(ids)} tokens", where,
+                           "context_length_exceeded")
         if limit is not None and limit > room:
-            raise ApiError(400, f"max_tokens is too large: {limit}. This model's maximum "
-                                f"context length is {ctx} tokens and the prompt has {len(ids)} "
-                                "tokens", "max_tokens", "context_length_exceeded")
+            raise ApiError(400, f"max_tokens is too large: {limit}. {context} and the prompt "
+                                f"has {len(ids)} tokens", "max_tokens", "context_length_exceeded")
         now = time.monotonic()
-        return Job(built[name], ids, limit or min(default_max_tokens, room), body.k or k,
-                   sampling, body.seed, () if body.ignore_eos else engine.eos, stops,
-                   deadline=now + timeout, arrived=now)
+        return Job(method, ids, limit or min(default_max_tokens, room), draft_len, sampling,
+                   body.seed, () if body.ignore_eos else engine.eos, stops,
+                   deadline=now + timeout, arrived=now, batch=key)
 
     async def complete(job: Job, request: Request, chat: bool, body: CommonRequest):
         engine.submit(job)
@@ -417,6 +440,8 @@ def cmd_serve(args) -> int:
 
     for flag, value, low in (("--port", args.port, 0), ("--max-active", args.max_active, 1),
                              ("--max-queue", args.max_queue, 0),
+                             ("--max-batch", args.max_batch, 0),
+                             ("--max-context", args.max_context, 2),
                              ("--default-max-tokens", args.default_max_tokens, 1)):
         if value < low:
             raise CospecError(f"{flag} must be >= {low}, got {value}")
@@ -432,7 +457,8 @@ def cmd_serve(args) -> int:
     app = create_app(pair, methods=methods, arbiter=args.arbiter,
                      model_name=args.served_model_name, k=args.k, max_active=args.max_active,
                      max_queue=args.max_queue, timeout=args.timeout,
-                     default_max_tokens=args.default_max_tokens)
+                     default_max_tokens=args.default_max_tokens, max_batch=args.max_batch,
+                     max_context=args.max_context)
     engine: Engine = app.state.engine
     print(f"serving {args.served_model_name or pair.target_name} on "
           f"http://{args.host}:{sock.getsockname()[1]} (methods: {', '.join(engine.methods)})",

@@ -13,7 +13,15 @@ spd differing from target, shows up as a mismatch. Pass criteria: no mismatch, n
 request, no 5xx, every malformed request answered with its 4xx, the server healthy and idle
 afterwards. Writes ``load_test.json`` and ``load_test.md`` to ``--out``; exits 1 on failure.
 
+``--concurrency 1,4,16,64`` runs the same requests at each level in turn (one table row
+each). ``--url`` fires at a server already running instead (``cospec serve``, or any
+OpenAI-compatible server such as vLLM with ``--plain``: OpenAI fields only, any 4xx counts
+as the rejection of a malformed request, no ``metrics`` expected); its responses are checked
+against references only when ``--target`` loads the same model here.
+
     python scripts/load_test.py --requests 200 --concurrency 8 --out results/server
+    python scripts/load_test.py --url http://127.0.0.1:8000 --plain --malformed 0 \
+        --disconnect 0 --slow 0 --concurrency 1,4,16,64 --out results/server/vllm
 """
 
 from __future__ import annotations
@@ -114,7 +122,8 @@ def plan(args, model: str, ctx: int) -> list[dict]:
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
         req = {"i": i, "kind": kind, "endpoint": rng.choice(["chat", "completions"]),
                "stream": kind in ("disconnect", "slow") or rng.random() < 0.5,
-               "method": rng.choice(["target", "spd"]), "k": rng.randint(1, 6),
+               "method": "default" if args.plain else rng.choice(args.methods.split(",")),
+               "k": rng.randint(*args.k),
                "prompt": f"request {i}: {words}"}
         if kind == "malformed":
             req["path"], req["raw"], req["expect"] = malformed(i, model, ctx)
@@ -122,9 +131,10 @@ def plan(args, model: str, ctx: int) -> list[dict]:
     return out
 
 
-def body_of(req: dict, model: str, max_tokens: int) -> dict:
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
-            "method": req["method"], "k": req["k"], "stream": req["stream"]}
+def body_of(req: dict, model: str, max_tokens: int, plain: bool = False) -> dict:
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": req["stream"]}
+    if not plain:
+        body.update(method=req["method"], k=req["k"])
     if req["stream"]:
         body["stream_options"] = {"include_usage": True}
     if req["endpoint"] == "chat":
@@ -151,7 +161,7 @@ def references(pair: Pair, reqs: list[dict], max_tokens: int) -> None:
 
 
 async def fire(client: httpx.AsyncClient, req: dict, model: str, max_tokens: int,
-               slow_s: float) -> dict:
+               slow_s: float, plain: bool = False) -> dict:
     """Send one request; returns its record (status, timings, what came back, verdict)."""
     rec = {k: req[k] for k in ("i", "kind", "endpoint", "stream", "method")}
     t0 = time.perf_counter()
@@ -161,11 +171,12 @@ async def fire(client: httpx.AsyncClient, req: dict, model: str, max_tokens: int
                                   headers={"content-type": "application/json"})
             rec["status"] = r.status_code
             err = r.json().get("error", {})
-            rec["ok"] = r.status_code == req["expect"] and bool(err.get("message"))
+            rec["ok"] = (400 <= r.status_code < 500 if plain else
+                         r.status_code == req["expect"] and bool(err.get("message")))
             rec["outcome"] = "rejected as expected" if rec["ok"] else "wrong status"
             return rec
         path = "/v1/chat/completions" if req["endpoint"] == "chat" else "/v1/completions"
-        body = body_of(req, model, max_tokens)
+        body = body_of(req, model, max_tokens, plain)
         if not req["stream"]:
             r = await client.post(path, json=body)
             rec["status"] = r.status_code
@@ -176,7 +187,7 @@ async def fire(client: httpx.AsyncClient, req: dict, model: str, max_tokens: int
                     else choice["text"]
                 rec["finish"] = choice["finish_reason"]
                 rec["tokens"] = data["usage"]["completion_tokens"]
-                rec["metrics"] = data["metrics"]
+                rec["metrics"] = data.get("metrics")
         else:
             async with client.stream("POST", path, json=body) as r:
                 rec["status"] = r.status_code
@@ -185,7 +196,7 @@ async def fire(client: httpx.AsyncClient, req: dict, model: str, max_tokens: int
                 else:
                     await read_stream(r, req, rec, t0, slow_s)
         rec["latency_s"] = time.perf_counter() - t0
-        rec["ok"], rec["outcome"] = verdict(req, rec)
+        rec["ok"], rec["outcome"] = verdict(req, rec, plain)
     except Exception as err:  # a lost request
         rec.update(ok=False, outcome="lost", error=repr(err))
     rec.pop("text", None)
@@ -208,7 +219,7 @@ async def read_stream(r: httpx.Response, req: dict, rec: dict, t0: float,
             break
         if chunk.get("usage"):
             rec["tokens"] = chunk["usage"]["completion_tokens"]
-            rec["metrics"] = chunk["metrics"]
+            rec["metrics"] = chunk.get("metrics")
         for choice in chunk.get("choices", []):
             piece = (choice.get("delta", {}).get("content") if req["endpoint"] == "chat"
                      else choice.get("text"))
@@ -227,18 +238,20 @@ async def read_stream(r: httpx.Response, req: dict, rec: dict, t0: float,
     rec["stream_ok"] = done and len(ids) == 1
 
 
-def verdict(req: dict, rec: dict) -> tuple[bool, str]:
+def verdict(req: dict, rec: dict, plain: bool = False) -> tuple[bool, str]:
     if rec.get("status") != 200:
         return False, f"status {rec.get('status')}"
     if req["kind"] == "disconnect":
         return (True, "disconnected") if rec.get("disconnected") else (True, "finished first")
     if req["stream"] and not rec.get("stream_ok"):
         return False, "broken stream"
+    if "ref_text" not in req:
+        return True, "ok"  # nothing to compare with (--url without --target)
     same = (rec.get("text") == req["ref_text"] and rec.get("tokens") == req["ref_tokens"]
             and rec.get("finish") == req["ref_finish"])
     m = rec.get("metrics") or {}
-    sane = (m.get("method") == req["method"] and m.get("accepted", 0) <= m.get("drafted", 0)
-            and m.get("tau", 0) >= 1)
+    sane = plain or (m.get("method") == req["method"]
+                     and m.get("accepted", 0) <= m.get("drafted", 0) and m.get("tau", 0) >= 1)
     if not same:
         return False, "mismatch"
     return (True, "ok") if sane else (False, "bad metrics")
@@ -252,7 +265,7 @@ async def run(args, url: str, reqs: list[dict], model: str) -> tuple[list[dict],
 
         async def one(req):
             async with sem:
-                return await fire(client, req, model, args.max_tokens, args.slow_s)
+                return await fire(client, req, model, args.max_tokens, args.slow_s, args.plain)
 
         t0 = time.perf_counter()
         recs = await asyncio.gather(*(one(r) for r in reqs))
@@ -273,9 +286,9 @@ def summarize(recs: list[dict], wall: float, health: dict, reqs: list[dict]) -> 
     fast = [r["latency_s"] for r in done if r["kind"] == "ok"]
     slow = [r["latency_s"] for r in done if r["kind"] == "slow"]
     ttft = [r["ttft_s"] for r in done if r["kind"] == "ok" and "ttft_s" in r]
-    spd = [r["metrics"]["tau"] for r in done if r["method"] == "spd"]
+    spd = [r["metrics"]["tau"] for r in done if r["method"] == "spd" and r.get("metrics")]
     tokens = sum(r["tokens"] for r in done)
-    refs = [q["ref_text"] for q in reqs if q["kind"] in ("ok", "slow")]
+    refs = [q["ref_text"] for q in reqs if q["kind"] in ("ok", "slow") and "ref_text" in q]
     return {
         "requests": len(recs), "wall_s": wall, "outcomes": by_outcome, "statuses": by_status,
         "lost": by_outcome.get("lost", 0),
@@ -295,43 +308,102 @@ def summarize(recs: list[dict], wall: float, health: dict, reqs: list[dict]) -> 
     }
 
 
-def report(cfg: dict, s: dict, passed: bool, failures: list[str]) -> str:
+def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> str:
+    """The markdown report: one row per concurrency level in each table."""
     def f(x, unit="s"):
         return "—" if x is None else (f"{x * 1000:.0f} ms" if unit == "s" else f"{x:.2f}")
 
+    server = (f"`{cfg['url']}`" if cfg["url"] else
+              f"in-process, max_batch {cfg['max_batch']}, max_context "
+              f"{cfg['max_context'] or 'default'}, max_active {cfg['max_active']}, max_queue "
+              f"{cfg['max_queue']}")
+    k = cfg["k"][0] if cfg["k"][0] == cfg["k"][1] else f"{cfg['k'][0]}–{cfg['k'][1]}"
     lines = [
         "# `cospec serve` load test", "",
         f"Command: `{cfg['command']}`", "",
-        f"Models: {cfg['models']}. Machine: {cfg['machine']}. Server: max_active "
-        f"{cfg['max_active']}, max_queue {cfg['max_queue']}; greedy, max_tokens "
-        f"{cfg['max_tokens']}, methods target and spd (k 1–6), chat and completions, "
-        "streaming and not.", "",
+        f"Models: {cfg['models']}. Machine: {cfg['machine']}. Server: {server}; greedy, "
+        f"max_tokens {cfg['max_tokens']}, "
+        + ("the server's default method" if cfg["plain"] else f"methods {cfg['methods']} (k {k})")
+        + ", chat and completions, streaming and not.",
+        "",
         f"**{'PASS' if passed else 'FAIL'}**" + ("" if passed else ": " + "; ".join(failures)),
         "",
-        "| requests | concurrent | wall | lost | mixed-up / wrong | 5xx | completed |",
+        "| concurrent | requests | wall | lost | mixed-up / wrong | 5xx | completed |",
         "|---|---|---|---|---|---|---|",
-        f"| {s['requests']} | {cfg['concurrency']} | {s['wall_s']:.1f} s | {s['lost']} | "
-        f"{s['mismatched']} | {s['server_errors_5xx']} | {s['completed']} |", "",
-        "| latency p50 | latency p99 | first token p50 | first token p99 | requests/s | "
-        "completed/s | tokens/s | spd mean τ |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {f(s['latency_p50_s'])} | {f(s['latency_p99_s'])} | {f(s['ttft_p50_s'])} | "
-        f"{f(s['ttft_p99_s'])} | {s['throughput_requests_per_s']:.1f} | "
-        f"{s['throughput_completed_per_s']:.1f} | {s['throughput_tokens_per_s']:.1f} | "
-        f"{f(s['spd_mean_tau'], '')} |", "",
-        "Outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["outcomes"].items()))
+        *(f"| {lv['concurrency']} | {s['requests']} | {s['wall_s']:.1f} s | {s['lost']} | "
+          f"{s['mismatched']} | {s['server_errors_5xx']} | {s['completed']} |"
+          for lv in levels for s in [lv["summary"]]), "",
+        "| concurrent | latency p50 | latency p99 | first token p50 | first token p99 | "
+        "requests/s | completed/s | tokens/s | spd mean τ |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(f"| {lv['concurrency']} | {f(s['latency_p50_s'])} | {f(s['latency_p99_s'])} | "
+          f"{f(s['ttft_p50_s'])} | {f(s['ttft_p99_s'])} | "
+          f"{s['throughput_requests_per_s']:.1f} | {s['throughput_completed_per_s']:.1f} | "
+          f"{s['throughput_tokens_per_s']:.1f} | {f(s['spd_mean_tau'], '')} |"
+          for lv in levels for s in [lv["summary"]]), "",
+    ]
+    s = levels[-1]["summary"]
+    lines += [
+        f"Outcomes at concurrency {levels[-1]['concurrency']}: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(s["outcomes"].items()))
         + ". HTTP statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(s["statuses"].items()))
         + ".", "",
         f"Latency is over the {s['latency_n']} plain requests answered in full "
         "(request sent → last byte), slow readers (who sleep "
         f"{cfg['slow_s'] * 1000:.0f} ms per chunk; p50 {f(s['slow_reader_latency_p50_s'])}) "
         "and disconnecting clients excluded; tokens/s counts the completion tokens of "
-        "completed requests over the wall time. Every completed response equals the "
-        "target's greedy output for its own prompt, computed beforehand one request at a "
-        f"time ({s['distinct_reference_outputs']} distinct outputs among the prompts).", "",
+        "completed requests over the wall time. "
+        + (f"Every completed response equals the target's greedy output for its own prompt, "
+           "computed beforehand one request at a time "
+           f"({s['distinct_reference_outputs']} distinct outputs among the prompts)."
+           if cfg["checked"] else "Responses were not compared with references."), "",
         f"Server afterwards: `{json.dumps(s['health_after'])}`", "",
     ]
     return "\n".join(lines)
+
+
+def idle_health(url: str) -> dict:
+    """The server's /health once nothing is active or queued (cancelled requests leave at
+    their next turn), or after 30 s ({} from a server without /health)."""
+    t1 = time.monotonic()
+    while True:
+        r = httpx.get(url + "/health")
+        if r.status_code != 200 or "active" not in r.text:
+            return {}
+        health = r.json()
+        if (health["active"] == 0 and health["queued"] == 0) or time.monotonic() - t1 > 30:
+            return health
+        time.sleep(0.05)
+
+
+def sweep(args, url: str, reqs: list[dict], model: str) -> tuple[list[dict], list[str]]:
+    """Every concurrency level in turn against ``url``; (levels, failures)."""
+    levels, failures = [], []
+    warm = httpx.post(url + "/v1/completions", timeout=120, json={
+        "model": model, "prompt": "warm up", "max_tokens": 4, "temperature": 0})
+    assert warm.status_code == 200, warm.text
+    for c in args.concurrency:
+        recs, wall = asyncio.run(run(argparse.Namespace(**{**vars(args), "concurrency": c}),
+                                     url, reqs, model))
+        health = idle_health(url)
+        s = summarize(recs, wall, health, reqs)
+        bad = []
+        if s["lost"]:
+            bad.append(f"{s['lost']} lost")
+        if s["mismatched"]:
+            bad.append(f"{s['mismatched']} mismatched or wrongly rejected")
+        if s["server_errors_5xx"]:
+            bad.append(f"{s['server_errors_5xx']} 5xx")
+        if health and (health.get("status") != "ok" or health["active"] or health["queued"]
+                       or health["errors"]):
+            bad.append("server not healthy and idle afterwards")
+        failures += [f"concurrency {c}: {b}" for b in bad]
+        levels.append({"concurrency": c, "summary": s, "requests": recs})
+    last = asyncio.run(run(argparse.Namespace(**{**vars(args), "concurrency": 1}), url,
+                           [r for r in reqs if r["kind"] == "ok"][:1], model))
+    if last[0][0]["outcome"] != "ok":
+        failures.append("a request after the load failed")
+    return levels, failures
 
 
 def main() -> int:
@@ -340,68 +412,66 @@ def main() -> int:
     ap.add_argument("--draft", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--url", default=None, help="a running server to load (default: start one)")
+    ap.add_argument("--model", default=None, help="with --url: the model id to send "
+                                                  "(default: the server's first)")
+    ap.add_argument("--plain", action="store_true",
+                    help="OpenAI fields only (no method, k): for servers other than cospec")
     ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")],
+                    default=[8], help="requests in flight, or a list: 1,4,16,64")
+    ap.add_argument("--methods", default="target,spd", help="methods requests pick from")
+    ap.add_argument("--k", type=lambda v: tuple(int(x) for x in (v.split("-") * 2)[:2]),
+                    default=(1, 6), help="draft length per request: N, or A-B at random")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--disconnect", type=float, default=0.1, help="share leaving mid-stream")
     ap.add_argument("--malformed", type=float, default=0.1, help="share of bad requests")
     ap.add_argument("--slow", type=float, default=0.05, help="share of slow stream readers")
     ap.add_argument("--slow-s", type=float, default=0.02, help="a slow reader's pause/chunk")
     ap.add_argument("--max-active", type=int, default=4)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-context", type=int, default=None)
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--client-timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/server")
     args = ap.parse_args()
 
-    pair, label = real_pair(args) if args.target else tiny_pair()
-    model = pair.target_name
-    ctx = context_length(pair)
+    pair, label = (None, "") if args.url and not args.target else \
+        real_pair(args) if args.target else tiny_pair()
+    if args.url:
+        model = args.model or httpx.get(args.url + "/v1/models").json()["data"][0]["id"]
+        label = label or f"served by {args.url} ({model})"
+        ctx = 1 << 16  # a prompt longer than most models' context
+    else:
+        model, ctx = pair.target_name, context_length(pair)
     reqs = plan(args, model, ctx)
     t0 = time.perf_counter()
-    references(pair, reqs, args.max_tokens)
+    if pair is not None:
+        references(pair, reqs, args.max_tokens)
     ref_s = time.perf_counter() - t0
-    app = create_app(pair, methods=["target", "spd"], max_active=args.max_active,
-                     max_queue=args.max_queue, timeout=args.client_timeout)
-    with BackgroundServer(app) as srv:
-        warm = httpx.post(srv.url + "/v1/completions", timeout=120, json={
-            "model": model, "prompt": "warm up", "max_tokens": 4, "temperature": 0})
-        assert warm.status_code == 200, warm.text
-        recs, wall = asyncio.run(run(args, srv.url, reqs, model))
-        t1 = time.monotonic()
-        while True:  # cancelled requests leave at their next turn
-            health = httpx.get(srv.url + "/health").json()
-            if (health["active"] == 0 and health["queued"] == 0) or time.monotonic() - t1 > 30:
-                break
-            time.sleep(0.05)
-        last = asyncio.run(run(argparse.Namespace(**{**vars(args), "concurrency": 1}),
-                               srv.url, [r for r in reqs if r["kind"] == "ok"][:1], model))
-    s = summarize(recs, wall, health, reqs)
-    failures = []
-    if s["lost"]:
-        failures.append(f"{s['lost']} lost")
-    if s["mismatched"]:
-        failures.append(f"{s['mismatched']} mismatched or wrongly rejected")
-    if s["server_errors_5xx"]:
-        failures.append(f"{s['server_errors_5xx']} 5xx")
-    if health.get("status") != "ok" or health["active"] or health["queued"] or health["errors"]:
-        failures.append("server not healthy and idle afterwards")
-    if last[0][0]["outcome"] != "ok":
-        failures.append("a request after the load failed")
+    if args.url:
+        levels, failures = sweep(args, args.url, reqs, model)
+    else:
+        app = create_app(pair, methods=args.methods.split(","), max_active=args.max_active,
+                         max_queue=args.max_queue, timeout=args.client_timeout,
+                         max_batch=args.max_batch, max_context=args.max_context)
+        with BackgroundServer(app) as srv:
+            levels, failures = sweep(args, srv.url, reqs, model)
     passed = not failures
     cfg = {"command": "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)]
                                               + sys.argv[1:]),
-           "models": label,
+           "models": label, "checked": pair is not None,
            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), torch "
                       f"{torch.__version__}, {torch.get_num_threads()} torch thread(s)",
            "reference_s": ref_s, **{k: v for k, v in vars(args).items()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "load_test.json").write_text(json.dumps(
-        {"config": cfg, "passed": passed, "failures": failures, "summary": s,
-         "requests": recs}, indent=1) + "\n")
-    (out / "load_test.md").write_text(report(cfg, s, passed, failures))
-    print(report(cfg, s, passed, failures))
+        {"config": cfg, "passed": passed, "failures": failures, "levels": levels},
+        indent=1) + "\n")
+    (out / "load_test.md").write_text(report(cfg, levels, passed, failures))
+    print(report(cfg, levels, passed, failures))
     return 0 if passed else 1
 
 

@@ -1,0 +1,290 @@
+"""Continuous batching for ``cospec serve``: live requests decode together in
+``fast_batch.BatchEngine`` sub-batches, each engine for one (method, k).
+
+Terms: a *slot* is one row of an engine's static KV caches, ``max_context`` positions of
+every model the method runs. The pool owns at most ``max_batch`` slots in all:
+
+- A request can be batched when its method is target-only, speculative or arbiter-decided
+  (``ExactRule`` / ``ArbiterRule``, not the CoS combinations), every model it runs is one the
+  fast path supports, and its k fits the engine. Rows of one engine share method and k;
+  temperature, top-p, top-k and seed are per row.
+- ``plan`` reserves a slot (on the event loop, between turns): in an engine of the
+  request's (method, k) with a free row, else in a new engine of the slots no other engine
+  holds (engines with no live request are given up first), shared with the other (method,
+  k) waiting in the queue: alone it takes them all, with three others a quarter. A request
+  that finds no slot waits (the scheduler keeps the queue first come, first served); as
+  engines drain, the slots go where the queue needs them.
+- ``turn`` (on the worker thread) releases the rows of requests that ended (stop string,
+  EOS, timeout, cancellation: the slot is free before the next step), prefills the planned
+  ones, steps every non-empty engine once and returns what each request committed.
+- Engines end a row at its request's EOS ids (its own: ``ignore_eos`` rows share the engine)
+  or ``max_tokens``; stop strings and the time limit are the scheduler's, which ends the
+  request and lets the next ``turn`` release its row.
+
+Per-request metrics: a request's steps, drafted, accepted, arbiter calls and overrides are
+its own rows' counts; its prefill time is that of the step it joined in, its decode time
+the rest of every step it took part in.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from cospec.acceptance import ExactRule
+from cospec.arbiter import ArbiterRule
+from cospec.errors import CospecError
+from cospec.fast import supported
+from cospec.fast_batch import RUN_AHEAD, BatchEngine, Commit
+from cospec.methods import Method
+from cospec.sampling import SamplingConfig
+from cospec.stats import DecodeStats
+
+log = logging.getLogger("cospec.server")
+
+COUNTERS = ("steps", "drafted", "accepted", "arbiter_calls", "overrides")
+MAX_K = 2 * RUN_AHEAD - 1  # the longest draft an engine runs
+
+
+class BatchJob(Protocol):
+    """What the pool reads of a request (``scheduler.Job``)."""
+
+    method: Method
+    prompt_ids: list[int]
+    max_tokens: int
+    k: int
+    sampling: SamplingConfig
+    seed: int | None
+    eos: tuple[int, ...]
+    stats: DecodeStats
+    cancelled: bool
+
+    @property
+    def done(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Served(Commit):
+    """A ``Commit`` with, per token, whether it came from the draft."""
+
+    from_draft: tuple[bool, ...] = ()
+
+
+class ServedEngine(BatchEngine):
+    """A ``BatchEngine`` whose rows end at their own requests' EOS ids, that counts each
+    request's steps in its own ``DecodeStats`` (``stats`` keeps the sums) and can drop a
+    request at once (``cancel``)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.jobs: dict[int, BatchJob] = {}
+
+    def add(self, job: BatchJob) -> int:
+        seed = job.seed if job.seed is not None else random.getrandbits(32)
+        rid = self.submit(job.prompt_ids, job.max_tokens, job.sampling, seed)
+        self.jobs[rid] = job
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        """Forget request ``rid``: out of the queue, or its slot freed now."""
+        if self.jobs.pop(rid, None) is None:
+            return
+        self.queue = type(self.queue)(r for r in self.queue if r.rid != rid)
+        for slot, req in enumerate(self.slots):
+            if req is not None and req.rid == rid:
+                self._free(slot)
+
+    def _commit(self, slot: int, row: list[int]) -> Served:
+        req = self.slots[slot]
+        job = self.jobs[req.rid]
+        self.eos = set(job.eos)  # read by this row's commit only
+        before = [getattr(self.stats, n) for n in COUNTERS]
+        c = super()._commit(slot, row)
+        mine = job.stats
+        for name, b in zip(COUNTERS, before):
+            setattr(mine, name, getattr(mine, name) + getattr(self.stats, name) - b)
+        flags = tuple(req.from_draft[len(req.from_draft) - len(c.tokens):])
+        return Served(c.rid, c.tokens, c.done, flags)
+
+
+def engine_key(method: Method, k: int) -> tuple[str, int] | None:
+    """The sub-batch of a request: (method name, k; 0 without a draft), or None when no
+    batch engine can decode it."""
+    if method.combo is not None or not isinstance(method.rule, (ExactRule, ArbiterRule)):
+        return None
+    models = [m for m in (method.verifier, method.proposer) if m is not None]
+    if not all(supported(m) and getattr(m, "engine_class", None) is None for m in models):
+        return None
+    if method.proposer is not None and not 1 <= k <= MAX_K:
+        return None
+    return method.name, k if method.proposer is not None else 0
+
+
+def reserve(method: Method, k: int) -> int:
+    """Positions a slot keeps beyond prompt + max_tokens (``BatchEngine.submit``'s margin:
+    the last step may write k drafts, or ``RUN_AHEAD`` tokens, past the budget)."""
+    return (k if method.proposer is not None else RUN_AHEAD) + 2
+
+
+def kv_bytes(models: Iterable[torch.nn.Module], rows: int, max_len: int) -> int:
+    """Bytes of K and V caches of ``rows`` x ``max_len`` positions in every model."""
+    per = 0
+    for m in models:
+        cfg = m.config
+        kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per += 2 * cfg.num_hidden_layers * kv * hd * next(m.parameters()).element_size()
+    return per * rows * max_len
+
+
+def check_memory(models: list[torch.nn.Module], rows: int, max_len: int) -> int:
+    """The KV budget in bytes; CospecError when it exceeds 90 % of the memory free now on
+    the models' device (so that a full server never runs out of memory mid-request)."""
+    need = kv_bytes(models, rows, max_len)
+    device = next(models[0].parameters()).device
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_ram()
+        if free is None:
+            return need
+    if need > 0.9 * free:
+        raise CospecError(f"--max-batch {rows} x --max-context {max_len} needs "
+                          f"{need / 2**30:.2f} GiB of KV cache but {free / 2**30:.2f} GiB is "
+                          f"free on {device}: lower --max-batch or --max-context")
+    return need
+
+
+def available_ram() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass(eq=False)
+class Group:
+    """One engine's slots: its (method, k), its size, the engine (built at its first turn)
+    and the requests holding its slots (request id in the engine; None until submitted)."""
+
+    key: tuple[str, int]
+    size: int
+    engine: ServedEngine | None = None
+    jobs: dict[BatchJob, int | None] = field(default_factory=dict)
+
+    def live(self) -> int:
+        return sum(1 for j in list(self.jobs) if not (j.done or j.cancelled))
+
+
+@dataclass
+class BatchPool:
+    """Engines (``Group``s) within ``max_batch`` slots of ``max_context`` positions."""
+
+    max_batch: int
+    max_context: int
+    groups: list[Group] = field(default_factory=list)
+
+    # --- on the event loop, between turns (the readers are safe during a turn too)
+
+    def live(self) -> int:
+        """Requests holding (or about to hold) a slot."""
+        return sum(g.live() for g in list(self.groups))
+
+    def jobs(self) -> list[BatchJob]:
+        return [j for g in list(self.groups) for j in list(g.jobs)]
+
+    @property
+    def busy(self) -> bool:
+        return any(g.jobs for g in self.groups)
+
+    def plan(self, job: BatchJob, key: tuple[str, int],
+             waiting: Iterable[tuple[str, int]] = ()) -> bool:
+        """Reserve a slot for ``job`` (False: none free now). The largest engine of its
+        (method, k) with a free row takes it; else a new engine gets the free slots
+        (engines with no live request given up first), shared with the other (method, k)
+        in the queue (``waiting``) that find no free row either."""
+        fits = [g for g in self.groups if g.key == key and g.live() < g.size]
+        if fits:
+            group = max(fits, key=lambda g: g.size)
+        else:
+            self.groups = [g for g in self.groups if g.live()]
+            free = self.max_batch - sum(g.size for g in self.groups)
+            if free < 1:
+                return False
+            roomy = {g.key for g in self.groups if g.live() < g.size}
+            group = Group(key, max(1, free // len({key, *waiting} - roomy)))
+            self.groups.append(group)
+        group.jobs[job] = None
+        return True
+
+    def clear(self) -> None:
+        """Drop every engine (after a failed step: their state is unknown)."""
+        self.groups.clear()
+
+    def slots_in_use(self) -> dict[str, int]:
+        """Occupied slots per (method, k), as the engines see them (for ``/health``)."""
+        out: dict[str, int] = {}
+        for g in list(self.groups):
+            name = f"{g.key[0]}/k={g.key[1]}" if g.key[1] else g.key[0]
+            used = sum(r is not None for r in list(g.engine.slots)) if g.engine else 0
+            out[name] = out.get(name, 0) + used
+        return out
+
+    # --- on the worker thread
+
+    def turn(self) -> list[tuple[BatchJob, Served]]:
+        """Release ended requests' rows, start the planned ones, step every non-empty
+        engine once; returns each request's commit."""
+        out = []
+        for g in list(self.groups):
+            for job, rid in list(g.jobs.items()):
+                if job.done or job.cancelled:
+                    del g.jobs[job]
+                    if rid is not None:
+                        g.engine.cancel(rid)
+                elif rid is None:
+                    g.engine = g.engine or self._build(job.method, g)
+                    try:
+                        g.jobs[job] = g.engine.add(job)
+                    except CospecError:  # refused (the server checks first): it alone fails
+                        log.exception("a batch engine refused a request")
+                        del g.jobs[job]
+                        out.append((job, Served(-1, [], True)))
+        for g in list(self.groups):
+            engine = g.engine
+            if engine is None or not engine.busy:
+                continue
+            t0, p0 = time.perf_counter(), engine.stats.prefill_s
+            commits = engine.step()
+            prefill = engine.stats.prefill_s - p0
+            decode = time.perf_counter() - t0 - prefill
+            for c in commits:
+                job = engine.jobs[c.rid]
+                if not job.stats.decode_s:  # its first step: it was prefilled in this one
+                    job.stats.prefill_s += prefill
+                job.stats.decode_s += decode
+                if c.done:
+                    g.jobs.pop(job, None)
+                    engine.jobs.pop(c.rid, None)
+                out.append((job, c))
+        return out
+
+    def _build(self, method: Method, group: Group) -> ServedEngine:
+        rule = method.rule
+        kw = {}
+        if isinstance(rule, ArbiterRule):
+            kw = dict(policy=rule.policy, threshold=rule.threshold,
+                      max_overrides=rule.max_overrides, every_mismatch=rule.every_mismatch)
+        return ServedEngine(method.verifier, method.proposer, k=max(group.key[1], 1),
+                            rows=group.size, max_len=self.max_context, **kw)

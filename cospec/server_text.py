@@ -1,0 +1,71 @@
+"""The text side of ``cospec serve``: incremental detokenization and stop strings.
+
+Each committed token is detokenized incrementally (``TextStream``: tokenizers'
+``DecodeStream``, O(1) a token); stop strings are looked for in the new text only
+(``stop_at``), and a stream sends only what can no longer change (``safe_len``).
+"""
+
+from __future__ import annotations
+
+from tokenizers.decoders import DecodeStream
+
+
+def stop_at(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
+    """Index of the first stop string in ``text`` that begins at ``start`` or later, or
+    None."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def safe_len(text: str, stops: tuple[str, ...]) -> int:
+    """How much of a growing ``text`` can be sent now: not a trailing incomplete character
+    ("\\ufffd" from a split multi-byte sequence), nor a suffix that could start a stop
+    string."""
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":
+        n -= 1
+    hold = 0
+    for s in stops:
+        for j in range(min(len(s) - 1, n), hold, -1):
+            if text.endswith(s[:j], 0, n):
+                hold = j
+                break
+    return n - hold
+
+
+class TextStream:
+    """The text of a growing sequence of token ids (special tokens skipped), one id at a time.
+
+    A fast tokenizer goes through tokenizers' ``DecodeStream``: each id costs a decode of a
+    few ids, not of the whole sequence. ``DecodeStream`` holds back a character still
+    incomplete (a multi-byte sequence split between tokens); ``add`` then shows it as a full
+    decode does, as "\ufffd", from the ids not yet settled. A tokenizer without a ``tokenizers``
+    backend (or whose decoder the stream refuses) is decoded whole at every id.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.stream = DecodeStream(skip_special_tokens=True) if self.backend is not None else None
+        self.ids: list[int] = []
+        self.text = ""    # the text of ids[:settled], final
+        self.settled = 0
+
+    def add(self, token_id: int) -> str:
+        """Append ``token_id``; returns the text of every id so far, equal to
+        ``tokenizer.decode(ids, skip_special_tokens=True)``. Its first ``len(self.text)``
+        characters (before this call) never change."""
+        self.ids.append(token_id)
+        if self.stream is not None:
+            try:
+                piece = self.stream.step(self.backend, token_id)
+            except Exception:  # a decoder whose text is not prefix-stable: decode it whole
+                self.stream = None
+            else:
+                if piece is not None:
+                    self.text += piece
+                    self.settled = len(self.ids)
+                    return self.text
+                return self.text + self.tokenizer.decode(self.ids[self.settled:],
+                                                         skip_special_tokens=True)
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)

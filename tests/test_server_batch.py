@@ -1,0 +1,219 @@
+"""Continuous batching in ``cospec serve`` (``cospec.batch_scheduler``) on tiny models.
+
+Requests of target, spd and cospec decode together in batch engines; each must get exactly
+the tokens the library's batch-1 loop gives it alone at T = 0, whatever else shares its
+steps (several sub-batches, requests joining mid-flight, streams and plain responses, EOS
+and ``ignore_eos`` rows side by side). A client that goes away frees its slot before the
+next step; a request that cannot fit a slot is a 400 naming ``--max-context``.
+"""
+
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from test_server import MODEL, TEMPLATE, chat, health, near_copy  # noqa: E402
+from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+from cospec.arbiter import FEATURES, LearnedPolicy, save_arbiter  # noqa: E402
+from cospec.methods import MethodOptions, build_method, chat_ids, eos_ids  # noqa: E402
+from cospec.models import Pair  # noqa: E402
+from cospec.sampling import GREEDY  # noqa: E402
+from cospec.server import BackgroundServer, create_app  # noqa: E402
+
+EXTRA_EOS = 29  # a token in most of the target's greedy answers to these tests' prompts
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The server tests' pair with a second EOS id, so that some rows end at EOS while
+    others run on (the test checks that both happen)."""
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATE
+    target = tiny_model(1, vocab=len(tok))
+    target.generation_config.eos_token_id = [tok.eos_token_id, EXTRA_EOS]
+    return Pair(target, near_copy(target, 0.05), tok, MODEL, "tiny-draft")
+
+
+@pytest.fixture(scope="module")
+def arbiter(tmp_path_factory):
+    path = tmp_path_factory.mktemp("arbiter") / "arbiter.safetensors"
+    save_arbiter(LearnedPolicy(len(FEATURES), None, 8), path, (MODEL, "tiny-draft"))
+    return str(path)
+
+
+def alone(pair, arbiter, method, prompt, k, max_tokens, ignore_eos=False):
+    """(text, completion tokens, finish reason) of the library's batch-1 loop at T = 0."""
+    tok = pair.tokenizer
+    ids = chat_ids(tok, [{"role": "user", "content": prompt}])
+    eos = [] if ignore_eos else eos_ids(tok, pair.target)
+    out = build_method(method, pair, MethodOptions(arbiter=arbiter)).run(
+        ids, k=k, max_new_tokens=max_tokens, sampling=GREEDY, eos_ids=eos)[0]
+    finish = "stop" if out and out[-1] in eos else "length"
+    return tok.decode(out, skip_special_tokens=True), len(out), finish
+
+
+def serve(pair, arbiter=None, **kw):
+    kw = {"methods": ["target", "spd", "cospec", "cos-we"] if arbiter else ["target", "spd"],
+          "arbiter": arbiter, "max_active": 2, "max_queue": 32, "timeout": 60, **kw}
+    return BackgroundServer(create_app(pair, **kw))
+
+
+def ask(client, req: dict) -> tuple[str, int, str, dict]:
+    """(text, completion tokens, finish reason, metrics) of one request, streamed or not."""
+    kw = {k: req[k] for k in ("method", "k", "max_tokens", "ignore_eos") if k in req}
+    if not req.get("stream"):
+        r = chat(client, req["prompt"], **kw)
+        return (r.choices[0].message.content, r.usage.completion_tokens,
+                r.choices[0].finish_reason, r.model_extra["metrics"])
+    chunks = list(chat(client, req["prompt"], stream=True,
+                       stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    return (text, chunks[-1].usage.completion_tokens, final.choices[0].finish_reason,
+            final.model_extra["metrics"])
+
+
+def concurrently(fn, items) -> list:
+    """fn(item) for every item, each on its own thread at once; results in order."""
+    out, errors = [None] * len(items), []
+
+    def run(i, item):
+        try:
+            out[i] = fn(item)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i, x), daemon=True)
+               for i, x in enumerate(items)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + 120
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "requests still unanswered after 120 s"
+    return out
+
+
+REQUESTS = [  # method, k, max_tokens, ignore_eos, stream
+    ("spd", 3, 24, False, False), ("spd", 3, 40, True, True), ("target", None, 17, False, True),
+    ("spd", 2, 30, True, False), ("cospec", 3, 24, False, True), ("target", None, 33, True, False),
+    ("spd", 3, 9, True, True), ("cospec", 3, 28, True, False), ("spd", 3, 36, False, False),
+    ("target", None, 21, True, False), ("spd", 2, 12, False, True), ("spd", 3, 27, True, False),
+]
+
+
+@pytest.mark.parametrize("max_batch", [3, 16])
+def test_concurrent_requests_equal_each_alone(pair, arbiter, max_batch):
+    """Twelve requests at once over four sub-batches (target, spd k=3, spd k=2, cospec): with
+    16 slots they share engines, with 3 they also queue for slots and engines. Each gets the
+    batch-1 loop's tokens for its own prompt; its metrics are its own rows'."""
+    reqs = [{"prompt": f"request {i}: hello world {'the answer ' * (i % 4)}{i}",
+             "method": m, "max_tokens": n, "ignore_eos": ie, "stream": st,
+             **({"k": k} if k else {})}
+            for i, (m, k, n, ie, st) in enumerate(REQUESTS)]
+    want = [alone(pair, arbiter, r["method"], r["prompt"], r.get("k", 4), r["max_tokens"],
+                  r["ignore_eos"]) for r in reqs]
+    assert len({w[0] for w in want}) == len(want)       # every answer differs
+    assert {w[2] for w in want} == {"stop", "length"}    # some end at EOS, some at the budget
+    with serve(pair, arbiter, max_batch=max_batch) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        got = concurrently(lambda r: ask(client, r), reqs)
+        h = health(srv)
+    assert [g[:3] for g in got] == want
+    for r, (_, n, _, m) in zip(reqs, got):
+        assert m["method"] == r["method"] and m["steps"] >= 1 and m["decode_s"] > 0
+        assert m["prefill_s"] > 0 and m["queue_s"] >= 0 and m["tokens_per_s"] > 0
+        if r["method"] == "target":
+            assert m["steps"] == n and m["drafted"] == 0 and m["tau"] == 1
+        else:
+            assert m["drafted"] == r["k"] * m["steps"] and m["accepted"] <= m["drafted"]
+            assert m["steps"] < n  # drafts were kept: fewer target passes than tokens
+        if r["method"] == "spd":
+            assert m["from_draft"] <= m["accepted"] and m["arbiter_calls"] == 0
+    assert any(m["arbiter_calls"] for r, (*_, m) in zip(reqs, got) if r["method"] == "cospec")
+    assert h["errors"] == 0 and h["completed"] == len(reqs) and h["active"] == 0
+
+
+def test_requests_join_mid_flight(pair):
+    """A long stream decodes; short requests sent while it runs join its engine, finish
+    first, and neither they nor the long one change a token."""
+    long = {"prompt": "a long one", "method": "spd", "k": 3, "max_tokens": 400,
+            "ignore_eos": True}
+    short = [{"prompt": f"short {i}", "method": "spd", "k": 3, "max_tokens": 8 + i}
+             for i in range(3)]
+    want_long = alone(pair, None, "spd", long["prompt"], 3, 400, True)
+    want_short = [alone(pair, None, "spd", r["prompt"], 3, r["max_tokens"]) for r in short]
+    with serve(pair, max_batch=4) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        stream = chat(client, long["prompt"], stream=True, method="spd", k=3, max_tokens=400,
+                      ignore_eos=True)
+        pieces = [next(stream).choices[0].delta.content or ""]  # the role chunk
+        while not pieces[-1]:
+            pieces.append(next(stream).choices[0].delta.content or "")  # decoding has begun
+        got_short = concurrently(lambda r: ask(client, r), short)
+        during = health(srv)
+        pieces += [c.choices[0].delta.content or "" for c in stream if c.choices]
+        after = health(srv)
+    assert [g[:3] for g in got_short] == want_short
+    assert "".join(pieces) == want_long[0]
+    assert during["active"] == 1 and during["batch_slots_in_use"] == {"spd/k=3": 1}
+    assert after["completed"] == 4 and after["errors"] == 0
+    assert all(g[3]["queue_s"] < 1.0 for g in got_short)  # admitted at once, not after
+
+
+def test_disconnect_frees_the_slot_at_once(pair):
+    """One slot: a streamed request whose client leaves after its first chunk gives its
+    slot to the next queued request well before it would have finished."""
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 480, "ignore_eos": True,
+            "temperature": 0, "method": "spd", "k": 1}
+    with serve(pair, max_batch=1) as srv:
+        url = srv.url + "/v1/completions"
+        t0 = time.monotonic()
+        assert httpx.post(url, json=body, timeout=60).status_code == 200
+        full = time.monotonic() - t0
+        with httpx.Client(timeout=30) as c, c.stream("POST", url,
+                                                     json={**body, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # one chunk read, then the client goes away
+        t0 = time.monotonic()
+        r = httpx.post(url, json={**body, "max_tokens": 4}, timeout=60)
+        waited = time.monotonic() - t0
+        h = health(srv)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert waited < full / 3, (waited, full)
+    assert h["cancelled"] == 1 and h["completed"] == 2 and h["active"] == 0
+    assert h["batch_slots_in_use"] == {"spd/k=1": 0}
+
+
+def test_too_long_for_a_slot_is_a_400(pair):
+    """Slots of 64 positions: prompt + max_tokens (+ the k + 2 a step may run past the
+    budget) must fit, else a 400 that names the limit; no max_tokens: what is left."""
+    with serve(pair, max_context=64) as srv:
+        def post(**kw):
+            return httpx.post(srv.url + "/v1/completions", timeout=60, json={
+                "model": MODEL, "temperature": 0, "method": "spd", "k": 4, **kw})
+
+        n = len(pair.tokenizer("hello world " * 10)["input_ids"])
+        ok = post(prompt="hello world " * 10, max_tokens=64 - n - 6)
+        assert ok.status_code == 200, ok.text
+        for kw in ({"max_tokens": 64 - n - 5}, {"max_tokens": 10**6}):
+            r = post(prompt="hello world " * 10, **kw)
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["code"] == "context_length_exceeded"
+            assert "--max-context" in err["message"] and "64" in err["message"]
+        r = post(prompt="hello world " * 40)
+        assert r.status_code == 400 and "--max-context" in r.json()["error"]["message"]
+        r = post(prompt="hello world " * 10, ignore_eos=True)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 64 - n - 6
+        assert httpx.get(srv.url + "/v1/models").json()["data"][0]["max_model_len"] == 64
+        assert health(srv)["errors"] == 0
