@@ -59,10 +59,10 @@ def _normed(x_ptr, ln_ptr, rstd, k0, n, d, BLOCK_M: tl.constexpr, BLOCK_K: tl.co
 
 @triton.jit
 def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
-        n, d, kv_len, eps,
-        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                 n, d, kv_len, eps,
+                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (head j of the H + 2 KVH stacked heads, chunk c): output columns c*BLOCK_C..
     of both halves of head j (RoPE pairs column i with i + hd/2). x [n, d]; w [(H + 2 KVH)
     hd, d]; cos, sin [n, hd]; q [H, n, hd]; k, v [KVH, kv_len, hd], row i written to slot
@@ -116,10 +116,10 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
 
 @triton.jit
 def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr,
-              n, cache_len, scale,
-              HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-              SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
-              BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+           n, cache_len, scale,
+           HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+           SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
+           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program (kv head g, split s). q [H, n, hd] (rows r = j*n + i of kv head g are query
     head g*G + j, token i); k, v [KVH, cache_len, hd]. USE_POS: token i sees slots <=
     pos[i], and the slots 0..pos[n-1] are shared out over the splits; otherwise every slot,
@@ -177,9 +177,9 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr,
 
 @triton.jit
 def attn_out(o_ptr, m_ptr, l_ptr, w_ptr, b_ptr, x_ptr, y_ptr, n, d,
-        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
-        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+             HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """y [n, d] = x + o_proj(attention output): program p computes columns p*BLOCK_N..,
     combining the splits of each head (``attend``'s buffers) as it reads them; w [d, H hd]."""
     rows = tl.arange(0, BLOCK_M)
@@ -191,31 +191,35 @@ def attn_out(o_ptr, m_ptr, l_ptr, w_ptr, b_ptr, x_ptr, y_ptr, n, d,
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for h in range(HEADS):
-        at = sp[:, None] * HEADS * n + h * n + rows[None, :]          # [SPLITS, BLOCK_M]
-        m = tl.load(m_ptr + at, mask=rm[None, :], other=float("-inf"))
-        ll = tl.load(l_ptr + at, mask=rm[None, :], other=0.0)
+        m = tl.load(m_ptr + sp[:, None] * HEADS * n + h * n + rows[None, :],
+                    mask=rm[None, :], other=float("-inf"))            # [SPLITS, BLOCK_M]
+        ll = tl.load(l_ptr + sp[:, None] * HEADS * n + h * n + rows[None, :],
+                     mask=rm[None, :], other=0.0)
         top = tl.max(m, axis=0)
         top = tl.where(top == float("-inf"), 0.0, top)
-        wgt = tl.exp(m - top[None, :])
-        denom = tl.sum(wgt * ll, axis=0)
+        denom = tl.sum(tl.exp(m - top[None, :]) * ll, axis=0)
         denom = tl.where(denom == 0.0, 1.0, denom)                    # padding rows
-        parts = tl.load(o_ptr + at[:, :, None] * HEAD_DIM + dims[None, None, :],
-                        mask=rm[None, :, None], other=0.0)            # [SPLITS, M, hd]
-        o = (tl.sum(parts * wgt[:, :, None], axis=0) / denom[:, None]).to(dtype)
+        o = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for s in range(SPLITS):
+            at = s * HEADS * n + h * n + rows
+            ms = tl.load(m_ptr + at, mask=rm, other=float("-inf"))
+            part = tl.load(o_ptr + at[:, None] * HEAD_DIM + dims[None, :], mask=rm[:, None],
+                           other=0.0)
+            o += part * tl.exp(ms - top)[:, None]                     # empty splits: 0
         wt = tl.load(w_ptr + cols[None, :] * (HEADS * HEAD_DIM) + h * HEAD_DIM + dims[:, None],
                      mask=cm[None, :], other=0.0)                     # [hd, BLOCK_N]
-        acc = _dot(o, wt, acc, IEEE)
+        acc = _dot((o / denom[:, None]).to(dtype), wt, acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-    at = rows[:, None] * d + cols[None, :]
+    xy = rows[:, None] * d + cols[None, :]
     mask = rm[:, None] & cm[None, :]
-    x = tl.load(x_ptr + at, mask=mask, other=0.0)
-    tl.store(y_ptr + at, x + acc.to(dtype), mask=mask)
+    x = tl.load(x_ptr + xy, mask=mask, other=0.0)
+    tl.store(y_ptr + xy, x + acc.to(dtype), mask=mask)
 
 
 @triton.jit
 def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, n, d, inter, eps, IEEE: tl.constexpr,
-       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """a [n, inter] = SiLU(gate) * up of RMSNorm(x); w [2 inter, d] (gate rows, then up)."""
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -240,7 +244,7 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, n, d, inter, eps, IEEE: tl.constexp
 
 @triton.jit
 def down_residual(a_ptr, w_ptr, x_ptr, y_ptr, n, d, inter, IEEE: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y [n, d] = x + a @ w.T; a [n, inter], w [d, inter]."""
     rows = tl.arange(0, BLOCK_M)
     rm = rows < n
@@ -254,7 +258,7 @@ def down_residual(a_ptr, w_ptr, x_ptr, y_ptr, n, d, inter, IEEE: tl.constexpr,
         wt = tl.load(w_ptr + cols[None, :] * inter + ks[:, None],
                      mask=(ks[:, None] < inter) & cm[None, :], other=0.0)
         acc = _dot(av, wt, acc, IEEE)
-    at = rows[:, None] * d + cols[None, :]
+    xy = rows[:, None] * d + cols[None, :]
     mask = rm[:, None] & cm[None, :]
-    x = tl.load(x_ptr + at, mask=mask, other=0.0)
-    tl.store(y_ptr + at, x + acc.to(x_ptr.dtype.element_ty), mask=mask)
+    x = tl.load(x_ptr + xy, mask=mask, other=0.0)
+    tl.store(y_ptr + xy, x + acc.to(x_ptr.dtype.element_ty), mask=mask)

@@ -142,9 +142,11 @@ def test_drop_in_functions_fall_back(interpret):
 
 
 @pytest.fixture
-def models():
+def models(monkeypatch):
     """A tiny float32 Qwen2 target (2 layers, 4 heads over 2 kv heads, head_dim 8) and a
-    1-layer draft, fresh (no engines pooled by other tests)."""
+    1-layer draft, fresh (no engines pooled by other tests). Two attention splits: the
+    interpreter's time grows with splits x heads; the kernel tests cover the default."""
+    monkeypatch.setattr(fused, "SPLITS", 2)
     return tiny_model(11, dtype=torch.float32), tiny_model(12, layers=1, dtype=torch.float32)
 
 
