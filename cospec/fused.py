@@ -36,6 +36,7 @@ QKV_BLOCK_C = 16     # columns of each RoPE half per q/k/v program
 UP_BLOCK_N = 32      # gate (and up) columns per program
 OUT_BLOCK_N = 16     # o_proj / down_proj output columns per program
 BLOCK_K = 128        # reduction block of the projections
+DOWN_BLOCK_K = 256   # down_proj's (a long reduction over few programs: more bytes in flight)
 ATTN_BLOCK_S = 32    # cache slots per attention block
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -174,7 +175,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     y = torch.empty_like(x)
     kern.down_residual[(_cdiv(d, OUT_BLOCK_N),)](
         act, dw, x1, y, n, d, inter, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=OUT_BLOCK_N,
-        BLOCK_K=min(BLOCK_K, _pow2(inter)))
+        BLOCK_K=min(DOWN_BLOCK_K, _pow2(inter)))
     return y
 
 

@@ -15,8 +15,8 @@ engine (reference: compiled halves of a layer; fused: five Triton kernels a laye
 - the fused step's logits against the reference's (max |difference|, argmax agreement).
 
 ``--set NAME=VALUE`` changes a block size of ``cospec.fused`` (QKV_BLOCK_C, UP_BLOCK_N,
-OUT_BLOCK_N, BLOCK_K, ATTN_BLOCK_S, SPLITS) for a tuning run. Writes DIR/prof_fused.json and
-DIR/prof_fused.md.
+OUT_BLOCK_N, BLOCK_K, DOWN_BLOCK_K, ATTN_BLOCK_S, SPLITS) for a tuning run. Writes
+DIR/prof_fused.json and DIR/prof_fused.md.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def run(args) -> dict:
     rows = [int(r) for r in args.rows.split(",")]
     out: dict = {"device": torch.cuda.get_device_name(), "dtype": args.dtype,
                  "bandwidth_B_s": bandwidth(), "blocks": {k: getattr(fused, k) for k in (
-                     "QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "ATTN_BLOCK_S",
-                     "SPLITS")}, "sizes": {}}
+                     "QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K",
+                     "ATTN_BLOCK_S", "SPLITS")}, "sizes": {}}
     for size in args.sizes.split(","):
         model = random_model(size).to(dtype)
         weight_bytes = bytes_per_token(model)

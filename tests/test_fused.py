@@ -39,8 +39,8 @@ def interpret(monkeypatch):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks smaller than the tiny shapes: several programs, loop trips and splits."""
-    for name, value in (("QKV_BLOCK_C", 2), ("BLOCK_K", 16), ("ATTN_BLOCK_S", 4),
-                        ("UP_BLOCK_N", 16), ("OUT_BLOCK_N", 8)):
+    for name, value in (("QKV_BLOCK_C", 2), ("BLOCK_K", 16), ("DOWN_BLOCK_K", 16),
+                        ("ATTN_BLOCK_S", 4), ("UP_BLOCK_N", 16), ("OUT_BLOCK_N", 8)):
         monkeypatch.setattr(fused, name, value)
 
 
@@ -96,8 +96,8 @@ def test_attention_mlp_kernels(interpret, monkeypatch, n, start, blocks, o_bias)
     masked by positions and by the reference's bias, then o_proj, the MLP, residuals."""
     if blocks == "small":
         monkeypatch.setattr(fused, "ATTN_BLOCK_S", 4)
-        monkeypatch.setattr(fused, "BLOCK_K", 16)
-        monkeypatch.setattr(fused, "OUT_BLOCK_N", 8)
+        for name, value in (("BLOCK_K", 16), ("DOWN_BLOCK_K", 32), ("OUT_BLOCK_N", 8)):
+            monkeypatch.setattr(fused, name, value)
     heads, kvh, hd, length, d = 4, 2, 8, 40, 48
     w = layer(o_bias=o_bias)
     g = torch.Generator().manual_seed(100 + n)
