@@ -84,6 +84,8 @@ def unsupported(engine) -> str | None:
         return f"{engine.heads} heads over {engine.kv_heads} kv heads"
     if engine.layers[0][3] is not None:
         return "per-head q/k norms (Qwen3)"
+    if not all(t is None or t.is_contiguous() for w in engine.layers for t in w):
+        return "non-contiguous weights"
     return None
 
 
