@@ -13,6 +13,9 @@ weights through a short functional forward (gpt-fast style; the model is not mod
   ids and start position from static device buffers: a step is one graph launch, and the
   only host sync is the caller's read of the logits. On CUDA the two halves of a layer are
   also compiled with ``torch.compile`` (fused elementwise work) unless COSPEC_COMPILE=0.
+  Opt-in (``Engine(fused=True)`` or COSPEC_FUSED=1): those forwards run each layer as five
+  Triton kernels instead (``cospec.fused``; RMSNorm, RoPE, the cache writes, attention,
+  SiLU and residual adds folded into the projections).
 - a layer's q/k/v projections are read as one stacked weight, and so are gate/up (one
   kernel each instead of three and two): the model's parameters become slices of the
   stacked buffers (``fused``), same values, no second copy.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 import weakref
 
 import torch
@@ -164,7 +168,7 @@ class Engine:
     group: str | None = None  # a tensor-parallel process group (cospec.tp); None: whole model
 
     def __init__(self, model: torch.nn.Module, max_len: int, graphs: bool | None = None,
-                 compile: bool | None = None):
+                 compile: bool | None = None, fused: bool | None = None):
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype, self.max_len = p.device, p.dtype, max_len
@@ -187,14 +191,31 @@ class Engine:
             self.steps = torch.arange(MAX_GRAPH, device=self.device)
             self.ids = torch.zeros(MAX_GRAPH, dtype=torch.long, device=self.device)
             self.start = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.use_graphs, self.compiled, self.qkv, self.rest = layer_functions(
-            self.device, graphs, compile)
+        functions = layer_functions(self.device, graphs, compile)
+        self.fused = self._fused(fused)
+        if self.fused:
+            from cospec.fused import fused_layer_functions
+
+            functions = fused_layer_functions(functions)
+        self.use_graphs, self.compiled, self.qkv, self.rest = functions
         self.graphs: dict[int, tuple] = {}   # n -> (graph, logits, hidden)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.host = (torch.zeros(MAX_GRAPH + 1, dtype=torch.long, pin_memory=True)
                      if self.use_graphs else None)
         self.staged = torch.cuda.Event() if self.use_graphs else None
         self.capture_s = 0.0  # graph captures (and the compiles they trigger), in seconds
+
+    def _fused(self, flag: bool | None) -> bool:
+        """Run forwards of <= MAX_GRAPH tokens through the fused kernels? ``flag``, else
+        COSPEC_FUSED=1; a model they cannot run keeps the reference (with a warning)."""
+        from cospec import fused
+
+        if not fused.asked(flag):
+            return False
+        why = fused.unsupported(self)
+        if why is not None:
+            warnings.warn(f"fused layers off, reference path kept: {why}", stacklevel=3)
+        return why is None
 
     def _weights(self, model: torch.nn.Module) -> torch.nn.Module:
         """Set the weights the forward reads (``embed``, ``norm``, ``head_w``, ``head_b``,
@@ -227,6 +248,13 @@ class Engine:
             n, device=self.device)
         x = self._embed(ids)
         cos, sin = self.cos[pos], self.sin[pos]
+        if self.fused and not eager:  # cache writes inside qkv, mask from positions
+            for w, kc, vc in zip(self.layers, self.kc, self.vc):
+                q, _, _ = qkv(x, cos, sin, w, self.heads, self.kv_heads, self.eps,
+                              cache=(kc, vc, pos))
+                x = rest(x, q, kc, vc, None, w, self.scale, self.eps, self.group, pos=pos)
+            h = _rms(x, self.norm, self.eps)
+            return self._logits(h), h
         visible = self.slots[None, :] <= pos[:, None]                       # [n, L]
         bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         bias = bias.masked_fill(~visible, float("-inf")).repeat(self.heads // self.kv_heads, 1)
@@ -257,7 +285,7 @@ class Engine:
         if not self.use_graphs or n > MAX_GRAPH:
             x = ids.to(self.device) if on_device else torch.tensor(ids, device=self.device)
             s = torch.tensor([start], device=self.device)
-            return self._forward(x, s, eager=True)
+            return self._forward(x, s, eager=not (self.fused and n <= MAX_GRAPH))
         # stage ids and start through pinned memory: no host sync (the event only waits for
         # the previous copy out of the same host buffer, long done in practice)
         self.staged.synchronize()

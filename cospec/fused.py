@@ -1,0 +1,211 @@
+"""Fused Triton layers for the fast path's few-row steps (decode, verify): opt-in.
+
+``fast.Engine(..., fused=True)`` (or ``COSPEC_FUSED=1``) runs each layer of a forward over
+n <= MAX_ROWS tokens as five Triton kernels (``cospec.kernels``) instead of the reference's
+dozen or so (RMSNorm, projections, RoPE, two cache writes, two attention matmuls, softmax,
+SiLU, residual adds); everything else (prefill, more rows, Qwen3's per-head norms, tensor-
+parallel shards, other dtypes) runs the reference ``fast._qkv`` / ``_rest``. Triton is
+imported only when a fused layer first runs; without it the engine keeps the reference.
+
+The two functions ``fused_layer_functions`` returns are drop-in replacements for
+``fast._qkv`` and ``_rest`` (same arguments, same results for a 2-d ``x``), each with one
+optional keyword the engine uses to skip work:
+
+- ``qkv(..., cache=(kc, vc, pos))`` writes k and v straight into cache slots ``pos`` and
+  returns (q, None, None);
+- ``rest(..., pos=pos)`` masks by positions (token i sees slots <= pos[i]) and reads only
+  the visible slots; ``bias`` is then ignored and may be None.
+
+On CPU tensors the kernels run under triton's interpreter (``TRITON_INTERPRET=1``, set before
+triton is first imported: triton makes its own jit functions then): that is how the tests
+check them. Their speed is a GPU question (``scripts/prof_fused.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+MAX_ROWS = 16        # more rows than this: the reference path
+SPLITS = 8           # attention splits over the visible slots (a power of two)
+QKV_BLOCK_C = 16     # columns of each RoPE half per q/k/v program
+UP_BLOCK_N = 32      # gate (and up) columns per program
+OUT_BLOCK_N = 16     # o_proj / down_proj output columns per program
+BLOCK_K = 128        # reduction block of the projections
+DOWN_BLOCK_K = 256   # down_proj's (a long reduction over few programs: more bytes in flight)
+ATTN_BLOCK_S = 32    # cache slots per attention block
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def asked(flag: bool | None = None) -> bool:
+    """Fused layers wanted? ``flag`` if given, else ``COSPEC_FUSED=1``."""
+    return os.environ.get("COSPEC_FUSED") == "1" if flag is None else flag
+
+
+def interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernels() -> ModuleType:
+    """``cospec.kernels`` (imported on first use)."""
+    from cospec import kernels
+
+    return kernels
+
+
+def unsupported(engine) -> str | None:
+    """Why the fused kernels cannot run ``engine``'s layers (a ``fast.Engine``), or None."""
+    cuda = engine.device.type == "cuda"
+    hd = engine.head_dim
+    if not _has_triton():
+        return "triton is not installed"
+    if not cuda and not interpret():
+        return f"{engine.device.type} tensors need TRITON_INTERPRET=1"
+    if engine.dtype not in DTYPES:
+        return f"dtype {engine.dtype}"
+    if engine.group is not None:
+        return "a tensor-parallel shard"
+    if hd & (hd - 1) or hd < (32 if cuda else 2):
+        return f"head_dim {hd} (a power of two >= 32 on CUDA)"
+    if engine.heads % engine.kv_heads:
+        return f"{engine.heads} heads over {engine.kv_heads} kv heads"
+    if engine.layers[0][3] is not None:
+        return "per-head q/k norms (Qwen3)"
+    if not all(t is None or t.is_contiguous() for w in engine.layers for t in w):
+        return "non-contiguous weights"
+    return None
+
+
+def _fits(x: torch.Tensor, w: tuple) -> bool:
+    """The fused kernels take this call: a 2-d contiguous x of <= MAX_ROWS rows, a dtype
+    they know, no per-head norms, on CUDA or under the interpreter."""
+    return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype in DTYPES
+            and x.is_contiguous() and w[3] is None
+            and (x.device.type == "cuda" or interpret()))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _rows(n: int) -> int:
+    """Row block of a kernel over n rows (tl.dot wants >= 16)."""
+    return max(16, _pow2(n))
+
+
+def visibility_bias(pos: torch.Tensor, length: int, group: int, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    """The reference's additive mask [group * n, length]: 0 where slot <= pos[i], -inf
+    elsewhere, rows j*n + i."""
+    visible = torch.arange(length, device=pos.device)[None, :] <= pos[:, None]
+    bias = torch.zeros(visible.shape, dtype=dtype, device=pos.device)
+    return bias.masked_fill(~visible, float("-inf")).repeat(group, 1)
+
+
+def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple, heads: int,
+                 kv_heads: int, eps: float, cache: tuple | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``fast._qkv`` in one kernel: x [n, d], cos, sin [n, hd] -> q [H, n, hd] and k, v
+    [KVH, n, hd]; with ``cache=(kc, vc, pos)`` k and v go to slots pos of kc, vc
+    [KVH, L, hd] instead and (q, None, None) is returned."""
+    ln1, qkv_w, qkv_b = w[:3]
+    n, d = x.shape
+    hd = qkv_w.shape[0] // (heads + 2 * kv_heads)
+    q = x.new_empty(heads, n, hd)
+    if cache is None:
+        k, v = x.new_empty(kv_heads, n, hd), x.new_empty(kv_heads, n, hd)
+        slots = torch.arange(n, device=x.device)
+    else:
+        k, v, slots = cache
+    half = hd // 2
+    block_c = min(half, QKV_BLOCK_C)
+    _kernels().rms_qkv_rope[(heads + 2 * kv_heads, half // block_c)](
+        x, ln1, qkv_w, qkv_w if qkv_b is None else qkv_b, cos.contiguous(), sin.contiguous(),
+        slots, q, k, v, n, d, k.shape[1], eps,
+        HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
+        IEEE=x.dtype == torch.float32, BLOCK_M=_rows(n), BLOCK_C=block_c,
+        BLOCK_K=min(BLOCK_K, _pow2(d)))
+    return (q, k, v) if cache is None else (q, None, None)
+
+
+def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                  bias: torch.Tensor | None, w: tuple, scale: float, eps: float,
+                  pos: torch.Tensor | None = None) -> torch.Tensor:
+    """``fast._rest`` in four kernels: x [n, d], q [H, n, hd], kc, vc [KVH, L, hd] -> the
+    layer's output [n, d]. Masked by ``pos`` [n] (slot <= pos[i]) if given, else by the
+    additive ``bias`` [G*n, L] (or [1, G*n, L])."""
+    ow, ob, ln2, gate_up_w, dw = w[5:]
+    q = q.contiguous()  # the reference's q is a transposed view
+    heads, n, hd = q.shape
+    kv_heads, length, _ = kc.shape
+    group = heads // kv_heads
+    d = x.shape[1]
+    inter = gate_up_w.shape[0] // 2
+    ieee, block_m = x.dtype == torch.float32, _rows(n)
+    kern = _kernels()
+    parts = torch.empty(SPLITS, heads, n, hd, dtype=torch.float32, device=x.device)
+    top = torch.empty(SPLITS, heads, n, dtype=torch.float32, device=x.device)
+    denom = torch.empty_like(top)
+    if pos is None:
+        bias = bias.reshape(group * n, length).contiguous()
+    kern.attend[(kv_heads, SPLITS)](
+        q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
+        n, length, scale, HEADS=heads, GROUP=group, HEAD_DIM=hd, SPLITS=SPLITS,
+        USE_POS=pos is not None, IEEE=ieee, BLOCK_R=_rows(group * n), BLOCK_S=ATTN_BLOCK_S)
+    x1 = torch.empty_like(x)
+    kern.attn_out[(_cdiv(d, OUT_BLOCK_N),)](
+        parts, top, denom, ow, ow if ob is None else ob, x, x1, n, d,
+        HEADS=heads, HEAD_DIM=hd, SPLITS=SPLITS, HAS_BIAS=ob is not None, IEEE=ieee,
+        BLOCK_M=block_m, BLOCK_N=OUT_BLOCK_N)
+    act = x.new_empty(n, inter)
+    kern.rms_gate_up[(_cdiv(inter, UP_BLOCK_N),)](
+        x1, ln2, gate_up_w, act, n, d, inter, eps, IEEE=ieee, BLOCK_M=block_m,
+        BLOCK_N=UP_BLOCK_N, BLOCK_K=min(BLOCK_K, _pow2(d)))
+    y = torch.empty_like(x)
+    kern.down_residual[(_cdiv(d, OUT_BLOCK_N),)](
+        act, dw, x1, y, n, d, inter, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=OUT_BLOCK_N,
+        BLOCK_K=min(DOWN_BLOCK_K, _pow2(inter)))
+    return y
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def fused_layer_functions(base: tuple) -> tuple[bool, bool, Callable, Callable]:
+    """``fast.layer_functions``' (use graphs, compiled, qkv, rest) with qkv and rest replaced
+    by the fused ones, which hand any call they do not take (``_fits``) to the originals."""
+    use_graphs, compiled, qkv_ref, rest_ref = base
+
+    def qkv(x, cos, sin, w, heads, kv_heads, eps, cache=None):
+        if _fits(x, w) and cos.dim() == 2 and cos.shape == sin.shape and len(cos) == len(x):
+            return rms_qkv_rope(x, cos, sin, w, heads, kv_heads, eps, cache)
+        q, k, v = qkv_ref(x, cos, sin, w, heads, kv_heads, eps)
+        if cache is None:
+            return q, k, v
+        kc, vc, pos = cache
+        kc.index_copy_(1, pos, k)
+        vc.index_copy_(1, pos, v)
+        return q, None, None
+
+    def rest(x, q, kc, vc, bias, w, scale, eps, group=None, pos=None):
+        if group is None and _fits(x, w) and q.dim() == 3:
+            return attention_mlp(x, q, kc, vc, bias, w, scale, eps, pos)
+        if pos is not None:
+            bias = visibility_bias(pos, kc.shape[-2], q.shape[-3] // kc.shape[-3], x.dtype)
+        return rest_ref(x, q, kc, vc, bias, w, scale, eps, group)
+
+    return use_graphs, compiled, qkv, rest

@@ -1,0 +1,256 @@
+"""The fused Triton layers (``cospec.fused``) compute what the reference layer computes.
+
+On CPU the kernels run under triton's interpreter (TRITON_INTERPRET=1, see below): each
+kernel against ``fast._qkv`` / ``_rest`` in float32 on tiny shapes (GQA, several row counts,
+cache lengths and block sizes, stale cache slots), a tiny Qwen2's logits through the fused
+``Engine`` against transformers' forward, and greedy decoding through the loop. Not covered
+on CPU: compiled (not interpreted) kernels, CUDA graph capture and bfloat16 rounding —
+``test_cuda_graphs`` checks those where a GPU is present. Skipped without triton (it is not
+a dependency of the package).
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from cospec import fast, fused
+from cospec.acceptance import ExactRule
+from cospec.decoding import CachedLM, generate
+
+# Triton makes its own jit functions (tl.zeros, ...) when first imported, and torch imports
+# triton early (transformers' import does): the interpreter must be asked for in the
+# environment the process starts with, e.g.
+#   TRITON_INTERPRET=1 PYTHONPATH=/path/to/triton:. python -m pytest tests/test_fused.py
+pytest.importorskip("triton")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ATOL = RTOL = 1e-5
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Interpreted kernels on CPU tensors (the CPU tests)."""
+    if not INTERPRETED:
+        pytest.skip("CPU tests need TRITON_INTERPRET=1 in the environment at start")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks smaller than the tiny shapes: several programs, loop trips and splits."""
+    for name, value in (("QKV_BLOCK_C", 2), ("BLOCK_K", 16), ("DOWN_BLOCK_K", 16),
+                        ("ATTN_BLOCK_S", 4), ("UP_BLOCK_N", 16), ("OUT_BLOCK_N", 8)):
+        monkeypatch.setattr(fused, name, value)
+
+
+def layer(d=48, heads=4, kv_heads=2, hd=8, inter=80, qkv_bias=True, o_bias=False, seed=0):
+    """One layer's weights in ``fast.Engine._layer``'s order, random, float32."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=0.3):
+        return torch.randn(*shape, generator=g) * s
+
+    rows = (heads + 2 * kv_heads) * hd
+    return (1 + r(d), r(rows, d), r(rows) if qkv_bias else None, None, None,
+            r(d, heads * hd), r(d) if o_bias else None, 1 + r(d), r(2 * inter, d), r(d, inter))
+
+
+def rotary(pos: torch.Tensor, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    ang = pos[:, None].float() * inv[None, :]
+    emb = torch.cat((ang, ang), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("n,start,bias", [(1, 0, True), (5, 11, False), (16, 24, True)])
+def test_qkv_kernel(interpret, small_blocks, n, start, bias):
+    heads, kvh, hd, length = 4, 2, 8, 40
+    w = layer(qkv_bias=bias)
+    x = torch.randn(n, 48, generator=torch.Generator().manual_seed(n))
+    pos = start + torch.arange(n)
+    cos, sin = rotary(pos, hd)
+    want = fast._qkv(x, cos, sin, w, heads, kvh, 1e-6)
+    got = fused.rms_qkv_rope(x, cos, sin, w, heads, kvh, 1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    kc, vc = torch.randn(2, kvh, length, hd).unbind(0)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    kc_ref.index_copy_(1, pos, want[1])
+    vc_ref.index_copy_(1, pos, want[2])
+    q, k, v = fused.rms_qkv_rope(x, cos, sin, w, heads, kvh, 1e-6, cache=(kc, vc, pos))
+    torch.testing.assert_close(q, want[0], atol=ATOL, rtol=RTOL)
+    assert k is None and v is None
+    torch.testing.assert_close(kc, kc_ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(vc, vc_ref, atol=ATOL, rtol=RTOL)
+    others = torch.ones(length, dtype=torch.bool)
+    others[pos] = False
+    assert torch.equal(kc[:, others], kc_ref[:, others])  # no other slot written
+
+
+@pytest.mark.parametrize("n,start,blocks,o_bias", [
+    (1, 0, "small", False), (1, 39, "default", True), (5, 9, "small", False),
+    (16, 24, "small", True), (4, 30, "default", False)])
+def test_attention_mlp_kernels(interpret, monkeypatch, n, start, blocks, o_bias):
+    """Attention over a cache of 40 slots whose slots beyond each query are stale (random),
+    masked by positions and by the reference's bias, then o_proj, the MLP, residuals."""
+    if blocks == "small":
+        monkeypatch.setattr(fused, "ATTN_BLOCK_S", 4)
+        for name, value in (("BLOCK_K", 16), ("DOWN_BLOCK_K", 32), ("OUT_BLOCK_N", 8)):
+            monkeypatch.setattr(fused, name, value)
+    heads, kvh, hd, length, d = 4, 2, 8, 40, 48
+    w = layer(o_bias=o_bias)
+    g = torch.Generator().manual_seed(100 + n)
+    x, q = torch.randn(n, d, generator=g), torch.randn(heads, n, hd, generator=g)
+    kc, vc = torch.randn(2, kvh, length, hd, generator=g).unbind(0)
+    pos = start + torch.arange(n)
+    bias = fused.visibility_bias(pos, length, heads // kvh, torch.float32)
+    want = fast._rest(x, q, kc, vc, bias, w, hd ** -0.5, 1e-6)
+    got = fused.attention_mlp(x, q, kc, vc, None, w, hd ** -0.5, 1e-6, pos=pos)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    got = fused.attention_mlp(x, q, kc, vc, bias, w, hd ** -0.5, 1e-6)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_drop_in_functions_fall_back(interpret):
+    """More than MAX_ROWS rows go to the reference, cache writes and position masks
+    included; 2-d calls of few rows are fused and agree with it."""
+    calls = []
+    ref = (False, False, fast._qkv, fast._rest)
+    _, _, qkv, rest = fused.fused_layer_functions(ref)
+    w = layer()
+    fused_rest = fused.attention_mlp
+    for n in (fused.MAX_ROWS + 1, 3):
+        x = torch.randn(n, 48)
+        pos = 2 + torch.arange(n)
+        cos, sin = rotary(pos, 8)
+        kc, vc = torch.zeros(2, 2, 32, 8).unbind(0)
+        q, k, v = qkv(x, cos, sin, w, 4, 2, 1e-6, cache=(kc, vc, pos))
+        want = fast._qkv(x, cos, sin, w, 4, 2, 1e-6)
+        torch.testing.assert_close(q, want[0], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(kc[:, pos], want[1], atol=ATOL, rtol=RTOL)
+        assert k is None and float(kc[:, :2].abs().sum()) == 0.0
+        bias = fused.visibility_bias(pos, 32, 2, torch.float32)
+        fused.attention_mlp = lambda *a, n=n, **k: calls.append(n) or fused_rest(*a, **k)
+        try:
+            got = rest(x, q, kc, vc, None, w, 8 ** -0.5, 1e-6, pos=pos)
+        finally:
+            fused.attention_mlp = fused_rest
+        torch.testing.assert_close(got, fast._rest(x, q, kc, vc, bias, w, 8 ** -0.5, 1e-6),
+                                   atol=ATOL, rtol=RTOL)
+    assert calls == [3]
+
+
+@pytest.fixture
+def models(monkeypatch):
+    """A tiny float32 Qwen2 target (2 layers, 4 heads over 2 kv heads, head_dim 8) and a
+    1-layer draft, fresh (no engines pooled by other tests). Two attention splits: the
+    interpreter's time grows with splits x heads; the kernel tests cover the default."""
+    monkeypatch.setattr(fused, "SPLITS", 2)
+    return tiny_model(11, dtype=torch.float32), tiny_model(12, layers=1, dtype=torch.float32)
+
+
+def guard_reference(monkeypatch):
+    """Fail if a forward of <= MAX_ROWS tokens reaches the reference layer."""
+    qkv = fast._qkv
+
+    def only_long(x, *args):
+        assert x.shape[-2] > fused.MAX_ROWS, "a short forward left the fused path"
+        return qkv(x, *args)
+
+    monkeypatch.setattr(fast, "_qkv", only_long)
+
+
+def test_model_logits_match_transformers(interpret, monkeypatch, models):
+    """Prefill of 12 tokens (fused) or 20 (reference), then 5-token verifies with 2 rows
+    rolled back and 1-token steps: the fused engine's logits are transformers' to 1e-5."""
+    guard_reference(monkeypatch)
+    model = models[0]
+    ids = torch.randint(2, 96, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    for start in (12, 20):
+        monkeypatch.setenv("COSPEC_FUSED", "1")
+        lm, ref = fast.StaticLM(model, max_len=64), CachedLM(model)
+        assert lm.engine.fused
+        rows = 0
+        with torch.inference_mode():
+            for a, b in fast.side_by_side(lm, ref, ids, start=start, steps=4, verify=5,
+                                          reject=2, every=2):
+                torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+                rows += len(a)
+        assert rows == 12 and lm.length == ref.length == start + 8
+
+
+def test_greedy_tokens_identical(interpret, monkeypatch, models):
+    """Target-only and speculative greedy decoding through the fused engines give the plain
+    (transformers, DynamicCache) decoding's tokens."""
+    target, draft = models
+    ids = [5, 17, 33, 2, 60, 41]
+
+    def run(proposer, k):
+        return [t.id for t in generate(target, proposer, ids, ExactRule(), k=k,
+                                       max_new_tokens=6)]
+
+    monkeypatch.setenv("COSPEC_EAGER", "1")
+    want = run(None, 1), run(draft, 3)
+    monkeypatch.delenv("COSPEC_EAGER")
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    monkeypatch.setenv("COSPEC_FUSED", "1")
+    guard_reference(monkeypatch)
+    got = run(None, 1), run(draft, 3)
+    assert got == want and len(got[0]) == 6
+    assert all(e.fused for m in models for e in fast.engines(m))
+
+
+def test_unsupported_keeps_the_reference(interpret, monkeypatch):
+    """A float64 model (and no triton at all) keeps the reference path, with a warning."""
+    model = tiny_model(13)  # float64
+    with pytest.warns(UserWarning, match="dtype torch.float64"):
+        eng = fast.Engine(model, 32, fused=True)
+    assert not eng.fused and eng.qkv is fast._qkv
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not fast.Engine(model, 32).fused  # not asked: no check, no warning
+    model = tiny_model(13, dtype=torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert fused.unsupported(fast.Engine(model, 32)).startswith("cpu tensors need")
+    monkeypatch.setattr(fused, "_has_triton", lambda: False)
+    with pytest.warns(UserWarning, match="triton is not installed"):
+        assert not fast.Engine(model, 32, fused=True).fused
+
+
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU and compiled triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs(monkeypatch, dtype):
+    """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
+    transformers, bfloat16 argmax-equal on most rows."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
+    ids = torch.randint(2, 96, (60,), generator=torch.Generator().manual_seed(6)).tolist()
+    monkeypatch.setenv("COSPEC_FUSED", "1")
+    lm, ref = fast.StaticLM(model, max_len=128), CachedLM(model)
+    agree = rows = 0
+    with torch.inference_mode():
+        for a, b in fast.side_by_side(lm, ref, ids, start=24, steps=8, verify=6, reject=3,
+                                      every=2):
+            if dtype == torch.float32:
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            rows += len(a)
+    assert lm.engine.fused and lm.engine.graphs and agree >= 0.9 * rows
+
+
+def test_kernels_compile_for_sm90():
+    """The launches of a 0.5B verify step compile for an H100 / H200 with triton's own
+    toolchain (no GPU needed; a separate process: this one's triton may be interpreted)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).parent / "fused_compile.py"
+    done = subprocess.run([sys.executable, str(script), "--quick"], env=env, timeout=300,
+                          capture_output=True, text=True)
+    if done.returncode == 77:
+        pytest.skip("triton without its NVIDIA backend")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "9 launches compiled" in done.stdout
