@@ -26,6 +26,12 @@
 #           rows, 64 prompts (32 GSM8K heldout + 32 HumanEval), 256 tokens each, EOS ignored
 #   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights needed)
 #   vbatch  vLLM on the same prompt ids (scripts/vllm_batch.py; wheels as for vllm)
+#   fused   per-step time, kernels and roofline share of the fused layers against the reference
+#           fast path (scripts/prof_fused.py; random 0.5B, 1.5B and 7B shapes, no weights)
+#   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=1): spd, cospec
+#           and cos-we against target-only
+#   serve   scripts/load_test.py on the real pair: 128 requests at 1, 4, 16 and 64 at once,
+#           fp32, every response checked against the target's batch-1 greedy output
 #   code    MBPP draft records beside the committed target ones (dev and heldout come from the
 #           one test run), then divergence points on MBPP dev with the draft's and the re-roll
 #           control's branches rolled out and graded (shards of 50 problems; rerun to go on)
@@ -52,7 +58,29 @@ stage_setup() {
 
 stage_tests() {
     python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_fast.py \
-        tests/test_cospec.py tests/test_replay.py tests/test_fast_batch.py 2>&1 | tail -15
+        tests/test_cospec.py tests/test_replay.py tests/test_fast_batch.py \
+        tests/test_fast_batch_cos.py tests/test_fused.py tests/test_server_batch.py 2>&1 | tail -15
+}
+
+stage_fused() {  # the fused layers against the reference fast path, random Qwen2.5 shapes
+    [ -e "$R/fused/prof_fused.json" ] || timeout "${FUSED_S:-300}" python3 scripts/prof_fused.py \
+        --out "$R/fused" --sizes 0.5b,1.5b,7b --rows 1,5 2>&1 | tail -30
+}
+
+stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, fused layers
+    COSPEC_FUSED=1 timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py --out "$R/speed-fused" \
+        --parts "${PARTS:-pair,pair:humaneval:0}" --methods spd,cospec,cos-we --prompts 20 \
+        2>&1 | grep -v "^[0-9]* {" | tail -30
+}
+
+stage_serve() {  # cospec serve under load (fp32: responses checked against batch-1 greedy);
+                 # fastapi and uvicorn from vLLM's wheels, behind the machine's own packages
+    vllm_install
+    timeout "${SERVE_S:-400}" python3 -c 'import sys, runpy; sys.path.append("/tmp/vsite")
+sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' scripts/load_test.py --target qwen2.5-coder-1.5b \
+        --draft qwen2.5-coder-0.5b --device cuda --dtype float32 --requests 128 \
+        --max-tokens 64 --concurrency 1,4,16,64 --max-batch 64 --max-queue 128 \
+        --max-active 4 --out "$R/serve" 2>&1 | tail -30
 }
 
 stage_replay() {
@@ -190,7 +218,7 @@ stage_vbatch() {
     for m in target spd; do
         [ -e "$R/batch/vllm-$m.json" ] || PYTHONPATH=/tmp/vsite:$PYTHONPATH timeout "${VBATCH_S:-280}" \
             python3 scripts/vllm_batch.py --prompts "$R/batch/prompts.json" --method "$m" \
-            --new 256 --k 4 --batches 1,4,16,64 --out "$R/batch/vllm-$m.json" 2>&1 \
+            --new 256 --k 4 --batches "${VBATCHES:-64,16,4,1}" --out "$R/batch/vllm-$m.json" 2>&1 \
             | grep -E "^vllm|Error|error" | tail -8
     done
 }
