@@ -108,9 +108,10 @@ class BatchLM:
         self.capture_s = 0.0
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, first: int, eager: bool,
-                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 rows: torch.Tensor | None = None, head: bool = True
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Rows first..first+b-1, or the slots ``rows`` [b] when given (eager only);
-        ids, pos [b, n] -> logits [b, n, V], hidden [b, n, d]."""
+        ids, pos [b, n] -> logits [b, n, V] (None unless ``head``), hidden [b, n, d]."""
         b, n = ids.shape
         qkv, rest = (_qkv, _rest) if eager else (self.qkv, self.rest)
         x = F.embedding(ids, self.embed)
@@ -130,7 +131,7 @@ class BatchLM:
                 kc, vc = k_all[rows], v_all[rows]
             x = rest(x, q, kc, vc, bias, w, self.scale, self.eps)
         h = _rms(x, self.norm, self.eps)
-        return F.linear(h, self.head_w, self.head_b), h
+        return (F.linear(h, self.head_w, self.head_b) if head else None), h
 
     def run(self, ids: torch.Tensor, pos: torch.Tensor, first: int = 0
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +148,8 @@ class BatchLM:
 
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> None:
         """Write the K/V of each ``prompts[i]`` at positions 0.. of slot ``slots[i]``, all
-        in one eager pass (no graph per prompt length). Shorter prompts are padded at the
+        in one eager pass (no graph per prompt length, no output head: only the caches are
+        kept). Shorter prompts are padded at the
         end: the padding's K/V land beyond the row's length, where no query looks before
         the row overwrites them. Empty prompts are skipped."""
         todo = [(list(p), s) for p, s in zip(prompts, slots) if len(p)]
@@ -160,7 +162,7 @@ class BatchLM:
             n = max(len(p) for p, _ in part)
             ids = torch.tensor([p + [0] * (n - len(p)) for p, _ in part], device=self.device)
             rows = torch.tensor([s for _, s in part], device=self.device)
-            self._forward(ids, self.slots[:n].expand(m, n), 0, eager=True, rows=rows)
+            self._forward(ids, self.slots[:n].expand(m, n), 0, eager=True, rows=rows, head=False)
 
     def _capture(self, b: int, n: int) -> tuple:
         """Capture the forward of (b, n); the warm-up runs compute this very call (the
