@@ -16,6 +16,7 @@ from cospec import api, models
 from cospec.decoding import Token as Committed
 
 DOC = Path(__file__).parents[1] / "docs" / "api.md"
+README = Path(__file__).parents[1] / "README.md"
 PROMPTS = ["the answer is", [{"role": "user", "content": "hello world"}], [5, 9, 12, 40]]
 
 
@@ -156,15 +157,16 @@ def test_vocabularies_must_match(tiny_dirs, tmp_path):
         cospec.load_pair(str(tiny_dirs[0]), str(other), "cpu")
 
 
-def test_documented_snippet_runs(tiny_dirs, monkeypatch, capsys):
-    """docs/api.md's first python block, run as written; only the shipped defaults are the
-    tiny models here."""
-    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+@pytest.mark.parametrize("doc, name", [(DOC, "result"), (README, "out")])
+def test_documented_snippet_runs(tiny_dirs, monkeypatch, capsys, doc, name):
+    """The first python block of docs/api.md and of the README, run as written; only the
+    shipped defaults are the tiny models here. ``name`` is the block's generate result."""
+    code = re.search(r"```python\n(.*?)```", doc.read_text(), re.S).group(1)
     monkeypatch.setattr(models, "DEFAULT_TARGET", str(tiny_dirs[0]))
     monkeypatch.setattr(models, "DEFAULT_DRAFT", str(tiny_dirs[1]))
     scope: dict = {}
-    exec(compile(code, str(DOC), "exec"), scope)
-    loaded, result = scope["pair"], scope["result"]
+    exec(compile(code, str(doc), "exec"), scope)
+    loaded, result = scope["pair"], scope[name]
     assert loaded.models.target_name == str(tiny_dirs[0])
     assert loaded.models.draft_name == str(tiny_dirs[1])
     assert isinstance(result, cospec.Result) and result.stats.tokens > 0
