@@ -320,6 +320,7 @@ def save_arbiter(policy: LearnedPolicy, path: str | Path, pair: tuple[str, str],
             "hidden_units": str(policy.hidden_units),
             "target": pair[0], "draft": pair[1], "info": json.dumps(info or {})}
     tensors = {k: v.contiguous() for k, v in policy.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
 
 

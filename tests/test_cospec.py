@@ -199,7 +199,7 @@ def test_budget_of_one_keeps_only_the_first_draft_token(target, draft):
 
 def test_arbiter_file_roundtrip_and_errors(tmp_path):
     pol = LearnedPolicy(len(FEATURES), None, 8)
-    path = tmp_path / "a.safetensors"
+    path = tmp_path / "new" / "a.safetensors"  # a folder not made yet
     save_arbiter(pol, path, ("tgt", "drf"), {"threshold": 0.7})
     back = load_arbiter(path, ("tgt", "drf"))
     x = torch.randn(4, len(FEATURES))
