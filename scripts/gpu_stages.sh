@@ -32,6 +32,9 @@
 #           and cos-we against target-only
 #   serve   scripts/load_test.py on the real pair: 128 requests at 1, 4, 16 and 64 at once,
 #           fp32, every response checked against the target's batch-1 greedy output
+#   sspeed  the same load in bf16, unchecked, plain requests only, 128 tokens each: cospec
+#           serve with target-only, then spd requests (tokens/s, latency, first token)
+#   vserve  the same load against vLLM's OpenAI server (VSERVE_METHOD=target or spd)
 #   code    MBPP draft records beside the committed target ones (dev and heldout come from the
 #           one test run), then divergence points on MBPP dev with the draft's and the re-roll
 #           control's branches rolled out and graded (shards of 50 problems; rerun to go on)
@@ -81,6 +84,47 @@ sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' scrip
         --draft qwen2.5-coder-0.5b --device cuda --dtype float32 --requests 128 \
         --max-tokens 64 --concurrency 1,4,16,64 --max-batch 64 --max-queue 128 \
         --max-active 4 --out "$R/serve" 2>&1 | tail -30
+}
+
+serve_load() {  # $1 url or "", $2 label, $3 output folder, then extra load_test flags:
+                # the same bf16 speed load for cospec serve and vLLM's server, unchecked
+    local url=$1 label=$2 out=$3; shift 3
+    timeout "${SERVE_S:-400}" python3 -c 'import sys, runpy; sys.path.append("/tmp/vsite")
+sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' scripts/load_test.py \
+        ${url:+--url "$url" --plain} --label "$label" --unchecked --malformed 0 --disconnect 0 \
+        --slow 0 --requests 128 --max-tokens 128 --concurrency 1,4,16,64 --out "$out" "$@" \
+        2>&1 | tail -14
+}
+
+stage_sspeed() {  # cospec serve, bf16, target-only and spd (k = 4) requests, 64 batch slots
+    vllm_install
+    for m in target spd; do
+        [ -e "$R/sspeed-$m/load_test.json" ] || serve_load "" "cospec serve $m" "$R/sspeed-$m" \
+            --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --device cuda \
+            --dtype bfloat16 --methods "$m" --k 4 --max-batch 64 --max-queue 128
+    done
+}
+
+stage_vserve() {  # vLLM's OpenAI server on the real pair (VSERVE_METHOD target or spd, k = 4)
+    vllm_install
+    local m=${VSERVE_METHOD:-target} spec=()
+    [ "$m" = spd ] && spec=(--speculative-config "{\"method\": \"draft_model\", \"model\":
+        \"$COSPEC_CACHE/models/qwen2.5-coder-0.5b\", \"num_speculative_tokens\": 4}")
+    PYTHONPATH=/tmp/vsite:$PYTHONPATH python3 -m vllm.entrypoints.openai.api_server \
+        --model "$COSPEC_CACHE/models/qwen2.5-coder-1.5b" --served-model-name qwen2.5-coder-1.5b \
+        --port 8011 --dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 --seed 0 \
+        --no-enable-prefix-caching "${spec[@]}" > "$R/vserve-$m.log" 2>&1 &
+    local pid=$! t0=$SECONDS
+    until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health')" \
+            2>/dev/null; do
+        sleep 2
+        if ! kill -0 $pid 2>/dev/null || [ $((SECONDS - t0)) -gt 400 ]; then
+            tail -20 "$R/vserve-$m.log"; kill $pid 2>/dev/null; return 1
+        fi
+    done
+    echo "vLLM server ($m) up after $((SECONDS - t0)) s"
+    serve_load http://127.0.0.1:8011 "vLLM serve $m" "$R/vserve-$m"
+    kill $pid; wait $pid 2>/dev/null || true
 }
 
 stage_replay() {

@@ -20,6 +20,9 @@ as the rejection of a malformed request, no ``metrics`` expected); its responses
 against references only when ``--target`` loads the same model here.
 
     python scripts/load_test.py --requests 200 --concurrency 8 --out results/server
+``--unchecked`` leaves the references out (speed runs in bf16: a batched row may part from
+its batch-1 tokens at a near-tie, which is not a mixed-up response).
+
     python scripts/load_test.py --url http://127.0.0.1:8000 --plain --malformed 0 \
         --disconnect 0 --slow 0 --concurrency 1,4,16,64 --out results/server/vllm
 """
@@ -417,6 +420,10 @@ def main() -> int:
                                                   "(default: the server's first)")
     ap.add_argument("--plain", action="store_true",
                     help="OpenAI fields only (no method, k): for servers other than cospec")
+    ap.add_argument("--label", default=None, help="this run's name in plot_throughput.py")
+    ap.add_argument("--unchecked", action="store_true",
+                    help="no reference outputs (a speed run in bf16, where a batched row may "
+                         "part from its batch-1 tokens at a near-tie)")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")],
                     default=[8], help="requests in flight, or a list: 1,4,16,64")
@@ -447,7 +454,7 @@ def main() -> int:
         model, ctx = pair.target_name, context_length(pair)
     reqs = plan(args, model, ctx)
     t0 = time.perf_counter()
-    if pair is not None:
+    if pair is not None and not args.unchecked:
         references(pair, reqs, args.max_tokens)
     ref_s = time.perf_counter() - t0
     if args.url:
@@ -461,9 +468,11 @@ def main() -> int:
     passed = not failures
     cfg = {"command": "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)]
                                               + sys.argv[1:]),
-           "models": label, "checked": pair is not None,
+           "models": label, "checked": pair is not None and not args.unchecked,
            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), torch "
-                      f"{torch.__version__}, {torch.get_num_threads()} torch thread(s)",
+                      f"{torch.__version__}, {torch.get_num_threads()} torch thread(s)"
+                      + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+                      + f", load {os.getloadavg()[0]:.2f} at the end",
            "reference_s": ref_s, **{k: v for k, v in vars(args).items()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
