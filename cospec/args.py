@@ -154,11 +154,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=draft_length, default=4,
                    help="draft length when a request sets none (or auto: see cospec generate)")
     p.add_argument("--max-active", type=int, default=4,
-                   help="requests of methods no batch engine runs (the CoS methods) decoded "
-                        "at once, round robin token by token")
+                   help="requests of methods no batch engine runs (we, cd) decoded at once, "
+                        "round robin token by token")
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests decoded together by the batch engines (target, spd, "
-                        "cospec); 0: none, every request round robin")
+                        "cospec, cos-*, *-sd); 0: none, every request round robin")
     p.add_argument("--max-context", type=int, default=2048,
                    help="tokens per request, prompt + completion (at most the model's): "
                         "with --max-batch, the KV cache budget")

@@ -4,10 +4,11 @@
 Terms: a *slot* is one row of an engine's static KV caches, ``max_context`` positions of
 every model the method runs. The pool owns at most ``max_batch`` slots in all:
 
-- A request can be batched when its method is target-only, speculative or arbiter-decided
-  (``ExactRule`` / ``ArbiterRule``, not the CoS combinations), every model it runs is one the
-  fast path supports, and its k fits the engine. Rows of one engine share method and k;
-  temperature, top-p, top-k and seed are per row.
+- A request can be batched when the engine runs its method (``batch_methods``: target-only,
+  speculative, arbiter-decided, and the speculative CoS combinations ``cos-*`` / ``*-sd``
+  with their middle models; not ``we`` / ``cd``), every model it runs is one the fast path
+  supports, and its k fits the engine. Rows of one engine share method and k; temperature,
+  top-p, top-k and seed are per row.
 - ``plan`` reserves a slot (on the event loop, between turns): in an engine of the
   request's (method, k) with a free row, else in a new engine of the slots no other engine
   holds (engines with no live request are given up first), shared with the other (method,
@@ -37,10 +38,8 @@ from typing import Protocol
 
 import torch
 
-from cospec.acceptance import ExactRule
-from cospec.arbiter import ArbiterRule
+from cospec.batch_methods import engine_options
 from cospec.errors import CospecError
-from cospec.fast import supported
 from cospec.fast_batch import RUN_AHEAD, BatchEngine, Commit
 from cospec.methods import Method
 from cospec.sampling import SamplingConfig
@@ -115,11 +114,8 @@ class ServedEngine(BatchEngine):
 
 def engine_key(method: Method, k: int) -> tuple[str, int] | None:
     """The sub-batch of a request: (method name, k; 0 without a draft), or None when no
-    batch engine can decode it."""
-    if method.combo is not None or not isinstance(method.rule, (ExactRule, ArbiterRule)):
-        return None
-    models = [m for m in (method.verifier, method.proposer) if m is not None]
-    if not all(supported(m) and getattr(m, "engine_class", None) is None for m in models):
+    batch engine can decode it (``batch_methods.engine_options``)."""
+    if engine_options(method) is None:
         return None
     if method.proposer is not None and not 1 <= k <= MAX_K:
         return None
@@ -281,10 +277,6 @@ class BatchPool:
         return out
 
     def _build(self, method: Method, group: Group) -> ServedEngine:
-        rule = method.rule
-        kw = {}
-        if isinstance(rule, ArbiterRule):
-            kw = dict(policy=rule.policy, threshold=rule.threshold,
-                      max_overrides=rule.max_overrides, every_mismatch=rule.every_mismatch)
         return ServedEngine(method.verifier, method.proposer, k=max(group.key[1], 1),
-                            rows=group.size, max_len=self.max_context, **kw)
+                            rows=group.size, max_len=self.max_context,
+                            **engine_options(method))

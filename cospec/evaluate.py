@@ -162,10 +162,10 @@ def accuracy_pass(s: EvalSetup, run: RunDir) -> None:
     Target-only, draft-only, the lossy rules and the autoregressive combinations go through
     the batched lockstep decoder. The exact speculative methods (spd, *-sd, cos-*) are run
     with their own loop, never copied from the method they reproduce: in bf16 a k+1-row
-    verify rounds unlike a one-row step, so their tokens can differ. spd on a GPU goes
-    through the batch engine (``fast_batch``: the same speculation, many rows at once, at
-    T > 0 exact in distribution too), the others at batch 1; a problem the speed pass
-    already decoded reuses those tokens (same loop, same settings).
+    verify rounds unlike a one-row step, so their tokens can differ. spd and the speculative
+    CoS methods on a GPU go through the batch engine (``fast_batch``: the same speculation,
+    many rows at once, at T > 0 exact in distribution too), the others at batch 1; a problem
+    the speed pass already decoded reuses those tokens (same loop, same settings).
     """
     from cospec.batched import lockstep
 
@@ -249,25 +249,27 @@ def accuracy_pass(s: EvalSetup, run: RunDir) -> None:
 
 
 def uses_batch_engine(s: EvalSetup, method: str) -> bool:
-    """spd on CUDA with a model family the fast path supports: decode it with the batch
-    engine (its own tokens, many rows at once) rather than one problem at a time."""
-    from cospec.fast import supported
+    """spd and the speculative CoS methods (cos-*, *-sd) on CUDA, where a batch engine runs
+    them on these models (``batch_methods``): decode them with it (their own tokens, many
+    rows at once) rather than one problem at a time."""
+    from cospec.batch_methods import BATCH_COS, engine_options
 
-    m = s.built[method]
-    return (method == "spd" and s.device.type == "cuda" and m.combo is None
-            and all(supported(x) for x in (m.verifier, m.proposer)))
+    return (method in ("spd", *BATCH_COS) and s.device.type == "cuda"
+            and engine_options(s.built[method]) is not None)
 
 
 def engine_decode(s: EvalSetup, method: str, idx: list[int]) -> list[list[int]]:
     """Problems ``idx`` decoded by ``method`` in a ``fast_batch.BatchEngine`` (rows: the
     run's batch size, at most 256); problem i's draws are seeded with seed + i."""
+    from cospec.batch_methods import engine_options
     from cospec.fast_batch import generate_batch
 
     a, m = s.args, s.built[method]
     return generate_batch(m.verifier, m.proposer, [s.prompts[i] for i in idx],
                           max_new_tokens=a.max_new_tokens, sampling=s.sampling,
                           seeds=[(a.seed or 0) + i for i in idx],
-                          rows=max(1, min(a.batch_size, 256)), k=a.k, eos_ids=s.eos)
+                          rows=max(1, min(a.batch_size, 256)), k=a.k, eos_ids=s.eos,
+                          **engine_options(m))
 
 
 def accuracy_record(s: EvalSetup, pid: str, method: str, ids: list[int], correct: bool,

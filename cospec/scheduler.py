@@ -6,9 +6,10 @@ One worker thread owns the models. A scheduler task admits requests first come, 
 (each path keeps its own order). A request a batch engine can decode (``Job.batch``: see
 ``cospec.batch_scheduler``) takes a slot of ``BatchPool``: each turn steps every non-empty
 engine once, so all batched requests advance together, joining at the next step and leaving
-when done. Any other request (the CoS methods) is one of at most ``max_active`` generations
-stepped round robin, one committed token per turn (the tokens of one speculative block come
-out of one forward pass, so a turn is cheap after the first of a block). A long request
+when done. Any other request (``we`` / ``cd``, models the fast path does not run) is one
+of at most ``max_active`` generations stepped round robin, one committed token per turn
+(the tokens of one speculative block come out of one forward pass, so a turn is cheap
+after the first of a block). A long request
 therefore never holds a short one back for its whole duration. Between turns it drops a
 request whose client went away (``cancel``): its slot is free before the next step. The
 worker never waits on a client and a handler only waits for its own tokens, so a slow reader

@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cospec.args import load_pair_of
+from cospec.batch_methods import engine_models
 from cospec.batch_scheduler import BatchPool, check_memory, engine_key, reserve
 from cospec.errors import CospecError
 from cospec.methods import (
@@ -150,8 +151,7 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     batched = [m for m in built.values() if engine_key(m, 1) is not None]
     pool = None
     if max_batch and batched:
-        models = list({id(x): x for m in batched for x in (m.verifier, m.proposer)
-                       if x is not None}.values())
+        models = list({id(x): x for m in batched for x in engine_models(m)}.values())
         need = check_memory(models, max_batch, ctx)
         log.info("batch engines: %d slots x %d tokens, %.2f GiB of KV cache at most",
                  max_batch, ctx, need / 2**30)

@@ -26,6 +26,8 @@
 #           rows, 64 prompts (32 GSM8K heldout + 32 HumanEval), 256 tokens each, EOS ignored
 #   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights needed)
 #   vbatch  vLLM on the same prompt ids (scripts/vllm_batch.py; wheels as for vllm)
+#   hfbatch transformers' batched generate on the same prompt ids (scripts/hf_batch.py: static
+#           cache, compiled by generate; target-only: its assisted generation takes batch 1 only)
 #   fused   per-step time, kernels and roofline share of the fused layers against the reference
 #           fast path (scripts/prof_fused.py; random 0.5B, 1.5B and 7B shapes, no weights)
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=1): spd, cospec
@@ -265,6 +267,12 @@ stage_vbatch() {
             --new 256 --k 4 --batches "${VBATCHES:-64,16,4,1}" --out "$R/batch/vllm-$m.json" 2>&1 \
             | grep -E "^vllm|Error|error" | tail -8
     done
+}
+
+stage_hfbatch() {
+    [ -e "$R/batch/hf-target.json" ] || timeout "${HFBATCH_S:-500}" python3 scripts/hf_batch.py \
+        --prompts "$R/batch/prompts.json" --new 256 --batches "${HFBATCHES:-64,16,4,1}" \
+        --device cuda --out "$R/batch/hf-target.json" 2>&1 | grep -E "^hf|Error|error" | tail -8
 }
 
 for stage in "$@"; do

@@ -1,6 +1,9 @@
 """cospec eval scores every method with its own tokens (nothing copied from another method)."""
 
 import json
+from types import SimpleNamespace
+
+import torch
 
 from cospec.cli import main
 from cospec.methods import Method
@@ -63,3 +66,84 @@ def test_spd_through_the_batch_engine_is_scored_with_its_own_tokens(tiny_dirs, t
         spd, target = by[(pid, "spd")], by[(pid, "target")]
         assert spd["path"] == "batch-engine"
         assert spd["token_ids"] == target["token_ids"]
+
+
+def on_a_gpu(monkeypatch):
+    """eval's choice of the batch engine as on a GPU (the engine itself runs eagerly on the
+    CPU); returns the methods it chose."""
+    from cospec import evaluate
+
+    real, chosen = evaluate.uses_batch_engine, set()
+
+    def uses(s, method):
+        picked = real(SimpleNamespace(device=torch.device("cuda"), built=s.built), method)
+        if picked:
+            chosen.add(method)
+        return picked
+
+    monkeypatch.setattr(evaluate, "uses_batch_engine", uses)
+    return chosen
+
+
+def records(out) -> dict:
+    recs = [json.loads(x) for x in (out / "accuracy.jsonl").read_text().splitlines()]
+    return {(r["id"], r["method"]): r for r in recs}
+
+
+def test_cos_through_the_batch_engine_greedy(tiny_dirs, tmp_path, monkeypatch):
+    """On a GPU eval decodes cos-we and cd-sd with the batch engine (we and cd, which it
+    cannot run, with the lockstep decoder): at T = 0 in fp32 their tokens are greedy WE's
+    and CD's, for every problem."""
+    chosen = on_a_gpu(monkeypatch)
+    t, d = tiny_dirs
+    out = tmp_path / "run"
+    assert main(["eval", "--target", str(t), "--draft", str(d), "--task", "gsm8k", "--split",
+                 "dev", "--limit", "5", "--max-new-tokens", "12", "--k", "3",
+                 "--methods", "target,we,cd,cos-we,cd-sd", "--speed-subset", "0",
+                 "--batch-size", "3", "--out", str(out)]) == 0
+    assert chosen == {"cos-we", "cd-sd"}
+    by = records(out)
+    ids = sorted({pid for pid, _ in by})
+    assert len(ids) == 5 and len(by) == 25
+    for pid in ids:
+        for method, same in (("cos-we", "we"), ("cd-sd", "cd")):
+            assert by[(pid, method)]["path"] == "batch-engine"
+            assert by[(pid, same)]["path"] == "batched"
+            assert by[(pid, method)]["token_ids"] == by[(pid, same)]["token_ids"]
+    assert any(by[(p, "we")]["token_ids"] != by[(p, "target")]["token_ids"] for p in ids)
+
+
+def test_cos_through_the_batch_engine_sampled(tiny_dirs, tmp_path, monkeypatch):
+    """At T > 0 the records are the engine's draws for each method's own combination
+    (cos-we: alternate proposal; cd-sd: lookahead), problem i seeded with seed + i: the same
+    tokens as an engine built here from the method's definition."""
+    from cospec import fast_batch
+    from cospec.cos import Combination
+
+    on_a_gpu(monkeypatch)
+    calls, real = [], fast_batch.generate_batch
+
+    def spy(target, draft, prompts, **kw):
+        calls.append((target, draft, prompts, kw))
+        return real(target, draft, prompts, **kw)
+
+    monkeypatch.setattr(fast_batch, "generate_batch", spy)
+    t, d = tiny_dirs
+    out = tmp_path / "run"
+    assert main(["eval", "--target", str(t), "--draft", str(d), "--task", "gsm8k", "--split",
+                 "dev", "--limit", "5", "--max-new-tokens", "10", "--k", "2",
+                 "--temperature", "1", "--seed", "7", "--methods", "target,cos-we,cd-sd",
+                 "--speed-subset", "0", "--batch-size", "2", "--out", str(out)]) == 0
+    by = records(out)
+    ids = sorted({pid for pid, _ in by})
+    assert len(calls) == 2 and len(ids) == 5
+    expect = {"cos-we": dict(combo=Combination("we", (0.5, 0.5)), alternate=True),
+              "cd-sd": dict(combo=Combination("cd", mu=0.1), alternate=False)}
+    for (target, draft, prompts, kw), method in zip(calls, ("cos-we", "cd-sd")):
+        assert kw["seeds"] == [7 + i for i in range(5)]
+        want = real(target, draft, prompts, max_new_tokens=10, sampling=kw["sampling"],
+                    seeds=kw["seeds"], rows=2, k=2, eos_ids=kw["eos_ids"], **expect[method])
+        mine = [r for r in by.values() if r["method"] == method]  # in problem order
+        assert [r["token_ids"] for r in mine] == want
+        assert all(r["path"] == "batch-engine" for r in mine)
+    assert by[(ids[0], "cos-we")]["token_ids"] != by[(ids[0], "cd-sd")]["token_ids"]

@@ -7,10 +7,13 @@ and ``ignore_eos`` rows side by side). A client that goes away frees its slot be
 next step; a request that cannot fit a slot is a 400 naming ``--max-context``.
 """
 
+import copy
+import dataclasses
 import threading
 import time
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -217,3 +220,103 @@ def test_too_long_for_a_slot_is_a_400(pair):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 64 - n - 6
         assert httpx.get(srv.url + "/v1/models").json()["data"][0]["max_model_len"] == 64
         assert health(srv)["errors"] == 0
+
+
+@pytest.fixture(scope="module")
+def pair32(pair):
+    """The pair in float32, with a random third model for CoS of three models."""
+    target = copy.deepcopy(pair.target).float()
+    third = tiny_model(4, layers=1, vocab=target.config.vocab_size, dtype=torch.float32)
+    return Pair(target, near_copy(target, 0.05), pair.tokenizer, MODEL, "tiny-draft",
+                extra=(third,))
+
+
+def two_models(pair3: Pair) -> Pair:
+    return dataclasses.replace(pair3, extra=())
+
+
+def recording(app) -> list:
+    """Every job the app's scheduler is handed, in order (its ``batch`` says which path)."""
+    seen, submit = [], app.state.engine.submit
+    app.state.engine.submit = lambda job: (seen.append(job), submit(job))[1]
+    return seen
+
+
+COS_REQUESTS = [  # method, k, max_tokens, ignore_eos, stream
+    ("cos-we", 3, 24, False, False), ("cos-cd", 2, 40, True, True), ("we-sd", 3, 17, False, True),
+    ("cd-sd", 3, 30, True, False), ("spd", 3, 24, False, True), ("target", None, 33, True, False),
+    ("cos-we", 3, 36, True, True), ("we", 3, 21, False, False), ("cos-cd", 2, 12, False, True),
+    ("cd", 3, 19, True, False), ("cos-we", 2, 27, True, False), ("we-sd", 3, 9, True, True),
+]
+
+
+@pytest.mark.parametrize("max_batch", [3, 16])
+def test_cos_requests_batch_beside_the_others(pair32, max_batch):
+    """The speculative CoS methods decode in batch engines beside spd and target (fp32,
+    T = 0): each request gets exactly ``cos.cos_generate``'s tokens for its prompt alone;
+    ``we`` and ``cd``, which no engine runs, still go round robin beside them."""
+    pair = two_models(pair32)
+    reqs = [{"prompt": f"cos {i}: hello world {'the answer ' * (i % 3)}{i}",
+             "method": m, "max_tokens": n, "ignore_eos": ie, "stream": st,
+             **({"k": k} if k else {})}
+            for i, (m, k, n, ie, st) in enumerate(COS_REQUESTS)]
+    want = [alone(pair, None, r["method"], r["prompt"], r.get("k", 4), r["max_tokens"],
+                  r["ignore_eos"]) for r in reqs]
+    assert {w[2] for w in want} == {"stop", "length"}
+    methods = ["target", "spd", "cos-we", "cos-cd", "we-sd", "cd-sd", "we", "cd"]
+    app = create_app(pair, methods=methods, max_active=2, max_queue=32, timeout=60,
+                     max_batch=max_batch)
+    jobs = recording(app)
+    with BackgroundServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        got = concurrently(lambda r: ask(client, r), reqs)
+        h = health(srv)
+    assert [g[:3] for g in got] == want
+    paths = {(j.method.name, j.k): j.batch for j in jobs}
+    for r in reqs:
+        key = (r["method"], r.get("k", 4))
+        if r["method"] in ("we", "cd"):
+            assert paths[key] is None  # round robin
+        else:
+            assert paths[key] == (r["method"], key[1] if r["method"] != "target" else 0)
+    for r, (_, n, _, m) in zip(reqs, got):
+        if r["method"] in ("cos-we", "cos-cd", "we-sd", "cd-sd"):
+            k = r["k"]
+            assert 1 <= m["steps"] < n and m["prefill_s"] > 0 and m["decode_s"] > 0
+            # an alternate proposal (cos-*) counts as one more drafted token
+            assert m["drafted"] >= k * m["steps"] and m["accepted"] <= m["drafted"]
+            if r["method"].endswith("-sd"):
+                assert m["drafted"] == k * m["steps"]
+            assert m["from_draft"] <= m["accepted"]
+    assert h["errors"] == 0 and h["completed"] == len(reqs) and h["active"] == 0
+
+
+def test_cos_with_a_middle_model(pair32, monkeypatch):
+    """CoS of three models (draft, a middle model, target) decodes in a batch engine with
+    the batch-1 tokens, and the KV budget counts the middle model's caches too."""
+    from cospec import server
+
+    budgets = []
+    real = server.check_memory
+    monkeypatch.setattr(server, "check_memory",
+                        lambda models, rows, n: budgets.append(models) or real(models, rows, n))
+    reqs = [{"prompt": f"three {i} hello", "method": m, "k": 3, "max_tokens": 20 + 3 * i,
+             "ignore_eos": bool(i % 2), "stream": bool(i % 3)}
+            for i, m in enumerate(["cos-we", "we-sd", "cos-we", "we", "cos-we"])]
+    want = [alone(pair32, None, r["method"], r["prompt"], 3, r["max_tokens"], r["ignore_eos"])
+            for r in reqs]
+    app = create_app(pair32, methods=["target", "cos-we", "we-sd", "we"], max_active=2,
+                     max_queue=8, timeout=60, max_batch=4)
+    jobs = recording(app)
+    with BackgroundServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        got = concurrently(lambda r: ask(client, r), reqs)
+    assert [g[:3] for g in got] == want
+    assert len(jobs) == len(reqs)
+    assert {(j.method.name, j.batch) for j in jobs} == {("cos-we", ("cos-we", 3)),
+                                                        ("we-sd", ("we-sd", 3)), ("we", None)}
+    (models,) = budgets
+    ids = {id(m) for m in models}
+    assert ids == {id(pair32.target), id(pair32.draft), id(pair32.extra[0])}
