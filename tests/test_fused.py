@@ -115,6 +115,52 @@ def test_attention_mlp_kernels(interpret, monkeypatch, n, start, blocks, o_bias)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
 
+SPLIT_NAMES = ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K")
+
+
+@pytest.mark.parametrize("splits", [(1, 1, 1, 1), (2, 3, 2, 3), (0, 0, 0, 0)])
+def test_split_k(interpret, small_blocks, monkeypatch, splits):
+    """Every projection unsplit, split unevenly (the last split shorter: 3 reduction blocks
+    in 2, 4 heads in 2, 5 blocks in 3) and split as finely as auto goes (one block or head a
+    split): the layer still agrees with the reference, and the tile counters are left zero."""
+    for name, value in zip(SPLIT_NAMES, splits):
+        monkeypatch.setattr(fused, name, value)
+    heads, kvh, hd, length, d, n = 4, 2, 8, 40, 48, 3
+    w = layer(o_bias=True)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, d, generator=g)
+    pos = 20 + torch.arange(n)
+    cos, sin = rotary(pos, hd)
+    kc, vc = torch.randn(2, kvh, length, hd, generator=g).unbind(0)
+    want = fast._qkv(x, cos, sin, w, heads, kvh, 1e-6)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    kc_ref.index_copy_(1, pos, want[1])
+    vc_ref.index_copy_(1, pos, want[2])
+    q, _, _ = fused.rms_qkv_rope(x, cos, sin, w, heads, kvh, 1e-6, cache=(kc, vc, pos))
+    torch.testing.assert_close(q, want[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(kc, kc_ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(vc, vc_ref, atol=ATOL, rtol=RTOL)
+    bias = fused.visibility_bias(pos, length, heads // kvh, torch.float32)
+    got = fused.attention_mlp(x, q, kc, vc, None, w, hd ** -0.5, 1e-6, pos=pos)
+    torch.testing.assert_close(got, fast._rest(x, q, kc, vc, bias, w, hd ** -0.5, 1e-6),
+                               atol=ATOL, rtol=RTOL)
+    assert not fused.counters(x.device, 1).any()
+
+
+def test_split_k_arithmetic(monkeypatch):
+    """(splits, blocks a split): none empty, none beyond the blocks, auto aims at
+    PROGRAMS_PER_SM programs an SM."""
+    cpu = torch.device("cpu")
+    assert fused.split_k(10, 7, 2, cpu) == (2, 4)
+    assert fused.split_k(10, 7, 3, cpu) == (3, 3)
+    assert fused.split_k(10, 7, 5, cpu) == (4, 2)    # 5 splits of 2 would leave one empty
+    assert fused.split_k(10, 7, 99, cpu) == (7, 1)
+    assert fused.split_k(10, 1, 4, cpu) == (1, 1)
+    monkeypatch.setattr(fused, "PROGRAMS_PER_SM", 2)
+    assert fused.split_k(56, 19, 0, cpu) == (5, 4)    # 264 programs wanted: 5 splits
+    assert fused.split_k(600, 19, 0, cpu) == (1, 19)
+
+
 def test_drop_in_functions_fall_back(interpret):
     """More than MAX_ROWS rows go to the reference, cache writes and position masks
     included; 2-d calls of few rows are fused and agree with it."""
