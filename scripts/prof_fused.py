@@ -36,6 +36,7 @@ import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,7 +106,9 @@ def compare(ref: dict, fus: dict, weight_bytes: int) -> None:
     fus["speedup"] = ref["ms_per_step"] / fus["ms_per_step"]
 
 
-def run(args) -> dict:
+def run(args, save: Callable[[dict], None]) -> dict:
+    """Measure; ``save(out)`` after every size and grid combination (a run cut short keeps
+    what it measured)."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     rows = [int(r) for r in args.rows.split(",")]
     combos = combinations(args.grid)
@@ -119,12 +122,15 @@ def run(args) -> dict:
         model = random_model(size).to(dtype)
         weight_bytes = bytes_per_token(model)
         prompt = list(range(1000, 1000 + PREFIX))
-        res: dict = {"weight_bytes": weight_bytes, "layers": len(model.model.layers)}
+        res = out["sizes"][size] = {"weight_bytes": weight_bytes,
+                                    "layers": len(model.model.layers), "grid": []}
         ref = fast.Engine(model, 512, fused=False)
         ref.run(prompt, 0)
+        logits = {}
         for n in rows:
             r = res[f"reference/n={n}"] = measure(ref, n, args.reps)
             r["roofline"] = weight_bytes / (r["ms_per_step"] / 1e3) / bandwidth()
+            logits[n] = r.pop("logits")
             print(size, "reference", n, brief(r), flush=True)
         del ref
         gc.collect()
@@ -132,7 +138,6 @@ def run(args) -> dict:
         if not eng.fused:
             sys.exit(f"{size}: fused layers unavailable: {fused.unsupported(eng)}")
         eng.run(prompt, 0)
-        grid = []
         for combo in combos:
             for k, v in (base | combo).items():
                 setattr(fused, k, v)
@@ -140,33 +145,30 @@ def run(args) -> dict:
             for n in rows:
                 r = (measure(eng, n, args.grid_reps, count=False) if args.grid
                      else measure(eng, n, args.reps))
-                compare(res[f"reference/n={n}"], r, weight_bytes)
-                r |= {"settings": combo, "n": n}
-                grid.append(r)
-                print(size, "fused", n, brief(r), flush=True)
+                compare(res[f"reference/n={n}"] | {"logits": logits[n]}, r, weight_bytes)
+                res["grid"].append(r | {"settings": combo, "n": n})
+                print(size, "fused", n, brief(res["grid"][-1]), flush=True)
+            out["wall_s"] = time.perf_counter() - t_start
+            save(out)
         for k, v in base.items():
             setattr(fused, k, v)
-        del eng
-        gc.collect()
-        grid.sort(key=lambda r: (r["n"], r["ms_per_step"]))
-        for n in rows:
-            res[f"fused/n={n}"] = next(r for r in grid if r["n"] == n)
-        if args.grid:
-            res["grid"] = grid
-        for n in rows:
-            res[f"reference/n={n}"].pop("logits")
-        out["sizes"][size] = res
-        del model
+        del eng, model
         gc.collect()
         torch.cuda.empty_cache()
-    if args.grid:
+    return out
+
+
+def finish(out: dict) -> dict:
+    """Sort each size's grid by (rows, ms / step), rank the combinations (with a grid) and
+    put the first ranked (without: the only) into the main table as fused/n=N."""
+    if "grid_axes" in out:
         out["ranking"] = ranking(out)
-        best = out["ranking"][0]["settings"]
-        for res in out["sizes"].values():  # the main table: the combination ranked first
-            for n in rows:
-                res[f"fused/n={n}"] = next(r for r in res["grid"]
-                                           if r["n"] == n and r["settings"] == best)
-    out["wall_s"] = time.perf_counter() - t_start
+    best = out["ranking"][0]["settings"] if "grid_axes" in out else {}
+    for res in out["sizes"].values():
+        res["grid"].sort(key=lambda r: (r["n"], r["ms_per_step"]))
+        for r in res["grid"]:
+            if r["settings"] == best:
+                res[f"fused/n={r['n']}"] = r
     return out
 
 
@@ -181,6 +183,8 @@ def ranking(out: dict) -> list[dict]:
     for res in out["sizes"].values():
         for r in res["grid"]:
             speeds.setdefault(json.dumps(r["settings"]), []).append(r["speedup"])
+    most = max(map(len, speeds.values()), default=0)  # combinations measured everywhere
+    speeds = {k: v for k, v in speeds.items() if len(v) == most}
     rank = [{"settings": json.loads(k), "geomean_speedup":
              math.exp(sum(map(math.log, v)) / len(v)), "worst_speedup": min(v)}
             for k, v in speeds.items()]
@@ -196,7 +200,7 @@ def markdown(out: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for size, res in out["sizes"].items():
         for key, r in res.items():
-            if "/" not in key:
+            if "/n=" not in key:
                 continue
             name, n = key.split("/n=")
             extra = (f"{r['speedup']:.2f}× | {r['max_abs_logit_diff']:.3g} | "
@@ -249,11 +253,18 @@ def main() -> None:
     for item in args.set:
         name, value = item.split("=")
         setattr(fused, name, int(value))
-    out = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prof_fused.json").write_text(json.dumps(out, indent=1))
-    (args.out / "prof_fused.md").write_text(markdown(out))
-    print(markdown(out))
+
+    def save(out: dict) -> None:
+        out = finish(json.loads(json.dumps(out)))
+        if not args.grid:
+            for res in out["sizes"].values():
+                del res["grid"]
+        (args.out / "prof_fused.json").write_text(json.dumps(out, indent=1))
+        (args.out / "prof_fused.md").write_text(markdown(out))
+
+    save(run(args, save))
+    print((args.out / "prof_fused.md").read_text())
 
 
 if __name__ == "__main__":
