@@ -40,7 +40,8 @@ DOWN_BLOCK_K = 256   # down_proj's
 ATTN_BLOCK_S = 32    # cache slots per attention block
 # Split-K (``cospec.kernels``' docstring): programs over each projection's reduction (for
 # o_proj: over the heads). 0: auto, enough splits that the grid has PROGRAMS_PER_SM programs
-# for each SM (at most one split per reduction block); n > 0: n splits (at most that).
+# for each SM (at most one split per reduction block; PROGRAMS_PER_SM = 0: unsplit); n > 0:
+# n splits (at most). Tuned on a GPU with ``scripts/prof_fused.py --grid``.
 QKV_SPLIT_K = 0
 OUT_SPLIT_K = 0
 UP_SPLIT_K = 0
