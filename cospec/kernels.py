@@ -135,6 +135,16 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
     acc1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    rn = rows[:, None] < n
+    trig = rows[:, None] * HEAD_DIM + cols[None, :]                  # the epilogue's operands,
+    c1 = tl.load(cos_ptr + trig, mask=rn, other=0.0).to(tl.float32)  # loaded early
+    c2 = tl.load(cos_ptr + trig + HALF, mask=rn, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + trig, mask=rn, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + trig + HALF, mask=rn, other=0.0).to(tl.float32)
+    slots = tl.load(slot_ptr + rows, mask=rows < n, other=0)
+    if HAS_BIAS:
+        b1 = tl.load(b_ptr + w1).to(tl.float32)
+        b2 = tl.load(b_ptr + w2).to(tl.float32)
     lo = split * k_per
     for k0 in range(lo, tl.minimum(lo + k_per, D), BLOCK_K):
         h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
@@ -154,17 +164,12 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     else:
         last = split == 0                                            # the only split
     if HAS_BIAS:
-        acc1 += tl.load(b_ptr + w1).to(tl.float32)[None, :]
-        acc2 += tl.load(b_ptr + w2).to(tl.float32)[None, :]
+        acc1 += b1[None, :]
+        acc2 += b2[None, :]
     dtype = x_ptr.dtype.element_ty
     a1 = acc1.to(dtype).to(tl.float32)
     a2 = acc2.to(dtype).to(tl.float32)
-    rm = tl.where(last, rows[:, None] < n, False)                    # the epilogue: once
-    trig = rows[:, None] * HEAD_DIM + cols[None, :]
-    c1 = tl.load(cos_ptr + trig, mask=rm, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + trig + HALF, mask=rm, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + trig, mask=rm, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + trig + HALF, mask=rm, other=0.0).to(tl.float32)
+    rm = tl.where(last, rn, False)                                   # the epilogue: once
     hv = head + rows[:, None] * 0                                    # head, as a [M, 1] block
     is_q = hv < HEADS
     is_v = hv >= HEADS + KV_HEADS
@@ -173,7 +178,6 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     qo = q_ptr + (head * n + rows[:, None]) * HEAD_DIM + cols[None, :]
     tl.store(qo, r1, mask=rm & is_q)
     tl.store(qo + HALF, r2, mask=rm & is_q)
-    slots = tl.load(slot_ptr + rows, mask=rows < n, other=0)
     kvh = tl.where(is_q, 0, tl.where(is_v, hv - HEADS - KV_HEADS, hv - HEADS))
     off = (kvh * kv_len + slots[:, None]) * HEAD_DIM + cols[None, :]
     is_k = ~is_q & ~is_v
@@ -281,14 +285,15 @@ def attn_out(o_ptr, m_ptr, l_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n
         wt = tl.load(w_ptr + cols[None, :] * (HEADS * HEAD_DIM) + h * HEAD_DIM + dims[:, None],
                      mask=cm[None, :], other=0.0)                     # [hd, BLOCK_N]
         acc = _dot((o / denom[:, None]).to(dtype), wt, acc, IEEE)
+    xy = rows[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)  # before the handshake
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     acc, last = _reduce(acc, ws_ptr, cnt_ptr, split, tl.program_id(0), rows, cols, n, D,
                         SPLIT_K)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-    xy = rows[:, None] * D + cols[None, :]
-    mask = tl.where(last, rm[:, None] & cm[None, :], False)
-    x = tl.load(x_ptr + xy, mask=mask, other=0.0)
-    tl.store(y_ptr + xy, x + acc.to(dtype), mask=mask)
+        acc += bias[None, :]
+    tl.store(y_ptr + xy, x + acc.to(dtype), mask=tl.where(last, rm[:, None] & cm[None, :], False))
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -349,9 +354,9 @@ def down_residual(a_ptr, w_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, k_per,
         wt = tl.load(w_ptr + cols[None, :] * inter + ks[:, None],
                      mask=(ks[:, None] < inter) & cm[None, :], other=0.0)
         acc = _dot(av, wt, acc, IEEE)
+    xy = rows[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)  # before the handshake
     acc, last = _reduce(acc, ws_ptr, cnt_ptr, split, tl.program_id(0), rows, cols, n, D,
                         SPLIT_K)
-    xy = rows[:, None] * D + cols[None, :]
-    mask = tl.where(last, rm[:, None] & cm[None, :], False)
-    x = tl.load(x_ptr + xy, mask=mask, other=0.0)
-    tl.store(y_ptr + xy, x + acc.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + xy, x + acc.to(x_ptr.dtype.element_ty),
+             mask=tl.where(last, rm[:, None] & cm[None, :], False))
