@@ -2,7 +2,9 @@
 
 On CPU the kernels run under triton's interpreter (TRITON_INTERPRET=1, see below): each
 kernel against ``fast._qkv`` / ``_rest`` in float32 on tiny shapes (GQA, several row counts,
-cache lengths and block sizes, stale cache slots), a tiny Qwen2's logits through the fused
+cache lengths and block sizes, stale cache slots, split-K unsplit, uneven and as fine as it
+goes; the interpreter runs a tile's programs in order, so which one arrives last is never
+varied), a tiny Qwen2's logits through the fused
 ``Engine`` against transformers' forward, and greedy decoding through the loop. Not covered
 on CPU: compiled (not interpreted) kernels, CUDA graph capture and bfloat16 rounding —
 ``test_cuda_graphs`` checks those where a GPU is present. Skipped without triton (it is not
