@@ -36,9 +36,25 @@ QKV_BLOCK_C = 16     # columns of each RoPE half per q/k/v program
 UP_BLOCK_N = 32      # gate (and up) columns per program
 OUT_BLOCK_N = 16     # o_proj / down_proj output columns per program
 BLOCK_K = 128        # reduction block of the projections
-DOWN_BLOCK_K = 256   # down_proj's (a long reduction over few programs: more bytes in flight)
+DOWN_BLOCK_K = 256   # down_proj's
 ATTN_BLOCK_S = 32    # cache slots per attention block
+# Split-K (``cospec.kernels``' docstring): programs over each projection's reduction (for
+# o_proj: over the heads). 0: auto, enough splits that the grid has PROGRAMS_PER_SM programs
+# for each SM (at most one split per reduction block; PROGRAMS_PER_SM = 0: unsplit); n > 0:
+# n splits (at most). Tuned on a GPU with ``scripts/prof_fused.py --grid``.
+QKV_SPLIT_K = 0
+OUT_SPLIT_K = 0
+UP_SPLIT_K = 0
+DOWN_SPLIT_K = 0
+PROGRAMS_PER_SM = 4
+NUM_WARPS = 4        # warps of every program
+NUM_STAGES = 3       # software pipelining depth of the reduction loops
+GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
+                     # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K", "ATTN_BLOCK_S",
+           "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K",
+           "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES")
 
 
 def asked(flag: bool | None = None) -> bool:
@@ -106,6 +122,47 @@ def _rows(n: int) -> int:
     return max(16, _pow2(n))
 
 
+@functools.cache
+def _sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (GPU_SMS off CUDA)."""
+    if device.type != "cuda":
+        return GPU_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_k(tiles: int, blocks: int, asked: int, device: torch.device) -> tuple[int, int]:
+    """(splits, blocks per split) of a reduction of ``blocks`` blocks under ``tiles`` output
+    tiles: ``asked`` splits if > 0, else enough for PROGRAMS_PER_SM programs an SM; never
+    more than ``blocks``, and rounded so that no split is empty."""
+    want = asked if asked > 0 else _cdiv(PROGRAMS_PER_SM * _sms(device), tiles)
+    per = _cdiv(blocks, max(1, min(want, blocks)))
+    return _cdiv(blocks, per), per
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def counters(device: torch.device, size: int) -> torch.Tensor:
+    """Split-K tile counters of ``device``: int32 zeros, kept (the kernels leave them zero).
+    Made on the first (eager) call of a shape, before any CUDA graph captures it."""
+    have = _COUNTERS.get(device)
+    if have is None or len(have) < size:
+        have = _COUNTERS[device] = torch.zeros(max(size, 4096), dtype=torch.int32,
+                                               device=device)
+    return have
+
+
+def _workspace(x: torch.Tensor, splits: int, width: int) -> torch.Tensor:
+    """Partial sums [splits, n, width] (float32) of a split-K launch; x itself if unsplit."""
+    if splits == 1:
+        return x
+    return torch.empty(splits, x.shape[0], width, dtype=torch.float32, device=x.device)
+
+
+def _launch() -> dict:
+    return {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+
+
 def visibility_bias(pos: torch.Tensor, length: int, group: int, dtype: torch.dtype
                     ) -> torch.Tensor:
     """The reference's additive mask [group * n, length]: 0 where slot <= pos[i], -inf
@@ -132,12 +189,16 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         k, v, slots = cache
     half = hd // 2
     block_c = min(half, QKV_BLOCK_C)
-    _kernels().rms_qkv_rope[(heads + 2 * kv_heads, half // block_c)](
+    block_k = min(BLOCK_K, _pow2(d))
+    tiles = (heads + 2 * kv_heads, half // block_c)
+    splits, per = split_k(tiles[0] * tiles[1], _cdiv(d, block_k), QKV_SPLIT_K, x.device)
+    _kernels().rms_qkv_rope[(*tiles, splits)](
         x, ln1, qkv_w, qkv_w if qkv_b is None else qkv_b, cos.contiguous(), sin.contiguous(),
-        slots, q, k, v, n, d, k.shape[1], eps,
-        HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
-        IEEE=x.dtype == torch.float32, BLOCK_M=_rows(n), BLOCK_C=block_c,
-        BLOCK_K=min(BLOCK_K, _pow2(d)))
+        slots, q, k, v, _workspace(x, splits, qkv_w.shape[0]),
+        counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
+        D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
+        IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_rows(n), BLOCK_C=block_c,
+        BLOCK_K=block_k, **_launch())
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -164,20 +225,30 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     kern.attend[(kv_heads, SPLITS)](
         q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
         n, length, scale, HEADS=heads, GROUP=group, HEAD_DIM=hd, SPLITS=SPLITS,
-        USE_POS=pos is not None, IEEE=ieee, BLOCK_R=_rows(group * n), BLOCK_S=ATTN_BLOCK_S)
+        USE_POS=pos is not None, IEEE=ieee, BLOCK_R=_rows(group * n), BLOCK_S=ATTN_BLOCK_S,
+        **_launch())
     x1 = torch.empty_like(x)
-    kern.attn_out[(_cdiv(d, OUT_BLOCK_N),)](
-        parts, top, denom, ow, ow if ob is None else ob, x, x1, n, d,
-        HEADS=heads, HEAD_DIM=hd, SPLITS=SPLITS, HAS_BIAS=ob is not None, IEEE=ieee,
-        BLOCK_M=block_m, BLOCK_N=OUT_BLOCK_N)
+    tiles = _cdiv(d, OUT_BLOCK_N)
+    splits, per = split_k(tiles, heads, OUT_SPLIT_K, x.device)
+    kern.attn_out[(tiles, splits)](
+        parts, top, denom, ow, ow if ob is None else ob, x, x1, _workspace(x, splits, d),
+        counters(x.device, tiles), n, per, D=d, HEADS=heads, HEAD_DIM=hd, SPLITS=SPLITS,
+        HAS_BIAS=ob is not None, IEEE=ieee, SPLIT_K=splits, BLOCK_M=block_m,
+        BLOCK_N=OUT_BLOCK_N, **_launch())
     act = x.new_empty(n, inter)
-    kern.rms_gate_up[(_cdiv(inter, UP_BLOCK_N),)](
-        x1, ln2, gate_up_w, act, n, d, inter, eps, IEEE=ieee, BLOCK_M=block_m,
-        BLOCK_N=UP_BLOCK_N, BLOCK_K=min(BLOCK_K, _pow2(d)))
+    tiles, block_k = _cdiv(inter, UP_BLOCK_N), min(BLOCK_K, _pow2(d))
+    splits, per = split_k(tiles, _cdiv(d, block_k), UP_SPLIT_K, x.device)
+    kern.rms_gate_up[(tiles, splits)](
+        x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
+        n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits, BLOCK_M=block_m,
+        BLOCK_N=UP_BLOCK_N, BLOCK_K=block_k, **_launch())
     y = torch.empty_like(x)
-    kern.down_residual[(_cdiv(d, OUT_BLOCK_N),)](
-        act, dw, x1, y, n, d, inter, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=OUT_BLOCK_N,
-        BLOCK_K=min(DOWN_BLOCK_K, _pow2(inter)))
+    tiles, block_k = _cdiv(d, OUT_BLOCK_N), min(DOWN_BLOCK_K, _pow2(inter))
+    splits, per = split_k(tiles, _cdiv(inter, block_k), DOWN_SPLIT_K, x.device)
+    kern.down_residual[(tiles, splits)](
+        act, dw, x1, y, _workspace(x, splits, d), counters(x.device, tiles), n, inter,
+        per * block_k, D=d, IEEE=ieee, SPLIT_K=splits, BLOCK_M=block_m, BLOCK_N=OUT_BLOCK_N,
+        BLOCK_K=block_k, **_launch())
     return y
 
 

@@ -13,6 +13,16 @@ of BLOCK_M >= 16 rows, the padding rows masked):
 4. ``rms_gate_up``: RMSNorm, the stacked gate/up projection, SiLU(gate) * up.
 5. ``down_residual``: down_proj and the residual add.
 
+Split-K: a projection of few output columns (a decode step's GEMV) leaves most SMs idle when
+each program owns a column tile and walks the whole reduction, so the projections also spread
+the reduction over SPLIT_K programs (grid axis ``split``). Each writes its float32 partial
+sums to a workspace ws [SPLIT_K, n, columns] and counts itself in on the tile's counter; the
+last of a tile's programs to arrive (whichever it is) adds the SPLIT_K partials in split
+order (deterministic), runs the epilogue (bias, RoPE, SiLU, residual add: exactly once) and
+resets the counter to 0 for the next launch. Counters are zero between launches, so launches
+sharing one counter buffer must run one after another (one stream). SPLIT_K = 1: no
+workspace, no counter.
+
 Rounding follows the torch reference (``cospec.fast._qkv`` / ``_rest``) where it is cheap:
 a projection's output is rounded to the model's dtype before anything else uses it; the
 softmax and the combination run in float32. Importing this module needs triton.
@@ -34,68 +44,132 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _rstd(x_ptr, n, d, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of the rows of x [n, d], in float32 ([BLOCK_M])."""
+def _rstd(x_ptr, n, D: tl.constexpr, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of the rows of x [n, D], in float32 ([BLOCK_M]). Unrolled:
+    the loads do not wait on each other (every program of a split-K grid runs this)."""
     rows = tl.arange(0, BLOCK_M)
     ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):
+    for k0 in tl.static_range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.load(x_ptr + rows[:, None] * d + ks[None, :],
-                     mask=(rows[:, None] < n) & (ks[None, :] < d), other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + rows[:, None] * D + ks[None, :],
+                     mask=(rows[:, None] < n) & (ks[None, :] < D), other=0.0).to(tl.float32)
         ss += tl.sum(xv * xv, axis=1)
-    return tl.rsqrt(ss / d + eps)
+    return tl.rsqrt(ss / D + eps)
 
 
 @triton.jit
-def _normed(x_ptr, ln_ptr, rstd, k0, n, d, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _publish(acc, ws_ptr, split, rows, cols, n, ncols):
+    """Store a program's partial sums acc [BLOCK_M, BLOCK_N] (float32) of columns ``cols`` at
+    ws[split, rows, cols]; ws [SPLIT_K, n, ncols]."""
+    tl.store(ws_ptr + (split * n + rows[:, None]) * ncols + cols[None, :], acc,
+             mask=(rows[:, None] < n) & (cols[None, :] < ncols))
+
+
+@triton.jit
+def _arrive(cnt_ptr, tile, SPLIT_K: tl.constexpr):
+    """Count this program in on output tile ``tile``'s counter (after its ``_publish``); True
+    for the last of the tile's SPLIT_K programs, which resets the counter to 0."""
+    tl.debug_barrier()  # every thread's partial sums stored before the release below
+    seen = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = seen == SPLIT_K - 1
+    tl.store(cnt_ptr + tile, 0, mask=last)
+    return last
+
+
+@triton.jit
+def _gather(ws_ptr, rows, cols, n, ncols, last, SPLIT_K: tl.constexpr):
+    """The sum over splits 0, 1, .. of ws[split, rows, cols] (float32), read by the last
+    program only (the others get zeros and must store nothing)."""
+    mask = tl.where(last, (rows[:, None] < n) & (cols[None, :] < ncols), False)
+    at = ws_ptr + rows[:, None] * ncols + cols[None, :]
+    acc = tl.load(at, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(at + s * n * ncols, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
+def _reduce(acc, ws_ptr, cnt_ptr, split, tile, rows, cols, n, ncols, SPLIT_K: tl.constexpr):
+    """(the whole reduction's acc, this program runs the epilogue) of a program's partial
+    sums acc [BLOCK_M, BLOCK_N] of output columns ``cols`` in a SPLIT_K grid."""
+    if SPLIT_K > 1:
+        _publish(acc, ws_ptr, split, rows, cols, n, ncols)
+        last = _arrive(cnt_ptr, tile, SPLIT_K)
+        acc = _gather(ws_ptr, rows, cols, n, ncols, last, SPLIT_K)
+    else:
+        last = split == 0                                            # the only split
+    return acc, last
+
+
+@triton.jit
+def _normed(x_ptr, ln_ptr, rstd, k0, n, D: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_K: tl.constexpr):
     """Columns k0..k0+BLOCK_K of RMSNorm(x) as the reference rounds it: w * (x * rstd).to(dtype)."""
     rows = tl.arange(0, BLOCK_M)
     ks = k0 + tl.arange(0, BLOCK_K)
-    xv = tl.load(x_ptr + rows[:, None] * d + ks[None, :],
-                 mask=(rows[:, None] < n) & (ks[None, :] < d), other=0.0)
-    w = tl.load(ln_ptr + ks, mask=ks < d, other=0.0)
+    xv = tl.load(x_ptr + rows[:, None] * D + ks[None, :],
+                 mask=(rows[:, None] < n) & (ks[None, :] < D), other=0.0)
+    w = tl.load(ln_ptr + ks, mask=ks < D, other=0.0)
     return (xv.to(tl.float32) * rstd[:, None]).to(xv.dtype) * w[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
-                 n, d, kv_len, eps,
-                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (head j of the H + 2 KVH stacked heads, chunk c): output columns c*BLOCK_C..
-    of both halves of head j (RoPE pairs column i with i + hd/2). x [n, d]; w [(H + 2 KVH)
-    hd, d]; cos, sin [n, hd]; q [H, n, hd]; k, v [KVH, kv_len, hd], row i written to slot
-    slot[i]."""
+                 ws_ptr, cnt_ptr, n, kv_len, k_per, eps,
+                 D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Program (head j of the H + 2 KVH stacked heads, chunk c, split s): output columns
+    c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
+    x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
+    cos, sin [n, hd]; q [H, n, hd]; k, v [KVH, kv_len, hd], row i written to slot slot[i];
+    ws [SPLIT_K, n, (H + 2 KVH) hd] float32; cnt [>= (H + 2 KVH) * chunks] int32, zeros."""
     head = tl.program_id(0)
+    split = tl.program_id(2)
     HALF: tl.constexpr = HEAD_DIM // 2
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)      # in the first half
     w1 = head * HEAD_DIM + cols                                      # weight rows
     w2 = w1 + HALF
-    rstd = _rstd(x_ptr, n, d, eps, BLOCK_M, BLOCK_K)
+    rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
     acc1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        h = _normed(x_ptr, ln_ptr, rstd, k0, n, d, BLOCK_M, BLOCK_K)
+    rn = rows[:, None] < n
+    trig = rows[:, None] * HEAD_DIM + cols[None, :]                  # the epilogue's operands,
+    c1 = tl.load(cos_ptr + trig, mask=rn, other=0.0).to(tl.float32)  # loaded early
+    c2 = tl.load(cos_ptr + trig + HALF, mask=rn, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + trig, mask=rn, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + trig + HALF, mask=rn, other=0.0).to(tl.float32)
+    slots = tl.load(slot_ptr + rows, mask=rows < n, other=0)
+    if HAS_BIAS:
+        b1 = tl.load(b_ptr + w1).to(tl.float32)
+        b2 = tl.load(b_ptr + w2).to(tl.float32)
+    lo = split * k_per
+    for k0 in range(lo, tl.minimum(lo + k_per, D), BLOCK_K):
+        h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
         ks = k0 + tl.arange(0, BLOCK_K)
-        km = ks[:, None] < d
-        wa = tl.load(w_ptr + w1[None, :] * d + ks[:, None], mask=km, other=0.0)
-        wb = tl.load(w_ptr + w2[None, :] * d + ks[:, None], mask=km, other=0.0)
+        km = ks[:, None] < D
+        wa = tl.load(w_ptr + w1[None, :] * D + ks[:, None], mask=km, other=0.0)
+        wb = tl.load(w_ptr + w2[None, :] * D + ks[:, None], mask=km, other=0.0)
         acc1 = _dot(h, wa, acc1, IEEE)
         acc2 = _dot(h, wb, acc2, IEEE)
+    if SPLIT_K > 1:
+        width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+        _publish(acc1, ws_ptr, split, rows, w1, n, width)
+        _publish(acc2, ws_ptr, split, rows, w2, n, width)
+        last = _arrive(cnt_ptr, head * tl.num_programs(1) + tl.program_id(1), SPLIT_K)
+        acc1 = _gather(ws_ptr, rows, w1, n, width, last, SPLIT_K)
+        acc2 = _gather(ws_ptr, rows, w2, n, width, last, SPLIT_K)
+    else:
+        last = split == 0                                            # the only split
     if HAS_BIAS:
-        acc1 += tl.load(b_ptr + w1).to(tl.float32)[None, :]
-        acc2 += tl.load(b_ptr + w2).to(tl.float32)[None, :]
+        acc1 += b1[None, :]
+        acc2 += b2[None, :]
     dtype = x_ptr.dtype.element_ty
     a1 = acc1.to(dtype).to(tl.float32)
     a2 = acc2.to(dtype).to(tl.float32)
-    rm = rows[:, None] < n
-    trig = rows[:, None] * HEAD_DIM + cols[None, :]
-    c1 = tl.load(cos_ptr + trig, mask=rm, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + trig + HALF, mask=rm, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + trig, mask=rm, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + trig + HALF, mask=rm, other=0.0).to(tl.float32)
+    rm = tl.where(last, rn, False)                                   # the epilogue: once
     hv = head + rows[:, None] * 0                                    # head, as a [M, 1] block
     is_q = hv < HEADS
     is_v = hv >= HEADS + KV_HEADS
@@ -104,7 +178,6 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     qo = q_ptr + (head * n + rows[:, None]) * HEAD_DIM + cols[None, :]
     tl.store(qo, r1, mask=rm & is_q)
     tl.store(qo + HALF, r2, mask=rm & is_q)
-    slots = tl.load(slot_ptr + rows, mask=rows < n, other=0)
     kvh = tl.where(is_q, 0, tl.where(is_v, hv - HEADS - KV_HEADS, hv - HEADS))
     off = (kvh * kv_len + slots[:, None]) * HEAD_DIM + cols[None, :]
     is_k = ~is_q & ~is_v
@@ -114,7 +187,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     tl.store(v_ptr + off + HALF, r2, mask=rm & is_v)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr,
            n, cache_len, scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -175,22 +248,25 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr,
     tl.store(l_ptr + at, l_i, mask=rm)
 
 
-@triton.jit
-def attn_out(o_ptr, m_ptr, l_ptr, w_ptr, b_ptr, x_ptr, y_ptr, n, d,
-             HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
-             HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y [n, d] = x + o_proj(attention output): program p computes columns p*BLOCK_N..,
-    combining the splits of each head (``attend``'s buffers) as it reads them; w [d, H hd]."""
+@triton.jit(do_not_specialize=["n"])
+def attn_out(o_ptr, m_ptr, l_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, heads_per,
+             D: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+             SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+             SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y [n, D] = x + o_proj(attention output): program (c, s) computes columns c*BLOCK_N..
+    over heads s*heads_per.. (split-K over heads), combining the attention splits of each head
+    (``attend``'s buffers) as it reads them; w [D, H hd]; ws [SPLIT_K, n, D] float32."""
     rows = tl.arange(0, BLOCK_M)
     rm = rows < n
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cm = cols < d
+    cm = cols < D
+    split = tl.program_id(1)
     sp = tl.arange(0, SPLITS)
     dims = tl.arange(0, HEAD_DIM)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for h in range(HEADS):
+    lo = split * heads_per
+    for h in range(lo, tl.minimum(lo + heads_per, HEADS)):
         m = tl.load(m_ptr + sp[:, None] * HEADS * n + h * n + rows[None, :],
                     mask=rm[None, :], other=float("-inf"))            # [SPLITS, BLOCK_M]
         ll = tl.load(l_ptr + sp[:, None] * HEADS * n + h * n + rows[None, :],
@@ -200,7 +276,7 @@ def attn_out(o_ptr, m_ptr, l_ptr, w_ptr, b_ptr, x_ptr, y_ptr, n, d,
         denom = tl.sum(tl.exp(m - top[None, :]) * ll, axis=0)
         denom = tl.where(denom == 0.0, 1.0, denom)                    # padding rows
         o = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for s in range(SPLITS):
+        for s in tl.static_range(SPLITS):                             # independent loads
             at = s * HEADS * n + h * n + rows
             ms = tl.load(m_ptr + at, mask=rm, other=float("-inf"))
             part = tl.load(o_ptr + at[:, None] * HEAD_DIM + dims[None, :], mask=rm[:, None],
@@ -209,56 +285,78 @@ def attn_out(o_ptr, m_ptr, l_ptr, w_ptr, b_ptr, x_ptr, y_ptr, n, d,
         wt = tl.load(w_ptr + cols[None, :] * (HEADS * HEAD_DIM) + h * HEAD_DIM + dims[:, None],
                      mask=cm[None, :], other=0.0)                     # [hd, BLOCK_N]
         acc = _dot((o / denom[:, None]).to(dtype), wt, acc, IEEE)
+    xy = rows[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)  # before the handshake
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-    xy = rows[:, None] * d + cols[None, :]
-    mask = rm[:, None] & cm[None, :]
-    x = tl.load(x_ptr + xy, mask=mask, other=0.0)
-    tl.store(y_ptr + xy, x + acc.to(dtype), mask=mask)
+        bias = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    acc, last = _reduce(acc, ws_ptr, cnt_ptr, split, tl.program_id(0), rows, cols, n, D,
+                        SPLIT_K)
+    if HAS_BIAS:
+        acc += bias[None, :]
+    tl.store(y_ptr + xy, x + acc.to(dtype), mask=tl.where(last, rm[:, None] & cm[None, :], False))
 
 
-@triton.jit
-def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, n, d, inter, eps, IEEE: tl.constexpr,
+@triton.jit(do_not_specialize=["n"])
+def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, eps,
+                D: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """a [n, inter] = SiLU(gate) * up of RMSNorm(x); w [2 inter, d] (gate rows, then up)."""
+    """a [n, inter] = SiLU(gate) * up of RMSNorm(x); w [2 inter, D] (gate rows, then up).
+    Program (c, s): columns c*BLOCK_N.. of gate and up, reduced over x's columns s*k_per..;
+    ws [SPLIT_K, n, 2 inter] float32."""
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < inter
-    rstd = _rstd(x_ptr, n, d, eps, BLOCK_M, BLOCK_K)
+    split = tl.program_id(1)
+    rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        h = _normed(x_ptr, ln_ptr, rstd, k0, n, d, BLOCK_M, BLOCK_K)
+    lo = split * k_per
+    for k0 in range(lo, tl.minimum(lo + k_per, D), BLOCK_K):
+        h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
         ks = k0 + tl.arange(0, BLOCK_K)
-        km = (ks[:, None] < d) & cm[None, :]
-        wg = tl.load(w_ptr + cols[None, :] * d + ks[:, None], mask=km, other=0.0)
-        wu = tl.load(w_ptr + (inter + cols[None, :]) * d + ks[:, None], mask=km, other=0.0)
+        km = (ks[:, None] < D) & cm[None, :]
+        wg = tl.load(w_ptr + cols[None, :] * D + ks[:, None], mask=km, other=0.0)
+        wu = tl.load(w_ptr + (inter + cols[None, :]) * D + ks[:, None], mask=km, other=0.0)
         acc_g = _dot(h, wg, acc_g, IEEE)
         acc_u = _dot(h, wu, acc_u, IEEE)
+    if SPLIT_K > 1:
+        _publish(acc_g, ws_ptr, split, rows, cols, n, 2 * inter)
+        _publish(acc_u, ws_ptr, split, rows, inter + cols, n, 2 * inter)
+        last = _arrive(cnt_ptr, tl.program_id(0), SPLIT_K)
+        acc_g = _gather(ws_ptr, rows, cols, n, 2 * inter, last, SPLIT_K)
+        acc_u = _gather(ws_ptr, rows, inter + cols, n, 2 * inter, last, SPLIT_K)
+    else:
+        last = split == 0                                            # the only split
     dtype = x_ptr.dtype.element_ty
     g = acc_g.to(dtype).to(tl.float32)
     a = (g / (1.0 + tl.exp(-g))).to(dtype) * acc_u.to(dtype)
     tl.store(a_ptr + rows[:, None] * inter + cols[None, :], a,
-             mask=(rows[:, None] < n) & cm[None, :])
+             mask=tl.where(last, (rows[:, None] < n) & cm[None, :], False))
 
 
-@triton.jit
-def down_residual(a_ptr, w_ptr, x_ptr, y_ptr, n, d, inter, IEEE: tl.constexpr,
+@triton.jit(do_not_specialize=["n"])
+def down_residual(a_ptr, w_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, k_per,
+                  D: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y [n, d] = x + a @ w.T; a [n, inter], w [d, inter]."""
+    """y [n, D] = x + a @ w.T; a [n, inter], w [D, inter]. Program (c, s): columns
+    c*BLOCK_N.., reduced over a's columns s*k_per..; ws [SPLIT_K, n, D] float32."""
     rows = tl.arange(0, BLOCK_M)
     rm = rows < n
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cm = cols < d
+    cm = cols < D
+    split = tl.program_id(1)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
+    lo = split * k_per
+    for k0 in range(lo, tl.minimum(lo + k_per, inter), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         av = tl.load(a_ptr + rows[:, None] * inter + ks[None, :],
                      mask=rm[:, None] & (ks[None, :] < inter), other=0.0)
         wt = tl.load(w_ptr + cols[None, :] * inter + ks[:, None],
                      mask=(ks[:, None] < inter) & cm[None, :], other=0.0)
         acc = _dot(av, wt, acc, IEEE)
-    xy = rows[:, None] * d + cols[None, :]
-    mask = rm[:, None] & cm[None, :]
-    x = tl.load(x_ptr + xy, mask=mask, other=0.0)
-    tl.store(y_ptr + xy, x + acc.to(x_ptr.dtype.element_ty), mask=mask)
+    xy = rows[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)  # before the handshake
+    acc, last = _reduce(acc, ws_ptr, cnt_ptr, split, tl.program_id(0), rows, cols, n, D,
+                        SPLIT_K)
+    tl.store(y_ptr + xy, x + acc.to(x_ptr.dtype.element_ty),
+             mask=tl.where(last, rm[:, None] & cm[None, :], False))

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python scripts/prof_fused.py --out DIR [--sizes 0.5b,1.5b] [--rows 1,5]
         [--reps 300] [--dtype bf16|fp32] [--set UP_BLOCK_N=64 ...]
+        [--grid PROGRAMS_PER_SM=0,2,4,8 --grid NUM_WARPS=2,4 ... [--grid-reps 100]]
 
 Random-weight Qwen2.5 shapes (``gpu_speed.random_model``), batch 1: a 100-token prefill,
 then one step over n rows at position 100 (n = 1 a decode step, n = 5 a verify), for each
@@ -14,8 +15,14 @@ engine (reference: compiled halves of a layer; fused: five Triton kernels a laye
   against the HBM bandwidth (4.8e12 B/s on an H200);
 - the fused step's logits against the reference's (max |difference|, argmax agreement).
 
-``--set NAME=VALUE`` changes a block size of ``cospec.fused`` (QKV_BLOCK_C, UP_BLOCK_N,
-OUT_BLOCK_N, BLOCK_K, DOWN_BLOCK_K, ATTN_BLOCK_S, SPLITS) for a tuning run. Writes
+``--set NAME=VALUE`` changes a setting of ``cospec.fused`` (any of ``fused.TUNABLE``: block
+sizes, split-K factors, PROGRAMS_PER_SM, NUM_WARPS, NUM_STAGES) for the whole run.
+``--grid NAME=V1,V2,..`` (repeatable) sweeps settings in one process: the reference is
+measured once a size, the fused engine for every combination of the values (on top of
+``--set``; each combination recompiles the kernels it changes), ``--grid-reps`` replays each,
+without the kernel counts. The grid's rows, sorted by ms / step, go to the JSON ("grid") and
+the markdown, with a ranking of the combinations by the geometric mean of fused ÷ reference
+over every size and row count; the main table shows the combination ranked first. Writes
 DIR/prof_fused.json and DIR/prof_fused.md.
 """
 
@@ -23,9 +30,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
+import math
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,8 +61,8 @@ def kernels(eng: fast.Engine, n: int) -> Counter:
                    and not e.name.startswith(("Memcpy", "Memset")))
 
 
-def measure(eng: fast.Engine, n: int, reps: int) -> dict:
-    """Time, kernels and logits of a step over n rows at position PREFIX."""
+def measure(eng: fast.Engine, n: int, reps: int, count: bool = True) -> dict:
+    """Time, logits and (``count``) kernels of a step over n rows at position PREFIX."""
     ids = list(range(2000, 2000 + n))
     logits = eng.run(ids, PREFIX)[0].float().clone()  # captures the graph (compiles) once
     graph = eng.graphs[n][0]
@@ -61,6 +72,8 @@ def measure(eng: fast.Engine, n: int, reps: int) -> dict:
     for _ in range(reps):
         graph.replay()
     step_s = (sync() - t0) / reps
+    if not count:
+        return {"ms_per_step": step_s * 1e3, "logits": logits}
     every = kernels(eng, n)
     layers = eng.layers
     eng.layers = layers[:1]
@@ -75,43 +88,107 @@ def measure(eng: fast.Engine, n: int, reps: int) -> dict:
             "kernel_names_one_layer": dict(one.most_common()), "logits": logits}
 
 
-def run(args) -> dict:
+def combinations(grid: list[str]) -> list[dict[str, int]]:
+    """Every combination of ``--grid NAME=V1,V2,..`` values ([{}] without a grid)."""
+    axes = {}
+    for item in grid:
+        name, values = item.split("=")
+        axes[name] = [int(v) for v in values.split(",")]
+    return [dict(zip(axes, vs)) for vs in itertools.product(*axes.values())]
+
+
+def compare(ref: dict, fus: dict, weight_bytes: int) -> None:
+    """Add the fused row's roofline share and its agreement with, and speed against, ref."""
+    a, b = ref["logits"], fus.pop("logits")
+    fus["roofline"] = weight_bytes / (fus["ms_per_step"] / 1e3) / bandwidth()
+    fus["max_abs_logit_diff"] = float((a - b).abs().max())
+    fus["argmax_agree"] = int((a.argmax(-1) == b.argmax(-1)).sum())
+    fus["speedup"] = ref["ms_per_step"] / fus["ms_per_step"]
+
+
+def run(args, save: Callable[[dict], None]) -> dict:
+    """Measure; ``save(out)`` after every size and grid combination (a run cut short keeps
+    what it measured)."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     rows = [int(r) for r in args.rows.split(",")]
+    combos = combinations(args.grid)
+    base = {k: getattr(fused, k) for k in fused.TUNABLE}
     out: dict = {"device": torch.cuda.get_device_name(), "dtype": args.dtype,
-                 "bandwidth_B_s": bandwidth(), "blocks": {k: getattr(fused, k) for k in (
-                     "QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K",
-                     "ATTN_BLOCK_S", "SPLITS")}, "sizes": {}}
+                 "bandwidth_B_s": bandwidth(), "blocks": base, "sizes": {}}
+    if args.grid:
+        out["grid_axes"], out["grid_reps"] = args.grid, args.grid_reps
+    t_start = time.perf_counter()
     for size in args.sizes.split(","):
         model = random_model(size).to(dtype)
         weight_bytes = bytes_per_token(model)
         prompt = list(range(1000, 1000 + PREFIX))
-        res: dict = {"weight_bytes": weight_bytes, "layers": len(model.model.layers)}
-        for name in ("reference", "fused"):
-            eng = fast.Engine(model, 512, fused=name == "fused")
-            if eng.fused != (name == "fused"):
-                sys.exit(f"{size}: fused layers unavailable: {fused.unsupported(eng)}")
-            eng.run(prompt, 0)
-            for n in rows:
-                r = measure(eng, n, args.reps)
-                r["roofline"] = weight_bytes / (r["ms_per_step"] / 1e3) / bandwidth()
-                res[f"{name}/n={n}"] = r
-                print(size, name, n, {k: v for k, v in r.items()
-                                      if k not in ("logits", "kernel_names_one_layer")},
-                      flush=True)
-            del eng
-            gc.collect()
+        res = out["sizes"][size] = {"weight_bytes": weight_bytes,
+                                    "layers": len(model.model.layers), "grid": []}
+        ref = fast.Engine(model, 512, fused=False)
+        ref.run(prompt, 0)
+        logits = {}
         for n in rows:
-            ref, fus = res[f"reference/n={n}"], res[f"fused/n={n}"]
-            a, b = ref.pop("logits"), fus.pop("logits")
-            fus["max_abs_logit_diff"] = float((a - b).abs().max())
-            fus["argmax_agree"] = int((a.argmax(-1) == b.argmax(-1)).sum())
-            fus["speedup"] = ref["ms_per_step"] / fus["ms_per_step"]
-        out["sizes"][size] = res
-        del model
+            r = res[f"reference/n={n}"] = measure(ref, n, args.reps)
+            r["roofline"] = weight_bytes / (r["ms_per_step"] / 1e3) / bandwidth()
+            logits[n] = r.pop("logits")
+            print(size, "reference", n, brief(r), flush=True)
+        del ref
+        gc.collect()
+        eng = fast.Engine(model, 512, fused=True)
+        if not eng.fused:
+            sys.exit(f"{size}: fused layers unavailable: {fused.unsupported(eng)}")
+        eng.run(prompt, 0)
+        for combo in combos:
+            for k, v in (base | combo).items():
+                setattr(fused, k, v)
+            eng.graphs.clear()  # recapture (and recompile) under these settings
+            for n in rows:
+                r = (measure(eng, n, args.grid_reps, count=False) if args.grid
+                     else measure(eng, n, args.reps))
+                compare(res[f"reference/n={n}"] | {"logits": logits[n]}, r, weight_bytes)
+                res["grid"].append(r | {"settings": combo, "n": n})
+                print(size, "fused", n, brief(res["grid"][-1]), flush=True)
+            out["wall_s"] = time.perf_counter() - t_start
+            save(out)
+        for k, v in base.items():
+            setattr(fused, k, v)
+        del eng, model
         gc.collect()
         torch.cuda.empty_cache()
     return out
+
+
+def finish(out: dict) -> dict:
+    """Sort each size's grid by (rows, ms / step), rank the combinations (with a grid) and
+    put the first ranked (without: the only) into the main table as fused/n=N."""
+    if "grid_axes" in out:
+        out["ranking"] = ranking(out)
+    best = out["ranking"][0]["settings"] if "grid_axes" in out else {}
+    for res in out["sizes"].values():
+        res["grid"].sort(key=lambda r: (r["n"], r["ms_per_step"]))
+        for r in res["grid"]:
+            if r["settings"] == best:
+                res[f"fused/n={r['n']}"] = r
+    return out
+
+
+def brief(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k not in ("logits", "kernel_names_one_layer")}
+
+
+def ranking(out: dict) -> list[dict]:
+    """The grid's combinations by the geometric mean of fused ÷ reference over every size and
+    row count, fastest first."""
+    speeds: dict[str, list] = {}
+    for res in out["sizes"].values():
+        for r in res["grid"]:
+            speeds.setdefault(json.dumps(r["settings"]), []).append(r["speedup"])
+    most = max(map(len, speeds.values()), default=0)  # combinations measured everywhere
+    speeds = {k: v for k, v in speeds.items() if len(v) == most}
+    rank = [{"settings": json.loads(k), "geomean_speedup":
+             math.exp(sum(map(math.log, v)) / len(v)), "worst_speedup": min(v)}
+            for k, v in speeds.items()]
+    return sorted(rank, key=lambda r: -r["geomean_speedup"])
 
 
 def markdown(out: dict) -> str:
@@ -123,15 +200,36 @@ def markdown(out: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for size, res in out["sizes"].items():
         for key, r in res.items():
-            if "/" not in key:
+            if "/n=" not in key:
                 continue
             name, n = key.split("/n=")
             extra = (f"{r['speedup']:.2f}× | {r['max_abs_logit_diff']:.3g} | "
                      f"{r['argmax_agree']}/{n}" if name == "fused" else "— | — | —")
-            lines.append(f"| {size} | {n} | {name} | {r['ms_per_step']:.3f} | "
-                         f"{r['kernels_per_step']} | {r['kernels_per_layer']:.1f} | "
+            counts = (f"{r['kernels_per_step']} | {r['kernels_per_layer']:.1f}"
+                      if "kernels_per_step" in r else "— | —")
+            lines.append(f"| {size} | {n} | {name} | {r['ms_per_step']:.3f} | {counts} | "
                          f"{100 * r['roofline']:.0f} % | {extra} |")
+    if "ranking" not in out:
+        return "\n".join(lines) + "\n"
+    lines += ["", f"Grid ({' '.join('--grid ' + g for g in out['grid_axes'])}; "
+              f"{out['grid_reps']} replays each; settings on top of the blocks above), "
+              "ranked by the geometric mean of fused ÷ reference over sizes and rows:", "",
+              "| rank | settings | geomean fused ÷ reference | worst |", "|---|---|---|---|"]
+    lines += [f"| {i + 1} | {settings(r['settings'])} | {r['geomean_speedup']:.3f}× | "
+              f"{r['worst_speedup']:.3f}× |" for i, r in enumerate(out["ranking"])]
+    lines += ["", "Every combination, fastest first per model and rows:", "",
+              "| model | rows | settings | ms / step | % of HBM roofline | fused ÷ reference | "
+              "max abs logit diff | argmax agree |", "|---|---|---|---|---|---|---|---|"]
+    for size, res in out["sizes"].items():
+        lines += [f"| {size} | {r['n']} | {settings(r['settings'])} | {r['ms_per_step']:.3f} | "
+                  f"{100 * r['roofline']:.0f} % | {r['speedup']:.2f}× | "
+                  f"{r['max_abs_logit_diff']:.3g} | {r['argmax_agree']}/{r['n']} |"
+                  for r in res["grid"]]
     return "\n".join(lines) + "\n"
+
+
+def settings(combo: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in combo.items()) or "(as set)"
 
 
 def main() -> None:
@@ -142,21 +240,31 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=300)
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,..")
+    p.add_argument("--grid-reps", type=int, default=100)
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     if not set(args.sizes.split(",")) <= set(SHAPES):
         sys.exit(f"--sizes: some of {','.join(SHAPES)}")
+    for item in args.set + args.grid:
+        if item.split("=")[0] not in fused.TUNABLE:
+            sys.exit(f"--set / --grid {item}: one of {', '.join(fused.TUNABLE)}")
     for item in args.set:
         name, value = item.split("=")
-        if not hasattr(fused, name):
-            sys.exit(f"--set: cospec.fused has no {name}")
         setattr(fused, name, int(value))
-    out = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prof_fused.json").write_text(json.dumps(out, indent=1))
-    (args.out / "prof_fused.md").write_text(markdown(out))
-    print(markdown(out))
+
+    def save(out: dict) -> None:
+        out = finish(json.loads(json.dumps(out)))
+        if not args.grid:
+            for res in out["sizes"].values():
+                del res["grid"]
+        (args.out / "prof_fused.json").write_text(json.dumps(out, indent=1))
+        (args.out / "prof_fused.md").write_text(markdown(out))
+
+    save(run(args, save))
+    print((args.out / "prof_fused.md").read_text())
 
 
 if __name__ == "__main__":

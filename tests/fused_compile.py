@@ -3,10 +3,13 @@
 ``python tests/fused_compile.py [--quick]`` (triton imported uninterpreted, with its NVIDIA
 backend): the launches ``cospec.fused`` makes for Qwen2.5-0.5B / 1.5B shapes are recorded on
 meta tensors (nothing runs), then each is compiled by triton's own toolchain (ptxas
-included); ``--quick``: the 0.5B's 5-row verify only (every kernel, both attention masks).
+included), with the launch's num_warps / num_stages; ``--quick``: the 0.5B's 5-row verify
+only (every kernel, both attention masks). Each case twice: split-K as an H200 gets it
+(``fused.split_k`` with 132 SMs) and unsplit (every ``*_SPLIT_K`` = 1).
 Exit status 0: all compiled; 77: triton or its NVIDIA backend is missing.
 """
 
+import itertools
 import sys
 
 import torch
@@ -21,7 +24,7 @@ except ImportError:
 from cospec import fused, kernels
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-         torch.int64: "i64"}
+         torch.int64: "i64", torch.int32: "i32"}
 # (hidden, heads, kv heads, head_dim, intermediate, dtype, rows)
 CASES = [(896, 14, 2, 64, 4864, torch.bfloat16, 1), (896, 14, 2, 64, 4864, torch.bfloat16, 5),
          (1536, 12, 2, 128, 8960, torch.float32, 16)]
@@ -43,7 +46,9 @@ def record(cases: list[tuple]) -> list[tuple]:
             return Launcher(getattr(kernels, name))
 
     fused._kernels = Recorder
-    for d, heads, kvh, hd, inter, dtype, n in cases:
+    for (d, heads, kvh, hd, inter, dtype, n), unsplit in itertools.product(cases, (False, True)):
+        for name in ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K"):
+            setattr(fused, name, 1 if unsplit else 0)
         def t(*shape, dt=dtype):
             return torch.empty(*shape, dtype=dt, device="meta")
 
@@ -79,8 +84,9 @@ def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     calls = record(CASES[1:2] if "--quick" in sys.argv else CASES)
     for fn, args, consts in calls:
+        options = {k: consts.pop(k) for k in ("num_warps", "num_stages") if k in consts}
         src = ASTSource(fn, signature(fn, args, consts), constexprs=consts)
-        triton.compile(src, target=target)
+        triton.compile(src, target=target, options=options)
     print(f"{len(calls)} launches compiled for sm90")
 
 

@@ -2,7 +2,9 @@
 
 On CPU the kernels run under triton's interpreter (TRITON_INTERPRET=1, see below): each
 kernel against ``fast._qkv`` / ``_rest`` in float32 on tiny shapes (GQA, several row counts,
-cache lengths and block sizes, stale cache slots), a tiny Qwen2's logits through the fused
+cache lengths and block sizes, stale cache slots, split-K unsplit, uneven and as fine as it
+goes; the interpreter runs a tile's programs in order, so which one arrives last is never
+varied), a tiny Qwen2's logits through the fused
 ``Engine`` against transformers' forward, and greedy decoding through the loop. Not covered
 on CPU: compiled (not interpreted) kernels, CUDA graph capture and bfloat16 rounding —
 ``test_cuda_graphs`` checks those where a GPU is present. Skipped without triton (it is not
@@ -113,6 +115,52 @@ def test_attention_mlp_kernels(interpret, monkeypatch, n, start, blocks, o_bias)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
     got = fused.attention_mlp(x, q, kc, vc, bias, w, hd ** -0.5, 1e-6)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+SPLIT_NAMES = ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K")
+
+
+@pytest.mark.parametrize("splits", [(1, 1, 1, 1), (2, 3, 2, 3), (0, 0, 0, 0)])
+def test_split_k(interpret, small_blocks, monkeypatch, splits):
+    """Every projection unsplit, split unevenly (the last split shorter: 3 reduction blocks
+    in 2, 4 heads in 2, 5 blocks in 3) and split as finely as auto goes (one block or head a
+    split): the layer still agrees with the reference, and the tile counters are left zero."""
+    for name, value in zip(SPLIT_NAMES, splits):
+        monkeypatch.setattr(fused, name, value)
+    heads, kvh, hd, length, d, n = 4, 2, 8, 40, 48, 3
+    w = layer(o_bias=True)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, d, generator=g)
+    pos = 20 + torch.arange(n)
+    cos, sin = rotary(pos, hd)
+    kc, vc = torch.randn(2, kvh, length, hd, generator=g).unbind(0)
+    want = fast._qkv(x, cos, sin, w, heads, kvh, 1e-6)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    kc_ref.index_copy_(1, pos, want[1])
+    vc_ref.index_copy_(1, pos, want[2])
+    q, _, _ = fused.rms_qkv_rope(x, cos, sin, w, heads, kvh, 1e-6, cache=(kc, vc, pos))
+    torch.testing.assert_close(q, want[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(kc, kc_ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(vc, vc_ref, atol=ATOL, rtol=RTOL)
+    bias = fused.visibility_bias(pos, length, heads // kvh, torch.float32)
+    got = fused.attention_mlp(x, q, kc, vc, None, w, hd ** -0.5, 1e-6, pos=pos)
+    torch.testing.assert_close(got, fast._rest(x, q, kc, vc, bias, w, hd ** -0.5, 1e-6),
+                               atol=ATOL, rtol=RTOL)
+    assert not fused.counters(x.device, 1).any()
+
+
+def test_split_k_arithmetic(monkeypatch):
+    """(splits, blocks a split): none empty, none beyond the blocks, auto aims at
+    PROGRAMS_PER_SM programs an SM."""
+    cpu = torch.device("cpu")
+    assert fused.split_k(10, 7, 2, cpu) == (2, 4)
+    assert fused.split_k(10, 7, 3, cpu) == (3, 3)
+    assert fused.split_k(10, 7, 5, cpu) == (4, 2)    # 5 splits of 2 would leave one empty
+    assert fused.split_k(10, 7, 99, cpu) == (7, 1)
+    assert fused.split_k(10, 1, 4, cpu) == (1, 1)
+    monkeypatch.setattr(fused, "PROGRAMS_PER_SM", 2)
+    assert fused.split_k(56, 19, 0, cpu) == (5, 4)    # 264 programs wanted: 5 splits
+    assert fused.split_k(600, 19, 0, cpu) == (1, 19)
 
 
 def test_drop_in_functions_fall_back(interpret):
@@ -226,7 +274,8 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graphs(monkeypatch, dtype):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
-    transformers, bfloat16 argmax-equal on most rows."""
+    transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
+    left zero."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
     ids = torch.randint(2, 96, (60,), generator=torch.Generator().manual_seed(6)).tolist()
@@ -241,6 +290,9 @@ def test_cuda_graphs(monkeypatch, dtype):
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
             rows += len(a)
     assert lm.engine.fused and lm.engine.graphs and agree >= 0.9 * rows
+    assert not any(c.any() for c in fused._COUNTERS.values())  # split-K counters back to 0
+    again = [lm.engine.run([5, 6, 7], lm.length)[0].clone() for _ in range(2)]
+    assert torch.equal(*again)  # partial sums added in split order: bit-identical replays
 
 
 def test_kernels_compile_for_sm90():
@@ -253,4 +305,4 @@ def test_kernels_compile_for_sm90():
     if done.returncode == 77:
         pytest.skip("triton without its NVIDIA backend")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "9 launches compiled" in done.stdout
+    assert "18 launches compiled" in done.stdout
