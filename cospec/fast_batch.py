@@ -18,8 +18,11 @@ static caches; a *request* occupies a slot from its prefill until it finishes.
   rows at once on the device; the host reads the committed tokens once per step.
 - Random numbers come from a counter-based hash of (row seed, row step, draw index): a
   row's draws do not depend on which other rows share its batch.
-- On CUDA each forward over (rows bucket b, n tokens) is one captured CUDA graph; b is the
-  smallest of ``BUCKETS`` that covers the highest slot in use. On CPU it all runs eagerly.
+- A step attends over the first ``span`` slots of each cache only: the smallest of
+  MIN_SPAN·2^i (or max_len) above every position the step may touch, so attention reads
+  grow with the longest live sequence, not with max_len.
+- On CUDA each forward over (rows bucket b, n tokens, span) is one captured CUDA graph; b is
+  the smallest of ``BUCKETS`` that covers the highest slot in use. On CPU it all runs eagerly.
 
 Rows join and leave between steps: ``submit`` queues a request; ``step`` prefills queued
 requests into free slots (all of them in one padded pass per model, up to
@@ -63,6 +66,7 @@ from cospec.stats import DecodeStats
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RUN_AHEAD = 8   # target-only decoding: tokens decoded per host read
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill pass (bounds its attention mask)
+MIN_SPAN = 256  # the shortest cache span a step attends over (spans: powers of two, max_len)
 
 
 class BatchLM:
@@ -71,7 +75,9 @@ class BatchLM:
     ``run(ids, pos)`` computes rows 0..b-1 (ids, pos [b, n] on the device: token ids and
     their positions), writes their K/V at [row, :, pos] and returns logits [b, n, V] and
     final hidden states [b, n, d] in the model's dtype (on CUDA the graph's static buffers:
-    valid until the same (b, n) runs again).
+    valid until the same (b, n, span) runs again). Attention reads the first ``span`` slots
+    of each row's cache only (set by the engine before a step; every position of the step
+    must be < span): the reads grow with the longest sequence, not with ``max_len``.
     """
 
     def __init__(self, model: torch.nn.Module, rows: int, max_len: int,
@@ -102,33 +108,37 @@ class BatchLM:
             self.row_ids = torch.arange(rows, device=self.device)
             self.ids = torch.zeros(rows, 2 * RUN_AHEAD, dtype=torch.long, device=self.device)
             self.pos = torch.zeros_like(self.ids)
+        self.span = max_len
         self.use_graphs, _, self.qkv, self.rest = layer_functions(self.device, graphs, compile)
-        self.graphs: dict[tuple[int, int], tuple] = {}  # (b, n) -> (graph, logits, hidden)
+        self.graphs: dict[tuple[int, int, int], tuple] = {}  # (b, n, span) -> (graph, logits,
+        #                                                        hidden)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.capture_s = 0.0
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, first: int, eager: bool,
-                 rows: torch.Tensor | None = None, head: bool = True
+                 rows: torch.Tensor | None = None, head: bool = True, span: int | None = None
                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Rows first..first+b-1, or the slots ``rows`` [b] when given (eager only);
-        ids, pos [b, n] -> logits [b, n, V] (None unless ``head``), hidden [b, n, d]."""
+        ids, pos [b, n] -> logits [b, n, V] (None unless ``head``), hidden [b, n, d].
+        Attends over the first ``span`` (default ``self.span``) slots; pos < span."""
         b, n = ids.shape
+        span = self.span if span is None else span
         qkv, rest = (_qkv, _rest) if eager else (self.qkv, self.rest)
         x = F.embedding(ids, self.embed)
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]          # [b, 1, n, hd]
-        visible = self.slots <= pos[..., None]                              # [b, n, L]
+        visible = self.slots[:span] <= pos[..., None]                       # [b, n, span]
         bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         bias = bias.masked_fill(~visible, float("-inf")).repeat(
             1, self.heads // self.kv_heads, 1)[:, None]                     # [b, 1, G*n, L]
         row = (self.row_ids[:b] if rows is None else rows)[:, None].expand(b, n)
         for w, k_all, v_all in zip(self.layers, self.kc, self.vc):
-            kc, vc = (k_all[first:first + b], v_all[first:first + b]) if rows is None \
-                else (k_all, v_all)
+            kc, vc = (k_all[first:first + b, :, :span], v_all[first:first + b, :, :span]) \
+                if rows is None else (k_all, v_all)
             q, k, v = qkv(x, cos, sin, w, self.heads, self.kv_heads, self.eps)
             kc[row, :, pos] = k.transpose(1, 2)                             # [b, n, KVH, hd]
             vc[row, :, pos] = v.transpose(1, 2)
             if rows is not None:  # the given slots' caches, gathered after the write
-                kc, vc = k_all[rows], v_all[rows]
+                kc, vc = k_all[rows, :, :span], v_all[rows, :, :span]
             x = rest(x, q, kc, vc, bias, w, self.scale, self.eps)
         h = _rms(x, self.norm, self.eps)
         return (F.linear(h, self.head_w, self.head_b) if head else None), h
@@ -140,9 +150,9 @@ class BatchLM:
             return self._forward(ids, pos, first, eager=True)
         self.ids[:b, :n].copy_(ids)
         self.pos[:b, :n].copy_(pos)
-        if (b, n) not in self.graphs:
-            self.graphs[b, n] = self._capture(b, n)
-        graph, logits, hidden = self.graphs[b, n]
+        if (b, n, self.span) not in self.graphs:
+            self.graphs[b, n, self.span] = self._capture(b, n)
+        graph, logits, hidden = self.graphs[b, n, self.span]
         graph.replay()
         return logits, hidden
 
@@ -162,7 +172,8 @@ class BatchLM:
             n = max(len(p) for p, _ in part)
             ids = torch.tensor([p + [0] * (n - len(p)) for p, _ in part], device=self.device)
             rows = torch.tensor([s for _, s in part], device=self.device)
-            self._forward(ids, self.slots[:n].expand(m, n), 0, eager=True, rows=rows, head=False)
+            self._forward(ids, self.slots[:n].expand(m, n), 0, eager=True, rows=rows, head=False,
+                          span=n)
 
     def _capture(self, b: int, n: int) -> tuple:
         """Capture the forward of (b, n); the warm-up runs compute this very call (the
@@ -350,6 +361,7 @@ class BatchEngine:
             if not used:
                 return []
             b = min(next(size for size in (*BUCKETS, self.rows) if size > used[-1]), self.rows)
+            self._set_span(used)
             s = self._sampling(b)
             if self.cos is not None:
                 u = uniforms(self.seed[:b], self.counter[:b], self.cos.draws())
@@ -371,6 +383,18 @@ class BatchEngine:
         commits = [self._commit(slot, read[slot]) for slot in used]
         self.stats.decode_s += _clock(self.device) - t1
         return commits
+
+    def _set_span(self, used: list[int]) -> None:
+        """Every model attends over the shortest span bucket (MIN_SPAN * 2^i, or max_len)
+        that holds every position this step may touch (as ``submit``'s bound)."""
+        need = max(len(self.slots[i].prompt) + len(self.slots[i].tokens) for i in used) \
+            + max(self.k, self.ahead) + 2
+        span = MIN_SPAN
+        while span < need:
+            span *= 2
+        for lm in (self.target, self.draft, *self.middle):
+            if lm is not None:
+                lm.span = min(span, self.max_len)
 
     def _commit(self, slot: int, row: list[int]) -> Commit:
         """Host bookkeeping of one row: cut at EOS or the budget, stats, free when done."""

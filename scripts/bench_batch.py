@@ -13,7 +13,8 @@ for every B (requests join as slots free up); all methods share the prompts and 
 path. ``--methods`` (default target,spd): any of target, spd, cos-we, cos-cd (CoS with
 alternate proposal), we-sd, cd-sd (``--lam``, ``--mu`` as ``cospec.methods``); those that
 need a draft are left out without one. Before the timed pass every bucket of rows <= B is
-warmed up (on CUDA: its graphs captured), so no capture falls inside it. Per (B, method):
+warmed up with requests as long as the timed ones (on CUDA: its graphs captured for every
+cache span the rows grow through), so no capture falls inside it. Per (B, method):
 generated tokens, prefill and decode seconds, tokens/s end to end and decode only, tau,
 peak memory (CUDA: the device's peak allocated in that pass; CPU: the process's peak
 resident set so far), capture seconds.
@@ -103,18 +104,22 @@ def engine_options(method: str, draft, args) -> dict:
 
 def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig,
         method: str) -> dict:
-    """Warm every bucket of ``rows`` slots, then decode all prompts once, timed."""
+    """Warm every bucket of ``rows`` slots at the cache spans the timed pass reaches (all rows
+    the shortest prompt, then all the longest, as long as the timed requests), then decode all
+    prompts once, timed."""
     device = next(target.parameters()).device
-    warm = 2 * (args.k + 1)  # tokens per warm-up request: a few steps
-    room = max(map(len, prompts)) + max(args.new, warm) + max(args.k, 8) + 4
+    warm = args.new
+    room = max(map(len, prompts)) + args.new + max(args.k, 8) + 4
     opts = engine_options(method, draft, args)
     engine = BatchEngine(target, k=args.k, rows=rows, max_len=room, eos_ids=eos, **opts)
     speculative = opts["draft"] is not None
+    short, long = min(prompts, key=len), max(prompts, key=len)  # the spans of both ends
     for size in [b for b in BUCKETS if b < rows] + [rows]:  # slots 0..size-1: bucket size
-        for i in range(size):
-            engine.submit(prompts[i % len(prompts)], warm, sampling, seed=i)
-        while engine.busy:
-            engine.step()
+        for p in (short, long):
+            for i in range(size):
+                engine.submit(p, warm, sampling, seed=i)
+            while engine.busy:
+                engine.step()
     engine.stats = DecodeStats()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -18,6 +18,7 @@ from distribution import assert_follows
 from distribution import exact_joint as joint_of
 from tiny import tiny_model
 
+from cospec import fast_batch
 from cospec.acceptance import ExactRule
 from cospec.arbiter import ArbiterRule, ConfidencePolicy
 from cospec.decoding import generate
@@ -63,11 +64,14 @@ def batch1(target, proposer, prompts, budgets, rule, k, eos=()):
                                     eos_ids=eos)] for p, m in zip(prompts, budgets)]
 
 
+@pytest.mark.parametrize("min_span", [256, 8])
 @pytest.mark.parametrize("method", ["target", "spd", "spd-random", "spd-self"])
-def test_greedy_rows_equal_batch_one(pair, near, method):
+def test_greedy_rows_equal_batch_one(pair, near, method, min_span, monkeypatch):
     """Six prompts through three slots: later rows join as earlier ones finish; one EOS id
     (taken from a row's own output) ends some rows before their budgets. Drafts: one the
-    target partly agrees with, a random one (nothing kept), the target itself (all kept)."""
+    target partly agrees with, a random one (nothing kept), the target itself (all kept).
+    ``min_span`` 8: the cache span attended over grows from step to step (16 to 64 slots)."""
+    monkeypatch.setattr(fast_batch, "MIN_SPAN", min_span)
     target, draft = pair
     proposer = {"target": None, "spd": near, "spd-random": draft, "spd-self": target}[method]
     prompts = [prompt(i, n) for i, n in enumerate(LENGTHS)]
@@ -124,7 +128,7 @@ def test_cuda_graphs_same_tokens(pair, near):
         for c in eng.step():
             out[c.rid] += c.tokens
     assert [out[r] for r in rid] == want
-    assert {1, 4} <= {b for b, _ in eng.target.graphs}
+    assert {1, 4} <= {b for b, *_ in eng.target.graphs}
 
 
 def test_submit_and_step(pair):

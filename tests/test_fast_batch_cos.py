@@ -22,6 +22,7 @@ from test_exactness import CFG, LAM, MU, combined
 from test_fast_batch import BUDGETS, LENGTHS, prompt
 from tiny import tiny_model
 
+from cospec import fast_batch
 from cospec.arbiter import ConfidencePolicy
 from cospec.cos import Combination, cos_generate
 from cospec.errors import CospecError
@@ -67,10 +68,12 @@ def alternates(stats: DecodeStats, k: int) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("method", ["cos-we", "cos-we-random", "cos-cd", "we-sd", "cos-we-3"])
-def test_greedy_rows_equal_batch_one(models, method):
+def test_greedy_rows_equal_batch_one(models, method, monkeypatch):
     """Six prompts through three slots, k = 3: later rows join as earlier ones finish; one
     EOS id (taken from a row's own output) ends some rows before their budgets. Proposers:
-    the near draft, a random one; three models: near, a random one, the target."""
+    the near draft, a random one; three models: near, a random one, the target. The cache
+    span attended over grows from step to step (MIN_SPAN 8)."""
+    monkeypatch.setattr(fast_batch, "MIN_SPAN", 8)
     target, draft, third, near = models
     group, combo = {"cos-we": ((near, target), WE), "cos-we-random": ((draft, target), WE),
                     "cos-cd": ((near, target), CD), "we-sd": ((near, target), WE),
