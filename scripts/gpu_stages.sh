@@ -94,7 +94,7 @@ serve_load() {  # $1 url or "", $2 label, $3 output folder, then extra load_test
     timeout "${SERVE_S:-400}" python3 -c 'import sys, runpy; sys.path.append("/tmp/vsite")
 sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' scripts/load_test.py \
         ${url:+--url "$url" --plain} --label "$label" --unchecked --malformed 0 --disconnect 0 \
-        --slow 0 --requests 128 --max-tokens 128 --concurrency 1,4,16,64 --out "$out" "$@" \
+        --slow 0 --warm-up --requests 128 --max-tokens 128 --concurrency 1,4,16,64 --out "$out" "$@" \
         2>&1 | tail -14
 }
 

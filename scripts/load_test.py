@@ -20,6 +20,8 @@ as the rejection of a malformed request, no ``metrics`` expected); its responses
 against references only when ``--target`` loads the same model here.
 
     python scripts/load_test.py --requests 200 --concurrency 8 --out results/server
+``--warm-up`` first sends, untimed, c requests c at a time for each level c, so that
+engines that capture CUDA graphs or compile on first use do so before the clock runs.
 ``--unchecked`` leaves the references out (speed runs in bf16: a batched row may part from
 its batch-1 tokens at a near-tie, which is not a mixed-up response).
 
@@ -385,6 +387,10 @@ def sweep(args, url: str, reqs: list[dict], model: str) -> tuple[list[dict], lis
     warm = httpx.post(url + "/v1/completions", timeout=120, json={
         "model": model, "prompt": "warm up", "max_tokens": 4, "temperature": 0})
     assert warm.status_code == 200, warm.text
+    plain = [r for r in reqs if r["kind"] == "ok"]
+    for c in args.concurrency if args.warm_up else ():  # untimed: c requests c at a time
+        asyncio.run(run(argparse.Namespace(**{**vars(args), "concurrency": c}), url,
+                        plain[:c], model))
     for c in args.concurrency:
         recs, wall = asyncio.run(run(argparse.Namespace(**{**vars(args), "concurrency": c}),
                                      url, reqs, model))
@@ -421,6 +427,9 @@ def main() -> int:
     ap.add_argument("--plain", action="store_true",
                     help="OpenAI fields only (no method, k): for servers other than cospec")
     ap.add_argument("--label", default=None, help="this run's name in plot_throughput.py")
+    ap.add_argument("--warm-up", action="store_true",
+                    help="before the timed levels, an untimed round of c requests at each "
+                         "concurrency c (CUDA graphs and compilation happen there)")
     ap.add_argument("--unchecked", action="store_true",
                     help="no reference outputs (a speed run in bf16, where a batched row may "
                          "part from its batch-1 tokens at a near-tie)")
