@@ -247,6 +247,7 @@ class BatchEngine:
         self.target = BatchLM(target, rows, max_len, graphs)
         self.draft = BatchLM(draft, rows, max_len, graphs) if draft is not None else None
         self.middle = [BatchLM(m, rows, max_len, graphs) for m in middle]
+        self.models = [lm for lm in (self.target, self.draft, *self.middle) if lm is not None]
         self.cos = (CosStep(combo, self.draft, [*self.middle, self.target], k, alternate)
                     if combo is not None else None)
         self.eos = set(eos_ids)
@@ -288,8 +289,7 @@ class BatchEngine:
             raise CospecError("empty prompt: give at least one token")
         if max_new_tokens < 1:
             raise CospecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        need = len(prompt) + max_new_tokens + max(self.k, self.ahead) + 2
-        if need > self.max_len:
+        if self._reach(len(prompt) + max_new_tokens) > self.max_len:
             raise CospecError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) "
                               f"do not fit the cache of {self.max_len} tokens")
         if self.policy is not None and not sampling.greedy:
@@ -312,9 +312,8 @@ class BatchEngine:
         admitted = [(slot, self.queue.popleft()) for slot in free[:len(self.queue)]]
         if not admitted:
             return
-        for lm in (self.target, self.draft, *self.middle):
-            if lm is not None:
-                lm.prefill([r.prompt[:-1] for _, r in admitted], [slot for slot, _ in admitted])
+        for lm in self.models:
+            lm.prefill([r.prompt[:-1] for _, r in admitted], [slot for slot, _ in admitted])
         for slot, req in admitted:
             if self.cos is not None:
                 self.cos.free(slot)
@@ -386,15 +385,18 @@ class BatchEngine:
 
     def _set_span(self, used: list[int]) -> None:
         """Every model attends over the shortest span bucket (MIN_SPAN * 2^i, or max_len)
-        that holds every position this step may touch (as ``submit``'s bound)."""
-        need = max(len(self.slots[i].prompt) + len(self.slots[i].tokens) for i in used) \
-            + max(self.k, self.ahead) + 2
+        that holds every position this step may touch."""
+        need = self._reach(max(len(self.slots[i].prompt) + len(self.slots[i].tokens)
+                               for i in used))
         span = MIN_SPAN
         while span < need:
             span *= 2
-        for lm in (self.target, self.draft, *self.middle):
-            if lm is not None:
-                lm.span = min(span, self.max_len)
+        for lm in self.models:
+            lm.span = min(span, self.max_len)
+
+    def _reach(self, n: int) -> int:
+        """A bound on the positions (+ 1) a step may write from a row of n tokens."""
+        return n + max(self.k, self.ahead) + 2
 
     def _commit(self, slot: int, row: list[int]) -> Commit:
         """Host bookkeeping of one row: cut at EOS or the budget, stats, free when done."""

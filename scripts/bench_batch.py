@@ -33,7 +33,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,9 @@ from cospec.cos import Combination
 from cospec.fast_batch import BUCKETS, BatchEngine
 from cospec.sampling import SamplingConfig
 from cospec.stats import DecodeStats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_memory import peak_mb  # noqa: E402
 
 
 def tiny_pair() -> tuple[torch.nn.Module, torch.nn.Module, list[list[int]], list[int]]:
@@ -81,11 +83,6 @@ def random_target(args) -> tuple[torch.nn.Module, None, list[list[int]], list[in
     prompts = torch.randint(0, model.config.vocab_size, (args.prompts, 128), generator=g)
     return model, None, prompts.tolist(), []
 
-
-def peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 METHODS = ("target", "spd", "cos-we", "cos-cd", "we-sd", "cd-sd")
@@ -131,13 +128,12 @@ def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig,
         engine.step()
     wall = time.perf_counter() - t0
     s = engine.stats
-    models = [engine.target, *engine.middle] + ([engine.draft] if speculative else [])
     return dict(rows=rows, method=method,
                 prompts=len(prompts), generated=s.generated, prefill_s=s.prefill_s,
                 decode_s=s.decode_s, wall_s=wall, tokens_per_s=s.generated / wall,
                 decode_tokens_per_s=s.tokens_per_s, tau=s.tau if speculative else None,
                 acceptance_rate=s.acceptance_rate if speculative else None,
-                peak_mb=peak_mb(device), capture_s=sum(m.capture_s for m in models))
+                peak_mb=peak_mb(device), capture_s=sum(m.capture_s for m in engine.models))
 
 
 def main() -> None:

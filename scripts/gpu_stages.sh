@@ -78,11 +78,15 @@ stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, 
         2>&1 | grep -v "^[0-9]* {" | tail -30
 }
 
-stage_serve() {  # cospec serve under load (fp32: responses checked against batch-1 greedy);
-                 # fastapi and uvicorn from vLLM's wheels, behind the machine's own packages
-    vllm_install
+load_test() {  # scripts/load_test.py within $SERVE_S seconds, with fastapi and uvicorn from
+               # vLLM's wheels behind the machine's own packages (vllm_install first)
     timeout "${SERVE_S:-400}" python3 -c 'import sys, runpy; sys.path.append("/tmp/vsite")
-sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' scripts/load_test.py --target qwen2.5-coder-1.5b \
+sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' scripts/load_test.py "$@"
+}
+
+stage_serve() {  # cospec serve under load (fp32: responses checked against batch-1 greedy)
+    vllm_install
+    load_test --target qwen2.5-coder-1.5b \
         --draft qwen2.5-coder-0.5b --device cuda --dtype float32 --requests 128 \
         --max-tokens 64 --concurrency 1,4,16,64 --max-batch 64 --max-queue 128 \
         --max-active 4 --out "$R/serve" 2>&1 | tail -30
@@ -91,8 +95,7 @@ sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' scrip
 serve_load() {  # $1 url or "", $2 label, $3 output folder, then extra load_test flags:
                 # the same bf16 speed load for cospec serve and vLLM's server, unchecked
     local url=$1 label=$2 out=$3; shift 3
-    timeout "${SERVE_S:-400}" python3 -c 'import sys, runpy; sys.path.append("/tmp/vsite")
-sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' scripts/load_test.py \
+    load_test \
         ${url:+--url "$url" --plain} --label "$label" --unchecked --malformed 0 --disconnect 0 \
         --slow 0 --warm-up --requests 128 --max-tokens 128 --concurrency 1,4,16,64 --out "$out" "$@" \
         2>&1 | tail -14

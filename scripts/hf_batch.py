@@ -35,8 +35,6 @@ import argparse
 import gc
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,23 +42,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def gpu(field: str) -> str:
-    """One nvidia-smi field of GPU 0 (empty without one)."""
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}",
-                              "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return ""
-    return out.splitlines()[0].strip() if out else ""
-
-
-def peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_memory import gpu, peak_mb  # noqa: E402
 
 
 def load(args) -> torch.nn.Module:

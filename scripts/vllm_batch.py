@@ -22,19 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def gpu(field: str) -> str:
-    """One nvidia-smi field of GPU 0, e.g. ``memory.used`` (MiB) or ``name``."""
-    out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=False).stdout
-    return out.splitlines()[0].strip() if out else ""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_memory import gpu  # noqa: E402
 
 
 def main() -> None:
