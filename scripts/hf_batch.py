@@ -91,6 +91,9 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="static cache, run eagerly")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model on CPU (smoke)")
     args = ap.parse_args()
+    if not args.prompts.is_file():
+        ap.error(f"--prompts {args.prompts}: no such file (bench_batch.py --save-prompts "
+                 "writes it)")
     if args.tiny:
         args.device = "cpu"
     import transformers

@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     args = ap.parse_args()
+    if not args.prompts.is_file():
+        ap.error(f"--prompts {args.prompts}: no such file (bench_batch.py --save-prompts "
+                 "writes it)")
 
     import vllm
     from vllm import LLM, SamplingParams
