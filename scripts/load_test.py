@@ -388,12 +388,15 @@ def sweep(args, url: str, reqs: list[dict], model: str) -> tuple[list[dict], lis
         "model": model, "prompt": "warm up", "max_tokens": 4, "temperature": 0})
     assert warm.status_code == 200, warm.text
     plain = [r for r in reqs if r["kind"] == "ok"]
+
+    def at(c: int, some: list[dict]) -> tuple[list[dict], float]:
+        return asyncio.run(run(argparse.Namespace(**{**vars(args), "concurrency": c}), url,
+                               some, model))
+
     for c in args.concurrency if args.warm_up else ():  # untimed: c requests c at a time
-        asyncio.run(run(argparse.Namespace(**{**vars(args), "concurrency": c}), url,
-                        plain[:c], model))
+        at(c, plain[:c])
     for c in args.concurrency:
-        recs, wall = asyncio.run(run(argparse.Namespace(**{**vars(args), "concurrency": c}),
-                                     url, reqs, model))
+        recs, wall = at(c, reqs)
         health = idle_health(url)
         s = summarize(recs, wall, health, reqs)
         bad = []
@@ -408,8 +411,7 @@ def sweep(args, url: str, reqs: list[dict], model: str) -> tuple[list[dict], lis
             bad.append("server not healthy and idle afterwards")
         failures += [f"concurrency {c}: {b}" for b in bad]
         levels.append({"concurrency": c, "summary": s, "requests": recs})
-    last = asyncio.run(run(argparse.Namespace(**{**vars(args), "concurrency": 1}), url,
-                           [r for r in reqs if r["kind"] == "ok"][:1], model))
+    last = at(1, plain[:1])
     if last[0][0]["outcome"] != "ok":
         failures.append("a request after the load failed")
     return levels, failures
