@@ -37,6 +37,8 @@
 #   sspeed  the same load in bf16, unchecked, plain requests only, 128 tokens each: cospec
 #           serve with target-only, then spd requests (tokens/s, latency, first token)
 #   vserve  the same load against vLLM's OpenAI server (VSERVE_METHOD=target or spd)
+#           (sspeed and vserve: SPEED_REQUESTS requests a level, default 128; SSPEED_METHODS and
+#           VBATCH_METHODS pick methods, default "target spd")
 #   code    MBPP draft records beside the committed target ones (dev and heldout come from the
 #           one test run), then divergence points on MBPP dev with the draft's and the re-roll
 #           control's branches rolled out and graded (shards of 50 problems; rerun to go on)
@@ -97,13 +99,13 @@ serve_load() {  # $1 url or "", $2 label, $3 output folder, then extra load_test
     local url=$1 label=$2 out=$3; shift 3
     load_test \
         ${url:+--url "$url" --plain} --label "$label" --unchecked --malformed 0 --disconnect 0 \
-        --slow 0 --warm-up --requests 128 --max-tokens 128 --concurrency 1,4,16,64 --out "$out" "$@" \
+        --slow 0 --warm-up --requests "${SPEED_REQUESTS:-128}" --max-tokens 128 --concurrency 1,4,16,64 --out "$out" "$@" \
         2>&1 | tail -14
 }
 
 stage_sspeed() {  # cospec serve, bf16, target-only and spd (k = 4) requests, 64 batch slots
     vllm_install
-    for m in target spd; do
+    for m in ${SSPEED_METHODS:-target spd}; do
         [ -e "$R/sspeed-$m/load_test.json" ] || serve_load "" "cospec serve $m" "$R/sspeed-$m" \
             --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --device cuda \
             --dtype bfloat16 --methods "$m" --k 4 --max-batch 64 --max-queue 128
@@ -264,7 +266,7 @@ stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no w
 
 stage_vbatch() {
     vllm_install
-    for m in target spd; do
+    for m in ${VBATCH_METHODS:-target spd}; do
         [ -e "$R/batch/vllm-$m.json" ] || PYTHONPATH=/tmp/vsite:$PYTHONPATH timeout "${VBATCH_S:-280}" \
             python3 scripts/vllm_batch.py --prompts "$R/batch/prompts.json" --method "$m" \
             --new 256 --k 4 --batches "${VBATCHES:-64,16,4,1}" --out "$R/batch/vllm-$m.json" 2>&1 \
