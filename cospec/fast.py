@@ -13,7 +13,8 @@ weights through a short functional forward (gpt-fast style; the model is not mod
   ids and start position from static device buffers: a step is one graph launch, and the
   only host sync is the caller's read of the logits. On CUDA the two halves of a layer are
   also compiled with ``torch.compile`` (fused elementwise work) unless COSPEC_COMPILE=0.
-  Opt-in (``Engine(fused=True)`` or COSPEC_FUSED=1): those forwards run each layer as five
+  Opt-in (``Engine(fused=True)``, COSPEC_FUSED=1, or COSPEC_FUSED=small for narrow models
+  only): those forwards run each layer as five
   Triton kernels instead (``cospec.fused``; RMSNorm, RoPE, the cache writes, attention,
   SiLU and residual adds folded into the projections).
 - a layer's q/k/v projections are read as one stacked weight, and so are gate/up (one
@@ -207,10 +208,11 @@ class Engine:
 
     def _fused(self, flag: bool | None) -> bool:
         """Run forwards of <= MAX_GRAPH tokens through the fused kernels? ``flag``, else
-        COSPEC_FUSED=1; a model they cannot run keeps the reference (with a warning)."""
+        COSPEC_FUSED (1: yes; small: if this model is narrow, see ``fused.asked``); a model
+        they cannot run keeps the reference (with a warning)."""
         from cospec import fused
 
-        if not fused.asked(flag):
+        if not fused.asked(flag, self.embed.shape[1]):
             return False
         why = fused.unsupported(self)
         if why is not None:

@@ -1,6 +1,7 @@
 """Fused Triton layers for the fast path's few-row steps (decode, verify): opt-in.
 
-``fast.Engine(..., fused=True)`` (or ``COSPEC_FUSED=1``) runs each layer of a forward over
+``fast.Engine(..., fused=True)`` (or ``COSPEC_FUSED=1``; ``COSPEC_FUSED=small``: only models of
+hidden size <= SMALL_HIDDEN, where the kernels measured faster) runs each layer of a forward over
 n <= MAX_ROWS tokens as five Triton kernels (``cospec.kernels``) instead of the reference's
 dozen or so (RMSNorm, projections, RoPE, two cache writes, two attention matmuls, softmax,
 SiLU, residual adds); everything else (prefill, more rows, Qwen3's per-head norms, tensor-
@@ -30,7 +31,15 @@ from types import ModuleType
 
 import torch
 
+from cospec.errors import CospecError
+
 MAX_ROWS = 16        # more rows than this: the reference path
+# COSPEC_FUSED=small: fused layers for models this narrow or narrower only. H200, bf16, batch 1
+# (results/gpu/h200/fused-grid): the 0.5B (hidden 896) steps 1.32x (1 row) and 1.52x (5 rows)
+# faster than the reference, the 1.5B (hidden 1536) 0.87x and 0.96x: a small draft gains,
+# its target keeps the reference.
+SMALL_HIDDEN = 1024
+MODES = ("0", "1", "small")  # the values COSPEC_FUSED takes (unset: "0")
 SPLITS = 8           # attention splits over the visible slots (a power of two)
 QKV_BLOCK_C = 16     # columns of each RoPE half per q/k/v program
 UP_BLOCK_N = 32      # gate (and up) columns per program
@@ -57,9 +66,16 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES")
 
 
-def asked(flag: bool | None = None) -> bool:
-    """Fused layers wanted? ``flag`` if given, else ``COSPEC_FUSED=1``."""
-    return os.environ.get("COSPEC_FUSED") == "1" if flag is None else flag
+def asked(flag: bool | None = None, hidden: int | None = None) -> bool:
+    """Fused layers wanted for a model of hidden size ``hidden``? ``flag`` if given, else
+    COSPEC_FUSED: "1" every model, "small" those of hidden <= SMALL_HIDDEN, "0" or unset none.
+    Any other value is a CospecError naming the accepted ones."""
+    if flag is not None:
+        return flag
+    mode = os.environ.get("COSPEC_FUSED", "0")
+    if mode not in MODES:
+        raise CospecError(f"COSPEC_FUSED={mode!r}: use one of {', '.join(MODES)}")
+    return mode == "1" or (mode == "small" and hidden is not None and hidden <= SMALL_HIDDEN)
 
 
 def interpret() -> bool:

@@ -30,8 +30,8 @@
 #           cache, compiled by generate; target-only: its assisted generation takes batch 1 only)
 #   fused   per-step time, kernels and roofline share of the fused layers against the reference
 #           fast path (scripts/prof_fused.py; random 0.5B, 1.5B and 7B shapes, no weights)
-#   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=1): spd, cospec
-#           and cos-we against target-only
+#   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
+#           default small: the draft's only): spd, cospec and cos-we against target-only
 #   serve   scripts/load_test.py on the real pair: 128 requests at 1, 4, 16 and 64 at once,
 #           fp32, every response checked against the target's batch-1 greedy output
 #   sspeed  the same load in bf16, unchecked, plain requests only, 128 tokens each: cospec
@@ -75,7 +75,7 @@ stage_fused() {  # the fused layers against the reference fast path, random Qwen
 }
 
 stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, fused layers
-    COSPEC_FUSED=1 timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py --out "$R/speed-fused" \
+    COSPEC_FUSED=${FSPEED_FUSED:-small} timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py --out "$R/speed-fused" \
         --parts "${PARTS:-pair,pair:humaneval:0}" --methods spd,cospec,cos-we --prompts 20 \
         2>&1 | grep -v "^[0-9]* {" | tail -30
 }

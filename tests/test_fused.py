@@ -24,6 +24,7 @@ from tiny import tiny_model
 from cospec import fast, fused
 from cospec.acceptance import ExactRule
 from cospec.decoding import CachedLM, generate
+from cospec.errors import CospecError
 
 # Triton makes its own jit functions (tl.zeros, ...) when first imported, and torch imports
 # triton early (transformers' import does): the interpreter must be asked for in the
@@ -250,6 +251,30 @@ def test_greedy_tokens_identical(interpret, monkeypatch, models):
     got = run(None, 1), run(draft, 3)
     assert got == want and len(got[0]) == 6
     assert all(e.fused for m in models for e in fast.engines(m))
+
+
+def test_small_fuses_only_narrow_models(interpret, monkeypatch, models):
+    """COSPEC_FUSED=small: the narrow draft's engines run the fused layers, the wider
+    target's the reference, and greedy speculative tokens stay the plain decoding's; a value
+    other than 0 / 1 / small is refused by name."""
+    target, draft = tiny_model(15, width=64, dtype=torch.float32), models[1]
+    ids = [5, 17, 33, 2, 60, 41]
+
+    def run():
+        return [t.id for t in generate(target, draft, ids, ExactRule(), k=3, max_new_tokens=6)]
+
+    monkeypatch.setenv("COSPEC_EAGER", "1")
+    want = run()
+    monkeypatch.delenv("COSPEC_EAGER")
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    monkeypatch.setenv("COSPEC_FUSED", "small")
+    monkeypatch.setattr(fused, "SMALL_HIDDEN", 32)  # the draft's width; the target's is 64
+    assert run() == want and len(want) == 6
+    assert fast.engines(draft) and all(e.fused for e in fast.engines(draft))
+    assert fast.engines(target) and not any(e.fused for e in fast.engines(target))
+    monkeypatch.setenv("COSPEC_FUSED", "yes")
+    with pytest.raises(CospecError, match="COSPEC_FUSED='yes'"):
+        fast.Engine(draft, 32)
 
 
 def test_unsupported_keeps_the_reference(interpret, monkeypatch):
