@@ -38,6 +38,7 @@ alternate proposal from one step to the next (invariants in that module).
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -109,7 +110,11 @@ class BatchLM:
             self.ids = torch.zeros(rows, 2 * RUN_AHEAD, dtype=torch.long, device=self.device)
             self.pos = torch.zeros_like(self.ids)
         self.span = max_len
-        self.use_graphs, _, self.qkv, self.rest = layer_functions(self.device, graphs, compile)
+        self.use_graphs, compiled, self.qkv, self.rest = layer_functions(self.device, graphs,
+                                                                          compile)
+        # COSPEC_COMPILE_PREFILL=1: prefill through the compiled halves too (dynamic shapes: a
+        # new prompt length does not recompile), not eagerly; opt-in until measured
+        self.compiled_prefill = compiled and os.environ.get("COSPEC_COMPILE_PREFILL") == "1"
         self.graphs: dict[tuple[int, int, int], tuple] = {}  # (b, n, span) -> (graph, logits,
         #                                                        hidden)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -158,8 +163,8 @@ class BatchLM:
 
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> None:
         """Write the K/V of each ``prompts[i]`` at positions 0.. of slot ``slots[i]``, all
-        in one eager pass (no graph per prompt length, no output head: only the caches are
-        kept). Shorter prompts are padded at the
+        in one pass without a graph (eager, or compiled with COSPEC_COMPILE_PREFILL=1; no
+        output head: only the caches are kept). Shorter prompts are padded at the
         end: the padding's K/V land beyond the row's length, where no query looks before
         the row overwrites them. Empty prompts are skipped."""
         todo = [(list(p), s) for p, s in zip(prompts, slots) if len(p)]
@@ -172,8 +177,8 @@ class BatchLM:
             n = max(len(p) for p, _ in part)
             ids = torch.tensor([p + [0] * (n - len(p)) for p, _ in part], device=self.device)
             rows = torch.tensor([s for _, s in part], device=self.device)
-            self._forward(ids, self.slots[:n].expand(m, n), 0, eager=True, rows=rows, head=False,
-                          span=n)
+            self._forward(ids, self.slots[:n].expand(m, n), 0, eager=not self.compiled_prefill,
+                          rows=rows, head=False, span=n)
 
     def _capture(self, b: int, n: int) -> tuple:
         """Capture the forward of (b, n); the warm-up runs compute this very call (the

@@ -86,6 +86,7 @@ def random_target(args) -> tuple[torch.nn.Module, None, list[list[int]], list[in
 
 
 METHODS = ("target", "spd", "cos-we", "cos-cd", "we-sd", "cd-sd")
+ENV = ("COSPEC_COMPILE", "COSPEC_COMPILE_PREFILL", "COSPEC_FUSED")  # recorded when set
 
 
 def engine_options(method: str, draft, args) -> dict:
@@ -183,6 +184,7 @@ def main() -> None:
                   methods=methods, lam=args.lam, mu=args.mu,
                   device=str(next(target.parameters()).device),
                   dtype=str(next(target.parameters()).dtype),
+                  env={v: os.environ[v] for v in ENV if v in os.environ},
                   load_start=os.getloadavg(), runs=[])
     with torch.inference_mode():
         for rows in (int(b) for b in args.batches.split(",")):

@@ -24,6 +24,8 @@
 #   transfer  the same on HumanEval (164) and MBPP (500)
 #   batch   cospec's batch engine (scripts/bench_batch.py): target-only and spd at 1, 4, 16, 64
 #           rows, 64 prompts (32 GSM8K heldout + 32 HumanEval), 256 tokens each, EOS ignored
+#   pbatch  the same with COSPEC_COMPILE_PREFILL=1 (prefill through the compiled layer
+#           halves), target and spd at 1, 4, 16 rows: its prefill_s beside batch's
 #   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights needed)
 #   vbatch  vLLM on the same prompt ids (scripts/vllm_batch.py; wheels as for vllm)
 #   hfbatch transformers' batched generate on the same prompt ids (scripts/hf_batch.py: static
@@ -255,6 +257,12 @@ stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and 
     [ -e "$R/batch/bench_batch.json" ] || timeout "${BATCH_S:-400}" python3 scripts/bench_batch.py \
         --out "$R/batch" --task gsm8k,humaneval --prompts 64 --new 256 --k 4 \
         --batches 1,4,16,64 --ignore-eos --save-prompts "$R/batch/prompts.json" 2>&1 | tail -12
+}
+
+stage_pbatch() {  # batch's prefill compiled instead of eager, where prefill weighs most
+    [ -e "$R/pbatch/bench_batch.json" ] || COSPEC_COMPILE_PREFILL=1 timeout "${BATCH_S:-400}" \
+        python3 scripts/bench_batch.py --out "$R/pbatch" --task gsm8k,humaneval --prompts 64 \
+        --new 256 --k 4 --batches 1,4,16 --ignore-eos 2>&1 | tail -8
 }
 
 stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no weights to carry)

@@ -131,6 +131,34 @@ def test_cuda_graphs_same_tokens(pair, near):
     assert {1, 4} <= {b for b, *_ in eng.target.graphs}
 
 
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_compiled_prefill_is_opt_in(pair, near, flag, monkeypatch):
+    """COSPEC_COMPILE_PREFILL=1 sends every prefill pass (and only those, on CPU) through the
+    engine's compiled layer halves, stood in for here by recording wrappers of the reference
+    ones; the tokens stay batch-1 greedy's. Unset or 0: prefill stays eager."""
+    seen = []
+
+    def recording(fn):
+        def wrapped(x, *args, **kw):
+            seen.append(tuple(x.shape))
+            return fn(x, *args, **kw)
+        return wrapped
+
+    compiled = (False, True, recording(fast_batch._qkv), recording(fast_batch._rest))
+    monkeypatch.setattr(fast_batch, "layer_functions", lambda *a: compiled)
+    monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
+    target, draft = pair[0], near
+    prompts = [prompt(40 + i, n) for i, n in enumerate(LENGTHS)]
+    want = [[t.id for t in generate(target, draft, p, ExactRule(), k=3, max_new_tokens=m)]
+            for p, m in zip(prompts, BUDGETS)]
+    assert generate_batch(target, draft, prompts, max_new_tokens=BUDGETS, rows=4, k=3) == want
+    layers = len(target.model.layers) + len(draft.model.layers)
+    if flag == "1":  # prefill passes of both models: 2 halves a layer, a pass at least once
+        assert len(seen) >= 2 * layers and all(s[1] > 1 for s in seen)
+    else:
+        assert seen == []
+
+
 def test_submit_and_step(pair):
     """The scheduler API: requests join between steps into freed slots (lowest first), each
     step returns every live request's commit, a finished request leaves at once."""
