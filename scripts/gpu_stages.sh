@@ -49,6 +49,7 @@
 # iterations, unless refine ran further); its hash is in every cospec record's opts.
 # Results go to $R (default /tmp/r6) and are copied to $OUT when set. Run from the repository
 # root: COSPEC_CACHE=/tmp/cc PYTHONPATH=/tmp/site:. bash scripts/gpu_stages.sh setup speed
+# (scripts/gpu_queue.sh runs stages in the background, each in its own process, with a log.)
 set -eu
 export COSPEC_CACHE=${COSPEC_CACHE:-/tmp/cc}
 R=${R:-/tmp/r6}
@@ -288,6 +289,10 @@ stage_hfbatch() {
         --device cuda --out "$R/batch/hf-target.json" 2>&1 | grep -E "^hf|Error|error" | tail -8
 }
 
+for stage in "$@"; do  # every name checked before the first runs
+    declare -F "stage_$stage" > /dev/null || { echo "unknown stage '$stage'; stages:" \
+        $(declare -F | sed -n 's/^declare -f stage_//p') >&2; exit 2; }
+done
 for stage in "$@"; do
     echo "=== $(date +%T) $stage"
     "stage_$stage"

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# gpu_stages.sh stages one after another in the background, each in its own process, so that
+# the calls holding a GPU machine stay short (start the queue, then read its log) and one
+# failing stage does not stop the ones after it. Returns at once:
+#
+#   R=/tmp/r COSPEC_CACHE=/tmp/cc PYTHONPATH=/tmp/site:. bash scripts/gpu_queue.sh \
+#       [--after FILE] STEP [STEP ...]
+#
+# STEP is a stage of gpu_stages.sh, or VAR=value,stage to set one variable for that stage
+# only (e.g. VSERVE_METHOD=spd,vserve). The repository is copied to $R/repo-N first, so later
+# edits of the working tree do not reach a running queue. --after FILE: start once FILE
+# exists (e.g. another queue's done file). Progress: $R/queue.log, a line per finished step
+# with its exit status and the machine's load; $R/queue.done when all are done.
+set -eu
+export R=${R:-/tmp/r6}
+after=
+if [ "${1:-}" = --after ]; then after=$2; shift 2; fi
+[ $# -gt 0 ] || { echo "usage: gpu_queue.sh [--after FILE] STEP [STEP ...]" >&2; exit 2; }
+mkdir -p "$R"
+repo=$(mktemp -d "$R/repo-XXXX")
+tar --exclude='./.dev-*' --exclude='./.git' -cf - . | tar xf - -C "$repo"
+rm -f "$R/queue.done"
+setsid nohup bash -c '
+    after=$1 repo=$2; shift 2
+    unset OUT  # gpu_stages.sh copies $R to $OUT when set: the calling command'"'"'s, gone by then
+    while [ -n "$after" ] && [ ! -e "$after" ]; do sleep 2; done
+    cd "$repo"
+    for step in "$@"; do
+        case $step in
+            *,*) env "${step%%,*}" bash scripts/gpu_stages.sh "${step##*,}" ;;
+            *) bash scripts/gpu_stages.sh "$step" ;;
+        esac >> "$R/queue.log" 2>&1 < /dev/null
+        rc=$?  # before any other expansion resets it
+        echo "--- $(date +%T) $step exit $rc load $(cut -d" " -f1-3 /proc/loadavg)" >> "$R/queue.log"
+    done
+    touch "$R/queue.done"' queue "$after" "$repo" "$@" > /dev/null 2>&1 < /dev/null &
+echo "queued ${*} (log: $R/queue.log)"
