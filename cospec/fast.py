@@ -21,7 +21,8 @@ weights through a short functional forward (gpt-fast style; the model is not mod
   kernel each instead of three and two): the model's parameters become slices of the
   stacked buffers (``fused``), same values, no second copy.
 - longer inputs (prefill) and every input on CPU run the same code eagerly: its exactness
-  is tested on CPU against the model's own forward in float64.
+  is tested on CPU against the model's own forward in float64 (COSPEC_COMPILE_PREFILL=1:
+  prefill through the compiled halves, opt-in).
 
 The heavy part (``Engine``: caches, graphs) is pooled per model, so graphs are captured
 once per process; a ``StaticLM`` leases an engine and gives it back when it is collected.
@@ -199,6 +200,7 @@ class Engine:
 
             functions = fused_layer_functions(functions)
         self.use_graphs, self.compiled, self.qkv, self.rest = functions
+        self.compiled_prefill = self.compiled and not self.fused and compile_prefill()
         self.graphs: dict[int, tuple] = {}   # n -> (graph, logits, hidden)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.host = (torch.zeros(MAX_GRAPH + 1, dtype=torch.long, pin_memory=True)
@@ -287,7 +289,9 @@ class Engine:
         if not self.use_graphs or n > MAX_GRAPH:
             x = ids.to(self.device) if on_device else torch.tensor(ids, device=self.device)
             s = torch.tensor([start], device=self.device)
-            return self._forward(x, s, eager=not (self.fused and n <= MAX_GRAPH))
+            graphable = n <= MAX_GRAPH
+            return self._forward(x, s, eager=not (self.fused and graphable
+                                                  or self.compiled_prefill and not graphable))
         # stage ids and start through pinned memory: no host sync (the event only waits for
         # the previous copy out of the same host buffer, long done in practice)
         self.staged.synchronize()
@@ -335,6 +339,13 @@ def layer_functions(device: torch.device, graphs: bool | None, compile: bool | N
     _raise_recompile_limit()
     return (use_graphs, True, torch.compile(_qkv, dynamic=True, fullgraph=True),
             torch.compile(_rest, dynamic=True, fullgraph=True))
+
+
+def compile_prefill() -> bool:
+    """COSPEC_COMPILE_PREFILL=1: prefill (inputs of more than MAX_GRAPH tokens; in the batch
+    engine every prefill pass) through the compiled layer halves too, dynamic shapes, instead
+    of eagerly. Opt-in until measured; engines with fused layers keep the eager prefill."""
+    return os.environ.get("COSPEC_COMPILE_PREFILL") == "1"
 
 
 def _raise_recompile_limit() -> None:

@@ -38,7 +38,6 @@ alternate proposal from one step to the next (invariants in that module).
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -50,7 +49,15 @@ import torch.nn.functional as F
 from cospec.arbiter import MismatchPolicy
 from cospec.cos import Combination
 from cospec.errors import CospecError
-from cospec.fast import Engine, _qkv, _rest, _rms, layer_functions, supported
+from cospec.fast import (
+    Engine,
+    _qkv,
+    _rest,
+    _rms,
+    compile_prefill,
+    layer_functions,
+    supported,
+)
 from cospec.fast_batch_cos import EXTRA, CosStep
 from cospec.row_sampling import (
     _M32,
@@ -112,9 +119,7 @@ class BatchLM:
         self.span = max_len
         self.use_graphs, compiled, self.qkv, self.rest = layer_functions(self.device, graphs,
                                                                           compile)
-        # COSPEC_COMPILE_PREFILL=1: prefill through the compiled halves too (dynamic shapes: a
-        # new prompt length does not recompile), not eagerly; opt-in until measured
-        self.compiled_prefill = compiled and os.environ.get("COSPEC_COMPILE_PREFILL") == "1"
+        self.compiled_prefill = compiled and compile_prefill()  # see fast.compile_prefill
         self.graphs: dict[tuple[int, int, int], tuple] = {}  # (b, n, span) -> (graph, logits,
         #                                                        hidden)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None

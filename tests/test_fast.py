@@ -156,6 +156,35 @@ def test_llama_family(static):
     assert got == want
 
 
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_compiled_prefill_is_opt_in(static, flag, monkeypatch):
+    """COSPEC_COMPILE_PREFILL=1 sends inputs of more than MAX_GRAPH tokens (prefill) through
+    the engine's compiled halves, stood in for by recording wrappers of the reference ones;
+    shorter ones stay as they were (eager on CPU) and the greedy tokens stay CachedLM's."""
+    seen = []
+
+    def recording(fn):
+        def wrapped(x, *args, **kw):
+            seen.append(x.shape[0])
+            return fn(x, *args, **kw)
+        return wrapped
+
+    compiled = (False, True, recording(fast._qkv), recording(fast._rest))
+    monkeypatch.setattr(fast, "layer_functions", lambda *a: compiled)
+    monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
+    target, draft = tiny_model(21, dtype=torch.float32), tiny_model(22, layers=1,
+                                                                   dtype=torch.float32)
+    ids = prompt(7, n=fast.MAX_GRAPH + 9)
+    got, want = both(static, lambda: [
+        t.id for t in generate(target, draft, ids, ExactRule(), k=3, max_new_tokens=12)])
+    assert got == want and len(got) == 12
+    if flag == "1":  # one prefill of ids[:-1] a model, 2 halves a layer, and nothing else
+        layers = len(target.model.layers) + len(draft.model.layers)
+        assert seen == [len(ids) - 1] * 2 * layers
+    else:
+        assert seen == []
+
+
 def test_unsupported_falls_back(target, monkeypatch):
     monkeypatch.setenv("COSPEC_STATIC", "1")
     target.config.hidden_act = "gelu"
