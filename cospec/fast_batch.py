@@ -359,7 +359,7 @@ class BatchEngine:
             used = [i for i, r in enumerate(self.slots) if r is not None]
             if not used:
                 return []
-            b = min(next(size for size in (*BUCKETS, self.rows) if size > used[-1]), self.rows)
+            b = self._bucket(used[-1])
             self._set_span(used)
             s = self._sampling(b)
             if self.cos is not None:
@@ -383,16 +383,50 @@ class BatchEngine:
         self.stats.decode_s += _clock(self.device) - t1
         return commits
 
-    def _set_span(self, used: list[int]) -> None:
-        """Every model attends over the shortest span bucket (MIN_SPAN * 2^i, or max_len)
-        that holds every position this step may touch."""
-        need = self._reach(max(len(self.slots[i].prompt) + len(self.slots[i].tokens)
-                               for i in used))
+    def _bucket(self, top: int) -> int:
+        """The rows a step computes when ``top`` is the highest slot in use: the smallest of
+        ``BUCKETS`` above it, or ``rows``."""
+        return min(next(size for size in (*BUCKETS, self.rows) if size > top), self.rows)
+
+    def _span(self, need: int) -> int:
+        """The shortest span bucket (MIN_SPAN * 2^i, or max_len) that holds ``need`` slots."""
         span = MIN_SPAN
         while span < need:
             span *= 2
+        return min(span, self.max_len)
+
+    def _set_span(self, used: list[int]) -> None:
+        """Every model attends over the span bucket that holds every position this step may
+        touch."""
+        need = self._reach(max(len(self.slots[i].prompt) + len(self.slots[i].tokens)
+                               for i in used))
         for lm in self.models:
-            lm.span = min(span, self.max_len)
+            lm.span = self._span(need)
+
+    def buckets(self) -> list[int]:
+        """Every rows bucket a step may compute, ascending."""
+        return sorted({self._bucket(top) for top in range(self.rows)})
+
+    def spans(self) -> list[int]:
+        """Every cache span a step may attend over, ascending: a live row holds 1 to
+        max_len - 1 tokens (``submit`` keeps ``_reach`` of prompt + budget within max_len)."""
+        out, need = [], self._reach(1)
+        while need < self.max_len:
+            out.append(self._span(need))
+            need = out[-1] + 1
+        return out
+
+    def forwards(self) -> list[tuple[BatchLM, int]]:
+        """The (model, tokens) forwards a step runs, at its rows bucket and span:
+        target-only the target over 1 token (``_target_only``); spd and CoSpec
+        (``_speculate``) the draft over 2 (its catch-up), over 1 (the next drafts, when
+        there are any) and the target over k + 1; CoS ``CosStep.forwards``."""
+        if self.cos is not None:
+            return self.cos.forwards()
+        if self.draft is None:
+            return [(self.target, 1)]
+        more = self.k + (self.policy is not None) > 1
+        return [(self.draft, 2), *([(self.draft, 1)] if more else []), (self.target, self.k + 1)]
 
     def _reach(self, n: int) -> int:
         """A bound on the positions (+ 1) a step may write from a row of n tokens."""
