@@ -187,3 +187,20 @@ def test_serve_flag(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         server.cmd_serve(args)
     assert seen["warm_up"] is True and seen["k"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_after_warm_up(pair, monkeypatch):
+    """On a GPU (float32, real CUDA graphs): the mix captures nothing after the warm-up and
+    decodes the batch-1 loop's tokens."""
+    monkeypatch.setattr(fast_batch, "MIN_SPAN", 8)
+    target, near = (copy.deepcopy(m).cuda() for m in pair)
+    eng = BatchEngine(target, near, k=3, rows=5, max_len=MAX_LEN)
+    done = warm_up(eng, progress=False)
+    keys = [set(lm.graphs) for lm in eng.models]
+    assert done.captured == sum(map(len, keys)) > 0
+    got = serve_mix(eng)
+    assert [set(lm.graphs) for lm in eng.models] == keys
+    want = [[t.id for t in generate(target, near, p, ExactRule(), k=3, max_new_tokens=m)]
+            for p, m, _ in got]
+    assert [t for *_, t in got] == want
