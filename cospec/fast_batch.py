@@ -22,7 +22,8 @@ static caches; a *request* occupies a slot from its prefill until it finishes.
   MIN_SPAN·2^i (or max_len) above every position the step may touch, so attention reads
   grow with the longest live sequence, not with max_len.
 - On CUDA each forward over (rows bucket b, n tokens, span) is one captured CUDA graph; b is
-  the smallest of ``BUCKETS`` that covers the highest slot in use. On CPU it all runs eagerly.
+  the smallest of ``BUCKETS`` that covers the highest slot in use, captured at its first use
+  (``fast_batch_warm.warm_up`` captures them all ahead). On CPU it all runs eagerly.
 
 Rows join and leave between steps: ``submit`` queues a request; ``step`` prefills queued
 requests into free slots (all of them in one padded pass per model, up to
