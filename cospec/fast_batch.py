@@ -421,9 +421,12 @@ class BatchEngine:
         """The (model, tokens) forwards a step runs, at its rows bucket and span:
         target-only the target over 1 token (``_target_only``); spd and CoSpec
         (``_speculate``) the draft over 2 (its catch-up), over 1 (the next drafts, when
-        there are any) and the target over k + 1; CoS ``CosStep.forwards``."""
+        there are any) and the target over k + 1; CoS (``fast_batch_cos``'s invariants) the
+        proposer over 2 and 1 (the drafts after the first, the lookahead, a turned-down
+        pending token's recovery) and every verifier over k + 1."""
         if self.cos is not None:
-            return self.cos.forwards()
+            return [(self.draft, 2), (self.draft, 1),
+                    *((v, self.k + 1) for v in self.cos.verifiers)]
         if self.draft is None:
             return [(self.target, 1)]
         more = self.k + (self.policy is not None) > 1

@@ -81,13 +81,6 @@ class CosStep:
         self.pend[slot] = False
         self.waiting[slot] = False
 
-    def forwards(self) -> list[tuple[object, int]]:
-        """The (model, tokens) forwards of a step: the proposer over 2 (its catch-up) and 1
-        (the drafts after the first, the lookahead, a turned-down row's recovered token),
-        every verifier over k + 1."""
-        return [(self.proposer, 2), (self.proposer, 1),
-                *((v, self.k + 1) for v in self.verifiers)]
-
     def draws(self) -> int:
         """Uniforms per row and step: the pending test and recovery, k drafts, k tests and
         the token after them."""
