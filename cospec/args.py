@@ -168,3 +168,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds per request, queueing included (then finish_reason length)")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens of a request that sets none")
+    p.add_argument("--warm-up", action="store_true",
+                   help="before serving, capture the CUDA graphs of the default method's batch "
+                        "engine (at --k) for every batch size and context length, so that no "
+                        "request waits for a capture (GPU; costs start-up time; CPU: no-op)")

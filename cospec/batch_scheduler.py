@@ -15,6 +15,8 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
   k) waiting in the queue: alone it takes them all, with three others a quarter. A request
   that finds no slot waits (the scheduler keeps the queue first come, first served); as
   engines drain, the slots go where the queue needs them.
+- ``warm`` (``cospec serve --warm-up``), before any request: the engine of the default
+  (method, k) over every slot, its CUDA graphs captured (``fast_batch_warm``).
 - ``turn`` (on the worker thread) releases the rows of requests that ended (stop string,
   EOS, timeout, cancellation: the slot is free before the next step), prefills the planned
   ones, steps every non-empty engine once and returns what each request committed.
@@ -41,6 +43,7 @@ import torch
 from cospec.batch_methods import engine_options
 from cospec.errors import CospecError
 from cospec.fast_batch import RUN_AHEAD, BatchEngine, Commit
+from cospec.fast_batch_warm import WarmUp, warm_up
 from cospec.methods import Method
 from cospec.sampling import SamplingConfig
 from cospec.stats import DecodeStats
@@ -223,6 +226,21 @@ class BatchPool:
             self.groups.append(group)
         group.jobs[job] = None
         return True
+
+    def warm(self, method: Method, k: int, progress: bool = True) -> WarmUp | None:
+        """Before any request: build the engine of (``method``, ``k``) over all
+        ``max_batch`` slots and capture its CUDA graphs (``fast_batch_warm.warm_up``); its
+        requests take those slots as ``plan`` finds them. None when no batch engine runs the
+        method. The engine is given up, as any idle one, when another (method, k) needs the
+        slots; the engines built then capture as they go."""
+        key = engine_key(method, k)
+        if key is None:
+            return None
+        group = Group(key, self.max_batch)
+        group.engine = self._build(method, group)
+        done = warm_up(group.engine, progress)
+        self.groups.append(group)
+        return done
 
     def clear(self) -> None:
         """Drop every engine (after a failed step: their state is unknown)."""

@@ -22,7 +22,8 @@ static caches; a *request* occupies a slot from its prefill until it finishes.
   MIN_SPAN·2^i (or max_len) above every position the step may touch, so attention reads
   grow with the longest live sequence, not with max_len.
 - On CUDA each forward over (rows bucket b, n tokens, span) is one captured CUDA graph; b is
-  the smallest of ``BUCKETS`` that covers the highest slot in use. On CPU it all runs eagerly.
+  the smallest of ``BUCKETS`` that covers the highest slot in use, captured at its first use
+  (``fast_batch_warm.warm_up`` captures them all ahead). On CPU it all runs eagerly.
 
 Rows join and leave between steps: ``submit`` queues a request; ``step`` prefills queued
 requests into free slots (all of them in one padded pass per model, up to
@@ -369,7 +370,7 @@ class BatchEngine:
             used = [i for i, r in enumerate(self.slots) if r is not None]
             if not used:
                 return []
-            b = min(next(size for size in (*BUCKETS, self.rows) if size > used[-1]), self.rows)
+            b = self._bucket(used[-1])
             self._set_span(used)
             s = self._sampling(b)
             if self.cos is not None:
@@ -393,16 +394,53 @@ class BatchEngine:
         self.stats.decode_s += _clock(self.device) - t1
         return commits
 
-    def _set_span(self, used: list[int]) -> None:
-        """Every model attends over the shortest span bucket (MIN_SPAN * 2^i, or max_len)
-        that holds every position this step may touch."""
-        need = self._reach(max(len(self.slots[i].prompt) + len(self.slots[i].tokens)
-                               for i in used))
+    def _bucket(self, top: int) -> int:
+        """The rows a step computes when ``top`` is the highest slot in use: the smallest of
+        ``BUCKETS`` above it, or ``rows``."""
+        return min(next(size for size in (*BUCKETS, self.rows) if size > top), self.rows)
+
+    def _span(self, need: int) -> int:
+        """The shortest span bucket (MIN_SPAN * 2^i, or max_len) that holds ``need`` slots."""
         span = MIN_SPAN
         while span < need:
             span *= 2
+        return min(span, self.max_len)
+
+    def _set_span(self, used: list[int]) -> None:
+        """Every model attends over the span bucket that holds every position this step may
+        touch."""
+        need = self._reach(max(len(self.slots[i].prompt) + len(self.slots[i].tokens)
+                               for i in used))
         for lm in self.models:
-            lm.span = min(span, self.max_len)
+            lm.span = self._span(need)
+
+    def buckets(self) -> list[int]:
+        """Every rows bucket a step may compute, ascending."""
+        return sorted({self._bucket(top) for top in range(self.rows)})
+
+    def spans(self) -> list[int]:
+        """Every cache span a step may attend over, ascending: a live row holds 1 to
+        max_len - 1 tokens (``submit`` keeps ``_reach`` of prompt + budget within max_len)."""
+        out, need = [], self._reach(1)
+        while need < self.max_len:
+            out.append(self._span(need))
+            need = out[-1] + 1
+        return out
+
+    def forwards(self) -> list[tuple[BatchLM, int]]:
+        """The (model, tokens) forwards a step runs, at its rows bucket and span:
+        target-only the target over 1 token (``_target_only``); spd and CoSpec
+        (``_speculate``) the draft over 2 (its catch-up), over 1 (the next drafts, when
+        there are any) and the target over k + 1; CoS (``fast_batch_cos``'s invariants) the
+        proposer over 2 and 1 (the drafts after the first, the lookahead, a turned-down
+        pending token's recovery) and every verifier over k + 1."""
+        if self.cos is not None:
+            return [(self.draft, 2), (self.draft, 1),
+                    *((v, self.k + 1) for v in self.cos.verifiers)]
+        if self.draft is None:
+            return [(self.target, 1)]
+        more = self.k + (self.policy is not None) > 1
+        return [(self.draft, 2), *([(self.draft, 1)] if more else []), (self.target, self.k + 1)]
 
     def _reach(self, n: int) -> int:
         """A bound on the positions (+ 1) a step may write from a row of n tokens."""

@@ -43,6 +43,7 @@ from cospec.args import load_pair_of
 from cospec.batch_methods import engine_models
 from cospec.batch_scheduler import BatchPool, check_memory, engine_key, reserve
 from cospec.errors import CospecError
+from cospec.fast_batch_warm import captures
 from cospec.methods import (
     GREEDY_ONLY,
     OWN_METHODS,
@@ -125,12 +126,13 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
                model_name: str | None = None, k: int = 4, max_active: int = 4,
                max_queue: int = 64, timeout: float = 300.0,
                default_max_tokens: int = 256, max_batch: int = 16,
-               max_context: int | None = None) -> FastAPI:
+               max_context: int | None = None, warm_up: bool = False) -> FastAPI:
     """The ASGI app serving an already loaded ``pair``.
 
     ``methods`` are built once here (CospecError for an unknown one or one the pair cannot
     run); the first of ``spd``, ``target`` or the first listed is the default. ``max_batch``
-    0: no batch engines, every request round robin.
+    0: no batch engines, every request round robin. ``warm_up``: the default method's batch
+    engine (at ``k``) is built now and its CUDA graphs captured (``warm``).
     """
     names = list(methods) if methods else default_methods(pair, arbiter)
     built: dict[str, Method] = {}
@@ -156,6 +158,8 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
         log.info("batch engines: %d slots x %d tokens, %.2f GiB of KV cache at most",
                  max_batch, ctx, need / 2**30)
         pool = BatchPool(max_batch, ctx)
+    if warm_up:
+        warm(pool, built[default], k)
     engine = Engine(pair, built, max_active=max_active, max_queue=max_queue, timeout=timeout,
                     pool=pool)
     created = int(time.time())
@@ -309,6 +313,25 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     return app
 
 
+def warm(pool: BatchPool | None, method: Method, k: int) -> None:
+    """``--warm-up``: build ``method``'s batch engine at ``k`` over every slot and capture
+    its CUDA graphs before any request (``BatchPool.warm``); logs what it did. Nothing to do
+    on a CPU (no graphs), without batch engines, or for a method no engine runs."""
+    device = next(method.verifier.parameters()).device
+    done = None
+    if pool is None:
+        why = "no batch engines (--max-batch 0, or no batched method)"
+    elif not captures(device):
+        why = f"no CUDA graphs on {device}"
+    else:
+        done = pool.warm(method, k)
+        why = f"{method.name} at k={k} runs in no batch engine"
+    if done is None:
+        log.info("--warm-up: %s: nothing to warm up", why)
+    else:
+        log.info("--warm-up: %s, k=%d, %d slots: %s", method.name, k, pool.max_batch, done)
+
+
 def _utf8(text: str, param: str) -> str:
     """``text``, unless it cannot be encoded (a lone surrogate from a JSON escape): 400."""
     try:
@@ -435,6 +458,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _show_logs() -> None:
+    """cospec's start-up lines (the KV budget, the warm-up) on stderr, as uvicorn's own."""
+    logger = logging.getLogger("cospec")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -453,12 +486,13 @@ def cmd_serve(args) -> int:
 
         arbiter_info(args.arbiter)
     sock = bind(args.host, args.port)  # fail on a busy port before minutes of model loading
+    _show_logs()
     pair = load_pair_of(args, need_draft=methods != ["target"])
     app = create_app(pair, methods=methods, arbiter=args.arbiter,
                      model_name=args.served_model_name, k=args.k, max_active=args.max_active,
                      max_queue=args.max_queue, timeout=args.timeout,
                      default_max_tokens=args.default_max_tokens, max_batch=args.max_batch,
-                     max_context=args.max_context)
+                     max_context=args.max_context, warm_up=args.warm_up)
     engine: Engine = app.state.engine
     print(f"serving {args.served_model_name or pair.target_name} on "
           f"http://{args.host}:{sock.getsockname()[1]} (methods: {', '.join(engine.methods)})",

@@ -12,9 +12,9 @@ GSM8K from ``--split``, the others from their test split) go through an engine o
 for every B (requests join as slots free up); all methods share the prompts and the code
 path. ``--methods`` (default target,spd): any of target, spd, cos-we, cos-cd (CoS with
 alternate proposal), we-sd, cd-sd (``--lam``, ``--mu`` as ``cospec.methods``); those that
-need a draft are left out without one. Before the timed pass every bucket of rows <= B is
-warmed up with requests as long as the timed ones (on CUDA: its graphs captured for every
-cache span the rows grow through), so no capture falls inside it. Per (B, method):
+need a draft are left out without one. Before the timed pass the engine's CUDA graphs are
+captured for every bucket of rows <= B and every cache span (``fast_batch_warm.warm_up``), so
+no capture falls inside it (on CPU there is nothing to capture). Per (B, method):
 generated tokens, prefill and decode seconds, tokens/s end to end and decode only, tau,
 peak memory (CUDA: the device's peak allocated in that pass; CPU: the process's peak
 resident set so far), capture seconds.
@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 
 from cospec.cos import Combination
-from cospec.fast_batch import BUCKETS, BatchEngine
+from cospec.fast_batch import BatchEngine
+from cospec.fast_batch_warm import warm_up
 from cospec.sampling import SamplingConfig
-from cospec.stats import DecodeStats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_memory import peak_mb  # noqa: E402
@@ -102,23 +102,13 @@ def engine_options(method: str, draft, args) -> dict:
 
 def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig,
         method: str) -> dict:
-    """Warm every bucket of ``rows`` slots at the cache spans the timed pass reaches (all rows
-    the shortest prompt, then all the longest, as long as the timed requests), then decode all
-    prompts once, timed."""
+    """Capture the engine's graphs (``warm_up``), then decode all prompts once, timed."""
     device = next(target.parameters()).device
-    warm = args.new
     room = max(map(len, prompts)) + args.new + max(args.k, 8) + 4
     opts = engine_options(method, draft, args)
     engine = BatchEngine(target, k=args.k, rows=rows, max_len=room, eos_ids=eos, **opts)
     speculative = opts["draft"] is not None
-    short, long = min(prompts, key=len), max(prompts, key=len)  # the spans of both ends
-    for size in [b for b in BUCKETS if b < rows] + [rows]:  # slots 0..size-1: bucket size
-        for p in (short, long):
-            for i in range(size):
-                engine.submit(p, warm, sampling, seed=i)
-            while engine.busy:
-                engine.step()
-    engine.stats = DecodeStats()
+    print(f"B={rows:3d} {method}: warm-up {warm_up(engine)}", flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

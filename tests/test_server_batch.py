@@ -320,3 +320,35 @@ def test_cos_with_a_middle_model(pair32, monkeypatch):
     (models,) = budgets
     ids = {id(m) for m in models}
     assert ids == {id(pair32.target), id(pair32.draft), id(pair32.extra[0])}
+
+
+def test_warm_up_serves_from_the_warmed_engine(pair, monkeypatch, caplog):
+    """``warm_up=True`` (``--warm-up``) builds the default method's engine (spd at the
+    server's k) over every slot with its graphs captured (CUDA graphs stood in on the CPU);
+    requests of that method are served by it, capture nothing more and get the batch-1
+    tokens. Without graphs (the CPU as it is) it does nothing and says so."""
+    import logging
+
+    from fake_graphs import fake_graphs
+
+    with caplog.at_level(logging.INFO, logger="cospec.server"):
+        app = create_app(pair, methods=["target", "spd"], k=3, max_batch=4, warm_up=True)
+    assert app.state.engine.pool.groups == []
+    assert "no CUDA graphs on cpu: nothing to warm up" in caplog.text
+    made = fake_graphs(monkeypatch)
+    app = create_app(pair, methods=["target", "spd"], k=3, max_batch=4, max_queue=8,
+                     timeout=60, warm_up=True)
+    (group,) = app.state.engine.pool.groups
+    warmed, engine = len(made), group.engine
+    assert group.key == ("spd", 3) and group.size == 4 and warmed > 0
+    assert {b for _, b, _, _ in made} == {1, 2, 4}
+    reqs = [{"prompt": f"warm {i} hello world", "max_tokens": 10 + 7 * i, "ignore_eos": i == 2,
+             "stream": bool(i % 2)} for i in range(4)]
+    want = [alone(pair, None, "spd", r["prompt"], 3, r["max_tokens"], r["ignore_eos"])
+            for r in reqs]
+    with BackgroundServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        got = concurrently(lambda r: ask(client, r), reqs)
+    assert [g[:3] for g in got] == want
+    assert len(made) == warmed and app.state.engine.pool.groups[0].engine is engine

@@ -1,0 +1,45 @@
+"""CUDA graphs stood in on the CPU for ``fast_batch.BatchLM``: its graph path runs (one
+capture per (b, n, span), outputs in static buffers that each replay rewrites), each capture
+and replay an eager forward."""
+
+from __future__ import annotations
+
+import torch
+
+from cospec import fast_batch
+from cospec.fast_batch import BatchLM
+
+
+class FakeGraph:
+    """A CUDA graph's contract: outputs in static buffers, which ``replay`` recomputes from
+    the model's static ids / positions buffers."""
+
+    def __init__(self, lm: BatchLM, b: int, n: int):
+        self.lm, self.b, self.n, self.span = lm, b, n, lm.span
+        self.out = [t.clone() for t in self.forward()]
+
+    def forward(self):
+        lm, b, n = self.lm, self.b, self.n
+        return lm._forward(lm.ids[:b, :n], lm.pos[:b, :n], 0, eager=True, span=self.span)
+
+    def replay(self) -> None:
+        for buf, t in zip(self.out, self.forward()):
+            buf.copy_(t)
+
+
+def fake_graphs(monkeypatch) -> list[tuple[int, int, int, int]]:
+    """Engines built from now on take their graph path on the CPU; returns the list of the
+    captures made, as (id of the BatchLM, b, n, span), in order."""
+    made = []
+
+    def capture(self, b, n):
+        made.append((id(self), b, n, self.span))
+        g = FakeGraph(self, b, n)
+        return g, *g.out
+
+    real = fast_batch.layer_functions
+    monkeypatch.setattr(fast_batch, "layer_functions",
+                        lambda device, graphs, compile: real(device, True, compile))
+    monkeypatch.setattr(BatchLM, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    return made
