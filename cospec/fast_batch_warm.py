@@ -12,7 +12,9 @@ The forwards are the models' own ``BatchLM.run`` on dummy tokens at positions 0.
 0..b-1. Those slots are free, so nothing reads what they write: a request admitted later
 prefills its slot from position 0, and a step writes every position before a query reads it
 (``fast_batch``'s invariants). Stats, queue and request ids are untouched. Models without
-graphs (CPU, ``graphs=False``) have nothing to capture and are skipped.
+graphs (CPU, ``graphs=False``) have nothing to capture and are skipped. With a compiled prefill
+(COSPEC_COMPILE_PREFILL=1) it also runs prefill passes of one and of two rows, so that their
+compiles happen here too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from tqdm import tqdm
 from cospec import fast_batch
 from cospec.errors import CospecError
 from cospec.fast_batch import BatchEngine
+
+PREFILL_WARM = 16  # prompt tokens of the warm-up's prefill passes
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,10 @@ def warm_up(engine: BatchEngine, progress: bool = True) -> WarmUp:
             lm.span = span
             pos = torch.arange(n, device=lm.device).expand(b, n)
             lm.run(torch.zeros_like(pos), pos)
+        for lm in engine.models:  # a compiled prefill (fast.compile_prefill) compiles here:
+            if lm.compiled_prefill:  # one row (dynamo specializes 1) and several
+                for b in sorted({1, min(2, engine.rows)}):
+                    lm.prefill([[0] * PREFILL_WARM] * b, list(range(b)))
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     captured = sum(len(lm.graphs) for lm in engine.models) - before

@@ -24,7 +24,7 @@ from cospec.cos import Combination
 from cospec.decoding import generate
 from cospec.errors import CospecError
 from cospec.fast_batch import BatchEngine, BatchLM
-from cospec.fast_batch_warm import captures, warm_up
+from cospec.fast_batch_warm import PREFILL_WARM, captures, warm_up
 
 MAX_LEN = 64
 
@@ -168,6 +168,37 @@ def test_warm_up_without_graphs_does_nothing(pair, monkeypatch):
     eng.step()
     with pytest.raises(CospecError, match="slots hold requests"):
         warm_up(eng, progress=False)
+
+
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_warm_up_compiles_the_prefill(pair, flag, monkeypatch):
+    """With COSPEC_COMPILE_PREFILL=1 warm-up runs each model's prefill through its compiled
+    halves (recording stand-ins here) for one row and for two, and the engine's tokens stay
+    batch-1 greedy's; without it no prefill runs."""
+    seen = []
+
+    def recording(fn):
+        def wrapped(x, *args, **kw):
+            seen.append(tuple(x.shape[:2]))
+            return fn(x, *args, **kw)
+        return wrapped
+
+    compiled = (False, True, recording(fast_batch._qkv), recording(fast_batch._rest))
+    monkeypatch.setattr(fast_batch, "layer_functions", lambda *a: compiled)
+    monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
+    eng = engine(pair, "spd")
+    warm_up(eng, progress=False)
+    if flag == "1":
+        assert {(1, PREFILL_WARM), (2, PREFILL_WARM)} == set(seen)
+    else:
+        assert seen == []
+    p = prompt(3, 6)
+    eng.submit(p, 8)
+    out = []
+    while eng.busy:
+        out += [t for c in eng.step() for t in c.tokens]
+    assert out == [t.id for t in generate(pair[0], pair[1], p, ExactRule(), k=3,
+                                          max_new_tokens=8)]
 
 
 def test_serve_flag(monkeypatch):
