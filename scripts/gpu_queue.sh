@@ -8,9 +8,10 @@
 #
 # STEP is a stage of gpu_stages.sh, or VAR=value,stage to set one variable for that stage
 # only (e.g. VSERVE_METHOD=spd,vserve). The repository is copied to $R/repo-N first, so later
-# edits of the working tree do not reach a running queue. --after FILE: start once FILE
-# exists (e.g. another queue's done file). Progress: $R/queue.log, a line per finished step
-# with its exit status and the machine's load; $R/queue.done when all are done.
+# edits of the working tree do not reach a running queue, and $R/repo-N.done marks the queue's
+# end (its name is printed). --after FILE: start once FILE exists (e.g. another queue's done
+# file: queues run one after the other). Progress: $R/queue.log (shared by the queues), a line
+# per finished step with its exit status and the machine's load.
 set -eu
 export R=${R:-/tmp/r6}
 after=
@@ -19,7 +20,6 @@ if [ "${1:-}" = --after ]; then after=$2; shift 2; fi
 mkdir -p "$R"
 repo=$(mktemp -d "$R/repo-XXXX")
 tar --exclude='./.dev-*' --exclude='./.git' -cf - . | tar xf - -C "$repo"
-rm -f "$R/queue.done"
 setsid nohup bash -c '
     after=$1 repo=$2; shift 2
     unset OUT  # gpu_stages.sh copies $R to $OUT when set: the calling command'"'"'s, gone by then
@@ -33,5 +33,5 @@ setsid nohup bash -c '
         rc=$?  # before any other expansion resets it
         echo "--- $(date +%T) $step exit $rc load $(cut -d" " -f1-3 /proc/loadavg)" >> "$R/queue.log"
     done
-    touch "$R/queue.done"' queue "$after" "$repo" "$@" > /dev/null 2>&1 < /dev/null &
-echo "queued ${*} (log: $R/queue.log)"
+    touch "$repo.done"' queue "$after" "$repo" "$@" > /dev/null 2>&1 < /dev/null &
+echo "queued ${*} (log: $R/queue.log; done: $repo.done)"

@@ -69,7 +69,8 @@ stage_setup() {
 stage_tests() {
     python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_fast.py \
         tests/test_cospec.py tests/test_replay.py tests/test_fast_batch.py \
-        tests/test_fast_batch_cos.py tests/test_fused.py tests/test_server_batch.py 2>&1 | tail -15
+        tests/test_fast_batch_cos.py tests/test_fused.py tests/test_server_batch.py \
+        tests/test_warm_up.py 2>&1 | tail -15
 }
 
 stage_fused() {  # the fused layers against the reference fast path, random Qwen2.5 shapes
