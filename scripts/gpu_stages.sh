@@ -27,6 +27,9 @@
 #   pbatch  the same with COSPEC_COMPILE_PREFILL=1 (prefill through the compiled layer
 #           halves), target and spd at 1, 4, 16 rows: its prefill_s beside batch's
 #   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights needed)
+#   caches  pack the compile caches (vLLM's, triton's, torch inductor's) into $R/caches.tgz.NN
+#           (15 MiB pieces); copied to /tmp/p/C.NN on a later machine, unpack restores them
+#           first, so vLLM's engine start and cospec's graph captures skip the compiles
 #   vbatch  vLLM on the same prompt ids (scripts/vllm_batch.py; wheels as for vllm)
 #   hfbatch transformers' batched generate on the same prompt ids (scripts/hf_batch.py: static
 #           cache, compiled by generate; target-only: its assisted generation takes batch 1 only)
@@ -189,7 +192,29 @@ stage_code() {
         --out "$R/divergences-mbpp-dev" 2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]" | tail -5 || true
 }
 
+COMPILE_CACHES=(root/.cache/vllm root/.triton tmp/torchinductor_root)  # relative to /
+
+stage_caches() {  # the compile caches (vLLM's, triton's, inductor's) as $R/caches.tgz.NN
+    local have=() d
+    for d in "${COMPILE_CACHES[@]}"; do [ -d "/$d" ] && have+=("$d"); done
+    [ ${#have[@]} -gt 0 ] || { echo "no compile caches yet"; return 0; }
+    rm -f "$R"/caches.tgz.*
+    tar czf - -C / "${have[@]}" | split -b 15M -d - "$R/caches.tgz."
+    du -ch "$R"/caches.tgz.* | tail -1
+    [ "$(ls "$R"/caches.tgz.* | wc -l)" -le 4 ] ||
+        echo "more than 4 pieces: more than one call's files can bring back (64 MiB)"
+}
+
+restore_caches() {  # what stage_caches packed on an earlier machine, copied to /tmp/p/C.NN:
+                    # vLLM's and torch's compiles are then looked up, not redone
+    if ls /tmp/p/C.* > /dev/null 2>&1 && [ ! -e /tmp/caches.restored ]; then
+        cat /tmp/p/C.* | tar xzf - -C / && touch /tmp/caches.restored && rm /tmp/p/C.*
+        echo "compile caches restored"
+    fi
+}
+
 stage_unpack() {
+    restore_caches
     if [ ! -e "$COSPEC_CACHE/models/qwen2.5-coder-0.5b/config.json" ]; then
         cat /tmp/p/A.* > /tmp/A.tar
         echo "$A_SHA256  /tmp/A.tar" | sha256sum -c
