@@ -36,7 +36,6 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
@@ -44,31 +43,13 @@ from cospec.batch_methods import engine_options
 from cospec.errors import CospecError
 from cospec.fast_batch import RUN_AHEAD, BatchEngine, Commit
 from cospec.fast_batch_warm import WarmUp, warm_up
+from cospec.job import Job
 from cospec.methods import Method
-from cospec.sampling import SamplingConfig
-from cospec.stats import DecodeStats
 
 log = logging.getLogger("cospec.server")
 
 COUNTERS = ("steps", "drafted", "accepted", "arbiter_calls", "overrides")
 MAX_K = 2 * RUN_AHEAD - 1  # the longest draft an engine runs
-
-
-class BatchJob(Protocol):
-    """What the pool reads of a request (``scheduler.Job``)."""
-
-    method: Method
-    prompt_ids: list[int]
-    max_tokens: int
-    k: int
-    sampling: SamplingConfig
-    seed: int | None
-    eos: tuple[int, ...]
-    stats: DecodeStats
-    cancelled: bool
-
-    @property
-    def done(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -85,9 +66,9 @@ class ServedEngine(BatchEngine):
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.jobs: dict[int, BatchJob] = {}
+        self.jobs: dict[int, Job] = {}
 
-    def add(self, job: BatchJob) -> int:
+    def add(self, job: Job) -> int:
         seed = job.seed if job.seed is not None else random.getrandbits(32)
         rid = self.submit(job.prompt_ids, job.max_tokens, job.sampling, seed)
         self.jobs[rid] = job
@@ -180,7 +161,7 @@ class Group:
     key: tuple[str, int]
     size: int
     engine: ServedEngine | None = None
-    jobs: dict[BatchJob, int | None] = field(default_factory=dict)
+    jobs: dict[Job, int | None] = field(default_factory=dict)
 
     def live(self) -> int:
         return sum(1 for j in list(self.jobs) if not (j.done or j.cancelled))
@@ -200,14 +181,14 @@ class BatchPool:
         """Requests holding (or about to hold) a slot."""
         return sum(g.live() for g in list(self.groups))
 
-    def jobs(self) -> list[BatchJob]:
+    def jobs(self) -> list[Job]:
         return [j for g in list(self.groups) for j in list(g.jobs)]
 
     @property
     def busy(self) -> bool:
         return any(g.jobs for g in self.groups)
 
-    def plan(self, job: BatchJob, key: tuple[str, int],
+    def plan(self, job: Job, key: tuple[str, int],
              waiting: Iterable[tuple[str, int]] = ()) -> bool:
         """Reserve a slot for ``job`` (False: none free now). The largest engine of its
         (method, k) with a free row takes it; else a new engine gets the free slots
@@ -257,7 +238,7 @@ class BatchPool:
 
     # --- on the worker thread
 
-    def turn(self) -> list[tuple[BatchJob, Served]]:
+    def turn(self) -> list[tuple[Job, Served]]:
         """Release ended requests' rows, start the planned ones, step every non-empty
         engine once; returns each request's commit."""
         out = []

@@ -44,6 +44,7 @@ from cospec.batch_methods import engine_models
 from cospec.batch_scheduler import BatchPool, check_memory, engine_key, reserve
 from cospec.errors import CospecError
 from cospec.fast_batch_warm import captures
+from cospec.job import Job
 from cospec.methods import (
     GREEDY_ONLY,
     OWN_METHODS,
@@ -56,7 +57,7 @@ from cospec.methods import (
 )
 from cospec.models import Pair
 from cospec.sampling import SamplingConfig
-from cospec.scheduler import Engine, Job
+from cospec.scheduler import Engine
 from cospec.server_schemas import (
     ApiError,
     ChatRequest,

@@ -1,0 +1,73 @@
+"""One request of ``cospec serve``, from admission to its last token: what the scheduler
+(``cospec.scheduler``) and the batch pool (``cospec.batch_scheduler``) read and write."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from cospec.decoding import Token
+from cospec.methods import Method
+from cospec.sampling import SamplingConfig
+from cospec.server_text import TextStream
+from cospec.stats import DecodeStats
+
+
+@dataclass(eq=False)
+class Job:
+    """One request, from admission to its last token."""
+
+    method: Method
+    prompt_ids: list[int]
+    max_tokens: int
+    k: int
+    sampling: SamplingConfig
+    seed: int | None
+    eos: tuple[int, ...]
+    stops: tuple[str, ...]
+    deadline: float
+    arrived: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    ended: float | None = None
+    ids: list[int] = field(default_factory=list)
+    from_draft: int = 0
+    text: str = ""
+    finish: str | None = None       # "stop" | "length" | "cancelled" | "error"
+    timed_out: bool = False
+    cancelled: bool = False
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)   # a token or the end
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    tokens: Iterator[Token] | None = None
+    detok: TextStream | None = None
+    batch: tuple[str, int] | None = None    # its batch engine's (method, k); None: round robin
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    def end(self, reason: str) -> None:
+        if self.finish is None:
+            self.finish, self.ended = reason, time.monotonic()
+            self.stats.generated = len(self.ids)
+        self.changed.set()
+        self.finished.set()
+
+    def metrics(self) -> dict:
+        s = self.stats
+        now = self.ended or time.monotonic()
+        return {"method": self.method.name,
+                "k": self.k if self.method.proposer is not None else None,
+                "steps": s.steps, "drafted": s.drafted, "accepted": s.accepted,
+                "tau": s.tau, "acceptance_rate": s.acceptance_rate,
+                "from_draft": self.from_draft, "overrides": s.overrides,
+                "arbiter_calls": s.arbiter_calls, "prefill_s": s.prefill_s,
+                "decode_s": s.decode_s, "tokens_per_s": s.tokens_per_s,
+                "queue_s": (self.started or now) - self.arrived, "total_s": now - self.arrived,
+                "timed_out": self.timed_out}
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.ids),
+                "total_tokens": len(self.prompt_ids) + len(self.ids)}
