@@ -1,6 +1,6 @@
 """CUDA graphs stood in on the CPU for ``fast_batch.BatchLM``: its graph path runs (one
 capture per (b, n, span), outputs in static buffers that each replay rewrites), each capture
-and replay an eager forward."""
+and replay an eager forward. And compiled layer halves stood in likewise (``fake_compiled``)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,20 @@ def fake_graphs(monkeypatch) -> list[tuple[int, int, int, int]]:
     monkeypatch.setattr(BatchLM, "_capture", capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     return made
+
+
+def fake_compiled(monkeypatch, module) -> list[torch.Size]:
+    """Engines ``module`` (``fast`` or ``fast_batch``) builds from now on get "compiled" layer
+    halves (no graphs): the reference ones, recording the shape of each input ``x`` they get.
+    Returns that list; what runs eagerly never lands in it."""
+    seen = []
+
+    def recording(fn):
+        def wrapped(x, *args, **kw):
+            seen.append(x.shape)
+            return fn(x, *args, **kw)
+        return wrapped
+
+    compiled = (False, True, recording(module._qkv), recording(module._rest))
+    monkeypatch.setattr(module, "layer_functions", lambda *a: compiled)
+    return seen

@@ -8,6 +8,7 @@ import gc
 
 import pytest
 import torch
+from fake_graphs import fake_compiled
 from tiny import tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -161,16 +162,7 @@ def test_compiled_prefill_is_opt_in(static, flag, monkeypatch):
     """COSPEC_COMPILE_PREFILL=1 sends inputs of more than MAX_GRAPH tokens (prefill) through
     the engine's compiled halves, stood in for by recording wrappers of the reference ones;
     shorter ones stay as they were (eager on CPU) and the greedy tokens stay CachedLM's."""
-    seen = []
-
-    def recording(fn):
-        def wrapped(x, *args, **kw):
-            seen.append(x.shape[0])
-            return fn(x, *args, **kw)
-        return wrapped
-
-    compiled = (False, True, recording(fast._qkv), recording(fast._rest))
-    monkeypatch.setattr(fast, "layer_functions", lambda *a: compiled)
+    seen = fake_compiled(monkeypatch, fast)
     monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
     target, draft = tiny_model(21, dtype=torch.float32), tiny_model(22, layers=1,
                                                                    dtype=torch.float32)
@@ -180,7 +172,7 @@ def test_compiled_prefill_is_opt_in(static, flag, monkeypatch):
     assert got == want and len(got) == 12
     if flag == "1":  # one prefill of ids[:-1] a model, 2 halves a layer, and nothing else
         layers = len(target.model.layers) + len(draft.model.layers)
-        assert seen == [len(ids) - 1] * 2 * layers
+        assert [s[0] for s in seen] == [len(ids) - 1] * 2 * layers
     else:
         assert seen == []
 

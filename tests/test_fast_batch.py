@@ -16,6 +16,7 @@ import pytest
 import torch
 from distribution import assert_follows
 from distribution import exact_joint as joint_of
+from fake_graphs import fake_compiled
 from tiny import tiny_model
 
 from cospec import fast_batch
@@ -136,16 +137,7 @@ def test_compiled_prefill_is_opt_in(pair, near, flag, monkeypatch):
     """COSPEC_COMPILE_PREFILL=1 sends every prefill pass (and only those, on CPU) through the
     engine's compiled layer halves, stood in for here by recording wrappers of the reference
     ones; the tokens stay batch-1 greedy's. Unset or 0: prefill stays eager."""
-    seen = []
-
-    def recording(fn):
-        def wrapped(x, *args, **kw):
-            seen.append(tuple(x.shape))
-            return fn(x, *args, **kw)
-        return wrapped
-
-    compiled = (False, True, recording(fast_batch._qkv), recording(fast_batch._rest))
-    monkeypatch.setattr(fast_batch, "layer_functions", lambda *a: compiled)
+    seen = fake_compiled(monkeypatch, fast_batch)
     monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
     target, draft = pair[0], near
     prompts = [prompt(40 + i, n) for i, n in enumerate(LENGTHS)]

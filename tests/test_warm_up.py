@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from fake_graphs import fake_graphs
+from fake_graphs import fake_compiled, fake_graphs
 from tiny import tiny_model
 
 from cospec import fast_batch
@@ -175,21 +175,12 @@ def test_warm_up_compiles_the_prefill(pair, flag, monkeypatch):
     """With COSPEC_COMPILE_PREFILL=1 warm-up runs each model's prefill through its compiled
     halves (recording stand-ins here) for one row and for two, and the engine's tokens stay
     batch-1 greedy's; without it no prefill runs."""
-    seen = []
-
-    def recording(fn):
-        def wrapped(x, *args, **kw):
-            seen.append(tuple(x.shape[:2]))
-            return fn(x, *args, **kw)
-        return wrapped
-
-    compiled = (False, True, recording(fast_batch._qkv), recording(fast_batch._rest))
-    monkeypatch.setattr(fast_batch, "layer_functions", lambda *a: compiled)
+    seen = fake_compiled(monkeypatch, fast_batch)
     monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
     eng = engine(pair, "spd")
     warm_up(eng, progress=False)
     if flag == "1":
-        assert {(1, PREFILL_WARM), (2, PREFILL_WARM)} == set(seen)
+        assert {(1, PREFILL_WARM), (2, PREFILL_WARM)} == {tuple(s[:2]) for s in seen}
     else:
         assert seen == []
     p = prompt(3, 6)
