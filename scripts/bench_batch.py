@@ -39,9 +39,11 @@ from pathlib import Path
 
 import torch
 
-from cospec.cos import Combination
+from cospec.batch_methods import engine_options
 from cospec.fast_batch import BatchEngine
 from cospec.fast_batch_warm import warm_up
+from cospec.methods import Method, MethodOptions, build_method
+from cospec.models import Pair
 from cospec.sampling import SamplingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,15 +91,11 @@ METHODS = ("target", "spd", "cos-we", "cos-cd", "we-sd", "cd-sd")
 ENV = ("COSPEC_COMPILE", "COSPEC_COMPILE_PREFILL", "COSPEC_FUSED")  # recorded when set
 
 
-def engine_options(method: str, draft, args) -> dict:
-    """``BatchEngine``'s arguments for a method (CoS: the combination of draft and target)."""
-    if method == "target":
-        return dict(draft=None)
-    if method == "spd":
-        return dict(draft=draft)
-    combo = (Combination("we", (args.lam, 1 - args.lam)) if "we" in method.split("-")
-             else Combination("cd", mu=args.mu))
-    return dict(draft=draft, combo=combo, alternate=method.startswith("cos-"))
+def batch_method(method: str, target, draft, args) -> Method:
+    """``method`` built as ``cospec serve`` and ``cospec eval`` build it (``build_method``,
+    ``--lam`` / ``--mu`` for CoS), for the engine ``batch_methods.engine_options`` sets up."""
+    pair = Pair(target, draft, None, "target", "draft" if draft is not None else None)
+    return build_method(method, pair, MethodOptions(lam=args.lam, mu=args.mu))
 
 
 def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig,
@@ -105,9 +103,13 @@ def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig,
     """Capture the engine's graphs (``warm_up``), then decode all prompts once, timed."""
     device = next(target.parameters()).device
     room = max(map(len, prompts)) + args.new + max(args.k, 8) + 4
-    opts = engine_options(method, draft, args)
-    engine = BatchEngine(target, k=args.k, rows=rows, max_len=room, eos_ids=eos, **opts)
-    speculative = opts["draft"] is not None
+    m = batch_method(method, target, draft, args)
+    opts = engine_options(m)
+    if opts is None:
+        raise SystemExit(f"{method}: no batch engine decodes it for these models")
+    engine = BatchEngine(m.verifier, m.proposer, k=args.k, rows=rows, max_len=room, eos_ids=eos,
+                         **opts)
+    speculative = m.proposer is not None
     print(f"B={rows:3d} {method}: warm-up {warm_up(engine)}", flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
