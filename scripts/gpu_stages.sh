@@ -279,17 +279,21 @@ stage_vllm() {
     python3 scripts/peer_speed.py table "$R/peers" | tail -8
 }
 
+bench_pair() {  # $1 output folder, then more bench_batch.py flags: the real pair on the 64
+                # GSM8K + HumanEval prompts, 256 tokens each, k = 4 (resumes: skips a done one)
+    local out=$1; shift
+    mkdir -p "$out"
+    [ -e "$out/bench_batch.json" ] || timeout "${BATCH_S:-400}" python3 scripts/bench_batch.py \
+        --out "$out" --task gsm8k,humaneval --prompts 64 --new 256 --k 4 --ignore-eos "$@" \
+        2>&1 | tail -12
+}
+
 stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and token counts
-    mkdir -p "$R/batch"
-    [ -e "$R/batch/bench_batch.json" ] || timeout "${BATCH_S:-400}" python3 scripts/bench_batch.py \
-        --out "$R/batch" --task gsm8k,humaneval --prompts 64 --new 256 --k 4 \
-        --batches 1,4,16,64 --ignore-eos --save-prompts "$R/batch/prompts.json" 2>&1 | tail -12
+    bench_pair "$R/batch" --batches 1,4,16,64 --save-prompts "$R/batch/prompts.json"
 }
 
 stage_pbatch() {  # batch's prefill compiled instead of eager, where prefill weighs most
-    [ -e "$R/pbatch/bench_batch.json" ] || COSPEC_COMPILE_PREFILL=1 timeout "${BATCH_S:-400}" \
-        python3 scripts/bench_batch.py --out "$R/pbatch" --task gsm8k,humaneval --prompts 64 \
-        --new 256 --k 4 --batches 1,4,16 --ignore-eos 2>&1 | tail -8
+    COSPEC_COMPILE_PREFILL=1 bench_pair "$R/pbatch" --batches 1,4,16
 }
 
 stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no weights to carry)
