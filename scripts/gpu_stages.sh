@@ -303,8 +303,14 @@ stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no w
     done
 }
 
+batch_prompts() {  # $R/batch/prompts.json: batch's prompt ids, or the committed ones
+    [ -e "$R/batch/prompts.json" ] && return 0
+    mkdir -p "$R/batch" && cp results/gpu/h200/batch-real-pair/prompts.json "$R/batch/"
+}
+
 stage_vbatch() {
     vllm_install
+    batch_prompts
     for m in ${VBATCH_METHODS:-target spd}; do
         [ -e "$R/batch/vllm-$m.json" ] || PYTHONPATH=/tmp/vsite:$PYTHONPATH timeout "${VBATCH_S:-280}" \
             python3 scripts/vllm_batch.py --prompts "$R/batch/prompts.json" --method "$m" \
@@ -314,6 +320,7 @@ stage_vbatch() {
 }
 
 stage_hfbatch() {
+    batch_prompts
     [ -e "$R/batch/hf-target.json" ] || timeout "${HFBATCH_S:-500}" python3 scripts/hf_batch.py \
         --prompts "$R/batch/prompts.json" --new 256 --batches "${HFBATCHES:-64,16,4,1}" \
         --device cuda --out "$R/batch/hf-target.json" 2>&1 | grep -E "^hf|Error|error" | tail -8
