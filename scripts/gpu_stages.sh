@@ -25,7 +25,7 @@
 #   batch   cospec's batch engine (scripts/bench_batch.py): target-only and spd at 1, 4, 16, 64
 #           rows, 64 prompts (32 GSM8K heldout + 32 HumanEval), 256 tokens each, EOS ignored
 #   pbatch  the same with COSPEC_COMPILE_PREFILL=1 (prefill through the compiled layer
-#           halves), target and spd at 1, 4, 16 rows: its prefill_s beside batch's
+#           halves), target and spd at 1, 4, 16, 64 rows: its prefill_s beside batch's
 #   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights needed)
 #   caches  pack the compile caches (vLLM's, triton's, torch inductor's) into $R/caches.tgz.NN
 #           (15 MiB pieces); copied to /tmp/p/C.NN on a later machine, unpack restores them
@@ -293,7 +293,7 @@ stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and 
 }
 
 stage_pbatch() {  # batch's prefill compiled instead of eager, where prefill weighs most
-    COSPEC_COMPILE_PREFILL=1 bench_pair "$R/pbatch" --batches 1,4,16
+    COSPEC_COMPILE_PREFILL=1 bench_pair "$R/pbatch" --batches 1,4,16,64
 }
 
 stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no weights to carry)
