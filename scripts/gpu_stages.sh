@@ -43,7 +43,7 @@
 #           serve with target-only, then spd requests (tokens/s, latency, first token)
 #   vserve  the same load against vLLM's OpenAI server (VSERVE_METHOD=target or spd)
 #           (sspeed and vserve: SPEED_REQUESTS requests a level, default 128; SSPEED_METHODS and
-#           VBATCH_METHODS pick methods, default "target spd")
+#           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's, "target,spd")
 #   code    MBPP draft records beside the committed target ones (dev and heldout come from the
 #           one test run), then divergence points on MBPP dev with the draft's and the re-roll
 #           control's branches rolled out and graded (shards of 50 problems; rerun to go on)
@@ -289,7 +289,8 @@ bench_pair() {  # $1 output folder, then more bench_batch.py flags: the real pai
 }
 
 stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and token counts
-    bench_pair "$R/batch" --batches 1,4,16,64 --save-prompts "$R/batch/prompts.json"
+    bench_pair "$R/batch" --batches 1,4,16,64 --methods "${BATCH_METHODS:-target,spd}" \
+        --save-prompts "$R/batch/prompts.json"
 }
 
 stage_pbatch() {  # batch's prefill compiled instead of eager, where prefill weighs most
