@@ -44,7 +44,8 @@
 #           serve with target-only, then spd requests (tokens/s, latency, first token)
 #   vserve  the same load against vLLM's OpenAI server (VSERVE_METHOD=target or spd)
 #           (sspeed and vserve: SPEED_REQUESTS requests a level, default 128; SSPEED_METHODS and
-#           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's and pbatch's, "target,spd")
+#           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's and
+#           pbatch's, default "target,spd")
 #   code    MBPP draft records beside the committed target ones (dev and heldout come from the
 #           one test run), then divergence points on MBPP dev with the draft's and the re-roll
 #           control's branches rolled out and graded (shards of 50 problems; rerun to go on)
