@@ -43,6 +43,7 @@
 #   sspeed  the same load in bf16, unchecked, plain requests only, 128 tokens each: cospec
 #           serve with target-only, then spd requests (tokens/s, latency, first token)
 #   vserve  the same load against vLLM's OpenAI server (VSERVE_METHOD=target or spd)
+#   xserve  the same load against cospec serve in its own process (XSERVE_METHOD)
 #           (sspeed and vserve: SPEED_REQUESTS requests a level, default 128; SSPEED_METHODS and
 #           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's and
 #           pbatch's, default "target,spd")
@@ -126,26 +127,43 @@ stage_sspeed() {  # cospec serve, bf16, target-only and spd (k = 4) requests, 64
     done
 }
 
+served() {  # $1 label, $2 output folder, $3 port, then the server's command: started in its
+            # own process, loaded by serve_load once /health answers, then stopped
+    local label=$1 out=$2 port=$3; shift 3
+    mkdir -p "$out"
+    "$@" > "$out.log" 2>&1 &
+    local pid=$! t0=$SECONDS
+    until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health')" \
+            2>/dev/null; do
+        sleep 2
+        if ! kill -0 $pid 2>/dev/null || [ $((SECONDS - t0)) -gt 400 ]; then
+            tail -20 "$out.log"; kill $pid 2>/dev/null; return 1
+        fi
+    done
+    echo "$label up after $((SECONDS - t0)) s"
+    serve_load "http://127.0.0.1:$port" "$label" "$out"
+    kill $pid; wait $pid 2>/dev/null || true
+}
+
 stage_vserve() {  # vLLM's OpenAI server on the real pair (VSERVE_METHOD target or spd, k = 4)
     vllm_install
     local m=${VSERVE_METHOD:-target} spec=()
     [ "$m" = spd ] && spec=(--speculative-config "{\"method\": \"draft_model\", \"model\":
         \"$COSPEC_CACHE/models/qwen2.5-coder-0.5b\", \"num_speculative_tokens\": 4}")
-    PYTHONPATH=/tmp/vsite:$PYTHONPATH python3 -m vllm.entrypoints.openai.api_server \
+    PYTHONPATH=/tmp/vsite:$PYTHONPATH served "vLLM serve $m" "$R/vserve-$m" 8011 \
+        python3 -m vllm.entrypoints.openai.api_server \
         --model "$COSPEC_CACHE/models/qwen2.5-coder-1.5b" --served-model-name qwen2.5-coder-1.5b \
         --port 8011 --dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 --seed 0 \
-        --no-enable-prefix-caching "${spec[@]}" > "$R/vserve-$m.log" 2>&1 &
-    local pid=$! t0=$SECONDS
-    until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health')" \
-            2>/dev/null; do
-        sleep 2
-        if ! kill -0 $pid 2>/dev/null || [ $((SECONDS - t0)) -gt 400 ]; then
-            tail -20 "$R/vserve-$m.log"; kill $pid 2>/dev/null; return 1
-        fi
-    done
-    echo "vLLM server ($m) up after $((SECONDS - t0)) s"
-    serve_load http://127.0.0.1:8011 "vLLM serve $m" "$R/vserve-$m"
-    kill $pid; wait $pid 2>/dev/null || true
+        --no-enable-prefix-caching "${spec[@]}"
+}
+
+stage_xserve() {  # cospec serve in its own process (as vLLM's server), the sspeed load, bf16
+    vllm_install  # fastapi and uvicorn
+    local m=${XSERVE_METHOD:-target}
+    PYTHONPATH=$PYTHONPATH:/tmp/vsite served "cospec serve $m" "$R/xserve-$m" 8012 \
+        python3 -m cospec serve --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b \
+        --device cuda --dtype bfloat16 --methods "$m" --k 4 --max-batch 64 --max-queue 128 \
+        --port 8012 --warm-up
 }
 
 stage_replay() {
