@@ -200,7 +200,7 @@ class Engine:
 
             functions = fused_layer_functions(functions)
         self.use_graphs, self.compiled, self.qkv, self.rest = functions
-        self.compiled_prefill = self.compiled and not self.fused and compile_prefill()
+        self.compiled_prefill = compile_prefill(False) and self.compiled and not self.fused
         self.graphs: dict[int, tuple] = {}   # n -> (graph, logits, hidden)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.host = (torch.zeros(MAX_GRAPH + 1, dtype=torch.long, pin_memory=True)
@@ -341,11 +341,19 @@ def layer_functions(device: torch.device, graphs: bool | None, compile: bool | N
             torch.compile(_rest, dynamic=True, fullgraph=True))
 
 
-def compile_prefill() -> bool:
-    """COSPEC_COMPILE_PREFILL=1: prefill (inputs of more than MAX_GRAPH tokens; in the batch
-    engine every prefill pass) through the compiled layer halves too, dynamic shapes, instead
-    of eagerly. Opt-in until measured; engines with fused layers keep the eager prefill."""
-    return os.environ.get("COSPEC_COMPILE_PREFILL") == "1"
+def compile_prefill(default: bool) -> bool:
+    """Run prefill (inputs of more than MAX_GRAPH tokens; in the batch engine every prefill
+    pass) through the compiled layer halves too, dynamic shapes, instead of eagerly?
+    COSPEC_COMPILE_PREFILL=1 yes, 0 no, unset ``default``: on in the batch engine, whose rows
+    join one or two at a time, each admission a prefill pass (measured on an H200, real pair,
+    spd: its prefill time halved at 1-16 rows); off in this engine, one prefill per call,
+    where the compile would cost more than it saves. Engines with compiled layers only (not
+    on CPU, not with fused layers)."""
+    value = os.environ.get("COSPEC_COMPILE_PREFILL", "")
+    if value not in ("", "0", "1"):
+        raise CospecError(f"COSPEC_COMPILE_PREFILL={value!r}: use 1 (compile the prefill), "
+                          "0 (eager) or leave it unset")
+    return default if value == "" else value == "1"
 
 
 def _raise_recompile_limit() -> None:

@@ -120,7 +120,7 @@ class BatchLM:
         self.span = max_len
         self.use_graphs, compiled, self.qkv, self.rest = layer_functions(self.device, graphs,
                                                                           compile)
-        self.compiled_prefill = compiled and compile_prefill()  # see fast.compile_prefill
+        self.compiled_prefill = compile_prefill(True) and compiled  # see fast.compile_prefill
         self.graphs: dict[tuple[int, int, int], tuple] = {}  # (b, n, span) -> (graph, logits,
         #                                                        hidden)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -169,10 +169,11 @@ class BatchLM:
 
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> None:
         """Write the K/V of each ``prompts[i]`` at positions 0.. of slot ``slots[i]``, all
-        in one pass without a graph (eager, or compiled with COSPEC_COMPILE_PREFILL=1; no
-        output head: only the caches are kept). Shorter prompts are padded at the
-        end: the padding's K/V land beyond the row's length, where no query looks before
-        the row overwrites them. Empty prompts are skipped."""
+        in one pass without a graph (through the compiled layer halves where there are some,
+        unless COSPEC_COMPILE_PREFILL=0: ``fast.compile_prefill``; no output head: only the
+        caches are kept). Shorter prompts are padded at the end: the padding's K/V land
+        beyond the row's length, where no query looks before the row overwrites them. Empty
+        prompts are skipped."""
         todo = [(list(p), s) for p, s in zip(prompts, slots) if len(p)]
         while todo:  # passes of at most PREFILL_TOKENS padded tokens (or one prompt)
             m = 1

@@ -13,8 +13,8 @@ The forwards are the models' own ``BatchLM.run`` on dummy tokens at positions 0.
 prefills its slot from position 0, and a step writes every position before a query reads it
 (``fast_batch``'s invariants). Stats, queue and request ids are untouched. Models without
 graphs (CPU, ``graphs=False``) have nothing to capture and are skipped. With a compiled prefill
-(COSPEC_COMPILE_PREFILL=1) it also runs prefill passes of one and of two rows, so that their
-compiles happen here too.
+(the default on CUDA: ``fast.compile_prefill``) it also runs prefill passes of one and of two
+rows, so that their compiles happen here too.
 """
 
 from __future__ import annotations

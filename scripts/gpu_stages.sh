@@ -25,8 +25,10 @@
 #   transfer  the same on HumanEval (164) and MBPP (500)
 #   batch   cospec's batch engine (scripts/bench_batch.py): target-only and spd at 1, 4, 16, 64
 #           rows, 64 prompts (32 GSM8K heldout + 32 HumanEval), 256 tokens each, EOS ignored
-#   pbatch  the same with COSPEC_COMPILE_PREFILL=1 (prefill through the compiled layer
-#           halves), target and spd at 1, 4, 16, 64 rows: its prefill_s beside batch's
+#   pbatch  the same with COSPEC_COMPILE_PREFILL=1 set (prefill through the compiled layer
+#           halves, the batch engine's default), into $R/pbatch
+#   ebatch  the same with COSPEC_COMPILE_PREFILL=0 (eager prefill), into $R/ebatch: the
+#           same-lease control for the compiled prefill
 #   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights needed)
 #   caches  pack the compile caches (vLLM's, triton's, torch inductor's) into $R/caches.tgz.NN
 #           (15 MiB pieces); copied to /tmp/p/C.NN on a later machine, unpack restores them
@@ -45,8 +47,8 @@
 #   vserve  the same load against vLLM's OpenAI server (VSERVE_METHOD=target or spd)
 #   xserve  the same load against cospec serve in its own process (XSERVE_METHOD)
 #           (sspeed and vserve: SPEED_REQUESTS requests a level, default 128; SSPEED_METHODS and
-#           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's and
-#           pbatch's, default "target,spd")
+#           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's,
+#           pbatch's and ebatch's, default "target,spd")
 #   code    MBPP draft records beside the committed target ones (dev and heldout come from the
 #           one test run), then divergence points on MBPP dev with the draft's and the re-roll
 #           control's branches rolled out and graded (shards of 50 problems; rerun to go on)
@@ -318,8 +320,13 @@ stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and 
         --save-prompts "$R/batch/prompts.json"
 }
 
-stage_pbatch() {  # batch's prefill compiled instead of eager, where prefill weighs most
+stage_pbatch() {  # batch with the compiled prefill asked for explicitly
     COSPEC_COMPILE_PREFILL=1 bench_pair "$R/pbatch" --batches 1,4,16,64 \
+        --methods "${BATCH_METHODS:-target,spd}"
+}
+
+stage_ebatch() {  # batch with the prefill eager: what the compiled one saves, same lease
+    COSPEC_COMPILE_PREFILL=0 bench_pair "$R/ebatch" --batches 1,4,16,64 \
         --methods "${BATCH_METHODS:-target,spd}"
 }
 

@@ -157,13 +157,17 @@ def test_llama_family(static):
     assert got == want
 
 
-@pytest.mark.parametrize("flag", ["1", "0"])
+@pytest.mark.parametrize("flag", ["1", None, "0"])
 def test_compiled_prefill_is_opt_in(static, flag, monkeypatch):
-    """COSPEC_COMPILE_PREFILL=1 sends inputs of more than MAX_GRAPH tokens (prefill) through
-    the engine's compiled halves, stood in for by recording wrappers of the reference ones;
-    shorter ones stay as they were (eager on CPU) and the greedy tokens stay CachedLM's."""
+    """In the batch-1 engine COSPEC_COMPILE_PREFILL=1 (and only that: unset or 0 is eager)
+    sends inputs of more than MAX_GRAPH tokens (prefill) through the engine's compiled
+    halves, stood in for by recording wrappers of the reference ones; shorter ones stay as
+    they were (eager on CPU) and the greedy tokens stay CachedLM's."""
     seen = fake_compiled(monkeypatch, fast)
-    monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
+    if flag is None:
+        monkeypatch.delenv("COSPEC_COMPILE_PREFILL", raising=False)
+    else:
+        monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
     target, draft = tiny_model(21, dtype=torch.float32), tiny_model(22, layers=1,
                                                                    dtype=torch.float32)
     ids = prompt(7, n=fast.MAX_GRAPH + 9)

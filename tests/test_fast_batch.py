@@ -132,23 +132,34 @@ def test_cuda_graphs_same_tokens(pair, near):
     assert {1, 4} <= {b for b, *_ in eng.target.graphs}
 
 
-@pytest.mark.parametrize("flag", ["1", "0"])
-def test_compiled_prefill_is_opt_in(pair, near, flag, monkeypatch):
-    """COSPEC_COMPILE_PREFILL=1 sends every prefill pass (and only those, on CPU) through the
-    engine's compiled layer halves, stood in for here by recording wrappers of the reference
-    ones; the tokens stay batch-1 greedy's. Unset or 0: prefill stays eager."""
+@pytest.mark.parametrize("flag", ["1", None, "0"])
+def test_prefill_is_compiled_unless_turned_off(pair, near, flag, monkeypatch):
+    """Where the layers are compiled, every prefill pass (and only those, on CPU) goes through
+    the engine's compiled layer halves, stood in for here by recording wrappers of the
+    reference ones, with COSPEC_COMPILE_PREFILL=1 or unset; the tokens stay batch-1 greedy's.
+    COSPEC_COMPILE_PREFILL=0: prefill stays eager."""
     seen = fake_compiled(monkeypatch, fast_batch)
-    monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
+    if flag is None:
+        monkeypatch.delenv("COSPEC_COMPILE_PREFILL", raising=False)
+    else:
+        monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
     target, draft = pair[0], near
     prompts = [prompt(40 + i, n) for i, n in enumerate(LENGTHS)]
     want = [[t.id for t in generate(target, draft, p, ExactRule(), k=3, max_new_tokens=m)]
             for p, m in zip(prompts, BUDGETS)]
     assert generate_batch(target, draft, prompts, max_new_tokens=BUDGETS, rows=4, k=3) == want
     layers = len(target.model.layers) + len(draft.model.layers)
-    if flag == "1":  # prefill passes of both models: 2 halves a layer, a pass at least once
+    if flag != "0":  # prefill passes of both models: 2 halves a layer, a pass at least once
         assert len(seen) >= 2 * layers and all(s[1] > 1 for s in seen)
     else:
         assert seen == []
+
+
+def test_bad_compile_prefill_value(pair, monkeypatch):
+    """A value of COSPEC_COMPILE_PREFILL other than 1 or 0 is named, not taken as either."""
+    monkeypatch.setenv("COSPEC_COMPILE_PREFILL", "yes")
+    with pytest.raises(CospecError, match="COSPEC_COMPILE_PREFILL='yes'"):
+        BatchEngine(pair[0], None, rows=2, max_len=64)
 
 
 def test_submit_and_step(pair):

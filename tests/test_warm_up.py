@@ -170,16 +170,20 @@ def test_warm_up_without_graphs_does_nothing(pair, monkeypatch):
         warm_up(eng, progress=False)
 
 
-@pytest.mark.parametrize("flag", ["1", "0"])
+@pytest.mark.parametrize("flag", [None, "0"])
 def test_warm_up_compiles_the_prefill(pair, flag, monkeypatch):
-    """With COSPEC_COMPILE_PREFILL=1 warm-up runs each model's prefill through its compiled
-    halves (recording stand-ins here) for one row and for two, and the engine's tokens stay
-    batch-1 greedy's; without it no prefill runs."""
+    """With a compiled prefill (the default where layers are compiled) warm-up runs each
+    model's prefill through its compiled halves (recording stand-ins here) for one row and
+    for two, and the engine's tokens stay batch-1 greedy's; with COSPEC_COMPILE_PREFILL=0 no
+    prefill runs."""
     seen = fake_compiled(monkeypatch, fast_batch)
-    monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
+    if flag is None:
+        monkeypatch.delenv("COSPEC_COMPILE_PREFILL", raising=False)
+    else:
+        monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
     eng = engine(pair, "spd")
     warm_up(eng, progress=False)
-    if flag == "1":
+    if flag is None:
         assert {(1, PREFILL_WARM), (2, PREFILL_WARM)} == {tuple(s[:2]) for s in seen}
     else:
         assert seen == []
