@@ -27,7 +27,7 @@ its batch-1 tokens at a near-tie, which is not a mixed-up response).
 
 For speed beside another server, start ``cospec serve`` in its own process and use ``--url``
 (``gpu_stages.sh xserve``): in-process, the clients and the server share one interpreter,
-and the clients' work delays the server's steps.
+and the clients' work can delay the server's steps.
 
     python scripts/load_test.py --url http://127.0.0.1:8000 --plain --malformed 0 \
         --disconnect 0 --slow 0 --concurrency 1,4,16,64 --out results/server/vllm
