@@ -17,7 +17,8 @@ captured for every bucket of rows <= B and every cache span (``fast_batch_warm.w
 no capture falls inside it (on CPU there is nothing to capture). Per (B, method):
 generated tokens, prefill and decode seconds, tokens/s end to end and decode only, tau,
 peak memory (CUDA: the device's peak allocated in that pass; CPU: the process's peak
-resident set so far), capture seconds.
+resident set so far), capture seconds, whether the prefill ran compiled
+(``fast.compile_prefill``).
 Writes DIR/bench_batch.json after every configuration and prints a table. ``--tiny``: random
 tiny models (fp32, CPU), random prompts: checks that the script runs, measures nothing.
 ``--ignore-eos``: every request decodes exactly ``--new`` tokens (for a side-by-side with
@@ -126,7 +127,8 @@ def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig,
                 decode_s=s.decode_s, wall_s=wall, tokens_per_s=s.generated / wall,
                 decode_tokens_per_s=s.tokens_per_s, tau=s.tau if speculative else None,
                 acceptance_rate=s.acceptance_rate if speculative else None,
-                peak_mb=peak_mb(device), capture_s=sum(m.capture_s for m in engine.models))
+                peak_mb=peak_mb(device), capture_s=sum(m.capture_s for m in engine.models),
+                compiled_prefill=all(m.compiled_prefill for m in engine.models))
 
 
 def main() -> None:
