@@ -81,7 +81,8 @@ stage_tests() {
         tests/test_warm_up.py 2>&1 | tail -15
 }
 
-stage_ptests() {  # the CUDA tests of the fast paths with the prefill compiled (opt-in)
+stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_COMPILE_PREFILL=1 (the
+                  # batch-1 engine's prefill compiled too; the batch engine's is by default)
     COSPEC_COMPILE_PREFILL=1 python3 -m pytest -q -o addopts="" -p no:cacheprovider \
         tests/test_fast.py tests/test_fast_batch.py tests/test_warm_up.py 2>&1 | tail -15
 }
@@ -307,27 +308,25 @@ stage_vllm() {
 }
 
 bench_pair() {  # $1 output folder, then more bench_batch.py flags: the real pair on the 64
-                # GSM8K + HumanEval prompts, 256 tokens each, k = 4 (resumes: skips a done one)
+                # GSM8K + HumanEval prompts, 256 tokens each, k = 4, at 1, 4, 16 and 64 rows,
+                # $BATCH_METHODS (resumes: skips a done one)
     local out=$1; shift
     mkdir -p "$out"
     [ -e "$out/bench_batch.json" ] || timeout "${BATCH_S:-400}" python3 scripts/bench_batch.py \
-        --out "$out" --task gsm8k,humaneval --prompts 64 --new 256 --k 4 --ignore-eos "$@" \
-        2>&1 | tail -12
+        --out "$out" --task gsm8k,humaneval --prompts 64 --new 256 --k 4 --ignore-eos \
+        --batches 1,4,16,64 --methods "${BATCH_METHODS:-target,spd}" "$@" 2>&1 | tail -12
 }
 
 stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and token counts
-    bench_pair "$R/batch" --batches 1,4,16,64 --methods "${BATCH_METHODS:-target,spd}" \
-        --save-prompts "$R/batch/prompts.json"
+    bench_pair "$R/batch" --save-prompts "$R/batch/prompts.json"
 }
 
 stage_pbatch() {  # batch with the compiled prefill asked for explicitly
-    COSPEC_COMPILE_PREFILL=1 bench_pair "$R/pbatch" --batches 1,4,16,64 \
-        --methods "${BATCH_METHODS:-target,spd}"
+    COSPEC_COMPILE_PREFILL=1 bench_pair "$R/pbatch"
 }
 
 stage_ebatch() {  # batch with the prefill eager: what the compiled one saves, same lease
-    COSPEC_COMPILE_PREFILL=0 bench_pair "$R/ebatch" --batches 1,4,16,64 \
-        --methods "${BATCH_METHODS:-target,spd}"
+    COSPEC_COMPILE_PREFILL=0 bench_pair "$R/ebatch"
 }
 
 stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no weights to carry)
