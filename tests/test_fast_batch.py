@@ -17,7 +17,7 @@ import torch
 from distribution import assert_follows
 from distribution import exact_joint as joint_of
 from fake_graphs import fake_compiled
-from tiny import tiny_model
+from tiny import near_copy, tiny_model
 
 from cospec import fast_batch
 from cospec.acceptance import ExactRule
@@ -50,14 +50,8 @@ def pair():
 
 @pytest.fixture(scope="module")
 def near(pair):
-    """The target with its weights perturbed by 5 % of their spread: a draft the target
-    agrees with about half the time (an independent random draft almost never)."""
-    model = copy.deepcopy(pair[0])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05 * p.std())
-    return model
+    """A draft the target agrees with about half the time (``tiny.near_copy``)."""
+    return near_copy(pair[0])
 
 
 def batch1(target, proposer, prompts, budgets, rule, k, eos=()):
