@@ -20,7 +20,7 @@ from distribution import assert_follows
 from distribution import exact_joint as joint_of
 from test_exactness import CFG, LAM, MU, combined
 from test_fast_batch import BUDGETS, LENGTHS, prompt
-from tiny import tiny_model
+from tiny import near_copy, tiny_model
 
 from cospec import fast_batch
 from cospec.arbiter import ConfidencePolicy
@@ -35,23 +35,13 @@ CD = Combination("cd", mu=0.1)
 WE3 = Combination("we", (0.2, 0.3, 0.5))
 
 
-def perturbed(model: torch.nn.Module, scale: float) -> torch.nn.Module:
-    """A copy of ``model`` with each weight moved by ``scale`` times its spread."""
-    out = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in out.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
-    return out
-
-
 @pytest.fixture(scope="module")
 def models():
     """target, a random draft, a third model (fp32), and the target perturbed by 5 % (a
     draft the target often agrees with)."""
     target = tiny_model(1, dtype=torch.float32)
     return (target, tiny_model(2, layers=1, dtype=torch.float32),
-            tiny_model(4, layers=1, dtype=torch.float32), perturbed(target, 0.05))
+            tiny_model(4, layers=1, dtype=torch.float32), near_copy(target, 0.05))
 
 
 def batch1(models, combo, method, prompts, budgets, k, eos=()):
@@ -148,7 +138,7 @@ def toy():
     (a random draft's tokens rarely pass r = softmax(l_p - mu l_q))."""
     target = tiny_model(3, vocab=VOCAB, dtype=torch.float32)
     rand = tiny_model(4, layers=1, vocab=VOCAB, dtype=torch.float32)
-    return target, {"cos-we": rand, "we-sd": rand, "cos-cd": perturbed(target, 0.1)}
+    return target, {"cos-we": rand, "we-sd": rand, "cos-cd": near_copy(target, 0.1)}
 
 
 def exact_joint(method: str, draft, target) -> dict[tuple[int, ...], float]:

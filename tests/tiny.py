@@ -25,9 +25,9 @@ def tiny_model(seed: int, layers: int = 2, width: int = 32, vocab: int = VOCAB,
 
 
 def near_copy(model: torch.nn.Module, spread: float = 0.05) -> torch.nn.Module:
-    """``model`` with its weights perturbed by ``spread`` of their spread (seeded): a draft
-    the model agrees with about half the time at 5 % (an independent random draft almost
-    never)."""
+    """A copy of ``model`` with each weight moved by ``spread`` times its spread (seeded):
+    at 5 % a draft the model agrees with about half the time (an independent random draft
+    almost never)."""
     near = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
