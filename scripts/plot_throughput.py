@@ -1,8 +1,8 @@
 """Tokens/s against concurrency for several engines, as a table and a log-log plot.
 
-    python scripts/plot_throughput.py --out DIR FILE [FILE ...]
+    python scripts/plot_throughput.py --out DIR [NAME=]FILE [[NAME=]FILE ...]
 
-Each FILE is one of
+NAME= names a served FILE's series (two runs that share a --label). Each FILE is one of
 - ``bench_batch.json`` (``scripts/bench_batch.py``): cospec's batch engine offline, a series
   per method ("cospec target", "cospec spd", ...);
 - a JSON with ``engine`` and ``runs`` (``scripts/vllm_batch.py``, ``scripts/hf_batch.py``):
@@ -22,14 +22,14 @@ from pathlib import Path
 Series = dict[str, dict[int, float]]  # name -> {x: tokens/s}
 
 
-def read(path: Path) -> tuple[str, Series]:
-    """("offline" or "served", its series) of one result file."""
+def read(path: Path, label: str | None = None) -> tuple[str, Series]:
+    """("offline" or "served", its series) of one result file; ``label`` names a served one."""
     data = json.loads(path.read_text())
     series: Series = {}
     if "levels" in data:  # load_test.json
         cfg = data["config"]
-        name = cfg.get("label") or (f"{cfg['url']}" if cfg.get("url") else
-                                    f"cospec serve {cfg.get('methods', '')}")
+        name = label or cfg.get("label") or (f"{cfg['url']}" if cfg.get("url") else
+                                             f"cospec serve {cfg.get('methods', '')}")
         series[name] = {lv["concurrency"]: lv["summary"]["throughput_tokens_per_s"]
                         for lv in data["levels"]}
         return "served", series
@@ -53,14 +53,20 @@ def table(kind: str, series: Series) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("files", nargs="+", help="[NAME=]FILE")
     args = ap.parse_args()
+    named = [(None, Path(a)) if "=" not in a else (a.split("=", 1)[0], Path(a.split("=", 1)[1]))
+             for a in args.files]
+    args.files = [f for _, f in named]
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         ap.error("no such file: " + ", ".join(missing))
     panels: dict[str, Series] = {}
-    for f in args.files:
-        kind, series = read(f)
+    for label, f in named:
+        kind, series = read(f, label)
+        if set(series) & set(panels.get(kind, {})):
+            ap.error(f"{f}: a series named {', '.join(series)} is already plotted; name it "
+                     "with NAME=FILE")
         panels.setdefault(kind, {}).update(series)
     args.out.mkdir(parents=True, exist_ok=True)
     md = ["# Tokens/s against concurrency", "",

@@ -51,3 +51,24 @@ def test_missing_file_is_a_clear_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         pt.main()
     assert "no such file" in capsys.readouterr().err
+
+
+def test_two_runs_with_one_label_are_named_apart(tmp_path, monkeypatch, capsys):
+    """NAME=FILE names a served series; two runs that share a --label and no NAME are refused
+    (the second would silently replace the first)."""
+    def served(name: str, tps: float) -> Path:
+        return write(tmp_path / f"{name}.json", {
+            "config": {"label": "cospec serve target", "url": None},
+            "levels": [{"concurrency": 1, "summary": {"throughput_tokens_per_s": tps}}]})
+
+    a, b = served("a", 300.0), served("b", 400.0)
+    out = str(tmp_path / "out")
+    monkeypatch.setattr(sys, "argv", ["plot_throughput.py", "--out", out, str(a), str(b)])
+    with pytest.raises(SystemExit):
+        pt.main()
+    assert "already plotted" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["plot_throughput.py", "--out", out, f"in-process={a}",
+                                      f"own process={b}"])
+    pt.main()
+    assert "| 1 | 300 | 400 |" in (tmp_path / "out" / "throughput.md").read_text()
+    capsys.readouterr()
