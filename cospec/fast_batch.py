@@ -55,8 +55,8 @@ from cospec.fast import (
     _qkv,
     _rest,
     _rms,
-    compile_prefill,
     layer_functions,
+    prefill_mode,
     supported,
 )
 from cospec.fast_batch_cos import EXTRA, CosStep
@@ -75,6 +75,7 @@ from cospec.stats import DecodeStats
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RUN_AHEAD = 8   # target-only decoding: tokens decoded per host read
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill pass (bounds its attention mask)
+PREFILL_MIN = 16  # COSPEC_PREFILL=graphs: prompts are padded to PREFILL_MIN·2^i (or max_len)
 MIN_SPAN = 256  # the shortest cache span a step attends over (spans: powers of two, max_len)
 
 
@@ -120,9 +121,16 @@ class BatchLM:
         self.span = max_len
         self.use_graphs, compiled, self.qkv, self.rest = layer_functions(self.device, graphs,
                                                                           compile)
-        self.compiled_prefill = compile_prefill(True) and compiled  # see fast.compile_prefill
+        mode = prefill_mode()  # see fast.prefill_mode
+        self.compiled_prefill = mode == "compiled" and compiled
+        self.graph_prefill = mode == "graphs"  # padded one-row passes; graphs where use_graphs
         self.graphs: dict[tuple[int, int, int], tuple] = {}  # (b, n, span) -> (graph, logits,
         #                                                        hidden)
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # padded length -> graph
+        if self.graph_prefill:  # the one-row pass's static inputs: token ids, slot
+            with torch.inference_mode(False), torch.no_grad():
+                self.prefill_ids = torch.zeros(1, max_len, dtype=torch.long, device=self.device)
+                self.prefill_row = torch.zeros(1, dtype=torch.long, device=self.device)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.capture_s = 0.0
 
@@ -169,12 +177,18 @@ class BatchLM:
 
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> None:
         """Write the K/V of each ``prompts[i]`` at positions 0.. of slot ``slots[i]``, all
-        in one pass without a graph (through the compiled layer halves where there are some,
-        unless COSPEC_COMPILE_PREFILL=0: ``fast.compile_prefill``; no output head: only the
-        caches are kept). Shorter prompts are padded at the end: the padding's K/V land
-        beyond the row's length, where no query looks before the row overwrites them. Empty
-        prompts are skipped."""
+        in one pass without a graph (eagerly, or through the compiled layer halves with
+        COSPEC_PREFILL=compiled: ``fast.prefill_mode``; no output head: only the caches are
+        kept), or with COSPEC_PREFILL=graphs one pass a prompt, each padded to its
+        ``prefill_length`` and replayed from that length's CUDA graph (``prefill_one``).
+        Shorter prompts are padded at the end: the padding's K/V land beyond the row's
+        length, where no query looks before the row overwrites them. Empty prompts are
+        skipped."""
         todo = [(list(p), s) for p, s in zip(prompts, slots) if len(p)]
+        if self.graph_prefill:
+            for p, s in todo:
+                self.prefill_one(p, s)
+            return
         while todo:  # passes of at most PREFILL_TOKENS padded tokens (or one prompt)
             m = 1
             while m < len(todo) and (m + 1) * max(len(p) for p, _ in todo[:m + 1]) \
@@ -187,22 +201,65 @@ class BatchLM:
             self._forward(ids, self.slots[:n].expand(m, n), 0, eager=not self.compiled_prefill,
                           rows=rows, head=False, span=n)
 
-    def _capture(self, b: int, n: int) -> tuple:
-        """Capture the forward of (b, n); the warm-up runs compute this very call (the
-        buffers hold its ids and positions), so their K/V writes are the real ones."""
+    def prefill_length(self, n: int) -> int:
+        """The padded length of an n-token prompt's pass: PREFILL_MIN·2^i >= n, or max_len."""
+        padded = PREFILL_MIN
+        while padded < n:
+            padded *= 2
+        return min(padded, self.max_len)
+
+    def prefill_lengths(self) -> list[int]:
+        """Every padded length a prompt of up to max_len tokens can take, shortest first."""
+        out = [self.prefill_length(1)]
+        while out[-1] < self.max_len:
+            out.append(self.prefill_length(out[-1] + 1))
+        return out
+
+    def prefill_one(self, prompt: Sequence[int], slot: int) -> None:
+        """One prompt's pass into ``slot``, padded to ``prefill_length``: its static inputs
+        written, then its length's graph replayed (captured at the first use of that
+        length), or, without graphs, the same padded pass run eagerly. The padding tokens
+        are whatever the buffer held: their K/V land beyond the row's length."""
+        n = self.prefill_length(len(prompt))
+        self.prefill_ids[0, :len(prompt)].copy_(torch.as_tensor(prompt, device=self.device))
+        self.prefill_row.fill_(slot)
+        if not self.use_graphs:
+            self._prefill_pass(n)
+            return
+        if n not in self.prefill_graphs:
+            self.prefill_graphs[n] = self._capture_graph(lambda: self._prefill_pass(n))[0]
+        self.prefill_graphs[n].replay()
+
+    def _prefill_pass(self, n: int) -> None:
+        """The padded one-row pass over prefill_ids[:, :n] into slot prefill_row (eager
+        kernels: a graph replays them without their dispatch)."""
+        self._forward(self.prefill_ids[:, :n], self.slots[:n][None], 0, eager=True,
+                      rows=self.prefill_row, head=False, span=n)
+
+    def _capture_graph(self, forward) -> tuple[torch.cuda.CUDAGraph, object]:
+        """(graph, forward's outputs): ``forward`` run twice on a side stream (lazy inits
+        and allocations happen outside the capture), then captured in the shared pool. The
+        two runs compute what the static buffers hold, so their K/V writes are real ones."""
         t0 = time.perf_counter()
-        ids, pos = self.ids[:b, :n], self.pos[:b, :n]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(ids, pos, 0, eager=False)
+                forward()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits, hidden = self._forward(ids, pos, 0, eager=False)
+            out = forward()
         torch.cuda.synchronize(self.device)
         self.capture_s += time.perf_counter() - t0
+        return graph, out
+
+    def _capture(self, b: int, n: int) -> tuple:
+        """Capture the forward of (b, n) over the buffers that hold its ids and positions;
+        returns (graph, logits, hidden)."""
+        ids, pos = self.ids[:b, :n], self.pos[:b, :n]
+        graph, (logits, hidden) = self._capture_graph(
+            lambda: self._forward(ids, pos, 0, eager=False))
         return graph, logits, hidden
 
 

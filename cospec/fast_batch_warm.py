@@ -12,9 +12,11 @@ The forwards are the models' own ``BatchLM.run`` on dummy tokens at positions 0.
 0..b-1. Those slots are free, so nothing reads what they write: a request admitted later
 prefills its slot from position 0, and a step writes every position before a query reads it
 (``fast_batch``'s invariants). Stats, queue and request ids are untouched. Models without
-graphs (CPU, ``graphs=False``) have nothing to capture and are skipped. With a compiled prefill
-(the default on CUDA: ``fast.compile_prefill``) it also runs prefill passes of one and of two
-rows, so that their compiles happen here too.
+graphs (CPU, ``graphs=False``) have nothing to capture and are skipped. With
+COSPEC_PREFILL=graphs (``fast.prefill_mode``) it also captures each model's prefill graph of
+every padded length (``BatchLM.prefill_lengths``: a pass into slot 0, free too); with
+COSPEC_PREFILL=compiled it runs prefill passes of one and of two rows, so that their compiles
+happen here.
 """
 
 from __future__ import annotations
@@ -42,12 +44,15 @@ class WarmUp:
     spans: tuple[int, ...]
     tokens: tuple[int, ...]
     seconds: float
+    prefill: int = 0  # prefill graphs captured (COSPEC_PREFILL=graphs)
 
     def __str__(self) -> str:
         if not self.tokens:
             return "nothing to capture (no CUDA graphs)"
+        extra = f" and {self.prefill} prefill graphs" if self.prefill else ""
         return (f"{self.captured} CUDA graphs (rows {list(self.buckets)} x spans "
-                f"{list(self.spans)} x tokens {list(self.tokens)}) in {self.seconds:.1f} s")
+                f"{list(self.spans)} x tokens {list(self.tokens)}){extra} in "
+                f"{self.seconds:.1f} s")
 
 
 def captures(device: torch.device) -> bool:
@@ -77,7 +82,13 @@ def warm_up(engine: BatchEngine, progress: bool = True) -> WarmUp:
             lm.span = span
             pos = torch.arange(n, device=lm.device).expand(b, n)
             lm.run(torch.zeros_like(pos), pos)
-        for lm in engine.models:  # a compiled prefill (fast.compile_prefill) compiles here:
+        had = sum(len(lm.prefill_graphs) for lm in engine.models)
+        prefills = [(lm, n) for lm in engine.models if lm.graph_prefill and lm.use_graphs
+                    for n in reversed(lm.prefill_lengths())]  # the longest first, as above
+        for lm, n in tqdm(prefills, desc="warm-up prefill", unit="graph",
+                          disable=not progress or not prefills):
+            lm.prefill_one([0] * n, 0)
+        for lm in engine.models:  # a compiled prefill (fast.prefill_mode) compiles here:
             if lm.compiled_prefill:  # one row (dynamo specializes 1) and several
                 for b in sorted({1, min(2, engine.rows)}):
                     lm.prefill([[0] * PREFILL_WARM] * b, list(range(b)))
@@ -85,4 +96,5 @@ def warm_up(engine: BatchEngine, progress: bool = True) -> WarmUp:
         torch.cuda.synchronize(engine.device)
     captured = sum(len(lm.graphs) for lm in engine.models) - before
     return WarmUp(captured, tuple(buckets) if forwards else (), tuple(spans) if forwards else (),
-                  tuple(sorted({n for _, n in forwards})), time.perf_counter() - t0)
+                  tuple(sorted({n for _, n in forwards})), time.perf_counter() - t0,
+                  prefill=sum(len(lm.prefill_graphs) for lm in engine.models) - had)

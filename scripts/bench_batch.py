@@ -18,7 +18,7 @@ no capture falls inside it (on CPU there is nothing to capture). Per (B, method)
 generated tokens, prefill and decode seconds, tokens/s end to end and decode only, tau,
 peak memory (CUDA: the device's peak allocated in that pass; CPU: the process's peak
 resident set so far), capture seconds, whether the prefill ran compiled
-(``fast.compile_prefill``).
+(``fast.prefill_mode``).
 Writes DIR/bench_batch.json after every configuration and prints a table. ``--tiny``: random
 tiny models (fp32, CPU), random prompts: checks that the script runs, measures nothing.
 ``--ignore-eos``: every request decodes exactly ``--new`` tokens (for a side-by-side with
@@ -89,7 +89,7 @@ def random_target(args) -> tuple[torch.nn.Module, None, list[list[int]], list[in
 
 
 METHODS = ("target", "spd", "cos-we", "cos-cd", "we-sd", "cd-sd")
-ENV = ("COSPEC_COMPILE", "COSPEC_COMPILE_PREFILL", "COSPEC_FUSED")  # recorded when set
+ENV = ("COSPEC_COMPILE", "COSPEC_PREFILL", "COSPEC_FUSED")  # recorded when set
 
 
 def batch_method(method: str, target, draft, args) -> Method:

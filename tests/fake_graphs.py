@@ -27,9 +27,22 @@ class FakeGraph:
             buf.copy_(t)
 
 
+class FakePassGraph:
+    """A captured pass without outputs (COSPEC_PREFILL=graphs' prefill): ``replay`` reruns
+    it, on whatever the static buffers hold then."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        forward()  # as a real capture's warm-up runs: the pass happens once here
+
+    def replay(self) -> None:
+        self.forward()
+
+
 def fake_graphs(monkeypatch) -> list[tuple[int, int, int, int]]:
     """Engines built from now on take their graph path on the CPU; returns the list of the
-    captures made, as (id of the BatchLM, b, n, span), in order."""
+    captures made, as (id of the BatchLM, b, n, span), in order (prefill graphs, when
+    COSPEC_PREFILL=graphs, are in each BatchLM's ``prefill_graphs``)."""
     made = []
 
     def capture(self, b, n):
@@ -41,6 +54,8 @@ def fake_graphs(monkeypatch) -> list[tuple[int, int, int, int]]:
     monkeypatch.setattr(fast_batch, "layer_functions",
                         lambda device, graphs, compile: real(device, True, compile))
     monkeypatch.setattr(BatchLM, "_capture", capture)
+    monkeypatch.setattr(BatchLM, "_capture_graph", lambda self, forward: (
+        FakePassGraph(forward), None))
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     return made
 

@@ -157,24 +157,24 @@ def test_llama_family(static):
     assert got == want
 
 
-@pytest.mark.parametrize("flag", ["1", None, "0"])
+@pytest.mark.parametrize("flag", ["compiled", None, "eager", "graphs"])
 def test_compiled_prefill_is_opt_in(static, flag, monkeypatch):
-    """In the batch-1 engine COSPEC_COMPILE_PREFILL=1 (and only that: unset or 0 is eager)
-    sends inputs of more than MAX_GRAPH tokens (prefill) through the engine's compiled
-    halves, stood in for by recording wrappers of the reference ones; shorter ones stay as
-    they were (eager on CPU) and the greedy tokens stay CachedLM's."""
+    """In the batch-1 engine COSPEC_PREFILL=compiled (and only that: unset, eager or graphs
+    is eager here) sends inputs of more than MAX_GRAPH tokens (prefill) through the engine's
+    compiled halves, stood in for by recording wrappers of the reference ones; shorter ones
+    stay as they were (eager on CPU) and the greedy tokens stay CachedLM's."""
     seen = fake_compiled(monkeypatch, fast)
     if flag is None:
-        monkeypatch.delenv("COSPEC_COMPILE_PREFILL", raising=False)
+        monkeypatch.delenv("COSPEC_PREFILL", raising=False)
     else:
-        monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
+        monkeypatch.setenv("COSPEC_PREFILL", flag)
     target, draft = tiny_model(21, dtype=torch.float32), tiny_model(22, layers=1,
                                                                    dtype=torch.float32)
     ids = prompt(7, n=fast.MAX_GRAPH + 9)
     got, want = both(static, lambda: [
         t.id for t in generate(target, draft, ids, ExactRule(), k=3, max_new_tokens=12)])
     assert got == want and len(got) == 12
-    if flag == "1":  # one prefill of ids[:-1] a model, 2 halves a layer, and nothing else
+    if flag == "compiled":  # one prefill of ids[:-1] a model, 2 halves a layer, and nothing else
         layers = len(target.model.layers) + len(draft.model.layers)
         assert [s[0] for s in seen] == [len(ids) - 1] * 2 * layers
     else:

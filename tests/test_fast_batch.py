@@ -126,33 +126,91 @@ def test_cuda_graphs_same_tokens(pair, near):
     assert {1, 4} <= {b for b, *_ in eng.target.graphs}
 
 
-@pytest.mark.parametrize("flag", ["1", None, "0"])
-def test_prefill_is_compiled_unless_turned_off(pair, near, flag, monkeypatch):
-    """Where the layers are compiled, every prefill pass (and only those, on CPU) goes through
-    the engine's compiled layer halves, stood in for here by recording wrappers of the
-    reference ones, with COSPEC_COMPILE_PREFILL=1 or unset; the tokens stay batch-1 greedy's.
-    COSPEC_COMPILE_PREFILL=0: prefill stays eager."""
+@pytest.mark.parametrize("flag", ["compiled", None, "eager", "graphs"])
+def test_prefill_is_compiled_when_asked(pair, near, flag, monkeypatch):
+    """Where the layers are compiled, COSPEC_PREFILL=compiled sends every prefill pass (and
+    only those, on CPU) through the engine's compiled layer halves, stood in for here by
+    recording wrappers of the reference ones; the tokens stay batch-1 greedy's. Unset or 0:
+    prefill stays eager."""
     seen = fake_compiled(monkeypatch, fast_batch)
     if flag is None:
-        monkeypatch.delenv("COSPEC_COMPILE_PREFILL", raising=False)
+        monkeypatch.delenv("COSPEC_PREFILL", raising=False)
     else:
-        monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
+        monkeypatch.setenv("COSPEC_PREFILL", flag)
     target, draft = pair[0], near
     prompts = [prompt(40 + i, n) for i, n in enumerate(LENGTHS)]
     want = [[t.id for t in generate(target, draft, p, ExactRule(), k=3, max_new_tokens=m)]
             for p, m in zip(prompts, BUDGETS)]
     assert generate_batch(target, draft, prompts, max_new_tokens=BUDGETS, rows=4, k=3) == want
     layers = len(target.model.layers) + len(draft.model.layers)
-    if flag != "0":  # prefill passes of both models: 2 halves a layer, a pass at least once
+    if flag == "compiled":  # prefill passes of both models: 2 halves a layer, a pass at least once
         assert len(seen) >= 2 * layers and all(s[1] > 1 for s in seen)
     else:
         assert seen == []
 
 
-def test_bad_compile_prefill_value(pair, monkeypatch):
-    """A value of COSPEC_COMPILE_PREFILL other than 1 or 0 is named, not taken as either."""
-    monkeypatch.setenv("COSPEC_COMPILE_PREFILL", "yes")
-    with pytest.raises(CospecError, match="COSPEC_COMPILE_PREFILL='yes'"):
+GRAPH_LENGTHS = (17, 1, 16, 40, 3, 33)  # across the padded lengths 16 / 32 / 64
+GRAPH_BUDGETS = (12, 20, 7, 15, 25, 9)
+
+
+def padded_passes(monkeypatch) -> list[tuple[int, int]]:
+    """(padded length, slot) of every ``BatchLM.prefill_one`` pass, recorded as they run."""
+    seen: list[tuple[int, int]] = []
+    one = fast_batch.BatchLM.prefill_one
+
+    def record(self, prompt, slot):
+        seen.append((self.prefill_length(len(prompt)), slot))
+        return one(self, prompt, slot)
+
+    monkeypatch.setattr(fast_batch.BatchLM, "prefill_one", record)
+    return seen
+
+
+def test_graph_prefill_pads_one_row_at_a_time(pair, near, monkeypatch):
+    """COSPEC_PREFILL=graphs: each prompt is its own pass, padded to the smallest
+    PREFILL_MIN·2^i that holds it (capped at max_len), into its own slot (on CPU the padded
+    passes run eagerly: what a graph would replay); the padding's K/V land beyond the row, so
+    every row still gives the batch-1 loop's tokens, rows joining as slots free up."""
+    monkeypatch.setenv("COSPEC_PREFILL", "graphs")
+    seen = padded_passes(monkeypatch)
+    target, draft = pair[0], near
+    prompts = [prompt(60 + i, n) for i, n in enumerate(GRAPH_LENGTHS)]
+    want = batch1(target, draft, prompts, GRAPH_BUDGETS, ExactRule(), k=3)
+    assert generate_batch(target, draft, prompts, max_new_tokens=GRAPH_BUDGETS, rows=3,
+                          k=3) == want
+    lm = BatchEngine(target, None, rows=2, max_len=40).target
+    assert [lm.prefill_length(n) for n in (1, 16, 17, 32, 33, 40)] == [16, 16, 32, 32, 40, 40]
+    assert lm.prefill_lengths() == [16, 32, 40]
+    # prompt[:-1] of each request, both models (length 1 has nothing to prefill); the
+    # engine generate_batch builds has room for 64 here
+    padded = [next(p for p in (16, 32, 64) if p >= n - 1) for n in GRAPH_LENGTHS if n > 1]
+    assert sorted(n for n, _ in seen) == sorted(padded * 2)
+    assert {s for _, s in seen} == {0, 1, 2}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_prefill_same_tokens(pair, near, monkeypatch):
+    """On a GPU (float32), COSPEC_PREFILL=graphs replays one graph per padded length and
+    model; every row still equals the batch-1 loop's."""
+    monkeypatch.setenv("COSPEC_PREFILL", "graphs")
+    target, draft = (copy.deepcopy(m).cuda() for m in (pair[0], near))
+    prompts = [prompt(60 + i, n) for i, n in enumerate(GRAPH_LENGTHS)]
+    want = batch1(target, draft, prompts, GRAPH_BUDGETS, ExactRule(), k=3)
+    eng = BatchEngine(target, draft, k=3, rows=3, max_len=96)
+    rid = [eng.submit(p, m) for p, m in zip(prompts, GRAPH_BUDGETS)]
+    out: dict[int, list[int]] = {r: [] for r in rid}
+    while eng.busy:
+        for c in eng.step():
+            out[c.rid] += c.tokens
+    assert [out[r] for r in rid] == want
+    assert set(eng.target.prefill_graphs) == {16, 32, 64} == set(eng.draft.prefill_graphs)
+
+
+def test_bad_prefill_mode(pair, monkeypatch):
+    """A value of COSPEC_PREFILL other than eager, compiled or graphs is named, not taken as
+    any of them."""
+    monkeypatch.setenv("COSPEC_PREFILL", "yes")
+    with pytest.raises(CospecError, match="COSPEC_PREFILL='yes'"):
         BatchEngine(pair[0], None, rows=2, max_len=64)
 
 

@@ -165,20 +165,20 @@ def test_warm_up_without_graphs_does_nothing(pair, monkeypatch):
         warm_up(eng, progress=False)
 
 
-@pytest.mark.parametrize("flag", [None, "0"])
+@pytest.mark.parametrize("flag", ["compiled", None, "eager", "graphs"])
 def test_warm_up_compiles_the_prefill(pair, flag, monkeypatch):
-    """With a compiled prefill (the default where layers are compiled) warm-up runs each
-    model's prefill through its compiled halves (recording stand-ins here) for one row and
-    for two, and the engine's tokens stay batch-1 greedy's; with COSPEC_COMPILE_PREFILL=0 no
-    prefill runs."""
+    """With a compiled prefill (COSPEC_PREFILL=compiled, where layers are compiled) warm-up
+    runs each model's prefill through its compiled halves (recording stand-ins here) for one
+    row and for two, and the engine's tokens stay batch-1 greedy's; unset or 0 (eager
+    prefill) no prefill runs."""
     seen = fake_compiled(monkeypatch, fast_batch)
     if flag is None:
-        monkeypatch.delenv("COSPEC_COMPILE_PREFILL", raising=False)
+        monkeypatch.delenv("COSPEC_PREFILL", raising=False)
     else:
-        monkeypatch.setenv("COSPEC_COMPILE_PREFILL", flag)
+        monkeypatch.setenv("COSPEC_PREFILL", flag)
     eng = engine(pair, "spd")
     warm_up(eng, progress=False)
-    if flag is None:
+    if flag == "compiled":
         assert {(1, PREFILL_WARM), (2, PREFILL_WARM)} == {tuple(s[:2]) for s in seen}
     else:
         assert seen == []
@@ -208,6 +208,27 @@ def test_serve_flag(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         server.cmd_serve(args)
     assert seen["warm_up"] is True and seen["k"] == 3
+
+
+@pytest.mark.parametrize("method", ["target", "spd"])
+def test_warm_up_captures_the_prefill_graphs(pair, graphs, method, monkeypatch):
+    """COSPEC_PREFILL=graphs: the warm-up also captures each model's prefill graph of every
+    padded length; the served mix then captures none and still decodes the batch-1 loop's
+    tokens."""
+    monkeypatch.setenv("COSPEC_PREFILL", "graphs")
+    eng = engine(pair, method)
+    done = warm_up(eng, progress=False)
+    lengths = eng.target.prefill_lengths()
+    assert lengths == [16, 32, 64]
+    assert [sorted(lm.prefill_graphs) for lm in eng.models] == [lengths] * len(eng.models)
+    assert done.prefill == len(lengths) * len(eng.models) and "prefill graphs" in str(done)
+    warmed = [dict(lm.prefill_graphs) for lm in eng.models]
+    got = serve_mix(eng)
+    assert [lm.prefill_graphs for lm in eng.models] == warmed  # the same graph objects
+    draft = None if method == "target" else pair[1]
+    want = [[t.id for t in generate(pair[0], draft, p, ExactRule(), k=3, max_new_tokens=m)]
+            for p, m, _ in got]
+    assert [t for *_, t in got] == want
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
