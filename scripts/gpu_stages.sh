@@ -254,8 +254,12 @@ stage_unpack() {
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
             /tmp/a/gguf-*.whl
     fi
-    python3 -c "from cospec.models import resolve
-for m in ('qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b'): print(resolve(m))"
+    local m pids=()
+    for m in qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do  # both conversions at once (many cores)
+        python3 -c "from cospec.models import resolve; print(resolve('$m'))" &
+        pids+=($!)
+    done
+    for m in "${pids[@]}"; do wait "$m"; done
 }
 
 exact_eval() {  # $1 task, $2 split, $3 committed folder with the target's records, $4 tokens,
