@@ -355,6 +355,9 @@ def prefill_mode() -> str:
     saved 8 % of the batch engine's prefill at one row and nothing measurable in the server,
     and its compile added ≈ 40 s to ``serve --warm-up``
     (results/gpu/h200/prefill-compiled-vs-eager)."""
+    if "COSPEC_COMPILE_PREFILL" in os.environ:  # the earlier spelling: not ignored silently
+        raise CospecError("COSPEC_COMPILE_PREFILL is replaced by COSPEC_PREFILL: compiled for "
+                          "1, eager for 0 (or unset)")
     value = os.environ.get("COSPEC_PREFILL", "") or "eager"
     if value not in PREFILL_MODES:
         raise CospecError(f"COSPEC_PREFILL={value!r}: use {', '.join(PREFILL_MODES)} "

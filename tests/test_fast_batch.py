@@ -208,9 +208,13 @@ def test_cuda_graph_prefill_same_tokens(pair, near, monkeypatch):
 
 def test_bad_prefill_mode(pair, monkeypatch):
     """A value of COSPEC_PREFILL other than eager, compiled or graphs is named, not taken as
-    any of them."""
+    any of them; the earlier COSPEC_COMPILE_PREFILL is named too, not ignored."""
     monkeypatch.setenv("COSPEC_PREFILL", "yes")
     with pytest.raises(CospecError, match="COSPEC_PREFILL='yes'"):
+        BatchEngine(pair[0], None, rows=2, max_len=64)
+    monkeypatch.setenv("COSPEC_PREFILL", "graphs")  # a good value, beside the old setting
+    monkeypatch.setenv("COSPEC_COMPILE_PREFILL", "1")
+    with pytest.raises(CospecError, match="replaced by COSPEC_PREFILL"):
         BatchEngine(pair[0], None, rows=2, max_len=64)
 
 
