@@ -350,8 +350,8 @@ def prefill_mode() -> str:
     prefill pass): COSPEC_PREFILL = ``eager`` (unset: the default), ``compiled`` (through the
     compiled layer halves, dynamic shapes; engines with compiled layers only: not on CPU, not
     with fused layers) or ``graphs`` (the batch engine only: one row a pass, padded to a
-    length bucket, each bucket a CUDA graph; on CPU the same padded passes run eagerly; the
-    batch-1 engine keeps eager). Measured on an H200 (real pair, one lease), ``compiled``
+    length bucket, each bucket a CUDA graph; where there are no graphs, CPU included, and in
+    the batch-1 engine: eager). Measured on an H200 (real pair, one lease), ``compiled``
     saved 8 % of the batch engine's prefill at one row and nothing measurable in the server,
     and its compile added ≈ 40 s to ``serve --warm-up``
     (results/gpu/h200/prefill-compiled-vs-eager)."""

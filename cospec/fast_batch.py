@@ -123,7 +123,7 @@ class BatchLM:
                                                                           compile)
         mode = prefill_mode()  # see fast.prefill_mode
         self.compiled_prefill = mode == "compiled" and compiled
-        self.graph_prefill = mode == "graphs"  # padded one-row passes; graphs where use_graphs
+        self.graph_prefill = mode == "graphs" and self.use_graphs  # CPU: nothing to capture
         self.graphs: dict[tuple[int, int, int], tuple] = {}  # (b, n, span) -> (graph, logits,
         #                                                        hidden)
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # padded length -> graph
@@ -210,22 +210,20 @@ class BatchLM:
 
     def prefill_lengths(self) -> list[int]:
         """Every padded length a prompt of up to max_len tokens can take, shortest first."""
-        out = [self.prefill_length(1)]
-        while out[-1] < self.max_len:
-            out.append(self.prefill_length(out[-1] + 1))
-        return out
+        out, padded = [], PREFILL_MIN
+        while padded < self.max_len:
+            out.append(padded)
+            padded *= 2
+        return [*out, self.max_len]
 
     def prefill_one(self, prompt: Sequence[int], slot: int) -> None:
         """One prompt's pass into ``slot``, padded to ``prefill_length``: its static inputs
         written, then its length's graph replayed (captured at the first use of that
-        length), or, without graphs, the same padded pass run eagerly. The padding tokens
-        are whatever the buffer held: their K/V land beyond the row's length."""
+        length). The padding tokens are whatever the buffer held: their K/V land beyond the
+        row's length."""
         n = self.prefill_length(len(prompt))
         self.prefill_ids[0, :len(prompt)].copy_(torch.as_tensor(prompt, device=self.device))
         self.prefill_row.fill_(slot)
-        if not self.use_graphs:
-            self._prefill_pass(n)
-            return
         if n not in self.prefill_graphs:
             self.prefill_graphs[n] = self._capture_graph(lambda: self._prefill_pass(n))[0]
         self.prefill_graphs[n].replay()

@@ -83,7 +83,7 @@ def warm_up(engine: BatchEngine, progress: bool = True) -> WarmUp:
             pos = torch.arange(n, device=lm.device).expand(b, n)
             lm.run(torch.zeros_like(pos), pos)
         had = sum(len(lm.prefill_graphs) for lm in engine.models)
-        prefills = [(lm, n) for lm in engine.models if lm.graph_prefill and lm.use_graphs
+        prefills = [(lm, n) for lm in engine.models if lm.graph_prefill
                     for n in reversed(lm.prefill_lengths())]  # the longest first, as above
         for lm, n in tqdm(prefills, desc="warm-up prefill", unit="graph",
                           disable=not progress or not prefills):

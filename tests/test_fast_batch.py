@@ -16,7 +16,7 @@ import pytest
 import torch
 from distribution import assert_follows
 from distribution import exact_joint as joint_of
-from fake_graphs import fake_compiled
+from fake_graphs import fake_compiled, fake_graphs
 from tiny import near_copy, tiny_model
 
 from cospec import fast_batch
@@ -168,10 +168,13 @@ def padded_passes(monkeypatch) -> list[tuple[int, int]]:
 
 def test_graph_prefill_pads_one_row_at_a_time(pair, near, monkeypatch):
     """COSPEC_PREFILL=graphs: each prompt is its own pass, padded to the smallest
-    PREFILL_MIN·2^i that holds it (capped at max_len), into its own slot (on CPU the padded
-    passes run eagerly: what a graph would replay); the padding's K/V land beyond the row, so
-    every row still gives the batch-1 loop's tokens, rows joining as slots free up."""
+    PREFILL_MIN·2^i that holds it (capped at max_len), into its own slot, one graph a padded
+    length (``fake_graphs``: graphs stood in on the CPU, each replay the eager pass); the
+    padding's K/V land beyond the row, so every row still gives the batch-1 loop's tokens,
+    rows joining as slots free up. Without graphs (plain CPU) prefill stays eager."""
     monkeypatch.setenv("COSPEC_PREFILL", "graphs")
+    assert not BatchEngine(pair[0], None, rows=2, max_len=40).target.graph_prefill
+    fake_graphs(monkeypatch)
     seen = padded_passes(monkeypatch)
     target, draft = pair[0], near
     prompts = [prompt(60 + i, n) for i, n in enumerate(GRAPH_LENGTHS)]
