@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from cospec.settings import choice
+
 MAX_ROWS = 16
 MIN_WIDTH = 256  # below this the rewrite's Python overhead outweighs MKL's small-row cost
 TRIALS = 3       # timed forwards per order and row count before the faster is kept
@@ -77,13 +79,8 @@ _choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Or
 
 def linear_mode() -> str:
     """``COSPEC_LINEAR`` (``COSPEC_PLAIN_LINEAR=1``, the older switch, means ``plain``)."""
-    mode = os.environ.get("COSPEC_LINEAR") or (
-        "plain" if os.environ.get("COSPEC_PLAIN_LINEAR") == "1" else "auto")
-    if mode not in MODES:
-        from cospec.errors import CospecError
-
-        raise CospecError(f"COSPEC_LINEAR={mode!r}: choose from {', '.join(MODES)}")
-    return mode
+    return choice("COSPEC_LINEAR", MODES,
+                  "plain" if os.environ.get("COSPEC_PLAIN_LINEAR") == "1" else "auto")
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.distributed import _functional_collectives as funcol
 
 from cospec.errors import CospecError
+from cospec.settings import choice
 
 MAX_GRAPH = 16      # forwards over more tokens than this run eagerly
 LEN_ROUND = 256     # engines' cache lengths are rounded up to this (fewer re-captures)
@@ -358,11 +359,7 @@ def prefill_mode() -> str:
     if "COSPEC_COMPILE_PREFILL" in os.environ:  # the earlier spelling: not ignored silently
         raise CospecError("COSPEC_COMPILE_PREFILL is replaced by COSPEC_PREFILL: compiled for "
                           "1, eager for 0 (or unset)")
-    value = os.environ.get("COSPEC_PREFILL", "") or "eager"
-    if value not in PREFILL_MODES:
-        raise CospecError(f"COSPEC_PREFILL={value!r}: use {', '.join(PREFILL_MODES)} "
-                          "(or leave it unset: eager)")
-    return value
+    return choice("COSPEC_PREFILL", PREFILL_MODES, "eager")
 
 
 def _raise_recompile_limit() -> None:

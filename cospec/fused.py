@@ -31,7 +31,7 @@ from types import ModuleType
 
 import torch
 
-from cospec.errors import CospecError
+from cospec.settings import choice
 
 MAX_ROWS = 16        # more rows than this: the reference path
 # COSPEC_FUSED=small: fused layers for models this narrow or narrower only. H200, bf16, batch 1
@@ -68,13 +68,11 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
 
 def asked(flag: bool | None = None, hidden: int | None = None) -> bool:
     """Fused layers wanted for a model of hidden size ``hidden``? ``flag`` if given, else
-    COSPEC_FUSED: "1" every model, "small" those of hidden <= SMALL_HIDDEN, "0" or unset none.
-    Any other value is a CospecError naming the accepted ones."""
+    COSPEC_FUSED: "1" every model, "small" those of hidden <= SMALL_HIDDEN, "0" or unset none
+    (``settings.choice``: any other value is a CospecError naming the accepted ones)."""
     if flag is not None:
         return flag
-    mode = os.environ.get("COSPEC_FUSED", "0")
-    if mode not in MODES:
-        raise CospecError(f"COSPEC_FUSED={mode!r}: use one of {', '.join(MODES)}")
+    mode = choice("COSPEC_FUSED", MODES, "0")
     return mode == "1" or (mode == "small" and hidden is not None and hidden <= SMALL_HIDDEN)
 
 

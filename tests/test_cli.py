@@ -62,6 +62,22 @@ def test_generate_bad_input_is_a_clear_error(tiny_dirs, args, message):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("COSPEC_PREFILL", "fast", "COSPEC_PREFILL='fast': use one of eager, compiled, graphs"),
+    ("COSPEC_FUSED", "yes", "COSPEC_FUSED='yes'"),
+    ("COSPEC_LINEAR", "fastest", "COSPEC_LINEAR='fastest'"),
+    ("COSPEC_COMPILE_PREFILL", "1", "replaced by COSPEC_PREFILL"),
+])
+def test_a_bad_setting_is_named_at_start(tiny_dirs, monkeypatch, capsys, name, value, message):
+    """A bad COSPEC_* value stops the command before it loads anything, also where the run
+    would never read that setting (a CPU generate reads neither COSPEC_PREFILL nor
+    COSPEC_FUSED)."""
+    monkeypatch.setenv(name, value)
+    assert main(["generate", *models(tiny_dirs), "--no-chat", "--prompt", "w5"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_mismatched_vocabularies_are_refused(tmp_path, tiny_dirs):
     from tiny import save_tiny
 
