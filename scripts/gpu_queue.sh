@@ -6,8 +6,9 @@
 #   R=/tmp/r COSPEC_CACHE=/tmp/cc PYTHONPATH=/tmp/site:. bash scripts/gpu_queue.sh \
 #       [--after FILE] STEP [STEP ...]
 #
-# STEP is a stage of gpu_stages.sh, or VAR=value,stage to set one variable for that stage
-# only (e.g. VSERVE_METHOD=spd,vserve). The repository is copied to $R/repo-N first, so later
+# STEP is a stage of gpu_stages.sh, or "VAR=value [VAR=value ...],stage" to set variables for
+# that stage only (e.g. VSERVE_METHOD=spd,vserve or "VBATCH_METHODS=spd VBATCHES=1,4,vbatch":
+# the stage follows the last comma; values hold no spaces). The repository is copied to $R/repo-N first, so later
 # edits of the working tree do not reach a running queue, and $R/repo-N.done marks the queue's
 # end (its name is printed). --after FILE: start once FILE exists (e.g. another queue's done
 # file: queues run one after the other). Progress: $R/queue.log (shared by the queues), a line
@@ -27,7 +28,7 @@ setsid nohup bash -c '
     cd "$repo"
     for step in "$@"; do
         case $step in
-            *,*) env "${step%%,*}" bash scripts/gpu_stages.sh "${step##*,}" ;;
+            *,*) env ${step%,*} bash scripts/gpu_stages.sh "${step##*,}" ;;  # word-split: VARs
             *) bash scripts/gpu_stages.sh "$step" ;;
         esac >> "$R/queue.log" 2>&1 < /dev/null
         rc=$?  # before any other expansion resets it
