@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from cospec import bench, collect, evaluate, generate_cmd, refine, settings, train
+from cospec import bench, collect, cpu, evaluate, fast, fused, generate_cmd, refine, train
 from cospec.args import add_decoding_args, add_model_args, add_serve_args
 from cospec.errors import CospecError
 from cospec.sandbox import use
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "tp", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         quiet_rank(args)
     try:
-        settings.check()  # a bad COSPEC_* value is named at start, not where it is first read
+        check_settings()
         if getattr(args, "sandbox", None):
             use(args.sandbox)
         return args.func(args)
@@ -68,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
             from cospec import tp
 
             tp.finish()
+
+
+def check_settings() -> None:
+    """Read every COSPEC_* setting with fixed values once (``cospec.settings``): a bad value
+    is named at start, not only where a run first reads it (a CPU run never reads
+    COSPEC_PREFILL)."""
+    cpu.linear_mode()
+    fast.prefill_mode()
+    fused.asked()
 
 
 def quiet_rank(args) -> None:

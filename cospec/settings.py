@@ -1,8 +1,8 @@
 """Settings read from the environment (``COSPEC_*``) that take one of a fixed set of values.
 
 Each is read where it is used (``cpu.linear_mode``, ``fast.prefill_mode``, ``fused.asked``);
-``check`` reads them all once, so that the command line names a bad value at start, also in
-a run that would never read it (a CPU run never reads COSPEC_PREFILL).
+``cli.check_settings`` reads them all once, so that the command line names a bad value at
+start, also in a run that would never read it (a CPU run never reads COSPEC_PREFILL).
 """
 
 from __future__ import annotations
@@ -21,11 +21,3 @@ def choice(name: str, values: tuple[str, ...], default: str) -> str:
                           f"(unset: {default})")
     return value
 
-
-def check() -> None:
-    """Read every such setting once (a bad value raises its CospecError)."""
-    from cospec import cpu, fast, fused
-
-    cpu.linear_mode()
-    fast.prefill_mode()
-    fused.asked()
