@@ -162,7 +162,7 @@ stage_vserve() {  # vLLM's OpenAI server on the real pair (VSERVE_METHOD target 
 
 stage_xserve() {  # cospec serve in its own process (as vLLM's server), the sspeed load, bf16
     vllm_install  # fastapi and uvicorn
-    local m=${XSERVE_METHOD:-target} out=$R/xserve-${XSERVE_METHOD:-target}
+    local m=${XSERVE_METHOD:-target}; local out=$R/xserve-$m
     [ -n "${COSPEC_PREFILL:-}" ] && out+=-$COSPEC_PREFILL-prefill
     PYTHONPATH=$PYTHONPATH:/tmp/vsite served "cospec serve $m" "$out" 8012 \
         python3 -m cospec serve --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b \
@@ -329,7 +329,6 @@ stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and 
 stage_pbatch() {  # batch with another prefill mode (fast.prefill_mode)
     COSPEC_PREFILL=${PREFILL:-graphs} bench_pair "$R/pbatch-${PREFILL:-graphs}"
 }
-
 
 stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no weights to carry)
     for size in 1.5b 7b; do

@@ -57,6 +57,7 @@ pack_b() {
     cut_pieces "$work/B.tar" b
 }
 
-for what in "${@:-a b}"; do
-    for w in $what; do "pack_$w"; done
+for w in ${@:-a b}; do  # unquoted: the default splits into a and b
+    declare -F "pack_$w" > /dev/null || { echo "usage: pack_for_device.sh [a] [b]" >&2; exit 2; }
 done
+for w in ${@:-a b}; do "pack_$w"; done

@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("files", nargs="+", help="[NAME=]FILE")
     args = ap.parse_args()
-    named = [(None, Path(a)) if "=" not in a else (a.split("=", 1)[0], Path(a.split("=", 1)[1]))
+    named = [(a.partition("=")[0], Path(a.partition("=")[2])) if "=" in a else (None, Path(a))
              for a in args.files]
     args.files = [f for _, f in named]
     missing = [str(f) for f in args.files if not f.is_file()]

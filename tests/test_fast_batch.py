@@ -130,8 +130,8 @@ def test_cuda_graphs_same_tokens(pair, near):
 def test_prefill_is_compiled_when_asked(pair, near, flag, monkeypatch):
     """Where the layers are compiled, COSPEC_PREFILL=compiled sends every prefill pass (and
     only those, on CPU) through the engine's compiled layer halves, stood in for here by
-    recording wrappers of the reference ones; the tokens stay batch-1 greedy's. Unset or 0:
-    prefill stays eager."""
+    recording wrappers of the reference ones; the tokens stay batch-1 greedy's. Unset, eager
+    or graphs (no graphs here): prefill stays eager."""
     seen = fake_compiled(monkeypatch, fast_batch)
     if flag is None:
         monkeypatch.delenv("COSPEC_PREFILL", raising=False)

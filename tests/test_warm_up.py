@@ -169,8 +169,8 @@ def test_warm_up_without_graphs_does_nothing(pair, monkeypatch):
 def test_warm_up_compiles_the_prefill(pair, flag, monkeypatch):
     """With a compiled prefill (COSPEC_PREFILL=compiled, where layers are compiled) warm-up
     runs each model's prefill through its compiled halves (recording stand-ins here) for one
-    row and for two, and the engine's tokens stay batch-1 greedy's; unset or 0 (eager
-    prefill) no prefill runs."""
+    row and for two, and the engine's tokens stay batch-1 greedy's; unset, eager or graphs
+    (no graphs here): no prefill runs."""
     seen = fake_compiled(monkeypatch, fast_batch)
     if flag is None:
         monkeypatch.delenv("COSPEC_PREFILL", raising=False)
