@@ -126,11 +126,12 @@ class BatchLM:
         self.graph_prefill = mode == "graphs" and self.use_graphs  # CPU: nothing to capture
         self.graphs: dict[tuple[int, int, int], tuple] = {}  # (b, n, span) -> (graph, logits,
         #                                                        hidden)
-        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # padded length -> graph
-        if self.graph_prefill:  # the one-row pass's static inputs: token ids, slot
+        self.prefill_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (b, n) -> graph
+        if self.graph_prefill:  # the padded passes' static inputs: token ids, slots
             with torch.inference_mode(False), torch.no_grad():
-                self.prefill_ids = torch.zeros(1, max_len, dtype=torch.long, device=self.device)
-                self.prefill_row = torch.zeros(1, dtype=torch.long, device=self.device)
+                self.prefill_ids = torch.zeros(rows, max_len, dtype=torch.long,
+                                               device=self.device)
+                self.prefill_rows = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.capture_s = 0.0
 
@@ -176,63 +177,81 @@ class BatchLM:
         return logits, hidden
 
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> None:
-        """Write the K/V of each ``prompts[i]`` at positions 0.. of slot ``slots[i]``, all
-        in one pass without a graph (eagerly, or through the compiled layer halves with
-        COSPEC_PREFILL=compiled: ``fast.prefill_mode``; no output head: only the caches are
-        kept), or with COSPEC_PREFILL=graphs one pass a prompt, each padded to its
-        ``prefill_length`` and replayed from that length's CUDA graph (``prefill_one``).
-        Shorter prompts are padded at the end: the padding's K/V land beyond the row's
-        length, where no query looks before the row overwrites them. Empty prompts are
-        skipped."""
+        """Write the K/V of each ``prompts[i]`` at positions 0.. of slot ``slots[i]``, in
+        passes of at most PREFILL_TOKENS padded tokens (or one prompt); no output head: only
+        the caches are kept. Eagerly, or through the compiled layer halves with
+        COSPEC_PREFILL=compiled (``fast.prefill_mode``), or with COSPEC_PREFILL=graphs each
+        pass padded to a ``prefill_shape`` and replayed from that shape's CUDA graph
+        (``prefill_graph``). Shorter prompts are padded at the end: the padding's K/V land
+        beyond the row's length, where no query looks before the row overwrites them. Empty
+        prompts are skipped."""
         todo = [(list(p), s) for p, s in zip(prompts, slots) if len(p)]
-        if self.graph_prefill:
-            for p, s in todo:
-                self.prefill_one(p, s)
-            return
-        while todo:  # passes of at most PREFILL_TOKENS padded tokens (or one prompt)
+        while todo:
             m = 1
-            while m < len(todo) and (m + 1) * max(len(p) for p, _ in todo[:m + 1]) \
-                    <= PREFILL_TOKENS:
+            while m < len(todo) and self._pass_tokens(todo[:m + 1]) <= PREFILL_TOKENS:
                 m += 1
             part, todo = todo[:m], todo[m:]
+            if self.graph_prefill:
+                self.prefill_graph(part)
+                continue
             n = max(len(p) for p, _ in part)
             ids = torch.tensor([p + [0] * (n - len(p)) for p, _ in part], device=self.device)
             rows = torch.tensor([s for _, s in part], device=self.device)
             self._forward(ids, self.slots[:n].expand(m, n), 0, eager=not self.compiled_prefill,
                           rows=rows, head=False, span=n)
 
-    def prefill_length(self, n: int) -> int:
-        """The padded length of an n-token prompt's pass: PREFILL_MIN·2^i >= n, or max_len."""
-        padded = PREFILL_MIN
+    def _pass_tokens(self, part: Sequence[tuple[list[int], int]]) -> int:
+        """The padded tokens of one prefill pass over ``part`` ((prompt, slot) pairs)."""
+        n = max(len(p) for p, _ in part)
+        if not self.graph_prefill:
+            return len(part) * n
+        b, n = self.prefill_shape(len(part), n)
+        return b * n if b >= len(part) else PREFILL_TOKENS + 1  # more rows than the engine
+
+    def prefill_shape(self, m: int, n: int) -> tuple[int, int]:
+        """COSPEC_PREFILL=graphs: the padded (rows, length) of a pass over m prompts of at
+        most n tokens: rows 2^i >= m (capped at the engine's rows), length PREFILL_MIN·2^i >= n
+        (capped at max_len)."""
+        b, padded = 1, PREFILL_MIN
+        while b < m:
+            b *= 2
         while padded < n:
             padded *= 2
-        return min(padded, self.max_len)
+        return min(b, self.rows), min(padded, self.max_len)
 
-    def prefill_lengths(self) -> list[int]:
-        """Every padded length a prompt of up to max_len tokens can take, shortest first."""
-        out, padded = [], PREFILL_MIN
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """Every padded (rows, length) a graph-replayed prefill pass can take, the largest
+        pass first."""
+        lengths, padded = [], PREFILL_MIN
         while padded < self.max_len:
-            out.append(padded)
+            lengths.append(padded)
             padded *= 2
-        return [*out, self.max_len]
+        shapes = {self.prefill_shape(2 ** i, n) for n in [*lengths, self.max_len]
+                  for i in range(self.rows.bit_length() + 1)}
+        return sorted((s for s in shapes if s[0] == 1 or s[0] * s[1] <= PREFILL_TOKENS),
+                      key=lambda s: (-s[0] * s[1], -s[1]))
 
-    def prefill_one(self, prompt: Sequence[int], slot: int) -> None:
-        """One prompt's pass into ``slot``, padded to ``prefill_length``: its static inputs
-        written, then its length's graph replayed (captured at the first use of that
-        length). The padding tokens are whatever the buffer held: their K/V land beyond the
-        row's length."""
-        n = self.prefill_length(len(prompt))
-        self.prefill_ids[0, :len(prompt)].copy_(torch.as_tensor(prompt, device=self.device))
-        self.prefill_row.fill_(slot)
-        if n not in self.prefill_graphs:
-            self.prefill_graphs[n] = self._capture_graph(lambda: self._prefill_pass(n))[0]
-        self.prefill_graphs[n].replay()
+    def prefill_graph(self, part: Sequence[tuple[list[int], int]]) -> None:
+        """One pass over ``part`` ((prompt, slot) pairs) padded to its ``prefill_shape``:
+        its static inputs written, then that shape's graph replayed (captured at its first
+        use). The padding rows repeat the last prompt into its slot (the same K/V written
+        twice); the padding tokens are zeros, their K/V beyond the row's length."""
+        b, n = self.prefill_shape(len(part), max(len(p) for p, _ in part))
+        part = [*part, *[part[-1]] * (b - len(part))]
+        ids = torch.zeros(b, n, dtype=torch.long)
+        for i, (p, _) in enumerate(part):
+            ids[i, :len(p)] = torch.as_tensor(p)
+        self.prefill_ids[:b, :n].copy_(ids)
+        self.prefill_rows[:b].copy_(torch.as_tensor([s for _, s in part]))
+        if (b, n) not in self.prefill_graphs:
+            self.prefill_graphs[b, n] = self._capture_graph(lambda: self._prefill_pass(b, n))[0]
+        self.prefill_graphs[b, n].replay()
 
-    def _prefill_pass(self, n: int) -> None:
-        """The padded one-row pass over prefill_ids[:, :n] into slot prefill_row (eager
+    def _prefill_pass(self, b: int, n: int) -> None:
+        """The padded pass over prefill_ids[:b, :n] into the slots prefill_rows[:b] (eager
         kernels: a graph replays them without their dispatch)."""
-        self._forward(self.prefill_ids[:, :n], self.slots[:n][None], 0, eager=True,
-                      rows=self.prefill_row, head=False, span=n)
+        self._forward(self.prefill_ids[:b, :n], self.slots[:n].expand(b, n), 0, eager=True,
+                      rows=self.prefill_rows[:b], head=False, span=n)
 
     def _capture_graph(self, forward) -> tuple[torch.cuda.CUDAGraph, object]:
         """(graph, forward's outputs): ``forward`` run twice on a side stream (lazy inits

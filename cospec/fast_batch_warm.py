@@ -14,7 +14,7 @@ prefills its slot from position 0, and a step writes every position before a que
 (``fast_batch``'s invariants). Stats, queue and request ids are untouched. Models without
 graphs (CPU, ``graphs=False``) have nothing to capture and are skipped. With
 COSPEC_PREFILL=graphs (``fast.prefill_mode``) it also captures each model's prefill graph of
-every padded length (``BatchLM.prefill_lengths``: a pass into slot 0, free too); with
+every padded shape (``BatchLM.prefill_shapes``: passes into slots 0..b-1, free too); with
 COSPEC_PREFILL=compiled it runs prefill passes of one and of two rows, so that their compiles
 happen here.
 """
@@ -83,11 +83,11 @@ def warm_up(engine: BatchEngine, progress: bool = True) -> WarmUp:
             pos = torch.arange(n, device=lm.device).expand(b, n)
             lm.run(torch.zeros_like(pos), pos)
         had = sum(len(lm.prefill_graphs) for lm in engine.models)
-        prefills = [(lm, n) for lm in engine.models if lm.graph_prefill
-                    for n in reversed(lm.prefill_lengths())]  # the longest first, as above
-        for lm, n in tqdm(prefills, desc="warm-up prefill", unit="graph",
-                          disable=not progress or not prefills):
-            lm.prefill_one([0] * n, 0)
+        prefills = [(lm, b, n) for lm in engine.models if lm.graph_prefill
+                    for b, n in lm.prefill_shapes()]  # the largest first, as above
+        for lm, b, n in tqdm(prefills, desc="warm-up prefill", unit="graph",
+                             disable=not progress or not prefills):
+            lm.prefill_graph([([0] * n, s) for s in range(b)])
         for lm in engine.models:  # a compiled prefill (fast.prefill_mode) compiles here:
             if lm.compiled_prefill:  # one row (dynamo specializes 1) and several
                 for b in sorted({1, min(2, engine.rows)}):

@@ -161,7 +161,7 @@ stage_vserve() {  # vLLM's OpenAI server on the real pair (VSERVE_METHOD target 
 }
 
 stage_xserve() {  # cospec serve in its own process (as vLLM's server), the sspeed load, bf16
-    vllm_install  # fastapi and uvicorn
+    serve_install
     local m=${XSERVE_METHOD:-target}; local out=$R/xserve-$m
     [ -n "${COSPEC_PREFILL:-}" ] && out+=-$COSPEC_PREFILL-prefill
     PYTHONPATH=$PYTHONPATH:/tmp/vsite served "cospec serve $m" "$out" 8012 \
@@ -303,6 +303,20 @@ vllm_install() {  # the wheels cut into /tmp/p/B.NN, installed under /tmp/vsite
         mkdir -p /tmp/vw && tar xf /tmp/B.tar -C /tmp/vw && rm /tmp/B.tar /tmp/p/B.*
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --target /tmp/vsite /tmp/vw/*.whl
+    fi
+}
+
+serve_install() {  # the server's wheels (FastAPI, uvicorn) under /tmp/vsite: from the one
+                  # piece /tmp/p/S.00 (checked against $S_SHA256) when there, else vLLM's
+    [ -d /tmp/vsite/fastapi ] && return 0
+    if [ -e /tmp/p/S.00 ]; then
+        cat /tmp/p/S.* > /tmp/S.tar
+        echo "$S_SHA256  /tmp/S.tar" | sha256sum -c
+        mkdir -p /tmp/sw && tar xf /tmp/S.tar -C /tmp/sw && rm /tmp/S.tar /tmp/p/S.*
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target /tmp/vsite /tmp/sw/*.whl
+    else
+        vllm_install
     fi
 }
 

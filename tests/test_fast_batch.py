@@ -153,25 +153,29 @@ GRAPH_LENGTHS = (17, 1, 16, 40, 3, 33)  # across the padded lengths 16 / 32 / 64
 GRAPH_BUDGETS = (12, 20, 7, 15, 25, 9)
 
 
-def padded_passes(monkeypatch) -> list[tuple[int, int]]:
-    """(padded length, slot) of every ``BatchLM.prefill_one`` pass, recorded as they run."""
-    seen: list[tuple[int, int]] = []
-    one = fast_batch.BatchLM.prefill_one
+def padded_passes(monkeypatch) -> list[tuple[tuple[int, int], list[int], list[int]]]:
+    """((rows, length) padded, the prompts' lengths, the slots its graph wrote) of every
+    ``BatchLM.prefill_graph`` pass, recorded as they run."""
+    seen: list[tuple[tuple[int, int], list[int], list[int]]] = []
+    real = fast_batch.BatchLM.prefill_graph
 
-    def record(self, prompt, slot):
-        seen.append((self.prefill_length(len(prompt)), slot))
-        return one(self, prompt, slot)
+    def record(self, part):
+        shape = self.prefill_shape(len(part), max(len(p) for p, _ in part))
+        real(self, part)
+        seen.append((shape, [len(p) for p, _ in part], self.prefill_rows[:shape[0]].tolist()))
 
-    monkeypatch.setattr(fast_batch.BatchLM, "prefill_one", record)
+    monkeypatch.setattr(fast_batch.BatchLM, "prefill_graph", record)
     return seen
 
 
-def test_graph_prefill_pads_one_row_at_a_time(pair, near, monkeypatch):
-    """COSPEC_PREFILL=graphs: each prompt is its own pass, padded to the smallest
-    PREFILL_MIN·2^i that holds it (capped at max_len), into its own slot, one graph a padded
-    length (``fake_graphs``: graphs stood in on the CPU, each replay the eager pass); the
-    padding's K/V land beyond the row, so every row still gives the batch-1 loop's tokens,
-    rows joining as slots free up. Without graphs (plain CPU) prefill stays eager."""
+def test_graph_prefill_pads_rows_and_length(pair, near, monkeypatch):
+    """COSPEC_PREFILL=graphs: the prompts admitted together are one pass, padded to 2^i rows
+    (capped at the engine's) and to the smallest PREFILL_MIN·2^i tokens that holds the
+    longest (capped at max_len), one graph a padded shape (``fake_graphs``: graphs stood in
+    on the CPU, each replay the eager pass). The padding rows repeat the last prompt into its
+    own slot and the padding tokens' K/V land beyond the row, so every row still gives the
+    batch-1 loop's tokens, rows joining as slots free up. Without graphs (plain CPU) prefill
+    stays eager."""
     monkeypatch.setenv("COSPEC_PREFILL", "graphs")
     assert not BatchEngine(pair[0], None, rows=2, max_len=40).target.graph_prefill
     fake_graphs(monkeypatch)
@@ -179,21 +183,31 @@ def test_graph_prefill_pads_one_row_at_a_time(pair, near, monkeypatch):
     target, draft = pair[0], near
     prompts = [prompt(60 + i, n) for i, n in enumerate(GRAPH_LENGTHS)]
     want = batch1(target, draft, prompts, GRAPH_BUDGETS, ExactRule(), k=3)
-    assert generate_batch(target, draft, prompts, max_new_tokens=GRAPH_BUDGETS, rows=3,
+    assert generate_batch(target, draft, prompts, max_new_tokens=GRAPH_BUDGETS, rows=4,
                           k=3) == want
-    lm = BatchEngine(target, None, rows=2, max_len=40).target
-    assert [lm.prefill_length(n) for n in (1, 16, 17, 32, 33, 40)] == [16, 16, 32, 32, 40, 40]
-    assert lm.prefill_lengths() == [16, 32, 40]
+    lm = BatchEngine(target, None, rows=3, max_len=40).target
+    assert [lm.prefill_shape(m, n) for m, n in ((1, 1), (2, 16), (2, 17), (3, 33), (5, 40))] \
+        == [(1, 16), (2, 16), (2, 32), (3, 40), (3, 40)]
+    assert lm.prefill_shapes() == [(3, 40), (3, 32), (2, 40), (2, 32), (3, 16), (1, 40),
+                                   (1, 32), (2, 16), (1, 16)]
+    monkeypatch.setattr(fast_batch, "PREFILL_TOKENS", 40)  # a pass of one prompt always fits
+    assert lm.prefill_shapes() == [(1, 40), (1, 32), (2, 16), (1, 16)]
     # prompt[:-1] of each request, both models (length 1 has nothing to prefill); the
     # engine generate_batch builds has room for 64 here
-    padded = [next(p for p in (16, 32, 64) if p >= n - 1) for n in GRAPH_LENGTHS if n > 1]
-    assert sorted(n for n, _ in seen) == sorted(padded * 2)
-    assert {s for _, s in seen} == {0, 1, 2}
+    assert sorted(n for _, lengths, _ in seen for n in lengths) \
+        == sorted([n - 1 for n in GRAPH_LENGTHS if n > 1] * 2)
+    assert any(b > len(lengths) for (b, _), lengths, _ in seen)  # 3 admitted at once: 4 rows
+    for (b, n), lengths, rows in seen:
+        assert (b, n) == (min(2 ** (len(lengths) - 1).bit_length(), 4),
+                          next(p for p in (16, 32, 64) if p >= max(lengths)))
+        assert len(set(rows[:len(lengths)])) == len(lengths) \
+            and rows[len(lengths):] == [rows[len(lengths) - 1]] * (b - len(lengths))
+    assert {s for _, _, rows in seen for s in rows} <= {0, 1, 2, 3}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_prefill_same_tokens(pair, near, monkeypatch):
-    """On a GPU (float32), COSPEC_PREFILL=graphs replays one graph per padded length and
+    """On a GPU (float32), COSPEC_PREFILL=graphs replays one graph per padded shape and
     model; every row still equals the batch-1 loop's."""
     monkeypatch.setenv("COSPEC_PREFILL", "graphs")
     target, draft = (copy.deepcopy(m).cuda() for m in (pair[0], near))
@@ -206,7 +220,8 @@ def test_cuda_graph_prefill_same_tokens(pair, near, monkeypatch):
         for c in eng.step():
             out[c.rid] += c.tokens
     assert [out[r] for r in rid] == want
-    assert set(eng.target.prefill_graphs) == {16, 32, 64} == set(eng.draft.prefill_graphs)
+    assert {n for _, n in eng.target.prefill_graphs} == {16, 32, 64} \
+        == {n for _, n in eng.draft.prefill_graphs}
 
 
 def test_bad_prefill_mode(pair, monkeypatch):

@@ -213,15 +213,15 @@ def test_serve_flag(monkeypatch):
 @pytest.mark.parametrize("method", ["target", "spd"])
 def test_warm_up_captures_the_prefill_graphs(pair, graphs, method, monkeypatch):
     """COSPEC_PREFILL=graphs: the warm-up also captures each model's prefill graph of every
-    padded length; the served mix then captures none and still decodes the batch-1 loop's
+    padded shape; the served mix then captures none and still decodes the batch-1 loop's
     tokens."""
     monkeypatch.setenv("COSPEC_PREFILL", "graphs")
     eng = engine(pair, method)
     done = warm_up(eng, progress=False)
-    lengths = eng.target.prefill_lengths()
-    assert lengths == [16, 32, 64]
-    assert [sorted(lm.prefill_graphs) for lm in eng.models] == [lengths] * len(eng.models)
-    assert done.prefill == len(lengths) * len(eng.models) and "prefill graphs" in str(done)
+    shapes = eng.target.prefill_shapes()
+    assert {n for _, n in shapes} == {16, 32, 64} and {b for b, _ in shapes} == {1, 2, 4, 5}
+    assert [set(lm.prefill_graphs) for lm in eng.models] == [set(shapes)] * len(eng.models)
+    assert done.prefill == len(shapes) * len(eng.models) and "prefill graphs" in str(done)
     warmed = [dict(lm.prefill_graphs) for lm in eng.models]
     got = serve_mix(eng)
     assert [lm.prefill_graphs for lm in eng.models] == warmed  # the same graph objects
