@@ -28,7 +28,8 @@
 #   pbatch  the same with COSPEC_PREFILL=$PREFILL (default graphs: each prompt's prefill a
 #           CUDA graph per padded length; compiled: through the compiled layer halves), into
 #           $R/pbatch-$PREFILL: batch (eager prefill) is its same-lease control
-#   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights needed)
+#   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights
+#           needed; RBATCH_SIZES picks; COSPEC_PREFILL=MODE into rbatch-SIZE-MODE-prefill)
 #   caches  pack the compile caches (vLLM's, triton's, torch inductor's) into $R/caches.tgz.NN
 #           (15 MiB pieces); copied to /tmp/p/C.NN on a later machine, unpack restores them
 #           first, so vLLM's engine start and cospec's graph captures skip the compiles
@@ -344,9 +345,12 @@ stage_pbatch() {  # batch with another prefill mode (fast.prefill_mode)
     COSPEC_PREFILL=${PREFILL:-graphs} bench_pair "$R/pbatch-${PREFILL:-graphs}"
 }
 
-stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no weights to carry)
-    for size in 1.5b 7b; do
-        timeout "${RBATCH_S:-200}" python3 scripts/bench_batch.py --out "$R/rbatch-$size" \
+stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no weights to carry;
+                  # RBATCH_SIZES, default "1.5b 7b"; with COSPEC_PREFILL=MODE set, into
+                  # rbatch-SIZE-MODE-prefill)
+    for size in ${RBATCH_SIZES:-1.5b 7b}; do
+        timeout "${RBATCH_S:-200}" python3 scripts/bench_batch.py \
+            --out "$R/rbatch-$size${COSPEC_PREFILL:+-$COSPEC_PREFILL-prefill}" \
             --random "$size" --prompts 64 --new 256 --batches 1,4,16,64 --ignore-eos 2>&1 | tail -6
     done
 }
