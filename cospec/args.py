@@ -170,6 +170,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="max_tokens of a request that sets none")
     p.add_argument("--warm-up", action="store_true",
                    help="before serving, capture the CUDA graphs of the default method's batch "
-                        "engine (at --k) for every batch size and context length (and compile "
-                        "or capture its prefill with COSPEC_PREFILL=compiled or graphs), so "
+                        "engine (at --k) for every batch size and context length (its prefill "
+                        "graphs too; compiled with COSPEC_PREFILL=compiled), so "
                         "that no request waits for them (GPU; costs start-up time; CPU: no-op)")

