@@ -27,8 +27,9 @@ static caches; a *request* occupies a slot from its prefill until it finishes.
 
 Rows join and leave between steps: ``submit`` queues a request; ``step`` prefills queued
 requests into free slots (all of them in one padded pass per model, up to
-``PREFILL_TOKENS``), runs one step for every live row and returns what each committed; a
-finished request frees its slot at once.
+``PREFILL_TOKENS``; on CUDA that pass is padded to 2^i rows and 16·2^i tokens and replayed
+from that shape's CUDA graph, unless COSPEC_PREFILL says otherwise), runs one step for every
+live row and returns what each committed; a finished request frees its slot at once.
 
 CoS (``combo``: exact sampling from a weighted ensemble or contrastive combination of the
 draft, ``middle`` models and the target) runs ``fast_batch_cos.CosStep`` in place of the
