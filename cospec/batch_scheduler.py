@@ -174,6 +174,7 @@ class BatchPool:
     max_batch: int
     max_context: int
     groups: list[Group] = field(default_factory=list)
+    step_s: float = 0.0  # seconds spent in the engines' steps (admission prefill included)
 
     # --- on the event loop, between turns (the readers are safe during a turn too)
 
@@ -262,8 +263,10 @@ class BatchPool:
                 continue
             t0, p0 = time.perf_counter(), engine.stats.prefill_s
             commits = engine.step()
+            took = time.perf_counter() - t0
+            self.step_s += took
             prefill = engine.stats.prefill_s - p0
-            decode = time.perf_counter() - t0 - prefill
+            decode = took - prefill
             for c in commits:
                 job = engine.jobs[c.rid]
                 if not job.stats.decode_s:  # its first step: it was prefilled in this one

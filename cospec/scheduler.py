@@ -57,6 +57,7 @@ class Engine:
         self.active: deque[Job] = deque()
         self.counts = {"completed": 0, "cancelled": 0, "timed_out": 0, "rejected": 0,
                        "errors": 0}
+        self.worker_s = 0.0  # seconds the worker spent on batch turns (steps, detokenizing)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="cospec-decode")
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -124,7 +125,9 @@ class Engine:
     def health(self) -> dict:
         batch = {} if self.pool is None else {
             "max_batch": self.pool.max_batch, "max_context": self.pool.max_context,
-            "batch_slots_in_use": self.pool.slots_in_use()}
+            "batch_slots_in_use": self.pool.slots_in_use(),
+            "engine_step_s": round(self.pool.step_s, 4),
+            "batch_worker_s": round(self.worker_s, 4)}
         return {"status": "ok" if self.alive else "scheduler stopped",
                 "active": self.decoding, "queued": len(self.waiting),
                 "max_active": self.max_active, "max_queue": self.max_queue, **batch,
@@ -212,7 +215,8 @@ class Engine:
 
     def _batch_step(self) -> list[tuple[Job, list[tuple[Token, str, int]], bool]]:
         """On the worker thread: one pool turn, its tokens detokenized (and whether the
-        engine let go of the job)."""
+        engine let go of the job); its time counts in ``worker_s``."""
+        t0 = time.perf_counter()
         out = []
         for job, commit in self.pool.turn():
             if job.detok is None:
@@ -224,6 +228,7 @@ class Engine:
                 if tid in job.eos:
                     break
             out.append((job, toks, commit.done))
+        self.worker_s += time.perf_counter() - t0
         return out
 
     def _timed_out(self, job: Job) -> None:

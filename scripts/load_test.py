@@ -322,6 +322,9 @@ def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> 
     def f(x, unit="s"):
         return "—" if x is None else (f"{x * 1000:.0f} ms" if unit == "s" else f"{x:.2f}")
 
+    def share(x):
+        return "—" if x is None else f"{x:.0%}"
+
     server = (f"`{cfg['url']}`" if cfg["url"] else
               f"in-process, max_batch {cfg['max_batch']}, max_context "
               f"{cfg['max_context'] or 'default'}, max_active {cfg['max_active']}, max_queue "
@@ -343,12 +346,13 @@ def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> 
           f"{s['mismatched']} | {s['server_errors_5xx']} | {s['completed']} |"
           for lv in levels for s in [lv["summary"]]), "",
         "| concurrent | latency p50 | latency p99 | first token p50 | first token p99 | "
-        "requests/s | completed/s | tokens/s | spd mean τ |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "requests/s | completed/s | tokens/s | spd mean τ | engine stepping | worker |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *(f"| {lv['concurrency']} | {f(s['latency_p50_s'])} | {f(s['latency_p99_s'])} | "
           f"{f(s['ttft_p50_s'])} | {f(s['ttft_p99_s'])} | "
           f"{s['throughput_requests_per_s']:.1f} | {s['throughput_completed_per_s']:.1f} | "
-          f"{s['throughput_tokens_per_s']:.1f} | {f(s['spd_mean_tau'], '')} |"
+          f"{s['throughput_tokens_per_s']:.1f} | {f(s['spd_mean_tau'], '')} | "
+          f"{share(s.get('engine_step_share'))} | {share(s.get('batch_worker_share'))} |"
           for lv in levels for s in [lv["summary"]]), "",
     ]
     s = levels[-1]["summary"]
@@ -366,9 +370,25 @@ def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> 
            "computed beforehand one request at a time "
            f"({s['distinct_reference_outputs']} distinct outputs among the prompts)."
            if cfg["checked"] else "Responses were not compared with references."), "",
+        "Engine stepping / worker: the share of each level's wall time that cospec serve's "
+        "worker thread spent in its batch engines' steps / on its batch turns in all (the "
+        "steps and detokenizing; from /health); in the rest of it no engine stepped (the "
+        "event loop's work, and waiting for requests).", "",
         f"Server afterwards: `{json.dumps(s['health_after'])}`", "",
     ]
     return "\n".join(lines)
+
+
+def busy(before: dict, after: dict, wall: float) -> dict:
+    """The shares of a level's wall time that cospec serve's worker spent stepping its batch
+    engines (``engine_step_share``) and on its batch turns in all (``batch_worker_share``:
+    the steps and the detokenizing), from /health before and after; in the rest no engine
+    stepped (the event loop's work, and waiting for requests). Empty for a server that does
+    not report them."""
+    keys = ("engine_step_s", "batch_worker_s")
+    if wall <= 0 or not all(k in before and k in after for k in keys):
+        return {}
+    return {k[:-2] + "_share": (after[k] - before[k]) / wall for k in keys}
 
 
 def idle_health(url: str) -> dict:
@@ -399,10 +419,12 @@ def sweep(args, url: str, reqs: list[dict], model: str) -> tuple[list[dict], lis
 
     for c in args.concurrency if args.warm_up else ():  # untimed: c requests c at a time
         at(c, plain[:c])
+    before = idle_health(url)
     for c in args.concurrency:
         recs, wall = at(c, reqs)
         health = idle_health(url)
-        s = summarize(recs, wall, health, reqs)
+        s = {**summarize(recs, wall, health, reqs), **busy(before, health, wall)}
+        before = health
         bad = []
         if s["lost"]:
             bad.append(f"{s['lost']} lost")

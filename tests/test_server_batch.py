@@ -143,6 +143,8 @@ def test_concurrent_requests_equal_each_alone(pair, arbiter, max_batch):
             assert m["from_draft"] <= m["accepted"] and m["arbiter_calls"] == 0
     assert any(m["arbiter_calls"] for r, (*_, m) in zip(reqs, got) if r["method"] == "cospec")
     assert h["errors"] == 0 and h["completed"] == len(reqs) and h["active"] == 0
+    assert 0 < h["engine_step_s"] <= h["batch_worker_s"]  # the steps within the worker's turns
+    assert h["engine_step_s"] >= sum(m["decode_s"] for *_, m in got) / len(reqs)
 
 
 def test_requests_join_mid_flight(pair):
