@@ -37,6 +37,7 @@
 #   vbatch  vLLM on the same prompt ids (scripts/vllm_batch.py; wheels as for vllm)
 #   hfbatch transformers' batched generate on the same prompt ids (scripts/hf_batch.py: static
 #           cache, compiled by generate; target-only: its assisted generation takes batch 1 only)
+#   rhfbatch  the same on rbatch's random-weight targets and prompts (run rbatch first)
 #   fused   per-step time, kernels and roofline share of the fused layers against the reference
 #           fast path (scripts/prof_fused.py; random 0.5B, 1.5B and 7B shapes, no weights)
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
@@ -352,6 +353,7 @@ stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no w
     for size in ${RBATCH_SIZES:-1.5b 7b}; do
         timeout "${RBATCH_S:-200}" python3 scripts/bench_batch.py \
             --out "$R/rbatch-$size${COSPEC_PREFILL:+-$COSPEC_PREFILL-prefill}" \
+            --save-prompts "$R/rbatch-$size-prompts.json" \
             --random "$size" --prompts 64 --new 256 --batches 1,4,16,64 --ignore-eos 2>&1 | tail -6
     done
 }
@@ -369,6 +371,16 @@ stage_vbatch() {
             python3 scripts/vllm_batch.py --prompts "$R/batch/prompts.json" --method "$m" \
             --new 256 --k 4 --batches "${VBATCHES:-64,16,4,1}" --out "$R/batch/vllm-$m.json" 2>&1 \
             | grep -E "^vllm|Error|error" | tail -8
+    done
+}
+
+stage_rhfbatch() {  # hfbatch on rbatch's random-weight targets and prompts (RBATCH_SIZES; after
+                   # rbatch, which saves the prompts; no weights to carry)
+    for size in ${RBATCH_SIZES:-1.5b 7b}; do
+        [ -e "$R/rbatch-$size-hf.json" ] || timeout "${HFBATCH_S:-500}" python3 scripts/hf_batch.py \
+            --random "$size" --prompts "$R/rbatch-$size-prompts.json" --new 256 \
+            --batches "${HFBATCHES:-64,16,4,1}" --out "$R/rbatch-$size-hf.json" 2>&1 \
+            | grep -E "^hf|Error|error" | tail -8
     done
 }
 

@@ -2,7 +2,7 @@
 batch sizes.
 
     python scripts/hf_batch.py --prompts FILE --out FILE.json [--target qwen2.5-coder-1.5b]
-        [--new 256] [--batches 1,4,16,64] [--device cuda] [--no-compile]
+        [--new 256] [--batches 1,4,16,64] [--device cuda] [--no-compile] [--random 1.5b|7b]
     python scripts/hf_batch.py --tiny --prompts FILE --out FILE.json     # CPU smoke test
 
 The side-by-side peer of ``bench_batch.py --ignore-eos --save-prompts FILE``, as
@@ -25,8 +25,11 @@ resident set so far) and the device's memory in use after it (nvidia-smi).
 Target-only. transformers' assisted generation (its draft-model speculation) refuses batches
 of more than one sequence ("assisted generate is only supported for batch_size = 1", in
 ``GenerationMixin._assisted_decoding``), so it has no batched spd to measure; vLLM's is the
-batched speculative peer. ``--tiny``: a tiny random model (fp32, CPU), prompt ids taken
-modulo its vocabulary: checks that the script runs, measures nothing.
+batched speculative peer. ``--random SIZE``: the random-weight target of Qwen2.5 shapes that
+``bench_batch.py --random SIZE`` decodes (``gpu_speed.random_model``: same seed, bf16, CUDA),
+on the prompts it saved with ``--save-prompts``: no weights to carry. ``--tiny``: a tiny
+random model (fp32, CPU), prompt ids taken modulo its vocabulary: checks that the script
+runs, measures nothing.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ def load(args) -> torch.nn.Module:
         from tiny import tiny_model
 
         model = tiny_model(1, dtype=torch.float32)
+    elif args.random:
+        from gpu_speed import random_model
+
+        model = random_model(args.random)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -90,7 +97,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", action="store_true", help="static cache, run eagerly")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model on CPU (smoke)")
+    ap.add_argument("--random", choices=("0.5b", "1.5b", "7b"),
+                    help="bench_batch.py --random's random-weight target (CUDA)")
     args = ap.parse_args()
+    if args.random and (args.tiny or not torch.cuda.is_available()):
+        ap.error("--random builds its model on a CUDA GPU (--tiny: the CPU smoke test)")
     if not args.prompts.is_file():
         ap.error(f"--prompts {args.prompts}: no such file (bench_batch.py --save-prompts "
                  "writes it)")
@@ -111,7 +122,8 @@ def main() -> None:
               cache_implementation="static", disable_compile=args.no_compile)
     report = dict(engine="hf", transformers=transformers.__version__, torch=torch.__version__,
                   method="target", new=args.new, k=None, prompts=len(prompts),
-                  target="tiny" if args.tiny else args.target, device=str(device),
+                  target="tiny" if args.tiny else f"random-{args.random}" if args.random
+                  else args.target, device=str(device),
                   dtype=str(next(model.parameters()).dtype), padded_to=width,
                   compiled=device.type == "cuda" and not args.no_compile,
                   engine_start_s=time.perf_counter() - t0,

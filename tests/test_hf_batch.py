@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tiny import tiny_model
 
@@ -53,3 +54,16 @@ def test_padded_group_is_each_prompt_greedy():
                                max_new_tokens=8, pad_token_id=0)
         want.append(y[0, len(p):].tolist())
     assert got == want
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_random_needs_a_gpu(tmp_path, monkeypatch, capsys):
+    """``--random`` (bench_batch.py's random-weight target, built on CUDA) without a GPU is a
+    usage error that says so, not a traceback."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    monkeypatch.setattr(sys, "argv", ["hf_batch.py", "--random", "1.5b", "--prompts",
+                                      str(prompts), "--out", str(tmp_path / "hf.json")])
+    with pytest.raises(SystemExit) as exc:
+        hf_batch.main()
+    assert exc.value.code == 2 and "CUDA GPU" in capsys.readouterr().err
