@@ -7,7 +7,9 @@ tokens/s, first token p50, and the medians over requests of the server's own spl
 request's time (``metrics`` in each response): queue (waiting for a slot), prefill (the step
 it joined in: its own admission and any admitted with it), decode per token (the steps it
 took part in, less their admissions), and the rest: total - queue - prefill - decode, the time
-the request spent waiting while the engine admitted later requests or between steps.
+the request spent waiting while the engine admitted later requests or between steps. Beside
+them, the share of the level's wall time the server's worker spent stepping its engines
+(``engine_step_share``, from /health; — where the run predates it).
 Requests without metrics (a peer's server) are skipped; a run with none is named.
 """
 
@@ -39,6 +41,7 @@ def rows(data: dict) -> list[dict]:
             "prefill_ms": 1e3 * statistics.median(x["prefill_s"] for x in m),
             "decode_ms_per_token": 1e3 * sum(x["decode_s"] for x in m) / max(tokens, 1),
             "rest_ms": 1e3 * statistics.median(rest),
+            "engine_step_share": level["summary"].get("engine_step_share"),
             "requests": len(reqs),
         })
     return out
@@ -49,8 +52,8 @@ def main() -> None:
     ap.add_argument("files", nargs="+", help="[NAME=]load_test.json")
     args = ap.parse_args()
     print("| run | clients | tokens/s | first token p50 | queue | prefill | decode / token "
-          "| rest | requests |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| rest | engine stepping | requests |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for arg in args.files:
         name, path = arg.split("=", 1) if "=" in arg else ("", arg)
         if not Path(path).is_file():
@@ -60,10 +63,11 @@ def main() -> None:
             sys.exit(f"{path}: no request carries cospec's metrics (not a cospec server?)")
         for r in got:
             ttft = "—" if r["ttft_p50_ms"] is None else f"{r['ttft_p50_ms']:.0f} ms"
+            share = "—" if r["engine_step_share"] is None else f"{r['engine_step_share']:.0%}"
             print(f"| {name or path} | {r['concurrency']} | {r['tokens_per_s']:,.0f} | {ttft} "
                   f"| {r['queue_ms']:.1f} ms | {r['prefill_ms']:.1f} ms "
                   f"| {r['decode_ms_per_token']:.2f} ms | {r['rest_ms']:.0f} ms "
-                  f"| {r['requests']} |")
+                  f"| {share} | {r['requests']} |")
 
 
 if __name__ == "__main__":

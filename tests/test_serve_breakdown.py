@@ -31,12 +31,16 @@ def test_medians_and_rest(tmp_path, monkeypatch, capsys):
     assert r["queue_ms"] == pytest.approx(20) and r["prefill_ms"] == pytest.approx(30)
     assert r["decode_ms_per_token"] == pytest.approx(1e3 * 0.6 / 300)
     assert r["rest_ms"] == pytest.approx(50) and r["ttft_p50_ms"] == pytest.approx(50)
-    path = tmp_path / "load_test.json"
+    assert r["engine_step_share"] is None  # a run from before /health reported it
+    path, later = tmp_path / "load_test.json", tmp_path / "later.json"
     path.write_text(json.dumps({"levels": [level]}))
-    monkeypatch.setattr(sys, "argv", ["serve_breakdown.py", f"own={path}"])
+    level["summary"]["engine_step_share"] = 0.625
+    later.write_text(json.dumps({"levels": [level]}))
+    monkeypatch.setattr(sys, "argv", ["serve_breakdown.py", f"own={path}", f"later={later}"])
     sb.main()
-    assert "| own | 4 | 900 | 50 ms | 20.0 ms | 30.0 ms | 2.00 ms | 50 ms | 3 |" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| own | 4 | 900 | 50 ms | 20.0 ms | 30.0 ms | 2.00 ms | 50 ms | — | 3 |" in out
+    assert "| later | 4 | 900 | 50 ms | 20.0 ms | 30.0 ms | 2.00 ms | 50 ms | 62% | 3 |" in out
 
 
 def test_a_peer_without_metrics_is_named(tmp_path, monkeypatch):
