@@ -2,7 +2,9 @@
 stepping of the live generations on one worker thread, and the limits (queue size, time
 limit, cancellation).
 
-One worker thread owns the models. A scheduler task admits requests first come, first served
+One worker thread owns the models. Prompts are encoded on a thread of their own, with a copy
+of the tokenizer, so that a request arriving mid-step is encoded while the step runs and
+joins at the next one. A scheduler task admits requests first come, first served
 (each path keeps its own order). A request a batch engine can decode (``Job.batch``: see
 ``cospec.batch_scheduler``) takes a slot of ``BatchPool``: each turn steps every non-empty
 engine once, so all batched requests advance together, joining at the next step and leaving
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections import deque
@@ -59,6 +62,8 @@ class Engine:
                        "errors": 0}
         self.worker_s = 0.0  # seconds the worker spent on batch turns (steps, detokenizing)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="cospec-decode")
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="cospec-encode")
+        self.encoding = copy.deepcopy(pair.tokenizer)  # the encoder thread's own
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -77,11 +82,19 @@ class Engine:
             job.cancelled = True
             job.end("cancelled")
         self.worker.shutdown(wait=True, cancel_futures=True)
+        self.encoder.shutdown(wait=True, cancel_futures=True)
 
     async def on_worker(self, fn, *args):
         """Run ``fn`` on the worker thread (the only thread that touches models or the
         tokenizer: fast tokenizers are not safe to share between threads)."""
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def encode(self, fn):
+        """``fn(tokenizer)`` (a prompt's token ids) on the encoder thread, with a copy of the
+        tokenizer that only that thread uses: it runs while the worker steps, instead of
+        waiting behind the step for the worker."""
+        return await asyncio.get_running_loop().run_in_executor(self.encoder, fn,
+                                                                self.encoding)
 
     def _batched(self) -> list[Job]:
         """The live jobs of the batch pool (planned or decoding)."""

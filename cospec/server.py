@@ -213,7 +213,8 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
         return model_card()
 
     async def prepare(body: CommonRequest, prompt) -> Job:
-        """Check a request and turn it into a job (ApiError on bad input)."""
+        """Check a request and turn it into a job (ApiError on bad input); ``prompt``:
+        tokenizer -> token ids, run on the scheduler's encoder thread."""
         if body.model != served:
             raise ApiError(404, f"The model '{body.model}' does not exist (this server serves "
                                 f"'{served}')", "model", "model_not_found")
@@ -235,7 +236,7 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
             raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings", "stop",
                            "invalid_value")
         try:
-            ids = await engine.on_worker(prompt)
+            ids = await engine.encode(prompt)
         except Exception as err:  # e.g. a chat template that refuses the conversation
             raise ApiError(400, f"could not encode the prompt: {err}", None,
                            "invalid_prompt") from None
@@ -290,7 +291,7 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     async def chat_completions(body: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": _utf8(m.text(), f"messages.{i}.content")}
                     for i, m in enumerate(body.messages)]
-        job = await prepare(body, lambda: chat_ids(engine.tokenizer, messages))
+        job = await prepare(body, lambda tok: chat_ids(tok, messages))
         return await complete(job, request, True, body)
 
     @app.post("/v1/completions")
@@ -307,8 +308,8 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
         ids = list(p) if isinstance(p, list) else None
         if ids is None:
             _utf8(p, "prompt")
-        job = await prepare(body, (lambda: ids) if ids is not None
-                            else (lambda: text_ids(engine.tokenizer, p)))
+        job = await prepare(body, (lambda tok: ids) if ids is not None
+                            else (lambda tok: text_ids(tok, p)))
         return await complete(job, request, False, body)
 
     return app

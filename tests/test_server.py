@@ -5,6 +5,7 @@ carry the same text as plain responses; bad input is a 4xx with an OpenAI-shaped
 never a 500; a full queue is a 429; a client that goes away frees its slot.
 """
 
+import asyncio
 import copy
 import json
 import random
@@ -29,6 +30,7 @@ from cospec.cli import main  # noqa: E402
 from cospec.methods import build_method, chat_ids, eos_ids  # noqa: E402
 from cospec.models import Pair  # noqa: E402
 from cospec.sampling import GREEDY  # noqa: E402
+from cospec.scheduler import Engine  # noqa: E402
 from cospec.server import BackgroundServer, create_app  # noqa: E402
 from cospec.server_text import TextStream, safe_len, stop_at  # noqa: E402
 
@@ -156,6 +158,29 @@ def test_stop_strings(client):
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_prompts_are_encoded_while_the_worker_steps(pair):
+    """A prompt's encoding does not wait for the worker thread (here busy with a 1 s "step"):
+    it runs on a thread of its own, with a tokenizer of its own."""
+    eng = Engine(pair, {})
+
+    async def go():
+        busy = asyncio.ensure_future(eng.on_worker(time.sleep, 1.0))
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        ids = await eng.encode(lambda tok: tok.encode("hello world"))
+        took = time.perf_counter() - t0
+        await busy
+        return ids, took
+
+    try:
+        ids, took = asyncio.run(go())
+    finally:
+        eng.worker.shutdown()
+        eng.encoder.shutdown()
+    assert ids == pair.tokenizer.encode("hello world") and took < 0.5
+    assert eng.encoding is not eng.tokenizer
 
 
 def test_stop_helpers():
