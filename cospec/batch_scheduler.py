@@ -41,7 +41,7 @@ import torch
 
 from cospec.batch_methods import engine_options
 from cospec.errors import CospecError
-from cospec.fast_batch import RUN_AHEAD, BatchEngine, Commit
+from cospec.fast_batch import PREFILL_TOKENS, RUN_AHEAD, BatchEngine, Commit
 from cospec.fast_batch_warm import WarmUp, warm_up
 from cospec.job import Job
 from cospec.methods import Method
@@ -123,22 +123,42 @@ def kv_bytes(models: Iterable[torch.nn.Module], rows: int, max_len: int) -> int:
     return per * rows * max_len
 
 
-def check_memory(models: list[torch.nn.Module], rows: int, max_len: int) -> int:
-    """The KV budget in bytes; CospecError when it exceeds 90 % of the memory free now on
-    the models' device (so that a full server never runs out of memory mid-request)."""
-    need = kv_bytes(models, rows, max_len)
+def prefill_bytes(models: Iterable[torch.nn.Module], max_len: int) -> int:
+    """Bytes the largest prefill pass of a batch engine needs beyond the caches, in the
+    widest of ``models`` (one model's pass at a time). A pass holds at most PREFILL_TOKENS
+    padded tokens, or one prompt of up to ``max_len`` (``fast_batch.BatchLM.prefill``), each
+    attending over at most ``max_len`` positions: its attention scores [tokens, heads, span]
+    are held as scores, masked scores and probabilities in the model's dtype and as float32
+    softmax; its MLP holds [tokens, 3 x intermediate]. The larger of the two counts: a
+    graph-replayed prefill keeps that much in its pool, an eager one needs it free."""
+    tokens, most = max(PREFILL_TOKENS, max_len), 0
+    for m in models:
+        cfg, size = m.config, next(m.parameters()).element_size()
+        attention = tokens * cfg.num_attention_heads * max_len * (3 * size + 4)
+        mlp = tokens * 3 * (getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size) * size
+        most = max(most, attention, mlp)
+    return most
+
+
+def check_memory(models: list[torch.nn.Module], rows: int, max_len: int) -> tuple[int, int]:
+    """(KV bytes, prefill bytes): the KV budget of ``rows`` x ``max_len`` positions and the
+    largest prefill pass's (``prefill_bytes``). CospecError when together they exceed 90 % of
+    the memory free now on the models' device (so that a full server never runs out of
+    memory mid-request)."""
+    kv, prefill = kv_bytes(models, rows, max_len), prefill_bytes(models, max_len)
     device = next(models[0].parameters()).device
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         free = available_ram()
         if free is None:
-            return need
-    if need > 0.9 * free:
+            return kv, prefill
+    if kv + prefill > 0.9 * free:
         raise CospecError(f"--max-batch {rows} x --max-context {max_len} needs "
-                          f"{need / 2**30:.2f} GiB of KV cache but {free / 2**30:.2f} GiB is "
-                          f"free on {device}: lower --max-batch or --max-context")
-    return need
+                          f"{kv / 2**30:.2f} GiB of KV cache and {prefill / 2**30:.2f} GiB for "
+                          f"a prefill pass, but {free / 2**30:.2f} GiB is free on {device}: "
+                          "lower --max-batch or --max-context")
+    return kv, prefill
 
 
 def available_ram() -> int | None:

@@ -155,9 +155,9 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     pool = None
     if max_batch and batched:
         models = list({id(x): x for m in batched for x in engine_models(m)}.values())
-        need = check_memory(models, max_batch, ctx)
-        log.info("batch engines: %d slots x %d tokens, %.2f GiB of KV cache at most",
-                 max_batch, ctx, need / 2**30)
+        kv, prefill = check_memory(models, max_batch, ctx)
+        log.info("batch engines: %d slots x %d tokens, %.2f GiB of KV cache at most, %.2f GiB "
+                 "for the largest prefill pass", max_batch, ctx, kv / 2**30, prefill / 2**30)
         pool = BatchPool(max_batch, ctx)
     if warm_up:
         warm(pool, built[default], k)

@@ -294,6 +294,27 @@ def test_cos_requests_batch_beside_the_others(pair32, max_batch):
     assert h["errors"] == 0 and h["completed"] == len(reqs) and h["active"] == 0
 
 
+def test_memory_budget_counts_the_prefill_pass(pair, monkeypatch):
+    """The start-up budget counts the KV caches and the largest prefill pass (8,192 padded
+    tokens, or one prompt of the whole context: its attention scores grow with the context):
+    where only the caches would fit, the server is refused at start with both figures, not
+    run out of memory at its first long prompt."""
+    from cospec import batch_scheduler as bs
+    from cospec.errors import CospecError
+
+    models = [pair.target, pair.draft]
+    kv, prefill = bs.kv_bytes(models, 4, 256), bs.prefill_bytes(models, 256)
+    assert prefill > 0 and bs.prefill_bytes(models, 512) == 2 * prefill  # linear to 8,192
+    assert bs.prefill_bytes(models, 16384) == 4 * bs.prefill_bytes(models, 8192)  # then square
+    monkeypatch.setattr(bs, "available_ram", lambda: int((kv + prefill) / 0.9) + 64)
+    assert bs.check_memory(models, 4, 256) == (kv, prefill)
+    monkeypatch.setattr(bs, "available_ram", lambda: int((kv + prefill) / 0.9) - 64)
+    with pytest.raises(CospecError, match="of KV cache and .* GiB for a prefill pass"):
+        bs.check_memory(models, 4, 256)
+    with pytest.raises(CospecError, match="lower --max-batch or --max-context"):
+        create_app(pair, methods=["target", "spd"], max_batch=4, max_context=256)
+
+
 def test_cos_with_a_middle_model(pair32, monkeypatch):
     """CoS of three models (draft, a middle model, target) decodes in a batch engine with
     the batch-1 tokens, and the KV budget counts the middle model's caches too."""
