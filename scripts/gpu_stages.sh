@@ -38,6 +38,7 @@
 #   hfbatch transformers' batched generate on the same prompt ids (scripts/hf_batch.py: static
 #           cache, compiled by generate; target-only: its assisted generation takes batch 1 only)
 #   rhfbatch  the same on rbatch's random-weight targets and prompts (run rbatch first)
+#   rvbatch   vLLM on them (target-only; each saved as a safetensors folder first)
 #   fused   per-step time, kernels and roofline share of the fused layers against the reference
 #           fast path (scripts/prof_fused.py; random 0.5B, 1.5B and 7B shapes, no weights)
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
@@ -381,6 +382,20 @@ stage_rhfbatch() {  # hfbatch on rbatch's random-weight targets and prompts (RBA
             --random "$size" --prompts "$R/rbatch-$size-prompts.json" --new 256 \
             --batches "${HFBATCHES:-64,16,4,1}" --out "$R/rbatch-$size-hf.json" 2>&1 \
             | grep -E "^hf|Error|error" | tail -8
+    done
+}
+
+stage_rvbatch() {  # vLLM (target-only) on rbatch's random-weight targets and prompts: each
+                   # target saved as a safetensors folder first (no weights to carry; wheels
+                   # as for vllm; run rbatch first)
+    vllm_install
+    for size in ${RBATCH_SIZES:-1.5b 7b}; do
+        [ -e /tmp/random-$size/config.json ] || python3 -c "import sys; sys.path.insert(0, 'scripts')
+from gpu_speed import random_model; random_model('$size').save_pretrained('/tmp/random-$size')"
+        [ -e "$R/rbatch-$size-vllm.json" ] || PYTHONPATH=/tmp/vsite:$PYTHONPATH \
+            timeout "${VBATCH_S:-280}" python3 scripts/vllm_batch.py --method target \
+            --prompts "$R/rbatch-$size-prompts.json" --target /tmp/random-$size --new 256 \
+            --batches "${VBATCHES:-64,16,4,1}" --out "$R/rbatch-$size-vllm.json" 2>&1 | tail -8
     done
 }
 
