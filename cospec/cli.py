@@ -8,7 +8,18 @@ import argparse
 import os
 import sys
 
-from cospec import bench, collect, cpu, evaluate, fast, fused, generate_cmd, refine, train
+from cospec import (
+    bench,
+    collect,
+    cpu,
+    evaluate,
+    fast,
+    fast_batch,
+    fused,
+    generate_cmd,
+    refine,
+    train,
+)
 from cospec.args import add_decoding_args, add_model_args, add_serve_args
 from cospec.errors import CospecError
 from cospec.sandbox import use
@@ -76,6 +87,7 @@ def check_settings() -> None:
     COSPEC_PREFILL)."""
     cpu.linear_mode()
     fast.prefill_mode()
+    fast_batch.run_ahead_setting()
     fused.asked()
 
 

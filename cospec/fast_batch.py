@@ -71,6 +71,7 @@ from cospec.row_sampling import (
     verify,
 )
 from cospec.sampling import GREEDY, SamplingConfig
+from cospec.settings import choice
 from cospec.stats import DecodeStats
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -78,6 +79,14 @@ RUN_AHEAD = 8   # target-only decoding: tokens decoded per host read
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill pass (bounds its attention mask)
 PREFILL_MIN = 16  # COSPEC_PREFILL=graphs: prompts are padded to PREFILL_MIN·2^i (or max_len)
 MIN_SPAN = 256  # the shortest cache span a step attends over (spans: powers of two, max_len)
+
+
+def run_ahead_setting() -> int:
+    """COSPEC_RUN_AHEAD: the tokens a target-only step decodes per host read, 1..RUN_AHEAD
+    (unset: RUN_AHEAD). Fewer make steps shorter, so that a request's first token and a new
+    request's admission come sooner, at the cost of more host reads per token."""
+    return int(choice("COSPEC_RUN_AHEAD", tuple(str(i) for i in range(1, RUN_AHEAD + 1)),
+                      str(RUN_AHEAD)))
 
 
 class BatchLM:
@@ -316,7 +325,7 @@ class BatchEngine:
                  k: int = 4, rows: int = 64, max_len: int = 2048, eos_ids: Iterable[int] = (),
                  policy: MismatchPolicy | None = None, threshold: float = 0.5,
                  max_overrides: int | None = None, every_mismatch: bool = True,
-                 run_ahead: int = RUN_AHEAD, graphs: bool | None = None,
+                 run_ahead: int | None = None, graphs: bool | None = None,
                  combo: Combination | None = None, middle: Sequence[torch.nn.Module] = (),
                  alternate: bool = True):
         if draft is None and (policy is not None or combo is not None):
@@ -327,6 +336,9 @@ class BatchEngine:
             raise CospecError("more than two models are for a combination (combo)")
         if draft is not None and not 1 <= k <= 2 * RUN_AHEAD - 1:
             raise CospecError(f"k (draft length) must be in 1..{2 * RUN_AHEAD - 1}, got {k}")
+        run_ahead = run_ahead_setting() if run_ahead is None else run_ahead
+        if not 1 <= run_ahead <= RUN_AHEAD:
+            raise CospecError(f"run_ahead must be in 1..{RUN_AHEAD}, got {run_ahead}")
         self.k = k if draft is not None else 0
         self.ahead = run_ahead if draft is None else 0
         self.width = self.k + 1 if draft is not None else run_ahead  # candidates per step

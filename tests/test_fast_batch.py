@@ -242,6 +242,34 @@ def test_bad_prefill_mode(pair, monkeypatch):
         BatchEngine(pair[0], None, rows=2, max_len=64)
 
 
+def test_run_ahead_setting(pair, monkeypatch):
+    """COSPEC_RUN_AHEAD=a: a target-only step decodes at most a tokens a row (unset: 8),
+    and the rows still give plain greedy decoding's tokens; a value outside 1..8 is named."""
+    target = pair[0]
+    prompts, budgets = [prompt(70, 5), prompt(71, 9), prompt(72, 3)], (11, 7, 13)
+    want = batch1(target, None, prompts, budgets, ExactRule(), k=3)
+    for value, ahead in (("3", 3), (None, 8)):
+        if value is None:
+            monkeypatch.delenv("COSPEC_RUN_AHEAD", raising=False)
+        else:
+            monkeypatch.setenv("COSPEC_RUN_AHEAD", value)
+        eng = BatchEngine(target, None, rows=2, max_len=64)
+        assert eng.ahead == ahead
+        rid = [eng.submit(p, m) for p, m in zip(prompts, budgets)]
+        out: dict[int, list[int]] = {r: [] for r in rid}
+        longest = 0
+        while eng.busy:
+            for c in eng.step():
+                out[c.rid] += c.tokens
+                longest = max(longest, len(c.tokens))
+        assert [out[r] for r in rid] == want and longest == ahead
+    monkeypatch.setenv("COSPEC_RUN_AHEAD", "0")
+    with pytest.raises(CospecError, match="COSPEC_RUN_AHEAD='0'"):
+        BatchEngine(target, None, rows=2, max_len=64)
+    with pytest.raises(CospecError, match="run_ahead must be in 1..8"):
+        BatchEngine(target, None, rows=2, max_len=64, run_ahead=9)
+
+
 def test_submit_and_step(pair):
     """The scheduler API: requests join between steps into freed slots (lowest first), each
     step returns every live request's commit, a finished request leaves at once."""
