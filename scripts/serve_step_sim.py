@@ -32,6 +32,8 @@ import httpx  # noqa: E402
 from load_test import tiny_pair  # noqa: E402
 
 from cospec import scheduler  # noqa: E402
+from cospec.cli import check_settings  # noqa: E402
+from cospec.errors import CospecError  # noqa: E402
 from cospec.fast_batch import BatchEngine  # noqa: E402
 from cospec.server import BackgroundServer, create_app  # noqa: E402
 
@@ -90,6 +92,10 @@ def main() -> None:
     args = ap.parse_args()
     if not (0 <= args.step <= 1 and 0 <= args.per_token <= 0.1 and 1 <= args.tokens <= 400):
         ap.error("--step is 0 to 1 s, --per-token 0 to 0.1 s, --tokens 1 to 400")
+    try:
+        check_settings()  # COSPEC_RUN_AHEAD among them
+    except CospecError as err:
+        ap.error(str(err))
     stretch(args.step, args.per_token)
     if args.encode == "worker":
         encode_on_worker()
