@@ -215,8 +215,8 @@ class BatchLM:
         n = max(len(p) for p, _ in part)
         if not self.graph_prefill:
             return len(part) * n
-        b, n = self.prefill_shape(len(part), n)
-        return b * n if b >= len(part) else PREFILL_TOKENS + 1  # more rows than the engine
+        b, n = self.prefill_shape(len(part), n)  # len(part) <= rows: distinct slots
+        return b * n
 
     def prefill_shape(self, m: int, n: int) -> tuple[int, int]:
         """COSPEC_PREFILL=graphs: the padded (rows, length) of a pass over m prompts of at
@@ -232,12 +232,8 @@ class BatchLM:
     def prefill_shapes(self) -> list[tuple[int, int]]:
         """Every padded (rows, length) a graph-replayed prefill pass can take, the largest
         pass first."""
-        lengths, padded = [], PREFILL_MIN
-        while padded < self.max_len:
-            lengths.append(padded)
-            padded *= 2
-        shapes = {self.prefill_shape(2 ** i, n) for n in [*lengths, self.max_len]
-                  for i in range(self.rows.bit_length() + 1)}
+        shapes = {self.prefill_shape(2 ** i, 2 ** j) for i in range(self.rows.bit_length() + 1)
+                  for j in range(self.max_len.bit_length() + 1)}
         return sorted((s for s in shapes if s[0] == 1 or s[0] * s[1] <= PREFILL_TOKENS),
                       key=lambda s: (-s[0] * s[1], -s[1]))
 

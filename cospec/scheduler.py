@@ -85,8 +85,9 @@ class Engine:
         self.encoder.shutdown(wait=True, cancel_futures=True)
 
     async def on_worker(self, fn, *args):
-        """Run ``fn`` on the worker thread (the only thread that touches models or the
-        tokenizer: fast tokenizers are not safe to share between threads)."""
+        """Run ``fn`` on the worker thread (the only thread that touches the models or
+        ``self.tokenizer``; the encoder thread has its own copy: fast tokenizers are not safe
+        to share between threads)."""
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
     async def encode(self, fn):
