@@ -128,7 +128,15 @@ def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig,
                 decode_tokens_per_s=s.tokens_per_s, tau=s.tau if speculative else None,
                 acceptance_rate=s.acceptance_rate if speculative else None,
                 peak_mb=peak_mb(device), capture_s=sum(m.capture_s for m in engine.models),
-                compiled_prefill=all(m.compiled_prefill for m in engine.models))
+                prefill=prefill_used(engine.models))
+
+
+def prefill_used(models) -> str:
+    """How the engine's models prefilled: "graphs", "compiled" or "eager" (all of them alike;
+    "mixed" otherwise). The asked COSPEC_PREFILL is not it: a CPU engine prefills eagerly."""
+    modes = {"graphs" if m.graph_prefill else "compiled" if m.compiled_prefill else "eager"
+             for m in models}
+    return modes.pop() if len(modes) == 1 else "mixed"
 
 
 def main() -> None:
