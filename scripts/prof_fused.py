@@ -9,8 +9,11 @@ then one step over n rows at position 100 (n = 1 a decode step, n = 5 a verify),
 engine (reference: compiled halves of a layer; fused: five Triton kernels a layer):
 
 - ms per step: the step's CUDA graph replayed ``--reps`` times;
-- kernels per step and per layer: torch.profiler over the same forward run without a graph,
-  once with every layer and once with the first only (per layer = the difference / (L - 1));
+- kernels per step and per layer, and each kernel's device time: torch.profiler over the
+  same forward run without a graph, once with every layer and once with the first only (per
+  layer = the difference / (L - 1); the rest is outside the layers: embedding, final norm,
+  head). The kernels' summed time against the step's shows how much of a step the GPU
+  idles between kernels;
 - roofline share: weight bytes a step reads (``gpu_speed.bytes_per_token``) / step time,
   against the HBM bandwidth (4.8e12 B/s on an H200);
 - the fused step's logits against the reference's (max |difference|, argmax agreement).
@@ -35,7 +38,6 @@ import json
 import math
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,16 +51,43 @@ from cospec import fast, fused  # noqa: E402
 PREFIX = 100
 
 
-def kernels(eng: fast.Engine, n: int) -> Counter:
-    """Names of the GPU kernels one un-graphed forward over n tokens launches."""
-    from torch.autograd import DeviceType
+def kernels(eng: fast.Engine, n: int) -> dict[str, list[float]]:
+    """{kernel name: [launches, device µs]} of one un-graphed forward over n tokens."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         eng._forward(eng.ids[:n], eng.start, eager=False)
         torch.cuda.synchronize()
-    return Counter(e.name for e in prof.events() if e.device_type == DeviceType.CUDA
-                   and not e.name.startswith(("Memcpy", "Memset")))
+    return kernel_times(prof.events())
+
+
+def kernel_times(events) -> dict[str, list[float]]:
+    """{name: [launches, total device µs]} of the GPU kernels among profiler events (copies
+    and memsets left out), most time first."""
+    from torch.autograd import DeviceType
+
+    out: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")):
+            t = out.setdefault(e.name, [0, 0.0])
+            t[0] += 1
+            t[1] += e.device_time_total
+    return dict(sorted(out.items(), key=lambda kv: -kv[1][1]))
+
+
+def per_layer(every: dict[str, list[float]], one: dict[str, list[float]], layers: int
+              ) -> list[dict]:
+    """Each kernel's launches and device µs in one layer, and outside the layers (embedding,
+    final norm, head), from a forward with all ``layers`` layers (``every``) and one with the
+    first only (``one``): a layer = (every - one) / (layers - 1), outside = one - a layer.
+    Most time in a layer first."""
+    rows = []
+    for name in every.keys() | one.keys():
+        (ce, te), (co, to) = every.get(name, [0, 0.0]), one.get(name, [0, 0.0])
+        count, us = (ce - co) / (layers - 1), (te - to) / (layers - 1)
+        rows.append({"kernel": name, "per_layer": count, "us_per_layer": us,
+                     "outside": co - count, "us_outside": to - us})
+    return sorted(rows, key=lambda r: (-r["us_per_layer"], -r["us_outside"], r["kernel"]))
 
 
 def measure(eng: fast.Engine, n: int, reps: int, count: bool = True) -> dict:
@@ -81,11 +110,12 @@ def measure(eng: fast.Engine, n: int, reps: int, count: bool = True) -> dict:
         one = kernels(eng, n)
     finally:
         eng.layers = layers
-    total, first = sum(every.values()), sum(one.values())
-    per_layer = (total - first) / (len(layers) - 1)
+    total, first = (sum(c for c, _ in k.values()) for k in (every, one))
+    per = (total - first) / (len(layers) - 1)
     return {"ms_per_step": step_s * 1e3, "kernels_per_step": total,
-            "kernels_per_layer": per_layer, "kernels_outside_layers": first - per_layer,
-            "kernel_names_one_layer": dict(one.most_common()), "logits": logits}
+            "kernels_per_layer": per, "kernels_outside_layers": first - per,
+            "kernel_us_per_step": sum(us for _, us in every.values()),
+            "profile": per_layer(every, one, len(layers)), "logits": logits}
 
 
 def combinations(grid: list[str]) -> list[dict[str, int]]:
@@ -173,7 +203,7 @@ def finish(out: dict) -> dict:
 
 
 def brief(r: dict) -> dict:
-    return {k: v for k, v in r.items() if k not in ("logits", "kernel_names_one_layer")}
+    return {k: v for k, v in r.items() if k not in ("logits", "profile")}
 
 
 def ranking(out: dict) -> list[dict]:
@@ -209,6 +239,7 @@ def markdown(out: dict) -> str:
                       if "kernels_per_step" in r else "— | —")
             lines.append(f"| {size} | {n} | {name} | {r['ms_per_step']:.3f} | {counts} | "
                          f"{100 * r['roofline']:.0f} % | {extra} |")
+    lines += profile_tables(out)
     if "ranking" not in out:
         return "\n".join(lines) + "\n"
     lines += ["", f"Grid ({' '.join('--grid ' + g for g in out['grid_axes'])}; "
@@ -226,6 +257,27 @@ def markdown(out: dict) -> str:
                   f"{r['max_abs_logit_diff']:.3g} | {r['argmax_agree']}/{r['n']} |"
                   for r in res["grid"]]
     return "\n".join(lines) + "\n"
+
+
+def profile_tables(out: dict, top: int = 12) -> list[str]:
+    """Markdown lines: for each measured row with a profile, its ``top`` kernels by time a
+    layer (names cut to 70 characters; the JSON has them whole)."""
+    lines = []
+    for size, res in out["sizes"].items():
+        for key, r in res.items():
+            if "/n=" not in key or "profile" not in r:
+                continue
+            name, n = key.split("/n=")
+            layer_us = sum(k["us_per_layer"] for k in r["profile"])
+            lines += ["", f"{size}, {n} row(s), {name}: kernels' device time "
+                      f"{r['kernel_us_per_step']:.0f} µs of a {1e3 * r['ms_per_step']:.0f} µs "
+                      f"step ({layer_us:.1f} µs a layer, un-graphed forward)", "",
+                      "| kernel | launches a layer | µs a layer | share of a layer | "
+                      "launches outside layers | µs outside |", "|---|---|---|---|---|---|"]
+            lines += [f"| `{k['kernel'][:70]}` | {k['per_layer']:.1f} | {k['us_per_layer']:.2f} | "
+                      f"{100 * k['us_per_layer'] / layer_us if layer_us else 0:.0f} % | "
+                      f"{k['outside']:.1f} | {k['us_outside']:.2f} |" for k in r["profile"][:top]]
+    return lines
 
 
 def settings(combo: dict) -> str:
