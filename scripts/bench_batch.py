@@ -3,8 +3,8 @@
     PYTHONPATH=. python scripts/bench_batch.py --out DIR [--target qwen2.5-coder-1.5b]
         [--draft qwen2.5-coder-0.5b] [--task gsm8k,humaneval --split heldout] [--prompts 64]
         [--new 256] [--k 4] [--batches 1,4,16,64] [--temperature 0] [--ignore-eos]
-        [--save-prompts FILE] [--random 1.5b|7b] [--methods target,spd,cos-we] [--lam 0.5]
-        [--mu 0.1]
+        [--save-prompts FILE] [--random 1.5b|7b [--prompt-ids FILE]]
+        [--methods target,spd,cos-we] [--lam 0.5] [--mu 0.1]
     PYTHONPATH=. python scripts/bench_batch.py --tiny --out DIR     # CPU smoke test
 
 The same ``--prompts`` prompts (chat template; shared out over the comma-separated tasks,
@@ -17,15 +17,17 @@ captured for every bucket of rows <= B and every cache span (``fast_batch_warm.w
 no capture falls inside it (on CPU there is nothing to capture). Per (B, method):
 generated tokens, prefill and decode seconds, tokens/s end to end and decode only, tau,
 peak memory (CUDA: the device's peak allocated in that pass; CPU: the process's peak
-resident set so far), capture seconds, whether the prefill ran compiled
-(``fast.prefill_mode``).
+resident set so far), capture seconds, the prefill the engine ran (graphs, compiled or eager:
+``fast.prefill_mode``).
 Writes DIR/bench_batch.json after every configuration and prints a table. ``--tiny``: random
 tiny models (fp32, CPU), random prompts: checks that the script runs, measures nothing.
 ``--ignore-eos``: every request decodes exactly ``--new`` tokens (for a side-by-side with
 another engine at equal token counts); ``--save-prompts``: the prompt token ids as JSON
 (``scripts/vllm_batch.py --prompts`` reads them). ``--random SIZE``: a random-weight target
 of Qwen2.5 shapes (bf16, CUDA; ``scripts/gpu_speed.py``'s shapes) and random 128-token prompts,
-target-only, EOS ignored: throughput against batch size without any weights to carry.
+target-only, EOS ignored: throughput against batch size without any weights to carry;
+``--prompt-ids FILE`` gives it the first ``--prompts`` prompts of a ``--save-prompts`` file
+instead (e.g. the real pair's, to see what their lengths cost).
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def random_target(args) -> tuple[torch.nn.Module, None, list[list[int]], list[in
     from gpu_speed import random_model
 
     model = random_model(args.random)
+    if args.prompt_ids:
+        return model, None, json.loads(args.prompt_ids.read_text())[:args.prompts], []
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (args.prompts, 128), generator=g)
     return model, None, prompts.tolist(), []
@@ -155,6 +159,8 @@ def main() -> None:
     ap.add_argument("--save-prompts", type=Path, help="write the prompt token ids here")
     ap.add_argument("--random", choices=("0.5b", "1.5b", "7b"),
                     help="random-weight target of Qwen2.5 shapes, target-only (CUDA)")
+    ap.add_argument("--prompt-ids", type=Path,
+                    help="with --random: the prompts' token ids (a --save-prompts file)")
     ap.add_argument("--methods", default="target,spd", help=f"comma-separated: {METHODS}")
     ap.add_argument("--lam", type=float, default=0.5, help="CoS ensemble: lam q + (1-lam) p")
     ap.add_argument("--mu", type=float, default=0.1, help="CoS contrastive: l_p - mu l_q")
@@ -163,6 +169,12 @@ def main() -> None:
     methods = args.methods.split(",")
     if set(methods) - set(METHODS):
         ap.error(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {METHODS}")
+    if args.random and not torch.cuda.is_available():
+        ap.error("--random builds its model on CUDA: no GPU here")
+    if args.prompt_ids and not args.random:
+        ap.error("--prompt-ids goes with --random (the other modes make their own prompts)")
+    if args.prompt_ids and not args.prompt_ids.is_file():
+        ap.error(f"--prompt-ids {args.prompt_ids}: no such file")
     if args.tiny:
         os.environ.setdefault("COSPEC_STATIC", "1")
         target, draft, prompts, eos = tiny_pair()

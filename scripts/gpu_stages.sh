@@ -31,6 +31,9 @@
 #           replayed from CUDA graphs) is its same-lease control
 #   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights
 #           needed; RBATCH_SIZES picks; COSPEC_PREFILL=MODE into rbatch-SIZE-MODE-prefill)
+#   rpbatch rbatch's random targets at 16 and 64 rows on batch's prompt ids (73-217 tokens)
+#           instead of equal 128-token ones, into rbatch-SIZE-real-prompts: what ragged
+#           prompt lengths cost the batch engine, beside rbatch on the same lease
 #   caches  pack the compile caches (vLLM's, triton's, torch inductor's) into $R/caches.tgz.NN
 #           (15 MiB pieces); copied to /tmp/p/C.NN on a later machine, unpack restores them
 #           first, so vLLM's engine start and cospec's graph captures skip the compiles
@@ -355,6 +358,16 @@ stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no w
             --out "$R/rbatch-$size${COSPEC_PREFILL:+-$COSPEC_PREFILL-prefill}" \
             --save-prompts "$R/rbatch-$size-prompts.json" \
             --random "$size" --prompts 64 --new 256 --batches 1,4,16,64 --ignore-eos 2>&1 | tail -6
+    done
+}
+
+stage_rpbatch() {
+    batch_prompts
+    for size in ${RBATCH_SIZES:-1.5b 7b}; do
+        timeout "${RBATCH_S:-200}" python3 scripts/bench_batch.py \
+            --out "$R/rbatch-$size-real-prompts" --random "$size" \
+            --prompt-ids "$R/batch/prompts.json" --prompts 64 --new 256 --batches 16,64 \
+            --ignore-eos 2>&1 | tail -6
     done
 }
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from tiny import tiny_model
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_batch.py"
 _spec = importlib.util.spec_from_file_location("bench_batch", SCRIPT)
@@ -41,3 +43,30 @@ def lm(graphs: bool, compiled: bool) -> SimpleNamespace:
 ])
 def test_prefill_used_names_what_the_models_did(models, want):
     assert bench_batch.prefill_used(models) == want
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+@pytest.mark.parametrize("argv, error", [
+    (["--random", "1.5b"], "no GPU here"),
+    (["--prompt-ids", "x.json"], "--prompt-ids goes with --random"),
+])
+def test_usage_errors(argv, error, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_batch.py", "--out", str(tmp_path)] + argv)
+    with pytest.raises(SystemExit) as stop:
+        bench_batch.main()
+    assert stop.value.code == 2 and error in capsys.readouterr().err
+
+
+def test_random_target_takes_the_given_prompt_ids(tmp_path, monkeypatch):
+    """--prompt-ids: the random target decodes the first --prompts prompts of the file (its
+    model stood in by a tiny one: the real one is built on CUDA)."""
+    import gpu_speed
+
+    monkeypatch.setattr(gpu_speed, "random_model", lambda size: tiny_model(1))
+    ids = [[5, 6, 7], [8] * 40, [9, 10]]
+    (tmp_path / "p.json").write_text(json.dumps(ids))
+    args = SimpleNamespace(random="1.5b", prompts=2, prompt_ids=tmp_path / "p.json")
+    model, draft, prompts, eos = bench_batch.random_target(args)
+    assert prompts == ids[:2] and draft is None and eos == []
+    args.prompt_ids = None  # without: 128 random tokens each
+    assert [len(p) for p in bench_batch.random_target(args)[2]] == [128, 128]
