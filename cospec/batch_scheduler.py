@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -259,9 +259,12 @@ class BatchPool:
 
     # --- on the worker thread
 
-    def turn(self) -> list[tuple[Job, Served]]:
+    def turn(self, early: Callable[[list[tuple[Job, Served]]], None] | None = None
+             ) -> list[tuple[Job, Served]]:
         """Release ended requests' rows, start the planned ones, step every non-empty
-        engine once; returns each request's commit."""
+        engine once; returns each request's commit. ``early`` (when given) gets the first
+        token of the requests that start in a step as soon as the device has it, before the
+        step ends (``BatchEngine.step``); their commits in the return value hold the rest."""
         out = []
         for g in list(self.groups):
             for job, rid in list(g.jobs.items()):
@@ -281,22 +284,45 @@ class BatchPool:
             engine = g.engine
             if engine is None or not engine.busy:
                 continue
-            t0, p0 = time.perf_counter(), engine.stats.prefill_s
-            commits = engine.step()
-            took = time.perf_counter() - t0
-            self.step_s += took
-            prefill = engine.stats.prefill_s - p0
-            decode = took - prefill
-            for c in commits:
-                job = engine.jobs[c.rid]
-                if not job.stats.decode_s:  # its first step: it was prefilled in this one
-                    job.stats.prefill_s += prefill
-                job.stats.decode_s += decode
-                if c.done:
-                    g.jobs.pop(job, None)
-                    engine.jobs.pop(c.rid, None)
-                out.append((job, c))
+            out += self._step(g, early)
         return out
+
+    def _step(self, g: Group, early: Callable[[list[tuple[Job, Served]]], None] | None
+              ) -> list[tuple[Job, Served]]:
+        """One step of ``g``'s engine, its commits settled (``_settle``); ``early`` as in
+        ``turn``."""
+        engine = g.engine
+        t0, p0 = time.perf_counter(), engine.stats.prefill_s
+        firsts: dict[int, float] = {}  # request -> the decode time to its first token
+
+        def first(commits: list[Served]) -> None:
+            prefill = engine.stats.prefill_s - p0
+            decode = time.perf_counter() - t0 - prefill
+            firsts.update((c.rid, decode) for c in commits)
+            early([self._settle(g, c, prefill, decode) for c in commits])
+
+        commits = engine.step(first if early is not None else None)
+        took = time.perf_counter() - t0
+        self.step_s += took
+        prefill = engine.stats.prefill_s - p0
+        return [self._settle(g, c, prefill, took - prefill, firsts.get(c.rid))
+                for c in commits]
+
+    @staticmethod
+    def _settle(g: Group, c: Served, prefill: float, decode: float,
+                decoded: float | None = None) -> tuple[Job, Served]:
+        """(job, commit) of one commit of group ``g``'s engine, with the job's prefill
+        (``prefill``: in its first step) and decode times added, and the job let go when it
+        is done. ``decoded``: the decode time its first token already counted."""
+        engine = g.engine
+        job = engine.jobs[c.rid]
+        if decoded is None and not job.stats.decode_s:  # its first step: prefilled in it
+            job.stats.prefill_s += prefill
+        job.stats.decode_s += decode - (decoded or 0.0)
+        if c.done:
+            g.jobs.pop(job, None)
+            engine.jobs.pop(c.rid, None)
+        return job, c
 
     def _build(self, method: Method, group: Group) -> ServedEngine:
         return ServedEngine(method.verifier, method.proposer, k=max(group.key[1], 1),

@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -399,14 +399,14 @@ class BatchEngine:
         """Requests queued or decoding."""
         return bool(self.queue) or any(r is not None for r in self.slots)
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[int]:
         """Prefill queued requests into free slots (every model, prompt[:-1]; all the
-        requests admitted in a step in one pass per model)."""
+        requests admitted in a step in one pass per model); returns their slots."""
         vocab = self.target.head_w.shape[0]
         free = [slot for slot in range(self.rows) if self.slots[slot] is None]
         admitted = [(slot, self.queue.popleft()) for slot in free[:len(self.queue)]]
         if not admitted:
-            return
+            return []
         for lm in self.models:
             lm.prefill([r.prompt[:-1] for _, r in admitted], [slot for slot, _ in admitted])
         for slot, req in admitted:
@@ -423,6 +423,7 @@ class BatchEngine:
             self.greedy[slot] = s.greedy
             self.live[slot] = True
             self.slots[slot] = req
+        return [slot for slot, _ in admitted]
 
     def _free(self, slot: int) -> None:
         self.slots[slot] = None
@@ -443,12 +444,18 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ the step
 
-    def step(self) -> list[Commit]:
+    def step(self, early: Callable[[list[Commit]], None] | None = None) -> list[Commit]:
         """Admit queued requests, run one step for every live row, commit, free finished
-        slots. Returns one ``Commit`` per request that decoded in this step."""
+        slots. Returns one ``Commit`` per request that decoded in this step.
+
+        ``early``: target-only decoding of more than one token a step hands each request
+        admitted in this step its first token, ``early([Commit, ...])``, as soon as the
+        device has it, while it still decodes the step's other tokens; the returned commits
+        then hold the rest (a request that ended at its first token has none). Otherwise a
+        request's first token waits for its whole first step."""
         with torch.inference_mode():
             t0 = _clock(self.device)
-            self._admit()
+            admitted = self._admit()
             t1 = _clock(self.device)
             self.stats.prefill_s += t1 - t0
             used = [i for i, r in enumerate(self.slots) if r is not None]
@@ -457,12 +464,13 @@ class BatchEngine:
             b = self._bucket(used[-1])
             self._set_span(used)
             s = self._sampling(b)
+            first = bool(early and admitted and self.ahead > 1)  # ahead: 0 with a draft
             if self.cos is not None:
                 u = uniforms(self.seed[:b], self.counter[:b], self.cos.draws())
                 toks, a, extra = self.cos(b, s, self.n[:b], self.prev[:b], self.last[:b],
                                           self.live[:b], u)
             elif self.draft is None:
-                toks, a, extra = self._target_only(b, s)
+                toks, a, extra = self._target_only(b, s, first)
             else:
                 toks, a, extra = self._speculate(b, s)
             live = self.live[:b]
@@ -473,8 +481,13 @@ class BatchEngine:
             self.last[:b] = torch.where(live, nxt, self.last[:b])
             self.n[:b] += (a + 1) * live
             self.counter[:b] += live.long()
+            reqs = {slot: self.slots[slot] for slot in used}
+            if first:
+                early(self._first_commits(admitted))  # the device is still decoding
             read = torch.cat([toks, a[:, None], *extra], dim=1).tolist()  # the one host read
-        commits = [self._commit(slot, read[slot]) for slot in used]
+        commits = [self._commit(slot, self._rest(read[slot]) if first and slot in admitted
+                                else read[slot])
+                   for slot in used if self.slots[slot] is reqs[slot]]  # not ended early
         self.stats.decode_s += _clock(self.device) - t1
         return commits
 
@@ -530,6 +543,21 @@ class BatchEngine:
         """A bound on the positions (+ 1) a step may write from a row of n tokens."""
         return n + max(self.k, self.ahead) + 2
 
+    def _first_commits(self, slots: list[int]) -> list[Commit]:
+        """The first token of the rows ``slots`` (admitted in this step, target-only), one
+        commit each, once the device has decoded it (the later tokens may still be decoding).
+        A commit's row: the token, padding, accepted 0."""
+        host, ready = self.first
+        if ready is not None:
+            ready.synchronize()
+        toks = host.tolist()
+        return [self._commit(slot, [toks[slot], *[0] * (self.width - 1), 0]) for slot in slots]
+
+    def _rest(self, row: list[int]) -> list[int]:
+        """A target-only row (``width`` tokens, then accepted = width - 1) without its first
+        token, which ``_first_commits`` handed over: the others, padding, accepted - 1."""
+        return [*row[1:self.width], 0, row[self.width] - 1]
+
     def _commit(self, slot: int, row: list[int]) -> Commit:
         """Host bookkeeping of one row: cut at EOS or the budget, stats, free when done."""
         req, width = self.slots[slot], self.width
@@ -558,8 +586,10 @@ class BatchEngine:
             self._free(slot)
         return Commit(req.rid, new[:cut], done)
 
-    def _target_only(self, b: int, s: RowSampling):
-        """``ahead`` tokens per row, each fed straight back: toks [b, ahead], a = ahead - 1."""
+    def _target_only(self, b: int, s: RowSampling, first: bool = False):
+        """``ahead`` tokens per row, each fed straight back: toks [b, ahead], a = ahead - 1.
+        ``first``: the first token's copy to the host starts as soon as it is decoded
+        (``self.first``, read by ``_first_commits``)."""
         n, x = self.n[:b], self.last[:b, None]
         u = None if s.all_greedy else uniforms(self.seed[:b], self.counter[:b], self.ahead)
         toks = []
@@ -568,6 +598,8 @@ class BatchEngine:
             row = logits[:, -1]
             tok = row.argmax(-1) if s.all_greedy else pick(row_probabilities(row, s), u[:, j])
             toks.append(tok)
+            if first and j == 0:
+                self.first = _to_host(tok)
             x = tok[:, None]
         a = torch.full((b,), self.ahead - 1, dtype=torch.long, device=self.device)
         return torch.stack(toks, 1), a, []
@@ -650,6 +682,18 @@ class BatchEngine:
         self.overrides[:b] += kept * self.live[:b]
         from_draft = (stop > k) & miss[:, k]
         return toks, a, [calls[:, None], kept[:, None], from_draft.long()[:, None]]
+
+
+def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A host copy of ``t`` started now, behind the work queued so far: (pinned buffer,
+    event that completes with the copy) on CUDA, (a clone, None) on the CPU."""
+    if t.device.type != "cuda":
+        return t.clone(), None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
 
 
 def _clock(device: torch.device) -> float:

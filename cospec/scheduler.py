@@ -35,7 +35,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from cospec.batch_scheduler import BatchPool
+from cospec.batch_scheduler import BatchPool, Served
 from cospec.decoding import Token
 from cospec.job import Job
 from cospec.methods import Method, eos_ids
@@ -66,10 +66,12 @@ class Engine:
         self.encoding = copy.deepcopy(pair.tokenizer)  # the encoder thread's own
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the one start ran in
 
     # --- the loop's side
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._schedule(), name="cospec-scheduler")
 
@@ -213,6 +215,10 @@ class Engine:
                 job.end("error")
             self.pool.clear()
             return
+        self._apply(updates)
+
+    def _apply(self, updates: list[tuple[Job, list[tuple[Token, str, int]], bool]]) -> None:
+        """On the event loop: commits' detokenized tokens to their jobs (``_batch_step``)."""
         for job, toks, last in updates:
             if job.done:  # cancelled or timed out during the step
                 continue
@@ -229,10 +235,21 @@ class Engine:
 
     def _batch_step(self) -> list[tuple[Job, list[tuple[Token, str, int]], bool]]:
         """On the worker thread: one pool turn, its tokens detokenized (and whether the
-        engine let go of the job); its time counts in ``worker_s``."""
+        engine let go of the job); its time counts in ``worker_s``. The first tokens of the
+        requests starting in it go to the event loop as soon as they are decoded, while the
+        step goes on (``BatchEngine.step``'s ``early``)."""
         t0 = time.perf_counter()
+        out = self._detok(self.pool.turn(
+            lambda firsts: self.loop.call_soon_threadsafe(self._apply, self._detok(firsts))))
+        self.worker_s += time.perf_counter() - t0
+        return out
+
+    def _detok(self, commits: list[tuple[Job, Served]]
+               ) -> list[tuple[Job, list[tuple[Token, str, int]], bool]]:
+        """On the worker thread: each commit's tokens detokenized, with whether the engine
+        let go of the job."""
         out = []
-        for job, commit in self.pool.turn():
+        for job, commit in commits:
             if job.detok is None:
                 job.detok = TextStream(self.tokenizer)
             toks = []
@@ -242,7 +259,6 @@ class Engine:
                 if tid in job.eos:
                     break
             out.append((job, toks, commit.done))
-        self.worker_s += time.perf_counter() - t0
         return out
 
     def _timed_out(self, job: Job) -> None:

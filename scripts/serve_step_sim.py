@@ -7,9 +7,12 @@ CUDA wait does), 4 streaming clients in a closed loop, 12 requests each, ``--tok
 (EOS ignored), after one untimed round.
 ``--encode`` says where prompts are encoded: ``worker`` (on the decode worker, queued behind
 the running step: how cospec serve did it before) or ``own`` (on their own thread with a copy
-of the tokenizer, as now).
+of the tokenizer, as now). ``--first`` says when a new request's first token leaves a
+target-only step: ``early`` (as soon as it is decoded, ``--step`` + ``--per-token`` into the
+step, while the step goes on: as now) or ``step`` (with the step's other tokens, at its end:
+how cospec serve did it before).
 
-    PYTHONPATH=. python scripts/serve_step_sim.py --encode own --step 0.02
+    PYTHONPATH=. python scripts/serve_step_sim.py --encode own --step 0.02 [--first step]
     COSPEC_RUN_AHEAD=4 PYTHONPATH=. python scripts/serve_step_sim.py --encode own --step 0.0005 \
         --per-token 0.0022 --tokens 128
 
@@ -40,14 +43,20 @@ from cospec.server import BackgroundServer, create_app  # noqa: E402
 CLIENTS, REQUESTS = 4, 12
 
 
-def stretch(step_s: float, per_token_s: float) -> None:
+def stretch(step_s: float, per_token_s: float, early: bool) -> None:
     """Every BatchEngine step lasts at least ``step_s`` + ``per_token_s`` x the tokens a row
-    decodes in it (``width``: run-ahead, or k + 1) seconds from now on."""
+    decodes in it (``width``: run-ahead, or k + 1) seconds from now on; with ``early`` its
+    first tokens are handed over ``step_s`` + ``per_token_s`` into it, else at its end."""
     real = BatchEngine.step
 
-    def slow(self):
+    def slow(self, first=None):
         t0 = time.perf_counter()
-        out = real(self)
+
+        def decoded(commits):  # the first token is ready after one token's time
+            time.sleep(max(0.0, step_s + per_token_s - (time.perf_counter() - t0)))
+            first(commits)
+
+        out = real(self, decoded if early and first is not None else None)
         time.sleep(max(0.0, step_s + per_token_s * self.width - (time.perf_counter() - t0)))
         return out
 
@@ -89,6 +98,8 @@ def main() -> None:
     ap.add_argument("--per-token", type=float, default=0.0,
                     help="seconds more for each token a row decodes in the step")
     ap.add_argument("--tokens", type=int, default=48, help="max_tokens of each request")
+    ap.add_argument("--first", choices=("early", "step"), default="early",
+                    help="a new request's first token: as soon as decoded, or at step end")
     args = ap.parse_args()
     if not (0 <= args.step <= 1 and 0 <= args.per_token <= 0.1 and 1 <= args.tokens <= 400):
         ap.error("--step is 0 to 1 s, --per-token 0 to 0.1 s, --tokens 1 to 400")
@@ -96,7 +107,7 @@ def main() -> None:
         check_settings()  # COSPEC_RUN_AHEAD among them
     except CospecError as err:
         ap.error(str(err))
-    stretch(args.step, args.per_token)
+    stretch(args.step, args.per_token, args.first == "early")
     if args.encode == "worker":
         encode_on_worker()
     pair, _ = tiny_pair()
@@ -109,7 +120,8 @@ def main() -> None:
     first = statistics.median(a for a, _ in out)
     latency = statistics.median(b for _, b in out)
     print(f"encode {args.encode:6s} step {args.step * 1e3:.1f} ms + {args.per_token * 1e3:.1f} "
-          f"ms a token, run-ahead {app.state.engine.pool.groups[0].engine.ahead}: first token "
+          f"ms a token, run-ahead {app.state.engine.pool.groups[0].engine.ahead}, first "
+          f"{args.first}: first token "
           f"p50 {first * 1e3:.0f} ms, latency p50 {latency * 1e3:.0f} ms, "
           f"{len(out) * args.tokens / wall:.0f} tokens/s ({len(out)} requests)")
 

@@ -270,6 +270,76 @@ def test_run_ahead_setting(pair, monkeypatch):
         BatchEngine(target, None, rows=2, max_len=64, run_ahead=9)
 
 
+def decode_with_early(eng: BatchEngine, prompts, budgets, sampling=None):
+    """Every prompt through ``eng`` with ``step(early=...)``: (tokens per request, the
+    events in order: ("early" | "step", request id, tokens, done, step number))."""
+    rid = [eng.submit(p, m, *([sampling, 7 + i] if sampling else []))
+           for i, (p, m) in enumerate(zip(prompts, budgets))]
+    out: dict[int, list[int]] = {r: [] for r in rid}
+    events, n = [], 0
+    while eng.busy:
+        n += 1
+        commits = eng.step(lambda cs, n=n: events.extend(("early", c.rid, c.tokens, c.done, n)
+                                                          for c in cs))
+        events.extend(("step", c.rid, c.tokens, c.done, n) for c in commits)
+    for _, r, toks, _, _ in events:
+        out[r] += toks
+    return [out[r] for r in rid], events
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_early_first_tokens(pair, sampled):
+    """``step(early=...)`` on target-only: each request's first token comes alone, in the
+    step it joined and before that step's commits; the request's tokens are the same as
+    without it (greedy: plain greedy decoding's; sampled: the same draws); a request ending
+    at its first token (budget 1, or EOS) has no commit in the step's return."""
+    target = pair[0]
+    cfg = SamplingConfig(temperature=1.0) if sampled else None
+    prompts = [prompt(80 + i, n) for i, n in enumerate(LENGTHS)]
+    budgets = (9, 1, 14, 6, 11, 3)
+    plain = BatchEngine(target, None, rows=3, max_len=64, run_ahead=4)
+    rid = [plain.submit(p, m, *([cfg, 7 + i] if cfg else []))
+           for i, (p, m) in enumerate(zip(prompts, budgets))]
+    want: dict[int, list[int]] = {r: [] for r in rid}
+    while plain.busy:
+        for c in plain.step():
+            want[c.rid] += c.tokens
+    want = [want[r] for r in rid]
+    if not sampled:
+        assert want == batch1(target, None, prompts, budgets, ExactRule(), k=3)
+    eos = [want[4][0]]  # request 4 ends at its first token
+    if not sampled:
+        want = batch1(target, None, prompts, budgets, ExactRule(), k=3, eos=eos)
+    eng = BatchEngine(target, None, rows=3, max_len=64, run_ahead=4,
+                      eos_ids=eos if not sampled else ())
+    got, events = decode_with_early(eng, prompts, budgets, cfg)
+    assert got == want
+    for r in range(len(prompts)):
+        mine = [e for e in events if e[1] == r]
+        assert mine[0][0] == "early" and len(mine[0][2]) == 1
+        assert [e[0] for e in mine[1:]] == ["step"] * (len(mine) - 1)  # one early commit
+        joined = mine[0][4]
+        later = [e for e in mine[1:] if e[4] == joined]  # the rest of its first step
+        assert len(later) == (0 if mine[0][3] else 1)
+        assert mine[-1][3] and sum(len(e[2]) for e in mine) == len(want[r])
+    assert [e for e in events if e[1] == 1][0][3]  # budget 1: done at once
+    if not sampled:
+        assert [e for e in events if e[1] == 4][0][3]  # EOS first: done at once
+    assert {e[4] for e in events if e[0] == "early"} != {1}  # requests joined later steps too
+
+
+def test_early_only_where_a_step_decodes_more(pair):
+    """spd (one verify a step) and a run-ahead of 1 hand nothing early."""
+    target, draft = pair
+    prompts, budgets = [prompt(90, 4), prompt(91, 6)], (5, 7)
+    for eng in (BatchEngine(target, draft, k=2, rows=2, max_len=64),
+                BatchEngine(target, None, rows=2, max_len=64, run_ahead=1)):
+        got, events = decode_with_early(eng, prompts, budgets)
+        assert {e[0] for e in events} == {"step"}
+        proposer = draft if eng.draft is not None else None
+        assert got == batch1(target, proposer, prompts, budgets, ExactRule(), k=2)
+
+
 def test_submit_and_step(pair):
     """The scheduler API: requests join between steps into freed slots (lowest first), each
     step returns every live request's commit, a finished request leaves at once."""

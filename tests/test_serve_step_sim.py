@@ -26,9 +26,9 @@ def test_runs_and_reports():
               COSPEC_RUN_AHEAD="2")
     assert res.returncode == 0, res.stderr[-2000:]
     line = res.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"encode worker step 2\.0 ms \+ 0\.5 ms a token, run-ahead 2: first "
-                        r"token p50 \d+ ms, latency p50 \d+ ms, \d+ tokens/s \(48 requests\)",
-                        line), line
+    assert re.fullmatch(r"encode worker step 2\.0 ms \+ 0\.5 ms a token, run-ahead 2, first "
+                        r"early: first token p50 \d+ ms, latency p50 \d+ ms, \d+ tokens/s "
+                        r"\(48 requests\)", line), line
 
 
 def test_a_bad_setting_is_a_usage_error():

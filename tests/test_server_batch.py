@@ -375,3 +375,33 @@ def test_warm_up_serves_from_the_warmed_engine(pair, monkeypatch, caplog):
         got = concurrently(lambda r: ask(client, r), reqs)
     assert [g[:3] for g in got] == want
     assert len(made) == warmed and app.state.engine.pool.groups[0].engine is engine
+
+
+def test_first_token_leaves_before_its_step_ends(pair, monkeypatch):
+    """A target-only step decodes several tokens a row; a stream's first token is sent as
+    soon as it is decoded, not when the step ends (each step here lasts a second more)."""
+    from cospec.fast_batch import BatchEngine
+
+    real = BatchEngine.step
+
+    def slow(self, early=None):
+        out = real(self, early)
+        time.sleep(1.0)
+        return out
+
+    monkeypatch.setattr(BatchEngine, "step", slow)
+    want = alone(pair, None, "target", "first things first", 4, 6, True)
+    with serve(pair, max_batch=2) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        t0 = time.monotonic()
+        stream = chat(client, "first things first", stream=True, method="target",
+                      max_tokens=6, ignore_eos=True)
+        pieces, first = [], None
+        for c in stream:
+            if c.choices and c.choices[0].delta.content:
+                first = first or time.monotonic() - t0
+                pieces.append(c.choices[0].delta.content)
+        total = time.monotonic() - t0
+    assert "".join(pieces) == want[0]
+    assert total > 1.0 and first < total - 0.6, (first, total)
