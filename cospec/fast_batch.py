@@ -29,7 +29,9 @@ Rows join and leave between steps: ``submit`` queues a request; ``step`` prefill
 requests into free slots (all of them in one padded pass per model, up to
 ``PREFILL_TOKENS``; on CUDA that pass is padded to 2^i rows and 16·2^i tokens and replayed
 from that shape's CUDA graph, unless COSPEC_PREFILL says otherwise), runs one step for every
-live row and returns what each committed; a finished request frees its slot at once.
+live row and returns what each committed; a finished request frees its slot at once. A
+target-only step decodes ``ahead`` tokens a row before its one host read; with ``early`` the
+rows that joined in it get their first token sooner, copied out after the first forward.
 
 CoS (``combo``: exact sampling from a weighted ensemble or contrastive combination of the
 draft, ``middle`` models and the target) runs ``fast_batch_cos.CosStep`` in place of the

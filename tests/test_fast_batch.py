@@ -328,6 +328,20 @@ def test_early_first_tokens(pair, sampled):
     assert {e[4] for e in events if e[0] == "early"} != {1}  # requests joined later steps too
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_early_first_tokens(pair):
+    """On a GPU (float32, CUDA graphs) the first tokens handed over early, from the pinned
+    copy taken after the first forward, are the rows' own, and the rest follows them."""
+    target = copy.deepcopy(pair[0]).cuda()
+    prompts = [prompt(80 + i, n) for i, n in enumerate(LENGTHS)]
+    budgets = (9, 1, 14, 6, 11, 3)
+    want = batch1(target, None, prompts, budgets, ExactRule(), k=3)
+    eng = BatchEngine(target, None, rows=3, max_len=64, run_ahead=4)
+    got, events = decode_with_early(eng, prompts, budgets)
+    assert got == want
+    assert [e[2] for e in events if e[0] == "early"] == [[w[0]] for w in want]
+
+
 def test_early_only_where_a_step_decodes_more(pair):
     """spd (one verify a step) and a run-ahead of 1 hand nothing early."""
     target, draft = pair
