@@ -694,7 +694,7 @@ def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(t.device))  # the copy's stream, on t's device
     return host, done
 
 
