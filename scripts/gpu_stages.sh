@@ -354,21 +354,24 @@ stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no w
                   # RBATCH_SIZES, default "1.5b 7b"; with COSPEC_PREFILL=MODE set, into
                   # rbatch-SIZE-MODE-prefill)
     for size in ${RBATCH_SIZES:-1.5b 7b}; do
-        timeout "${RBATCH_S:-200}" python3 scripts/bench_batch.py \
-            --out "$R/rbatch-$size${COSPEC_PREFILL:+-$COSPEC_PREFILL-prefill}" \
-            --save-prompts "$R/rbatch-$size-prompts.json" \
-            --random "$size" --prompts 64 --new 256 --batches 1,4,16,64 --ignore-eos 2>&1 | tail -6
+        random_batch "$size" "$R/rbatch-$size${COSPEC_PREFILL:+-$COSPEC_PREFILL-prefill}" \
+            --save-prompts "$R/rbatch-$size-prompts.json" --batches 1,4,16,64
     done
 }
 
 stage_rpbatch() {
     batch_prompts
     for size in ${RBATCH_SIZES:-1.5b 7b}; do
-        timeout "${RBATCH_S:-200}" python3 scripts/bench_batch.py \
-            --out "$R/rbatch-$size-real-prompts" --random "$size" \
-            --prompt-ids "$R/batch/prompts.json" --prompts 64 --new 256 --batches 16,64 \
-            --ignore-eos 2>&1 | tail -6
+        random_batch "$size" "$R/rbatch-$size-real-prompts" \
+            --prompt-ids "$R/batch/prompts.json" --batches 16,64
     done
+}
+
+random_batch() {  # $1 size, $2 output folder, then more bench_batch.py flags: the random-weight
+                  # target of that size, 64 prompts, 256 tokens each, EOS ignored
+    local size=$1 out=$2; shift 2
+    timeout "${RBATCH_S:-200}" python3 scripts/bench_batch.py --out "$out" --random "$size" \
+        --prompts 64 --new 256 --ignore-eos "$@" 2>&1 | tail -6
 }
 
 batch_prompts() {  # $R/batch/prompts.json: batch's prompt ids, or the committed ones

@@ -297,14 +297,9 @@ def test_early_first_tokens(pair, sampled):
     cfg = SamplingConfig(temperature=1.0) if sampled else None
     prompts = [prompt(80 + i, n) for i, n in enumerate(LENGTHS)]
     budgets = (9, 1, 14, 6, 11, 3)
-    plain = BatchEngine(target, None, rows=3, max_len=64, run_ahead=4)
-    rid = [plain.submit(p, m, *([cfg, 7 + i] if cfg else []))
-           for i, (p, m) in enumerate(zip(prompts, budgets))]
-    want: dict[int, list[int]] = {r: [] for r in rid}
-    while plain.busy:
-        for c in plain.step():
-            want[c.rid] += c.tokens
-    want = [want[r] for r in rid]
+    want = generate_batch(target, None, prompts, max_new_tokens=budgets,
+                          sampling=cfg or SamplingConfig(), seeds=range(7, 7 + len(prompts)),
+                          rows=3, run_ahead=4)
     if not sampled:
         assert want == batch1(target, None, prompts, budgets, ExactRule(), k=3)
     eos = [want[4][0]]  # request 4 ends at its first token
