@@ -31,6 +31,7 @@ from types import ModuleType
 
 import torch
 
+from cospec.errors import CospecError
 from cospec.settings import choice
 
 MAX_ROWS = 16        # more rows than this: the reference path
@@ -58,12 +59,27 @@ DOWN_SPLIT_K = 0
 PROGRAMS_PER_SM = 4
 NUM_WARPS = 4        # warps of every program
 NUM_STAGES = 3       # software pipelining depth of the reduction loops
+# Programmatic dependent launch (``cospec.kernels``' docstring; Hopper on, never interpreted):
+# 0 off; 1 the next kernel starts once this one's programs are past their wait; 2 at once.
+PDL = 0
+PREFETCH = 0         # 1: each projection program asks L2 for its weights before its wait
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K", "ATTN_BLOCK_S",
            "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K",
-           "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES")
+           "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "PDL", "PREFETCH")
+
+
+def configure(items: list[str]) -> None:
+    """Apply settings given as "NAME=VALUE" (NAME one of TUNABLE, VALUE an integer) to this
+    module for the rest of the process: how scripts such as ``prof_fused.py`` take them."""
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in TUNABLE or not value.lstrip("-").isdigit():
+            raise CospecError(f"fused setting {item!r}: NAME=INTEGER, NAME one of "
+                              f"{', '.join(TUNABLE)}")
+        globals()[name] = int(value)
 
 
 def asked(flag: bool | None = None, hidden: int | None = None) -> bool:
@@ -173,8 +189,28 @@ def _workspace(x: torch.Tensor, splits: int, width: int) -> torch.Tensor:
     return torch.empty(splits, x.shape[0], width, dtype=torch.float32, device=x.device)
 
 
-def _launch() -> dict:
-    return {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+@functools.cache
+def _hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _pdl(device: torch.device) -> int:
+    """The PDL mode kernels on ``device`` run with: PDL on a Hopper or newer GPU, else 0."""
+    return PDL if _hopper(device) and not interpret() else 0
+
+
+def _lines(elements: int, dtype: torch.dtype) -> int:
+    """LINES of a projection program reading ``elements`` consecutive weights a row: its
+    128-byte lines a row as a power of two, or 0 (no prefetch) without PDL or PREFETCH."""
+    if not PREFETCH or not PDL or interpret():
+        return 0
+    return _pow2(_cdiv(elements * dtype.itemsize, 128))
+
+
+def _launch(device: torch.device) -> dict:
+    pdl = _pdl(device)
+    return {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES, "PDL": pdl,
+            **({"launch_pdl": True} if pdl else {})}
 
 
 def visibility_bias(pos: torch.Tensor, length: int, group: int, dtype: torch.dtype
@@ -212,7 +248,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_rows(n), BLOCK_C=block_c,
-        BLOCK_K=block_k, **_launch())
+        BLOCK_K=block_k, LINES=_lines(per * block_k, qkv_w.dtype), **_launch(x.device))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -240,7 +276,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
         n, length, scale, HEADS=heads, GROUP=group, HEAD_DIM=hd, SPLITS=SPLITS,
         USE_POS=pos is not None, IEEE=ieee, BLOCK_R=_rows(group * n), BLOCK_S=ATTN_BLOCK_S,
-        **_launch())
+        **_launch(x.device))
     x1 = torch.empty_like(x)
     tiles = _cdiv(d, OUT_BLOCK_N)
     splits, per = split_k(tiles, heads, OUT_SPLIT_K, x.device)
@@ -248,21 +284,22 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         parts, top, denom, ow, ow if ob is None else ob, x, x1, _workspace(x, splits, d),
         counters(x.device, tiles), n, per, D=d, HEADS=heads, HEAD_DIM=hd, SPLITS=SPLITS,
         HAS_BIAS=ob is not None, IEEE=ieee, SPLIT_K=splits, BLOCK_M=block_m,
-        BLOCK_N=OUT_BLOCK_N, **_launch())
+        BLOCK_N=OUT_BLOCK_N, LINES=_lines(per * hd, ow.dtype), **_launch(x.device))
     act = x.new_empty(n, inter)
     tiles, block_k = _cdiv(inter, UP_BLOCK_N), min(BLOCK_K, _pow2(d))
     splits, per = split_k(tiles, _cdiv(d, block_k), UP_SPLIT_K, x.device)
     kern.rms_gate_up[(tiles, splits)](
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits, BLOCK_M=block_m,
-        BLOCK_N=UP_BLOCK_N, BLOCK_K=block_k, **_launch())
+        BLOCK_N=UP_BLOCK_N, BLOCK_K=block_k, LINES=_lines(per * block_k, gate_up_w.dtype),
+        **_launch(x.device))
     y = torch.empty_like(x)
     tiles, block_k = _cdiv(d, OUT_BLOCK_N), min(DOWN_BLOCK_K, _pow2(inter))
     splits, per = split_k(tiles, _cdiv(inter, block_k), DOWN_SPLIT_K, x.device)
     kern.down_residual[(tiles, splits)](
         act, dw, x1, y, _workspace(x, splits, d), counters(x.device, tiles), n, inter,
         per * block_k, D=d, IEEE=ieee, SPLIT_K=splits, BLOCK_M=block_m, BLOCK_N=OUT_BLOCK_N,
-        BLOCK_K=block_k, **_launch())
+        BLOCK_K=block_k, LINES=_lines(per * block_k, dw.dtype), **_launch(x.device))
     return y
 
 

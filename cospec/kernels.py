@@ -23,6 +23,15 @@ resets the counter to 0 for the next launch. Counters are zero between launches,
 sharing one counter buffer must run one after another (one stream). SPLIT_K = 1: no
 workspace, no counter.
 
+Programmatic dependent launch (PDL > 0, Hopper on): each kernel is launched to start before
+the previous one in the stream has finished. Its programs first ask L2 for their share of the
+weights (PREFETCH: weights never change while kernels overlap), then wait (``griddepcontrol``)
+until the previous kernel is complete and its writes visible, and only then read activations
+or write anything. PDL = 1 lets the next kernel start once every program of this one is past
+its wait; PDL = 2 at once (a chain of kernels can then be resident and prefetching ahead).
+The wait makes the order transitive, so workspaces, counters and outputs are used exactly as
+without PDL. Off (0) under the interpreter.
+
 Rounding follows the torch reference (``cospec.fast._qkv`` / ``_rest``) where it is cheap:
 a projection's output is rounded to the model's dtype before anything else uses it; the
 softmax and the combination run in float32. Importing this module needs triton.
@@ -41,6 +50,34 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def _prefetch(ptrs):
+    """Ask L2 for the 128-byte lines at ``ptrs`` (any shape); no value comes back."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, rows, stride, lo, hi, LINES: tl.constexpr):
+    """Prefetch w[rows, lo:hi] (row stride ``stride`` elements) into L2, one request per
+    128-byte line, at most LINES lines a row (a power of two covering hi - lo)."""
+    ELEMS: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth
+    ks = tl.minimum(lo + tl.arange(0, LINES) * ELEMS, hi - 1)
+    _prefetch(w_ptr + rows[:, None] * stride + ks[None, :])
+
+
+@triton.jit
+def _wait(PDL: tl.constexpr):
+    """The PDL handshake (module docstring): PDL = 2 lets the next kernel launch now, then
+    this program waits for the previous kernel; PDL = 1 after the wait. A no-op at 0."""
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+    if PDL > 0:
+        tl.extra.cuda.gdc_wait()
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -119,7 +156,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
                  D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr, LINES: tl.constexpr):
     """Program (head j of the H + 2 KVH stacked heads, chunk c, split s): output columns
     c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
@@ -132,6 +169,11 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)      # in the first half
     w1 = head * HEAD_DIM + cols                                      # weight rows
     w2 = w1 + HALF
+    lo = split * k_per
+    if LINES > 0:                                                    # this program's weights
+        _prefetch_rows(w_ptr, w1, D, lo, tl.minimum(lo + k_per, D), LINES)
+        _prefetch_rows(w_ptr, w2, D, lo, tl.minimum(lo + k_per, D), LINES)
+    _wait(PDL)
     rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
     acc1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
@@ -145,7 +187,6 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     if HAS_BIAS:
         b1 = tl.load(b_ptr + w1).to(tl.float32)
         b2 = tl.load(b_ptr + w2).to(tl.float32)
-    lo = split * k_per
     for k0 in range(lo, tl.minimum(lo + k_per, D), BLOCK_K):
         h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -192,7 +233,7 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr,
            n, cache_len, scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
            SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
-           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """Program (kv head g, split s). q [H, n, hd] (rows r = j*n + i of kv head g are query
     head g*G + j, token i); k, v [KVH, cache_len, hd]. USE_POS: token i sees slots <=
     pos[i], and the slots 0..pos[n-1] are shared out over the splits; otherwise every slot,
@@ -200,6 +241,7 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr,
     o [SPLITS, H, n, hd], running max m and denominator l [SPLITS, H, n] (float32)."""
     kvh = tl.program_id(0)
     split = tl.program_id(1)
+    _wait(PDL)
     R = GROUP * n
     rows = tl.arange(0, BLOCK_R)
     rm = rows < R
@@ -252,7 +294,8 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr,
 def attn_out(o_ptr, m_ptr, l_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, heads_per,
              D: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
              SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-             SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             PDL: tl.constexpr, LINES: tl.constexpr):
     """y [n, D] = x + o_proj(attention output): program (c, s) computes columns c*BLOCK_N..
     over heads s*heads_per.. (split-K over heads), combining the attention splits of each head
     (``attend``'s buffers) as it reads them; w [D, H hd]; ws [SPLIT_K, n, D] float32."""
@@ -266,6 +309,10 @@ def attn_out(o_ptr, m_ptr, l_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     lo = split * heads_per
+    if LINES > 0:
+        _prefetch_rows(w_ptr, tl.minimum(cols, D - 1), HEADS * HEAD_DIM, lo * HEAD_DIM,
+                       tl.minimum(lo + heads_per, HEADS) * HEAD_DIM, LINES)
+    _wait(PDL)
     for h in range(lo, tl.minimum(lo + heads_per, HEADS)):
         m = tl.load(m_ptr + sp[:, None] * HEADS * n + h * n + rows[None, :],
                     mask=rm[None, :], other=float("-inf"))            # [SPLITS, BLOCK_M]
@@ -299,7 +346,8 @@ def attn_out(o_ptr, m_ptr, l_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n
 @triton.jit(do_not_specialize=["n"])
 def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, eps,
                 D: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PDL: tl.constexpr, LINES: tl.constexpr):
     """a [n, inter] = SiLU(gate) * up of RMSNorm(x); w [2 inter, D] (gate rows, then up).
     Program (c, s): columns c*BLOCK_N.. of gate and up, reduced over x's columns s*k_per..;
     ws [SPLIT_K, n, 2 inter] float32."""
@@ -307,10 +355,15 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < inter
     split = tl.program_id(1)
+    lo = split * k_per
+    if LINES > 0:
+        clamped = tl.minimum(cols, inter - 1)
+        _prefetch_rows(w_ptr, clamped, D, lo, tl.minimum(lo + k_per, D), LINES)
+        _prefetch_rows(w_ptr, inter + clamped, D, lo, tl.minimum(lo + k_per, D), LINES)
+    _wait(PDL)
     rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    lo = split * k_per
     for k0 in range(lo, tl.minimum(lo + k_per, D), BLOCK_K):
         h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -337,7 +390,8 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
 @triton.jit(do_not_specialize=["n"])
 def down_residual(a_ptr, w_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, k_per,
                   D: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PDL: tl.constexpr, LINES: tl.constexpr):
     """y [n, D] = x + a @ w.T; a [n, inter], w [D, inter]. Program (c, s): columns
     c*BLOCK_N.., reduced over a's columns s*k_per..; ws [SPLIT_K, n, D] float32."""
     rows = tl.arange(0, BLOCK_M)
@@ -347,6 +401,10 @@ def down_residual(a_ptr, w_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, k_per,
     split = tl.program_id(1)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     lo = split * k_per
+    if LINES > 0:
+        _prefetch_rows(w_ptr, tl.minimum(cols, D - 1), inter, lo,
+                       tl.minimum(lo + k_per, inter), LINES)
+    _wait(PDL)
     for k0 in range(lo, tl.minimum(lo + k_per, inter), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         av = tl.load(a_ptr + rows[:, None] * inter + ks[None, :],

@@ -39,10 +39,11 @@ from pathlib import Path
 
 import torch
 
-from cospec import fast
+from cospec import fast, fused
 from cospec.acceptance import ExactRule
 from cospec.cos import Combination, cos_generate
 from cospec.decoding import generate
+from cospec.errors import CospecError
 from cospec.methods import MethodOptions, build_method, encode_prompt, eos_ids
 from cospec.replay import CosTrace, Recording, ReplayRule
 from cospec.sampling import SamplingConfig
@@ -501,7 +502,13 @@ def main() -> None:
                          "cospec-host: cospec with its decisions on the host path")
     ap.add_argument("--hf", action="store_true",
                     help="pair parts at T = 0 also time transformers' eager and assisted generate")
+    ap.add_argument("--fused-set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting of cospec.fused (with COSPEC_FUSED set), e.g. PDL=2")
     args = ap.parse_args()
+    try:
+        fused.configure(args.fused_set)
+    except CospecError as e:
+        ap.error(str(e))
     unknown = [p for p in args.parts.split(",")
                if p not in ("check", "target", "replay") and pair_part(p) is None]
     if unknown:
@@ -517,9 +524,12 @@ def main() -> None:
 
     res.update(device=torch.cuda.get_device_name(), torch=torch.__version__,
                transformers=transformers.__version__,
+               fused={"COSPEC_FUSED": os.environ.get("COSPEC_FUSED", "0")}
+               | {k: getattr(fused, k) for k in fused.TUNABLE},
                command="PYTHONPATH=. python scripts/gpu_speed.py " + " ".join(
                    f"--{k} {v}" if not isinstance(v, bool) else f"--{k}"
-                   for k, v in vars(args).items() if v is not False))
+                   for k, v in vars(args).items() if v is not False and k != "fused_set")
+               + "".join(f" --fused-set {item}" for item in args.fused_set))
     for part in args.parts.split(","):
         if part in res:
             print("done already:", part)

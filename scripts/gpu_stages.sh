@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU runs, as stages named on the command line (each resumes where it stopped):
 #
-#   tests   the CUDA-only tests (tiny models, no weights needed)
+#   tests   the CUDA-only tests (tiny models, no weights needed; TESTS=FILE+FILE.. picks)
 #   ptests  the same fast-path tests with COSPEC_PREFILL=$PREFILL (default eager: the tests
 #           stage runs the default, graphs)
 #   setup   assemble the GGUF chunks copied to /tmp/w (shared/tools/split-for-device) into
@@ -44,8 +44,12 @@
 #   rvbatch   vLLM on them (target-only; each saved as a safetensors folder first)
 #   fused   per-step time, kernels and roofline share of the fused layers against the reference
 #           fast path (scripts/prof_fused.py; random 0.5B, 1.5B and 7B shapes, no weights)
+#           (FUSED_SET=NAME=V+NAME=V.. fused settings, into fused-$FUSED_TAG; FUSED_SIZES)
+#   fgrid   the fused layers' launch settings swept on the 0.5B and 1.5B (FGRID_SIZES):
+#           programmatic dependent launch, L2 prefetch of weights, programs per SM
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
 #           default small: the draft's only): spd, cospec and cos-we against target-only
+#           (FSPEED_SET=NAME=V+NAME=V.. fused settings, into speed-fused-$FSPEED_TAG)
 #   serve   scripts/load_test.py on the real pair: 128 requests at 1, 4, 16 and 64 at once,
 #           fp32, every response checked against the target's batch-1 greedy output
 #   sspeed  the same load in bf16, unchecked, plain requests only, 128 tokens each: cospec
@@ -82,11 +86,9 @@ stage_setup() {
     ls -l "$COSPEC_CACHE"/gguf "$COSPEC_CACHE"/wheels
 }
 
-stage_tests() {
-    python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_fast.py \
-        tests/test_cospec.py tests/test_replay.py tests/test_fast_batch.py \
-        tests/test_fast_batch_cos.py tests/test_fused.py tests/test_server_batch.py \
-        tests/test_warm_up.py 2>&1 | tail -15
+stage_tests() {  # TESTS=FILE+FILE..: only those
+    local files=${TESTS:-tests/test_fast.py+tests/test_cospec.py+tests/test_replay.py+tests/test_fast_batch.py+tests/test_fast_batch_cos.py+tests/test_fused.py+tests/test_server_batch.py+tests/test_warm_up.py}
+    python3 -m pytest -q -o addopts="" -p no:cacheprovider ${files//+/ } 2>&1 | tail -15
 }
 
 stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=$PREFILL (default
@@ -95,15 +97,30 @@ stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=$PREFIL
         tests/test_fast.py tests/test_fast_batch.py tests/test_warm_up.py 2>&1 | tail -15
 }
 
+sets() {  # "--FLAG NAME=V" for each NAME=V of a '+'-separated list ($2)
+    local item
+    for item in ${2//+/ }; do printf -- '%s\n%s\n' "$1" "$item"; done
+}
+
 stage_fused() {  # the fused layers against the reference fast path, random Qwen2.5 shapes
-    [ -e "$R/fused/prof_fused.json" ] || timeout "${FUSED_S:-300}" python3 scripts/prof_fused.py \
-        --out "$R/fused" --sizes 0.5b,1.5b,7b --rows 1,5 2>&1 | tail -30
+    local out="$R/fused${FUSED_TAG:+-$FUSED_TAG}"
+    [ -e "$out/prof_fused.json" ] || timeout "${FUSED_S:-300}" python3 scripts/prof_fused.py \
+        --out "$out" --sizes "${FUSED_SIZES:-0.5b,1.5b,7b}" --rows 1,5 \
+        $(sets --set "${FUSED_SET:-}") 2>&1 | tail -30
+}
+
+stage_fgrid() {  # the fused layers' launch settings swept: PDL x PREFETCH x PROGRAMS_PER_SM
+    [ -e "$R/fused-grid/prof_fused.json" ] || timeout "${FGRID_S:-900}" python3 \
+        scripts/prof_fused.py --out "$R/fused-grid" --sizes "${FGRID_SIZES:-0.5b,1.5b}" \
+        --rows 1,5 --grid PDL=0,1,2 --grid PREFETCH=0,1 --grid PROGRAMS_PER_SM=2,4,8 \
+        --grid-reps 200 2>&1 | tail -30
 }
 
 stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, fused layers
-    COSPEC_FUSED=${FSPEED_FUSED:-small} timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py --out "$R/speed-fused" \
+    COSPEC_FUSED=${FSPEED_FUSED:-small} timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py \
+        --out "$R/speed-fused${FSPEED_TAG:+-$FSPEED_TAG}" \
         --parts "${PARTS:-pair,pair:humaneval:0}" --methods spd,cospec,cos-we --prompts 20 \
-        2>&1 | grep -v "^[0-9]* {" | tail -30
+        $(sets --fused-set "${FSPEED_SET:-}") 2>&1 | grep -v "^[0-9]* {" | tail -30
 }
 
 load_test() {  # scripts/load_test.py within $SERVE_S seconds, with fastapi and uvicorn from

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_speed import SHAPES, bandwidth, bytes_per_token, random_model, sync  # noqa: E402
 
 from cospec import fast, fused  # noqa: E402
+from cospec.errors import CospecError  # noqa: E402
 
 PREFIX = 100
 
@@ -299,12 +300,13 @@ def main() -> None:
         sys.exit("needs a CUDA GPU")
     if not set(args.sizes.split(",")) <= set(SHAPES):
         sys.exit(f"--sizes: some of {','.join(SHAPES)}")
-    for item in args.set + args.grid:
+    for item in args.grid:
         if item.split("=")[0] not in fused.TUNABLE:
-            sys.exit(f"--set / --grid {item}: one of {', '.join(fused.TUNABLE)}")
-    for item in args.set:
-        name, value = item.split("=")
-        setattr(fused, name, int(value))
+            sys.exit(f"--grid {item}: one of {', '.join(fused.TUNABLE)}")
+    try:
+        fused.configure(args.set)
+    except CospecError as e:
+        sys.exit(f"--set: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save(out: dict) -> None:

@@ -164,6 +164,31 @@ def test_split_k_arithmetic(monkeypatch):
     assert fused.split_k(600, 19, 0, cpu) == (1, 19)
 
 
+def test_prefetch_lines_and_settings(monkeypatch):
+    """L2 prefetch covers a program's whole weight slice a row, in 128-byte lines (a power of
+    two for tl.arange), only with PDL and PREFETCH on and never interpreted; settings given as
+    NAME=VALUE reach the module, and bad ones are refused with the accepted names."""
+    monkeypatch.setattr(fused, "interpret", lambda: False)
+    monkeypatch.setattr(fused, "PDL", 2)
+    monkeypatch.setattr(fused, "PREFETCH", 1)
+    assert fused._lines(128, torch.bfloat16) == 2      # 256 bytes
+    assert fused._lines(128, torch.float32) == 4
+    assert fused._lines(3 * 128, torch.bfloat16) == 8  # 6 lines: the next power of two
+    assert fused._lines(40, torch.float32) == 2        # 160 bytes: a part line is a line
+    monkeypatch.setattr(fused, "PDL", 0)
+    assert fused._lines(128, torch.bfloat16) == 0
+    assert fused._pdl(torch.device("cpu")) == 0
+    monkeypatch.setattr(fused, "PDL", 2)
+    monkeypatch.setattr(fused, "interpret", lambda: True)
+    assert fused._lines(128, torch.bfloat16) == 0
+    monkeypatch.setattr(fused, "NUM_WARPS", fused.NUM_WARPS)  # restored after the test
+    fused.configure(["NUM_WARPS=8", "PDL=1"])
+    assert (fused.NUM_WARPS, fused.PDL) == (8, 1)
+    for bad in ("WARPS=8", "PDL=two", "PDL"):
+        with pytest.raises(CospecError, match="NUM_WARPS"):
+            fused.configure([bad])
+
+
 def test_drop_in_functions_fall_back(interpret):
     """More than MAX_ROWS rows go to the reference, cache writes and position masks
     included; 2-d calls of few rows are fused and agree with it."""
@@ -297,11 +322,15 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graphs(monkeypatch, dtype):
+@pytest.mark.parametrize("pdl,prefetch", [(0, 0), (1, 1), (2, 0), (2, 1)])
+def test_cuda_graphs(monkeypatch, dtype, pdl, prefetch):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
-    left zero."""
+    left zero. With and without programmatic dependent launch (on a Hopper GPU) and the
+    weights' L2 prefetch."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(fused, "PDL", pdl)
+    monkeypatch.setattr(fused, "PREFETCH", prefetch)
     model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
     ids = torch.randint(2, 96, (60,), generator=torch.Generator().manual_seed(6)).tolist()
     monkeypatch.setenv("COSPEC_FUSED", "1")
@@ -318,6 +347,7 @@ def test_cuda_graphs(monkeypatch, dtype):
     assert not any(c.any() for c in fused._COUNTERS.values())  # split-K counters back to 0
     again = [lm.engine.run([5, 6, 7], lm.length)[0].clone() for _ in range(2)]
     assert torch.equal(*again)  # partial sums added in split order: bit-identical replays
+    assert fused._pdl(lm.device) == (pdl if torch.cuda.get_device_capability()[0] >= 9 else 0)
 
 
 def test_kernels_compile_for_sm90():
