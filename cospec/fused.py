@@ -48,10 +48,10 @@ OUT_BLOCK_N = 16     # o_proj / down_proj output columns per program
 BLOCK_K = 128        # reduction block of the projections
 DOWN_BLOCK_K = 256   # down_proj's
 ATTN_BLOCK_S = 32    # cache slots per attention block
-# Split-K (``cospec.kernels``' docstring): programs over each projection's reduction (for
-# o_proj: over the heads). 0: auto, enough splits that the grid has PROGRAMS_PER_SM programs
-# for each SM (at most one split per reduction block; PROGRAMS_PER_SM = 0: unsplit); n > 0:
-# n splits (at most). Tuned on a GPU with ``scripts/prof_fused.py --grid``.
+# Split-K (``cospec.kernels``' docstring): programs over each projection's reduction. 0:
+# auto, enough splits that the grid has PROGRAMS_PER_SM programs for each SM (at most one
+# split per reduction block; PROGRAMS_PER_SM = 0: unsplit); n > 0: n splits (at most).
+# Tuned on a GPU with ``scripts/prof_fused.py --grid``.
 QKV_SPLIT_K = 0
 OUT_SPLIT_K = 0
 UP_SPLIT_K = 0
@@ -255,9 +255,9 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
 def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                   bias: torch.Tensor | None, w: tuple, scale: float, eps: float,
                   pos: torch.Tensor | None = None) -> torch.Tensor:
-    """``fast._rest`` in four kernels: x [n, d], q [H, n, hd], kc, vc [KVH, L, hd] -> the
-    layer's output [n, d]. Masked by ``pos`` [n] (slot <= pos[i]) if given, else by the
-    additive ``bias`` [G*n, L] (or [1, G*n, L])."""
+    """``fast._rest`` in four kernels (attention, o_proj, gate/up, down): x [n, d],
+    q [H, n, hd], kc, vc [KVH, L, hd] -> the layer's output [n, d]. Masked by ``pos`` [n]
+    (slot <= pos[i]) if given, else by the additive ``bias`` [G*n, L] (or [1, G*n, L])."""
     ow, ob, ln2, gate_up_w, dw = w[5:]
     q = q.contiguous()  # the reference's q is a transposed view
     heads, n, hd = q.shape
@@ -272,19 +272,13 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     denom = torch.empty_like(top)
     if pos is None:
         bias = bias.reshape(group * n, length).contiguous()
+    attn = x.new_empty(n, heads * hd)
     kern.attend[(kv_heads, SPLITS)](
         q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
-        n, length, scale, HEADS=heads, GROUP=group, HEAD_DIM=hd, SPLITS=SPLITS,
-        USE_POS=pos is not None, IEEE=ieee, BLOCK_R=_rows(group * n), BLOCK_S=ATTN_BLOCK_S,
-        **_launch(x.device))
-    x1 = torch.empty_like(x)
-    tiles = _cdiv(d, OUT_BLOCK_N)
-    splits, per = split_k(tiles, heads, OUT_SPLIT_K, x.device)
-    kern.attn_out[(tiles, splits)](
-        parts, top, denom, ow, ow if ob is None else ob, x, x1, _workspace(x, splits, d),
-        counters(x.device, tiles), n, per, D=d, HEADS=heads, HEAD_DIM=hd, SPLITS=SPLITS,
-        HAS_BIAS=ob is not None, IEEE=ieee, SPLIT_K=splits, BLOCK_M=block_m,
-        BLOCK_N=OUT_BLOCK_N, LINES=_lines(per * hd, ow.dtype), **_launch(x.device))
+        attn, counters(x.device, kv_heads), n, length, scale, HEADS=heads, GROUP=group,
+        HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
+        BLOCK_R=_rows(group * n), BLOCK_S=ATTN_BLOCK_S, **_launch(x.device))
+    x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)))
     act = x.new_empty(n, inter)
     tiles, block_k = _cdiv(inter, UP_BLOCK_N), min(BLOCK_K, _pow2(d))
     splits, per = split_k(tiles, _cdiv(d, block_k), UP_SPLIT_K, x.device)
@@ -293,13 +287,23 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits, BLOCK_M=block_m,
         BLOCK_N=UP_BLOCK_N, BLOCK_K=block_k, LINES=_lines(per * block_k, gate_up_w.dtype),
         **_launch(x.device))
+    return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
+
+
+def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor,
+                     asked: int, block_k: int) -> torch.Tensor:
+    """x + (a @ w.T + b) in one kernel (``kernels.down_residual``): a [n, k], w [d, k], b [d]
+    or None, x [n, d]; split-K over k's blocks of ``block_k`` (``asked`` splits, 0: auto)."""
+    n, k = a.shape
+    d = x.shape[1]
     y = torch.empty_like(x)
-    tiles, block_k = _cdiv(d, OUT_BLOCK_N), min(DOWN_BLOCK_K, _pow2(inter))
-    splits, per = split_k(tiles, _cdiv(inter, block_k), DOWN_SPLIT_K, x.device)
-    kern.down_residual[(tiles, splits)](
-        act, dw, x1, y, _workspace(x, splits, d), counters(x.device, tiles), n, inter,
-        per * block_k, D=d, IEEE=ieee, SPLIT_K=splits, BLOCK_M=block_m, BLOCK_N=OUT_BLOCK_N,
-        BLOCK_K=block_k, LINES=_lines(per * block_k, dw.dtype), **_launch(x.device))
+    tiles = _cdiv(d, OUT_BLOCK_N)
+    splits, per = split_k(tiles, _cdiv(k, block_k), asked, x.device)
+    _kernels().down_residual[(tiles, splits)](
+        a, w, w if b is None else b, x, y, _workspace(x, splits, d), counters(x.device, tiles),
+        n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
+        SPLIT_K=splits, BLOCK_M=_rows(n), BLOCK_N=OUT_BLOCK_N, BLOCK_K=block_k,
+        LINES=_lines(per * block_k, w.dtype), **_launch(x.device))
     return y
 
 

@@ -8,8 +8,9 @@ of BLOCK_M >= 16 rows, the padding rows masked):
 2. ``attend``: split-K decode attention (flash-decoding): program (kv head, split) scores
    the G = H / KVH query heads of its kv head, n rows each, over its share of the visible
    slots with an online softmax; partial sums (unnormalised output, max, denominator) go to
-   [SPLITS, H, n] buffers.
-3. ``attn_out``: the splits combined, o_proj (+ bias) and the residual add.
+   [SPLITS, H, n] buffers, and the last of a kv head's programs to arrive combines them into
+   the attention output [n, H hd] (once per kv head, not once per o_proj program).
+3. ``down_residual`` as o_proj (+ bias) and the residual add.
 4. ``rms_gate_up``: RMSNorm, the stacked gate/up projection, SiLU(gate) * up.
 5. ``down_residual``: down_proj and the residual add.
 
@@ -229,7 +230,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
 
 
 @triton.jit(do_not_specialize=["n"])
-def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr,
+def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr, cnt_ptr,
            n, cache_len, scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
            SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
@@ -238,7 +239,9 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr,
     head g*G + j, token i); k, v [KVH, cache_len, hd]. USE_POS: token i sees slots <=
     pos[i], and the slots 0..pos[n-1] are shared out over the splits; otherwise every slot,
     with the additive bias [G*n, cache_len]. Writes the split's unnormalised output
-    o [SPLITS, H, n, hd], running max m and denominator l [SPLITS, H, n] (float32)."""
+    o [SPLITS, H, n, hd], running max m and denominator l [SPLITS, H, n] (float32); the
+    last of kv head g's SPLITS programs (counter cnt[g]) combines them into out [n, H hd]
+    (the model's dtype: head g*G + j of token i at out[i, (g*G + j) hd:])."""
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     _wait(PDL)
@@ -288,59 +291,29 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr,
     tl.store(o_ptr + at[:, None] * HEAD_DIM + dims[None, :], acc, mask=rm[:, None])
     tl.store(m_ptr + at, m_i, mask=rm)
     tl.store(l_ptr + at, l_i, mask=rm)
-
-
-@triton.jit(do_not_specialize=["n"])
-def attn_out(o_ptr, m_ptr, l_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, heads_per,
-             D: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-             SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-             SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             PDL: tl.constexpr, LINES: tl.constexpr):
-    """y [n, D] = x + o_proj(attention output): program (c, s) computes columns c*BLOCK_N..
-    over heads s*heads_per.. (split-K over heads), combining the attention splits of each head
-    (``attend``'s buffers) as it reads them; w [D, H hd]; ws [SPLIT_K, n, D] float32."""
-    rows = tl.arange(0, BLOCK_M)
-    rm = rows < n
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cm = cols < D
-    split = tl.program_id(1)
-    sp = tl.arange(0, SPLITS)
-    dims = tl.arange(0, HEAD_DIM)
-    dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    lo = split * heads_per
-    if LINES > 0:
-        _prefetch_rows(w_ptr, tl.minimum(cols, D - 1), HEADS * HEAD_DIM, lo * HEAD_DIM,
-                       tl.minimum(lo + heads_per, HEADS) * HEAD_DIM, LINES)
-    _wait(PDL)
-    for h in range(lo, tl.minimum(lo + heads_per, HEADS)):
-        m = tl.load(m_ptr + sp[:, None] * HEADS * n + h * n + rows[None, :],
-                    mask=rm[None, :], other=float("-inf"))            # [SPLITS, BLOCK_M]
-        ll = tl.load(l_ptr + sp[:, None] * HEADS * n + h * n + rows[None, :],
-                     mask=rm[None, :], other=0.0)
-        top = tl.max(m, axis=0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        denom = tl.sum(tl.exp(m - top[None, :]) * ll, axis=0)
-        denom = tl.where(denom == 0.0, 1.0, denom)                    # padding rows
-        o = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for s in tl.static_range(SPLITS):                             # independent loads
-            at = s * HEADS * n + h * n + rows
-            ms = tl.load(m_ptr + at, mask=rm, other=float("-inf"))
-            part = tl.load(o_ptr + at[:, None] * HEAD_DIM + dims[None, :], mask=rm[:, None],
-                           other=0.0)
-            o += part * tl.exp(ms - top)[:, None]                     # empty splits: 0
-        wt = tl.load(w_ptr + cols[None, :] * (HEADS * HEAD_DIM) + h * HEAD_DIM + dims[:, None],
-                     mask=cm[None, :], other=0.0)                     # [hd, BLOCK_N]
-        acc = _dot((o / denom[:, None]).to(dtype), wt, acc, IEEE)
-    xy = rows[:, None] * D + cols[None, :]
-    x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)  # before the handshake
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-    acc, last = _reduce(acc, ws_ptr, cnt_ptr, split, tl.program_id(0), rows, cols, n, D,
-                        SPLIT_K)
-    if HAS_BIAS:
-        acc += bias[None, :]
-    tl.store(y_ptr + xy, x + acc.to(dtype), mask=tl.where(last, rm[:, None] & cm[None, :], False))
+    last = _arrive(cnt_ptr, kvh, SPLITS)
+    if last:                                                         # the combination
+        rows_at = kvh * R + rows                                     # split 0's
+        sp = tl.arange(0, SPLITS)
+        ms = tl.load(m_ptr + sp[:, None] * HEADS * n + rows_at[None, :],
+                     mask=rm[None, :], other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(l_ptr + sp[:, None] * HEADS * n + rows_at[None, :],
+                     mask=rm[None, :], other=0.0, cache_modifier=".cg")
+        top = tl.max(ms, axis=0)
+        top = tl.where(top == float("-inf"), 0.0, top)               # padding rows
+        denom = tl.sum(tl.exp(ms - top[None, :]) * ls, axis=0)
+        denom = tl.where(denom == 0.0, 1.0, denom)
+        o = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+        for j in tl.static_range(SPLITS):                             # independent loads
+            at_j = j * HEADS * n + rows_at
+            m_s = tl.load(m_ptr + at_j, mask=rm, other=float("-inf"), cache_modifier=".cg")
+            part = tl.load(o_ptr + at_j[:, None] * HEAD_DIM + dims[None, :], mask=rm[:, None],
+                           other=0.0, cache_modifier=".cg")
+            o += part * tl.exp(m_s - top)[:, None]                    # empty splits: 0
+        token = rows % n
+        head = kvh * GROUP + rows // n
+        tl.store(out_ptr + (token[:, None] * HEADS + head[:, None]) * HEAD_DIM + dims[None, :],
+                 (o / denom[:, None]).to(dtype), mask=rm[:, None])
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -388,12 +361,14 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
 
 
 @triton.jit(do_not_specialize=["n"])
-def down_residual(a_ptr, w_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, k_per,
-                  D: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, k_per,
+                  D: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                  SPLIT_K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   PDL: tl.constexpr, LINES: tl.constexpr):
-    """y [n, D] = x + a @ w.T; a [n, inter], w [D, inter]. Program (c, s): columns
-    c*BLOCK_N.., reduced over a's columns s*k_per..; ws [SPLIT_K, n, D] float32."""
+    """y [n, D] = x + (a @ w.T + b); a [n, inter], w [D, inter], b [D] (HAS_BIAS). Program
+    (c, s): columns c*BLOCK_N.., reduced over a's columns s*k_per..; ws [SPLIT_K, n, D]
+    float32. down_proj (a the MLP's activations) and o_proj (a the attention output)."""
     rows = tl.arange(0, BLOCK_M)
     rm = rows < n
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -414,7 +389,11 @@ def down_residual(a_ptr, w_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, k_per,
         acc = _dot(av, wt, acc, IEEE)
     xy = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)  # before the handshake
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     acc, last = _reduce(acc, ws_ptr, cnt_ptr, split, tl.program_id(0), rows, cols, n, D,
                         SPLIT_K)
+    if HAS_BIAS:
+        acc += bias[None, :]
     tl.store(y_ptr + xy, x + acc.to(x_ptr.dtype.element_ty),
              mask=tl.where(last, rm[:, None] & cm[None, :], False))
