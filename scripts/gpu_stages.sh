@@ -45,10 +45,12 @@
 #   fused   per-step time, kernels and roofline share of the fused layers against the reference
 #           fast path (scripts/prof_fused.py; random 0.5B, 1.5B and 7B shapes, no weights)
 #           (FUSED_SET=NAME=V+NAME=V.. fused settings, into fused-$FUSED_TAG; FUSED_SIZES)
-#   fgrid   the fused layers' launch settings swept on the 0.5B and 1.5B (FGRID_SIZES):
-#           programmatic dependent launch, L2 prefetch of weights, programs per SM
+#   fgrid   the fused layers' settings swept on the 0.5B and 1.5B (FGRID_SIZES; FGRID the
+#           axes, NAME=V1,V2+NAME=..; default the o_proj/down and gate/up blocks); FUSED_SET
+#           and FSPEED_SET = best take the combination it ranked first
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
-#           default small: the draft's only): spd, cospec and cos-we against target-only
+#           default small: the draft's only; auto: 1 if the fused stage's 1.5B beat the
+#           reference at every row count): spd, cospec and cos-we against target-only
 #           (FSPEED_SET=NAME=V+NAME=V.. fused settings, into speed-fused-$FSPEED_TAG)
 #   serve   scripts/load_test.py on the real pair: 128 requests at 1, 4, 16 and 64 at once,
 #           fp32, every response checked against the target's batch-1 greedy output
@@ -97,9 +99,20 @@ stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=$PREFIL
         tests/test_fast.py tests/test_fast_batch.py tests/test_warm_up.py 2>&1 | tail -15
 }
 
-sets() {  # "--FLAG NAME=V" for each NAME=V of a '+'-separated list ($2)
-    local item
-    for item in ${2//+/ }; do printf -- '%s\n%s\n' "$1" "$item"; done
+sets() {  # "--FLAG NAME=V" for each NAME=V of a '+'-separated list ($2); "best": the
+          # settings fgrid ranked first
+    local item list=$2
+    [ "$list" = best ] && list=$(python3 -c "import json, sys
+r = json.load(open(sys.argv[1]))['ranking'][0]['settings']
+print('+'.join(f'{k}={v}' for k, v in r.items()))" "$R/fused-grid/prof_fused.json")
+    for item in ${list//+/ }; do printf -- '%s\n%s\n' "$1" "$item"; done
+}
+
+fused_wins() {  # exit 0 if the fused layers beat the reference on the 1.5B at every row
+                # count in $1 (a prof_fused.json)
+    python3 -c "import json, sys
+r = json.load(open(sys.argv[1]))['sizes']['1.5b']
+sys.exit(0 if all(v['speedup'] > 1 for k, v in r.items() if k.startswith('fused/')) else 1)" "$1"
 }
 
 stage_fused() {  # the fused layers against the reference fast path, random Qwen2.5 shapes
@@ -109,15 +122,21 @@ stage_fused() {  # the fused layers against the reference fast path, random Qwen
         $(sets --set "${FUSED_SET:-}") 2>&1 | tail -30
 }
 
-stage_fgrid() {  # the fused layers' launch settings swept: PDL x PREFETCH x PROGRAMS_PER_SM
+stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME=..)
     [ -e "$R/fused-grid/prof_fused.json" ] || timeout "${FGRID_S:-900}" python3 \
         scripts/prof_fused.py --out "$R/fused-grid" --sizes "${FGRID_SIZES:-0.5b,1.5b}" \
-        --rows 1,5 --grid PDL=0,1,2 --grid PREFETCH=0,1 --grid PROGRAMS_PER_SM=2,4,8 \
+        --rows 1,5 $(sets --grid "${FGRID:-OUT_BLOCK_N=16,32+DOWN_BLOCK_K=128,256+UP_BLOCK_N=16,32,64}") \
         --grid-reps 200 2>&1 | tail -30
 }
 
 stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, fused layers
-    COSPEC_FUSED=${FSPEED_FUSED:-small} timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py \
+    local mode=${FSPEED_FUSED:-small}
+    if [ "$mode" = auto ]; then  # every model fused if the fused 1.5B beat the reference
+        mode=small
+        fused_wins "$R/fused${FUSED_TAG:+-$FUSED_TAG}/prof_fused.json" && mode=1
+        echo "fspeed: COSPEC_FUSED=$mode"
+    fi
+    COSPEC_FUSED=$mode timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py \
         --out "$R/speed-fused${FSPEED_TAG:+-$FSPEED_TAG}" \
         --parts "${PARTS:-pair,pair:humaneval:0}" --methods spd,cospec,cos-we --prompts 20 \
         $(sets --fused-set "${FSPEED_SET:-}") 2>&1 | grep -v "^[0-9]* {" | tail -30
