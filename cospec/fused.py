@@ -59,16 +59,13 @@ DOWN_SPLIT_K = 0
 PROGRAMS_PER_SM = 4
 NUM_WARPS = 4        # warps of every program
 NUM_STAGES = 3       # software pipelining depth of the reduction loops
-# Programmatic dependent launch (``cospec.kernels``' docstring; Hopper on, never interpreted):
-# 0 off; 1 the next kernel starts once this one's programs are past their wait; 2 at once.
-PDL = 0
-PREFETCH = 0         # 1: each projection program asks L2 for its weights before its wait
+HOIST = 1            # q/k/v and gate/up load their first weight block before reading x
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K", "ATTN_BLOCK_S",
            "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K",
-           "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "PDL", "PREFETCH")
+           "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST")
 
 
 def configure(items: list[str]) -> None:
@@ -189,28 +186,8 @@ def _workspace(x: torch.Tensor, splits: int, width: int) -> torch.Tensor:
     return torch.empty(splits, x.shape[0], width, dtype=torch.float32, device=x.device)
 
 
-@functools.cache
-def _hopper(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _pdl(device: torch.device) -> int:
-    """The PDL mode kernels on ``device`` run with: PDL on a Hopper or newer GPU, else 0."""
-    return PDL if _hopper(device) and not interpret() else 0
-
-
-def _lines(elements: int, dtype: torch.dtype) -> int:
-    """LINES of a projection program reading ``elements`` consecutive weights a row: its
-    128-byte lines a row as a power of two, or 0 (no prefetch) without PDL or PREFETCH."""
-    if not PREFETCH or not PDL or interpret():
-        return 0
-    return _pow2(_cdiv(elements * dtype.itemsize, 128))
-
-
-def _launch(device: torch.device) -> dict:
-    pdl = _pdl(device)
-    return {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES, "PDL": pdl,
-            **({"launch_pdl": True} if pdl else {})}
+def _launch() -> dict:
+    return {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
 
 
 def visibility_bias(pos: torch.Tensor, length: int, group: int, dtype: torch.dtype
@@ -248,7 +225,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_rows(n), BLOCK_C=block_c,
-        BLOCK_K=block_k, LINES=_lines(per * block_k, qkv_w.dtype), **_launch(x.device))
+        BLOCK_K=block_k, HOIST=bool(HOIST), **_launch())
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -277,7 +254,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
         attn, counters(x.device, kv_heads), n, length, scale, HEADS=heads, GROUP=group,
         HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
-        BLOCK_R=_rows(group * n), BLOCK_S=ATTN_BLOCK_S, **_launch(x.device))
+        BLOCK_R=_rows(group * n), BLOCK_S=ATTN_BLOCK_S, **_launch())
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)))
     act = x.new_empty(n, inter)
     tiles, block_k = _cdiv(inter, UP_BLOCK_N), min(BLOCK_K, _pow2(d))
@@ -285,8 +262,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     kern.rms_gate_up[(tiles, splits)](
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits, BLOCK_M=block_m,
-        BLOCK_N=UP_BLOCK_N, BLOCK_K=block_k, LINES=_lines(per * block_k, gate_up_w.dtype),
-        **_launch(x.device))
+        BLOCK_N=UP_BLOCK_N, BLOCK_K=block_k, HOIST=bool(HOIST), **_launch())
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
 
@@ -302,8 +278,7 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
     _kernels().down_residual[(tiles, splits)](
         a, w, w if b is None else b, x, y, _workspace(x, splits, d), counters(x.device, tiles),
         n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
-        SPLIT_K=splits, BLOCK_M=_rows(n), BLOCK_N=OUT_BLOCK_N, BLOCK_K=block_k,
-        LINES=_lines(per * block_k, w.dtype), **_launch(x.device))
+        SPLIT_K=splits, BLOCK_M=_rows(n), BLOCK_N=OUT_BLOCK_N, BLOCK_K=block_k, **_launch())
     return y
 
 

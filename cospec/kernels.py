@@ -24,14 +24,9 @@ resets the counter to 0 for the next launch. Counters are zero between launches,
 sharing one counter buffer must run one after another (one stream). SPLIT_K = 1: no
 workspace, no counter.
 
-Programmatic dependent launch (PDL > 0, Hopper on): each kernel is launched to start before
-the previous one in the stream has finished. Its programs first ask L2 for their share of the
-weights (PREFETCH: weights never change while kernels overlap), then wait (``griddepcontrol``)
-until the previous kernel is complete and its writes visible, and only then read activations
-or write anything. PDL = 1 lets the next kernel start once every program of this one is past
-its wait; PDL = 2 at once (a chain of kernels can then be resident and prefetching ahead).
-The wait makes the order transitive, so workspaces, counters and outputs are used exactly as
-without PDL. Off (0) under the interpreter.
+The kernels that normalise their input first (q/k/v, gate/up) load their first block of
+weights before the activations (HOIST): the weights' HBM latency then overlaps the RMSNorm's
+read of x instead of following it.
 
 Rounding follows the torch reference (``cospec.fast._qkv`` / ``_rest``) where it is cheap:
 a projection's output is rounded to the model's dtype before anything else uses it; the
@@ -54,31 +49,13 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _prefetch(ptrs):
-    """Ask L2 for the 128-byte lines at ``ptrs`` (any shape); no value comes back."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_rows(w_ptr, rows, stride, lo, hi, LINES: tl.constexpr):
-    """Prefetch w[rows, lo:hi] (row stride ``stride`` elements) into L2, one request per
-    128-byte line, at most LINES lines a row (a power of two covering hi - lo)."""
-    ELEMS: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth
-    ks = tl.minimum(lo + tl.arange(0, LINES) * ELEMS, hi - 1)
-    _prefetch(w_ptr + rows[:, None] * stride + ks[None, :])
-
-
-@triton.jit
-def _wait(PDL: tl.constexpr):
-    """The PDL handshake (module docstring): PDL = 2 lets the next kernel launch now, then
-    this program waits for the previous kernel; PDL = 1 after the wait. A no-op at 0."""
-    if PDL == 2:
-        tl.extra.cuda.gdc_launch_dependents()
-    if PDL > 0:
-        tl.extra.cuda.gdc_wait()
-    if PDL == 1:
-        tl.extra.cuda.gdc_launch_dependents()
+def _pair(w_ptr, ra, rb, k0, D: tl.constexpr, cm, BLOCK_K: tl.constexpr):
+    """The weight tiles w[ra, k0:k0 + BLOCK_K].T and w[rb, ...].T ([BLOCK_K, len(ra)]) of a
+    matrix w [., D], columns where cm (and k < D) only."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    km = (ks[:, None] < D) & cm[None, :]
+    return (tl.load(w_ptr + ra[None, :] * D + ks[:, None], mask=km, other=0.0),
+            tl.load(w_ptr + rb[None, :] * D + ks[:, None], mask=km, other=0.0))
 
 
 @triton.jit
@@ -157,7 +134,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
                  D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PDL: tl.constexpr, LINES: tl.constexpr):
+                 BLOCK_K: tl.constexpr, HOIST: tl.constexpr):
     """Program (head j of the H + 2 KVH stacked heads, chunk c, split s): output columns
     c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
@@ -170,11 +147,10 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)      # in the first half
     w1 = head * HEAD_DIM + cols                                      # weight rows
     w2 = w1 + HALF
+    every = cols >= 0
     lo = split * k_per
-    if LINES > 0:                                                    # this program's weights
-        _prefetch_rows(w_ptr, w1, D, lo, tl.minimum(lo + k_per, D), LINES)
-        _prefetch_rows(w_ptr, w2, D, lo, tl.minimum(lo + k_per, D), LINES)
-    _wait(PDL)
+    if HOIST:
+        wa, wb = _pair(w_ptr, w1, w2, lo, D, every, BLOCK_K)
     rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
     acc1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
@@ -188,12 +164,15 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     if HAS_BIAS:
         b1 = tl.load(b_ptr + w1).to(tl.float32)
         b2 = tl.load(b_ptr + w2).to(tl.float32)
-    for k0 in range(lo, tl.minimum(lo + k_per, D), BLOCK_K):
+    start = lo
+    if HOIST:
+        h = _normed(x_ptr, ln_ptr, rstd, lo, n, D, BLOCK_M, BLOCK_K)
+        acc1 = _dot(h, wa, acc1, IEEE)
+        acc2 = _dot(h, wb, acc2, IEEE)
+        start = lo + BLOCK_K
+    for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
         h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
-        ks = k0 + tl.arange(0, BLOCK_K)
-        km = ks[:, None] < D
-        wa = tl.load(w_ptr + w1[None, :] * D + ks[:, None], mask=km, other=0.0)
-        wb = tl.load(w_ptr + w2[None, :] * D + ks[:, None], mask=km, other=0.0)
+        wa, wb = _pair(w_ptr, w1, w2, k0, D, every, BLOCK_K)
         acc1 = _dot(h, wa, acc1, IEEE)
         acc2 = _dot(h, wb, acc2, IEEE)
     if SPLIT_K > 1:
@@ -234,7 +213,7 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
            n, cache_len, scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
            SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
-           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program (kv head g, split s). q [H, n, hd] (rows r = j*n + i of kv head g are query
     head g*G + j, token i); k, v [KVH, cache_len, hd]. USE_POS: token i sees slots <=
     pos[i], and the slots 0..pos[n-1] are shared out over the splits; otherwise every slot,
@@ -244,7 +223,6 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     (the model's dtype: head g*G + j of token i at out[i, (g*G + j) hd:])."""
     kvh = tl.program_id(0)
     split = tl.program_id(1)
-    _wait(PDL)
     R = GROUP * n
     rows = tl.arange(0, BLOCK_R)
     rm = rows < R
@@ -320,7 +298,7 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
 def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, eps,
                 D: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                PDL: tl.constexpr, LINES: tl.constexpr):
+                HOIST: tl.constexpr):
     """a [n, inter] = SiLU(gate) * up of RMSNorm(x); w [2 inter, D] (gate rows, then up).
     Program (c, s): columns c*BLOCK_N.. of gate and up, reduced over x's columns s*k_per..;
     ws [SPLIT_K, n, 2 inter] float32."""
@@ -329,20 +307,20 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
     cm = cols < inter
     split = tl.program_id(1)
     lo = split * k_per
-    if LINES > 0:
-        clamped = tl.minimum(cols, inter - 1)
-        _prefetch_rows(w_ptr, clamped, D, lo, tl.minimum(lo + k_per, D), LINES)
-        _prefetch_rows(w_ptr, inter + clamped, D, lo, tl.minimum(lo + k_per, D), LINES)
-    _wait(PDL)
+    if HOIST:
+        wg, wu = _pair(w_ptr, cols, inter + cols, lo, D, cm, BLOCK_K)
     rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(lo, tl.minimum(lo + k_per, D), BLOCK_K):
+    start = lo
+    if HOIST:
+        h = _normed(x_ptr, ln_ptr, rstd, lo, n, D, BLOCK_M, BLOCK_K)
+        acc_g = _dot(h, wg, acc_g, IEEE)
+        acc_u = _dot(h, wu, acc_u, IEEE)
+        start = lo + BLOCK_K
+    for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
         h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
-        ks = k0 + tl.arange(0, BLOCK_K)
-        km = (ks[:, None] < D) & cm[None, :]
-        wg = tl.load(w_ptr + cols[None, :] * D + ks[:, None], mask=km, other=0.0)
-        wu = tl.load(w_ptr + (inter + cols[None, :]) * D + ks[:, None], mask=km, other=0.0)
+        wg, wu = _pair(w_ptr, cols, inter + cols, k0, D, cm, BLOCK_K)
         acc_g = _dot(h, wg, acc_g, IEEE)
         acc_u = _dot(h, wu, acc_u, IEEE)
     if SPLIT_K > 1:
@@ -364,8 +342,7 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
 def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, k_per,
                   D: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                   SPLIT_K: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  PDL: tl.constexpr, LINES: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y [n, D] = x + (a @ w.T + b); a [n, inter], w [D, inter], b [D] (HAS_BIAS). Program
     (c, s): columns c*BLOCK_N.., reduced over a's columns s*k_per..; ws [SPLIT_K, n, D]
     float32. down_proj (a the MLP's activations) and o_proj (a the attention output)."""
@@ -376,10 +353,6 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
     split = tl.program_id(1)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     lo = split * k_per
-    if LINES > 0:
-        _prefetch_rows(w_ptr, tl.minimum(cols, D - 1), inter, lo,
-                       tl.minimum(lo + k_per, inter), LINES)
-    _wait(PDL)
     for k0 in range(lo, tl.minimum(lo + k_per, inter), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         av = tl.load(a_ptr + rows[:, None] * inter + ks[None, :],

@@ -46,7 +46,7 @@
 #           fast path (scripts/prof_fused.py; random 0.5B, 1.5B and 7B shapes, no weights)
 #           (FUSED_SET=NAME=V+NAME=V.. fused settings, into fused-$FUSED_TAG; FUSED_SIZES)
 #   fgrid   the fused layers' settings swept on the 0.5B and 1.5B (FGRID_SIZES; FGRID the
-#           axes, NAME=V1,V2+NAME=..; default the o_proj/down and gate/up blocks); FUSED_SET
+#           axes, NAME=V1,V2+NAME=..; default HOIST and the o_proj/down, gate/up blocks); FUSED_SET
 #           and FSPEED_SET = best take the combination it ranked first
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
 #           default small: the draft's only; auto: 1 if the fused stage's 1.5B beat the
@@ -125,7 +125,7 @@ stage_fused() {  # the fused layers against the reference fast path, random Qwen
 stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME=..)
     [ -e "$R/fused-grid/prof_fused.json" ] || timeout "${FGRID_S:-900}" python3 \
         scripts/prof_fused.py --out "$R/fused-grid" --sizes "${FGRID_SIZES:-0.5b,1.5b}" \
-        --rows 1,5 $(sets --grid "${FGRID:-OUT_BLOCK_N=16,32+DOWN_BLOCK_K=128,256+UP_BLOCK_N=16,32,64}") \
+        --rows 1,5 $(sets --grid "${FGRID:-HOIST=0,1+OUT_BLOCK_N=16,32+UP_BLOCK_N=16,32,64}") \
         --grid-reps 200 2>&1 | tail -30
 }
 

@@ -121,11 +121,15 @@ def test_attention_mlp_kernels(interpret, monkeypatch, n, start, blocks, o_bias)
 SPLIT_NAMES = ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K")
 
 
-@pytest.mark.parametrize("splits", [(1, 1, 1, 1), (2, 3, 2, 3), (0, 0, 0, 0)])
-def test_split_k(interpret, small_blocks, monkeypatch, splits):
+@pytest.mark.parametrize("splits,hoist", [((1, 1, 1, 1), 1), ((2, 3, 2, 3), 1),
+                                          ((0, 0, 0, 0), 1), ((1, 1, 1, 1), 0),
+                                          ((2, 3, 2, 3), 0)])
+def test_split_k(interpret, small_blocks, monkeypatch, splits, hoist):
     """Every projection unsplit, split unevenly (the last split shorter: 3 reduction blocks
-    in 2, 4 heads in 2, 5 blocks in 3) and split as finely as auto goes (one block or head a
-    split): the layer still agrees with the reference, and the tile counters are left zero."""
+    in 2, 5 in 3; o_proj's 2 blocks asked in 3 get 2) and split as finely as auto goes (one
+    block a split), with the first weight block hoisted and not: the layer still agrees with the
+    reference, and the tile counters are left zero."""
+    monkeypatch.setattr(fused, "HOIST", hoist)
     for name, value in zip(SPLIT_NAMES, splits):
         monkeypatch.setattr(fused, name, value)
     heads, kvh, hd, length, d, n = 4, 2, 8, 40, 48, 3
@@ -164,27 +168,14 @@ def test_split_k_arithmetic(monkeypatch):
     assert fused.split_k(600, 19, 0, cpu) == (1, 19)
 
 
-def test_prefetch_lines_and_settings(monkeypatch):
-    """L2 prefetch covers a program's whole weight slice a row, in 128-byte lines (a power of
-    two for tl.arange), only with PDL and PREFETCH on and never interpreted; settings given as
-    NAME=VALUE reach the module, and bad ones are refused with the accepted names."""
-    monkeypatch.setattr(fused, "interpret", lambda: False)
-    monkeypatch.setattr(fused, "PDL", 2)
-    monkeypatch.setattr(fused, "PREFETCH", 1)
-    assert fused._lines(128, torch.bfloat16) == 2      # 256 bytes
-    assert fused._lines(128, torch.float32) == 4
-    assert fused._lines(3 * 128, torch.bfloat16) == 8  # 6 lines: the next power of two
-    assert fused._lines(40, torch.float32) == 2        # 160 bytes: a part line is a line
-    monkeypatch.setattr(fused, "PDL", 0)
-    assert fused._lines(128, torch.bfloat16) == 0
-    assert fused._pdl(torch.device("cpu")) == 0
-    monkeypatch.setattr(fused, "PDL", 2)
-    monkeypatch.setattr(fused, "interpret", lambda: True)
-    assert fused._lines(128, torch.bfloat16) == 0
-    monkeypatch.setattr(fused, "NUM_WARPS", fused.NUM_WARPS)  # restored after the test
-    fused.configure(["NUM_WARPS=8", "PDL=1"])
-    assert (fused.NUM_WARPS, fused.PDL) == (8, 1)
-    for bad in ("WARPS=8", "PDL=two", "PDL"):
+def test_settings(monkeypatch):
+    """Settings given as NAME=VALUE reach the module; bad ones are refused with the accepted
+    names."""
+    for name in ("NUM_WARPS", "HOIST"):
+        monkeypatch.setattr(fused, name, getattr(fused, name))  # restored after the test
+    fused.configure(["NUM_WARPS=8", "HOIST=0"])
+    assert (fused.NUM_WARPS, fused.HOIST) == (8, 0)
+    for bad in ("WARPS=8", "HOIST=yes", "HOIST"):
         with pytest.raises(CospecError, match="NUM_WARPS"):
             fused.configure([bad])
 
@@ -322,15 +313,13 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("pdl,prefetch", [(0, 0), (1, 1), (2, 0), (2, 1)])
-def test_cuda_graphs(monkeypatch, dtype, pdl, prefetch):
+@pytest.mark.parametrize("hoist", [0, 1])
+def test_cuda_graphs(monkeypatch, dtype, hoist):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
-    left zero. With and without programmatic dependent launch (on a Hopper GPU) and the
-    weights' L2 prefetch."""
+    left zero; with and without the first weight block hoisted."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(fused, "PDL", pdl)
-    monkeypatch.setattr(fused, "PREFETCH", prefetch)
+    monkeypatch.setattr(fused, "HOIST", hoist)
     model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
     ids = torch.randint(2, 96, (60,), generator=torch.Generator().manual_seed(6)).tolist()
     monkeypatch.setenv("COSPEC_FUSED", "1")
@@ -347,7 +336,6 @@ def test_cuda_graphs(monkeypatch, dtype, pdl, prefetch):
     assert not any(c.any() for c in fused._COUNTERS.values())  # split-K counters back to 0
     again = [lm.engine.run([5, 6, 7], lm.length)[0].clone() for _ in range(2)]
     assert torch.equal(*again)  # partial sums added in split order: bit-identical replays
-    assert fused._pdl(lm.device) == (pdl if torch.cuda.get_device_capability()[0] >= 9 else 0)
 
 
 def test_kernels_compile_for_sm90():
