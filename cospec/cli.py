@@ -88,7 +88,7 @@ def check_settings() -> None:
     cpu.linear_mode()
     fast.prefill_mode()
     fast_batch.run_ahead_setting()
-    fused.asked()
+    fused.mode()
 
 
 def quiet_rank(args) -> None:

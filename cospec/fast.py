@@ -13,10 +13,9 @@ weights through a short functional forward (gpt-fast style; the model is not mod
   ids and start position from static device buffers: a step is one graph launch, and the
   only host sync is the caller's read of the logits. On CUDA the two halves of a layer are
   also compiled with ``torch.compile`` (fused elementwise work) unless COSPEC_COMPILE=0.
-  Opt-in (``Engine(fused=True)``, COSPEC_FUSED=1, or COSPEC_FUSED=small for narrow models
-  only): those forwards run each layer as five
-  Triton kernels instead (``cospec.fused``; RMSNorm, RoPE, the cache writes, attention,
-  SiLU and residual adds folded into the projections).
+  On Hopper GPUs and newer (``cospec.fused``: COSPEC_FUSED=auto, the default; 1 or 0 force
+  it on or off) those forwards run each layer as five Triton kernels instead (RMSNorm, RoPE,
+  the cache writes, attention, SiLU and residual adds folded into the projections).
 - a layer's q/k/v projections are read as one stacked weight, and so are gate/up (one
   kernel each instead of three and two): the model's parameters become slices of the
   stacked buffers (``fused``), same values, no second copy.
@@ -211,15 +210,16 @@ class Engine:
         self.capture_s = 0.0  # graph captures (and the compiles they trigger), in seconds
 
     def _fused(self, flag: bool | None) -> bool:
-        """Run forwards of <= MAX_GRAPH tokens through the fused kernels? ``flag``, else
-        COSPEC_FUSED (1: yes; small: if this model is narrow, see ``fused.asked``); a model
-        they cannot run keeps the reference (with a warning)."""
+        """Run forwards of <= MAX_GRAPH tokens through the fused kernels? ``fused.mode``: "1"
+        yes, "auto" on the GPUs where they measured faster, "0" no; a model they cannot run
+        keeps the reference (with a warning when they were asked for)."""
         from cospec import fused
 
-        if not fused.asked(flag, self.embed.shape[1]):
+        mode = fused.mode(flag)
+        if mode == "0" or mode == "auto" and not fused.measured_faster(self.device):
             return False
         why = fused.unsupported(self)
-        if why is not None:
+        if why is not None and mode == "1":
             warnings.warn(f"fused layers off, reference path kept: {why}", stacklevel=3)
         return why is None
 

@@ -1,12 +1,17 @@
-"""Fused Triton layers for the fast path's few-row steps (decode, verify): opt-in.
+"""Fused Triton layers for the fast path's few-row steps (decode, verify).
 
-``fast.Engine(..., fused=True)`` (or ``COSPEC_FUSED=1``; ``COSPEC_FUSED=small``: only models of
-hidden size <= SMALL_HIDDEN, where the kernels measured faster) runs each layer of a forward over
-n <= MAX_ROWS tokens as five Triton kernels (``cospec.kernels``) instead of the reference's
+``fast.Engine`` (batch 1) runs each layer of a forward over n <= MAX_ROWS tokens as five
+Triton kernels (``cospec.kernels``) instead of the reference's
 dozen or so (RMSNorm, projections, RoPE, two cache writes, two attention matmuls, softmax,
 SiLU, residual adds); everything else (prefill, more rows, Qwen3's per-head norms, tensor-
 parallel shards, other dtypes) runs the reference ``fast._qkv`` / ``_rest``. Triton is
 imported only when a fused layer first runs; without it the engine keeps the reference.
+
+When: ``fast.Engine(..., fused=True/False)``, else COSPEC_FUSED: ``auto`` (unset) on GPUs of
+compute capability 9 or more, where they measured faster than the reference at every size
+(H200, bf16, batch 1: 1.47x a 0.5B decode step, 1.31x a 1.5B, 1.03x a 7B;
+results/gpu/h200/fused-attention-combine), the reference elsewhere and for models the kernels
+do not take; ``1`` wherever they can run (a warning names why where they cannot); ``0`` never.
 
 The two functions ``fused_layer_functions`` returns are drop-in replacements for
 ``fast._qkv`` and ``_rest`` (same arguments, same results for a 2-d ``x``), each with one
@@ -35,16 +40,14 @@ from cospec.errors import CospecError
 from cospec.settings import choice
 
 MAX_ROWS = 16        # more rows than this: the reference path
-# COSPEC_FUSED=small: fused layers for models this narrow or narrower only. H200, bf16, batch 1
-# (results/gpu/h200/fused-grid): the 0.5B (hidden 896) steps 1.32x (1 row) and 1.52x (5 rows)
-# faster than the reference, the 1.5B (hidden 1536) 0.87x and 0.96x: a small draft gains,
-# its target keeps the reference.
-SMALL_HIDDEN = 1024
-MODES = ("0", "1", "small")  # the values COSPEC_FUSED takes (unset: "0")
+MODES = ("auto", "1", "0")  # the values COSPEC_FUSED takes (unset: "auto")
+MEASURED_MAJOR = 9  # auto: GPUs of this compute capability (major) or more (Hopper on)
+# Blocks, splits and HOIST: the best of an H200 sweep (0.5B, results/gpu/h200/
+# fused-attention-combine/grid.md; the top four settings lie within 1.5 % of each other).
 SPLITS = 8           # attention splits over the visible slots (a power of two)
 QKV_BLOCK_C = 16     # columns of each RoPE half per q/k/v program
 UP_BLOCK_N = 32      # gate (and up) columns per program
-OUT_BLOCK_N = 16     # o_proj / down_proj output columns per program
+OUT_BLOCK_N = 32     # o_proj / down_proj output columns per program
 BLOCK_K = 128        # reduction block of the projections
 DOWN_BLOCK_K = 256   # down_proj's
 ATTN_BLOCK_S = 32    # cache slots per attention block
@@ -79,14 +82,18 @@ def configure(items: list[str]) -> None:
         globals()[name] = int(value)
 
 
-def asked(flag: bool | None = None, hidden: int | None = None) -> bool:
-    """Fused layers wanted for a model of hidden size ``hidden``? ``flag`` if given, else
-    COSPEC_FUSED: "1" every model, "small" those of hidden <= SMALL_HIDDEN, "0" or unset none
+def mode(flag: bool | None = None) -> str:
+    """"1" (fused layers asked for), "0" (not) or "auto": ``flag`` if given, else COSPEC_FUSED
     (``settings.choice``: any other value is a CospecError naming the accepted ones)."""
     if flag is not None:
-        return flag
-    mode = choice("COSPEC_FUSED", MODES, "0")
-    return mode == "1" or (mode == "small" and hidden is not None and hidden <= SMALL_HIDDEN)
+        return "1" if flag else "0"
+    return choice("COSPEC_FUSED", MODES, "auto")
+
+
+def measured_faster(device: torch.device) -> bool:
+    """``auto``'s test: a CUDA GPU of compute capability MEASURED_MAJOR or more."""
+    return (device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= MEASURED_MAJOR)
 
 
 def interpret() -> bool:

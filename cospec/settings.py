@@ -1,6 +1,6 @@
 """Settings read from the environment (``COSPEC_*``) that take one of a fixed set of values.
 
-Each is read where it is used (``cpu.linear_mode``, ``fast.prefill_mode``, ``fused.asked``,
+Each is read where it is used (``cpu.linear_mode``, ``fast.prefill_mode``, ``fused.mode``,
 ``fast_batch.run_ahead_setting``); ``cli.check_settings`` reads them all once, so that the
 command line names a bad value at start, also in a run that would never read it (a CPU run
 never reads COSPEC_PREFILL).

@@ -503,7 +503,7 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true",
                     help="pair parts at T = 0 also time transformers' eager and assisted generate")
     ap.add_argument("--fused-set", action="append", default=[], metavar="NAME=VALUE",
-                    help="a setting of cospec.fused (with COSPEC_FUSED set), e.g. PDL=2")
+                    help="a setting of cospec.fused, e.g. HOIST=0")
     args = ap.parse_args()
     try:
         fused.configure(args.fused_set)
@@ -524,7 +524,7 @@ def main() -> None:
 
     res.update(device=torch.cuda.get_device_name(), torch=torch.__version__,
                transformers=transformers.__version__,
-               fused={"COSPEC_FUSED": os.environ.get("COSPEC_FUSED", "0")}
+               fused={"COSPEC_FUSED": os.environ.get("COSPEC_FUSED", "auto")}
                | {k: getattr(fused, k) for k in fused.TUNABLE},
                command="PYTHONPATH=. python scripts/gpu_speed.py " + " ".join(
                    f"--{k} {v}" if not isinstance(v, bool) else f"--{k}"

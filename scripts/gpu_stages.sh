@@ -49,8 +49,8 @@
 #           axes, NAME=V1,V2+NAME=..; default HOIST and the o_proj/down, gate/up blocks); FUSED_SET
 #           and FSPEED_SET = best take the combination it ranked first
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
-#           default small: the draft's only; auto: 1 if the fused stage's 1.5B beat the
-#           reference at every row count): spd, cospec and cos-we against target-only
+#           default auto: on a Hopper GPU, every model): spd, cospec and cos-we against
+#           target-only
 #           (FSPEED_SET=NAME=V+NAME=V.. fused settings, into speed-fused-$FSPEED_TAG)
 #   serve   scripts/load_test.py on the real pair: 128 requests at 1, 4, 16 and 64 at once,
 #           fp32, every response checked against the target's batch-1 greedy output
@@ -108,13 +108,6 @@ print('+'.join(f'{k}={v}' for k, v in r.items()))" "$R/fused-grid/prof_fused.jso
     for item in ${list//+/ }; do printf -- '%s\n%s\n' "$1" "$item"; done
 }
 
-fused_wins() {  # exit 0 if the fused layers beat the reference on the 1.5B at every row
-                # count in $1 (a prof_fused.json)
-    python3 -c "import json, sys
-r = json.load(open(sys.argv[1]))['sizes']['1.5b']
-sys.exit(0 if all(v['speedup'] > 1 for k, v in r.items() if k.startswith('fused/')) else 1)" "$1"
-}
-
 stage_fused() {  # the fused layers against the reference fast path, random Qwen2.5 shapes
     local out="$R/fused${FUSED_TAG:+-$FUSED_TAG}"
     [ -e "$out/prof_fused.json" ] || timeout "${FUSED_S:-300}" python3 scripts/prof_fused.py \
@@ -130,13 +123,7 @@ stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME
 }
 
 stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, fused layers
-    local mode=${FSPEED_FUSED:-small}
-    if [ "$mode" = auto ]; then  # every model fused if the fused 1.5B beat the reference
-        mode=small
-        fused_wins "$R/fused${FUSED_TAG:+-$FUSED_TAG}/prof_fused.json" && mode=1
-        echo "fspeed: COSPEC_FUSED=$mode"
-    fi
-    COSPEC_FUSED=$mode timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py \
+    COSPEC_FUSED=${FSPEED_FUSED:-auto} timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py \
         --out "$R/speed-fused${FSPEED_TAG:+-$FSPEED_TAG}" \
         --parts "${PARTS:-pair,pair:humaneval:0}" --methods spd,cospec,cos-we --prompts 20 \
         $(sets --fused-set "${FSPEED_SET:-}") 2>&1 | grep -v "^[0-9]* {" | tail -30

@@ -269,11 +269,12 @@ def test_greedy_tokens_identical(interpret, monkeypatch, models):
     assert all(e.fused for m in models for e in fast.engines(m))
 
 
-def test_small_fuses_only_narrow_models(interpret, monkeypatch, models):
-    """COSPEC_FUSED=small: the narrow draft's engines run the fused layers, the wider
-    target's the reference, and greedy speculative tokens stay the plain decoding's; a value
-    other than 0 / 1 / small is refused by name."""
-    target, draft = tiny_model(15, width=64, dtype=torch.float32), models[1]
+def test_modes(interpret, monkeypatch, models):
+    """COSPEC_FUSED: auto (unset) fuses on the GPUs where the kernels measured faster and keeps
+    the reference elsewhere, silently (also for a model they cannot run), with greedy
+    speculative tokens equal to plain decoding's; 0 never fuses; 1 fuses wherever it can and
+    warns where it cannot; any other value is refused by name."""
+    target, draft = models
     ids = [5, 17, 33, 2, 60, 41]
 
     def run():
@@ -283,13 +284,24 @@ def test_small_fuses_only_narrow_models(interpret, monkeypatch, models):
     want = run()
     monkeypatch.delenv("COSPEC_EAGER")
     monkeypatch.setenv("COSPEC_STATIC", "1")
-    monkeypatch.setenv("COSPEC_FUSED", "small")
-    monkeypatch.setattr(fused, "SMALL_HIDDEN", 32)  # the draft's width; the target's is 64
+    monkeypatch.delenv("COSPEC_FUSED", raising=False)
+    assert not fast.Engine(draft, 32).fused                 # CPU: not a measured GPU
+    monkeypatch.setattr(fused, "measured_faster", lambda device: True)
     assert run() == want and len(want) == 6
-    assert fast.engines(draft) and all(e.fused for e in fast.engines(draft))
-    assert fast.engines(target) and not any(e.fused for e in fast.engines(target))
-    monkeypatch.setenv("COSPEC_FUSED", "yes")
-    with pytest.raises(CospecError, match="COSPEC_FUSED='yes'"):
+    for model in models:
+        assert fast.engines(model) and all(e.fused for e in fast.engines(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # auto: no warning
+        assert not fast.Engine(tiny_model(13), 32).fused     # float64: not taken
+    monkeypatch.setenv("COSPEC_FUSED", "0")
+    assert not fast.Engine(draft, 32).fused
+    monkeypatch.setenv("COSPEC_FUSED", "1")
+    monkeypatch.setattr(fused, "measured_faster", lambda device: False)
+    assert fast.Engine(draft, 32).fused
+    with pytest.warns(UserWarning, match="dtype torch.float64"):
+        assert not fast.Engine(tiny_model(13), 32).fused
+    monkeypatch.setenv("COSPEC_FUSED", "small")
+    with pytest.raises(CospecError, match="COSPEC_FUSED='small'"):
         fast.Engine(draft, 32)
 
 
