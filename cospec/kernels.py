@@ -128,6 +128,31 @@ def _normed(x_ptr, ln_ptr, rstd, k0, n, D: tl.constexpr, BLOCK_M: tl.constexpr,
     return (xv.to(tl.float32) * rstd[:, None]).to(xv.dtype) * w[None, :]
 
 
+@triton.jit
+def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.constexpr,
+                 IEEE: tl.constexpr, HOIST: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """RMSNorm(x) @ w[ra].T and @ w[rb].T ([BLOCK_M, len(ra)] each, float32) over x's
+    columns lo..lo + k_per; HOIST: the first block's weights are loaded before x is read."""
+    acc_a = tl.zeros([BLOCK_M, ra.shape[0]], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, ra.shape[0]], dtype=tl.float32)
+    if HOIST:
+        wa, wb = _pair(w_ptr, ra, rb, lo, D, cm, BLOCK_K)
+    rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
+    start = lo
+    if HOIST:
+        h = _normed(x_ptr, ln_ptr, rstd, lo, n, D, BLOCK_M, BLOCK_K)
+        acc_a = _dot(h, wa, acc_a, IEEE)
+        acc_b = _dot(h, wb, acc_b, IEEE)
+        start = lo + BLOCK_K
+    for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
+        h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
+        wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
+        acc_a = _dot(h, wa, acc_a, IEEE)
+        acc_b = _dot(h, wb, acc_b, IEEE)
+    return acc_a, acc_b
+
+
 @triton.jit(do_not_specialize=["n"])
 def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
                  ws_ptr, cnt_ptr, n, kv_len, k_per, eps,
@@ -147,13 +172,6 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)      # in the first half
     w1 = head * HEAD_DIM + cols                                      # weight rows
     w2 = w1 + HALF
-    every = cols >= 0
-    lo = split * k_per
-    if HOIST:
-        wa, wb = _pair(w_ptr, w1, w2, lo, D, every, BLOCK_K)
-    rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     rn = rows[:, None] < n
     trig = rows[:, None] * HEAD_DIM + cols[None, :]                  # the epilogue's operands,
     c1 = tl.load(cos_ptr + trig, mask=rn, other=0.0).to(tl.float32)  # loaded early
@@ -164,17 +182,8 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     if HAS_BIAS:
         b1 = tl.load(b_ptr + w1).to(tl.float32)
         b2 = tl.load(b_ptr + w2).to(tl.float32)
-    start = lo
-    if HOIST:
-        h = _normed(x_ptr, ln_ptr, rstd, lo, n, D, BLOCK_M, BLOCK_K)
-        acc1 = _dot(h, wa, acc1, IEEE)
-        acc2 = _dot(h, wb, acc2, IEEE)
-        start = lo + BLOCK_K
-    for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
-        h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
-        wa, wb = _pair(w_ptr, w1, w2, k0, D, every, BLOCK_K)
-        acc1 = _dot(h, wa, acc1, IEEE)
-        acc2 = _dot(h, wb, acc2, IEEE)
+    acc1, acc2 = _normed_pair(x_ptr, ln_ptr, w_ptr, w1, w2, cols >= 0, split * k_per, k_per,
+                              n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K)
     if SPLIT_K > 1:
         width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
         _publish(acc1, ws_ptr, split, rows, w1, n, width)
@@ -306,23 +315,8 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < inter
     split = tl.program_id(1)
-    lo = split * k_per
-    if HOIST:
-        wg, wu = _pair(w_ptr, cols, inter + cols, lo, D, cm, BLOCK_K)
-    rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    start = lo
-    if HOIST:
-        h = _normed(x_ptr, ln_ptr, rstd, lo, n, D, BLOCK_M, BLOCK_K)
-        acc_g = _dot(h, wg, acc_g, IEEE)
-        acc_u = _dot(h, wu, acc_u, IEEE)
-        start = lo + BLOCK_K
-    for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
-        h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
-        wg, wu = _pair(w_ptr, cols, inter + cols, k0, D, cm, BLOCK_K)
-        acc_g = _dot(h, wg, acc_g, IEEE)
-        acc_u = _dot(h, wu, acc_u, IEEE)
+    acc_g, acc_u = _normed_pair(x_ptr, ln_ptr, w_ptr, cols, inter + cols, cm, split * k_per,
+                                k_per, n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K)
     if SPLIT_K > 1:
         _publish(acc_g, ws_ptr, split, rows, cols, n, 2 * inter)
         _publish(acc_u, ws_ptr, split, rows, inter + cols, n, 2 * inter)
