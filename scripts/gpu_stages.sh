@@ -52,6 +52,9 @@
 #           default auto: on a Hopper GPU, every model): spd, cospec and cos-we against
 #           target-only
 #           (FSPEED_SET=NAME=V+NAME=V.. fused settings, into speed-fused-$FSPEED_TAG)
+#   gaps    the GPU's busy time and idle gaps per token and per step while the real pair
+#           decodes 4 GSM8K prompts (scripts/prof_gaps.py; GAPS_METHODS, GAPS_TASK): how
+#           much of spd's block waits on the host
 #   serve   scripts/load_test.py on the real pair: 128 requests at 1, 4, 16 and 64 at once,
 #           fp32, every response checked against the target's batch-1 greedy output
 #   sspeed  the same load in bf16, unchecked, plain requests only, 128 tokens each: cospec
@@ -120,6 +123,12 @@ stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME
         scripts/prof_fused.py --out "$R/fused-grid" --sizes "${FGRID_SIZES:-0.5b,1.5b}" \
         --rows 1,5 $(sets --grid "${FGRID:-HOIST=0,1+OUT_BLOCK_N=16,32+UP_BLOCK_N=16,32,64}") \
         --grid-reps 200 2>&1 | tail -30
+}
+
+stage_gaps() {  # the GPU's busy time and idle gaps while the real pair decodes (batch 1)
+    [ -e "$R/gaps/prof_gaps.json" ] || timeout "${GAPS_S:-400}" python3 scripts/prof_gaps.py \
+        --out "$R/gaps" --methods "${GAPS_METHODS:-target,spd,cospec}" \
+        --task "${GAPS_TASK:-gsm8k}" --prompts 4 2>&1 | grep -v "^[a-z-]* {" | tail -12
 }
 
 stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, fused layers

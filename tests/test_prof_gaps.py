@@ -1,0 +1,52 @@
+"""scripts/prof_gaps.py's arithmetic, on the CPU: the GPU's busy time as the union of its work
+intervals, the idle gaps by class, their sums over prompts and per token and step. (The
+profiling itself needs a GPU and the real pair.)"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from torch.autograd import DeviceType
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prof_gaps.py"
+_spec = importlib.util.spec_from_file_location("prof_gaps", SCRIPT)
+prof_gaps = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(prof_gaps)
+
+
+def test_busy_is_the_union_and_gaps_are_classed():
+    # kernels (µs): [0, 10) and [5, 12) overlap (a copy beside a kernel); then gaps of
+    # 3 (short), 40 (medium) and 250 (long); [15, 20) contains [16, 18)
+    spans = [(0, 10), (5, 12), (15, 20), (16, 18), (60, 70), (320, 330)]
+    got = prof_gaps.idle_gaps(spans)
+    assert got["busy_us"] == pytest.approx(12 + 5 + 10 + 10)
+    assert got["span_us"] == pytest.approx(330)
+    assert got["idle_us"] == pytest.approx(3 + 40 + 250)
+    assert (got["short_gaps"], got["medium_gaps"], got["long_gaps"]) == (1, 1, 1)
+    assert (got["short_us"], got["medium_us"], got["long_us"]) == (3, 40, 250)
+    assert prof_gaps.idle_gaps([])["span_us"] == 0
+
+
+def test_intervals_keep_the_gpu_work_only_sorted():
+    def ev(start, end, device):
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end),
+                               device_type=device)
+
+    events = [ev(30, 40, DeviceType.CUDA), ev(0, 100, DeviceType.CPU), ev(5, 9, DeviceType.CUDA)]
+    assert prof_gaps.intervals(events) == [(5, 9), (30, 40)]
+
+
+def test_totals_and_per_unit():
+    a = prof_gaps.idle_gaps([(0, 10), (20, 30)])           # 10 idle (medium)
+    b = prof_gaps.idle_gaps([(0, 5), (205, 215)])          # 200 idle (long)
+    both = prof_gaps.total([a, b])
+    assert both["busy_us"] == 35 and both["idle_us"] == 210 and both["long_gaps"] == 1
+    unit = prof_gaps.per_unit(both, tokens=7, steps=2)
+    assert unit["idle_us_per_step"] == 105 and unit["long_us_per_step"] == 100
+    assert unit["idle_share"] == pytest.approx(210 / 245)
+    assert "| spd | 7 | 2 |" in prof_gaps.markdown(
+        {"device": "GPU", "task": "gsm8k", "prompts": 2, "k": 5, "new": 256,
+         "methods": {"spd": both | unit}})
