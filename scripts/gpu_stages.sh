@@ -46,8 +46,9 @@
 #           fast path (scripts/prof_fused.py; random 0.5B, 1.5B and 7B shapes, no weights)
 #           (FUSED_SET=NAME=V+NAME=V.. fused settings, into fused-$FUSED_TAG; FUSED_SIZES)
 #   fgrid   the fused layers' settings swept on the 0.5B and 1.5B (FGRID_SIZES; FGRID the
-#           axes, NAME=V1,V2+NAME=..; default HOIST and the o_proj/down, gate/up blocks); FUSED_SET
-#           and FSPEED_SET = best take the combination it ranked first
+#           axes, NAME=V1,V2+NAME=..; default the attention's splits and block); FUSED_SET
+#           and FSPEED_SET = best take the combination it ranked first; both at
+#           FUSED_PREFIX cached tokens (default 100)
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
 #           default auto: on a Hopper GPU, every model): spd, cospec and cos-we against
 #           target-only
@@ -115,13 +116,15 @@ stage_fused() {  # the fused layers against the reference fast path, random Qwen
     local out="$R/fused${FUSED_TAG:+-$FUSED_TAG}"
     [ -e "$out/prof_fused.json" ] || timeout "${FUSED_S:-300}" python3 scripts/prof_fused.py \
         --out "$out" --sizes "${FUSED_SIZES:-0.5b,1.5b,7b}" --rows 1,5 \
+        --prefix "${FUSED_PREFIX:-100}" \
         $(sets --set "${FUSED_SET:-}") 2>&1 | tail -30
 }
 
 stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME=..)
     [ -e "$R/fused-grid/prof_fused.json" ] || timeout "${FGRID_S:-900}" python3 \
         scripts/prof_fused.py --out "$R/fused-grid" --sizes "${FGRID_SIZES:-0.5b,1.5b}" \
-        --rows 1,5 $(sets --grid "${FGRID:-HOIST=0,1+OUT_BLOCK_N=16,32+UP_BLOCK_N=16,32,64}") \
+        --rows 1,5 --prefix "${FUSED_PREFIX:-100}" \
+        $(sets --grid "${FGRID:-SPLITS=2,4,8+ATTN_BLOCK_S=16,32,64}") \
         --grid-reps 200 2>&1 | tail -30
 }
 

@@ -1,12 +1,13 @@
 """The fused layers (``cospec.fused``) against the reference fast path, on a GPU:
 
     PYTHONPATH=. python scripts/prof_fused.py --out DIR [--sizes 0.5b,1.5b] [--rows 1,5]
-        [--reps 300] [--dtype bf16|fp32] [--set UP_BLOCK_N=64 ...]
+        [--reps 300] [--dtype bf16|fp32] [--prefix 100] [--set UP_BLOCK_N=64 ...]
         [--grid PROGRAMS_PER_SM=0,2,4,8 --grid NUM_WARPS=2,4 ... [--grid-reps 100]]
 
-Random-weight Qwen2.5 shapes (``gpu_speed.random_model``), batch 1: a 100-token prefill,
-then one step over n rows at position 100 (n = 1 a decode step, n = 5 a verify), for each
-engine (reference: compiled halves of a layer; fused: five Triton kernels a layer):
+Random-weight Qwen2.5 shapes (``gpu_speed.random_model``), batch 1: a ``--prefix``-token
+prefill (default 100), then one step over n rows at that position (n = 1 a decode step,
+n = 5 a verify; the attention reads the prefix), for each engine (reference: compiled
+halves of a layer; fused: five Triton kernels a layer):
 
 - ms per step: the step's CUDA graph replayed ``--reps`` times;
 - kernels per step and per layer, and each kernel's device time: torch.profiler over the
@@ -49,7 +50,7 @@ from gpu_speed import SHAPES, bandwidth, bytes_per_token, random_model, sync  # 
 from cospec import fast, fused  # noqa: E402
 from cospec.errors import CospecError  # noqa: E402
 
-PREFIX = 100
+PREFIX = 100  # the default --prefix
 
 
 def kernels(eng: fast.Engine, n: int) -> dict[str, list[float]]:
@@ -91,10 +92,10 @@ def per_layer(every: dict[str, list[float]], one: dict[str, list[float]], layers
     return sorted(rows, key=lambda r: (-r["us_per_layer"], -r["us_outside"], r["kernel"]))
 
 
-def measure(eng: fast.Engine, n: int, reps: int, count: bool = True) -> dict:
-    """Time, logits and (``count``) kernels of a step over n rows at position PREFIX."""
+def measure(eng: fast.Engine, n: int, reps: int, prefix: int, count: bool = True) -> dict:
+    """Time, logits and (``count``) kernels of a step over n rows at position ``prefix``."""
     ids = list(range(2000, 2000 + n))
-    logits = eng.run(ids, PREFIX)[0].float().clone()  # captures the graph (compiles) once
+    logits = eng.run(ids, prefix)[0].float().clone()  # captures the graph (compiles) once
     graph = eng.graphs[n][0]
     for _ in range(10):
         graph.replay()
@@ -145,6 +146,7 @@ def run(args, save: Callable[[dict], None]) -> dict:
     combos = combinations(args.grid)
     base = {k: getattr(fused, k) for k in fused.TUNABLE}
     out: dict = {"device": torch.cuda.get_device_name(), "dtype": args.dtype,
+                 "prefix": args.prefix,
                  "bandwidth_B_s": bandwidth(), "blocks": base, "sizes": {}}
     if args.grid:
         out["grid_axes"], out["grid_reps"] = args.grid, args.grid_reps
@@ -152,20 +154,21 @@ def run(args, save: Callable[[dict], None]) -> dict:
     for size in args.sizes.split(","):
         model = random_model(size).to(dtype)
         weight_bytes = bytes_per_token(model)
-        prompt = list(range(1000, 1000 + PREFIX))
+        prompt = list(range(1000, 1000 + args.prefix))
         res = out["sizes"][size] = {"weight_bytes": weight_bytes,
                                     "layers": len(model.model.layers), "grid": []}
-        ref = fast.Engine(model, 512, fused=False)
+        room = args.prefix + max(rows) + 16
+        ref = fast.Engine(model, room, fused=False)
         ref.run(prompt, 0)
         logits = {}
         for n in rows:
-            r = res[f"reference/n={n}"] = measure(ref, n, args.reps)
+            r = res[f"reference/n={n}"] = measure(ref, n, args.reps, args.prefix)
             r["roofline"] = weight_bytes / (r["ms_per_step"] / 1e3) / bandwidth()
             logits[n] = r.pop("logits")
             print(size, "reference", n, brief(r), flush=True)
         del ref
         gc.collect()
-        eng = fast.Engine(model, 512, fused=True)
+        eng = fast.Engine(model, room, fused=True)
         if not eng.fused:
             sys.exit(f"{size}: fused layers unavailable: {fused.unsupported(eng)}")
         eng.run(prompt, 0)
@@ -174,8 +177,8 @@ def run(args, save: Callable[[dict], None]) -> dict:
                 setattr(fused, k, v)
             eng.graphs.clear()  # recapture (and recompile) under these settings
             for n in rows:
-                r = (measure(eng, n, args.grid_reps, count=False) if args.grid
-                     else measure(eng, n, args.reps))
+                r = (measure(eng, n, args.grid_reps, args.prefix, count=False) if args.grid
+                     else measure(eng, n, args.reps, args.prefix))
                 compare(res[f"reference/n={n}"] | {"logits": logits[n]}, r, weight_bytes)
                 res["grid"].append(r | {"settings": combo, "n": n})
                 print(size, "fused", n, brief(res["grid"][-1]), flush=True)
@@ -223,7 +226,8 @@ def ranking(out: dict) -> list[dict]:
 
 
 def markdown(out: dict) -> str:
-    lines = [f"{out['device']}, {out['dtype']}, batch 1, step at position {PREFIX}; "
+    lines = [f"{out['device']}, {out['dtype']}, batch 1, step at position "
+             f"{out.get('prefix', PREFIX)}; "
              f"roofline = weight bytes / step time / {out['bandwidth_B_s']:.2e} B/s; "
              f"blocks {out['blocks']}", "",
              "| model | rows | engine | ms / step | kernels / step | kernels / layer | "
@@ -292,6 +296,8 @@ def main() -> None:
     p.add_argument("--rows", default="1,5")
     p.add_argument("--reps", type=int, default=300)
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--prefix", type=int, default=PREFIX,
+                   help="cached tokens before the measured step (its attention reads them)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,..")
     p.add_argument("--grid-reps", type=int, default=100)
