@@ -46,7 +46,7 @@
 #           fast path (scripts/prof_fused.py; random 0.5B, 1.5B and 7B shapes, no weights)
 #           (FUSED_SET=NAME=V+NAME=V.. fused settings, into fused-$FUSED_TAG; FUSED_SIZES)
 #   fgrid   the fused layers' settings swept on the 0.5B and 1.5B (FGRID_SIZES; FGRID the
-#           axes, NAME=V1,V2+NAME=..; default the attention's splits and block); FUSED_SET
+#           axes, NAME=V1,V2+NAME=..; default the register cap x programs per SM); FUSED_SET
 #           and FSPEED_SET = best take the combination it ranked first; both at
 #           FUSED_PREFIX cached tokens (default 100)
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
@@ -124,7 +124,7 @@ stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME
     [ -e "$R/fused-grid/prof_fused.json" ] || timeout "${FGRID_S:-900}" python3 \
         scripts/prof_fused.py --out "$R/fused-grid" --sizes "${FGRID_SIZES:-0.5b,1.5b}" \
         --rows 1,5 --prefix "${FUSED_PREFIX:-100}" \
-        $(sets --grid "${FGRID:-SPLITS=2,4,8+ATTN_BLOCK_S=16,32,64}") \
+        $(sets --grid "${FGRID:-MAX_REGS=0,128,168+PROGRAMS_PER_SM=4,6,8}") \
         --grid-reps 200 2>&1 | tail -30
 }
 

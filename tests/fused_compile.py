@@ -5,8 +5,8 @@ backend): the launches ``cospec.fused`` makes for Qwen2.5-0.5B / 1.5B shapes are
 meta tensors (nothing runs), then each is compiled by triton's own toolchain (ptxas
 included), with the launch's num_warps / num_stages; ``--quick``: the 0.5B's 5-row verify
 only (every kernel, both attention masks). Each case twice: split-K as an H200 gets it
-(``fused.split_k`` with 132 SMs) with the first weight block hoisted (HOIST = 1), and unsplit
-(every ``*_SPLIT_K`` = 1) without (HOIST = 0).
+(``fused.split_k`` with 132 SMs) with the first weight block hoisted (HOIST = 1) and at most
+128 registers a thread (MAX_REGS), and unsplit (every ``*_SPLIT_K`` = 1) without either.
 Exit status 0: all compiled; 77: triton or its NVIDIA backend is missing.
 """
 
@@ -51,6 +51,7 @@ def record(cases: list[tuple]) -> list[tuple]:
         for name in ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K"):
             setattr(fused, name, 1 if unsplit else 0)
         fused.HOIST = 0 if unsplit else 1
+        fused.MAX_REGS = 0 if unsplit else 128
         def t(*shape, dt=dtype):
             return torch.empty(*shape, dtype=dt, device="meta")
 
@@ -86,7 +87,8 @@ def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     calls = record(CASES[1:2] if "--quick" in sys.argv else CASES)
     for fn, args, consts in calls:
-        options = {k: consts.pop(k) for k in ("num_warps", "num_stages") if k in consts}
+        options = {k: consts.pop(k) for k in ("num_warps", "num_stages", "maxnreg")
+                   if k in consts}
         src = ASTSource(fn, signature(fn, args, consts), constexprs=consts)
         triton.compile(src, target=target, options=options)
     print(f"{len(calls)} launches compiled for sm90")

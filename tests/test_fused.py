@@ -169,12 +169,14 @@ def test_split_k_arithmetic(monkeypatch):
 
 
 def test_settings(monkeypatch):
-    """Settings given as NAME=VALUE reach the module; bad ones are refused with the accepted
-    names."""
-    for name in ("NUM_WARPS", "HOIST"):
+    """Settings given as NAME=VALUE reach the module (MAX_REGS the launches' register cap);
+    bad ones are refused with the accepted names."""
+    for name in ("NUM_WARPS", "HOIST", "MAX_REGS"):
         monkeypatch.setattr(fused, name, getattr(fused, name))  # restored after the test
-    fused.configure(["NUM_WARPS=8", "HOIST=0"])
+    assert "maxnreg" not in fused._launch()                      # 0: the compiler's choice
+    fused.configure(["NUM_WARPS=8", "HOIST=0", "MAX_REGS=128"])
     assert (fused.NUM_WARPS, fused.HOIST) == (8, 0)
+    assert fused._launch() == {"num_warps": 8, "num_stages": fused.NUM_STAGES, "maxnreg": 128}
     for bad in ("WARPS=8", "HOIST=yes", "HOIST"):
         with pytest.raises(CospecError, match="NUM_WARPS"):
             fused.configure([bad])
