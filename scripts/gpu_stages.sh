@@ -47,8 +47,9 @@
 #           (FUSED_SET=NAME=V+NAME=V.. fused settings, into fused-$FUSED_TAG; FUSED_SIZES)
 #   fgrid   the fused layers' settings swept on the 0.5B and 1.5B (FGRID_SIZES; FGRID the
 #           axes, NAME=V1,V2+NAME=..; default the register cap x programs per SM); FUSED_SET
-#           and FSPEED_SET = best take the combination it ranked first; both at
-#           FUSED_PREFIX cached tokens (default 100)
+#           and FSPEED_SET = best take the combination it ranked first (in fused-grid:
+#           FGRID_TAG names another, fused-grid-TAG); both at FUSED_PREFIX cached tokens
+#           (default 100)
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
 #           default auto: on a Hopper GPU, every model): spd, cospec and cos-we against
 #           target-only
@@ -121,8 +122,9 @@ stage_fused() {  # the fused layers against the reference fast path, random Qwen
 }
 
 stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME=..)
-    [ -e "$R/fused-grid/prof_fused.json" ] || timeout "${FGRID_S:-900}" python3 \
-        scripts/prof_fused.py --out "$R/fused-grid" --sizes "${FGRID_SIZES:-0.5b,1.5b}" \
+    local out="$R/fused-grid${FGRID_TAG:+-$FGRID_TAG}"
+    [ -e "$out/prof_fused.json" ] || timeout "${FGRID_S:-900}" python3 \
+        scripts/prof_fused.py --out "$out" --sizes "${FGRID_SIZES:-0.5b,1.5b}" \
         --rows 1,5 --prefix "${FUSED_PREFIX:-100}" \
         $(sets --grid "${FGRID:-MAX_REGS=0,128,168+PROGRAMS_PER_SM=4,6,8}") \
         --grid-reps 200 2>&1 | tail -30
