@@ -46,7 +46,7 @@
 #           fast path (scripts/prof_fused.py; random 0.5B, 1.5B and 7B shapes, no weights)
 #           (FUSED_SET=NAME=V+NAME=V.. fused settings, into fused-$FUSED_TAG; FUSED_SIZES)
 #   fgrid   the fused layers' settings swept on the 0.5B and 1.5B (FGRID_SIZES; FGRID the
-#           axes, NAME=V1,V2+NAME=..; default the register cap x programs per SM); FUSED_SET
+#           axes, NAME=V1,V2+NAME=..; default register cap x K block x programs per SM); FUSED_SET
 #           and FSPEED_SET = best take the combination it ranked first (in fused-grid:
 #           FGRID_TAG names another, fused-grid-TAG); both at FUSED_PREFIX cached tokens
 #           (default 100)
@@ -126,7 +126,7 @@ stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME
     [ -e "$out/prof_fused.json" ] || timeout "${FGRID_S:-900}" python3 \
         scripts/prof_fused.py --out "$out" --sizes "${FGRID_SIZES:-0.5b,1.5b}" \
         --rows 1,5 --prefix "${FUSED_PREFIX:-100}" \
-        $(sets --grid "${FGRID:-MAX_REGS=0,128,168+PROGRAMS_PER_SM=4,6,8}") \
+        $(sets --grid "${FGRID:-MAX_REGS=0,128+BLOCK_K=64,128+PROGRAMS_PER_SM=4,6}") \
         --grid-reps 200 2>&1 | tail -30
 }
 
