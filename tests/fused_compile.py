@@ -7,11 +7,21 @@ included), with the launch's num_warps / num_stages; ``--quick``: the 0.5B's 5-r
 only (every kernel, both attention masks). Each case twice: split-K as an H200 gets it
 (``fused.split_k`` with 132 SMs) with the first weight block hoisted (HOIST = 1) and at most
 128 registers a thread (MAX_REGS), and unsplit (every ``*_SPLIT_K`` = 1) without either.
+``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
+the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
+64 Ki a SM; shared memory: 227 KiB) and the waves its grid takes on 132 SMs, for the
+default settings, on Qwen2.5-0.5B, 1.5B and 7B shapes at 1 and 5 rows in bf16 (each distinct
+launch once: o_proj and down_proj both run ``down_residual``; the attention masked by an
+additive bias, as the reference path's shapes ask, is marked).
 Exit status 0: all compiled; 77: triton or its NVIDIA backend is missing.
 """
 
 import itertools
+import math
+import os
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -29,29 +39,36 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
 # (hidden, heads, kv heads, head_dim, intermediate, dtype, rows)
 CASES = [(896, 14, 2, 64, 4864, torch.bfloat16, 1), (896, 14, 2, 64, 4864, torch.bfloat16, 5),
          (1536, 12, 2, 128, 8960, torch.float32, 16)]
+USAGE_CASES = [(d, h, kvh, hd, inter, torch.bfloat16, n)  # Qwen2.5 0.5B, 1.5B, 7B; 1 and 5 rows
+               for d, h, kvh, hd, inter in ((896, 14, 2, 64, 4864), (1536, 12, 2, 128, 8960),
+                                            (3584, 28, 4, 128, 18944)) for n in (1, 5)]
 
 
-def record(cases: list[tuple]) -> list[tuple]:
-    """(kernel, positional args, constexprs) of every launch of one fused layer per case."""
-    calls = []
+def record(cases: list[tuple], twins: bool = True) -> list[tuple]:
+    """(kernel, positional args, constexprs, programs, case) of every launch of one fused layer
+    per case; ``twins``: each case again unsplit, without HOIST and MAX_REGS."""
+    calls, case = [], None
 
     class Launcher:
         def __init__(self, fn):
             self.fn = fn
 
         def __getitem__(self, grid):
-            return lambda *args, **consts: calls.append((self.fn, args, consts))
+            return lambda *args, **consts: calls.append((self.fn, args, consts,
+                                                          math.prod(grid), case))
 
     class Recorder:
         def __getattr__(self, name):
             return Launcher(getattr(kernels, name))
 
     fused._kernels = Recorder
-    for (d, heads, kvh, hd, inter, dtype, n), unsplit in itertools.product(cases, (False, True)):
-        for name in ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K"):
-            setattr(fused, name, 1 if unsplit else 0)
-        fused.HOIST = 0 if unsplit else 1
-        fused.MAX_REGS = 0 if unsplit else 128
+    for case, unsplit in itertools.product(cases, (False, True) if twins else (False,)):
+        d, heads, kvh, hd, inter, dtype, n = case
+        if twins:
+            for name in ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K"):
+                setattr(fused, name, 1 if unsplit else 0)
+            fused.HOIST = 0 if unsplit else 1
+            fused.MAX_REGS = 0 if unsplit else 128
         def t(*shape, dt=dtype):
             return torch.empty(*shape, dtype=dt, device="meta")
 
@@ -81,16 +98,53 @@ def signature(fn, args, consts) -> dict:
     return sig | dict.fromkeys(consts, "constexpr")
 
 
+def usage(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED of a cubin's kernel (``cuobjdump -res-usage``)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    fields = dict(t.split(":") for t in out.split() if t.startswith(("REG:", "STACK:",
+                                                                        "SHARED:")))
+    return {k: int(v) for k, v in fields.items()}
+
+
+def resident(regs: int, shared: int, warps: int) -> int:
+    """Programs of ``warps`` warps that fit one H100 / H200 SM at once."""
+    by_regs = 65536 // (max(regs, 1) * 32 * warps)
+    by_shared = (227 * 1024) // (shared + 1024)  # 1 KiB reserved a program
+    return min(by_regs, by_shared, 32, 64 // warps)
+
+
 def main() -> None:
     if not hasattr(triton.backends, "backends") or "nvidia" not in triton.backends.backends:
         sys.exit(77)
     target = GPUTarget("cuda", 90, 32)
-    calls = record(CASES[1:2] if "--quick" in sys.argv else CASES)
-    for fn, args, consts in calls:
+    show = "--usage" in sys.argv
+    calls = record(USAGE_CASES if show else CASES[1:2] if "--quick" in sys.argv else CASES,
+                   twins=not show)
+    seen = set()
+    if show:
+        print("| hidden, dtype | rows | kernel | programs | registers | spilled bytes | "
+              "shared bytes | programs an SM | waves on 132 SMs |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+    for fn, args, consts, programs, case in calls:
         options = {k: consts.pop(k) for k in ("num_warps", "num_stages", "maxnreg")
                    if k in consts}
         src = ASTSource(fn, signature(fn, args, consts), constexprs=consts)
-        triton.compile(src, target=target, options=options)
+        kernel = triton.compile(src, target=target, options=options)
+        key = (fn.__name__, case, programs, tuple(sorted(consts.items())))
+        if show and key not in seen:
+            seen.add(key)
+            use = usage(kernel.asm["cubin"])
+            fit = resident(use["REG"], kernel.metadata.shared, options["num_warps"])
+            name = fn.__name__ + (" (additive mask)" if consts.get("USE_POS") is False else "")
+            print(f"| {case[0]}, {TYPES[case[5]]} | {case[6]} | {name} | {programs} | "
+                  f"{use['REG']} | {use['STACK']} | {kernel.metadata.shared} | {fit} | "
+                  f"{programs / (fit * fused.GPU_SMS):.2f} |")
     print(f"{len(calls)} launches compiled for sm90")
 
 

@@ -352,6 +352,18 @@ def test_cuda_graphs(monkeypatch, dtype, hoist):
     assert torch.equal(*again)  # partial sums added in split order: bit-identical replays
 
 
+def test_programs_resident_an_sm():
+    """``fused_compile.py --usage``'s occupancy arithmetic: registers (64 Ki an SM), shared
+    memory (227 KiB, 1 KiB reserved a program), at most 32 programs and 64 warps an SM."""
+    import fused_compile
+
+    assert fused_compile.resident(254, 20480, 4) == 2      # 254 x 32 x 4 = 32,512 registers
+    assert fused_compile.resident(96, 12288, 4) == 5
+    assert fused_compile.resident(32, 147968, 4) == 1      # shared memory bound
+    assert fused_compile.resident(16, 0, 1) == 32           # the programs-an-SM cap
+    assert fused_compile.resident(16, 0, 4) == 16           # the warps cap
+
+
 def test_kernels_compile_for_sm90():
     """The launches of a 0.5B verify step compile for an H100 / H200 with triton's own
     toolchain (no GPU needed; a separate process: this one's triton may be interpreted)."""
