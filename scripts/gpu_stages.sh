@@ -105,11 +105,11 @@ stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=$PREFIL
 }
 
 sets() {  # "--FLAG NAME=V" for each NAME=V of a '+'-separated list ($2); "best": the
-          # settings fgrid ranked first
+          # settings fgrid ranked first (the sweep FGRID_TAG names, if set)
     local item list=$2
     [ "$list" = best ] && list=$(python3 -c "import json, sys
 r = json.load(open(sys.argv[1]))['ranking'][0]['settings']
-print('+'.join(f'{k}={v}' for k, v in r.items()))" "$R/fused-grid/prof_fused.json")
+print('+'.join(f'{k}={v}' for k, v in r.items()))" "$R/fused-grid${FGRID_TAG:+-$FGRID_TAG}/prof_fused.json")
     for item in ${list//+/ }; do printf -- '%s\n%s\n' "$1" "$item"; done
 }
 
