@@ -311,6 +311,22 @@ class Engine:
         graph.replay()
         return logits, hidden
 
+    def run_device(self, ids: torch.Tensor, start: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``run`` with the ids [n] and the start position [1] already on the device
+        (computed there, never read by the host): no host data and no synchronisation, so
+        the host can queue step after step."""
+        n = len(ids)
+        if not self.use_graphs or n > MAX_GRAPH:
+            return self._forward(ids, start, eager=not (self.fused and n <= MAX_GRAPH))
+        self.ids[:n].copy_(ids)
+        self.start.copy_(start)
+        if n not in self.graphs:
+            self.graphs[n] = self._capture(n)
+        graph, logits, hidden = self.graphs[n]
+        graph.replay()
+        return logits, hidden
+
     def _capture(self, n: int) -> tuple:
         """Capture the forward over n tokens. The warm-up runs compute this very call (the
         buffers already hold its ids and start), so their K/V writes are the real ones."""

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from cospec import fast, fused
+from cospec import fast, fast_block, fused
 from cospec.acceptance import ExactRule
 from cospec.cos import Combination, cos_generate
 from cospec.decoding import generate
@@ -249,6 +249,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     if args.methods:
         names = [m for m in names if m in args.methods.split(",") or m == "target"]
     methods = {m: build_method(m, pair, MethodOptions(), sampling) for m in names}
+    if "spd-block" in args.methods.split(",") and sampling.greedy:
+        names.insert(names.index("target") + 1, "spd-block")  # cospec.fast_block
     if "cospec-host" in args.methods.split(",") and "cospec" in methods:
         # the arbiter's decisions on the host path (ArbiterRule.graphed off), for comparison
         methods["cospec-host"] = build_method("cospec", pair, MethodOptions(), sampling)
@@ -262,6 +264,9 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         t0 = sync()
         if name == "hf-eager":
             ids = hf(pair.target, prompt, n, eos)[0]
+        elif name == "spd-block":
+            ids = fast_block.spd_greedy(pair.target, pair.draft, prompt, k=k, max_new_tokens=n,
+                                        eos_ids=eos, stats=stats)
         elif name in ("spd", *lossy):
             m = methods[name]
             rec = Recording(m.rule)
@@ -315,6 +320,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         summary["hf_assisted_vs_hf_eager"] = (summary["hf-assisted"]["tok_s"]
                                               / summary["hf-eager"]["tok_s"])
     same = {"spd_identical_to_target": ("spd", "target"),
+            "spd_block_identical_to_target": ("spd-block", "target"),
             "cos_we_identical_to_we": ("cos-we", "we"),
             "cos_cd_identical_to_cd": ("cos-cd", "cd")}
     for key, (a, b) in same.items():
@@ -455,6 +461,8 @@ def markdown(res: dict) -> str:
         notes = []
         if temp == 0:
             for key, text in (("spd_identical_to_target", "spd output identical to target"),
+                              ("spd_block_identical_to_target",
+                               "spd-block output identical to target"),
                               ("cos_we_identical_to_we", "cos-we identical to we"),
                               ("cos_cd_identical_to_cd", "cos-cd identical to cd")):
                 if s.get(key) is not None:
@@ -499,7 +507,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--methods", default="",
                     help="pair parts: only these methods (and target), comma-separated; "
-                         "cospec-host: cospec with its decisions on the host path")
+                         "cospec-host: cospec with its decisions on the host path; "
+                         "spd-block: greedy spd with each block on the device "
+                         "(cospec.fast_block)")
     ap.add_argument("--hf", action="store_true",
                     help="pair parts at T = 0 also time transformers' eager and assisted generate")
     ap.add_argument("--fused-set", action="append", default=[], metavar="NAME=VALUE",

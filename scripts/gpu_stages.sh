@@ -51,8 +51,8 @@
 #           FGRID_TAG names another, fused-grid-TAG); both at FUSED_PREFIX cached tokens
 #           (default 100)
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
-#           default auto: on a Hopper GPU, every model): spd, cospec and cos-we against
-#           target-only
+#           default auto: on a Hopper GPU, every model): spd, spd-block (cospec.fast_block),
+#           cospec and cos-we against target-only (FSPEED_METHODS picks)
 #           (FSPEED_SET=NAME=V+NAME=V.. fused settings, into speed-fused-$FSPEED_TAG)
 #   gaps    the GPU's busy time and idle gaps per token and per step while the real pair
 #           decodes 4 GSM8K prompts (scripts/prof_gaps.py; GAPS_METHODS, GAPS_TASK): how
@@ -139,7 +139,8 @@ stage_gaps() {  # the GPU's busy time and idle gaps while the real pair decodes 
 stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, fused layers
     COSPEC_FUSED=${FSPEED_FUSED:-auto} timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py \
         --out "$R/speed-fused${FSPEED_TAG:+-$FSPEED_TAG}" \
-        --parts "${PARTS:-pair,pair:humaneval:0}" --methods spd,cospec,cos-we --prompts 20 \
+        --parts "${PARTS:-pair,pair:humaneval:0}" --prompts 20 \
+        --methods "${FSPEED_METHODS:-spd,spd-block,cospec,cos-we}" \
         $(sets --fused-set "${FSPEED_SET:-}") 2>&1 | grep -v "^[0-9]* {" | tail -30
 }
 
