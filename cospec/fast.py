@@ -290,10 +290,7 @@ class Engine:
         on_device = isinstance(ids, torch.Tensor)
         if not self.use_graphs or n > MAX_GRAPH:
             x = ids.to(self.device) if on_device else torch.tensor(ids, device=self.device)
-            s = torch.tensor([start], device=self.device)
-            graphable = n <= MAX_GRAPH
-            return self._forward(x, s, eager=not (self.fused and graphable
-                                                  or self.compiled_prefill and not graphable))
+            return self._ungraphed(x, torch.tensor([start], device=self.device))
         # stage ids and start through pinned memory: no host sync (the event only waits for
         # the previous copy out of the same host buffer, long done in practice)
         self.staged.synchronize()
@@ -305,22 +302,31 @@ class Engine:
             self.ids[:n].copy_(self.host[:n], non_blocking=True)
         self.start.copy_(self.host[MAX_GRAPH:], non_blocking=True)
         self.staged.record()
-        if n not in self.graphs:
-            self.graphs[n] = self._capture(n)
-        graph, logits, hidden = self.graphs[n]
-        graph.replay()
-        return logits, hidden
+        return self._replay(n)
 
     def run_device(self, ids: torch.Tensor, start: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``run`` with the ids [n] and the start position [1] already on the device
         (computed there, never read by the host): no host data and no synchronisation, so
-        the host can queue step after step."""
+        the host can queue step after step. The caller keeps start + n <= max_len (the host
+        cannot check a position it never reads)."""
         n = len(ids)
         if not self.use_graphs or n > MAX_GRAPH:
-            return self._forward(ids, start, eager=not (self.fused and n <= MAX_GRAPH))
+            return self._ungraphed(ids, start)
         self.ids[:n].copy_(ids)
         self.start.copy_(start)
+        return self._replay(n)
+
+    def _ungraphed(self, ids: torch.Tensor, start: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward without a graph (no graphs, or more than MAX_GRAPH tokens): fused or
+        compiled where the engine has them for this length, else eager."""
+        graphable = len(ids) <= MAX_GRAPH
+        return self._forward(ids, start, eager=not (self.fused and graphable
+                                                    or self.compiled_prefill and not graphable))
+
+    def _replay(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n-token graph (captured on first use) replayed on the staged ids and start."""
         if n not in self.graphs:
             self.graphs[n] = self._capture(n)
         graph, logits, hidden = self.graphs[n]
@@ -406,6 +412,19 @@ def _release(model_ref: weakref.ref, engine: Engine) -> None:
     model = model_ref()
     if model is not None:
         _FREE.setdefault(model, []).append(engine)
+
+
+def to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A host copy of ``t`` started now, behind the work queued so far: (pinned buffer,
+    event that completes with the copy) on CUDA, (a clone, None) on the CPU. The buffer
+    comes from torch's pinned-memory cache, reused only once its copy is done."""
+    if t.device.type != "cuda":
+        return t.clone(), None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(t.device))  # the copy's stream, on t's device
+    return host, done
 
 
 def engines(model: torch.nn.Module) -> list[Engine]:

@@ -61,6 +61,7 @@ from cospec.fast import (
     layer_functions,
     prefill_mode,
     supported,
+    to_host,
 )
 from cospec.fast_batch_cos import EXTRA, CosStep
 from cospec.row_sampling import (
@@ -600,7 +601,7 @@ class BatchEngine:
             tok = row.argmax(-1) if s.all_greedy else pick(row_probabilities(row, s), u[:, j])
             toks.append(tok)
             if first and j == 0:
-                self.first = _to_host(tok)
+                self.first = to_host(tok)
             x = tok[:, None]
         a = torch.full((b,), self.ahead - 1, dtype=torch.long, device=self.device)
         return torch.stack(toks, 1), a, []
@@ -683,18 +684,6 @@ class BatchEngine:
         self.overrides[:b] += kept * self.live[:b]
         from_draft = (stop > k) & miss[:, k]
         return toks, a, [calls[:, None], kept[:, None], from_draft.long()[:, None]]
-
-
-def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """A host copy of ``t`` started now, behind the work queued so far: (pinned buffer,
-    event that completes with the copy) on CUDA, (a clone, None) on the CPU."""
-    if t.device.type != "cuda":
-        return t.clone(), None
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record(torch.cuda.current_stream(t.device))  # the copy's stream, on t's device
-    return host, done
 
 
 def _clock(device: torch.device) -> float:

@@ -50,6 +50,8 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
     if k < 1:
         raise CospecError(f"k (draft length) must be >= 1, got {k}")
     stats = stats if stats is not None else DecodeStats()
+    if max_new_tokens < 1:  # as ``decode``: nothing to generate
+        return []
     eos, start = set(eos_ids), len(prompt_ids)
     room = start + max_new_tokens + (AHEAD + 2) * (k + 1) + 2
     lms = [fast.StaticLM(m, max_len=room) for m in (target, draft)]
@@ -61,12 +63,8 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
     seq[:start] = torch.tensor(prompt_ids, device=device)
     length = torch.tensor([start], device=device)
     span = torch.arange(k + 1, device=device)
-    pinned = device.type == "cuda"
-    ring = ([torch.empty(k + 2, dtype=torch.long, pin_memory=True) for _ in range(AHEAD + 1)]
-            if pinned else None)  # block i reads back through ring[i % (AHEAD + 1)]
-    queued: collections.deque = collections.deque()
+    queued: collections.deque = collections.deque()  # (host copy, its event) a block
     out: list[int] = []
-    block = 0
     while True:
         # one block, queued on the device
         logits, _ = drf.run_device(seq.index_select(0, length - 2 + span[:2]), length - 2)
@@ -81,16 +79,7 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
         window = torch.cat([d, d[:1]]).index_copy(0, accepted, best.index_select(0, accepted))
         seq.index_copy_(0, length + span, window)
         length = length + accepted + 1
-        back = torch.cat([accepted, window])
-        if pinned:  # a buffer is reused only after its block's event was waited for
-            host = ring[block % (AHEAD + 1)]
-            host.copy_(back, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            queued.append((host, done))
-        else:
-            queued.append((back, None))
-        block += 1
+        queued.append(fast.to_host(torch.cat([accepted, window])))
         if len(queued) <= AHEAD:
             continue
         # the verdict of the oldest queued block, read without stalling the newer ones
@@ -104,8 +93,6 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
             out.append(tok)
             if tok in eos or len(out) >= max_new_tokens:
                 stats.generated += len(out)
-                if pinned:
-                    torch.cuda.synchronize(device)  # the blocks queued past the stop
-                for lm in lms:  # the caches hold queued blocks past the stop: forget them
-                    lm.reset()
+                if device.type == "cuda":  # the blocks queued past the stop are this call's
+                    torch.cuda.synchronize(device)  # work: a caller's clock counts them
                 return out

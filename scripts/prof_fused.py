@@ -302,17 +302,21 @@ def main() -> None:
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,..")
     p.add_argument("--grid-reps", type=int, default=100)
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("needs a CUDA GPU")
     if not set(args.sizes.split(",")) <= set(SHAPES):
         sys.exit(f"--sizes: some of {','.join(SHAPES)}")
     for item in args.grid:
-        if item.split("=")[0] not in fused.TUNABLE:
-            sys.exit(f"--grid {item}: one of {', '.join(fused.TUNABLE)}")
+        name, _, values = item.partition("=")
+        if name not in fused.TUNABLE or not all(v.lstrip("-").isdigit()
+                                                for v in values.split(",")):
+            sys.exit(f"--grid {item}: NAME=INT,INT.., NAME one of {', '.join(fused.TUNABLE)}")
+    if args.prefix < 1:
+        sys.exit(f"--prefix {args.prefix}: at least 1 cached token")
     try:
         fused.configure(args.set)
     except CospecError as e:
         sys.exit(f"--set: {e}")
+    if not torch.cuda.is_available():  # the arguments checked first, named without a GPU
+        sys.exit("needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save(out: dict) -> None:

@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--k", type=int, default=5)
     args = p.parse_args()
+    if args.prompts < 1 or args.new < 1 or args.k < 1:
+        p.error("--prompts, --new and --k: at least 1")
     if not torch.cuda.is_available():
         p.error("this script profiles the CUDA fast path: it needs a GPU")
     from gpu_speed import real_pair, task_prompts

@@ -56,8 +56,9 @@ def test_tokens_are_the_targets_greedy(monkeypatch, device):
     assert accepted["same"] > accepted["near"] > accepted["other"] == 0
 
 
-def test_bad_input_is_refused():
+def test_bad_input_is_refused_and_no_budget_gives_nothing():
     model = tiny_model(11, dtype=torch.float32)
+    assert fast_block.spd_greedy(model, model, [5, 6], k=2, max_new_tokens=0) == []
     with pytest.raises(CospecError, match="two or more tokens"):
         fast_block.spd_greedy(model, model, [5], k=2)
     with pytest.raises(CospecError, match="k"):

@@ -5,9 +5,11 @@ layers, and written as a table. (The measuring itself needs a GPU: ``gpu_stages.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from torch.autograd import DeviceType
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prof_fused.py"
@@ -59,3 +61,16 @@ def test_markdown_has_the_profile_table():
     assert "kernels' device time 462 µs of a 500 µs step (17.5 µs a layer" in md
     assert "| `attn` | 2.0 | 10.00 | 57 % | 0.0 | 0.00 |" in md
     assert "| `head` | 0.0 | 0.00 | 0 % | 1.0 | 40.00 |" in md
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grid", "HOIST=a"], "--grid HOIST=a: NAME=INT"),
+    (["--grid", "WARPS=4"], "--grid WARPS=4: NAME=INT"),
+    (["--prefix", "0"], "--prefix 0: at least 1"),
+    (["--set", "FOO=1"], "fused setting 'FOO=1'"),
+])
+def test_bad_arguments_are_named_before_the_gpu_check(monkeypatch, tmp_path, argv, message):
+    monkeypatch.setattr(sys, "argv", ["prof_fused.py", "--out", str(tmp_path), *argv])
+    with pytest.raises(SystemExit) as exit_:
+        prof_fused.main()
+    assert message in str(exit_.value)
