@@ -50,6 +50,9 @@
 #           and FSPEED_SET = best take the combination it ranked first (in fused-grid:
 #           FGRID_TAG names another, fused-grid-TAG); both at FUSED_PREFIX cached tokens
 #           (default 100)
+#   launch  the GPU's floors for a few-row step (scripts/prof_launch.py, toy kernels): µs a
+#           launch under a graph, a weight-reading kernel's fixed cost and bandwidth, and a
+#           persistent kernel over a 0.5B's 24 layers with a grid barrier between phases
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
 #           default auto: on a Hopper GPU, every model): spd, spd-block (cospec.fast_block),
 #           cospec and cos-we against target-only (FSPEED_METHODS picks)
@@ -128,6 +131,11 @@ stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME
         --rows 1,5 --prefix "${FUSED_PREFIX:-100}" \
         $(sets --grid "${FGRID:-MAX_REGS=0,128+BLOCK_K=64,128+PROGRAMS_PER_SM=4,6}") \
         --grid-reps 200 2>&1 | tail -30
+}
+
+stage_launch() {  # GPU floors: launches, streaming reads, a persistent kernel's barriers
+    [ -e "$R/launch/prof_launch.json" ] || timeout "${LAUNCH_S:-180}" python3 \
+        scripts/prof_launch.py --out "$R/launch" 2>&1 | tail -30
 }
 
 stage_gaps() {  # the GPU's busy time and idle gaps while the real pair decodes (batch 1)
