@@ -66,12 +66,26 @@ HOIST = 1            # q/k/v and gate/up load their first weight block before re
 # Registers a thread at most (0: the compiler's choice; gate/up then takes 254, so 2 programs
 # fit an SM, q/k/v 168, down_proj 168: 3). Fewer registers, more resident programs.
 MAX_REGS = 0
+# One-row steps (decode) on their own tiles: BLOCK_M = 1 (products and sums on the CUDA
+# cores, no 16-row padding), no split-K handshake, many small-tile programs. GEMV = 0: one row
+# takes the few-row kernels' settings above. Off until a GPU measures it (scripts/prof_fused.py
+# --grid GEMV=0,1 ...): the launch floors (results/gpu/h200/launch-floors) say a weight read
+# goes at 2.4 TB/s with 4 KB in flight a program and 4.6 with 32 KB.
+GEMV = 0
+GEMV_QKV_BLOCK_C = 2     # columns of each RoPE half per q/k/v program
+GEMV_UP_BLOCK_N = 8      # gate (and up) columns per program
+GEMV_OUT_BLOCK_N = 2     # o_proj / down_proj output columns per program
+GEMV_BLOCK_K = 512       # reduction block of q/k/v and gate/up
+GEMV_DOWN_BLOCK_K = 4096  # of o_proj and down_proj
+GEMV_WARPS = 4
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K", "ATTN_BLOCK_S",
            "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K",
-           "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "MAX_REGS")
+           "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "MAX_REGS", "GEMV",
+           "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
+           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS")
 
 
 def configure(items: list[str]) -> None:
@@ -196,8 +210,13 @@ def _workspace(x: torch.Tensor, splits: int, width: int) -> torch.Tensor:
     return torch.empty(splits, x.shape[0], width, dtype=torch.float32, device=x.device)
 
 
-def _launch() -> dict:
-    return {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES,
+def _gemv(n: int) -> bool:
+    """A projection over n rows takes the one-row settings (GEMV_*): GEMV on and n = 1."""
+    return bool(GEMV) and n == 1
+
+
+def _launch(gemv: bool = False) -> dict:
+    return {"num_warps": GEMV_WARPS if gemv else NUM_WARPS, "num_stages": NUM_STAGES,
             **({"maxnreg": MAX_REGS} if MAX_REGS else {})}
 
 
@@ -226,17 +245,19 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
     else:
         k, v, slots = cache
     half = hd // 2
-    block_c = min(half, QKV_BLOCK_C)
-    block_k = min(BLOCK_K, _pow2(d))
+    gemv = _gemv(n)
+    block_c = min(half, GEMV_QKV_BLOCK_C if gemv else QKV_BLOCK_C)
+    block_k = min(GEMV_BLOCK_K if gemv else BLOCK_K, _pow2(d))
     tiles = (heads + 2 * kv_heads, half // block_c)
-    splits, per = split_k(tiles[0] * tiles[1], _cdiv(d, block_k), QKV_SPLIT_K, x.device)
+    splits, per = split_k(tiles[0] * tiles[1], _cdiv(d, block_k), 1 if gemv else QKV_SPLIT_K,
+                          x.device)
     _kernels().rms_qkv_rope[(*tiles, splits)](
         x, ln1, qkv_w, qkv_w if qkv_b is None else qkv_b, cos.contiguous(), sin.contiguous(),
         slots, q, k, v, _workspace(x, splits, qkv_w.shape[0]),
         counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
-        IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_rows(n), BLOCK_C=block_c,
-        BLOCK_K=block_k, HOIST=bool(HOIST), **_launch())
+        IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=1 if gemv else _rows(n),
+        BLOCK_C=block_c, BLOCK_K=block_k, HOIST=bool(HOIST), **_launch(gemv))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -253,7 +274,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     group = heads // kv_heads
     d = x.shape[1]
     inter = gate_up_w.shape[0] // 2
-    ieee, block_m = x.dtype == torch.float32, _rows(n)
+    ieee, gemv = x.dtype == torch.float32, _gemv(n)
     kern = _kernels()
     parts = torch.empty(SPLITS, heads, n, hd, dtype=torch.float32, device=x.device)
     top = torch.empty(SPLITS, heads, n, dtype=torch.float32, device=x.device)
@@ -268,28 +289,36 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         BLOCK_R=_rows(group * n), BLOCK_S=ATTN_BLOCK_S, **_launch())
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)))
     act = x.new_empty(n, inter)
-    tiles, block_k = _cdiv(inter, UP_BLOCK_N), min(BLOCK_K, _pow2(d))
-    splits, per = split_k(tiles, _cdiv(d, block_k), UP_SPLIT_K, x.device)
+    block_n = GEMV_UP_BLOCK_N if gemv else UP_BLOCK_N
+    tiles, block_k = _cdiv(inter, block_n), min(GEMV_BLOCK_K if gemv else BLOCK_K, _pow2(d))
+    splits, per = split_k(tiles, _cdiv(d, block_k), 1 if gemv else UP_SPLIT_K, x.device)
     kern.rms_gate_up[(tiles, splits)](
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
-        n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits, BLOCK_M=block_m,
-        BLOCK_N=UP_BLOCK_N, BLOCK_K=block_k, HOIST=bool(HOIST), **_launch())
+        n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
+        BLOCK_M=1 if gemv else _rows(n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=bool(HOIST),
+        **_launch(gemv))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
 
 def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor,
                      asked: int, block_k: int) -> torch.Tensor:
     """x + (a @ w.T + b) in one kernel (``kernels.down_residual``): a [n, k], w [d, k], b [d]
-    or None, x [n, d]; split-K over k's blocks of ``block_k`` (``asked`` splits, 0: auto)."""
+    or None, x [n, d]; split-K over k's blocks of ``block_k`` (``asked`` splits, 0: auto), or
+    for one row under GEMV unsplit, in blocks of GEMV_DOWN_BLOCK_K."""
     n, k = a.shape
     d = x.shape[1]
     y = torch.empty_like(x)
-    tiles = _cdiv(d, OUT_BLOCK_N)
+    gemv = _gemv(n)
+    if gemv:
+        asked, block_k = 1, min(GEMV_DOWN_BLOCK_K, _pow2(k))
+    block_n = GEMV_OUT_BLOCK_N if gemv else OUT_BLOCK_N
+    tiles = _cdiv(d, block_n)
     splits, per = split_k(tiles, _cdiv(k, block_k), asked, x.device)
     _kernels().down_residual[(tiles, splits)](
         a, w, w if b is None else b, x, y, _workspace(x, splits, d), counters(x.device, tiles),
         n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
-        SPLIT_K=splits, BLOCK_M=_rows(n), BLOCK_N=OUT_BLOCK_N, BLOCK_K=block_k, **_launch())
+        SPLIT_K=splits, BLOCK_M=1 if gemv else _rows(n), BLOCK_N=block_n, BLOCK_K=block_k,
+        **_launch(gemv))
     return y
 
 

@@ -1,7 +1,8 @@
 """Triton kernels of one transformer layer over a few rows (``cospec.fused`` launches them).
 
 Five kernels a layer, each reading its weights once for all n <= 16 rows (tl.dot over a block
-of BLOCK_M >= 16 rows, the padding rows masked):
+of BLOCK_M >= 16 rows, the padding rows masked; or, for one row, BLOCK_M = 1: products and
+sums on the CUDA cores, see ``_dot``):
 
 1. ``rms_qkv_rope``: RMSNorm, the stacked q/k/v projection (+ bias), RoPE on q and k; q to
    a buffer [H, n, hd], k and v straight into their cache slots (or [KVH, n, hd] buffers).
@@ -40,8 +41,12 @@ import triton.language as tl
 
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b; IEEE: exact float32 products (no TF32) for float32 operands."""
-    if IEEE:  # noqa: SIM108 (a constexpr branch)
+    """acc + a @ b (float32 sums); IEEE: exact float32 products (no TF32) for float32
+    operands. One row (a [1, K], the GEMV of a decode step): products and a sum over K on the
+    CUDA cores, exact in float32 (tl.dot wants 16 rows; the tiles then need no padding)."""
+    if a.shape[0] == 1:
+        acc += tl.sum(tl.trans(a).to(tl.float32) * b.to(tl.float32), axis=0)[None, :]
+    elif IEEE:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc)

@@ -134,8 +134,9 @@ stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME
 }
 
 stage_launch() {  # GPU floors: launches, streaming reads, a persistent kernel's barriers
-    [ -e "$R/launch/prof_launch.json" ] || timeout "${LAUNCH_S:-180}" python3 \
-        scripts/prof_launch.py --out "$R/launch" 2>&1 | tail -30
+    local out="$R/launch${LAUNCH_TAG:+-$LAUNCH_TAG}"
+    [ -e "$out/prof_launch.json" ] || timeout "${LAUNCH_S:-180}" python3 \
+        scripts/prof_launch.py --out "$out" 2>&1 | tail -30
 }
 
 stage_gaps() {  # the GPU's busy time and idle gaps while the real pair decodes (batch 1)

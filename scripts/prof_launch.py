@@ -25,6 +25,7 @@ Writes DIR/prof_launch.json and DIR/prof_launch.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ STREAM_MB = (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 256)
 LAYER_PHASES = (896 * 1152 * 2, 0, 896 * 896 * 2, 896 * 9728 * 2, 4864 * 896 * 2)
 LAYERS = 24
 HBM = 4.8e12  # an H200's bandwidth, bytes/s
+BLOCKS = (2048, 16384)  # elements a program loads at once (bf16; 4 warps, 8 from 8192 on)
 
 
 def kernels():
@@ -48,6 +50,10 @@ def kernels():
     import launch_kernels as k
 
     return k.touch, k.stream, k.persistent
+
+
+def warps(block: int) -> int:
+    return 8 if block >= 8192 else 4
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -98,60 +104,68 @@ def measure(reps: int) -> dict:
         graph = graphed(lambda g=grid: [touch[(g,)](flags) for _ in range(120)])
         out["launch"].append({"programs": grid, "us": timed(graph.replay, reps) / 120})
         print("launch", out["launch"][-1], flush=True)
-    block, progs = 2048, 4 * sms
+    progs = 4 * sms
     sums = torch.empty(progs, dtype=torch.float32, device=dev)
-    for size_mb in STREAM_MB:
+    for block, size_mb in itertools.product(BLOCKS, STREAM_MB):
         count = int(size_mb * MB) // 2
         copies = 24 if size_mb <= 64 else 4
         src = torch.ones(copies, count, dtype=torch.bfloat16, device=dev)
         per = _cdiv(_cdiv(count, progs), block) * block
-        graph = graphed(lambda s=src, c=copies, p=per, n=count: [
-            stream[(progs,)](s[i], sums, p, n, BLOCK=block) for i in range(c)])
+        graph = graphed(lambda s=src, c=copies, p=per, n=count, b=block: [
+            stream[(progs,)](s[i], sums, p, n, BLOCK=b, num_warps=warps(b))
+            for i in range(c)])
         us = timed(graph.replay, reps) / copies
-        out["stream"].append({"mb": size_mb, "us": us, "gb_s": count * 2 / us / 1e3})
+        out["stream"].append({"block": block, "mb": size_mb, "us": us,
+                              "gb_s": count * 2 / us / 1e3})
         print("stream", out["stream"][-1], flush=True)
         del src, graph
-    t0, bw = fit([(r["mb"] * MB, r["us"]) for r in out["stream"]])
-    out["stream_fit"] = {"t0_us": t0, "gb_s": bw / 1e9}
+    out["stream_fit"] = []
+    for block in BLOCKS:
+        t0, bw = fit([(r["mb"] * MB, r["us"]) for r in out["stream"] if r["block"] == block])
+        out["stream_fit"].append({"block": block, "t0_us": t0, "gb_s": bw / 1e9})
     sizes = torch.tensor([b // 2 for b in LAYER_PHASES], dtype=torch.int64, device=dev)
+    zeros = torch.zeros_like(sizes)  # barriers alone
     src = torch.ones(LAYERS * sum(LAYER_PHASES) // 2, dtype=torch.bfloat16, device=dev)
     cnt = torch.zeros(1, dtype=torch.int32, device=dev)
     per_prog = torch.empty(sms, dtype=torch.float32, device=dev)
     phases = LAYERS * len(LAYER_PHASES)
-    for prefetch in (0, 1):
-        def body(f=prefetch):
+    floor = LAYERS * sum(LAYER_PHASES) / HBM * 1e6
+    for block, prefetch, phase_sizes in [(BLOCKS[0], 0, zeros)] + [
+            (b, f, sizes) for b in BLOCKS for f in (0, 1)]:
+        def body(b=block, f=prefetch, z=phase_sizes):
             cnt.zero_()
-            persistent[(sms,)](src, sizes, per_prog, cnt, phases, BLOCK=block,
-                               PHASES=len(LAYER_PHASES), PREFETCH=f, num_warps=4)
+            persistent[(sms,)](src, z, per_prog, cnt, phases, BLOCK=b,
+                               PHASES=len(LAYER_PHASES), PREFETCH=f, num_warps=warps(b))
         us = timed(graphed(body).replay, reps)
-        # every element read exactly once, whatever the prefetch
-        assert abs(per_prog.sum().item() - src.numel()) < 1e-3 * src.numel()
-        floor = LAYERS * sum(LAYER_PHASES) / HBM * 1e6
+        read = src.numel() if phase_sizes is sizes else 0  # every element once, or none
+        assert abs(per_prog.sum().item() - read) <= 1e-3 * read
         out["persistent"].append({
-            "prefetch": prefetch, "us": us, "us_layer": us / LAYERS,
-            "us_barrier_over_floor": (us - floor) / phases, "floor_us": floor})
+            "block": block, "prefetch": prefetch, "reads": read > 0, "us": us,
+            "us_layer": us / LAYERS, "us_phase_over_floor": (us - floor * (read > 0)) / phases,
+            "floor_us": floor * (read > 0)})
         print("persistent", out["persistent"][-1], flush=True)
     return out
 
 
 def markdown(out: dict) -> str:
-    fit_ = out["stream_fit"]
     lines = [f"# GPU floors for a few-row step ({out['device']}, {out['sms']} SMs)", "",
              "Made by `PYTHONPATH=. python scripts/prof_launch.py --out DIR`.", "",
              "| kernel (CUDA graph of 120) | programs | µs a kernel |", "|---|---|---|"]
     lines += [f"| store one value a program | {r['programs']} | {r['us']:.2f} |"
               for r in out["launch"]]
-    lines += ["", "| read B bytes, 4 programs an SM | MB | µs a kernel | GB/s |",
-              "|---|---|---|---|"]
-    lines += [f"| | {r['mb']} | {r['us']:.2f} | {r['gb_s']:.0f} |" for r in out["stream"]]
-    lines += ["", f"Fit t = t0 + B / bw: t0 = {fit_['t0_us']:.2f} µs, bw = "
-              f"{fit_['gb_s']:.0f} GB/s.", "",
-              f"| one persistent kernel, {LAYERS} 0.5B layers x 5 phases, a grid barrier each "
-              "| µs a layer | µs a barrier over the read floor | read floor µs a layer |",
-              "|---|---|---|---|"]
-    lines += [f"| prefetch {r['prefetch']} | {r['us_layer']:.2f} | "
-              f"{r['us_barrier_over_floor']:.2f} | {r['floor_us'] / LAYERS:.2f} |"
-              for r in out["persistent"]]
+    lines += ["", "| read B bytes, 4 programs an SM | elements a load | MB | µs a kernel | GB/s |",
+              "|---|---|---|---|---|"]
+    lines += [f"| | {r['block']} | {r['mb']} | {r['us']:.2f} | {r['gb_s']:.0f} |"
+              for r in out["stream"]]
+    lines += [""] + [f"Fit t = t0 + B / bw, {f['block']} elements a load: t0 = "
+                     f"{f['t0_us']:.2f} µs, bw = {f['gb_s']:.0f} GB/s." for f in out["stream_fit"]]
+    lines += ["", f"| one persistent kernel (a program an SM), {LAYERS} 0.5B layers x 5 phases, "
+              "a grid barrier after each | elements a load | prefetch | µs a layer | "
+              "µs a phase over the read floor | read floor µs a layer |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {'reads the weights' if r['reads'] else 'barriers alone'} | {r['block']} | "
+              f"{r['prefetch']} | {r['us_layer']:.2f} | {r['us_phase_over_floor']:.2f} | "
+              f"{r['floor_us'] / LAYERS:.2f} |" for r in out["persistent"]]
     return "\n".join(lines) + "\n"
 
 

@@ -6,13 +6,15 @@ meta tensors (nothing runs), then each is compiled by triton's own toolchain (pt
 included), with the launch's num_warps / num_stages; ``--quick``: the 0.5B's 5-row verify
 only (every kernel, both attention masks). Each case twice: split-K as an H200 gets it
 (``fused.split_k`` with 132 SMs) with the first weight block hoisted (HOIST = 1) and at most
-128 registers a thread (MAX_REGS), and unsplit (every ``*_SPLIT_K`` = 1) without either.
+128 registers a thread (MAX_REGS), and unsplit (every ``*_SPLIT_K`` = 1) without either; a
+one-row case with the one-row tiles (GEMV = 1) both times.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
 the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
 64 Ki a SM; shared memory: 227 KiB) and the waves its grid takes on 132 SMs, for the
 default settings, on Qwen2.5-0.5B, 1.5B and 7B shapes at 1 and 5 rows in bf16 (each distinct
 launch once: o_proj and down_proj both run ``down_residual``; the attention masked by an
-additive bias, as the reference path's shapes ask, is marked).
+additive bias, as the reference path's shapes ask, is marked). NAME=VALUE arguments change
+``cospec.fused``'s settings first (``fused.configure``; e.g. ``--usage GEMV=1``).
 Exit status 0: all compiled; 77: triton or its NVIDIA backend is missing.
 """
 
@@ -69,6 +71,7 @@ def record(cases: list[tuple], twins: bool = True) -> list[tuple]:
                 setattr(fused, name, 1 if unsplit else 0)
             fused.HOIST = 0 if unsplit else 1
             fused.MAX_REGS = 0 if unsplit else 128
+            fused.GEMV = 1  # one row: the one-row tiles (more rows cover the tl.dot path)
         def t(*shape, dt=dtype):
             return torch.empty(*shape, dtype=dt, device="meta")
 
@@ -124,6 +127,7 @@ def main() -> None:
         sys.exit(77)
     target = GPUTarget("cuda", 90, 32)
     show = "--usage" in sys.argv
+    fused.configure([a for a in sys.argv[1:] if "=" in a])  # NAME=VALUE: fused settings
     calls = record(USAGE_CASES if show else CASES[1:2] if "--quick" in sys.argv else CASES,
                    twins=not show)
     seen = set()

@@ -69,8 +69,20 @@ def rotary(pos: torch.Tensor, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
     return emb.cos(), emb.sin()
 
 
-@pytest.mark.parametrize("n,start,bias", [(1, 0, True), (5, 11, False), (16, 24, True)])
-def test_qkv_kernel(interpret, small_blocks, n, start, bias):
+def gemv_blocks(monkeypatch, on: int) -> None:
+    """The one-row tiles on (``on``), smaller than the tiny shapes: several programs and
+    loop trips, a last block partly masked."""
+    for name, value in (("GEMV", on), ("GEMV_QKV_BLOCK_C", 1), ("GEMV_UP_BLOCK_N", 4),
+                        ("GEMV_OUT_BLOCK_N", 2), ("GEMV_BLOCK_K", 32),
+                        ("GEMV_DOWN_BLOCK_K", 32)):
+        monkeypatch.setattr(fused, name, value)
+
+
+@pytest.mark.parametrize("n,start,bias,gemv", [(1, 0, True, 0), (1, 3, True, 1),
+                                               (1, 7, False, 1), (5, 11, False, 1),
+                                               (16, 24, True, 0)])
+def test_qkv_kernel(interpret, small_blocks, monkeypatch, n, start, bias, gemv):
+    gemv_blocks(monkeypatch, gemv)
     heads, kvh, hd, length = 4, 2, 8, 40
     w = layer(qkv_bias=bias)
     x = torch.randn(n, 48, generator=torch.Generator().manual_seed(n))
@@ -96,10 +108,15 @@ def test_qkv_kernel(interpret, small_blocks, n, start, bias):
 
 @pytest.mark.parametrize("n,start,blocks,o_bias", [
     (1, 0, "small", False), (1, 39, "default", True), (5, 9, "small", False),
-    (16, 24, "small", True), (4, 30, "default", False)])
+    (16, 24, "small", True), (4, 30, "default", False), (1, 17, "gemv", True),
+    (1, 39, "gemv-default", False), (3, 20, "gemv", True)])
 def test_attention_mlp_kernels(interpret, monkeypatch, n, start, blocks, o_bias):
     """Attention over a cache of 40 slots whose slots beyond each query are stale (random),
-    masked by positions and by the reference's bias, then o_proj, the MLP, residuals."""
+    masked by positions and by the reference's bias, then o_proj, the MLP, residuals; one row
+    on the one-row tiles too (small and default blocks; more rows then keep tl.dot's)."""
+    if blocks == "gemv":
+        gemv_blocks(monkeypatch, 1)
+    monkeypatch.setattr(fused, "GEMV", int(blocks.startswith("gemv")))
     if blocks == "small":
         monkeypatch.setattr(fused, "ATTN_BLOCK_S", 4)
         for name, value in (("BLOCK_K", 16), ("DOWN_BLOCK_K", 32), ("OUT_BLOCK_N", 8)):
@@ -231,9 +248,12 @@ def guard_reference(monkeypatch):
     monkeypatch.setattr(fast, "_qkv", only_long)
 
 
-def test_model_logits_match_transformers(interpret, monkeypatch, models):
+@pytest.mark.parametrize("gemv", [0, 1])
+def test_model_logits_match_transformers(interpret, monkeypatch, models, gemv):
     """Prefill of 12 tokens (fused) or 20 (reference), then 5-token verifies with 2 rows
-    rolled back and 1-token steps: the fused engine's logits are transformers' to 1e-5."""
+    rolled back and 1-token steps (with and without the one-row tiles): the fused engine's
+    logits are transformers' to 1e-5."""
+    monkeypatch.setattr(fused, "GEMV", gemv)
     guard_reference(monkeypatch)
     model = models[0]
     ids = torch.randint(2, 96, (40,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -251,8 +271,9 @@ def test_model_logits_match_transformers(interpret, monkeypatch, models):
 
 
 def test_greedy_tokens_identical(interpret, monkeypatch, models):
-    """Target-only and speculative greedy decoding through the fused engines give the plain
-    (transformers, DynamicCache) decoding's tokens."""
+    """Target-only and speculative greedy decoding through the fused engines (the one-row
+    tiles on) give the plain (transformers, DynamicCache) decoding's tokens."""
+    monkeypatch.setattr(fused, "GEMV", 1)
     target, draft = models
     ids = [5, 17, 33, 2, 60, 41]
 
@@ -327,13 +348,15 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hoist", [0, 1])
-def test_cuda_graphs(monkeypatch, dtype, hoist):
+@pytest.mark.parametrize("hoist,gemv", [(0, 0), (1, 0), (1, 1)])
+def test_cuda_graphs(monkeypatch, dtype, hoist, gemv):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
-    left zero; with and without the first weight block hoisted."""
+    left zero; with and without the first weight block hoisted, and one-row steps on the
+    one-row tiles."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "HOIST", hoist)
+    monkeypatch.setattr(fused, "GEMV", gemv)
     model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
     ids = torch.randint(2, 96, (60,), generator=torch.Generator().manual_seed(6)).tolist()
     monkeypatch.setenv("COSPEC_FUSED", "1")

@@ -27,13 +27,15 @@ def test_fit_recovers_a_line():
 def test_markdown_lists_every_row():
     out = {"device": "GPU", "sms": 132,
            "launch": [{"programs": g, "us": 1.5} for g in (1, 132)],
-           "stream": [{"mb": 1, "us": 4.0, "gb_s": 262.0}, {"mb": 8, "us": 6.0, "gb_s": 1398}],
-           "stream_fit": {"t0_us": 3.7, "gb_s": 4100.0},
-           "persistent": [{"prefetch": f, "us": 480.0, "us_layer": 20.0,
-                           "us_barrier_over_floor": 2.0, "floor_us": 150.0} for f in (0, 1)]}
+           "stream": [{"block": 2048, "mb": 1, "us": 4.0, "gb_s": 262.0},
+                      {"block": 2048, "mb": 8, "us": 6.0, "gb_s": 1398}],
+           "stream_fit": [{"block": 2048, "t0_us": 3.7, "gb_s": 4100.0}],
+           "persistent": [{"block": 2048, "prefetch": f, "reads": f == 1, "us": 480.0,
+                           "us_layer": 20.0, "us_phase_over_floor": 2.0, "floor_us": 150.0}
+                          for f in (0, 1)]}
     md = prof_launch.markdown(out)
-    assert md.count("| store one value") == 2 and "| | 8 | 6.00 | 1398 |" in md
-    assert "t0 = 3.70 µs, bw = 4100 GB/s" in md and md.count("| prefetch ") == 2
+    assert md.count("| store one value") == 2 and "| | 2048 | 8 | 6.00 | 1398 |" in md
+    assert "t0 = 3.70 µs, bw = 4100 GB/s" in md and "| barriers alone | 2048 | 0 |" in md
 
 
 def test_bad_reps_is_a_clear_error(tmp_path):
