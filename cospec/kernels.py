@@ -136,9 +136,11 @@ def _normed(x_ptr, ln_ptr, rstd, k0, n, D: tl.constexpr, BLOCK_M: tl.constexpr,
 @triton.jit
 def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.constexpr,
                  IEEE: tl.constexpr, HOIST: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
     """RMSNorm(x) @ w[ra].T and @ w[rb].T ([BLOCK_M, len(ra)] each, float32) over x's
-    columns lo..lo + k_per; HOIST: the first block's weights are loaded before x is read."""
+    columns lo..lo + k_per; HOIST: the first block's weights are loaded before x is read.
+    UNROLL (one split: lo = 0, k_per >= D): the loop over D unrolled, so that every block's
+    loads can be issued before the first product waits on one."""
     acc_a = tl.zeros([BLOCK_M, ra.shape[0]], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, ra.shape[0]], dtype=tl.float32)
     if HOIST:
@@ -150,11 +152,18 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
         acc_a = _dot(h, wa, acc_a, IEEE)
         acc_b = _dot(h, wb, acc_b, IEEE)
         start = lo + BLOCK_K
-    for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
-        h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
-        wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
-        acc_a = _dot(h, wa, acc_a, IEEE)
-        acc_b = _dot(h, wb, acc_b, IEEE)
+    if UNROLL:
+        for k0 in tl.static_range(BLOCK_K if HOIST else 0, D, BLOCK_K):
+            h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
+            wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
+            acc_a = _dot(h, wa, acc_a, IEEE)
+            acc_b = _dot(h, wb, acc_b, IEEE)
+    else:
+        for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
+            h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
+            wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
+            acc_a = _dot(h, wa, acc_a, IEEE)
+            acc_b = _dot(h, wb, acc_b, IEEE)
     return acc_a, acc_b
 
 
@@ -164,7 +173,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
                  D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                 BLOCK_K: tl.constexpr, HOIST: tl.constexpr):
+                 BLOCK_K: tl.constexpr, HOIST: tl.constexpr, UNROLL: tl.constexpr):
     """Program (head j of the H + 2 KVH stacked heads, chunk c, split s): output columns
     c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
@@ -188,7 +197,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
         b1 = tl.load(b_ptr + w1).to(tl.float32)
         b2 = tl.load(b_ptr + w2).to(tl.float32)
     acc1, acc2 = _normed_pair(x_ptr, ln_ptr, w_ptr, w1, w2, cols >= 0, split * k_per, k_per,
-                              n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K)
+                              n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL)
     if SPLIT_K > 1:
         width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
         _publish(acc1, ws_ptr, split, rows, w1, n, width)
@@ -312,7 +321,7 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
 def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, eps,
                 D: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                HOIST: tl.constexpr):
+                HOIST: tl.constexpr, UNROLL: tl.constexpr):
     """a [n, inter] = SiLU(gate) * up of RMSNorm(x); w [2 inter, D] (gate rows, then up).
     Program (c, s): columns c*BLOCK_N.. of gate and up, reduced over x's columns s*k_per..;
     ws [SPLIT_K, n, 2 inter] float32."""
@@ -321,7 +330,7 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
     cm = cols < inter
     split = tl.program_id(1)
     acc_g, acc_u = _normed_pair(x_ptr, ln_ptr, w_ptr, cols, inter + cols, cm, split * k_per,
-                                k_per, n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K)
+                                k_per, n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL)
     if SPLIT_K > 1:
         _publish(acc_g, ws_ptr, split, rows, cols, n, 2 * inter)
         _publish(acc_u, ws_ptr, split, rows, inter + cols, n, 2 * inter)
@@ -337,14 +346,29 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
              mask=tl.where(last, (rows[:, None] < n) & cm[None, :], False))
 
 
+@triton.jit
+def _block_product(a_ptr, w_ptr, rows, rm, cols, cm, k0, inter, acc, IEEE: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """acc + a[rows, k0:k0 + BLOCK_K] @ w[cols, k0:k0 + BLOCK_K].T (a [n, inter], w [., inter];
+    rows where rm, columns where cm, k < inter)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    av = tl.load(a_ptr + rows[:, None] * inter + ks[None, :],
+                 mask=rm[:, None] & (ks[None, :] < inter), other=0.0)
+    wt = tl.load(w_ptr + cols[None, :] * inter + ks[:, None],
+                 mask=(ks[:, None] < inter) & cm[None, :], other=0.0)
+    return _dot(av, wt, acc, IEEE)
+
+
 @triton.jit(do_not_specialize=["n"])
 def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, k_per,
                   D: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                  SPLIT_K: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr):
     """y [n, D] = x + (a @ w.T + b); a [n, inter], w [D, inter], b [D] (HAS_BIAS). Program
     (c, s): columns c*BLOCK_N.., reduced over a's columns s*k_per..; ws [SPLIT_K, n, D]
-    float32. down_proj (a the MLP's activations) and o_proj (a the attention output)."""
+    float32. down_proj (a the MLP's activations) and o_proj (a the attention output).
+    K_BLOCKS > 0 (one split, K_BLOCKS * BLOCK_K >= inter): the reduction's loop unrolled,
+    every block's loads free to be issued before the first product."""
     rows = tl.arange(0, BLOCK_M)
     rm = rows < n
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -352,13 +376,14 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
     split = tl.program_id(1)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     lo = split * k_per
-    for k0 in range(lo, tl.minimum(lo + k_per, inter), BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        av = tl.load(a_ptr + rows[:, None] * inter + ks[None, :],
-                     mask=rm[:, None] & (ks[None, :] < inter), other=0.0)
-        wt = tl.load(w_ptr + cols[None, :] * inter + ks[:, None],
-                     mask=(ks[:, None] < inter) & cm[None, :], other=0.0)
-        acc = _dot(av, wt, acc, IEEE)
+    if K_BLOCKS > 0:
+        for i in tl.static_range(K_BLOCKS):
+            acc = _block_product(a_ptr, w_ptr, rows, rm, cols, cm, i * BLOCK_K, inter, acc,
+                                 IEEE, BLOCK_K)
+    else:
+        for k0 in range(lo, tl.minimum(lo + k_per, inter), BLOCK_K):
+            acc = _block_product(a_ptr, w_ptr, rows, rm, cols, cm, k0, inter, acc, IEEE,
+                                 BLOCK_K)
     xy = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)  # before the handshake
     if HAS_BIAS:
