@@ -68,18 +68,21 @@ HOIST = 1            # q/k/v and gate/up load their first weight block before re
 MAX_REGS = 0
 # One-row steps (decode) on their own tiles: BLOCK_M = 1 (products and sums on the CUDA
 # cores, no 16-row padding), no split-K handshake, many small-tile programs, each walking its
-# whole reduction in an unrolled loop (all its weight loads in flight at once). GEMV = 0: one row
-# takes the few-row kernels' settings above. Off until a GPU measures it (scripts/prof_fused.py
-# --grid GEMV=0,1 ...): the launch floors (results/gpu/h200/launch-floors) say a weight read
-# goes at 2.4 TB/s with 4 KB in flight a program and 4.6 with 32 KB.
+# whole reduction, unrolled where short (GEMV_UNROLL: all its weight loads in flight at
+# once). GEMV = 0: one row takes the few-row kernels' settings above. Off until a GPU
+# measures it (scripts/prof_fused.py --grid GEMV=0,1 ...): the launch floors
+# (results/gpu/h200/launch-floors) say a weight read goes at 2.4 TB/s with 4 KB in flight a
+# program and 4.6 with 32 KB.
 GEMV = 0
 GEMV_QKV_BLOCK_C = 2     # columns of each RoPE half per q/k/v program
 GEMV_UP_BLOCK_N = 8      # gate (and up) columns per program
 GEMV_OUT_BLOCK_N = 2     # o_proj / down_proj output columns per program
-GEMV_BLOCK_K = 256       # reduction block of q/k/v and gate/up (gate/up: 96 registers a
-                         # thread on sm90, 5 programs an SM; 512: 154, 3)
+GEMV_BLOCK_K = 256       # reduction block of q/k/v and gate/up (the 0.5B's gate/up, unrolled:
+                         # 120 registers a thread on sm90, 4 programs an SM; 512: 154, 3)
 GEMV_DOWN_BLOCK_K = 4096  # of o_proj and down_proj
 GEMV_WARPS = 4
+GEMV_UNROLL = 4          # reductions of at most this many blocks unrolled (more: a loop; the
+                         # 7B's 14 gate/up blocks unrolled take 255 registers and spill)
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -87,7 +90,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K",
            "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "MAX_REGS", "GEMV",
            "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
-           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS")
+           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL")
 
 
 def configure(items: list[str]) -> None:
@@ -217,6 +220,11 @@ def _gemv(n: int) -> bool:
     return bool(GEMV) and n == 1
 
 
+def _unroll(gemv: bool, blocks: int) -> bool:
+    """A one-row projection's reduction of ``blocks`` blocks is unrolled (<= GEMV_UNROLL)."""
+    return gemv and blocks <= GEMV_UNROLL
+
+
 def _launch(gemv: bool = False) -> dict:
     return {"num_warps": GEMV_WARPS if gemv else NUM_WARPS, "num_stages": NUM_STAGES,
             **({"maxnreg": MAX_REGS} if MAX_REGS else {})}
@@ -259,7 +267,8 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=1 if gemv else _rows(n),
-        BLOCK_C=block_c, BLOCK_K=block_k, HOIST=bool(HOIST), UNROLL=gemv, **_launch(gemv))
+        BLOCK_C=block_c, BLOCK_K=block_k, HOIST=bool(HOIST),
+        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -298,7 +307,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
         BLOCK_M=1 if gemv else _rows(n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=bool(HOIST),
-        UNROLL=gemv, **_launch(gemv))
+        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
 
@@ -320,7 +329,8 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
         a, w, w if b is None else b, x, y, _workspace(x, splits, d), counters(x.device, tiles),
         n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
         SPLIT_K=splits, BLOCK_M=1 if gemv else _rows(n), BLOCK_N=block_n, BLOCK_K=block_k,
-        K_BLOCKS=_cdiv(k, block_k) if gemv else 0, **_launch(gemv))
+        K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0,
+        **_launch(gemv))
     return y
 
 

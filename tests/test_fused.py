@@ -70,16 +70,18 @@ def rotary(pos: torch.Tensor, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gemv_blocks(monkeypatch, on: int) -> None:
-    """The one-row tiles on (``on``), smaller than the tiny shapes: several programs and
-    loop trips, a last block partly masked."""
-    for name, value in (("GEMV", on), ("GEMV_QKV_BLOCK_C", 1), ("GEMV_UP_BLOCK_N", 4),
+    """The one-row tiles on (``on`` 1: reductions unrolled; 2: looped), smaller than the tiny
+    shapes: several programs and blocks, a last block partly masked."""
+    for name, value in (("GEMV", on), ("GEMV_UNROLL", 4 if on == 1 else 1),
+                        ("GEMV_QKV_BLOCK_C", 1), ("GEMV_UP_BLOCK_N", 4),
                         ("GEMV_OUT_BLOCK_N", 2), ("GEMV_BLOCK_K", 32),
                         ("GEMV_DOWN_BLOCK_K", 32)):
         monkeypatch.setattr(fused, name, value)
 
 
 @pytest.mark.parametrize("n,start,bias,gemv", [(1, 0, True, 0), (1, 3, True, 1),
-                                               (1, 7, False, 1), (5, 11, False, 1),
+                                               (1, 7, False, 1), (1, 5, True, 2),
+                                               (5, 11, False, 1),
                                                (16, 24, True, 0)])
 def test_qkv_kernel(interpret, small_blocks, monkeypatch, n, start, bias, gemv):
     gemv_blocks(monkeypatch, gemv)
@@ -109,13 +111,13 @@ def test_qkv_kernel(interpret, small_blocks, monkeypatch, n, start, bias, gemv):
 @pytest.mark.parametrize("n,start,blocks,o_bias", [
     (1, 0, "small", False), (1, 39, "default", True), (5, 9, "small", False),
     (16, 24, "small", True), (4, 30, "default", False), (1, 17, "gemv", True),
-    (1, 39, "gemv-default", False), (3, 20, "gemv", True)])
+    (1, 21, "gemv-loop", False), (1, 39, "gemv-default", False), (3, 20, "gemv", True)])
 def test_attention_mlp_kernels(interpret, monkeypatch, n, start, blocks, o_bias):
     """Attention over a cache of 40 slots whose slots beyond each query are stale (random),
     masked by positions and by the reference's bias, then o_proj, the MLP, residuals; one row
     on the one-row tiles too (small and default blocks; more rows then keep tl.dot's)."""
-    if blocks == "gemv":
-        gemv_blocks(monkeypatch, 1)
+    if blocks in ("gemv", "gemv-loop"):
+        gemv_blocks(monkeypatch, 1 if blocks == "gemv" else 2)
     monkeypatch.setattr(fused, "GEMV", int(blocks.startswith("gemv")))
     if blocks == "small":
         monkeypatch.setattr(fused, "ATTN_BLOCK_S", 4)
