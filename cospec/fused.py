@@ -220,6 +220,11 @@ def _gemv(n: int) -> bool:
     return bool(GEMV) and n == 1
 
 
+def _block_m(gemv: bool, n: int) -> int:
+    """Row block of a projection over n rows: 1 on the one-row tiles, else ``_rows(n)``."""
+    return 1 if gemv else _rows(n)
+
+
 def _unroll(gemv: bool, blocks: int) -> bool:
     """A one-row projection's reduction of ``blocks`` blocks is unrolled (<= GEMV_UNROLL)."""
     return gemv and blocks <= GEMV_UNROLL
@@ -266,7 +271,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         slots, q, k, v, _workspace(x, splits, qkv_w.shape[0]),
         counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
-        IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=1 if gemv else _rows(n),
+        IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(gemv, n),
         BLOCK_C=block_c, BLOCK_K=block_k, HOIST=bool(HOIST),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv))
     return (q, k, v) if cache is None else (q, None, None)
@@ -306,7 +311,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     kern.rms_gate_up[(tiles, splits)](
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
-        BLOCK_M=1 if gemv else _rows(n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=bool(HOIST),
+        BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=bool(HOIST),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
@@ -328,7 +333,7 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
     _kernels().down_residual[(tiles, splits)](
         a, w, w if b is None else b, x, y, _workspace(x, splits, d), counters(x.device, tiles),
         n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
-        SPLIT_K=splits, BLOCK_M=1 if gemv else _rows(n), BLOCK_N=block_n, BLOCK_K=block_k,
+        SPLIT_K=splits, BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
         K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0,
         **_launch(gemv))
     return y

@@ -97,7 +97,7 @@ stage_setup() {
 }
 
 stage_tests() {  # TESTS=FILE+FILE..: only those
-    local files=${TESTS:-tests/test_fast.py+tests/test_cospec.py+tests/test_replay.py+tests/test_fast_batch.py+tests/test_fast_batch_cos.py+tests/test_fused.py+tests/test_server_batch.py+tests/test_warm_up.py}
+    local files=${TESTS:-tests/test_fast.py+tests/test_cospec.py+tests/test_replay.py+tests/test_fast_batch.py+tests/test_fast_batch_cos.py+tests/test_fused.py+tests/test_server_batch.py+tests/test_warm_up.py+tests/test_fast_block.py}
     python3 -m pytest -q -o addopts="" -p no:cacheprovider ${files//+/ } 2>&1 | tail -15
 }
 
