@@ -389,6 +389,19 @@ def test_programs_resident_an_sm():
     assert fused_compile.resident(16, 0, 4) == 16           # the warps cap
 
 
+def test_compile_hints_follow_the_launcher():
+    """The offline compile gets the launcher's divisibility hints: every tensor, and integers
+    divisible by 16 unless the kernel does not specialise on them (``n``). Without them the
+    compiler loads 2-byte scalars and the registers it reports are not the running kernels'."""
+    import fused_compile
+    from cospec import kernels
+
+    t = torch.empty(4, device="meta")
+    got = fused_compile.hints(kernels.down_residual, [t] * 7 + [16, 4864, 250])
+    assert sorted(got) == [(i,) for i in range(7)] + [(8,)]
+    assert got[(8,)] == [["tt.divisibility", 16]]
+
+
 def test_kernels_compile_for_sm90():
     """The launches of a 0.5B verify step compile for an H100 / H200 with triton's own
     toolchain (no GPU needed; a separate process: this one's triton may be interpreted)."""
