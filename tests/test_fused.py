@@ -389,6 +389,7 @@ def test_programs_resident_an_sm():
     assert fused_compile.resident(16, 0, 4) == 16           # the warps cap
 
 
+@pytest.mark.skipif(INTERPRETED, reason="the compiled kernels' options (without TRITON_INTERPRET)")
 def test_compile_hints_follow_the_launcher():
     """The offline compile gets the launcher's divisibility hints: every tensor, and integers
     divisible by 16 unless the kernel does not specialise on them (``n``). Without them the
