@@ -395,6 +395,7 @@ def test_compile_hints_follow_the_launcher():
     divisible by 16 unless the kernel does not specialise on them (``n``). Without them the
     compiler loads 2-byte scalars and the registers it reports are not the running kernels'."""
     import fused_compile
+
     from cospec import kernels
 
     t = torch.empty(4, device="meta")
