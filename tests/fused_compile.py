@@ -3,11 +3,12 @@
 ``python tests/fused_compile.py [--quick]`` (triton imported uninterpreted, with its NVIDIA
 backend): the launches ``cospec.fused`` makes for Qwen2.5-0.5B / 1.5B shapes are recorded on
 meta tensors (nothing runs), then each is compiled by triton's own toolchain (ptxas
-included), with the launch's num_warps / num_stages; ``--quick``: the 0.5B's 5-row verify
-only (every kernel, both attention masks). Each case twice: split-K as an H200 gets it
-(``fused.split_k`` with 132 SMs) with the first weight block hoisted (HOIST = 1) and at most
-128 registers a thread (MAX_REGS), and unsplit (every ``*_SPLIT_K`` = 1) without either; a
-one-row case with the one-row tiles (GEMV = 1) both times.
+included), with the launch's num_warps / num_stages and the hints triton's launcher gives
+(``hints``); ``--quick``: the 0.5B's decode step and 5-row verify only (every kernel, both
+attention masks). Each case twice: split-K as an H200 gets it (``fused.split_k`` with 132
+SMs) with the first weight block hoisted (HOIST = 1) and at most 128 registers a thread
+(MAX_REGS), and unsplit (every ``*_SPLIT_K`` = 1) without either; a one-row case with the
+one-row tiles (GEMV = 1) both times.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
 the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
 64 Ki a SM; shared memory: 227 KiB) and the waves its grid takes on 132 SMs, for the
@@ -139,7 +140,7 @@ def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     show = "--usage" in sys.argv
     fused.configure([a for a in sys.argv[1:] if "=" in a])  # NAME=VALUE: fused settings
-    calls = record(USAGE_CASES if show else CASES[1:2] if "--quick" in sys.argv else CASES,
+    calls = record(USAGE_CASES if show else CASES[:2] if "--quick" in sys.argv else CASES,
                    twins=not show)
     seen = set()
     if show:
