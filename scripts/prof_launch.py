@@ -8,15 +8,16 @@ What one fused layer (``cospec.fused``: five kernels) could cost at best, as thr
   stores one value a program, for grids of 1, the SM count and 4 x the SM count programs:
   the per-kernel cost no kernel under a graph goes below;
 - ``stream``: µs per kernel of 24 launches (a graph) that each read B bytes (a separate slice
-  each, so none is an L2 hit) spread over 4 programs an SM, for B from 0.25 MB to 256 MB, and
-  the fit t = t0 + B / bandwidth: t0 is a weight-reading kernel's fixed cost, the bandwidth
-  its streaming rate;
-- ``persistent``: one launch of one program an SM that reads the same bytes as a 0.5B
-  Qwen2.5 layer's five phases (q/k/v, attention, o_proj, gate/up, down_proj) for 24 layers,
-  the phases separated by a grid-wide barrier (an atomic counter every program spins on),
-  optionally loading each phase's first block before it waits (``prefetch``): µs per layer
-  and per barrier, the floor of a persistent layer kernel, against the fused layers' five
-  launches (31 µs a layer on an H200, results/gpu/h200/fused-attention-combine).
+  each, so none is an L2 hit) spread over 4 programs an SM, for B from 0.25 MB to 256 MB and
+  each program loading BLOCKS elements at once (4 KB or 32 KB), and the fit
+  t = t0 + B / bandwidth: t0 is a weight-reading kernel's fixed cost, the bandwidth its
+  streaming rate at that many bytes in flight;
+- ``persistent``: one launch of one program an SM, first with the barriers alone, then reading
+  the same bytes as a 0.5B Qwen2.5 layer's five phases (q/k/v, attention, o_proj, gate/up,
+  down_proj) for 24 layers, the phases separated by a grid-wide barrier (an atomic counter
+  every program spins on), with and without loading each phase's first block before it
+  waits (``prefetch``): µs per layer and per phase over the read floor, against the fused
+  layers' five launches (31 µs a layer on an H200, results/gpu/h200/fused-attention-combine).
 
 Needs a CUDA GPU and triton; the barrier needs every program resident at once (one an SM).
 Writes DIR/prof_launch.json and DIR/prof_launch.md.
