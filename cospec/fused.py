@@ -64,7 +64,7 @@ NUM_WARPS = 4        # warps of every program
 NUM_STAGES = 3       # software pipelining depth of the reduction loops
 HOIST = 1            # q/k/v and gate/up load their first weight block before reading x
 # Registers a thread at most (0: the compiler's choice; on sm90 gate/up then takes 78, q/k/v
-# 86, down_proj 56: results/gpu/h200/fused-attention-combine/resources-sm90.md).
+# 80, down_proj 56: results/gpu/h200/fused-attention-combine/resources-sm90.md).
 MAX_REGS = 0
 # One-row steps (decode) on their own tiles: BLOCK_M = 1 (products and sums on the CUDA
 # cores, no 16-row padding), no split-K handshake, many small-tile programs, each walking its
@@ -78,10 +78,10 @@ GEMV_QKV_BLOCK_C = 2     # columns of each RoPE half per q/k/v program
 GEMV_UP_BLOCK_N = 8      # gate (and up) columns per program
 GEMV_OUT_BLOCK_N = 2     # o_proj / down_proj output columns per program
 GEMV_BLOCK_K = 256       # reduction block of q/k/v and gate/up
-GEMV_DOWN_BLOCK_K = 4096  # of o_proj and down_proj
+GEMV_DOWN_BLOCK_K = 1024  # of o_proj and down_proj
 GEMV_WARPS = 4
-GEMV_UNROLL = 16         # reductions of at most this many blocks unrolled (more: a loop; on
-                         # sm90 the 7B's 14 gate/up blocks unrolled take 95 registers a thread)
+GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more: a loop; on
+                         # sm90 the 7B's 14 gate/up blocks unrolled take 142 registers a thread)
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -2,7 +2,7 @@
 
 Five kernels a layer, each reading its weights once for all n <= 16 rows (tl.dot over a block
 of BLOCK_M >= 16 rows, the padding rows masked; or, for one row, BLOCK_M = 1: products and
-sums on the CUDA cores, see ``_dot``):
+sums on the CUDA cores, see ``_mac``):
 
 1. ``rms_qkv_rope``: RMSNorm, the stacked q/k/v projection (+ bias), RoPE on q and k; q to
    a buffer [H, n, hd], k and v straight into their cache slots (or [KVH, n, hd] buffers).
@@ -41,15 +41,43 @@ import triton.language as tl
 
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b (float32 sums); IEEE: exact float32 products (no TF32) for float32
-    operands. One row (a [1, K], the GEMV of a decode step): products and a sum over K on the
-    CUDA cores, exact in float32 (tl.dot wants 16 rows; the tiles then need no padding)."""
-    if a.shape[0] == 1:
-        acc += tl.sum(tl.trans(a).to(tl.float32) * b.to(tl.float32), axis=0)[None, :]
-    elif IEEE:
+    """acc + a @ b; IEEE: exact float32 products (no TF32) for float32 operands."""
+    if IEEE:  # noqa: SIM108 (a constexpr branch)
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _zeros(BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A projection's float32 accumulator: [BLOCK_M, BLOCK_N] (tl.dot's); for one row
+    (BLOCK_M = 1) [BLOCK_K, BLOCK_N], each reduction lane's products summed over the blocks,
+    reduced over the lanes once at the end (``_total``)."""
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _mac(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b for a [BLOCK_M, BLOCK_K], b [BLOCK_K, BLOCK_N] into ``_zeros``' acc. One
+    row (a decode step's GEMV) comes as a column a [BLOCK_K, 1]: products on the CUDA cores,
+    exact in float32, no 16-row padding and no reduction until ``_total``."""
+    if a.shape[1] == 1:
+        acc += a.to(tl.float32) * b.to(tl.float32)
+    else:
+        acc = _dot(a, b, acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _total(acc, BLOCK_M: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] sums of a ``_zeros`` / ``_mac`` accumulator."""
+    if BLOCK_M == 1:
+        acc = tl.sum(acc, axis=0)[None, :]
     return acc
 
 
@@ -66,15 +94,26 @@ def _pair(w_ptr, ra, rb, k0, D: tl.constexpr, cm, BLOCK_K: tl.constexpr):
 @triton.jit
 def _rstd(x_ptr, n, D: tl.constexpr, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """1 / sqrt(mean(x^2) + eps) of the rows of x [n, D], in float32 ([BLOCK_M]). Unrolled:
-    the loads do not wait on each other (every program of a split-K grid runs this)."""
-    rows = tl.arange(0, BLOCK_M)
-    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in tl.static_range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.load(x_ptr + rows[:, None] * D + ks[None, :],
-                     mask=(rows[:, None] < n) & (ks[None, :] < D), other=0.0).to(tl.float32)
-        ss += tl.sum(xv * xv, axis=1)
-    return tl.rsqrt(ss / D + eps)
+    the loads do not wait on each other (every program of a split-K grid runs this); the
+    squares summed lane by lane, then across the lanes once. One row: x read as columns
+    [BLOCK_K, 1], the layout ``_normed`` gives it (no layout conversion between them)."""
+    if BLOCK_M == 1:
+        ss = tl.zeros([BLOCK_K, 1], dtype=tl.float32)
+        for k0 in tl.static_range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + ks[:, None], mask=ks[:, None] < D, other=0.0).to(tl.float32)
+            ss += xv * xv
+        total = tl.sum(ss, axis=0)
+    else:
+        rows = tl.arange(0, BLOCK_M)
+        ss = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k0 in tl.static_range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + rows[:, None] * D + ks[None, :],
+                         mask=(rows[:, None] < n) & (ks[None, :] < D), other=0.0)
+            ss += xv.to(tl.float32) * xv.to(tl.float32)
+        total = tl.sum(ss, axis=1)
+    return tl.rsqrt(total / D + eps)
 
 
 @triton.jit
@@ -124,13 +163,20 @@ def _reduce(acc, ws_ptr, cnt_ptr, split, tile, rows, cols, n, ncols, SPLIT_K: tl
 @triton.jit
 def _normed(x_ptr, ln_ptr, rstd, k0, n, D: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_K: tl.constexpr):
-    """Columns k0..k0+BLOCK_K of RMSNorm(x) as the reference rounds it: w * (x * rstd).to(dtype)."""
-    rows = tl.arange(0, BLOCK_M)
+    """Columns k0..k0+BLOCK_K of RMSNorm(x) as the reference rounds it: w * (x * rstd).to(dtype),
+    [BLOCK_M, BLOCK_K]; for one row (BLOCK_M = 1) the column [BLOCK_K, 1] ``_mac`` takes."""
     ks = k0 + tl.arange(0, BLOCK_K)
-    xv = tl.load(x_ptr + rows[:, None] * D + ks[None, :],
-                 mask=(rows[:, None] < n) & (ks[None, :] < D), other=0.0)
-    w = tl.load(ln_ptr + ks, mask=ks < D, other=0.0)
-    return (xv.to(tl.float32) * rstd[:, None]).to(xv.dtype) * w[None, :]
+    if BLOCK_M == 1:
+        xv = tl.load(x_ptr + ks[:, None], mask=ks[:, None] < D, other=0.0)
+        w = tl.load(ln_ptr + ks[:, None], mask=ks[:, None] < D, other=0.0)
+        h = (xv.to(tl.float32) * rstd[None, :]).to(xv.dtype) * w
+    else:
+        w = tl.load(ln_ptr + ks, mask=ks < D, other=0.0)
+        rows = tl.arange(0, BLOCK_M)
+        xv = tl.load(x_ptr + rows[:, None] * D + ks[None, :],
+                     mask=(rows[:, None] < n) & (ks[None, :] < D), other=0.0)
+        h = (xv.to(tl.float32) * rstd[:, None]).to(xv.dtype) * w[None, :]
+    return h
 
 
 @triton.jit
@@ -141,30 +187,30 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
     columns lo..lo + k_per; HOIST: the first block's weights are loaded before x is read.
     UNROLL (one split: lo = 0, k_per >= D): the loop over D unrolled, so that every block's
     loads can be issued before the first product waits on one."""
-    acc_a = tl.zeros([BLOCK_M, ra.shape[0]], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_M, ra.shape[0]], dtype=tl.float32)
+    acc_a = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
+    acc_b = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
     if HOIST:
         wa, wb = _pair(w_ptr, ra, rb, lo, D, cm, BLOCK_K)
     rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
     start = lo
     if HOIST:
         h = _normed(x_ptr, ln_ptr, rstd, lo, n, D, BLOCK_M, BLOCK_K)
-        acc_a = _dot(h, wa, acc_a, IEEE)
-        acc_b = _dot(h, wb, acc_b, IEEE)
+        acc_a = _mac(h, wa, acc_a, IEEE)
+        acc_b = _mac(h, wb, acc_b, IEEE)
         start = lo + BLOCK_K
     if UNROLL:
         for k0 in tl.static_range(BLOCK_K if HOIST else 0, D, BLOCK_K):
             h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
             wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
-            acc_a = _dot(h, wa, acc_a, IEEE)
-            acc_b = _dot(h, wb, acc_b, IEEE)
+            acc_a = _mac(h, wa, acc_a, IEEE)
+            acc_b = _mac(h, wb, acc_b, IEEE)
     else:
         for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
             h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
             wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
-            acc_a = _dot(h, wa, acc_a, IEEE)
-            acc_b = _dot(h, wb, acc_b, IEEE)
-    return acc_a, acc_b
+            acc_a = _mac(h, wa, acc_a, IEEE)
+            acc_b = _mac(h, wb, acc_b, IEEE)
+    return _total(acc_a, BLOCK_M), _total(acc_b, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -350,13 +396,16 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
 def _block_product(a_ptr, w_ptr, rows, rm, cols, cm, k0, inter, acc, IEEE: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     """acc + a[rows, k0:k0 + BLOCK_K] @ w[cols, k0:k0 + BLOCK_K].T (a [n, inter], w [., inter];
-    rows where rm, columns where cm, k < inter)."""
+    rows where rm, columns where cm, k < inter; acc as ``_zeros`` makes it)."""
     ks = k0 + tl.arange(0, BLOCK_K)
-    av = tl.load(a_ptr + rows[:, None] * inter + ks[None, :],
-                 mask=rm[:, None] & (ks[None, :] < inter), other=0.0)
+    if rows.shape[0] == 1:                                           # one row: a column
+        av = tl.load(a_ptr + ks[:, None], mask=ks[:, None] < inter, other=0.0)
+    else:
+        av = tl.load(a_ptr + rows[:, None] * inter + ks[None, :],
+                     mask=rm[:, None] & (ks[None, :] < inter), other=0.0)
     wt = tl.load(w_ptr + cols[None, :] * inter + ks[:, None],
                  mask=(ks[:, None] < inter) & cm[None, :], other=0.0)
-    return _dot(av, wt, acc, IEEE)
+    return _mac(av, wt, acc, IEEE)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -374,7 +423,7 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < D
     split = tl.program_id(1)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_K, BLOCK_N)
     lo = split * k_per
     if K_BLOCKS > 0:
         for i in tl.static_range(K_BLOCKS):
@@ -384,6 +433,7 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
         for k0 in range(lo, tl.minimum(lo + k_per, inter), BLOCK_K):
             acc = _block_product(a_ptr, w_ptr, rows, rm, cols, cm, k0, inter, acc, IEEE,
                                  BLOCK_K)
+    acc = _total(acc, BLOCK_M)
     xy = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)  # before the handshake
     if HAS_BIAS:
