@@ -180,6 +180,16 @@ def _normed(x_ptr, ln_ptr, rstd, k0, n, D: tl.constexpr, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def _normed_block(x_ptr, ln_ptr, w_ptr, ra, rb, cm, rstd, k0, n, acc_a, acc_b,
+                  D: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """acc_a, acc_b with RMSNorm(x)'s columns k0..k0 + BLOCK_K times w[ra] and w[rb]'s."""
+    h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
+    wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
+    return _mac(h, wa, acc_a, IEEE), _mac(h, wb, acc_b, IEEE)
+
+
+@triton.jit
 def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.constexpr,
                  IEEE: tl.constexpr, HOIST: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
@@ -200,16 +210,12 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
         start = lo + BLOCK_K
     if UNROLL:
         for k0 in tl.static_range(BLOCK_K if HOIST else 0, D, BLOCK_K):
-            h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
-            wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
-            acc_a = _mac(h, wa, acc_a, IEEE)
-            acc_b = _mac(h, wb, acc_b, IEEE)
+            acc_a, acc_b = _normed_block(x_ptr, ln_ptr, w_ptr, ra, rb, cm, rstd, k0, n, acc_a,
+                                         acc_b, D, IEEE, BLOCK_M, BLOCK_K)
     else:
         for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
-            h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
-            wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
-            acc_a = _mac(h, wa, acc_a, IEEE)
-            acc_b = _mac(h, wb, acc_b, IEEE)
+            acc_a, acc_b = _normed_block(x_ptr, ln_ptr, w_ptr, ra, rb, cm, rstd, k0, n, acc_a,
+                                         acc_b, D, IEEE, BLOCK_M, BLOCK_K)
     return _total(acc_a, BLOCK_M), _total(acc_b, BLOCK_M)
 
 
