@@ -139,7 +139,9 @@ def measure(reps: int) -> dict:
                                PHASES=len(LAYER_PHASES), PREFETCH=f, num_warps=warps(b))
         us = timed(graphed(body).replay, reps)
         read = src.numel() if phase_sizes is sizes else 0  # every element once, or none
-        assert abs(per_prog.sum().item() - read) <= 1e-3 * read
+        if abs(per_prog.sum().item() - read) > 1e-3 * read:
+            raise CospecError(f"the persistent kernel read {per_prog.sum().item():.0f} "
+                              f"elements, not {read} (each exactly once)")
         out["persistent"].append({
             "block": block, "prefetch": prefetch, "reads": read > 0, "us": us,
             "us_layer": us / LAYERS, "us_phase_over_floor": (us - floor * (read > 0)) / phases,

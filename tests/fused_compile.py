@@ -36,6 +36,7 @@ except ImportError:
     sys.exit(77)
 
 from cospec import fused, kernels
+from cospec.errors import CospecError
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
          torch.int64: "i64", torch.int32: "i32"}
@@ -139,7 +140,10 @@ def main() -> None:
         sys.exit(77)
     target = GPUTarget("cuda", 90, 32)
     show = "--usage" in sys.argv
-    fused.configure([a for a in sys.argv[1:] if "=" in a])  # NAME=VALUE: fused settings
+    try:
+        fused.configure([a for a in sys.argv[1:] if "=" in a])  # NAME=VALUE: fused settings
+    except CospecError as e:
+        sys.exit(f"error: {e}")
     calls = record(USAGE_CASES if show else CASES[:2] if "--quick" in sys.argv else CASES,
                    twins=not show)
     seen = set()
