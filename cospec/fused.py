@@ -9,8 +9,8 @@ imported only when a fused layer first runs; without it the engine keeps the ref
 
 When: ``fast.Engine(..., fused=True/False)``, else COSPEC_FUSED: ``auto`` (unset) on GPUs of
 compute capability 9 or more, where they measured faster than the reference at every size
-(H200, bf16, batch 1: 1.47x a 0.5B decode step, 1.31x a 1.5B, 1.03x a 7B;
-results/gpu/h200/fused-attention-combine), the reference elsewhere and for models the kernels
+(H200, bf16, batch 1: 1.95x a 0.5B decode step, 1.64x a 1.5B, 1.27x a 7B;
+results/gpu/h200/fused-one-row-tiles), the reference elsewhere and for models the kernels
 do not take; ``1`` wherever they can run (a warning names why where they cannot); ``0`` never.
 
 The two functions ``fused_layer_functions`` returns are drop-in replacements for
@@ -69,19 +69,21 @@ MAX_REGS = 0
 # One-row steps (decode) on their own tiles: BLOCK_M = 1 (products and sums on the CUDA
 # cores, no 16-row padding), no split-K handshake, many small-tile programs, each walking its
 # whole reduction, unrolled where short (GEMV_UNROLL: all its weight loads in flight at
-# once). GEMV = 0: one row takes the few-row kernels' settings above. Off until a GPU
-# measures it (scripts/prof_fused.py --grid GEMV=0,1 ...): the launch floors
-# (results/gpu/h200/launch-floors) say a weight read goes at 2.4 TB/s with 4 KB in flight a
-# program and 4.6 with 32 KB.
-GEMV = 0
+# once). GEMV = 0: one row takes the few-row kernels' settings above. On an H200 (bf16, one
+# row, same run) they made a 0.5B step 1.32x faster than those and a 1.5B 1.23x; a 7B step
+# runs 1.27x the reference path's (the few-row kernels': 1.03x). The tiles below are the best
+# of its sweeps (results/gpu/h200/fused-one-row-tiles: GEMV_OUT_BLOCK_N 1
+# over 2 by 0.5-6 %; GEMV_BLOCK_K, GEMV_DOWN_BLOCK_K and GEMV_WARPS within 1 %).
+GEMV = 1
 GEMV_QKV_BLOCK_C = 2     # columns of each RoPE half per q/k/v program
 GEMV_UP_BLOCK_N = 8      # gate (and up) columns per program
-GEMV_OUT_BLOCK_N = 2     # o_proj / down_proj output columns per program
+GEMV_OUT_BLOCK_N = 1     # o_proj / down_proj output columns per program
 GEMV_BLOCK_K = 256       # reduction block of q/k/v and gate/up
 GEMV_DOWN_BLOCK_K = 1024  # of o_proj and down_proj
 GEMV_WARPS = 4
-GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more: a loop; on
-                         # sm90 the 7B's 14 gate/up blocks unrolled take 142 registers a thread)
+GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more: a loop). 16
+                         # (the 7B's 14 gate/up blocks unrolled, 142 registers a thread) was
+                         # 5 % faster on the 1.5B, 4 % slower on the 7B, equal on the 0.5B
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

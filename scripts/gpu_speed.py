@@ -414,6 +414,16 @@ def part_replay(args, pair_result: dict | None) -> dict:
     return out
 
 
+def paired(rows: list[dict], name: str) -> tuple[float, float, float]:
+    """Median and quartiles of the per-prompt ratios tok/s of ``name`` ÷ target's (the
+    same prompt decoded by both in one run)."""
+    ratios = [r[name]["tok_s"] / r["target"]["tok_s"] for r in rows]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, mid, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return mid, q1, q3
+
+
 def markdown(res: dict) -> str:
     lines = [f"# GPU speed ({res.get('device', '?')})", "", f"Command: `{res['command']}`", ""]
     if "check" in res:
@@ -445,14 +455,16 @@ def markdown(res: dict) -> str:
         task, temp = p.get("task", "gsm8k"), p.get("temperature", 0.0)
         lines += [f"## Real pair (1.5B ← 0.5B), {p['prompts']} {task} prompts, T = {temp:g}, "
                   f"k = {p['k']}, ≤ {p['max_new_tokens']} new tokens (part `{key}`)", "",
-                  "| method | tokens | tok/s | ÷ target (ours) | ÷ we / cd | ÷ *-sd | τ |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | tokens | tok/s | ÷ target (ours) | median paired ÷ target "
+                  "[quartiles] | ÷ we / cd | ÷ *-sd | τ |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, r in s.items():
             if isinstance(r, dict):
                 base = r.get("vs_we", r.get("vs_cd"))
                 sd = r.get("vs_we-sd", r.get("vs_cd-sd"))
+                mid, q1, q3 = paired(p["per_prompt"], name)
                 lines.append(f"| {name} | {r['tokens']} | {r['tok_s']:.1f} | "
-                             f"{r['vs_target']:.2f}× | "
+                             f"{r['vs_target']:.2f}× | {mid:.2f}× [{q1:.2f}, {q3:.2f}] | "
                              f"{f'{base:.2f}×' if base else ''} | {f'{sd:.2f}×' if sd else ''}"
                              f" | {r.get('tau', float('nan')):.2f} |")
         if "spd_vs_hf_assisted" in s:
@@ -514,7 +526,15 @@ def main() -> None:
                     help="pair parts at T = 0 also time transformers' eager and assisted generate")
     ap.add_argument("--fused-set", action="append", default=[], metavar="NAME=VALUE",
                     help="a setting of cospec.fused, e.g. HOIST=0")
+    ap.add_argument("--markdown", action="store_true",
+                    help="only rewrite OUT/gpu_speed.md from OUT/gpu_speed.json (no GPU)")
     args = ap.parse_args()
+    if args.markdown:
+        path = Path(args.out) / "gpu_speed.json"
+        if not path.exists():
+            ap.error(f"{path} does not exist")
+        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
+        return
     try:
         fused.configure(args.fused_set)
     except CospecError as e:

@@ -141,7 +141,7 @@ stage_launch() {  # GPU floors: launches, streaming reads, a persistent kernel's
 
 stage_gaps() {  # the GPU's busy time and idle gaps while the real pair decodes (batch 1)
     [ -e "$R/gaps/prof_gaps.json" ] || timeout "${GAPS_S:-400}" python3 scripts/prof_gaps.py \
-        --out "$R/gaps" --methods "${GAPS_METHODS:-target,spd,cospec}" \
+        --out "$R/gaps" --methods "${GAPS_METHODS:-target,spd,spd-block,cospec}" \
         --task "${GAPS_TASK:-gsm8k}" --prompts 4 2>&1 | grep -v "^[a-z-]* {" | tail -12
 }
 

@@ -2,6 +2,7 @@
 between them, per method, on the real pair.
 
     PYTHONPATH=. python scripts/prof_gaps.py --out DIR [--methods target,spd,cospec]
+        (a method of ``cospec.methods``, or spd-block: ``cospec.fast_block``)
         [--task gsm8k] [--prompts 4] [--new 256] [--k 5]
 
 Each method decodes the prompts once unprofiled (graphs, compiles), then again, each prompt
@@ -28,6 +29,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 SHORT, LONG = 10.0, 100.0  # µs: the gap classes' bounds
+
+
+class BlockSpd:
+    """Greedy spd with each block on the device (``cospec.fast_block``), with a method's
+    ``run`` (ids, None, stats)."""
+
+    def __init__(self, pair) -> None:
+        self.pair = pair
+
+    def run(self, prompt: list[int], *, k: int, max_new_tokens: int, sampling, eos_ids):
+        from cospec import fast_block
+        from cospec.stats import DecodeStats
+
+        stats = DecodeStats()
+        ids = fast_block.spd_greedy(self.pair.target, self.pair.draft, prompt, k=k,
+                                    max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                    stats=stats)
+        return ids, None, stats
 
 
 def intervals(events) -> list[tuple[float, float]]:
@@ -118,7 +137,8 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(), "task": args.task, "prompts": len(prompts),
            "k": args.k, "new": args.new, "methods": {}}
     for name in args.methods.split(","):
-        method = build_method(name, pair, MethodOptions(), GREEDY)
+        method = (BlockSpd(pair) if name == "spd-block"
+                  else build_method(name, pair, MethodOptions(), GREEDY))
 
         for q in prompts:  # graphs captured, kernels compiled
             method.run(q, k=args.k, max_new_tokens=args.new, sampling=GREEDY, eos_ids=eos)

@@ -50,3 +50,23 @@ def test_totals_and_per_unit():
     assert "| spd | 7 | 2 |" in prof_gaps.markdown(
         {"device": "GPU", "task": "gsm8k", "prompts": 2, "k": 5, "new": 256,
          "methods": {"spd": both | unit}})
+
+
+def test_spd_block_runs_as_a_method(monkeypatch):
+    """``--methods spd-block``: the device-side block behind a method's ``run``, giving the
+    target's greedy tokens and a step a block (tiny models, CPU)."""
+    import torch
+    from tiny import tiny_model
+
+    from cospec.acceptance import ExactRule
+    from cospec.decoding import generate
+
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    target = tiny_model(11, dtype=torch.float32)
+    pair = SimpleNamespace(target=target, draft=tiny_model(11, dtype=torch.float32))
+    prompt = [5, 17, 33, 2]
+    ids, flags, stats = prof_gaps.BlockSpd(pair).run(prompt, k=3, max_new_tokens=9,
+                                                     sampling=None, eos_ids=())
+    want = [t.id for t in generate(target, None, prompt, ExactRule(), k=1, max_new_tokens=9)]
+    assert ids == want and flags is None
+    assert stats.steps == 3  # an agreeing draft: 3 blocks of k + 1 = 4 tokens cover 9
