@@ -288,14 +288,18 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
            n, cache_len, scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
            SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
-           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MIN_S: tl.constexpr):
     """Program (kv head g, split s). q [H, n, hd] (rows r = j*n + i of kv head g are query
     head g*G + j, token i); k, v [KVH, cache_len, hd]. USE_POS: token i sees slots <=
     pos[i], and the slots 0..pos[n-1] are shared out over the splits; otherwise every slot,
     with the additive bias [G*n, cache_len]. Writes the split's unnormalised output
     o [SPLITS, H, n, hd], running max m and denominator l [SPLITS, H, n] (float32); the
     last of kv head g's SPLITS programs (counter cnt[g]) combines them into out [n, H hd]
-    (the model's dtype: head g*G + j of token i at out[i, (g*G + j) hd:])."""
+    (the model's dtype: head g*G + j of token i at out[i, (g*G + j) hd:]). A split takes at
+    least MIN_S slots (a multiple of BLOCK_S; 0: no minimum): when split 0 then takes them
+    all, it writes out itself and no program stores partials or touches the counter (the
+    store, the atomic and the combine's loads are dependent round trips a short cache need
+    not pay)."""
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     R = GROUP * n
@@ -312,6 +316,9 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
         qpos = rows * 0
         span = cache_len
     per = tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_S) * BLOCK_S
+    if MIN_S > 0:
+        per = tl.maximum(per, MIN_S)
+    single = span <= per                                             # split 0 sees them all
     lo = split * per
     hi = tl.minimum(lo + per, span)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -340,6 +347,25 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
                     mask=sm[:, None], other=0.0)
         acc = _dot(p.to(dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
+    token = rows % n
+    head = kvh * GROUP + rows // n
+    out_at = out_ptr + (token[:, None] * HEADS + head[:, None]) * HEAD_DIM + dims[None, :]
+    if single:
+        if split == 0:
+            l_safe = tl.where(l_i == 0.0, 1.0, l_i)                  # padding rows
+            tl.store(out_at, (acc / l_safe[:, None]).to(dtype), mask=rm[:, None])
+    else:
+        _attend_combine(acc, m_i, l_i, o_ptr, m_ptr, l_ptr, out_at, cnt_ptr, kvh, split, n,
+                        rows, rm, dims, HEADS, R, HEAD_DIM, SPLITS)
+
+
+@triton.jit
+def _attend_combine(acc, m_i, l_i, o_ptr, m_ptr, l_ptr, out_at, cnt_ptr, kvh, split, n, rows,
+                    rm, dims, HEADS: tl.constexpr, R, HEAD_DIM: tl.constexpr,
+                    SPLITS: tl.constexpr):
+    """``attend``'s split-K end: store this split's partials (acc, m_i, l_i), count in on kv
+    head kvh's counter, and, in the last program to arrive, combine the SPLITS partials into
+    the output (``out_at``, [BLOCK_R, HEAD_DIM] addresses)."""
     at = split * HEADS * n + kvh * R + rows
     tl.store(o_ptr + at[:, None] * HEAD_DIM + dims[None, :], acc, mask=rm[:, None])
     tl.store(m_ptr + at, m_i, mask=rm)
@@ -356,17 +382,14 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
         top = tl.where(top == float("-inf"), 0.0, top)               # padding rows
         denom = tl.sum(tl.exp(ms - top[None, :]) * ls, axis=0)
         denom = tl.where(denom == 0.0, 1.0, denom)
-        o = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+        o = tl.zeros_like(acc)
         for j in tl.static_range(SPLITS):                             # independent loads
             at_j = j * HEADS * n + rows_at
             m_s = tl.load(m_ptr + at_j, mask=rm, other=float("-inf"), cache_modifier=".cg")
             part = tl.load(o_ptr + at_j[:, None] * HEAD_DIM + dims[None, :], mask=rm[:, None],
                            other=0.0, cache_modifier=".cg")
             o += part * tl.exp(m_s - top)[:, None]                    # empty splits: 0
-        token = rows % n
-        head = kvh * GROUP + rows // n
-        tl.store(out_ptr + (token[:, None] * HEADS + head[:, None]) * HEAD_DIM + dims[None, :],
-                 (o / denom[:, None]).to(dtype), mask=rm[:, None])
+        tl.store(out_at, (o / denom[:, None]).to(out_at.dtype.element_ty), mask=rm[:, None])
 
 
 @triton.jit(do_not_specialize=["n"])

@@ -137,6 +137,32 @@ def test_attention_mlp_kernels(interpret, monkeypatch, n, start, blocks, o_bias)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("min_s,n,start", [(8, 1, 21), (16, 1, 21), (24, 1, 21), (24, 1, 39),
+                                           (40, 1, 39), (24, 3, 19), (6, 2, 30)])
+def test_attention_split_minimum(interpret, monkeypatch, min_s, n, start):
+    """ATTN_SPLIT_MIN: splits of at least that many slots (6 rounds up to 8), so a short cache
+    (22 or 40 visible slots under 24 or 40) goes to split 0 alone, which writes the output
+    itself (no partials, no counter), and a longer one (22 over 16, 40 over 24) still combines
+    several splits; masked by positions and by the bias, against the reference; the counters
+    left zero."""
+    monkeypatch.setattr(fused, "ATTN_BLOCK_S", 4)
+    monkeypatch.setattr(fused, "ATTN_SPLIT_MIN", min_s)
+    monkeypatch.setattr(fused, "GEMV", 0)
+    heads, kvh, hd, length, d = 4, 2, 8, 40, 48
+    w = layer()
+    g = torch.Generator().manual_seed(300 + start)
+    x, q = torch.randn(n, d, generator=g), torch.randn(heads, n, hd, generator=g)
+    kc, vc = torch.randn(2, kvh, length, hd, generator=g).unbind(0)
+    pos = start + torch.arange(n)
+    bias = fused.visibility_bias(pos, length, heads // kvh, torch.float32)
+    want = fast._rest(x, q, kc, vc, bias, w, hd ** -0.5, 1e-6)
+    got = fused.attention_mlp(x, q, kc, vc, None, w, hd ** -0.5, 1e-6, pos=pos)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    got = fused.attention_mlp(x, q, kc, vc, bias, w, hd ** -0.5, 1e-6)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    assert not fused.counters(x.device, 1).any()
+
+
 SPLIT_NAMES = ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K")
 
 
@@ -350,15 +376,16 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hoist,gemv", [(0, 0), (1, 0), (1, 1)])
-def test_cuda_graphs(monkeypatch, dtype, hoist, gemv):
+@pytest.mark.parametrize("hoist,gemv,split_min", [(0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 1, 64)])
+def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, split_min):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
-    left zero; with and without the first weight block hoisted, and one-row steps on the
-    one-row tiles."""
+    left zero; with and without the first weight block hoisted, one-row steps on the
+    one-row tiles, and the attention in one split (ATTN_SPLIT_MIN)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "HOIST", hoist)
     monkeypatch.setattr(fused, "GEMV", gemv)
+    monkeypatch.setattr(fused, "ATTN_SPLIT_MIN", split_min)  # 64: one split a kv head
     model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
     ids = torch.randint(2, 96, (60,), generator=torch.Generator().manual_seed(6)).tolist()
     monkeypatch.setenv("COSPEC_FUSED", "1")
