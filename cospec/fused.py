@@ -51,9 +51,11 @@ OUT_BLOCK_N = 32     # o_proj / down_proj output columns per program
 BLOCK_K = 128        # reduction block of the projections
 DOWN_BLOCK_K = 256   # down_proj's
 ATTN_BLOCK_S = 32    # cache slots per attention block
-# Slots a split at least (a multiple of ATTN_BLOCK_S; 0: none): a cache this short is
-# attended by one program a kv head, with no split-K combine. Off until a GPU measures it.
-ATTN_SPLIT_MIN = 0
+# Up to this many visible slots (0: never) one program a kv head attends them all, with no
+# split-K combine: on an H200 a 0.5B step at 101 slots took 0.636 ms against 0.664 split, a
+# 1.5B 1.292 against 1.305; all 401 slots in one split were 12 % (0.5B) and 13 % (1.5B)
+# slower (results/gpu/h200/fused-attention-one-split).
+ATTN_ONE_SPLIT = 128
 # Split-K (``cospec.kernels``' docstring): programs over each projection's reduction. 0:
 # auto, enough splits that the grid has PROGRAMS_PER_SM programs for each SM (at most one
 # split per reduction block; PROGRAMS_PER_SM = 0: unsplit); n > 0: n splits (at most).
@@ -91,7 +93,7 @@ GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compil
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K", "ATTN_BLOCK_S",
-           "ATTN_SPLIT_MIN", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K",
+           "ATTN_ONE_SPLIT", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K",
            "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "MAX_REGS", "GEMV",
            "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
            "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL")
@@ -306,8 +308,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
         attn, counters(x.device, kv_heads), n, length, scale, HEADS=heads, GROUP=group,
         HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
-        BLOCK_R=_rows(group * n), BLOCK_S=ATTN_BLOCK_S,
-        MIN_S=_cdiv(ATTN_SPLIT_MIN, ATTN_BLOCK_S) * ATTN_BLOCK_S, **_launch())
+        BLOCK_R=_rows(group * n), BLOCK_S=ATTN_BLOCK_S, ONE_S=ATTN_ONE_SPLIT, **_launch())
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)))
     act = x.new_empty(n, inter)
     block_n = GEMV_UP_BLOCK_N if gemv else UP_BLOCK_N

@@ -10,7 +10,8 @@ sums on the CUDA cores, see ``_mac``):
    the G = H / KVH query heads of its kv head, n rows each, over its share of the visible
    slots with an online softmax; partial sums (unnormalised output, max, denominator) go to
    [SPLITS, H, n] buffers, and the last of a kv head's programs to arrive combines them into
-   the attention output [n, H hd] (once per kv head, not once per o_proj program).
+   the attention output [n, H hd] (once per kv head, not once per o_proj program). A short
+   cache (ONE_S slots or fewer) is attended by split 0 alone, with no combine.
 3. ``down_residual`` as o_proj (+ bias) and the residual add.
 4. ``rms_gate_up``: RMSNorm, the stacked gate/up projection, SiLU(gate) * up.
 5. ``down_residual``: down_proj and the residual add.
@@ -288,18 +289,17 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
            n, cache_len, scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
            SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
-           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MIN_S: tl.constexpr):
+           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr):
     """Program (kv head g, split s). q [H, n, hd] (rows r = j*n + i of kv head g are query
     head g*G + j, token i); k, v [KVH, cache_len, hd]. USE_POS: token i sees slots <=
     pos[i], and the slots 0..pos[n-1] are shared out over the splits; otherwise every slot,
     with the additive bias [G*n, cache_len]. Writes the split's unnormalised output
     o [SPLITS, H, n, hd], running max m and denominator l [SPLITS, H, n] (float32); the
     last of kv head g's SPLITS programs (counter cnt[g]) combines them into out [n, H hd]
-    (the model's dtype: head g*G + j of token i at out[i, (g*G + j) hd:]). A split takes at
-    least MIN_S slots (a multiple of BLOCK_S; 0: no minimum): when split 0 then takes them
-    all, it writes out itself and no program stores partials or touches the counter (the
-    store, the atomic and the combine's loads are dependent round trips a short cache need
-    not pay)."""
+    (the model's dtype: head g*G + j of token i at out[i, (g*G + j) hd:]). Up to ONE_S
+    visible slots (0: never) split 0 takes them all and writes out itself, and no program
+    stores partials or touches the counter: the store, the atomic and the combine's loads are
+    dependent round trips that a short cache need not pay."""
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     R = GROUP * n
@@ -315,10 +315,8 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     else:
         qpos = rows * 0
         span = cache_len
-    per = tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_S) * BLOCK_S
-    if MIN_S > 0:
-        per = tl.maximum(per, MIN_S)
-    single = span <= per                                             # split 0 sees them all
+    single = span <= ONE_S
+    per = tl.where(single, span, tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_S) * BLOCK_S)
     lo = split * per
     hi = tl.minimum(lo + per, span)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)

@@ -44,9 +44,11 @@ def interpret(monkeypatch):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks smaller than the tiny shapes: several programs, loop trips and splits."""
+    """Blocks smaller than the tiny shapes: several programs, loop trips and splits (the
+    attention's too: never in one split)."""
     for name, value in (("QKV_BLOCK_C", 2), ("BLOCK_K", 16), ("DOWN_BLOCK_K", 16),
-                        ("ATTN_BLOCK_S", 4), ("UP_BLOCK_N", 16), ("OUT_BLOCK_N", 8)):
+                        ("ATTN_BLOCK_S", 4), ("UP_BLOCK_N", 16), ("OUT_BLOCK_N", 8),
+                        ("ATTN_ONE_SPLIT", 0)):
         monkeypatch.setattr(fused, name, value)
 
 
@@ -115,12 +117,14 @@ def test_qkv_kernel(interpret, small_blocks, monkeypatch, n, start, bias, gemv):
 def test_attention_mlp_kernels(interpret, monkeypatch, n, start, blocks, o_bias):
     """Attention over a cache of 40 slots whose slots beyond each query are stale (random),
     masked by positions and by the reference's bias, then o_proj, the MLP, residuals; one row
-    on the one-row tiles too (small and default blocks; more rows then keep tl.dot's)."""
+    on the one-row tiles too (small and default blocks; more rows then keep tl.dot's). Small
+    blocks split the attention; the default attends these 40 slots in one split."""
     if blocks in ("gemv", "gemv-loop"):
         gemv_blocks(monkeypatch, 1 if blocks == "gemv" else 2)
     monkeypatch.setattr(fused, "GEMV", int(blocks.startswith("gemv")))
     if blocks == "small":
         monkeypatch.setattr(fused, "ATTN_BLOCK_S", 4)
+        monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", 0)
         for name, value in (("BLOCK_K", 16), ("DOWN_BLOCK_K", 32), ("OUT_BLOCK_N", 8)):
             monkeypatch.setattr(fused, name, value)
     heads, kvh, hd, length, d = 4, 2, 8, 40, 48
@@ -137,16 +141,15 @@ def test_attention_mlp_kernels(interpret, monkeypatch, n, start, blocks, o_bias)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("min_s,n,start", [(8, 1, 21), (16, 1, 21), (24, 1, 21), (24, 1, 39),
-                                           (40, 1, 39), (24, 3, 19), (6, 2, 30)])
-def test_attention_split_minimum(interpret, monkeypatch, min_s, n, start):
-    """ATTN_SPLIT_MIN: splits of at least that many slots (6 rounds up to 8), so a short cache
-    (22 or 40 visible slots under 24 or 40) goes to split 0 alone, which writes the output
-    itself (no partials, no counter), and a longer one (22 over 16, 40 over 24) still combines
-    several splits; masked by positions and by the bias, against the reference; the counters
-    left zero."""
+@pytest.mark.parametrize("one,n,start", [(0, 1, 21), (16, 1, 21), (22, 1, 21), (39, 1, 37),
+                                         (40, 1, 39), (24, 3, 19), (8, 2, 30)])
+def test_attention_in_one_split(interpret, monkeypatch, one, n, start):
+    """ATTN_ONE_SPLIT: up to that many visible slots split 0 alone attends them all and writes
+    the output itself (no partials, no counter); beyond, the splits combine as before (22
+    visible over 16, 39 over 39 with the bias's 40 over it, 32 over 8); masked by positions
+    and by the bias, against the reference; the counters left zero."""
     monkeypatch.setattr(fused, "ATTN_BLOCK_S", 4)
-    monkeypatch.setattr(fused, "ATTN_SPLIT_MIN", min_s)
+    monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)
     monkeypatch.setattr(fused, "GEMV", 0)
     heads, kvh, hd, length, d = 4, 2, 8, 40, 48
     w = layer()
@@ -376,16 +379,17 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hoist,gemv,split_min", [(0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 1, 64)])
-def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, split_min):
+@pytest.mark.parametrize("hoist,gemv,one", [(0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 1, 64)])
+def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
     left zero; with and without the first weight block hoisted, one-row steps on the
-    one-row tiles, and the attention in one split (ATTN_SPLIT_MIN)."""
+    one-row tiles, and the attention in one split up to 64 slots and split beyond
+    (ATTN_ONE_SPLIT)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "HOIST", hoist)
     monkeypatch.setattr(fused, "GEMV", gemv)
-    monkeypatch.setattr(fused, "ATTN_SPLIT_MIN", split_min)  # 64: one split a kv head
+    monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)  # 64: one split a kv head to 64 slots
     model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
     ids = torch.randint(2, 96, (60,), generator=torch.Generator().manual_seed(6)).tolist()
     monkeypatch.setenv("COSPEC_FUSED", "1")
