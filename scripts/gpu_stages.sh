@@ -49,7 +49,7 @@
 #           axes, NAME=V1,V2+NAME=..; default register cap x K block x programs per SM); FUSED_SET
 #           and FSPEED_SET = best take the combination it ranked first (in fused-grid:
 #           FGRID_TAG names another, fused-grid-TAG); both at FUSED_PREFIX cached tokens
-#           (default 100)
+#           (default 100), over FUSED_ROWS rows a step (default 1,5; a k = 5 verify is 6)
 #   launch  the GPU's floors for a few-row step (scripts/prof_launch.py, toy kernels): µs a
 #           launch under a graph, a weight-reading kernel's fixed cost and bandwidth, and a
 #           persistent kernel over a 0.5B's 24 layers with a grid barrier between phases
@@ -119,7 +119,7 @@ print('+'.join(f'{k}={v}' for k, v in r.items()))" "$R/fused-grid${FGRID_TAG:+-$
 stage_fused() {  # the fused layers against the reference fast path, random Qwen2.5 shapes
     local out="$R/fused${FUSED_TAG:+-$FUSED_TAG}"
     [ -e "$out/prof_fused.json" ] || timeout "${FUSED_S:-300}" python3 scripts/prof_fused.py \
-        --out "$out" --sizes "${FUSED_SIZES:-0.5b,1.5b,7b}" --rows 1,5 \
+        --out "$out" --sizes "${FUSED_SIZES:-0.5b,1.5b,7b}" --rows "${FUSED_ROWS:-1,5}" \
         --prefix "${FUSED_PREFIX:-100}" \
         $(sets --set "${FUSED_SET:-}") 2>&1 | tail -30
 }
@@ -128,7 +128,7 @@ stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME
     local out="$R/fused-grid${FGRID_TAG:+-$FGRID_TAG}"
     [ -e "$out/prof_fused.json" ] || timeout "${FGRID_S:-900}" python3 \
         scripts/prof_fused.py --out "$out" --sizes "${FGRID_SIZES:-0.5b,1.5b}" \
-        --rows 1,5 --prefix "${FUSED_PREFIX:-100}" \
+        --rows "${FUSED_ROWS:-1,5}" --prefix "${FUSED_PREFIX:-100}" \
         $(sets --grid "${FGRID:-MAX_REGS=0,128+BLOCK_K=64,128+PROGRAMS_PER_SM=4,6}") \
         --grid-reps 200 2>&1 | tail -30
 }
