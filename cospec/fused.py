@@ -227,8 +227,8 @@ def _workspace(x: torch.Tensor, splits: int, width: int) -> torch.Tensor:
 
 def _gemv(n: int) -> bool:
     """A projection over n rows takes the one-row settings (GEMV_*): GEMV on and n = 1, or
-    n <= GEMV_ROWS."""
-    return bool(GEMV) and n <= max(1, GEMV_ROWS)
+    n <= GEMV_ROWS (at most 8: a row block of 16 is tl.dot's)."""
+    return bool(GEMV) and n <= min(max(1, GEMV_ROWS), 8)
 
 
 def _block_m(gemv: bool, n: int) -> int:

@@ -203,6 +203,22 @@ def test_split_k(interpret, small_blocks, monkeypatch, splits, hoist):
     assert not fused.counters(x.device, 1).any()
 
 
+def test_rows_on_the_one_row_tiles(monkeypatch):
+    """GEMV_ROWS: up to that many rows (at most 8) take the one-row tiles, padded to a power of
+    two, with reduction blocks shrunk to keep the accumulator's size; more rows pad to tl.dot's
+    16."""
+    monkeypatch.setattr(fused, "GEMV", 1)
+    monkeypatch.setattr(fused, "GEMV_ROWS", 1)
+    assert fused._gemv(1) and not fused._gemv(2)
+    monkeypatch.setattr(fused, "GEMV_ROWS", 16)
+    assert fused._gemv(8) and not fused._gemv(9)
+    assert [fused._block_m(fused._gemv(n), n) for n in (1, 2, 3, 6, 9)] == [1, 2, 4, 8, 16]
+    assert [fused._gemv_k(256, n) for n in (1, 2, 6)] == [256, 128, 32]
+    assert fused._gemv_k(64, 8) == 16
+    monkeypatch.setattr(fused, "GEMV", 0)
+    assert not fused._gemv(1)
+
+
 def test_split_k_arithmetic(monkeypatch):
     """(splits, blocks a split): none empty, none beyond the blocks, auto aims at
     PROGRAMS_PER_SM programs an SM."""
