@@ -21,13 +21,21 @@ draft's by its next first step). So the tokens are plain greedy decoding's, as s
 The host reads each block's (a, window) back through pinned memory, two blocks behind, to
 stop at an EOS or at ``max_new_tokens``; the blocks queued past the stop are dropped.
 
+A block is k + 1 graph replays (the engines' step graphs) and a dozen small kernels between
+them, each launched by the host. With ``graph=True`` (or COSPEC_BLOCK_GRAPH=1) on a GPU the
+whole block is one CUDA graph instead, on static ``seq`` and ``length`` buffers: the host
+launches a block, not a step. It is captured on a pair's first block (after one run of it on
+a side stream, whose ``length`` update is undone) and kept for the engines and k.
+
 Greedy only, batch 1, prompts of two or more tokens, models on ``fast.StaticLM`` engines.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+import os
+import weakref
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -36,15 +44,88 @@ from cospec.errors import CospecError
 from cospec.stats import DecodeStats
 
 AHEAD = 2  # blocks queued past the last one whose verdict the host has read
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.Tensor,
+          k: int) -> torch.Tensor:
+    """One block on the device (the module docstring's 1-3): the steps map ids [n] and a
+    start position [1] to (logits [n, V], hidden). Writes the block's tokens into seq and
+    advances length [1] in place; returns the verdict [k + 2]: a, then the window."""
+    span = torch.arange(k + 1, device=seq.device)
+    logits, _ = draft_step(seq.index_select(0, length - 2 + span[:2]), length - 2)
+    drafts = [logits[1].argmax().view(1)]
+    for i in range(1, k):
+        logits, _ = draft_step(drafts[-1], length - 1 + i)
+        drafts.append(logits[0].argmax().view(1))
+    d = torch.cat(drafts)
+    logits, _ = target_step(torch.cat([seq.index_select(0, length - 1), d]), length - 1)
+    best = logits.argmax(-1)                                              # [k + 1]
+    accepted = (best[:k] == d).long().cumprod(0).sum().view(1)
+    window = torch.cat([d, d[:1]]).index_copy(0, accepted, best.index_select(0, accepted))
+    seq.index_copy_(0, length + span, window)
+    length.add_(accepted + 1)
+    return torch.cat([accepted, window])
+
+
+class BlockGraph:
+    """A whole block as one CUDA graph for a target and a draft engine and k: ``seq``
+    [target's max_len] and ``length`` [1] are its static state, ``run()`` replays it (capturing
+    it first) and returns its static verdict [k + 2], overwritten by the next run."""
+
+    def __init__(self, tgt: fast.Engine, drf: fast.Engine, k: int) -> None:
+        # weak: the graphs are kept by the engines (``_GRAPHS``), not the engines by them
+        self.tgt, self.drf, self.k = weakref.ref(tgt), weakref.ref(drf), k
+        self.device = tgt.device
+        self.seq = torch.zeros(tgt.max_len, dtype=torch.long, device=tgt.device)
+        self.length = torch.zeros(1, dtype=torch.long, device=tgt.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.verdict: torch.Tensor | None = None
+
+    def _block(self) -> torch.Tensor:
+        tgt, drf = self.tgt(), self.drf()
+        return block(lambda ids, start: drf._forward(ids, start, eager=False),
+                     lambda ids, start: tgt._forward(ids, start, eager=False),
+                     self.seq, self.length, self.k)
+
+    def run(self) -> torch.Tensor:
+        if self.graph is None:
+            current = torch.cuda.current_stream(self.device)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):  # kernels compiled, workspaces made; the block's
+                saved = self.length.clone()  # writes are the ones its replay makes again
+                self._block()
+                self.length.copy_(saved)
+            current.wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
+                self.verdict = self._block()
+            self.graph = graph
+        self.graph.replay()
+        return self.verdict
+
+
+# target engine -> draft engine -> {k: BlockGraph}, gone with either engine
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def block_graph(tgt: fast.Engine, drf: fast.Engine, k: int) -> BlockGraph:
+    """The block graph of these engines and k, made once (captured on its first run)."""
+    graphs = _GRAPHS.setdefault(tgt, weakref.WeakKeyDictionary()).setdefault(drf, {})
+    if k not in graphs:
+        graphs[k] = BlockGraph(tgt, drf, k)
+    return graphs[k]
 
 
 @torch.inference_mode()
 def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int], *,
                k: int = 5, max_new_tokens: int = 128, eos_ids: Iterable[int] = (),
-               stats: DecodeStats | None = None) -> list[int]:
+               stats: DecodeStats | None = None, graph: bool | None = None) -> list[int]:
     """The target's greedy continuation of ``prompt_ids`` (at most ``max_new_tokens``, up to
     and including an EOS), by speculative decoding with ``draft``'s k tokens a block.
-    ``stats`` (if given) gets the blocks as steps: drafted and accepted tokens."""
+    ``stats`` (if given) gets the blocks as steps: drafted and accepted tokens. ``graph``:
+    each block one CUDA graph where both engines use graphs (None: COSPEC_BLOCK_GRAPH=1)."""
     if len(prompt_ids) < 2:
         raise CospecError("the device-side block needs a prompt of two or more tokens")
     if k < 1:
@@ -59,27 +140,23 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
         lm.prefill(prompt_ids[:-1])
     tgt, drf = (lm.engine for lm in lms)
     device = tgt.device
-    seq = torch.zeros(room, dtype=torch.long, device=device)
+    if graph is None:
+        graph = os.environ.get("COSPEC_BLOCK_GRAPH", "0") == "1"
+    whole = block_graph(tgt, drf, k) if graph and tgt.use_graphs and drf.use_graphs else None
+    if whole is not None:
+        seq, length = whole.seq, whole.length
+    else:
+        seq = torch.zeros(room, dtype=torch.long, device=device)
+        length = torch.zeros(1, dtype=torch.long, device=device)
     seq[:start] = torch.tensor(prompt_ids, device=device)
-    length = torch.tensor([start], device=device)
-    span = torch.arange(k + 1, device=device)
+    length.fill_(start)
     queued: collections.deque = collections.deque()  # (host copy, its event) a block
     out: list[int] = []
     while True:
         # one block, queued on the device
-        logits, _ = drf.run_device(seq.index_select(0, length - 2 + span[:2]), length - 2)
-        drafts = [logits[1].argmax().view(1)]
-        for i in range(1, k):
-            logits, _ = drf.run_device(drafts[-1], length - 1 + i)
-            drafts.append(logits[0].argmax().view(1))
-        d = torch.cat(drafts)
-        logits, _ = tgt.run_device(torch.cat([seq.index_select(0, length - 1), d]), length - 1)
-        best = logits.argmax(-1)                                          # [k + 1]
-        accepted = (best[:k] == d).long().cumprod(0).sum().view(1)
-        window = torch.cat([d, d[:1]]).index_copy(0, accepted, best.index_select(0, accepted))
-        seq.index_copy_(0, length + span, window)
-        length = length + accepted + 1
-        queued.append(fast.to_host(torch.cat([accepted, window])))
+        verdict = (whole.run() if whole is not None
+                   else block(drf.run_device, tgt.run_device, seq, length, k))
+        queued.append(fast.to_host(verdict))
         if len(queued) <= AHEAD:
             continue
         # the verdict of the oldest queued block, read without stalling the newer ones

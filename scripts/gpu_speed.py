@@ -249,8 +249,9 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     if args.methods:
         names = [m for m in names if m in args.methods.split(",") or m == "target"]
     methods = {m: build_method(m, pair, MethodOptions(), sampling) for m in names}
-    if "spd-block" in args.methods.split(",") and sampling.greedy:
-        names.insert(names.index("target") + 1, "spd-block")  # cospec.fast_block
+    for block in ("spd-graph", "spd-block"):  # cospec.fast_block: steps, or one graph a block
+        if block in args.methods.split(",") and sampling.greedy:
+            names.insert(names.index("target") + 1, block)
     if "cospec-host" in args.methods.split(",") and "cospec" in methods:
         # the arbiter's decisions on the host path (ArbiterRule.graphed off), for comparison
         methods["cospec-host"] = build_method("cospec", pair, MethodOptions(), sampling)
@@ -264,9 +265,9 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         t0 = sync()
         if name == "hf-eager":
             ids = hf(pair.target, prompt, n, eos)[0]
-        elif name == "spd-block":
+        elif name in ("spd-block", "spd-graph"):
             ids = fast_block.spd_greedy(pair.target, pair.draft, prompt, k=k, max_new_tokens=n,
-                                        eos_ids=eos, stats=stats)
+                                        eos_ids=eos, stats=stats, graph=name == "spd-graph")
         elif name in ("spd", *lossy):
             m = methods[name]
             rec = Recording(m.rule)
@@ -321,6 +322,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
                                               / summary["hf-eager"]["tok_s"])
     same = {"spd_identical_to_target": ("spd", "target"),
             "spd_block_identical_to_target": ("spd-block", "target"),
+            "spd_graph_identical_to_target": ("spd-graph", "target"),
             "cos_we_identical_to_we": ("cos-we", "we"),
             "cos_cd_identical_to_cd": ("cos-cd", "cd")}
     for key, (a, b) in same.items():
@@ -475,6 +477,8 @@ def markdown(res: dict) -> str:
             for key, text in (("spd_identical_to_target", "spd output identical to target"),
                               ("spd_block_identical_to_target",
                                "spd-block output identical to target"),
+                              ("spd_graph_identical_to_target",
+                               "spd-graph output identical to target"),
                               ("cos_we_identical_to_we", "cos-we identical to we"),
                               ("cos_cd_identical_to_cd", "cos-cd identical to cd")):
                 if s.get(key) is not None:
@@ -521,7 +525,7 @@ def main() -> None:
                     help="pair parts: only these methods (and target), comma-separated; "
                          "cospec-host: cospec with its decisions on the host path; "
                          "spd-block: greedy spd with each block on the device "
-                         "(cospec.fast_block)")
+                         "(cospec.fast_block); spd-graph: the same, each block one CUDA graph")
     ap.add_argument("--hf", action="store_true",
                     help="pair parts at T = 0 also time transformers' eager and assisted generate")
     ap.add_argument("--fused-set", action="append", default=[], metavar="NAME=VALUE",

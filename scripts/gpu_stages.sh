@@ -54,7 +54,8 @@
 #           launch under a graph, a weight-reading kernel's fixed cost and bandwidth, and a
 #           persistent kernel over a 0.5B's 24 layers with a grid barrier between phases
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
-#           default auto: on a Hopper GPU, every model): spd, spd-block (cospec.fast_block),
+#           default auto: on a Hopper GPU, every model): spd, spd-block and spd-graph
+#           (cospec.fast_block: the block on the device; spd-graph: one CUDA graph a block),
 #           cospec and cos-we against target-only (FSPEED_METHODS picks)
 #           (FSPEED_SET=NAME=V+NAME=V.. fused settings, into speed-fused-$FSPEED_TAG)
 #   gaps    the GPU's busy time and idle gaps per token and per step while the real pair
@@ -141,7 +142,7 @@ stage_launch() {  # GPU floors: launches, streaming reads, a persistent kernel's
 
 stage_gaps() {  # the GPU's busy time and idle gaps while the real pair decodes (batch 1)
     [ -e "$R/gaps/prof_gaps.json" ] || timeout "${GAPS_S:-400}" python3 scripts/prof_gaps.py \
-        --out "$R/gaps" --methods "${GAPS_METHODS:-target,spd,spd-block,cospec}" \
+        --out "$R/gaps" --methods "${GAPS_METHODS:-target,spd,spd-block,spd-graph,cospec}" \
         --task "${GAPS_TASK:-gsm8k}" --prompts 4 2>&1 | grep -v "^[a-z-]* {" | tail -12
 }
 
@@ -149,7 +150,7 @@ stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, 
     COSPEC_FUSED=${FSPEED_FUSED:-auto} timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py \
         --out "$R/speed-fused${FSPEED_TAG:+-$FSPEED_TAG}" \
         --parts "${PARTS:-pair,pair:humaneval:0}" --prompts 20 \
-        --methods "${FSPEED_METHODS:-spd,spd-block,cospec,cos-we}" \
+        --methods "${FSPEED_METHODS:-spd,spd-block,spd-graph,cospec,cos-we}" \
         $(sets --fused-set "${FSPEED_SET:-}") 2>&1 | grep -v "^[0-9]* {" | tail -30
 }
 

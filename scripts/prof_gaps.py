@@ -2,7 +2,7 @@
 between them, per method, on the real pair.
 
     PYTHONPATH=. python scripts/prof_gaps.py --out DIR [--methods target,spd,cospec]
-        (a method of ``cospec.methods``, or spd-block: ``cospec.fast_block``)
+        (a method of ``cospec.methods``, or spd-block / spd-graph: ``cospec.fast_block``)
         [--task gsm8k] [--prompts 4] [--new 256] [--k 5]
 
 Each method decodes the prompts once unprofiled (graphs, compiles), then again, each prompt
@@ -32,11 +32,11 @@ SHORT, LONG = 10.0, 100.0  # µs: the gap classes' bounds
 
 
 class BlockSpd:
-    """Greedy spd with each block on the device (``cospec.fast_block``), with a method's
-    ``run`` (ids, None, stats)."""
+    """Greedy spd with each block on the device (``cospec.fast_block``; ``graph``: each block
+    one CUDA graph), with a method's ``run`` (ids, None, stats)."""
 
-    def __init__(self, pair) -> None:
-        self.pair = pair
+    def __init__(self, pair, graph: bool = False) -> None:
+        self.pair, self.graph = pair, graph
 
     def run(self, prompt: list[int], *, k: int, max_new_tokens: int, sampling, eos_ids):
         from cospec import fast_block
@@ -45,7 +45,7 @@ class BlockSpd:
         stats = DecodeStats()
         ids = fast_block.spd_greedy(self.pair.target, self.pair.draft, prompt, k=k,
                                     max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                    stats=stats)
+                                    stats=stats, graph=self.graph)
         return ids, None, stats
 
 
@@ -137,7 +137,7 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(), "task": args.task, "prompts": len(prompts),
            "k": args.k, "new": args.new, "methods": {}}
     for name in args.methods.split(","):
-        method = (BlockSpd(pair) if name == "spd-block"
+        method = (BlockSpd(pair, graph=name == "spd-graph") if name in ("spd-block", "spd-graph")
                   else build_method(name, pair, MethodOptions(), GREEDY))
 
         for q in prompts:  # graphs captured, kernels compiled

@@ -2,7 +2,7 @@
 target's plain greedy tokens: with a draft that always agrees (every block fully accepted,
 the draft two tokens behind), one that partly agrees and one that never does; for k = 1, 2,
 5; up to an EOS and up to max_new_tokens; from a two-token prompt; on the CPU and, where one
-is present, through CUDA graphs on a GPU."""
+is present, through CUDA graphs on a GPU: the steps' graphs, or each block one graph."""
 
 from __future__ import annotations
 
@@ -33,8 +33,11 @@ def drafts(device: str) -> dict[str, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_tokens_are_the_targets_greedy(monkeypatch, device):
+@pytest.mark.parametrize("graph", [False, True])
+def test_tokens_are_the_targets_greedy(monkeypatch, device, graph):
+    """(graph: each block one CUDA graph on a GPU; on the CPU it falls back to the steps.)"""
     monkeypatch.setenv("COSPEC_STATIC", "1")
+    fast_block._GRAPHS.clear()
     target = tiny_model(11, dtype=torch.float32).to(device)
     accepted = {}
     for name, draft in drafts(device).items():
@@ -47,13 +50,15 @@ def test_tokens_are_the_targets_greedy(monkeypatch, device):
                                                    max_new_tokens=30, eos_ids=eos)]
                     stats = DecodeStats()
                     got = fast_block.spd_greedy(target, draft, prompt, k=k, max_new_tokens=30,
-                                                eos_ids=eos, stats=stats)
+                                                eos_ids=eos, stats=stats, graph=graph)
                     assert got == want, (name, prompt, k, eos)
                     if name == "same":  # the target as its own draft: every block accepted
                         assert stats.accepted == k * stats.steps
                     accepted[name] = accepted.get(name, 0) + stats.accepted
                     assert stats.steps >= 1 and stats.generated == len(want)
     assert accepted["same"] > accepted["near"] > accepted["other"] == 0
+    made = sum(len(ks) for by_draft in fast_block._GRAPHS.values() for ks in by_draft.values())
+    assert made == (3 * 3 if graph and device == "cuda" else 0)  # a graph a draft and k
 
 
 def test_bad_input_is_refused_and_no_budget_gives_nothing():
