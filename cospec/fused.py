@@ -77,8 +77,8 @@ MAX_REGS = 0
 # once). GEMV = 0: one row takes the few-row kernels' settings above. On an H200 (bf16, one
 # row, same run) they made a 0.5B step 1.32x faster than those and a 1.5B 1.23x; a 7B step
 # runs 1.27x the reference path's (the few-row kernels': 1.03x). The tiles below are the best
-# of its sweeps (results/gpu/h200/fused-one-row-tiles: GEMV_OUT_BLOCK_N 1
-# over 2 by 0.5-6 %; GEMV_BLOCK_K, GEMV_DOWN_BLOCK_K and GEMV_WARPS within 1 %).
+# of its sweeps (results/gpu/h200/fused-one-row-tiles: GEMV_OUT_BLOCK_N 1 over 2 by
+# 0.5-6 %; GEMV_BLOCK_K, GEMV_DOWN_BLOCK_K and GEMV_WARPS within 1-2 %).
 GEMV = 1
 GEMV_QKV_BLOCK_C = 2     # columns of each RoPE half per q/k/v program
 GEMV_UP_BLOCK_N = 8      # gate (and up) columns per program
