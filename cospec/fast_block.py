@@ -48,11 +48,12 @@ Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.Tensor,
-          k: int) -> torch.Tensor:
+          span: torch.Tensor) -> torch.Tensor:
     """One block on the device (the module docstring's 1-3): the steps map ids [n] and a
-    start position [1] to (logits [n, V], hidden). Writes the block's tokens into seq and
-    advances length [1] in place; returns the verdict [k + 2]: a, then the window."""
-    span = torch.arange(k + 1, device=seq.device)
+    start position [1] to (logits [n, V], hidden); span is arange(k + 1) on the device, made
+    once a call. Writes the block's tokens into seq and advances length [1] in place; returns
+    the verdict [k + 2]: a, then the window."""
+    k = len(span) - 1
     logits, _ = draft_step(seq.index_select(0, length - 2 + span[:2]), length - 2)
     drafts = [logits[1].argmax().view(1)]
     for i in range(1, k):
@@ -75,10 +76,11 @@ class BlockGraph:
 
     def __init__(self, tgt: fast.Engine, drf: fast.Engine, k: int) -> None:
         # weak: the graphs are kept by the engines (``_GRAPHS``), not the engines by them
-        self.tgt, self.drf, self.k = weakref.ref(tgt), weakref.ref(drf), k
+        self.tgt, self.drf = weakref.ref(tgt), weakref.ref(drf)
         self.device = tgt.device
         self.seq = torch.zeros(tgt.max_len, dtype=torch.long, device=tgt.device)
         self.length = torch.zeros(1, dtype=torch.long, device=tgt.device)
+        self.span = torch.arange(k + 1, device=tgt.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.verdict: torch.Tensor | None = None
 
@@ -86,7 +88,7 @@ class BlockGraph:
         tgt, drf = self.tgt(), self.drf()
         return block(lambda ids, start: drf._forward(ids, start, eager=False),
                      lambda ids, start: tgt._forward(ids, start, eager=False),
-                     self.seq, self.length, self.k)
+                     self.seq, self.length, self.span)
 
     def run(self) -> torch.Tensor:
         if self.graph is None:
@@ -150,12 +152,13 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
         length = torch.zeros(1, dtype=torch.long, device=device)
     seq[:start] = torch.tensor(prompt_ids, device=device)
     length.fill_(start)
+    span = torch.arange(k + 1, device=device)
     queued: collections.deque = collections.deque()  # (host copy, its event) a block
     out: list[int] = []
     while True:
         # one block, queued on the device
         verdict = (whole.run() if whole is not None
-                   else block(drf.run_device, tgt.run_device, seq, length, k))
+                   else block(drf.run_device, tgt.run_device, seq, length, span))
         queued.append(fast.to_host(verdict))
         if len(queued) <= AHEAD:
             continue
