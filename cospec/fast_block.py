@@ -33,7 +33,6 @@ Greedy only, batch 1, prompts of two or more tokens, models on ``fast.StaticLM``
 from __future__ import annotations
 
 import collections
-import os
 import weakref
 from collections.abc import Callable, Iterable
 
@@ -41,6 +40,7 @@ import torch
 
 from cospec import fast
 from cospec.errors import CospecError
+from cospec.settings import choice
 from cospec.stats import DecodeStats
 
 AHEAD = 2  # blocks queued past the last one whose verdict the host has read
@@ -143,7 +143,7 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
     tgt, drf = (lm.engine for lm in lms)
     device = tgt.device
     if graph is None:
-        graph = os.environ.get("COSPEC_BLOCK_GRAPH", "0") == "1"
+        graph = choice("COSPEC_BLOCK_GRAPH", ("0", "1"), "0") == "1"
     whole = block_graph(tgt, drf, k) if graph and tgt.use_graphs and drf.use_graphs else None
     if whole is not None:
         seq, length = whole.seq, whole.length

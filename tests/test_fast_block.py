@@ -68,3 +68,13 @@ def test_bad_input_is_refused_and_no_budget_gives_nothing():
         fast_block.spd_greedy(model, model, [5], k=2)
     with pytest.raises(CospecError, match="k"):
         fast_block.spd_greedy(model, model, [5, 6], k=0)
+
+
+def test_block_graph_setting_is_checked(monkeypatch):
+    """COSPEC_BLOCK_GRAPH takes 0 or 1; anything else is refused by name, not ignored."""
+    model = tiny_model(11, dtype=torch.float32)
+    monkeypatch.setenv("COSPEC_BLOCK_GRAPH", "yes")
+    with pytest.raises(CospecError, match="COSPEC_BLOCK_GRAPH='yes'"):
+        fast_block.spd_greedy(model, model, [5, 6], k=2, max_new_tokens=4)
+    monkeypatch.setenv("COSPEC_BLOCK_GRAPH", "1")  # on the CPU: the steps, the same tokens
+    assert len(fast_block.spd_greedy(model, model, [5, 6], k=2, max_new_tokens=4)) == 4
