@@ -95,10 +95,11 @@ class BlockGraph:
             current = torch.cuda.current_stream(self.device)
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(current)
-            with torch.cuda.stream(stream):  # kernels compiled, workspaces made; the block's
-                saved = self.length.clone()  # writes are the ones its replay makes again
-                self._block()
-                self.length.copy_(saved)
+            with torch.cuda.stream(stream):  # kernels compiled, workspaces made (twice, as
+                saved = self.length.clone()  # the engines' captures); the block's writes are
+                for _ in range(2):           # the ones its replay makes again
+                    self._block()
+                    self.length.copy_(saved)
             current.wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
