@@ -21,11 +21,12 @@ draft's by its next first step). So the tokens are plain greedy decoding's, as s
 The host reads each block's (a, window) back through pinned memory, two blocks behind, to
 stop at an EOS or at ``max_new_tokens``; the blocks queued past the stop are dropped.
 
-A block is k + 1 graph replays (the engines' step graphs) and a dozen small kernels between
-them, each launched by the host. With ``graph=True`` (or COSPEC_BLOCK_GRAPH=1) on a GPU the
-whole block is one CUDA graph instead, on static ``seq`` and ``length`` buffers: the host
-launches a block, not a step. It is captured on a pair's first block (after one run of it on
-a side stream, whose ``length`` update is undone) and kept for the engines and k.
+On a GPU the whole block is one CUDA graph, on static ``seq`` and ``length`` buffers: the host
+launches a block, not a step. It is captured on a pair's first block (after two runs of it on
+a side stream, whose ``length`` updates are undone) and kept for the engines and k. With
+``graph=False`` (or COSPEC_BLOCK_GRAPH=0) a block is k + 1 replays of the engines' step graphs
+and a dozen small kernels between them, each launched by the host (on the real pair on an
+H200 the one graph was 2-4 % faster, results/gpu/h200/speed-fused-block-graph).
 
 Greedy only, batch 1, prompts of two or more tokens, models on ``fast.StaticLM`` engines.
 """
@@ -128,7 +129,8 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
     """The target's greedy continuation of ``prompt_ids`` (at most ``max_new_tokens``, up to
     and including an EOS), by speculative decoding with ``draft``'s k tokens a block.
     ``stats`` (if given) gets the blocks as steps: drafted and accepted tokens. ``graph``:
-    each block one CUDA graph where both engines use graphs (None: COSPEC_BLOCK_GRAPH=1)."""
+    each block one CUDA graph where both engines use graphs (None: unless
+    COSPEC_BLOCK_GRAPH=0)."""
     if len(prompt_ids) < 2:
         raise CospecError("the device-side block needs a prompt of two or more tokens")
     if k < 1:
@@ -144,7 +146,7 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
     tgt, drf = (lm.engine for lm in lms)
     device = tgt.device
     if graph is None:
-        graph = choice("COSPEC_BLOCK_GRAPH", ("0", "1"), "0") == "1"
+        graph = choice("COSPEC_BLOCK_GRAPH", ("0", "1"), "1") == "1"
     whole = block_graph(tgt, drf, k) if graph and tgt.use_graphs and drf.use_graphs else None
     if whole is not None:
         seq, length = whole.seq, whole.length

@@ -39,8 +39,8 @@ def test_tokens_are_the_targets_greedy(monkeypatch, device, graph):
     monkeypatch.setenv("COSPEC_STATIC", "1")
     fast_block._GRAPHS.clear()
     target = tiny_model(11, dtype=torch.float32).to(device)
-    accepted = {}
-    for name, draft in drafts(device).items():
+    accepted, models = {}, drafts(device)  # kept: a draft's graphs go with its engine
+    for name, draft in models.items():
         for prompt in ([5, 17, 33, 2, 60, 41], [3, 9]):
             plain = [t.id for t in generate(target, None, prompt, ExactRule(),
                                             max_new_tokens=30)]
