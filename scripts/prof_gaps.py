@@ -12,7 +12,9 @@ end) intervals of the GPU's work (kernels, copies, memsets) give, summed over th
 - busy: their union; idle: the decode's span (first start to last end) minus busy;
 - the idle gaps by length: short (< SHORT µs: one launch after another), medium, and long
   (>= LONG µs: the GPU waited for the host: a synchronisation, Python between steps);
-- per committed token and per step (a verify; for target-only, a token): µs busy and idle.
+- per committed token and per step (a verify; for target-only, a token): µs busy and idle;
+- the medium and long gaps by the kernels either side (inside one CUDA graph a medium gap is
+  the GPU's own, not the host's: which kernels it falls between says where to look).
 
 So the next person sees how much of spd's block is the host's (what one CUDA graph per
 speculative block would take back) before building it. Writes DIR/prof_gaps.json and .md.
@@ -29,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 SHORT, LONG = 10.0, 100.0  # µs: the gap classes' bounds
+AROUND = 10  # kernel pairs listed a method around its medium and long gaps
 
 
 class BlockSpd:
@@ -49,33 +52,43 @@ class BlockSpd:
         return ids, None, stats
 
 
-def intervals(events) -> list[tuple[float, float]]:
-    """[start, end) µs of the GPU work among torch.profiler events, sorted by start."""
+Span = tuple[float, float, str]  # [start, end) µs of one piece of GPU work, and its name
+NAME = 48  # characters of a kernel's name kept
+
+
+def intervals(events) -> list[Span]:
+    """The GPU work among torch.profiler events as ``Span`` s, sorted by start."""
     from torch.autograd import DeviceType
 
-    return sorted((e.time_range.start, e.time_range.end) for e in events
+    return sorted((e.time_range.start, e.time_range.end, e.name[:NAME]) for e in events
                   if e.device_type == DeviceType.CUDA)
 
 
-def idle_gaps(spans: list[tuple[float, float]]) -> dict:
-    """Busy (the union of ``spans``, sorted by start), the whole span, idle = span - busy, and
-    the idle gaps by class: count and µs of short (< SHORT), medium and long (>= LONG)."""
+def idle_gaps(spans: list[Span]) -> dict:
+    """Busy (the union of ``spans``, sorted by start), the whole span, idle = span - busy, the
+    idle gaps by class: count and µs of short (< SHORT), medium and long (>= LONG), and
+    ``around``: for the medium and long gaps, "the work that ended last → the work after"
+    -> [gaps, µs] (which kernels the GPU waits between)."""
     out = {"busy_us": 0.0, "span_us": 0.0, "idle_us": 0.0,
            **{f"{c}_{k}": 0 if k == "gaps" else 0.0 for c in ("short", "medium", "long")
-              for k in ("gaps", "us")}}
+              for k in ("gaps", "us")}, "around": {}}
     if not spans:
         return out
-    start, end = spans[0]
+    start, end, last = spans[0]
     first = start
-    for s, e in spans[1:]:
+    for s, e, name in spans[1:]:
         if s > end:  # a gap
             out["busy_us"] += end - start
             gap = s - end
             cls = "short" if gap < SHORT else "long" if gap >= LONG else "medium"
             out[f"{cls}_gaps"] += 1
             out[f"{cls}_us"] += gap
+            if cls != "short":
+                seen = out["around"].setdefault(f"{last} → {name}", [0, 0.0])
+                seen[0], seen[1] = seen[0] + 1, seen[1] + gap
             start = s
-        end = max(end, e)
+        if e >= end:
+            end, last = e, name
     out["busy_us"] += end - start
     out["span_us"] = end - first
     out["idle_us"] = out["span_us"] - out["busy_us"]
@@ -83,8 +96,14 @@ def idle_gaps(spans: list[tuple[float, float]]) -> dict:
 
 
 def total(parts: list[dict]) -> dict:
-    """``idle_gaps`` results summed (every field adds up)."""
-    return {k: sum(p[k] for p in parts) for k in parts[0]}
+    """``idle_gaps`` results summed (every number adds up, ``around`` pair by pair)."""
+    out = {k: sum(p[k] for p in parts) for k in parts[0] if k != "around"}
+    around: dict[str, list] = {}
+    for p in parts:
+        for pair, (n, us) in p["around"].items():
+            seen = around.setdefault(pair, [0, 0.0])
+            seen[0], seen[1] = seen[0] + n, seen[1] + us
+    return out | {"around": around}
 
 
 def per_unit(gaps: dict, tokens: int, steps: int) -> dict:
@@ -109,6 +128,16 @@ def markdown(res: dict) -> str:
                      f"{r['idle_us_per_token']:.0f} | {r['idle_us_per_step']:.0f} | "
                      f"{r['long_us_per_step']:.0f} | {100 * r['idle_share']:.1f} % | "
                      f"{r['short_gaps']} / {r['medium_gaps']} / {r['long_gaps']} |")
+    for name, r in res["methods"].items():
+        top = sorted(r.get("around", {}).items(), key=lambda kv: -kv[1][1])[:AROUND]
+        if not top:
+            continue
+        lines += ["", f"{name}: the medium and long gaps by the work either side of them (the "
+                  f"{len(top)} largest by µs; a step = {r['steps']})", "",
+                  "| work before → work after | gaps | gaps / step | µs / step |",
+                  "|---|---|---|---|"]
+        lines += [f"| `{pair}` | {n} | {n / max(r['steps'], 1):.2f} | "
+                  f"{us / max(r['steps'], 1):.1f} |" for pair, (n, us) in top]
     return "\n".join(lines) + "\n"
 
 
