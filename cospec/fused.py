@@ -86,6 +86,10 @@ GEMV_OUT_BLOCK_N = 1     # o_proj / down_proj output columns per program
 GEMV_BLOCK_K = 256       # reduction block of q/k/v and gate/up
 GEMV_DOWN_BLOCK_K = 1024  # of o_proj and down_proj
 GEMV_WARPS = 4
+# Up to this many rows (a draft's first step in a device-side block, 2; a k = 5 verify, 6)
+# also take the one-row tiles, the rows' products on the CUDA cores, reduction blocks of
+# GEMV_*BLOCK_K / rows (``_gemv_k``). 1: one row only. Off until a GPU measures it.
+GEMV_ROWS = 1
 GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more: a loop). 16
                          # (the 7B's 14 gate/up blocks unrolled, 142 registers a thread) was
                          # 5 % faster on the 1.5B, 4 % slower on the 7B, equal on the 0.5B
@@ -96,7 +100,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "ATTN_ONE_SPLIT", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K",
            "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "MAX_REGS", "GEMV",
            "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
-           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL")
+           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL", "GEMV_ROWS")
 
 
 def configure(items: list[str]) -> None:
@@ -222,13 +226,21 @@ def _workspace(x: torch.Tensor, splits: int, width: int) -> torch.Tensor:
 
 
 def _gemv(n: int) -> bool:
-    """A projection over n rows takes the one-row settings (GEMV_*): GEMV on and n = 1."""
-    return bool(GEMV) and n == 1
+    """A projection over n rows takes the one-row settings (GEMV_*): GEMV on and n = 1, or
+    n <= GEMV_ROWS (at most 8: a row block of 16 is tl.dot's)."""
+    return bool(GEMV) and n <= min(max(1, GEMV_ROWS), 8)
 
 
 def _block_m(gemv: bool, n: int) -> int:
-    """Row block of a projection over n rows: 1 on the one-row tiles, else ``_rows(n)``."""
-    return 1 if gemv else _rows(n)
+    """Row block of a projection over n rows: n padded to a power of two on the one-row
+    tiles (products on the CUDA cores below 16), else ``_rows(n)`` (tl.dot's)."""
+    return _pow2(n) if gemv else _rows(n)
+
+
+def _gemv_k(block_k: int, n: int) -> int:
+    """A reduction block of the one-row tiles over n rows: ``block_k`` / the row block (at
+    least 16), so that the accumulator [rows, k, columns] holds as many values as one row's."""
+    return max(16, block_k // _pow2(n))
 
 
 def _unroll(gemv: bool, blocks: int) -> bool:
@@ -268,7 +280,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
     half = hd // 2
     gemv = _gemv(n)
     block_c = min(half, GEMV_QKV_BLOCK_C if gemv else QKV_BLOCK_C)
-    block_k = min(GEMV_BLOCK_K if gemv else BLOCK_K, _pow2(d))
+    block_k = min(_gemv_k(GEMV_BLOCK_K, n) if gemv else BLOCK_K, _pow2(d))
     tiles = (heads + 2 * kv_heads, half // block_c)
     splits, per = split_k(tiles[0] * tiles[1], _cdiv(d, block_k), 1 if gemv else QKV_SPLIT_K,
                           x.device)
@@ -312,7 +324,8 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)))
     act = x.new_empty(n, inter)
     block_n = GEMV_UP_BLOCK_N if gemv else UP_BLOCK_N
-    tiles, block_k = _cdiv(inter, block_n), min(GEMV_BLOCK_K if gemv else BLOCK_K, _pow2(d))
+    tiles = _cdiv(inter, block_n)
+    block_k = min(_gemv_k(GEMV_BLOCK_K, n) if gemv else BLOCK_K, _pow2(d))
     splits, per = split_k(tiles, _cdiv(d, block_k), 1 if gemv else UP_SPLIT_K, x.device)
     kern.rms_gate_up[(tiles, splits)](
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
@@ -332,7 +345,7 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
     y = torch.empty_like(x)
     gemv = _gemv(n)
     if gemv:
-        asked, block_k = 1, min(GEMV_DOWN_BLOCK_K, _pow2(k))
+        asked, block_k = 1, min(_gemv_k(GEMV_DOWN_BLOCK_K, n), _pow2(k))
     block_n = GEMV_OUT_BLOCK_N if gemv else OUT_BLOCK_N
     tiles = _cdiv(d, block_n)
     splits, per = split_k(tiles, _cdiv(k, block_k), asked, x.device)
