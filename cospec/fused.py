@@ -88,9 +88,12 @@ GEMV_DOWN_BLOCK_K = 1024  # of o_proj and down_proj
 GEMV_WARPS = 4
 # Up to this many rows (a draft's first step in a device-side block, 2; a k = 5 verify, 6)
 # also take the one-row tiles, the rows' products on the CUDA cores, reduction blocks of
-# GEMV_*BLOCK_K / rows (``_gemv_k``). 1: one row only. Off until a GPU measures it.
+# GEMV_*BLOCK_K / rows (``_gemv_k``), unrolled over as wide a span as one row's (``_unroll``).
+# 1: one row only. Off: on an H200 it was 2-3.5x slower at 6 rows while its narrow blocks were
+# looped (results/gpu/h200/fused-rows-on-one-row-tiles); unrolled it is not measured yet.
 GEMV_ROWS = 1
-GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more: a loop). 16
+GEMV_UNROLL = 8          # reductions of at most this many one-row blocks unrolled (more: a
+                         # loop; n rows: this many times pow2(n) of their narrower blocks). 16
                          # (the 7B's 14 gate/up blocks unrolled, 142 registers a thread) was
                          # 5 % faster on the 1.5B, 4 % slower on the 7B, equal on the 0.5B
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
@@ -243,9 +246,11 @@ def _gemv_k(block_k: int, n: int) -> int:
     return max(16, block_k // _pow2(n))
 
 
-def _unroll(gemv: bool, blocks: int) -> bool:
-    """A one-row projection's reduction of ``blocks`` blocks is unrolled (<= GEMV_UNROLL)."""
-    return gemv and blocks <= GEMV_UNROLL
+def _unroll(gemv: bool, blocks: int, n: int) -> bool:
+    """A projection's reduction of ``blocks`` blocks over n rows on the one-row tiles is
+    unrolled: up to GEMV_UNROLL blocks for one row, and GEMV_UNROLL * pow2(n) of the narrower
+    blocks of n rows (``_gemv_k``), the same span of the reduction in flight."""
+    return gemv and blocks <= GEMV_UNROLL * _pow2(n)
 
 
 def _launch(gemv: bool = False) -> dict:
@@ -291,7 +296,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(gemv, n),
         BLOCK_C=block_c, BLOCK_K=block_k, HOIST=bool(HOIST),
-        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv))
+        UNROLL=_unroll(gemv, _cdiv(d, block_k), n), **_launch(gemv))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -331,7 +336,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=bool(HOIST),
-        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv))
+        UNROLL=_unroll(gemv, _cdiv(d, block_k), n), **_launch(gemv))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
 
@@ -353,7 +358,7 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
         a, w, w if b is None else b, x, y, _workspace(x, splits, d), counters(x.device, tiles),
         n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
         SPLIT_K=splits, BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
-        K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0,
+        K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k), n) else 0,
         **_launch(gemv))
     return y
 

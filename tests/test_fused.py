@@ -76,7 +76,7 @@ def gemv_blocks(monkeypatch, on: int) -> None:
     up to 8 rows, GEMV_ROWS), smaller than the tiny shapes: several programs and blocks, a last
     block partly masked (a few rows: blocks of 128 / rows, at least 16)."""
     few = on in (3, 4)
-    for name, value in (("GEMV", on), ("GEMV_UNROLL", 4 if on in (1, 3) else 1),
+    for name, value in (("GEMV", on), ("GEMV_UNROLL", 4 if on in (1, 3) else 0),
                         ("GEMV_QKV_BLOCK_C", 1), ("GEMV_UP_BLOCK_N", 4),
                         ("GEMV_OUT_BLOCK_N", 2), ("GEMV_BLOCK_K", 128 if few else 32),
                         ("GEMV_DOWN_BLOCK_K", 128 if few else 32), ("GEMV_ROWS", 8 if few else 1)):
@@ -215,6 +215,11 @@ def test_rows_on_the_one_row_tiles(monkeypatch):
     assert [fused._block_m(fused._gemv(n), n) for n in (1, 2, 3, 6, 9)] == [1, 2, 4, 8, 16]
     assert [fused._gemv_k(256, n) for n in (1, 2, 6)] == [256, 128, 32]
     assert fused._gemv_k(64, 8) == 16
+    # unrolled over as wide a span as one row's: GEMV_UNROLL one-row blocks, x pow2(n) narrower
+    monkeypatch.setattr(fused, "GEMV_UNROLL", 8)
+    assert fused._unroll(True, 8, 1) and not fused._unroll(True, 9, 1)
+    assert fused._unroll(True, 64, 6) and not fused._unroll(True, 65, 6)
+    assert fused._unroll(True, 16, 2) and not fused._unroll(False, 1, 1)
     monkeypatch.setattr(fused, "GEMV", 0)
     assert not fused._gemv(1)
 
