@@ -42,6 +42,10 @@ from cospec.errors import CospecError
 from cospec.settings import choice
 
 MAX_GRAPH = 16      # forwards over more tokens than this run eagerly
+# COSPEC_PREFILL=all-graphs: a batch-1 prefill of MAX_GRAPH < n <= PREFILL_GRAPH_MAX tokens
+# runs the layers as a CUDA graph over the ids padded to a multiple of PREFILL_BUCKET
+PREFILL_BUCKET = 64
+PREFILL_GRAPH_MAX = 1024
 LEN_ROUND = 256     # engines' cache lengths are rounded up to this (fewer re-captures)
 FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
 
@@ -200,8 +204,12 @@ class Engine:
 
             functions = fused_layer_functions(functions)
         self.use_graphs, self.compiled, self.qkv, self.rest = functions
-        self.compiled_prefill = (prefill_mode() == "compiled" and self.compiled
-                                 and not self.fused)
+        mode = prefill_mode()
+        self.compiled_prefill = mode == "compiled" and self.compiled and not self.fused
+        self.prefill_graphs = mode == "all-graphs" and self.use_graphs and self.group is None
+        self.fills: dict[int, torch.cuda.CUDAGraph] = {}  # padded length -> layers' graph
+        self.fill_ids: torch.Tensor | None = None  # the padded ids the fill graphs read
+        self.fill_start = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graphs: dict[int, tuple] = {}   # n -> (graph, logits, hidden)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.host = (torch.zeros(MAX_GRAPH + 1, dtype=torch.long, pin_memory=True)
@@ -248,6 +256,12 @@ class Engine:
     def _forward(self, ids: torch.Tensor, start: torch.Tensor, eager: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [n] (device), start [1] (device) -> logits [n, V], hidden [n, d]."""
+        h = _rms(self._layers(ids, start, eager), self.norm, self.eps)
+        return self._logits(h), h
+
+    def _layers(self, ids: torch.Tensor, start: torch.Tensor, eager: bool) -> torch.Tensor:
+        """The layers over ids [n] at positions start.. (their K/V written to those slots) ->
+        the last layer's output [n, d], before the final norm."""
         n = ids.shape[0]
         qkv, rest = (_qkv, _rest) if eager else (self.qkv, self.rest)
         pos = start + self.steps[:n] if n <= MAX_GRAPH else start + torch.arange(
@@ -259,8 +273,7 @@ class Engine:
                 q, _, _ = qkv(x, cos, sin, w, self.heads, self.kv_heads, self.eps,
                               cache=(kc, vc, pos))
                 x = rest(x, q, kc, vc, None, w, self.scale, self.eps, self.group, pos=pos)
-            h = _rms(x, self.norm, self.eps)
-            return self._logits(h), h
+            return x
         visible = self.slots[None, :] <= pos[:, None]                       # [n, L]
         bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         bias = bias.masked_fill(~visible, float("-inf")).repeat(self.heads // self.kv_heads, 1)
@@ -269,8 +282,7 @@ class Engine:
             kc.index_copy_(1, pos, k)
             vc.index_copy_(1, pos, v)
             x = rest(x, q, kc, vc, bias, w, self.scale, self.eps, self.group)
-        h = _rms(x, self.norm, self.eps)
-        return self._logits(h), h
+        return x
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [n] -> input embeddings [n, d]."""
@@ -303,6 +315,62 @@ class Engine:
         self.start.copy_(self.host[MAX_GRAPH:], non_blocking=True)
         self.staged.record()
         return self._replay(n)
+
+    def fill(self, ids: list[int], start: int) -> None:
+        """Write the K/V of ``ids`` at positions start.. and nothing else (a prefill: no
+        logits). With COSPEC_PREFILL=all-graphs on a GPU, MAX_GRAPH < n <= PREFILL_GRAPH_MAX
+        tokens run the layers as one CUDA graph a padded length (``_fill_padded``); other
+        fills are ``run``'s forward."""
+        n = len(ids)
+        padded = -(-n // PREFILL_BUCKET) * PREFILL_BUCKET
+        if (not self.prefill_graphs or n <= MAX_GRAPH or padded > PREFILL_GRAPH_MAX
+                or start + padded > self.max_len):
+            self.run(ids, start)
+            return
+        self._fill_padded(ids, start, padded)
+
+    def _fill_padded(self, ids: list[int], start: int, padded: int) -> None:
+        """``fill`` over ids padded (with id 0) to ``padded`` tokens: the pad rows come after
+        the real ones, so no real row sees them, and their K/V land in slots beyond the
+        filled length, stale until overwritten (the class invariant). On CUDA with graphs one
+        graph a padded length (captured on first use) replays the layers on staged ids and
+        start; elsewhere the same layers run eagerly (what the CPU tests check)."""
+        n = len(ids)
+        if start + padded > self.max_len:
+            raise CospecError(f"static KV cache full: {start} + {padded} tokens > "
+                              f"{self.max_len}")
+        if self.fill_ids is None or len(self.fill_ids) < padded:  # once at full size where
+            size = max(padded, PREFILL_GRAPH_MAX if self.use_graphs else 0)  # graphs read it
+            self.fill_ids = torch.zeros(size, dtype=torch.long, device=self.device)
+        staged = torch.zeros(padded + 1, dtype=torch.long)
+        staged[:n], staged[padded] = torch.tensor(ids), start
+        if self.use_graphs:  # from torch's pinned-memory cache, reused once the copy is done
+            staged = staged.pin_memory()
+        self.fill_ids[:padded].copy_(staged[:padded], non_blocking=True)
+        self.fill_start.copy_(staged[padded:], non_blocking=True)
+        if not self.use_graphs:
+            self._layers(self.fill_ids[:padded], self.fill_start, eager=True)
+            return
+        if padded not in self.fills:
+            self.fills[padded] = self._capture_fill(padded)
+        self.fills[padded].replay()
+
+    def _capture_fill(self, padded: int) -> torch.cuda.CUDAGraph:
+        """Capture the layers over ``padded`` staged tokens (eager functions: more rows than
+        the fused or compiled ones take); as ``_capture``, the warm-up runs are this call."""
+        t0 = time.perf_counter()
+        ids, start = self.fill_ids[:padded], self.fill_start
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._layers(ids, start, eager=True)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._layers(ids, start, eager=True)
+        self.capture_s += time.perf_counter() - t0
+        return graph
 
     def run_device(self, ids: torch.Tensor, start: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,7 +433,7 @@ def layer_functions(device: torch.device, graphs: bool | None, compile: bool | N
             torch.compile(_rest, dynamic=True, fullgraph=True))
 
 
-PREFILL_MODES = ("eager", "compiled", "graphs")
+PREFILL_MODES = ("eager", "compiled", "graphs", "all-graphs")
 
 
 def prefill_mode() -> str:
@@ -378,7 +446,10 @@ def prefill_mode() -> str:
     each: ``graphs`` cut the batch engine's prefill 1.05–4× (random 1.5B, 1–64 rows) and
     served 1.18–1.38× of eager's tokens/s at 1–16 clients (results/gpu/h200/prefill-graphs);
     ``compiled`` saved 8 % of the prefill at one row, nothing measurable served, and its
-    compile added ≈ 40 s to ``serve --warm-up`` (results/gpu/h200/prefill-compiled-vs-eager)."""
+    compile added ≈ 40 s to ``serve --warm-up`` (results/gpu/h200/prefill-compiled-vs-eager).
+    ``all-graphs``: ``graphs``, and the batch-1 engine's prefills of up to PREFILL_GRAPH_MAX
+    tokens as CUDA graphs too, padded to multiples of PREFILL_BUCKET (``Engine.fill``;
+    opt-in until a GPU measures it)."""
     if "COSPEC_COMPILE_PREFILL" in os.environ:  # the earlier spelling: not ignored silently
         raise CospecError("COSPEC_COMPILE_PREFILL is replaced by COSPEC_PREFILL: compiled for "
                           "1, eager for 0 (or unset)")
@@ -453,8 +524,10 @@ class StaticLM:
         return out, h[-keep:].to(torch.float32, copy=True) if self.hidden else None
 
     def prefill(self, ids: list[int]) -> None:
+        """Feed ``ids`` after the cached prefix for their K/V only (``Engine.fill``)."""
         if ids:
-            self.forward(ids, keep=1)
+            self.engine.fill(ids, self.length)
+            self.length += len(ids)
 
     def reset(self) -> None:
         self.length = 0

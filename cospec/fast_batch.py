@@ -136,7 +136,8 @@ class BatchLM:
                                                                           compile)
         mode = prefill_mode()  # see fast.prefill_mode
         self.compiled_prefill = mode == "compiled" and compiled
-        self.graph_prefill = mode == "graphs" and self.use_graphs  # CPU: nothing to capture
+        self.graph_prefill = (mode in ("graphs", "all-graphs")  # CPU: nothing to capture
+                              and self.use_graphs)
         self.graphs: dict[tuple[int, int, int], tuple] = {}  # (b, n, span) -> (graph, logits,
         #                                                        hidden)
         self.prefill_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (b, n) -> graph

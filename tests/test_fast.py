@@ -181,6 +181,75 @@ def test_compiled_prefill_is_opt_in(static, flag, monkeypatch):
         assert seen == []
 
 
+@pytest.mark.parametrize("start", [0, 5])
+def test_padded_fill_gives_the_forwards_cache(target, monkeypatch, start):
+    """COSPEC_PREFILL=all-graphs' fill pads the ids to a multiple of PREFILL_BUCKET and runs
+    the layers over them (eagerly here; from a graph a padded length on a GPU): the filled
+    slots hold ``run``'s K/V, the pad rows' K/V land beyond them, and the next step's logits
+    are ``run``'s."""
+    monkeypatch.setattr(fast, "PREFILL_BUCKET", 8)
+    ids = prompt(4, 40)
+    n = 19                                                       # padded to 24
+    a, b = Engine(target, max_len=64), Engine(target, max_len=64)
+    a.prefill_graphs = True  # as under all-graphs on a GPU: fill takes the padded path
+    calls = []
+    padded_fill = a._fill_padded
+    monkeypatch.setattr(a, "_fill_padded", lambda *args: calls.append(args[1:]) or
+                        padded_fill(*args))
+    for eng in (a, b):
+        if start:
+            eng.fill(ids[:start], 0)                             # <= MAX_GRAPH: run's
+    a.fill(ids[start:start + n], start)
+    b.run(ids[start:start + n], start)
+    assert calls == [(start, 24)]
+    end = start + n
+    for ka, kb in zip(a.kc + a.vc, b.kc + b.vc):
+        torch.testing.assert_close(ka[:, :end], kb[:, :end], rtol=1e-5, atol=1e-6)
+        assert kb[:, end:].abs().sum() == 0
+    # the pad rows (id 0, whose embedding may be 0) wrote past the real ones, from layer 1 on
+    assert sum(float(k[:, end:start + 24].abs().sum()) for k in a.kc[1:] + a.vc[1:]) > 0
+    got, want = a.run(ids[end:end + 3], end)[0], b.run(ids[end:end + 3], end)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prefill_graphs_give_the_same_tokens_on_the_gpu(static, monkeypatch):
+    """COSPEC_PREFILL=all-graphs on a GPU: prompts of 25 and 70 tokens prefill through the
+    padded graphs (captured once a padded length) and spd's greedy tokens stay CachedLM's."""
+    monkeypatch.setenv("COSPEC_PREFILL", "all-graphs")
+    target = tiny_model(21, dtype=torch.float32).cuda()
+    draft = tiny_model(22, layers=1, dtype=torch.float32).cuda()
+    for n in (fast.MAX_GRAPH + 9, 70):
+        ids = prompt(n, n=n)
+        got, want = both(static, lambda ids=ids: [t.id for t in generate(
+            target, draft, ids, ExactRule(), k=3, max_new_tokens=12)])
+        assert got == want and len(got) == 12
+    gc.collect()
+    assert sorted(p for e in fast.engines(target) for p in e.fills) == [64, 128]
+
+
+def test_fill_takes_the_padded_graphs_only_where_they_fit(target, monkeypatch):
+    """fill runs ``run``'s forward for at most MAX_GRAPH tokens, beyond PREFILL_GRAPH_MAX
+    padded, where the padding would pass the cache, and unless all-graphs is on a GPU (on
+    the CPU it never is)."""
+    monkeypatch.setenv("COSPEC_PREFILL", "all-graphs")
+    eng = Engine(target, max_len=64)
+    assert not eng.prefill_graphs                                # no graphs on the CPU
+    eng.prefill_graphs = True
+    monkeypatch.setattr(fast, "PREFILL_GRAPH_MAX", 32)
+    padded, ran = [], []
+    monkeypatch.setattr(eng, "_fill_padded", lambda ids, start, p: padded.append((start, p)))
+    monkeypatch.setattr(eng, "run", lambda ids, start: ran.append((start, len(ids))))
+    ids = prompt(5, 60)
+    eng.fill(ids[:fast.MAX_GRAPH], 0)                           # short: a step
+    eng.fill(ids[:17], 0)                                       # padded to 64 > 32: eager
+    monkeypatch.setattr(fast, "PREFILL_GRAPH_MAX", 64)
+    eng.fill(ids[:17], 0)                                       # padded to 64: the graph
+    eng.fill(ids[:17], 10)                                      # 10 + 64 > 64 slots: eager
+    assert padded == [(0, 64)]
+    assert ran == [(0, fast.MAX_GRAPH), (0, 17), (10, 17)]
+
+
 def test_unsupported_falls_back(target, monkeypatch):
     monkeypatch.setenv("COSPEC_STATIC", "1")
     target.config.hidden_act = "gelu"
