@@ -34,6 +34,7 @@ Greedy only, batch 1, prompts of two or more tokens, models on ``fast.StaticLM``
 from __future__ import annotations
 
 import collections
+import time
 import weakref
 from collections.abc import Callable, Iterable
 
@@ -110,6 +111,13 @@ class BlockGraph:
         return self.verdict
 
 
+def _clock(device: torch.device) -> float:
+    """Seconds, after the device's queued work (a synchronisation on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 # target engine -> draft engine -> {k: BlockGraph}, gone with either engine
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -141,10 +149,13 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
     eos, start = set(eos_ids), len(prompt_ids)
     room = start + max_new_tokens + (AHEAD + 2) * (k + 1) + 2
     lms = [fast.StaticLM(m, max_len=room) for m in (target, draft)]
-    for lm in lms:
-        lm.prefill(prompt_ids[:-1])
     tgt, drf = (lm.engine for lm in lms)
     device = tgt.device
+    t0 = _clock(device)
+    for lm in lms:
+        lm.prefill(prompt_ids[:-1])
+    t1 = _clock(device)
+    stats.prefill_s += t1 - t0
     if graph is None:
         graph = choice("COSPEC_BLOCK_GRAPH", ("0", "1"), "1") == "1"
     whole = block_graph(tgt, drf, k) if graph and tgt.use_graphs and drf.use_graphs else None
@@ -176,6 +187,6 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
             out.append(tok)
             if tok in eos or len(out) >= max_new_tokens:
                 stats.generated += len(out)
-                if device.type == "cuda":  # the blocks queued past the stop are this call's
-                    torch.cuda.synchronize(device)  # work: a caller's clock counts them
+                # the blocks queued past the stop are this call's work: its clock counts them
+                stats.decode_s += _clock(device) - t1
                 return out

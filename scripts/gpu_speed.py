@@ -289,7 +289,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         return {"ids": ids, "total_s": total, "tok_s": len(ids) / total, "tau": stats.tau,
                 "arbiter_s": stats.arbiter_s, "arbiter_calls": stats.arbiter_calls,
                 "overrides": stats.overrides, "steps": stats.steps,
-                "decode_s": stats.decode_s, "trace": trace}
+                "decode_s": stats.decode_s, "prefill_s": stats.prefill_s, "trace": trace}
 
     order = names + (["hf-eager"] if "hf-assisted" in names else [])
     longest = max(prompts, key=len)
@@ -331,6 +331,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     for name in order:
         if rows[0][name]["steps"]:
             summary[name]["tau"] = statistics.mean(r[name]["tau"] for r in rows)
+        if (ms := prefill_ms(rows, name)) is not None:
+            summary[name]["prefill_ms"] = ms
     for base, exact in (("we", ("we-sd", "cos-we")), ("cd", ("cd-sd", "cos-cd"))):
         if not {base, *exact} <= set(order):
             continue
@@ -416,6 +418,13 @@ def part_replay(args, pair_result: dict | None) -> dict:
     return out
 
 
+def prefill_ms(rows: list[dict], name: str) -> float | None:
+    """The mean prefill a prompt (ms) of ``name`` over the per-prompt ``rows``, where every
+    prompt timed it (the batch-1 loops and fast_block do; None where a loop leaves it 0)."""
+    prefill = [r[name].get("prefill_s", 0.0) for r in rows]
+    return 1000 * statistics.mean(prefill) if all(prefill) else None
+
+
 def paired(rows: list[dict], name: str) -> tuple[float, float, float]:
     """Median and quartiles of the per-prompt ratios tok/s of ``name`` ÷ target's (the
     same prompt decoded by both in one run)."""
@@ -458,17 +467,19 @@ def markdown(res: dict) -> str:
         lines += [f"## Real pair (1.5B ← 0.5B), {p['prompts']} {task} prompts, T = {temp:g}, "
                   f"k = {p['k']}, ≤ {p['max_new_tokens']} new tokens (part `{key}`)", "",
                   "| method | tokens | tok/s | ÷ target (ours) | median paired ÷ target "
-                  "[quartiles] | ÷ we / cd | ÷ *-sd | τ |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "[quartiles] | ÷ we / cd | ÷ *-sd | τ | prefill ms a prompt |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, r in s.items():
             if isinstance(r, dict):
                 base = r.get("vs_we", r.get("vs_cd"))
                 sd = r.get("vs_we-sd", r.get("vs_cd-sd"))
                 mid, q1, q3 = paired(p["per_prompt"], name)
+                prefill = f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else ""
                 lines.append(f"| {name} | {r['tokens']} | {r['tok_s']:.1f} | "
                              f"{r['vs_target']:.2f}× | {mid:.2f}× [{q1:.2f}, {q3:.2f}] | "
                              f"{f'{base:.2f}×' if base else ''} | {f'{sd:.2f}×' if sd else ''}"
-                             f" | {r.get('tau', float('nan')):.2f} |")
+                             f" | {r.get('tau', float('nan')):.2f} | "
+                             f"{prefill} |")
         if "spd_vs_hf_assisted" in s:
             lines += ["", f"spd ÷ HF assisted: **{s['spd_vs_hf_assisted']:.2f}×**; HF "
                       f"assisted ÷ HF eager: {s['hf_assisted_vs_hf_eager']:.2f}×."]

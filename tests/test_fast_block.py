@@ -56,6 +56,7 @@ def test_tokens_are_the_targets_greedy(monkeypatch, device, graph):
                         assert stats.accepted == k * stats.steps
                     accepted[name] = accepted.get(name, 0) + stats.accepted
                     assert stats.steps >= 1 and stats.generated == len(want)
+                    assert stats.prefill_s > 0 and stats.decode_s > 0  # both timed
     assert accepted["same"] > accepted["near"] > accepted["other"] == 0
     made = sum(len(ks) for by_draft in fast_block._GRAPHS.values() for ks in by_draft.values())
     assert made == (3 * 3 if graph and device == "cuda" else 0)  # a graph a draft and k

@@ -33,7 +33,8 @@ def test_markdown_remade_from_json(tmp_path, monkeypatch):
     per_prompt = [{"target": {"tok_s": 100.0}, "spd": {"tok_s": 120.0}},
                   {"target": {"tok_s": 50.0}, "spd": {"tok_s": 75.0}}]
     summary = {"target": {"tokens": 300, "tok_s": 80.0, "vs_target": 1.0, "tau": 1.0},
-               "spd": {"tokens": 300, "tok_s": 100.0, "vs_target": 1.25, "tau": 4.5}}
+               "spd": {"tokens": 300, "tok_s": 100.0, "vs_target": 1.25, "tau": 4.5,
+                       "prefill_ms": 12.5}}
     res = {"device": "GPU", "command": "gpu_speed.py ...",
            "pair": {"task": "gsm8k", "temperature": 0.0, "prompts": 2, "k": 5,
                     "max_new_tokens": 256, "warmup_s": 1.0, "per_prompt": per_prompt,
@@ -43,6 +44,17 @@ def test_markdown_remade_from_json(tmp_path, monkeypatch):
     gpu_speed.main()
     table = (tmp_path / "gpu_speed.md").read_text()
     assert "| spd | 300 | 100.0 | 1.25× | 1.35× [1.27, 1.43] |" in table  # 1.2 and 1.5
+    assert "| 4.50 | 12.5 |" in table and "| target | 300 | 80.0 | 1.00× |" in table
+    assert table.split("| target |")[1].split("\n")[0].endswith("| 1.00 |  |")  # no prefill
+
+
+def test_prefill_is_averaged_where_every_prompt_timed_it():
+    """summary[name]["prefill_ms"]: the mean prefill a prompt, for the loops that time it
+    (all prompts), and absent where a loop left it at 0."""
+    per = [{"target": {"prefill_s": 0.010}, "spd": {"prefill_s": 0.020}, "we": {}},
+           {"target": {"prefill_s": 0.030}, "spd": {"prefill_s": 0.0}, "we": {}}]
+    assert gpu_speed.prefill_ms(per, "target") == pytest.approx(20.0)
+    assert gpu_speed.prefill_ms(per, "spd") is None and gpu_speed.prefill_ms(per, "we") is None
 
 
 def test_markdown_without_json_is_a_usage_error(tmp_path, monkeypatch, capsys):
