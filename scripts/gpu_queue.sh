@@ -12,13 +12,33 @@
 # $R/repo-N first, so later edits of the working tree do not reach a running queue, and
 # $R/repo-N.done marks the queue's end (its name is printed). --after FILE: start once FILE exists (e.g. another queue's done
 # file: queues run one after the other). Progress: $R/queue.log (shared by the queues), a line
-# per finished step with its exit status and the machine's load.
+# per finished step with its exit status and the machine's load. A queue's PID is in
+# $R/repo-N.pid (stop it: kill -- -PID, its whole process group). A queue still running
+# refuses a new one without --after (two would time each other): --after its done file, or
+# --alongside to run both at once on purpose.
 set -eu
 export R=${R:-/tmp/r6}
-after=
-if [ "${1:-}" = --after ]; then after=$2; shift 2; fi
-[ $# -gt 0 ] || { echo "usage: gpu_queue.sh [--after FILE] STEP [STEP ...]" >&2; exit 2; }
+after= alongside=
+while :; do
+    case ${1:-} in
+        --after) after=$2; shift 2 ;;
+        --alongside) alongside=1; shift ;;
+        *) break ;;
+    esac
+done
+[ $# -gt 0 ] || {
+    echo "usage: gpu_queue.sh [--after FILE | --alongside] STEP [STEP ...]" >&2; exit 2; }
 mkdir -p "$R"
+if [ -z "$after$alongside" ]; then
+    for pid in "$R"/repo-*.pid; do
+        [ -e "$pid" ] && [ ! -e "${pid%.pid}.done" ] || continue
+        stat=/proc/$(cat "$pid")/stat  # alive: there and not a zombie (state, field 3)
+        [ -r "$stat" ] && [ "$(cut -d' ' -f3 "$stat")" != Z ] || continue
+        echo "gpu_queue.sh: ${pid%.pid} is still running: --after ${pid%.pid}.done (or" \
+             "--alongside)" >&2
+        exit 2
+    done
+fi
 repo=$(mktemp -d "$R/repo-XXXX")
 tar --exclude='./.dev-*' --exclude='./.git' -cf - . | tar xf - -C "$repo"
 setsid nohup bash -c '
@@ -35,4 +55,5 @@ setsid nohup bash -c '
         echo "--- $(date +%T) $step exit $rc load $(cut -d" " -f1-3 /proc/loadavg)" >> "$R/queue.log"
     done
     touch "$repo.done"' queue "$after" "$repo" "$@" > /dev/null 2>&1 < /dev/null &
-echo "queued ${*} (log: $R/queue.log; done: $repo.done)"
+echo $! > "$repo.pid"
+echo "queued ${*} (log: $R/queue.log; done: $repo.done; pid: $(cat "$repo.pid"))"
