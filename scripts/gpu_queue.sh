@@ -4,7 +4,7 @@
 # failing stage does not stop the ones after it. Returns at once:
 #
 #   R=/tmp/r COSPEC_CACHE=/tmp/cc PYTHONPATH=/tmp/site:. bash scripts/gpu_queue.sh \
-#       [--after FILE] STEP [STEP ...]
+#       [--after FILE | --alongside] STEP [STEP ...]
 #
 # STEP is a stage of gpu_stages.sh, or "VAR=value [VAR=value ...],stage" to set variables for
 # that stage only (e.g. VSERVE_METHOD=spd,vserve or "VBATCH_METHODS=spd VBATCHES=1,4,vbatch":
