@@ -60,8 +60,8 @@
 #           cospec and cos-we against target-only (FSPEED_METHODS picks)
 #           (FSPEED_SET=NAME=V+NAME=V.. fused settings, into speed-fused-$FSPEED_TAG)
 #   gaps    the GPU's busy time and idle gaps per token and per step while the real pair
-#           decodes 4 GSM8K prompts (scripts/prof_gaps.py; GAPS_METHODS, GAPS_TASK): how
-#           much of spd's block waits on the host
+#           decodes 4 GSM8K prompts (scripts/prof_gaps.py; GAPS_METHODS, GAPS_TASK; into
+#           gaps-$GAPS_TAG if set): how much of spd's block waits on the host
 #   serve   scripts/load_test.py on the real pair: 128 requests at 1, 4, 16 and 64 at once,
 #           fp32, every response checked against the target's batch-1 greedy output
 #   sspeed  the same load in bf16, unchecked, plain requests only, 128 tokens each: cospec
@@ -143,8 +143,9 @@ stage_launch() {  # GPU floors: launches, streaming reads, a persistent kernel's
 }
 
 stage_gaps() {  # the GPU's busy time and idle gaps while the real pair decodes (batch 1)
-    [ -e "$R/gaps/prof_gaps.json" ] || timeout "${GAPS_S:-400}" python3 scripts/prof_gaps.py \
-        --out "$R/gaps" --methods "${GAPS_METHODS:-target,spd,spd-block,spd-graph,cospec}" \
+    local out="$R/gaps${GAPS_TAG:+-$GAPS_TAG}"
+    [ -e "$out/prof_gaps.json" ] || timeout "${GAPS_S:-400}" python3 scripts/prof_gaps.py \
+        --out "$out" --methods "${GAPS_METHODS:-target,spd,spd-block,spd-graph,cospec}" \
         --task "${GAPS_TASK:-gsm8k}" --prompts 4 2>&1 | grep -v "^[a-z-]* {" | tail -12
 }
 
