@@ -12,9 +12,10 @@ vocabulary of N tokens this gives:
 - **k-window coverage**: the share of k consecutive output tokens all inside it (a block of
   k drafts that the vocabulary leaves whole, if the draft agrees with the target).
 
-Two vocabularies a size: the first N ids (the tokenizer's merge order), and the N most
-frequent tokens of *another* task's outputs (cross-task, so that no set ranks its own
-tokens; ties and the rest by id). Writes DIR/draft_vocab_coverage.json and .md.
+Three vocabularies a size: the first N ids (the tokenizer's merge order); the N most
+frequent tokens of the *other* tasks' outputs (cross-task, so that no set ranks its own
+tokens); and, as an upper bound only, the N most frequent of the very outputs scored (ties
+and the rest by id). Writes DIR/draft_vocab_coverage.json and .md.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def main() -> None:
     for name, seqs in sets.items():
         others = ranked([s for other, ss in sets.items() if other != name for s in ss])
         kinds = {"first N ids": list(range(max(sizes))),
-                 "N most frequent in the others": others}
+                 "N most frequent in the others": others,
+                 "N most frequent in these (optimistic: ranked on what it scores)":
+                     ranked(seqs)}
         res["sets"][name] = {
             "tokens": sum(map(len, seqs)), "outputs": len(seqs),
             "coverage": {kind: [coverage(seqs, vocabulary(order, n), args.k) for n in sizes]
