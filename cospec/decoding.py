@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -139,12 +138,6 @@ def cached_lm(model: torch.nn.Module, hidden: bool = False, max_len: int = 2048)
     ``CachedLM``. ``max_len`` bounds the tokens the cache will ever hold."""
     return fast.StaticLM(model, hidden, max_len) if fast.wanted(model) else CachedLM(model,
                                                                                       hidden)
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 Row = tuple[torch.Tensor, torch.Tensor | None]  # one row of logits [1, V], hidden [1, d]
@@ -346,13 +339,13 @@ def decode(team: Team, prompt_ids: list[int], rule: AcceptanceRule, *, k: int = 
     device = lms[0].device
     gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
     seq = list(prompt_ids)
-    t0 = _clock(device)
+    t0 = fast.clock(device)
     for lm in lms:
         lm.prefill(seq[:-1])
-    stats.prefill_s += _clock(device) - t0
+    stats.prefill_s += fast.clock(device) - t0
     overrides_before = stats.overrides  # ``stats`` may sum several generations
     while (left := max_new_tokens - (len(seq) - len(prompt_ids))) > 0:
-        t0 = _clock(device)
+        t0 = fast.clock(device)
         with _reset_on_error(lms):
             if len(lms) == 1:  # one model: RUN_AHEAD plain steps per host sync
                 new, prop, verdict = run_ahead(lms[0], seq, min(RUN_AHEAD, left), sampling,
@@ -370,7 +363,7 @@ def decode(team: Team, prompt_ids: list[int], rule: AcceptanceRule, *, k: int = 
         seq.extend(new)
         cut = next((j + 1 for j, tok in enumerate(new) if tok in eos), len(new))
         _count(stats, prop, verdict, len(new), cut)
-        stats.decode_s += _clock(device) - t0
+        stats.decode_s += fast.clock(device) - t0
         kept = 0 if verdict is None else verdict.accepted + verdict.next_from_draft
         for j in range(cut):
             yield Token(new[j], j < kept)

@@ -33,6 +33,7 @@ import os
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -360,15 +361,8 @@ class Engine:
         the fused or compiled ones take); as ``_capture``, the warm-up runs are this call."""
         t0 = time.perf_counter()
         ids, start = self.fill_ids[:padded], self.fill_start
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._layers(ids, start, eager=True)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._layers(ids, start, eager=True)
+        graph, _ = capture_graph(self.device, self.pool,
+                                 lambda: self._layers(ids, start, eager=True))
         self.capture_s += time.perf_counter() - t0
         return graph
 
@@ -405,18 +399,37 @@ class Engine:
         """Capture the forward over n tokens. The warm-up runs compute this very call (the
         buffers already hold its ids and start), so their K/V writes are the real ones."""
         t0 = time.perf_counter()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(self.ids[:n], self.start, eager=False)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits, hidden = self._forward(self.ids[:n], self.start, eager=False)
-        torch.cuda.synchronize(self.device)
+        graph, (logits, hidden) = capture_graph(
+            self.device, self.pool, lambda: self._forward(self.ids[:n], self.start, eager=False))
         self.capture_s += time.perf_counter() - t0
         return graph, logits, hidden
+
+
+def capture_graph(device: torch.device, pool, forward: Callable[[], object],
+                  warm_up: Callable[[], object] | None = None
+                  ) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, ``forward``'s outputs in it): ``warm_up`` (default ``forward``) run twice on a
+    side stream, so that lazy inits, compiles and allocations happen outside the capture, then
+    ``forward`` captured into ``pool`` and the device synchronised."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            (warm_up or forward)()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    torch.cuda.synchronize(device)
+    return graph, out
+
+
+def clock(device: torch.device) -> float:
+    """Seconds (``time.perf_counter``), after the device's queued work (a synchronisation on
+    CUDA): the decode loops' prefill and decode timers."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def layer_functions(device: torch.device, graphs: bool | None, compile: bool | None):

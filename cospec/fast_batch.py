@@ -58,6 +58,8 @@ from cospec.fast import (
     _qkv,
     _rest,
     _rms,
+    capture_graph,
+    clock,
     layer_functions,
     prefill_mode,
     supported,
@@ -268,16 +270,7 @@ class BatchLM:
         and allocations happen outside the capture), then captured in the shared pool. The
         two runs compute what the static buffers hold, so their K/V writes are real ones."""
         t0 = time.perf_counter()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                forward()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = forward()
-        torch.cuda.synchronize(self.device)
+        graph, out = capture_graph(self.device, self.pool, forward)
         self.capture_s += time.perf_counter() - t0
         return graph, out
 
@@ -458,9 +451,9 @@ class BatchEngine:
         then hold the rest (a request that ended at its first token has none). Otherwise a
         request's first token waits for its whole first step."""
         with torch.inference_mode():
-            t0 = _clock(self.device)
+            t0 = clock(self.device)
             admitted = self._admit()
-            t1 = _clock(self.device)
+            t1 = clock(self.device)
             self.stats.prefill_s += t1 - t0
             used = [i for i, r in enumerate(self.slots) if r is not None]
             if not used:
@@ -491,7 +484,7 @@ class BatchEngine:
         commits = [self._commit(slot, self._rest(read[slot]) if first and slot in admitted
                                 else read[slot])
                    for slot in used if self.slots[slot] is not None]  # None: ended early
-        self.stats.decode_s += _clock(self.device) - t1
+        self.stats.decode_s += clock(self.device) - t1
         return commits
 
     def _bucket(self, top: int) -> int:
@@ -685,12 +678,6 @@ class BatchEngine:
         self.overrides[:b] += kept * self.live[:b]
         from_draft = (stop > k) & miss[:, k]
         return toks, a, [calls[:, None], kept[:, None], from_draft.long()[:, None]]
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def generate_batch(target: torch.nn.Module, draft: torch.nn.Module | None,

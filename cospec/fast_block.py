@@ -34,7 +34,6 @@ Greedy only, batch 1, prompts of two or more tokens, models on ``fast.StaticLM``
 from __future__ import annotations
 
 import collections
-import time
 import weakref
 from collections.abc import Callable, Iterable
 
@@ -93,29 +92,13 @@ class BlockGraph:
                      self.seq, self.length, self.span)
 
     def run(self) -> torch.Tensor:
-        if self.graph is None:
-            current = torch.cuda.current_stream(self.device)
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):  # kernels compiled, workspaces made (twice, as
-                saved = self.length.clone()  # the engines' captures); the block's writes are
-                for _ in range(2):           # the ones its replay makes again
-                    self._block()
-                    self.length.copy_(saved)
-            current.wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
-                self.verdict = self._block()
-            self.graph = graph
+        if self.graph is None:  # the warm-up runs' writes are the ones the replay makes
+            saved = self.length.clone()  # again; their length updates are undone
+            self.graph, self.verdict = fast.capture_graph(
+                self.device, torch.cuda.graph_pool_handle(), self._block,
+                warm_up=lambda: (self._block(), self.length.copy_(saved)))
         self.graph.replay()
         return self.verdict
-
-
-def _clock(device: torch.device) -> float:
-    """Seconds, after the device's queued work (a synchronisation on CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 # target engine -> draft engine -> {k: BlockGraph}, gone with either engine
@@ -151,10 +134,10 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
     lms = [fast.StaticLM(m, max_len=room) for m in (target, draft)]
     tgt, drf = (lm.engine for lm in lms)
     device = tgt.device
-    t0 = _clock(device)
+    t0 = fast.clock(device)
     for lm in lms:
         lm.prefill(prompt_ids[:-1])
-    t1 = _clock(device)
+    t1 = fast.clock(device)
     stats.prefill_s += t1 - t0
     if graph is None:
         graph = choice("COSPEC_BLOCK_GRAPH", ("0", "1"), "1") == "1"
@@ -188,5 +171,5 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
             if tok in eos or len(out) >= max_new_tokens:
                 stats.generated += len(out)
                 # the blocks queued past the stop are this call's work: its clock counts them
-                stats.decode_s += _clock(device) - t1
+                stats.decode_s += fast.clock(device) - t1
                 return out
