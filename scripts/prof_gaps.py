@@ -84,8 +84,7 @@ def idle_gaps(spans: list[Span]) -> dict:
             out[f"{cls}_gaps"] += 1
             out[f"{cls}_us"] += gap
             if cls != "short":
-                seen = out["around"].setdefault(f"{last} → {name}", [0, 0.0])
-                seen[0], seen[1] = seen[0] + 1, seen[1] + gap
+                _count_around(out["around"], f"{last} → {name}", 1, gap)
             start = s
         if e >= end:
             end, last = e, name
@@ -101,9 +100,14 @@ def total(parts: list[dict]) -> dict:
     around: dict[str, list] = {}
     for p in parts:
         for pair, (n, us) in p["around"].items():
-            seen = around.setdefault(pair, [0, 0.0])
-            seen[0], seen[1] = seen[0] + n, seen[1] + us
+            _count_around(around, pair, n, us)
     return out | {"around": around}
+
+
+def _count_around(around: dict[str, list], pair: str, gaps: int, us: float) -> None:
+    """Add ``gaps`` gaps of ``us`` µs in all to ``around[pair]`` ([gaps, µs])."""
+    seen = around.setdefault(pair, [0, 0.0])
+    seen[0], seen[1] = seen[0] + gaps, seen[1] + us
 
 
 def per_unit(gaps: dict, tokens: int, steps: int) -> dict:
