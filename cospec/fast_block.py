@@ -142,14 +142,14 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
     if graph is None:
         graph = choice("COSPEC_BLOCK_GRAPH", ("0", "1"), "1") == "1"
     whole = block_graph(tgt, drf, k) if graph and tgt.use_graphs and drf.use_graphs else None
-    if whole is not None:
+    if whole is not None:  # the graph's own state (its span made with it)
         seq, length = whole.seq, whole.length
     else:
         seq = torch.zeros(room, dtype=torch.long, device=device)
         length = torch.zeros(1, dtype=torch.long, device=device)
+        span = torch.arange(k + 1, device=device)
     seq[:start] = torch.tensor(prompt_ids, device=device)
     length.fill_(start)
-    span = torch.arange(k + 1, device=device)
     queued: collections.deque = collections.deque()  # (host copy, its event) a block
     out: list[int] = []
     while True:
