@@ -452,6 +452,8 @@ def paired(rows: list[dict], name: str) -> tuple[float, float, float]:
 
 def markdown(res: dict) -> str:
     lines = [f"# GPU speed ({res.get('device', '?')})", "", f"Command: `{res['command']}`", ""]
+    if "prefill" in res:  # recorded since the batch-1 prefill graphs came
+        lines += [f"Prefill: `COSPEC_PREFILL={res['prefill']}`", ""]
     if "check" in res:
         lines += ["## Fast path vs transformers' forward (0.5B shapes, random weights)", "",
                   "| dtype | max |logit diff| | argmax agree | greedy 64: same first |",
@@ -583,7 +585,7 @@ def main() -> None:
     import transformers
 
     res.update(device=torch.cuda.get_device_name(), torch=torch.__version__,
-               transformers=transformers.__version__,
+               transformers=transformers.__version__, prefill=fast.prefill_mode(),
                fused={"COSPEC_FUSED": os.environ.get("COSPEC_FUSED", "auto")}
                | {k: getattr(fused, k) for k in fused.TUNABLE},
                command="PYTHONPATH=. python scripts/gpu_speed.py " + " ".join(

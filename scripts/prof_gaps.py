@@ -123,7 +123,8 @@ def per_unit(gaps: dict, tokens: int, steps: int) -> dict:
 def markdown(res: dict) -> str:
     lines = [f"{res['device']}, {res['task']}, {res['prompts']} prompts, k = {res['k']}, "
              f"<= {res['new']} new tokens, EOS respected; gaps: short < {SHORT:g} µs, "
-             f"long >= {LONG:g} µs", "",
+             f"long >= {LONG:g} µs"
+             + (f"; COSPEC_PREFILL={res['prefill']}" if "prefill" in res else ""), "",
              "| method | tokens | steps | busy µs / token | idle µs / token | idle µs / step | "
              "long gaps µs / step | idle share | gaps short / medium / long |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -161,13 +162,15 @@ def main() -> None:
     from gpu_speed import real_pair, task_prompts
     from torch.profiler import ProfilerActivity, profile
 
+    from cospec import fast
     from cospec.methods import MethodOptions, build_method, eos_ids
     from cospec.sampling import GREEDY
 
     pair = real_pair()
     eos = eos_ids(pair.tokenizer, pair.target)
     prompts = task_prompts(pair.tokenizer, args.task, args.prompts)
-    res = {"device": torch.cuda.get_device_name(), "task": args.task, "prompts": len(prompts),
+    res = {"device": torch.cuda.get_device_name(), "prefill": fast.prefill_mode(),
+           "task": args.task, "prompts": len(prompts),
            "k": args.k, "new": args.new, "methods": {}}
     for name in args.methods.split(","):
         method = (BlockSpd(pair, graph=name == "spd-graph") if name in ("spd-block", "spd-graph")
