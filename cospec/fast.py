@@ -43,8 +43,9 @@ from cospec.errors import CospecError
 from cospec.settings import choice
 
 MAX_GRAPH = 16      # forwards over more tokens than this run eagerly
-# COSPEC_PREFILL=all-graphs: a batch-1 prefill of MAX_GRAPH < n <= PREFILL_GRAPH_MAX tokens
-# runs the layers as a CUDA graph over the ids padded to a multiple of PREFILL_BUCKET
+# COSPEC_PREFILL=all-graphs (the default): a batch-1 prefill of MAX_GRAPH < n <=
+# PREFILL_GRAPH_MAX tokens runs the layers as a CUDA graph over the ids padded to a multiple
+# of PREFILL_BUCKET
 PREFILL_BUCKET = 64
 PREFILL_GRAPH_MAX = 1024
 LEN_ROUND = 256     # engines' cache lengths are rounded up to this (fewer re-captures)
@@ -334,8 +335,10 @@ class Engine:
         """``fill`` over ids padded (with id 0) to ``padded`` tokens: the pad rows come after
         the real ones, so no real row sees them, and their K/V land in slots beyond the
         filled length, stale until overwritten (the class invariant). On CUDA with graphs one
-        graph a padded length (captured on first use) replays the layers on staged ids and
-        start; elsewhere the same layers run eagerly (what the CPU tests check)."""
+        graph a padded length replays the layers on staged ids and start; elsewhere the same
+        layers run eagerly (what the CPU tests check). The graphs are captured on first use,
+        and a fill from slot 0 captures every padded length the cache holds at once
+        (``_capture_fills``), so that later prompts (in a timed run, say) wait for none."""
         n = len(ids)
         if start + padded > self.max_len:
             raise CospecError(f"static KV cache full: {start} + {padded} tokens > "
@@ -353,8 +356,21 @@ class Engine:
             self._layers(self.fill_ids[:padded], self.fill_start, eager=True)
             return
         if padded not in self.fills:
-            self.fills[padded] = self._capture_fill(padded)
+            self._capture_fills([padded] if start else
+                                range(PREFILL_BUCKET, min(PREFILL_GRAPH_MAX, self.max_len) + 1,
+                                      PREFILL_BUCKET))
         self.fills[padded].replay()
+
+    def _capture_fills(self, lengths) -> None:
+        """Capture the fill graph of each padded length in ``lengths`` not captured yet. Each
+        capture's warm-up runs the layers on the staged ids and start, writing K/V into
+        slots start..start + length: from slot 0 every slot that ``_fill_padded`` then leaves
+        unwritten lies past its filled length (stale until overwritten), so a fill from 0
+        may capture any length the cache holds; a fill from a later slot captures its own
+        length only (the slots before it are live)."""
+        for length in lengths:
+            if length not in self.fills:
+                self.fills[length] = self._capture_fill(length)
 
     def _capture_fill(self, padded: int) -> torch.cuda.CUDAGraph:
         """Capture the layers over ``padded`` staged tokens (eager functions: more rows than
@@ -450,23 +466,25 @@ PREFILL_MODES = ("eager", "compiled", "graphs", "all-graphs")
 
 
 def prefill_mode() -> str:
-    """How prefill runs (inputs of more than MAX_GRAPH tokens; in the batch engine every
-    prefill pass): COSPEC_PREFILL = ``graphs`` (unset: the default; the batch engine only:
-    the prompts admitted together one pass, padded to a (rows, length) shape, each shape a
-    CUDA graph; where there are no graphs, CPU included, and in the batch-1 engine: eager),
-    ``eager`` or ``compiled`` (through the compiled layer halves, dynamic shapes; engines with
-    compiled layers only: not on CPU, not with fused layers). Measured on an H200, one lease
-    each: ``graphs`` cut the batch engine's prefill 1.05–4× (random 1.5B, 1–64 rows) and
-    served 1.18–1.38× of eager's tokens/s at 1–16 clients (results/gpu/h200/prefill-graphs);
-    ``compiled`` saved 8 % of the prefill at one row, nothing measurable served, and its
-    compile added ≈ 40 s to ``serve --warm-up`` (results/gpu/h200/prefill-compiled-vs-eager).
-    ``all-graphs``: ``graphs``, and the batch-1 engine's prefills of up to PREFILL_GRAPH_MAX
-    tokens as CUDA graphs too, padded to multiples of PREFILL_BUCKET (``Engine.fill``;
-    opt-in until a GPU measures it)."""
+    """How prefill runs (inputs of more than MAX_GRAPH tokens): COSPEC_PREFILL =
+    ``all-graphs`` (unset: the default): the batch engine's ``graphs`` below, and the batch-1
+    engine's prefills of up to PREFILL_GRAPH_MAX tokens as CUDA graphs too, padded to
+    multiples of PREFILL_BUCKET (``Engine.fill``). On an H200 it cut the real pair's prefill
+    from 22-23 ms to 5 ms a prompt (target) and spd's two from 32 to 8-9 ms, and spd's ratio
+    to target-only from 1.14x to 1.17x (GSM8K) and 1.21x to 1.28x (HumanEval)
+    (results/gpu/h200/prefill-graphs-batch-1). ``graphs``: the batch engine only (the
+    prompts admitted together one pass, padded to a (rows, length) shape, each shape a CUDA
+    graph; it cut the batch engine's prefill 1.05-4x and served 1.18-1.38x of eager's
+    tokens/s at 1-16 clients: results/gpu/h200/prefill-graphs); the batch-1 engine eager.
+    Where there are no graphs, CPU included: eager. ``eager``, or ``compiled`` (through the
+    compiled layer halves, dynamic shapes; engines with compiled layers only: not on CPU,
+    not with fused layers; it saved 8 % of a one-row prefill, nothing measurable served, and
+    its compile added ~40 s to ``serve --warm-up``: results/gpu/h200/
+    prefill-compiled-vs-eager)."""
     if "COSPEC_COMPILE_PREFILL" in os.environ:  # the earlier spelling: not ignored silently
         raise CospecError("COSPEC_COMPILE_PREFILL is replaced by COSPEC_PREFILL: compiled for "
                           "1, eager for 0 (or unset)")
-    return choice("COSPEC_PREFILL", PREFILL_MODES, "graphs")
+    return choice("COSPEC_PREFILL", PREFILL_MODES, "all-graphs")
 
 
 def _raise_recompile_limit() -> None:

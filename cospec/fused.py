@@ -50,7 +50,14 @@ UP_BLOCK_N = 32      # gate (and up) columns per program
 OUT_BLOCK_N = 32     # o_proj / down_proj output columns per program
 BLOCK_K = 128        # reduction block of the projections
 DOWN_BLOCK_K = 256   # down_proj's
-ATTN_BLOCK_S = 32    # cache slots per attention block
+# Cache slots per attention block: on an H200 (0.5B / 1.5B, 1 and 5 rows, 100 and 400 slots)
+# 64 was the fastest or tied in 7 of 8 cells, up to 3 % a step faster than 32, and 1.8 %
+# behind 128 in the eighth (results/gpu/h200/fused-attention-block).
+ATTN_BLOCK_S = 64
+# An attention block's rows x head dim x slots at most (``_attn_block_s`` halves the slots to
+# fit): on sm90 the 7B's 5-row block at 64 slots (64 x 128 x 64) spills registers, at 32 not;
+# the 0.5B's (64 x 64 x 64) and 1.5B's (32 x 128 x 64) fit, and were the ones measured.
+ATTN_TILE = 64 * 64 * 64
 # Up to this many visible slots (0: never) one program a kv head attends them all, with no
 # split-K combine: on an H200 a 0.5B step at 101 slots took 0.636 ms against 0.664 split, a
 # 1.5B 1.292 against 1.305; all 401 slots in one split were 12 % (0.5B) and 13 % (1.5B)
@@ -100,8 +107,9 @@ GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compil
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K", "ATTN_BLOCK_S",
-           "ATTN_ONE_SPLIT", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K",
-           "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "MAX_REGS", "GEMV",
+           "ATTN_TILE", "ATTN_ONE_SPLIT", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K",
+           "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "MAX_REGS",
+           "GEMV",
            "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
            "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL", "GEMV_ROWS")
 
@@ -189,6 +197,15 @@ def _pow2(n: int) -> int:
 def _rows(n: int) -> int:
     """Row block of a kernel over n rows (tl.dot wants >= 16)."""
     return max(16, _pow2(n))
+
+
+def _attn_block_s(block_r: int, hd: int) -> int:
+    """Slots an attention block of ``block_r`` rows of head dim ``hd`` walks at once:
+    ATTN_BLOCK_S, halved (not below 16) while block_r x hd x slots > ATTN_TILE."""
+    slots = ATTN_BLOCK_S
+    while slots > 16 and block_r * hd * slots > ATTN_TILE:
+        slots //= 2
+    return slots
 
 
 @functools.cache
@@ -325,7 +342,8 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
         attn, counters(x.device, kv_heads), n, length, scale, HEADS=heads, GROUP=group,
         HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
-        BLOCK_R=_rows(group * n), BLOCK_S=ATTN_BLOCK_S, ONE_S=ATTN_ONE_SPLIT, **_launch())
+        BLOCK_R=_rows(group * n), BLOCK_S=_attn_block_s(_rows(group * n), hd),
+        ONE_S=ATTN_ONE_SPLIT, **_launch())
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)))
     act = x.new_empty(n, inter)
     block_n = GEMV_UP_BLOCK_N if gemv else UP_BLOCK_N

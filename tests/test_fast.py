@@ -212,6 +212,45 @@ def test_padded_fill_gives_the_forwards_cache(target, monkeypatch, start):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+class FakeFill:
+    """A fill graph's contract on the CPU: the capture's warm-up runs the layers once on the
+    staged ids and start (K/V written), and ``replay`` reruns them on whatever is staged."""
+
+    def __init__(self, eng: Engine, length: int):
+        self.eng, self.length = eng, length
+        self.replay()
+
+    def replay(self) -> None:
+        self.eng._layers(self.eng.fill_ids[:self.length], self.eng.fill_start, eager=True)
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_a_fill_from_slot_0_captures_every_padded_length(target, monkeypatch, start):
+    """A padded fill from slot 0 captures the graph of every padded length the cache holds
+    (their warm-ups write past the fill, where nothing is live); from a later slot, its own
+    length only. Either way the filled slots hold ``run``'s K/V and the next step's logits
+    are ``run``'s."""
+    monkeypatch.setattr(fast, "PREFILL_BUCKET", 8)
+    monkeypatch.setattr(fast, "PREFILL_GRAPH_MAX", 40)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t)   # no CUDA host memory here
+    ids = prompt(6, 60)
+    a, b = Engine(target, max_len=64), Engine(target, max_len=64)
+    if start:
+        a.run(ids[:start], 0)
+        b.run(ids[:start], 0)
+    a.prefill_graphs = a.use_graphs = True
+    monkeypatch.setattr(a, "_capture_fill", lambda length: FakeFill(a, length))
+    end = start + 19                                             # padded to 24
+    a.fill(ids[start:end], start)
+    b.run(ids[start:end], start)
+    assert sorted(a.fills) == ([24] if start else [8, 16, 24, 32, 40])
+    for ka, kb in zip(a.kc + a.vc, b.kc + b.vc):
+        torch.testing.assert_close(ka[:, :end], kb[:, :end], rtol=1e-5, atol=1e-6)
+    a.use_graphs = False                                         # the next step: run's, eager
+    got, want = a.run(ids[end:end + 3], end)[0], b.run(ids[end:end + 3], end)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_prefill_graphs_give_the_same_tokens_on_the_gpu(static, monkeypatch):
     """COSPEC_PREFILL=all-graphs on a GPU: prompts of 25 and 70 tokens prefill through the
@@ -225,7 +264,9 @@ def test_prefill_graphs_give_the_same_tokens_on_the_gpu(static, monkeypatch):
             target, draft, ids, ExactRule(), k=3, max_new_tokens=12)])
         assert got == want and len(got) == 12
     gc.collect()
-    assert sorted(p for e in fast.engines(target) for p in e.fills) == [64, 128]
+    lengths = range(fast.PREFILL_BUCKET, fast.PREFILL_GRAPH_MAX + 1, fast.PREFILL_BUCKET)
+    assert all(sorted(e.fills) == [p for p in lengths if p <= e.max_len]
+               for e in fast.engines(target))
 
 
 def test_fill_takes_the_padded_graphs_only_where_they_fit(target, monkeypatch):

@@ -169,17 +169,17 @@ def padded_passes(monkeypatch) -> list[tuple[tuple[int, int], list[int], list[in
 
 
 def test_graph_prefill_pads_rows_and_length(pair, near, monkeypatch):
-    """COSPEC_PREFILL=graphs (the default): the prompts admitted together are one pass, padded to
-    2^i rows (capped at the engine's) and to the smallest PREFILL_MIN·2^i tokens that holds
-    the longest (capped at max_len), one graph a padded shape (``fake_graphs``: graphs stood
-    in on the CPU, each replay the eager pass). The padding rows repeat the last prompt into
-    its own slot and the padding tokens' K/V land beyond the row, so every row still gives
-    the batch-1 loop's tokens, rows joining as slots free up. Without graphs (plain CPU)
-    prefill stays eager."""
+    """COSPEC_PREFILL=graphs (as the default all-graphs): the prompts admitted together are
+    one pass, padded to 2^i rows (capped at the engine's) and to the smallest
+    PREFILL_MIN·2^i tokens that holds the longest (capped at max_len), one graph a padded
+    shape (``fake_graphs``: graphs stood in on the CPU, each replay the eager pass). The
+    padding rows repeat the last prompt into its own slot and the padding tokens' K/V land
+    beyond the row, so every row still gives the batch-1 loop's tokens, rows joining as slots
+    free up. Without graphs (plain CPU) prefill stays eager."""
     monkeypatch.setenv("COSPEC_PREFILL", "graphs")
     assert not BatchEngine(pair[0], None, rows=2, max_len=40).target.graph_prefill
     fake_graphs(monkeypatch)
-    for value, graphs in (("eager", False), (None, True)):  # unset: the default, graphs
+    for value, graphs in (("eager", False), (None, True)):  # unset: the default, all-graphs
         if value is None:
             monkeypatch.delenv("COSPEC_PREFILL")
         else:

@@ -238,6 +238,20 @@ def test_split_k_arithmetic(monkeypatch):
     assert fused.split_k(600, 19, 0, cpu) == (1, 19)
 
 
+def test_attention_block_fits_its_tile(monkeypatch):
+    """The slots an attention block walks: ATTN_BLOCK_S where rows x head dim x slots fits
+    ATTN_TILE, else halved until it does (not below 16); the shipped shapes (0.5B, 1.5B) keep
+    the measured 64, the 7B's 5-row verify (64 rows of 128) takes 32."""
+    assert fused._attn_block_s(fused._rows(7 * 5), 64) == 64     # 0.5B verify
+    assert fused._attn_block_s(fused._rows(6 * 5), 128) == 64    # 1.5B verify
+    assert fused._attn_block_s(fused._rows(7 * 1), 128) == 64    # 7B decode
+    assert fused._attn_block_s(fused._rows(7 * 5), 128) == 32    # 7B verify
+    monkeypatch.setattr(fused, "ATTN_TILE", 1)
+    assert fused._attn_block_s(16, 64) == 16                     # never below 16
+    monkeypatch.setattr(fused, "ATTN_BLOCK_S", 4)
+    assert fused._attn_block_s(16, 64) == 4                      # nor above what was asked
+
+
 def test_settings(monkeypatch):
     """Settings given as NAME=VALUE reach the module (MAX_REGS the launches' register cap);
     bad ones are refused with the accepted names."""
