@@ -85,7 +85,8 @@ MAX_REGS = 0
 # row, same run) they made a 0.5B step 1.32x faster than those and a 1.5B 1.23x; a 7B step
 # runs 1.27x the reference path's (the few-row kernels': 1.03x). The tiles below are the best
 # of its sweeps (results/gpu/h200/fused-one-row-tiles: GEMV_OUT_BLOCK_N 1 over 2 by
-# 0.5-6 %; GEMV_BLOCK_K, GEMV_DOWN_BLOCK_K and GEMV_WARPS within 1-2 %).
+# 0.5-6 %; GEMV_BLOCK_K, GEMV_DOWN_BLOCK_K and GEMV_WARPS within 1-2 %). More rows keep
+# the few-row kernels: on these tiles 2 and 6 rows measured slower (docs/gpu.md).
 GEMV = 1
 GEMV_QKV_BLOCK_C = 2     # columns of each RoPE half per q/k/v program
 GEMV_UP_BLOCK_N = 8      # gate (and up) columns per program
@@ -93,14 +94,7 @@ GEMV_OUT_BLOCK_N = 1     # o_proj / down_proj output columns per program
 GEMV_BLOCK_K = 256       # reduction block of q/k/v and gate/up
 GEMV_DOWN_BLOCK_K = 1024  # of o_proj and down_proj
 GEMV_WARPS = 4
-# Up to this many rows (a draft's first step in a device-side block, 2; a k = 5 verify, 6)
-# also take the one-row tiles, the rows' products on the CUDA cores, reduction blocks of
-# GEMV_*BLOCK_K / rows (``_gemv_k``), unrolled over as wide a span as one row's (``_unroll``).
-# 1: one row only. Off: on an H200 it was 2-3.5x slower at 6 rows while its narrow blocks were
-# looped (results/gpu/h200/fused-rows-on-one-row-tiles); unrolled it is not measured yet.
-GEMV_ROWS = 1
-GEMV_UNROLL = 8          # reductions of at most this many one-row blocks unrolled (more: a
-                         # loop; n rows: this many times pow2(n) of their narrower blocks). 16
+GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more: a loop). 16
                          # (the 7B's 14 gate/up blocks unrolled, 142 registers a thread) was
                          # 5 % faster on the 1.5B, 4 % slower on the 7B, equal on the 0.5B
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
@@ -111,7 +105,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "MAX_REGS",
            "GEMV",
            "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
-           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL", "GEMV_ROWS")
+           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL")
 
 
 def configure(items: list[str]) -> None:
@@ -246,28 +240,18 @@ def _workspace(x: torch.Tensor, splits: int, width: int) -> torch.Tensor:
 
 
 def _gemv(n: int) -> bool:
-    """A projection over n rows takes the one-row settings (GEMV_*): GEMV on and n = 1, or
-    n <= GEMV_ROWS (at most 8: a row block of 16 is tl.dot's)."""
-    return bool(GEMV) and n <= min(max(1, GEMV_ROWS), 8)
+    """A projection over n rows takes the one-row tiles (GEMV_*): GEMV on and n = 1."""
+    return bool(GEMV) and n == 1
 
 
 def _block_m(gemv: bool, n: int) -> int:
-    """Row block of a projection over n rows: n padded to a power of two on the one-row
-    tiles (products on the CUDA cores below 16), else ``_rows(n)`` (tl.dot's)."""
-    return _pow2(n) if gemv else _rows(n)
+    """Row block of a projection over n rows: 1 on the one-row tiles, else ``_rows(n)``."""
+    return 1 if gemv else _rows(n)
 
 
-def _gemv_k(block_k: int, n: int) -> int:
-    """A reduction block of the one-row tiles over n rows: ``block_k`` / the row block (at
-    least 16), so that the accumulator [rows, k, columns] holds as many values as one row's."""
-    return max(16, block_k // _pow2(n))
-
-
-def _unroll(gemv: bool, blocks: int, n: int) -> bool:
-    """A projection's reduction of ``blocks`` blocks over n rows on the one-row tiles is
-    unrolled: up to GEMV_UNROLL blocks for one row, and GEMV_UNROLL * pow2(n) of the narrower
-    blocks of n rows (``_gemv_k``), the same span of the reduction in flight."""
-    return gemv and blocks <= GEMV_UNROLL * _pow2(n)
+def _unroll(gemv: bool, blocks: int) -> bool:
+    """A one-row projection's reduction of ``blocks`` blocks is unrolled (<= GEMV_UNROLL)."""
+    return gemv and blocks <= GEMV_UNROLL
 
 
 def _launch(gemv: bool = False) -> dict:
@@ -302,7 +286,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
     half = hd // 2
     gemv = _gemv(n)
     block_c = min(half, GEMV_QKV_BLOCK_C if gemv else QKV_BLOCK_C)
-    block_k = min(_gemv_k(GEMV_BLOCK_K, n) if gemv else BLOCK_K, _pow2(d))
+    block_k = min(GEMV_BLOCK_K if gemv else BLOCK_K, _pow2(d))
     tiles = (heads + 2 * kv_heads, half // block_c)
     splits, per = split_k(tiles[0] * tiles[1], _cdiv(d, block_k), 1 if gemv else QKV_SPLIT_K,
                           x.device)
@@ -313,7 +297,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(gemv, n),
         BLOCK_C=block_c, BLOCK_K=block_k, HOIST=bool(HOIST),
-        UNROLL=_unroll(gemv, _cdiv(d, block_k), n), **_launch(gemv))
+        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -348,13 +332,13 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     act = x.new_empty(n, inter)
     block_n = GEMV_UP_BLOCK_N if gemv else UP_BLOCK_N
     tiles = _cdiv(inter, block_n)
-    block_k = min(_gemv_k(GEMV_BLOCK_K, n) if gemv else BLOCK_K, _pow2(d))
+    block_k = min(GEMV_BLOCK_K if gemv else BLOCK_K, _pow2(d))
     splits, per = split_k(tiles, _cdiv(d, block_k), 1 if gemv else UP_SPLIT_K, x.device)
     kern.rms_gate_up[(tiles, splits)](
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=bool(HOIST),
-        UNROLL=_unroll(gemv, _cdiv(d, block_k), n), **_launch(gemv))
+        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
 
@@ -368,7 +352,7 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
     y = torch.empty_like(x)
     gemv = _gemv(n)
     if gemv:
-        asked, block_k = 1, min(_gemv_k(GEMV_DOWN_BLOCK_K, n), _pow2(k))
+        asked, block_k = 1, min(GEMV_DOWN_BLOCK_K, _pow2(k))
     block_n = GEMV_OUT_BLOCK_N if gemv else OUT_BLOCK_N
     tiles = _cdiv(d, block_n)
     splits, per = split_k(tiles, _cdiv(k, block_k), asked, x.device)
@@ -376,7 +360,7 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
         a, w, w if b is None else b, x, y, _workspace(x, splits, d), counters(x.device, tiles),
         n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
         SPLIT_K=splits, BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
-        K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k), n) else 0,
+        K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0,
         **_launch(gemv))
     return y
 

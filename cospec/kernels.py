@@ -52,14 +52,11 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _zeros(BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A projection's float32 accumulator: [BLOCK_M, BLOCK_N] (tl.dot's, BLOCK_M >= 16); on
-    the CUDA cores each reduction lane's products summed over the blocks, reduced over the
-    lanes once at the end (``_total``): for one row (BLOCK_M = 1) [BLOCK_K, BLOCK_N], for a
-    few (1 < BLOCK_M < 16) [BLOCK_M, BLOCK_K, BLOCK_N]."""
+    """A projection's float32 accumulator: [BLOCK_M, BLOCK_N] (tl.dot's, BLOCK_M >= 16); for
+    one row (BLOCK_M = 1) [BLOCK_K, BLOCK_N], each reduction lane's products summed over the
+    blocks on the CUDA cores, reduced over the lanes once at the end (``_total``)."""
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    elif BLOCK_M < 16:
-        acc = tl.zeros([BLOCK_M, BLOCK_K, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     return acc
@@ -68,13 +65,10 @@ def _zeros(BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _mac(a, b, acc, IEEE: tl.constexpr):
     """acc + a @ b for a [BLOCK_M, BLOCK_K], b [BLOCK_K, BLOCK_N] into ``_zeros``' acc. One
-    row (a decode step's GEMV) comes as a column a [BLOCK_K, 1], a few rows as they are:
-    products on the CUDA cores, exact in float32, no 16-row padding and no reduction until
-    ``_total``."""
+    row (a decode step's GEMV) comes as a column a [BLOCK_K, 1]: products on the CUDA cores,
+    exact in float32, no 16-row padding and no reduction until ``_total``."""
     if a.shape[1] == 1:
         acc += a.to(tl.float32) * b.to(tl.float32)
-    elif a.shape[0] < 16:
-        acc += a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :]
     else:
         acc = _dot(a, b, acc, IEEE)
     return acc
@@ -85,8 +79,6 @@ def _total(acc, BLOCK_M: tl.constexpr):
     """The [BLOCK_M, BLOCK_N] sums of a ``_zeros`` / ``_mac`` accumulator."""
     if BLOCK_M == 1:
         acc = tl.sum(acc, axis=0)[None, :]
-    elif BLOCK_M < 16:
-        acc = tl.sum(acc, axis=1)
     return acc
 
 

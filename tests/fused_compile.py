@@ -8,7 +8,7 @@ included), with the launch's num_warps / num_stages and the hints triton's launc
 attention masks). Each case twice: split-K as an H200 gets it (``fused.split_k`` with 132
 SMs) with the first weight block hoisted (HOIST = 1) and at most 128 registers a thread
 (MAX_REGS), and unsplit (every ``*_SPLIT_K`` = 1) without either; a one-row case with the
-one-row tiles (GEMV = 1) both times, a 5-row case on them unsplit (GEMV_ROWS = 8).
+one-row tiles (GEMV = 1) both times.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
 the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
 64 Ki a SM; shared memory: 227 KiB) and the waves its grid takes on 132 SMs, for the
@@ -73,8 +73,7 @@ def record(cases: list[tuple], twins: bool = True) -> list[tuple]:
                 setattr(fused, name, 1 if unsplit else 0)
             fused.HOIST = 0 if unsplit else 1
             fused.MAX_REGS = 0 if unsplit else 128
-            fused.GEMV = 1  # one row: the one-row tiles (more rows cover the tl.dot path,
-            fused.GEMV_ROWS = 8 if unsplit else 1  # and up to 8 rows unsplit the tiles' too)
+            fused.GEMV = 1  # one row: the one-row tiles (more rows cover the tl.dot path)
 
         def t(*shape, dt=dtype):
             return torch.empty(*shape, dtype=dt, device="meta")

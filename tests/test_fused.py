@@ -72,22 +72,17 @@ def rotary(pos: torch.Tensor, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gemv_blocks(monkeypatch, on: int) -> None:
-    """The one-row tiles on (``on`` 1: reductions unrolled; 2: looped; 3 and 4: the same for
-    up to 8 rows, GEMV_ROWS), smaller than the tiny shapes: several programs and blocks, a last
-    block partly masked (a few rows: blocks of 128 / rows, at least 16)."""
-    few = on in (3, 4)
-    for name, value in (("GEMV", on), ("GEMV_UNROLL", 4 if on in (1, 3) else 0),
+    """The one-row tiles on (``on`` 1: reductions unrolled; 2: looped), smaller than the tiny
+    shapes: several programs and blocks, a last block partly masked."""
+    for name, value in (("GEMV", on), ("GEMV_UNROLL", 4 if on == 1 else 0),
                         ("GEMV_QKV_BLOCK_C", 1), ("GEMV_UP_BLOCK_N", 4),
-                        ("GEMV_OUT_BLOCK_N", 2), ("GEMV_BLOCK_K", 128 if few else 32),
-                        ("GEMV_DOWN_BLOCK_K", 128 if few else 32), ("GEMV_ROWS", 8 if few else 1)):
+                        ("GEMV_OUT_BLOCK_N", 2), ("GEMV_BLOCK_K", 32), ("GEMV_DOWN_BLOCK_K", 32)):
         monkeypatch.setattr(fused, name, value)
 
 
 @pytest.mark.parametrize("n,start,bias,gemv", [(1, 0, True, 0), (1, 3, True, 1),
                                                (1, 7, False, 1), (1, 5, True, 2),
-                                               (5, 11, False, 1), (2, 9, True, 3),
-                                               (6, 11, False, 3), (5, 2, True, 4),
-                                               (16, 24, True, 0)])
+                                               (5, 11, False, 1), (16, 24, True, 0)])
 def test_qkv_kernel(interpret, small_blocks, monkeypatch, n, start, bias, gemv):
     gemv_blocks(monkeypatch, gemv)
     heads, kvh, hd, length = 4, 2, 8, 40
@@ -116,16 +111,14 @@ def test_qkv_kernel(interpret, small_blocks, monkeypatch, n, start, bias, gemv):
 @pytest.mark.parametrize("n,start,blocks,o_bias", [
     (1, 0, "small", False), (1, 39, "default", True), (5, 9, "small", False),
     (16, 24, "small", True), (4, 30, "default", False), (1, 17, "gemv", True),
-    (1, 21, "gemv-loop", False), (1, 39, "gemv-default", False), (3, 20, "gemv", True),
-    (2, 30, "gemv-rows", True), (6, 25, "gemv-rows", False), (5, 33, "gemv-rows-loop", True)])
+    (1, 21, "gemv-loop", False), (1, 39, "gemv-default", False), (3, 20, "gemv", True)])
 def test_attention_mlp_kernels(interpret, monkeypatch, n, start, blocks, o_bias):
     """Attention over a cache of 40 slots whose slots beyond each query are stale (random),
     masked by positions and by the reference's bias, then o_proj, the MLP, residuals; one row
     on the one-row tiles too (small and default blocks; more rows then keep tl.dot's). Small
     blocks split the attention; the default attends these 40 slots in one split."""
-    if blocks in ("gemv", "gemv-loop", "gemv-rows", "gemv-rows-loop"):
-        gemv_blocks(monkeypatch, {"gemv": 1, "gemv-loop": 2, "gemv-rows": 3,
-                                  "gemv-rows-loop": 4}[blocks])
+    if blocks in ("gemv", "gemv-loop"):
+        gemv_blocks(monkeypatch, 1 if blocks == "gemv" else 2)
     monkeypatch.setattr(fused, "GEMV", int(blocks.startswith("gemv")))
     if blocks == "small":
         monkeypatch.setattr(fused, "ATTN_BLOCK_S", 4)
@@ -203,25 +196,17 @@ def test_split_k(interpret, small_blocks, monkeypatch, splits, hoist):
     assert not fused.counters(x.device, 1).any()
 
 
-def test_rows_on_the_one_row_tiles(monkeypatch):
-    """GEMV_ROWS: up to that many rows (at most 8) take the one-row tiles, padded to a power of
-    two, with reduction blocks shrunk to keep the accumulator's size; more rows pad to tl.dot's
-    16."""
+def test_one_row_tiles_take_one_row(monkeypatch):
+    """GEMV: one row takes the one-row tiles (BLOCK_M = 1, reductions of up to GEMV_UNROLL
+    blocks unrolled); more rows, and one row with GEMV off, pad to tl.dot's 16 or more."""
     monkeypatch.setattr(fused, "GEMV", 1)
-    monkeypatch.setattr(fused, "GEMV_ROWS", 1)
-    assert fused._gemv(1) and not fused._gemv(2)
-    monkeypatch.setattr(fused, "GEMV_ROWS", 16)
-    assert fused._gemv(8) and not fused._gemv(9)
-    assert [fused._block_m(fused._gemv(n), n) for n in (1, 2, 3, 6, 9)] == [1, 2, 4, 8, 16]
-    assert [fused._gemv_k(256, n) for n in (1, 2, 6)] == [256, 128, 32]
-    assert fused._gemv_k(64, 8) == 16
-    # unrolled over as wide a span as one row's: GEMV_UNROLL one-row blocks, x pow2(n) narrower
     monkeypatch.setattr(fused, "GEMV_UNROLL", 8)
-    assert fused._unroll(True, 8, 1) and not fused._unroll(True, 9, 1)
-    assert fused._unroll(True, 64, 6) and not fused._unroll(True, 65, 6)
-    assert fused._unroll(True, 16, 2) and not fused._unroll(False, 1, 1)
+    assert fused._gemv(1) and not any(fused._gemv(n) for n in (2, 6, 16))
+    assert [fused._block_m(fused._gemv(n), n) for n in (1, 2, 6, 16)] == [1, 16, 16, 16]
+    assert fused._unroll(True, 8) and not fused._unroll(True, 9)
+    assert not fused._unroll(False, 1)
     monkeypatch.setattr(fused, "GEMV", 0)
-    assert not fused._gemv(1)
+    assert not fused._gemv(1) and fused._block_m(fused._gemv(1), 1) == 16
 
 
 def test_split_k_arithmetic(monkeypatch):
@@ -315,13 +300,12 @@ def guard_reference(monkeypatch):
     monkeypatch.setattr(fast, "_qkv", only_long)
 
 
-@pytest.mark.parametrize("gemv", [0, 1, 2])
+@pytest.mark.parametrize("gemv", [0, 1])
 def test_model_logits_match_transformers(interpret, monkeypatch, models, gemv):
     """Prefill of 12 tokens (fused) or 20 (reference), then 5-token verifies with 2 rows
-    rolled back and 1-token steps (without the one-row tiles, with them for one row, and for
-    up to 8 rows, the verifies too): the fused engine's logits are transformers' to 1e-5."""
-    monkeypatch.setattr(fused, "GEMV", int(gemv > 0))
-    monkeypatch.setattr(fused, "GEMV_ROWS", 8 if gemv == 2 else 1)
+    rolled back and 1-token steps (with and without the one-row tiles): the fused engine's
+    logits are transformers' to 1e-5."""
+    monkeypatch.setattr(fused, "GEMV", gemv)
     guard_reference(monkeypatch)
     model = models[0]
     ids = torch.randint(2, 96, (40,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -416,18 +400,16 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hoist,gemv,one", [(0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 1, 64),
-                                            (1, 2, 64)])
+@pytest.mark.parametrize("hoist,gemv,one", [(0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 1, 64)])
 def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
     left zero; with and without the first weight block hoisted, one-row steps on the
-    one-row tiles (and the 6-row verifies, GEMV_ROWS), and the attention in one split up to
-    64 slots and split beyond (ATTN_ONE_SPLIT)."""
+    one-row tiles, and the attention in one split up to 64 slots and split beyond
+    (ATTN_ONE_SPLIT)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "HOIST", hoist)
-    monkeypatch.setattr(fused, "GEMV", int(gemv > 0))
-    monkeypatch.setattr(fused, "GEMV_ROWS", 8 if gemv == 2 else 1)  # 2: the verifies too
+    monkeypatch.setattr(fused, "GEMV", gemv)
     monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)  # 64: one split a kv head to 64 slots
     model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
     ids = torch.randint(2, 96, (60,), generator=torch.Generator().manual_seed(6)).tolist()
