@@ -66,8 +66,8 @@ def test_markdown_without_json_is_a_usage_error(tmp_path, monkeypatch, capsys):
 
 def test_warm_up_covers_every_prefill_graph(monkeypatch):
     """The longest prompt warms a method up; under COSPEC_PREFILL=all-graphs (the default)
-    also one prompt of each padded prefill length (the prompt less its last token, in 64-token steps; up to 16
-    tokens a step graph of that length)."""
+    also one prompt of each padded prefill length (the prompt less its last token, in
+    64-token steps; up to 16 tokens a step graph of that length)."""
     prompts = [[1] * 70, [1] * 65, [1] * 200, [1] * 66, [1] * 10]  # prefills 69 64 199 65 9
     monkeypatch.setenv("COSPEC_PREFILL", "eager")
     assert gpu_speed.warm_up_prompts(prompts) == [[1] * 200]
