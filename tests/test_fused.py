@@ -459,7 +459,9 @@ def test_compile_hints_follow_the_launcher():
 def test_kernels_compile_for_sm90():
     """The launches of a 0.5B decode and verify step compile for an H100 / H200 with triton's
     own toolchain (no GPU needed; a separate process: this one's triton may be interpreted)."""
+    root = str(Path(__file__).resolve().parent.parent)  # cospec importable, installed or not
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     script = Path(__file__).parent / "fused_compile.py"
     done = subprocess.run([sys.executable, str(script), "--quick"], env=env, timeout=300,
                           capture_output=True, text=True)
