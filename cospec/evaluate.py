@@ -24,7 +24,15 @@ from tqdm import tqdm
 from cospec.errors import CospecError, read_json
 from cospec.eval_setup import EvalSetup
 from cospec.methods import GREEDY_ONLY, LOSSY, METHODS, SAME_AS_GREEDY
-from cospec.report import machine_load, markdown_table, mcnemar, pct, plot_accuracy_speed, wilson
+from cospec.report import (
+    in_turn,
+    machine_load,
+    markdown_table,
+    mcnemar,
+    pct,
+    plot_accuracy_speed,
+    wilson,
+)
 from cospec.tasks import get_task
 
 IDENTITY = ("task", "split", "target", "draft", "models", "k", "max_new_tokens", "temperature",
@@ -294,9 +302,8 @@ def speed_pass(s: EvalSetup, run: RunDir, n: int) -> None:
         s.run_one(m, idx[0], max_new_tokens=8)
     bar = tqdm(total=len(idx), desc="speed (batch 1)", unit="problem")
     for turn, i in enumerate(idx):
-        order = s.methods[turn % len(s.methods):] + s.methods[:turn % len(s.methods)]
         recs = []
-        for m in order:
+        for m in in_turn(s.methods, turn):
             pid = s.problems[i].id
             if (pid, m) in done:
                 continue

@@ -55,6 +55,25 @@ def machine_load() -> dict:
             "load15": load15, "cpus": os.cpu_count()}
 
 
+def in_turn(methods: list[str], i: int) -> list[str]:
+    """The order in which ``methods`` decode the i-th prompt of a side-by-side speed run: the
+    rows of a balanced (Williams) Latin square, 0, 1, n-1, 2, n-2, ... shifted by one every
+    second prompt, and reversed on odd prompts. Over 2n prompts each of the n methods runs
+    first twice and directly after each other one at least once, so that what a method
+    leaves behind (or the host's state after it) does not fall on the same neighbour every
+    time, as under a fixed or merely rotated order."""
+    n = len(methods)
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    row = [methods[(j + i // 2) % n] for j in first] if n else []
+    return row[::-1] if i % 2 else row
+
+
 def load_verdict(passes: list[dict]) -> dict:
     """Whether the machine was busier than its cores during any speed pass.
 

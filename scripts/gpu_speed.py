@@ -46,6 +46,7 @@ from cospec.decoding import generate
 from cospec.errors import CospecError
 from cospec.methods import MethodOptions, build_method, encode_prompt, eos_ids
 from cospec.replay import CosTrace, Recording, ReplayRule
+from cospec.report import in_turn
 from cospec.sampling import SamplingConfig
 from cospec.stats import DecodeStats
 
@@ -303,7 +304,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     warm = time.perf_counter() - t0
     rows = []
     for i, prompt in enumerate(prompts):
-        rows.append({name: run(name, prompt, i) for name in order})
+        row = {name: run(name, prompt, i) for name in in_turn(order, i)}
+        rows.append({name: row[name] for name in order})
         print(i, {m: round(r["tok_s"], 1) for m, r in rows[-1].items()}, flush=True)
     out = {"task": task, "temperature": temperature, "prompts": len(prompts),
            "prompt_ids": prompts, "k": k, "max_new_tokens": n,

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from cospec.cli import main
-from cospec.report import load_verdict, machine_load, median_ci, paired_speed
+from cospec.report import in_turn, load_verdict, machine_load, median_ci, paired_speed
 
 
 def rec(tokens: int, decode_s: float, prefill_s: float = 0.0, **kw) -> dict:
@@ -46,6 +46,22 @@ def test_median_interval_is_the_exact_order_statistic_interval():
     x = [7.0, 3.0, 10.0, 1.0, 5.0, 9.0, 2.0, 8.0, 4.0, 6.0]
     assert median_ci(x) == (2.0, 9.0)
     assert all(math.isnan(v) for v in median_ci([1.0, 2.0, 3.0, 4.0, 5.0]))  # too few
+
+
+def test_methods_take_turns_starting_a_prompt():
+    """Over 2n prompts each of n methods runs first twice and directly after every other one
+    at least once (a fixed or merely rotated order keeps each method's neighbour)."""
+    assert in_turn(["target", "spd", "cospec"], 0) == ["target", "spd", "cospec"]
+    assert in_turn(["target", "spd", "cospec"], 1) == ["cospec", "spd", "target"]
+    assert in_turn(["target", "spd", "cospec"], 2) == ["spd", "cospec", "target"]
+    assert in_turn([], 3) == []
+    for n in range(1, 7):
+        methods = [f"m{j}" for j in range(n)]
+        turns = [in_turn(methods, i) for i in range(2 * n)]
+        assert all(sorted(t) == methods for t in turns)
+        assert sorted(t[0] for t in turns) == sorted(methods * 2)
+        follows = {(t[j], t[j + 1]) for t in turns for j in range(n - 1)}
+        assert follows == {(a, b) for a in methods for b in methods if a != b}
 
 
 def test_load_above_the_core_count_is_flagged():
