@@ -371,6 +371,15 @@ def decode(team: Team, prompt_ids: list[int], rule: AcceptanceRule, *, k: int = 
             return
 
 
+def warm_up_budgets(k: int) -> list[int]:
+    """max_new_tokens of short warm-up generations that between them run every step shape a
+    timed generation at draft length k can meet: a budget b opens with a block of
+    min(k, b - 1) drafts (``decode`` shortens a generation's last block to the tokens left),
+    so 1..k + 1 give each verify of 1..k + 1 rows once. On a GPU each new shape is a CUDA
+    graph captured, so a timed run that met one first would time its capture too."""
+    return list(range(1, k + 2))
+
+
 def generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
              prompt_ids: list[int], rule: AcceptanceRule, *, k: int = 4,
              max_new_tokens: int = 128, sampling: SamplingConfig = GREEDY,

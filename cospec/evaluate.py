@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cospec.decoding import warm_up_budgets
 from cospec.errors import CospecError, read_json
 from cospec.eval_setup import EvalSetup
 from cospec.methods import GREEDY_ONLY, LOSSY, METHODS, SAME_AS_GREEDY
@@ -298,8 +299,9 @@ def speed_pass(s: EvalSetup, run: RunDir, n: int) -> None:
     if not idx:
         return
     start = machine_load()
-    for m in s.methods:  # warm-up: allocator, kernels, thread pools
-        s.run_one(m, idx[0], max_new_tokens=8)
+    for m in s.methods:  # warm-up: allocator, kernels, thread pools, every step shape
+        for budget in (8, *warm_up_budgets(s.args.k)):
+            s.run_one(m, idx[0], max_new_tokens=budget)
     bar = tqdm(total=len(idx), desc="speed (batch 1)", unit="problem")
     for turn, i in enumerate(idx):
         recs = []

@@ -42,7 +42,7 @@ import torch
 from cospec import fast, fast_block, fused
 from cospec.acceptance import ExactRule
 from cospec.cos import Combination, cos_generate
-from cospec.decoding import generate
+from cospec.decoding import generate, warm_up_budgets
 from cospec.errors import CospecError
 from cospec.methods import MethodOptions, build_method, encode_prompt, eos_ids
 from cospec.replay import CosTrace, Recording, ReplayRule
@@ -259,9 +259,9 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         methods["cospec-host"].rule.graphed = False
         names.insert(names.index("cospec") + 1, "cospec-host")
         lossy.insert(lossy.index("cospec") + 1, "cospec-host")
-    k, n = args.k, args.new
+    k = args.k
 
-    def run(name: str, prompt: list[int], seed: int) -> dict:
+    def run(name: str, prompt: list[int], seed: int, n: int = args.new) -> dict:
         stats, trace = DecodeStats(), None
         t0 = sync()
         if name == "hf-eager":
@@ -298,6 +298,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         try:
             for prompt in warm_up_prompts(prompts):
                 run(name, prompt, 0)
+            for budget in warm_up_budgets(k):  # a last block of each draft length
+                run(name, prompts[0], 0, budget)
         except Exception as err:  # report the others rather than lose the part
             print(f"{name} failed, left out: {err!r}", flush=True)
             order.remove(name)
@@ -308,7 +310,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         rows.append({name: row[name] for name in order})
         print(i, {m: round(r["tok_s"], 1) for m, r in rows[-1].items()}, flush=True)
     out = {"task": task, "temperature": temperature, "prompts": len(prompts),
-           "prompt_ids": prompts, "k": k, "max_new_tokens": n,
+           "prompt_ids": prompts, "k": k, "max_new_tokens": args.new,
            "warmup_s": warm, "capture_s": capture_s(pair.target, pair.draft), "per_prompt": rows}
     summary = {}
     for name in order:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cospec.acceptance import ExactRule
-from cospec.decoding import CachedLM, generate
+from cospec.decoding import CachedLM, generate, warm_up_budgets
 from cospec.errors import CospecError
 from cospec.stats import DecodeStats
 
@@ -35,6 +35,24 @@ def test_spd_greedy_matches_target_and_transformers(target, draft, seed, k):
     assert run(target, draft, ids, k, 40, stats) == ref  # random draft: little accepted
     assert stats.acceptance_rate < 0.5
     assert stats.generated == 40
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_warm_up_budgets_meet_every_verify_shape(target, draft, monkeypatch, k):
+    """Generations of the warm-up budgets verify blocks of every row count 1..k + 1 (the
+    shapes a timed generation can meet, its last block cut to the tokens left)."""
+    seen = set()
+    forward = CachedLM.forward
+
+    def spy(lm, ids, keep):
+        if lm.model is target and lm.length:  # the target's forwards after its prefill
+            seen.add(len(ids))
+        return forward(lm, ids, keep)
+
+    monkeypatch.setattr(CachedLM, "forward", spy)
+    for budget in warm_up_budgets(k):
+        assert len(run(target, draft, prompt(9), k, budget)) == budget
+    assert seen == set(range(1, k + 2))
 
 
 @pytest.mark.parametrize("k", [1, 4, 7])
