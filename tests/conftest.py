@@ -14,6 +14,17 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in the CLI subprocesses
 
 
+@pytest.fixture(autouse=True)
+def settings_left_as_found():
+    """Every test leaves the COSPEC_* settings as it found them (``monkeypatch.setenv``
+    undoes its own): one left set switches the paths of every later test (COSPEC_STATIC=1
+    sends the CPU tests to the static engines instead of the plain cache)."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("COSPEC_")}
+    yield
+    after = {k: v for k, v in os.environ.items() if k.startswith("COSPEC_")}
+    assert after == before, f"COSPEC_* settings changed by the test: {before} -> {after}"
+
+
 @pytest.fixture(scope="session")
 def target():
     return tiny_model(1)

@@ -20,6 +20,7 @@ _spec.loader.exec_module(bench_batch)
 
 
 def test_tiny_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("COSPEC_STATIC", "1")  # what --tiny sets: undone after this test
     monkeypatch.setattr(sys, "argv", ["bench_batch.py", "--tiny", "--out", str(tmp_path),
                                       "--batches", "1,2", "--new", "6", "--prompts", "4"])
     bench_batch.main()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cospec.acceptance import ExactRule
-from cospec.decoding import CachedLM, generate, warm_up_budgets
+from cospec.decoding import CachedLM, Speculation, generate, warm_up_budgets
 from cospec.errors import CospecError
 from cospec.stats import DecodeStats
 
@@ -42,14 +42,9 @@ def test_warm_up_budgets_meet_every_verify_shape(target, draft, monkeypatch, k):
     """Generations of the warm-up budgets verify blocks of every row count 1..k + 1 (the
     shapes a timed generation can meet, its last block cut to the tokens left)."""
     seen = set()
-    forward = CachedLM.forward
-
-    def spy(lm, ids, keep):
-        if lm.model is target and lm.length:  # the target's forwards after its prefill
-            seen.add(len(ids))
-        return forward(lm, ids, keep)
-
-    monkeypatch.setattr(CachedLM, "forward", spy)
+    score = Speculation.score
+    monkeypatch.setattr(Speculation, "score", lambda team, seq, prop, sampling: (
+        seen.add(len(prop.tokens) + 1), score(team, seq, prop, sampling)))
     for budget in warm_up_budgets(k):
         assert len(run(target, draft, prompt(9), k, budget)) == budget
     assert seen == set(range(1, k + 2))
