@@ -15,6 +15,7 @@ from cospec import (
     evaluate,
     fast,
     fast_batch,
+    fast_block,
     fused,
     generate_cmd,
     refine,
@@ -87,6 +88,8 @@ def check_settings() -> None:
     COSPEC_PREFILL)."""
     cpu.linear_mode()
     fast.prefill_mode()
+    fast_block.one_graph()
+    fast_block.serving()
     fast_batch.run_ahead_setting()
     fused.mode()
 

@@ -29,17 +29,22 @@ and a dozen small kernels between them, each launched by the host (on the real p
 H200 the one graph was 2-4 % faster, results/gpu/h200/speed-fused-block-graph).
 
 Greedy only, batch 1, prompts of two or more tokens, models on ``fast.StaticLM`` engines.
+``stream`` yields the tokens as the blocks' verdicts return; greedy spd (``methods.Method.
+stream``: ``cospec eval``, ``generate``, the API) takes it where it can with
+COSPEC_SPD_BLOCK=1 (``serves``), opt-in until a GPU measures it on that path.
 """
 
 from __future__ import annotations
 
 import collections
+import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 from cospec import fast
+from cospec.decoding import Token
 from cospec.errors import CospecError
 from cospec.settings import choice
 from cospec.stats import DecodeStats
@@ -113,22 +118,57 @@ def block_graph(tgt: fast.Engine, drf: fast.Engine, k: int) -> BlockGraph:
     return graphs[k]
 
 
-@torch.inference_mode()
+def one_graph() -> bool:
+    """COSPEC_BLOCK_GRAPH: each block one CUDA graph (1, unset: the default) or k + 1 step
+    graphs and the kernels between them launched by the host (0)."""
+    return choice("COSPEC_BLOCK_GRAPH", ("0", "1"), "1") == "1"
+
+
+def serving() -> bool:
+    """COSPEC_SPD_BLOCK=1: greedy spd (``methods.Method.stream``) runs here where it can
+    (``serves``); 0 (unset: the default until a GPU measures that path): always in
+    ``cospec.decoding``'s loop."""
+    return choice("COSPEC_SPD_BLOCK", ("0", "1"), "0") == "1"
+
+
+def serves(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int]) -> bool:
+    """Does greedy spd of this pair and prompt stream from here? With ``serving()``, where
+    both models run on the fast path's engines (``fast.wanted``: on CUDA), on one device,
+    neither a tensor-parallel shard, and the prompt has two or more tokens."""
+    if not serving() or len(prompt_ids) < 2:
+        return False
+    models = (target, draft)
+    return (all(fast.wanted(m) and getattr(m, "engine_class", None) is None for m in models)
+            and len({next(m.parameters()).device for m in models}) == 1)
+
+
 def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int], *,
                k: int = 5, max_new_tokens: int = 128, eos_ids: Iterable[int] = (),
                stats: DecodeStats | None = None, graph: bool | None = None) -> list[int]:
+    """``stream``'s tokens as a list of ids."""
+    return [t.id for t in stream(target, draft, prompt_ids, k=k, max_new_tokens=max_new_tokens,
+                                 eos_ids=eos_ids, stats=stats, graph=graph)]
+
+
+@torch.inference_mode()
+def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int], *,
+           k: int = 5, max_new_tokens: int = 128, eos_ids: Iterable[int] = (),
+           stats: DecodeStats | None = None, graph: bool | None = None) -> Iterator[Token]:
     """The target's greedy continuation of ``prompt_ids`` (at most ``max_new_tokens``, up to
-    and including an EOS), by speculative decoding with ``draft``'s k tokens a block.
-    ``stats`` (if given) gets the blocks as steps: drafted and accepted tokens. ``graph``:
-    each block one CUDA graph where both engines use graphs (None: unless
-    COSPEC_BLOCK_GRAPH=0)."""
+    and including an EOS), by speculative decoding with ``draft``'s k tokens a block,
+    yielded as each block's verdict is read back (AHEAD blocks behind the device); a token
+    is ``from_draft`` where it is a draft the target accepted. ``stats`` (if given) gets the
+    blocks as steps (drafted and accepted tokens), the tokens, and the prefill and decode
+    time (the decode clock stops while the caller holds a token). ``graph``: each block one
+    CUDA graph where both engines use graphs (None: unless COSPEC_BLOCK_GRAPH=0). Inference
+    mode holds while the loop runs, not between yields."""
     if len(prompt_ids) < 2:
         raise CospecError("the device-side block needs a prompt of two or more tokens")
     if k < 1:
         raise CospecError(f"k (draft length) must be >= 1, got {k}")
     stats = stats if stats is not None else DecodeStats()
     if max_new_tokens < 1:  # as ``decode``: nothing to generate
-        return []
+        return
     eos, start = set(eos_ids), len(prompt_ids)
     room = start + max_new_tokens + (AHEAD + 2) * (k + 1) + 2
     lms = [fast.StaticLM(m, max_len=room) for m in (target, draft)]
@@ -140,7 +180,7 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
     t1 = fast.clock(device)
     stats.prefill_s += t1 - t0
     if graph is None:
-        graph = choice("COSPEC_BLOCK_GRAPH", ("0", "1"), "1") == "1"
+        graph = one_graph()
     whole = block_graph(tgt, drf, k) if graph and tgt.use_graphs and drf.use_graphs else None
     if whole is not None:  # the graph's own state (its span made with it)
         seq, length = whole.seq, whole.length
@@ -151,7 +191,7 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
     seq[:start] = torch.tensor(prompt_ids, device=device)
     length.fill_(start)
     queued: collections.deque = collections.deque()  # (host copy, its event) a block
-    out: list[int] = []
+    produced, held = 0, 0.0  # tokens yielded; seconds the caller held them (not decoding)
     while True:
         # one block, queued on the device
         verdict = (whole.run() if whole is not None
@@ -164,12 +204,20 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
         if done is not None:
             done.synchronize()
         a, *window_ids = host.tolist()
-        new = window_ids[:a + 1]
         stats.record_step(k, a)
-        for tok in new:
-            out.append(tok)
-            if tok in eos or len(out) >= max_new_tokens:
-                stats.generated += len(out)
+        for j, tok in enumerate(window_ids[:a + 1]):
+            produced += 1
+            if tok in eos or produced >= max_new_tokens:
+                stats.generated += produced
                 # the blocks queued past the stop are this call's work: its clock counts them
-                stats.decode_s += fast.clock(device) - t1
-                return out
+                stats.decode_s += fast.clock(device) - t1 - held
+                yield Token(tok, j < a)
+                return
+            paused = time.perf_counter()
+            try:
+                yield Token(tok, j < a)
+            except GeneratorExit:  # the caller stopped early: what it took still counts
+                stats.generated += produced
+                stats.decode_s += paused - t1 - held
+                raise
+            held += time.perf_counter() - paused

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cospec import fast_block
 from cospec.acceptance import AcceptanceRule, ExactRule
 from cospec.arbiter import ArbiterRule, ConfidencePolicy, EntropyPolicy, load_arbiter
 from cospec.cos import COS_METHODS, Combination, cos_generate
@@ -59,7 +60,13 @@ class Method:
     def stream(self, prompt_ids: list[int], *, k: int, max_new_tokens: int,
                sampling: SamplingConfig, eos_ids, seed: int | None = None,
                stats: DecodeStats | None = None) -> Iterator[Token]:
-        """Tokens as they are committed (the loop for this method)."""
+        """Tokens as they are committed (the loop for this method; greedy spd with
+        COSPEC_SPD_BLOCK=1 on a GPU: each block on the device, ``cospec.fast_block``)."""
+        if (self.name == "spd" and sampling.greedy
+                and fast_block.serves(self.verifier, self.proposer, prompt_ids)):
+            return fast_block.stream(self.verifier, self.proposer, prompt_ids, k=k,
+                                     max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                     stats=stats)
         if self.combo is not None:
             return cos_generate(list(self.models), prompt_ids, self.combo, self.name, gamma=k,
                                 max_new_tokens=max_new_tokens, sampling=sampling,

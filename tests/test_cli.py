@@ -68,6 +68,8 @@ def test_generate_bad_input_is_a_clear_error(tiny_dirs, args, message):
     ("COSPEC_LINEAR", "fastest", "COSPEC_LINEAR='fastest'"),
     ("COSPEC_COMPILE_PREFILL", "1", "replaced by COSPEC_PREFILL"),
     ("COSPEC_RUN_AHEAD", "9", "COSPEC_RUN_AHEAD='9': use one of 1, 2, 3, 4, 5, 6, 7, 8"),
+    ("COSPEC_BLOCK_GRAPH", "yes", "COSPEC_BLOCK_GRAPH='yes': use one of 0, 1"),
+    ("COSPEC_SPD_BLOCK", "on", "COSPEC_SPD_BLOCK='on': use one of 0, 1"),
 ])
 def test_a_bad_setting_is_named_at_start(tiny_dirs, monkeypatch, capsys, name, value, message):
     """A bad COSPEC_* value stops the command before it loads anything, also where the run

@@ -79,3 +79,70 @@ def test_block_graph_setting_is_checked(monkeypatch):
         fast_block.spd_greedy(model, model, [5, 6], k=2, max_new_tokens=4)
     monkeypatch.setenv("COSPEC_BLOCK_GRAPH", "1")  # on the CPU: the steps, the same tokens
     assert len(fast_block.spd_greedy(model, model, [5, 6], k=2, max_new_tokens=4)) == 4
+
+
+def test_stream_yields_as_blocks_return_with_their_draft_flags(monkeypatch):
+    """``stream`` gives spd_greedy's tokens; a token is from_draft where it is an accepted
+    draft (a draft that always agrees: k of every k + 1; one that never does: none); a caller
+    that stops early leaves the tokens it took counted."""
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    target, models, prompt, k = tiny_model(11, dtype=torch.float32), drafts("cpu"), [5, 17, 33], 2
+    for name, want in (("same", [j % (k + 1) < k for j in range(13)]), ("other", [False] * 13)):
+        toks = list(fast_block.stream(target, models[name], prompt, k=k, max_new_tokens=13))
+        assert [t.from_draft for t in toks] == want
+        assert [t.id for t in toks] == fast_block.spd_greedy(target, models[name], prompt, k=k,
+                                                             max_new_tokens=13)
+    stats = DecodeStats()
+    run = fast_block.stream(target, models["near"], prompt, k=k, max_new_tokens=30, stats=stats)
+    assert len([next(run) for _ in range(5)]) == 5
+    run.close()
+    assert stats.generated == 5 and stats.decode_s > 0
+
+
+def test_greedy_spd_streams_from_the_block_only_where_asked_and_able(monkeypatch):
+    """``Method.stream`` of spd takes ``fast_block.stream`` with COSPEC_SPD_BLOCK=1, greedy,
+    both models on the fast path's engines (COSPEC_STATIC=1 on the CPU) and a prompt of two
+    or more tokens; otherwise ``cospec.decoding``'s loop. Either way the target's tokens."""
+    from cospec.methods import Method
+    from cospec.sampling import SamplingConfig
+
+    target, draft = tiny_model(11, dtype=torch.float32), drafts("cpu")["near"]
+    spd = Method("spd", target, draft, ExactRule())
+    calls = []
+    block_stream = fast_block.stream
+    monkeypatch.setattr(fast_block, "stream", lambda *a, **kw: calls.append(a[2]) or
+                        block_stream(*a, **kw))
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    greedy, hot = SamplingConfig(), SamplingConfig(temperature=0.8)
+    cases = [("1", [5, 17, 33], greedy, True), ("0", [5, 17, 33], greedy, False),
+             ("1", [5], greedy, False), ("1", [5, 17, 33], hot, False)]
+    for setting, prompt, sampling, block in cases:
+        monkeypatch.setenv("COSPEC_SPD_BLOCK", setting)
+        calls.clear()
+        ids = [t.id for t in spd.stream(prompt, k=3, max_new_tokens=20, sampling=sampling,
+                                        eos_ids=(), seed=0)]
+        assert calls == ([prompt] if block else [])
+        if sampling.greedy:
+            assert ids == [t.id for t in generate(target, None, prompt, ExactRule(),
+                                                  max_new_tokens=20)]
+    monkeypatch.delenv("COSPEC_STATIC")  # the CPU without it: no engines, the loop
+    monkeypatch.setenv("COSPEC_SPD_BLOCK", "1")
+    assert not fast_block.serves(target, draft, [5, 17, 33])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_greedy_spd_streams_from_the_block_graph_on_the_gpu(monkeypatch):
+    """With COSPEC_SPD_BLOCK=1 on a GPU, ``Method.stream`` of greedy spd runs each block as
+    one CUDA graph and gives the target's plain greedy tokens (float32)."""
+    from cospec.methods import Method
+    from cospec.sampling import SamplingConfig
+
+    monkeypatch.setenv("COSPEC_SPD_BLOCK", "1")
+    fast_block._GRAPHS.clear()
+    target, draft = tiny_model(11, dtype=torch.float32).cuda(), drafts("cuda")["near"]
+    prompt = [5, 17, 33, 2, 60, 41]
+    want = [t.id for t in generate(target, None, prompt, ExactRule(), max_new_tokens=30)]
+    got = Method("spd", target, draft, ExactRule()).stream(
+        prompt, k=3, max_new_tokens=30, sampling=SamplingConfig(), eos_ids=())
+    assert [t.id for t in got] == want
+    assert sum(len(ks) for by_draft in fast_block._GRAPHS.values() for ks in by_draft.values()) == 1
