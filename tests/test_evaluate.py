@@ -3,6 +3,7 @@
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from cospec.cli import main
@@ -147,3 +148,30 @@ def test_cos_through_the_batch_engine_sampled(tiny_dirs, tmp_path, monkeypatch):
         assert [r["token_ids"] for r in mine] == want
         assert all(r["path"] == "batch-engine" for r in mine)
     assert by[(ids[0], "cos-we")]["token_ids"] != by[(ids[0], "cd-sd")]["token_ids"]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_speed_warm_up_runs_the_longest_problem_through_every_shape(tiny_dirs, tmp_path,
+                                                                   monkeypatch, graphs):
+    """Before the timed problems each method decodes the longest of them with budgets 8 and
+    1..k + 1 (every verify shape); where the fast path captures CUDA graphs (stood in: the
+    static engines on the CPU) first at the full budget, so the caches the timed problems
+    need exist before the clock runs."""
+    from cospec.eval_setup import EvalSetup
+
+    if graphs:
+        monkeypatch.setenv("COSPEC_STATIC", "1")
+    calls = []
+    real_run_one = EvalSetup.run_one
+    monkeypatch.setattr(EvalSetup, "run_one", lambda self, m, i, max_new_tokens=None: (
+        calls.append((m, len(self.prompts[i]), max_new_tokens))
+        or real_run_one(self, m, i, max_new_tokens)))
+    t, d = tiny_dirs
+    assert main(["eval", "--target", str(t), "--draft", str(d), "--task", "gsm8k", "--split",
+                 "dev", "--limit", "3", "--max-new-tokens", "6", "--methods", "target,spd",
+                 "--k", "2", "--speed-subset", "3", "--out", str(tmp_path / "run")]) == 0
+    longest = max(n for _, n, _ in calls)
+    budgets = [*([None] if graphs else []), 8, 1, 2, 3]
+    warm = [(m, longest, b) for m in ("target", "spd") for b in budgets]
+    assert calls[:len(warm)] == warm
+    assert [b for _, _, b in calls[len(warm):]] == [None] * 6  # the timed problems
