@@ -59,6 +59,10 @@
 #           (cospec.fast_block: the block on the device; spd-graph: one CUDA graph a block),
 #           cospec and cos-we against target-only (FSPEED_METHODS picks)
 #           (FSPEED_SET=NAME=V+NAME=V.. fused settings, into speed-fused-$FSPEED_TAG)
+#   uspeed  the user's path: cospec eval's batch-1 speed pass (target, spd; k = 5, 256 new
+#           tokens, the first 20 problems of USPEED_TASK, default gsm8k heldout) twice, with
+#           COSPEC_SPD_BLOCK=0 (spd in cospec.decoding's loop) and 1 (cospec.fast_block's
+#           device-side blocks), into uspeed-TASK-block0 and -block1
 #   gaps    the GPU's busy time and idle gaps per token and per step while the real pair
 #           decodes 4 GSM8K prompts (scripts/prof_gaps.py; GAPS_METHODS, GAPS_TASK; into
 #           gaps-$GAPS_TAG if set): how much of spd's block waits on the host
@@ -147,6 +151,17 @@ stage_gaps() {  # the GPU's busy time and idle gaps while the real pair decodes 
     [ -e "$out/prof_gaps.json" ] || timeout "${GAPS_S:-400}" python3 scripts/prof_gaps.py \
         --out "$out" --methods "${GAPS_METHODS:-target,spd,spd-block,spd-graph,cospec}" \
         --task "${GAPS_TASK:-gsm8k}" --prompts 4 2>&1 | grep -v "^[a-z-]* {" | tail -12
+}
+
+stage_uspeed() {  # cospec eval's speed pass, spd in the host loop and on the device
+    local task=${USPEED_TASK:-gsm8k:heldout} block
+    for block in 0 1; do
+        COSPEC_SPD_BLOCK=$block timeout "${USPEED_S:-400}" python3 -m cospec eval \
+            --task "${task%%:*}" --split "${task##*:}" --limit 20 --speed-subset 20 \
+            --methods target,spd --k 5 --max-new-tokens 256 --device cuda \
+            --out "$R/uspeed-${task%%:*}-block$block" 2>&1 \
+            | grep -v -E "it/s\]|s/it\]|seq/s\]|Loading weights" | tail -6 || true
+    done
 }
 
 stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, fused layers
