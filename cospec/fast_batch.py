@@ -82,7 +82,7 @@ from cospec.stats import DecodeStats
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RUN_AHEAD = 8   # target-only decoding: tokens decoded per host read
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill pass (bounds its attention mask)
-PREFILL_MIN = 16  # COSPEC_PREFILL=graphs: prompts are padded to PREFILL_MIN·2^i (or max_len)
+PREFILL_MIN = 16  # graph prefill: prompts are padded to PREFILL_MIN·2^i (or max_len)
 MIN_SPAN = 256  # the shortest cache span a step attends over (spans: powers of two, max_len)
 
 
@@ -196,11 +196,11 @@ class BatchLM:
         """Write the K/V of each ``prompts[i]`` at positions 0.. of slot ``slots[i]``, in
         passes of at most PREFILL_TOKENS padded tokens (or one prompt); no output head: only
         the caches are kept. Eagerly, or through the compiled layer halves with
-        COSPEC_PREFILL=compiled (``fast.prefill_mode``), or with COSPEC_PREFILL=graphs each
-        pass padded to a ``prefill_shape`` and replayed from that shape's CUDA graph
-        (``prefill_graph``). Shorter prompts are padded at the end: the padding's K/V land
-        beyond the row's length, where no query looks before the row overwrites them. Empty
-        prompts are skipped."""
+        COSPEC_PREFILL=compiled (``fast.prefill_mode``), or with COSPEC_PREFILL=graphs or
+        all-graphs (the default) each pass padded to a ``prefill_shape`` and replayed from
+        that shape's CUDA graph (``prefill_graph``). Shorter prompts are padded at the end:
+        the padding's K/V land beyond the row's length, where no query looks before the row
+        overwrites them. Empty prompts are skipped."""
         todo = [(list(p), s) for p, s in zip(prompts, slots) if len(p)]
         while todo:
             m = 1
@@ -225,9 +225,9 @@ class BatchLM:
         return b * n
 
     def prefill_shape(self, m: int, n: int) -> tuple[int, int]:
-        """COSPEC_PREFILL=graphs: the padded (rows, length) of a pass over m prompts of at
-        most n tokens: rows 2^i >= m (capped at the engine's rows), length PREFILL_MIN·2^i >= n
-        (capped at max_len)."""
+        """Graph prefill (COSPEC_PREFILL=graphs, all-graphs): the padded (rows, length) of a
+        pass over m prompts of at most n tokens: rows 2^i >= m (capped at the engine's rows),
+        length PREFILL_MIN·2^i >= n (capped at max_len)."""
         b, padded = 1, PREFILL_MIN
         while b < m:
             b *= 2

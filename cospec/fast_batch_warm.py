@@ -13,8 +13,9 @@ The forwards are the models' own ``BatchLM.run`` on dummy tokens at positions 0.
 prefills its slot from position 0, and a step writes every position before a query reads it
 (``fast_batch``'s invariants). Stats, queue and request ids are untouched. Models without
 graphs (CPU, ``graphs=False``) have nothing to capture and are skipped. With
-COSPEC_PREFILL=graphs (``fast.prefill_mode``) it also captures each model's prefill graph of
-every padded shape (``BatchLM.prefill_shapes``: passes into slots 0..b-1, free too); with
+COSPEC_PREFILL=graphs or all-graphs (the default; ``fast.prefill_mode``) it also captures
+each model's prefill graph of every padded shape (``BatchLM.prefill_shapes``: passes into
+slots 0..b-1, free too); with
 COSPEC_PREFILL=compiled it runs prefill passes of one and of two rows, so that their compiles
 happen here.
 """
@@ -44,7 +45,7 @@ class WarmUp:
     spans: tuple[int, ...]
     tokens: tuple[int, ...]
     seconds: float
-    prefill: int = 0  # prefill graphs captured (COSPEC_PREFILL=graphs)
+    prefill: int = 0  # prefill graphs captured (graph prefill)
 
     def __str__(self) -> str:
         if not self.tokens:
