@@ -293,11 +293,11 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
                 "decode_s": stats.decode_s, "prefill_s": stats.prefill_s, "trace": trace}
 
     order = names + (["hf-eager"] if "hf-assisted" in names else [])
-    t0 = time.perf_counter()
+    longest = max(prompts, key=len)  # the largest caches: their first fill from slot 0
+    t0 = time.perf_counter()         # captures every padded prefill length (fast.Engine)
     for name in list(order):  # warm-up: graphs for every shape, compilation
         try:
-            for prompt in warm_up_prompts(prompts):
-                run(name, prompt, 0)
+            run(name, longest, 0)
             for budget in warm_up_budgets(k):  # a last block of each draft length
                 run(name, prompts[0], 0, budget)
         except Exception as err:  # report the others rather than lose the part
@@ -420,21 +420,6 @@ def part_replay(args, pair_result: dict | None) -> dict:
         if name in COS_REPLAYED:
             out[name]["vs_we"] = out[name]["tok_s"] / out["we"]["tok_s"]
     return out
-
-
-def warm_up_prompts(prompts: list[list[int]]) -> list[list[int]]:
-    """The prompts a method decodes before the timed ones: the longest (every step shape);
-    with COSPEC_PREFILL=all-graphs also one of each padded prefill length, so that no timed
-    prompt waits for a prefill graph's capture."""
-    longest = max(prompts, key=len)
-    if fast.prefill_mode() != "all-graphs":
-        return [longest]
-    by_shape = {}
-    for p in [longest, *prompts]:  # a prefill is of the prompt less its last token; up to
-        n = len(p) - 1             # MAX_GRAPH tokens it replays the n-token step graph
-        by_shape.setdefault(n if n <= fast.MAX_GRAPH else -(-n // fast.PREFILL_BUCKET)
-                            * fast.PREFILL_BUCKET, p)
-    return list(by_shape.values())
 
 
 def prefill_ms(rows: list[dict], name: str) -> float | None:

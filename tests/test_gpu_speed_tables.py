@@ -62,14 +62,3 @@ def test_markdown_without_json_is_a_usage_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         gpu_speed.main()
     assert stop.value.code == 2 and "does not exist" in capsys.readouterr().err
-
-
-def test_warm_up_covers_every_prefill_graph(monkeypatch):
-    """The longest prompt warms a method up; under COSPEC_PREFILL=all-graphs (the default)
-    also one prompt of each padded prefill length (the prompt less its last token, in
-    64-token steps; up to 16 tokens a step graph of that length)."""
-    prompts = [[1] * 70, [1] * 65, [1] * 200, [1] * 66, [1] * 10]  # prefills 69 64 199 65 9
-    monkeypatch.setenv("COSPEC_PREFILL", "eager")
-    assert gpu_speed.warm_up_prompts(prompts) == [[1] * 200]
-    monkeypatch.delenv("COSPEC_PREFILL")
-    assert [len(p) for p in gpu_speed.warm_up_prompts(prompts)] == [200, 70, 65, 10]
