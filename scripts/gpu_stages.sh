@@ -58,7 +58,8 @@
 #           default auto: on a Hopper GPU, every model): spd, spd-block and spd-graph
 #           (cospec.fast_block: the block on the device; spd-graph: one CUDA graph a block),
 #           cospec and cos-we against target-only (FSPEED_METHODS picks)
-#           (FSPEED_SET=NAME=V+NAME=V.. fused settings, into speed-fused-$FSPEED_TAG)
+#           (FSPEED_SET=NAME=V+NAME=V.. fused settings, FSPEED_K draft tokens a block
+#           (default 5), into speed-fused-$FSPEED_TAG)
 #   uspeed  the user's path: cospec eval's batch-1 speed pass (target, spd; k = 5, 256 new
 #           tokens, the first 20 problems of USPEED_TASK, default gsm8k heldout) twice, with
 #           COSPEC_SPD_BLOCK=0 (spd in cospec.decoding's loop) and 1 (cospec.fast_block's
@@ -167,7 +168,7 @@ stage_uspeed() {  # cospec eval's speed pass, spd in the host loop and on the de
 stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, fused layers
     COSPEC_FUSED=${FSPEED_FUSED:-auto} timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py \
         --out "$R/speed-fused${FSPEED_TAG:+-$FSPEED_TAG}" \
-        --parts "${PARTS:-pair,pair:humaneval:0}" --prompts 20 \
+        --parts "${PARTS:-pair,pair:humaneval:0}" --prompts 20 --k "${FSPEED_K:-5}" \
         --methods "${FSPEED_METHODS:-spd,spd-block,spd-graph,cospec,cos-we}" \
         $(sets --fused-set "${FSPEED_SET:-}") 2>&1 | grep -v "^[0-9]* {" | tail -30
 }
