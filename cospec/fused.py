@@ -97,6 +97,12 @@ GEMV_WARPS = 4
 GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more: a loop). 16
                          # (the 7B's 14 gate/up blocks unrolled, 142 registers a thread) was
                          # 5 % faster on the 1.5B, 4 % slower on the 7B, equal on the 0.5B
+# Registers a thread at most in the one-row launches (0: MAX_REGS). Uncapped, the 1.5B's
+# gate/up takes 112 and fits 4 programs an SM (2.12 waves); at 96, 5 (1.70 waves), unspilled
+# (the 0.5B's spills 16 bytes). On an H200 (one row, every launch capped alike) 96 made a
+# 1.5B step 1.253 -> 1.196 ms and a 0.5B 0.619 -> 0.615; 80: 1.296 and 0.607
+# (results/gpu/h200/fused-one-row-regs).
+GEMV_MAX_REGS = 96
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -104,7 +110,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "ATTN_TILE", "ATTN_ONE_SPLIT", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K",
            "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "MAX_REGS",
            "GEMV", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
-           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL")
+           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS")
 
 
 def configure(items: list[str]) -> None:
@@ -254,8 +260,10 @@ def _unroll(gemv: bool, blocks: int) -> bool:
 
 
 def _launch(gemv: bool = False) -> dict:
+    """A launch's num_warps, num_stages and register cap (GEMV_* on the one-row tiles)."""
+    regs = (GEMV_MAX_REGS or MAX_REGS) if gemv else MAX_REGS
     return {"num_warps": GEMV_WARPS if gemv else NUM_WARPS, "num_stages": NUM_STAGES,
-            **({"maxnreg": MAX_REGS} if MAX_REGS else {})}
+            **({"maxnreg": regs} if regs else {})}
 
 
 def visibility_bias(pos: torch.Tensor, length: int, group: int, dtype: torch.dtype
