@@ -60,8 +60,8 @@ class Method:
     def stream(self, prompt_ids: list[int], *, k: int, max_new_tokens: int,
                sampling: SamplingConfig, eos_ids, seed: int | None = None,
                stats: DecodeStats | None = None) -> Iterator[Token]:
-        """Tokens as they are committed (the loop for this method; greedy spd with
-        COSPEC_SPD_BLOCK=1 on a GPU: each block on the device, ``cospec.fast_block``)."""
+        """Tokens as they are committed (the loop for this method; greedy spd on a GPU: each
+        block on the device, ``cospec.fast_block``, unless COSPEC_SPD_BLOCK=0)."""
         if (self.name == "spd" and sampling.greedy
                 and fast_block.serves(self.verifier, self.proposer, prompt_ids)):
             return fast_block.stream(self.verifier, self.proposer, prompt_ids, k=k,

@@ -100,9 +100,10 @@ def test_stream_yields_as_blocks_return_with_their_draft_flags(monkeypatch):
 
 
 def test_greedy_spd_streams_from_the_block_only_where_asked_and_able(monkeypatch):
-    """``Method.stream`` of spd takes ``fast_block.stream`` with COSPEC_SPD_BLOCK=1, greedy,
-    both models on the fast path's engines (COSPEC_STATIC=1 on the CPU) and a prompt of two
-    or more tokens; otherwise ``cospec.decoding``'s loop. Either way the target's tokens."""
+    """``Method.stream`` of spd takes ``fast_block.stream`` unless COSPEC_SPD_BLOCK=0, where
+    it is greedy, both models on the fast path's engines (COSPEC_STATIC=1 on the CPU) and the
+    prompt has two or more tokens; otherwise ``cospec.decoding``'s loop. Either way the
+    target's tokens."""
     from cospec.methods import Method
     from cospec.sampling import SamplingConfig
 
@@ -114,10 +115,14 @@ def test_greedy_spd_streams_from_the_block_only_where_asked_and_able(monkeypatch
                         block_stream(*a, **kw))
     monkeypatch.setenv("COSPEC_STATIC", "1")
     greedy, hot = SamplingConfig(), SamplingConfig(temperature=0.8)
-    cases = [("1", [5, 17, 33], greedy, True), ("0", [5, 17, 33], greedy, False),
-             ("1", [5], greedy, False), ("1", [5, 17, 33], hot, False)]
+    cases = [(None, [5, 17, 33], greedy, True), ("1", [5, 17, 33], greedy, True),
+             ("0", [5, 17, 33], greedy, False), ("1", [5], greedy, False),
+             ("1", [5, 17, 33], hot, False)]
     for setting, prompt, sampling, block in cases:
-        monkeypatch.setenv("COSPEC_SPD_BLOCK", setting)
+        if setting is None:  # unset: the default
+            monkeypatch.delenv("COSPEC_SPD_BLOCK", raising=False)
+        else:
+            monkeypatch.setenv("COSPEC_SPD_BLOCK", setting)
         calls.clear()
         ids = [t.id for t in spd.stream(prompt, k=3, max_new_tokens=20, sampling=sampling,
                                         eos_ids=(), seed=0)]
@@ -132,8 +137,8 @@ def test_greedy_spd_streams_from_the_block_only_where_asked_and_able(monkeypatch
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_greedy_spd_streams_from_the_block_graph_on_the_gpu(monkeypatch):
-    """With COSPEC_SPD_BLOCK=1 on a GPU, ``Method.stream`` of greedy spd runs each block as
-    one CUDA graph and gives the target's plain greedy tokens (float32)."""
+    """On a GPU (COSPEC_SPD_BLOCK=1, the default) ``Method.stream`` of greedy spd runs each
+    block as one CUDA graph and gives the target's plain greedy tokens (float32)."""
     from cospec.methods import Method
     from cospec.sampling import SamplingConfig
 
