@@ -22,9 +22,11 @@ hold all of ``seq`` (their rows at the bonus position are already known).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,7 +40,8 @@ from cospec.errors import CospecError
 from cospec.sampling import GREEDY, SamplingConfig, probabilities, sample_on_device
 from cospec.stats import DecodeStats
 
-RUN_AHEAD = 8  # target-only decoding: tokens decoded per host synchronisation
+RUN_AHEAD = 4  # target-only decoding: tokens decoded per host read ...
+QUEUED = 1     # ... and, on a GPU, such chunks launched past the one the host reads
 
 
 @dataclass(frozen=True)
@@ -300,15 +303,11 @@ def _reset_on_error(lms: list[CachedLM]) -> Iterator[None]:
         raise
 
 
-def _count(stats: DecodeStats, prop: Proposal | None, verdict: Verdict | None, new: int,
-           cut: int) -> None:
-    """Add one step's counts to ``stats``: a verify pass (or ``new`` plain steps when there is
-    no proposal; none for an alternate proposal, scored by the proposer), its drafted and
-    accepted tokens, the arbiter's work, and the ``cut`` tokens yielded (up to an EOS)."""
-    if verdict is None:
-        for _ in range(new):
-            stats.record_step(0, 0)
-    elif prop.alternate:
+def _count(stats: DecodeStats, prop: Proposal, verdict: Verdict, cut: int) -> None:
+    """Add one step's counts to ``stats``: a verify pass (none for an alternate proposal,
+    scored by the proposer), its drafted and accepted tokens, the arbiter's work, and the
+    ``cut`` tokens yielded (up to an EOS)."""
+    if prop.alternate:
         stats.drafted += len(prop.tokens)
         stats.accepted += verdict.accepted
     else:
@@ -327,8 +326,8 @@ def decode(team: Team, prompt_ids: list[int], rule: AcceptanceRule, *, k: int = 
     """Yield tokens as they are committed (batch size 1): each step ``team`` proposes up to
     k tokens, scores them, ``rule`` accepts a prefix and the team commits it.
 
-    A team of one model is plain autoregressive decoding (``rule`` unused): it runs
-    ``RUN_AHEAD`` tokens ahead on the device and commits them at once, one step each.
+    A team of one model is plain autoregressive decoding (``rule`` unused; ``_plain``): it
+    decodes ``RUN_AHEAD`` tokens a host read, QUEUED such chunks ahead on a GPU.
     ``stats`` (if given) is updated in place. Stops after an EOS id (which is yielded) or
     ``max_new_tokens`` tokens. Inference mode holds while the loop runs, not between yields.
     """
@@ -342,33 +341,87 @@ def decode(team: Team, prompt_ids: list[int], rule: AcceptanceRule, *, k: int = 
     t0 = fast.clock(device)
     for lm in lms:
         lm.prefill(seq[:-1])
-    stats.prefill_s += fast.clock(device) - t0
+    t1 = fast.clock(device)
+    stats.prefill_s += t1 - t0
+    if len(lms) == 1:
+        yield from _plain(lms[0], seq, max_new_tokens, sampling, gen, eos, stats, t1)
+        return
     overrides_before = stats.overrides  # ``stats`` may sum several generations
     while (left := max_new_tokens - (len(seq) - len(prompt_ids))) > 0:
         t0 = fast.clock(device)
         with _reset_on_error(lms):
-            if len(lms) == 1:  # one model: RUN_AHEAD plain steps per host sync
-                new, prop, verdict = run_ahead(lms[0], seq, min(RUN_AHEAD, left), sampling,
-                                               gen)[0], None, None
-            else:
-                prop = team.propose(seq, min(k, left - 1), sampling, gen)           # propose
-                team.score(seq, prop, sampling)                                      # score
-                prop.position = len(seq) - len(prompt_ids)
-                prop.overrides_so_far = stats.overrides - overrides_before
-                verdict = rule(prop, sampling, gen)                                  # accept
-                if verdict.wants_lookahead:  # the rule asks the draft at the bonus position
-                    prop = team.lookahead(seq, prop, verdict, sampling, gen)
-                    verdict = rule.at_bonus(prop, verdict)
-                new = team.commit(seq, prop, verdict)                                # commit
+            prop = team.propose(seq, min(k, left - 1), sampling, gen)               # propose
+            team.score(seq, prop, sampling)                                          # score
+            prop.position = len(seq) - len(prompt_ids)
+            prop.overrides_so_far = stats.overrides - overrides_before
+            verdict = rule(prop, sampling, gen)                                      # accept
+            if verdict.wants_lookahead:  # the rule asks the draft at the bonus position
+                prop = team.lookahead(seq, prop, verdict, sampling, gen)
+                verdict = rule.at_bonus(prop, verdict)
+            new = team.commit(seq, prop, verdict)                                    # commit
         seq.extend(new)
         cut = next((j + 1 for j, tok in enumerate(new) if tok in eos), len(new))
-        _count(stats, prop, verdict, len(new), cut)
+        _count(stats, prop, verdict, cut)
         stats.decode_s += fast.clock(device) - t0
-        kept = 0 if verdict is None else verdict.accepted + verdict.next_from_draft
+        kept = verdict.accepted + verdict.next_from_draft
         for j in range(cut):
             yield Token(new[j], j < kept)
         if cut < len(new) or new[cut - 1] in eos:
             return
+
+
+def _plain(lm: CachedLM, seq: list[int], budget: int, sampling: SamplingConfig,
+           gen: torch.Generator | None, eos: set[int], stats: DecodeStats, start: float
+           ) -> Iterator[Token]:
+    """Plain autoregressive decoding of ``lm`` after ``seq`` (its cache holding all of it
+    but the last token): at most ``budget`` tokens, up to and including an id in ``eos``.
+
+    Tokens are drawn in chunks of RUN_AHEAD, each fed straight back on the device; the host
+    reads a chunk's tokens through pinned memory. On a GPU, QUEUED newer chunks are launched
+    before it waits for a chunk, so the GPU does not idle while the host reads, yields and
+    launches (on the CPU nothing runs ahead of the host). The chunks queued past an EOS are
+    dropped. ``stats``: a step a token read; ``decode_s`` counts from ``start`` (a clock
+    reading) to the end, the chunks past an EOS included, less the time the caller held the
+    tokens."""
+    device = lm.device
+    ahead = _queued(device)
+    queued: collections.deque = collections.deque()  # (host copy, its event) a chunk
+    pending: list[int] | torch.Tensor = seq[-1:]
+    launched = produced = 0
+    held = 0.0  # seconds the caller held tokens (not decoding)
+    while produced < budget:
+        with _reset_on_error([lm]):
+            while launched < budget and len(queued) <= ahead:  # launch chunks
+                drawn = []
+                for _ in range(min(RUN_AHEAD, budget - launched)):
+                    pending = _draw(lm.forward(pending, keep=1)[0][0], sampling, gen)
+                    drawn.append(pending)
+                queued.append(fast.to_host(torch.cat(drawn)))
+                launched += len(drawn)
+            host, done = queued.popleft()  # read the oldest
+            if done is not None:
+                done.synchronize()
+        for tok in host.tolist():
+            stats.record_step(0, 0)
+            stats.generated += 1
+            produced += 1
+            if tok in eos or produced == budget:
+                stats.decode_s += fast.clock(device) - start - held
+                yield Token(tok, False)
+                return
+            paused = time.perf_counter()
+            try:
+                yield Token(tok, False)
+            except GeneratorExit:  # the caller stopped early: what it took still counts
+                stats.decode_s += paused - start - held
+                raise
+            held += time.perf_counter() - paused
+
+
+def _queued(device: torch.device) -> int:
+    """Chunks ``_plain`` launches past the one it reads: QUEUED on a GPU, where kernels run
+    behind the host; 0 elsewhere (a CPU forward is done when it returns)."""
+    return QUEUED if device.type == "cuda" else 0
 
 
 def warm_up_budgets(k: int) -> list[int]:

@@ -29,6 +29,7 @@ there is skipped, so a rerun resumes):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from cospec import fast, fast_block, fused
+from cospec import decoding, fast, fast_block, fused
 from cospec.acceptance import ExactRule
 from cospec.cos import Combination, cos_generate
 from cospec.decoding import generate, warm_up_budgets
@@ -117,6 +118,18 @@ def ours(model, draft, prompt, rule, n, k=5, stats=None) -> tuple[list[int], flo
     ids = [t.id for t in generate(model, draft, prompt, rule, k=k, max_new_tokens=n,
                                   stats=stats)]
     return ids, sync() - t0
+
+
+@contextlib.contextmanager
+def waiting():
+    """Target-only decoding as it was before its chunks were queued ahead on the device
+    (``decoding.QUEUED``): 8 tokens a host read, each read before the next chunk launches."""
+    saved = decoding.RUN_AHEAD, decoding.QUEUED
+    decoding.RUN_AHEAD, decoding.QUEUED = 8, 0
+    try:
+        yield
+    finally:
+        decoding.RUN_AHEAD, decoding.QUEUED = saved
 
 
 def hf(model, prompt, n, eos: list[int] | None = None, **kw) -> tuple[list[int], float]:
@@ -253,6 +266,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     for block in ("spd-graph", "spd-block"):  # cospec.fast_block: steps, or one graph a block
         if block in args.methods.split(",") and sampling.greedy:
             names.insert(names.index("target") + 1, block)
+    if "target-wait" in args.methods.split(","):
+        names.insert(names.index("target") + 1, "target-wait")
     if "cospec-host" in args.methods.split(",") and "cospec" in methods:
         # the arbiter's decisions on the host path (ArbiterRule.graphed off), for comparison
         methods["cospec-host"] = build_method("cospec", pair, MethodOptions(), sampling)
@@ -266,6 +281,10 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         t0 = sync()
         if name == "hf-eager":
             ids = hf(pair.target, prompt, n, eos)[0]
+        elif name == "target-wait":
+            with waiting():
+                ids, _, stats = methods["target"].run(prompt, k=k, max_new_tokens=n,
+                                                      sampling=sampling, eos_ids=eos, seed=seed)
         elif name in ("spd-block", "spd-graph"):
             ids = fast_block.spd_greedy(pair.target, pair.draft, prompt, k=k, max_new_tokens=n,
                                         eos_ids=eos, stats=stats, graph=name == "spd-graph")
@@ -327,6 +346,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     same = {"spd_identical_to_target": ("spd", "target"),
             "spd_block_identical_to_target": ("spd-block", "target"),
             "spd_graph_identical_to_target": ("spd-graph", "target"),
+            "target_wait_identical_to_target": ("target-wait", "target"),
             "cos_we_identical_to_we": ("cos-we", "we"),
             "cos_cd_identical_to_cd": ("cos-cd", "cd")}
     for key, (a, b) in same.items():
@@ -542,7 +562,9 @@ def main() -> None:
                     help="pair parts: only these methods (and target), comma-separated; "
                          "cospec-host: cospec with its decisions on the host path; "
                          "spd-block: greedy spd with each block on the device "
-                         "(cospec.fast_block); spd-graph: the same, each block one CUDA graph")
+                         "(cospec.fast_block); spd-graph: the same, each block one CUDA graph; "
+                         "target-wait: target-only reading each chunk of 8 tokens before "
+                         "launching the next (no chunk queued ahead)")
     ap.add_argument("--hf", action="store_true",
                     help="pair parts at T = 0 also time transformers' eager and assisted generate")
     ap.add_argument("--fused-set", action="append", default=[], metavar="NAME=VALUE",

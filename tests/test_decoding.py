@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cospec import decoding
 from cospec.acceptance import ExactRule
 from cospec.decoding import CachedLM, Speculation, generate, warm_up_budgets
 from cospec.errors import CospecError
@@ -48,6 +49,36 @@ def test_warm_up_budgets_meet_every_verify_shape(target, draft, monkeypatch, k):
     for budget in warm_up_budgets(k):
         assert len(run(target, draft, prompt(9), k, budget)) == budget
     assert seen == set(range(1, k + 2))
+
+
+@pytest.mark.parametrize("queued", [0, 1, 2])
+def test_target_only_queues_chunks_ahead_and_stops_where_asked(target, monkeypatch, queued):
+    """Target-only decodes RUN_AHEAD tokens a host read with ``queued`` more chunks launched
+    before it reads one (as on a GPU): transformers' greedy tokens for every budget and up to
+    an EOS, the first token read once (queued + 1) chunks are drawn, a step and a token
+    counted for each token handed out, and an early stop keeps the count of what was taken."""
+    monkeypatch.setattr(decoding, "_queued", lambda device: queued)
+    drawn = []
+    draw = decoding._draw
+    monkeypatch.setattr(decoding, "_draw", lambda *a: drawn.append(1) or draw(*a))
+    ids = prompt(5)
+    ref = hf_greedy(target, ids, 23)
+    for budget in (1, 4, 5, 23):
+        assert run(target, None, ids, 4, budget) == ref[:budget]
+    eos = ref[9]
+    stats = DecodeStats()
+    toks = [t.id for t in generate(target, None, ids, ExactRule(), max_new_tokens=23,
+                                   eos_ids=[eos], stats=stats)]
+    assert toks == ref[:ref.index(eos) + 1]
+    assert stats.generated == stats.steps == len(toks) and stats.decode_s > 0
+    drawn.clear()
+    stats = DecodeStats()
+    tokens = generate(target, None, ids, ExactRule(), max_new_tokens=23, stats=stats)
+    assert next(tokens).id == ref[0]
+    assert len(drawn) == (queued + 1) * decoding.RUN_AHEAD   # chunks launched before a read
+    assert next(tokens).id == ref[1]
+    tokens.close()
+    assert stats.generated == 2 and stats.decode_s > 0
 
 
 @pytest.mark.parametrize("k", [1, 4, 7])
