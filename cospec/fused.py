@@ -97,12 +97,16 @@ GEMV_WARPS = 4
 GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more: a loop). 16
                          # (the 7B's 14 gate/up blocks unrolled, 142 registers a thread) was
                          # 5 % faster on the 1.5B, 4 % slower on the 7B, equal on the 0.5B
-# Registers a thread at most in the one-row launches (0: MAX_REGS). Uncapped, the 1.5B's
-# gate/up takes 112 and fits 4 programs an SM (2.12 waves); at 96, 5 (1.70 waves), unspilled
-# (the 0.5B's spills 16 bytes). On an H200 (one row, every launch capped alike) 96 made a
-# 1.5B step 1.253 -> 1.196 ms and a 0.5B 0.619 -> 0.615; 80: 1.296 and 0.607
-# (results/gpu/h200/fused-one-row-regs).
+# Registers a thread at most in the one-row launches of a model whose hidden size unrolls
+# into GEMV_CAP_BLOCKS .. GEMV_UNROLL reduction blocks (0, or other models: MAX_REGS). Its
+# unrolled gate/up needs the most: the 1.5B's (6 blocks) takes 112 uncapped and fits 4
+# programs an SM (2.12 waves), 5 at 96 (1.70 waves), unspilled. On an H200 (one row, every
+# one-row launch capped) 96 made a 1.5B step 1.253 -> 1.193 ms, left a 0.5B's (4 blocks, 90
+# registers uncapped) at 0.618 and made a 7B's (14 blocks, looped) 3.817 -> 4.183: a cap
+# raises the registers ptxas gives kernels that need fewer (the 7B's gate/up 80 -> 89, q/k/v
+# 43 -> 60), so fewer fit an SM (results/gpu/h200/fused-one-row-regs).
 GEMV_MAX_REGS = 96
+GEMV_CAP_BLOCKS = 6
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -110,7 +114,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "ATTN_TILE", "ATTN_ONE_SPLIT", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K",
            "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "MAX_REGS",
            "GEMV", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
-           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS")
+           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS")
 
 
 def configure(items: list[str]) -> None:
@@ -259,9 +263,12 @@ def _unroll(gemv: bool, blocks: int) -> bool:
     return gemv and blocks <= GEMV_UNROLL
 
 
-def _launch(gemv: bool = False) -> dict:
-    """A launch's num_warps, num_stages and register cap (GEMV_* on the one-row tiles)."""
-    regs = (GEMV_MAX_REGS or MAX_REGS) if gemv else MAX_REGS
+def _launch(gemv: bool = False, d: int = 0) -> dict:
+    """A launch's num_warps, num_stages and register cap (GEMV_* on the one-row tiles of a
+    model of hidden size ``d``)."""
+    blocks = _cdiv(d, min(GEMV_BLOCK_K, _pow2(d)))
+    capped = gemv and GEMV_MAX_REGS and blocks >= GEMV_CAP_BLOCKS and _unroll(gemv, blocks)
+    regs = GEMV_MAX_REGS if capped else MAX_REGS
     return {"num_warps": GEMV_WARPS if gemv else NUM_WARPS, "num_stages": NUM_STAGES,
             **({"maxnreg": regs} if regs else {})}
 
@@ -304,7 +311,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(gemv, n),
         BLOCK_C=block_c, BLOCK_K=block_k, HOIST=bool(HOIST),
-        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv))
+        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv, d))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -345,7 +352,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=bool(HOIST),
-        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv))
+        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv, d))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
 
@@ -368,7 +375,7 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
         n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
         SPLIT_K=splits, BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
         K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0,
-        **_launch(gemv))
+        **_launch(gemv, d))
     return y
 
 

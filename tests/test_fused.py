@@ -239,18 +239,21 @@ def test_attention_block_fits_its_tile(monkeypatch):
 
 def test_settings(monkeypatch):
     """Settings given as NAME=VALUE reach the module (MAX_REGS the launches' register cap,
-    GEMV_MAX_REGS the one-row launches', MAX_REGS where 0); bad ones are refused with the
-    accepted names."""
+    GEMV_MAX_REGS the one-row launches' of hidden sizes of GEMV_CAP_BLOCKS..GEMV_UNROLL
+    blocks, MAX_REGS where 0 or elsewhere); bad ones are refused with the accepted names."""
     for name in ("NUM_WARPS", "HOIST", "MAX_REGS", "GEMV_MAX_REGS"):
         monkeypatch.setattr(fused, name, getattr(fused, name))  # restored after the test
     assert "maxnreg" not in fused._launch()                      # 0: the compiler's choice
-    assert fused._launch(gemv=True)["maxnreg"] == fused.GEMV_MAX_REGS == 96  # one-row cap
+    # one-row launches: capped where the hidden size unrolls into 6..8 blocks of 256 (1.5B)
+    assert [fused._launch(True, d).get("maxnreg") for d in (896, 1536, 2048, 3584)] == [
+        None, 96, 96, None]
+    assert "maxnreg" not in fused._launch(False, 1536)           # not the few-row kernels
     fused.configure(["NUM_WARPS=8", "HOIST=0", "MAX_REGS=128"])
     assert (fused.NUM_WARPS, fused.HOIST) == (8, 0)
     assert fused._launch() == {"num_warps": 8, "num_stages": fused.NUM_STAGES, "maxnreg": 128}
-    assert fused._launch(gemv=True)["maxnreg"] == 96             # the one-row launches' own
+    assert [fused._launch(True, d)["maxnreg"] for d in (896, 1536)] == [128, 96]
     fused.configure(["GEMV_MAX_REGS=0"])
-    assert fused._launch(gemv=True)["maxnreg"] == 128            # 0: they take MAX_REGS
+    assert fused._launch(True, 1536)["maxnreg"] == 128            # 0: they take MAX_REGS
     for bad in ("WARPS=8", "HOIST=yes", "HOIST"):
         with pytest.raises(CospecError, match="NUM_WARPS"):
             fused.configure([bad])
