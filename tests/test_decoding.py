@@ -1,5 +1,7 @@
 """The decode loop: greedy SPD equals greedy decoding; caches stay consistent."""
 
+import copy
+
 import pytest
 import torch
 
@@ -79,6 +81,21 @@ def test_target_only_queues_chunks_ahead_and_stops_where_asked(target, monkeypat
     assert next(tokens).id == ref[1]
     tokens.close()
     assert stats.generated == 2 and stats.decode_s > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_target_only_queues_ahead_on_the_gpu_and_keeps_transformers_tokens(target):
+    """On a GPU target-only queues QUEUED chunks ahead and still gives transformers' greedy
+    tokens (float32), for budgets across the chunks and up to an EOS."""
+    assert decoding._queued(torch.device("cuda")) == decoding.QUEUED >= 1
+    model = copy.deepcopy(target).cuda()
+    ids = prompt(6)
+    ref = hf_greedy(target, ids, 30)
+    for budget in (3, 9, 30):
+        assert run(model, None, ids, 4, budget) == ref[:budget]
+    eos = ref[13]
+    assert [t.id for t in generate(model, None, ids, ExactRule(), max_new_tokens=30,
+                                   eos_ids=[eos])] == ref[:ref.index(eos) + 1]
 
 
 @pytest.mark.parametrize("k", [1, 4, 7])
