@@ -32,8 +32,8 @@ Greedy only, batch 1, prompts of two or more tokens, models on ``fast.StaticLM``
 ``stream`` yields the tokens as the blocks' verdicts return; greedy spd (``methods.Method.
 stream``: ``cospec eval``, ``generate``, the API) takes it wherever it can (``serves``;
 COSPEC_SPD_BLOCK=0: never). On that path, cospec eval's speed pass on an H200, it made
-1.19x / 1.32x target-only on GSM8K / HumanEval against the host loop's 1.16x / 1.32x
-(results/gpu/h200/spd-block-user-path).
+1.12x / 1.26x target-only on GSM8K / HumanEval against the host loop's 1.09x / 1.20x, and
+1.19x / 1.32x against 1.16x / 1.32x on another lease (results/gpu/h200/spd-block-user-path).
 """
 
 from __future__ import annotations
