@@ -105,8 +105,11 @@ GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more
 # registers uncapped) at 0.618 and made a 7B's (14 blocks, looped) 3.817 -> 4.183: a cap
 # raises the registers ptxas gives kernels that need fewer (the 7B's gate/up 80 -> 89, q/k/v
 # 43 -> 60), so fewer fit an SM (results/gpu/h200/fused-one-row-regs).
+# GEMV_CAP_ALL = 0 caps the gate/up alone (not yet measured; the compile report has the
+# 1.5B's q/k/v at 56 registers uncapped, 9 programs an SM, and 78 capped, 6).
 GEMV_MAX_REGS = 96
 GEMV_CAP_BLOCKS = 6
+GEMV_CAP_ALL = 1
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -114,7 +117,8 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "ATTN_TILE", "ATTN_ONE_SPLIT", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K",
            "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "MAX_REGS",
            "GEMV", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
-           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS")
+           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS",
+           "GEMV_CAP_ALL")
 
 
 def configure(items: list[str]) -> None:
@@ -263,11 +267,12 @@ def _unroll(gemv: bool, blocks: int) -> bool:
     return gemv and blocks <= GEMV_UNROLL
 
 
-def _launch(gemv: bool = False, d: int = 0) -> dict:
+def _launch(gemv: bool = False, d: int = 0, gate_up: bool = False) -> dict:
     """A launch's num_warps, num_stages and register cap (GEMV_* on the one-row tiles of a
-    model of hidden size ``d``)."""
+    model of hidden size ``d``; ``gate_up``: the gate/up projection's)."""
     blocks = _cdiv(d, min(GEMV_BLOCK_K, _pow2(d)))
-    capped = gemv and GEMV_MAX_REGS and blocks >= GEMV_CAP_BLOCKS and _unroll(gemv, blocks)
+    capped = (gemv and GEMV_MAX_REGS and blocks >= GEMV_CAP_BLOCKS and _unroll(gemv, blocks)
+              and (GEMV_CAP_ALL or gate_up))
     regs = GEMV_MAX_REGS if capped else MAX_REGS
     return {"num_warps": GEMV_WARPS if gemv else NUM_WARPS, "num_stages": NUM_STAGES,
             **({"maxnreg": regs} if regs else {})}
@@ -352,7 +357,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=bool(HOIST),
-        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv, d))
+        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv, d, gate_up=True))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
 

@@ -248,6 +248,10 @@ def test_settings(monkeypatch):
     assert [fused._launch(True, d).get("maxnreg") for d in (896, 1536, 2048, 3584)] == [
         None, 96, 96, None]
     assert "maxnreg" not in fused._launch(False, 1536)           # not the few-row kernels
+    monkeypatch.setattr(fused, "GEMV_CAP_ALL", 0)                 # 0: the gate/up alone
+    assert [fused._launch(True, 1536, gate_up=g).get("maxnreg") for g in (True, False)] == [
+        96, None]
+    monkeypatch.setattr(fused, "GEMV_CAP_ALL", 1)
     fused.configure(["NUM_WARPS=8", "HOIST=0", "MAX_REGS=128"])
     assert (fused.NUM_WARPS, fused.HOIST) == (8, 0)
     assert fused._launch() == {"num_warps": 8, "num_stages": fused.NUM_STAGES, "maxnreg": 128}
