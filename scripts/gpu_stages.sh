@@ -2,7 +2,9 @@
 # GPU runs, as stages named on the command line (each resumes where it stopped):
 #
 #   tests   the CUDA-only tests (tiny models, no weights needed; TESTS=FILE+FILE.. picks,
-#           TESTS_ARGS=ARGS adds pytest arguments, e.g. -k NAME; whole log in $R/tests.log)
+#           TESTS_ARGS=ARGS adds pytest arguments, e.g. -k NAME; whole log in $R/tests.log);
+#           the one test that reads GSM8K is left out while the data is not there (before
+#           unpack: the machine reaches no registry)
 #   ptests  the same fast-path tests with COSPEC_PREFILL=$PREFILL (default eager: the tests
 #           stage runs the default, graphs)
 #   setup   assemble the GGUF chunks copied to /tmp/w (shared/tools/split-for-device) into
@@ -105,8 +107,11 @@ stage_setup() {
 
 stage_tests() {  # TESTS=FILE+FILE..: only those
     local files=${TESTS:-tests/test_fast.py+tests/test_cospec.py+tests/test_replay.py+tests/test_fast_batch.py+tests/test_fast_batch_cos.py+tests/test_fused.py+tests/test_server_batch.py+tests/test_warm_up.py+tests/test_fast_block.py}
-    python3 -m pytest -q -o addopts="" -p no:cacheprovider ${files//+/ } ${TESTS_ARGS:-} 2>&1 \
-        | tee "$R/tests.log" | tail -15  # the whole log (tracebacks) kept beside the tail
+    local no_data=()  # before unpack the machine has no GSM8K (nor network): skip its test
+    timeout 60 python3 -c "from cospec.tasks import get_task; get_task('gsm8k').problems('dev')" \
+        > /dev/null 2>&1 || no_data=(-k "not gsm8k_dev")
+    python3 -m pytest -q -o addopts="" -p no:cacheprovider ${files//+/ } "${no_data[@]}" \
+        ${TESTS_ARGS:-} 2>&1 | tee "$R/tests.log" | tail -15  # the whole log kept beside
 }
 
 stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=$PREFILL (default
