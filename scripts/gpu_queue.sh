@@ -12,7 +12,8 @@
 # $R/repo-N first, so later edits of the working tree do not reach a running queue, and
 # $R/repo-N.done marks the queue's end (its name is printed). --after FILE: start once FILE exists (e.g. another queue's done
 # file: queues run one after the other). Progress: $R/queue.log (shared by the queues), a line
-# per finished step with its exit status and the machine's load. A queue's PID is in
+# per finished step with its exit status and the machine's load. (scripts/gpu_poll.sh reads it
+# and brings the results so far back in $OUT.) A queue's PID is in
 # $R/repo-N.pid (stop it: kill -- -PID, its whole process group). A queue still running
 # refuses a new one without --after (two would time each other): --after its done file, or
 # --alongside to run both at once on purpose.
