@@ -50,6 +50,32 @@ class Token:
     from_draft: bool  # a draft token kept by the verifier (or by an arbiter override)
 
 
+class HeldClock:
+    """A generation's decode time, into ``stats.decode_s``, for loops that queue work on the
+    device ahead of the tokens they yield: from ``start`` (a ``fast.clock`` reading) to the
+    last token, less the time the caller held the tokens (``hand``)."""
+
+    def __init__(self, device: torch.device, stats: DecodeStats, start: float) -> None:
+        self.device, self.stats, self.start, self.held = device, stats, start, 0.0
+
+    def hand(self, token: Token) -> Iterator[Token]:
+        """Yield ``token`` with the clock stopped while the caller holds it; a caller that
+        stops there (GeneratorExit) gets the time up to it counted."""
+        paused = time.perf_counter()
+        try:
+            yield token
+        except GeneratorExit:
+            self.stats.decode_s += paused - self.start - self.held
+            raise
+        self.held += time.perf_counter() - paused
+
+    def last(self, token: Token) -> Iterator[Token]:
+        """Yield the generation's last ``token``, the clock stopped first: after the work
+        still queued on the device (it is this generation's)."""
+        self.stats.decode_s += fast.clock(self.device) - self.start - self.held
+        yield token
+
+
 class LastHidden:
     """Captures the input of the model's output layer: the final (normed) hidden states of
     the rows whose logits are computed. Works for any HF causal LM with output embeddings,
@@ -383,12 +409,11 @@ def _plain(lm: CachedLM, seq: list[int], budget: int, sampling: SamplingConfig,
     dropped. ``stats``: a step a token read; ``decode_s`` counts from ``start`` (a clock
     reading) to the end, the chunks past an EOS included, less the time the caller held the
     tokens."""
-    device = lm.device
-    ahead = _queued(device)
+    ahead = _queued(lm.device)
+    clock = HeldClock(lm.device, stats, start)
     queued: collections.deque = collections.deque()  # (host copy, its event) a chunk
     pending: list[int] | torch.Tensor = seq[-1:]
     launched = produced = 0
-    held = 0.0  # seconds the caller held tokens (not decoding)
     while produced < budget:
         with _reset_on_error([lm]):
             while launched < budget and len(queued) <= ahead:  # launch chunks
@@ -406,16 +431,9 @@ def _plain(lm: CachedLM, seq: list[int], budget: int, sampling: SamplingConfig,
             stats.generated += 1
             produced += 1
             if tok in eos or produced == budget:
-                stats.decode_s += fast.clock(device) - start - held
-                yield Token(tok, False)
+                yield from clock.last(Token(tok, False))
                 return
-            paused = time.perf_counter()
-            try:
-                yield Token(tok, False)
-            except GeneratorExit:  # the caller stopped early: what it took still counts
-                stats.decode_s += paused - start - held
-                raise
-            held += time.perf_counter() - paused
+            yield from clock.hand(Token(tok, False))
 
 
 def _queued(device: torch.device) -> int:

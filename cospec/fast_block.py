@@ -39,14 +39,13 @@ COSPEC_SPD_BLOCK=0: never). On that path, cospec eval's speed pass on an H200, i
 from __future__ import annotations
 
 import collections
-import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 from cospec import fast
-from cospec.decoding import Token
+from cospec.decoding import HeldClock, Token
 from cospec.errors import CospecError
 from cospec.settings import choice
 from cospec.stats import DecodeStats
@@ -192,7 +191,8 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     seq[:start] = torch.tensor(prompt_ids, device=device)
     length.fill_(start)
     queued: collections.deque = collections.deque()  # (host copy, its event) a block
-    produced, held = 0, 0.0  # tokens yielded; seconds the caller held them (not decoding)
+    clock = HeldClock(device, stats, t1)
+    produced = 0
     while True:
         # one block, queued on the device
         verdict = (whole.run() if whole is not None
@@ -208,17 +208,9 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
         stats.record_step(k, a)
         for j, tok in enumerate(window_ids[:a + 1]):
             produced += 1
+            stats.generated += 1
             if tok in eos or produced >= max_new_tokens:
-                stats.generated += produced
                 # the blocks queued past the stop are this call's work: its clock counts them
-                stats.decode_s += fast.clock(device) - t1 - held
-                yield Token(tok, j < a)
+                yield from clock.last(Token(tok, j < a))
                 return
-            paused = time.perf_counter()
-            try:
-                yield Token(tok, j < a)
-            except GeneratorExit:  # the caller stopped early: what it took still counts
-                stats.generated += produced
-                stats.decode_s += paused - t1 - held
-                raise
-            held += time.perf_counter() - paused
+            yield from clock.hand(Token(tok, j < a))
