@@ -74,7 +74,12 @@ DOWN_SPLIT_K = 0
 PROGRAMS_PER_SM = 4
 NUM_WARPS = 4        # warps of every program
 NUM_STAGES = 3       # software pipelining depth of the reduction loops
-HOIST = 1            # q/k/v and gate/up load their first weight block before reading x
+HOIST = 1            # q/k/v and gate/up load their first weight block before reading x;
+                     # 2: every block of an unrolled one-row reduction (o_proj, down too)
+# Programmatic dependent launch (``cospec.kernels``' docstring; Hopper on, never interpreted):
+# 0 off; 1 the next kernel starts once this one's programs are past their wait; 2 at once.
+# Each program loads its hoisted weights (HOIST), then waits for the previous kernel.
+PDL = 0
 # Registers a thread at most (0: the compiler's choice; on sm90 gate/up then takes 78, q/k/v
 # 80, down_proj 56: results/gpu/h200/fused-attention-combine/resources-sm90.md).
 MAX_REGS = 0
@@ -115,7 +120,8 @@ GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compil
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K", "ATTN_BLOCK_S",
            "ATTN_TILE", "ATTN_ONE_SPLIT", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K",
-           "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "MAX_REGS",
+           "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "PDL",
+           "MAX_REGS",
            "GEMV", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
            "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS",
            "GEMV_CAP_ALL")
@@ -267,15 +273,25 @@ def _unroll(gemv: bool, blocks: int) -> bool:
     return gemv and blocks <= GEMV_UNROLL
 
 
-def _launch(gemv: bool = False, d: int = 0, gate_up: bool = False) -> dict:
-    """A launch's num_warps, num_stages and register cap (GEMV_* on the one-row tiles of a
-    model of hidden size ``d``; ``gate_up``: the gate/up projection's)."""
+def _pdl(device: torch.device) -> int:
+    """The PDL mode of launches on ``device``: PDL on a Hopper or newer GPU, else 0 (and
+    never under the interpreter)."""
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return PDL if hopper and not interpret() else 0
+
+
+def _launch(device: torch.device, gemv: bool = False, d: int = 0, gate_up: bool = False
+            ) -> dict:
+    """A launch's num_warps, num_stages, register cap (GEMV_* on the one-row tiles of a
+    model of hidden size ``d``; ``gate_up``: the gate/up projection's) and PDL mode."""
     blocks = _cdiv(d, min(GEMV_BLOCK_K, _pow2(d)))
     capped = (gemv and GEMV_MAX_REGS and blocks >= GEMV_CAP_BLOCKS and _unroll(gemv, blocks)
               and (GEMV_CAP_ALL or gate_up))
     regs = GEMV_MAX_REGS if capped else MAX_REGS
+    pdl = _pdl(device)
     return {"num_warps": GEMV_WARPS if gemv else NUM_WARPS, "num_stages": NUM_STAGES,
-            **({"maxnreg": regs} if regs else {})}
+            "PDL": pdl, **({"maxnreg": regs} if regs else {}),
+            **({"launch_pdl": True} if pdl else {})}
 
 
 def visibility_bias(pos: torch.Tensor, length: int, group: int, dtype: torch.dtype
@@ -315,8 +331,8 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(gemv, n),
-        BLOCK_C=block_c, BLOCK_K=block_k, HOIST=bool(HOIST),
-        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv, d))
+        BLOCK_C=block_c, BLOCK_K=block_k, HOIST=HOIST,
+        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(x.device, gemv, d))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -346,7 +362,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         attn, counters(x.device, kv_heads), n, length, scale, HEADS=heads, GROUP=group,
         HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
         BLOCK_R=_rows(group * n), BLOCK_S=_attn_block_s(_rows(group * n), hd),
-        ONE_S=ATTN_ONE_SPLIT, **_launch())
+        ONE_S=ATTN_ONE_SPLIT, **_launch(x.device))
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)))
     act = x.new_empty(n, inter)
     block_n = GEMV_UP_BLOCK_N if gemv else UP_BLOCK_N
@@ -356,8 +372,8 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     kern.rms_gate_up[(tiles, splits)](
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
-        BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=bool(HOIST),
-        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(gemv, d, gate_up=True))
+        BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=HOIST,
+        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(x.device, gemv, d, gate_up=True))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
 
@@ -379,8 +395,8 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
         a, w, w if b is None else b, x, y, _workspace(x, splits, d), counters(x.device, tiles),
         n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
         SPLIT_K=splits, BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
-        K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0,
-        **_launch(gemv, d))
+        K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0, HOIST=HOIST,
+        **_launch(x.device, gemv, d))
     return y
 
 

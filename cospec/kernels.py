@@ -27,8 +27,17 @@ sharing one counter buffer must run one after another (one stream). SPLIT_K = 1:
 workspace, no counter.
 
 The kernels that normalise their input first (q/k/v, gate/up) load their first block of
-weights before the activations (HOIST): the weights' HBM latency then overlaps the RMSNorm's
-read of x instead of following it.
+weights before the activations (HOIST = 1): the weights' HBM latency then overlaps the
+RMSNorm's read of x instead of following it. HOIST = 2: every block of an unrolled one-row
+reduction (o_proj and down_proj too) before the activations.
+
+Programmatic dependent launch (PDL > 0, Hopper on): each kernel may start while the previous
+one of the stream still runs. A program loads its hoisted weights, then waits for the
+previous kernel to finish (``griddepcontrol.wait``) before it reads an activation or writes
+anything. Before the wait it reads only what no kernel of the chain writes: weights, and
+the step's cos / sin and cache slots, which the step's own torch ops wrote before its first
+fused kernel (a kernel launched without PDL starts its successor only when it ends). PDL = 1
+lets the next kernel start once every program of this one is past its wait, PDL = 2 at once.
 
 Rounding follows the torch reference (``cospec.fast._qkv`` / ``_rest``) where it is cheap:
 a projection's output is rounded to the model's dtype before anything else uses it; the
@@ -90,6 +99,28 @@ def _pair(w_ptr, ra, rb, k0, D: tl.constexpr, cm, BLOCK_K: tl.constexpr):
     km = (ks[:, None] < D) & cm[None, :]
     return (tl.load(w_ptr + ra[None, :] * D + ks[:, None], mask=km, other=0.0),
             tl.load(w_ptr + rb[None, :] * D + ks[:, None], mask=km, other=0.0))
+
+
+@triton.jit
+def _after_weights(PDL: tl.constexpr):
+    """Programmatic dependent launch (module docstring): let the next kernel start (PDL = 2:
+    now; 1: after the wait) and wait for the previous one. A no-op at PDL = 0."""
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+    if PDL > 0:
+        tl.extra.cuda.gdc_wait()
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _early_pairs(w_ptr, ra, rb, lo, D: tl.constexpr, cm, BLOCK_K: tl.constexpr,
+                 COUNT: tl.constexpr):
+    """The ``_pair`` tiles of the COUNT reduction blocks from lo, loaded now (a tuple)."""
+    early = ()
+    for i in tl.static_range(COUNT):
+        early = early + (_pair(w_ptr, ra, rb, lo + i * BLOCK_K, D, cm, BLOCK_K),)
+    return early
 
 
 @triton.jit
@@ -193,27 +224,35 @@ def _normed_block(x_ptr, ln_ptr, w_ptr, ra, rb, cm, rstd, k0, n, acc_a, acc_b,
 @triton.jit
 def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.constexpr,
                  IEEE: tl.constexpr, HOIST: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
+                 BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr):
     """RMSNorm(x) @ w[ra].T and @ w[rb].T ([BLOCK_M, len(ra)] each, float32) over x's
-    columns lo..lo + k_per; HOIST: the first block's weights are loaded before x is read.
+    columns lo..lo + k_per. The weights of the first block (HOIST = 1), or of every block
+    when unrolled (HOIST = 2), are loaded before x is read and before the PDL wait.
     UNROLL (one split: lo = 0, k_per >= D): the loop over D unrolled, so that every block's
     loads can be issued before the first product waits on one."""
     acc_a = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
     acc_b = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
-    if HOIST:
-        wa, wb = _pair(w_ptr, ra, rb, lo, D, cm, BLOCK_K)
+    EARLY: tl.constexpr = (D + BLOCK_K - 1) // BLOCK_K if UNROLL and HOIST == 2 else min(HOIST, 1)
+    early = _early_pairs(w_ptr, ra, rb, lo, D, cm, BLOCK_K, EARLY)
+    _after_weights(PDL)
     rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
-    start = lo
-    if HOIST:
-        h = _normed(x_ptr, ln_ptr, rstd, lo, n, D, BLOCK_M, BLOCK_K)
-        acc_a = _mac(h, wa, acc_a, IEEE)
-        acc_b = _mac(h, wb, acc_b, IEEE)
-        start = lo + BLOCK_K
     if UNROLL:
-        for k0 in tl.static_range(BLOCK_K if HOIST else 0, D, BLOCK_K):
-            acc_a, acc_b = _normed_block(x_ptr, ln_ptr, w_ptr, ra, rb, cm, rstd, k0, n, acc_a,
-                                         acc_b, D, IEEE, BLOCK_M, BLOCK_K)
+        for k0 in tl.static_range(0, D, BLOCK_K):
+            if k0 // BLOCK_K < EARLY:
+                wa, wb = early[k0 // BLOCK_K]
+            else:
+                wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
+            h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
+            acc_a = _mac(h, wa, acc_a, IEEE)
+            acc_b = _mac(h, wb, acc_b, IEEE)
     else:
+        start = lo
+        if EARLY > 0:
+            wa, wb = early[0]
+            h = _normed(x_ptr, ln_ptr, rstd, lo, n, D, BLOCK_M, BLOCK_K)
+            acc_a = _mac(h, wa, acc_a, IEEE)
+            acc_b = _mac(h, wb, acc_b, IEEE)
+            start = lo + BLOCK_K
         for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
             acc_a, acc_b = _normed_block(x_ptr, ln_ptr, w_ptr, ra, rb, cm, rstd, k0, n, acc_a,
                                          acc_b, D, IEEE, BLOCK_M, BLOCK_K)
@@ -226,7 +265,8 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
                  D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                 BLOCK_K: tl.constexpr, HOIST: tl.constexpr, UNROLL: tl.constexpr):
+                 BLOCK_K: tl.constexpr, HOIST: tl.constexpr, UNROLL: tl.constexpr,
+                 PDL: tl.constexpr):
     """Program (head j of the H + 2 KVH stacked heads, chunk c, split s): output columns
     c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
@@ -250,7 +290,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
         b1 = tl.load(b_ptr + w1).to(tl.float32)
         b2 = tl.load(b_ptr + w2).to(tl.float32)
     acc1, acc2 = _normed_pair(x_ptr, ln_ptr, w_ptr, w1, w2, cols >= 0, split * k_per, k_per,
-                              n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL)
+                              n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL)
     if SPLIT_K > 1:
         width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
         _publish(acc1, ws_ptr, split, rows, w1, n, width)
@@ -289,7 +329,8 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
            n, cache_len, scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
            SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
-           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr):
+           BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr,
+           PDL: tl.constexpr):
     """Program (kv head g, split s). q [H, n, hd] (rows r = j*n + i of kv head g are query
     head g*G + j, token i); k, v [KVH, cache_len, hd]. USE_POS: token i sees slots <=
     pos[i], and the slots 0..pos[n-1] are shared out over the splits; otherwise every slot,
@@ -300,6 +341,7 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     visible slots (0: never) split 0 takes them all and writes out itself, and no program
     stores partials or touches the counter: the store, the atomic and the combine's loads are
     dependent round trips that a short cache need not pay."""
+    _after_weights(PDL)                                              # no weights to load
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     R = GROUP * n
@@ -394,7 +436,7 @@ def _attend_combine(acc, m_i, l_i, o_ptr, m_ptr, l_ptr, out_at, cnt_ptr, kvh, sp
 def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, eps,
                 D: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                HOIST: tl.constexpr, UNROLL: tl.constexpr):
+                HOIST: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr):
     """a [n, inter] = SiLU(gate) * up of RMSNorm(x); w [2 inter, D] (gate rows, then up).
     Program (c, s): columns c*BLOCK_N.. of gate and up, reduced over x's columns s*k_per..;
     ws [SPLIT_K, n, 2 inter] float32."""
@@ -403,7 +445,7 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
     cm = cols < inter
     split = tl.program_id(1)
     acc_g, acc_u = _normed_pair(x_ptr, ln_ptr, w_ptr, cols, inter + cols, cm, split * k_per,
-                                k_per, n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL)
+                                k_per, n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL)
     if SPLIT_K > 1:
         _publish(acc_g, ws_ptr, split, rows, cols, n, 2 * inter)
         _publish(acc_u, ws_ptr, split, rows, inter + cols, n, 2 * inter)
@@ -420,18 +462,25 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
 
 
 @triton.jit
-def _block_product(a_ptr, w_ptr, rows, rm, cols, cm, k0, inter, acc, IEEE: tl.constexpr,
+def _weight_tile(w_ptr, cols, cm, k0, inter, BLOCK_K: tl.constexpr):
+    """w[cols, k0:k0 + BLOCK_K].T ([BLOCK_K, len(cols)]; w [., inter]; columns where cm,
+    k < inter)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + cols[None, :] * inter + ks[:, None],
+                   mask=(ks[:, None] < inter) & cm[None, :], other=0.0)
+
+
+@triton.jit
+def _block_product(a_ptr, wt, rows, rm, k0, inter, acc, IEEE: tl.constexpr,
                    BLOCK_K: tl.constexpr):
-    """acc + a[rows, k0:k0 + BLOCK_K] @ w[cols, k0:k0 + BLOCK_K].T (a [n, inter], w [., inter];
-    rows where rm, columns where cm, k < inter; acc as ``_zeros`` makes it)."""
+    """acc + a[rows, k0:k0 + BLOCK_K] @ wt (a [n, inter], wt a ``_weight_tile``; rows where
+    rm, k < inter; acc as ``_zeros`` makes it)."""
     ks = k0 + tl.arange(0, BLOCK_K)
     if rows.shape[0] == 1:                                           # one row: a column
         av = tl.load(a_ptr + ks[:, None], mask=ks[:, None] < inter, other=0.0)
     else:
         av = tl.load(a_ptr + rows[:, None] * inter + ks[None, :],
                      mask=rm[:, None] & (ks[None, :] < inter), other=0.0)
-    wt = tl.load(w_ptr + cols[None, :] * inter + ks[:, None],
-                 mask=(ks[:, None] < inter) & cm[None, :], other=0.0)
     return _mac(av, wt, acc, IEEE)
 
 
@@ -439,12 +488,14 @@ def _block_product(a_ptr, w_ptr, rows, rm, cols, cm, k0, inter, acc, IEEE: tl.co
 def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, k_per,
                   D: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr):
+                  BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr, HOIST: tl.constexpr,
+                  PDL: tl.constexpr):
     """y [n, D] = x + (a @ w.T + b); a [n, inter], w [D, inter], b [D] (HAS_BIAS). Program
     (c, s): columns c*BLOCK_N.., reduced over a's columns s*k_per..; ws [SPLIT_K, n, D]
     float32. down_proj (a the MLP's activations) and o_proj (a the attention output).
     K_BLOCKS > 0 (one split, K_BLOCKS * BLOCK_K >= inter): the reduction's loop unrolled,
-    every block's loads free to be issued before the first product."""
+    every block's loads free to be issued before the first product; HOIST = 2 then loads
+    every block's weights before a (and before the PDL wait)."""
     rows = tl.arange(0, BLOCK_M)
     rm = rows < n
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -452,14 +503,22 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
     split = tl.program_id(1)
     acc = _zeros(BLOCK_M, BLOCK_K, BLOCK_N)
     lo = split * k_per
+    EARLY: tl.constexpr = K_BLOCKS if HOIST == 2 else 0
+    early = ()
+    for i in tl.static_range(EARLY):
+        early = early + (_weight_tile(w_ptr, cols, cm, i * BLOCK_K, inter, BLOCK_K),)
+    _after_weights(PDL)
     if K_BLOCKS > 0:
         for i in tl.static_range(K_BLOCKS):
-            acc = _block_product(a_ptr, w_ptr, rows, rm, cols, cm, i * BLOCK_K, inter, acc,
-                                 IEEE, BLOCK_K)
+            if i < EARLY:
+                wt = early[i]
+            else:
+                wt = _weight_tile(w_ptr, cols, cm, i * BLOCK_K, inter, BLOCK_K)
+            acc = _block_product(a_ptr, wt, rows, rm, i * BLOCK_K, inter, acc, IEEE, BLOCK_K)
     else:
         for k0 in range(lo, tl.minimum(lo + k_per, inter), BLOCK_K):
-            acc = _block_product(a_ptr, w_ptr, rows, rm, cols, cm, k0, inter, acc, IEEE,
-                                 BLOCK_K)
+            wt = _weight_tile(w_ptr, cols, cm, k0, inter, BLOCK_K)
+            acc = _block_product(a_ptr, wt, rows, rm, k0, inter, acc, IEEE, BLOCK_K)
     acc = _total(acc, BLOCK_M)
     xy = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)  # before the handshake

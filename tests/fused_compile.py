@@ -5,10 +5,11 @@ backend): the launches ``cospec.fused`` makes for Qwen2.5-0.5B / 1.5B shapes are
 meta tensors (nothing runs), then each is compiled by triton's own toolchain (ptxas
 included), with the launch's num_warps / num_stages and the hints triton's launcher gives
 (``hints``); ``--quick``: the 0.5B's decode step and 5-row verify only (every kernel, both
-attention masks). Each case twice: split-K as an H200 gets it (``fused.split_k`` with 132
-SMs) with the first weight block hoisted (HOIST = 1) and at most 128 registers a thread
-(MAX_REGS), and unsplit (every ``*_SPLIT_K`` = 1) without either; a one-row case with the
-one-row tiles (GEMV = 1) both times.
+attention masks). Each case three times: split-K as an H200 gets it (``fused.split_k`` with
+132 SMs) with the first weight block hoisted (HOIST = 1) and at most 128 registers a thread
+(MAX_REGS); unsplit (every ``*_SPLIT_K`` = 1) without either; and split with every block of
+an unrolled one-row reduction hoisted before a programmatic dependent launch's wait (HOIST =
+2, PDL = 2); a one-row case with the one-row tiles (GEMV = 1) every time.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
 the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
 64 Ki a SM; shared memory: 227 KiB) and the waves its grid takes on 132 SMs, for the
@@ -50,7 +51,8 @@ USAGE_CASES = [(d, h, kvh, hd, inter, torch.bfloat16, n)  # Qwen2.5 0.5B, 1.5B, 
 
 def record(cases: list[tuple], twins: bool = True) -> list[tuple]:
     """(kernel, positional args, constexprs, programs, case) of every launch of one fused layer
-    per case; ``twins``: each case again unsplit, without HOIST and MAX_REGS."""
+    per case; ``twins``: each case again unsplit, without HOIST and MAX_REGS, and split with
+    HOIST = 2 under PDL = 2."""
     calls, case = [], None
 
     class Launcher:
@@ -66,13 +68,15 @@ def record(cases: list[tuple], twins: bool = True) -> list[tuple]:
             return Launcher(getattr(kernels, name))
 
     fused._kernels = Recorder
-    for case, unsplit in itertools.product(cases, (False, True) if twins else (False,)):
+    fused._pdl = lambda device: fused.PDL  # meta tensors: launch as on an H100 / H200
+    for case, way in itertools.product(cases, ("split", "unsplit", "pdl") if twins else ("",)):
         d, heads, kvh, hd, inter, dtype, n = case
         if twins:
             for name in ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K"):
-                setattr(fused, name, 1 if unsplit else 0)
-            fused.HOIST = 0 if unsplit else 1
-            fused.MAX_REGS = 0 if unsplit else 128
+                setattr(fused, name, 1 if way == "unsplit" else 0)
+            fused.HOIST = {"split": 1, "unsplit": 0, "pdl": 2}[way]
+            fused.PDL = 2 if way == "pdl" else 0
+            fused.MAX_REGS = 0 if way == "unsplit" else 128
             fused.GEMV = 1  # one row: the one-row tiles (more rows cover the tl.dot path)
 
         def t(*shape, dt=dtype):
@@ -153,8 +157,8 @@ def main() -> None:
               "shared bytes | programs an SM | waves on 132 SMs |\n"
               "|---|---|---|---|---|---|---|---|---|")
     for fn, args, consts, programs, case in calls:
-        options = {k: consts.pop(k) for k in ("num_warps", "num_stages", "maxnreg")
-                   if k in consts}
+        options = {k: consts.pop(k) for k in ("num_warps", "num_stages", "maxnreg",
+                                              "launch_pdl") if k in consts}
         src = ASTSource(fn, signature(fn, args, consts), constexprs=consts,
                         attrs=hints(fn, args))
         kernel = triton.compile(src, target=target, options=options)

@@ -128,6 +128,24 @@ def test_attention_mlp_kernels(interpret, monkeypatch, n, start, blocks, o_bias)
     check_attention_mlp(n, start, 100 + n, o_bias)
 
 
+@pytest.mark.parametrize("n,gemv", [(1, 1), (1, 2), (5, 1)])
+def test_every_block_hoisted(interpret, small_blocks, monkeypatch, n, gemv):
+    """HOIST = 2 (every weight block of an unrolled one-row reduction loaded before the
+    activations, as PDL wants them: before its wait): the layer still agrees with the
+    reference, one row unrolled and looped (where only the first block is hoisted) and a
+    few rows on tl.dot's tiles."""
+    gemv_blocks(monkeypatch, gemv)
+    monkeypatch.setattr(fused, "HOIST", 2)
+    heads, kvh, hd = 4, 2, 8
+    w = layer(qkv_bias=True)
+    x = torch.randn(n, 48, generator=torch.Generator().manual_seed(40 + n))
+    cos, sin = rotary(30 + torch.arange(n), hd)
+    for a, b in zip(fused.rms_qkv_rope(x, cos, sin, w, heads, kvh, 1e-6),
+                    fast._qkv(x, cos, sin, w, heads, kvh, 1e-6)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    check_attention_mlp(n, 30, 60 + n, o_bias=True)
+
+
 def check_attention_mlp(n: int, start: int, seed: int, o_bias: bool = False) -> None:
     """``fused.attention_mlp`` against the reference for n rows at positions start.., over a
     cache of 40 slots (stale random values beyond each query's position), masked by
@@ -240,24 +258,33 @@ def test_attention_block_fits_its_tile(monkeypatch):
 def test_settings(monkeypatch):
     """Settings given as NAME=VALUE reach the module (MAX_REGS the launches' register cap,
     GEMV_MAX_REGS the one-row launches' of hidden sizes of GEMV_CAP_BLOCKS..GEMV_UNROLL
-    blocks, MAX_REGS where 0 or elsewhere); bad ones are refused with the accepted names."""
-    for name in ("NUM_WARPS", "HOIST", "MAX_REGS", "GEMV_MAX_REGS"):
+    blocks, MAX_REGS where 0 or elsewhere; PDL only on a Hopper GPU, uninterpreted); bad
+    ones are refused with the accepted names."""
+    for name in ("NUM_WARPS", "HOIST", "MAX_REGS", "GEMV_MAX_REGS", "PDL"):
         monkeypatch.setattr(fused, name, getattr(fused, name))  # restored after the test
-    assert "maxnreg" not in fused._launch()                      # 0: the compiler's choice
+    cpu = torch.device("cpu")
+    assert "maxnreg" not in fused._launch(cpu)                   # 0: the compiler's choice
     # one-row launches: capped where the hidden size unrolls into 6..8 blocks of 256 (1.5B)
-    assert [fused._launch(True, d).get("maxnreg") for d in (896, 1536, 2048, 3584)] == [
+    assert [fused._launch(cpu, True, d).get("maxnreg") for d in (896, 1536, 2048, 3584)] == [
         None, 96, 96, None]
-    assert "maxnreg" not in fused._launch(False, 1536)           # not the few-row kernels
+    assert "maxnreg" not in fused._launch(cpu, False, 1536)      # not the few-row kernels
     monkeypatch.setattr(fused, "GEMV_CAP_ALL", 0)                 # 0: the gate/up alone
-    assert [fused._launch(True, 1536, gate_up=g).get("maxnreg") for g in (True, False)] == [
-        96, None]
+    assert [fused._launch(cpu, True, 1536, gate_up=g).get("maxnreg") for g in (True, False)
+            ] == [96, None]
     monkeypatch.setattr(fused, "GEMV_CAP_ALL", 1)
-    fused.configure(["NUM_WARPS=8", "HOIST=0", "MAX_REGS=128"])
-    assert (fused.NUM_WARPS, fused.HOIST) == (8, 0)
-    assert fused._launch() == {"num_warps": 8, "num_stages": fused.NUM_STAGES, "maxnreg": 128}
-    assert [fused._launch(True, d)["maxnreg"] for d in (896, 1536)] == [128, 96]
+    fused.configure(["NUM_WARPS=8", "HOIST=0", "MAX_REGS=128", "PDL=1"])
+    assert (fused.NUM_WARPS, fused.HOIST, fused.PDL) == (8, 0, 1)
+    assert fused._launch(cpu) == {"num_warps": 8, "num_stages": fused.NUM_STAGES, "PDL": 0,
+                                  "maxnreg": 128}                  # no PDL off a GPU
+    assert [fused._launch(cpu, True, d)["maxnreg"] for d in (896, 1536)] == [128, 96]
     fused.configure(["GEMV_MAX_REGS=0"])
-    assert fused._launch(True, 1536)["maxnreg"] == 128            # 0: they take MAX_REGS
+    assert fused._launch(cpu, True, 1536)["maxnreg"] == 128       # 0: they take MAX_REGS
+    monkeypatch.setattr(fused, "interpret", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    gpu = torch.device("cuda", 0)
+    assert fused._launch(gpu)["PDL"] == 1 and fused._launch(gpu)["launch_pdl"] is True
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert fused._launch(gpu)["PDL"] == 0 and "launch_pdl" not in fused._launch(gpu)
     for bad in ("WARPS=8", "HOIST=yes", "HOIST"):
         with pytest.raises(CospecError, match="NUM_WARPS"):
             fused.configure([bad])
@@ -412,15 +439,19 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hoist,gemv,one", [(0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 1, 64)])
-def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one):
+@pytest.mark.parametrize("hoist,gemv,one,pdl", [
+    (0, 0, 0, 0), (1, 0, 0, 0), (1, 1, 0, 0), (1, 1, 64, 0), (1, 0, 0, 1), (2, 1, 0, 1),
+    (2, 1, 64, 2)])
+def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
-    left zero; with and without the first weight block hoisted, one-row steps on the
-    one-row tiles, and the attention in one split up to 64 slots and split beyond
-    (ATTN_ONE_SPLIT)."""
+    left zero; with and without the first weight block hoisted (every block: 2), one-row
+    steps on the one-row tiles, the attention in one split up to 64 slots and split beyond
+    (ATTN_ONE_SPLIT), and each kernel launched to start before the previous one ends (PDL,
+    on a Hopper GPU)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "HOIST", hoist)
+    monkeypatch.setattr(fused, "PDL", pdl)
     monkeypatch.setattr(fused, "GEMV", gemv)
     monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)  # 64: one split a kv head to 64 slots
     model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
@@ -439,6 +470,8 @@ def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one):
     assert not any(c.any() for c in fused._COUNTERS.values())  # split-K counters back to 0
     again = [lm.engine.run([5, 6, 7], lm.length)[0].clone() for _ in range(2)]
     assert torch.equal(*again)  # partial sums added in split order: bit-identical replays
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert fused._launch(lm.device)["PDL"] == (pdl if hopper else 0)
 
 
 def test_programs_resident_an_sm():
@@ -480,4 +513,4 @@ def test_kernels_compile_for_sm90():
     if done.returncode == 77:
         pytest.skip("triton without its NVIDIA backend")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "36 launches compiled" in done.stdout
+    assert "54 launches compiled" in done.stdout  # 2 steps x 3 ways x 9 launches
