@@ -238,11 +238,11 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
     rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
     if UNROLL:
         for k0 in tl.static_range(0, D, BLOCK_K):
+            h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
             if k0 // BLOCK_K < EARLY:
                 wa, wb = early[k0 // BLOCK_K]
             else:
                 wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
-            h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
             acc_a = _mac(h, wa, acc_a, IEEE)
             acc_b = _mac(h, wb, acc_b, IEEE)
     else:
@@ -471,17 +471,16 @@ def _weight_tile(w_ptr, cols, cm, k0, inter, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _block_product(a_ptr, wt, rows, rm, k0, inter, acc, IEEE: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """acc + a[rows, k0:k0 + BLOCK_K] @ wt (a [n, inter], wt a ``_weight_tile``; rows where
-    rm, k < inter; acc as ``_zeros`` makes it)."""
+def _a_block(a_ptr, rows, rm, k0, inter, BLOCK_K: tl.constexpr):
+    """a[rows, k0:k0 + BLOCK_K] (a [n, inter]; rows where rm, k < inter) as ``_mac`` takes
+    it: for one row a column [BLOCK_K, 1]."""
     ks = k0 + tl.arange(0, BLOCK_K)
     if rows.shape[0] == 1:                                           # one row: a column
         av = tl.load(a_ptr + ks[:, None], mask=ks[:, None] < inter, other=0.0)
     else:
         av = tl.load(a_ptr + rows[:, None] * inter + ks[None, :],
                      mask=rm[:, None] & (ks[None, :] < inter), other=0.0)
-    return _mac(av, wt, acc, IEEE)
+    return av
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -510,15 +509,16 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
     _after_weights(PDL)
     if K_BLOCKS > 0:
         for i in tl.static_range(K_BLOCKS):
+            av = _a_block(a_ptr, rows, rm, i * BLOCK_K, inter, BLOCK_K)
             if i < EARLY:
                 wt = early[i]
             else:
                 wt = _weight_tile(w_ptr, cols, cm, i * BLOCK_K, inter, BLOCK_K)
-            acc = _block_product(a_ptr, wt, rows, rm, i * BLOCK_K, inter, acc, IEEE, BLOCK_K)
+            acc = _mac(av, wt, acc, IEEE)
     else:
         for k0 in range(lo, tl.minimum(lo + k_per, inter), BLOCK_K):
-            wt = _weight_tile(w_ptr, cols, cm, k0, inter, BLOCK_K)
-            acc = _block_product(a_ptr, wt, rows, rm, k0, inter, acc, IEEE, BLOCK_K)
+            av = _a_block(a_ptr, rows, rm, k0, inter, BLOCK_K)
+            acc = _mac(av, _weight_tile(w_ptr, cols, cm, k0, inter, BLOCK_K), acc, IEEE)
     acc = _total(acc, BLOCK_M)
     xy = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)  # before the handshake
