@@ -74,12 +74,20 @@ DOWN_SPLIT_K = 0
 PROGRAMS_PER_SM = 4
 NUM_WARPS = 4        # warps of every program
 NUM_STAGES = 3       # software pipelining depth of the reduction loops
-HOIST = 1            # q/k/v and gate/up load their first weight block before reading x;
-                     # 2: every block of an unrolled one-row reduction (o_proj, down too)
 # Programmatic dependent launch (``cospec.kernels``' docstring; Hopper on, never interpreted):
 # 0 off; 1 the next kernel starts once this one's programs are past their wait; 2 at once.
-# Each program loads its hoisted weights (HOIST), then waits for the previous kernel.
-PDL = 0
+# Each program loads its hoisted weights (HOIST), then waits for the previous kernel. Only
+# for models whose one-row reductions unroll (<= GEMV_UNROLL blocks of the hidden size): on an
+# H200 PDL = 1 made a 0.5B step 0.616 -> 0.554 ms (0.528 with HOIST = 2), a 1.5B 1.186 ->
+# 1.165, 6-row steps 8 % / 2 % faster; a 7B's (looped) 3 % slower at 1 and 6 rows; PDL = 2
+# within 1 % of 1 (results/gpu/h200/fused-pdl-hoist).
+PDL = 1
+# q/k/v and gate/up load their first weight block before reading x (1); 2: every block of an
+# unrolled one-row reduction (o_proj and down_proj too), where PDL is on and the model's
+# one-row launches are not register-capped (GEMV_CAP_BLOCKS: the 0.5B), else 1. Without PDL
+# every block early was no faster (0.5B 0.652 against 0.616 ms), and under the 1.5B's cap
+# it spills (1.467 against 1.165 ms).
+HOIST = 2
 # Registers a thread at most (0: the compiler's choice; on sm90 gate/up then takes 78, q/k/v
 # 80, down_proj 56: results/gpu/h200/fused-attention-combine/resources-sm90.md).
 MAX_REGS = 0
@@ -273,22 +281,36 @@ def _unroll(gemv: bool, blocks: int) -> bool:
     return gemv and blocks <= GEMV_UNROLL
 
 
-def _pdl(device: torch.device) -> int:
-    """The PDL mode of launches on ``device``: PDL on a Hopper or newer GPU, else 0 (and
-    never under the interpreter)."""
+def _blocks(d: int) -> int:
+    """Reduction blocks of a one-row projection over the hidden size d (GEMV_BLOCK_K each)."""
+    return _cdiv(d, min(GEMV_BLOCK_K, _pow2(d)))
+
+
+def _pdl(device: torch.device, d: int) -> int:
+    """The PDL mode of launches on ``device`` for a model of hidden size ``d``: PDL on a
+    Hopper or newer GPU where the one-row reductions unroll, else 0 (and never under the
+    interpreter)."""
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    return PDL if hopper and not interpret() else 0
+    return PDL if hopper and not interpret() and _blocks(d) <= GEMV_UNROLL else 0
+
+
+def _hoist(d: int) -> int:
+    """HOIST for a model of hidden size ``d``: 2 only with PDL set, for unrolled, uncapped
+    one-row reductions (fewer than GEMV_CAP_BLOCKS blocks); else at most 1."""
+    if HOIST == 2 and PDL and _blocks(d) < GEMV_CAP_BLOCKS:
+        return 2
+    return min(HOIST, 1)
 
 
 def _launch(device: torch.device, gemv: bool = False, d: int = 0, gate_up: bool = False
             ) -> dict:
     """A launch's num_warps, num_stages, register cap (GEMV_* on the one-row tiles of a
     model of hidden size ``d``; ``gate_up``: the gate/up projection's) and PDL mode."""
-    blocks = _cdiv(d, min(GEMV_BLOCK_K, _pow2(d)))
+    blocks = _blocks(d)
     capped = (gemv and GEMV_MAX_REGS and blocks >= GEMV_CAP_BLOCKS and _unroll(gemv, blocks)
               and (GEMV_CAP_ALL or gate_up))
     regs = GEMV_MAX_REGS if capped else MAX_REGS
-    pdl = _pdl(device)
+    pdl = _pdl(device, d)
     return {"num_warps": GEMV_WARPS if gemv else NUM_WARPS, "num_stages": NUM_STAGES,
             "PDL": pdl, **({"maxnreg": regs} if regs else {}),
             **({"launch_pdl": True} if pdl else {})}
@@ -331,7 +353,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(gemv, n),
-        BLOCK_C=block_c, BLOCK_K=block_k, HOIST=HOIST,
+        BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(x.device, gemv, d))
     return (q, k, v) if cache is None else (q, None, None)
 
@@ -362,7 +384,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         attn, counters(x.device, kv_heads), n, length, scale, HEADS=heads, GROUP=group,
         HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
         BLOCK_R=_rows(group * n), BLOCK_S=_attn_block_s(_rows(group * n), hd),
-        ONE_S=ATTN_ONE_SPLIT, **_launch(x.device))
+        ONE_S=ATTN_ONE_SPLIT, **_launch(x.device, d=d))
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)))
     act = x.new_empty(n, inter)
     block_n = GEMV_UP_BLOCK_N if gemv else UP_BLOCK_N
@@ -372,7 +394,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     kern.rms_gate_up[(tiles, splits)](
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
-        BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=HOIST,
+        BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=_hoist(d),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(x.device, gemv, d, gate_up=True))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
@@ -395,7 +417,8 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
         a, w, w if b is None else b, x, y, _workspace(x, splits, d), counters(x.device, tiles),
         n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
         SPLIT_K=splits, BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
-        K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0, HOIST=HOIST,
+        K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0,
+        HOIST=_hoist(d),
         **_launch(x.device, gemv, d))
     return y
 
