@@ -286,12 +286,16 @@ def _blocks(d: int) -> int:
     return _cdiv(d, min(GEMV_BLOCK_K, _pow2(d)))
 
 
+def _hopper(device: torch.device) -> bool:
+    """Kernels on ``device`` can launch with PDL: a Hopper or newer GPU, not interpreted."""
+    return (device.type == "cuda" and not interpret()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def _pdl(device: torch.device, d: int) -> int:
-    """The PDL mode of launches on ``device`` for a model of hidden size ``d``: PDL on a
-    Hopper or newer GPU where the one-row reductions unroll, else 0 (and never under the
-    interpreter)."""
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    return PDL if hopper and not interpret() and _blocks(d) <= GEMV_UNROLL else 0
+    """The PDL mode of launches on ``device`` for a model of hidden size ``d``: PDL where
+    the GPU takes it and the one-row reductions unroll (<= GEMV_UNROLL blocks), else 0."""
+    return PDL if _hopper(device) and _blocks(d) <= GEMV_UNROLL else 0
 
 
 def _hoist(d: int) -> int:

@@ -258,8 +258,9 @@ def test_attention_block_fits_its_tile(monkeypatch):
 def test_settings(monkeypatch):
     """Settings given as NAME=VALUE reach the module (MAX_REGS the launches' register cap,
     GEMV_MAX_REGS the one-row launches' of hidden sizes of GEMV_CAP_BLOCKS..GEMV_UNROLL
-    blocks, MAX_REGS where 0 or elsewhere; PDL only on a Hopper GPU, uninterpreted); bad
-    ones are refused with the accepted names."""
+    blocks, MAX_REGS where 0 or elsewhere; PDL only on a Hopper GPU, uninterpreted, for
+    models whose one-row reductions unroll; HOIST = 2 only where PDL is set and the one-row
+    launches are uncapped); bad ones are refused with the accepted names."""
     for name in ("NUM_WARPS", "HOIST", "MAX_REGS", "GEMV_MAX_REGS", "PDL"):
         monkeypatch.setattr(fused, name, getattr(fused, name))  # restored after the test
     cpu = torch.device("cpu")
@@ -282,9 +283,21 @@ def test_settings(monkeypatch):
     monkeypatch.setattr(fused, "interpret", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     gpu = torch.device("cuda", 0)
-    assert fused._launch(gpu)["PDL"] == 1 and fused._launch(gpu)["launch_pdl"] is True
+    # PDL for models whose one-row reductions unroll (0.5B, 1.5B), not a 7B's (14 blocks)
+    assert [fused._launch(gpu, True, d)["PDL"] for d in (896, 1536, 2048, 3584)] == [
+        1, 1, 1, 0]
+    assert fused._launch(gpu, False, 896)["launch_pdl"] is True   # few-row launches too
+    assert "launch_pdl" not in fused._launch(gpu, True, 3584)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert fused._launch(gpu)["PDL"] == 0 and "launch_pdl" not in fused._launch(gpu)
+    assert fused._launch(gpu, True, 896)["PDL"] == 0 and "launch_pdl" not in fused._launch(
+        gpu, True, 896)
+    # every block early (HOIST = 2) only with PDL set and uncapped one-row launches (0.5B)
+    monkeypatch.setattr(fused, "HOIST", 2)
+    assert [fused._hoist(d) for d in (896, 1536, 3584)] == [2, 1, 1]
+    monkeypatch.setattr(fused, "PDL", 0)
+    assert fused._hoist(896) == 1
+    monkeypatch.setattr(fused, "HOIST", 0)
+    assert fused._hoist(896) == 0
     for bad in ("WARPS=8", "HOIST=yes", "HOIST"):
         with pytest.raises(CospecError, match="NUM_WARPS"):
             fused.configure([bad])
