@@ -63,6 +63,10 @@ ATTN_TILE = 64 * 64 * 64
 # 1.5B 1.292 against 1.305; all 401 slots in one split were 12 % (0.5B) and 13 % (1.5B)
 # slower (results/gpu/h200/fused-attention-one-split).
 ATTN_ONE_SPLIT = 128
+# 1: each attention program reads its first block of keys and values before the PDL wait
+# when all its slots are older than the step's rows (the qkv kernel is then still running).
+# Not yet measured on a GPU, so off.
+ATTN_PRELOAD = 0
 # Split-K (``cospec.kernels``' docstring): programs over each projection's reduction. 0:
 # auto, enough splits that the grid has PROGRAMS_PER_SM programs for each SM (at most one
 # split per reduction block; PROGRAMS_PER_SM = 0: unsplit); n > 0: n splits (at most).
@@ -127,7 +131,8 @@ GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compil
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K", "ATTN_BLOCK_S",
-           "ATTN_TILE", "ATTN_ONE_SPLIT", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K",
+           "ATTN_TILE", "ATTN_ONE_SPLIT", "ATTN_PRELOAD", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K",
+           "UP_SPLIT_K",
            "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "PDL",
            "MAX_REGS",
            "GEMV", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
@@ -388,7 +393,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         attn, counters(x.device, kv_heads), n, length, scale, HEADS=heads, GROUP=group,
         HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
         BLOCK_R=_rows(group * n), BLOCK_S=_attn_block_s(_rows(group * n), hd),
-        ONE_S=ATTN_ONE_SPLIT, **_launch(x.device, d=d))
+        ONE_S=ATTN_ONE_SPLIT, PRELOAD=bool(ATTN_PRELOAD), **_launch(x.device, d=d))
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)))
     act = x.new_empty(n, inter)
     block_n = GEMV_UP_BLOCK_N if gemv else UP_BLOCK_N

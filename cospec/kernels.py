@@ -324,13 +324,70 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     tl.store(v_ptr + off + HALF, r2, mask=rm & is_v)
 
 
+@triton.jit
+def _softmax_step(q, kt, slots, sm, qpos, rows, rm, bias_ptr, cache_len, scale, m_i, l_i,
+                  USE_POS: tl.constexpr, IEEE: tl.constexpr):
+    """One block of ``attend``'s online softmax: the scores of q [BLOCK_R, hd] against the
+    block's keys kt [hd, BLOCK_S] (slots ``slots``, where sm), masked. Returns (p, alpha,
+    m, l): the block's unnormalised probabilities, the rescaling of the output so far, the
+    new running max and denominator; the caller adds p @ v to acc * alpha."""
+    s = _dot(q, kt, tl.zeros([q.shape[0], kt.shape[1]], dtype=tl.float32), IEEE)
+    s = s.to(q.dtype).to(tl.float32) * scale
+    if USE_POS:
+        s = tl.where((slots[None, :] <= qpos[:, None]) & sm[None, :], s, float("-inf"))
+    else:
+        b = tl.load(bias_ptr + rows[:, None] * cache_len + slots[None, :],
+                    mask=rm[:, None] & sm[None, :], other=float("-inf"))
+        s = tl.where(sm[None, :], s + b.to(tl.float32), float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)           # rows with nothing seen
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _split_range(pos_ptr, rows, rm, n, cache_len, split, USE_POS: tl.constexpr,
+                 SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr):
+    """(qpos, oldest, single, lo, hi) of ``attend``'s program: each row's position (USE_POS;
+    else 0), the step's first slot pos[0] (else 0), whether split 0 takes every visible slot,
+    and the split's slots lo..hi."""
+    if USE_POS:
+        qpos = tl.load(pos_ptr + rows % n, mask=rm, other=-1)
+        span = tl.load(pos_ptr + n - 1) + 1
+        oldest = tl.load(pos_ptr)
+    else:
+        qpos = rows * 0
+        span = cache_len
+        oldest = 0
+    single = span <= ONE_S
+    per = tl.where(single, span, tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_S) * BLOCK_S)
+    lo = split * per
+    return qpos, oldest, single, lo, tl.minimum(lo + per, span)
+
+
+@triton.jit
+def _kv_block(k_ptr, v_ptr, base, s0, hi, dims, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+              ok=True):
+    """(slots, sm, kt [hd, BLOCK_S], v [BLOCK_S, hd]) of the cache block from slot s0 (slots
+    < hi, and only where ``ok``: else zeros)."""
+    slots = s0 + tl.arange(0, BLOCK_S)
+    sm = slots < hi
+    km = sm & ok
+    kt = tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None], mask=km[None, :],
+                 other=0.0)
+    v = tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :], mask=km[:, None],
+                other=0.0)
+    return slots, sm, kt, v
+
+
 @triton.jit(do_not_specialize=["n"])
 def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr, cnt_ptr,
            n, cache_len, scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
            SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
            BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr,
-           PDL: tl.constexpr):
+           PRELOAD: tl.constexpr, PDL: tl.constexpr):
     """Program (kv head g, split s). q [H, n, hd] (rows r = j*n + i of kv head g are query
     head g*G + j, token i); k, v [KVH, cache_len, hd]. USE_POS: token i sees slots <=
     pos[i], and the slots 0..pos[n-1] are shared out over the splits; otherwise every slot,
@@ -340,53 +397,51 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     (the model's dtype: head g*G + j of token i at out[i, (g*G + j) hd:]). Up to ONE_S
     visible slots (0: never) split 0 takes them all and writes out itself, and no program
     stores partials or touches the counter: the store, the atomic and the combine's loads are
-    dependent round trips that a short cache need not pay."""
-    _after_weights(PDL)                                              # no weights to load
+    dependent round trips that a short cache need not pay. PRELOAD (with USE_POS): a
+    split's first block of keys and values is read before the PDL wait when all its slots
+    are older than pos[0], so no kernel of this step writes them."""
+    PRE: tl.constexpr = PRELOAD and USE_POS
+    if not PRE:
+        _after_weights(PDL)                                          # nothing to load first
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     R = GROUP * n
     rows = tl.arange(0, BLOCK_R)
     rm = rows < R
     dims = tl.arange(0, HEAD_DIM)
+    base = kvh * cache_len
+    if PRE:  # positions: written before the step's first fused kernel (readable now)
+        qpos, oldest, single, lo, hi = _split_range(pos_ptr, rows, rm, n, cache_len, split,
+                                                    USE_POS, SPLITS, BLOCK_S, ONE_S)
+        early = lo + BLOCK_S <= oldest                               # the block's slots: old
+        slots0, sm0, kt0, v0 = _kv_block(k_ptr, v_ptr, base, lo, hi, dims, HEAD_DIM, BLOCK_S,
+                                         early)
+        _after_weights(PDL)
     q = tl.load(q_ptr + (kvh * R + rows[:, None]) * HEAD_DIM + dims[None, :],
                 mask=rm[:, None], other=0.0)
-    dtype = q.dtype
-    if USE_POS:
-        qpos = tl.load(pos_ptr + rows % n, mask=rm, other=-1)
-        span = tl.load(pos_ptr + n - 1) + 1
-    else:
-        qpos = rows * 0
-        span = cache_len
-    single = span <= ONE_S
-    per = tl.where(single, span, tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_S) * BLOCK_S)
-    lo = split * per
-    hi = tl.minimum(lo + per, span)
+    if not PRE:
+        qpos, oldest, single, lo, hi = _split_range(pos_ptr, rows, rm, n, cache_len, split,
+                                                    USE_POS, SPLITS, BLOCK_S, ONE_S)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
-    base = kvh * cache_len
-    for s0 in range(lo, hi, BLOCK_S):
+    start = lo
+    if PRE and early:
+        p, alpha, m_i, l_i = _softmax_step(q, kt0, slots0, sm0, qpos, rows, rm, bias_ptr,
+                                           cache_len, scale, m_i, l_i, USE_POS, IEEE)
+        acc = _dot(p.to(q.dtype), v0, acc * alpha[:, None], IEEE)
+        start = lo + BLOCK_S
+    for s0 in range(start, hi, BLOCK_S):
         slots = s0 + tl.arange(0, BLOCK_S)
         sm = slots < hi
         kt = tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
                      mask=sm[None, :], other=0.0)                    # [hd, BLOCK_S]
-        s = _dot(q, kt, tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32), IEEE)
-        s = s.to(dtype).to(tl.float32) * scale
-        if USE_POS:
-            s = tl.where((slots[None, :] <= qpos[:, None]) & sm[None, :], s, float("-inf"))
-        else:
-            b = tl.load(bias_ptr + rows[:, None] * cache_len + slots[None, :],
-                        mask=rm[:, None] & sm[None, :], other=float("-inf"))
-            s = tl.where(sm[None, :], s + b.to(tl.float32), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)       # rows with nothing seen
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _softmax_step(q, kt, slots, sm, qpos, rows, rm, bias_ptr,
+                                           cache_len, scale, m_i, l_i, USE_POS, IEEE)
         v = tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
                     mask=sm[:, None], other=0.0)
-        acc = _dot(p.to(dtype), v, acc * alpha[:, None], IEEE)
-        m_i = m_new
+        acc = _dot(p.to(q.dtype), v, acc * alpha[:, None], IEEE)
+    dtype = q.dtype
     token = rows % n
     head = kvh * GROUP + rows // n
     out_at = out_ptr + (token[:, None] * HEADS + head[:, None]) * HEAD_DIM + dims[None, :]

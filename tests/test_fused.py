@@ -181,6 +181,20 @@ def test_attention_in_one_split(interpret, monkeypatch, one, n, start):
 SPLIT_NAMES = ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K")
 
 
+@pytest.mark.parametrize("one,n,start", [(0, 1, 21), (0, 3, 30), (40, 3, 19), (40, 1, 3)])
+def test_attention_first_block_preloaded(interpret, monkeypatch, one, n, start):
+    """ATTN_PRELOAD: a split whose first block of slots is older than the step's first row
+    reads it before the (PDL) wait, the rest as before; split (the early splits preloaded,
+    the later not), in one split, and a cache too short to preload (start 3 < a block):
+    against the reference, masked by positions and by the bias."""
+    monkeypatch.setattr(fused, "ATTN_PRELOAD", 1)
+    monkeypatch.setattr(fused, "ATTN_BLOCK_S", 4)
+    monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)
+    monkeypatch.setattr(fused, "GEMV", 0)
+    check_attention_mlp(n, start, 500 + start)
+    assert not fused.counters(torch.device("cpu"), 1).any()
+
+
 @pytest.mark.parametrize("splits,hoist", [((1, 1, 1, 1), 1), ((2, 3, 2, 3), 1),
                                           ((0, 0, 0, 0), 1), ((1, 1, 1, 1), 0),
                                           ((2, 3, 2, 3), 0)])
