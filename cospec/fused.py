@@ -92,6 +92,10 @@ PDL = 1
 # every block early was no faster (0.5B 0.652 against 0.616 ms), and under the 1.5B's cap
 # it spills (1.467 against 1.165 ms).
 HOIST = 2
+# A split-K program (the few-row steps: the verify, the draft's catch-up) whose share of a
+# reduction is at most this many blocks loads all of its weights before the activations and
+# the PDL wait (0: off; HOIST's first block then). Not yet measured on a GPU, so off.
+SPLIT_EARLY = 0
 # Registers a thread at most (0: the compiler's choice; on sm90 gate/up then takes 78, q/k/v
 # 80, down_proj 56: results/gpu/h200/fused-attention-combine/resources-sm90.md).
 MAX_REGS = 0
@@ -134,6 +138,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "ATTN_TILE", "ATTN_ONE_SPLIT", "ATTN_PRELOAD", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K",
            "UP_SPLIT_K",
            "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "PDL",
+           "SPLIT_EARLY",
            "MAX_REGS",
            "GEMV", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
            "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS",
@@ -311,6 +316,12 @@ def _hoist(d: int) -> int:
     return min(HOIST, 1)
 
 
+def _split_early(per: int) -> int:
+    """SPLIT_EARLY of a launch whose splits each reduce ``per`` blocks: per when SPLIT_EARLY
+    allows as many, else 0."""
+    return per if 0 < per <= SPLIT_EARLY else 0
+
+
 def _launch(device: torch.device, gemv: bool = False, d: int = 0, gate_up: bool = False
             ) -> dict:
     """A launch's num_warps, num_stages, register cap (GEMV_* on the one-row tiles of a
@@ -363,7 +374,8 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(gemv, n),
         BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d),
-        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(x.device, gemv, d))
+        UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
+        **_launch(x.device, gemv, d))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -404,7 +416,8 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=_hoist(d),
-        UNROLL=_unroll(gemv, _cdiv(d, block_k)), **_launch(x.device, gemv, d, gate_up=True))
+        UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
+        **_launch(x.device, gemv, d, gate_up=True))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
 
@@ -427,8 +440,7 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
         n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
         SPLIT_K=splits, BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
         K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0,
-        HOIST=_hoist(d),
-        **_launch(x.device, gemv, d))
+        HOIST=_hoist(d), SPLIT_EARLY=_split_early(per), **_launch(x.device, gemv, d))
     return y
 
 

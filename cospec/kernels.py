@@ -224,15 +224,20 @@ def _normed_block(x_ptr, ln_ptr, w_ptr, ra, rb, cm, rstd, k0, n, acc_a, acc_b,
 @triton.jit
 def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.constexpr,
                  IEEE: tl.constexpr, HOIST: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr):
+                 BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
+                 SPLIT_EARLY: tl.constexpr):
     """RMSNorm(x) @ w[ra].T and @ w[rb].T ([BLOCK_M, len(ra)] each, float32) over x's
-    columns lo..lo + k_per. The weights of the first block (HOIST = 1), or of every block
-    when unrolled (HOIST = 2), are loaded before x is read and before the PDL wait.
+    columns lo..lo + k_per. The weights of the first block (HOIST = 1), of every block when
+    unrolled (HOIST = 2), or of the SPLIT_EARLY blocks of a split's whole share (k_per =
+    SPLIT_EARLY blocks; looped) are loaded before x is read and before the PDL wait.
     UNROLL (one split: lo = 0, k_per >= D): the loop over D unrolled, so that every block's
     loads can be issued before the first product waits on one."""
     acc_a = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
     acc_b = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
-    EARLY: tl.constexpr = (D + BLOCK_K - 1) // BLOCK_K if UNROLL and HOIST == 2 else min(HOIST, 1)
+    if UNROLL:
+        EARLY: tl.constexpr = (D + BLOCK_K - 1) // BLOCK_K if HOIST == 2 else min(HOIST, 1)
+    else:
+        EARLY: tl.constexpr = SPLIT_EARLY if SPLIT_EARLY > 0 else min(HOIST, 1)
     early = _early_pairs(w_ptr, ra, rb, lo, D, cm, BLOCK_K, EARLY)
     _after_weights(PDL)
     rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
@@ -246,14 +251,12 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
             acc_a = _mac(h, wa, acc_a, IEEE)
             acc_b = _mac(h, wb, acc_b, IEEE)
     else:
-        start = lo
-        if EARLY > 0:
-            wa, wb = early[0]
-            h = _normed(x_ptr, ln_ptr, rstd, lo, n, D, BLOCK_M, BLOCK_K)
+        for i in tl.static_range(EARLY):
+            wa, wb = early[i]
+            h = _normed(x_ptr, ln_ptr, rstd, lo + i * BLOCK_K, n, D, BLOCK_M, BLOCK_K)
             acc_a = _mac(h, wa, acc_a, IEEE)
             acc_b = _mac(h, wb, acc_b, IEEE)
-            start = lo + BLOCK_K
-        for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
+        for k0 in range(lo + EARLY * BLOCK_K, tl.minimum(lo + k_per, D), BLOCK_K):
             acc_a, acc_b = _normed_block(x_ptr, ln_ptr, w_ptr, ra, rb, cm, rstd, k0, n, acc_a,
                                          acc_b, D, IEEE, BLOCK_M, BLOCK_K)
     return _total(acc_a, BLOCK_M), _total(acc_b, BLOCK_M)
@@ -266,7 +269,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
                  HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_K: tl.constexpr, HOIST: tl.constexpr, UNROLL: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr):
     """Program (head j of the H + 2 KVH stacked heads, chunk c, split s): output columns
     c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
@@ -290,7 +293,8 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
         b1 = tl.load(b_ptr + w1).to(tl.float32)
         b2 = tl.load(b_ptr + w2).to(tl.float32)
     acc1, acc2 = _normed_pair(x_ptr, ln_ptr, w_ptr, w1, w2, cols >= 0, split * k_per, k_per,
-                              n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL)
+                              n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL,
+                              SPLIT_EARLY)
     if SPLIT_K > 1:
         width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
         _publish(acc1, ws_ptr, split, rows, w1, n, width)
@@ -491,7 +495,8 @@ def _attend_combine(acc, m_i, l_i, o_ptr, m_ptr, l_ptr, out_at, cnt_ptr, kvh, sp
 def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, eps,
                 D: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                HOIST: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr):
+                HOIST: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
+                SPLIT_EARLY: tl.constexpr):
     """a [n, inter] = SiLU(gate) * up of RMSNorm(x); w [2 inter, D] (gate rows, then up).
     Program (c, s): columns c*BLOCK_N.. of gate and up, reduced over x's columns s*k_per..;
     ws [SPLIT_K, n, 2 inter] float32."""
@@ -500,7 +505,8 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
     cm = cols < inter
     split = tl.program_id(1)
     acc_g, acc_u = _normed_pair(x_ptr, ln_ptr, w_ptr, cols, inter + cols, cm, split * k_per,
-                                k_per, n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL)
+                                k_per, n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL,
+                                SPLIT_EARLY)
     if SPLIT_K > 1:
         _publish(acc_g, ws_ptr, split, rows, cols, n, 2 * inter)
         _publish(acc_u, ws_ptr, split, rows, inter + cols, n, 2 * inter)
@@ -543,13 +549,14 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
                   D: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr, HOIST: tl.constexpr,
-                  PDL: tl.constexpr):
+                  PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr):
     """y [n, D] = x + (a @ w.T + b); a [n, inter], w [D, inter], b [D] (HAS_BIAS). Program
     (c, s): columns c*BLOCK_N.., reduced over a's columns s*k_per..; ws [SPLIT_K, n, D]
     float32. down_proj (a the MLP's activations) and o_proj (a the attention output).
     K_BLOCKS > 0 (one split, K_BLOCKS * BLOCK_K >= inter): the reduction's loop unrolled,
     every block's loads free to be issued before the first product; HOIST = 2 then loads
-    every block's weights before a (and before the PDL wait)."""
+    every block's weights before a (and before the PDL wait). Looped, SPLIT_EARLY > 0
+    (k_per = SPLIT_EARLY blocks): the split's whole share of weights is loaded first."""
     rows = tl.arange(0, BLOCK_M)
     rm = rows < n
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -557,10 +564,13 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
     split = tl.program_id(1)
     acc = _zeros(BLOCK_M, BLOCK_K, BLOCK_N)
     lo = split * k_per
-    EARLY: tl.constexpr = K_BLOCKS if HOIST == 2 else 0
+    if K_BLOCKS > 0:
+        EARLY: tl.constexpr = K_BLOCKS if HOIST == 2 else 0
+    else:
+        EARLY: tl.constexpr = SPLIT_EARLY
     early = ()
     for i in tl.static_range(EARLY):
-        early = early + (_weight_tile(w_ptr, cols, cm, i * BLOCK_K, inter, BLOCK_K),)
+        early = early + (_weight_tile(w_ptr, cols, cm, lo + i * BLOCK_K, inter, BLOCK_K),)
     _after_weights(PDL)
     if K_BLOCKS > 0:
         for i in tl.static_range(K_BLOCKS):
@@ -571,7 +581,10 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
                 wt = _weight_tile(w_ptr, cols, cm, i * BLOCK_K, inter, BLOCK_K)
             acc = _mac(av, wt, acc, IEEE)
     else:
-        for k0 in range(lo, tl.minimum(lo + k_per, inter), BLOCK_K):
+        for i in tl.static_range(EARLY):
+            av = _a_block(a_ptr, rows, rm, lo + i * BLOCK_K, inter, BLOCK_K)
+            acc = _mac(av, early[i], acc, IEEE)
+        for k0 in range(lo + EARLY * BLOCK_K, tl.minimum(lo + k_per, inter), BLOCK_K):
             av = _a_block(a_ptr, rows, rm, k0, inter, BLOCK_K)
             acc = _mac(av, _weight_tile(w_ptr, cols, cm, k0, inter, BLOCK_K), acc, IEEE)
     acc = _total(acc, BLOCK_M)

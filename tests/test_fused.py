@@ -195,15 +195,18 @@ def test_attention_first_block_preloaded(interpret, monkeypatch, one, n, start):
     assert not fused.counters(torch.device("cpu"), 1).any()
 
 
-@pytest.mark.parametrize("splits,hoist", [((1, 1, 1, 1), 1), ((2, 3, 2, 3), 1),
-                                          ((0, 0, 0, 0), 1), ((1, 1, 1, 1), 0),
-                                          ((2, 3, 2, 3), 0)])
-def test_split_k(interpret, small_blocks, monkeypatch, splits, hoist):
+@pytest.mark.parametrize("splits,hoist,early", [
+    ((1, 1, 1, 1), 1, 0), ((2, 3, 2, 3), 1, 0), ((0, 0, 0, 0), 1, 0), ((1, 1, 1, 1), 0, 0),
+    ((2, 3, 2, 3), 0, 0), ((2, 3, 2, 3), 1, 8), ((0, 0, 0, 0), 1, 8), ((1, 1, 1, 1), 0, 8),
+    ((2, 3, 2, 3), 1, 2)])
+def test_split_k(interpret, small_blocks, monkeypatch, splits, hoist, early):
     """Every projection unsplit, split unevenly (the last split shorter: 3 reduction blocks
     in 2, 5 in 3; o_proj's 2 blocks asked in 3 get 2) and split as finely as auto goes (one
-    block a split), with the first weight block hoisted and not: the layer still agrees with the
-    reference, and the tile counters are left zero."""
+    block a split), with the first weight block hoisted and not, and each split's whole
+    share loaded first where it has at most SPLIT_EARLY blocks (8: every split; 2: some):
+    the layer still agrees with the reference, and the tile counters are left zero."""
     monkeypatch.setattr(fused, "HOIST", hoist)
+    monkeypatch.setattr(fused, "SPLIT_EARLY", early)
     for name, value in zip(SPLIT_NAMES, splits):
         monkeypatch.setattr(fused, name, value)
     heads, kvh, hd, length, d, n = 4, 2, 8, 40, 48, 3
