@@ -136,13 +136,10 @@ GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compil
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K", "ATTN_BLOCK_S",
            "ATTN_TILE", "ATTN_ONE_SPLIT", "ATTN_PRELOAD", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K",
-           "UP_SPLIT_K",
-           "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "PDL",
-           "SPLIT_EARLY",
-           "MAX_REGS",
-           "GEMV", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
-           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS",
-           "GEMV_CAP_ALL")
+           "UP_SPLIT_K", "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST",
+           "PDL", "SPLIT_EARLY", "MAX_REGS", "GEMV", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N",
+           "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL",
+           "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL")
 
 
 def configure(items: list[str]) -> None:
