@@ -371,18 +371,18 @@ def _split_range(pos_ptr, rows, rm, n, cache_len, split, USE_POS: tl.constexpr,
 
 
 @triton.jit
-def _kv_block(k_ptr, v_ptr, base, s0, hi, dims, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-              ok=True):
-    """(slots, sm, kt [hd, BLOCK_S], v [BLOCK_S, hd]) of the cache block from slot s0 (slots
-    < hi, and only where ``ok``: else zeros)."""
-    slots = s0 + tl.arange(0, BLOCK_S)
-    sm = slots < hi
-    km = sm & ok
-    kt = tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None], mask=km[None, :],
-                 other=0.0)
-    v = tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :], mask=km[:, None],
-                other=0.0)
-    return slots, sm, kt, v
+def _k_tile(k_ptr, base, slots, mask, dims, HEAD_DIM: tl.constexpr):
+    """The keys of cache slots ``slots`` (where mask, else 0) as kt [hd, BLOCK_S]; k
+    [KVH, cache_len, hd], ``base`` the kv head's first slot."""
+    return tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
+                   mask=mask[None, :], other=0.0)
+
+
+@triton.jit
+def _v_tile(v_ptr, base, slots, mask, dims, HEAD_DIM: tl.constexpr):
+    """The values of cache slots ``slots`` (where mask, else 0) as v [BLOCK_S, hd]."""
+    return tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
+                   mask=mask[:, None], other=0.0)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -418,8 +418,10 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
         qpos, oldest, single, lo, hi = _split_range(pos_ptr, rows, rm, n, cache_len, split,
                                                     USE_POS, SPLITS, BLOCK_S, ONE_S)
         early = lo + BLOCK_S <= oldest                               # the block's slots: old
-        slots0, sm0, kt0, v0 = _kv_block(k_ptr, v_ptr, base, lo, hi, dims, HEAD_DIM, BLOCK_S,
-                                         early)
+        slots0 = lo + tl.arange(0, BLOCK_S)
+        sm0 = slots0 < hi
+        kt0 = _k_tile(k_ptr, base, slots0, sm0 & early, dims, HEAD_DIM)
+        v0 = _v_tile(v_ptr, base, slots0, sm0 & early, dims, HEAD_DIM)
         _after_weights(PDL)
     q = tl.load(q_ptr + (kvh * R + rows[:, None]) * HEAD_DIM + dims[None, :],
                 mask=rm[:, None], other=0.0)
@@ -438,12 +440,10 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     for s0 in range(start, hi, BLOCK_S):
         slots = s0 + tl.arange(0, BLOCK_S)
         sm = slots < hi
-        kt = tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
-                     mask=sm[None, :], other=0.0)                    # [hd, BLOCK_S]
+        kt = _k_tile(k_ptr, base, slots, sm, dims, HEAD_DIM)
         p, alpha, m_i, l_i = _softmax_step(q, kt, slots, sm, qpos, rows, rm, bias_ptr,
                                            cache_len, scale, m_i, l_i, USE_POS, IEEE)
-        v = tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
-                    mask=sm[:, None], other=0.0)
+        v = _v_tile(v_ptr, base, slots, sm, dims, HEAD_DIM)
         acc = _dot(p.to(q.dtype), v, acc * alpha[:, None], IEEE)
     dtype = q.dtype
     token = rows % n
