@@ -63,14 +63,12 @@ ATTN_TILE = 64 * 64 * 64
 # 1.5B 1.292 against 1.305; all 401 slots in one split were 12 % (0.5B) and 13 % (1.5B)
 # slower (results/gpu/h200/fused-attention-one-split).
 ATTN_ONE_SPLIT = 128
-# 1: each attention program reads its first block of keys and values before the PDL wait
-# when all its slots are older than the step's rows (the qkv kernel is then still running).
-# Not yet measured on a GPU, so off.
-ATTN_PRELOAD = 0
 # Split-K (``cospec.kernels``' docstring): programs over each projection's reduction. 0:
 # auto, enough splits that the grid has PROGRAMS_PER_SM programs for each SM (at most one
 # split per reduction block; PROGRAMS_PER_SM = 0: unsplit); n > 0: n splits (at most).
-# Tuned on a GPU with ``scripts/prof_fused.py --grid``.
+# Tuned on a GPU with ``scripts/prof_fused.py --grid``: PROGRAMS_PER_SM 4 with NUM_STAGES 3
+# and BLOCK_K 128 were the best or within 0.1 % at 2 and 6 rows against 3 / 6, 2 and 64
+# (results/gpu/h200/fused-few-row-settings).
 QKV_SPLIT_K = 0
 OUT_SPLIT_K = 0
 UP_SPLIT_K = 0
@@ -92,10 +90,18 @@ PDL = 1
 # every block early was no faster (0.5B 0.652 against 0.616 ms), and under the 1.5B's cap
 # it spills (1.467 against 1.165 ms).
 HOIST = 2
-# A split-K program (the few-row steps: the verify, the draft's catch-up) whose share of a
+# A split-K program (the few-row steps: the verify, the draft's first step) whose share of a
 # reduction is at most this many blocks loads all of its weights before the activations and
-# the PDL wait (0: off; HOIST's first block then). Not yet measured on a GPU, so off.
+# the PDL wait (0: off; HOIST's first block then). On an H200 2 made the 1.5B's 2- and 6-row
+# steps 2-3 % faster and the 0.5B's 0.5-2 % slower, and the real pair no faster
+# (results/gpu/h200/fused-few-row-settings), so off.
 SPLIT_EARLY = 0
+# q/k/v's and gate/up's looped reductions (the few-row steps; a 7B's one row) read each
+# block's RMSNorm weights one block ahead, the first before the PDL wait (1), instead of in
+# the block that uses them (0). The software pipeline leaves those loads out (2 bytes a
+# thread), so at 0 every block's products wait on one (sm90 PTX of the 1.5B's 5-row gate/up).
+# Not yet measured on a GPU, so off.
+LN_AHEAD = 0
 # Registers a thread at most (0: the compiler's choice; on sm90 gate/up then takes 78, q/k/v
 # 80, down_proj 56: results/gpu/h200/fused-attention-combine/resources-sm90.md).
 MAX_REGS = 0
@@ -135,9 +141,9 @@ GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compil
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K", "ATTN_BLOCK_S",
-           "ATTN_TILE", "ATTN_ONE_SPLIT", "ATTN_PRELOAD", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K",
-           "UP_SPLIT_K", "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST",
-           "PDL", "SPLIT_EARLY", "MAX_REGS", "GEMV", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N",
+           "ATTN_TILE", "ATTN_ONE_SPLIT", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K",
+           "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "PDL",
+           "SPLIT_EARLY", "LN_AHEAD", "MAX_REGS", "GEMV", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N",
            "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL",
            "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL")
 
@@ -372,7 +378,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(gemv, n),
         BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
-        **_launch(x.device, gemv, d))
+        LN_AHEAD=bool(LN_AHEAD), **_launch(x.device, gemv, d))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -402,7 +408,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         attn, counters(x.device, kv_heads), n, length, scale, HEADS=heads, GROUP=group,
         HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
         BLOCK_R=_rows(group * n), BLOCK_S=_attn_block_s(_rows(group * n), hd),
-        ONE_S=ATTN_ONE_SPLIT, PRELOAD=bool(ATTN_PRELOAD), **_launch(x.device, d=d))
+        ONE_S=ATTN_ONE_SPLIT, **_launch(x.device, d=d))
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)))
     act = x.new_empty(n, inter)
     block_n = GEMV_UP_BLOCK_N if gemv else UP_BLOCK_N
@@ -414,7 +420,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=_hoist(d),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
-        **_launch(x.device, gemv, d, gate_up=True))
+        LN_AHEAD=bool(LN_AHEAD), **_launch(x.device, gemv, d, gate_up=True))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
 

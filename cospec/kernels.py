@@ -193,45 +193,69 @@ def _reduce(acc, ws_ptr, cnt_ptr, split, tile, rows, cols, n, ncols, SPLIT_K: tl
 
 
 @triton.jit
-def _normed(x_ptr, ln_ptr, rstd, k0, n, D: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_K: tl.constexpr):
-    """Columns k0..k0+BLOCK_K of RMSNorm(x) as the reference rounds it: w * (x * rstd).to(dtype),
-    [BLOCK_M, BLOCK_K]; for one row (BLOCK_M = 1) the column [BLOCK_K, 1] ``_mac`` takes."""
+def _ln(ln_ptr, k0, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The RMSNorm weights of columns k0..k0+BLOCK_K (0 past D) as ``_normed`` applies them:
+    [BLOCK_K] ([BLOCK_K, 1] for one row)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    if BLOCK_M == 1:
+        w = tl.load(ln_ptr + ks[:, None], mask=ks[:, None] < D, other=0.0)
+    else:
+        w = tl.load(ln_ptr + ks, mask=ks < D, other=0.0)
+    return w
+
+
+@triton.jit
+def _x_block(x_ptr, k0, n, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns k0..k0+BLOCK_K of x [n, D]: [BLOCK_M, BLOCK_K] (rows past n 0), or for one
+    row the column [BLOCK_K, 1]."""
     ks = k0 + tl.arange(0, BLOCK_K)
     if BLOCK_M == 1:
         xv = tl.load(x_ptr + ks[:, None], mask=ks[:, None] < D, other=0.0)
-        w = tl.load(ln_ptr + ks[:, None], mask=ks[:, None] < D, other=0.0)
-        h = (xv.to(tl.float32) * rstd[None, :]).to(xv.dtype) * w
     else:
-        w = tl.load(ln_ptr + ks, mask=ks < D, other=0.0)
         rows = tl.arange(0, BLOCK_M)
         xv = tl.load(x_ptr + rows[:, None] * D + ks[None, :],
                      mask=(rows[:, None] < n) & (ks[None, :] < D), other=0.0)
+    return xv
+
+
+@triton.jit
+def _apply_norm(xv, w, rstd, BLOCK_M: tl.constexpr):
+    """RMSNorm of a ``_x_block`` as the reference rounds it: w * (x * rstd).to(dtype)."""
+    if BLOCK_M == 1:
+        h = (xv.to(tl.float32) * rstd[None, :]).to(xv.dtype) * w
+    else:
         h = (xv.to(tl.float32) * rstd[:, None]).to(xv.dtype) * w[None, :]
     return h
 
 
 @triton.jit
-def _normed_block(x_ptr, ln_ptr, w_ptr, ra, rb, cm, rstd, k0, n, acc_a, acc_b,
-                  D: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """acc_a, acc_b with RMSNorm(x)'s columns k0..k0 + BLOCK_K times w[ra] and w[rb]'s."""
-    h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
-    wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
-    return _mac(h, wa, acc_a, IEEE), _mac(h, wb, acc_b, IEEE)
+def _normed(x_ptr, ln_ptr, rstd, k0, n, D: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """Columns k0..k0+BLOCK_K of RMSNorm(x) (``_apply_norm``), [BLOCK_M, BLOCK_K]; for one
+    row (BLOCK_M = 1) the column [BLOCK_K, 1] ``_mac`` takes."""
+    if BLOCK_M == 1:
+        xv = _x_block(x_ptr, k0, n, D, BLOCK_M, BLOCK_K)
+        w = _ln(ln_ptr, k0, D, BLOCK_M, BLOCK_K)
+    else:
+        w = _ln(ln_ptr, k0, D, BLOCK_M, BLOCK_K)
+        xv = _x_block(x_ptr, k0, n, D, BLOCK_M, BLOCK_K)
+    return _apply_norm(xv, w, rstd, BLOCK_M)
 
 
 @triton.jit
 def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.constexpr,
                  IEEE: tl.constexpr, HOIST: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
-                 SPLIT_EARLY: tl.constexpr):
+                 SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr):
     """RMSNorm(x) @ w[ra].T and @ w[rb].T ([BLOCK_M, len(ra)] each, float32) over x's
     columns lo..lo + k_per. The weights of the first block (HOIST = 1), of every block when
     unrolled (HOIST = 2), or of the SPLIT_EARLY blocks of a split's whole share (k_per =
     SPLIT_EARLY blocks; looped) are loaded before x is read and before the PDL wait.
     UNROLL (one split: lo = 0, k_per >= D): the loop over D unrolled, so that every block's
-    loads can be issued before the first product waits on one."""
+    loads can be issued before the first product waits on one. Looped, LN_AHEAD: each
+    block's RMSNorm weights are read one block ahead (the first before the wait), so the
+    loop's products never wait on them; the software pipeline does not take these loads
+    (a thread's share of a block is under the 4 bytes an asynchronous copy moves)."""
     acc_a = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
     acc_b = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
     if UNROLL:
@@ -239,6 +263,9 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
     else:
         EARLY: tl.constexpr = SPLIT_EARLY if SPLIT_EARLY > 0 else min(HOIST, 1)
     early = _early_pairs(w_ptr, ra, rb, lo, D, cm, BLOCK_K, EARLY)
+    start = lo + EARLY * BLOCK_K                                     # the loop's first block
+    if LN_AHEAD and not UNROLL:
+        ln_w = _ln(ln_ptr, start, D, BLOCK_M, BLOCK_K)
     _after_weights(PDL)
     rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
     if UNROLL:
@@ -256,9 +283,17 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
             h = _normed(x_ptr, ln_ptr, rstd, lo + i * BLOCK_K, n, D, BLOCK_M, BLOCK_K)
             acc_a = _mac(h, wa, acc_a, IEEE)
             acc_b = _mac(h, wb, acc_b, IEEE)
-        for k0 in range(lo + EARLY * BLOCK_K, tl.minimum(lo + k_per, D), BLOCK_K):
-            acc_a, acc_b = _normed_block(x_ptr, ln_ptr, w_ptr, ra, rb, cm, rstd, k0, n, acc_a,
-                                         acc_b, D, IEEE, BLOCK_M, BLOCK_K)
+        for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
+            if LN_AHEAD:
+                ln_next = _ln(ln_ptr, k0 + BLOCK_K, D, BLOCK_M, BLOCK_K)
+                h = _apply_norm(_x_block(x_ptr, k0, n, D, BLOCK_M, BLOCK_K), ln_w, rstd,
+                                BLOCK_M)
+                ln_w = ln_next
+            else:
+                h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
+            wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
+            acc_a = _mac(h, wa, acc_a, IEEE)
+            acc_b = _mac(h, wb, acc_b, IEEE)
     return _total(acc_a, BLOCK_M), _total(acc_b, BLOCK_M)
 
 
@@ -269,7 +304,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
                  HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_K: tl.constexpr, HOIST: tl.constexpr, UNROLL: tl.constexpr,
-                 PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr):
+                 PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr):
     """Program (head j of the H + 2 KVH stacked heads, chunk c, split s): output columns
     c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
@@ -294,7 +329,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
         b2 = tl.load(b_ptr + w2).to(tl.float32)
     acc1, acc2 = _normed_pair(x_ptr, ln_ptr, w_ptr, w1, w2, cols >= 0, split * k_per, k_per,
                               n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL,
-                              SPLIT_EARLY)
+                              SPLIT_EARLY, LN_AHEAD)
     if SPLIT_K > 1:
         width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
         _publish(acc1, ws_ptr, split, rows, w1, n, width)
@@ -353,36 +388,18 @@ def _softmax_step(q, kt, slots, sm, qpos, rows, rm, bias_ptr, cache_len, scale, 
 @triton.jit
 def _split_range(pos_ptr, rows, rm, n, cache_len, split, USE_POS: tl.constexpr,
                  SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr):
-    """(qpos, oldest, single, lo, hi) of ``attend``'s program: each row's position (USE_POS;
-    else 0), the step's first slot pos[0] (else 0), whether split 0 takes every visible slot,
-    and the split's slots lo..hi."""
+    """(qpos, single, lo, hi) of ``attend``'s program: each row's position (USE_POS; else 0),
+    whether split 0 takes every visible slot, and the split's slots lo..hi."""
     if USE_POS:
         qpos = tl.load(pos_ptr + rows % n, mask=rm, other=-1)
         span = tl.load(pos_ptr + n - 1) + 1
-        oldest = tl.load(pos_ptr)
     else:
         qpos = rows * 0
         span = cache_len
-        oldest = 0
     single = span <= ONE_S
     per = tl.where(single, span, tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_S) * BLOCK_S)
     lo = split * per
-    return qpos, oldest, single, lo, tl.minimum(lo + per, span)
-
-
-@triton.jit
-def _k_tile(k_ptr, base, slots, mask, dims, HEAD_DIM: tl.constexpr):
-    """The keys of cache slots ``slots`` (where mask, else 0) as kt [hd, BLOCK_S]; k
-    [KVH, cache_len, hd], ``base`` the kv head's first slot."""
-    return tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
-                   mask=mask[None, :], other=0.0)
-
-
-@triton.jit
-def _v_tile(v_ptr, base, slots, mask, dims, HEAD_DIM: tl.constexpr):
-    """The values of cache slots ``slots`` (where mask, else 0) as v [BLOCK_S, hd]."""
-    return tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
-                   mask=mask[:, None], other=0.0)
+    return qpos, single, lo, tl.minimum(lo + per, span)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -391,7 +408,7 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
            SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
            BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr,
-           PRELOAD: tl.constexpr, PDL: tl.constexpr):
+           PDL: tl.constexpr):
     """Program (kv head g, split s). q [H, n, hd] (rows r = j*n + i of kv head g are query
     head g*G + j, token i); k, v [KVH, cache_len, hd]. USE_POS: token i sees slots <=
     pos[i], and the slots 0..pos[n-1] are shared out over the splits; otherwise every slot,
@@ -401,12 +418,8 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     (the model's dtype: head g*G + j of token i at out[i, (g*G + j) hd:]). Up to ONE_S
     visible slots (0: never) split 0 takes them all and writes out itself, and no program
     stores partials or touches the counter: the store, the atomic and the combine's loads are
-    dependent round trips that a short cache need not pay. PRELOAD (with USE_POS): a
-    split's first block of keys and values is read before the PDL wait when all its slots
-    are older than pos[0], so no kernel of this step writes them."""
-    PRE: tl.constexpr = PRELOAD and USE_POS
-    if not PRE:
-        _after_weights(PDL)                                          # nothing to load first
+    dependent round trips that a short cache need not pay."""
+    _after_weights(PDL)                                              # nothing to load first
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     R = GROUP * n
@@ -414,36 +427,22 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     rm = rows < R
     dims = tl.arange(0, HEAD_DIM)
     base = kvh * cache_len
-    if PRE:  # positions: written before the step's first fused kernel (readable now)
-        qpos, oldest, single, lo, hi = _split_range(pos_ptr, rows, rm, n, cache_len, split,
-                                                    USE_POS, SPLITS, BLOCK_S, ONE_S)
-        early = lo + BLOCK_S <= oldest                               # the block's slots: old
-        slots0 = lo + tl.arange(0, BLOCK_S)
-        sm0 = slots0 < hi
-        kt0 = _k_tile(k_ptr, base, slots0, sm0 & early, dims, HEAD_DIM)
-        v0 = _v_tile(v_ptr, base, slots0, sm0 & early, dims, HEAD_DIM)
-        _after_weights(PDL)
     q = tl.load(q_ptr + (kvh * R + rows[:, None]) * HEAD_DIM + dims[None, :],
                 mask=rm[:, None], other=0.0)
-    if not PRE:
-        qpos, oldest, single, lo, hi = _split_range(pos_ptr, rows, rm, n, cache_len, split,
-                                                    USE_POS, SPLITS, BLOCK_S, ONE_S)
+    qpos, single, lo, hi = _split_range(pos_ptr, rows, rm, n, cache_len, split, USE_POS,
+                                        SPLITS, BLOCK_S, ONE_S)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
-    start = lo
-    if PRE and early:
-        p, alpha, m_i, l_i = _softmax_step(q, kt0, slots0, sm0, qpos, rows, rm, bias_ptr,
-                                           cache_len, scale, m_i, l_i, USE_POS, IEEE)
-        acc = _dot(p.to(q.dtype), v0, acc * alpha[:, None], IEEE)
-        start = lo + BLOCK_S
-    for s0 in range(start, hi, BLOCK_S):
+    for s0 in range(lo, hi, BLOCK_S):
         slots = s0 + tl.arange(0, BLOCK_S)
         sm = slots < hi
-        kt = _k_tile(k_ptr, base, slots, sm, dims, HEAD_DIM)
+        kt = tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
+                     mask=sm[None, :], other=0.0)                    # [hd, BLOCK_S]
         p, alpha, m_i, l_i = _softmax_step(q, kt, slots, sm, qpos, rows, rm, bias_ptr,
                                            cache_len, scale, m_i, l_i, USE_POS, IEEE)
-        v = _v_tile(v_ptr, base, slots, sm, dims, HEAD_DIM)
+        v = tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
+                    mask=sm[:, None], other=0.0)
         acc = _dot(p.to(q.dtype), v, acc * alpha[:, None], IEEE)
     dtype = q.dtype
     token = rows % n
@@ -496,7 +495,7 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
                 D: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 HOIST: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
-                SPLIT_EARLY: tl.constexpr):
+                SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr):
     """a [n, inter] = SiLU(gate) * up of RMSNorm(x); w [2 inter, D] (gate rows, then up).
     Program (c, s): columns c*BLOCK_N.. of gate and up, reduced over x's columns s*k_per..;
     ws [SPLIT_K, n, 2 inter] float32."""
@@ -506,7 +505,7 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
     split = tl.program_id(1)
     acc_g, acc_u = _normed_pair(x_ptr, ln_ptr, w_ptr, cols, inter + cols, cm, split * k_per,
                                 k_per, n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL,
-                                SPLIT_EARLY)
+                                SPLIT_EARLY, LN_AHEAD)
     if SPLIT_K > 1:
         _publish(acc_g, ws_ptr, split, rows, cols, n, 2 * inter)
         _publish(acc_u, ws_ptr, split, rows, inter + cols, n, 2 * inter)

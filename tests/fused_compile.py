@@ -9,9 +9,9 @@ attention masks). Each case three times: split-K as an H200 gets it (``fused.spl
 132 SMs) with the first weight block hoisted (HOIST = 1) and at most 128 registers a thread
 (MAX_REGS); unsplit (every ``*_SPLIT_K`` = 1) without either; and split with every block of
 an unrolled one-row reduction hoisted before a programmatic dependent launch's wait (HOIST =
-2, PDL = 2), the attention's first block read before it (ATTN_PRELOAD = 1) and splits of up
-to 4 blocks loading their whole share first (SPLIT_EARLY = 4); a one-row case with the
-one-row tiles (GEMV = 1) every time.
+2, PDL = 2), splits of up to 4 blocks loading their whole share first (SPLIT_EARLY = 4) and
+the looped reductions reading their RMSNorm weights a block ahead (LN_AHEAD = 1); a one-row
+case with the one-row tiles (GEMV = 1) every time.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
 the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
 64 Ki a SM; shared memory: 227 KiB) and the waves its grid takes on 132 SMs, for the
@@ -78,8 +78,8 @@ def record(cases: list[tuple], twins: bool = True) -> list[tuple]:
                 setattr(fused, name, 1 if way == "unsplit" else 0)
             fused.HOIST = {"split": 1, "unsplit": 0, "pdl": 2}[way]
             fused.PDL = 2 if way == "pdl" else 0
-            fused.ATTN_PRELOAD = int(way == "pdl")
             fused.SPLIT_EARLY = 4 if way == "pdl" else 0
+            fused.LN_AHEAD = int(way == "pdl")
             fused.MAX_REGS = 0 if way == "unsplit" else 128
             fused.GEMV = 1  # one row: the one-row tiles (more rows cover the tl.dot path)
 

@@ -181,20 +181,6 @@ def test_attention_in_one_split(interpret, monkeypatch, one, n, start):
 SPLIT_NAMES = ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K")
 
 
-@pytest.mark.parametrize("one,n,start", [(0, 1, 21), (0, 3, 30), (40, 3, 19), (40, 1, 3)])
-def test_attention_first_block_preloaded(interpret, monkeypatch, one, n, start):
-    """ATTN_PRELOAD: a split whose first block of slots is older than the step's first row
-    reads it before the (PDL) wait, the rest as before; split (the early splits preloaded,
-    the later not), in one split, and a cache too short to preload (start 3 < a block):
-    against the reference, masked by positions and by the bias."""
-    monkeypatch.setattr(fused, "ATTN_PRELOAD", 1)
-    monkeypatch.setattr(fused, "ATTN_BLOCK_S", 4)
-    monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)
-    monkeypatch.setattr(fused, "GEMV", 0)
-    check_attention_mlp(n, start, 500 + start)
-    assert not fused.counters(torch.device("cpu"), 1).any()
-
-
 @pytest.mark.parametrize("splits,hoist,early", [
     ((1, 1, 1, 1), 1, 0), ((2, 3, 2, 3), 1, 0), ((0, 0, 0, 0), 1, 0), ((1, 1, 1, 1), 0, 0),
     ((2, 3, 2, 3), 0, 0), ((2, 3, 2, 3), 1, 8), ((0, 0, 0, 0), 1, 8), ((1, 1, 1, 1), 0, 8),
@@ -209,7 +195,32 @@ def test_split_k(interpret, small_blocks, monkeypatch, splits, hoist, early):
     monkeypatch.setattr(fused, "SPLIT_EARLY", early)
     for name, value in zip(SPLIT_NAMES, splits):
         monkeypatch.setattr(fused, name, value)
-    heads, kvh, hd, length, d, n = 4, 2, 8, 40, 48, 3
+    check_layer(3)
+
+
+@pytest.mark.parametrize("n,gemv,splits,hoist,early", [
+    (3, 0, (2, 3, 2, 3), 1, 0), (3, 0, (1, 1, 1, 1), 0, 0), (3, 0, (0, 0, 0, 0), 1, 2),
+    (1, 2, (1, 1, 1, 1), 1, 0), (1, 2, (1, 1, 1, 1), 0, 0)])
+def test_norm_weights_read_ahead(interpret, small_blocks, monkeypatch, n, gemv, splits, hoist,
+                                 early):
+    """LN_AHEAD: q/k/v's and gate/up's looped reductions read each block's RMSNorm weights a
+    block ahead: a few rows split unevenly, unsplit (no block hoisted: the loop starts at
+    the first) and split finely with SPLIT_EARLY (some loops empty); one row looped (the
+    one-row tiles, nothing unrolled). The layer still agrees with the reference."""
+    monkeypatch.setattr(fused, "LN_AHEAD", 1)
+    monkeypatch.setattr(fused, "HOIST", hoist)
+    monkeypatch.setattr(fused, "SPLIT_EARLY", early)
+    gemv_blocks(monkeypatch, gemv)
+    for name, value in zip(SPLIT_NAMES, splits):
+        monkeypatch.setattr(fused, name, value)
+    check_layer(n)
+
+
+def check_layer(n: int) -> None:
+    """A tiny layer over n rows at positions 20.. through ``fused.rms_qkv_rope`` (k and v
+    into the cache) and ``fused.attention_mlp`` (masked by positions) against the reference
+    halves, float32; the split-K tile counters are left zero."""
+    heads, kvh, hd, length, d = 4, 2, 8, 40, 48
     w = layer(o_bias=True)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(n, d, generator=g)
@@ -469,18 +480,20 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hoist,gemv,one,pdl", [
-    (0, 0, 0, 0), (1, 0, 0, 0), (1, 1, 0, 0), (1, 1, 64, 0), (1, 0, 0, 1), (2, 1, 0, 1),
-    (2, 1, 64, 2)])
-def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl):
+@pytest.mark.parametrize("hoist,gemv,one,pdl,ahead", [
+    (0, 0, 0, 0, 0), (1, 0, 0, 0, 0), (1, 1, 0, 0, 0), (1, 1, 64, 0, 0), (1, 0, 0, 1, 0),
+    (2, 1, 0, 1, 0), (2, 1, 64, 2, 0), (0, 0, 0, 0, 1), (1, 1, 0, 1, 1)])
+def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
     left zero; with and without the first weight block hoisted (every block: 2), one-row
     steps on the one-row tiles, the attention in one split up to 64 slots and split beyond
-    (ATTN_ONE_SPLIT), and each kernel launched to start before the previous one ends (PDL,
-    on a Hopper GPU)."""
+    (ATTN_ONE_SPLIT), each kernel launched to start before the previous one ends (PDL,
+    on a Hopper GPU), and the looped reductions' RMSNorm weights read a block ahead
+    (LN_AHEAD)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "HOIST", hoist)
+    monkeypatch.setattr(fused, "LN_AHEAD", ahead)
     monkeypatch.setattr(fused, "PDL", pdl)
     monkeypatch.setattr(fused, "GEMV", gemv)
     monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)  # 64: one split a kv head to 64 slots
