@@ -15,6 +15,15 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
   k) waiting in the queue: alone it takes them all, with three others a quarter. A request
   that finds no slot waits (the scheduler keeps the queue first come, first served); as
   engines drain, the slots go where the queue needs them.
+- Speculation off under load (``spec_off_at``): an spd request planned while at least
+  ``spec_off_at`` - 1 others decode in the engines runs target-only instead, since batched
+  spd is slower than target-only from 4 rows on (H200, the shipped pair, one lease:
+  0.87x / 0.60x / 0.86x at 4 / 16 / 64 rows against 1.04x at 1,
+  results/gpu/h200/batch-real-pair). Its output is what spd would give: the target's greedy
+  tokens, or a sample from the target's distribution (a seeded sampled request keeps its
+  draft, so that its seed gives the same tokens under any load). A request keeps the engine
+  it was planned into; its metrics say ``speculation_off``. Other methods with a draft
+  (cospec, CoS) change what they decode, so they keep it.
 - ``warm`` (``cospec serve --warm-up``), before any request: the engine of the default
   (method, k) over every slot, its CUDA graphs captured (``fast_batch_warm``).
 - ``turn`` (on the worker thread) releases the rows of requests that ended (stop string,
@@ -49,6 +58,7 @@ from cospec.methods import Method
 log = logging.getLogger("cospec.server")
 
 COUNTERS = ("steps", "drafted", "accepted", "arbiter_calls", "overrides")
+SPEC_OFF_AT = 4  # ``spec_off_at``'s default: the rows at which batched spd measured slower
 MAX_K = 2 * RUN_AHEAD - 1  # the longest draft an engine runs
 
 
@@ -175,10 +185,12 @@ def available_ram() -> int | None:
 
 @dataclass(eq=False)
 class Group:
-    """One engine's slots: its (method, k), its size, the engine (built at its first turn)
-    and the requests holding its slots (request id in the engine; None until submitted)."""
+    """One engine's slots: its (method, k), the method its engine runs, its size, the engine
+    (built at its first turn) and the requests holding its slots (request id in the engine;
+    None until submitted)."""
 
     key: tuple[str, int]
+    method: Method
     size: int
     engine: ServedEngine | None = None
     jobs: dict[Job, int | None] = field(default_factory=dict)
@@ -195,6 +207,8 @@ class BatchPool:
     max_context: int
     groups: list[Group] = field(default_factory=list)
     step_s: float = 0.0  # seconds spent in the engines' steps (admission prefill included)
+    spec_off_at: int = 0  # spd runs target-only when this many would decode (0: never)
+    target: Method | None = None  # the target-only method spd falls back to
 
     # --- on the event loop, between turns (the readers are safe during a turn too)
 
@@ -214,7 +228,17 @@ class BatchPool:
         """Reserve a slot for ``job`` (False: none free now). The largest engine of its
         (method, k) with a free row takes it; else a new engine gets the free slots
         (engines with no live request given up first), shared with the other (method, k)
-        in the queue (``waiting``) that find no free row either."""
+        in the queue (``waiting``) that find no free row either. Under load an spd request
+        is planned target-only where a target-only slot is free (``speculation_off``; the
+        module docstring), and an spd engine takes at most ``spec_off_at`` - 1 slots."""
+        off = self._speculation_off(job, key)
+        job.speculation_off = off and self._place(job, engine_key(self.target, 0),
+                                                  self.target, waiting)
+        return job.speculation_off or self._place(job, key, job.method, waiting)
+
+    def _place(self, job: Job, key: tuple[str, int], method: Method,
+               waiting: Iterable[tuple[str, int]]) -> bool:
+        """``plan``'s slot for ``job`` in an engine of ``key`` running ``method``."""
         fits = [g for g in self.groups if g.key == key and g.live() < g.size]
         if fits:
             group = max(fits, key=lambda g: g.size)
@@ -224,24 +248,50 @@ class BatchPool:
             if free < 1:
                 return False
             roomy = {g.key for g in self.groups if g.live() < g.size}
-            group = Group(key, max(1, free // len({key, *waiting} - roomy)))
+            size = max(1, free // len({key, *waiting} - roomy))
+            group = Group(key, method, min(size, self._spd_rows(key)))
             self.groups.append(group)
         group.jobs[job] = None
         return True
 
-    def warm(self, method: Method, k: int, progress: bool = True) -> WarmUp | None:
+    def _spd_rows(self, key: tuple[str, int]) -> int:
+        """The most rows an engine of ``key`` may take: spec_off_at - 1 for spd while
+        speculation goes off under load (later spd requests run target-only), else all."""
+        if key[0] == "spd" and self.spec_off_at > 1 and self.target is not None:
+            return self.spec_off_at - 1
+        return self.max_batch
+
+    def _speculation_off(self, job: Job, key: tuple[str, int]) -> bool:
+        """``job`` (of engine ``key``) should run target-only: an spd request that would be
+        one of ``spec_off_at`` or more decoding at once, greedy or unseeded (a seed gives
+        the same tokens under any load), and that fits a target-only slot."""
+        return (self.spec_off_at > 0 and self.target is not None and key[0] == "spd"
+                and self.live() + 1 >= self.spec_off_at
+                and (job.sampling.greedy or job.seed is None)
+                and len(job.prompt_ids) + job.max_tokens + reserve(self.target, 0)
+                <= self.max_context)
+
+    def warm(self, method: Method, k: int, progress: bool = True) -> list[WarmUp]:
         """Before any request: build the engine of (``method``, ``k``) over all
         ``max_batch`` slots and capture its CUDA graphs (``fast_batch_warm.warm_up``); its
-        requests take those slots as ``plan`` finds them. None when no batch engine runs the
-        method. The engine is given up, as any idle one, when another (method, k) needs the
-        slots; the engines built then capture as they go."""
+        requests take those slots as ``plan`` finds them. spd while speculation goes off
+        under load: its engine over spec_off_at - 1 slots and the target-only engine over
+        the rest, both warmed. What each capture did, in that order; empty when no batch
+        engine runs the method. The engines are given up, as any idle one, when another
+        (method, k) needs the slots; the engines built then capture as they go."""
         key = engine_key(method, k)
         if key is None:
-            return None
-        group = Group(key, self.max_batch)
-        group.engine = self._build(method, group)
-        done = warm_up(group.engine, progress)
-        self.groups.append(group)
+            return []
+        rows = min(self.max_batch, self._spd_rows(key))
+        parts = [(key, method, rows)]
+        if rows < self.max_batch:
+            parts.append((engine_key(self.target, 0), self.target, self.max_batch - rows))
+        done = []
+        for part in parts:
+            group = Group(*part)
+            group.engine = self._build(group)
+            done.append(warm_up(group.engine, progress))
+            self.groups.append(group)
         return done
 
     def clear(self) -> None:
@@ -273,7 +323,7 @@ class BatchPool:
                     if rid is not None:
                         g.engine.cancel(rid)
                 elif rid is None:
-                    g.engine = g.engine or self._build(job.method, g)
+                    g.engine = g.engine or self._build(g)
                     try:
                         g.jobs[job] = g.engine.add(job)
                     except CospecError:  # refused (the server checks first): it alone fails
@@ -324,7 +374,8 @@ class BatchPool:
             engine.jobs.pop(c.rid, None)
         return job, c
 
-    def _build(self, method: Method, group: Group) -> ServedEngine:
+    def _build(self, group: Group) -> ServedEngine:
+        method = group.method
         return ServedEngine(method.verifier, method.proposer, k=max(group.key[1], 1),
                             rows=group.size, max_len=self.max_context,
                             **engine_options(method))

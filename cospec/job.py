@@ -43,6 +43,7 @@ class Job:
     tokens: Iterator[Token] | None = None
     detok: TextStream | None = None
     batch: tuple[str, int] | None = None    # its batch engine's (method, k); None: round robin
+    speculation_off: bool = False  # spd planned target-only under load (``batch_scheduler``)
 
     @property
     def done(self) -> bool:
@@ -66,7 +67,7 @@ class Job:
                 "arbiter_calls": s.arbiter_calls, "prefill_s": s.prefill_s,
                 "decode_s": s.decode_s, "tokens_per_s": s.tokens_per_s,
                 "queue_s": (self.started or now) - self.arrived, "total_s": now - self.arrived,
-                "timed_out": self.timed_out}
+                "timed_out": self.timed_out, "speculation_off": self.speculation_off}
 
     def usage(self) -> dict:
         return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.ids),

@@ -14,8 +14,10 @@ checked against free memory at start.
 Every response carries ``usage`` and a ``metrics`` extension (like vLLM's per-request
 metrics): method, k, steps, drafted, accepted, tau, acceptance_rate, from_draft (committed
 tokens that came from the draft), overrides / arbiter_calls (draft tokens an arbiter kept /
-mismatches it saw), prefill_s, decode_s, tokens_per_s, queue_s, total_s, timed_out. A stream
-attaches it to the chunk with the finish_reason (and to the usage chunk, if asked for).
+mismatches it saw), prefill_s, decode_s, tokens_per_s, queue_s, total_s, timed_out,
+speculation_off (an spd request decoded target-only because ``spec_off_at`` requests or more
+decoded at once: ``cospec.batch_scheduler``). A stream attaches it to the chunk with the
+finish_reason (and to the usage chunk, if asked for).
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: invalid request
 400, unknown model or route 404, wrong HTTP method 405, body over 8 MiB 413, full queue 429.
@@ -41,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cospec.args import load_pair_of
 from cospec.batch_methods import engine_models
-from cospec.batch_scheduler import BatchPool, check_memory, engine_key, reserve
+from cospec.batch_scheduler import SPEC_OFF_AT, BatchPool, check_memory, engine_key, reserve
 from cospec.errors import CospecError
 from cospec.fast_batch_warm import captures
 from cospec.job import Job
@@ -127,13 +129,15 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
                model_name: str | None = None, k: int = 4, max_active: int = 4,
                max_queue: int = 64, timeout: float = 300.0,
                default_max_tokens: int = 256, max_batch: int = 16,
-               max_context: int | None = None, warm_up: bool = False) -> FastAPI:
+               max_context: int | None = None, warm_up: bool = False,
+               spec_off_at: int = SPEC_OFF_AT) -> FastAPI:
     """The ASGI app serving an already loaded ``pair``.
 
     ``methods`` are built once here (CospecError for an unknown one or one the pair cannot
     run); the first of ``spd``, ``target`` or the first listed is the default. ``max_batch``
     0: no batch engines, every request round robin. ``warm_up``: the default method's batch
-    engine (at ``k``) is built now and its CUDA graphs captured (``warm``).
+    engine (at ``k``) is built now and its CUDA graphs captured (``warm``). ``spec_off_at``:
+    spd requests planned while that many would decode at once run target-only (0: never).
     """
     names = list(methods) if methods else default_methods(pair, arbiter)
     built: dict[str, Method] = {}
@@ -144,9 +148,10 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
                               f"{', '.join(OWN_METHODS)}")
         built[name] = build_method(name, pair, opts)
     if (max_active < 1 or max_queue < 0 or timeout <= 0 or k < 1 or default_max_tokens < 1
-            or max_batch < 0 or (max_context is not None and max_context < 2)):
+            or max_batch < 0 or (max_context is not None and max_context < 2)
+            or spec_off_at < 0):
         raise CospecError("max_active, k, default_max_tokens and timeout must be > 0, "
-                          "max_queue and max_batch >= 0, max_context >= 2")
+                          "max_queue, max_batch and spec_off_at >= 0, max_context >= 2")
     default = next((m for m in ("spd", "target") if m in built), names[0])
     served = model_name or pair.target_name
     ctx = min(context_length(pair), max_context or DEFAULT_MAX_CONTEXT)
@@ -158,7 +163,9 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
         kv, prefill = check_memory(models, max_batch, ctx)
         log.info("batch engines: %d slots x %d tokens, %.2f GiB of KV cache at most, %.2f GiB "
                  "for the largest prefill pass", max_batch, ctx, kv / 2**30, prefill / 2**30)
-        pool = BatchPool(max_batch, ctx)
+        target = built.get("target") or build_method("target", pair, opts)
+        pool = BatchPool(max_batch, ctx, spec_off_at=spec_off_at if "spd" in built else 0,
+                         target=target)
     if warm_up:
         warm(pool, built[default], k)
     engine = Engine(pair, built, max_active=max_active, max_queue=max_queue, timeout=timeout,
@@ -320,7 +327,7 @@ def warm(pool: BatchPool | None, method: Method, k: int) -> None:
     its CUDA graphs before any request (``BatchPool.warm``); logs what it did. Nothing to do
     on a CPU (no graphs), without batch engines, or for a method no engine runs."""
     device = next(method.verifier.parameters()).device
-    done = None
+    done = []
     if pool is None:
         why = "no batch engines (--max-batch 0, or no batched method)"
     elif not captures(device):
@@ -328,10 +335,11 @@ def warm(pool: BatchPool | None, method: Method, k: int) -> None:
     else:
         done = pool.warm(method, k)
         why = f"{method.name} at k={k} runs in no batch engine"
-    if done is None:
+    if not done:
         log.info("--warm-up: %s: nothing to warm up", why)
-    else:
-        log.info("--warm-up: %s, k=%d, %d slots: %s", method.name, k, pool.max_batch, done)
+    for group, did in zip(pool.groups if done else [], done):
+        at = f" at k={group.key[1]}" if group.key[1] else ""
+        log.info("--warm-up: %s%s, %d slots: %s", group.method.name, at, group.size, did)
 
 
 def _utf8(text: str, param: str) -> str:
@@ -477,7 +485,8 @@ def cmd_serve(args) -> int:
                              ("--max-queue", args.max_queue, 0),
                              ("--max-batch", args.max_batch, 0),
                              ("--max-context", args.max_context, 2),
-                             ("--default-max-tokens", args.default_max_tokens, 1)):
+                             ("--default-max-tokens", args.default_max_tokens, 1),
+                             ("--spec-off-at", args.spec_off_at, 0)):
         if value < low:
             raise CospecError(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535 or args.timeout <= 0:
@@ -494,7 +503,8 @@ def cmd_serve(args) -> int:
                      model_name=args.served_model_name, k=args.k, max_active=args.max_active,
                      max_queue=args.max_queue, timeout=args.timeout,
                      default_max_tokens=args.default_max_tokens, max_batch=args.max_batch,
-                     max_context=args.max_context, warm_up=args.warm_up)
+                     max_context=args.max_context, warm_up=args.warm_up,
+                     spec_off_at=args.spec_off_at)
     engine: Engine = app.state.engine
     print(f"serving {args.served_model_name or pair.target_name} on "
           f"http://{args.host}:{sock.getsockname()[1]} (methods: {', '.join(engine.methods)})",

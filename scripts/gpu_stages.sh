@@ -72,7 +72,8 @@
 #   serve   scripts/load_test.py on the real pair: 128 requests at 1, 4, 16 and 64 at once,
 #           fp32, every response checked against the target's batch-1 greedy output
 #   sspeed  the same load in bf16, unchecked, plain requests only, 128 tokens each: cospec
-#           serve with target-only, then spd requests (tokens/s, latency, first token)
+#           serve with target-only, then spd requests (tokens/s, latency, first token);
+#           SPEC_OFF_AT=N: the server's --spec-off-at N, into sspeed-METHOD-offN
 #   vserve  the same load against vLLM's OpenAI server (VSERVE_METHOD=target or spd)
 #   xserve  the same load against cospec serve in its own process (XSERVE_METHOD; into
 #           xserve-METHOD, or xserve-METHOD-MODE-prefill with COSPEC_PREFILL=MODE set, then
@@ -203,10 +204,13 @@ serve_load() {  # $1 url or "", $2 label, $3 output folder, then extra load_test
 
 stage_sspeed() {  # cospec serve, bf16, target-only and spd (k = 4) requests, 64 batch slots
     vllm_install
-    for m in ${SSPEED_METHODS:-target spd}; do
-        [ -e "$R/sspeed-$m/load_test.json" ] || serve_load "" "cospec serve $m" "$R/sspeed-$m" \
+    local m out
+    for m in ${SSPEED_METHODS:-target spd}; do  # SPEC_OFF_AT: the server's --spec-off-at
+        out="$R/sspeed-$m${SPEC_OFF_AT:+-off$SPEC_OFF_AT}"
+        [ -e "$out/load_test.json" ] || serve_load "" "cospec serve $m" "$out" \
             --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --device cuda \
-            --dtype bfloat16 --methods "$m" --k 4 --max-batch 64 --max-queue 128
+            --dtype bfloat16 --methods "$m" --k 4 --max-batch 64 --max-queue 128 \
+            ${SPEC_OFF_AT:+--spec-off-at "$SPEC_OFF_AT"}
     done
 }
 

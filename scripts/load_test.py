@@ -54,6 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from cospec.batch_scheduler import SPEC_OFF_AT  # noqa: E402
 from cospec.methods import build_method, chat_ids, eos_ids, text_ids  # noqa: E402
 from cospec.models import Pair  # noqa: E402
 from cospec.sampling import GREEDY  # noqa: E402
@@ -474,6 +475,9 @@ def main() -> int:
     ap.add_argument("--slow-s", type=float, default=0.02, help="a slow reader's pause/chunk")
     ap.add_argument("--max-active", type=int, default=4)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--spec-off-at", type=int, default=SPEC_OFF_AT,
+                    help="the server's: spd requests arriving while this many would decode "
+                         "run target-only (0: never)")
     ap.add_argument("--max-context", type=int, default=None)
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--client-timeout", type=float, default=300.0)
@@ -499,7 +503,8 @@ def main() -> int:
     else:
         app = create_app(pair, methods=args.methods.split(","), max_active=args.max_active,
                          max_queue=args.max_queue, timeout=args.client_timeout,
-                         max_batch=args.max_batch, max_context=args.max_context)
+                         max_batch=args.max_batch, max_context=args.max_context,
+                         spec_off_at=args.spec_off_at)
         with BackgroundServer(app) as srv:
             levels, failures = sweep(args, srv.url, reqs, model)
     passed = not failures

@@ -26,7 +26,7 @@ from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 from cospec.arbiter import FEATURES, LearnedPolicy, save_arbiter  # noqa: E402
 from cospec.methods import MethodOptions, build_method, chat_ids, eos_ids  # noqa: E402
 from cospec.models import Pair  # noqa: E402
-from cospec.sampling import GREEDY  # noqa: E402
+from cospec.sampling import GREEDY, SamplingConfig  # noqa: E402
 from cospec.server import BackgroundServer, create_app  # noqa: E402
 
 EXTRA_EOS = 29  # a token in most of the target's greedy answers to these tests' prompts
@@ -62,8 +62,11 @@ def alone(pair, arbiter, method, prompt, k, max_tokens, ignore_eos=False):
 
 
 def serve(pair, arbiter=None, **kw):
+    """A background server of ``pair``; spd keeps its draft under any load unless
+    ``spec_off_at`` is given."""
     kw = {"methods": ["target", "spd", "cospec", "cos-we"] if arbiter else ["target", "spd"],
-          "arbiter": arbiter, "max_active": 2, "max_queue": 32, "timeout": 60, **kw}
+          "arbiter": arbiter, "max_active": 2, "max_queue": 32, "timeout": 60,
+          "spec_off_at": 0, **kw}
     return BackgroundServer(create_app(pair, **kw))
 
 
@@ -145,6 +148,71 @@ def test_concurrent_requests_equal_each_alone(pair, arbiter, max_batch):
     assert h["errors"] == 0 and h["completed"] == len(reqs) and h["active"] == 0
     assert 0 < h["engine_step_s"] <= h["batch_worker_s"]  # the steps within the worker's turns
     assert h["engine_step_s"] >= sum(m["decode_s"] for *_, m in got) / len(reqs)
+
+
+def test_spd_runs_target_only_under_load(pair):
+    """spec_off_at = 1: every spd request is planned target-only. Each still gets spd's
+    batch-1 tokens (greedy: the target's); its metrics say so (no draft, a target pass a
+    token) and only the target-only engine holds slots."""
+    reqs = [{"prompt": f"load {i}: hello world {i}", "method": "spd", "k": 3,
+             "max_tokens": 12 + 4 * i, "stream": i % 2 == 1} for i in range(3)]
+    want = [alone(pair, None, "spd", r["prompt"], 3, r["max_tokens"]) for r in reqs]
+    assert want == [alone(pair, None, "target", r["prompt"], 3, r["max_tokens"])
+                    for r in reqs]
+    with serve(pair, max_batch=4, spec_off_at=1) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        got = concurrently(lambda r: ask(client, r), reqs)
+        h = health(srv)
+    assert [g[:3] for g in got] == want
+    for _, n, _, m in got:
+        assert m["method"] == "spd" and m["speculation_off"]
+        assert m["drafted"] == 0 and m["steps"] == n
+    assert h["batch_slots_in_use"] == {"target": 0} and h["errors"] == 0
+
+
+def test_speculation_off_from_the_nth_request(pair, arbiter):
+    """``BatchPool.plan`` with spec_off_at = 3: the first two spd requests keep their draft,
+    the third (three decoding at once) is planned target-only; cospec keeps its draft under
+    any load; an spd request whose prompt and budget fit an spd slot but not a target-only
+    one (its larger run-ahead) keeps its draft, and so does a sampled one with a seed (not an
+    unseeded or a greedy one); spec_off_at = 0 never turns it off."""
+    from cospec.batch_scheduler import BatchPool, reserve
+    from cospec.job import Job
+
+    opts = MethodOptions(arbiter=arbiter)
+    spd, target, cospec = (build_method(m, pair, opts) for m in ("spd", "target", "cospec"))
+
+    def job(method, prompt=4, max_tokens=8):
+        return Job(method, list(range(1, prompt + 1)), max_tokens, 2, GREEDY, None, (), (),
+                   deadline=time.monotonic() + 60)
+
+    pool = BatchPool(8, 64, spec_off_at=3, target=target)
+    jobs = [job(spd) for _ in range(3)]
+    assert all(pool.plan(j, ("spd", 2)) for j in jobs)
+    assert [j.speculation_off for j in jobs] == [False, False, True]
+    assert [(g.key, g.method.name, len(g.jobs)) for g in pool.groups] == [
+        (("spd", 2), "spd", 2), (("target", 0), "target", 1)]
+    def busy() -> BatchPool:  # every request "under load"
+        return BatchPool(8, 64, spec_off_at=1, target=target)
+
+    late, other = job(cospec), busy()
+    assert other.plan(late, ("cospec", 2)) and not late.speculation_off
+    room = 64 - reserve(spd, 2)  # prompt + max_tokens an spd slot takes, a target one not
+    assert room + reserve(target, 0) > 64
+    long, other = job(spd, prompt=room - 8), busy()
+    assert other.plan(long, ("spd", 2)) and not long.speculation_off
+    short, other = job(spd, prompt=room - 8 - reserve(target, 0) + reserve(spd, 2)), busy()
+    assert other.plan(short, ("spd", 2)) and short.speculation_off
+    sampled = SamplingConfig(temperature=0.8)
+    for seed, off in ((7, False), (None, True)):
+        drawn, other = dataclasses.replace(job(spd), sampling=sampled, seed=seed), busy()
+        assert other.plan(drawn, ("spd", 2)) and drawn.speculation_off == off
+    seeded, other = dataclasses.replace(job(spd), seed=7), busy()  # greedy: the same tokens
+    assert other.plan(seeded, ("spd", 2)) and seeded.speculation_off
+    never = BatchPool(8, 64, spec_off_at=0, target=target)
+    assert all(never.plan(job(spd), ("spd", 2)) for _ in range(4))
+    assert [g.key for g in never.groups] == [("spd", 2)]
 
 
 def test_requests_join_mid_flight(pair):
@@ -345,26 +413,33 @@ def test_cos_with_a_middle_model(pair32, monkeypatch):
     assert ids == {id(pair32.target), id(pair32.draft), id(pair32.extra[0])}
 
 
-def test_warm_up_serves_from_the_warmed_engine(pair, monkeypatch, caplog):
+@pytest.mark.parametrize("off_at", [0, 3])
+def test_warm_up_serves_from_the_warmed_engine(pair, monkeypatch, caplog, off_at):
     """``warm_up=True`` (``--warm-up``) builds the default method's engine (spd at the
     server's k) over every slot with its graphs captured (CUDA graphs stood in on the CPU);
     requests of that method are served by it, capture nothing more and get the batch-1
-    tokens. Without graphs (the CPU as it is) it does nothing and says so."""
+    tokens. While speculation goes off under load (``spec_off_at`` 3), spd's engine takes
+    2 slots and the target-only engine the other 2, both warmed. Without graphs (the CPU as
+    it is) it does nothing and says so."""
     import logging
 
     from fake_graphs import fake_graphs
 
     with caplog.at_level(logging.INFO, logger="cospec.server"):
-        app = create_app(pair, methods=["target", "spd"], k=3, max_batch=4, warm_up=True)
+        app = create_app(pair, methods=["target", "spd"], k=3, max_batch=4, warm_up=True,
+                         spec_off_at=off_at)
     assert app.state.engine.pool.groups == []
     assert "no CUDA graphs on cpu: nothing to warm up" in caplog.text
     made = fake_graphs(monkeypatch)
-    app = create_app(pair, methods=["target", "spd"], k=3, max_batch=4, max_queue=8,
-                     timeout=60, warm_up=True)
-    (group,) = app.state.engine.pool.groups
-    warmed, engine = len(made), group.engine
-    assert group.key == ("spd", 3) and group.size == 4 and warmed > 0
-    assert {b for _, b, _, _ in made} == {1, 2, 4}
+    with caplog.at_level(logging.INFO, logger="cospec.server"):
+        app = create_app(pair, methods=["target", "spd"], k=3, max_batch=4, max_queue=8,
+                         timeout=60, warm_up=True, spec_off_at=off_at)
+    groups = app.state.engine.pool.groups
+    warmed, engines = len(made), [g.engine for g in groups]
+    want_groups = [(("spd", 3), 4)] if not off_at else [(("spd", 3), 2), (("target", 0), 2)]
+    assert [(g.key, g.size) for g in groups] == want_groups and warmed > 0
+    assert {b for _, b, _, _ in made} == ({1, 2, 4} if not off_at else {1, 2})
+    assert caplog.text.count("--warm-up: ") == 1 + len(groups)
     reqs = [{"prompt": f"warm {i} hello world", "max_tokens": 10 + 7 * i, "ignore_eos": i == 2,
              "stream": bool(i % 2)} for i in range(4)]
     want = [alone(pair, None, "spd", r["prompt"], 3, r["max_tokens"], r["ignore_eos"])
@@ -374,7 +449,8 @@ def test_warm_up_serves_from_the_warmed_engine(pair, monkeypatch, caplog):
                                timeout=60)
         got = concurrently(lambda r: ask(client, r), reqs)
     assert [g[:3] for g in got] == want
-    assert len(made) == warmed and app.state.engine.pool.groups[0].engine is engine
+    assert len(made) == warmed and [g.engine for g in groups] == engines
+    assert sum(g[3]["speculation_off"] for g in got) == (2 if off_at else 0)
 
 
 def test_first_token_leaves_before_its_step_ends(pair, monkeypatch):
