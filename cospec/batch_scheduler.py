@@ -22,8 +22,10 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
   results/gpu/h200/batch-real-pair). Its output is what spd would give: the target's greedy
   tokens, or a sample from the target's distribution (a seeded sampled request keeps its
   draft, so that its seed gives the same tokens under any load). A request keeps the engine
-  it was planned into; its metrics say ``speculation_off``. Other methods with a draft
-  (cospec, CoS) change what they decode, so they keep it.
+  it was planned into; its metrics say ``speculation_off``. An spd engine started by a
+  request that could switch takes at most ``spec_off_at`` - 1 slots, leaving the rest to
+  the target-only engine. Other methods with a draft (cospec, CoS) change what they decode,
+  so they keep it.
 - ``warm`` (``cospec serve --warm-up``), before any request: the engine of the default
   (method, k) over every slot, its CUDA graphs captured (``fast_batch_warm``).
 - ``turn`` (on the worker thread) releases the rows of requests that ended (stop string,
@@ -231,14 +233,17 @@ class BatchPool:
         in the queue (``waiting``) that find no free row either. Under load an spd request
         is planned target-only where a target-only slot is free (``speculation_off``; the
         module docstring), and an spd engine takes at most ``spec_off_at`` - 1 slots."""
-        off = self._speculation_off(job, key)
+        switchable = self._switchable(job, key)
+        off = switchable and self.live() + 1 >= self.spec_off_at
         job.speculation_off = off and self._place(job, engine_key(self.target, 0),
-                                                  self.target, waiting)
-        return job.speculation_off or self._place(job, key, job.method, waiting)
+                                                  self.target, waiting, self.max_batch)
+        cap = self.spec_off_at - 1 if switchable else self.max_batch
+        return job.speculation_off or self._place(job, key, job.method, waiting, max(1, cap))
 
     def _place(self, job: Job, key: tuple[str, int], method: Method,
-               waiting: Iterable[tuple[str, int]]) -> bool:
-        """``plan``'s slot for ``job`` in an engine of ``key`` running ``method``."""
+               waiting: Iterable[tuple[str, int]], cap: int) -> bool:
+        """``plan``'s slot for ``job`` in an engine of ``key`` running ``method``; a new
+        engine takes at most ``cap`` slots."""
         fits = [g for g in self.groups if g.key == key and g.live() < g.size]
         if fits:
             group = max(fits, key=lambda g: g.size)
@@ -249,24 +254,18 @@ class BatchPool:
                 return False
             roomy = {g.key for g in self.groups if g.live() < g.size}
             size = max(1, free // len({key, *waiting} - roomy))
-            group = Group(key, method, min(size, self._spd_rows(key)))
+            group = Group(key, method, min(size, cap))
             self.groups.append(group)
         group.jobs[job] = None
         return True
 
-    def _spd_rows(self, key: tuple[str, int]) -> int:
-        """The most rows an engine of ``key`` may take: spec_off_at - 1 for spd while
-        speculation goes off under load (later spd requests run target-only), else all."""
-        if key[0] == "spd" and self.spec_off_at > 1 and self.target is not None:
-            return self.spec_off_at - 1
-        return self.max_batch
-
-    def _speculation_off(self, job: Job, key: tuple[str, int]) -> bool:
-        """``job`` (of engine ``key``) should run target-only: an spd request that would be
-        one of ``spec_off_at`` or more decoding at once, greedy or unseeded (a seed gives
-        the same tokens under any load), and that fits a target-only slot."""
+    def _switchable(self, job: Job, key: tuple[str, int]) -> bool:
+        """``job`` (of engine ``key``) would run target-only under load: an spd request,
+        greedy or unseeded (a seed gives the same tokens under any load), that fits a
+        target-only slot, while speculation goes off under load. Its spd engine (while
+        there is none under load) takes at most spec_off_at - 1 slots, the rest being the
+        target-only engine's."""
         return (self.spec_off_at > 0 and self.target is not None and key[0] == "spd"
-                and self.live() + 1 >= self.spec_off_at
                 and (job.sampling.greedy or job.seed is None)
                 and len(job.prompt_ids) + job.max_tokens + reserve(self.target, 0)
                 <= self.max_context)
@@ -282,7 +281,8 @@ class BatchPool:
         key = engine_key(method, k)
         if key is None:
             return []
-        rows = min(self.max_batch, self._spd_rows(key))
+        off = key[0] == "spd" and self.spec_off_at > 1 and self.target is not None
+        rows = min(self.max_batch, self.spec_off_at - 1) if off else self.max_batch
         parts = [(key, method, rows)]
         if rows < self.max_batch:
             parts.append((engine_key(self.target, 0), self.target, self.max_batch - rows))

@@ -176,7 +176,8 @@ def test_speculation_off_from_the_nth_request(pair, arbiter):
     the third (three decoding at once) is planned target-only; cospec keeps its draft under
     any load; an spd request whose prompt and budget fit an spd slot but not a target-only
     one (its larger run-ahead) keeps its draft, and so does a sampled one with a seed (not an
-    unseeded or a greedy one); spec_off_at = 0 never turns it off."""
+    unseeded or a greedy one), such requests sharing one spd engine of every slot (not one of
+    spec_off_at - 1); spec_off_at = 0 never turns it off."""
     from cospec.batch_scheduler import BatchPool, reserve
     from cospec.job import Job
 
@@ -210,6 +211,10 @@ def test_speculation_off_from_the_nth_request(pair, arbiter):
         assert other.plan(drawn, ("spd", 2)) and drawn.speculation_off == off
     seeded, other = dataclasses.replace(job(spd), seed=7), busy()  # greedy: the same tokens
     assert other.plan(seeded, ("spd", 2)) and seeded.speculation_off
+    kept = BatchPool(8, 64, spec_off_at=3, target=target)  # requests that keep their draft
+    drawn = [dataclasses.replace(job(spd), sampling=sampled, seed=i) for i in range(4)]
+    assert all(kept.plan(j, ("spd", 2)) for j in drawn)  # share one engine of every slot
+    assert [(g.key, g.size, len(g.jobs)) for g in kept.groups] == [(("spd", 2), 8, 4)]
     never = BatchPool(8, 64, spec_off_at=0, target=target)
     assert all(never.plan(job(spd), ("spd", 2)) for _ in range(4))
     assert [g.key for g in never.groups] == [("spd", 2)]
