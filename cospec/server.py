@@ -163,9 +163,10 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
         kv, prefill = check_memory(models, max_batch, ctx)
         log.info("batch engines: %d slots x %d tokens, %.2f GiB of KV cache at most, %.2f GiB "
                  "for the largest prefill pass", max_batch, ctx, kv / 2**30, prefill / 2**30)
-        target = built.get("target") or build_method("target", pair, opts)
-        pool = BatchPool(max_batch, ctx, spec_off_at=spec_off_at if "spd" in built else 0,
-                         target=target)
+        off = "spd" in built and spec_off_at > 0  # spd's target-only engine under load
+        pool = BatchPool(max_batch, ctx, spec_off_at=spec_off_at if off else 0,
+                         target=(built.get("target") or build_method("target", pair, opts))
+                         if off else None)
     if warm_up:
         warm(pool, built[default], k)
     engine = Engine(pair, built, max_active=max_active, max_queue=max_queue, timeout=timeout,
