@@ -11,10 +11,11 @@ halves of a layer; fused: five Triton kernels a layer):
 
 - ms per step: the step's CUDA graph replayed ``--reps`` times;
 - kernels per step and per layer, and each kernel's device time: torch.profiler over the
-  same forward run without a graph, once with every layer and once with the first only (per
+  same forward run without a graph and with PDL off (under PDL a kernel's time would include
+  its wait for the one before), once with every layer and once with the first only (per
   layer = the difference / (L - 1); the rest is outside the layers: embedding, final norm,
   head). The kernels' summed time against the step's shows how much of a step the GPU
-  idles between kernels;
+  idles between kernels (with PDL on in the step, it can exceed the step's);
 - roofline share: weight bytes a step reads (``gpu_speed.bytes_per_token``) / step time,
   against the HBM bandwidth (4.8e12 B/s on an H200);
 - the fused step's logits against the reference's (max |difference|, argmax agreement).
@@ -105,13 +106,14 @@ def measure(eng: fast.Engine, n: int, reps: int, prefix: int, count: bool = True
     step_s = (sync() - t0) / reps
     if not count:
         return {"ms_per_step": step_s * 1e3, "logits": logits}
-    every = kernels(eng, n)
-    layers = eng.layers
-    eng.layers = layers[:1]
+    layers, pdl = eng.layers, fused.PDL
+    fused.PDL = 0  # each kernel's own time: under PDL it would include its wait for the last
     try:
+        every = kernels(eng, n)
+        eng.layers = layers[:1]
         one = kernels(eng, n)
     finally:
-        eng.layers = layers
+        eng.layers, fused.PDL = layers, pdl
     total, first = (sum(c for c, _ in k.values()) for k in (every, one))
     per = (total - first) / (len(layers) - 1)
     return {"ms_per_step": step_s * 1e3, "kernels_per_step": total,
@@ -276,7 +278,7 @@ def profile_tables(out: dict, top: int = 12) -> list[str]:
             layer_us = sum(k["us_per_layer"] for k in r["profile"])
             lines += ["", f"{size}, {n} row(s), {name}: kernels' device time "
                       f"{r['kernel_us_per_step']:.0f} µs of a {1e3 * r['ms_per_step']:.0f} µs "
-                      f"step ({layer_us:.1f} µs a layer, un-graphed forward)", "",
+                      f"step ({layer_us:.1f} µs a layer, un-graphed forward, PDL off)", "",
                       "| kernel | launches a layer | µs a layer | share of a layer | "
                       "launches outside layers | µs outside |", "|---|---|---|---|---|---|"]
             lines += [f"| `{k['kernel'][:70]}` | {k['per_layer']:.1f} | {k['us_per_layer']:.2f} | "
