@@ -232,7 +232,8 @@ class BatchPool:
         (engines with no live request given up first), shared with the other (method, k)
         in the queue (``waiting``) that find no free row either. Under load an spd request
         is planned target-only where a target-only slot is free (``speculation_off``; the
-        module docstring), and an spd engine takes at most ``spec_off_at`` - 1 slots."""
+        module docstring), and a new spd engine for a request that could be takes at most
+        ``spec_off_at`` - 1 slots, leaving the rest to the target-only engine."""
         switchable = self._switchable(job, key)
         off = switchable and self.live() + 1 >= self.spec_off_at
         job.speculation_off = off and self._place(job, engine_key(self.target, 0),
@@ -262,9 +263,7 @@ class BatchPool:
     def _switchable(self, job: Job, key: tuple[str, int]) -> bool:
         """``job`` (of engine ``key``) would run target-only under load: an spd request,
         greedy or unseeded (a seed gives the same tokens under any load), that fits a
-        target-only slot, while speculation goes off under load. Its spd engine (while
-        there is none under load) takes at most spec_off_at - 1 slots, the rest being the
-        target-only engine's."""
+        target-only slot, while speculation goes off under load (spec_off_at > 0)."""
         return (self.spec_off_at > 0 and self.target is not None and key[0] == "spd"
                 and (job.sampling.greedy or job.seed is None)
                 and len(job.prompt_ids) + job.max_tokens + reserve(self.target, 0)
