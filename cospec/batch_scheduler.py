@@ -211,6 +211,7 @@ class BatchPool:
     step_s: float = 0.0  # seconds spent in the engines' steps (admission prefill included)
     spec_off_at: int = 0  # spd runs target-only when this many would decode (0: never)
     target: Method | None = None  # the target-only method spd falls back to
+    switched: int = 0  # spd requests planned target-only under load
 
     # --- on the event loop, between turns (the readers are safe during a turn too)
 
@@ -238,6 +239,7 @@ class BatchPool:
         off = switchable and self.live() + 1 >= self.spec_off_at
         job.speculation_off = off and self._place(job, engine_key(self.target, 0),
                                                   self.target, waiting, self.max_batch)
+        self.switched += job.speculation_off
         cap = self.spec_off_at - 1 if switchable else self.max_batch
         return job.speculation_off or self._place(job, key, job.method, waiting, max(1, cap))
 

@@ -142,6 +142,7 @@ class Engine:
         batch = {} if self.pool is None else {
             "max_batch": self.pool.max_batch, "max_context": self.pool.max_context,
             "batch_slots_in_use": self.pool.slots_in_use(),
+            "spec_off_at": self.pool.spec_off_at, "speculation_off": self.pool.switched,
             "engine_step_s": round(self.pool.step_s, 4),
             "batch_worker_s": round(self.worker_s, 4)}
         return {"status": "ok" if self.alive else "scheduler stopped",

@@ -169,6 +169,7 @@ def test_spd_runs_target_only_under_load(pair):
         assert m["method"] == "spd" and m["speculation_off"]
         assert m["drafted"] == 0 and m["steps"] == n
     assert h["batch_slots_in_use"] == {"target": 0} and h["errors"] == 0
+    assert h["spec_off_at"] == 1 and h["speculation_off"] == len(reqs)
 
 
 def test_speculation_off_from_the_nth_request(pair, arbiter):
