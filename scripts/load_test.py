@@ -296,7 +296,9 @@ def summarize(recs: list[dict], wall: float, health: dict, reqs: list[dict]) -> 
     fast = [r["latency_s"] for r in done if r["kind"] == "ok"]
     slow = [r["latency_s"] for r in done if r["kind"] == "slow"]
     ttft = [r["ttft_s"] for r in done if r["kind"] == "ok" and "ttft_s" in r]
-    spd = [r["metrics"]["tau"] for r in done if r["method"] == "spd" and r.get("metrics")]
+    spd = [r["metrics"] for r in done if r["method"] == "spd" and r.get("metrics")]
+    off = [m for m in spd if m.get("speculation_off")]  # run target-only under load
+    taus = [m["tau"] for m in spd if not m.get("speculation_off")]
     tokens = sum(r["tokens"] for r in done)
     refs = [q["ref_text"] for q in reqs if q["kind"] in ("ok", "slow") and "ref_text" in q]
     return {
@@ -313,7 +315,8 @@ def summarize(recs: list[dict], wall: float, health: dict, reqs: list[dict]) -> 
         "throughput_requests_per_s": len(recs) / wall,
         "throughput_completed_per_s": len(done) / wall,
         "throughput_tokens_per_s": tokens / wall, "completion_tokens": tokens,
-        "spd_mean_tau": float(np.mean(spd)) if spd else None,
+        "spd_mean_tau": float(np.mean(taus)) if taus else None,
+        "spd_off_share": len(off) / len(spd) if spd else None,
         "health_after": health,
     }
 
@@ -329,7 +332,7 @@ def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> 
     server = (f"`{cfg['url']}`" if cfg["url"] else
               f"in-process, max_batch {cfg['max_batch']}, max_context "
               f"{cfg['max_context'] or 'default'}, max_active {cfg['max_active']}, max_queue "
-              f"{cfg['max_queue']}")
+              f"{cfg['max_queue']}, spec_off_at {cfg.get('spec_off_at', 'default')}")
     k = cfg["k"][0] if cfg["k"][0] == cfg["k"][1] else f"{cfg['k'][0]}–{cfg['k'][1]}"
     lines = [
         "# `cospec serve` load test", "",
@@ -347,12 +350,14 @@ def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> 
           f"{s['mismatched']} | {s['server_errors_5xx']} | {s['completed']} |"
           for lv in levels for s in [lv["summary"]]), "",
         "| concurrent | latency p50 | latency p99 | first token p50 | first token p99 | "
-        "requests/s | completed/s | tokens/s | spd mean τ | engine stepping | worker |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "requests/s | completed/s | tokens/s | spd mean τ | spd target-only | "
+        "engine stepping | worker |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(f"| {lv['concurrency']} | {f(s['latency_p50_s'])} | {f(s['latency_p99_s'])} | "
           f"{f(s['ttft_p50_s'])} | {f(s['ttft_p99_s'])} | "
           f"{s['throughput_requests_per_s']:.1f} | {s['throughput_completed_per_s']:.1f} | "
           f"{s['throughput_tokens_per_s']:.1f} | {f(s['spd_mean_tau'], '')} | "
+          f"{share(s.get('spd_off_share'))} | "
           f"{share(s.get('engine_step_share'))} | {share(s.get('batch_worker_share'))} |"
           for lv in levels for s in [lv["summary"]]), "",
     ]
@@ -371,6 +376,9 @@ def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> 
            "computed beforehand one request at a time "
            f"({s['distinct_reference_outputs']} distinct outputs among the prompts)."
            if cfg["checked"] else "Responses were not compared with references."), "",
+        "spd mean τ is over the spd requests that kept their draft; spd target-only is the "
+        "share of completed spd requests the server ran target-only under load "
+        "(`--spec-off-at`).", "",
         "Engine stepping / worker: the share of each level's wall time that cospec serve's "
         "worker thread spent in its batch engines' steps / on its batch turns in all (the "
         "steps and detokenizing; from /health); in the rest of it no engine stepped (the "
