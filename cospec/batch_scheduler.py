@@ -19,9 +19,9 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
   ``spec_off_at`` - 1 others decode in the engines runs target-only instead, since on a GPU
   batched spd is slower than target-only from 4 rows on (H200, the shipped pair, one lease:
   0.87x / 0.60x / 0.86x at 4 / 16 / 64 rows against 1.04x at 1,
-  results/gpu/h200/batch-real-pair). On a 2-core CPU it measured the other way (1.25x at 4
-  rows, 0.84x at 1: results/cpu/batch-spd-vs-target), so ``default_spec_off_at`` leaves it
-  on there. Its output is what spd would give: the target's greedy
+  results/gpu/h200/batch-real-pair). On a 2-core CPU it measured the other way (k = 4:
+  1.25x at 4 rows, 0.84x at 1; results/cpu/batch-spd-vs-target), so
+  ``default_spec_off_at`` leaves it on there. Its output is what spd would give: the target's greedy
   tokens, or a sample from the target's distribution (a seeded sampled request keeps its
   draft, so that its seed gives the same tokens under any load). A request keeps the engine
   it was planned into; its metrics say ``speculation_off``. An spd engine started by a
