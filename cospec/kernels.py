@@ -363,45 +363,6 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     tl.store(v_ptr + off + HALF, r2, mask=rm & is_v)
 
 
-@triton.jit
-def _softmax_step(q, kt, slots, sm, qpos, rows, rm, bias_ptr, cache_len, scale, m_i, l_i,
-                  USE_POS: tl.constexpr, IEEE: tl.constexpr):
-    """One block of ``attend``'s online softmax: the scores of q [BLOCK_R, hd] against the
-    block's keys kt [hd, BLOCK_S] (slots ``slots``, where sm), masked. Returns (p, alpha,
-    m, l): the block's unnormalised probabilities, the rescaling of the output so far, the
-    new running max and denominator; the caller adds p @ v to acc * alpha."""
-    s = _dot(q, kt, tl.zeros([q.shape[0], kt.shape[1]], dtype=tl.float32), IEEE)
-    s = s.to(q.dtype).to(tl.float32) * scale
-    if USE_POS:
-        s = tl.where((slots[None, :] <= qpos[:, None]) & sm[None, :], s, float("-inf"))
-    else:
-        b = tl.load(bias_ptr + rows[:, None] * cache_len + slots[None, :],
-                    mask=rm[:, None] & sm[None, :], other=float("-inf"))
-        s = tl.where(sm[None, :], s + b.to(tl.float32), float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)           # rows with nothing seen
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
-def _split_range(pos_ptr, rows, rm, n, cache_len, split, USE_POS: tl.constexpr,
-                 SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr):
-    """(qpos, single, lo, hi) of ``attend``'s program: each row's position (USE_POS; else 0),
-    whether split 0 takes every visible slot, and the split's slots lo..hi."""
-    if USE_POS:
-        qpos = tl.load(pos_ptr + rows % n, mask=rm, other=-1)
-        span = tl.load(pos_ptr + n - 1) + 1
-    else:
-        qpos = rows * 0
-        span = cache_len
-    single = span <= ONE_S
-    per = tl.where(single, span, tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_S) * BLOCK_S)
-    lo = split * per
-    return qpos, single, lo, tl.minimum(lo + per, span)
-
-
 @triton.jit(do_not_specialize=["n"])
 def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr, cnt_ptr,
            n, cache_len, scale,
@@ -419,32 +380,52 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     visible slots (0: never) split 0 takes them all and writes out itself, and no program
     stores partials or touches the counter: the store, the atomic and the combine's loads are
     dependent round trips that a short cache need not pay."""
-    _after_weights(PDL)                                              # nothing to load first
+    _after_weights(PDL)                                              # no weights to load
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     R = GROUP * n
     rows = tl.arange(0, BLOCK_R)
     rm = rows < R
     dims = tl.arange(0, HEAD_DIM)
-    base = kvh * cache_len
     q = tl.load(q_ptr + (kvh * R + rows[:, None]) * HEAD_DIM + dims[None, :],
                 mask=rm[:, None], other=0.0)
-    qpos, single, lo, hi = _split_range(pos_ptr, rows, rm, n, cache_len, split, USE_POS,
-                                        SPLITS, BLOCK_S, ONE_S)
+    dtype = q.dtype
+    if USE_POS:
+        qpos = tl.load(pos_ptr + rows % n, mask=rm, other=-1)
+        span = tl.load(pos_ptr + n - 1) + 1
+    else:
+        qpos = rows * 0
+        span = cache_len
+    single = span <= ONE_S
+    per = tl.where(single, span, tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_S) * BLOCK_S)
+    lo = split * per
+    hi = tl.minimum(lo + per, span)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    base = kvh * cache_len
     for s0 in range(lo, hi, BLOCK_S):
         slots = s0 + tl.arange(0, BLOCK_S)
         sm = slots < hi
         kt = tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
                      mask=sm[None, :], other=0.0)                    # [hd, BLOCK_S]
-        p, alpha, m_i, l_i = _softmax_step(q, kt, slots, sm, qpos, rows, rm, bias_ptr,
-                                           cache_len, scale, m_i, l_i, USE_POS, IEEE)
+        s = _dot(q, kt, tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32), IEEE)
+        s = s.to(dtype).to(tl.float32) * scale
+        if USE_POS:
+            s = tl.where((slots[None, :] <= qpos[:, None]) & sm[None, :], s, float("-inf"))
+        else:
+            b = tl.load(bias_ptr + rows[:, None] * cache_len + slots[None, :],
+                        mask=rm[:, None] & sm[None, :], other=float("-inf"))
+            s = tl.where(sm[None, :], s + b.to(tl.float32), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)       # rows with nothing seen
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
                     mask=sm[:, None], other=0.0)
-        acc = _dot(p.to(q.dtype), v, acc * alpha[:, None], IEEE)
-    dtype = q.dtype
+        acc = _dot(p.to(dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
     token = rows % n
     head = kvh * GROUP + rows // n
     out_at = out_ptr + (token[:, None] * HEADS + head[:, None]) * HEAD_DIM + dims[None, :]
