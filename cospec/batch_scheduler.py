@@ -249,8 +249,8 @@ class BatchPool:
         job.speculation_off = off and self._place(job, engine_key(self.target, 0),
                                                   self.target, waiting, self.max_batch)
         self.switched += job.speculation_off
-        cap = self.spec_off_at - 1 if switchable else self.max_batch
-        return job.speculation_off or self._place(job, key, job.method, waiting, max(1, cap))
+        cap = self._spd_slots(key) if switchable else self.max_batch
+        return job.speculation_off or self._place(job, key, job.method, waiting, cap)
 
     def _place(self, job: Job, key: tuple[str, int], method: Method,
                waiting: Iterable[tuple[str, int]], cap: int) -> bool:
@@ -271,28 +271,37 @@ class BatchPool:
         group.jobs[job] = None
         return True
 
+    def _spd_off(self, key: tuple[str, int]) -> bool:
+        """Speculation goes off under load for engine ``key``: spd, spec_off_at > 0."""
+        return key[0] == "spd" and self.spec_off_at > 0 and self.target is not None
+
+    def _spd_slots(self, key: tuple[str, int]) -> int:
+        """The slots a new engine of ``key`` takes at most for requests that could run
+        target-only: spec_off_at - 1 (at least 1) under ``_spd_off``, else every slot."""
+        return max(1, self.spec_off_at - 1) if self._spd_off(key) else self.max_batch
+
     def _switchable(self, job: Job, key: tuple[str, int]) -> bool:
         """``job`` (of engine ``key``) would run target-only under load: an spd request,
         greedy or unseeded (a seed gives the same tokens under any load), that fits a
-        target-only slot, while speculation goes off under load (spec_off_at > 0)."""
-        return (self.spec_off_at > 0 and self.target is not None and key[0] == "spd"
-                and (job.sampling.greedy or job.seed is None)
+        target-only slot, while speculation goes off under load (``_spd_off``)."""
+        return (self._spd_off(key) and (job.sampling.greedy or job.seed is None)
                 and len(job.prompt_ids) + job.max_tokens + reserve(self.target, 0)
                 <= self.max_context)
 
-    def warm(self, method: Method, k: int, progress: bool = True) -> list[WarmUp]:
+    def warm(self, method: Method, k: int, progress: bool = True
+             ) -> list[tuple[Group, WarmUp]]:
         """Before any request: build the engine of (``method``, ``k``) over all
         ``max_batch`` slots and capture its CUDA graphs (``fast_batch_warm.warm_up``); its
         requests take those slots as ``plan`` finds them. spd while speculation goes off
         under load: its engine over spec_off_at - 1 slots and the target-only engine over
-        the rest, both warmed. What each capture did, in that order; empty when no batch
-        engine runs the method. The engines are given up, as any idle one, when another
-        (method, k) needs the slots; the engines built then capture as they go."""
+        the rest, both warmed. Each engine's group and what its capture did, in that order;
+        empty when no batch engine runs the method. The engines are given up, as any idle
+        one, when another (method, k) needs the slots; the engines built then capture as
+        they go."""
         key = engine_key(method, k)
         if key is None:
             return []
-        off = key[0] == "spd" and self.spec_off_at > 1 and self.target is not None
-        rows = min(self.max_batch, self.spec_off_at - 1) if off else self.max_batch
+        rows = min(self.max_batch, self._spd_slots(key))
         parts = [(key, method, rows)]
         if rows < self.max_batch:
             parts.append((engine_key(self.target, 0), self.target, self.max_batch - rows))
@@ -300,7 +309,7 @@ class BatchPool:
         for part in parts:
             group = Group(*part)
             group.engine = self._build(group)
-            done.append(warm_up(group.engine, progress))
+            done.append((group, warm_up(group.engine, progress)))
             self.groups.append(group)
         return done
 

@@ -349,7 +349,7 @@ def warm(pool: BatchPool | None, method: Method, k: int) -> None:
         why = f"{method.name} at k={k} runs in no batch engine"
     if not done:
         log.info("--warm-up: %s: nothing to warm up", why)
-    for group, did in zip(pool.groups if done else [], done):
+    for group, did in done:
         at = f" at k={group.key[1]}" if group.key[1] else ""
         log.info("--warm-up: %s%s, %d slots: %s", group.method.name, at, group.size, did)
 
