@@ -493,6 +493,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/server")
     args = ap.parse_args()
+    if args.spec_off_at is not None and args.spec_off_at < 0:
+        ap.error(f"--spec-off-at must be >= 0, got {args.spec_off_at}")
 
     pair, label = (None, "") if args.url and not args.target else \
         real_pair(args) if args.target else tiny_pair()
