@@ -63,6 +63,12 @@ ATTN_TILE = 64 * 64 * 64
 # 1.5B 1.292 against 1.305; all 401 slots in one split were 12 % (0.5B) and 13 % (1.5B)
 # slower (results/gpu/h200/fused-attention-one-split).
 ATTN_ONE_SPLIT = 128
+# Query rows an attention program takes at most (0: all of its kv head's G heads x n rows,
+# one program a kv head and split). Over more, the kv head's query heads are shared out in
+# chunks of max(1, ATTN_ROWS // n) heads, one program each, every one reading the kv head's
+# keys and values (from L2 after the first): at a verify's 6 rows a 1.5B kv head's 36 rows
+# (64 padded) then take 3 programs of 12 (16). Not yet measured on a GPU, so off.
+ATTN_ROWS = 0
 # Split-K (``cospec.kernels``' docstring): programs over each projection's reduction. 0:
 # auto, enough splits that the grid has PROGRAMS_PER_SM programs for each SM (at most one
 # split per reduction block; PROGRAMS_PER_SM = 0: unsplit); n > 0: n splits (at most).
@@ -141,11 +147,11 @@ GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compil
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K", "ATTN_BLOCK_S",
-           "ATTN_TILE", "ATTN_ONE_SPLIT", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K",
-           "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST", "PDL",
-           "SPLIT_EARLY", "LN_AHEAD", "MAX_REGS", "GEMV", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N",
-           "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL",
-           "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL")
+           "ATTN_TILE", "ATTN_ONE_SPLIT", "ATTN_ROWS", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K",
+           "UP_SPLIT_K", "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST",
+           "PDL", "SPLIT_EARLY", "LN_AHEAD", "MAX_REGS", "GEMV", "GEMV_QKV_BLOCK_C",
+           "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K",
+           "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL")
 
 
 def configure(items: list[str]) -> None:
@@ -231,6 +237,14 @@ def _pow2(n: int) -> int:
 def _rows(n: int) -> int:
     """Row block of a kernel over n rows (tl.dot wants >= 16)."""
     return max(16, _pow2(n))
+
+
+def _heads_per_program(group: int, n: int) -> int:
+    """Query heads of a kv head (``group`` of them) one attention program takes over n rows:
+    all while group * n <= ATTN_ROWS or ATTN_ROWS is 0, else max(1, ATTN_ROWS // n)."""
+    if ATTN_ROWS <= 0 or group * n <= ATTN_ROWS:
+        return group
+    return max(1, ATTN_ROWS // n)
 
 
 def _attn_block_s(block_r: int, hd: int) -> int:
@@ -403,12 +417,14 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     if pos is None:
         bias = bias.reshape(group * n, length).contiguous()
     attn = x.new_empty(n, heads * hd)
-    kern.attend[(kv_heads, SPLITS)](
+    per = _heads_per_program(group, n)
+    chunks = _cdiv(group, per)
+    kern.attend[(kv_heads, SPLITS, chunks)](
         q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
-        attn, counters(x.device, kv_heads), n, length, scale, HEADS=heads, GROUP=group,
-        HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
-        BLOCK_R=_rows(group * n), BLOCK_S=_attn_block_s(_rows(group * n), hd),
-        ONE_S=ATTN_ONE_SPLIT, **_launch(x.device, d=d))
+        attn, counters(x.device, kv_heads * chunks), n, length, scale, HEADS=heads,
+        GROUP=group, HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
+        BLOCK_R=_rows(per * n), BLOCK_S=_attn_block_s(_rows(per * n), hd),
+        ONE_S=ATTN_ONE_SPLIT, HEADS_PER=per, **_launch(x.device, d=d))
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)))
     act = x.new_empty(n, inter)
     block_n = GEMV_UP_BLOCK_N if gemv else UP_BLOCK_N

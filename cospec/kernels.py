@@ -369,23 +369,32 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
            SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
            BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr,
-           PDL: tl.constexpr):
-    """Program (kv head g, split s). q [H, n, hd] (rows r = j*n + i of kv head g are query
-    head g*G + j, token i); k, v [KVH, cache_len, hd]. USE_POS: token i sees slots <=
-    pos[i], and the slots 0..pos[n-1] are shared out over the splits; otherwise every slot,
-    with the additive bias [G*n, cache_len]. Writes the split's unnormalised output
-    o [SPLITS, H, n, hd], running max m and denominator l [SPLITS, H, n] (float32); the
-    last of kv head g's SPLITS programs (counter cnt[g]) combines them into out [n, H hd]
-    (the model's dtype: head g*G + j of token i at out[i, (g*G + j) hd:]). Up to ONE_S
-    visible slots (0: never) split 0 takes them all and writes out itself, and no program
-    stores partials or touches the counter: the store, the atomic and the combine's loads are
-    dependent round trips that a short cache need not pay."""
+           HEADS_PER: tl.constexpr, PDL: tl.constexpr):
+    """Program (kv head g, split s, chunk c). q [H, n, hd] (rows r = j*n + i of kv head g
+    are query head g*G + j, token i); k, v [KVH, cache_len, hd]. The program takes query
+    heads j = c*HEADS_PER .. (c + 1)*HEADS_PER - 1 of its kv head (HEADS_PER = G: all, one
+    chunk). USE_POS: token i sees slots <= pos[i], and the slots 0..pos[n-1] are shared out
+    over the splits; otherwise every slot, with the additive bias [G*n, cache_len]. Writes
+    the split's unnormalised output o [SPLITS, H, n, hd], running max m and denominator
+    l [SPLITS, H, n] (float32); the last of (g, c)'s SPLITS programs (counter cnt[g*chunks
+    + c]) combines them into out [n, H hd] (the model's dtype: head g*G + j of token i at
+    out[i, (g*G + j) hd:]). Up to ONE_S visible slots (0: never) split 0 takes them all and
+    writes out itself, and no program stores partials or touches the counter: the store,
+    the atomic and the combine's loads are dependent round trips that a short cache need
+    not pay."""
     _after_weights(PDL)                                              # no weights to load
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     R = GROUP * n
-    rows = tl.arange(0, BLOCK_R)
-    rm = rows < R
+    if HEADS_PER < GROUP:                                            # a chunk of the heads
+        first = tl.program_id(2) * HEADS_PER * n
+        rows = first + tl.arange(0, BLOCK_R)
+        rm = rows < tl.minimum(R, first + HEADS_PER * n)
+        tile = kvh * tl.num_programs(2) + tl.program_id(2)
+    else:
+        rows = tl.arange(0, BLOCK_R)
+        rm = rows < R
+        tile = kvh
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (kvh * R + rows[:, None]) * HEAD_DIM + dims[None, :],
                 mask=rm[:, None], other=0.0)
@@ -434,22 +443,22 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
             l_safe = tl.where(l_i == 0.0, 1.0, l_i)                  # padding rows
             tl.store(out_at, (acc / l_safe[:, None]).to(dtype), mask=rm[:, None])
     else:
-        _attend_combine(acc, m_i, l_i, o_ptr, m_ptr, l_ptr, out_at, cnt_ptr, kvh, split, n,
-                        rows, rm, dims, HEADS, R, HEAD_DIM, SPLITS)
+        _attend_combine(acc, m_i, l_i, o_ptr, m_ptr, l_ptr, out_at, cnt_ptr, kvh, tile, split,
+                        n, rows, rm, dims, HEADS, R, HEAD_DIM, SPLITS)
 
 
 @triton.jit
-def _attend_combine(acc, m_i, l_i, o_ptr, m_ptr, l_ptr, out_at, cnt_ptr, kvh, split, n, rows,
-                    rm, dims, HEADS: tl.constexpr, R, HEAD_DIM: tl.constexpr,
+def _attend_combine(acc, m_i, l_i, o_ptr, m_ptr, l_ptr, out_at, cnt_ptr, kvh, tile, split, n,
+                    rows, rm, dims, HEADS: tl.constexpr, R, HEAD_DIM: tl.constexpr,
                     SPLITS: tl.constexpr):
-    """``attend``'s split-K end: store this split's partials (acc, m_i, l_i), count in on kv
-    head kvh's counter, and, in the last program to arrive, combine the SPLITS partials into
-    the output (``out_at``, [BLOCK_R, HEAD_DIM] addresses)."""
+    """``attend``'s split-K end: store this split's partials (acc, m_i, l_i) of kv head
+    kvh's rows ``rows``, count in on counter ``tile``, and, in the last program to arrive,
+    combine the SPLITS partials into the output (``out_at``, [BLOCK_R, HEAD_DIM] addresses)."""
     at = split * HEADS * n + kvh * R + rows
     tl.store(o_ptr + at[:, None] * HEAD_DIM + dims[None, :], acc, mask=rm[:, None])
     tl.store(m_ptr + at, m_i, mask=rm)
     tl.store(l_ptr + at, l_i, mask=rm)
-    last = _arrive(cnt_ptr, kvh, SPLITS)
+    last = _arrive(cnt_ptr, tile, SPLITS)
     if last:                                                         # the combination
         rows_at = kvh * R + rows                                     # split 0's
         sp = tl.arange(0, SPLITS)

@@ -10,7 +10,8 @@ attention masks). Each case three times: split-K as an H200 gets it (``fused.spl
 (MAX_REGS); unsplit (every ``*_SPLIT_K`` = 1) without either; and split with every block of
 an unrolled one-row reduction hoisted before a programmatic dependent launch's wait (HOIST =
 2, PDL = 2), splits of up to 4 blocks loading their whole share first (SPLIT_EARLY = 4) and
-the looped reductions reading their RMSNorm weights a block ahead (LN_AHEAD = 1); a one-row
+the looped reductions reading their RMSNorm weights a block ahead (LN_AHEAD = 1) and the
+attention's query heads in programs of at most 16 rows (ATTN_ROWS = 16); a one-row
 case with the one-row tiles (GEMV = 1) every time.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
 the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
@@ -80,6 +81,7 @@ def record(cases: list[tuple], twins: bool = True) -> list[tuple]:
             fused.PDL = 2 if way == "pdl" else 0
             fused.SPLIT_EARLY = 4 if way == "pdl" else 0
             fused.LN_AHEAD = int(way == "pdl")
+            fused.ATTN_ROWS = 16 if way == "pdl" else 0
             fused.MAX_REGS = 0 if way == "unsplit" else 128
             fused.GEMV = 1  # one row: the one-row tiles (more rows cover the tl.dot path)
 

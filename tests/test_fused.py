@@ -146,12 +146,13 @@ def test_every_block_hoisted(interpret, small_blocks, monkeypatch, n, gemv):
     check_attention_mlp(n, 30, 60 + n, o_bias=True)
 
 
-def check_attention_mlp(n: int, start: int, seed: int, o_bias: bool = False) -> None:
+def check_attention_mlp(n: int, start: int, seed: int, o_bias: bool = False, heads: int = 4
+                        ) -> None:
     """``fused.attention_mlp`` against the reference for n rows at positions start.., over a
     cache of 40 slots (stale random values beyond each query's position), masked by
-    positions and by the reference's bias."""
-    heads, kvh, hd, length, d = 4, 2, 8, 40, 48
-    w = layer(o_bias=o_bias)
+    positions and by the reference's bias; ``heads`` query heads over 2 kv heads."""
+    kvh, hd, length, d = 2, 8, 40, 48
+    w = layer(heads=heads, o_bias=o_bias)
     g = torch.Generator().manual_seed(seed)
     x, q = torch.randn(n, d, generator=g), torch.randn(heads, n, hd, generator=g)
     kc, vc = torch.randn(2, kvh, length, hd, generator=g).unbind(0)
@@ -176,6 +177,34 @@ def test_attention_in_one_split(interpret, monkeypatch, one, n, start):
     monkeypatch.setattr(fused, "GEMV", 0)
     check_attention_mlp(n, start, 300 + start)
     assert not fused.counters(torch.device("cpu"), 1).any()
+
+
+@pytest.mark.parametrize("rows,n,start,one", [(1, 3, 20, 0), (2, 1, 30, 0), (4, 2, 19, 0),
+                                          (4, 5, 33, 0), (5, 2, 30, 40), (2, 5, 21, 40),
+                                          (16, 5, 30, 0)])
+def test_attention_heads_in_chunks(interpret, monkeypatch, rows, n, start, one):
+    """ATTN_ROWS: a kv head's 3 query heads shared out over programs of at most ``rows``
+    query rows (at least one head each: 3 programs of 1 head, or 2 of 2 and 1, or one
+    program under 16 rows), split over the slots (each chunk's own counter) and in one
+    split; masked by positions and by the bias, against the reference; counters left 0."""
+    monkeypatch.setattr(fused, "ATTN_BLOCK_S", 4)
+    monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)
+    monkeypatch.setattr(fused, "ATTN_ROWS", rows)
+    monkeypatch.setattr(fused, "GEMV", 0)
+    check_attention_mlp(n, start, 500 + start, heads=6)
+    assert not fused.counters(torch.device("cpu"), 1).any()
+
+
+def test_attention_head_chunks_arithmetic(monkeypatch):
+    """How many query heads an attention program takes under ATTN_ROWS."""
+    monkeypatch.setattr(fused, "ATTN_ROWS", 0)
+    assert fused._heads_per_program(6, 6) == 6                  # off: one program a kv head
+    monkeypatch.setattr(fused, "ATTN_ROWS", 16)
+    assert fused._heads_per_program(6, 1) == 6                  # 6 rows fit
+    assert fused._heads_per_program(7, 2) == 7                  # 14 rows fit
+    assert fused._heads_per_program(6, 6) == 2                  # 36 rows: 3 programs of 12
+    assert fused._heads_per_program(7, 6) == 2                  # 42: 4 programs (the last 6)
+    assert fused._heads_per_program(6, 16) == 1                 # a head a program at least
 
 
 SPLIT_NAMES = ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K")
@@ -480,23 +509,26 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hoist,gemv,one,pdl,ahead", [
-    (0, 0, 0, 0, 0), (1, 0, 0, 0, 0), (1, 1, 0, 0, 0), (1, 1, 64, 0, 0), (1, 0, 0, 1, 0),
-    (2, 1, 0, 1, 0), (2, 1, 64, 2, 0), (0, 0, 0, 0, 1), (1, 1, 0, 1, 1)])
-def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead):
+@pytest.mark.parametrize("hoist,gemv,one,pdl,ahead,rows", [
+    (0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0), (1, 1, 64, 0, 0, 0),
+    (1, 0, 0, 1, 0, 0), (2, 1, 0, 1, 0, 0), (2, 1, 64, 2, 0, 0), (0, 0, 0, 0, 1, 0),
+    (1, 1, 0, 1, 1, 0), (1, 1, 0, 1, 0, 4), (2, 1, 64, 1, 0, 4)])
+def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
     left zero; with and without the first weight block hoisted (every block: 2), one-row
     steps on the one-row tiles, the attention in one split up to 64 slots and split beyond
     (ATTN_ONE_SPLIT), each kernel launched to start before the previous one ends (PDL,
-    on a Hopper GPU), and the looped reductions' RMSNorm weights read a block ahead
-    (LN_AHEAD)."""
+    on a Hopper GPU), the looped reductions' RMSNorm weights read a block ahead
+    (LN_AHEAD), and a kv head's query heads shared out over attention programs of at most
+    4 rows (ATTN_ROWS: the verify's 2 heads x 6 rows in 2 programs)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "HOIST", hoist)
     monkeypatch.setattr(fused, "LN_AHEAD", ahead)
     monkeypatch.setattr(fused, "PDL", pdl)
     monkeypatch.setattr(fused, "GEMV", gemv)
     monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)  # 64: one split a kv head to 64 slots
+    monkeypatch.setattr(fused, "ATTN_ROWS", rows)
     model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
     ids = torch.randint(2, 96, (60,), generator=torch.Generator().manual_seed(6)).tolist()
     monkeypatch.setenv("COSPEC_FUSED", "1")
