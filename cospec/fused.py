@@ -67,8 +67,11 @@ ATTN_ONE_SPLIT = 128
 # one program a kv head and split). Over more, the kv head's query heads are shared out in
 # chunks of max(1, ATTN_ROWS // n) heads, one program each, every one reading the kv head's
 # keys and values (from L2 after the first): at a verify's 6 rows a 1.5B kv head's 36 rows
-# (64 padded) then take 3 programs of 12 (16). Not yet measured on a GPU, so off.
-ATTN_ROWS = 0
+# (64 padded) take 3 programs of 12 (16). On an H200 16 made a 1.5B 6-row step 4 % faster
+# at 100 slots (1.676 -> 1.602 ms) and 7 % at 400 (1.785 -> 1.661), a 0.5B's 2-3 %, 8 within
+# 1 % of it; one and two rows fit 16 and are unchanged (results/gpu/h200/
+# fused-few-row-attention-chunks).
+ATTN_ROWS = 16
 # Split-K (``cospec.kernels``' docstring): programs over each projection's reduction. 0:
 # auto, enough splits that the grid has PROGRAMS_PER_SM programs for each SM (at most one
 # split per reduction block; PROGRAMS_PER_SM = 0: unsplit); n > 0: n splits (at most).
@@ -102,12 +105,14 @@ HOIST = 2
 # steps 2-3 % faster and the 0.5B's 0.5-2 % slower, and the real pair no faster
 # (results/gpu/h200/fused-few-row-settings), so off.
 SPLIT_EARLY = 0
-# q/k/v's and gate/up's looped reductions (the few-row steps; a 7B's one row) read each
-# block's RMSNorm weights one block ahead, the first before the PDL wait (1), instead of in
-# the block that uses them (0). The software pipeline leaves those loads out (2 bytes a
-# thread), so at 0 every block's products wait on one (sm90 PTX of the 1.5B's 5-row gate/up).
-# Not yet measured on a GPU, so off.
-LN_AHEAD = 0
+# q/k/v's and gate/up's looped reductions over a few rows (the verify, the draft's first
+# step) read each block's RMSNorm weights one block ahead, the first before the PDL wait (1),
+# instead of in the block that uses them (0). The software pipeline leaves those loads out
+# (2 bytes a thread), so at 0 every block's products wait on one (sm90 PTX of the 1.5B's 5-row
+# gate/up). On an H200 1 made the 1.5B's 2- and 6-row steps 1.7 % and 1.3 % faster, a 7B's
+# 1 %, the 0.5B's the same; a 7B's looped one-row step was 0.4 % slower, so one row keeps 0
+# (results/gpu/h200/fused-few-row-attention-chunks).
+LN_AHEAD = 1
 # Registers a thread at most (0: the compiler's choice; on sm90 gate/up then takes 78, q/k/v
 # 80, down_proj 56: results/gpu/h200/fused-attention-combine/resources-sm90.md).
 MAX_REGS = 0
@@ -392,7 +397,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(gemv, n),
         BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
-        LN_AHEAD=bool(LN_AHEAD), **_launch(x.device, gemv, d))
+        LN_AHEAD=bool(LN_AHEAD) and not gemv, **_launch(x.device, gemv, d))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -436,7 +441,8 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=_hoist(d),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
-        LN_AHEAD=bool(LN_AHEAD), **_launch(x.device, gemv, d, gate_up=True))
+        LN_AHEAD=bool(LN_AHEAD) and not gemv,
+        **_launch(x.device, gemv, d, gate_up=True))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
 
