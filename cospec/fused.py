@@ -132,11 +132,6 @@ GEMV_OUT_BLOCK_N = 1     # o_proj / down_proj output columns per program
 GEMV_BLOCK_K = 256       # reduction block of q/k/v and gate/up
 GEMV_DOWN_BLOCK_K = 1024  # of o_proj and down_proj
 GEMV_WARPS = 4
-# Rows up to this many take the one-row tiles too, one after another from the same hoisted
-# weights, where every one-row weight block is loaded early (HOIST = 2: the 0.5B), instead
-# of tl.dot's padded 16 rows and split-K (the draft's 2-row first step). 1: one row only.
-# Not yet measured on a GPU, so 1.
-GEMV_ROWS = 1
 GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more: a loop). 16
                          # (the 7B's 14 gate/up blocks unrolled, 142 registers a thread) was
                          # 5 % faster on the 1.5B, 4 % slower on the 7B, equal on the 0.5B
@@ -161,8 +156,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "UP_SPLIT_K", "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST",
            "PDL", "SPLIT_EARLY", "LN_AHEAD", "MAX_REGS", "GEMV", "GEMV_QKV_BLOCK_C",
            "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K",
-           "GEMV_WARPS", "GEMV_ROWS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS",
-           "GEMV_CAP_ALL")
+           "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL")
 
 
 def configure(items: list[str]) -> None:
@@ -304,17 +298,14 @@ def _workspace(x: torch.Tensor, splits: int, width: int) -> torch.Tensor:
     return torch.empty(splits, x.shape[0], width, dtype=torch.float32, device=x.device)
 
 
-def _gemv(n: int, d: int) -> bool:
-    """A projection over n rows of a model of hidden size d takes the one-row tiles (GEMV_*):
-    GEMV on, and n = 1, or n <= GEMV_ROWS where every one-row weight block is loaded early
-    (``_hoist(d)`` = 2), so that the rows, taken one after another, share them."""
-    return bool(GEMV) and (n == 1 or (n <= GEMV_ROWS and _hoist(d) == 2))
+def _gemv(n: int) -> bool:
+    """A projection over n rows takes the one-row tiles (GEMV_*): GEMV on and n = 1."""
+    return bool(GEMV) and n == 1
 
 
 def _block_m(gemv: bool, n: int) -> int:
-    """Row block of a projection over n rows: pow2(n) on the one-row tiles, else
-    ``_rows(n)``."""
-    return _pow2(n) if gemv else _rows(n)
+    """Row block of a projection over n rows: 1 on the one-row tiles, else ``_rows(n)``."""
+    return 1 if gemv else _rows(n)
 
 
 def _unroll(gemv: bool, blocks: int) -> bool:
@@ -392,7 +383,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
     else:
         k, v, slots = cache
     half = hd // 2
-    gemv = _gemv(n, d)
+    gemv = _gemv(n)
     block_c = min(half, GEMV_QKV_BLOCK_C if gemv else QKV_BLOCK_C)
     block_k = min(GEMV_BLOCK_K if gemv else BLOCK_K, _pow2(d))
     tiles = (heads + 2 * kv_heads, half // block_c)
@@ -406,7 +397,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(gemv, n),
         BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
-        LN_AHEAD=bool(LN_AHEAD) and not gemv, GEMV=gemv, **_launch(x.device, gemv, d))
+        LN_AHEAD=bool(LN_AHEAD) and not gemv, **_launch(x.device, gemv, d))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -421,9 +412,9 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     heads, n, hd = q.shape
     kv_heads, length, _ = kc.shape
     group = heads // kv_heads
-    inter = gate_up_w.shape[0] // 2
     d = x.shape[1]
-    ieee, gemv = x.dtype == torch.float32, _gemv(n, d)
+    inter = gate_up_w.shape[0] // 2
+    ieee, gemv = x.dtype == torch.float32, _gemv(n)
     kern = _kernels()
     parts = torch.empty(SPLITS, heads, n, hd, dtype=torch.float32, device=x.device)
     top = torch.empty(SPLITS, heads, n, dtype=torch.float32, device=x.device)
@@ -450,7 +441,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=_hoist(d),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
-        LN_AHEAD=bool(LN_AHEAD) and not gemv, GEMV=gemv,
+        LN_AHEAD=bool(LN_AHEAD) and not gemv,
         **_launch(x.device, gemv, d, gate_up=True))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
@@ -463,7 +454,7 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
     n, k = a.shape
     d = x.shape[1]
     y = torch.empty_like(x)
-    gemv = _gemv(n, d)
+    gemv = _gemv(n)
     if gemv:
         asked, block_k = 1, min(GEMV_DOWN_BLOCK_K, _pow2(k))
     block_n = GEMV_OUT_BLOCK_N if gemv else OUT_BLOCK_N
@@ -474,8 +465,7 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
         n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
         SPLIT_K=splits, BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
         K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0,
-        HOIST=_hoist(d), SPLIT_EARLY=_split_early(per), GEMV=gemv,
-        **_launch(x.device, gemv, d))
+        HOIST=_hoist(d), SPLIT_EARLY=_split_early(per), **_launch(x.device, gemv, d))
     return y
 
 

@@ -243,49 +243,10 @@ def _normed(x_ptr, ln_ptr, rstd, k0, n, D: tl.constexpr, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def _row(ptr, r: tl.constexpr, n, width):
-    """Row r of a matrix [n, width] at ptr: the last row for r >= n (a padding row of a
-    row-by-row projection reads a real one and its result is never stored)."""
-    if r == 0:  # noqa: SIM108 (a constexpr branch)
-        at = ptr
-    else:
-        at = ptr + tl.minimum(r, n - 1) * width
-    return at
-
-
-@triton.jit
-def _own(pair, OWN: tl.constexpr, keep):
-    """An early (wa, wb) pair as a row of a row-by-row projection uses it: OWN (every row but
-    the first), its own copy, zero unless ``keep`` (the row is a real one). The copy is made
-    where the row uses it, so the compiler converts that row's weights to float32 there
-    instead of keeping the first row's float32 copies live for the next."""
-    wa, wb = pair
-    return _own_tile(wa, OWN, keep), _own_tile(wb, OWN, keep)
-
-
-@triton.jit
-def _own_tile(w, OWN: tl.constexpr, keep):
-    """``_own`` of one weight tile."""
-    if OWN:
-        w = tl.where(keep, w, 0.0)
-    return w
-
-
-@triton.jit
-def _merge(res, part, r: tl.constexpr, BLOCK_M: tl.constexpr):
-    """res [BLOCK_M, N] with row r replaced by part [1, N] (part itself for one row)."""
-    if BLOCK_M == 1:  # noqa: SIM108 (a constexpr branch)
-        res = part
-    else:
-        res = tl.where(tl.arange(0, BLOCK_M)[:, None] == r, part, res)
-    return res
-
-
-@triton.jit
 def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.constexpr,
                  IEEE: tl.constexpr, HOIST: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
-                 SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr, GEMV: tl.constexpr):
+                 SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr):
     """RMSNorm(x) @ w[ra].T and @ w[rb].T ([BLOCK_M, len(ra)] each, float32) over x's
     columns lo..lo + k_per. The weights of the first block (HOIST = 1), of every block when
     unrolled (HOIST = 2), or of the SPLIT_EARLY blocks of a split's whole share (k_per =
@@ -294,64 +255,36 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
     loads can be issued before the first product waits on one. Looped, LN_AHEAD: each
     block's RMSNorm weights are read one block ahead (the first before the wait), so the
     loop's products never wait on them; the software pipeline does not take these loads
-    (a thread's share of a block is under the 4 bytes an asynchronous copy moves).
-    GEMV (the one-row tiles): the BLOCK_M rows one after another, each as one row (products
-    on the CUDA cores, ``_mac``), from the same early weight tiles; LN_AHEAD is not taken."""
+    (a thread's share of a block is under the 4 bytes an asynchronous copy moves)."""
+    acc_a = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
+    acc_b = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
     if UNROLL:
         EARLY: tl.constexpr = (D + BLOCK_K - 1) // BLOCK_K if HOIST == 2 else min(HOIST, 1)
     else:
         EARLY: tl.constexpr = SPLIT_EARLY if SPLIT_EARLY > 0 else min(HOIST, 1)
     early = _early_pairs(w_ptr, ra, rb, lo, D, cm, BLOCK_K, EARLY)
     start = lo + EARLY * BLOCK_K                                     # the loop's first block
-    AHEAD: tl.constexpr = LN_AHEAD and not UNROLL and not GEMV
-    ln_w = lo                                                        # (unused unless AHEAD)
-    if AHEAD:
+    if LN_AHEAD and not UNROLL:
         ln_w = _ln(ln_ptr, start, D, BLOCK_M, BLOCK_K)
     _after_weights(PDL)
-    if GEMV:
-        res_a = tl.zeros([BLOCK_M, ra.shape[0]], dtype=tl.float32)
-        res_b = tl.zeros([BLOCK_M, ra.shape[0]], dtype=tl.float32)
-        for r in tl.static_range(BLOCK_M):
-            part_a, part_b = _normed_sums(_row(x_ptr, r, n, D), ln_ptr, w_ptr, ra, rb, cm, lo,
-                                          k_per, 1, eps, D, IEEE, 1, BLOCK_K, UNROLL, EARLY,
-                                          early, start, ln_w, False, r > 0, n > r)
-            res_a = _merge(res_a, part_a, r, BLOCK_M)
-            res_b = _merge(res_b, part_b, r, BLOCK_M)
-    else:
-        res_a, res_b = _normed_sums(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D,
-                                    IEEE, BLOCK_M, BLOCK_K, UNROLL, EARLY, early, start, ln_w,
-                                    AHEAD, False, True)
-    return res_a, res_b
-
-
-@triton.jit
-def _normed_sums(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.constexpr,
-                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 UNROLL: tl.constexpr, EARLY: tl.constexpr, early, start, ln_w,
-                 AHEAD: tl.constexpr, OWN: tl.constexpr, keep):
-    """``_normed_pair``'s products after the wait: x's rstd, then each block's RMSNorm(x)
-    times its weight tiles (the EARLY blocks' from ``early``, the loop's from ``start``;
-    AHEAD: ln_w holds the loop's first block's RMSNorm weights, each block reads the next's)."""
-    acc_a = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
-    acc_b = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
     rstd = _rstd(x_ptr, n, D, eps, BLOCK_M, BLOCK_K)
     if UNROLL:
         for k0 in tl.static_range(0, D, BLOCK_K):
             h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
             if k0 // BLOCK_K < EARLY:
-                wa, wb = _own(early[k0 // BLOCK_K], OWN, keep)
+                wa, wb = early[k0 // BLOCK_K]
             else:
                 wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
             acc_a = _mac(h, wa, acc_a, IEEE)
             acc_b = _mac(h, wb, acc_b, IEEE)
     else:
         for i in tl.static_range(EARLY):
-            wa, wb = _own(early[i], OWN, keep)
+            wa, wb = early[i]
             h = _normed(x_ptr, ln_ptr, rstd, lo + i * BLOCK_K, n, D, BLOCK_M, BLOCK_K)
             acc_a = _mac(h, wa, acc_a, IEEE)
             acc_b = _mac(h, wb, acc_b, IEEE)
         for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
-            if AHEAD:
+            if LN_AHEAD:
                 ln_next = _ln(ln_ptr, k0 + BLOCK_K, D, BLOCK_M, BLOCK_K)
                 h = _apply_norm(_x_block(x_ptr, k0, n, D, BLOCK_M, BLOCK_K), ln_w, rstd,
                                 BLOCK_M)
@@ -371,8 +304,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
                  HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_K: tl.constexpr, HOIST: tl.constexpr, UNROLL: tl.constexpr,
-                 PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr,
-                 GEMV: tl.constexpr):
+                 PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr):
     """Program (head j of the H + 2 KVH stacked heads, chunk c, split s): output columns
     c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
@@ -397,7 +329,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
         b2 = tl.load(b_ptr + w2).to(tl.float32)
     acc1, acc2 = _normed_pair(x_ptr, ln_ptr, w_ptr, w1, w2, cols >= 0, split * k_per, k_per,
                               n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL,
-                              SPLIT_EARLY, LN_AHEAD, GEMV)
+                              SPLIT_EARLY, LN_AHEAD)
     if SPLIT_K > 1:
         width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
         _publish(acc1, ws_ptr, split, rows, w1, n, width)
@@ -553,7 +485,7 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
                 D: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 HOIST: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
-                SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr, GEMV: tl.constexpr):
+                SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr):
     """a [n, inter] = SiLU(gate) * up of RMSNorm(x); w [2 inter, D] (gate rows, then up).
     Program (c, s): columns c*BLOCK_N.. of gate and up, reduced over x's columns s*k_per..;
     ws [SPLIT_K, n, 2 inter] float32."""
@@ -563,7 +495,7 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
     split = tl.program_id(1)
     acc_g, acc_u = _normed_pair(x_ptr, ln_ptr, w_ptr, cols, inter + cols, cm, split * k_per,
                                 k_per, n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL,
-                                SPLIT_EARLY, LN_AHEAD, GEMV)
+                                SPLIT_EARLY, LN_AHEAD)
     if SPLIT_K > 1:
         _publish(acc_g, ws_ptr, split, rows, cols, n, 2 * inter)
         _publish(acc_u, ws_ptr, split, rows, inter + cols, n, 2 * inter)
@@ -606,21 +538,20 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
                   D: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr, HOIST: tl.constexpr,
-                  PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr, GEMV: tl.constexpr):
+                  PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr):
     """y [n, D] = x + (a @ w.T + b); a [n, inter], w [D, inter], b [D] (HAS_BIAS). Program
     (c, s): columns c*BLOCK_N.., reduced over a's columns s*k_per..; ws [SPLIT_K, n, D]
     float32. down_proj (a the MLP's activations) and o_proj (a the attention output).
     K_BLOCKS > 0 (one split, K_BLOCKS * BLOCK_K >= inter): the reduction's loop unrolled,
     every block's loads free to be issued before the first product; HOIST = 2 then loads
     every block's weights before a (and before the PDL wait). Looped, SPLIT_EARLY > 0
-    (k_per = SPLIT_EARLY blocks): the split's whole share of weights is loaded first.
-    GEMV (the one-row tiles): the BLOCK_M rows one after another, each as one row, from the
-    same early weight tiles."""
+    (k_per = SPLIT_EARLY blocks): the split's whole share of weights is loaded first."""
     rows = tl.arange(0, BLOCK_M)
     rm = rows < n
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < D
     split = tl.program_id(1)
+    acc = _zeros(BLOCK_M, BLOCK_K, BLOCK_N)
     lo = split * k_per
     if K_BLOCKS > 0:
         EARLY: tl.constexpr = K_BLOCKS if HOIST == 2 else 0
@@ -630,17 +561,22 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
     for i in tl.static_range(EARLY):
         early = early + (_weight_tile(w_ptr, cols, cm, lo + i * BLOCK_K, inter, BLOCK_K),)
     _after_weights(PDL)
-    if GEMV:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        one = tl.arange(0, 1)
-        for r in tl.static_range(BLOCK_M):
-            part = _down_sums(_row(a_ptr, r, n, inter), w_ptr, cols, cm, one, one < 1, lo,
-                              k_per, inter, IEEE, 1, BLOCK_N, BLOCK_K, K_BLOCKS, EARLY, early,
-                              r > 0, n > r)
-            acc = _merge(acc, part, r, BLOCK_M)
+    if K_BLOCKS > 0:
+        for i in tl.static_range(K_BLOCKS):
+            av = _a_block(a_ptr, rows, rm, i * BLOCK_K, inter, BLOCK_K)
+            if i < EARLY:
+                wt = early[i]
+            else:
+                wt = _weight_tile(w_ptr, cols, cm, i * BLOCK_K, inter, BLOCK_K)
+            acc = _mac(av, wt, acc, IEEE)
     else:
-        acc = _down_sums(a_ptr, w_ptr, cols, cm, rows, rm, lo, k_per, inter, IEEE, BLOCK_M,
-                         BLOCK_N, BLOCK_K, K_BLOCKS, EARLY, early, False, True)
+        for i in tl.static_range(EARLY):
+            av = _a_block(a_ptr, rows, rm, lo + i * BLOCK_K, inter, BLOCK_K)
+            acc = _mac(av, early[i], acc, IEEE)
+        for k0 in range(lo + EARLY * BLOCK_K, tl.minimum(lo + k_per, inter), BLOCK_K):
+            av = _a_block(a_ptr, rows, rm, k0, inter, BLOCK_K)
+            acc = _mac(av, _weight_tile(w_ptr, cols, cm, k0, inter, BLOCK_K), acc, IEEE)
+    acc = _total(acc, BLOCK_M)
     xy = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)  # before the handshake
     if HAS_BIAS:
@@ -651,29 +587,3 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
         acc += bias[None, :]
     tl.store(y_ptr + xy, x + acc.to(x_ptr.dtype.element_ty),
              mask=tl.where(last, rm[:, None] & cm[None, :], False))
-
-
-@triton.jit
-def _down_sums(a_ptr, w_ptr, cols, cm, rows, rm, lo, k_per, inter, IEEE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               K_BLOCKS: tl.constexpr, EARLY: tl.constexpr, early, OWN: tl.constexpr, keep):
-    """``down_residual``'s a[rows] @ w[cols].T over a's columns lo..lo + k_per ([BLOCK_M,
-    BLOCK_N], float32): the EARLY blocks' weight tiles from ``early`` (OWN: a copy, ``_own``),
-    the rest loaded as the (unrolled: K_BLOCKS > 0) loop reaches them."""
-    acc = _zeros(BLOCK_M, BLOCK_K, BLOCK_N)
-    if K_BLOCKS > 0:
-        for i in tl.static_range(K_BLOCKS):
-            av = _a_block(a_ptr, rows, rm, i * BLOCK_K, inter, BLOCK_K)
-            if i < EARLY:
-                wt = _own_tile(early[i], OWN, keep)
-            else:
-                wt = _weight_tile(w_ptr, cols, cm, i * BLOCK_K, inter, BLOCK_K)
-            acc = _mac(av, wt, acc, IEEE)
-    else:
-        for i in tl.static_range(EARLY):
-            av = _a_block(a_ptr, rows, rm, lo + i * BLOCK_K, inter, BLOCK_K)
-            acc = _mac(av, _own_tile(early[i], OWN, keep), acc, IEEE)
-        for k0 in range(lo + EARLY * BLOCK_K, tl.minimum(lo + k_per, inter), BLOCK_K):
-            av = _a_block(a_ptr, rows, rm, k0, inter, BLOCK_K)
-            acc = _mac(av, _weight_tile(w_ptr, cols, cm, k0, inter, BLOCK_K), acc, IEEE)
-    return _total(acc, BLOCK_M)

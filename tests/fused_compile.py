@@ -11,9 +11,8 @@ attention masks). Each case three times: split-K as an H200 gets it (``fused.spl
 an unrolled one-row reduction hoisted before a programmatic dependent launch's wait (HOIST =
 2, PDL = 2), splits of up to 4 blocks loading their whole share first (SPLIT_EARLY = 4) and
 the looped reductions reading their RMSNorm weights a block ahead (LN_AHEAD = 1) and the
-attention's query heads in programs of at most 16 rows (ATTN_ROWS = 16), and 2 rows on the
-one-row tiles (GEMV_ROWS = 2: the 0.5B's draft step); a one-row case with the one-row tiles
-(GEMV = 1) every time.
+attention's query heads in programs of at most 16 rows (ATTN_ROWS = 16); a one-row
+case with the one-row tiles (GEMV = 1) every time.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
 the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
 64 Ki a SM; shared memory: 227 KiB) and the waves its grid takes on 132 SMs, for the
@@ -47,7 +46,7 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
          torch.int64: "i64", torch.int32: "i32"}
 # (hidden, heads, kv heads, head_dim, intermediate, dtype, rows)
 CASES = [(896, 14, 2, 64, 4864, torch.bfloat16, 1), (896, 14, 2, 64, 4864, torch.bfloat16, 5),
-         (896, 14, 2, 64, 4864, torch.bfloat16, 2), (1536, 12, 2, 128, 8960, torch.float32, 16)]
+         (1536, 12, 2, 128, 8960, torch.float32, 16)]
 USAGE_CASES = [(d, h, kvh, hd, inter, torch.bfloat16, n)  # Qwen2.5 0.5B, 1.5B, 7B; 1, 2, 5 rows
                for d, h, kvh, hd, inter in ((896, 14, 2, 64, 4864), (1536, 12, 2, 128, 8960),
                                             (3584, 28, 4, 128, 18944)) for n in (1, 2, 5)]
@@ -83,7 +82,6 @@ def record(cases: list[tuple], twins: bool = True) -> list[tuple]:
             fused.SPLIT_EARLY = 4 if way == "pdl" else 0
             fused.LN_AHEAD = int(way == "pdl")
             fused.ATTN_ROWS = 16 if way == "pdl" else 0
-            fused.GEMV_ROWS = 2 if way == "pdl" else 1
             fused.MAX_REGS = 0 if way == "unsplit" else 128
             fused.GEMV = 1  # one row: the one-row tiles (more rows cover the tl.dot path)
 

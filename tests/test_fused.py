@@ -245,19 +245,6 @@ def test_norm_weights_read_ahead(interpret, small_blocks, monkeypatch, n, gemv, 
     check_layer(n)
 
 
-@pytest.mark.parametrize("n,rows,on", [(2, 2, 1), (3, 4, 1), (4, 4, 1), (2, 2, 2), (3, 4, 2)])
-def test_few_rows_on_the_one_row_tiles(interpret, small_blocks, monkeypatch, n, rows, on):
-    """GEMV_ROWS: up to that many rows take the one-row tiles one row after another, sharing
-    the early weight tiles (unrolled, every block early: HOIST = 2) or each row walking its
-    reduction (looped); 3 rows pad to 4 (the padding row reads the last real row and stores
-    nothing). The layer agrees with the reference."""
-    gemv_blocks(monkeypatch, on)
-    monkeypatch.setattr(fused, "GEMV_ROWS", rows)
-    monkeypatch.setattr(fused, "HOIST", 2)
-    assert fused._gemv(n, 48) and fused._block_m(True, n) == fused._pow2(n)
-    check_layer(n)
-
-
 def test_norm_weights_ahead_for_few_rows_only(monkeypatch):
     """LN_AHEAD reaches the few-row launches of q/k/v and gate/up, not the one-row tiles'
     (a 7B's looped one-row step measured slower with it), as the launches are recorded."""
@@ -303,24 +290,15 @@ def check_layer(n: int) -> None:
 
 def test_one_row_tiles_take_one_row(monkeypatch):
     """GEMV: one row takes the one-row tiles (BLOCK_M = 1, reductions of up to GEMV_UNROLL
-    blocks unrolled); more rows, and one row with GEMV off, pad to tl.dot's 16 or more.
-    GEMV_ROWS: more rows, up to it, take them too (BLOCK_M their power of two), but only
-    where every one-row weight block is loaded early (HOIST = 2 with PDL set and fewer than
-    GEMV_CAP_BLOCKS blocks: the 0.5B's hidden size 896, not the 1.5B's 1536)."""
+    blocks unrolled); more rows, and one row with GEMV off, pad to tl.dot's 16 or more."""
     monkeypatch.setattr(fused, "GEMV", 1)
     monkeypatch.setattr(fused, "GEMV_UNROLL", 8)
-    monkeypatch.setattr(fused, "GEMV_ROWS", 1)
-    assert fused._gemv(1, 896) and not any(fused._gemv(n, 896) for n in (2, 6, 16))
-    assert [fused._block_m(fused._gemv(n, 896), n) for n in (1, 2, 6, 16)] == [1, 16, 16, 16]
+    assert fused._gemv(1) and not any(fused._gemv(n) for n in (2, 6, 16))
+    assert [fused._block_m(fused._gemv(n), n) for n in (1, 2, 6, 16)] == [1, 16, 16, 16]
     assert fused._unroll(True, 8) and not fused._unroll(True, 9)
     assert not fused._unroll(False, 1)
-    monkeypatch.setattr(fused, "GEMV_ROWS", 2)
-    assert [fused._block_m(fused._gemv(n, 896), n) for n in (1, 2, 3)] == [1, 2, 16]
-    assert fused._gemv(1, 1536) and not fused._gemv(2, 1536)
-    monkeypatch.setattr(fused, "HOIST", 1)
-    assert not fused._gemv(2, 896)
     monkeypatch.setattr(fused, "GEMV", 0)
-    assert not fused._gemv(1, 896) and fused._block_m(fused._gemv(1, 896), 1) == 16
+    assert not fused._gemv(1) and fused._block_m(fused._gemv(1), 1) == 16
 
 
 def test_split_k_arithmetic(monkeypatch):
@@ -548,22 +526,19 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hoist,gemv,one,pdl,ahead,rows,gemv_rows", [
-    (0, 0, 0, 0, 0, 0, 1), (1, 0, 0, 0, 0, 0, 1), (1, 1, 0, 0, 0, 0, 1),
-    (1, 1, 64, 0, 0, 0, 1), (1, 0, 0, 1, 0, 0, 1), (2, 1, 0, 1, 0, 0, 1),
-    (2, 1, 64, 2, 0, 0, 1), (0, 0, 0, 0, 1, 0, 1), (1, 1, 0, 1, 1, 0, 1),
-    (1, 1, 0, 1, 0, 4, 1), (2, 1, 64, 1, 0, 4, 1), (2, 1, 0, 1, 1, 16, 8),
-    (2, 1, 64, 2, 0, 16, 8)])
-def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows, gemv_rows):
+@pytest.mark.parametrize("hoist,gemv,one,pdl,ahead,rows", [
+    (0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0), (1, 1, 64, 0, 0, 0),
+    (1, 0, 0, 1, 0, 0), (2, 1, 0, 1, 0, 0), (2, 1, 64, 2, 0, 0), (0, 0, 0, 0, 1, 0),
+    (1, 1, 0, 1, 1, 0), (1, 1, 0, 1, 0, 4), (2, 1, 64, 1, 0, 4)])
+def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
     left zero; with and without the first weight block hoisted (every block: 2), one-row
     steps on the one-row tiles, the attention in one split up to 64 slots and split beyond
     (ATTN_ONE_SPLIT), each kernel launched to start before the previous one ends (PDL,
     on a Hopper GPU), the looped reductions' RMSNorm weights read a block ahead
-    (LN_AHEAD), a kv head's query heads shared out over attention programs of at most
-    4 rows (ATTN_ROWS: the verify's 2 heads x 6 rows in 2 programs), and a few rows on the
-    one-row tiles, one after another (GEMV_ROWS 8: the 6-row verify, padded to 8)."""
+    (LN_AHEAD), and a kv head's query heads shared out over attention programs of at most
+    4 rows (ATTN_ROWS: the verify's 2 heads x 6 rows in 2 programs)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "HOIST", hoist)
     monkeypatch.setattr(fused, "LN_AHEAD", ahead)
@@ -571,7 +546,6 @@ def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows, gem
     monkeypatch.setattr(fused, "GEMV", gemv)
     monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)  # 64: one split a kv head to 64 slots
     monkeypatch.setattr(fused, "ATTN_ROWS", rows)
-    monkeypatch.setattr(fused, "GEMV_ROWS", gemv_rows)
     model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
     ids = torch.randint(2, 96, (60,), generator=torch.Generator().manual_seed(6)).tolist()
     monkeypatch.setenv("COSPEC_FUSED", "1")
