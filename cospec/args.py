@@ -163,8 +163,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="spd requests that arrive while this many would decode at once run "
                         "target-only (same output: the target's greedy tokens or a sample of "
                         "its distribution; seeded sampled requests keep their draft); 0: never "
-                        "(default: 4 on a GPU, where batched spd measured slower than "
-                        "target-only from 4 rows on; never on a CPU, where it measured faster)")
+                        "(default: 4, where batched spd measured slower than target-only, on "
+                        "a GPU and on a CPU)")
     p.add_argument("--max-context", type=int, default=2048,
                    help="tokens per request, prompt + completion (at most the model's): "
                         "with --max-batch, the KV cache budget")

@@ -15,13 +15,12 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
   k) waiting in the queue: alone it takes them all, with three others a quarter. A request
   that finds no slot waits (the scheduler keeps the queue first come, first served); as
   engines drain, the slots go where the queue needs them.
-- Speculation off under load (``spec_off_at``): an spd request planned while at least
-  ``spec_off_at`` - 1 others decode in the engines runs target-only instead, since on a GPU
-  batched spd is slower than target-only from 4 rows on (H200, the shipped pair, one lease:
-  0.87x / 0.60x / 0.86x at 4 / 16 / 64 rows against 1.04x at 1,
-  results/gpu/h200/batch-real-pair). On a 2-core CPU it measured the other way (k = 4:
-  1.25x at 4 rows, 0.84x at 1; results/cpu/batch-spd-vs-target), so
-  ``default_spec_off_at`` leaves it on there. Its output is what spd would give: the target's greedy
+- Speculation off under load (``spec_off_at``, default SPEC_OFF_AT): an spd request planned
+  while at least ``spec_off_at`` - 1 others decode in the engines runs target-only instead,
+  since batched spd is slower than target-only from 4 rows on: on a GPU (H200, the shipped
+  pair, one lease: 0.87x / 0.60x / 0.86x at 4 / 16 / 64 rows against 1.04x at 1,
+  results/gpu/h200/batch-real-pair) and on a 2-core CPU (k = 4: 0.88x at 4 rows, 1.15x at
+  1; results/cpu/batch-spd-vs-target). Its output is what spd would give: the target's greedy
   tokens, or a sample from the target's distribution (a seeded sampled request keeps its
   draft, so that its seed gives the same tokens under any load). A request keeps the engine
   it was planned into; its metrics say ``speculation_off``. An spd engine started by a
@@ -62,8 +61,8 @@ from cospec.methods import Method
 log = logging.getLogger("cospec.server")
 
 COUNTERS = ("steps", "drafted", "accepted", "arbiter_calls", "overrides")
-SPEC_OFF_AT = 4  # ``spec_off_at``'s default on a GPU: the rows at which batched spd
-                 # measured slower there; on a CPU it measured faster at 4 rows (never off)
+SPEC_OFF_AT = 4  # ``spec_off_at``'s default: the rows at which batched spd measured slower
+                 # than target-only, on an H200 and on a 2-core CPU
 MAX_K = 2 * RUN_AHEAD - 1  # the longest draft an engine runs
 
 
@@ -109,12 +108,6 @@ class ServedEngine(BatchEngine):
             setattr(mine, name, getattr(mine, name) + getattr(self.stats, name) - b)
         flags = tuple(req.from_draft[len(req.from_draft) - len(c.tokens):])
         return Served(c.rid, c.tokens, c.done, flags)
-
-
-def default_spec_off_at(device: torch.device) -> int:
-    """``spec_off_at`` when none is given: SPEC_OFF_AT for models on a GPU, 0 (speculation
-    never off) on a CPU (the module docstring)."""
-    return SPEC_OFF_AT if device.type == "cuda" else 0
 
 
 def engine_key(method: Method, k: int) -> tuple[str, int] | None:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from cospec.arbiter import MismatchPolicy
 from cospec.cos import Combination
+from cospec.cpu import fast_linear
 from cospec.errors import CospecError
 from cospec.fast import (
     Engine,
@@ -111,6 +112,7 @@ class BatchLM:
             raise CospecError(f"{type(model).__name__} is not a model the fast path supports "
                               "(Llama-family, SiLU MLP, full attention)")
         cfg, base = model.config, model.model
+        self.model = model  # the key of its CPU linear-order choice (cospec.cpu.fast_linear)
         p = next(model.parameters())
         self.device, self.dtype, self.rows, self.max_len = p.device, p.dtype, rows, max_len
         self.heads = cfg.num_attention_heads
@@ -183,7 +185,8 @@ class BatchLM:
             ) -> tuple[torch.Tensor, torch.Tensor]:
         b, n = ids.shape
         if not self.use_graphs or first or n > self.ids.shape[1]:  # eagerly
-            return self._forward(ids, pos, first, eager=True)
+            with fast_linear(self.model, self.device, b * n):  # a CPU's order for b * n rows
+                return self._forward(ids, pos, first, eager=True)
         self.ids[:b, :n].copy_(ids)
         self.pos[:b, :n].copy_(pos)
         if (b, n, self.span) not in self.graphs:

@@ -44,9 +44,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cospec.args import load_pair_of
 from cospec.batch_methods import engine_models
 from cospec.batch_scheduler import (
+    SPEC_OFF_AT,
     BatchPool,
     check_memory,
-    default_spec_off_at,
     engine_key,
     reserve,
 )
@@ -144,7 +144,7 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     0: no batch engines, every request round robin. ``warm_up``: the default method's batch
     engine (at ``k``) is built now and its CUDA graphs captured (``warm``). ``spec_off_at``:
     spd requests planned while that many would decode at once run target-only (0: never;
-    None: ``batch_scheduler.default_spec_off_at``, 4 on a GPU, never on a CPU).
+    None: ``batch_scheduler.SPEC_OFF_AT``, 4).
     """
     names = list(methods) if methods else default_methods(pair, arbiter)
     built: dict[str, Method] = {}
@@ -171,7 +171,7 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
         log.info("batch engines: %d slots x %d tokens, %.2f GiB of KV cache at most, %.2f GiB "
                  "for the largest prefill pass", max_batch, ctx, kv / 2**30, prefill / 2**30)
         if spec_off_at is None:
-            spec_off_at = default_spec_off_at(next(pair.target.parameters()).device)
+            spec_off_at = SPEC_OFF_AT
         off = "spd" in built and spec_off_at > 0  # spd's target-only engine under load
         pool = BatchPool(max_batch, ctx, spec_off_at=spec_off_at if off else 0,
                          target=(built.get("target") or build_method("target", pair, opts))

@@ -93,7 +93,7 @@ def random_target(args) -> tuple[torch.nn.Module, None, list[list[int]], list[in
 
 
 METHODS = ("target", "spd", "cos-we", "cos-cd", "we-sd", "cd-sd")
-ENV = ("COSPEC_COMPILE", "COSPEC_PREFILL", "COSPEC_FUSED")  # recorded when set
+ENV = ("COSPEC_COMPILE", "COSPEC_PREFILL", "COSPEC_FUSED", "COSPEC_LINEAR")  # recorded when set
 
 
 def batch_method(method: str, target, draft, args) -> Method:

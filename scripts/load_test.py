@@ -486,7 +486,7 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--spec-off-at", type=int, default=None,
                     help="the server's: spd requests arriving while this many would decode "
-                         "run target-only (0: never; default: the server's, by device)")
+                         "run target-only (0: never; default: the server's, 4)")
     ap.add_argument("--max-context", type=int, default=None)
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--client-timeout", type=float, default=300.0)

@@ -86,6 +86,24 @@ def test_greedy_rows_equal_batch_one(pair, near, method, min_span, monkeypatch):
         assert 0.2 < stats.accepted / stats.drafted < 0.8
 
 
+def test_cpu_forwards_take_the_chosen_linear_order():
+    """On a CPU the batch engine's forwards run in the linear order ``cospec.cpu`` chose for
+    the model and the forward's rows (rows x tokens), as the library's batch-1 loop does
+    (there MKL can be slow for a handful of rows): with auto, both orders are timed on the
+    engine's own two-row verifies (2 x k + 1 = 8 rows: no batch-1 forward has as many), and
+    the tokens still equal batch-1 greedy decoding."""
+    from cospec import cpu
+
+    target = tiny_model(1, width=256, dtype=torch.float32)  # wide enough for the rewrite
+    draft = near_copy(target)
+    prompts = [prompt(i, n) for i, n in enumerate((3, 7))]
+    want = batch1(target, draft, prompts, (16, 16), ExactRule(), k=3)
+    assert 8 not in cpu._choices[target].seconds
+    got = generate_batch(target, draft, prompts, max_new_tokens=(16, 16), rows=2, k=3)
+    assert got == want
+    assert sum(map(len, cpu._choices[target].seconds[8].values())) > 0
+
+
 @pytest.mark.parametrize("max_overrides", [None, 2])
 def test_cospec_rows_equal_batch_one(pair, max_overrides):
     """CoSpec with an arbiter at every mismatch (and an override budget): the arbiter reads

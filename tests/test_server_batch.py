@@ -221,16 +221,15 @@ def test_speculation_off_from_the_nth_request(pair, arbiter):
     assert [g.key for g in never.groups] == [("spd", 2)]
 
 
-def test_speculation_off_by_device(pair):
-    """Without spec_off_at the server takes ``default_spec_off_at``: 4 for models on a GPU
-    (batched spd measured slower there from 4 rows on), never on a CPU (faster there at 4
-    rows); a given value, 0 included, is kept; a negative one is refused."""
-    from cospec.batch_scheduler import SPEC_OFF_AT, default_spec_off_at
+def test_speculation_off_default(pair):
+    """Without spec_off_at the server takes SPEC_OFF_AT, 4, on a CPU too (batched spd
+    measured slower than target-only from 4 rows on, on an H200 and on a 2-core CPU); a
+    given value, 0 included, is kept; a negative one is refused."""
+    from cospec.batch_scheduler import SPEC_OFF_AT
     from cospec.errors import CospecError
 
-    assert default_spec_off_at(torch.device("cuda", 0)) == SPEC_OFF_AT == 4
-    assert default_spec_off_at(torch.device("cpu")) == 0
-    for given, want in ((None, 0), (3, 3), (0, 0)):
+    assert SPEC_OFF_AT == 4
+    for given, want in ((None, 4), (3, 3), (0, 0)):
         app = create_app(pair, methods=["target", "spd"], max_batch=4, spec_off_at=given)
         assert app.state.engine.pool.spec_off_at == want
     with pytest.raises(CospecError, match="spec_off_at"):
