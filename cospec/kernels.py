@@ -6,12 +6,13 @@ sums on the CUDA cores, see ``_mac``):
 
 1. ``rms_qkv_rope``: RMSNorm, the stacked q/k/v projection (+ bias), RoPE on q and k; q to
    a buffer [H, n, hd], k and v straight into their cache slots (or [KVH, n, hd] buffers).
-2. ``attend``: split-K decode attention (flash-decoding): program (kv head, split) scores
-   the G = H / KVH query heads of its kv head, n rows each, over its share of the visible
-   slots with an online softmax; partial sums (unnormalised output, max, denominator) go to
-   [SPLITS, H, n] buffers, and the last of a kv head's programs to arrive combines them into
-   the attention output [n, H hd] (once per kv head, not once per o_proj program). A short
-   cache (ONE_S slots or fewer) is attended by split 0 alone, with no combine.
+2. ``attend``: split-K decode attention (flash-decoding): program (kv head, split, chunk)
+   scores the G = H / KVH query heads of its kv head, n rows each (or a chunk of them, when
+   the launcher shares them out over programs), over its share of the visible slots with an
+   online softmax; partial sums (unnormalised output, max, denominator) go to [SPLITS, H, n]
+   buffers, and the last of a (kv head, chunk)'s programs to arrive combines them into the
+   attention output [n, H hd] (once per kv head and chunk, not once per o_proj program). A
+   short cache (ONE_S slots or fewer) is attended by split 0 alone, with no combine.
 3. ``down_residual`` as o_proj (+ bias) and the residual add.
 4. ``rms_gate_up``: RMSNorm, the stacked gate/up projection, SiLU(gate) * up.
 5. ``down_residual``: down_proj and the residual add.
