@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from cospec.batch_scheduler import SPEC_OFF_AT
 from cospec.errors import CospecError
 from cospec.methods import MethodOptions
 from cospec.models import DEFAULT_DRAFT, DEFAULT_TARGET
@@ -159,7 +160,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests decoded together by the batch engines (target, spd, "
                         "cospec, cos-*, *-sd); 0: none, every request round robin")
-    p.add_argument("--spec-off-at", type=int, default=None,
+    p.add_argument("--spec-off-at", type=int, default=SPEC_OFF_AT,
                    help="spd requests that arrive while this many would decode at once run "
                         "target-only (same output: the target's greedy tokens or a sample of "
                         "its distribution; seeded sampled requests keep their draft); 0: never "

@@ -136,15 +136,14 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
                max_queue: int = 64, timeout: float = 300.0,
                default_max_tokens: int = 256, max_batch: int = 16,
                max_context: int | None = None, warm_up: bool = False,
-               spec_off_at: int | None = None) -> FastAPI:
+               spec_off_at: int = SPEC_OFF_AT) -> FastAPI:
     """The ASGI app serving an already loaded ``pair``.
 
     ``methods`` are built once here (CospecError for an unknown one or one the pair cannot
     run); the first of ``spd``, ``target`` or the first listed is the default. ``max_batch``
     0: no batch engines, every request round robin. ``warm_up``: the default method's batch
     engine (at ``k``) is built now and its CUDA graphs captured (``warm``). ``spec_off_at``:
-    spd requests planned while that many would decode at once run target-only (0: never;
-    None: ``batch_scheduler.SPEC_OFF_AT``, 4).
+    spd requests planned while that many would decode at once run target-only (0: never).
     """
     names = list(methods) if methods else default_methods(pair, arbiter)
     built: dict[str, Method] = {}
@@ -156,7 +155,7 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
         built[name] = build_method(name, pair, opts)
     if (max_active < 1 or max_queue < 0 or timeout <= 0 or k < 1 or default_max_tokens < 1
             or max_batch < 0 or (max_context is not None and max_context < 2)
-            or (spec_off_at or 0) < 0):
+            or spec_off_at < 0):
         raise CospecError("max_active, k, default_max_tokens and timeout must be > 0, "
                           "max_queue, max_batch and spec_off_at >= 0, max_context >= 2")
     default = next((m for m in ("spd", "target") if m in built), names[0])
@@ -170,8 +169,6 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
         kv, prefill = check_memory(models, max_batch, ctx)
         log.info("batch engines: %d slots x %d tokens, %.2f GiB of KV cache at most, %.2f GiB "
                  "for the largest prefill pass", max_batch, ctx, kv / 2**30, prefill / 2**30)
-        if spec_off_at is None:
-            spec_off_at = SPEC_OFF_AT
         off = "spd" in built and spec_off_at > 0  # spd's target-only engine under load
         pool = BatchPool(max_batch, ctx, spec_off_at=spec_off_at if off else 0,
                          target=(built.get("target") or build_method("target", pair, opts))
@@ -498,7 +495,7 @@ def cmd_serve(args) -> int:
                              ("--max-batch", args.max_batch, 0),
                              ("--max-context", args.max_context, 2),
                              ("--default-max-tokens", args.default_max_tokens, 1),
-                             ("--spec-off-at", args.spec_off_at or 0, 0)):
+                             ("--spec-off-at", args.spec_off_at, 0)):
         if value < low:
             raise CospecError(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535 or args.timeout <= 0:

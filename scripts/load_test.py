@@ -54,6 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from cospec.batch_scheduler import SPEC_OFF_AT  # noqa: E402
 from cospec.methods import build_method, chat_ids, eos_ids, text_ids  # noqa: E402
 from cospec.models import Pair  # noqa: E402
 from cospec.sampling import GREEDY  # noqa: E402
@@ -328,12 +329,10 @@ def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> 
     def share(x):
         return "—" if x is None else f"{x:.0%}"
 
-    off = cfg.get("spec_off_at")  # None: the server's default, which /health tells
-    off = off if off is not None else levels[-1]["summary"]["health_after"].get("spec_off_at")
     server = (f"`{cfg['url']}`" if cfg["url"] else
               f"in-process, max_batch {cfg['max_batch']}, max_context "
               f"{cfg['max_context'] or 'default'}, max_active {cfg['max_active']}, max_queue "
-              f"{cfg['max_queue']}, spec_off_at {off if off is not None else 'default'}")
+              f"{cfg['max_queue']}, spec_off_at {cfg['spec_off_at']}")
     k = cfg["k"][0] if cfg["k"][0] == cfg["k"][1] else f"{cfg['k'][0]}–{cfg['k'][1]}"
     lines = [
         "# `cospec serve` load test", "",
@@ -484,16 +483,16 @@ def main() -> int:
     ap.add_argument("--slow-s", type=float, default=0.02, help="a slow reader's pause/chunk")
     ap.add_argument("--max-active", type=int, default=4)
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--spec-off-at", type=int, default=None,
+    ap.add_argument("--spec-off-at", type=int, default=SPEC_OFF_AT,
                     help="the server's: spd requests arriving while this many would decode "
-                         "run target-only (0: never; default: the server's, 4)")
+                         "run target-only (0: never)")
     ap.add_argument("--max-context", type=int, default=None)
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--client-timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/server")
     args = ap.parse_args()
-    if args.spec_off_at is not None and args.spec_off_at < 0:
+    if args.spec_off_at < 0:
         ap.error(f"--spec-off-at must be >= 0, got {args.spec_off_at}")
 
     pair, label = (None, "") if args.url and not args.target else \

@@ -229,9 +229,11 @@ def test_speculation_off_default(pair):
     from cospec.errors import CospecError
 
     assert SPEC_OFF_AT == 4
-    for given, want in ((None, 4), (3, 3), (0, 0)):
+    app = create_app(pair, methods=["target", "spd"], max_batch=4)
+    assert app.state.engine.pool.spec_off_at == 4
+    for given in (3, 0):
         app = create_app(pair, methods=["target", "spd"], max_batch=4, spec_off_at=given)
-        assert app.state.engine.pool.spec_off_at == want
+        assert app.state.engine.pool.spec_off_at == given
     with pytest.raises(CospecError, match="spec_off_at"):
         create_app(pair, methods=["target", "spd"], max_batch=4, spec_off_at=-1)
 
