@@ -56,6 +56,9 @@
 #   launch  the GPU's floors for a few-row step (scripts/prof_launch.py, toy kernels): µs a
 #           launch under a graph, a weight-reading kernel's fixed cost and bandwidth, and a
 #           persistent kernel over a 0.5B's 24 layers with a grid barrier between phases
+#   overlap draft steps beside the verify on two streams against one after the other
+#           (scripts/prof_overlap.py; random 0.5B draft, 1.5B target, no weights; into
+#           overlap${OVERLAP_TAG:+-TAG}; OVERLAP_PREFIX positions, default 100,300)
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
 #           default auto: on a Hopper GPU, every model): spd, spd-block and spd-graph
 #           (cospec.fast_block: the block on the device; spd-graph: one CUDA graph a block),
@@ -147,6 +150,12 @@ stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME
         --grid-reps 200 2>&1 | tail -30
 }
 
+stage_overlap() {  # draft steps beside the verify (scripts/prof_overlap.py)
+    local out="$R/overlap${OVERLAP_TAG:+-$OVERLAP_TAG}"
+    [ -e "$out/prof_overlap.json" ] || timeout "${OVERLAP_S:-300}" python3 \
+        scripts/prof_overlap.py --out "$out" --prefix "${OVERLAP_PREFIX:-100,300}" 2>&1 | tail -20
+}
+
 stage_launch() {  # GPU floors: launches, streaming reads, a persistent kernel's barriers
     local out="$R/launch${LAUNCH_TAG:+-$LAUNCH_TAG}"
     [ -e "$out/prof_launch.json" ] || timeout "${LAUNCH_S:-180}" python3 \
@@ -180,13 +189,14 @@ stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, 
 }
 
 load_test() {  # scripts/load_test.py within $SERVE_S seconds, with fastapi and uvicorn from
-               # vLLM's wheels behind the machine's own packages (vllm_install first)
+               # the wheels under /tmp/vsite behind the machine's own packages (serve_install
+               # first)
     timeout "${SERVE_S:-400}" python3 -c 'import sys, runpy; sys.path.append("/tmp/vsite")
 sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' scripts/load_test.py "$@"
 }
 
 stage_serve() {  # cospec serve under load (fp32: responses checked against batch-1 greedy)
-    vllm_install
+    serve_install
     load_test --target qwen2.5-coder-1.5b \
         --draft qwen2.5-coder-0.5b --device cuda --dtype float32 --requests 128 \
         --max-tokens 64 --concurrency 1,4,16,64 --max-batch 64 --max-queue 128 \
@@ -203,7 +213,7 @@ serve_load() {  # $1 url or "", $2 label, $3 output folder, then extra load_test
 }
 
 stage_sspeed() {  # cospec serve, bf16, target-only and spd (k = 4) requests, 64 batch slots
-    vllm_install
+    serve_install
     local m out
     for m in ${SSPEED_METHODS:-target spd}; do  # SPEC_OFF_AT: the server's --spec-off-at
         out="$R/sspeed-$m${SPEC_OFF_AT:+-off$SPEC_OFF_AT}"

@@ -48,25 +48,29 @@ EOF
     cut_pieces "$work/A.tar" a
 }
 
-pack_b() {
+download() {  # $1 folder, then pip download's requirement arguments: binary wheels for
+             # the GPU machine (CPython 3.12, manylinux x86-64)
+    local to=$1; shift
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
         --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
         --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-        -d "$work/vw" -r ../shared/peers/vllm-0.26.0-wheels.txt
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$to" "$@"
+}
+
+pack_b() {
+    download "$work/vw" -r ../shared/peers/vllm-0.26.0-wheels.txt
     tar cf "$work/B.tar" -C "$work/vw" .
     cut_pieces "$work/B.tar" b
 }
 
-pack_s() {
-    [ -d "$work/vw" ] || pack_b
-    local d; d=$(mktemp -d "$work/s-XXXX")
-    for w in fastapi starlette uvicorn pydantic pydantic_core annotated_types \
-            typing_inspection sniffio; do
-        ln -s "$work"/vw/"$w"-[0-9]*.whl "$d/"
-    done
-    tar chf "$work/S.tar" -C "$d" . && rm -r "$d"
+pack_s() {  # the server's wheels at vLLM's pins, fetched alone (not all of B's)
+    local pins
+    pins=$(grep -iE '^(fastapi|starlette|uvicorn|pydantic|pydantic-core|annotated-types|typing-inspection|sniffio)==' \
+        ../shared/peers/vllm-0.26.0-wheels.txt)
+    rm -rf "$work/sw"
+    download "$work/sw" $pins  # unquoted: one requirement a word
+    tar cf "$work/S.tar" -C "$work/sw" .
     cut_pieces "$work/S.tar" s
 }
 
