@@ -22,11 +22,20 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
   results/gpu/h200/batch-real-pair) and on a 2-core CPU (k = 4: 0.88x at 4 rows, 1.15x at
   1; results/cpu/batch-spd-vs-target). Its output is what spd would give: the target's greedy
   tokens, or a sample from the target's distribution (a seeded sampled request keeps its
-  draft, so that its seed gives the same tokens under any load). A request keeps the engine
-  it was planned into; its metrics say ``speculation_off``. An spd engine started by a
-  request that could switch takes at most ``spec_off_at`` - 1 slots, leaving the rest to
-  the target-only engine. Other methods with a draft (cospec, CoS) change what they decode,
-  so they keep it.
+  draft, so that its seed gives the same tokens under any load). Its metrics say
+  ``speculation_off``. Other methods with a draft (cospec, CoS) change what they decode, so
+  they keep it. Every engine must go target-only together: a turn steps each engine once,
+  so a few rows left speculating hold every target-only row to one step per spd block
+  (results/gpu/h200/serve-spec-off-at). Hence:
+
+  - below the load, such spd requests share one spd engine of ``spec_off_at`` - 1 rows
+    *beside* the ``max_batch`` slots (``Group.extra``; the server's memory check counts
+    them), so that the target-only engine can hold every slot;
+  - under load, an spd request that finds no free target-only row waits for one rather
+    than speculate;
+  - once the load is reached, the spd requests already decoding move to the target-only
+    engine at the next turn and go on from the tokens they committed
+    (``BatchPool._switch_running``).
 - ``warm`` (``cospec serve --warm-up``), before any request: the engine of the default
   (method, k) over every slot, its CUDA graphs captured (``fast_batch_warm``).
 - ``turn`` (on the worker thread) releases the rows of requests that ended (stop string,
@@ -46,7 +55,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -82,11 +91,18 @@ class ServedEngine(BatchEngine):
         super().__init__(*args, **kw)
         self.jobs: dict[int, Job] = {}
 
-    def add(self, job: Job) -> int:
+    def add(self, job: Job, done: Sequence[int] = ()) -> int:
+        """Submit ``job``; ``done``: tokens it already committed elsewhere, which its row
+        continues after (prefilled with the prompt, within what is left of its budget)."""
         seed = job.seed if job.seed is not None else random.getrandbits(32)
-        rid = self.submit(job.prompt_ids, job.max_tokens, job.sampling, seed)
+        rid = self.submit([*job.prompt_ids, *done], job.max_tokens - len(done), job.sampling,
+                          seed)
         self.jobs[rid] = job
         return rid
+
+    def committed(self, rid: int) -> list[int]:
+        """The tokens request ``rid`` has committed so far (none while it is queued)."""
+        return next((list(r.tokens) for r in self.slots if r is not None and r.rid == rid), [])
 
     def cancel(self, rid: int) -> None:
         """Forget request ``rid``: out of the queue, or its slot freed now."""
@@ -154,12 +170,13 @@ def prefill_bytes(models: Iterable[torch.nn.Module], max_len: int) -> int:
     return most
 
 
-def check_memory(models: list[torch.nn.Module], rows: int, max_len: int) -> tuple[int, int]:
-    """(KV bytes, prefill bytes): the KV budget of ``rows`` x ``max_len`` positions and the
-    largest prefill pass's (``prefill_bytes``). CospecError when together they exceed 90 % of
-    the memory free now on the models' device (so that a full server never runs out of
-    memory mid-request)."""
-    kv, prefill = kv_bytes(models, rows, max_len), prefill_bytes(models, max_len)
+def check_memory(models: list[torch.nn.Module], rows: int, max_len: int, extra: int = 0
+                 ) -> tuple[int, int]:
+    """(KV bytes, prefill bytes): the KV budget of ``rows`` + ``extra`` (spd's rows beside
+    the slots, ``Group.extra``) x ``max_len`` positions and the largest prefill pass's
+    (``prefill_bytes``). CospecError when together they exceed 90 % of the memory free now
+    on the models' device (so that a full server never runs out of memory mid-request)."""
+    kv, prefill = kv_bytes(models, rows + extra, max_len), prefill_bytes(models, max_len)
     device = next(models[0].parameters()).device
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
@@ -168,7 +185,8 @@ def check_memory(models: list[torch.nn.Module], rows: int, max_len: int) -> tupl
         if free is None:
             return kv, prefill
     if kv + prefill > 0.9 * free:
-        raise CospecError(f"--max-batch {rows} x --max-context {max_len} needs "
+        beside = f" (+ {extra} rows of spd's engine, --spec-off-at)" if extra else ""
+        raise CospecError(f"--max-batch {rows}{beside} x --max-context {max_len} needs "
                           f"{kv / 2**30:.2f} GiB of KV cache and {prefill / 2**30:.2f} GiB for "
                           f"a prefill pass, but {free / 2**30:.2f} GiB is free on {device}: "
                           "lower --max-batch or --max-context")
@@ -198,6 +216,8 @@ class Group:
     size: int
     engine: ServedEngine | None = None
     jobs: dict[Job, int | None] = field(default_factory=dict)
+    extra: bool = False  # spd's few rows while speculation goes off under load: beside the
+                         # max_batch slots the other engines share (``BatchPool.plan``)
 
     def live(self) -> int:
         return sum(1 for j in list(self.jobs) if not (j.done or j.cancelled))
@@ -230,39 +250,53 @@ class BatchPool:
 
     def plan(self, job: Job, key: tuple[str, int],
              waiting: Iterable[tuple[str, int]] = ()) -> bool:
-        """Reserve a slot for ``job`` (False: none free now). The largest engine of its
-        (method, k) with a free row takes it; else a new engine gets the free slots
-        (engines with no live request given up first), shared with the other (method, k)
-        in the queue (``waiting``) that find no free row either. Under load an spd request
-        is planned target-only where a target-only slot is free (``speculation_off``; the
-        module docstring), and a new spd engine for a request that could be takes at most
-        ``spec_off_at`` - 1 slots, leaving the rest to the target-only engine."""
+        """Reserve a slot for ``job`` (False: none free now; never more than max_batch
+        requests live). The largest engine of its (method, k) with a free row takes it; else
+        a new engine gets the free slots (engines with no live request given up first),
+        shared with the other (method, k) in the queue (``waiting``) that find no free row
+        either. Under load an spd request that could run target-only is planned there
+        (``speculation_off``; the module docstring) or waits for a target-only row; below
+        it, such requests share one spd engine of ``spec_off_at`` - 1 rows beside the
+        shared slots (``Group.extra``), so that the target-only engine can hold every
+        slot."""
+        if self.live() >= self.max_batch:
+            return False
+        # the queue's spd requests that can go target-only want target-only slots, if any
+        waiting = {engine_key(self.target, 0) if self._spd_off(w) else w for w in waiting}
         switchable = self._switchable(job, key)
-        off = switchable and self.live() + 1 >= self.spec_off_at
-        job.speculation_off = off and self._place(job, engine_key(self.target, 0),
-                                                  self.target, waiting, self.max_batch)
-        self.switched += job.speculation_off
+        if switchable and self.live() + 1 >= self.spec_off_at:  # under load: target-only
+            job.speculation_off = self._place(job, engine_key(self.target, 0), self.target,
+                                              waiting, self.max_batch) is not None
+            self.switched += job.speculation_off
+            return job.speculation_off
         cap = self._spd_slots(key) if switchable else self.max_batch
-        return job.speculation_off or self._place(job, key, job.method, waiting, cap)
+        return self._place(job, key, job.method, waiting, cap, extra=switchable) is not None
 
     def _place(self, job: Job, key: tuple[str, int], method: Method,
-               waiting: Iterable[tuple[str, int]], cap: int) -> bool:
-        """``plan``'s slot for ``job`` in an engine of ``key`` running ``method``; a new
-        engine takes at most ``cap`` slots."""
+               waiting: Iterable[tuple[str, int]], cap: int, extra: bool = False
+               ) -> Group | None:
+        """``plan``'s slot for ``job`` in an engine of ``key`` running ``method`` (its group;
+        None: no slot free); a new engine takes at most ``cap`` slots. ``extra``: a new
+        engine is spd's few rows beside the shared slots (``Group.extra``) unless another
+        such engine has live requests."""
         fits = [g for g in self.groups if g.key == key and g.live() < g.size]
         if fits:
             group = max(fits, key=lambda g: g.size)
+        elif extra and not any(g.extra and g.live() for g in self.groups):
+            self.groups = [g for g in self.groups if not g.extra]  # an idle one, of another k
+            group = Group(key, method, cap, extra=True)
+            self.groups.append(group)
         else:
             self.groups = [g for g in self.groups if g.live()]
-            free = self.max_batch - sum(g.size for g in self.groups)
+            free = self.max_batch - sum(g.size for g in self.groups if not g.extra)
             if free < 1:
-                return False
+                return None
             roomy = {g.key for g in self.groups if g.live() < g.size}
             size = max(1, free // len({key, *waiting} - roomy))
             group = Group(key, method, min(size, cap))
             self.groups.append(group)
         group.jobs[job] = None
-        return True
+        return group
 
     def _spd_off(self, key: tuple[str, int]) -> bool:
         """Speculation goes off under load for engine ``key``: spd, spec_off_at > 0."""
@@ -270,8 +304,11 @@ class BatchPool:
 
     def _spd_slots(self, key: tuple[str, int]) -> int:
         """The slots a new engine of ``key`` takes at most for requests that could run
-        target-only: spec_off_at - 1 (at least 1) under ``_spd_off``, else every slot."""
-        return max(1, self.spec_off_at - 1) if self._spd_off(key) else self.max_batch
+        target-only: spec_off_at - 1 (at least 1, at most max_batch) under ``_spd_off``,
+        else every slot."""
+        if self._spd_off(key):
+            return min(self.max_batch, max(1, self.spec_off_at - 1))
+        return self.max_batch
 
     def _switchable(self, job: Job, key: tuple[str, int]) -> bool:
         """``job`` (of engine ``key``) would run target-only under load: an spd request,
@@ -286,21 +323,21 @@ class BatchPool:
         """Before any request: build the engine of (``method``, ``k``) over all
         ``max_batch`` slots and capture its CUDA graphs (``fast_batch_warm.warm_up``); its
         requests take those slots as ``plan`` finds them. spd while speculation goes off
-        under load: its engine over spec_off_at - 1 slots and the target-only engine over
-        the rest, both warmed. Each engine's group and what its capture did, in that order;
-        empty when no batch engine runs the method. The engines are given up, as any idle
-        one, when another (method, k) needs the slots; the engines built then capture as
-        they go."""
+        under load: its engine over spec_off_at - 1 rows of its own and the target-only
+        engine over every slot, both warmed. Each engine's group and what its capture did,
+        in that order; empty when no batch engine runs the method. The engines are given
+        up, as any idle one, when another (method, k) needs the slots; the engines built
+        then capture as they go."""
         key = engine_key(method, k)
         if key is None:
             return []
-        rows = min(self.max_batch, self._spd_slots(key))
-        parts = [(key, method, rows)]
-        if rows < self.max_batch:
-            parts.append((engine_key(self.target, 0), self.target, self.max_batch - rows))
+        parts = [(key, method, self.max_batch, False)]
+        if self._spd_off(key):
+            parts = [(key, method, self._spd_slots(key), True),
+                     (engine_key(self.target, 0), self.target, self.max_batch, False)]
         done = []
-        for part in parts:
-            group = Group(*part)
+        for *part, extra in parts:
+            group = Group(*part, extra=extra)
             group.engine = self._build(group)
             done.append((group, warm_up(group.engine, progress)))
             self.groups.append(group)
@@ -328,6 +365,7 @@ class BatchPool:
         token of the requests that start in a step as soon as the device has it, before the
         step ends (``BatchEngine.step``); their commits in the return value hold the rest."""
         out = []
+        self._switch_running()
         for g in list(self.groups):
             for job, rid in list(g.jobs.items()):
                 if job.done or job.cancelled:
@@ -348,6 +386,36 @@ class BatchPool:
                 continue
             out += self._step(g, early)
         return out
+
+    def _switch_running(self) -> None:
+        """Under load (``spec_off_at`` requests or more live) the switchable spd requests
+        already in an spd engine go target-only too, where a target-only row is free: each
+        continues from the tokens it has committed (its prompt and those prefilled again in
+        the target-only engine, within what is left of its budget), so its output is still
+        the target's. A turn steps every engine once, so a few rows left speculating held
+        every target-only row to one step per spd block: on an H200 with 64 clients, 1,849
+        tokens/s against 6,354 with target-only requests alone
+        (results/gpu/h200/serve-spec-off-at)."""
+        if not self.spec_off_at or self.target is None or self.live() < self.spec_off_at:
+            return
+        target = engine_key(self.target, 0)
+        for g in list(self.groups):
+            if not self._spd_off(g.key):
+                continue
+            for job, rid in list(g.jobs.items()):
+                if job.done or job.cancelled or not self._switchable(job, g.key):
+                    continue
+                done = g.engine.committed(rid) if rid is not None else []
+                to = self._place(job, target, self.target, (), self.max_batch)
+                if to is None:
+                    return  # no target-only row free: the rest stay for now
+                del g.jobs[job]
+                if rid is not None:
+                    g.engine.cancel(rid)
+                    to.engine = to.engine or self._build(to)
+                    to.jobs[job] = to.engine.add(job, done)
+                job.speculation_off = True
+                self.switched += 1
 
     def _step(self, g: Group, early: Callable[[list[tuple[Job, Served]]], None] | None
               ) -> list[tuple[Job, Served]]:

@@ -166,10 +166,12 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     pool = None
     if max_batch and batched:
         models = list({id(x): x for m in batched for x in engine_models(m)}.values())
-        kv, prefill = check_memory(models, max_batch, ctx)
-        log.info("batch engines: %d slots x %d tokens, %.2f GiB of KV cache at most, %.2f GiB "
-                 "for the largest prefill pass", max_batch, ctx, kv / 2**30, prefill / 2**30)
         off = "spd" in built and spec_off_at > 0  # spd's target-only engine under load
+        extra = min(max_batch, max(1, spec_off_at - 1)) if off else 0  # spd's rows beside
+        kv, prefill = check_memory(models, max_batch, ctx, extra)
+        log.info("batch engines: %d slots (+ %d) x %d tokens, %.2f GiB of KV cache at most, "
+                 "%.2f GiB for the largest prefill pass", max_batch, extra, ctx, kv / 2**30,
+                 prefill / 2**30)
         pool = BatchPool(max_batch, ctx, spec_off_at=spec_off_at if off else 0,
                          target=(built.get("target") or build_method("target", pair, opts))
                          if off else None)
