@@ -161,11 +161,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="requests decoded together by the batch engines (target, spd, "
                         "cospec, cos-*, *-sd); 0: none, every request round robin")
     p.add_argument("--spec-off-at", type=int, default=SPEC_OFF_AT,
-                   help="spd requests that arrive while this many would decode at once run "
-                        "target-only (same output: the target's greedy tokens or a sample of "
-                        "its distribution; seeded sampled requests keep their draft); 0: never "
-                        "(default: 4, where batched spd measured slower than target-only, on "
-                        "a GPU and on a CPU)")
+                   help="while this many requests would decode at once, spd requests run "
+                        "target-only, those already decoding too (same output: the target's "
+                        "greedy tokens or a sample of its distribution; seeded sampled "
+                        "requests keep their draft); spd's engine then has this many - 1 "
+                        "rows beside --max-batch; 0: never (default: 4, where batched spd "
+                        "measured slower than target-only, on a GPU and on a CPU)")
     p.add_argument("--max-context", type=int, default=2048,
                    help="tokens per request, prompt + completion (at most the model's): "
                         "with --max-batch, the KV cache budget")
