@@ -333,7 +333,8 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
 
 def warm(pool: BatchPool | None, method: Method, k: int) -> None:
     """``--warm-up``: build ``method``'s batch engine at ``k`` over every slot (spd under the
-    speculation-off rule: over spec_off_at - 1, the target-only engine over the rest) and
+    speculation-off rule: over spec_off_at - 1 rows beside them, the target-only engine over
+    every slot) and
     capture its CUDA graphs before any request (``BatchPool.warm``); logs what it did.
     Nothing to do on a CPU (no graphs), without batch engines, or for a method no engine
     runs."""
