@@ -142,6 +142,12 @@ def reserve(method: Method, k: int) -> int:
     return (k if method.proposer is not None else RUN_AHEAD) + 2
 
 
+def spd_rows(max_batch: int, spec_off_at: int) -> int:
+    """The rows of spd's engine beside the ``max_batch`` slots while speculation goes off at
+    ``spec_off_at`` requests: spec_off_at - 1, at least 1, at most max_batch."""
+    return min(max_batch, max(1, spec_off_at - 1))
+
+
 def kv_bytes(models: Iterable[torch.nn.Module], rows: int, max_len: int) -> int:
     """Bytes of K and V caches of ``rows`` x ``max_len`` positions in every model."""
     per = 0
@@ -306,9 +312,7 @@ class BatchPool:
         """The slots a new engine of ``key`` takes at most for requests that could run
         target-only: spec_off_at - 1 (at least 1, at most max_batch) under ``_spd_off``,
         else every slot."""
-        if self._spd_off(key):
-            return min(self.max_batch, max(1, self.spec_off_at - 1))
-        return self.max_batch
+        return spd_rows(self.max_batch, self.spec_off_at) if self._spd_off(key) else self.max_batch
 
     def _switchable(self, job: Job, key: tuple[str, int]) -> bool:
         """``job`` (of engine ``key``) would run target-only under load: an spd request,

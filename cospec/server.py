@@ -49,6 +49,7 @@ from cospec.batch_scheduler import (
     check_memory,
     engine_key,
     reserve,
+    spd_rows,
 )
 from cospec.errors import CospecError
 from cospec.fast_batch_warm import captures
@@ -167,7 +168,7 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     if max_batch and batched:
         models = list({id(x): x for m in batched for x in engine_models(m)}.values())
         off = "spd" in built and spec_off_at > 0  # spd's target-only engine under load
-        extra = min(max_batch, max(1, spec_off_at - 1)) if off else 0  # spd's rows beside
+        extra = spd_rows(max_batch, spec_off_at) if off else 0  # spd's rows beside the slots
         kv, prefill = check_memory(models, max_batch, ctx, extra)
         log.info("batch engines: %d slots (+ %d) x %d tokens, %.2f GiB of KV cache at most, "
                  "%.2f GiB for the largest prefill pass", max_batch, extra, ctx, kv / 2**30,
