@@ -271,10 +271,7 @@ class BatchPool:
         waiting = {engine_key(self.target, 0) if self._spd_off(w) else w for w in waiting}
         switchable = self._switchable(job, key)
         if switchable and self.live() + 1 >= self.spec_off_at:  # under load: target-only
-            job.speculation_off = self._place(job, engine_key(self.target, 0), self.target,
-                                              waiting, self.max_batch) is not None
-            self.switched += job.speculation_off
-            return job.speculation_off
+            return self._target_only(job, waiting) is not None
         cap = self._spd_slots(key) if switchable else self.max_batch
         return self._place(job, key, job.method, waiting, cap, extra=switchable) is not None
 
@@ -402,24 +399,31 @@ class BatchPool:
         (results/gpu/h200/serve-spec-off-at)."""
         if not self.spec_off_at or self.target is None or self.live() < self.spec_off_at:
             return
-        target = engine_key(self.target, 0)
         for g in list(self.groups):
             if not self._spd_off(g.key):
                 continue
             for job, rid in list(g.jobs.items()):
                 if job.done or job.cancelled or not self._switchable(job, g.key):
                     continue
-                done = g.engine.committed(rid) if rid is not None else []
-                to = self._place(job, target, self.target, (), self.max_batch)
+                to = self._target_only(job)
                 if to is None:
                     return  # no target-only row free: the rest stay for now
                 del g.jobs[job]
                 if rid is not None:
+                    done = g.engine.committed(rid)
                     g.engine.cancel(rid)
                     to.engine = to.engine or self._build(to)
                     to.jobs[job] = to.engine.add(job, done)
-                job.speculation_off = True
-                self.switched += 1
+
+    def _target_only(self, job: Job, waiting: Iterable[tuple[str, int]] = ()
+                     ) -> Group | None:
+        """Place spd request ``job`` in the target-only engine (``_place``), counted as
+        ``speculation_off``; None (nothing counted) when no row is free."""
+        group = self._place(job, engine_key(self.target, 0), self.target, waiting,
+                            self.max_batch)
+        job.speculation_off = group is not None
+        self.switched += job.speculation_off
+        return group
 
     def _step(self, g: Group, early: Callable[[list[tuple[Job, Served]]], None] | None
               ) -> list[tuple[Job, Served]]:

@@ -344,6 +344,12 @@ def _split_early(per: int) -> int:
     return per if 0 < per <= SPLIT_EARLY else 0
 
 
+def _ln_ahead(gemv: bool) -> bool:
+    """LN_AHEAD of a q/k/v or gate/up launch: the few-row launches only, not the one-row
+    tiles' (a 7B's looped one-row step measured slower with it)."""
+    return bool(LN_AHEAD) and not gemv
+
+
 def _launch(device: torch.device, gemv: bool = False, d: int = 0, gate_up: bool = False
             ) -> dict:
     """A launch's num_warps, num_stages, register cap (GEMV_* on the one-row tiles of a
@@ -397,7 +403,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(gemv, n),
         BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
-        LN_AHEAD=bool(LN_AHEAD) and not gemv, **_launch(x.device, gemv, d))
+        LN_AHEAD=_ln_ahead(gemv), **_launch(x.device, gemv, d))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -441,7 +447,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=_hoist(d),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
-        LN_AHEAD=bool(LN_AHEAD) and not gemv,
+        LN_AHEAD=_ln_ahead(gemv),
         **_launch(x.device, gemv, d, gate_up=True))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
 
