@@ -32,14 +32,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cospec.decoding import generate
-from cospec.methods import MethodOptions, build_method, encode_prompt, eos_ids
-from cospec.models import load_pair
-from cospec.sampling import GREEDY
-from cospec.stats import DecodeStats
-from cospec.tasks import get_task
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_speed import PAIR, task_prompts  # noqa: E402
 
-PAIR = ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b")
+from cospec.decoding import generate  # noqa: E402
+from cospec.methods import MethodOptions, build_method, eos_ids  # noqa: E402
+from cospec.models import load_pair  # noqa: E402
+from cospec.sampling import GREEDY  # noqa: E402
+from cospec.stats import DecodeStats  # noqa: E402
+
+TASKS = ("gsm8k", "humaneval", "mbpp")  # task_prompts': GSM8K heldout, the others' test
 TOP = {"fp8": 448.0, "int8": 127.0}  # the largest magnitude of each format
 
 
@@ -68,17 +70,13 @@ def quantized(draft: torch.nn.Module, fmt: str) -> torch.nn.Module:
 
 
 def run(pair, prompts: list[list[int]], args) -> dict:
-    """spd over ``prompts``: summed stats and the outputs."""
+    """spd over ``prompts``: the stats summed over them and the outputs."""
     method = build_method("spd", pair, MethodOptions())
-    eos, total, outputs = eos_ids(pair.tokenizer, pair.target), DecodeStats(), []
-    for prompt in tqdm(prompts, desc="prompts", leave=False):
-        stats = DecodeStats()
-        ids = [t.id for t in generate(method.verifier, method.proposer, prompt, method.rule,
-                                      k=args.k, max_new_tokens=args.new, sampling=GREEDY,
-                                      eos_ids=eos, stats=stats)]
-        outputs.append(ids)
-        for f in ("steps", "drafted", "accepted", "generated"):
-            setattr(total, f, getattr(total, f) + getattr(stats, f))
+    eos, total = eos_ids(pair.tokenizer, pair.target), DecodeStats()  # generate adds to it
+    outputs = [[t.id for t in generate(method.verifier, method.proposer, prompt, method.rule,
+                                       k=args.k, max_new_tokens=args.new, sampling=GREEDY,
+                                       eos_ids=eos, stats=total)]
+               for prompt in tqdm(prompts, desc="prompts", leave=False)]
     return {"tau": total.tau, "acceptance_rate": total.acceptance_rate, "steps": total.steps,
             "drafted": total.drafted, "accepted": total.accepted,
             "generated": total.generated, "outputs": outputs}
@@ -117,6 +115,11 @@ def main() -> None:
     for fmt in args.formats.split(","):
         if fmt not in TOP:
             sys.exit(f"--formats: {fmt!r} is not one of {', '.join(TOP)}")
+    for task in args.tasks.split(","):
+        if task not in TASKS:
+            sys.exit(f"--tasks: {task!r} is not one of {', '.join(TASKS)}")
+    if args.prompts < 1 or args.new < 1 or args.k < 1:
+        sys.exit("--prompts, --new and --k must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "draft_quant_tau.json"
     out = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
@@ -125,9 +128,7 @@ def main() -> None:
     pair = load_pair(*PAIR, device="cpu", dtype=torch.float32)
     drafts = {"shipped": pair.draft} | {f: None for f in args.formats.split(",")}
     for task in args.tasks.split(","):
-        split = "heldout" if task == "gsm8k" else "test"
-        problems = get_task(task).problems(split)[:args.prompts]
-        prompts = [encode_prompt(pair.tokenizer, x.prompt) for x in problems]
+        prompts = task_prompts(pair.tokenizer, task, args.prompts)
         runs = out["tasks"].setdefault(task, {})
         for fmt in drafts:
             if fmt in runs:

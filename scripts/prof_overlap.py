@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_speed import random_model  # noqa: E402
+from gpu_speed import SHAPES, random_model  # noqa: E402
 
 from cospec import fast, fused  # noqa: E402
 
@@ -161,6 +161,13 @@ def main() -> None:
     p.add_argument("--prefix", default="100,300")
     p.add_argument("--reps", type=int, default=200)
     args = p.parse_args()
+    for size in (args.draft, args.target):
+        if size not in SHAPES:
+            p.error(f"{size!r} is not one of {', '.join(SHAPES)}")
+    if not all(x.isdigit() and int(x) > 0 for x in args.prefix.split(",")):
+        p.error(f"--prefix takes positions > 0, comma-separated, got {args.prefix!r}")
+    if args.k < 1 or args.reps < 1:
+        p.error("--k and --reps must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"device": torch.cuda.get_device_name(), "command": " ".join(sys.argv),
            "draft": args.draft, "target": args.target, "k": args.k, "prefix": {}}
