@@ -292,7 +292,8 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def load_pair(target: str | None = None, draft: str | Literal[False] | None = None,
-              device: str | None = None, dtype: torch.dtype | str | None = None) -> Pair:
+              device: str | None = None, dtype: torch.dtype | str | None = None,
+              draft_weights: str = "model") -> Pair:
     """Load a target and a draft that share one vocabulary.
 
     Each is a shipped name (``qwen2.5-coder-1.5b``, ``qwen2.5-coder-0.5b``; None: the
@@ -300,13 +301,18 @@ def load_pair(target: str | None = None, draft: str | Literal[False] | None = No
     ``Qwen/Qwen2.5-7B-Instruct`` (loaded by transformers through its cache; offline with
     ``HF_HUB_OFFLINE=1`` once cached). ``draft=False``: the target alone (method
     ``target``). ``device``: cpu or cuda (default: cuda if present); ``dtype``: a torch
-    dtype or its name (default float32 on CPU, bfloat16 on GPU)."""
+    dtype or its name (default float32 on CPU, bfloat16 on GPU). ``draft_weights="int8"``:
+    the draft's batch-1 decode steps read int8 copies of its weights (a GPU's fused layers;
+    the output is still the target's)."""
     _check(target is None or isinstance(target, str),
            f"target must be a model spec (a string) or None, got {target!r}")
     _check(draft is None or draft is False or isinstance(draft, str),
            f"draft must be a model spec (a string), None (the shipped draft) or False (no "
            f"draft), got {draft!r}")
+    _check(draft_weights in models.DRAFT_WEIGHTS, f"draft_weights must be one of "
+           f"{', '.join(models.DRAFT_WEIGHTS)}, got {draft_weights!r}")
     loaded = models.load_pair(target or models.DEFAULT_TARGET,
                               None if draft is False else draft or models.DEFAULT_DRAFT,
                               device, _dtype(dtype))
+    models.draft_weights(loaded, draft_weights)
     return Pair(loaded)

@@ -8,7 +8,7 @@ import argparse
 from cospec.batch_scheduler import SPEC_OFF_AT
 from cospec.errors import CospecError
 from cospec.methods import MethodOptions
-from cospec.models import DEFAULT_DRAFT, DEFAULT_TARGET
+from cospec.models import DEFAULT_DRAFT, DEFAULT_TARGET, DRAFT_WEIGHTS, draft_weights
 from cospec.sampling import SamplingConfig
 from cospec.sandbox import MODES
 
@@ -54,6 +54,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=_number(int, lambda v: v >= 1, "an integer >= 1"), default=1,
                    help="tensor-parallel ranks for the target (launch with torchrun "
                         "--nproc-per-node N -m cospec ... --tp N; only rank 0 prints and writes)")
+
+
+def add_draft_weights_arg(p: argparse.ArgumentParser) -> None:
+    """``--draft-weights``: for the commands whose drafts decode at batch 1 (generate, bench,
+    serve with --max-batch 0); eval's and collect's batched decoders read the draft's own."""
+    p.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="model",
+                   help="int8: the draft's decode steps read int8 copies of its projections "
+                        "and lm_head (one scale a row; a GPU's fused layers, batch 1): half "
+                        "the bytes a step; the output stays the target's (default: model, "
+                        "the draft's own weights)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -113,10 +123,20 @@ def options_of(args) -> MethodOptions:
 
 
 def load_pair_of(args, need_draft: bool = True):
-    """The models named by ``args``; resolves ``args.k == "auto"`` for them (``auto_k``)."""
+    """The models named by ``args``; resolves ``args.k == "auto"`` for them (``auto_k``) and
+    gives the draft int8 weights where ``--draft-weights int8`` asks (``draft_weights``)."""
+    pair = _load_pair(args, need_draft)
+    draft_weights(pair, getattr(args, "draft_weights", "model"))
+    if getattr(args, "k", None) == "auto":
+        from cospec.k_auto import auto_k
+
+        args.k = auto_k(pair) if pair.draft is not None else 1  # target-only: k is unused
+    return pair
+
+
+def _load_pair(args, need_draft: bool):
     import torch
 
-    from cospec.k_auto import auto_k
     from cospec.models import load_pair, set_cpu_threads
 
     set_cpu_threads()
@@ -135,8 +155,6 @@ def load_pair_of(args, need_draft: bool = True):
         pair = load_pair(specs[-1], specs[0], args.device, dtype, tuple(specs[1:-1]))
     else:
         pair = load_pair(args.target, args.draft if need_draft else None, args.device, dtype)
-    if getattr(args, "k", None) == "auto":
-        args.k = auto_k(pair) if pair.draft is not None else 1  # target-only: k is unused
     return pair
 
 
@@ -144,6 +162,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``cospec serve`` (here, not in ``cospec.server``, so that the command line
     reads the same, and says what to install, where the serve extra is missing)."""
     add_model_args(p)
+    add_draft_weights_arg(p)
     p.add_argument("--arbiter", default=None, help="arbiter file for the cospec method")
     p.add_argument("--methods", default=None,
                    help="methods to offer, comma-separated (default: target, spd, and cospec "

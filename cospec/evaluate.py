@@ -127,6 +127,8 @@ class PeakMemory:
 def _config(args) -> dict:
     cfg = {k: getattr(args, k, None) for k in IDENTITY}
     cfg.update(methods=args.methods, limit=args.limit)
+    if getattr(args, "draft_weights", "model") != "model":  # absent: older folders stay valid
+        cfg["draft_weights"] = args.draft_weights
     return cfg
 
 
@@ -545,5 +547,8 @@ def add_parsers(sub, add_model_args, add_decoding_args) -> None:
             p.add_argument("--speed-subset", type=int, default=0,
                            help="also time the first N problems at batch 1")
         else:
+            from cospec.args import add_draft_weights_arg
+
+            add_draft_weights_arg(p)
             p.set_defaults(batch_size=1, speed_subset=0)
         p.set_defaults(func=cmd_eval)

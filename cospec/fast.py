@@ -138,6 +138,18 @@ def _sum(x: torch.Tensor, group: str | None) -> torch.Tensor:
 
 
 _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first linear -> (w, b)
+_INT8: weakref.WeakSet = weakref.WeakSet()  # models whose engines read int8 copies
+
+
+def int8_weights(model: torch.nn.Module) -> None:
+    """Let the engines made from now on for ``model`` read int8 copies of its projections
+    and lm_head (``fused.quantize``: one scale a row) in their fused forwards (<= MAX_GRAPH
+    tokens: decode steps, verifies): one byte a weight instead of two, for a model a little
+    off its own (w ~ q * s). Meant for a draft, whose step is all weight reads and whose
+    proposals speculative decoding checks whatever they are. Longer forwards (prefill) and
+    engines without fused layers use the model's own weights; the model is not modified, and
+    the copies add half its bf16 size."""
+    _INT8.add(model)
 
 
 def fused(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -206,6 +218,7 @@ class Engine:
 
             functions = fused_layer_functions(functions)
         self.use_graphs, self.compiled, self.qkv, self.rest = functions
+        self.layers8, self.head8 = self._int8_copies(model)
         mode = prefill_mode()
         self.compiled_prefill = mode == "compiled" and self.compiled and not self.fused
         self.prefill_graphs = mode == "all-graphs" and self.use_graphs and self.group is None
@@ -233,6 +246,22 @@ class Engine:
             warnings.warn(f"fused layers off, reference path kept: {why}", stacklevel=3)
         return why is None
 
+    def _int8_copies(self, model: torch.nn.Module) -> tuple[list | None, object]:
+        """(per layer the ``fused.Int8`` copies of q/k/v, o_proj, gate/up and down_proj; the
+        lm_head's) for a model marked by ``int8_weights`` whose layers run fused, else
+        (None, None), with a warning for a marked model the fused layers do not run."""
+        if model not in _INT8:
+            return None, None
+        if not self.fused:
+            warnings.warn("int8 weights are read by the fused layers only (COSPEC_FUSED; by "
+                          "default a GPU of compute capability 9 or more): this engine keeps "
+                          "the model's own weights", stacklevel=3)
+            return None, None
+        from cospec.fused import quantize
+
+        layers = [tuple(quantize(t) for t in (w[1], w[5], w[8], w[9])) for w in self.layers]
+        return layers, quantize(self.head_w)
+
     def _weights(self, model: torch.nn.Module) -> torch.nn.Module:
         """Set the weights the forward reads (``embed``, ``norm``, ``head_w``, ``head_b``,
         ``layers``) from ``model``; returns its rotary embedding module."""
@@ -259,6 +288,10 @@ class Engine:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [n] (device), start [1] (device) -> logits [n, V], hidden [n, d]."""
         h = _rms(self._layers(ids, start, eager), self.norm, self.eps)
+        if self.head8 is not None and not eager:
+            from cospec.fused import logits
+
+            return logits(h, self.head8, self.head_b), h
         return self._logits(h), h
 
     def _layers(self, ids: torch.Tensor, start: torch.Tensor, eager: bool) -> torch.Tensor:
@@ -271,10 +304,12 @@ class Engine:
         x = self._embed(ids)
         cos, sin = self.cos[pos], self.sin[pos]
         if self.fused and not eager:  # cache writes inside qkv, mask from positions
-            for w, kc, vc in zip(self.layers, self.kc, self.vc):
+            for w, w8, kc, vc in zip(self.layers, self.layers8 or [None] * len(self.layers),
+                                     self.kc, self.vc):
                 q, _, _ = qkv(x, cos, sin, w, self.heads, self.kv_heads, self.eps,
-                              cache=(kc, vc, pos))
-                x = rest(x, q, kc, vc, None, w, self.scale, self.eps, self.group, pos=pos)
+                              cache=(kc, vc, pos), w8=w8)
+                x = rest(x, q, kc, vc, None, w, self.scale, self.eps, self.group, pos=pos,
+                         w8=w8)
             return x
         visible = self.slots[None, :] <= pos[:, None]                       # [n, L]
         bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)

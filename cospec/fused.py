@@ -22,6 +22,11 @@ optional keyword the engine uses to skip work:
 - ``rest(..., pos=pos)`` masks by positions (token i sees slots <= pos[i]) and reads only
   the visible slots; ``bias`` is then ignored and may be None.
 
+Both take one more keyword, ``w8``: the layer's int8 copies (``Int8`` of q/k/v, o_proj,
+gate/up and down_proj, made by ``quantize``), which the kernels then read instead of w's
+projections (``fast.int8_weights``; calls the kernels do not take keep w). ``logits`` is the
+matching int8 lm_head.
+
 On CPU tensors the kernels run under triton's interpreter (``TRITON_INTERPRET=1``, set before
 triton is first imported: triton makes its own jit functions then): that is how the tests
 check them. Their speed is a GPU question (``scripts/prof_fused.py``).
@@ -33,6 +38,7 @@ import functools
 import os
 from collections.abc import Callable
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
@@ -148,6 +154,9 @@ GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more
 GEMV_MAX_REGS = 96
 GEMV_CAP_BLOCKS = 6
 GEMV_CAP_ALL = 1
+# The int8 lm_head's one-row launch (``logits``): output columns per program (its reduction
+# in GEMV_BLOCK_K blocks). Not yet measured on a GPU.
+HEAD_BLOCK_N = 8
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -156,7 +165,33 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "UP_SPLIT_K", "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST",
            "PDL", "SPLIT_EARLY", "LN_AHEAD", "MAX_REGS", "GEMV", "GEMV_QKV_BLOCK_C",
            "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K",
-           "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL")
+           "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL",
+           "HEAD_BLOCK_N")
+
+
+class Int8(NamedTuple):
+    """A weight w [rows, k] kept as int8 ``q`` [rows, k] and float32 ``s`` [rows], one scale
+    a row: w ~ q * s[:, None] (``quantize``). The kernels multiply a row's sums by its scale
+    (x @ (q * s).T computed as (x @ q.T) * s), so they read one byte a weight."""
+
+    q: torch.Tensor
+    s: torch.Tensor
+
+
+def quantize(w: torch.Tensor) -> Int8:
+    """w [rows, k] rounded to int8 with one absmax scale a row (s = max |w[r]| / 127, 1 for
+    an all-zero row): |w - q * s| <= s / 2 elementwise. A copy: w is unchanged."""
+    with torch.no_grad():
+        w32 = w.detach().to(torch.float32)
+        s = w32.abs().amax(dim=1) / 127
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.round(w32 / s[:, None]).clamp_(-127, 127).to(torch.int8)
+    return Int8(q.contiguous(), s.contiguous())
+
+
+def dequantized(w8: Int8, dtype: torch.dtype) -> torch.Tensor:
+    """q * s[:, None] in ``dtype``: the weight an int8 copy stands for (the tests' reference)."""
+    return (w8.q.to(torch.float32) * w8.s[:, None]).to(dtype)
 
 
 def configure(items: list[str]) -> None:
@@ -374,12 +409,14 @@ def visibility_bias(pos: torch.Tensor, length: int, group: int, dtype: torch.dty
 
 
 def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple, heads: int,
-                 kv_heads: int, eps: float, cache: tuple | None = None
+                 kv_heads: int, eps: float, cache: tuple | None = None, w8: tuple | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``fast._qkv`` in one kernel: x [n, d], cos, sin [n, hd] -> q [H, n, hd] and k, v
     [KVH, n, hd]; with ``cache=(kc, vc, pos)`` k and v go to slots pos of kc, vc
-    [KVH, L, hd] instead and (q, None, None) is returned."""
+    [KVH, L, hd] instead and (q, None, None) is returned. ``w8``: the layer's int8 copies
+    (``Int8`` of q/k/v, o, gate/up, down), read instead of w's projections."""
     ln1, qkv_w, qkv_b = w[:3]
+    qkv8 = w8[0] if w8 is not None else None
     n, d = x.shape
     hd = qkv_w.shape[0] // (heads + 2 * kv_heads)
     q = x.new_empty(heads, n, hd)
@@ -396,12 +433,13 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
     splits, per = split_k(tiles[0] * tiles[1], _cdiv(d, block_k), 1 if gemv else QKV_SPLIT_K,
                           x.device)
     _kernels().rms_qkv_rope[(*tiles, splits)](
-        x, ln1, qkv_w, qkv_w if qkv_b is None else qkv_b, cos.contiguous(), sin.contiguous(),
+        x, ln1, qkv_w if qkv8 is None else qkv8.q, qkv_w if qkv_b is None else qkv_b,
+        qkv_w if qkv8 is None else qkv8.s, cos.contiguous(), sin.contiguous(),
         slots, q, k, v, _workspace(x, splits, qkv_w.shape[0]),
         counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
-        IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(gemv, n),
-        BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d),
+        W8=qkv8 is not None, IEEE=x.dtype == torch.float32, SPLIT_K=splits,
+        BLOCK_M=_block_m(gemv, n), BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
         LN_AHEAD=_ln_ahead(gemv), **_launch(x.device, gemv, d))
     return (q, k, v) if cache is None else (q, None, None)
@@ -409,11 +447,13 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
 
 def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                   bias: torch.Tensor | None, w: tuple, scale: float, eps: float,
-                  pos: torch.Tensor | None = None) -> torch.Tensor:
+                  pos: torch.Tensor | None = None, w8: tuple | None = None) -> torch.Tensor:
     """``fast._rest`` in four kernels (attention, o_proj, gate/up, down): x [n, d],
     q [H, n, hd], kc, vc [KVH, L, hd] -> the layer's output [n, d]. Masked by ``pos`` [n]
-    (slot <= pos[i]) if given, else by the additive ``bias`` [G*n, L] (or [1, G*n, L])."""
+    (slot <= pos[i]) if given, else by the additive ``bias`` [G*n, L] (or [1, G*n, L]).
+    ``w8``: the layer's int8 copies (``rms_qkv_rope``'s), read instead of w's projections."""
     ow, ob, ln2, gate_up_w, dw = w[5:]
+    _, o8, gate_up8, down8 = w8 if w8 is not None else (None,) * 4
     q = q.contiguous()  # the reference's q is a transposed view
     heads, n, hd = q.shape
     kv_heads, length, _ = kc.shape
@@ -436,42 +476,70 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         GROUP=group, HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
         BLOCK_R=_rows(per * n), BLOCK_S=_attn_block_s(_rows(per * n), hd),
         ONE_S=ATTN_ONE_SPLIT, HEADS_PER=per, **_launch(x.device, d=d))
-    x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)))
+    x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)), o8)
     act = x.new_empty(n, inter)
     block_n = GEMV_UP_BLOCK_N if gemv else UP_BLOCK_N
     tiles = _cdiv(inter, block_n)
     block_k = min(GEMV_BLOCK_K if gemv else BLOCK_K, _pow2(d))
     splits, per = split_k(tiles, _cdiv(d, block_k), 1 if gemv else UP_SPLIT_K, x.device)
     kern.rms_gate_up[(tiles, splits)](
-        x1, ln2, gate_up_w, act, _workspace(x, splits, 2 * inter), counters(x.device, tiles),
-        n, inter, per * block_k, eps, D=d, IEEE=ieee, SPLIT_K=splits,
+        x1, ln2, gate_up_w if gate_up8 is None else gate_up8.q,
+        gate_up_w if gate_up8 is None else gate_up8.s, act, _workspace(x, splits, 2 * inter),
+        counters(x.device, tiles), n, inter, per * block_k, eps, D=d,
+        W8=gate_up8 is not None, IEEE=ieee, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=_hoist(d),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
         LN_AHEAD=_ln_ahead(gemv),
         **_launch(x.device, gemv, d, gate_up=True))
-    return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)))
+    return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)),
+                            down8)
 
 
 def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor,
-                     asked: int, block_k: int) -> torch.Tensor:
+                     asked: int, block_k: int, w8: Int8 | None = None) -> torch.Tensor:
     """x + (a @ w.T + b) in one kernel (``kernels.down_residual``): a [n, k], w [d, k], b [d]
     or None, x [n, d]; split-K over k's blocks of ``block_k`` (``asked`` splits, 0: auto), or
-    for one row under GEMV unsplit, in blocks of GEMV_DOWN_BLOCK_K."""
+    for one row under GEMV unsplit, in blocks of GEMV_DOWN_BLOCK_K. ``w8``: w's int8 copy,
+    read instead of w."""
     n, k = a.shape
-    d = x.shape[1]
-    y = torch.empty_like(x)
     gemv = _gemv(n)
     if gemv:
         asked, block_k = 1, min(GEMV_DOWN_BLOCK_K, _pow2(k))
-    block_n = GEMV_OUT_BLOCK_N if gemv else OUT_BLOCK_N
-    tiles = _cdiv(d, block_n)
-    splits, per = split_k(tiles, _cdiv(k, block_k), asked, x.device)
+    return _project(a, w, b, x, torch.empty_like(x), asked, block_k,
+                    GEMV_OUT_BLOCK_N if gemv else OUT_BLOCK_N, w8, x.shape[1])
+
+
+def logits(h: torch.Tensor, w8: Int8, b: torch.Tensor | None) -> torch.Tensor:
+    """h @ w.T + b of the int8 lm_head w8 (vocabulary V rows): h [n, d] -> [n, V] in h's
+    dtype. One row: unsplit, HEAD_BLOCK_N columns a program, in blocks of GEMV_BLOCK_K."""
+    n, d = h.shape
+    vocab = w8.q.shape[0]
+    y = h.new_empty(n, vocab)
+    if _gemv(n):
+        return _project(h, w8.q, b, None, y, 1, min(GEMV_BLOCK_K, _pow2(d)), HEAD_BLOCK_N, w8, d)
+    return _project(h, w8.q, b, None, y, OUT_SPLIT_K, min(BLOCK_K, _pow2(d)), OUT_BLOCK_N, w8,
+                    d)
+
+
+def _project(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor | None,
+             y: torch.Tensor, asked: int, block_k: int, block_n: int, w8: Int8 | None,
+             d: int) -> torch.Tensor:
+    """y = x + (a @ w.T + b) (x None: no residual) through ``kernels.down_residual``, w8's
+    int8 rows and scales read instead of w where given; ``d``: the model's hidden size (its
+    launch settings)."""
+    n, k = a.shape
+    gemv = _gemv(n)
+    width = y.shape[1]
+    tiles = _cdiv(width, block_n)
+    splits, per = split_k(tiles, _cdiv(k, block_k), asked, y.device)
     _kernels().down_residual[(tiles, splits)](
-        a, w, w if b is None else b, x, y, _workspace(x, splits, d), counters(x.device, tiles),
-        n, k, per * block_k, D=d, HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32,
-        SPLIT_K=splits, BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
+        a, w if w8 is None else w8.q, w if b is None else b, w if w8 is None else w8.s,
+        y if x is None else x, y, _workspace(y, splits, width), counters(y.device, tiles),
+        n, k, per * block_k, D=width, HAS_BIAS=b is not None, W8=w8 is not None,
+        RESIDUAL=x is not None, IEEE=a.dtype == torch.float32, SPLIT_K=splits,
+        BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
         K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0,
-        HOIST=_hoist(d), SPLIT_EARLY=_split_early(per), **_launch(x.device, gemv, d))
+        HOIST=_hoist(d), SPLIT_EARLY=_split_early(per), **_launch(y.device, gemv, d))
     return y
 
 
@@ -484,9 +552,9 @@ def fused_layer_functions(base: tuple) -> tuple[bool, bool, Callable, Callable]:
     by the fused ones, which hand any call they do not take (``_fits``) to the originals."""
     use_graphs, compiled, qkv_ref, rest_ref = base
 
-    def qkv(x, cos, sin, w, heads, kv_heads, eps, cache=None):
+    def qkv(x, cos, sin, w, heads, kv_heads, eps, cache=None, w8=None):
         if _fits(x, w) and cos.dim() == 2 and cos.shape == sin.shape and len(cos) == len(x):
-            return rms_qkv_rope(x, cos, sin, w, heads, kv_heads, eps, cache)
+            return rms_qkv_rope(x, cos, sin, w, heads, kv_heads, eps, cache, w8)
         q, k, v = qkv_ref(x, cos, sin, w, heads, kv_heads, eps)
         if cache is None:
             return q, k, v
@@ -495,9 +563,9 @@ def fused_layer_functions(base: tuple) -> tuple[bool, bool, Callable, Callable]:
         vc.index_copy_(1, pos, v)
         return q, None, None
 
-    def rest(x, q, kc, vc, bias, w, scale, eps, group=None, pos=None):
+    def rest(x, q, kc, vc, bias, w, scale, eps, group=None, pos=None, w8=None):
         if group is None and _fits(x, w) and q.dim() == 3:
-            return attention_mlp(x, q, kc, vc, bias, w, scale, eps, pos)
+            return attention_mlp(x, q, kc, vc, bias, w, scale, eps, pos, w8)
         if pos is not None:
             bias = visibility_bias(pos, kc.shape[-2], q.shape[-3] // kc.shape[-3], x.dtype)
         return rest_ref(x, q, kc, vc, bias, w, scale, eps, group)

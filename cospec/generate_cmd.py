@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
-from cospec.args import add_decoding_args, add_model_args, load_pair_of, options_of, sampling_of
+from cospec.args import (
+    add_decoding_args,
+    add_draft_weights_arg,
+    add_model_args,
+    load_pair_of,
+    options_of,
+    sampling_of,
+)
 from cospec.errors import CospecError
 from cospec.methods import OWN_METHODS, build_method, encode_prompt, eos_ids
 from cospec.stats import DecodeStats
@@ -53,6 +60,7 @@ def cmd_generate(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="decode one prompt and stream the text")
     add_model_args(p)
+    add_draft_weights_arg(p)
     add_decoding_args(p)
     p.add_argument("--method", default="spd", help=f"one of {', '.join(OWN_METHODS)}")
     p.add_argument("--prompt", required=True)

@@ -40,6 +40,12 @@ the step's cos / sin and cache slots, which the step's own torch ops wrote befor
 fused kernel (a kernel launched without PDL starts its successor only when it ends). PDL = 1
 lets the next kernel start once every program of this one is past its wait, PDL = 2 at once.
 
+int8 weights (W8, ``fused.Int8``): the three projection kernels (and ``down_residual`` as an
+lm_head, RESIDUAL off) can read a weight kept as int8 with one float32 scale a row, w ~ q *
+s: the reduction runs over q, exactly as over any weight, and the epilogue multiplies each
+output column by its row's scale before the bias and the rounding. One byte a weight
+instead of two: the decode step of a small model is mostly weight reads.
+
 Rounding follows the torch reference (``cospec.fast._qkv`` / ``_rest``) where it is cheap:
 a projection's output is rounded to the model's dtype before anything else uses it; the
 softmax and the combination run in float32. Importing this module needs triton.
@@ -76,11 +82,15 @@ def _zeros(BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
 def _mac(a, b, acc, IEEE: tl.constexpr):
     """acc + a @ b for a [BLOCK_M, BLOCK_K], b [BLOCK_K, BLOCK_N] into ``_zeros``' acc. One
     row (a decode step's GEMV) comes as a column a [BLOCK_K, 1]: products on the CUDA cores,
-    exact in float32, no 16-row padding and no reduction until ``_total``."""
+    exact in float32, no 16-row padding and no reduction until ``_total``. b may be int8 (a
+    W8 launch's weights): converted to a's dtype first, exactly (|b| <= 127). For one row
+    that keeps the registers of an unrolled int8 reduction whose tiles are all loaded early
+    (HOIST = 2) near the bf16 one's: straight to float32, sm90's ptxas gave the 0.5B's
+    gate/up 168 registers a thread (3 programs an SM), through bf16 102 (bf16 weights: 96)."""
     if a.shape[1] == 1:
-        acc += a.to(tl.float32) * b.to(tl.float32)
+        acc += a.to(tl.float32) * b.to(a.dtype).to(tl.float32)
     else:
-        acc = _dot(a, b, acc, IEEE)
+        acc = _dot(a, b.to(a.dtype), acc, IEEE)
     return acc
 
 
@@ -90,6 +100,13 @@ def _total(acc, BLOCK_M: tl.constexpr):
     if BLOCK_M == 1:
         acc = tl.sum(acc, axis=0)[None, :]
     return acc
+
+
+@triton.jit
+def _scaled(acc, scale):
+    """A W8 launch's sums acc [BLOCK_M, BLOCK_N] of int8 weights times their rows' scales
+    [BLOCK_N] (float32): a @ (q * s).T, as (a @ q.T) * s."""
+    return acc * scale[None, :]
 
 
 @triton.jit
@@ -299,10 +316,11 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
 
 
 @triton.jit(do_not_specialize=["n"])
-def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
-                 ws_ptr, cnt_ptr, n, kv_len, k_per, eps,
+def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr,
+                 v_ptr, ws_ptr, cnt_ptr, n, kv_len, k_per, eps,
                  D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, W8: tl.constexpr,
+                 IEEE: tl.constexpr,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_K: tl.constexpr, HOIST: tl.constexpr, UNROLL: tl.constexpr,
                  PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr):
@@ -310,7 +328,8 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
     cos, sin [n, hd]; q [H, n, hd]; k, v [KVH, kv_len, hd], row i written to slot slot[i];
-    ws [SPLIT_K, n, (H + 2 KVH) hd] float32; cnt [>= (H + 2 KVH) * chunks] int32, zeros."""
+    ws [SPLIT_K, n, (H + 2 KVH) hd] float32; cnt [>= (H + 2 KVH) * chunks] int32, zeros.
+    W8: w is int8 and s [(H + 2 KVH) hd] (float32) its rows' scales (``_scaled``)."""
     head = tl.program_id(0)
     split = tl.program_id(2)
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -328,6 +347,9 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
     if HAS_BIAS:
         b1 = tl.load(b_ptr + w1).to(tl.float32)
         b2 = tl.load(b_ptr + w2).to(tl.float32)
+    if W8:
+        sc1 = tl.load(s_ptr + w1)
+        sc2 = tl.load(s_ptr + w2)
     acc1, acc2 = _normed_pair(x_ptr, ln_ptr, w_ptr, w1, w2, cols >= 0, split * k_per, k_per,
                               n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL,
                               SPLIT_EARLY, LN_AHEAD)
@@ -340,6 +362,9 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
         acc2 = _gather(ws_ptr, rows, w2, n, width, last, SPLIT_K)
     else:
         last = split == 0                                            # the only split
+    if W8:
+        acc1 = _scaled(acc1, sc1)
+        acc2 = _scaled(acc2, sc2)
     if HAS_BIAS:
         acc1 += b1[None, :]
         acc2 += b2[None, :]
@@ -482,18 +507,21 @@ def _attend_combine(acc, m_i, l_i, o_ptr, m_ptr, l_ptr, out_at, cnt_ptr, kvh, ti
 
 
 @triton.jit(do_not_specialize=["n"])
-def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, eps,
-                D: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+def rms_gate_up(x_ptr, ln_ptr, w_ptr, s_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, eps,
+                D: tl.constexpr, W8: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 HOIST: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
                 SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr):
     """a [n, inter] = SiLU(gate) * up of RMSNorm(x); w [2 inter, D] (gate rows, then up).
     Program (c, s): columns c*BLOCK_N.. of gate and up, reduced over x's columns s*k_per..;
-    ws [SPLIT_K, n, 2 inter] float32."""
+    ws [SPLIT_K, n, 2 inter] float32. W8: w is int8, s [2 inter] its rows' scales."""
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < inter
     split = tl.program_id(1)
+    if W8:
+        sg = tl.load(s_ptr + cols, mask=cm, other=0.0)
+        su = tl.load(s_ptr + inter + cols, mask=cm, other=0.0)
     acc_g, acc_u = _normed_pair(x_ptr, ln_ptr, w_ptr, cols, inter + cols, cm, split * k_per,
                                 k_per, n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL,
                                 SPLIT_EARLY, LN_AHEAD)
@@ -505,6 +533,9 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, e
         acc_u = _gather(ws_ptr, rows, inter + cols, n, 2 * inter, last, SPLIT_K)
     else:
         last = split == 0                                            # the only split
+    if W8:
+        acc_g = _scaled(acc_g, sg)
+        acc_u = _scaled(acc_u, su)
     dtype = x_ptr.dtype.element_ty
     g = acc_g.to(dtype).to(tl.float32)
     a = (g / (1.0 + tl.exp(-g))).to(dtype) * acc_u.to(dtype)
@@ -535,14 +566,17 @@ def _a_block(a_ptr, rows, rm, k0, inter, BLOCK_K: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n"])
-def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, k_per,
-                  D: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+def down_residual(a_ptr, w_ptr, b_ptr, s_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, k_per,
+                  D: tl.constexpr, HAS_BIAS: tl.constexpr, W8: tl.constexpr,
+                  RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr, HOIST: tl.constexpr,
                   PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr):
     """y [n, D] = x + (a @ w.T + b); a [n, inter], w [D, inter], b [D] (HAS_BIAS). Program
     (c, s): columns c*BLOCK_N.., reduced over a's columns s*k_per..; ws [SPLIT_K, n, D]
-    float32. down_proj (a the MLP's activations) and o_proj (a the attention output).
+    float32. down_proj (a the MLP's activations) and o_proj (a the attention output); with
+    RESIDUAL off y = a @ w.T + b (x unread: the lm_head). W8: w is int8, s [D] its rows'
+    scales.
     K_BLOCKS > 0 (one split, K_BLOCKS * BLOCK_K >= inter): the reduction's loop unrolled,
     every block's loads free to be issued before the first product; HOIST = 2 then loads
     every block's weights before a (and before the PDL wait). Looped, SPLIT_EARLY > 0
@@ -579,12 +613,19 @@ def down_residual(a_ptr, w_ptr, b_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, inter, 
             acc = _mac(av, _weight_tile(w_ptr, cols, cm, k0, inter, BLOCK_K), acc, IEEE)
     acc = _total(acc, BLOCK_M)
     xy = rows[:, None] * D + cols[None, :]
-    x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)  # before the handshake
+    if RESIDUAL:                                                     # before the handshake
+        x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    if W8:
+        sc = tl.load(s_ptr + cols, mask=cm, other=0.0)
     acc, last = _reduce(acc, ws_ptr, cnt_ptr, split, tl.program_id(0), rows, cols, n, D,
                         SPLIT_K)
+    if W8:
+        acc = _scaled(acc, sc)
     if HAS_BIAS:
         acc += bias[None, :]
-    tl.store(y_ptr + xy, x + acc.to(x_ptr.dtype.element_ty),
-             mask=tl.where(last, rm[:, None] & cm[None, :], False))
+    out = acc.to(y_ptr.dtype.element_ty)
+    if RESIDUAL:
+        out = x + out
+    tl.store(y_ptr + xy, out, mask=tl.where(last, rm[:, None] & cm[None, :], False))

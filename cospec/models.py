@@ -224,6 +224,25 @@ def load_pair(target: str, draft: str | None, device: str | None = None,
     return Pair(t_model, d_model, t_tok, target, draft, tuple(more))
 
 
+DRAFT_WEIGHTS = ("model", "int8")  # what a draft's fast-path engines read (draft_weights)
+
+
+def draft_weights(pair: Pair, kind: str) -> None:
+    """``kind`` "int8": the draft's fast-path engines read int8 copies of its weights
+    (``fast.int8_weights``); refused where the draft has no fast-path engine (it would read
+    its own weights unasked). "model": its own weights."""
+    if kind not in DRAFT_WEIGHTS:
+        raise CospecError(f"draft weights {kind!r}: use one of {', '.join(DRAFT_WEIGHTS)}")
+    if kind == "model" or pair.draft is None:
+        return
+    from cospec import fast
+
+    if not fast.wanted(pair.draft) or getattr(pair.draft, "engine_class", None) is not None:
+        raise CospecError(f"{kind} draft weights are read by the fast path's fused layers, "
+                          "which run on a CUDA GPU (a CPU draft keeps its own weights)")
+    fast.int8_weights(pair.draft)
+
+
 def set_cpu_threads() -> None:
     """Use every core for torch on CPU unless the user set OMP/torch threads themselves."""
     if "OMP_NUM_THREADS" not in os.environ:

@@ -504,6 +504,10 @@ def cmd_serve(args) -> int:
             raise CospecError(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535 or args.timeout <= 0:
         raise CospecError("--port must be <= 65535 and --timeout > 0")
+    if args.draft_weights != "model" and args.max_batch:
+        raise CospecError(f"--draft-weights {args.draft_weights} is read by the batch-1 "
+                          "engines only: the batch engines (--max-batch > 0) read the "
+                          "draft's own weights; serve with --max-batch 0")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if args.arbiter:
         from cospec.arbiter import arbiter_info

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import gc
 import json
@@ -238,6 +239,18 @@ def real_pair():
     return load_pair(*PAIR, device="cuda", dtype=torch.bfloat16)
 
 
+BLOCK_METHODS = ("spd-graph", "spd-block", "spd-graph-int8", "spd-block-int8")
+
+
+@functools.cache
+def int8_draft():
+    """A copy of the real pair's draft whose engines read int8 copies of its weights
+    (``fast.int8_weights``), beside the bf16 draft in the same run."""
+    draft = copy.deepcopy(real_pair().draft)
+    fast.int8_weights(draft)
+    return draft
+
+
 def pair_part(part: str) -> tuple[str, float] | None:
     """(task, temperature) of a part named ``pair`` or ``pair:TASK:T``; None if it is not
     one of those."""
@@ -263,7 +276,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     if args.methods:
         names = [m for m in names if m in args.methods.split(",") or m == "target"]
     methods = {m: build_method(m, pair, MethodOptions(), sampling) for m in names}
-    for block in ("spd-graph", "spd-block"):  # cospec.fast_block: steps, or one graph a block
+    for block in BLOCK_METHODS:  # cospec.fast_block: steps, or one graph a block
         if block in args.methods.split(",") and sampling.greedy:
             names.insert(names.index("target") + 1, block)
     if "target-wait" in args.methods.split(","):
@@ -285,9 +298,11 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             with waiting():
                 ids, _, stats = methods["target"].run(prompt, k=k, max_new_tokens=n,
                                                       sampling=sampling, eos_ids=eos, seed=seed)
-        elif name in ("spd-block", "spd-graph"):
-            ids = fast_block.spd_greedy(pair.target, pair.draft, prompt, k=k, max_new_tokens=n,
-                                        eos_ids=eos, stats=stats, graph=name == "spd-graph")
+        elif name in BLOCK_METHODS:
+            draft = int8_draft() if name.endswith("-int8") else pair.draft
+            ids = fast_block.spd_greedy(pair.target, draft, prompt, k=k, max_new_tokens=n,
+                                        eos_ids=eos, stats=stats,
+                                        graph=name.startswith("spd-graph"))
         elif name in ("spd", *lossy):
             m = methods[name]
             rec = Recording(m.rule)
@@ -346,6 +361,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     same = {"spd_identical_to_target": ("spd", "target"),
             "spd_block_identical_to_target": ("spd-block", "target"),
             "spd_graph_identical_to_target": ("spd-graph", "target"),
+            "spd_graph_int8_identical_to_target": ("spd-graph-int8", "target"),
+            "spd_block_int8_identical_to_target": ("spd-block-int8", "target"),
             "target_wait_identical_to_target": ("target-wait", "target"),
             "cos_we_identical_to_we": ("cos-we", "we"),
             "cos_cd_identical_to_cd": ("cos-cd", "cd")}
@@ -516,6 +533,10 @@ def markdown(res: dict) -> str:
                                "spd-block output identical to target"),
                               ("spd_graph_identical_to_target",
                                "spd-graph output identical to target"),
+                              ("spd_graph_int8_identical_to_target",
+                               "spd-graph-int8 output identical to target"),
+                              ("spd_block_int8_identical_to_target",
+                               "spd-block-int8 output identical to target"),
                               ("cos_we_identical_to_we", "cos-we identical to we"),
                               ("cos_cd_identical_to_cd", "cos-cd identical to cd")):
                 if s.get(key) is not None:
@@ -563,6 +584,8 @@ def main() -> None:
                          "cospec-host: cospec with its decisions on the host path; "
                          "spd-block: greedy spd with each block on the device "
                          "(cospec.fast_block); spd-graph: the same, each block one CUDA graph; "
+                         "spd-block-int8 / spd-graph-int8: those with the draft's int8 "
+                         "weights (fast.int8_weights); "
                          "target-wait: target-only reading each chunk of 8 tokens before "
                          "launching the next (no chunk queued ahead)")
     ap.add_argument("--hf", action="store_true",

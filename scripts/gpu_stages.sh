@@ -47,7 +47,8 @@
 #   rvbatch   vLLM on them (target-only; each saved as a safetensors folder first)
 #   fused   per-step time, kernels and roofline share of the fused layers against the reference
 #           fast path (scripts/prof_fused.py; random 0.5B, 1.5B and 7B shapes, no weights)
-#           (FUSED_SET=NAME=V+NAME=V.. fused settings, into fused-$FUSED_TAG; FUSED_SIZES)
+#           (FUSED_SET=NAME=V+NAME=V.. fused settings, into fused-$FUSED_TAG; FUSED_SIZES;
+#           FUSED_INT8=1: also over int8 copies of the weights, prof_fused.py --int8)
 #   fgrid   the fused layers' settings swept on the 0.5B and 1.5B (FGRID_SIZES; FGRID the
 #           axes, NAME=V1,V2+NAME=..; default register cap x K block x programs per SM); FUSED_SET
 #           and FSPEED_SET = best take the combination it ranked first (in fused-grid:
@@ -62,7 +63,8 @@
 #   fspeed  the speed stage's pair parts with the fused layers (COSPEC_FUSED=$FSPEED_FUSED,
 #           default auto: on a Hopper GPU, every model): spd, spd-block and spd-graph
 #           (cospec.fast_block: the block on the device; spd-graph: one CUDA graph a block),
-#           cospec and cos-we against target-only (FSPEED_METHODS picks)
+#           cospec and cos-we against target-only (FSPEED_METHODS picks; spd-graph-int8 and
+#           spd-block-int8: those with the draft's int8 weights)
 #           (FSPEED_SET=NAME=V+NAME=V.. fused settings, FSPEED_K draft tokens a block
 #           (default 5), into speed-fused-$FSPEED_TAG)
 #   uspeed  the user's path: cospec eval's batch-1 speed pass (target, spd; k = 5, 256 new
@@ -110,7 +112,7 @@ stage_setup() {
 }
 
 stage_tests() {  # TESTS=FILE+FILE..: only those
-    local files=${TESTS:-tests/test_fast.py+tests/test_cospec.py+tests/test_replay.py+tests/test_fast_batch.py+tests/test_fast_batch_cos.py+tests/test_fused.py+tests/test_server_batch.py+tests/test_warm_up.py+tests/test_fast_block.py}
+    local files=${TESTS:-tests/test_fast.py+tests/test_cospec.py+tests/test_replay.py+tests/test_fast_batch.py+tests/test_fast_batch_cos.py+tests/test_fused.py+tests/test_fused_int8.py+tests/test_server_batch.py+tests/test_warm_up.py+tests/test_fast_block.py}
     local no_data=()  # before unpack the machine has no GSM8K (nor network): skip its test
     timeout 60 python3 -c "from cospec.tasks import get_task; get_task('gsm8k').problems('dev')" \
         > /dev/null 2>&1 || no_data=(-k "not gsm8k_dev")
@@ -137,7 +139,7 @@ stage_fused() {  # the fused layers against the reference fast path, random Qwen
     local out="$R/fused${FUSED_TAG:+-$FUSED_TAG}"
     [ -e "$out/prof_fused.json" ] || timeout "${FUSED_S:-300}" python3 scripts/prof_fused.py \
         --out "$out" --sizes "${FUSED_SIZES:-0.5b,1.5b,7b}" --rows "${FUSED_ROWS:-1,5}" \
-        --prefix "${FUSED_PREFIX:-100}" \
+        --prefix "${FUSED_PREFIX:-100}" ${FUSED_INT8:+--int8} \
         $(sets --set "${FUSED_SET:-}") 2>&1 | tail -30
 }
 

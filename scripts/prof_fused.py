@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/prof_fused.py --out DIR [--sizes 0.5b,1.5b] [--rows 1,5]
         [--reps 300] [--dtype bf16|fp32] [--prefix 100] [--set UP_BLOCK_N=64 ...]
-        [--grid PROGRAMS_PER_SM=0,2,4,8 --grid NUM_WARPS=2,4 ... [--grid-reps 100]]
+        [--grid PROGRAMS_PER_SM=0,2,4,8 --grid NUM_WARPS=2,4 ... [--grid-reps 100]] [--int8]
 
 Random-weight Qwen2.5 shapes (``gpu_speed.random_model``), batch 1: a ``--prefix``-token
 prefill (default 100), then one step over n rows at that position (n = 1 a decode step,
@@ -27,7 +27,11 @@ measured once a size, the fused engine for every combination of the values (on t
 ``--set``; each combination recompiles the kernels it changes), ``--grid-reps`` replays each,
 without the kernel counts. The grid's rows, sorted by ms / step, go to the JSON ("grid") and
 the markdown, with a ranking of the combinations by the geometric mean of fused ÷ reference
-over every size and row count; the main table shows the combination ranked first. Writes
+over every size and row count; the main table shows the combination ranked first.
+``--int8``: also the fused engine over int8 copies of the projections and lm_head
+(``fast.int8_weights``), rows ``int8``, its roofline share by the bytes it reads (int8
+weights, float32 scales) and its speed against the fastest bf16 fused row's; with a grid,
+every combination for it too (JSON "grid8"), the fastest a row count in the table. Writes
 DIR/prof_fused.json and DIR/prof_fused.md.
 """
 
@@ -188,10 +192,48 @@ def run(args, save: Callable[[dict], None]) -> dict:
             save(out)
         for k, v in base.items():
             setattr(fused, k, v)
-        del eng, model
+        del eng
+        if args.int8:
+            measure_int8(size, model, res, rows, args, logits, room, prompt, combos, base)
+            save(out)
+        del model
         gc.collect()
         torch.cuda.empty_cache()
     return out
+
+
+def measure_int8(size: str, model, res: dict, rows: list[int], args, logits: dict, room: int,
+                 prompt: list[int], combos: list[dict], base: dict) -> None:
+    """Rows ``int8/n=N`` of ``res``: the fused engine over int8 copies of ``model``'s
+    projections and lm_head, against the reference's logits and the fastest bf16 fused row,
+    at every grid combination (``res["grid8"]``; int8/n=N: the fastest for n rows)."""
+    fast.int8_weights(model)
+    eng = fast.Engine(model, room, fused=True)
+    copies = [c for layer in eng.layers8 for c in layer] + [eng.head8]
+    weight_bytes = res["weight_bytes"] - sum(  # each copied weight: 1 byte, not 2, + scales
+        c.q.numel() * (model.dtype.itemsize - 1) - 4 * c.s.numel() for c in copies)
+    res["int8_weight_bytes"] = weight_bytes
+    eng.run(prompt, 0)
+    res["grid8"] = []
+    for combo in combos:
+        for k, v in (base | combo).items():
+            setattr(fused, k, v)
+        eng.graphs.clear()  # recapture (and recompile) under these settings
+        for n in rows:
+            r = (measure(eng, n, args.grid_reps, args.prefix, count=False) if args.grid
+                 else measure(eng, n, args.reps, args.prefix))
+            compare(res[f"reference/n={n}"] | {"logits": logits[n]}, r, weight_bytes)
+            bf16 = min(g["ms_per_step"] for g in res["grid"] if g["n"] == n)
+            r["vs_fused"] = bf16 / r["ms_per_step"]
+            res["grid8"].append(r | {"settings": combo, "n": n})
+            print(size, "int8", n, brief(res["grid8"][-1]), flush=True)
+    for n in rows:
+        res[f"int8/n={n}"] = min((g for g in res["grid8"] if g["n"] == n),
+                                 key=lambda g: g["ms_per_step"])
+    for k, v in base.items():
+        setattr(fused, k, v)
+    del eng
+    gc.collect()
 
 
 def finish(out: dict) -> dict:
@@ -201,7 +243,8 @@ def finish(out: dict) -> dict:
         out["ranking"] = ranking(out)
     best = out["ranking"][0]["settings"] if "grid_axes" in out else {}
     for res in out["sizes"].values():
-        res["grid"].sort(key=lambda r: (r["n"], r["ms_per_step"]))
+        for key in ("grid", "grid8"):
+            res.get(key, []).sort(key=lambda r: (r["n"], r["ms_per_step"]))
         for r in res["grid"]:
             if r["settings"] == best:
                 res[f"fused/n={r['n']}"] = r
@@ -241,11 +284,18 @@ def markdown(out: dict) -> str:
                 continue
             name, n = key.split("/n=")
             extra = (f"{r['speedup']:.2f}× | {r['max_abs_logit_diff']:.3g} | "
-                     f"{r['argmax_agree']}/{n}" if name == "fused" else "— | — | —")
+                     f"{r['argmax_agree']}/{n}" if name in ("fused", "int8") else "— | — | —")
             counts = (f"{r['kernels_per_step']} | {r['kernels_per_layer']:.1f}"
                       if "kernels_per_step" in r else "— | —")
             lines.append(f"| {size} | {n} | {name} | {r['ms_per_step']:.3f} | {counts} | "
                          f"{100 * r['roofline']:.0f} % | {extra} |")
+    faster = [f"{size} {key.split('/')[1]}: {r['vs_fused']:.3f}×"
+              + (f" ({settings(r['settings'])})" if "grid_axes" in out else "")
+              for size, res in out["sizes"].items() for key, r in res.items()
+              if key.startswith("int8/")]
+    if faster:
+        lines += ["", "int8 against the bf16 fused engine (its ms / step ÷ int8's; the int8 "
+                  "roofline counts the bytes int8 reads): " + ", ".join(faster) + "."]
     lines += profile_tables(out)
     if "ranking" not in out:
         return "\n".join(lines) + "\n"
@@ -259,10 +309,10 @@ def markdown(out: dict) -> str:
               "| model | rows | settings | ms / step | % of HBM roofline | fused ÷ reference | "
               "max abs logit diff | argmax agree |", "|---|---|---|---|---|---|---|---|"]
     for size, res in out["sizes"].items():
-        lines += [f"| {size} | {r['n']} | {settings(r['settings'])} | {r['ms_per_step']:.3f} | "
-                  f"{100 * r['roofline']:.0f} % | {r['speedup']:.2f}× | "
+        lines += [f"| {size} | {r['n']} | {tag}{settings(r['settings'])} | "
+                  f"{r['ms_per_step']:.3f} | {100 * r['roofline']:.0f} % | {r['speedup']:.2f}× | "
                   f"{r['max_abs_logit_diff']:.3g} | {r['argmax_agree']}/{r['n']} |"
-                  for r in res["grid"]]
+                  for tag, key in (("", "grid"), ("int8: ", "grid8")) for r in res.get(key, [])]
     return "\n".join(lines) + "\n"
 
 
@@ -303,6 +353,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,..")
     p.add_argument("--grid-reps", type=int, default=100)
+    p.add_argument("--int8", action="store_true",
+                   help="also the fused engine over int8 copies of the weights")
     args = p.parse_args()
     if not set(args.sizes.split(",")) <= set(SHAPES):
         sys.exit(f"--sizes: some of {','.join(SHAPES)}")
@@ -326,6 +378,7 @@ def main() -> None:
         if not args.grid:
             for res in out["sizes"].values():
                 del res["grid"]
+                res.pop("grid8", None)
         (args.out / "prof_fused.json").write_text(json.dumps(out, indent=1))
         (args.out / "prof_fused.md").write_text(markdown(out))
 

@@ -11,14 +11,16 @@ attention masks). Each case three times: split-K as an H200 gets it (``fused.spl
 an unrolled one-row reduction hoisted before a programmatic dependent launch's wait (HOIST =
 2, PDL = 2), splits of up to 4 blocks loading their whole share first (SPLIT_EARLY = 4) and
 the looped reductions reading their RMSNorm weights a block ahead (LN_AHEAD = 1) and the
-attention's query heads in programs of at most 16 rows (ATTN_ROWS = 16); a one-row
-case with the one-row tiles (GEMV = 1) every time.
+attention's query heads in programs of at most 16 rows (ATTN_ROWS = 16); and at the
+default settings with int8 weights (``fused.Int8``) and the int8 lm_head (Qwen2.5's 151,936
+rows); a one-row case with the one-row tiles (GEMV = 1) every time.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
 the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
 64 Ki a SM; shared memory: 227 KiB) and the waves its grid takes on 132 SMs, for the
 default settings, on Qwen2.5-0.5B, 1.5B and 7B shapes at 1, 2 and 5 rows in bf16 (each distinct
 launch once: o_proj and down_proj both run ``down_residual``; the attention masked by an
-additive bias, as the reference path's shapes ask, is marked). NAME=VALUE arguments change
+additive bias, as the reference path's shapes ask, is marked). ``--usage --int8``: the same
+for the int8 weights' launches (the lm_head's included). NAME=VALUE arguments change
 ``cospec.fused``'s settings first (``fused.configure``; e.g. ``--usage GEMV=1``).
 Exit status 0: all compiled; 77: triton or its NVIDIA backend is missing.
 """
@@ -43,7 +45,8 @@ from cospec import fused, kernels
 from cospec.errors import CospecError
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-         torch.int64: "i64", torch.int32: "i32"}
+         torch.int64: "i64", torch.int32: "i32", torch.int8: "i8"}
+VOCAB = 151936  # Qwen2.5's: the int8 lm_head's rows
 # (hidden, heads, kv heads, head_dim, intermediate, dtype, rows)
 CASES = [(896, 14, 2, 64, 4864, torch.bfloat16, 1), (896, 14, 2, 64, 4864, torch.bfloat16, 5),
          (1536, 12, 2, 128, 8960, torch.float32, 16)]
@@ -52,11 +55,13 @@ USAGE_CASES = [(d, h, kvh, hd, inter, torch.bfloat16, n)  # Qwen2.5 0.5B, 1.5B, 
                                             (3584, 28, 4, 128, 18944)) for n in (1, 2, 5)]
 
 
-def record(cases: list[tuple], twins: bool = True) -> list[tuple]:
+def record(cases: list[tuple], twins: bool = True, int8: bool = False) -> list[tuple]:
     """(kernel, positional args, constexprs, programs, case) of every launch of one fused layer
     per case; ``twins``: each case again unsplit, without HOIST and MAX_REGS, and split with
-    HOIST = 2 under PDL = 2."""
+    HOIST = 2 under PDL = 2, and with int8 weights (``fused.Int8``) and the int8 lm_head at
+    the default settings; ``int8`` without twins: int8 weights and lm_head only."""
     calls, case = [], None
+    defaults = {name: getattr(fused, name) for name in fused.TUNABLE}
 
     class Launcher:
         def __init__(self, fn):
@@ -72,9 +77,12 @@ def record(cases: list[tuple], twins: bool = True) -> list[tuple]:
 
     fused._kernels = Recorder
     fused._hopper = lambda device: True  # meta tensors: launch as on an H100 / H200
-    for case, way in itertools.product(cases, ("split", "unsplit", "pdl") if twins else ("",)):
+    ways = ("split", "unsplit", "pdl", "int8") if twins else ("int8",) if int8 else ("",)
+    for case, way in itertools.product(cases, ways):
         d, heads, kvh, hd, inter, dtype, n = case
-        if twins:
+        if way == "int8":
+            fused.configure([f"{k}={v}" for k, v in defaults.items()])
+        elif twins:
             for name in ("QKV_SPLIT_K", "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K"):
                 setattr(fused, name, 1 if way == "unsplit" else 0)
             fused.HOIST = {"split": 1, "unsplit": 0, "pdl": 2}[way]
@@ -91,12 +99,19 @@ def record(cases: list[tuple], twins: bool = True) -> list[tuple]:
         rows = (heads + 2 * kvh) * hd
         w = (t(d), t(rows, d), t(rows), None, None, t(d, heads * hd), None, t(d),
              t(2 * inter, d), t(d, inter))
+        w8 = (tuple(fused.Int8(t(*w[i].shape, dt=torch.int8), t(len(w[i]), dt=torch.float32))
+                    for i in (1, 5, 8, 9)) if way == "int8" else None)
         x, pos = t(n, d), t(n, dt=torch.int64)
         kc, vc = t(kvh, 512, hd), t(kvh, 512, hd)
         q, _, _ = fused.rms_qkv_rope(x, t(n, hd), t(n, hd), w, heads, kvh, 1e-6,
-                                     cache=(kc, vc, pos))
-        fused.attention_mlp(x, q, kc, vc, None, w, hd ** -0.5, 1e-6, pos=pos)
-        fused.attention_mlp(x, q, kc, vc, t(heads // kvh * n, 512), w, hd ** -0.5, 1e-6)
+                                     cache=(kc, vc, pos), w8=w8)
+        fused.attention_mlp(x, q, kc, vc, None, w, hd ** -0.5, 1e-6, pos=pos, w8=w8)
+        if w8 is None:
+            fused.attention_mlp(x, q, kc, vc, t(heads // kvh * n, 512), w, hd ** -0.5, 1e-6)
+        else:
+            fused.logits(x, fused.Int8(t(VOCAB, d, dt=torch.int8),
+                                       t(VOCAB, dt=torch.float32)), None)
+    fused.configure([f"{k}={v}" for k, v in defaults.items()])
     return calls
 
 
@@ -156,7 +171,7 @@ def main() -> None:
     except CospecError as e:
         sys.exit(f"error: {e}")
     calls = record(USAGE_CASES if show else CASES[:2] if "--quick" in sys.argv else CASES,
-                   twins=not show)
+                   twins=not show, int8="--int8" in sys.argv)
     seen = set()
     if show:
         print("| hidden, dtype | rows | kernel | programs | registers | spilled bytes | "
@@ -173,7 +188,8 @@ def main() -> None:
             seen.add(key)
             use = usage(kernel.asm["cubin"])
             fit = resident(use["REG"], kernel.metadata.shared, options["num_warps"])
-            name = fn.__name__ + (" (additive mask)" if consts.get("USE_POS") is False else "")
+            name = fn.__name__ + (" (additive mask)" if consts.get("USE_POS") is False else
+                                  " (int8)" if consts.get("W8") else "")
             print(f"| {case[0]}, {TYPES[case[5]]} | {case[6]} | {name} | {programs} | "
                   f"{use['REG']} | {use['STACK']} | {kernel.metadata.shared} | {fit} | "
                   f"{programs / (fit * fused.GPU_SMS):.2f} |")

@@ -49,6 +49,8 @@ def test_generate_json_spd_equals_target(tiny_dirs, capsys):
     (["--method", "cospec", "--arbiter", __file__], "not a readable arbiter file"),
     pytest.param(["--device", "cuda"], "no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+    (["--draft-weights", "int4"], "invalid choice: 'int4'"),
+    (["--draft-weights", "int8", "--device", "cpu"], "which run on a CUDA GPU"),
 ])
 def test_generate_bad_input_is_a_clear_error(tiny_dirs, args, message):
     base = {"--prompt": "w5 w6", "--method": "spd"}
@@ -158,6 +160,19 @@ def test_k_auto_picks_the_predicted_length_and_times_once(tiny_dirs, tmp_path, m
     assert outs[0]["k"] == 2 == outs[1]["k"]  # best_k on these costs at alpha 0.85
     assert len(timed) == len(k_auto.AUTO_KS) + 1  # timed once: the second run read the cache
     assert outs[0]["token_ids"] == outs[1]["token_ids"]
+
+
+def test_int8_draft_weights_mark_a_separate_bench_config():
+    """``--draft-weights int8`` names its own results folder configuration; the default
+    leaves the key out, so folders written before the flag existed stay valid."""
+    from argparse import Namespace
+
+    from cospec.evaluate import IDENTITY, _config
+
+    base = dict.fromkeys(IDENTITY) | {"methods": "target,spd", "limit": None}
+    assert "draft_weights" not in _config(Namespace(**base))
+    assert "draft_weights" not in _config(Namespace(**base, draft_weights="model"))
+    assert _config(Namespace(**base, draft_weights="int8"))["draft_weights"] == "int8"
 
 
 def test_not_a_model(tmp_path):

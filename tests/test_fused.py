@@ -590,14 +590,15 @@ def test_compile_hints_follow_the_launcher():
     from cospec import kernels
 
     t = torch.empty(4, device="meta")
-    got = fused_compile.hints(kernels.down_residual, [t] * 7 + [16, 4864, 250])
-    assert sorted(got) == [(i,) for i in range(7)] + [(8,)]
-    assert got[(8,)] == [["tt.divisibility", 16]]
+    got = fused_compile.hints(kernels.down_residual, [t] * 8 + [16, 4864, 250])
+    assert sorted(got) == [(i,) for i in range(8)] + [(9,)]
+    assert got[(9,)] == [["tt.divisibility", 16]]
 
 
 def test_kernels_compile_for_sm90():
-    """The launches of a 0.5B decode and verify step compile for an H100 / H200 with triton's
-    own toolchain (no GPU needed; a separate process: this one's triton may be interpreted)."""
+    """The launches of a 0.5B decode and verify step (also with int8 weights and lm_head)
+    compile for an H100 / H200 with triton's own toolchain (no GPU needed; a separate
+    process: this one's triton may be interpreted)."""
     root = str(Path(__file__).resolve().parent.parent)  # cospec importable, installed or not
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -607,4 +608,4 @@ def test_kernels_compile_for_sm90():
     if done.returncode == 77:
         pytest.skip("triton without its NVIDIA backend")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "54 launches compiled" in done.stdout  # 2 steps x 3 ways x 9 launches
+    assert "66 launches compiled" in done.stdout  # 2 steps x (3 ways x 9 + int8's 6)
