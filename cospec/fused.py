@@ -155,8 +155,16 @@ GEMV_MAX_REGS = 96
 GEMV_CAP_BLOCKS = 6
 GEMV_CAP_ALL = 1
 # The int8 lm_head's one-row launch (``logits``): output columns per program (its reduction
-# in GEMV_BLOCK_K blocks). Not yet measured on a GPU.
+# in GEMV_BLOCK_K blocks, or W8_GEMV_BLOCK_K). Not yet measured on a GPU.
 HEAD_BLOCK_N = 8
+# The one-row tiles of launches over int8 weights (``Int8``; 0: the bf16 launches' GEMV_*
+# value, ``_tile``). A tile of the same shape holds half the bytes, and the bytes a program
+# has in flight set its bandwidth (docs/gpu.md), so they are settings of their own: the int8
+# draft and the bf16 target share one process. Not yet measured on a GPU.
+W8_GEMV_UP_BLOCK_N = 0
+W8_GEMV_OUT_BLOCK_N = 0
+W8_GEMV_BLOCK_K = 0
+W8_GEMV_DOWN_BLOCK_K = 0
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -166,7 +174,8 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "PDL", "SPLIT_EARLY", "LN_AHEAD", "MAX_REGS", "GEMV", "GEMV_QKV_BLOCK_C",
            "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K",
            "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL",
-           "HEAD_BLOCK_N")
+           "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
+           "W8_GEMV_DOWN_BLOCK_K")
 
 
 class Int8(NamedTuple):
@@ -348,9 +357,16 @@ def _unroll(gemv: bool, blocks: int) -> bool:
     return gemv and blocks <= GEMV_UNROLL
 
 
-def _blocks(d: int) -> int:
-    """Reduction blocks of a one-row projection over the hidden size d (GEMV_BLOCK_K each)."""
-    return _cdiv(d, min(GEMV_BLOCK_K, _pow2(d)))
+def _tile(name: str, w8: bool) -> int:
+    """One-row tile setting ``name`` (GEMV_*) of a launch: W8_``name`` where the launch reads
+    int8 weights and that is set, else ``name``."""
+    return (w8 and globals()["W8_" + name]) or globals()[name]
+
+
+def _blocks(d: int, w8: bool = False) -> int:
+    """Reduction blocks of a one-row projection over the hidden size d (GEMV_BLOCK_K each, or
+    W8_GEMV_BLOCK_K over int8 weights)."""
+    return _cdiv(d, min(_tile("GEMV_BLOCK_K", w8), _pow2(d)))
 
 
 def _hopper(device: torch.device) -> bool:
@@ -365,10 +381,11 @@ def _pdl(device: torch.device, d: int) -> int:
     return PDL if _hopper(device) and _blocks(d) <= GEMV_UNROLL else 0
 
 
-def _hoist(d: int) -> int:
-    """HOIST for a model of hidden size ``d``: 2 only with PDL set, for unrolled, uncapped
-    one-row reductions (fewer than GEMV_CAP_BLOCKS blocks); else at most 1."""
-    if HOIST == 2 and PDL and _blocks(d) < GEMV_CAP_BLOCKS:
+def _hoist(d: int, w8: bool = False) -> int:
+    """HOIST for a model of hidden size ``d`` (``w8``: a launch over int8 weights): 2 only with
+    PDL set, for unrolled, uncapped one-row reductions (fewer than GEMV_CAP_BLOCKS blocks);
+    else at most 1."""
+    if HOIST == 2 and PDL and _blocks(d, w8) < GEMV_CAP_BLOCKS:
         return 2
     return min(HOIST, 1)
 
@@ -385,11 +402,12 @@ def _ln_ahead(gemv: bool) -> bool:
     return bool(LN_AHEAD) and not gemv
 
 
-def _launch(device: torch.device, gemv: bool = False, d: int = 0, gate_up: bool = False
-            ) -> dict:
+def _launch(device: torch.device, gemv: bool = False, d: int = 0, gate_up: bool = False,
+            w8: bool = False) -> dict:
     """A launch's num_warps, num_stages, register cap (GEMV_* on the one-row tiles of a
-    model of hidden size ``d``; ``gate_up``: the gate/up projection's) and PDL mode."""
-    blocks = _blocks(d)
+    model of hidden size ``d``; ``gate_up``: the gate/up projection's; ``w8``: over int8
+    weights, its blocks counted in W8_GEMV_BLOCK_K) and PDL mode."""
+    blocks = _blocks(d, w8)
     capped = (gemv and GEMV_MAX_REGS and blocks >= GEMV_CAP_BLOCKS and _unroll(gemv, blocks)
               and (GEMV_CAP_ALL or gate_up))
     regs = GEMV_MAX_REGS if capped else MAX_REGS
@@ -428,7 +446,8 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
     half = hd // 2
     gemv = _gemv(n)
     block_c = min(half, GEMV_QKV_BLOCK_C if gemv else QKV_BLOCK_C)
-    block_k = min(GEMV_BLOCK_K if gemv else BLOCK_K, _pow2(d))
+    w8_on = qkv8 is not None
+    block_k = min(_tile("GEMV_BLOCK_K", w8_on) if gemv else BLOCK_K, _pow2(d))
     tiles = (heads + 2 * kv_heads, half // block_c)
     splits, per = split_k(tiles[0] * tiles[1], _cdiv(d, block_k), 1 if gemv else QKV_SPLIT_K,
                           x.device)
@@ -438,10 +457,10 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         slots, q, k, v, _workspace(x, splits, qkv_w.shape[0]),
         counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
-        W8=qkv8 is not None, IEEE=x.dtype == torch.float32, SPLIT_K=splits,
-        BLOCK_M=_block_m(gemv, n), BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d),
+        W8=w8_on, IEEE=x.dtype == torch.float32, SPLIT_K=splits,
+        BLOCK_M=_block_m(gemv, n), BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d, w8_on),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
-        LN_AHEAD=_ln_ahead(gemv), **_launch(x.device, gemv, d))
+        LN_AHEAD=_ln_ahead(gemv), **_launch(x.device, gemv, d, w8=w8_on))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -478,19 +497,19 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         ONE_S=ATTN_ONE_SPLIT, HEADS_PER=per, **_launch(x.device, d=d))
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)), o8)
     act = x.new_empty(n, inter)
-    block_n = GEMV_UP_BLOCK_N if gemv else UP_BLOCK_N
+    w8_on = gate_up8 is not None
+    block_n = _tile("GEMV_UP_BLOCK_N", w8_on) if gemv else UP_BLOCK_N
     tiles = _cdiv(inter, block_n)
-    block_k = min(GEMV_BLOCK_K if gemv else BLOCK_K, _pow2(d))
+    block_k = min(_tile("GEMV_BLOCK_K", w8_on) if gemv else BLOCK_K, _pow2(d))
     splits, per = split_k(tiles, _cdiv(d, block_k), 1 if gemv else UP_SPLIT_K, x.device)
     kern.rms_gate_up[(tiles, splits)](
         x1, ln2, gate_up_w if gate_up8 is None else gate_up8.q,
         gate_up_w if gate_up8 is None else gate_up8.s, act, _workspace(x, splits, 2 * inter),
-        counters(x.device, tiles), n, inter, per * block_k, eps, D=d,
-        W8=gate_up8 is not None, IEEE=ieee, SPLIT_K=splits,
-        BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k, HOIST=_hoist(d),
-        UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
-        LN_AHEAD=_ln_ahead(gemv),
-        **_launch(x.device, gemv, d, gate_up=True))
+        counters(x.device, tiles), n, inter, per * block_k, eps, D=d, W8=w8_on, IEEE=ieee,
+        SPLIT_K=splits, BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
+        HOIST=_hoist(d, w8_on), UNROLL=_unroll(gemv, _cdiv(d, block_k)),
+        SPLIT_EARLY=_split_early(per), LN_AHEAD=_ln_ahead(gemv),
+        **_launch(x.device, gemv, d, gate_up=True, w8=w8_on))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)),
                             down8)
 
@@ -504,19 +523,22 @@ def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x
     n, k = a.shape
     gemv = _gemv(n)
     if gemv:
-        asked, block_k = 1, min(GEMV_DOWN_BLOCK_K, _pow2(k))
+        asked, block_k = 1, min(_tile("GEMV_DOWN_BLOCK_K", w8 is not None), _pow2(k))
     return _project(a, w, b, x, torch.empty_like(x), asked, block_k,
-                    GEMV_OUT_BLOCK_N if gemv else OUT_BLOCK_N, w8, x.shape[1])
+                    _tile("GEMV_OUT_BLOCK_N", w8 is not None) if gemv else OUT_BLOCK_N, w8,
+                    x.shape[1])
 
 
 def logits(h: torch.Tensor, w8: Int8, b: torch.Tensor | None) -> torch.Tensor:
     """h @ w.T + b of the int8 lm_head w8 (vocabulary V rows): h [n, d] -> [n, V] in h's
-    dtype. One row: unsplit, HEAD_BLOCK_N columns a program, in blocks of GEMV_BLOCK_K."""
+    dtype. One row: unsplit, HEAD_BLOCK_N columns a program, in blocks of GEMV_BLOCK_K (or
+    W8_GEMV_BLOCK_K)."""
     n, d = h.shape
     vocab = w8.q.shape[0]
     y = h.new_empty(n, vocab)
     if _gemv(n):
-        return _project(h, w8.q, b, None, y, 1, min(GEMV_BLOCK_K, _pow2(d)), HEAD_BLOCK_N, w8, d)
+        return _project(h, w8.q, b, None, y, 1, min(_tile("GEMV_BLOCK_K", True), _pow2(d)),
+                        HEAD_BLOCK_N, w8, d)
     return _project(h, w8.q, b, None, y, OUT_SPLIT_K, min(BLOCK_K, _pow2(d)), OUT_BLOCK_N, w8,
                     d)
 
@@ -539,7 +561,8 @@ def _project(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x: torch.
         RESIDUAL=x is not None, IEEE=a.dtype == torch.float32, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
         K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0,
-        HOIST=_hoist(d), SPLIT_EARLY=_split_early(per), **_launch(y.device, gemv, d))
+        HOIST=_hoist(d, w8 is not None), SPLIT_EARLY=_split_early(per),
+        **_launch(y.device, gemv, d, w8=w8 is not None))
     return y
 
 

@@ -52,13 +52,21 @@ def test_quantize_bounds():
     assert (err <= c.s[:, None] / 2 + 1e-6).all()
 
 
-@pytest.mark.parametrize("n,gemv,small", [(1, 1, False), (1, 1, True), (1, 2, True),
-                                          (5, 1, True), (3, 0, False)])
-def test_layer_kernels(interpret, monkeypatch, n, gemv, small):
+W8_TILES = (("W8_GEMV_BLOCK_K", 16), ("W8_GEMV_UP_BLOCK_N", 2), ("W8_GEMV_OUT_BLOCK_N", 4),
+            ("W8_GEMV_DOWN_BLOCK_K", 64))
+
+
+@pytest.mark.parametrize("n,gemv,small,own", [(1, 1, False, False), (1, 1, True, False),
+                                              (1, 2, True, False), (1, 1, False, True),
+                                              (5, 1, True, False), (3, 0, False, False)])
+def test_layer_kernels(interpret, monkeypatch, n, gemv, small, own):
     """q/k/v (+ bias, RoPE, cache writes) and attention + o_proj + MLP over int8 copies: one
-    row unrolled and looped on the one-row tiles, a few rows on tl.dot's; small blocks split
-    every reduction (split-K) and leave partial tiles."""
+    row unrolled and looped on the one-row tiles (``own``: the int8 launches' own W8_GEMV_*
+    tiles), a few rows on tl.dot's; small blocks split every reduction (split-K) and leave
+    partial tiles."""
     gemv_blocks(monkeypatch, gemv)
+    for name, value in W8_TILES if own else ():
+        monkeypatch.setattr(fused, name, value)
     if small:
         for name, value in (("QKV_BLOCK_C", 2), ("BLOCK_K", 16), ("DOWN_BLOCK_K", 16),
                             ("UP_BLOCK_N", 16), ("OUT_BLOCK_N", 8), ("ATTN_ONE_SPLIT", 0)):
@@ -100,6 +108,72 @@ def test_logits(interpret, monkeypatch, n, bias, block_n):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
     assert not torch.allclose(got, torch.nn.functional.linear(h, head, b), atol=ATOL,
                               rtol=RTOL)
+
+
+def test_int8_launches_take_their_own_tiles(monkeypatch):
+    """W8_GEMV_* set the one-row tiles of the launches over int8 weights only (0: the bf16
+    launches' GEMV_*), the lm_head's reduction blocks included; their register cap and HOIST
+    follow their own block count."""
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return _Launcher(name, calls)
+
+    monkeypatch.setattr(fused, "_kernels", Recorder)
+    monkeypatch.setattr(fused, "_COUNTERS", {})  # its meta-device counters: not kept
+    d, heads, kvh, hd, inter = 896, 14, 2, 64, 4864
+
+    def t(*shape, dt=torch.bfloat16):
+        return torch.empty(*shape, dtype=dt, device="meta")
+
+    rows = (heads + 2 * kvh) * hd
+    w = (t(d), t(rows, d), t(rows), None, None, t(d, heads * hd), None, t(d), t(2 * inter, d),
+         t(d, inter))
+    w8 = tuple(fused.Int8(t(*w[i].shape, dt=torch.int8), t(len(w[i]), dt=torch.float32))
+               for i in PROJECTIONS)
+    head8 = fused.Int8(t(151936, d, dt=torch.int8), t(151936, dt=torch.float32))
+
+    def layer_launches(copies):
+        calls.clear()
+        x, pos, kc = t(1, d), t(1, dt=torch.int64), t(kvh, 64, hd)
+        q, _, _ = fused.rms_qkv_rope(x, t(1, hd), t(1, hd), w, heads, kvh, 1e-6,
+                                     cache=(kc, kc, pos), w8=copies)
+        fused.attention_mlp(x, q, kc, kc, None, w, hd ** -0.5, 1e-6, pos=pos, w8=copies)
+        if copies is not None:
+            fused.logits(x, head8, None)
+        return [(name, c["BLOCK_K"], c.get("BLOCK_N", c.get("BLOCK_C"))) for name, c in calls
+                if name != "attend"]
+
+    f = fused  # the defaults (blocks within the 896 / 4864 reductions)
+    bf16 = [("rms_qkv_rope", f.GEMV_BLOCK_K, f.GEMV_QKV_BLOCK_C),
+            ("down_residual", f.GEMV_DOWN_BLOCK_K, f.GEMV_OUT_BLOCK_N),
+            ("rms_gate_up", f.GEMV_BLOCK_K, f.GEMV_UP_BLOCK_N),
+            ("down_residual", f.GEMV_DOWN_BLOCK_K, f.GEMV_OUT_BLOCK_N)]
+    assert layer_launches(None) == bf16
+    assert layer_launches(w8) == bf16 + [("down_residual", f.GEMV_BLOCK_K, f.HEAD_BLOCK_N)]
+    for name, value in (("W8_GEMV_BLOCK_K", 512), ("W8_GEMV_UP_BLOCK_N", 4),
+                        ("W8_GEMV_OUT_BLOCK_N", 2), ("W8_GEMV_DOWN_BLOCK_K", 2048)):
+        monkeypatch.setattr(fused, name, value)
+    assert layer_launches(None) == bf16
+    assert layer_launches(w8) == [("rms_qkv_rope", 512, 2), ("down_residual", 1024, 2),
+                                  ("rms_gate_up", 512, 4), ("down_residual", 2048, 2),
+                                  ("down_residual", 512, f.HEAD_BLOCK_N)]
+    assert fused._blocks(1536) == 6 and fused._blocks(1536, w8=True) == 3
+    capped = fused._launch(torch.device("meta"), True, 1536, gate_up=True)
+    assert capped.get("maxnreg") == fused.GEMV_MAX_REGS                # 6 blocks: capped
+    assert "maxnreg" not in fused._launch(torch.device("meta"), True, 1536, gate_up=True,
+                                          w8=True)                    # 3 blocks: not
+
+
+class _Launcher:
+    """Records a kernel's launch (its name and constexprs) instead of running it."""
+
+    def __init__(self, name: str, calls: list):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **consts: self.calls.append((self.name, consts))
 
 
 def dequantized_model(model: torch.nn.Module) -> torch.nn.Module:
