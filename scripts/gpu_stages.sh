@@ -79,7 +79,9 @@
 #           fp32, every response checked against the target's batch-1 greedy output
 #   sspeed  the same load in bf16, unchecked, plain requests only, 128 tokens each: cospec
 #           serve with target-only, then spd requests (tokens/s, latency, first token);
-#           SPEC_OFF_AT=N: the server's --spec-off-at N, into sspeed-METHOD-offN
+#           SPEC_OFF_AT=N: the server's --spec-off-at N, into sspeed-METHOD-offN;
+#           SSPEED_MAX_BATCH=N its --max-batch (default 64; 0: every request on the batch-1
+#           engines, into sspeed-METHOD-mb0), SSPEED_CONCURRENCY=1,4 the client levels
 #   vserve  the same load against vLLM's OpenAI server (VSERVE_METHOD=target or spd)
 #   xserve  the same load against cospec serve in its own process (XSERVE_METHOD; into
 #           xserve-METHOD, or xserve-METHOD-MODE-prefill with COSPEC_PREFILL=MODE set, then
@@ -219,11 +221,12 @@ stage_sspeed() {  # cospec serve, bf16, target-only and spd (k = 4) requests, 64
     serve_install
     local m out
     for m in ${SSPEED_METHODS:-target spd}; do  # SPEC_OFF_AT: the server's --spec-off-at
-        out="$R/sspeed-$m${SPEC_OFF_AT:+-off$SPEC_OFF_AT}"
+        out="$R/sspeed-$m${SPEC_OFF_AT:+-off$SPEC_OFF_AT}${SSPEED_MAX_BATCH:+-mb$SSPEED_MAX_BATCH}"
         [ -e "$out/load_test.json" ] || serve_load "" "cospec serve $m" "$out" \
             --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --device cuda \
-            --dtype bfloat16 --methods "$m" --k 4 --max-batch 64 --max-queue 128 \
-            ${SPEC_OFF_AT:+--spec-off-at "$SPEC_OFF_AT"}
+            --dtype bfloat16 --methods "$m" --k 4 --max-batch "${SSPEED_MAX_BATCH:-64}" \
+            --max-queue 128 ${SPEC_OFF_AT:+--spec-off-at "$SPEC_OFF_AT"} \
+            ${SSPEED_CONCURRENCY:+--concurrency "$SSPEED_CONCURRENCY"}
     done
 }
 
