@@ -178,20 +178,13 @@ def run(args, save: Callable[[dict], None]) -> dict:
         if not eng.fused:
             sys.exit(f"{size}: fused layers unavailable: {fused.unsupported(eng)}")
         eng.run(prompt, 0)
-        for combo in combos:
-            for k, v in (base | combo).items():
-                setattr(fused, k, v)
-            eng.graphs.clear()  # recapture (and recompile) under these settings
-            for n in rows:
-                r = (measure(eng, n, args.grid_reps, args.prefix, count=False) if args.grid
-                     else measure(eng, n, args.reps, args.prefix))
-                compare(res[f"reference/n={n}"] | {"logits": logits[n]}, r, weight_bytes)
-                res["grid"].append(r | {"settings": combo, "n": n})
-                print(size, "fused", n, brief(res["grid"][-1]), flush=True)
+
+        def saved() -> None:
             out["wall_s"] = time.perf_counter() - t_start
             save(out)
-        for k, v in base.items():
-            setattr(fused, k, v)
+
+        sweep(eng, f"{size} fused", res["grid"], combos, base, args, res, logits,
+              weight_bytes, saved)
         del eng
         if args.int8:
             measure_int8(size, model, res, rows, args, logits, room, prompt, combos, base)
@@ -200,6 +193,28 @@ def run(args, save: Callable[[dict], None]) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
     return out
+
+
+def sweep(eng: fast.Engine, label: str, grid: list, combos: list[dict], base: dict, args,
+          res: dict, logits: dict, weight_bytes: int, saved: Callable[[], None] = lambda: None
+          ) -> None:
+    """``eng``'s steps over each of ``args.rows`` rows at every combination of settings (on
+    top of ``base``; back to ``base`` after), against the reference's rows of ``res`` and
+    their ``logits``: rows {**measure, settings, n} appended to ``grid``, ``saved()`` after
+    each combination."""
+    for combo in combos:
+        for k, v in (base | combo).items():
+            setattr(fused, k, v)
+        eng.graphs.clear()  # recapture (and recompile) under these settings
+        for n in (int(r) for r in args.rows.split(",")):
+            r = (measure(eng, n, args.grid_reps, args.prefix, count=False) if args.grid
+                 else measure(eng, n, args.reps, args.prefix))
+            compare(res[f"reference/n={n}"] | {"logits": logits[n]}, r, weight_bytes)
+            grid.append(r | {"settings": combo, "n": n})
+            print(label, n, brief(grid[-1]), flush=True)
+        saved()
+    for k, v in base.items():
+        setattr(fused, k, v)
 
 
 def measure_int8(size: str, model, res: dict, rows: list[int], args, logits: dict, room: int,
@@ -215,23 +230,12 @@ def measure_int8(size: str, model, res: dict, rows: list[int], args, logits: dic
     res["int8_weight_bytes"] = weight_bytes
     eng.run(prompt, 0)
     res["grid8"] = []
-    for combo in combos:
-        for k, v in (base | combo).items():
-            setattr(fused, k, v)
-        eng.graphs.clear()  # recapture (and recompile) under these settings
-        for n in rows:
-            r = (measure(eng, n, args.grid_reps, args.prefix, count=False) if args.grid
-                 else measure(eng, n, args.reps, args.prefix))
-            compare(res[f"reference/n={n}"] | {"logits": logits[n]}, r, weight_bytes)
-            bf16 = min(g["ms_per_step"] for g in res["grid"] if g["n"] == n)
-            r["vs_fused"] = bf16 / r["ms_per_step"]
-            res["grid8"].append(r | {"settings": combo, "n": n})
-            print(size, "int8", n, brief(res["grid8"][-1]), flush=True)
+    sweep(eng, f"{size} int8", res["grid8"], combos, base, args, res, logits, weight_bytes)
     for n in rows:
-        res[f"int8/n={n}"] = min((g for g in res["grid8"] if g["n"] == n),
-                                 key=lambda g: g["ms_per_step"])
-    for k, v in base.items():
-        setattr(fused, k, v)
+        res[f"int8/n={n}"] = best = min((g for g in res["grid8"] if g["n"] == n),
+                                        key=lambda g: g["ms_per_step"])
+        best["vs_fused"] = min(g["ms_per_step"] for g in res["grid"]
+                               if g["n"] == n) / best["ms_per_step"]
     del eng
     gc.collect()
 
