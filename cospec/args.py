@@ -62,8 +62,9 @@ def add_draft_weights_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="model",
                    help="int8: the draft's decode steps read int8 copies of its projections "
                         "and lm_head (one scale a row; a GPU's fused layers, batch 1): half "
-                        "the bytes a step; the output stays the target's (default: model, "
-                        "the draft's own weights)")
+                        "the bytes a step. spd's output stays the target's; cospec and CoS "
+                        "use the int8 draft's tokens and distribution (default: model, the "
+                        "draft's own weights)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:

@@ -239,7 +239,8 @@ def draft_weights(pair: Pair, kind: str) -> None:
 
     if not fast.wanted(pair.draft) or getattr(pair.draft, "engine_class", None) is not None:
         raise CospecError(f"{kind} draft weights are read by the fast path's fused layers, "
-                          "which run on a CUDA GPU (a CPU draft keeps its own weights)")
+                          "which run on a CUDA GPU (not under COSPEC_EAGER=1; a CPU draft "
+                          "keeps its own weights)")
     fast.int8_weights(pair.draft)
 
 
