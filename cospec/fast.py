@@ -212,7 +212,7 @@ class Engine:
             self.ids = torch.zeros(MAX_GRAPH, dtype=torch.long, device=self.device)
             self.start = torch.zeros(1, dtype=torch.long, device=self.device)
         functions = layer_functions(self.device, graphs, compile)
-        self.fused = self._fused(fused)
+        self.fused = fused_wanted(self, fused)
         if self.fused:
             from cospec.fused import fused_layer_functions
 
@@ -231,20 +231,6 @@ class Engine:
                      if self.use_graphs else None)
         self.staged = torch.cuda.Event() if self.use_graphs else None
         self.capture_s = 0.0  # graph captures (and the compiles they trigger), in seconds
-
-    def _fused(self, flag: bool | None) -> bool:
-        """Run forwards of <= MAX_GRAPH tokens through the fused kernels? ``fused.mode``: "1"
-        yes, "auto" on the GPUs where they measured faster, "0" no; a model they cannot run
-        keeps the reference (with a warning when they were asked for)."""
-        from cospec import fused
-
-        mode = fused.mode(flag)
-        if mode == "0" or mode == "auto" and not fused.measured_faster(self.device):
-            return False
-        why = fused.unsupported(self)
-        if why is not None and mode == "1":
-            warnings.warn(f"fused layers off, reference path kept: {why}", stacklevel=3)
-        return why is None
 
     def _int8_copies(self, model: torch.nn.Module) -> tuple[list | None, object]:
         """(per layer the ``fused.Int8`` copies of q/k/v, o_proj, gate/up and down_proj; the
@@ -454,6 +440,22 @@ class Engine:
             self.device, self.pool, lambda: self._forward(self.ids[:n], self.start, eager=False))
         self.capture_s += time.perf_counter() - t0
         return graph, logits, hidden
+
+
+def fused_wanted(engine, flag: bool | None) -> bool:
+    """Run ``engine``'s (an ``Engine`` or ``fast_batch.BatchLM``) few-row forwards through
+    the fused kernels? ``fused.mode``: "1" yes, "auto" on the GPUs where they measured
+    faster, "0" no; a model they cannot run keeps the reference (with a warning when they
+    were asked for)."""
+    from cospec import fused
+
+    mode = fused.mode(flag)
+    if mode == "0" or mode == "auto" and not fused.measured_faster(engine.device):
+        return False
+    why = fused.unsupported(engine)
+    if why is not None and mode == "1":
+        warnings.warn(f"fused layers off, reference path kept: {why}", stacklevel=3)
+    return why is None
 
 
 def capture_graph(device: torch.device, pool, forward: Callable[[], object],

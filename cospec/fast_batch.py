@@ -24,6 +24,14 @@ static caches; a *request* occupies a slot from its prefill until it finishes.
 - On CUDA each forward over (rows bucket b, n tokens, span) is one captured CUDA graph; b is
   the smallest of ``BUCKETS`` that covers the highest slot in use, captured at its first use
   (``fast_batch_warm.warm_up`` captures them all ahead). On CPU it all runs eagerly.
+- Where the fused layers run (``fast.fused_wanted``: by default a GPU of compute capability
+  9 or more), a forward over one row (b = 1: a lone request, which takes slot 0) runs
+  through them on that row's caches (``BatchLM._forward_one``), as the batch-1 engine's
+  steps do; more rows keep the compiled layer halves. On an H200 the batch engine's
+  target-only decoding made 432 tok/s at one row on those halves
+  (results/gpu/h200/throughput-vs-peers) and the batch-1 engine's fused one 779
+  (results/gpu/h200/fused-few-row-attention-chunks; other prompts): the fused one-row
+  batch step itself is not timed yet.
 
 Rows join and leave between steps: ``submit`` queues a request; ``step`` prefills queued
 requests into free slots (all of them in one padded pass per model, up to
@@ -61,6 +69,7 @@ from cospec.fast import (
     _rms,
     capture_graph,
     clock,
+    fused_wanted,
     layer_functions,
     prefill_mode,
     supported,
@@ -103,11 +112,16 @@ class BatchLM:
     final hidden states [b, n, d] in the model's dtype (on CUDA the graph's static buffers:
     valid until the same (b, n, span) runs again). Attention reads the first ``span`` slots
     of each row's cache only (set by the engine before a step; every position of the step
-    must be < span): the reads grow with the longest sequence, not with ``max_len``.
+    must be < span): the reads grow with the longest sequence, not with ``max_len``. One
+    row (b = 1) of <= ``fused.MAX_ROWS`` tokens goes through the fused layers where they
+    run (``fused``, ``_forward_one``).
     """
 
+    group = None  # never a tensor-parallel shard (``fused.unsupported`` asks)
+
     def __init__(self, model: torch.nn.Module, rows: int, max_len: int,
-                 graphs: bool | None = None, compile: bool | None = None):
+                 graphs: bool | None = None, compile: bool | None = None,
+                 fused: bool | None = None):
         if not supported(model):
             raise CospecError(f"{type(model).__name__} is not a model the fast path supports "
                               "(Llama-family, SiLU MLP, full attention)")
@@ -138,6 +152,7 @@ class BatchLM:
         self.span = max_len
         self.use_graphs, compiled, self.qkv, self.rest = layer_functions(self.device, graphs,
                                                                           compile)
+        self.fused = fused_wanted(self, fused)  # one row (slot 0) through cospec.fused
         mode = prefill_mode()  # see fast.prefill_mode
         self.compiled_prefill = mode == "compiled" and compiled
         self.graph_prefill = (mode in ("graphs", "all-graphs")  # CPU: nothing to capture
@@ -160,6 +175,8 @@ class BatchLM:
         ids, pos [b, n] -> logits [b, n, V] (None unless ``head``), hidden [b, n, d].
         Attends over the first ``span`` (default ``self.span``) slots; pos < span."""
         b, n = ids.shape
+        if not eager and rows is None and not first and self._one_row(b, n):
+            return self._forward_one(ids[0], pos[0], head)
         span = self.span if span is None else span
         qkv, rest = (_qkv, _rest) if eager else (self.qkv, self.rest)
         x = F.embedding(ids, self.embed)
@@ -181,10 +198,36 @@ class BatchLM:
         h = _rms(x, self.norm, self.eps)
         return (F.linear(h, self.head_w, self.head_b) if head else None), h
 
+    def _one_row(self, b: int, n: int) -> bool:
+        """A forward the fused layers take: one row (slot 0) of <= MAX_ROWS tokens."""
+        from cospec.fused import MAX_ROWS
+
+        return self.fused and b == 1 and n <= MAX_ROWS
+
+    def _forward_one(self, ids: torch.Tensor, pos: torch.Tensor, head: bool
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Slot 0 alone through the fused layers (``fast.Engine``'s few-row forward, on
+        that row's caches [kv_heads, max_len, hd]): ids, pos [n] (positions non-decreasing,
+        as every step's are) -> logits [1, n, V] (None unless ``head``), hidden [1, n, d].
+        Its attention reads slots <= pos[i] whatever the span."""
+        from cospec.fused import attention_mlp, rms_qkv_rope
+
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.cos[pos], self.sin[pos]
+        for w, k_all, v_all in zip(self.layers, self.kc, self.vc):
+            kc, vc = k_all[0], v_all[0]
+            q, _, _ = rms_qkv_rope(x, cos, sin, w, self.heads, self.kv_heads, self.eps,
+                                   cache=(kc, vc, pos))
+            x = attention_mlp(x, q, kc, vc, None, w, self.scale, self.eps, pos=pos)
+        h = _rms(x, self.norm, self.eps)
+        return (F.linear(h, self.head_w, self.head_b)[None] if head else None), h[None]
+
     def run(self, ids: torch.Tensor, pos: torch.Tensor, first: int = 0
             ) -> tuple[torch.Tensor, torch.Tensor]:
         b, n = ids.shape
         if not self.use_graphs or first or n > self.ids.shape[1]:  # eagerly
+            if not first and self._one_row(b, n):  # the fused layers, ungraphed
+                return self._forward(ids, pos, 0, eager=False)
             with fast_linear(self.model, self.device, b * n):  # a CPU's order for b * n rows
                 return self._forward(ids, pos, first, eager=True)
         self.ids[:b, :n].copy_(ids)

@@ -1,14 +1,16 @@
 """Fused Triton layers for the fast path's few-row steps (decode, verify).
 
-``fast.Engine`` (batch 1) runs each layer of a forward over n <= MAX_ROWS tokens as five
-Triton kernels (``cospec.kernels``) instead of the reference's
-dozen or so (RMSNorm, projections, RoPE, two cache writes, two attention matmuls, softmax,
-SiLU, residual adds); everything else (prefill, more rows, Qwen3's per-head norms, tensor-
-parallel shards, other dtypes) runs the reference ``fast._qkv`` / ``_rest``. Triton is
-imported only when a fused layer first runs; without it the engine keeps the reference.
+``fast.Engine`` (batch 1), and ``fast_batch.BatchLM`` for a forward of one row (a lone
+request), run each layer of a forward over n <= MAX_ROWS tokens as five Triton kernels
+(``cospec.kernels``) instead of the reference's dozen or so (RMSNorm, projections, RoPE, two
+cache writes, two attention matmuls, softmax, SiLU, residual adds); everything else
+(prefill, more rows, Qwen3's per-head norms, tensor-parallel shards, other dtypes) runs the
+reference ``fast._qkv`` / ``_rest``. Triton is imported only when a fused layer first runs;
+without it the engine keeps the reference.
 
-When: ``fast.Engine(..., fused=True/False)``, else COSPEC_FUSED: ``auto`` (unset) on GPUs of
-compute capability 9 or more, where they measured faster than the reference at every size
+When: ``fast.Engine(..., fused=True/False)`` (``BatchLM`` alike), else COSPEC_FUSED:
+``auto`` (unset) on GPUs of compute capability 9 or more, where they measured faster than
+the reference at every size
 (H200, bf16, batch 1: 1.95x a 0.5B decode step, 1.64x a 1.5B, 1.27x a 7B;
 results/gpu/h200/fused-one-row-tiles), the reference elsewhere and for models the kernels
 do not take; ``1`` wherever they can run (a warning names why where they cannot); ``0`` never.

@@ -1,0 +1,125 @@
+"""The batch engine's one-row forwards through the fused layers (``fast_batch.BatchLM``): a
+lone request in slot 0 decodes on ``cospec.fused``'s kernels, more rows on the reference.
+
+As ``test_fused.py``, these run under triton's interpreter on CPU tensors
+(TRITON_INTERPRET=1 in the environment at start).
+"""
+
+import os
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from cospec import fused
+from cospec.fast_batch import BatchLM, generate_batch
+from cospec.sampling import SamplingConfig
+
+pytest.importorskip("triton")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ATOL = RTOL = 1e-5
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    if not INTERPRETED:
+        pytest.skip("CPU tests need TRITON_INTERPRET=1 in the environment at start")
+    monkeypatch.setattr(fused, "SPLITS", 2)  # the interpreter's time grows with splits
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[int]:
+    """The rows of every fused attention call (``fused.attention_mlp``), recorded."""
+    calls, attention = [], fused.attention_mlp
+
+    def counted(x, *args, **kw):
+        calls.append(len(x))
+        return attention(x, *args, **kw)
+
+    monkeypatch.setattr(fused, "attention_mlp", counted)
+    return calls
+
+
+def test_one_row_logits_match_the_reference(interpret, fused_calls):
+    """Slot 0's steps (1 token, a 2-token catch-up, a 5-token verify) through the fused
+    layers give the reference forward's logits and hidden states to 1e-5, over a cache
+    whose slots beyond each position hold stale entries; two rows stay on the reference."""
+    model = tiny_model(31, dtype=torch.float32)
+    lms = [BatchLM(model, rows=2, max_len=64, graphs=False, compile=False, fused=flag)
+           for flag in (True, False)]
+    assert [lm.fused for lm in lms] == [True, False]
+    prompt = torch.randint(2, 96, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    for lm in lms:
+        lm.prefill([prompt, prompt[:9]], [0, 1])
+        lm.run(torch.tensor([[5] * 6]), torch.arange(30, 36)[None])  # stale slots 30..35
+    for start, n in ((20, 1), (21, 2), (22, 5), (24, 1)):
+        ids = torch.randint(2, 96, (1, n), generator=torch.Generator().manual_seed(start))
+        pos = torch.arange(start, start + n)[None]
+        (a, ha), (b, hb) = (lm.run(ids, pos) for lm in lms)
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(ha, hb, atol=ATOL, rtol=RTOL)
+    assert fused_calls == [n for n in (6, 1, 2, 5, 1) for _ in range(2)]  # 2 layers each
+    fused_calls.clear()
+    ids, pos = torch.tensor([[7], [8]]), torch.tensor([[25], [9]])
+    (a, _), (b, _) = (lm.run(ids, pos) for lm in lms)
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    assert fused_calls == []
+
+
+@pytest.mark.parametrize("method", ["target", "spd"])
+def test_lone_request_tokens(interpret, monkeypatch, fused_calls, method):
+    """A lone request (slot 0) decoded by the batch engine with the fused layers gives the
+    reference engine's tokens, greedy and sampled (seeded), target-only and speculative;
+    two requests at once (two rows: the reference) too."""
+    target = tiny_model(11, dtype=torch.float32)
+    draft = tiny_model(12, layers=1, dtype=torch.float32) if method == "spd" else None
+    prompts = [[5, 17, 33, 2, 60, 41], [9, 3, 70, 12]]
+    sampled = SamplingConfig(temperature=1.0)
+
+    def run(flag: str, many: bool, sampling=None) -> list[list[int]]:
+        monkeypatch.setenv("COSPEC_FUSED", flag)
+        return generate_batch(target, draft, prompts if many else prompts[:1], k=3,
+                              max_new_tokens=10, graphs=False,
+                              **({"sampling": sampling} if sampling else {}))
+
+    for many in (False, True):
+        for sampling in (None, sampled):
+            want = run("0", many, sampling)
+            fused_calls.clear()
+            assert run("1", many, sampling) == want and len(want[0]) == 10
+            assert bool(fused_calls) == (not many)
+
+
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU and compiled triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs(monkeypatch, fused_calls, dtype):
+    """On a GPU, in CUDA graphs: slot 0's one-row forwards through the fused layers against
+    the reference engine's (float32 to 1e-4, bfloat16 argmax-equal on most rows), and in
+    float32 a lone request's target-only and speculative tokens equal."""
+    target = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
+    lms = [BatchLM(target, rows=2, max_len=64, fused=flag) for flag in (True, False)]
+    assert [lm.fused for lm in lms] == [True, False] and lms[0].use_graphs
+    prompt = torch.randint(2, 96, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    agree = rows = 0
+    with torch.inference_mode():
+        for lm in lms:
+            lm.prefill([prompt], [0])
+        for start, n in ((20, 1), (21, 2), (22, 5), (24, 1), (25, 6)):
+            ids = torch.randint(2, 96, (1, n), generator=torch.Generator().manual_seed(start))
+            ids, pos = ids.cuda(), torch.arange(start, start + n, device="cuda")[None]
+            a, b = (lm.run(ids, pos)[0].float().clone() for lm in lms)
+            if dtype == torch.float32:
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            rows += n
+    assert fused_calls and agree >= 0.9 * rows
+    if dtype == torch.float32:
+        draft = tiny_model(15, width=128, layers=1).to("cuda", dtype)
+        for proposer in (None, draft):
+            got = []
+            for flag in ("0", "1"):
+                monkeypatch.setenv("COSPEC_FUSED", flag)
+                got.append(generate_batch(target, proposer, [prompt[:6]], k=3,
+                                          max_new_tokens=24)[0])
+            assert got[0] == got[1] and len(got[0]) == 24
