@@ -212,6 +212,7 @@ class BatchLM:
         Its attention reads slots <= pos[i] whatever the span."""
         from cospec.fused import attention_mlp, rms_qkv_rope
 
+        pos = pos.contiguous()  # the kernels read it by address (a no-op for every caller's)
         x = F.embedding(ids, self.embed)
         cos, sin = self.cos[pos], self.sin[pos]
         for w, k_all, v_all in zip(self.layers, self.kc, self.vc):
