@@ -25,6 +25,15 @@ def settings_left_as_found():
     assert after == before, f"COSPEC_* settings changed by the test: {before} -> {after}"
 
 
+@pytest.fixture
+def interpret():
+    """The fused layers' CPU tests: triton's interpreter on CPU tensors, which must be asked
+    for in the environment the process starts with (TRITON_INTERPRET=1, see
+    test_fused.py); skipped otherwise."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tests need TRITON_INTERPRET=1 in the environment at start")
+
+
 @pytest.fixture(scope="session")
 def target():
     return tiny_model(1)

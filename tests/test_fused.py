@@ -36,13 +36,6 @@ ATOL = RTOL = 1e-5
 
 
 @pytest.fixture
-def interpret(monkeypatch):
-    """Interpreted kernels on CPU tensors (the CPU tests)."""
-    if not INTERPRETED:
-        pytest.skip("CPU tests need TRITON_INTERPRET=1 in the environment at start")
-
-
-@pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks smaller than the tiny shapes: several programs, loop trips and splits (the
     attention's too: never in one split)."""

@@ -5,26 +5,20 @@ As ``test_fused.py``, these run under triton's interpreter on CPU tensors
 (TRITON_INTERPRET=1 in the environment at start).
 """
 
-import os
-
 import pytest
 import torch
+from test_fused import ATOL, INTERPRETED, RTOL
 from tiny import tiny_model
 
 from cospec import fused
 from cospec.fast_batch import BatchLM, generate_batch
 from cospec.sampling import SamplingConfig
 
-pytest.importorskip("triton")
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-ATOL = RTOL = 1e-5
 
-
-@pytest.fixture
-def interpret(monkeypatch):
-    if not INTERPRETED:
-        pytest.skip("CPU tests need TRITON_INTERPRET=1 in the environment at start")
-    monkeypatch.setattr(fused, "SPLITS", 2)  # the interpreter's time grows with splits
+@pytest.fixture(autouse=True)
+def two_splits(monkeypatch):
+    """Two attention splits: the interpreter's time grows with splits x heads."""
+    monkeypatch.setattr(fused, "SPLITS", 2)
 
 
 @pytest.fixture

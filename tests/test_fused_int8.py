@@ -7,27 +7,18 @@ the unquantized layer's: a kernel that read the original weights would fail.
 """
 
 import copy
-import os
 import warnings
 
 import pytest
 import torch
-from test_fused import ATOL, RTOL, gemv_blocks, layer, rotary
+from test_fused import ATOL, INTERPRETED, RTOL, gemv_blocks, layer, rotary
 from tiny import tiny_model
 
 from cospec import fast, fused
 from cospec.acceptance import ExactRule
 from cospec.decoding import CachedLM, generate
 
-pytest.importorskip("triton")
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 PROJECTIONS = (1, 5, 8, 9)  # q/k/v, o_proj, gate/up, down_proj in Engine._layer's tuple
-
-
-@pytest.fixture
-def interpret():
-    if not INTERPRETED:
-        pytest.skip("CPU tests need TRITON_INTERPRET=1 in the environment at start")
 
 
 def int8_layer(w: tuple) -> tuple[tuple, tuple]:
