@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from test_fused import ATOL, INTERPRETED, RTOL, gemv_blocks, layer, rotary
+from test_fused import ATOL, INTERPRETED, RTOL, cuda_agreement, gemv_blocks, layer, rotary
 from tiny import tiny_model
 
 from cospec import fast, fused
@@ -259,12 +259,5 @@ def test_cuda_graphs(monkeypatch, dtype, hoist, pdl):
     fast.int8_weights(model)
     lm, ref = fast.StaticLM(model, max_len=128), CachedLM(dequantized_model(model))
     ids = torch.randint(2, 96, (60,), generator=torch.Generator().manual_seed(6)).tolist()
-    agree = rows = 0
-    with torch.inference_mode():
-        for a, b in fast.side_by_side(lm, ref, ids, start=12, steps=8, verify=6, reject=3,
-                                      every=2):
-            if dtype == torch.float32:
-                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-            rows += len(a)
-    assert lm.engine.layers8 is not None and lm.engine.graphs and agree >= 0.9 * rows
+    assert cuda_agreement(lm, ref, ids, 12, dtype) >= 0.9   # every forward <= 16 tokens
+    assert lm.engine.layers8 is not None and lm.engine.graphs
