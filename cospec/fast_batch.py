@@ -37,7 +37,11 @@ Rows join and leave between steps: ``submit`` queues a request; ``step`` prefill
 requests into free slots (all of them in one padded pass per model, up to
 ``PREFILL_TOKENS``; on CUDA that pass is padded to 2^i rows and 16·2^i tokens and replayed
 from that shape's CUDA graph, unless COSPEC_PREFILL says otherwise), runs one step for every
-live row and returns what each committed; a finished request frees its slot at once. A
+live row and returns what each committed; a finished request frees its slot at once. When
+the live requests and the queued ones would fit a smaller rows bucket than the highest slot
+in use asks, the requests above that count move down into free slots first (``_compact``:
+their K/V, state and draws go with them), so that a step computes no more rows than it
+needs, and a request left alone decodes in slot 0 (on the fused layers, where they run). A
 target-only step decodes ``ahead`` tokens a row before its one host read; with ``early`` the
 rows that joined in it get their first token sooner, copied out after the first forward.
 
@@ -469,6 +473,38 @@ class BatchEngine:
             self.slots[slot] = req
         return [slot for slot, _ in admitted]
 
+    def _compact(self) -> None:
+        """Where the live requests and those about to join would fit a smaller rows bucket
+        than the highest slot in use asks, move the live requests above that count into
+        the free slots below it (``_move``): a step computes rows 0..b-1, holes included,
+        and a lone request in slot 0 takes the fused one-row forwards (``BatchLM``).
+        Requests keep their ids, draws (seeded by row, not slot) and tokens."""
+        used = [i for i, r in enumerate(self.slots) if r is not None]
+        if not used:
+            return
+        wanted = min(len(used) + len(self.queue), self.rows)
+        if self._bucket(wanted - 1) >= self._bucket(used[-1]):
+            return
+        holes = (i for i in range(wanted) if self.slots[i] is None)
+        for src in [i for i in used if i >= wanted]:
+            self._move(src, next(holes))
+
+    def _move(self, src: int, dst: int) -> None:
+        """Request of slot ``src`` into the free slot ``dst``: its K/V (the positions a
+        step may have written) in every model, its per-slot state, CoS's pending token."""
+        req = self.slots[src]
+        need = min(self._reach(len(req.prompt) + len(req.tokens)), self.max_len)
+        for lm in self.models:
+            for cache in (*lm.kc, *lm.vc):
+                cache[dst, :, :need] = cache[src, :, :need]
+        for t in (self.n, self.last, self.prev, self.plen, self.seed, self.counter,
+                  self.overrides, self.temp, self.top_p, self.top_k, self.greedy, self.live):
+            t[dst] = t[src]
+        if self.cos is not None:
+            self.cos.move(src, dst)
+        self.slots[dst] = req
+        self._free(src)
+
     def _free(self, slot: int) -> None:
         self.slots[slot] = None
         self.live[slot] = False
@@ -499,6 +535,7 @@ class BatchEngine:
         request's first token waits for its whole first step."""
         with torch.inference_mode():
             t0 = clock(self.device)
+            self._compact()
             admitted = self._admit()
             t1 = clock(self.device)
             self.stats.prefill_s += t1 - t0

@@ -81,6 +81,13 @@ class CosStep:
         self.pend[slot] = False
         self.waiting[slot] = False
 
+    def move(self, src: int, dst: int) -> None:
+        """Slot ``src``'s pending token (and its verifiers' logits) into slot ``dst``."""
+        self.pend[dst], self.x[dst] = self.pend[src], self.x[src]
+        for rows_x in self.rows_x:
+            rows_x[dst] = rows_x[src]
+        self.waiting[dst] = self.waiting[src]
+
     def draws(self) -> int:
         """Uniforms per row and step: the pending test and recovery, k drafts, k tests and
         the token after them."""

@@ -367,6 +367,44 @@ def test_early_only_where_a_step_decodes_more(pair):
         assert got == batch1(target, proposer, prompts, budgets, ExactRule(), k=2)
 
 
+@pytest.mark.parametrize("method", ["target", "spd", "cospec", "cos-we"])
+def test_rows_move_down_when_the_bucket_shrinks(pair, near, method, monkeypatch):
+    """Four requests in four slots, the first three short: once they end, the long one in
+    slot 3 moves to slot 0 (a bucket of 1 row, not 4), its K/V and state with it, and its
+    tokens are those it gets alone in a one-slot engine, greedy and (but cospec) sampled,
+    seeded. Six
+    requests through three slots, ending at different steps: every move goes down, and
+    every request's tokens are its own alone."""
+    from cospec.cos import Combination
+
+    target, draft = pair
+    kw = {"target": {}, "spd": {"k": 3}, "cospec": {"k": 3, "policy": ConfidencePolicy(0.3)},
+          "cos-we": {"k": 3, "combo": Combination("we", (0.5, 0.5))}}[method]
+    proposer = None if method == "target" else near
+    moves, move = [], BatchEngine._move
+    monkeypatch.setattr(BatchEngine, "_move", lambda self, a, b: (moves.append((a, b)),
+                                                                   move(self, a, b)))
+    prompts = [prompt(20 + i, n) for i, n in enumerate((4, 6, 3, 9))]
+    budgets = [3, 5, 2, 30]
+    samplings = [SamplingConfig()] + ([SamplingConfig(temperature=1.0)]
+                                      if method != "cospec" else [])  # its arbiter: greedy
+    for sampling in samplings:
+        moves.clear()
+        got = generate_batch(target, proposer, prompts, max_new_tokens=budgets, rows=4,
+                             sampling=sampling, seeds=[7, 8, 9, 10], **kw)
+        assert moves == [(3, 0)]
+        alone = generate_batch(target, proposer, prompts[3:], max_new_tokens=budgets[3:],
+                               rows=1, sampling=sampling, seeds=[10], **kw)
+        assert got[3] == alone[0] and len(got[3]) == 30
+    more = [prompt(30 + i, 3 + i) for i in range(6)]
+    budgets = [2, 11, 4, 13, 6, 9]
+    moves.clear()
+    got = generate_batch(target, proposer, more, max_new_tokens=budgets, rows=3, **kw)
+    assert all(dst < src for src, dst in moves)
+    assert got == [generate_batch(target, proposer, [p], max_new_tokens=[m], rows=1, **kw)[0]
+                   for p, m in zip(more, budgets)]
+
+
 def test_submit_and_step(pair):
     """The scheduler API: requests join between steps into freed slots (lowest first), each
     step returns every live request's commit, a finished request leaves at once."""
