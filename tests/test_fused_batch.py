@@ -64,7 +64,8 @@ def test_one_row_logits_match_the_reference(interpret, fused_calls):
 def test_lone_request_tokens(interpret, monkeypatch, fused_calls, method):
     """A lone request (slot 0) decoded by the batch engine with the fused layers gives the
     reference engine's tokens, greedy and sampled (seeded), target-only and speculative;
-    two requests at once (two rows: the reference) too."""
+    two requests too: two rows on the reference until the first ends, then the second,
+    moved down to slot 0, on the fused layers."""
     target = tiny_model(11, dtype=torch.float32)
     draft = tiny_model(12, layers=1, dtype=torch.float32) if method == "spd" else None
     prompts = [[5, 17, 33, 2, 60, 41], [9, 3, 70, 12]]
@@ -73,15 +74,15 @@ def test_lone_request_tokens(interpret, monkeypatch, fused_calls, method):
     def run(flag: str, many: bool, sampling=None) -> list[list[int]]:
         monkeypatch.setenv("COSPEC_FUSED", flag)
         return generate_batch(target, draft, prompts if many else prompts[:1], k=3,
-                              max_new_tokens=10, graphs=False,
+                              max_new_tokens=[3, 10] if many else [10], graphs=False,
                               **({"sampling": sampling} if sampling else {}))
 
     for many in (False, True):
         for sampling in (None, sampled):
             want = run("0", many, sampling)
             fused_calls.clear()
-            assert run("1", many, sampling) == want and len(want[0]) == 10
-            assert bool(fused_calls) == (not many)
+            assert run("1", many, sampling) == want and len(want[-1]) == 10
+            assert fused_calls
 
 
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
