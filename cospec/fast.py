@@ -52,6 +52,7 @@ LEN_ROUND = 256     # engines' cache lengths are rounded up to this (fewer re-ca
 FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
 
 Weights = tuple  # one layer's tensors, see Engine._layer
+PROJECTIONS = (1, 5, 8, 9)  # a layer's q/k/v, o_proj, gate/up and down_proj in ``Weights``
 
 
 def supported(model: torch.nn.Module) -> bool:
@@ -245,7 +246,7 @@ class Engine:
             return None, None
         from cospec.fused import quantize
 
-        layers = [tuple(quantize(t) for t in (w[1], w[5], w[8], w[9])) for w in self.layers]
+        layers = [tuple(quantize(w[i]) for i in PROJECTIONS) for w in self.layers]
         return layers, quantize(self.head_w)
 
     def _weights(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -290,13 +291,8 @@ class Engine:
         x = self._embed(ids)
         cos, sin = self.cos[pos], self.sin[pos]
         if self.fused and not eager:  # cache writes inside qkv, mask from positions
-            for w, w8, kc, vc in zip(self.layers, self.layers8 or [None] * len(self.layers),
-                                     self.kc, self.vc):
-                q, _, _ = qkv(x, cos, sin, w, self.heads, self.kv_heads, self.eps,
-                              cache=(kc, vc, pos), w8=w8)
-                x = rest(x, q, kc, vc, None, w, self.scale, self.eps, self.group, pos=pos,
-                         w8=w8)
-            return x
+            return positioned_layers(self, x, cos, sin, pos, self.kc, self.vc, qkv, rest,
+                                     self.layers8)
         visible = self.slots[None, :] <= pos[:, None]                       # [n, L]
         bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         bias = bias.masked_fill(~visible, float("-inf")).repeat(self.heads // self.kv_heads, 1)
@@ -440,6 +436,22 @@ class Engine:
             self.device, self.pool, lambda: self._forward(self.ids[:n], self.start, eager=False))
         self.capture_s += time.perf_counter() - t0
         return graph, logits, hidden
+
+
+def positioned_layers(engine, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      pos: torch.Tensor, kc: list[torch.Tensor], vc: list[torch.Tensor],
+                      qkv: Callable, rest: Callable, copies: list | None = None
+                      ) -> torch.Tensor:
+    """``engine``'s layers (an ``Engine`` or ``fast_batch.BatchLM`` whose layers the fused
+    kernels take) over x [n, d] at positions pos [n], cos, sin [n, hd]: layer l's K/V go to
+    slots pos of kc[l], vc[l] [kv_heads, L, hd], token i attends slots <= pos[i]. ``qkv`` /
+    ``rest``: ``fused.rms_qkv_rope`` / ``attention_mlp`` or their drop-in wrappers;
+    ``copies``: each layer's int8 copies (``fused.Int8``), or None. -> [n, d]."""
+    for w, w8, k, v in zip(engine.layers, copies or [None] * len(engine.layers), kc, vc):
+        q, _, _ = qkv(x, cos, sin, w, engine.heads, engine.kv_heads, engine.eps,
+                      cache=(k, v, pos), w8=w8)
+        x = rest(x, q, k, v, None, w, engine.scale, engine.eps, pos=pos, w8=w8)
+    return x
 
 
 def fused_wanted(engine, flag: bool | None) -> bool:

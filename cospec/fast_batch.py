@@ -75,6 +75,7 @@ from cospec.fast import (
     clock,
     fused_wanted,
     layer_functions,
+    positioned_layers,
     prefill_mode,
     supported,
     to_host,
@@ -217,13 +218,9 @@ class BatchLM:
         from cospec.fused import attention_mlp, rms_qkv_rope
 
         pos = pos.contiguous()  # the kernels read it by address (a no-op for every caller's)
-        x = F.embedding(ids, self.embed)
-        cos, sin = self.cos[pos], self.sin[pos]
-        for w, k_all, v_all in zip(self.layers, self.kc, self.vc):
-            kc, vc = k_all[0], v_all[0]
-            q, _, _ = rms_qkv_rope(x, cos, sin, w, self.heads, self.kv_heads, self.eps,
-                                   cache=(kc, vc, pos))
-            x = attention_mlp(x, q, kc, vc, None, w, self.scale, self.eps, pos=pos)
+        x = positioned_layers(self, F.embedding(ids, self.embed), self.cos[pos], self.sin[pos],
+                              pos, [k[0] for k in self.kc], [v[0] for v in self.vc],
+                              rms_qkv_rope, attention_mlp)
         h = _rms(x, self.norm, self.eps)
         return (F.linear(h, self.head_w, self.head_b)[None] if head else None), h[None]
 

@@ -41,7 +41,7 @@ try:
 except ImportError:
     sys.exit(77)
 
-from cospec import fused, kernels
+from cospec import fast, fused, kernels
 from cospec.errors import CospecError
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
@@ -100,7 +100,7 @@ def record(cases: list[tuple], twins: bool = True, int8: bool = False) -> list[t
         w = (t(d), t(rows, d), t(rows), None, None, t(d, heads * hd), None, t(d),
              t(2 * inter, d), t(d, inter))
         w8 = (tuple(fused.Int8(t(*w[i].shape, dt=torch.int8), t(len(w[i]), dt=torch.float32))
-                    for i in (1, 5, 8, 9)) if way == "int8" else None)
+                    for i in fast.PROJECTIONS) if way == "int8" else None)
         x, pos = t(n, d), t(n, dt=torch.int64)
         kc, vc = t(kvh, 512, hd), t(kvh, 512, hd)
         q, _, _ = fused.rms_qkv_rope(x, t(n, hd), t(n, hd), w, heads, kvh, 1e-6,

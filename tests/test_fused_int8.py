@@ -17,8 +17,7 @@ from tiny import tiny_model
 from cospec import fast, fused
 from cospec.acceptance import ExactRule
 from cospec.decoding import CachedLM, generate
-
-PROJECTIONS = (1, 5, 8, 9)  # q/k/v, o_proj, gate/up, down_proj in Engine._layer's tuple
+from cospec.fast import PROJECTIONS
 
 
 def int8_layer(w: tuple) -> tuple[tuple, tuple]:
