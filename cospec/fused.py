@@ -180,6 +180,15 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "W8_GEMV_DOWN_BLOCK_K")
 
 
+# Settings that size a tile (triton's ``tl.arange``) or a launch's warps: a power of two
+# (the W8_ ones 0 too: the bf16 launches' value).
+POWERS_OF_TWO = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K",
+                 "ATTN_BLOCK_S", "SPLITS", "NUM_WARPS", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N",
+                 "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K", "GEMV_WARPS",
+                 "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
+                 "W8_GEMV_DOWN_BLOCK_K")
+
+
 class Int8(NamedTuple):
     """A weight w [rows, k] kept as int8 ``q`` [rows, k] and float32 ``s`` [rows], one scale
     a row: w ~ q * s[:, None] (``quantize``). The kernels multiply a row's sums by its scale
@@ -206,14 +215,20 @@ def dequantized(w8: Int8, dtype: torch.dtype) -> torch.Tensor:
 
 
 def configure(items: list[str]) -> None:
-    """Apply settings given as "NAME=VALUE" (NAME one of TUNABLE, VALUE an integer) to this
-    module for the rest of the process: how scripts such as ``prof_fused.py`` take them."""
+    """Apply settings given as "NAME=VALUE" (NAME one of TUNABLE, VALUE an integer, a power of
+    two for POWERS_OF_TWO) to this module for the rest of the process: how scripts such as
+    ``prof_fused.py`` take them. A CospecError names the first bad one."""
     for item in items:
         name, _, value = item.partition("=")
         if name not in TUNABLE or not value.lstrip("-").isdigit():
             raise CospecError(f"fused setting {item!r}: NAME=INTEGER, NAME one of "
                               f"{', '.join(TUNABLE)}")
-        globals()[name] = int(value)
+        number = int(value)
+        if name in POWERS_OF_TWO and not (number > 0 and number & (number - 1) == 0
+                                          or number == 0 and name.startswith("W8_")):
+            raise CospecError(f"fused setting {item!r}: {name} is a power of two"
+                              + (" (or 0)" if name.startswith("W8_") else ""))
+        globals()[name] = number
 
 
 def mode(flag: bool | None = None) -> str:

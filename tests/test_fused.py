@@ -328,8 +328,10 @@ def test_settings(monkeypatch):
     GEMV_MAX_REGS the one-row launches' of hidden sizes of GEMV_CAP_BLOCKS..GEMV_UNROLL
     blocks, MAX_REGS where 0 or elsewhere; PDL only on a Hopper GPU, uninterpreted, for
     models whose one-row reductions unroll; HOIST = 2 only where PDL is set and the one-row
-    launches are uncapped); bad ones are refused with the accepted names."""
-    for name in ("NUM_WARPS", "HOIST", "MAX_REGS", "GEMV_MAX_REGS", "PDL"):
+    launches are uncapped); bad ones are refused with the accepted names, tile and warp sizes
+    that are no power of two (the W8_ tiles 0 too) before triton sees them."""
+    for name in ("NUM_WARPS", "HOIST", "MAX_REGS", "GEMV_MAX_REGS", "PDL", "W8_GEMV_BLOCK_K",
+                 "HEAD_BLOCK_N", "ATTN_TILE"):
         monkeypatch.setattr(fused, name, getattr(fused, name))  # restored after the test
     cpu = torch.device("cpu")
     assert "maxnreg" not in fused._launch(cpu)                   # 0: the compiler's choice
@@ -369,6 +371,11 @@ def test_settings(monkeypatch):
     for bad in ("WARPS=8", "HOIST=yes", "HOIST"):
         with pytest.raises(CospecError, match="NUM_WARPS"):
             fused.configure([bad])
+    for bad in ("HEAD_BLOCK_N=6", "GEMV_BLOCK_K=0", "NUM_WARPS=-4", "W8_GEMV_BLOCK_K=3"):
+        with pytest.raises(CospecError, match="power of two"):
+            fused.configure([bad])
+    fused.configure(["W8_GEMV_BLOCK_K=0", "HEAD_BLOCK_N=16", "ATTN_TILE=1000"])
+    assert (fused.W8_GEMV_BLOCK_K, fused.HEAD_BLOCK_N, fused.ATTN_TILE) == (0, 16, 1000)
 
 
 def test_drop_in_functions_fall_back(interpret):
