@@ -58,6 +58,11 @@
 #   launch  the GPU's floors for a few-row step (scripts/prof_launch.py, toy kernels): µs a
 #           launch under a graph, a weight-reading kernel's fixed cost and bandwidth, and a
 #           persistent kernel over a 0.5B's 24 layers with a grid barrier between phases
+#   block   one greedy spd block (fast_block's graph) with the draft's bf16 weights and with
+#           its int8 copies, beside the target's step (scripts/prof_block.py; random 0.5B
+#           draft, 1.5B target, no weights; into block${BLOCK_TAG:+-TAG}; BLOCK_PREFIX
+#           positions, default 100,300): the int8 draft's share of a block, and the bound
+#           it puts on spd
 #   overlap draft steps beside the verify on two streams against one after the other
 #           (scripts/prof_overlap.py; random 0.5B draft, 1.5B target, no weights; into
 #           overlap${OVERLAP_TAG:+-TAG}; OVERLAP_PREFIX positions, default 100,300)
@@ -159,6 +164,12 @@ stage_overlap() {  # draft steps beside the verify (scripts/prof_overlap.py)
     local out="$R/overlap${OVERLAP_TAG:+-$OVERLAP_TAG}"
     [ -e "$out/prof_overlap.json" ] || timeout "${OVERLAP_S:-300}" python3 \
         scripts/prof_overlap.py --out "$out" --prefix "${OVERLAP_PREFIX:-100,300}" 2>&1 | tail -20
+}
+
+stage_block() {  # one speculative block's cost, bf16 and int8 draft (scripts/prof_block.py)
+    local out="$R/block${BLOCK_TAG:+-$BLOCK_TAG}"
+    [ -e "$out/prof_block.json" ] || timeout "${BLOCK_S:-300}" python3 \
+        scripts/prof_block.py --out "$out" --prefix "${BLOCK_PREFIX:-100,300}" 2>&1 | tail -12
 }
 
 stage_launch() {  # GPU floors: launches, streaming reads, a persistent kernel's barriers

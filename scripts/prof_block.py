@@ -1,0 +1,159 @@
+"""What one speculative block costs on the GPU, weights aside: the draft in bf16 against the
+draft's int8 copies (``fast.int8_weights``), beside the target's one-row step.
+
+    PYTHONPATH=. python scripts/prof_block.py --out DIR [--draft 0.5b] [--target 1.5b]
+        [--k 5] [--prefix 100,300] [--reps 200] [--tau 4.97,5.69]
+
+On random-weight Qwen2.5 shapes (bf16, batch 1, fused layers, no weights to load), at cache
+position ``--prefix``, for each draft (its model's own bf16 weights, then its int8 copies):
+
+- the steps alone (each one CUDA graph): the draft's one-row and two-row steps, the target's
+  one-row step and its verify over k + 1 rows;
+- the whole block as ``cospec.fast_block`` runs it for greedy spd (``BlockGraph``: the
+  draft's two-row first step, k - 1 one-row steps, the verify and the acceptance, one CUDA
+  graph), its position reset before every replay (a one-element copy, included);
+- the block's bound on spd's speed-up: τ × target step ÷ block for each ``--tau`` (tokens a
+  block; the defaults are spd's τ at k = 5 on GSM8K heldout and HumanEval, from
+  results/gpu/h200/speed-fused-block-graph). It leaves out the prefills and the host, so a
+  measured spd sits below it (there, at 1.15× / 1.22× against bounds of ≈ 1.27×).
+
+Random weights draft and verify the same kernels as real ones; only the acceptance differs,
+which the bound takes from ``--tau``. Writes DIR/prof_block.json and DIR/prof_block.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_speed import random_model  # noqa: E402
+
+from cospec import fast, fast_block  # noqa: E402
+
+DRAFTS = ("bf16", "int8")
+
+
+def timed(launch, reps: int) -> float:
+    """ms per call of ``launch()`` (which queues GPU work and returns), over ``reps`` calls
+    after 10 untimed ones."""
+    for _ in range(10):
+        launch()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        launch()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def step(eng: fast.Engine, n: int, prefix: int):
+    """The replay of ``eng``'s n-row step graph at position ``prefix`` (captured here)."""
+    eng.run(list(range(2000, 2000 + n)), prefix)
+    return eng.graphs[n][0].replay
+
+
+def engine(model: torch.nn.Module, room: int, prefix: int) -> fast.Engine:
+    """A fused engine of ``model`` with ``prefix`` tokens in its cache."""
+    eng = fast.Engine(model, room, fused=True)
+    if not eng.fused or not eng.use_graphs:
+        sys.exit("prof_block.py: the fused layers under CUDA graphs are needed (a Hopper GPU)")
+    eng.run(list(range(1000, 1000 + prefix)), 0)
+    return eng
+
+
+def measure(tgt_model: torch.nn.Module, drafts: dict[str, torch.nn.Module], k: int,
+            prefix: int, reps: int) -> dict:
+    """The module docstring's times at one position, in ms: the target's steps, then per
+    draft (DRAFTS: the same weights, the second model marked by ``fast.int8_weights``) its
+    steps and its block."""
+    room = prefix + 4 * (k + 1) + 16
+    tgt = engine(tgt_model, room, prefix)
+    out = {"target_1_row_ms": timed(step(tgt, 1, prefix), reps),
+           f"verify_{k + 1}_rows_ms": timed(step(tgt, k + 1, prefix), reps)}
+    for kind in DRAFTS:
+        drf = engine(drafts[kind], room, prefix)
+        row = {"draft_1_row_ms": timed(step(drf, 1, prefix), reps),
+               "draft_2_rows_ms": timed(step(drf, 2, prefix), reps)}
+        whole = fast_block.BlockGraph(tgt, drf, k)
+        whole.seq[:prefix] = torch.arange(1000, 1000 + prefix, device=whole.seq.device)
+
+        def one_block(whole=whole) -> None:
+            whole.length.fill_(prefix)
+            whole.run()
+
+        row["block_ms"] = timed(one_block, reps)
+        out[kind] = row
+        print(prefix, kind, row, flush=True)
+        del whole, drf
+    del tgt
+    torch.cuda.empty_cache()
+    return out
+
+
+def markdown(out: dict) -> str:
+    k, taus = out["k"], out["tau"]
+    lines = [f"# One speculative block's cost, bf16 and int8 draft ({out['device']}, batch 1)",
+             "", f"Command: `{out['command']}`", "",
+             f"Draft {out['draft']}, target {out['target']} (random weights, fused layers, "
+             f"every step and the block one CUDA graph), k = {k}; machine load {out['load']}. "
+             "Bound: τ × target step ÷ block (no prefill, no host).", ""]
+    head = " | ".join(f"bound at τ {t}" for t in taus)
+    lines += [f"| position | draft | draft 1 row ms | 2 rows ms | target 1 row ms | verify "
+              f"{k + 1} rows ms | block ms | block ÷ bf16's | {head} |",
+              "|---" * (8 + len(taus)) + "|"]
+    for prefix, r in out["prefix"].items():
+        t1 = r["target_1_row_ms"]
+        for kind in DRAFTS:
+            d = r[kind]
+            bounds = " | ".join(f"{t * t1 / d['block_ms']:.2f}×" for t in taus)
+            lines.append(f"| {prefix} | {kind} | {d['draft_1_row_ms']:.3f} | "
+                         f"{d['draft_2_rows_ms']:.3f} | {t1:.3f} | "
+                         f"{r[f'verify_{k + 1}_rows_ms']:.3f} | {d['block_ms']:.3f} | "
+                         f"{d['block_ms'] / r['bf16']['block_ms']:.3f} | {bounds} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--draft", default="0.5b")
+    p.add_argument("--target", default="1.5b")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--prefix", default="100,300")
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--tau", default="4.97,5.69", help="tokens a block, for the bound")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("prof_block.py: needs a CUDA GPU")
+    if args.k < 1 or args.reps < 1:
+        sys.exit("prof_block.py: --k and --reps are at least 1")
+    try:
+        prefixes = [int(x) for x in args.prefix.split(",")]
+        taus = [float(x) for x in args.tau.split(",")]
+    except ValueError:
+        sys.exit("prof_block.py: --prefix takes integers, --tau numbers, comma-separated")
+    tgt_model = random_model(args.target)
+    drafts = {kind: random_model(args.draft) for kind in DRAFTS}  # one seed: equal weights
+    fast.int8_weights(drafts["int8"])
+    out = {"command": "python scripts/prof_block.py " + " ".join(sys.argv[1:]),
+           "device": torch.cuda.get_device_name(), "draft": args.draft,
+           "target": args.target, "k": args.k, "tau": taus, "reps": args.reps,
+           "load": " ".join(f"{x:.2f}" for x in os.getloadavg()), "prefix": {}}
+    with torch.inference_mode():
+        for prefix in prefixes:
+            out["prefix"][prefix] = measure(tgt_model, drafts, args.k, prefix, args.reps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "prof_block.json").write_text(json.dumps(out, indent=1))
+    (args.out / "prof_block.md").write_text(markdown(out))
+    print(markdown(out))
+
+
+if __name__ == "__main__":
+    main()
