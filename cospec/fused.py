@@ -340,16 +340,34 @@ def split_k(tiles: int, blocks: int, asked: int, device: torch.device) -> tuple[
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+# Counter buffers outgrown or set aside (``fresh_counters``), kept for the process: a CUDA graph
+# captured on one reads it at every replay, and a graph keeps none of its tensors alive (freed,
+# its memory would go to other tensors, which the graph's split-K launches would then count
+# in). An int8 lm_head's one-row launch (151,936 rows: 18,992 tiles) outgrows the first one
+# after the target's graphs are captured.
+_RETIRED: list[torch.Tensor] = []
 
 
 def counters(device: torch.device, size: int) -> torch.Tensor:
-    """Split-K tile counters of ``device``: int32 zeros, kept (the kernels leave them zero).
-    Made on the first (eager) call of a shape, before any CUDA graph captures it."""
+    """Split-K tile counters of ``device``: int32 zeros, kept (the kernels leave them zero),
+    at least ``size``. Made on the first (eager) call of a shape, before any CUDA graph
+    captures it; a buffer outgrown stays alive (``_RETIRED``)."""
     have = _COUNTERS.get(device)
     if have is None or len(have) < size:
+        if have is not None:
+            _RETIRED.append(have)
         have = _COUNTERS[device] = torch.zeros(max(size, 4096), dtype=torch.int32,
                                                device=device)
     return have
+
+
+def fresh_counters(device: torch.device) -> None:
+    """Let the launches on ``device`` from now on take a new counter buffer (the one before
+    kept: graphs captured on it still read it). For kernels that run at the same time, on
+    two streams: sharing counters, they would mix their counts."""
+    have = _COUNTERS.pop(device, None)
+    if have is not None:
+        _RETIRED.append(have)
 
 
 def _workspace(x: torch.Tensor, splits: int, width: int) -> torch.Tensor:

@@ -45,7 +45,7 @@ def engine(size: str, room: int, prefix: int, rows: list[int]) -> tuple[fast.Eng
     step graph of each row count in ``rows`` captured at that position on split-K counters
     of its own: (engine, {rows: graph})."""
     dev = torch.device("cuda")
-    fused._COUNTERS.pop(dev, None)  # a fresh buffer, which this engine's graphs keep
+    fused.fresh_counters(dev)  # a buffer of its own for this engine's graphs
     eng = fast.Engine(random_model(size), room, fused=True)
     if not eng.fused:
         sys.exit(f"{size}: fused layers unavailable: {fused.unsupported(eng)}")

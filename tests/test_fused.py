@@ -11,10 +11,12 @@ on CPU: compiled (not interpreted) kernels, CUDA graph capture and bfloat16 roun
 a dependency of the package).
 """
 
+import gc
 import os
 import subprocess
 import sys
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -376,6 +378,30 @@ def test_settings(monkeypatch):
             fused.configure([bad])
     fused.configure(["W8_GEMV_BLOCK_K=0", "HEAD_BLOCK_N=16", "ATTN_TILE=1000"])
     assert (fused.W8_GEMV_BLOCK_K, fused.HEAD_BLOCK_N, fused.ATTN_TILE) == (0, 16, 1000)
+
+
+def test_counter_buffers_outlive_the_graphs_captured_on_them(monkeypatch):
+    """A split-K counter buffer outgrown (an int8 lm_head's 18,992 tiles, say) or set aside by
+    ``fresh_counters`` stays alive: the CUDA graphs captured on it read it at every replay
+    and keep no tensor alive themselves, so freed it would be someone else's memory."""
+    monkeypatch.setattr(fused, "_COUNTERS", {})
+    monkeypatch.setattr(fused, "_RETIRED", [])
+    cpu = torch.device("cpu")
+    first = fused.counters(cpu, 10)
+    assert len(first) == 4096 and not first.any() and fused.counters(cpu, 4096) is first
+    handed = weakref.ref(first)
+    del first
+    bigger = fused.counters(cpu, 18992)
+    assert len(bigger) == 18992 and fused.counters(cpu, 100) is bigger
+    gc.collect()
+    assert handed() is not None                       # outgrown, not freed
+    fused.fresh_counters(cpu)
+    fresh = fused.counters(cpu, 10)
+    assert fresh is not bigger and len(fresh) == 4096
+    set_aside = weakref.ref(bigger)
+    del bigger
+    gc.collect()
+    assert set_aside() is not None                    # set aside, not freed
 
 
 def test_drop_in_functions_fall_back(interpret):
