@@ -72,7 +72,7 @@
 #           cospec and cos-we against target-only (FSPEED_METHODS picks; spd-graph-int8 and
 #           spd-block-int8: those with the draft's int8 weights)
 #           (FSPEED_SET=NAME=V+NAME=V.. fused settings, FSPEED_K draft tokens a block
-#           (default 5), into speed-fused-$FSPEED_TAG)
+#           (default 5), into speed-fused-$FSPEED_TAG, its whole log beside it in .log)
 #   uspeed  the user's path: cospec eval's batch-1 speed pass (target, spd; k = 5, 256 new
 #           tokens, the first 20 problems of USPEED_TASK, default gsm8k heldout) twice, with
 #           COSPEC_SPD_BLOCK=0 (spd in cospec.decoding's loop) and 1 (cospec.fast_block's
@@ -197,11 +197,13 @@ stage_uspeed() {  # cospec eval's speed pass, spd in the host loop and on the de
 }
 
 stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, fused layers
+    local out="$R/speed-fused${FSPEED_TAG:+-$FSPEED_TAG}"  # whole log: $out.log
+    mkdir -p "$out"
     COSPEC_FUSED=${FSPEED_FUSED:-auto} timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py \
-        --out "$R/speed-fused${FSPEED_TAG:+-$FSPEED_TAG}" \
-        --parts "${PARTS:-pair,pair:humaneval:0}" --prompts 20 --k "${FSPEED_K:-5}" \
-        --methods "${FSPEED_METHODS:-spd,spd-block,spd-graph,cospec,cos-we}" \
-        $(sets --fused-set "${FSPEED_SET:-}") 2>&1 | grep -v "^[0-9]* {" | tail -30
+        --out "$out" --parts "${PARTS:-pair,pair:humaneval:0}" --prompts 20 \
+        --k "${FSPEED_K:-5}" --methods "${FSPEED_METHODS:-spd,spd-block,spd-graph,cospec,cos-we}" \
+        $(sets --fused-set "${FSPEED_SET:-}") 2>&1 | tee "$out.log" | grep -v "^[0-9]* {" \
+        | grep -v "^frame #" | tail -30
 }
 
 load_test() {  # scripts/load_test.py within $SERVE_S seconds, with fastapi and uvicorn from

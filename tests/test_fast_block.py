@@ -6,11 +6,13 @@ is present, through CUDA graphs on a GPU: the steps' graphs, or each block one g
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tiny import tiny_model
 
-from cospec import fast_block
+from cospec import fast, fast_block, fused
 from cospec.acceptance import ExactRule
 from cospec.decoding import generate
 from cospec.errors import CospecError
@@ -151,3 +153,28 @@ def test_greedy_spd_streams_from_the_block_graph_on_the_gpu(monkeypatch):
         prompt, k=3, max_new_tokens=30, sampling=SamplingConfig(), eos_ids=())
     assert [t.id for t in got] == want
     assert sum(len(ks) for by_draft in fast_block._GRAPHS.values() for ks in by_draft.values()) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int8_draft_after_the_targets_graphs(monkeypatch):
+    """On a GPU, as ``scripts/gpu_speed.py`` runs the real pair: the target's graphs captured
+    with a bf16 draft, then an int8 copy of that draft (``fast.int8_weights``) after the
+    split-K counters were outgrown (the real pair's int8 lm_head does it; forced here), then
+    the bf16 draft again: each block graph gives the target's plain greedy tokens (float32),
+    from a prompt long enough for the prefill graphs."""
+    monkeypatch.setenv("COSPEC_FUSED", "1")
+    fast_block._GRAPHS.clear()
+    target, draft = tiny_model(11, dtype=torch.float32).cuda(), drafts("cuda")["near"]
+    prompt = [3 + i % 80 for i in range(40)]
+    want = [t.id for t in generate(target, None, prompt, ExactRule(), max_new_tokens=30)]
+
+    def spd(proposer):
+        return fast_block.spd_greedy(target, proposer, prompt, k=5, max_new_tokens=30,
+                                     graph=True)
+
+    assert spd(draft) == want
+    draft8 = copy.deepcopy(draft)
+    fast.int8_weights(draft8)
+    fused.counters(torch.device("cuda", 0), 10 ** 5)
+    assert spd(draft8) == want and spd(draft) == want
+    assert all(e.layers8 is not None for e in fast.engines(draft8))
