@@ -135,6 +135,9 @@ def test_int8_launches_take_their_own_tiles(monkeypatch):
         return [(name, c["BLOCK_K"], c.get("BLOCK_N", c.get("BLOCK_C"))) for name, c in calls
                 if name != "attend"]
 
+    for name in ("W8_GEMV_BLOCK_K", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N",
+                 "W8_GEMV_DOWN_BLOCK_K"):
+        monkeypatch.setattr(fused, name, 0)  # 0: the bf16 launches' tiles
     f = fused  # the defaults (blocks within the 896 / 4864 reductions)
     bf16 = [("rms_qkv_rope", f.GEMV_BLOCK_K, f.GEMV_QKV_BLOCK_C),
             ("down_residual", f.GEMV_DOWN_BLOCK_K, f.GEMV_OUT_BLOCK_N),
