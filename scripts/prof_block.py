@@ -27,30 +27,17 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_speed import random_model  # noqa: E402
+from prof_overlap import timed  # noqa: E402
 
 from cospec import fast, fast_block  # noqa: E402
 
 DRAFTS = ("bf16", "int8")
-
-
-def timed(launch, reps: int) -> float:
-    """ms per call of ``launch()`` (which queues GPU work and returns), over ``reps`` calls
-    after 10 untimed ones."""
-    for _ in range(10):
-        launch()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        launch()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps * 1e3
 
 
 def step(eng: fast.Engine, n: int, prefix: int):
