@@ -245,6 +245,8 @@ def finish(out: dict) -> dict:
     put the first ranked (without: the only) into the main table as fused/n=N."""
     if "grid_axes" in out:
         out["ranking"] = ranking(out)
+        if any(res.get("grid8") for res in out["sizes"].values()):
+            out["ranking8"] = ranking(out, "grid8")  # the int8 engine's own
     best = out["ranking"][0]["settings"] if "grid_axes" in out else {}
     for res in out["sizes"].values():
         for key in ("grid", "grid8"):
@@ -259,12 +261,13 @@ def brief(r: dict) -> dict:
     return {k: v for k, v in r.items() if k not in ("logits", "profile")}
 
 
-def ranking(out: dict) -> list[dict]:
+def ranking(out: dict, key: str = "grid") -> list[dict]:
     """The grid's combinations by the geometric mean of fused ÷ reference over every size and
-    row count, fastest first."""
+    row count, fastest first: of the bf16 fused engine (``key`` "grid") or the int8 one
+    ("grid8")."""
     speeds: dict[str, list] = {}
     for res in out["sizes"].values():
-        for r in res["grid"]:
+        for r in res.get(key, []):
             speeds.setdefault(json.dumps(r["settings"]), []).append(r["speedup"])
     most = max(map(len, speeds.values()), default=0)  # combinations measured everywhere
     speeds = {k: v for k, v in speeds.items() if len(v) == most}
@@ -303,12 +306,16 @@ def markdown(out: dict) -> str:
     lines += profile_tables(out)
     if "ranking" not in out:
         return "\n".join(lines) + "\n"
-    lines += ["", f"Grid ({' '.join('--grid ' + g for g in out['grid_axes'])}; "
-              f"{out['grid_reps']} replays each; settings on top of the blocks above), "
-              "ranked by the geometric mean of fused ÷ reference over sizes and rows:", "",
-              "| rank | settings | geomean fused ÷ reference | worst |", "|---|---|---|---|"]
-    lines += [f"| {i + 1} | {settings(r['settings'])} | {r['geomean_speedup']:.3f}× | "
-              f"{r['worst_speedup']:.3f}× |" for i, r in enumerate(out["ranking"])]
+    for key, engine in (("ranking", "the bf16 fused engine"), ("ranking8", "the int8 engine")):
+        if key not in out:
+            continue
+        lines += ["", f"Grid ({' '.join('--grid ' + g for g in out['grid_axes'])}; "
+                  f"{out['grid_reps']} replays each; settings on top of the blocks above), "
+                  f"{engine} ranked by the geometric mean of its ÷ reference over sizes and "
+                  "rows:", "",
+                  "| rank | settings | geomean ÷ reference | worst |", "|---|---|---|---|"]
+        lines += [f"| {i + 1} | {settings(r['settings'])} | {r['geomean_speedup']:.3f}× | "
+                  f"{r['worst_speedup']:.3f}× |" for i, r in enumerate(out[key])]
     lines += ["", "Every combination, fastest first per model and rows:", "",
               "| model | rows | settings | ms / step | % of HBM roofline | fused ÷ reference | "
               "max abs logit diff | argmax agree |", "|---|---|---|---|---|---|---|---|"]

@@ -74,3 +74,21 @@ def test_bad_arguments_are_named_before_the_gpu_check(monkeypatch, tmp_path, arg
     with pytest.raises(SystemExit) as exit_:
         prof_fused.main()
     assert message in str(exit_.value)
+
+
+def test_an_int8_grid_is_ranked_on_the_int8_engine():
+    """With --int8 the grid's combinations are ranked twice: on the bf16 fused engine
+    ("ranking", which W8_ settings do not touch) and on the int8 engine ("ranking8")."""
+    def row(a, n, speedup):
+        return {"settings": {"W8_GEMV_BLOCK_K": a}, "n": n, "speedup": speedup,
+                "ms_per_step": 1 / speedup}
+
+    out = {"grid_axes": ["W8_GEMV_BLOCK_K=0,512"], "sizes": {"0.5b": {
+        "grid": [row(0, 1, 2.01), row(512, 1, 2.0)],
+        "grid8": [row(0, 1, 2.4), row(512, 1, 2.6)]}}}
+    prof_fused.finish(out)
+    assert [r["settings"]["W8_GEMV_BLOCK_K"] for r in out["ranking"]] == [0, 512]
+    assert [r["settings"]["W8_GEMV_BLOCK_K"] for r in out["ranking8"]] == [512, 0]
+    assert out["ranking8"][0]["geomean_speedup"] == pytest.approx(2.6)
+    assert "ranking8" not in prof_fused.finish({"grid_axes": ["X=1"], "sizes": {
+        "0.5b": {"grid": [row(0, 1, 2.0)]}}})
