@@ -148,7 +148,7 @@ stage_fused() {  # the fused layers against the reference fast path, random Qwen
     [ -e "$out/prof_fused.json" ] || timeout "${FUSED_S:-300}" python3 scripts/prof_fused.py \
         --out "$out" --sizes "${FUSED_SIZES:-0.5b,1.5b,7b}" --rows "${FUSED_ROWS:-1,5}" \
         --prefix "${FUSED_PREFIX:-100}" ${FUSED_INT8:+--int8} \
-        $(sets --set "${FUSED_SET:-}") 2>&1 | tail -30
+        $(sets --set "${FUSED_SET:-}") 2>&1 | tee "$out.log" | tail -30
 }
 
 stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME=..)
@@ -157,7 +157,7 @@ stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME
         scripts/prof_fused.py --out "$out" --sizes "${FGRID_SIZES:-0.5b,1.5b}" \
         --rows "${FUSED_ROWS:-1,5}" --prefix "${FUSED_PREFIX:-100}" ${FUSED_INT8:+--int8} \
         $(sets --grid "${FGRID:-MAX_REGS=0,128+BLOCK_K=64,128+PROGRAMS_PER_SM=4,6}") \
-        --grid-reps 200 2>&1 | tail -30
+        --grid-reps 200 2>&1 | tee "$out.log" | tail -30
 }
 
 stage_overlap() {  # draft steps beside the verify (scripts/prof_overlap.py)
@@ -169,7 +169,8 @@ stage_overlap() {  # draft steps beside the verify (scripts/prof_overlap.py)
 stage_block() {  # one speculative block's cost, bf16 and int8 draft (scripts/prof_block.py)
     local out="$R/block${BLOCK_TAG:+-$BLOCK_TAG}"
     [ -e "$out/prof_block.json" ] || timeout "${BLOCK_S:-300}" python3 \
-        scripts/prof_block.py --out "$out" --prefix "${BLOCK_PREFIX:-100,300}" 2>&1 | tail -12
+        scripts/prof_block.py --out "$out" --prefix "${BLOCK_PREFIX:-100,300}" 2>&1 \
+        | tee "$out.log" | tail -12
 }
 
 stage_launch() {  # GPU floors: launches, streaming reads, a persistent kernel's barriers
