@@ -357,8 +357,7 @@ def counters(device: torch.device, size: int) -> torch.Tensor:
     captures it; a buffer outgrown stays alive (``_RETIRED``)."""
     have = _COUNTERS.get(device)
     if have is None or len(have) < size:
-        if have is not None:
-            _RETIRED.append(have)
+        fresh_counters(device)
         have = _COUNTERS[device] = torch.zeros(max(size, 4096), dtype=torch.int32,
                                                device=device)
     return have

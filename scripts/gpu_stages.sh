@@ -199,12 +199,11 @@ stage_uspeed() {  # cospec eval's speed pass, spd in the host loop and on the de
 
 stage_fspeed() {  # the real pair's spd, cospec and cos-we against target-only, fused layers
     local out="$R/speed-fused${FSPEED_TAG:+-$FSPEED_TAG}"  # whole log: $out.log
-    mkdir -p "$out"
     COSPEC_FUSED=${FSPEED_FUSED:-auto} timeout "${FSPEED_S:-400}" python3 scripts/gpu_speed.py \
         --out "$out" --parts "${PARTS:-pair,pair:humaneval:0}" --prompts 20 \
         --k "${FSPEED_K:-5}" --methods "${FSPEED_METHODS:-spd,spd-block,spd-graph,cospec,cos-we}" \
-        $(sets --fused-set "${FSPEED_SET:-}") 2>&1 | tee "$out.log" | grep -v "^[0-9]* {" \
-        | grep -v "^frame #" | tail -30
+        $(sets --fused-set "${FSPEED_SET:-}") 2>&1 | tee "$out.log" \
+        | grep -v -e "^[0-9]* {" -e "^frame #" | tail -30
 }
 
 load_test() {  # scripts/load_test.py within $SERVE_S seconds, with fastapi and uvicorn from

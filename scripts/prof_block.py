@@ -23,7 +23,6 @@ which the bound takes from ``--tau``. Writes DIR/prof_block.json and DIR/prof_bl
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -33,26 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_speed import random_model  # noqa: E402
-from prof_overlap import timed  # noqa: E402
+from prof_overlap import engine, pair_args, pair_parser, timed  # noqa: E402
 
 from cospec import fast, fast_block  # noqa: E402
 
 DRAFTS = ("bf16", "int8")
-
-
-def step(eng: fast.Engine, n: int, prefix: int):
-    """The replay of ``eng``'s n-row step graph at position ``prefix`` (captured here)."""
-    eng.run(list(range(2000, 2000 + n)), prefix)
-    return eng.graphs[n][0].replay
-
-
-def engine(model: torch.nn.Module, room: int, prefix: int) -> fast.Engine:
-    """A fused engine of ``model`` with ``prefix`` tokens in its cache."""
-    eng = fast.Engine(model, room, fused=True)
-    if not eng.fused or not eng.use_graphs:
-        sys.exit("prof_block.py: the fused layers under CUDA graphs are needed (a Hopper GPU)")
-    eng.run(list(range(1000, 1000 + prefix)), 0)
-    return eng
 
 
 def measure(tgt_model: torch.nn.Module, drafts: dict[str, torch.nn.Module], k: int,
@@ -61,13 +45,13 @@ def measure(tgt_model: torch.nn.Module, drafts: dict[str, torch.nn.Module], k: i
     draft (DRAFTS: the same weights, the second model marked by ``fast.int8_weights``) its
     steps and its block."""
     room = prefix + 4 * (k + 1) + 16
-    tgt = engine(tgt_model, room, prefix)
-    out = {"target_1_row_ms": timed(step(tgt, 1, prefix), reps),
-           f"verify_{k + 1}_rows_ms": timed(step(tgt, k + 1, prefix), reps)}
+    tgt, tg = engine(tgt_model, room, prefix, [1, k + 1])
+    out = {"target_1_row_ms": timed(tg[1].replay, reps),
+           f"verify_{k + 1}_rows_ms": timed(tg[k + 1].replay, reps)}
     for kind in DRAFTS:
-        drf = engine(drafts[kind], room, prefix)
-        row = {"draft_1_row_ms": timed(step(drf, 1, prefix), reps),
-               "draft_2_rows_ms": timed(step(drf, 2, prefix), reps)}
+        drf, dg = engine(drafts[kind], room, prefix, [1, 2])
+        row = {"draft_1_row_ms": timed(dg[1].replay, reps),
+               "draft_2_rows_ms": timed(dg[2].replay, reps)}
         whole = fast_block.BlockGraph(tgt, drf, k)
         whole.seq[:prefix] = torch.arange(1000, 1000 + prefix, device=whole.seq.device)
 
@@ -78,8 +62,8 @@ def measure(tgt_model: torch.nn.Module, drafts: dict[str, torch.nn.Module], k: i
         row["block_ms"] = timed(one_block, reps)
         out[kind] = row
         print(prefix, kind, row, flush=True)
-        del whole, drf
-    del tgt
+        del whole, drf, dg
+    del tgt, tg
     torch.cuda.empty_cache()
     return out
 
@@ -108,24 +92,16 @@ def markdown(out: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--draft", default="0.5b")
-    p.add_argument("--target", default="1.5b")
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--prefix", default="100,300")
-    p.add_argument("--reps", type=int, default=200)
+    p = pair_parser(__doc__.split("\n")[0])
     p.add_argument("--tau", default="4.97,5.69", help="tokens a block, for the bound")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("prof_block.py: needs a CUDA GPU")
-    if args.k < 1 or args.reps < 1:
-        sys.exit("prof_block.py: --k and --reps are at least 1")
+    args = pair_args(p)
     try:
-        prefixes = [int(x) for x in args.prefix.split(",")]
         taus = [float(x) for x in args.tau.split(",")]
     except ValueError:
-        sys.exit("prof_block.py: --prefix takes integers, --tau numbers, comma-separated")
+        p.error(f"--tau takes numbers, comma-separated, got {args.tau!r}")
+    if not torch.cuda.is_available():
+        sys.exit("prof_block.py: needs a CUDA GPU")
+    prefixes = [int(x) for x in args.prefix.split(",")]
     tgt_model = random_model(args.target)
     drafts = {kind: random_model(args.draft) for kind in DRAFTS}  # one seed: equal weights
     fast.int8_weights(drafts["int8"])

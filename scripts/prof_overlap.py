@@ -40,15 +40,16 @@ from gpu_speed import SHAPES, random_model  # noqa: E402
 from cospec import fast, fused  # noqa: E402
 
 
-def engine(size: str, room: int, prefix: int, rows: list[int]) -> tuple[fast.Engine, dict]:
-    """A fused engine of a random ``size`` model, prefilled to ``prefix`` tokens, with the
-    step graph of each row count in ``rows`` captured at that position on split-K counters
-    of its own: (engine, {rows: graph})."""
+def engine(model: torch.nn.Module, room: int, prefix: int, rows: list[int]
+           ) -> tuple[fast.Engine, dict]:
+    """A fused engine of ``model`` (on CUDA), prefilled to ``prefix`` tokens, with the step
+    graph of each row count in ``rows`` captured at that position on split-K counters of its
+    own: (engine, {rows: graph})."""
     dev = torch.device("cuda")
     fused.fresh_counters(dev)  # a buffer of its own for this engine's graphs
-    eng = fast.Engine(random_model(size), room, fused=True)
-    if not eng.fused:
-        sys.exit(f"{size}: fused layers unavailable: {fused.unsupported(eng)}")
+    eng = fast.Engine(model, room, fused=True)
+    if not eng.fused or not eng.use_graphs:
+        sys.exit(f"fused layers under CUDA graphs unavailable: {fused.unsupported(eng)}")
     eng.run(list(range(1000, 1000 + prefix)), 0)
     graphs = {}
     for n in rows:
@@ -109,8 +110,8 @@ def side_by_side(verify, draft, m: int, reps: int) -> dict:
 
 def measure(args, prefix: int) -> dict:
     room = prefix + 2 * args.k + 16
-    drf, dg = engine(args.draft, room, prefix, [1, 2])
-    tgt, tg = engine(args.target, room, prefix, [args.k + 1])
+    drf, dg = engine(random_model(args.draft), room, prefix, [1, 2])
+    tgt, tg = engine(random_model(args.target), room, prefix, [args.k + 1])
     verify = tg[args.k + 1]
     alone = {"verify_ms": timed(verify.replay, args.reps),
              "draft_1_row_ms": timed(dg[1].replay, args.reps),
@@ -152,14 +153,22 @@ def markdown(out: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def pair_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a draft and a target on random shapes timed at cache positions:
+    --out, --draft, --target, --k, --prefix, --reps (``pair_args`` checks them)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--draft", default="0.5b")
     p.add_argument("--target", default="1.5b")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--prefix", default="100,300")
     p.add_argument("--reps", type=int, default=200)
+    return p
+
+
+def pair_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """``p``'s arguments (``pair_parser``'s), a usage error for sizes not in SHAPES,
+    positions not > 0, k or reps below 1."""
     args = p.parse_args()
     for size in (args.draft, args.target):
         if size not in SHAPES:
@@ -168,6 +177,11 @@ def main() -> None:
         p.error(f"--prefix takes positions > 0, comma-separated, got {args.prefix!r}")
     if args.k < 1 or args.reps < 1:
         p.error("--k and --reps must be >= 1")
+    return args
+
+
+def main() -> None:
+    args = pair_args(pair_parser(__doc__.split("\n")[0]))
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"device": torch.cuda.get_device_name(), "command": " ".join(sys.argv),
            "draft": args.draft, "target": args.target, "k": args.k, "prefix": {}}
