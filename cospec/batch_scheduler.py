@@ -35,7 +35,13 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
     than speculate;
   - once the load is reached, the spd requests already decoding move to the target-only
     engine at the next turn and go on from the tokens they committed
-    (``BatchPool._switch_running``).
+    (``BatchPool._switch_running``);
+  - the load holds for ``SPEC_OFF_HOLD_S`` after it was last seen (``BatchPool.spec_off_hold``):
+    requests of equal length end in one turn, and their clients' next requests arrive one by
+    one, the first few below the load. Without the hold they started in spd's engine, to be
+    prefilled again in the target-only one a turn later, and each such turn stepped both
+    engines: on a 2-core CPU at 4 clients 43 to 67 of 96 spd requests went that way, with
+    it 1 (results/cpu/serve-spec-off-hold).
 - ``warm`` (``cospec serve --warm-up``), before any request: the engine of the default
   (method, k) over every slot, its CUDA graphs captured (``fast_batch_warm``).
 - ``turn`` (on the worker thread) releases the rows of requests that ended (stop string,
@@ -46,8 +52,8 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
   request and lets the next ``turn`` release its row.
 
 Per-request metrics: a request's steps, drafted, accepted, arbiter calls and overrides are
-its own rows' counts; its prefill time is that of the step it joined in, its decode time
-the rest of every step it took part in.
+its own rows' counts; its prefill time is that of the step it joined an engine in (a moved
+request's second prefill included), its decode time the rest of every step it took part in.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ log = logging.getLogger("cospec.server")
 COUNTERS = ("steps", "drafted", "accepted", "arbiter_calls", "overrides")
 SPEC_OFF_AT = 4  # ``spec_off_at``'s default: the rows at which batched spd measured slower
                  # than target-only, on an H200 and on a 2-core CPU
+SPEC_OFF_HOLD_S = 1.0  # seconds the load holds after it was last seen: longer than a client's
+                      # turn-around between two requests, short beside a lone client's stream
 MAX_K = 2 * RUN_AHEAD - 1  # the longest draft an engine runs
 
 
@@ -90,6 +98,7 @@ class ServedEngine(BatchEngine):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.jobs: dict[int, Job] = {}
+        self.joining: set[int] = set()  # requests submitted whose prefill no commit has shown
 
     def add(self, job: Job, done: Sequence[int] = ()) -> int:
         """Submit ``job``; ``done``: tokens it already committed elsewhere, which its row
@@ -98,6 +107,7 @@ class ServedEngine(BatchEngine):
         rid = self.submit([*job.prompt_ids, *done], job.max_tokens - len(done), job.sampling,
                           seed)
         self.jobs[rid] = job
+        self.joining.add(rid)
         return rid
 
     def committed(self, rid: int) -> list[int]:
@@ -106,6 +116,7 @@ class ServedEngine(BatchEngine):
 
     def cancel(self, rid: int) -> None:
         """Forget request ``rid``: out of the queue, or its slot freed now."""
+        self.joining.discard(rid)
         if self.jobs.pop(rid, None) is None:
             return
         self.queue = type(self.queue)(r for r in self.queue if r.rid != rid)
@@ -240,6 +251,9 @@ class BatchPool:
     spec_off_at: int = 0  # spd runs target-only when this many would decode (0: never)
     target: Method | None = None  # the target-only method spd falls back to
     switched: int = 0  # spd requests planned target-only under load
+    spec_off_hold: float = SPEC_OFF_HOLD_S  # the load holds this long after it was seen
+    clock: Callable[[], float] = time.monotonic
+    loaded_at: float = float("-inf")  # when spec_off_at requests were last seen live
 
     # --- on the event loop, between turns (the readers are safe during a turn too)
 
@@ -270,10 +284,22 @@ class BatchPool:
         # the queue's spd requests that can go target-only want target-only slots, if any
         waiting = {engine_key(self.target, 0) if self._spd_off(w) else w for w in waiting}
         switchable = self._switchable(job, key)
-        if switchable and self.live() + 1 >= self.spec_off_at:  # under load: target-only
-            return self._target_only(job, waiting) is not None
-        cap = self._spd_slots(key) if switchable else self.max_batch
-        return self._place(job, key, job.method, waiting, cap, extra=switchable) is not None
+        if switchable and self._loaded(self.live() + 1):  # under load: target-only
+            placed = self._target_only(job, waiting) is not None
+        else:
+            cap = self._spd_slots(key) if switchable else self.max_batch
+            placed = self._place(job, key, job.method, waiting, cap, extra=switchable) is not None
+        self._loaded(self.live())  # noted for the hold
+        return placed
+
+    def _loaded(self, live: int) -> bool:
+        """Under load with ``live`` requests: at least spec_off_at of them (0: never), the
+        time noted in ``loaded_at``, or so many seen within the last ``spec_off_hold`` s."""
+        now = self.clock()
+        if self.spec_off_at and live >= self.spec_off_at:
+            self.loaded_at = now
+            return True
+        return now - self.loaded_at < self.spec_off_hold
 
     def _place(self, job: Job, key: tuple[str, int], method: Method,
                waiting: Iterable[tuple[str, int]], cap: int, extra: bool = False
@@ -397,8 +423,9 @@ class BatchPool:
         every target-only row to one step per spd block: on an H200 with 64 clients, 1,849
         tokens/s against 6,354 with target-only requests alone
         (results/gpu/h200/serve-spec-off-at)."""
-        if not self.spec_off_at or self.target is None or self.live() < self.spec_off_at:
+        if self.target is None or not self.spec_off_at or self.live() < self.spec_off_at:
             return
+        self._loaded(self.live())  # noted for the hold
         for g in list(self.groups):
             if not self._spd_off(g.key):
                 continue
@@ -450,16 +477,19 @@ class BatchPool:
     def _settle(g: Group, c: Served, prefill: float, decode: float,
                 decoded: float | None = None) -> tuple[Job, Served]:
         """(job, commit) of one commit of group ``g``'s engine, with the job's prefill
-        (``prefill``: in its first step) and decode times added, and the job let go when it
-        is done. ``decoded``: the decode time its first token already counted."""
+        (``prefill``: in its first step in this engine, a moved request's prefill again
+        included) and decode times added, and the job let go when it is done. ``decoded``:
+        the decode time its first token already counted."""
         engine = g.engine
         job = engine.jobs[c.rid]
-        if decoded is None and not job.stats.decode_s:  # its first step: prefilled in it
+        if c.rid in engine.joining:  # its first step here: prefilled in it
+            engine.joining.discard(c.rid)
             job.stats.prefill_s += prefill
         job.stats.decode_s += decode - (decoded or 0.0)
         if c.done:
             g.jobs.pop(job, None)
             engine.jobs.pop(c.rid, None)
+            engine.joining.discard(c.rid)
         return job, c
 
     def _build(self, group: Group) -> ServedEngine:

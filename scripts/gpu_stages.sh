@@ -100,7 +100,8 @@
 #
 # eval and transfer evaluate $R/refine/arbiter.safetensors (the committed refinement, 7
 # iterations, unless refine ran further); its hash is in every cospec record's opts.
-# Results go to $R (default /tmp/r6) and are copied to $OUT when set. Run from the repository
+# Results go to $R (default /tmp/r6) and are copied to $OUT when set; a stage that shows only
+# the tail of its output keeps all of it in $R/logs/STAGE.log (a traceback is never lost). Run from the repository
 # root: COSPEC_CACHE=/tmp/cc PYTHONPATH=/tmp/site:. bash scripts/gpu_stages.sh setup speed
 # (scripts/gpu_queue.sh runs stages in the background, each in its own process, with a log.)
 set -eu
@@ -109,7 +110,11 @@ R=${R:-/tmp/r6}
 ARBITER=cospec/data/arbiter-qwen2.5-coder-1.5b-0.5b.safetensors
 REFINE=(--task gsm8k --split dev --group 4 --problems 64 --iterations 10 --lr 0.02
         --max-new-tokens 768 --batch-size 256 --device cuda --out "$R/refine")
-mkdir -p "$R"
+mkdir -p "$R/logs"
+
+whole() {  # a stage's whole output, kept in $R/logs/STAGE.log, before its pipe shortens it
+    tee -a "$R/logs/$stage.log"
+}
 
 stage_setup() {
     mkdir -p "$COSPEC_CACHE/gguf" "$COSPEC_CACHE/wheels"
@@ -131,7 +136,7 @@ stage_tests() {  # TESTS=FILE+FILE..: only those
 stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=$PREFILL (default
                   # eager; compiled)
     COSPEC_PREFILL=${PREFILL:-eager} python3 -m pytest -q -o addopts="" -p no:cacheprovider \
-        tests/test_fast.py tests/test_fast_batch.py tests/test_warm_up.py 2>&1 | tail -15
+        tests/test_fast.py tests/test_fast_batch.py tests/test_warm_up.py 2>&1 | whole | tail -15
 }
 
 sets() {  # "--FLAG NAME=V" for each NAME=V of a '+'-separated list ($2); "best": the
@@ -163,7 +168,7 @@ stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME
 stage_overlap() {  # draft steps beside the verify (scripts/prof_overlap.py)
     local out="$R/overlap${OVERLAP_TAG:+-$OVERLAP_TAG}"
     [ -e "$out/prof_overlap.json" ] || timeout "${OVERLAP_S:-300}" python3 \
-        scripts/prof_overlap.py --out "$out" --prefix "${OVERLAP_PREFIX:-100,300}" 2>&1 | tail -20
+        scripts/prof_overlap.py --out "$out" --prefix "${OVERLAP_PREFIX:-100,300}" 2>&1 | whole | tail -20
 }
 
 stage_block() {  # one speculative block's cost, bf16 and int8 draft (scripts/prof_block.py)
@@ -176,14 +181,14 @@ stage_block() {  # one speculative block's cost, bf16 and int8 draft (scripts/pr
 stage_launch() {  # GPU floors: launches, streaming reads, a persistent kernel's barriers
     local out="$R/launch${LAUNCH_TAG:+-$LAUNCH_TAG}"
     [ -e "$out/prof_launch.json" ] || timeout "${LAUNCH_S:-180}" python3 \
-        scripts/prof_launch.py --out "$out" 2>&1 | tail -30
+        scripts/prof_launch.py --out "$out" 2>&1 | whole | tail -30
 }
 
 stage_gaps() {  # the GPU's busy time and idle gaps while the real pair decodes (batch 1)
     local out="$R/gaps${GAPS_TAG:+-$GAPS_TAG}"
     [ -e "$out/prof_gaps.json" ] || timeout "${GAPS_S:-400}" python3 scripts/prof_gaps.py \
         --out "$out" --methods "${GAPS_METHODS:-target,spd,spd-block,spd-graph,cospec}" \
-        --task "${GAPS_TASK:-gsm8k}" --prompts 4 2>&1 | grep -v "^[a-z-]* {" | tail -12
+        --task "${GAPS_TASK:-gsm8k}" --prompts 4 2>&1 | whole | grep -v "^[a-z-]* {" | tail -12
 }
 
 stage_uspeed() {  # cospec eval's speed pass, spd in the host loop and on the device
@@ -193,7 +198,7 @@ stage_uspeed() {  # cospec eval's speed pass, spd in the host loop and on the de
             --task "${task%%:*}" --split "${task##*:}" --limit 20 --speed-subset 20 \
             --methods target,spd --k 5 --max-new-tokens 256 --device cuda \
             --out "$R/uspeed-${task%%:*}-block$block" 2>&1 \
-            | grep -v -E "it/s\]|s/it\]|seq/s\]|Loading weights" | tail -6 || true
+            | whole | grep -v -E "it/s\]|s/it\]|seq/s\]|Loading weights" | tail -6 || true
     done
 }
 
@@ -218,7 +223,7 @@ stage_serve() {  # cospec serve under load (fp32: responses checked against batc
     load_test --target qwen2.5-coder-1.5b \
         --draft qwen2.5-coder-0.5b --device cuda --dtype float32 --requests 128 \
         --max-tokens 64 --concurrency 1,4,16,64 --max-batch 64 --max-queue 128 \
-        --max-active 4 --out "$R/serve" 2>&1 | tail -30
+        --max-active 4 --out "$R/serve" 2>&1 | whole | tail -30
 }
 
 serve_load() {  # $1 url or "", $2 label, $3 output folder, then extra load_test flags:
@@ -227,7 +232,7 @@ serve_load() {  # $1 url or "", $2 label, $3 output folder, then extra load_test
     load_test \
         ${url:+--url "$url" --plain} --label "$label" --unchecked --malformed 0 --disconnect 0 \
         --slow 0 --warm-up --requests "${SPEED_REQUESTS:-128}" --max-tokens 128 --concurrency 1,4,16,64 --out "$out" "$@" \
-        2>&1 | tail -14
+        2>&1 | whole | tail -14
 }
 
 stage_sspeed() {  # cospec serve, bf16, target-only and spd (k = 4) requests, 64 batch slots
@@ -303,7 +308,7 @@ committed_refine() {  # $R/refine starts from the committed refinement when $R h
 stage_refine() {
     committed_refine
     timeout "${REFINE_S:-540}" python3 -m cospec refine --arbiter "$ARBITER" "${REFINE[@]}" \
-        2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]|Loading weights" || true
+        2>&1 | whole | grep -v -E "it/s\]|s/it\]|seq/s\]|Loading weights" || true
 }
 
 refined_eval() {  # $1 task, $2 split, $3 committed folder with the target's records, $4 tokens
@@ -316,7 +321,7 @@ refined_eval() {  # $1 task, $2 split, $3 committed folder with the target's rec
     fi
     python3 -m cospec eval --task "$1" --split "$2" --methods target,cospec \
         --arbiter "$R/refine/arbiter.safetensors" --max-new-tokens "$4" --batch-size 512 \
-        --speed-subset 0 --device cuda --out "$d" 2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]"
+        --speed-subset 0 --device cuda --out "$d" 2>&1 | whole | grep -v -E "it/s\]|s/it\]|seq/s\]"
 }
 
 stage_eval() {
@@ -332,7 +337,7 @@ stage_code() {
     exact_eval_methods=target,draft exact_eval mbpp test results/gpu/mbpp 512 mbpp-target-draft
     timeout "${CODE_S:-540}" python3 -m cospec collect --task mbpp --split dev \
         --max-new-tokens 512 --max-points 6 --shard-size 50 --batch-size 256 --device cuda \
-        --out "$R/divergences-mbpp-dev" 2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]" | tail -5 || true
+        --out "$R/divergences-mbpp-dev" 2>&1 | whole | grep -v -E "it/s\]|s/it\]|seq/s\]" | tail -5 || true
 }
 
 COMPILE_CACHES=(root/.cache/vllm root/.triton tmp/torchinductor_root)  # relative to /
@@ -385,7 +390,7 @@ exact_eval() {  # $1 task, $2 split, $3 committed folder with the target's recor
     timeout "${EXACT_S:-560}" python3 -m cospec eval --task "$1" --split "$2" \
         --methods "${exact_eval_methods:-target,spd}" --max-new-tokens "$4" --batch-size 512 \
         --speed-subset 0 \
-        --device cuda --out "$d" 2>&1 | grep -v -E "it/s\]|s/it\]|seq/s\]" | tail -25 || true
+        --device cuda --out "$d" 2>&1 | whole | grep -v -E "it/s\]|s/it\]|seq/s\]" | tail -25 || true
 }
 
 stage_exact() {
@@ -397,7 +402,7 @@ peer() {  # $1 engine, $2 method: one process each, nothing else touching its mo
     local f="$R/peers/$1-$2.json"
     [ -e "$f" ] && return 0
     python3 scripts/peer_speed.py run --engine "$1" --method "$2" --prompts "$R/peers/prompts.json" \
-        --new 128 --k 5 --device cuda --out "$f" 2>&1 | grep -v -E "it/s\]|^  prompt" | tail -8
+        --new 128 --k 5 --device cuda --out "$f" 2>&1 | whole | grep -v -E "it/s\]|^  prompt" | tail -8
 }
 
 stage_peers() {
@@ -444,7 +449,7 @@ bench_pair() {  # $1 output folder, then more bench_batch.py flags: the real pai
     mkdir -p "$out"
     [ -e "$out/bench_batch.json" ] || timeout "${BATCH_S:-400}" python3 scripts/bench_batch.py \
         --out "$out" --task gsm8k,humaneval --prompts 64 --new 256 --k 4 --ignore-eos \
-        --batches 1,4,16,64 --methods "${BATCH_METHODS:-target,spd}" "$@" 2>&1 | tail -12
+        --batches 1,4,16,64 --methods "${BATCH_METHODS:-target,spd}" "$@" 2>&1 | whole | tail -12
 }
 
 stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and token counts
@@ -476,7 +481,7 @@ random_batch() {  # $1 size, $2 output folder, then more bench_batch.py flags: t
                   # target of that size, 64 prompts, 256 tokens each, EOS ignored
     local size=$1 out=$2; shift 2
     timeout "${RBATCH_S:-200}" python3 scripts/bench_batch.py --out "$out" --random "$size" \
-        --prompts 64 --new 256 --ignore-eos "$@" 2>&1 | tail -6
+        --prompts 64 --new 256 --ignore-eos "$@" 2>&1 | whole | tail -6
 }
 
 batch_prompts() {  # $R/batch/prompts.json: batch's prompt ids, or the committed ones
@@ -491,7 +496,7 @@ stage_vbatch() {
         [ -e "$R/batch/vllm-$m.json" ] || PYTHONPATH=/tmp/vsite:$PYTHONPATH timeout "${VBATCH_S:-280}" \
             python3 scripts/vllm_batch.py --prompts "$R/batch/prompts.json" --method "$m" \
             --new 256 --k 4 --batches "${VBATCHES:-64,16,4,1}" --out "$R/batch/vllm-$m.json" 2>&1 \
-            | grep -E "^vllm|Error|error" | tail -8
+            | whole | grep -E "^vllm|Error|error" | tail -8
     done
 }
 
@@ -501,7 +506,7 @@ stage_rhfbatch() {  # hfbatch on rbatch's random-weight targets and prompts (RBA
         [ -e "$R/rbatch-$size-hf.json" ] || timeout "${HFBATCH_S:-500}" python3 scripts/hf_batch.py \
             --random "$size" --prompts "$R/rbatch-$size-prompts.json" --new 256 \
             --batches "${HFBATCHES:-64,16,4,1}" --out "$R/rbatch-$size-hf.json" 2>&1 \
-            | grep -E "^hf|Error|error" | tail -8
+            | whole | grep -E "^hf|Error|error" | tail -8
     done
 }
 
@@ -515,7 +520,7 @@ from gpu_speed import random_model; random_model('$size').save_pretrained('/tmp/
         [ -e "$R/rbatch-$size-vllm.json" ] || PYTHONPATH=/tmp/vsite:$PYTHONPATH \
             timeout "${VBATCH_S:-280}" python3 scripts/vllm_batch.py --method target \
             --prompts "$R/rbatch-$size-prompts.json" --target /tmp/random-$size --new 256 \
-            --batches "${VBATCHES:-64,16,4,1}" --out "$R/rbatch-$size-vllm.json" 2>&1 | tail -8
+            --batches "${VBATCHES:-64,16,4,1}" --out "$R/rbatch-$size-vllm.json" 2>&1 | whole | tail -8
     done
 }
 
@@ -523,7 +528,7 @@ stage_hfbatch() {
     batch_prompts
     [ -e "$R/batch/hf-target.json" ] || timeout "${HFBATCH_S:-500}" python3 scripts/hf_batch.py \
         --prompts "$R/batch/prompts.json" --new 256 --batches "${HFBATCHES:-64,16,4,1}" \
-        --device cuda --out "$R/batch/hf-target.json" 2>&1 | grep -E "^hf|Error|error" | tail -8
+        --device cuda --out "$R/batch/hf-target.json" 2>&1 | whole | grep -E "^hf|Error|error" | tail -8
 }
 
 for stage in "$@"; do  # every name checked before the first runs

@@ -225,8 +225,9 @@ def test_running_spd_requests_go_target_only_under_load(pair, arbiter):
     """Under load the spd requests already decoding in an spd engine move to the target-only
     engine (``BatchPool._switch_running``) and go on from the tokens they committed: two spd
     requests decode a few blocks, two more arrive (speculation off from 3 live) and are
-    planned target-only, and at the next turn the first two leave the spd engine too. Every
-    request gets target-only greedy decoding's tokens for its prompt alone."""
+    planned target-only, and at the next turn the first two leave the spd engine too, their
+    prefill in the target-only engine counted as prefill. Every request gets target-only
+    greedy decoding's tokens for its prompt alone."""
     from cospec.batch_scheduler import BatchPool
     from cospec.job import Job
 
@@ -252,13 +253,51 @@ def test_running_spd_requests_go_target_only_under_load(pair, arbiter):
     assert all(0 < len(got[j]) < 20 for j in jobs[:2])
     assert pool.plan(jobs[2], ("spd", 2)) and pool.plan(jobs[3], ("spd", 2))
     assert [j.speculation_off for j in jobs] == [False, False, True, True]
+    prefilled = [j.stats.prefill_s for j in jobs[:2]]
     turn()
     assert not spd_group.jobs and not spd_group.engine.busy
+    # the move's prefill counts as prefill, not decode
+    assert all(j.stats.prefill_s > p > 0 for j, p in zip(jobs[:2], prefilled))
     assert all(j.speculation_off for j in jobs) and pool.switched == 4
     while pool.busy:
         turn()
     assert [got[j] for j in jobs] == want
     assert len({tuple(w) for w in want}) == len(want)  # every answer differs
+
+
+def test_load_holds_after_the_requests_that_made_it_end(pair, arbiter):
+    """Once spec_off_at requests were live, an spd request planned within ``spec_off_hold``
+    seconds (the pool's clock) runs target-only though fewer decode now (the next requests
+    of clients whose requests ended together), and keeps its draft after it; with no hold
+    it keeps its draft at once."""
+    from cospec.batch_scheduler import BatchPool
+    from cospec.job import Job
+
+    spd, target = (build_method(m, pair, MethodOptions(arbiter=arbiter))
+                   for m in ("spd", "target"))
+    now = [100.0]
+
+    def job():
+        return Job(spd, [3, 4, 5], 8, 2, GREEDY, None, (), (), deadline=time.monotonic() + 60)
+
+    def offs(pool, at):  # a request planned at ``at`` alone after three ended: target-only?
+        now[0] = 100.0
+        first = [job() for _ in range(3)]
+        assert all(pool.plan(j, ("spd", 2)) for j in first)
+        assert [j.speculation_off for j in first] == [False, False, True]
+        for j in first:
+            j.finish = "stop"
+        now[0] = at
+        late = job()
+        assert pool.plan(late, ("spd", 2)) and pool.live() == 1
+        return late.speculation_off
+
+    def pool(hold):
+        return BatchPool(8, 64, spec_off_at=3, target=target, spec_off_hold=hold,
+                         clock=lambda: now[0])
+
+    assert offs(pool(1.0), 100.5) and not offs(pool(1.0), 101.5)
+    assert not offs(pool(0.0), 100.0)
 
 
 def test_target_only_engine_takes_every_slot_under_load(pair, arbiter):
