@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from cospec import cpu_int8
 from cospec.settings import choice
 
 MAX_ROWS = 16
@@ -87,7 +88,13 @@ def linear_mode() -> str:
 def fast_linear(model: torch.nn.Module, device: torch.device, rows: int):
     """Run the forward inside this block over ``rows`` rows (batch x new tokens) in the
     order chosen for this model: a CPU model of real size, 2..MAX_ROWS rows, else plain (a
-    one-row step pays no function-mode overhead)."""
+    one-row step pays no function-mode overhead). A model given int8 copies
+    (``cpu_int8.int8_weights``: a draft's) reads them instead over up to
+    ``cpu_int8.MAX_ROWS`` rows."""
+    if rows <= cpu_int8.MAX_ROWS and cpu_int8.has_copies(model):
+        with cpu_int8.int8_forwards(model):
+            yield
+        return
     width = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
     mode = linear_mode()
     if device.type != "cpu" or width < MIN_WIDTH or not 1 < rows <= MAX_ROWS or mode == "plain":

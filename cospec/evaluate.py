@@ -352,7 +352,7 @@ def summarize(run: RunDir, command: str) -> dict:
     """
     import math
 
-    from cospec.report import load_verdict, paired_speed
+    from cospec.report import LOAD_MARGIN, load_verdict, paired_speed
     from cospec.sampling import SamplingConfig
 
     cfg = read_json(run.path / "config.json")
@@ -448,9 +448,9 @@ def summarize(run: RunDir, command: str) -> dict:
                    f"{'; '.join(pts)}, on {load['cpus']} cores (peak 1/5-min: "
                    f"{load['peak_load']:.2f}).")
         if load["overloaded"]:
-            load_md = ("**Warning: the machine's load exceeded its core count during the speed "
-                       "pass — other jobs competed for the CPU, so these timings are not a fair "
-                       "measurement.** " + load_md)
+            load_md = ("**Warning: the machine's load exceeded its core count (by more than "
+                       f"{LOAD_MARGIN}) during the speed pass — other jobs competed for the CPU, "
+                       "so these timings are not a fair measurement.** " + load_md)
     else:
         load = None
         load_md = "Machine load during the speed pass: load not recorded." if speed else ""

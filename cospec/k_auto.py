@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cospec import cpu_int8
 from cospec.assets import cache_dir, write_atomic
 from cospec.cpu import TRIALS
 from cospec.decoding import CachedLM
@@ -81,7 +82,8 @@ def auto_k(pair, alpha: float = AUTO_ALPHA) -> int:
     """The draft length ``best_k`` predicts fastest for ``pair`` on this machine, from the
     pair's own forward costs (CPU only: on CUDA the fast path's costs are not these).
 
-    Timed once per machine, models, dtype, thread count and ``COSPEC_LINEAR``; the costs are
+    Timed once per machine, models, dtype, thread count, ``COSPEC_LINEAR`` and draft
+    weights (its int8 copies, ``cospec.cpu_int8``, or its own); the costs are
     kept in the cache folder (``k-auto.json``), so later runs reuse the same k."""
     param = next(pair.target.parameters())
     if param.device.type != "cpu":
@@ -89,7 +91,8 @@ def auto_k(pair, alpha: float = AUTO_ALPHA) -> int:
                           "results use --k 5)")
     mode = os.environ.get("COSPEC_LINEAR", "auto")
     key = " | ".join([machine(), pair.target_name, str(pair.draft_name), str(param.dtype),
-                      f"{torch.get_num_threads()} threads", f"linear {mode}"])
+                      f"{torch.get_num_threads()} threads", f"linear {mode}"]
+                     + (["int8 draft"] if cpu_int8.has_copies(pair.draft) else []))
     path = cache_dir() / "k-auto.json"
     try:
         known = json.loads(path.read_text())

@@ -228,19 +228,24 @@ DRAFT_WEIGHTS = ("model", "int8")  # what a draft's fast-path engines read (draf
 
 
 def draft_weights(pair: Pair, kind: str) -> None:
-    """``kind`` "int8": the draft's fast-path engines read int8 copies of its weights
-    (``fast.int8_weights``); refused where the draft has no fast-path engine (it would read
-    its own weights unasked). "model": its own weights."""
+    """``kind`` "int8": the draft's steps read int8 copies of its weights: on a CPU its
+    forwards of a few rows (``cpu_int8``), on a GPU its fast-path engines' fused layers
+    (``fast.int8_weights``); refused on a GPU without the fast path (it would read its own
+    weights unasked). "model": its own weights."""
     if kind not in DRAFT_WEIGHTS:
         raise CospecError(f"draft weights {kind!r}: use one of {', '.join(DRAFT_WEIGHTS)}")
     if kind == "model" or pair.draft is None:
         return
+    if next(pair.draft.parameters()).device.type == "cpu":
+        from cospec import cpu_int8
+
+        cpu_int8.int8_weights(pair.draft)
+        return
     from cospec import fast
 
     if not fast.wanted(pair.draft) or getattr(pair.draft, "engine_class", None) is not None:
-        raise CospecError(f"{kind} draft weights are read by the fast path's fused layers, "
-                          "which run on a CUDA GPU (not under COSPEC_EAGER=1; a CPU draft "
-                          "keeps its own weights)")
+        raise CospecError(f"{kind} draft weights on a GPU are read by the fast path's fused "
+                          "layers (not under COSPEC_EAGER=1, nor for this draft)")
     fast.int8_weights(pair.draft)
 
 

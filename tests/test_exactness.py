@@ -83,11 +83,19 @@ class ToyLM(torch.nn.Module):
         h = cache.states[-1] if cache.states else torch.zeros_like(self.emb[0])
         ids = input_ids[0].tolist()
         for tok in ids:
-            h = torch.tanh(h @ self.rec + self.emb[tok])
+            h = torch.tanh(self.recur(h) + self.emb[tok])
             cache.states.append(h)
         keep = min(logits_to_keep or len(ids), len(ids))
-        logits = torch.stack(cache.states[-keep:]) @ self.out
+        logits = self.head(torch.stack(cache.states[-keep:]))
         return SimpleNamespace(logits=logits[None], past_key_values=cache)
+
+    def recur(self, h: torch.Tensor) -> torch.Tensor:
+        """h [width] -> h R."""
+        return h @ self.rec
+
+    def head(self, states: torch.Tensor) -> torch.Tensor:
+        """states [n, width] -> logits [n, V]."""
+        return states @ self.out
 
 
 def truncate(r: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:

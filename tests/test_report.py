@@ -72,6 +72,8 @@ def test_load_above_the_core_count_is_flagged():
     assert not quiet["overloaded"] and quiet["peak_load"] == 1.9 and quiet["cpus"] == 2
     busy = [{"start": at(0.4, 1.2), "end": at(1.9, 1.6)}, {"start": at(0.3, 2.3), "end": at(1, 1)}]
     assert load_verdict(busy)["overloaded"]  # the second (resumed) pass ran beside others
+    alone = load_verdict([{"start": at(1.9, 2.0), "end": at(2.14, 2.05)}])  # every core, alone
+    assert not alone["overloaded"] and alone["peak_load"] == 2.14
     now = machine_load()
     assert now["cpus"] >= 1 and now["load1"] >= 0 and set(now) >= {"load5", "load15", "time"}
 
