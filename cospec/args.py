@@ -182,7 +182,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="requests decoded together by the batch engines (target, spd, "
                         "cospec, cos-*, *-sd); 0: none, every request round robin")
     p.add_argument("--spec-off-at", type=int, default=SPEC_OFF_AT,
-                   help="while this many requests would decode at once, spd requests run "
+                   help="while this many requests would decode at once (or did within the "
+                        "last second), spd requests run "
                         "target-only, those already decoding too (same output: the target's "
                         "greedy tokens or a sample of its distribution; seeded sampled "
                         "requests keep their draft); spd's engine then has this many - 1 "
