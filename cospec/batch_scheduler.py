@@ -293,8 +293,9 @@ class BatchPool:
         return placed
 
     def _loaded(self, live: int) -> bool:
-        """Under load with ``live`` requests: at least spec_off_at of them (0: never), the
-        time noted in ``loaded_at``, or so many seen within the last ``spec_off_hold`` s."""
+        """Whether the pool is under load with ``live`` requests: spec_off_at or more of them
+        now (0: never; the time is noted in ``loaded_at``), or within the last
+        ``spec_off_hold`` seconds."""
         now = self.clock()
         if self.spec_off_at and live >= self.spec_off_at:
             self.loaded_at = now
@@ -489,7 +490,6 @@ class BatchPool:
         if c.done:
             g.jobs.pop(job, None)
             engine.jobs.pop(c.rid, None)
-            engine.joining.discard(c.rid)
         return job, c
 
     def _build(self, group: Group) -> ServedEngine:

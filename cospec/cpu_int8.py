@@ -40,7 +40,8 @@ SCALE_DTYPE = torch.bfloat16  # activations and scales: the fast path (float32: 
 
 Copy = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # q [n, k] int8, s [n], bias
 
-_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {linear: Copy}
+# model -> {linear: its forward through its Copy}, made once by ``int8_weights``
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def available() -> bool:
@@ -66,12 +67,10 @@ def int8_weights(model: torch.nn.Module) -> int:
                           "--draft-weights model")
     copies = {}
     for mod in model.modules():
-        w = getattr(mod, "weight", None)
-        if (isinstance(mod, torch.nn.Linear) and w.device.type == "cpu"
-                and w.shape[1] % WIDTH_MULTIPLE == 0):
-            q, s = quantize(w)
-            bias = None if mod.bias is None else mod.bias.detach()
-            copies[mod] = (q, s, bias)
+        if (isinstance(mod, torch.nn.Linear) and mod.weight.device.type == "cpu"
+                and mod.weight.shape[1] % WIDTH_MULTIPLE == 0):
+            copy = (*quantize(mod.weight), None if mod.bias is None else mod.bias.detach())
+            copies[mod] = lambda x, copy=copy: product(x, copy)
     if not copies:
         raise CospecError("int8 draft weights: the model has no CPU linear layer of an input "
                           f"width divisible by {WIDTH_MULTIPLE}")
@@ -97,8 +96,8 @@ def int8_forwards(model: torch.nn.Module) -> Iterator[None]:
     """Within this block ``model``'s linears with copies compute through them (the caller
     keeps the block to forwards of at most ``MAX_ROWS`` rows)."""
     copies = _COPIES.get(model, {})
-    for mod, copy in copies.items():
-        mod.forward = lambda x, copy=copy: product(x, copy)
+    for mod, forward in copies.items():
+        mod.forward = forward
     try:
         yield
     finally:

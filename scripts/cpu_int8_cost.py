@@ -65,7 +65,8 @@ def seconds(f, reps: int) -> float:
 
 
 def cycled(make, count: int):
-    """A function that calls ``make(i)``'s product on the next of ``count`` copies."""
+    """A function that calls the next of ``count`` products made by ``make()`` (each over
+    its own weight), in turn."""
     items, i = [make() for _ in range(count)], [0]
 
     def call():

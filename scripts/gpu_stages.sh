@@ -101,8 +101,9 @@
 # eval and transfer evaluate $R/refine/arbiter.safetensors (the committed refinement, 7
 # iterations, unless refine ran further); its hash is in every cospec record's opts.
 # Results go to $R (default /tmp/r6) and are copied to $OUT when set; a stage that shows only
-# the tail of its output keeps all of it in $R/logs/STAGE.log (a traceback is never lost). Run from the repository
-# root: COSPEC_CACHE=/tmp/cc PYTHONPATH=/tmp/site:. bash scripts/gpu_stages.sh setup speed
+# the tail of its output keeps all of it in $R/logs/STAGE.log (a traceback is never lost).
+# Run from the repository root:
+# COSPEC_CACHE=/tmp/cc PYTHONPATH=/tmp/site:. bash scripts/gpu_stages.sh setup speed
 # (scripts/gpu_queue.sh runs stages in the background, each in its own process, with a log.)
 set -eu
 export COSPEC_CACHE=${COSPEC_CACHE:-/tmp/cc}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from distribution import assert_follows
 from distribution import exact_joint as joint_of
+from test_decoding import hf_greedy
 from test_exactness import ALPHA, CFG, NEW, PROMPT, SAMPLES, VOCAB, ToyLM, truncate
 
 import cospec
@@ -69,7 +70,7 @@ def test_few_row_forwards_read_the_copies_and_prefill_does_not(tiny_dirs):
         with torch.inference_mode(), fast_linear(model, CPU, x.numel()):
             return model(x).logits
 
-    own = {n: logits(m, ids[:, :n]) for m in (pair.draft,) for n in (1, 8, 12)}
+    own = {n: logits(pair.draft, ids[:, :n]) for n in (1, 8, 12)}
     target = logits(pair.target, ids[:, :1])
     cpu_int8.int8_weights(pair.draft)
     for n in (1, 8):  # few rows: the copies
@@ -83,7 +84,7 @@ def test_few_row_forwards_read_the_copies_and_prefill_does_not(tiny_dirs):
 
 def test_greedy_spd_with_an_int8_draft_is_the_targets_greedy_decoding(tiny_dirs, monkeypatch):
     """``load_pair(..., draft_weights="int8")`` on a CPU: spd's draft steps read the int8
-    copies, and its tokens are the target's own greedy ones (transformers' argmax loop, no
+    copies, and its tokens are the target's own greedy ones (transformers' ``generate``, no
     cospec in it)."""
     from cospec.sampling import GREEDY
 
@@ -97,18 +98,9 @@ def test_greedy_spd_with_an_int8_draft_is_the_targets_greedy_decoding(tiny_dirs,
     for start in (3, 40, 90, 150):
         prompt = list(range(start, start + 6))
         got, _, stats = spd.run(prompt, k=4, max_new_tokens=24, sampling=GREEDY, eos_ids=[])
-        assert got == greedy(models.target, prompt, 24)
+        assert got == hf_greedy(models.target, prompt, 24)
         assert stats.drafted > 0
     assert calls
-
-
-def greedy(model: torch.nn.Module, prompt: list[int], new: int) -> list[int]:
-    """The model's greedy tokens by transformers' own forward, no cache: argmax after argmax."""
-    ids = list(prompt)
-    with torch.inference_mode():
-        for _ in range(new):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 class LinearToyLM(ToyLM):
@@ -143,11 +135,10 @@ def test_sampled_spd_with_an_int8_draft_follows_the_targets_joint():
     cpu_int8.int8_weights(draft)
     x = torch.tensor([PROMPT])
     with torch.inference_mode():
-        own = draft(x).logits[0, -1]
+        own = draft(x[:, :1]).logits[0, -1]
         with fast_linear(draft, CPU, 1):
             copied = draft(x[:, :1]).logits[0, -1]
-    assert not torch.equal(copied, draft(x[:, :1]).logits[0, -1])  # the copies are read
-    assert own.shape == (VOCAB,)
+    assert not torch.equal(copied, own) and own.shape == (VOCAB,)  # the copies are read
     probs = joint_of(lambda ids: truncate((target(ids).logits[0, -1] / CFG.temperature)
                                           .softmax(-1), CFG), PROMPT, NEW)
     run = build_method("spd", Pair(target, draft, None, "toy-target", "toy-draft"),
