@@ -302,9 +302,9 @@ def load_pair(target: str | None = None, draft: str | Literal[False] | None = No
     ``HF_HUB_OFFLINE=1`` once cached). ``draft=False``: the target alone (method
     ``target``). ``device``: cpu or cuda (default: cuda if present); ``dtype``: a torch
     dtype or its name (default float32 on CPU, bfloat16 on GPU). ``draft_weights="int8"``:
-    the draft's batch-1 decode steps read int8 copies of its weights (on a CPU its forwards
-    of up to 8 rows, ``cospec.cpu_int8``; on a GPU the fused layers; spd's output is still
-    the target's, cospec and CoS use the int8 draft's)."""
+    the draft's decode steps read int8 copies of its weights (on a CPU every forward after
+    the prompt's prefill, ``cospec.cpu_int8``; on a GPU the fused layers; spd's output is
+    still the target's, cospec and CoS use the int8 draft's)."""
     _check(target is None or isinstance(target, str),
            f"target must be a model spec (a string) or None, got {target!r}")
     _check(draft is None or draft is False or isinstance(draft, str),

@@ -57,13 +57,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_draft_weights_arg(p: argparse.ArgumentParser) -> None:
-    """``--draft-weights``: for the commands whose drafts decode at batch 1 (generate, bench,
-    serve with --max-batch 0); eval's and collect's batched decoders read the draft's own."""
+    """``--draft-weights``: generate, bench, eval and serve --max-batch 0. The batch engines
+    (``fast_batch``) read the draft's own weights, and on a GPU so does eval's batched
+    decoder, so there eval keeps to the methods it decodes at batch 1."""
     p.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="model",
-                   help="int8: the draft's decode steps read int8 copies of its projections "
-                        "and lm_head (one scale a row): on a CPU its forwards of up to 8 "
-                        "rows (torch's int8 kernel: a 0.5B step 2.2x faster in float32), on "
-                        "a GPU the fused layers at batch 1 (half the bytes). spd's output "
+                   help="int8: the draft's steps read int8 copies of its projections and "
+                        "lm_head (one scale a row): on a CPU every forward after the "
+                        "prompt's prefill, at batch 1 and in eval's batched decoder "
+                        "(torch's int8 kernel: a 0.5B step 2.2x faster in float32), on a "
+                        "GPU the fused layers at batch 1 (half the bytes). spd's output "
                         "stays the target's; cospec and CoS use the int8 draft's tokens and "
                         "distribution (default: model, the draft's own weights)")
 

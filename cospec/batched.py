@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from cospec import cpu_int8
 from cospec.arbiter import mismatch_features
 from cospec.cpu import fast_linear
 from cospec.decoding import LastHidden, call_lm
@@ -72,14 +73,30 @@ def control_tokens(t_logits: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
     return c, sampled
 
 
-def _forward(model, ids, mask, pos, cache, hidden: bool = False):
+def _forward(model, ids, mask, pos, cache, hidden: bool = False, prefill: bool = False):
     """Last-position logits [B, V] (float32), the cache, and (if ``hidden``) the last
-    hidden states [B, d] (else None)."""
-    with fast_linear(model, ids.device, ids.numel()), LastHidden(model, hidden) as h:
+    hidden states [B, d] (else None). ``prefill``: prompt tokens, which a model's int8
+    copies leave to its own weights (``cpu.fast_linear``)."""
+    with (fast_linear(model, ids.device, *ids.shape, prefill=prefill),
+          LastHidden(model, hidden) as h):
         out, cache = call_lm(model, cache, input_ids=ids, attention_mask=mask,
                              position_ids=pos, logits_to_keep=1)
     return (out.logits[:, -1].float(), cache,
             h.value[:, -1].float() if hidden else None)
+
+
+def _prompt_forward(model, ids, mask, pos, hidden: bool):
+    """``_forward`` over the left-padded prompts ids [B, L]: one prefill, or, for a model
+    with int8 copies (``cpu_int8``: a draft's), the batch-1 loop's split -- all but the
+    last column as its prefill (its own weights), the last as a step (the copies) -- so
+    that each prompt meets the weights it meets at batch 1."""
+    if not cpu_int8.has_copies(model):
+        return _forward(model, ids, mask, pos, None, hidden, prefill=True)
+    cache = None
+    if ids.shape[1] > 1:
+        _, cache, _ = _forward(model, ids[:, :-1], mask[:, :-1], pos[:, :-1], None,
+                               prefill=True)
+    return _forward(model, ids[:, -1:], mask, pos[:, -1:], cache, hidden)
 
 
 @torch.inference_mode()
@@ -96,8 +113,8 @@ def _batch(target, draft, prompts, budgets, eos, pad_id, policy, threshold, reco
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     hid = bool(getattr(policy, "needs_hidden", False))
-    t_logits, t_cache, t_hid = _forward(target, ids, mask, pos, None, hid)
-    d_logits, d_cache, d_hid = (_forward(draft, ids, mask, pos, None, hid)
+    t_logits, t_cache, t_hid = _prompt_forward(target, ids, mask, pos, hid)
+    d_logits, d_cache, d_hid = (_prompt_forward(draft, ids, mask, pos, hid)
                                 if draft is not None else (None, None, None))
     steps = max(budgets)
     # all bookkeeping stays on the device: no per-row Python work in the step loop

@@ -85,16 +85,19 @@ def linear_mode() -> str:
 
 
 @contextlib.contextmanager
-def fast_linear(model: torch.nn.Module, device: torch.device, rows: int):
-    """Run the forward inside this block over ``rows`` rows (batch x new tokens) in the
-    order chosen for this model: a CPU model of real size, 2..MAX_ROWS rows, else plain (a
-    one-row step pays no function-mode overhead). A model given int8 copies
-    (``cpu_int8.int8_weights``: a draft's) reads them instead over up to
-    ``cpu_int8.MAX_ROWS`` rows."""
-    if rows <= cpu_int8.MAX_ROWS and cpu_int8.has_copies(model):
+def fast_linear(model: torch.nn.Module, device: torch.device, batch: int, tokens: int,
+                prefill: bool = False):
+    """Run the forward of ``tokens`` new tokens for each of ``batch`` sequences inside this
+    block in the order chosen for this model: a CPU model of real size, 2..MAX_ROWS rows
+    (batch x tokens), else plain (a one-row step pays no function-mode overhead). A model
+    given int8 copies (``cpu_int8.int8_weights``: a draft's) reads them instead in every
+    forward but its ``prefill`` (the prompts', from an empty cache), whatever the batch, so
+    that a sequence meets one draft whatever batch it decodes in."""
+    if not prefill and cpu_int8.has_copies(model):
         with cpu_int8.int8_forwards(model):
             yield
         return
+    rows = batch * tokens
     width = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
     mode = linear_mode()
     if device.type != "cpu" or width < MIN_WIDTH or not 1 < rows <= MAX_ROWS or mode == "plain":

@@ -1,12 +1,14 @@
-"""Int8 copies of a CPU model's linear layers for its few-row forwards (a draft's steps).
+"""Int8 copies of a CPU model's linear layers for its steps after the prefill (a draft's).
 
 On a CPU a decode step streams every weight from memory. ``torch.ops.aten._weight_int8pack_mm``
 reads int8 weights with one scale an output row over bfloat16 activations; on a 2-core AMD
 EPYC (AVX2) it took a 0.5B draft's step from 181 to 76 ms in float32 (a 4864 x 896 product
 0.55 against 1.50 ms; results/cpu/draft-int8/cost). Over more rows it turns compute-bound
 and grows with them: at 16 rows it is about even with the float32 product's better order,
-at 32 behind; so forwards of more than ``MAX_ROWS`` rows (prefill) keep the model's own
-weights.
+at 32 behind. A model's forwards after its prompts' prefill (its steps) read the copies
+whatever their batch, so that a sequence meets one draft whatever batch it decodes in (its
+tokens still part where float32 rounding, which the batch changes and the bfloat16
+activations coarsen, tips a near tie); the prefill keeps the model's own weights.
 
 ``int8_weights(model)`` makes the copies (every ``nn.Linear`` whose input width the kernel
 takes, the lm_head included; embeddings stay exact) and ``int8_forwards(model)`` is the
@@ -17,11 +19,10 @@ touched; the copies add a byte a weight.
 Meant for a draft: speculative decoding checks its proposals whatever they are, so spd's
 output stays the target's (greedy) or exact in distribution (sampling, the proposal
 probabilities being the int8 draft's own). Methods that keep draft tokens or mix the draft's
-distribution (cospec, CoS) then use the int8 draft's. The command line offers it at batch 1
-(``--draft-weights int8``: generate, bench, serve with --max-batch 0), where every draft
-step has few rows and only the prompt's prefill reads the draft's own weights; batched
-decoders (``cospec.batched``, ``fast_batch``) built on such a draft would read the copies
-only while a step has at most ``MAX_ROWS`` rows.
+distribution (cospec, CoS) then use the int8 draft's, at batch 1 and in the batched lockstep
+decoder (``cospec.batched``: eval's accuracy pass) alike. The batch engines
+(``cospec.fast_batch``: ``serve --max-batch > 0``) compute from the weights they gathered
+and read the model's own.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ import torch
 
 from cospec.errors import CospecError
 
-MAX_ROWS = 8  # rows (batch x new tokens) a forward may have to read the int8 copies
-WIDTH_MULTIPLE = 8  # input widths the kernel takes: others crash or give wrong products
+# input widths the kernel takes: on others it crashes or gives wrong products (AVX2: widths
+# not a multiple of 8; AVX-512: of 16, e.g. 24, 40, 72 -- the sizes of its K loop, no tail)
+WIDTH_MULTIPLE = 16
 SCALE_DTYPE = torch.bfloat16  # activations and scales: the fast path (float32: ~10x slower)
 
 Copy = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # q [n, k] int8, s [n], bias
@@ -58,8 +60,8 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_weights(model: torch.nn.Module) -> int:
-    """Make int8 copies of ``model``'s CPU linears for its few-row forwards
-    (``int8_forwards``); returns how many. CospecError where torch lacks the kernel or no
+    """Make int8 copies of ``model``'s CPU linears for its steps (``int8_forwards``);
+    returns how many. CospecError where torch lacks the kernel or no
     linear fits it."""
     if not available():
         raise CospecError(f"int8 draft weights on a CPU need torch's _weight_int8pack_mm, "
@@ -94,7 +96,7 @@ def product(x: torch.Tensor, copy: Copy) -> torch.Tensor:
 @contextlib.contextmanager
 def int8_forwards(model: torch.nn.Module) -> Iterator[None]:
     """Within this block ``model``'s linears with copies compute through them (the caller
-    keeps the block to forwards of at most ``MAX_ROWS`` rows)."""
+    keeps prefills out of it)."""
     copies = _COPIES.get(model, {})
     for mod, forward in copies.items():
         mod.forward = forward

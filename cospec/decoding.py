@@ -122,14 +122,15 @@ class CachedLM:
         self.cache = None
         self.length = 0
 
-    def forward(self, ids: list[int] | torch.Tensor, keep: int
+    def forward(self, ids: list[int] | torch.Tensor, keep: int, prefill: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed ``ids`` (a list or a 1-d tensor) after the cached prefix; returns the last
         ``keep`` rows of logits [keep, V] (float32) and, if ``hidden``, of last hidden
-        states [keep, d]."""
+        states [keep, d]. ``prefill``: the prompt's tokens but its last (``prefill``), which
+        a model's int8 copies leave to its own weights (``cpu.fast_linear``)."""
         x = (ids.view(1, -1).to(self.device) if isinstance(ids, torch.Tensor)
              else torch.tensor([ids], device=self.device))
-        with (fast_linear(self.model, self.device, x.numel()),
+        with (fast_linear(self.model, self.device, *x.shape, prefill=prefill),
               LastHidden(self.model, self.hidden) as h):
             out, self.cache = call_lm(self.model, self.cache, input_ids=x, logits_to_keep=keep)
         self.length += len(ids)
@@ -137,8 +138,9 @@ class CachedLM:
         return out.logits[0, -keep:].float(), hidden
 
     def prefill(self, ids: list[int]) -> None:
+        """Feed the prompt but its last token (the first step feeds that one)."""
         if ids:
-            self.forward(ids, keep=1)
+            self.forward(ids, keep=1, prefill=True)
 
     def reset(self) -> None:
         """Forget the cache (the next forward re-reads the whole sequence)."""

@@ -177,7 +177,8 @@ def accuracy_pass(s: EvalSetup, run: RunDir) -> None:
     verify rounds unlike a one-row step, so their tokens can differ. spd and the speculative
     CoS methods on a GPU go through the batch engine (``fast_batch``: the same speculation,
     many rows at once, at T > 0 exact in distribution too), the others at batch 1; a problem
-    the speed pass already decoded reuses those tokens (same loop, same settings).
+    the speed pass already decoded reuses those tokens where the method is scored at batch 1
+    (same loop, same settings).
     """
     from cospec.batched import lockstep
 
@@ -200,8 +201,13 @@ def accuracy_pass(s: EvalSetup, run: RunDir) -> None:
             print(f"accuracy {method}: samples exactly as {same} does; scored on the batch-1 "
                   "speed subset only")
             continue
-        reused = [timed[(s.problems[i].id, method)] for i in todo
-                  if (s.problems[i].id, method) in timed]
+        m = s.built[method]
+        two_models = m.combo is None or len(m.models) == 2
+        batched = two_models and same is None
+        # the batch-1 loop's tokens for the problems the speed pass decoded with it; the
+        # batched decoders decode every problem, so that 'batched = b1' checks them
+        reused = [] if batched or engine else [timed[(s.problems[i].id, method)] for i in todo
+                                               if (s.problems[i].id, method) in timed]
         if reused:
             run.append("accuracy", [accuracy_record(s, r["id"], method, r["token_ids"],
                                                     r["correct"], "batch1",
@@ -212,9 +218,6 @@ def accuracy_pass(s: EvalSetup, run: RunDir) -> None:
             todo = [i for i in todo if s.problems[i].id not in got]
             if not todo:
                 continue
-        m = s.built[method]
-        two_models = m.combo is None or len(m.models) == 2
-        batched = two_models and same is None
         bar = tqdm(total=len(todo), desc=f"accuracy {method}", unit="problem")
         right = total = 0
         chunk = max(a.batch_size * 4, 1) if batched or engine else 1
@@ -263,11 +266,34 @@ def accuracy_pass(s: EvalSetup, run: RunDir) -> None:
 def uses_batch_engine(s: EvalSetup, method: str) -> bool:
     """spd and the speculative CoS methods (cos-*, *-sd) on CUDA, where a batch engine runs
     them on these models (``batch_methods``): decode them with it (their own tokens, many
-    rows at once) rather than one problem at a time."""
+    rows at once) rather than one problem at a time. Not with an int8 draft: the batch
+    engines read the draft's own weights, the batch-1 engines its int8 copies."""
     from cospec.batch_methods import BATCH_COS, engine_options
 
     return (method in ("spd", *BATCH_COS) and s.device.type == "cuda"
+            and getattr(s.args, "draft_weights", "model") == "model"
             and engine_options(s.built[method]) is not None)
+
+
+def check_draft_weights(args, methods: list[str]) -> None:
+    """Refuse, before any model loads, an eval whose accuracy pass would decode with
+    another draft than its speed pass. On a CPU an int8 draft's steps read its copies in the
+    batched decoder too (``cpu_int8``); on a GPU only the batch-1 engines do, so there the
+    methods the batched decoder runs with the draft (draft, cospec and the other lossy
+    rules, we, cd) are refused; target, hf-assisted and the exact speculative methods
+    (decoded at batch 1) are kept."""
+    if getattr(args, "draft_weights", "model") == "model" or args.command != "eval":
+        return
+    from cospec.models import check_device, default_device
+
+    if not check_device(args.device or default_device()).startswith("cuda"):
+        return
+    batched = [m for m in methods if m not in ("target", "hf-assisted", *SAME_AS_GREEDY)]
+    if batched:
+        raise CospecError(f"--draft-weights {args.draft_weights} on a GPU: eval's batched "
+                          f"accuracy pass would decode {', '.join(batched)} with the draft's "
+                          "own weights; leave those methods out, or use bench (batch 1 "
+                          "only), or --device cpu")
 
 
 def engine_decode(s: EvalSetup, method: str, idx: list[int]) -> list[list[int]]:
@@ -402,8 +428,9 @@ def summarize(run: RunDir, command: str) -> dict:
             ref = SAME_AS_GREEDY.get(m, "target")
             same = sum(r["token_ids"] == (speed.get((r["id"], ref)) or {}).get("token_ids")
                        for _, r in sp) if greedy else None  # T > 0: other draws
-            batched = [(acc.get((r["id"], m)) or {}).get("token_ids") if greedy else None
-                       for _, r in sp]
+            scored_as = [acc.get((r["id"], m)) or {} for _, r in sp]  # not a b1 copy of r
+            batched = [a.get("token_ids") if greedy and a.get("path") != "batch1" else None
+                       for a in scored_as]
             agree = [b == r["token_ids"] for b, (_, r) in zip(batched, sp) if b is not None]
             steps = sum(r["steps"] for _, r in sp)
             info = {"speed_n": len(sp), **ps,
@@ -460,7 +487,8 @@ def summarize(run: RunDir, command: str) -> dict:
             "decode time: compare it on 'incl. prefill'. " if "hf-assisted" in methods else "")
     md = [f"# {title}", "", f"`{cfg.get('command', '')}`", "", table, "",
           ("accuracy: batched lockstep decoding (greedy: equal to the batch-1 loop; 'batched = "
-           "b1' counts agreement on the speed subset; T > 0: rows sample the target's or r's "
+           "b1' counts agreement on the speed subset, — where the method is scored with its "
+           "batch-1 tokens; T > 0: rows sample the target's or r's "
            "distribution, which spd/*-sd/cos-* sample exactly, so those are scored on the "
            "batch-1 subset only); McNemar: exact, paired vs target (+ right only here / − "
            "right only for target); " if any(r.get("n") for r in rows) else "") +
@@ -490,6 +518,7 @@ def cmd_eval(args) -> int:
     if args.limit is not None and args.limit <= 0:
         raise CospecError(f"--limit must be > 0, got {args.limit}")
     methods = _methods(args.methods)
+    check_draft_weights(args, methods)
     get_task(args.task).split(args.split)  # a bad task or split must not reach the folder
     cfg = _config(args)
     cfg["command"] = "cospec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
@@ -524,6 +553,7 @@ def cmd_summarize(args) -> int:
 
 
 def add_parsers(sub, add_model_args, add_decoding_args) -> None:
+    from cospec.args import add_draft_weights_arg
     from cospec.tasks import TASK_NAMES
 
     p = sub.add_parser("summarize", help="rewrite the report of finished eval/bench folders "
@@ -542,13 +572,11 @@ def add_parsers(sub, add_model_args, add_decoding_args) -> None:
         p.add_argument("--methods", default="target,spd" if name == "eval"
                        else "target,spd,hf-assisted")
         p.add_argument("--out", required=True, help="results folder (resumable)")
+        add_draft_weights_arg(p)
         if name == "eval":
             p.add_argument("--batch-size", type=int, default=8)
             p.add_argument("--speed-subset", type=int, default=0,
                            help="also time the first N problems at batch 1")
         else:
-            from cospec.args import add_draft_weights_arg
-
-            add_draft_weights_arg(p)
             p.set_defaults(batch_size=1, speed_subset=0)
         p.set_defaults(func=cmd_eval)

@@ -230,7 +230,7 @@ class BatchLM:
         if not self.use_graphs or first or n > self.ids.shape[1]:  # eagerly
             if not first and self._one_row(b, n):  # the fused layers, ungraphed
                 return self._forward(ids, pos, 0, eager=False)
-            with fast_linear(self.model, self.device, b * n):  # a CPU's order for b * n rows
+            with fast_linear(self.model, self.device, b, n):  # a CPU's order for b * n rows
                 return self._forward(ids, pos, first, eager=True)
         self.ids[:b, :n].copy_(ids)
         self.pos[:b, :n].copy_(pos)

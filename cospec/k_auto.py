@@ -32,7 +32,7 @@ def forward_cost(model, k: int, prefix: int, reps: int, mode: str) -> float:
                         generator=g).tolist()
     times = []
     with torch.inference_mode():
-        lm.forward(ids[:prefix], keep=1)
+        lm.prefill(ids[:prefix])
         warm = 1 + (2 * TRIALS if mode == "auto" else 0)  # the choice's own timed forwards
         for rep in range(reps + warm):
             t0 = time.perf_counter()

@@ -229,7 +229,7 @@ DRAFT_WEIGHTS = ("model", "int8")  # what a draft's fast-path engines read (draf
 
 def draft_weights(pair: Pair, kind: str) -> None:
     """``kind`` "int8": the draft's steps read int8 copies of its weights: on a CPU its
-    forwards of a few rows (``cpu_int8``), on a GPU its fast-path engines' fused layers
+    forwards after the prompt's prefill (``cpu_int8``), on a GPU its fast-path engines' fused layers
     (``fast.int8_weights``); refused on a GPU without the fast path (it would read its own
     weights unasked). "model": its own weights."""
     if kind not in DRAFT_WEIGHTS:

@@ -107,7 +107,7 @@ def step_ms(model, prefix: int, steps: int) -> float:
     ids = torch.randint(100, 20000, (prefix + steps + 4,))
     lm = CachedLM(model)
     with torch.inference_mode():
-        lm.forward(ids[:prefix], keep=1)
+        lm.prefill(ids[:prefix].tolist())
         times = []
         for i in range(steps + 3):
             t = time.perf_counter()

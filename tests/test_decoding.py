@@ -213,7 +213,7 @@ def test_fast_linear_only_where_it_can_serve(monkeypatch):
     cpu_ = torch.device("cpu")
 
     def forward(model, rows):
-        with cpu.fast_linear(model, cpu_, rows):
+        with cpu.fast_linear(model, cpu_, 1, rows):
             return model(input_ids=torch.arange(rows).view(1, -1) + 2).logits
 
     want = {rows: big(input_ids=torch.arange(rows).view(1, -1) + 2).logits for rows in (3, 17)}

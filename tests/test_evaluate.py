@@ -38,6 +38,10 @@ def test_exact_methods_are_scored_with_their_own_tokens(tiny_dirs, tmp_path, mon
         assert spd["token_ids"][-1] != target["token_ids"][-1]
     speed = {json.loads(x)["id"] for x in (out / "speed.jsonl").read_text().splitlines()}
     assert len(speed) == 1  # the speed subset's spd tokens were reused, not decoded again
+    summary = json.loads((out / "summary.json").read_text())["methods"]
+    assert {by[(pid, "target")]["path"] for pid in ids} == {"batched"}  # b1 not reused
+    assert summary["target"]["batched_agreement"] == 1.0  # so this compares two decoders
+    assert summary["spd"]["batched_agreement"] is None  # its record is the b1 one itself
 
 
 def test_spd_through_the_batch_engine_is_scored_with_its_own_tokens(tiny_dirs, tmp_path,
@@ -77,7 +81,8 @@ def on_a_gpu(monkeypatch):
     real, chosen = evaluate.uses_batch_engine, set()
 
     def uses(s, method):
-        picked = real(SimpleNamespace(device=torch.device("cuda"), built=s.built), method)
+        picked = real(SimpleNamespace(device=torch.device("cuda"), built=s.built, args=s.args),
+                      method)
         if picked:
             chosen.add(method)
         return picked
@@ -175,3 +180,53 @@ def test_speed_warm_up_runs_the_longest_problem_through_every_shape(tiny_dirs, t
     warm = [(m, longest, b) for m in ("target", "spd") for b in budgets]
     assert calls[:len(warm)] == warm
     assert [b for _, _, b in calls[len(warm):]] == [None] * 6  # the timed problems
+
+
+def test_an_int8_draft_is_one_draft_in_both_passes(tiny_dirs, tmp_path):
+    """eval --draft-weights int8 on a CPU: the batched accuracy pass (ten problems a
+    batch) gives the draft alone and a lossy rule keeping draft tokens the very tokens the
+    batch-1 speed pass gave them (batched = b1 on every problem, each decoded batched),
+    tokens that are not the float draft's; the folder's config names the int8 draft."""
+    t, d = tiny_dirs
+    runs = {}
+    for weights in ("int8", "model"):
+        out = tmp_path / weights
+        assert main(["eval", "--target", str(t), "--draft", str(d), "--task", "gsm8k",
+                     "--split", "dev", "--limit", "10", "--max-new-tokens", "24",
+                     "--methods", "target,draft,confidence", "--threshold", "0.2",
+                     "--batch-size", "10", "--speed-subset", "10", "--draft-weights", weights,
+                     "--device", "cpu", "--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        for method in ("draft", "confidence"):  # decoded batched, not copied from b1
+            assert summary["methods"][method]["batched_agreement"] == 1.0
+            assert {r["path"] for r in records(out).values() if r["method"] == method} == {
+                "batched"}
+        runs[weights] = [json.loads(x)["token_ids"]
+                         for x in (out / "speed.jsonl").read_text().splitlines()
+                         if json.loads(x)["method"] == "draft"]
+    assert runs["int8"] != runs["model"]
+    assert json.loads((tmp_path / "int8" / "config.json").read_text())["draft_weights"] == "int8"
+
+
+def test_an_int8_draft_on_a_gpu_keeps_eval_to_batch1_methods(monkeypatch):
+    """On a GPU only the batch-1 engines read an int8 draft's copies: eval refuses, before
+    any model loads, the methods its batched decoder runs with the draft, and keeps
+    target, the peer and the exact speculative methods (decoded at batch 1 there)."""
+    from argparse import Namespace
+
+    from cospec import models
+    from cospec.errors import CospecError
+    from cospec.evaluate import check_draft_weights, uses_batch_engine
+
+    monkeypatch.setattr(models, "check_device", lambda device: device)
+    args = Namespace(command="eval", device="cuda", draft_weights="int8")
+    check_draft_weights(args, ["target", "spd", "cos-we", "hf-assisted"])
+    for method in ("draft", "cospec", "we"):
+        with pytest.raises(CospecError, match=f"decode {method} with the draft's own"):
+            check_draft_weights(args, ["target", method])
+    check_draft_weights(Namespace(command="eval", device="cpu", draft_weights="int8"),
+                        ["draft", "cospec"])
+    check_draft_weights(Namespace(command="bench", device="cuda", draft_weights="int8"),
+                        ["draft"])
+    s = SimpleNamespace(args=args, device=torch.device("cuda"), built={"spd": None})
+    assert not uses_batch_engine(s, "spd")
