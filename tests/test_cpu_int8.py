@@ -180,3 +180,4 @@ def test_sampled_spd_with_an_int8_draft_follows_the_targets_joint():
     assert_follows((run.run(PROMPT, k=4, max_new_tokens=NEW, sampling=CFG, eos_ids=[],
                             seed=seed)[0] for seed in range(SAMPLES)), probs, NEW, ALPHA)
 
+
