@@ -12,14 +12,12 @@ DIR/cpu_dtype_cost.json and .md, the machine's load beside each dtype.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from cpu_int8_cost import cpu_name, load
+from cpu_int8_cost import load, machine, write
 
 from cospec.decoding import CachedLM
 from cospec.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_pair
@@ -60,21 +58,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--prefix", type=int, default=120)
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    res: dict = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
-                             "threads": torch.get_num_threads(), "torch": torch.__version__,
-                             "capability": torch.backends.cpu.get_cpu_capability()},
-                 "prefix": args.prefix, "dtypes": {}}
+    res: dict = {"machine": machine(), "prefix": args.prefix, "dtypes": {}}
     for dtype in DTYPES:
         pair = load_pair(DEFAULT_TARGET, DEFAULT_DRAFT, "cpu", dtype)
         res["dtypes"][str(dtype).removeprefix("torch.")] = {
             "target": forward_ms(pair.target, args.prefix, args.steps),
             "draft": forward_ms(pair.draft, args.prefix, args.steps), "load": load()}
         del pair
-    (out / "cpu_dtype_cost.json").write_text(json.dumps(res, indent=1))
-    (out / "cpu_dtype_cost.md").write_text(table(res))
-    print(table(res))
+    write(Path(args.out) / "cpu_dtype_cost", res, table(res))
 
 
 def table(res: dict) -> str:

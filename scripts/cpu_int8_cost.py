@@ -122,11 +122,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prefix", type=int, default=120)
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    res: dict = {"machine": {"cpu": cpu_name(),
-                             "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                             "torch": torch.__version__}}
+    res: dict = {"machine": machine()}
     res["shapes"] = {name: {"n": n, "k": k, **products(n, k, 1)}
                      for name, (n, k) in SHAPES.items()}
     res["shapes_load"] = load()
@@ -138,9 +134,21 @@ def main() -> None:
     cpu_int8.int8_weights(pair.draft)
     steps["draft, int8 copies"] = step_ms(pair.draft, args.prefix, args.steps)
     res["steps_ms"], res["steps_load"] = steps, load()
-    (out / "cpu_int8_cost.json").write_text(json.dumps(res, indent=1))
-    (out / "cpu_int8_cost.md").write_text(table(res))
-    print(table(res))
+    write(Path(args.out) / "cpu_int8_cost", res, table(res))
+
+
+def machine() -> dict:
+    """The processor, its cores, torch's threads, version and CPU capability."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def write(stem: Path, res: dict, md: str) -> None:
+    """``res`` as stem.json, ``md`` as stem.md (their folder made), and ``md`` printed."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    stem.with_suffix(".md").write_text(md)
+    print(md)
 
 
 def table(res: dict) -> str:
