@@ -91,8 +91,9 @@ def fast_linear(model: torch.nn.Module, device: torch.device, batch: int, tokens
     block in the order chosen for this model: a CPU model of real size, 2..MAX_ROWS rows
     (batch x tokens), else plain (a one-row step pays no function-mode overhead). A model
     given int8 copies (``cpu_int8.int8_weights``: a draft's) reads them instead in every
-    forward but its ``prefill`` (the prompts', from an empty cache), whatever the batch, so
-    that a sequence meets one draft whatever batch it decodes in."""
+    forward but a ``prefill`` (the callers' mark: a prompt's tokens but its last, which the
+    first step feeds), whatever the batch, so that a sequence meets one draft whatever batch
+    it decodes in."""
     if not prefill and cpu_int8.has_copies(model):
         with cpu_int8.int8_forwards(model):
             yield

@@ -126,8 +126,9 @@ class CachedLM:
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed ``ids`` (a list or a 1-d tensor) after the cached prefix; returns the last
         ``keep`` rows of logits [keep, V] (float32) and, if ``hidden``, of last hidden
-        states [keep, d]. ``prefill``: the prompt's tokens but its last (``prefill``), which
-        a model's int8 copies leave to its own weights (``cpu.fast_linear``)."""
+        states [keep, d]. ``prefill``: these are the prompt's tokens but its last (as
+        ``prefill`` feeds them), which a model's int8 copies leave to its own weights
+        (``cpu.fast_linear``)."""
         x = (ids.view(1, -1).to(self.device) if isinstance(ids, torch.Tensor)
              else torch.tensor([ids], device=self.device))
         with (fast_linear(self.model, self.device, *x.shape, prefill=prefill),
