@@ -76,7 +76,8 @@
 #   uspeed  the user's path: cospec eval's batch-1 speed pass (target, spd; k = 5, 256 new
 #           tokens, the first 20 problems of USPEED_TASK, default gsm8k heldout) twice, with
 #           COSPEC_SPD_BLOCK=0 (spd in cospec.decoding's loop) and 1 (cospec.fast_block's
-#           device-side blocks), into uspeed-TASK-block0 and -block1
+#           device-side blocks), into uspeed-TASK-block0 and -block1 (USPEED_BLOCKS picks;
+#           USPEED_DRAFT=int8 adds --draft-weights int8 and -int8 to the names)
 #   gaps    the GPU's busy time and idle gaps per token and per step while the real pair
 #           decodes 4 GSM8K prompts (scripts/prof_gaps.py; GAPS_METHODS, GAPS_TASK; into
 #           gaps-$GAPS_TAG if set): how much of spd's block waits on the host
@@ -193,12 +194,14 @@ stage_gaps() {  # the GPU's busy time and idle gaps while the real pair decodes 
 }
 
 stage_uspeed() {  # cospec eval's speed pass, spd in the host loop and on the device
+                  # (USPEED_BLOCKS, default "0 1"; USPEED_DRAFT=int8: --draft-weights int8)
     local task=${USPEED_TASK:-gsm8k:heldout} block
-    for block in 0 1; do
+    for block in ${USPEED_BLOCKS:-0 1}; do
         COSPEC_SPD_BLOCK=$block timeout "${USPEED_S:-400}" python3 -m cospec eval \
             --task "${task%%:*}" --split "${task##*:}" --limit 20 --speed-subset 20 \
             --methods target,spd --k 5 --max-new-tokens 256 --device cuda \
-            --out "$R/uspeed-${task%%:*}-block$block" 2>&1 \
+            ${USPEED_DRAFT:+--draft-weights "$USPEED_DRAFT"} \
+            --out "$R/uspeed-${task%%:*}-block$block${USPEED_DRAFT:+-$USPEED_DRAFT}" 2>&1 \
             | whole | grep -v -E "it/s\]|s/it\]|seq/s\]|Loading weights" | tail -6 || true
     done
 }

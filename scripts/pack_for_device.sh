@@ -13,16 +13,17 @@
 # tar's sha256 (A_SHA256, B_SHA256, S_SHA256 for gpu_stages.sh). Copy one piece per call there:
 #   mkdir -p /tmp/p && cp .dev-a.NN/* /tmp/p/     (carry [".dev-a.NN"])
 #   usage: bash scripts/pack_for_device.sh [a] [b] [s]      (default: a and b)
+# PIECE_MB=N cuts N-MiB pieces instead (up to 64 less the tree that travels beside them).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 ex=.git/info/exclude; grep -qx '/.dev-*/' "$ex" 2>/dev/null || echo '/.dev-*/' >> "$ex"
 work=${PACK_DIR:-/tmp/pack}; mkdir -p "$work"
 cache=$(python3 -c "from cospec.assets import cache_dir; print(cache_dir())")
 
-cut_pieces() {  # $1 tar, $2 letter: .dev-<letter>.NN/<LETTER>.NN, 32 MiB each
+cut_pieces() {  # $1 tar, $2 letter: .dev-<letter>.NN/<LETTER>.NN, $PIECE_MB (32) MiB each
     local up; up=$(echo "$2" | tr a-z A-Z)
     rm -rf .dev-"$2".* "$work/pieces"; mkdir "$work/pieces"
-    split -b 32M -d -a 2 "$1" "$work/pieces/$up."
+    split -b "${PIECE_MB:-32}M" -d -a 2 "$1" "$work/pieces/$up."
     for p in "$work/pieces/$up".*; do
         d=.dev-$2.${p##*.}; mkdir -p "$d"; mv "$p" "$d/"
     done
