@@ -58,6 +58,9 @@
 #   launch  the GPU's floors for a few-row step (scripts/prof_launch.py, toy kernels): µs a
 #           launch under a graph, a weight-reading kernel's fixed cost and bandwidth, and a
 #           persistent kernel over a 0.5B's 24 layers with a grid barrier between phases
+#   fewrows a few-row projection's weight streaming (scripts/prof_few_rows.py; toy kernels on
+#           the 0.5B's and 1.5B's shapes, no weights): rows on tl.dot's M side as the fused
+#           kernels, swapped (weight columns on M), one-row GEMV, cuBLAS; into few-rows
 #   block   one greedy spd block (fast_block's graph) with the draft's bf16 weights and with
 #           its int8 copies, beside the target's step (scripts/prof_block.py; random 0.5B
 #           draft, 1.5B target, no weights; into block${BLOCK_TAG:+-TAG}; BLOCK_PREFIX
@@ -178,6 +181,13 @@ stage_block() {  # one speculative block's cost, bf16 and int8 draft (scripts/pr
     [ -e "$out/prof_block.json" ] || timeout "${BLOCK_S:-300}" python3 \
         scripts/prof_block.py --out "$out" --prefix "${BLOCK_PREFIX:-100,300}" 2>&1 \
         | tee "$out.log" | tail -12
+}
+
+stage_fewrows() {  # a few-row projection's weight reads: rows on M, swapped, GEMV, cuBLAS
+    local out="$R/few-rows${FEWROWS_TAG:+-$FEWROWS_TAG}"
+    [ -e "$out/prof_few_rows.json" ] || timeout "${FEWROWS_S:-400}" python3 \
+        scripts/prof_few_rows.py --out "$out" --rows "${FEWROWS_ROWS:-1,2,6}" 2>&1 \
+        | whole | tail -40
 }
 
 stage_launch() {  # GPU floors: launches, streaming reads, a persistent kernel's barriers

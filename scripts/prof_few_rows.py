@@ -51,7 +51,7 @@ LAUNCHES = 50
 RING_BYTES = 256 << 20
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "k_per"])
 def rows_m(x_ptr, w_ptr, y_ptr, n, k_per, K: tl.constexpr, N: tl.constexpr,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[split, :n, cols] = x[:n, share] @ w[cols, share].T, rows on tl.dot's M side."""
@@ -70,7 +70,7 @@ def rows_m(x_ptr, w_ptr, y_ptr, n, k_per, K: tl.constexpr, N: tl.constexpr,
              mask=rows[:, None] < n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "k_per"])
 def swap(x_ptr, w_ptr, y_ptr, n, k_per, K: tl.constexpr, N: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The same with the weight's columns on tl.dot's M side: acc [BLOCK_N, BLOCK_M]."""
@@ -89,7 +89,7 @@ def swap(x_ptr, w_ptr, y_ptr, n, k_per, K: tl.constexpr, N: tl.constexpr,
              mask=rows[None, :] < n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "k_per"])
 def gemv(x_ptr, w_ptr, y_ptr, n, k_per, K: tl.constexpr, N: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One row (n = 1): products on the CUDA cores, acc [BLOCK_K, BLOCK_N] summed at the end."""
@@ -108,7 +108,8 @@ def gemv(x_ptr, w_ptr, y_ptr, n, k_per, K: tl.constexpr, N: tl.constexpr,
 KERNELS = {"rows-m": rows_m, "swap": swap, "gemv": gemv}
 GRIDS = {  # variant: settings (BLOCK_N, BLOCK_K, num_warps, num_stages)
     "rows-m": [(32, 128, 4, 3), (64, 128, 4, 3), (32, 256, 4, 3)],
-    "swap": list(itertools.product((64, 128), (64, 128, 256), (4, 8), (3, 4))),
+    "swap": [*itertools.product((64, 128), (128, 256), (4, 8), (3,)), (128, 128, 4, 4),
+             (128, 256, 8, 4)],
     "gemv": [(8, 256, 4, 3), (16, 256, 4, 3), (8, 512, 4, 3)],
 }
 
