@@ -134,6 +134,12 @@ MAX_REGS = 0
 # 0.5-6 %; GEMV_BLOCK_K, GEMV_DOWN_BLOCK_K and GEMV_WARPS within 1-2 %). More rows keep
 # the few-row kernels: on these tiles 2 and 6 rows measured slower (docs/gpu.md).
 GEMV = 1
+# Few-row projections (2 to 16 rows: the verify, the draft's first step of a block) with the
+# weight's columns on tl.dot's M side and the rows on its N side (SWAP = 1), as cuBLAS's few-row
+# tiles are (192 x 8 on an H200), instead of the rows on M, padded to 16 (0). Hopper's wgmma
+# takes M >= 64, so SWAP wants column tiles of 64 or more (UP_BLOCK_N, OUT_BLOCK_N,
+# QKV_BLOCK_C). Off until a GPU measures it (scripts/prof_few_rows.py, prof_fused.py --grid).
+SWAP = 0
 GEMV_QKV_BLOCK_C = 2     # columns of each RoPE half per q/k/v program
 GEMV_UP_BLOCK_N = 8      # gate (and up) columns per program
 GEMV_OUT_BLOCK_N = 1     # o_proj / down_proj output columns per program
@@ -389,6 +395,11 @@ def _block_m(gemv: bool, n: int) -> int:
     return 1 if gemv else _rows(n)
 
 
+def _swap(gemv: bool) -> bool:
+    """A projection launch takes SWAP: few rows (not the one-row tiles) and SWAP on."""
+    return bool(SWAP) and not gemv
+
+
 def _unroll(gemv: bool, blocks: int) -> bool:
     """A one-row projection's reduction of ``blocks`` blocks is unrolled (<= GEMV_UNROLL)."""
     return gemv and blocks <= GEMV_UNROLL
@@ -497,7 +508,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         W8=w8_on, IEEE=x.dtype == torch.float32, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d, w8_on),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
-        LN_AHEAD=_ln_ahead(gemv), **_launch(x.device, gemv, d, w8=w8_on))
+        LN_AHEAD=_ln_ahead(gemv), SWAP=_swap(gemv), **_launch(x.device, gemv, d, w8=w8_on))
     return (q, k, v) if cache is None else (q, None, None)
 
 
@@ -545,7 +556,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         counters(x.device, tiles), n, inter, per * block_k, eps, D=d, W8=w8_on, IEEE=ieee,
         SPLIT_K=splits, BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
         HOIST=_hoist(d, w8_on), UNROLL=_unroll(gemv, _cdiv(d, block_k)),
-        SPLIT_EARLY=_split_early(per), LN_AHEAD=_ln_ahead(gemv),
+        SPLIT_EARLY=_split_early(per), LN_AHEAD=_ln_ahead(gemv), SWAP=_swap(gemv),
         **_launch(x.device, gemv, d, gate_up=True, w8=w8_on))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)),
                             down8)
@@ -598,7 +609,7 @@ def _project(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x: torch.
         RESIDUAL=x is not None, IEEE=a.dtype == torch.float32, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
         K_BLOCKS=_cdiv(k, block_k) if _unroll(gemv, _cdiv(k, block_k)) else 0,
-        HOIST=_hoist(d, w8 is not None), SPLIT_EARLY=_split_early(per),
+        HOIST=_hoist(d, w8 is not None), SPLIT_EARLY=_split_early(per), SWAP=_swap(gemv),
         **_launch(y.device, gemv, d, w8=w8 is not None))
     return y
 

@@ -67,38 +67,49 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _zeros(BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A projection's float32 accumulator: [BLOCK_M, BLOCK_N] (tl.dot's, BLOCK_M >= 16); for
-    one row (BLOCK_M = 1) [BLOCK_K, BLOCK_N], each reduction lane's products summed over the
-    blocks on the CUDA cores, reduced over the lanes once at the end (``_total``)."""
+def _zeros(BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+           SWAP: tl.constexpr):
+    """A projection's float32 accumulator: [BLOCK_M, BLOCK_N] (tl.dot's, BLOCK_M >= 16), or
+    transposed, [BLOCK_N, BLOCK_M], under SWAP (the weight's columns on tl.dot's M side, the
+    rows on N); for one row (BLOCK_M = 1) [BLOCK_K, BLOCK_N], each reduction lane's products
+    summed over the blocks on the CUDA cores, reduced over the lanes once at the end
+    (``_total``)."""
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    elif SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     return acc
 
 
 @triton.jit
-def _mac(a, b, acc, IEEE: tl.constexpr):
+def _mac(a, b, acc, IEEE: tl.constexpr, SWAP: tl.constexpr):
     """acc + a @ b for a [BLOCK_M, BLOCK_K], b [BLOCK_K, BLOCK_N] into ``_zeros``' acc. One
     row (a decode step's GEMV) comes as a column a [BLOCK_K, 1]: products on the CUDA cores,
     exact in float32, no 16-row padding and no reduction until ``_total``. b may be int8 (a
     W8 launch's weights): converted to a's dtype first, exactly (|b| <= 127). For one row
     that keeps the registers of an unrolled int8 reduction whose tiles are all loaded early
     (HOIST = 2) near the bf16 one's: straight to float32, sm90's ptxas gave the 0.5B's
-    gate/up 168 registers a thread (3 programs an SM), through bf16 102 (bf16 weights: 96)."""
+    gate/up 168 registers a thread (3 programs an SM), through bf16 102 (bf16 weights: 96).
+    SWAP (few rows): acc [BLOCK_N, BLOCK_M] + b.T @ a.T, the weight tile on tl.dot's M side
+    (Hopper's wgmma takes M >= 64: column tiles of 64 or more), the rows on N."""
     if a.shape[1] == 1:
         acc += a.to(tl.float32) * b.to(a.dtype).to(tl.float32)
+    elif SWAP:
+        acc = _dot(tl.trans(b.to(a.dtype)), tl.trans(a), acc, IEEE)
     else:
         acc = _dot(a, b.to(a.dtype), acc, IEEE)
     return acc
 
 
 @triton.jit
-def _total(acc, BLOCK_M: tl.constexpr):
+def _total(acc, BLOCK_M: tl.constexpr, SWAP: tl.constexpr):
     """The [BLOCK_M, BLOCK_N] sums of a ``_zeros`` / ``_mac`` accumulator."""
     if BLOCK_M == 1:
         acc = tl.sum(acc, axis=0)[None, :]
+    elif SWAP:
+        acc = tl.trans(acc)
     return acc
 
 
@@ -264,7 +275,7 @@ def _normed(x_ptr, ln_ptr, rstd, k0, n, D: tl.constexpr, BLOCK_M: tl.constexpr,
 def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.constexpr,
                  IEEE: tl.constexpr, HOIST: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
-                 SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr):
+                 SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr, SWAP: tl.constexpr):
     """RMSNorm(x) @ w[ra].T and @ w[rb].T ([BLOCK_M, len(ra)] each, float32) over x's
     columns lo..lo + k_per. The weights of the first block (HOIST = 1), of every block when
     unrolled (HOIST = 2), or of the SPLIT_EARLY blocks of a split's whole share (k_per =
@@ -274,8 +285,8 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
     block's RMSNorm weights are read one block ahead (the first before the wait), so the
     loop's products never wait on them; the software pipeline does not take these loads
     (a thread's share of a block is under the 4 bytes an asynchronous copy moves)."""
-    acc_a = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
-    acc_b = _zeros(BLOCK_M, BLOCK_K, ra.shape[0])
+    acc_a = _zeros(BLOCK_M, BLOCK_K, ra.shape[0], SWAP)
+    acc_b = _zeros(BLOCK_M, BLOCK_K, ra.shape[0], SWAP)
     if UNROLL:
         EARLY: tl.constexpr = (D + BLOCK_K - 1) // BLOCK_K if HOIST == 2 else min(HOIST, 1)
     else:
@@ -293,14 +304,14 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
                 wa, wb = early[k0 // BLOCK_K]
             else:
                 wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
-            acc_a = _mac(h, wa, acc_a, IEEE)
-            acc_b = _mac(h, wb, acc_b, IEEE)
+            acc_a = _mac(h, wa, acc_a, IEEE, SWAP)
+            acc_b = _mac(h, wb, acc_b, IEEE, SWAP)
     else:
         for i in tl.static_range(EARLY):
             wa, wb = early[i]
             h = _normed(x_ptr, ln_ptr, rstd, lo + i * BLOCK_K, n, D, BLOCK_M, BLOCK_K)
-            acc_a = _mac(h, wa, acc_a, IEEE)
-            acc_b = _mac(h, wb, acc_b, IEEE)
+            acc_a = _mac(h, wa, acc_a, IEEE, SWAP)
+            acc_b = _mac(h, wb, acc_b, IEEE, SWAP)
         for k0 in range(start, tl.minimum(lo + k_per, D), BLOCK_K):
             if LN_AHEAD:
                 ln_next = _ln(ln_ptr, k0 + BLOCK_K, D, BLOCK_M, BLOCK_K)
@@ -310,9 +321,9 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
             else:
                 h = _normed(x_ptr, ln_ptr, rstd, k0, n, D, BLOCK_M, BLOCK_K)
             wa, wb = _pair(w_ptr, ra, rb, k0, D, cm, BLOCK_K)
-            acc_a = _mac(h, wa, acc_a, IEEE)
-            acc_b = _mac(h, wb, acc_b, IEEE)
-    return _total(acc_a, BLOCK_M), _total(acc_b, BLOCK_M)
+            acc_a = _mac(h, wa, acc_a, IEEE, SWAP)
+            acc_b = _mac(h, wb, acc_b, IEEE, SWAP)
+    return _total(acc_a, BLOCK_M, SWAP), _total(acc_b, BLOCK_M, SWAP)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -323,7 +334,8 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr,
                  IEEE: tl.constexpr,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_K: tl.constexpr, HOIST: tl.constexpr, UNROLL: tl.constexpr,
-                 PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr):
+                 PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr,
+                 SWAP: tl.constexpr):
     """Program (head j of the H + 2 KVH stacked heads, chunk c, split s): output columns
     c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
@@ -352,7 +364,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr,
         sc2 = tl.load(s_ptr + w2)
     acc1, acc2 = _normed_pair(x_ptr, ln_ptr, w_ptr, w1, w2, cols >= 0, split * k_per, k_per,
                               n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL,
-                              SPLIT_EARLY, LN_AHEAD)
+                              SPLIT_EARLY, LN_AHEAD, SWAP)
     if SPLIT_K > 1:
         width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
         _publish(acc1, ws_ptr, split, rows, w1, n, width)
@@ -511,7 +523,7 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, s_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k
                 D: tl.constexpr, W8: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 HOIST: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
-                SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr):
+                SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr, SWAP: tl.constexpr):
     """a [n, inter] = SiLU(gate) * up of RMSNorm(x); w [2 inter, D] (gate rows, then up).
     Program (c, s): columns c*BLOCK_N.. of gate and up, reduced over x's columns s*k_per..;
     ws [SPLIT_K, n, 2 inter] float32. W8: w is int8, s [2 inter] its rows' scales."""
@@ -524,7 +536,7 @@ def rms_gate_up(x_ptr, ln_ptr, w_ptr, s_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k
         su = tl.load(s_ptr + inter + cols, mask=cm, other=0.0)
     acc_g, acc_u = _normed_pair(x_ptr, ln_ptr, w_ptr, cols, inter + cols, cm, split * k_per,
                                 k_per, n, eps, D, IEEE, HOIST, BLOCK_M, BLOCK_K, UNROLL, PDL,
-                                SPLIT_EARLY, LN_AHEAD)
+                                SPLIT_EARLY, LN_AHEAD, SWAP)
     if SPLIT_K > 1:
         _publish(acc_g, ws_ptr, split, rows, cols, n, 2 * inter)
         _publish(acc_u, ws_ptr, split, rows, inter + cols, n, 2 * inter)
@@ -571,7 +583,7 @@ def down_residual(a_ptr, w_ptr, b_ptr, s_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, 
                   RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr, HOIST: tl.constexpr,
-                  PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr):
+                  PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr, SWAP: tl.constexpr):
     """y [n, D] = x + (a @ w.T + b); a [n, inter], w [D, inter], b [D] (HAS_BIAS). Program
     (c, s): columns c*BLOCK_N.., reduced over a's columns s*k_per..; ws [SPLIT_K, n, D]
     float32. down_proj (a the MLP's activations) and o_proj (a the attention output); with
@@ -586,7 +598,7 @@ def down_residual(a_ptr, w_ptr, b_ptr, s_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, 
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < D
     split = tl.program_id(1)
-    acc = _zeros(BLOCK_M, BLOCK_K, BLOCK_N)
+    acc = _zeros(BLOCK_M, BLOCK_K, BLOCK_N, SWAP)
     lo = split * k_per
     if K_BLOCKS > 0:
         EARLY: tl.constexpr = K_BLOCKS if HOIST == 2 else 0
@@ -603,15 +615,16 @@ def down_residual(a_ptr, w_ptr, b_ptr, s_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, 
                 wt = early[i]
             else:
                 wt = _weight_tile(w_ptr, cols, cm, i * BLOCK_K, inter, BLOCK_K)
-            acc = _mac(av, wt, acc, IEEE)
+            acc = _mac(av, wt, acc, IEEE, SWAP)
     else:
         for i in tl.static_range(EARLY):
             av = _a_block(a_ptr, rows, rm, lo + i * BLOCK_K, inter, BLOCK_K)
-            acc = _mac(av, early[i], acc, IEEE)
+            acc = _mac(av, early[i], acc, IEEE, SWAP)
         for k0 in range(lo + EARLY * BLOCK_K, tl.minimum(lo + k_per, inter), BLOCK_K):
             av = _a_block(a_ptr, rows, rm, k0, inter, BLOCK_K)
-            acc = _mac(av, _weight_tile(w_ptr, cols, cm, k0, inter, BLOCK_K), acc, IEEE)
-    acc = _total(acc, BLOCK_M)
+            acc = _mac(av, _weight_tile(w_ptr, cols, cm, k0, inter, BLOCK_K), acc, IEEE,
+                       SWAP)
+    acc = _total(acc, BLOCK_M, SWAP)
     xy = rows[:, None] * D + cols[None, :]
     if RESIDUAL:                                                     # before the handshake
         x = tl.load(x_ptr + xy, mask=rm[:, None] & cm[None, :], other=0.0)

@@ -240,6 +240,32 @@ def test_norm_weights_read_ahead(interpret, small_blocks, monkeypatch, n, gemv, 
     check_layer(n)
 
 
+@pytest.mark.parametrize("n,splits,hoist,ahead", [
+    (2, (1, 1, 1, 1), 1, 0), (5, (2, 3, 2, 3), 1, 1), (16, (0, 0, 0, 0), 0, 0),
+    (3, (2, 3, 2, 3), 2, 1), (1, (2, 3, 2, 3), 1, 1)])
+def test_weight_columns_on_m(interpret, small_blocks, monkeypatch, n, splits, hoist, ahead):
+    """SWAP: the few-row projections put the weight's columns on tl.dot's M side and the rows
+    on N (the accumulator transposed until the epilogue): a few rows unsplit, split unevenly
+    and as finely as auto goes, every block hoisted, the RMSNorm weights a block ahead, and
+    one row on the few-row kernels (GEMV = 0). The layer still agrees with the reference."""
+    monkeypatch.setattr(fused, "SWAP", 1)
+    monkeypatch.setattr(fused, "GEMV", 0)
+    monkeypatch.setattr(fused, "HOIST", hoist)
+    monkeypatch.setattr(fused, "LN_AHEAD", ahead)
+    for name, value in zip(SPLIT_NAMES, splits):
+        monkeypatch.setattr(fused, name, value)
+    check_layer(n)
+
+
+def test_weight_columns_on_m_for_few_rows_only(monkeypatch):
+    """SWAP reaches the few-row launches of every projection, not the one-row tiles'."""
+    monkeypatch.setattr(fused, "SWAP", 1)
+    monkeypatch.setattr(fused, "GEMV", 1)
+    assert fused._swap(gemv=False) and not fused._swap(gemv=True)
+    monkeypatch.setattr(fused, "SWAP", 0)
+    assert not fused._swap(gemv=False)
+
+
 def test_norm_weights_ahead_for_few_rows_only(monkeypatch):
     """LN_AHEAD reaches the few-row launches of q/k/v and gate/up, not the one-row tiles'
     (a 7B's looped one-row step measured slower with it), as the launches are recorded."""
@@ -553,11 +579,12 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hoist,gemv,one,pdl,ahead,rows", [
-    (0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0), (1, 1, 64, 0, 0, 0),
-    (1, 0, 0, 1, 0, 0), (2, 1, 0, 1, 0, 0), (2, 1, 64, 2, 0, 0), (0, 0, 0, 0, 1, 0),
-    (1, 1, 0, 1, 1, 0), (1, 1, 0, 1, 0, 4), (2, 1, 64, 1, 0, 4)])
-def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows):
+@pytest.mark.parametrize("hoist,gemv,one,pdl,ahead,rows,swap", [
+    (0, 0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0, 0), (1, 1, 64, 0, 0, 0, 0),
+    (1, 0, 0, 1, 0, 0, 0), (2, 1, 0, 1, 0, 0, 0), (2, 1, 64, 2, 0, 0, 0), (0, 0, 0, 0, 1, 0, 0),
+    (1, 1, 0, 1, 1, 0, 0), (1, 1, 0, 1, 0, 4, 0), (2, 1, 64, 1, 0, 4, 0), (1, 0, 0, 0, 0, 0, 1),
+    (2, 1, 64, 1, 1, 4, 1), (1, 1, 0, 1, 1, 0, 64)])
+def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows, swap):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
     left zero; with and without the first weight block hoisted (every block: 2), one-row
@@ -565,8 +592,14 @@ def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows):
     (ATTN_ONE_SPLIT), each kernel launched to start before the previous one ends (PDL,
     on a Hopper GPU), the looped reductions' RMSNorm weights read a block ahead
     (LN_AHEAD), and a kv head's query heads shared out over attention programs of at most
-    4 rows (ATTN_ROWS: the verify's 2 heads x 6 rows in 2 programs)."""
+    4 rows (ATTN_ROWS: the verify's 2 heads x 6 rows in 2 programs), and the few-row
+    projections with the weight's columns on tl.dot's M side (SWAP; 64: on 64-column tiles,
+    wide enough for Hopper's wgmma)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(fused, "SWAP", int(bool(swap)))
+    if swap > 1:
+        for name in ("UP_BLOCK_N", "OUT_BLOCK_N"):
+            monkeypatch.setattr(fused, name, swap)
     monkeypatch.setattr(fused, "HOIST", hoist)
     monkeypatch.setattr(fused, "LN_AHEAD", ahead)
     monkeypatch.setattr(fused, "PDL", pdl)
