@@ -262,6 +262,16 @@ def draft_weights(pair: Pair, kind: str) -> None:
     fast.int8_weights(pair.draft)
 
 
+def reads_int8(model: torch.nn.Module | None) -> bool:
+    """``draft_weights(pair, "int8")`` was applied to ``model``: its batch-1 steps read int8
+    copies (``cpu_int8`` on a CPU, ``fast.int8_weights`` on a GPU)."""
+    if model is None:
+        return False
+    from cospec import cpu_int8, fast
+
+    return cpu_int8.has_copies(model) or model in fast._INT8
+
+
 def set_cpu_threads() -> None:
     """Use every core for torch on CPU unless the user set OMP/torch threads themselves."""
     if "OMP_NUM_THREADS" not in os.environ:

@@ -64,7 +64,7 @@ from cospec.methods import (
     chat_ids,
     text_ids,
 )
-from cospec.models import Pair
+from cospec.models import Pair, reads_int8
 from cospec.sampling import SamplingConfig
 from cospec.scheduler import Engine
 from cospec.server_schemas import (
@@ -82,6 +82,9 @@ DEFAULT_MAX_CONTEXT = 2048
 POLL_S = 0.1             # how often a waiting handler checks that its client is still there
 MAX_BODY = 8 << 20       # request bodies above this are refused (413)
 MAX_STOPS = 4
+INT8_BATCH = ("a draft's int8 copies are read by the batch-1 engines only: the batch engines "
+              "(max_batch > 0) compute from the draft's own weights; serve with --max-batch 0 "
+              "(max_batch=0)")
 
 
 class BodyLimit:
@@ -159,11 +162,13 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
             or spec_off_at < 0):
         raise CospecError("max_active, k, default_max_tokens and timeout must be > 0, "
                           "max_queue, max_batch and spec_off_at >= 0, max_context >= 2")
+    batched = [m for m in built.values() if engine_key(m, 1) is not None]
+    if max_batch and any(reads_int8(x) for m in batched for x in engine_models(m)):
+        raise CospecError(INT8_BATCH)
     default = next((m for m in ("spd", "target") if m in built), names[0])
     served = model_name or pair.target_name
     ctx = min(context_length(pair), max_context or DEFAULT_MAX_CONTEXT)
     vocab = int(getattr(pair.target.config, "vocab_size", 0) or len(pair.tokenizer))
-    batched = [m for m in built.values() if engine_key(m, 1) is not None]
     pool = None
     if max_batch and batched:
         models = list({id(x): x for m in batched for x in engine_models(m)}.values())
@@ -504,10 +509,8 @@ def cmd_serve(args) -> int:
             raise CospecError(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535 or args.timeout <= 0:
         raise CospecError("--port must be <= 65535 and --timeout > 0")
-    if args.draft_weights != "model" and args.max_batch:
-        raise CospecError(f"--draft-weights {args.draft_weights} is read by the batch-1 "
-                          "engines only: the batch engines (--max-batch > 0) read the "
-                          "draft's own weights; serve with --max-batch 0")
+    if args.draft_weights != "model" and args.max_batch:  # before minutes of loading
+        raise CospecError(f"--draft-weights {args.draft_weights}: {INT8_BATCH}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if args.arbiter:
         from cospec.arbiter import arbiter_info

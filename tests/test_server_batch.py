@@ -349,6 +349,23 @@ def test_speculation_off_default(pair):
         create_app(pair, methods=["target", "spd"], max_batch=4, spec_off_at=-1)
 
 
+def test_an_int8_draft_is_refused_by_the_batch_engines(pair):
+    """A draft given int8 copies (``draft_weights(pair, "int8")``) is read by the batch-1
+    engines only: create_app refuses it with batch engines, for any method that batches
+    with the draft, and serves it with max_batch 0."""
+    from cospec import fast
+    from cospec.errors import CospecError
+
+    draft = copy.deepcopy(pair.draft)
+    fast.int8_weights(draft)  # what draft_weights does on a GPU (the CPU's copies alike)
+    int8 = Pair(pair.target, draft, pair.tokenizer, MODEL, "tiny-draft")
+    for methods in (["spd"], ["target", "spd"]):
+        with pytest.raises(CospecError, match="max-batch 0"):
+            create_app(int8, methods=methods, max_batch=4)
+    assert create_app(int8, methods=["target", "spd"], max_batch=0).state.engine.pool is None
+    assert create_app(int8, methods=["target"], max_batch=4)  # the draft unread
+
+
 def test_requests_join_mid_flight(pair):
     """A long stream decodes; short requests sent while it runs join its engine, finish
     first, and neither they nor the long one change a token."""
