@@ -201,14 +201,22 @@ def sweep(eng: fast.Engine, label: str, grid: list, combos: list[dict], base: di
     """``eng``'s steps over each of ``args.rows`` rows at every combination of settings (on
     top of ``base``; back to ``base`` after), against the reference's rows of ``res`` and
     their ``logits``: rows {**measure, settings, n} appended to ``grid``, ``saved()`` after
-    each combination."""
+    each combination. In a grid, a combination that fails (a setting triton cannot compile)
+    is printed and left out."""
     for combo in combos:
         for k, v in (base | combo).items():
             setattr(fused, k, v)
         eng.graphs.clear()  # recapture (and recompile) under these settings
         for n in (int(r) for r in args.rows.split(",")):
-            r = (measure(eng, n, args.grid_reps, args.prefix, count=False) if args.grid
-                 else measure(eng, n, args.reps, args.prefix))
+            try:
+                r = (measure(eng, n, args.grid_reps, args.prefix, count=False) if args.grid
+                     else measure(eng, n, args.reps, args.prefix))
+            except Exception as e:  # noqa: BLE001 (a setting triton cannot compile)
+                if not args.grid:
+                    raise
+                print(label, n, combo, f"failed: {type(e).__name__}: {e}"[:400], flush=True)
+                eng.graphs.clear()
+                continue
             compare(res[f"reference/n={n}"] | {"logits": logits[n]}, r, weight_bytes)
             grid.append(r | {"settings": combo, "n": n})
             print(label, n, brief(grid[-1]), flush=True)
