@@ -161,10 +161,16 @@ def test_int8_draft_after_the_targets_graphs(monkeypatch):
     with a bf16 draft, then an int8 copy of that draft (``fast.int8_weights``) after the
     split-K counters were outgrown (the real pair's int8 lm_head does it; forced here), then
     the bf16 draft again: each block graph gives the target's plain greedy tokens (float32),
-    from a prompt long enough for the prefill graphs."""
+    from a prompt long enough for the prefill graphs. Width 128: head_dim 32, which the
+    fused layers (and so the int8 copies) take on CUDA."""
     monkeypatch.setenv("COSPEC_FUSED", "1")
     fast_block._GRAPHS.clear()
-    target, draft = tiny_model(11, dtype=torch.float32).cuda(), drafts("cuda")["near"]
+    target = tiny_model(11, width=128, dtype=torch.float32).cuda()
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g, device="cuda") * 0.02)
     prompt = [3 + i % 80 for i in range(40)]
     want = [t.id for t in generate(target, None, prompt, ExactRule(), max_new_tokens=30)]
 
