@@ -136,9 +136,11 @@ MAX_REGS = 0
 GEMV = 1
 # Few-row projections (2 to 16 rows: the verify, the draft's first step of a block) with the
 # weight's columns on tl.dot's M side and the rows on its N side (SWAP = 1), as cuBLAS's few-row
-# tiles are (192 x 8 on an H200), instead of the rows on M, padded to 16 (0). Hopper's wgmma
-# takes M >= 64, so SWAP wants column tiles of 64 or more (UP_BLOCK_N, OUT_BLOCK_N,
-# QKV_BLOCK_C). Off until a GPU measures it (scripts/prof_few_rows.py, prof_fused.py --grid).
+# tiles are (192 x 8 on an H200), instead of the rows on M, padded to 16 (0). In a toy
+# projection alone it streamed 3 % to 1.75x faster than rows on M; in these kernels (split-K,
+# hoisted weights, the norm folded in) it moved an H100's steps by -2 to +1.4 % (1.5B 2 and
+# 6 rows faster, 0.5B slower; 64-column tiles no better), so off (results/gpu/h100/
+# few-row-swap).
 SWAP = 0
 GEMV_QKV_BLOCK_C = 2     # columns of each RoPE half per q/k/v program
 GEMV_UP_BLOCK_N = 8      # gate (and up) columns per program

@@ -1,6 +1,7 @@
 """A few-row projection's weight streaming, three ways, on Qwen2.5 shapes (toy kernels):
 
     PYTHONPATH=. python scripts/prof_few_rows.py --out DIR [--rows 1,2,6] [--reps 20]
+    python scripts/prof_few_rows.py --render DIR      (the .md again from DIR's .json)
 
 The fused layers' few-row kernels (``cospec.kernels``, 2 to 16 rows: the draft's first step
 of a block and the verify) put the rows on tl.dot's M side (padded to 16) and 32 weight
@@ -22,7 +23,7 @@ go to their own slice of a float32 buffer (no reduction: this measures the weigh
 Each launch reads a different copy of the weight (over 256 MB in all, so none is an L2
 hit), 50 launches a CUDA graph. Shapes: the 0.5B's and 1.5B's q/k/v, gate/up and down.
 Writes DIR/prof_few_rows.json and .md: each variant's best settings, µs a launch and its
-share of the HBM's bandwidth.
+share of the GPU's HBM bandwidth (``gpu_speed.BANDWIDTH``, by the device's name).
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_speed import BANDWIDTH  # noqa: E402
+
 from cospec.errors import CospecError  # noqa: E402
 
-HBM = 4.8e12  # an H200's bandwidth, bytes/s
 SHAPES = {  # name: (K, N) of y = x @ w.T, w [N, K]
     "0.5b q/k/v": (896, 1152), "0.5b gate/up": (896, 9728), "0.5b down": (4864, 896),
     "1.5b q/k/v": (1536, 2048), "1.5b gate/up": (1536, 17920), "1.5b down": (8960, 1536),
@@ -196,37 +199,54 @@ def measure(name: str, K: int, N: int, rows: list[int], reps: int) -> list[dict]
                         "max_abs_err": check(variant, x, ring[0], n, K, N, setting, split)})
         for r in out[-4:]:
             if r["shape"] == name and r["rows"] == n:
-                r["hbm_share"] = K * N * 2 / (r["us"] * 1e-6) / HBM
                 print(f"{name:14s} rows {n}: {r['variant']:7s} {r['us']:7.2f} µs "
-                      f"{r['hbm_share']:5.0%} {r.get('setting', '')} split {r.get('split', '')}",
-                      flush=True)
+                      f"{share(r, hbm(torch.cuda.get_device_name())):5.0%} "
+                      f"{r.get('setting', '')} split {r.get('split', '')}", flush=True)
     return out
 
 
+def hbm(device: str) -> float:
+    """The HBM bandwidth (bytes/s) of a GPU by its name (an H100's where unknown)."""
+    return next((v for k, v in BANDWIDTH.items() if k in device), BANDWIDTH["H100"])
+
+
+def share(r: dict, bandwidth: float) -> float:
+    """A row's weight bytes a second over ``bandwidth``."""
+    return r["K"] * r["N"] * 2 / (r["us"] * 1e-6) / bandwidth
+
+
 def render(rows: list[dict], device: str) -> str:
+    bw = hbm(device)
     lines = [f"{device}, bf16, y = x @ w.T over n rows; µs a launch (median of the graph's "
-             f"{LAUNCHES} launches), % of {HBM / 1e12:.1f} TB/s; best setting of each variant",
+             f"{LAUNCHES} launches), % of {bw / 1e12:.2f} TB/s; best setting of each variant",
              "", "| shape | K × N | rows | variant | µs | % HBM | BLOCK_N, BLOCK_K, warps, "
              "stages | split-K | max abs err |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r.get("setting")
         lines.append(
             f"| {r['shape']} | {r['K']} × {r['N']} | {r['rows']} | {r['variant']} | "
-            f"{r['us']:.2f} | {r['hbm_share']:.0%} | "
+            f"{r['us']:.2f} | {share(r, bw):.0%} | "
             f"{', '.join(str(v) for v in s.values()) if s else '—'} | {r.get('split', '—')} | "
             f"{r['max_abs_err']:.2g} |" if "max_abs_err" in r else
             f"| {r['shape']} | {r['K']} × {r['N']} | {r['rows']} | {r['variant']} | "
-            f"{r['us']:.2f} | {r['hbm_share']:.0%} | — | — | — |")
+            f"{r['us']:.2f} | {share(r, bw):.0%} | — | — | — |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--render", type=Path, metavar="DIR", help="write DIR's .md from its .json")
     p.add_argument("--rows", default="1,2,6")
     p.add_argument("--shapes", default=",".join(SHAPES), help="names from SHAPES")
     p.add_argument("--reps", type=int, default=20)
     a = p.parse_args(argv)
+    if a.render:
+        saved = json.loads((a.render / "prof_few_rows.json").read_text())
+        (a.render / "prof_few_rows.md").write_text(render(saved["results"], saved["device"]))
+        return
+    if a.out is None:
+        p.error("--out DIR (or --render DIR)")
     if not torch.cuda.is_available():
         raise CospecError("prof_few_rows.py needs a CUDA GPU")
     rows = [int(r) for r in a.rows.split(",")]
