@@ -17,6 +17,7 @@ from cospec.acceptance import ExactRule
 from cospec.arbiter import ArbiterRule
 from cospec.cos import COS_METHODS
 from cospec.fast import supported
+from cospec.lookup import LOOKUP_METHODS
 from cospec.methods import Method
 
 BATCH_COS = tuple(m for m in COS_METHODS if "-" in m)  # the speculative ones: *-sd, cos-*
@@ -35,6 +36,8 @@ def engine_options(method: Method) -> dict | None:
     decode ``method`` — ``policy`` ... for an arbiter rule, ``combo``, ``middle`` and
     ``alternate`` for CoS — or None when no batch engine can decode it."""
     rule = method.rule
+    if method.name in LOOKUP_METHODS:  # proposals from the host's n-gram index
+        return None
     if method.combo is not None:
         if method.name not in BATCH_COS or method.proposer is None:
             return None

@@ -7,7 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from cospec.args import load_pair_of, options_of, sampling_of
-from cospec.methods import SHIPPED_ARBITER, build_method, encode_prompt, eos_ids
+from cospec.methods import SHIPPED_ARBITER, build_method, encode_prompt, eos_ids, needs_draft
 from cospec.sandbox import kind as sandbox_kind
 from cospec.tasks import get_task
 
@@ -23,7 +23,7 @@ class EvalSetup:
             problems = problems[:args.limit]
         self.problems = problems
         self.sampling, options = sampling_of(args), options_of(args)
-        self.pair = load_pair_of(args, need_draft=methods != ["target"])
+        self.pair = load_pair_of(args, need_draft=needs_draft(methods))
         self.built = {m: build_method(m, self.pair, options, self.sampling) for m in methods}
         tok = self.pair.tokenizer
         self.prompts = [encode_prompt(tok, p.prompt, chat=not args.no_chat) for p in problems]

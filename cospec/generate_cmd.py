@@ -14,7 +14,7 @@ from cospec.args import (
     sampling_of,
 )
 from cospec.errors import CospecError
-from cospec.methods import OWN_METHODS, build_method, encode_prompt, eos_ids
+from cospec.methods import OWN_METHODS, build_method, encode_prompt, eos_ids, needs_draft
 from cospec.stats import DecodeStats
 
 
@@ -25,7 +25,7 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise CospecError("empty prompt")
     options, sampling = options_of(args), sampling_of(args)
-    pair = load_pair_of(args, need_draft=args.method != "target")
+    pair = load_pair_of(args, need_draft=needs_draft([args.method]))
     method = build_method(args.method, pair, options, sampling)
     tok = pair.tokenizer
     ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)

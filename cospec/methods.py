@@ -1,8 +1,9 @@
 """Decoding methods by name: which model verifies, which proposes, and the acceptance rule.
 
 Every method of cospec's own runs through the one loop in ``cospec.decoding``:
-target/draft/SPD/CoSpec and the heuristics by ``decoding.generate``, the CoS combination
-methods by ``cos.cos_generate``. ``hf-assisted`` (the peer,
+target/draft/SPD/CoSpec and the heuristics by ``decoding.generate``, prompt lookup
+(``lookup``, ``spd-lookup``) by ``lookup.lookup_generate``, the CoS combination methods by
+``cos.cos_generate``. ``hf-assisted`` (the peer,
 transformers' assisted generation) lives beside them for benchmarks.
 """
 
@@ -20,17 +21,19 @@ from cospec.arbiter import ArbiterRule, ConfidencePolicy, EntropyPolicy, load_ar
 from cospec.cos import COS_METHODS, Combination, cos_generate
 from cospec.decoding import Token, generate
 from cospec.errors import CospecError
+from cospec.lookup import LOOKUP_METHODS, lookup_generate
 from cospec.models import Pair
 from cospec.sampling import GREEDY, SamplingConfig
 from cospec.stats import DecodeStats
 
 METHODS = ("target", "draft", "spd", "cospec", "confidence", "entropy", "hf-assisted",
-           *COS_METHODS)
+           *LOOKUP_METHODS, *COS_METHODS)
 OWN_METHODS = tuple(m for m in METHODS if m != "hf-assisted")  # decoded by cospec's own loops
 # greedy methods whose tokens equal another method's by construction (exact speculation)
-SAME_AS_GREEDY = {"spd": "target", "we-sd": "we", "cos-we": "we", "cd-sd": "cd",
-                  "cos-cd": "cd"}
+SAME_AS_GREEDY = {"spd": "target", "lookup": "target", "spd-lookup": "target", "we-sd": "we",
+                  "cos-we": "we", "cd-sd": "cd", "cos-cd": "cd"}
 LOSSY = ("cospec", "confidence", "entropy")
+NO_DRAFT = ("target", "lookup")  # methods that run without a draft model
 GREEDY_ONLY = LOSSY
 SHIPPED_ARBITER = Path(__file__).parent / "data" / "arbiter-qwen2.5-coder-1.5b-0.5b.safetensors"
 
@@ -67,6 +70,10 @@ class Method:
             return fast_block.stream(self.verifier, self.proposer, prompt_ids, k=k,
                                      max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                                      stats=stats)
+        if self.name in LOOKUP_METHODS:
+            return lookup_generate(self.verifier, self.proposer, prompt_ids, self.rule, k=k,
+                                   max_new_tokens=max_new_tokens, sampling=sampling,
+                                   eos_ids=eos_ids, seed=seed, stats=stats)
         if self.combo is not None:
             return cos_generate(list(self.models), prompt_ids, self.combo, self.name, gamma=k,
                                 max_new_tokens=max_new_tokens, sampling=sampling,
@@ -89,6 +96,11 @@ class Method:
         return [t.id for t in toks], [t.from_draft for t in toks], stats
 
 
+def needs_draft(names: list[str] | None) -> bool:
+    """Some of ``names`` (None: the defaults, which include spd) runs with a draft model."""
+    return names is None or any(n not in NO_DRAFT for n in names)
+
+
 def policy_for(name: str, pair: Pair, opts: MethodOptions):
     """The mismatch policy of a lossy method."""
     if name == "confidence":
@@ -108,7 +120,7 @@ def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
     opts = opts or MethodOptions()
     if name not in METHODS:
         raise CospecError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    if name != "target" and pair.draft is None:
+    if name not in NO_DRAFT and pair.draft is None:
         raise CospecError(f"method {name} needs a draft model (--draft)")
     if pair.extra and name not in (*COS_METHODS, "target", "draft"):
         raise CospecError(f"{len(pair.extra) + 2} models given but {name} uses two: more "
@@ -117,6 +129,10 @@ def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
         raise CospecError(f"method {name} is greedy-only: use --temperature 0")
     if name == "target":
         return Method(name, pair.target, None, ExactRule())
+    if name == "lookup":
+        return Method(name, pair.target, None, ExactRule())
+    if name == "spd-lookup":
+        return Method(name, pair.target, pair.draft, ExactRule())
     if name == "draft":
         return Method(name, pair.draft, None, ExactRule())
     if name in ("spd", "hf-assisted"):

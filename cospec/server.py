@@ -62,6 +62,7 @@ from cospec.methods import (
     MethodOptions,
     build_method,
     chat_ids,
+    needs_draft,
     text_ids,
 )
 from cospec.models import Pair, reads_int8
@@ -518,7 +519,7 @@ def cmd_serve(args) -> int:
         arbiter_info(args.arbiter)
     sock = bind(args.host, args.port)  # fail on a busy port before minutes of model loading
     _show_logs()
-    pair = load_pair_of(args, need_draft=methods != ["target"])
+    pair = load_pair_of(args, need_draft=needs_draft(methods))
     app = create_app(pair, methods=methods, arbiter=args.arbiter,
                      model_name=args.served_model_name, k=args.k, max_active=args.max_active,
                      max_queue=args.max_queue, timeout=args.timeout,

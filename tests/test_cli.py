@@ -37,6 +37,21 @@ def test_generate_json_spd_equals_target(tiny_dirs, capsys):
     assert st["steps"] == -(-st["generated"] // 5) and st["steps"] < st["generated"]
 
 
+def test_generate_with_prompt_lookup_needs_no_draft(tiny_dirs, capsys):
+    """``--method lookup`` runs on the target alone (no --draft) and gives target-only's
+    tokens; ``spd-lookup`` takes the draft too."""
+    t, d = tiny_dirs
+    common = ["--prompt", "w5 w9 w12 w5 w9 w12 w5", "--no-chat", "--max-new-tokens", "24",
+              "--k", "4", "--json"]
+    outs = {}
+    for method, draft in (("target", []), ("lookup", []), ("spd-lookup", ["--draft", str(d)])):
+        assert main(["generate", "--target", str(t), *draft, "--method", method, *common]) == 0
+        outs[method] = json.loads(capsys.readouterr().out)
+    assert outs["lookup"]["token_ids"] == outs["target"]["token_ids"]
+    assert outs["spd-lookup"]["token_ids"] == outs["target"]["token_ids"]
+    assert outs["lookup"]["stats"]["drafted"] > 0
+
+
 def test_generate_with_an_int8_draft_on_the_cpu(tiny_dirs, capsys):
     """``--draft-weights int8 --device cpu``: spd speculates with the int8 draft and its
     tokens are the target-only run's."""

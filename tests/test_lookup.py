@@ -1,0 +1,119 @@
+"""Prompt lookup (``cospec.lookup``): the n-gram index, and greedy outputs equal to the
+target's own (sampling's exactness: tests/test_exactness.py, over whole blocks)."""
+
+import random
+
+import pytest
+import torch
+from tiny import near_copy, tiny_model
+
+from cospec import lookup
+from cospec.acceptance import ExactRule
+from cospec.batch_methods import engine_options
+from cospec.decoding import generate
+from cospec.errors import CospecError
+from cospec.lookup import NgramIndex, lookup_generate
+from cospec.methods import build_method
+from cospec.models import Pair
+from cospec.sampling import GREEDY
+from cospec.stats import DecodeStats
+
+
+def brute_force(seq: list[int], k: int, ngram: int) -> list[int]:
+    """The proposal by scanning: the longest suffix (<= ngram) seen before, the k tokens
+    after its latest earlier occurrence."""
+    for n in range(min(ngram, len(seq) - 1), 0, -1):
+        for start in range(len(seq) - n - 1, -1, -1):
+            if seq[start:start + n] == seq[-n:]:
+                return seq[start + n:start + n + k]
+    return []
+
+
+@pytest.mark.parametrize("ngram,vocab", [(1, 3), (3, 4), (3, 12), (5, 6)])
+def test_index_proposes_as_a_scan_does(ngram, vocab):
+    """After every token of random sequences (grown in chunks, as a decode commits them)
+    the index proposes what a scan of the whole sequence finds, for k of 1 to 6."""
+    rng = random.Random(ngram * 100 + vocab)
+    for _ in range(20):
+        seq, index = [], NgramIndex(ngram)
+        while len(seq) < 60:
+            seq += [rng.randrange(vocab) for _ in range(rng.randint(1, 4))]
+            index.sync(seq)
+            for k in range(1, 7):
+                assert index.propose(k) == brute_force(seq, k, ngram)
+
+
+def test_index_examples():
+    index = NgramIndex(3)
+    index.sync([1, 2, 3, 4, 1, 2])
+    assert index.propose(3) == [3, 4, 1]      # (1, 2) ended at 2; (4, 1, 2) never before
+    index.sync([1, 2, 3, 4, 1, 2, 3])
+    assert index.propose(5) == [4, 1, 2, 3]   # (1, 2, 3) ended at 3: up to the end
+    assert NgramIndex(2).propose(4) == [] and index.propose(0) == []
+    fresh = NgramIndex(2)
+    fresh.sync([7])
+    assert fresh.propose(3) == []             # one token: nothing before it
+    with pytest.raises(CospecError):
+        NgramIndex(0)
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_model(21, dtype=torch.float32)
+    return target, near_copy(target, 0.05)
+
+
+PROMPTS = [[5, 9, 12, 5, 9, 12, 5, 9], [3, 3, 3, 3], [40, 41, 42, 43, 44, 45, 40, 41],
+           [7, 70, 17, 71, 27, 72]]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_lookup_is_the_targets_greedy(models, monkeypatch, k):
+    """``lookup`` (no draft) and ``spd-lookup`` (the draft where the lookup offers fewer
+    than MIN_MATCH tokens) give the target's greedy tokens exactly, EOS included; the
+    lookup's proposals are accepted on some steps and, in spd-lookup, the draft proposes
+    on others (so neither path is idle)."""
+    target, draft = models
+    drafted = []
+    real_propose = lookup.propose
+    monkeypatch.setattr(lookup, "propose",
+                        lambda *a, **kw: drafted.append(1) or real_propose(*a, **kw))
+    accepted = DecodeStats()
+    for ids in PROMPTS:
+        want = [t.id for t in generate(target, None, ids, ExactRule(), max_new_tokens=40,
+                                       eos_ids=[1])]
+        for proposer in (None, draft):
+            stats = DecodeStats()
+            got = [t.id for t in lookup_generate(target, proposer, ids, ExactRule(), k=k,
+                                                 max_new_tokens=40, eos_ids=[1], stats=stats)]
+            assert got == want
+            assert stats.generated == len(want)
+            if proposer is None:
+                accepted.accepted += stats.accepted
+    assert accepted.accepted > 0 and drafted
+
+
+def test_lookup_methods_are_built_and_kept_off_the_batch_engines(models):
+    """``lookup`` needs no draft, ``spd-lookup`` does; neither goes to a batch engine (their
+    proposals come from the host's index), and both stream the target's greedy tokens."""
+    target, draft = models
+    alone = Pair(target, None, None, "t", None)
+    method = build_method("lookup", alone)
+    assert method.proposer is None and engine_options(method) is None
+    with pytest.raises(CospecError, match="needs a draft"):
+        build_method("spd-lookup", alone)
+    both = build_method("spd-lookup", Pair(target, draft, None, "t", "d"))
+    assert engine_options(both) is None
+    want = [t.id for t in generate(target, None, PROMPTS[0], ExactRule(), max_new_tokens=20)]
+    for m in (method, both):
+        assert m.run(PROMPTS[0], k=4, max_new_tokens=20, sampling=GREEDY, eos_ids=[])[0] == want
+
+
+def test_lookup_refuses_rules_it_cannot_verify(models):
+    from cospec.arbiter import ArbiterRule, ConstantPolicy
+
+    target, draft = models
+    with pytest.raises(CospecError, match="exact rule"):
+        list(lookup_generate(target, draft, [5, 6], ArbiterRule(ConstantPolicy(0.0)), k=2))
+    with pytest.raises(CospecError, match="k"):
+        list(lookup_generate(target, None, [5, 6], ExactRule(), k=0))
