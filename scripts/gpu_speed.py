@@ -270,7 +270,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     prompts = task_prompts(pair.tokenizer, task, args.prompts)
     sampling = SamplingConfig(temperature=temperature)
     lossy = ["cospec", "confidence", "entropy"] if sampling.greedy else []
-    names = ["target", "spd"] + lossy + [
+    names = ["target", "spd", "lookup", "spd-lookup"] + lossy + [
         "cos-we", "we-sd", "we", "cos-cd", "cd-sd", "cd"]
     names += ["hf-assisted"] if args.hf and sampling.greedy else []
     if args.methods:
@@ -364,6 +364,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             "spd_graph_int8_identical_to_target": ("spd-graph-int8", "target"),
             "spd_block_int8_identical_to_target": ("spd-block-int8", "target"),
             "target_wait_identical_to_target": ("target-wait", "target"),
+            "lookup_identical_to_target": ("lookup", "target"),
+            "spd_lookup_identical_to_target": ("spd-lookup", "target"),
             "cos_we_identical_to_we": ("cos-we", "we"),
             "cos_cd_identical_to_cd": ("cos-cd", "cd")}
     for key, (a, b) in same.items():
@@ -537,6 +539,10 @@ def markdown(res: dict) -> str:
                                "spd-graph-int8 output identical to target"),
                               ("spd_block_int8_identical_to_target",
                                "spd-block-int8 output identical to target"),
+                              ("lookup_identical_to_target",
+                               "lookup output identical to target"),
+                              ("spd_lookup_identical_to_target",
+                               "spd-lookup output identical to target"),
                               ("cos_we_identical_to_we", "cos-we identical to we"),
                               ("cos_cd_identical_to_cd", "cos-cd identical to cd")):
                 if s.get(key) is not None:

@@ -20,7 +20,9 @@ tokens and adds one of its own. Per task:
   step proposed).
 
 Then, with the per-step costs measured on an H200 (the fused layers, bf16, position 100:
-results/gpu/h200/int8-draft/block), the kernel bound of three schedules against target-only:
+results/gpu/h200/fused-few-row-attention-chunks/defaults.md; a verify of 3-6 rows costed as
+6), the kernel bound of three schedules against target-only (a block that proposes nothing
+is a one-row target step):
 the lookup alone, spd with the draft (τ from the measured real-pair runs) and a hybrid that
 verifies the lookup's proposal where it matched at least ``--min-match`` tokens and runs the
 draft's block otherwise (the draft then catches up on the accepted tokens in its next
@@ -39,8 +41,9 @@ from pathlib import Path
 RECORDS = {"GSM8K heldout": ("gsm8k", "heldout", "results/gpu/gsm8k-heldout/accuracy.jsonl.gz"),
            "HumanEval": ("humaneval", "test", "results/gpu/humaneval/accuracy.jsonl.gz"),
            "MBPP": ("mbpp", "test", "results/gpu/mbpp/accuracy.jsonl.gz")}
-# ms a step on an H200 (bf16, fused, position 100): results/gpu/h200/int8-draft/block
-COST = {"draft1": 0.531, "draft2": 0.765, "target1": 1.167, "verify6": 1.566}
+# ms a step on an H200 (bf16, fused, position 100, the defaults):
+# results/gpu/h200/fused-few-row-attention-chunks/defaults.md
+COST = {"draft1": 0.535, "draft2": 0.762, "target1": 1.171, "target2": 1.529, "verify6": 1.577}
 SPD_TAU = {"GSM8K heldout": 4.97, "HumanEval": 5.69}  # spd-graph's τ at k = 5 (same README)
 
 
@@ -80,15 +83,20 @@ def summary(blocks: list[tuple[int, int]], tokens: int) -> dict:
             "accepted_hist": {str(a): sum(1 for m in matched if m == a) for a in range(0, 11)}}
 
 
+def verify_ms(proposed: int) -> float:
+    """A target pass over 1 + ``proposed`` rows (3-6 rows: the 6-row step's time)."""
+    return (COST["target1"], COST["target2"])[proposed] if proposed < 2 else COST["verify6"]
+
+
 def hybrid(prompt: list[int], out: list[int], k: int, ngram: int, min_match: int,
            tau: float) -> tuple[float, int]:
     """(ms, tokens) of the hybrid along ``out``: where the lookup proposes at least
     ``min_match`` tokens, a verify of them (and a row more for the draft to catch up on in
     its next first step); elsewhere a draft block of k proposals, taken to emit round(tau)
     tokens (spd's mean) at spd's block cost."""
-    verify, ms, i = COST["verify6"], 0.0, 0
+    ms, i = 0.0, 0
     catch_up = COST["draft2"] - COST["draft1"]
-    spd_block = COST["draft2"] + (k - 1) * COST["draft1"] + verify
+    spd_block = COST["draft2"] + (k - 1) * COST["draft1"] + COST["verify6"]
     while i < len(out):
         proposal = lookup(prompt + out[:i], k, ngram)
         if len(proposal) >= min_match:
@@ -96,7 +104,7 @@ def hybrid(prompt: list[int], out: list[int], k: int, ngram: int, min_match: int
             while accepted < len(proposal) and i + accepted < len(out) \
                     and proposal[accepted] == out[i + accepted]:
                 accepted += 1
-            ms += verify + catch_up
+            ms += verify_ms(len(proposal)) + catch_up
             i += accepted + 1
         else:
             ms += spd_block
@@ -110,7 +118,7 @@ def bound(task: str, blocks_by_problem: list[list[tuple[int, int]]], k: int,
     lookup alone, spd (τ measured) and the hybrid on one task."""
     tokens = sum(sum(a + 1 for _, a in b) for b in blocks_by_problem)
     out = {"lookup_alone": tokens * COST["target1"]
-           / (sum(len(b) for b in blocks_by_problem) * COST["verify6"])}
+           / sum(verify_ms(p) for b in blocks_by_problem for p, _ in b)}
     tau = SPD_TAU.get(task)
     if tau is not None:
         out["spd"] = tau * COST["target1"] / (COST["draft2"] + (k - 1) * COST["draft1"]
