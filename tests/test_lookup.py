@@ -78,7 +78,7 @@ def test_greedy_lookup_is_the_targets_greedy(models, monkeypatch, k):
     real_propose = lookup.propose
     monkeypatch.setattr(lookup, "propose",
                         lambda *a, **kw: drafted.append(1) or real_propose(*a, **kw))
-    accepted = DecodeStats()
+    accepted = 0  # lookup proposals the target kept, over every prompt
     for ids in PROMPTS:
         want = [t.id for t in generate(target, None, ids, ExactRule(), max_new_tokens=40,
                                        eos_ids=[1])]
@@ -89,8 +89,8 @@ def test_greedy_lookup_is_the_targets_greedy(models, monkeypatch, k):
             assert got == want
             assert stats.generated == len(want)
             if proposer is None:
-                accepted.accepted += stats.accepted
-    assert accepted.accepted > 0 and drafted
+                accepted += stats.accepted
+    assert accepted > 0 and drafted
 
 
 def test_lookup_methods_are_built_and_kept_off_the_batch_engines(models):
