@@ -73,7 +73,8 @@
 #           default auto: on a Hopper GPU, every model): spd, spd-block and spd-graph
 #           (cospec.fast_block: the block on the device; spd-graph: one CUDA graph a block),
 #           cospec and cos-we against target-only (FSPEED_METHODS picks; spd-graph-int8 and
-#           spd-block-int8: those with the draft's int8 weights)
+#           spd-block-int8: those with the draft's int8 weights; lookup, spd-lookup: prompt
+#           lookup, cospec.lookup)
 #           (FSPEED_SET=NAME=V+NAME=V.. fused settings, FSPEED_K draft tokens a block
 #           (default 5), into speed-fused-$FSPEED_TAG, its whole log beside it in .log)
 #   uspeed  the user's path: cospec eval's batch-1 speed pass (target, spd; k = 5, 256 new
