@@ -117,3 +117,21 @@ def test_lookup_refuses_rules_it_cannot_verify(models):
         list(lookup_generate(target, draft, [5, 6], ArbiterRule(ConstantPolicy(0.0)), k=2))
     with pytest.raises(CospecError, match="k"):
         list(lookup_generate(target, None, [5, 6], ExactRule(), k=0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_greedy_lookup_on_the_gpus_fast_path(monkeypatch):
+    """On a GPU the loop's caches are the fast path's static engines (CUDA graphs a verify
+    shape, fused layers at head_dim 32): float32 lookup and spd-lookup still give the
+    target's greedy tokens."""
+    monkeypatch.setenv("COSPEC_FUSED", "1")
+    target = tiny_model(21, width=128, dtype=torch.float32)
+    draft = near_copy(target, 0.05).cuda()
+    target = target.cuda()
+    for ids in PROMPTS:
+        want = [t.id for t in generate(target, None, ids, ExactRule(), max_new_tokens=40)]
+        for proposer in (None, draft):
+            stats = DecodeStats()
+            got = [t.id for t in lookup_generate(target, proposer, ids, ExactRule(), k=4,
+                                                 max_new_tokens=40, stats=stats)]
+            assert got == want
