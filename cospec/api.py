@@ -248,7 +248,7 @@ class Pair:
         ``delta`` (confidence), ``entropy`` (entropy)."""
         _check(method in API_METHODS,
                f"unknown method {method!r}; choose from {', '.join(API_METHODS)}")
-        _check(method == "target" or self.draft is not None,
+        _check(method in methods.NO_DRAFT or self.draft is not None,
                f"method {method} needs a draft model: load_pair(draft=...) "
                "(load_pair(draft=False) loads the target alone)")
         _check(_is_int(k) and k >= 1, f"k (draft length) must be an integer >= 1, got {k!r}")

@@ -139,8 +139,11 @@ def test_bad_arguments_are_clear_errors(pair, kw, message):
 def test_target_only_pair_and_bad_loads(tiny_dirs):
     alone = cospec.load_pair(str(tiny_dirs[0]), draft=False, device="cpu")
     assert alone.draft is None and alone.generate("hi", method="target", max_new_tokens=4)
-    with pytest.raises(cospec.CospecError, match="needs a draft model: load_pair"):
-        alone.generate("hi", method="spd")
+    looked = alone.generate("hi", method="lookup", max_new_tokens=12)  # no draft needed
+    assert looked.token_ids == alone.generate("hi", method="target", max_new_tokens=12).token_ids
+    for method in ("spd", "spd-lookup"):
+        with pytest.raises(cospec.CospecError, match="needs a draft model: load_pair"):
+            alone.generate("hi", method=method)
     with pytest.raises(cospec.CospecError, match="unknown dtype 'fp8'"):
         cospec.load_pair(str(tiny_dirs[0]), draft=False, dtype="fp8")
     with pytest.raises(cospec.CospecError, match="model not found"):
