@@ -11,9 +11,11 @@ loop (``decoding.decode``).
 Two methods:
 
 - ``lookup``: the lookup alone (any target, no draft);
-- ``spd-lookup``: the lookup where it proposes at least MIN_MATCH tokens, the draft's k
-  proposals otherwise. The draft's cache catches up on the tokens committed without it in
-  its next step (``decoding.run_ahead`` feeds whatever its cache lacks).
+- ``spd-lookup``: the lookup where it proposes a whole block (as many tokens as the draft
+  would), the draft's proposals otherwise. The draft's cache catches up on the tokens
+  committed without it in its next step (``decoding.run_ahead`` feeds whatever its cache
+  lacks). Offline, on an H200's step times, a whole block as the threshold bounded best
+  (GSM8K 1.39x, HumanEval 2.16x against 1.38x / 2.06x at 2 tokens).
 
 Offline, along the target's own greedy outputs of the shipped pair, the lookup proposed in
 57-76 % of steps and those steps emitted 1.5-2.9 tokens (results/prompt-lookup-bound).
@@ -33,7 +35,6 @@ from cospec.stats import DecodeStats
 
 LOOKUP_METHODS = ("lookup", "spd-lookup")
 NGRAM = 3       # the longest suffix looked up
-MIN_MATCH = 2   # spd-lookup: fewer proposed tokens than this, and the draft proposes
 
 
 class NgramIndex:
@@ -78,12 +79,12 @@ class NgramIndex:
 
 class Lookup(Speculation):
     """The target verifying prompt-lookup proposals; with a draft (``spd-lookup``) the draft
-    proposes where the lookup offers fewer than ``min_match`` tokens."""
+    proposes where the lookup offers less than a whole block."""
 
     def __init__(self, verifier: torch.nn.Module, proposer: torch.nn.Module | None,
-                 ngram: int = NGRAM, min_match: int = MIN_MATCH):
+                 ngram: int = NGRAM):
         super().__init__(verifier, proposer)
-        self.index, self.min_match = NgramIndex(ngram), min_match
+        self.index = NgramIndex(ngram)
 
     def start(self, room: int) -> list[CachedLM]:
         lms = super().start(room)
@@ -95,7 +96,7 @@ class Lookup(Speculation):
                 gen: torch.Generator | None) -> Proposal:
         self.index.sync(seq)
         tokens = self.index.propose(n)
-        if self.draft is not None and len(tokens) < self.min_match and n > 0:
+        if self.draft is not None and len(tokens) < n:
             return propose(self.draft, seq, n, sampling, gen)
         return Proposal(tokens)
 
@@ -136,7 +137,7 @@ def lookup_generate(verifier: torch.nn.Module, proposer: torch.nn.Module | None,
                     eos_ids: Iterable[int] = (), seed: int | None = None,
                     stats: DecodeStats | None = None) -> Iterator[Token]:
     """``decoding.decode`` with prompt-lookup proposals of up to k tokens (and, given a
-    ``proposer``, the draft's where the lookup offers fewer than MIN_MATCH)."""
+    ``proposer``, the draft's where the lookup offers less than a whole block)."""
     if k < 1:
         raise CospecError(f"k (proposal length) must be >= 1, got {k}")
     if rule.lossy or rule.needs_hidden or rule.lookahead:

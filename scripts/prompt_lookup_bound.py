@@ -24,9 +24,10 @@ results/gpu/h200/fused-few-row-attention-chunks/defaults.md; a verify of 3-6 row
 6), the kernel bound of three schedules against target-only (a block that proposes nothing
 is a one-row target step):
 the lookup alone, spd with the draft (τ from the measured real-pair runs) and a hybrid that
-verifies the lookup's proposal where it matched at least ``--min-match`` tokens and runs the
-draft's block otherwise (the draft then catches up on the accepted tokens in its next
-first step, one few-row step). The hybrid's draft blocks are assumed to accept as spd's do.
+verifies the lookup's proposal where it offers at least ``--min-match`` tokens (default k, a
+whole block: ``spd-lookup``'s rule) and runs the draft's block otherwise (the draft then
+catches up on the accepted tokens in its next first step, one few-row step). The hybrid's
+draft blocks are assumed to accept as spd's do.
 Writes DIR/prompt_lookup_bound.json and .md.
 """
 
@@ -132,9 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--ngram", type=int, default=3)
-    p.add_argument("--min-match", type=int, default=2,
-                   help="the hybrid verifies a lookup proposal of at least this many tokens")
+    p.add_argument("--min-match", type=int, default=None,
+                   help="the hybrid verifies a lookup proposal of at least this many tokens "
+                        "(default k)")
     a = p.parse_args(argv)
+    a.min_match = a.min_match or a.k
     from tqdm import tqdm
     from transformers import AutoTokenizer
 

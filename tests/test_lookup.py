@@ -70,27 +70,38 @@ PROMPTS = [[5, 9, 12, 5, 9, 12, 5, 9], [3, 3, 3, 3], [40, 41, 42, 43, 44, 45, 40
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_lookup_is_the_targets_greedy(models, monkeypatch, k):
     """``lookup`` (no draft) and ``spd-lookup`` (the draft where the lookup offers fewer
-    than MIN_MATCH tokens) give the target's greedy tokens exactly, EOS included; the
+    than a whole block) give the target's greedy tokens exactly, EOS included; the
     lookup's proposals are accepted on some steps and, in spd-lookup, the draft proposes
     on others (so neither path is idle)."""
     target, draft = models
-    drafted = []
-    real_propose = lookup.propose
+    events = []  # ("draft",) a draft proposal; ("lookup", asked, got) a lookup
+    real_propose, real_lookup = lookup.propose, NgramIndex.propose
     monkeypatch.setattr(lookup, "propose",
-                        lambda *a, **kw: drafted.append(1) or real_propose(*a, **kw))
-    accepted = 0  # lookup proposals the target kept, over every prompt
+                        lambda *a, **kw: events.append(("draft",)) or real_propose(*a, **kw))
+
+    def recorded(index, n):
+        got = real_lookup(index, n)
+        events.append(("lookup", n, len(got)))
+        return got
+
+    monkeypatch.setattr(NgramIndex, "propose", recorded)
+    accepted = whole = drafted = 0  # lookup: tokens kept; spd-lookup: blocks of each kind
     for ids in PROMPTS:
         want = [t.id for t in generate(target, None, ids, ExactRule(), max_new_tokens=40,
                                        eos_ids=[1])]
         for proposer in (None, draft):
-            stats = DecodeStats()
+            stats, events[:] = DecodeStats(), []
             got = [t.id for t in lookup_generate(target, proposer, ids, ExactRule(), k=k,
                                                  max_new_tokens=40, eos_ids=[1], stats=stats)]
             assert got == want
             assert stats.generated == len(want)
             if proposer is None:
                 accepted += stats.accepted
-    assert accepted > 0 and drafted
+            else:  # a whole-block lookup not followed by a draft proposal: verified as is
+                drafted += events.count(("draft",))
+                whole += sum(1 for e, after in zip(events, events[1:] + [None])
+                             if e[0] == "lookup" and 0 < e[1] == e[2] and after != ("draft",))
+    assert accepted > 0 and drafted > 0 and whole > 0
 
 
 def test_lookup_methods_are_built_and_kept_off_the_batch_engines(models):
