@@ -1,12 +1,13 @@
 """Sampled speculative methods draw *exactly* the right distribution, over whole blocks.
 
-For spd (target p), we-sd / cos-we (r = lam q + (1 - lam) p) and cd-sd / cos-cd
-(r = softmax((l_p - mu l_q) / T)), with temperature, top-k and top-p all on, the joint
-distribution of the first four generated tokens is enumerated exactly on a toy vocabulary and
-compared with N generations through the public entry point (``cospec.methods``), one seed
-each. k = 4 with four new tokens: the first block drafts three (the loop keeps room for its
-bonus), so the four tokens cover accepted drafts, recovered tokens at every draft position,
-the bonus (spd, *-sd) or the alternate proposal (cos-*), and a second, shorter block.
+For spd, lookup and spd-lookup (target p; the lookup's proposals a one-hot q), we-sd / cos-
+we (r = lam q + (1 - lam) p) and cd-sd / cos-cd (r = softmax((l_p - mu l_q) / T)), with
+temperature, top-k and top-p all on, the joint distribution of the first four generated
+tokens is enumerated exactly on a toy vocabulary and compared with N generations through the
+public entry point (``cospec.methods``), one seed each. k = 4 with four new tokens: the
+first block drafts three (the loop keeps room for its bonus), so the four tokens cover
+accepted drafts, recovered tokens at every draft position, the bonus (spd, *-sd) or the
+alternate proposal (cos-*), and a second, shorter block.
 
 The models are tiny recurrent LMs with the Hugging Face call interface (a KV cache that
 ``crop``s): a forward costs microseconds where a tiny transformer costs a millisecond, which
