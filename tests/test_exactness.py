@@ -1,7 +1,7 @@
 """Sampled speculative methods draw *exactly* the right distribution, over whole blocks.
 
-For spd, lookup and spd-lookup (target p; the lookup's proposals a one-hot q), we-sd / cos-
-we (r = lam q + (1 - lam) p) and cd-sd / cos-cd (r = softmax((l_p - mu l_q) / T)), with
+For spd, lookup and spd-lookup (target p; the lookup's proposals a one-hot q), we-sd /
+cos-we (r = lam q + (1 - lam) p) and cd-sd / cos-cd (r = softmax((l_p - mu l_q) / T)), with
 temperature, top-k and top-p all on, the joint distribution of the first four generated
 tokens is enumerated exactly on a toy vocabulary and compared with N generations through the
 public entry point (``cospec.methods``), one seed each. k = 4 with four new tokens: the
