@@ -27,8 +27,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from cospec.acceptance import AcceptanceRule, Proposal, Verdict
-from cospec.decoding import CachedLM, Speculation, Token, commit, decode, propose, score
+from cospec.acceptance import AcceptanceRule, Proposal
+from cospec.decoding import CachedLM, Speculation, Token, decode, propose, score
 from cospec.errors import CospecError
 from cospec.sampling import GREEDY, SamplingConfig
 from cospec.stats import DecodeStats
@@ -84,47 +84,42 @@ class Lookup(Speculation):
     def __init__(self, verifier: torch.nn.Module, proposer: torch.nn.Module | None,
                  ngram: int = NGRAM):
         super().__init__(verifier, proposer)
-        self.index = NgramIndex(ngram)
+        self.index, self.drafting = NgramIndex(ngram), proposer is not None
 
     def start(self, room: int) -> list[CachedLM]:
         lms = super().start(room)
-        if self.draft is None:  # a second cache makes ``decode`` speculate, not run plain
-            return [self.target, _NoCache(self.target.device)]
+        if not self.drafting:  # a second cache makes ``decode`` speculate, not run plain
+            self.draft = _NoCache(self.target.device)
+            lms.append(self.draft)
         return lms
 
     def propose(self, seq: list[int], n: int, sampling: SamplingConfig,
                 gen: torch.Generator | None) -> Proposal:
         self.index.sync(seq)
         tokens = self.index.propose(n)
-        if self.draft is not None and len(tokens) < n:
+        if self.drafting and len(tokens) < n:
             return propose(self.draft, seq, n, sampling, gen)
         return Proposal(tokens)
 
     def score(self, seq: list[int], prop: Proposal, sampling: SamplingConfig) -> None:
         score(self.target, seq, prop)
         if prop.draft_logits is None and not sampling.greedy:  # a lookup's q: one-hot
-            device = prop.target_logits.device
-            q = torch.zeros(len(prop.tokens), prop.target_logits.shape[-1], device=device)
-            q[torch.arange(len(prop.tokens), device=device),
-              torch.tensor(prop.tokens, dtype=torch.long, device=device)] = 1.0
-            prop.draft_probs = q
-
-    def commit(self, seq: list[int], prop: Proposal, verdict: Verdict) -> list[int]:
-        if self.draft is None:
-            self.target.crop(len(seq) + verdict.accepted)
-        else:
-            commit(self.target, self.draft, seq, prop, verdict)
-        return prop.tokens[:verdict.accepted] + [verdict.next_token]
+            logits = prop.target_logits
+            tokens = torch.tensor(prop.tokens, dtype=torch.long, device=logits.device)
+            prop.draft_probs = torch.nn.functional.one_hot(tokens, logits.shape[-1]).float()
 
 
 class _NoCache:
-    """The stand-in second cache of a lookup without a draft: ``decode`` prefills it and
-    never reads it."""
+    """The stand-in draft cache of a lookup without a draft: ``decode`` prefills it and
+    ``decoding.commit`` crops it; nothing reads it."""
 
     def __init__(self, device: torch.device):
         self.device, self.length = device, 0
 
     def prefill(self, ids: list[int]) -> None:
+        pass
+
+    def crop(self, length: int) -> None:
         pass
 
     def reset(self) -> None:

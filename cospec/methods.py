@@ -127,15 +127,11 @@ def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
                           f"than two models are for the CoS methods ({', '.join(COS_METHODS)})")
     if name in GREEDY_ONLY and not sampling.greedy:
         raise CospecError(f"method {name} is greedy-only: use --temperature 0")
-    if name == "target":
+    if name in ("target", "lookup"):
         return Method(name, pair.target, None, ExactRule())
-    if name == "lookup":
-        return Method(name, pair.target, None, ExactRule())
-    if name == "spd-lookup":
-        return Method(name, pair.target, pair.draft, ExactRule())
     if name == "draft":
         return Method(name, pair.draft, None, ExactRule())
-    if name in ("spd", "hf-assisted"):
+    if name in ("spd", "spd-lookup", "hf-assisted"):
         return Method(name, pair.target, pair.draft, ExactRule())
     if name in COS_METHODS:
         models = (pair.draft, *pair.extra, *opts.extra_models, pair.target)
