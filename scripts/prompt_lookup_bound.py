@@ -39,6 +39,8 @@ import json
 import statistics
 from pathlib import Path
 
+from cospec.lookup import NgramIndex
+
 RECORDS = {"GSM8K heldout": ("gsm8k", "heldout", "results/gpu/gsm8k-heldout/accuracy.jsonl.gz"),
            "HumanEval": ("humaneval", "test", "results/gpu/humaneval/accuracy.jsonl.gz"),
            "MBPP": ("mbpp", "test", "results/gpu/mbpp/accuracy.jsonl.gz")}
@@ -48,27 +50,28 @@ COST = {"draft1": 0.535, "draft2": 0.762, "target1": 1.171, "target2": 1.529, "v
 SPD_TAU = {"GSM8K heldout": 4.97, "HumanEval": 5.69}  # spd-graph's τ at k = 5 (same README)
 
 
-def lookup(seq: list[int], k: int, ngram: int) -> list[int]:
-    """Up to k tokens that followed the last earlier occurrence of seq's last n tokens (the
-    longest n <= ngram that occurs), [] when none does."""
-    for n in range(min(ngram, len(seq) - 1), 0, -1):
-        tail = seq[-n:]
-        for start in range(len(seq) - n - 1, -1, -1):
-            if seq[start:start + n] == tail:
-                return seq[start + n:start + n + k]
-    return []
+def lookup(index: NgramIndex, prompt: list[int], out: list[int], i: int, k: int) -> list[int]:
+    """The method's own proposal (``cospec.lookup.NgramIndex``) of up to k tokens after
+    prompt + out[:i]; ``index`` has indexed a prefix of that and only grows."""
+    index.sync(prompt + out[:i])
+    return index.propose(k)
+
+
+def kept(proposal: list[int], out: list[int], i: int) -> int:
+    """How many of ``proposal`` the target keeps at out[i:]: the prefix equal to its own."""
+    n = 0
+    while n < len(proposal) and i + n < len(out) and proposal[n] == out[i + n]:
+        n += 1
+    return n
 
 
 def replay(prompt: list[int], out: list[int], k: int, ngram: int) -> list[tuple[int, int]]:
     """(proposed, accepted) for each block of greedy spd with lookup proposals along ``out``
     (the target's greedy continuation of ``prompt``)."""
-    blocks, i = [], 0
+    blocks, i, index = [], 0, NgramIndex(ngram)
     while i < len(out):
-        proposal = lookup(prompt + out[:i], k, ngram)
-        accepted = 0
-        while accepted < len(proposal) and i + accepted < len(out) \
-                and proposal[accepted] == out[i + accepted]:
-            accepted += 1
+        proposal = lookup(index, prompt, out, i, k)
+        accepted = kept(proposal, out, i)
         blocks.append((len(proposal), accepted))
         i += accepted + 1
     return blocks
@@ -84,6 +87,11 @@ def summary(blocks: list[tuple[int, int]], tokens: int) -> dict:
             "accepted_hist": {str(a): sum(1 for m in matched if m == a) for a in range(0, 11)}}
 
 
+def spd_block_ms(k: int) -> float:
+    """A k-draft spd block: the draft's 2-row first step, k - 1 one-row steps, the verify."""
+    return COST["draft2"] + (k - 1) * COST["draft1"] + COST["verify6"]
+
+
 def verify_ms(proposed: int) -> float:
     """A target pass over 1 + ``proposed`` rows (3-6 rows: the 6-row step's time)."""
     return (COST["target1"], COST["target2"])[proposed] if proposed < 2 else COST["verify6"]
@@ -95,20 +103,15 @@ def hybrid(prompt: list[int], out: list[int], k: int, ngram: int, min_match: int
     ``min_match`` tokens, a verify of them (and a row more for the draft to catch up on in
     its next first step); elsewhere a draft block of k proposals, taken to emit round(tau)
     tokens (spd's mean) at spd's block cost."""
-    ms, i = 0.0, 0
+    ms, i, index = 0.0, 0, NgramIndex(ngram)
     catch_up = COST["draft2"] - COST["draft1"]
-    spd_block = COST["draft2"] + (k - 1) * COST["draft1"] + COST["verify6"]
     while i < len(out):
-        proposal = lookup(prompt + out[:i], k, ngram)
+        proposal = lookup(index, prompt, out, i, k)
         if len(proposal) >= min_match:
-            accepted = 0
-            while accepted < len(proposal) and i + accepted < len(out) \
-                    and proposal[accepted] == out[i + accepted]:
-                accepted += 1
             ms += verify_ms(len(proposal)) + catch_up
-            i += accepted + 1
+            i += kept(proposal, out, i) + 1
         else:
-            ms += spd_block
+            ms += spd_block_ms(k)
             i += round(tau)
     return ms, len(out)
 
@@ -122,8 +125,7 @@ def bound(task: str, blocks_by_problem: list[list[tuple[int, int]]], k: int,
            / sum(verify_ms(p) for b in blocks_by_problem for p, _ in b)}
     tau = SPD_TAU.get(task)
     if tau is not None:
-        out["spd"] = tau * COST["target1"] / (COST["draft2"] + (k - 1) * COST["draft1"]
-                                              + COST["verify6"])
+        out["spd"] = tau * COST["target1"] / spd_block_ms(k)
         out["hybrid"] = hybrid_tokens * COST["target1"] / hybrid_ms
     return out
 
