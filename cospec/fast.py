@@ -153,6 +153,11 @@ def int8_weights(model: torch.nn.Module) -> None:
     _INT8.add(model)
 
 
+def has_int8(model: torch.nn.Module) -> bool:
+    """``int8_weights`` was applied to ``model``."""
+    return model in _INT8
+
+
 def fused(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight [sum of outs, in] (and bias) stacking the rows of ``linears``, so that a
     decode step reads them with one kernel instead of one per linear. The linears'
@@ -237,7 +242,7 @@ class Engine:
         """(per layer the ``fused.Int8`` copies of q/k/v, o_proj, gate/up and down_proj; the
         lm_head's) for a model marked by ``int8_weights`` whose layers run fused, else
         (None, None), with a warning for a marked model the fused layers do not run."""
-        if model not in _INT8:
+        if not has_int8(model):
             return None, None
         if not self.fused:
             warnings.warn("int8 weights are read by the fused layers only (COSPEC_FUSED; by "

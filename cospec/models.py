@@ -269,7 +269,7 @@ def reads_int8(model: torch.nn.Module | None) -> bool:
         return False
     from cospec import cpu_int8, fast
 
-    return cpu_int8.has_copies(model) or model in fast._INT8
+    return cpu_int8.has_copies(model) or fast.has_int8(model)
 
 
 def set_cpu_threads() -> None:
