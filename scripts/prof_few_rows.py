@@ -241,12 +241,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shapes", default=",".join(SHAPES), help="names from SHAPES")
     p.add_argument("--reps", type=int, default=20)
     a = p.parse_args(argv)
+    if a.render and not (a.render / "prof_few_rows.json").is_file():
+        p.error(f"--render: no {a.render / 'prof_few_rows.json'}")
     if a.render:
         saved = json.loads((a.render / "prof_few_rows.json").read_text())
         (a.render / "prof_few_rows.md").write_text(render(saved["results"], saved["device"]))
         return
     if a.out is None:
         p.error("--out DIR (or --render DIR)")
+    unknown = [s for s in a.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        p.error(f"--shapes: unknown {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    if not all(r.isdigit() and 1 <= int(r) <= 16 for r in a.rows.split(",")) or a.reps < 1:
+        p.error("--rows: integers from 1 to 16, comma-separated; --reps >= 1")
     if not torch.cuda.is_available():
         raise CospecError("prof_few_rows.py needs a CUDA GPU")
     rows = [int(r) for r in a.rows.split(",")]

@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="the hybrid verifies a lookup proposal of at least this many tokens "
                         "(default k)")
     a = p.parse_args(argv)
+    if a.k < 1 or a.ngram < 1 or (a.min_match is not None and a.min_match < 1):
+        p.error("--k, --ngram and --min-match must be >= 1")
     a.min_match = a.min_match or a.k
     from tqdm import tqdm
     from transformers import AutoTokenizer
