@@ -2,9 +2,9 @@
 
 Every method of cospec's own runs through the one loop in ``cospec.decoding``:
 target/draft/SPD/CoSpec and the heuristics by ``decoding.generate``, prompt lookup
-(``lookup``, ``spd-lookup``) by ``lookup.lookup_generate``, the CoS combination methods by
-``cos.cos_generate``. ``hf-assisted`` (the peer,
-transformers' assisted generation) lives beside them for benchmarks.
+(``lookup``, ``spd-lookup``, ``spd-staged``) by ``lookup.lookup_generate``, the CoS
+combination methods by ``cos.cos_generate``. ``hf-assisted`` (the peer, transformers'
+assisted generation) lives beside them for benchmarks.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ METHODS = ("target", "draft", "spd", "cospec", "confidence", "entropy", "hf-assi
            *LOOKUP_METHODS, *COS_METHODS)
 OWN_METHODS = tuple(m for m in METHODS if m != "hf-assisted")  # decoded by cospec's own loops
 # greedy methods whose tokens equal another method's by construction (exact speculation)
-SAME_AS_GREEDY = {"spd": "target", "lookup": "target", "spd-lookup": "target", "we-sd": "we",
+SAME_AS_GREEDY = {"spd": "target", "lookup": "target", "spd-lookup": "target",
+                  "spd-staged": "target", "we-sd": "we",
                   "cos-we": "we", "cd-sd": "cd", "cos-cd": "cd"}
 LOSSY = ("cospec", "confidence", "entropy")
 NO_DRAFT = ("target", "lookup")  # methods that run without a draft model
@@ -73,7 +74,8 @@ class Method:
         if self.name in LOOKUP_METHODS:
             return lookup_generate(self.verifier, self.proposer, prompt_ids, self.rule, k=k,
                                    max_new_tokens=max_new_tokens, sampling=sampling,
-                                   eos_ids=eos_ids, seed=seed, stats=stats)
+                                   eos_ids=eos_ids, seed=seed, stats=stats,
+                                   staged=self.name == "spd-staged")
         if self.combo is not None:
             return cos_generate(list(self.models), prompt_ids, self.combo, self.name, gamma=k,
                                 max_new_tokens=max_new_tokens, sampling=sampling,
@@ -131,7 +133,7 @@ def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
         return Method(name, pair.target, None, ExactRule())
     if name == "draft":
         return Method(name, pair.draft, None, ExactRule())
-    if name in ("spd", "spd-lookup", "hf-assisted"):
+    if name in ("spd", "spd-lookup", "spd-staged", "hf-assisted"):
         return Method(name, pair.target, pair.draft, ExactRule())
     if name in COS_METHODS:
         models = (pair.draft, *pair.extra, *opts.extra_models, pair.target)

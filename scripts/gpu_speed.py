@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import gc
 import json
@@ -240,6 +241,7 @@ def real_pair():
 
 
 BLOCK_METHODS = ("spd-graph", "spd-block", "spd-graph-int8", "spd-block-int8")
+INT8_METHODS = ("spd-staged-int8", "spd-lookup-int8")  # the method, its draft's int8 copy
 
 
 @functools.cache
@@ -270,7 +272,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     prompts = task_prompts(pair.tokenizer, task, args.prompts)
     sampling = SamplingConfig(temperature=temperature)
     lossy = ["cospec", "confidence", "entropy"] if sampling.greedy else []
-    names = ["target", "spd", "lookup", "spd-lookup"] + lossy + [
+    names = ["target", "spd", "lookup", "spd-lookup", "spd-staged"] + lossy + [
         "cos-we", "we-sd", "we", "cos-cd", "cd-sd", "cd"]
     names += ["hf-assisted"] if args.hf and sampling.greedy else []
     if args.methods:
@@ -279,6 +281,12 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     for block in BLOCK_METHODS:  # cospec.fast_block: steps, or one graph a block
         if block in args.methods.split(",") and sampling.greedy:
             names.insert(names.index("target") + 1, block)
+    for name in INT8_METHODS:
+        if name in args.methods.split(","):
+            methods[name] = dataclasses.replace(
+                build_method(name.removesuffix("-int8"), pair, MethodOptions(), sampling),
+                proposer=int8_draft())
+            names.insert(names.index("target") + 1, name)
     if "target-wait" in args.methods.split(","):
         names.insert(names.index("target") + 1, "target-wait")
     if "cospec-host" in args.methods.split(",") and "cospec" in methods:
@@ -366,6 +374,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             "target_wait_identical_to_target": ("target-wait", "target"),
             "lookup_identical_to_target": ("lookup", "target"),
             "spd_lookup_identical_to_target": ("spd-lookup", "target"),
+            "spd_staged_identical_to_target": ("spd-staged", "target"),
+            "spd_staged_int8_identical_to_target": ("spd-staged-int8", "target"),
             "cos_we_identical_to_we": ("cos-we", "we"),
             "cos_cd_identical_to_cd": ("cos-cd", "cd")}
     for key, (a, b) in same.items():
@@ -543,6 +553,10 @@ def markdown(res: dict) -> str:
                                "lookup output identical to target"),
                               ("spd_lookup_identical_to_target",
                                "spd-lookup output identical to target"),
+                              ("spd_staged_identical_to_target",
+                               "spd-staged output identical to target"),
+                              ("spd_staged_int8_identical_to_target",
+                               "spd-staged-int8 output identical to target"),
                               ("cos_we_identical_to_we", "cos-we identical to we"),
                               ("cos_cd_identical_to_cd", "cos-cd identical to cd")):
                 if s.get(key) is not None:
@@ -591,7 +605,8 @@ def main() -> None:
                          "spd-block: greedy spd with each block on the device "
                          "(cospec.fast_block); spd-graph: the same, each block one CUDA graph; "
                          "spd-block-int8 / spd-graph-int8: those with the draft's int8 "
-                         "weights (fast.int8_weights); "
+                         "weights (fast.int8_weights); spd-staged-int8 / spd-lookup-int8: "
+                         "those methods with the int8 draft; "
                          "target-wait: target-only reading each chunk of 8 tokens before "
                          "launching the next (no chunk queued ahead)")
     ap.add_argument("--hf", action="store_true",

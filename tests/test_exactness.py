@@ -1,6 +1,7 @@
 """Sampled speculative methods draw *exactly* the right distribution, over whole blocks.
 
-For spd, lookup and spd-lookup (target p; the lookup's proposals a one-hot q), we-sd /
+For spd, lookup, spd-lookup and spd-staged (target p; the lookup's proposals a one-hot q;
+spd-staged's the draft's own, drawn in steps that check the lookup's guesses), we-sd /
 cos-we (r = lam q + (1 - lam) p) and cd-sd / cos-cd (r = softmax((l_p - mu l_q) / T)), with
 temperature, top-k and top-p all on, the joint distribution of the first four generated
 tokens is enumerated exactly on a toy vocabulary and compared with N generations through the
@@ -44,7 +45,7 @@ LAM, MU = 0.5, 0.5     # we: r = LAM q + (1 - LAM) p; cd: a strong contrast, so 
 PROMPT = [2, 5, 3]
 SAMPLES = 4000
 ALPHA = 1e-4           # significance of each chi-square test (seeds are fixed: deterministic)
-METHODS = ("spd", "lookup", "spd-lookup", "we-sd", "cd-sd", "cos-we", "cos-cd")
+METHODS = ("spd", "lookup", "spd-lookup", "spd-staged", "we-sd", "cd-sd", "cos-we", "cos-cd")
 
 
 class ToyCache:
@@ -116,7 +117,7 @@ def truncate(r: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 def combined(method: str, l_q: torch.Tensor, l_p: torch.Tensor) -> torch.Tensor:
     """The distribution [V] a method samples from, given the draft's and target's logits."""
     t = CFG.temperature
-    if method in ("spd", "lookup", "spd-lookup"):  # the target's own distribution
+    if method in ("spd", "lookup", "spd-lookup", "spd-staged"):  # the target's own
         r = (l_p / t).softmax(-1)
     elif "we" in method.split("-"):
         r = LAM * (l_q / t).softmax(-1) + (1 - LAM) * (l_p / t).softmax(-1)
@@ -164,3 +165,39 @@ def test_block_samples_follow_the_exact_joint(pair, method):
     run = build_method(method, pair, MethodOptions(lam=LAM, mu=MU), CFG)
     assert_follows((run.run(PROMPT, k=K, max_new_tokens=NEW, sampling=CFG, eos_ids=[],
                             seed=seed)[0] for seed in range(SAMPLES)), probs, NEW, ALPHA)
+
+
+def test_staged_proposals_are_the_drafts_own_chain(pair, monkeypatch):
+    """``lookup.staged_propose``'s k = 4 proposals, with the lookup's guesses checked by the
+    draft (kept with probability q(guess), else a draw from q without it), follow the joint
+    of the draft's own four sampled tokens, on a prompt whose repeats make the lookup guess
+    at every step; guesses both stand and get replaced."""
+    from cospec import lookup
+    from cospec.decoding import CachedLM
+
+    prompt = [2, 5, 3, 2, 5, 3, 2, 5]
+    t = CFG.temperature
+    probs = joint_of(lambda x: truncate((pair.draft(x).logits[0, -1] / t).softmax(-1), CFG),
+                     prompt, NEW)
+    stood = replaced = 0
+    real = lookup._stand_or_draw
+
+    def counted(logits, guess, sampling, gen):
+        nonlocal stood, replaced
+        got = real(logits, guess, sampling, gen)  # the guesses that stood, then one drawn
+        stood, replaced = stood + len(got) - 1, replaced + (len(got) - 1 < len(guess))
+        return got
+
+    monkeypatch.setattr(lookup, "_stand_or_draw", counted)
+
+    def sample(seed: int) -> list[int]:
+        lm, index = CachedLM(pair.draft), lookup.NgramIndex()
+        lm.prefill(prompt[:-1])
+        index.sync(prompt)
+        gen = torch.Generator().manual_seed(seed)
+        prop = lookup.staged_propose(lm, index, prompt, NEW, CFG, gen)
+        assert lm.length == len(prompt) + NEW - 1  # the cache: all but the last token
+        return prop.tokens
+
+    assert_follows((sample(seed) for seed in range(SAMPLES)), probs, NEW, ALPHA)
+    assert stood > SAMPLES // 4 and replaced > SAMPLES // 4

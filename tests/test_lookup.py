@@ -43,6 +43,22 @@ def test_index_proposes_as_a_scan_does(ngram, vocab):
                 assert index.propose(k) == brute_force(seq, k, ngram)
 
 
+@pytest.mark.parametrize("ngram,vocab", [(1, 3), (3, 4), (3, 12)])
+def test_index_proposes_past_unindexed_tokens_as_a_scan_does(ngram, vocab):
+    """With a few tokens past the indexed ones (a block's drafted tokens, ``extra``) the
+    index proposes what a scan of the whole sequence finds, and stays as it was."""
+    rng = random.Random(ngram * 7 + vocab)
+    for _ in range(20):
+        seq = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+        index = NgramIndex(ngram)
+        index.sync(seq)
+        for _ in range(10):
+            extra = [rng.randrange(vocab) for _ in range(rng.randint(0, 5))]
+            for k in range(1, 6):
+                assert index.propose(k, extra) == brute_force(seq + extra, k, ngram)
+        assert index.seq == seq and index.propose(3) == brute_force(seq, 3, ngram)
+
+
 def test_index_examples():
     index = NgramIndex(3)
     index.sync([1, 2, 3, 4, 1, 2])
@@ -104,19 +120,65 @@ def test_greedy_lookup_is_the_targets_greedy(models, monkeypatch, k):
     assert accepted > 0 and drafted > 0 and whole > 0
 
 
+@pytest.mark.parametrize("k", [2, 5])
+def test_greedy_staged_is_spd_in_fewer_draft_steps(models, monkeypatch, k):
+    """``spd-staged`` proposes the draft's own greedy tokens: output, verify passes,
+    proposals and acceptances all equal spd's, EOS included; the lookup's guesses stand
+    often enough that the draft runs fewer forward passes than spd's."""
+    from cospec import decoding
+
+    target, draft = models
+    passes = {"forward": 0}
+    real_forward = decoding.CachedLM.forward
+
+    def counted(lm, ids, keep, prefill=False):
+        passes["forward"] += lm.model is draft and not prefill
+        return real_forward(lm, ids, keep, prefill)
+
+    monkeypatch.setattr(decoding.CachedLM, "forward", counted)
+    stood = {"n": 0}
+    real_stand = lookup._stand_or_draw
+
+    def stand(logits, guess, *args):
+        got = real_stand(logits, guess, *args)  # the guesses that stood, then the draft's own
+        stood["n"] += len(got) - 1
+        return got
+
+    monkeypatch.setattr(lookup, "_stand_or_draw", stand)
+    spd_passes = staged_passes = 0
+    for ids in PROMPTS:
+        spd_stats, staged_stats = DecodeStats(), DecodeStats()
+        passes["forward"] = 0
+        want = [t.id for t in generate(target, draft, ids, ExactRule(), k=k, max_new_tokens=40,
+                                       eos_ids=[1], stats=spd_stats)]
+        spd_passes += passes["forward"]
+        passes["forward"] = 0
+        got = [t.id for t in lookup_generate(target, draft, ids, ExactRule(), k=k,
+                                             max_new_tokens=40, eos_ids=[1],
+                                             stats=staged_stats, staged=True)]
+        staged_passes += passes["forward"]
+        assert got == want
+        assert ((staged_stats.steps, staged_stats.drafted, staged_stats.accepted)
+                == (spd_stats.steps, spd_stats.drafted, spd_stats.accepted))
+    assert stood["n"] > 0 and staged_passes < spd_passes
+
+
 def test_lookup_methods_are_built_and_kept_off_the_batch_engines(models):
-    """``lookup`` needs no draft, ``spd-lookup`` does; neither goes to a batch engine (their
-    proposals come from the host's index), and both stream the target's greedy tokens."""
+    """``lookup`` needs no draft, ``spd-lookup`` and ``spd-staged`` do; none goes to a batch
+    engine (their proposals come from the host's index), and all stream the target's greedy
+    tokens."""
     target, draft = models
     alone = Pair(target, None, None, "t", None)
     method = build_method("lookup", alone)
     assert method.proposer is None and engine_options(method) is None
-    with pytest.raises(CospecError, match="needs a draft"):
-        build_method("spd-lookup", alone)
-    both = build_method("spd-lookup", Pair(target, draft, None, "t", "d"))
-    assert engine_options(both) is None
+    for name in ("spd-lookup", "spd-staged"):
+        with pytest.raises(CospecError, match="needs a draft"):
+            build_method(name, alone)
+    both, staged = (build_method(name, Pair(target, draft, None, "t", "d"))
+                    for name in ("spd-lookup", "spd-staged"))
+    assert engine_options(both) is None and engine_options(staged) is None
     want = [t.id for t in generate(target, None, PROMPTS[0], ExactRule(), max_new_tokens=20)]
-    for m in (method, both):
+    for m in (method, both, staged):
         assert m.run(PROMPTS[0], k=4, max_new_tokens=20, sampling=GREEDY, eos_ids=[])[0] == want
 
 
@@ -128,21 +190,24 @@ def test_lookup_refuses_rules_it_cannot_verify(models):
         list(lookup_generate(target, draft, [5, 6], ArbiterRule(ConstantPolicy(0.0)), k=2))
     with pytest.raises(CospecError, match="k"):
         list(lookup_generate(target, None, [5, 6], ExactRule(), k=0))
+    with pytest.raises(CospecError, match="draft"):
+        list(lookup_generate(target, None, [5, 6], ExactRule(), k=2, staged=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_greedy_lookup_on_the_gpus_fast_path(monkeypatch):
     """On a GPU the loop's caches are the fast path's static engines (CUDA graphs a verify
-    shape, fused layers at head_dim 32): float32 lookup and spd-lookup still give the
-    target's greedy tokens."""
+    shape, fused layers at head_dim 32): float32 lookup, spd-lookup and spd-staged still
+    give the target's greedy tokens."""
     monkeypatch.setenv("COSPEC_FUSED", "1")
     target = tiny_model(21, width=128, dtype=torch.float32)
     draft = near_copy(target, 0.05).cuda()
     target = target.cuda()
     for ids in PROMPTS:
         want = [t.id for t in generate(target, None, ids, ExactRule(), max_new_tokens=40)]
-        for proposer in (None, draft):
+        for proposer, staged in ((None, False), (draft, False), (draft, True)):
             stats = DecodeStats()
             got = [t.id for t in lookup_generate(target, proposer, ids, ExactRule(), k=4,
-                                                 max_new_tokens=40, stats=stats)]
+                                                 max_new_tokens=40, stats=stats,
+                                                 staged=staged)]
             assert got == want
