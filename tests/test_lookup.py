@@ -211,3 +211,22 @@ def test_greedy_lookup_on_the_gpus_fast_path(monkeypatch):
                                                  max_new_tokens=40, stats=stats,
                                                  staged=staged)]
             assert got == want
+
+
+def test_a_verify_past_the_fast_paths_graphs_is_warned_of(models, monkeypatch):
+    """--k of MAX_GRAPH or more on the fast path: its verifies run eagerly, and the user is
+    told once the pair is loaded; k = MAX_GRAPH - 1, or no fast path, passes silently."""
+    import warnings
+
+    from cospec import fast
+    from cospec.args import warn_eager_verify
+
+    target, _ = models
+    monkeypatch.setenv("COSPEC_STATIC", "1")  # the fast path on the CPU, as on a GPU
+    with pytest.warns(UserWarning, match=f"--k {fast.MAX_GRAPH}: a verify of"):
+        warn_eager_verify(target, fast.MAX_GRAPH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_eager_verify(target, fast.MAX_GRAPH - 1)
+        monkeypatch.delenv("COSPEC_STATIC")
+        warn_eager_verify(target, fast.MAX_GRAPH + 4)
