@@ -70,14 +70,20 @@ def spd_block_ms(k: int) -> float:
     return draft_ms(2) + (k - 1) * draft_ms(1) + verify_ms(k + 1)
 
 
+def kept_drafts(draft: list[int], out: list[int], i: int, k: int) -> int:
+    """How many of the draft's k greedy tokens after out[:i] the target keeps: those equal
+    to its own (``draft[j]``: the draft's greedy token after out[:j])."""
+    a = 0
+    while a < k and i + a < len(out) and draft[i + a] == out[i + a]:
+        a += 1
+    return a
+
+
 def spd(draft: list[int], out: list[int], k: int) -> tuple[float, int, int]:
-    """(ms, tokens, blocks) of greedy spd along ``out``; ``draft[i]``: the draft's greedy
-    token after out[:i]."""
+    """(ms, tokens, blocks) of greedy spd along ``out``."""
     ms, i, blocks = 0.0, 0, 0
     while i < len(out):
-        a = 0
-        while a < k and i + a < len(out) and draft[i + a] == out[i + a]:
-            a += 1
+        a = kept_drafts(draft, out, i, k)
         ms += spd_block_ms(k)
         i, blocks = i + a + 1, blocks + 1
     return ms, len(out), blocks
@@ -94,9 +100,7 @@ def spd_lookup(prompt: list[int], draft: list[int], out: list[int], k: int
             a = kept(proposal, out, i)
             ms += verify_ms(k + 1) + draft_ms(2) - draft_ms(1)
         else:
-            a = 0
-            while a < k and i + a < len(out) and draft[i + a] == out[i + a]:
-                a += 1
+            a = kept_drafts(draft, out, i, k)
             ms += spd_block_ms(k)
         i, blocks = i + a + 1, blocks + 1
     return ms, len(out), blocks
@@ -124,9 +128,9 @@ def staged(prompt: list[int], draft: list[int], out: list[int], k: int, max_rows
             rows = 2 if first else 1  # the first step catches up on the block's last token
             got = 1
             if not diverged and (first or not first_only):
-                index = NgramIndex()
-                index.sync(prompt + out[:i + j])  # the draft's chain so far == out's
-                proposal = index.propose(min(k - j - 1, max_rows - rows))
+                chain = NgramIndex()  # the draft's chain so far == out's
+                chain.sync(prompt + out[:i + j])
+                proposal = chain.propose(min(k - j - 1, max_rows - rows))
                 if proposal:
                     rows += len(proposal)
                     agree = 0  # lookup tokens equal to the draft's own greedy chain
@@ -143,9 +147,7 @@ def staged(prompt: list[int], draft: list[int], out: list[int], k: int, max_rows
                 if i + j + t >= len(out) or draft[i + j + t] != out[i + j + t]:
                     diverged = True
             j += got
-        a = 0
-        while a < k and i + a < len(out) and draft[i + a] == out[i + a]:
-            a += 1
+        a = kept_drafts(draft, out, i, k)
         ms += verify_ms(k + 1)
         i, blocks = i + a + 1, blocks + 1
     return ms, len(out), blocks, steps
