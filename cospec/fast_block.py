@@ -47,6 +47,7 @@ import torch
 from cospec import fast
 from cospec.decoding import HeldClock, Token
 from cospec.errors import CospecError
+from cospec.lookup import device_guesses
 from cospec.settings import choice
 from cospec.stats import DecodeStats
 
@@ -76,26 +77,63 @@ def block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.
     return torch.cat([accepted, window])
 
 
-class BlockGraph:
-    """A whole block as one CUDA graph for a target and a draft engine and k: ``seq``
-    [target's max_len] and ``length`` [1] are its static state, ``run()`` replays it (capturing
-    it first) and returns its static verdict [k + 2], overwritten by the next run."""
+def guessed_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.Tensor,
+                  span: torch.Tensor, m: int) -> torch.Tensor:
+    """``block`` whose draft's first step also checks m prompt-lookup guesses
+    (``lookup.device_guesses`` of the committed sequence, at positions L..L+m-1): the c
+    guesses before the first that differs from the draft's own argmax stand, the step's
+    rows give d_1..d_{c+1}, and k - 1 one-token steps follow as in ``block``: k + c
+    proposals, all the draft's own greedy tokens (``spd-staged`` on the device). The
+    verify runs over k + m + 1 rows whatever c is, accepting within the first k + c. span is
+    arange(k + m + 1). Returns the verdict [k + m + 3]: a, k + c, then the window."""
+    k = len(span) - 1 - m
+    guess = device_guesses(seq, length, m)                                    # [m], -1: none
+    ids = torch.cat([seq.index_select(0, length - 2 + span[:2]), guess.clamp(min=0)])
+    logits, _ = draft_step(ids, length - 2)                                   # [m + 2]
+    own = logits[1:].argmax(-1)                                               # [m + 1]
+    stood = (guess == own[:m]).long().cumprod(0).sum().view(1)
+    last = own.index_select(0, stood)  # d_{c+1}, at position L + c
+    after = []
+    for i in range(1, k):
+        logits, _ = draft_step(last, length + stood + i - 1)
+        last = logits[0].argmax().view(1)
+        after.append(last)
+    d = torch.cat([own, torch.zeros(k - 1, dtype=own.dtype, device=own.device)])
+    if after:  # own[:c + 1], then the steps' tokens; past k + c: unused
+        d = d.index_copy(0, stood + 1 + span[:k - 1], torch.cat(after))
+    logits, _ = target_step(torch.cat([seq.index_select(0, length - 1), d]), length - 1)
+    best = logits.argmax(-1)                                                  # [k + m + 1]
+    proposed = stood + k
+    keep = (best[:k + m] == d) & (span[:k + m] < proposed)
+    accepted = keep.long().cumprod(0).sum().view(1)
+    window = torch.cat([d, d[:1]]).index_copy(0, accepted, best.index_select(0, accepted))
+    seq.index_copy_(0, length + span, window)
+    length.add_(accepted + 1)
+    return torch.cat([accepted, proposed, window])
 
-    def __init__(self, tgt: fast.Engine, drf: fast.Engine, k: int) -> None:
+
+class BlockGraph:
+    """A whole block as one CUDA graph for a target and a draft engine, k and m guesses
+    (``guessed_block``; 0: ``block``): ``seq`` [target's max_len] and ``length`` [1] are its
+    static state, ``run()`` replays it (capturing it first) and returns its static verdict,
+    overwritten by the next run."""
+
+    def __init__(self, tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0) -> None:
         # weak: the graphs are kept by the engines (``_GRAPHS``), not the engines by them
         self.tgt, self.drf = weakref.ref(tgt), weakref.ref(drf)
         self.device = tgt.device
         self.seq = torch.zeros(tgt.max_len, dtype=torch.long, device=tgt.device)
         self.length = torch.zeros(1, dtype=torch.long, device=tgt.device)
-        self.span = torch.arange(k + 1, device=tgt.device)
+        self.span = torch.arange(k + guesses + 1, device=tgt.device)
+        self.guesses = guesses
         self.graph: torch.cuda.CUDAGraph | None = None
         self.verdict: torch.Tensor | None = None
 
     def _block(self) -> torch.Tensor:
         tgt, drf = self.tgt(), self.drf()
-        return block(lambda ids, start: drf._forward(ids, start, eager=False),
-                     lambda ids, start: tgt._forward(ids, start, eager=False),
-                     self.seq, self.length, self.span)
+        return run_block(lambda ids, start: drf._forward(ids, start, eager=False),
+                         lambda ids, start: tgt._forward(ids, start, eager=False),
+                         self.seq, self.length, self.span, self.guesses)
 
     def run(self) -> torch.Tensor:
         if self.graph is None:  # the warm-up runs' writes are the ones the replay makes
@@ -107,16 +145,25 @@ class BlockGraph:
         return self.verdict
 
 
-# target engine -> draft engine -> {k: BlockGraph}, gone with either engine
+def run_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.Tensor,
+              span: torch.Tensor, guesses: int) -> torch.Tensor:
+    """``guessed_block`` with ``guesses`` > 0, else ``block`` (and its verdict)."""
+    if guesses:
+        return guessed_block(draft_step, target_step, seq, length, span, guesses)
+    return block(draft_step, target_step, seq, length, span)
+
+
+# target engine -> draft engine -> {(k, guesses): BlockGraph}, gone with either engine
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def block_graph(tgt: fast.Engine, drf: fast.Engine, k: int) -> BlockGraph:
-    """The block graph of these engines and k, made once (captured on its first run)."""
+def block_graph(tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0) -> BlockGraph:
+    """The block graph of these engines, k and guesses, made once (captured on its first
+    run)."""
     graphs = _GRAPHS.setdefault(tgt, weakref.WeakKeyDictionary()).setdefault(drf, {})
-    if k not in graphs:
-        graphs[k] = BlockGraph(tgt, drf, k)
-    return graphs[k]
+    if (k, guesses) not in graphs:
+        graphs[k, guesses] = BlockGraph(tgt, drf, k, guesses)
+    return graphs[k, guesses]
 
 
 def one_graph() -> bool:
@@ -144,33 +191,40 @@ def serves(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
 
 def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int], *,
                k: int = 5, max_new_tokens: int = 128, eos_ids: Iterable[int] = (),
-               stats: DecodeStats | None = None, graph: bool | None = None) -> list[int]:
+               stats: DecodeStats | None = None, graph: bool | None = None,
+               guesses: int = 0) -> list[int]:
     """``stream``'s tokens as a list of ids."""
     return [t.id for t in stream(target, draft, prompt_ids, k=k, max_new_tokens=max_new_tokens,
-                                 eos_ids=eos_ids, stats=stats, graph=graph)]
+                                 eos_ids=eos_ids, stats=stats, graph=graph, guesses=guesses)]
 
 
 @torch.inference_mode()
 def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int], *,
            k: int = 5, max_new_tokens: int = 128, eos_ids: Iterable[int] = (),
-           stats: DecodeStats | None = None, graph: bool | None = None) -> Iterator[Token]:
+           stats: DecodeStats | None = None, graph: bool | None = None, guesses: int = 0
+           ) -> Iterator[Token]:
     """The target's greedy continuation of ``prompt_ids`` (at most ``max_new_tokens``, up to
     and including an EOS), by speculative decoding with ``draft``'s k tokens a block,
     yielded as each block's verdict is read back (AHEAD blocks behind the device); a token
     is ``from_draft`` where it is a draft the target accepted. ``stats`` (if given) gets the
     blocks as steps (drafted and accepted tokens), the tokens, and the prefill and decode
     time (the decode clock stops while the caller holds a token). ``graph``: each block one
-    CUDA graph where both engines use graphs (None: unless COSPEC_BLOCK_GRAPH=0). Inference
-    mode holds while the loop runs, not between yields."""
+    CUDA graph where both engines use graphs (None: unless COSPEC_BLOCK_GRAPH=0).
+    ``guesses``: each block's first draft step also checks that many prompt-lookup guesses
+    (``guessed_block``: k + c proposals, ``spd-staged``). Inference mode holds while the
+    loop runs, not between yields."""
     if len(prompt_ids) < 2:
         raise CospecError("the device-side block needs a prompt of two or more tokens")
     if k < 1:
         raise CospecError(f"k (draft length) must be >= 1, got {k}")
+    if guesses < 0 or (guesses and k + guesses + 1 > fast.MAX_GRAPH):
+        raise CospecError(f"guesses must be >= 0, and with guesses a verify's k + guesses + 1 "
+                          f"rows at most {fast.MAX_GRAPH}; got k = {k}, guesses = {guesses}")
     stats = stats if stats is not None else DecodeStats()
     if max_new_tokens < 1:  # as ``decode``: nothing to generate
         return
     eos, start = set(eos_ids), len(prompt_ids)
-    room = start + max_new_tokens + (AHEAD + 2) * (k + 1) + 2
+    room = start + max_new_tokens + (AHEAD + 2) * (k + guesses + 1) + 2
     lms = [fast.StaticLM(m, max_len=room) for m in (target, draft)]
     tgt, drf = (lm.engine for lm in lms)
     device = tgt.device
@@ -181,13 +235,14 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     stats.prefill_s += t1 - t0
     if graph is None:
         graph = one_graph()
-    whole = block_graph(tgt, drf, k) if graph and tgt.use_graphs and drf.use_graphs else None
+    whole = (block_graph(tgt, drf, k, guesses) if graph and tgt.use_graphs and drf.use_graphs
+             else None)
     if whole is not None:  # the graph's own state (its span made with it)
         seq, length = whole.seq, whole.length
     else:
         seq = torch.zeros(room, dtype=torch.long, device=device)
         length = torch.zeros(1, dtype=torch.long, device=device)
-        span = torch.arange(k + 1, device=device)
+        span = torch.arange(k + guesses + 1, device=device)
     seq[:start] = torch.tensor(prompt_ids, device=device)
     length.fill_(start)
     queued: collections.deque = collections.deque()  # (host copy, its event) a block
@@ -196,7 +251,7 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     while True:
         # one block, queued on the device
         verdict = (whole.run() if whole is not None
-                   else block(drf.run_device, tgt.run_device, seq, length, span))
+                   else run_block(drf.run_device, tgt.run_device, seq, length, span, guesses))
         queued.append(fast.to_host(verdict))
         if len(queued) <= AHEAD:
             continue
@@ -205,7 +260,8 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
         if done is not None:
             done.synchronize()
         a, *window_ids = host.tolist()
-        stats.record_step(k, a)
+        proposed = window_ids.pop(0) if guesses else k
+        stats.record_step(proposed, a)
         for j, tok in enumerate(window_ids[:a + 1]):
             produced += 1
             stats.generated += 1

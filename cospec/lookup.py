@@ -93,6 +93,26 @@ class NgramIndex:
         return []
 
 
+def device_guesses(seq: torch.Tensor, length: torch.Tensor, m: int, ngram: int = NGRAM
+                   ) -> torch.Tensor:
+    """``NgramIndex.propose(m)`` of seq[:length] on the device, in static shapes (for a CUDA
+    graph): seq [room] long, length [1] long. Returns [m] long, the tokens that followed the
+    latest earlier occurrence of the longest suffix of n <= ngram tokens seen before, -1
+    past their end (or everywhere when no suffix was seen before)."""
+    pos = torch.arange(max(seq.numel(), m, ngram), device=seq.device)
+    best = torch.full((1,), -1, dtype=torch.long, device=seq.device)
+    for n in range(1, min(ngram, seq.numel()) + 1):  # a longer suffix's occurrence wins
+        suffix = seq.index_select(0, (length - n + pos[:n]).clamp(min=0))    # [n]
+        same = (seq.unfold(0, n, 1) == suffix).all(-1)                        # [room - n + 1]
+        end = pos[:same.numel()] + n  # an occurrence ending before the suffix's last token
+        ok = same & (end <= length - 1) & (length > n)
+        found = torch.where(ok, end, -1).max().view(1)
+        best = torch.where(found >= 0, found, best)
+    at = best + pos[:m]
+    ok = (best >= 0) & (at < length)
+    return torch.where(ok, seq.index_select(0, at.clamp(0, seq.numel() - 1)), -1)
+
+
 def staged_propose(lm: CachedLM, index: NgramIndex, seq: list[int], k: int,
                    sampling: SamplingConfig, gen: torch.Generator | None,
                    rows: int = STAGED_ROWS) -> Proposal:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from cospec import fast_block
+from cospec import fast, fast_block
 from cospec.acceptance import AcceptanceRule, ExactRule
 from cospec.arbiter import ArbiterRule, ConfidencePolicy, EntropyPolicy, load_arbiter
 from cospec.cos import COS_METHODS, Combination, cos_generate
 from cospec.decoding import Token, generate
 from cospec.errors import CospecError
-from cospec.lookup import LOOKUP_METHODS, lookup_generate
+from cospec.lookup import LOOKUP_METHODS, STAGED_ROWS, lookup_generate
 from cospec.models import Pair
 from cospec.sampling import GREEDY, SamplingConfig
 from cospec.stats import DecodeStats
@@ -64,13 +64,15 @@ class Method:
     def stream(self, prompt_ids: list[int], *, k: int, max_new_tokens: int,
                sampling: SamplingConfig, eos_ids, seed: int | None = None,
                stats: DecodeStats | None = None) -> Iterator[Token]:
-        """Tokens as they are committed (the loop for this method; greedy spd on a GPU: each
-        block on the device, ``cospec.fast_block``, unless COSPEC_SPD_BLOCK=0)."""
-        if (self.name == "spd" and sampling.greedy
+        """Tokens as they are committed (the loop for this method; greedy spd and spd-staged
+        on a GPU: each block on the device, ``cospec.fast_block``, unless
+        COSPEC_SPD_BLOCK=0)."""
+        if (self.name in ("spd", "spd-staged") and sampling.greedy
                 and fast_block.serves(self.verifier, self.proposer, prompt_ids)):
+            guesses = min(STAGED_ROWS - 2, fast.MAX_GRAPH - 1 - k) if self.name != "spd" else 0
             return fast_block.stream(self.verifier, self.proposer, prompt_ids, k=k,
                                      max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                     stats=stats)
+                                     stats=stats, guesses=max(guesses, 0))
         if self.name in LOOKUP_METHODS:
             return lookup_generate(self.verifier, self.proposer, prompt_ids, self.rule, k=k,
                                    max_new_tokens=max_new_tokens, sampling=sampling,

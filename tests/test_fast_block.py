@@ -64,6 +64,41 @@ def test_tokens_are_the_targets_greedy(monkeypatch, device, graph):
     assert made == (3 * 3 if graph and device == "cuda" else 0)  # a graph a draft and k
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("graph", [False, True])
+def test_guessed_blocks_give_the_targets_greedy(monkeypatch, device, graph):
+    """Blocks whose first draft step also checks prompt-lookup guesses (``guessed_block``,
+    ``spd-staged`` on the device): the target's plain greedy tokens for k = 1, 2, 5 and 1 or
+    4 guesses, up to an EOS and max_new_tokens; with the target as its own draft every
+    proposal is accepted; guesses stand (k + c proposals, c > 0) in some blocks."""
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    fast_block._GRAPHS.clear()
+    target = tiny_model(11, dtype=torch.float32).to(device)
+    models = drafts(device)
+    stood = 0
+    for name, draft in models.items():
+        for prompt in ([5, 17, 33, 2, 60, 41, 5, 17, 33], [3, 9]):
+            plain = [t.id for t in generate(target, None, prompt, ExactRule(),
+                                            max_new_tokens=40)]
+            for k in (1, 2, 5):
+                for guesses in (1, 4):
+                    for eos in ((), (plain[9],)):
+                        want = [t.id for t in generate(target, None, prompt, ExactRule(),
+                                                       max_new_tokens=40, eos_ids=eos)]
+                        stats = DecodeStats()
+                        got = fast_block.spd_greedy(target, draft, prompt, k=k,
+                                                    max_new_tokens=40, eos_ids=eos,
+                                                    stats=stats, graph=graph, guesses=guesses)
+                        assert got == want, (name, prompt, k, guesses, eos)
+                        assert stats.drafted >= k * stats.steps
+                        stood += stats.drafted - k * stats.steps
+                        if name == "same":
+                            assert stats.accepted == stats.drafted
+    assert stood > 0
+    made = sum(len(ks) for by_draft in fast_block._GRAPHS.values() for ks in by_draft.values())
+    assert made == (3 * 3 * 2 if graph and device == "cuda" else 0)  # a draft, k and guesses
+
+
 def test_bad_input_is_refused_and_no_budget_gives_nothing():
     model = tiny_model(11, dtype=torch.float32)
     assert fast_block.spd_greedy(model, model, [5, 6], k=2, max_new_tokens=0) == []
@@ -71,6 +106,9 @@ def test_bad_input_is_refused_and_no_budget_gives_nothing():
         fast_block.spd_greedy(model, model, [5], k=2)
     with pytest.raises(CospecError, match="k"):
         fast_block.spd_greedy(model, model, [5, 6], k=0)
+    for guesses in (-1, fast.MAX_GRAPH - 2):  # a verify of k + guesses + 1 > MAX_GRAPH rows
+        with pytest.raises(CospecError, match="guesses"):
+            fast_block.spd_greedy(model, model, [5, 6], k=2, guesses=guesses)
 
 
 def test_block_graph_setting_is_checked(monkeypatch):
@@ -102,10 +140,10 @@ def test_stream_yields_as_blocks_return_with_their_draft_flags(monkeypatch):
 
 
 def test_greedy_spd_streams_from_the_block_only_where_asked_and_able(monkeypatch):
-    """``Method.stream`` of spd takes ``fast_block.stream`` unless COSPEC_SPD_BLOCK=0, where
-    it is greedy, both models on the fast path's engines (COSPEC_STATIC=1 on the CPU) and the
-    prompt has two or more tokens; otherwise ``cospec.decoding``'s loop. Either way the
-    target's tokens."""
+    """``Method.stream`` of spd (and spd-staged, with guesses) takes ``fast_block.stream``
+    unless COSPEC_SPD_BLOCK=0, where it is greedy, both models on the fast path's engines
+    (COSPEC_STATIC=1 on the CPU) and the prompt has two or more tokens; otherwise
+    ``cospec.decoding``'s loop. Either way the target's tokens."""
     from cospec.methods import Method
     from cospec.sampling import SamplingConfig
 
@@ -115,6 +153,13 @@ def test_greedy_spd_streams_from_the_block_only_where_asked_and_able(monkeypatch
     block_stream = fast_block.stream
     monkeypatch.setattr(fast_block, "stream", lambda *a, **kw: calls.append(a[2]) or
                         block_stream(*a, **kw))
+    monkeypatch.setenv("COSPEC_STATIC", "1")  # spd-staged: the guessed block where spd's goes
+    staged = Method("spd-staged", target, draft, ExactRule())
+    ids = [t.id for t in staged.stream([5, 17, 33], k=3, max_new_tokens=20,
+                                       sampling=SamplingConfig(), eos_ids=())]
+    assert calls == [[5, 17, 33]] and ids == [t.id for t in generate(
+        target, None, [5, 17, 33], ExactRule(), max_new_tokens=20)]
+    calls.clear()
     monkeypatch.setenv("COSPEC_STATIC", "1")
     greedy, hot = SamplingConfig(), SamplingConfig(temperature=0.8)
     cases = [(None, [5, 17, 33], greedy, True), ("1", [5, 17, 33], greedy, True),

@@ -59,6 +59,22 @@ def test_index_proposes_past_unindexed_tokens_as_a_scan_does(ngram, vocab):
         assert index.seq == seq and index.propose(3) == brute_force(seq, 3, ngram)
 
 
+def test_device_guesses_are_the_index_proposal():
+    """``lookup.device_guesses`` (static shapes, for the device-side block) proposes what
+    the index does for seq[:length], padded with -1, whatever lies past length in the
+    buffer; for buffers shorter than the n-gram and proposals longer than the buffer too."""
+    rng = random.Random(5)
+    for _ in range(1500):
+        vocab, length = rng.choice([2, 3, 5, 12]), rng.randint(2, 40)
+        buf = [rng.randrange(vocab) for _ in range(length + rng.randint(0, 20))]
+        m = rng.randint(1, 6)
+        index = NgramIndex()
+        index.sync(buf[:length])
+        want = index.propose(m)
+        got = lookup.device_guesses(torch.tensor(buf), torch.tensor([length]), m).tolist()
+        assert got == want + [-1] * (m - len(want)), (buf, length, m)
+
+
 def test_index_examples():
     index = NgramIndex(3)
     index.sync([1, 2, 3, 4, 1, 2])
