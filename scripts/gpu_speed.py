@@ -47,6 +47,7 @@ from cospec.acceptance import ExactRule
 from cospec.cos import Combination, cos_generate
 from cospec.decoding import generate, warm_up_budgets
 from cospec.errors import CospecError
+from cospec.lookup import lookup_generate
 from cospec.methods import MethodOptions, build_method, encode_prompt, eos_ids
 from cospec.replay import CosTrace, Recording, ReplayRule
 from cospec.report import in_turn
@@ -242,6 +243,7 @@ def real_pair():
 
 BLOCK_METHODS = ("spd-graph", "spd-block", "spd-graph-int8", "spd-block-int8")
 INT8_METHODS = ("spd-staged-int8", "spd-lookup-int8")  # the method, its draft's int8 copy
+HOST_METHODS = ("spd-staged-host", "spd-staged-host-int8")  # spd-staged in decoding's loop
 
 
 @functools.cache
@@ -281,11 +283,12 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     for block in BLOCK_METHODS:  # cospec.fast_block: steps, or one graph a block
         if block in args.methods.split(",") and sampling.greedy:
             names.insert(names.index("target") + 1, block)
-    for name in INT8_METHODS:
+    for name in INT8_METHODS + HOST_METHODS:
         if name in args.methods.split(","):
             methods[name] = dataclasses.replace(
-                build_method(name.removesuffix("-int8"), pair, MethodOptions(), sampling),
-                proposer=int8_draft())
+                build_method("spd-staged" if "host" in name else name.removesuffix("-int8"),
+                             pair, MethodOptions(), sampling),
+                proposer=int8_draft() if name.endswith("-int8") else pair.draft)
             names.insert(names.index("target") + 1, name)
     if "target-wait" in args.methods.split(","):
         names.insert(names.index("target") + 1, "target-wait")
@@ -311,6 +314,12 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             ids = fast_block.spd_greedy(pair.target, draft, prompt, k=k, max_new_tokens=n,
                                         eos_ids=eos, stats=stats,
                                         graph=name.startswith("spd-graph"))
+        elif name in HOST_METHODS:  # the host loop's staged drafting, never fast_block
+            m = methods[name]
+            ids = [t.id for t in lookup_generate(m.verifier, m.proposer, prompt, m.rule, k=k,
+                                                 max_new_tokens=n, sampling=sampling,
+                                                 eos_ids=eos, seed=seed, stats=stats,
+                                                 staged=True)]
         elif name in ("spd", *lossy):
             m = methods[name]
             rec = Recording(m.rule)
@@ -376,6 +385,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             "spd_lookup_identical_to_target": ("spd-lookup", "target"),
             "spd_staged_identical_to_target": ("spd-staged", "target"),
             "spd_staged_int8_identical_to_target": ("spd-staged-int8", "target"),
+            "spd_staged_host_identical_to_target": ("spd-staged-host", "target"),
             "cos_we_identical_to_we": ("cos-we", "we"),
             "cos_cd_identical_to_cd": ("cos-cd", "cd")}
     for key, (a, b) in same.items():
@@ -557,6 +567,8 @@ def markdown(res: dict) -> str:
                                "spd-staged output identical to target"),
                               ("spd_staged_int8_identical_to_target",
                                "spd-staged-int8 output identical to target"),
+                              ("spd_staged_host_identical_to_target",
+                               "spd-staged-host output identical to target"),
                               ("cos_we_identical_to_we", "cos-we identical to we"),
                               ("cos_cd_identical_to_cd", "cos-cd identical to cd")):
                 if s.get(key) is not None:
@@ -606,7 +618,8 @@ def main() -> None:
                          "(cospec.fast_block); spd-graph: the same, each block one CUDA graph; "
                          "spd-block-int8 / spd-graph-int8: those with the draft's int8 "
                          "weights (fast.int8_weights); spd-staged-int8 / spd-lookup-int8: "
-                         "those methods with the int8 draft; "
+                         "those methods with the int8 draft; spd-staged-host(-int8): "
+                         "spd-staged in cospec.decoding's loop, not the device-side block; "
                          "target-wait: target-only reading each chunk of 8 tokens before "
                          "launching the next (no chunk queued ahead)")
     ap.add_argument("--hf", action="store_true",

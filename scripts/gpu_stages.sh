@@ -74,7 +74,8 @@
 #           (cospec.fast_block: the block on the device; spd-graph: one CUDA graph a block),
 #           cospec and cos-we against target-only (FSPEED_METHODS picks; spd-graph-int8 and
 #           spd-block-int8: those with the draft's int8 weights; lookup, spd-lookup: prompt
-#           lookup, cospec.lookup)
+#           lookup, cospec.lookup; spd-staged: the draft checking the lookup's guesses in
+#           fast_block's device-side block, spd-staged-host in the host loop, -int8 forms)
 #           (FSPEED_SET=NAME=V+NAME=V.. fused settings, FSPEED_K draft tokens a block
 #           (default 5), into speed-fused-$FSPEED_TAG, its whole log beside it in .log)
 #   uspeed  the user's path: cospec eval's batch-1 speed pass (target, spd; k = 5, 256 new
