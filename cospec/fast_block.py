@@ -67,14 +67,27 @@ def block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.
     for i in range(1, k):
         logits, _ = draft_step(drafts[-1], length - 1 + i)
         drafts.append(logits[0].argmax().view(1))
-    d = torch.cat(drafts)
+    accepted, window = verify(target_step, seq, length, span, torch.cat(drafts))
+    return torch.cat([accepted, window])
+
+
+def verify(target_step: Step, seq: torch.Tensor, length: torch.Tensor, span: torch.Tensor,
+           d: torch.Tensor, proposed: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module docstring's 2-3 for the proposals d [len(span) - 1]: the target's verify
+    at positions L-1.., a = the proposals matching its argmax before the first mismatch
+    (within the first ``proposed`` [1], if given), the window written into seq and length
+    advanced by a + 1. Returns (a [1], the window [len(span)])."""
     logits, _ = target_step(torch.cat([seq.index_select(0, length - 1), d]), length - 1)
-    best = logits.argmax(-1)                                              # [k + 1]
-    accepted = (best[:k] == d).long().cumprod(0).sum().view(1)
+    best = logits.argmax(-1)                                              # [len(span)]
+    keep = best[:len(d)] == d
+    if proposed is not None:
+        keep = keep & (span[:len(d)] < proposed)
+    accepted = keep.long().cumprod(0).sum().view(1)
     window = torch.cat([d, d[:1]]).index_copy(0, accepted, best.index_select(0, accepted))
     seq.index_copy_(0, length + span, window)
     length.add_(accepted + 1)
-    return torch.cat([accepted, window])
+    return accepted, window
 
 
 def guessed_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.Tensor,
@@ -101,14 +114,8 @@ def guessed_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length
     d = torch.cat([own, torch.zeros(k - 1, dtype=own.dtype, device=own.device)])
     if after:  # own[:c + 1], then the steps' tokens; past k + c: unused
         d = d.index_copy(0, stood + 1 + span[:k - 1], torch.cat(after))
-    logits, _ = target_step(torch.cat([seq.index_select(0, length - 1), d]), length - 1)
-    best = logits.argmax(-1)                                                  # [k + m + 1]
     proposed = stood + k
-    keep = (best[:k + m] == d) & (span[:k + m] < proposed)
-    accepted = keep.long().cumprod(0).sum().view(1)
-    window = torch.cat([d, d[:1]]).index_copy(0, accepted, best.index_select(0, accepted))
-    seq.index_copy_(0, length + span, window)
-    length.add_(accepted + 1)
+    accepted, window = verify(target_step, seq, length, span, d, proposed)
     return torch.cat([accepted, proposed, window])
 
 

@@ -130,8 +130,8 @@ def staged_propose(lm: CachedLM, index: NgramIndex, seq: list[int], k: int,
     lm.crop(min(lm.length, len(seq) - 1))
     tokens: list[int] = []
     rows_out = []
-    while len(tokens) < k:
-        pending = (seq + tokens)[lm.length:]
+    while len(tokens) < k:  # the tokens the cache lacks, without copying all of seq
+        pending = seq[lm.length:] + tokens[max(lm.length - len(seq), 0):]
         room = min(k - len(tokens) - 1, rows - len(pending))
         guess = index.propose(room, tokens) if room > 0 else []
         logits, _ = lm.forward(pending + guess, keep=len(guess) + 1)  # [len(guess) + 1, V]

@@ -69,10 +69,13 @@ class Method:
         COSPEC_SPD_BLOCK=0)."""
         if (self.name in ("spd", "spd-staged") and sampling.greedy
                 and fast_block.serves(self.verifier, self.proposer, prompt_ids)):
-            guesses = min(STAGED_ROWS - 2, fast.MAX_GRAPH - 1 - k) if self.name != "spd" else 0
+            # spd-staged: the guesses its first step's rows leave room for, within the
+            # fast path's MAX_GRAPH rows a verify
+            guesses = (0 if self.name == "spd"
+                       else max(0, min(STAGED_ROWS - 2, fast.MAX_GRAPH - 1 - k)))
             return fast_block.stream(self.verifier, self.proposer, prompt_ids, k=k,
                                      max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                     stats=stats, guesses=max(guesses, 0))
+                                     stats=stats, guesses=guesses)
         if self.name in LOOKUP_METHODS:
             return lookup_generate(self.verifier, self.proposer, prompt_ids, self.rule, k=k,
                                    max_new_tokens=max_new_tokens, sampling=sampling,
