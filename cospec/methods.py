@@ -21,7 +21,7 @@ from cospec.arbiter import ArbiterRule, ConfidencePolicy, EntropyPolicy, load_ar
 from cospec.cos import COS_METHODS, Combination, cos_generate
 from cospec.decoding import Token, generate
 from cospec.errors import CospecError
-from cospec.lookup import LOOKUP_METHODS, STAGED_ROWS, lookup_generate
+from cospec.lookup import LOOKUP_METHODS, lookup_generate
 from cospec.models import Pair
 from cospec.sampling import GREEDY, SamplingConfig
 from cospec.stats import DecodeStats
@@ -69,10 +69,9 @@ class Method:
         COSPEC_SPD_BLOCK=0)."""
         if (self.name in ("spd", "spd-staged") and sampling.greedy
                 and fast_block.serves(self.verifier, self.proposer, prompt_ids)):
-            # spd-staged: the guesses its first step's rows leave room for, within the
-            # fast path's MAX_GRAPH rows a verify
+            # spd-staged: fast_block.GUESSES, within the fast path's MAX_GRAPH rows a verify
             guesses = (0 if self.name == "spd"
-                       else max(0, min(STAGED_ROWS - 2, fast.MAX_GRAPH - 1 - k)))
+                       else max(0, min(fast_block.GUESSES, fast.MAX_GRAPH - 1 - k)))
             return fast_block.stream(self.verifier, self.proposer, prompt_ids, k=k,
                                      max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                                      stats=stats, guesses=guesses)

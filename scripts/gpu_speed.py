@@ -242,7 +242,8 @@ def real_pair():
 
 
 BLOCK_METHODS = ("spd-graph", "spd-block", "spd-graph-int8", "spd-block-int8")
-INT8_METHODS = ("spd-staged-int8", "spd-lookup-int8")  # the method, its draft's int8 copy
+# the method, its draft's int8 copy (cospec and cos-we: in their host loops)
+INT8_METHODS = ("spd-staged-int8", "spd-lookup-int8", "cospec-int8", "cos-we-int8")
 HOST_METHODS = ("spd-staged-host", "spd-staged-host-int8")  # spd-staged in decoding's loop
 
 
@@ -285,11 +286,17 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             names.insert(names.index("target") + 1, block)
     for name in INT8_METHODS + HOST_METHODS:
         if name in args.methods.split(","):
+            if name == "cospec-int8" and not sampling.greedy:
+                continue
+            base = build_method("spd-staged" if "host" in name else name.removesuffix("-int8"),
+                                pair, MethodOptions(), sampling)
+            draft = int8_draft() if name.endswith("-int8") else pair.draft
             methods[name] = dataclasses.replace(
-                build_method("spd-staged" if "host" in name else name.removesuffix("-int8"),
-                             pair, MethodOptions(), sampling),
-                proposer=int8_draft() if name.endswith("-int8") else pair.draft)
+                base, proposer=draft, models=tuple(draft if m is pair.draft else m
+                                                   for m in base.models))
             names.insert(names.index("target") + 1, name)
+            if name == "cospec-int8":
+                lossy.append(name)  # its arbiter's figures beside cospec's
     if "target-wait" in args.methods.split(","):
         names.insert(names.index("target") + 1, "target-wait")
     if "cospec-host" in args.methods.split(",") and "cospec" in methods:
@@ -329,7 +336,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             trace = rec.trace
         elif methods[name].combo is not None and name != methods[name].combo.kind:
             m, rec = methods[name], CosTrace()  # speculative CoS: keep its outcomes
-            ids = [t.id for t in cos_generate(list(m.models), prompt, m.combo, name, gamma=k,
+            ids = [t.id for t in cos_generate(list(m.models), prompt, m.combo, m.name, gamma=k,
                                               max_new_tokens=n, sampling=sampling,
                                               eos_ids=eos, seed=seed, stats=stats,
                                               trace=rec)]
@@ -386,6 +393,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             "spd_staged_identical_to_target": ("spd-staged", "target"),
             "spd_staged_int8_identical_to_target": ("spd-staged-int8", "target"),
             "spd_staged_host_identical_to_target": ("spd-staged-host", "target"),
+            "cospec_int8_identical_to_cospec": ("cospec-int8", "cospec"),
+            "cos_we_int8_identical_to_cos_we": ("cos-we-int8", "cos-we"),
             "cos_we_identical_to_we": ("cos-we", "we"),
             "cos_cd_identical_to_cd": ("cos-cd", "cd")}
     for key, (a, b) in same.items():
@@ -569,6 +578,10 @@ def markdown(res: dict) -> str:
                                "spd-staged-int8 output identical to target"),
                               ("spd_staged_host_identical_to_target",
                                "spd-staged-host output identical to target"),
+                              ("cospec_int8_identical_to_cospec",
+                               "cospec-int8 output identical to cospec"),
+                              ("cos_we_int8_identical_to_cos_we",
+                               "cos-we-int8 output identical to cos-we"),
                               ("cos_we_identical_to_we", "cos-we identical to we"),
                               ("cos_cd_identical_to_cd", "cos-cd identical to cd")):
                 if s.get(key) is not None:
@@ -576,11 +589,12 @@ def markdown(res: dict) -> str:
             if s.get("spd_identical_to_target") is not None:
                 notes[-1 if len(notes) == 1 else 0] += (" (bf16: a verify over k+1 rows and a "
                                                         "1-row step round differently)")
-        for name in ("cospec", "cospec-host", "confidence", "entropy"):
+        for name in ("cospec", "cospec-int8", "cospec-host", "confidence", "entropy"):
             if name not in s:
                 continue
             c = s[name]
-            notes.append(f"{name} ÷ spd {c.get('vs_spd') or float('nan'):.2f}×, arbiter share "
+            vs_spd = f"{name} ÷ spd {c['vs_spd']:.2f}×, " if c.get("vs_spd") else f"{name}: "
+            notes.append(f"{vs_spd}arbiter share "
                          f"of its decode time {100 * c['arbiter_share']:.2f}% "
                          f"({c.get('arbiter_calls', '?')} decisions, "
                          f"{c.get('overrides', '?')} draft tokens kept, "
@@ -618,7 +632,8 @@ def main() -> None:
                          "(cospec.fast_block); spd-graph: the same, each block one CUDA graph; "
                          "spd-block-int8 / spd-graph-int8: those with the draft's int8 "
                          "weights (fast.int8_weights); spd-staged-int8 / spd-lookup-int8: "
-                         "those methods with the int8 draft; spd-staged-host(-int8): "
+                         "those methods with the int8 draft (cospec-int8, cos-we-int8 too, "
+                         "in their host loops); spd-staged-host(-int8): "
                          "spd-staged in cospec.decoding's loop, not the device-side block; "
                          "target-wait: target-only reading each chunk of 8 tokens before "
                          "launching the next (no chunk queued ahead)")

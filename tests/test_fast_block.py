@@ -81,7 +81,7 @@ def test_guessed_blocks_give_the_targets_greedy(monkeypatch, device, graph):
             plain = [t.id for t in generate(target, None, prompt, ExactRule(),
                                             max_new_tokens=40)]
             for k in (1, 2, 5):
-                for guesses in (1, 4):
+                for guesses in (1, 4, 6):
                     for eos in ((), (plain[9],)):
                         want = [t.id for t in generate(target, None, prompt, ExactRule(),
                                                        max_new_tokens=40, eos_ids=eos)]
