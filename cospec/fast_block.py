@@ -28,12 +28,19 @@ a side stream, whose ``length`` updates are undone) and kept for the engines and
 and a dozen small kernels between them, each launched by the host (on the real pair on an
 H200 the one graph was 2-4 % faster, results/gpu/h200/speed-fused-block-graph).
 
+Two variants keep this shape: ``guessed_block`` (spd-staged: the first draft step also
+checks prompt-lookup guesses) and ``ruled_block`` (greedy CoSpec and CoS: the token at each
+position is a choice from both models' rows, ``cospec.block_choice``; the token after a
+fully kept block waits, pending, for the draft's row that the next block's first step
+computes anyway).
+
 Greedy only, batch 1, prompts of two or more tokens, models on ``fast.StaticLM`` engines.
-``stream`` yields the tokens as the blocks' verdicts return; greedy spd (``methods.Method.
-stream``: ``cospec eval``, ``generate``, the API) takes it wherever it can (``serves``;
-COSPEC_SPD_BLOCK=0: never). On that path, cospec eval's speed pass on an H200, it made
-1.12x / 1.26x target-only on GSM8K / HumanEval against the host loop's 1.09x / 1.20x, and
-1.19x / 1.32x against 1.16x / 1.32x on another lease (results/gpu/h200/spd-block-user-path).
+``stream`` yields the tokens as the blocks' verdicts return; greedy spd, spd-staged, cospec
+(and the heuristics) and cos-we / cos-cd (``methods.Method.stream``: ``cospec eval``,
+``generate``, the API) take it wherever they can (``serves``; COSPEC_SPD_BLOCK=0: never).
+On that path, cospec eval's speed pass on an H200, spd made 1.12x / 1.26x target-only on
+GSM8K / HumanEval against the host loop's 1.09x / 1.20x, and 1.19x / 1.32x against
+1.16x / 1.32x on another lease (results/gpu/h200/spd-block-user-path).
 """
 
 from __future__ import annotations
@@ -41,10 +48,12 @@ from __future__ import annotations
 import collections
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 
 from cospec import fast
+from cospec.block_choice import ArbiterChoice, Choice
 from cospec.decoding import HeldClock, Token
 from cospec.errors import CospecError
 from cospec.lookup import device_guesses
@@ -123,20 +132,94 @@ def guessed_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length
     return torch.cat([accepted, proposed, window])
 
 
-class BlockGraph:
-    """A whole block as one CUDA graph for a target and a draft engine, k and m guesses
-    (``guessed_block``; 0: ``block``): ``seq`` [target's max_len] and ``length`` [1] are its
-    static state, ``run()`` replays it (capturing it first) and returns its static verdict,
-    overwritten by the next run."""
+class Held(NamedTuple):
+    """A ruled block's state beside seq and length: pending [1] long, 1 where seq[length]
+    holds the target's next token awaiting the draft's row there; row [V] float32, the
+    target's logits at it; prompt [1] long, the prompt's length (positions count from it)."""
 
-    def __init__(self, tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0) -> None:
+    pending: torch.Tensor
+    row: torch.Tensor
+    prompt: torch.Tensor
+
+
+def ruled_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.Tensor,
+                span: torch.Tensor, held: Held, choose: Choice) -> torch.Tensor:
+    """``block`` for greedy methods whose token at a position depends on both models' rows
+    there (``choose``, ``cospec.block_choice``: CoSpec's arbiter, a CoS combination).
+
+    When every proposal is kept, the token after them needs the draft's row there, which
+    the block has not computed: it is left *pending* in seq[L] (``held``; not committed),
+    and the next block's first draft step, over [seq[L-1], pending], gives that row (row 0)
+    with the draft's row after the pending token (row 1), so no extra draft step is spent
+    (CoS's alternate proposal; CoSpec's lookahead done by the next catch-up). The choice
+    there, y, is committed at L. If y differs from the pending token, the draft's rows
+    after it stood on the wrong token: the block keeps none of its proposals, and the
+    target's token after y (row 0 of its verify, over [y, ...]) is pending in turn.
+
+    Then, as ``block``: k - 1 one-token steps, the verify over [seq[base-1], d_1..d_k] at
+    base = L + pending, the choice at each row, a = the proposals kept before the first
+    that is not; the next token (the choice at row a; the target's argmax, pending, when
+    a = k or y broke the chain) follows them. Caches keep ``block``'s invariant below
+    base - 1 + pending. Returns the verdict [k + 6]: a, ok (y was the pending token, or
+    none was pending), overrides (committed tokens unlike the target's argmax), mismatches
+    met (the arbiter's calls), y, then the window [k + 1]."""
+    k = len(span) - 1
+    pending = held.pending
+    was = pending > 0                                                         # [1]
+    first = length + pending - 2
+    logits, _ = draft_step(seq.index_select(0, first + span[:2]), first)     # [2, V]
+    x = seq.index_select(0, length)  # the pending token (stale when none is pending)
+    own = logits[:1].argmax(-1)  # the draft's token there
+    y = torch.where(was, choose(held.row[None], logits[:1], own, length - held.prompt), x)
+    ok = y == x
+    seq.index_copy_(0, length, y)
+    base = length + pending
+    rows, drafts = [logits[1:]], [logits[1:].argmax(-1)]
+    for i in range(1, k):
+        logits, _ = draft_step(drafts[-1], base + i - 1)
+        rows.append(logits)
+        drafts.append(logits.argmax(-1))
+    d = torch.cat(drafts)                                                     # [k]
+    theirs, _ = target_step(torch.cat([seq.index_select(0, base - 1), d]), base - 1)
+    best = theirs.argmax(-1)                                                  # [k + 1]
+    chosen = choose(theirs[:k], torch.cat(rows), d, base - held.prompt + span[:k])  # [k]
+    accepted = ((chosen == d) & ok).long().cumprod(0).sum().view(1)
+    full = (accepted == k) | ~ok  # the next token is the target's, left pending
+    nxt = torch.where(full, best, torch.cat([chosen, best[k:]])).index_select(0, accepted)
+    window = torch.cat([d, d[:1]]).index_copy(0, accepted, nxt)
+    seq.index_copy_(0, base + span, window)
+    held.row.copy_(theirs.index_select(0, accepted)[0])
+    length.copy_(base + accepted + (~full).long())
+    pending.copy_(full.long())
+    differ = d != best[:k]
+    overrides = ((differ & (span[:k] < accepted)).sum().view(1) + (~ok).long()
+                 + (nxt != best.index_select(0, accepted)).long())
+    met = ((differ & (span[:k] <= accepted)).sum().view(1) * ok.long()
+           + (was & (own != x)).long())
+    return torch.cat([accepted, ok.long(), overrides, met, y, window])
+
+
+def held_state(tgt: fast.Engine) -> Held:
+    """A ruled block's ``Held`` state for the target engine's vocabulary (nothing pending)."""
+    zeros = torch.zeros(2, dtype=torch.long, device=tgt.device)
+    return Held(zeros[:1], torch.zeros(tgt.head_w.shape[0], device=tgt.device), zeros[1:])
+
+
+class BlockGraph:
+    """A whole block as one CUDA graph for a target and a draft engine, k, m guesses
+    (``guessed_block``; 0: ``block``) or a choice (``ruled_block``): ``seq`` [target's
+    max_len], ``length`` [1] and ``held`` are its static state, ``run()`` replays it
+    (capturing it first) and returns its static verdict, overwritten by the next run."""
+
+    def __init__(self, tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0,
+                 choice: Choice | None = None) -> None:
         # weak: the graphs are kept by the engines (``_GRAPHS``), not the engines by them
         self.tgt, self.drf = weakref.ref(tgt), weakref.ref(drf)
         self.device = tgt.device
         self.seq = torch.zeros(tgt.max_len, dtype=torch.long, device=tgt.device)
         self.length = torch.zeros(1, dtype=torch.long, device=tgt.device)
         self.span = torch.arange(k + guesses + 1, device=tgt.device)
-        self.guesses = guesses
+        self.guesses, self.choice, self.held = guesses, choice, held_state(tgt)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.verdict: torch.Tensor | None = None
 
@@ -144,37 +227,50 @@ class BlockGraph:
         tgt, drf = self.tgt(), self.drf()
         return run_block(lambda ids, start: drf._forward(ids, start, eager=False),
                          lambda ids, start: tgt._forward(ids, start, eager=False),
-                         self.seq, self.length, self.span, self.guesses)
+                         self.seq, self.length, self.span, self.guesses, self.held, self.choice)
 
     def run(self) -> torch.Tensor:
         if self.graph is None:  # the warm-up runs' writes are the ones the replay makes
-            saved = self.length.clone()  # again; their length updates are undone
+            saved = [t.clone() for t in (self.length, *self.held)]  # again; their state
+            state = [self.length, *self.held]                      # updates are undone
+
+            def warm_up() -> None:
+                self._block()
+                for t, before in zip(state, saved):
+                    t.copy_(before)
+
             self.graph, self.verdict = fast.capture_graph(
-                self.device, torch.cuda.graph_pool_handle(), self._block,
-                warm_up=lambda: (self._block(), self.length.copy_(saved)))
+                self.device, torch.cuda.graph_pool_handle(), self._block, warm_up=warm_up)
         self.graph.replay()
         return self.verdict
 
 
 def run_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.Tensor,
-              span: torch.Tensor, guesses: int) -> torch.Tensor:
-    """``guessed_block`` with ``guesses`` > 0, else ``block`` (and its verdict)."""
+              span: torch.Tensor, guesses: int = 0, held: Held | None = None,
+              choice: Choice | None = None) -> torch.Tensor:
+    """``ruled_block`` with a choice, else ``guessed_block`` with ``guesses`` > 0, else
+    ``block`` (and its verdict)."""
+    if choice is not None:
+        return ruled_block(draft_step, target_step, seq, length, span, held, choice)
     if guesses:
         return guessed_block(draft_step, target_step, seq, length, span, guesses)
     return block(draft_step, target_step, seq, length, span)
 
 
-# target engine -> draft engine -> {(k, guesses): BlockGraph}, gone with either engine
+# target engine -> draft engine -> {(k, guesses, choice's key): BlockGraph}, gone with
+# either engine
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def block_graph(tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0) -> BlockGraph:
-    """The block graph of these engines, k and guesses, made once (captured on its first
-    run)."""
+def block_graph(tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0,
+                choice: Choice | None = None) -> BlockGraph:
+    """The block graph of these engines, k, guesses and choice (by its ``key``: an equal
+    choice reuses the graph), made once (captured on its first run)."""
     graphs = _GRAPHS.setdefault(tgt, weakref.WeakKeyDictionary()).setdefault(drf, {})
-    if (k, guesses) not in graphs:
-        graphs[k, guesses] = BlockGraph(tgt, drf, k, guesses)
-    return graphs[k, guesses]
+    key = (k, guesses, None if choice is None else choice.key)
+    if key not in graphs:
+        graphs[key] = BlockGraph(tgt, drf, k, guesses, choice)
+    return graphs[key]
 
 
 def one_graph() -> bool:
@@ -203,17 +299,18 @@ def serves(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
 def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int], *,
                k: int = 5, max_new_tokens: int = 128, eos_ids: Iterable[int] = (),
                stats: DecodeStats | None = None, graph: bool | None = None,
-               guesses: int = 0) -> list[int]:
+               guesses: int = 0, choice: Choice | None = None) -> list[int]:
     """``stream``'s tokens as a list of ids."""
     return [t.id for t in stream(target, draft, prompt_ids, k=k, max_new_tokens=max_new_tokens,
-                                 eos_ids=eos_ids, stats=stats, graph=graph, guesses=guesses)]
+                                 eos_ids=eos_ids, stats=stats, graph=graph, guesses=guesses,
+                                 choice=choice)]
 
 
 @torch.inference_mode()
 def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int], *,
            k: int = 5, max_new_tokens: int = 128, eos_ids: Iterable[int] = (),
-           stats: DecodeStats | None = None, graph: bool | None = None, guesses: int = 0
-           ) -> Iterator[Token]:
+           stats: DecodeStats | None = None, graph: bool | None = None, guesses: int = 0,
+           choice: Choice | None = None) -> Iterator[Token]:
     """The target's greedy continuation of ``prompt_ids`` (at most ``max_new_tokens``, up to
     and including an EOS), by speculative decoding with ``draft``'s k tokens a block,
     yielded as each block's verdict is read back (AHEAD blocks behind the device); a token
@@ -222,8 +319,10 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     time (the decode clock stops while the caller holds a token). ``graph``: each block one
     CUDA graph where both engines use graphs (None: unless COSPEC_BLOCK_GRAPH=0).
     ``guesses``: each block's first draft step also checks that many prompt-lookup guesses
-    (``guessed_block``: k + c proposals, ``spd-staged``). Inference mode holds while the
-    loop runs, not between yields."""
+    (``guessed_block``: k + c proposals, ``spd-staged``). ``choice``: each position's token
+    is the choice of both models' rows there (``ruled_block``: greedy CoSpec and CoS; a
+    token is ``from_draft`` where it is not the target's own). Inference mode holds while
+    the loop runs, not between yields."""
     if len(prompt_ids) < 2:
         raise CospecError("the device-side block needs a prompt of two or more tokens")
     if k < 1:
@@ -231,6 +330,8 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     if guesses < 0 or (guesses and k + guesses + 1 > fast.MAX_GRAPH):
         raise CospecError(f"guesses must be >= 0, and with guesses a verify's k + guesses + 1 "
                           f"rows at most {fast.MAX_GRAPH}; got k = {k}, guesses = {guesses}")
+    if guesses and choice is not None:
+        raise CospecError("a block checks prompt-lookup guesses or takes a choice, not both")
     stats = stats if stats is not None else DecodeStats()
     if max_new_tokens < 1:  # as ``decode``: nothing to generate
         return
@@ -246,23 +347,27 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     stats.prefill_s += t1 - t0
     if graph is None:
         graph = one_graph()
-    whole = (block_graph(tgt, drf, k, guesses) if graph and tgt.use_graphs and drf.use_graphs
-             else None)
+    whole = (block_graph(tgt, drf, k, guesses, choice)
+             if graph and tgt.use_graphs and drf.use_graphs else None)
     if whole is not None:  # the graph's own state (its span made with it)
-        seq, length = whole.seq, whole.length
+        seq, length, held = whole.seq, whole.length, whole.held
     else:
         seq = torch.zeros(room, dtype=torch.long, device=device)
         length = torch.zeros(1, dtype=torch.long, device=device)
         span = torch.arange(k + guesses + 1, device=device)
+        held = held_state(tgt)
     seq[:start] = torch.tensor(prompt_ids, device=device)
     length.fill_(start)
+    held.pending.zero_()
+    held.prompt.fill_(start)
     queued: collections.deque = collections.deque()  # (host copy, its event) a block
     clock = HeldClock(device, stats, t1)
-    produced = 0
+    produced, pending = 0, False
     while True:
         # one block, queued on the device
         verdict = (whole.run() if whole is not None
-                   else run_block(drf.run_device, tgt.run_device, seq, length, span, guesses))
+                   else run_block(drf.run_device, tgt.run_device, seq, length, span, guesses,
+                                  held, choice))
         queued.append(fast.to_host(verdict))
         if len(queued) <= AHEAD:
             continue
@@ -270,14 +375,35 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
         host, done = queued.popleft()
         if done is not None:
             done.synchronize()
-        a, *window_ids = host.tolist()
-        proposed = window_ids.pop(0) if guesses else k
-        stats.record_step(proposed, a)
-        for j, tok in enumerate(window_ids[:a + 1]):
+        if choice is None:
+            a, *window = host.tolist()
+            proposed = window.pop(0) if guesses else k
+            stats.record_step(proposed, a)
+            tokens = [Token(tok, j < a) for j, tok in enumerate(window[:a + 1])]
+        else:
+            tokens, pending = ruled_tokens(host.tolist(), k, pending, stats,
+                                           isinstance(choice, ArbiterChoice))
+        for tok in tokens:
             produced += 1
             stats.generated += 1
-            if tok in eos or produced >= max_new_tokens:
+            if tok.id in eos or produced >= max_new_tokens:
                 # the blocks queued past the stop are this call's work: its clock counts them
-                yield from clock.last(Token(tok, j < a))
+                yield from clock.last(tok)
                 return
-            yield from clock.hand(Token(tok, j < a))
+            yield from clock.hand(tok)
+
+
+def ruled_tokens(verdict: list[int], k: int, pending: bool, stats: DecodeStats,
+                 asks: bool) -> tuple[list[Token], bool]:
+    """The tokens a ``ruled_block`` verdict commits, given whether a token was pending
+    before it, and whether one is after it; its step, overrides (and, where the choice
+    ``asks`` an arbiter, the mismatches met as its calls) go to ``stats``."""
+    a, ok, overrides, met, y, *window = verdict
+    full = a == k or not ok
+    tokens = ([Token(y, not ok)] if pending else []) + [Token(t, True) for t in window[:a]]
+    if not full:
+        tokens.append(Token(window[a], False))
+    stats.record_step(k + pending, a + (pending and ok))
+    stats.overrides += overrides
+    stats.arbiter_calls += met if asks else 0
+    return tokens, full

@@ -18,6 +18,7 @@ import torch
 from cospec import fast, fast_block
 from cospec.acceptance import AcceptanceRule, ExactRule
 from cospec.arbiter import ArbiterRule, ConfidencePolicy, EntropyPolicy, load_arbiter
+from cospec.block_choice import Choice, CombinationChoice, arbiter_choice
 from cospec.cos import COS_METHODS, Combination, cos_generate
 from cospec.decoding import Token, generate
 from cospec.errors import CospecError
@@ -64,17 +65,18 @@ class Method:
     def stream(self, prompt_ids: list[int], *, k: int, max_new_tokens: int,
                sampling: SamplingConfig, eos_ids, seed: int | None = None,
                stats: DecodeStats | None = None) -> Iterator[Token]:
-        """Tokens as they are committed (the loop for this method; greedy spd and spd-staged
-        on a GPU: each block on the device, ``cospec.fast_block``, unless
-        COSPEC_SPD_BLOCK=0)."""
-        if (self.name in ("spd", "spd-staged") and sampling.greedy
-                and fast_block.serves(self.verifier, self.proposer, prompt_ids)):
+        """Tokens as they are committed (the loop for this method; greedy spd, spd-staged,
+        cospec and the heuristics, cos-we and cos-cd on a GPU: each block on the device,
+        ``cospec.fast_block``, unless COSPEC_SPD_BLOCK=0)."""
+        if sampling.greedy and fast_block.serves(self.verifier, self.proposer, prompt_ids):
             # spd-staged: fast_block.GUESSES, within the fast path's MAX_GRAPH rows a verify
-            guesses = (0 if self.name == "spd"
-                       else max(0, min(fast_block.GUESSES, fast.MAX_GRAPH - 1 - k)))
-            return fast_block.stream(self.verifier, self.proposer, prompt_ids, k=k,
-                                     max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                     stats=stats, guesses=guesses)
+            guesses = (max(0, min(fast_block.GUESSES, fast.MAX_GRAPH - 1 - k))
+                       if self.name == "spd-staged" else 0)
+            choice = self.block_choice()
+            if self.name in ("spd", "spd-staged") or choice is not None:
+                return fast_block.stream(self.verifier, self.proposer, prompt_ids, k=k,
+                                         max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                         stats=stats, guesses=guesses, choice=choice)
         if self.name in LOOKUP_METHODS:
             return lookup_generate(self.verifier, self.proposer, prompt_ids, self.rule, k=k,
                                    max_new_tokens=max_new_tokens, sampling=sampling,
@@ -87,6 +89,16 @@ class Method:
         return generate(self.verifier, self.proposer, prompt_ids, self.rule, k=k,
                         max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
                         seed=seed, stats=stats)
+
+    def block_choice(self) -> Choice | None:
+        """What a device-side block commits at each position for this greedy method
+        (``cospec.block_choice``), or None where its block is spd's or it has none: an
+        arbiter rule the block expresses, or the alternate-proposal CoS of two models."""
+        if isinstance(self.rule, ArbiterRule):
+            return arbiter_choice(self.rule, next(self.verifier.parameters()).device)
+        if self.combo is not None and self.name.startswith("cos-") and len(self.models) == 2:
+            return CombinationChoice(self.combo)
+        return None
 
     def run(self, prompt_ids: list[int], *, k: int, max_new_tokens: int,
             sampling: SamplingConfig, eos_ids, seed: int | None = None

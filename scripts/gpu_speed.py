@@ -245,6 +245,8 @@ BLOCK_METHODS = ("spd-graph", "spd-block", "spd-graph-int8", "spd-block-int8")
 # the method, its draft's int8 copy (cospec and cos-we: in their host loops)
 INT8_METHODS = ("spd-staged-int8", "spd-lookup-int8", "cospec-int8", "cos-we-int8")
 HOST_METHODS = ("spd-staged-host", "spd-staged-host-int8")  # spd-staged in decoding's loop
+# cospec and cos-we with each block on the device (fast_block.ruled_block), -int8: that draft
+RULED_METHODS = ("cospec-block", "cos-we-block", "cospec-block-int8", "cos-we-block-int8")
 
 
 @functools.cache
@@ -284,18 +286,19 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     for block in BLOCK_METHODS:  # cospec.fast_block: steps, or one graph a block
         if block in args.methods.split(",") and sampling.greedy:
             names.insert(names.index("target") + 1, block)
-    for name in INT8_METHODS + HOST_METHODS:
+    for name in INT8_METHODS + HOST_METHODS + RULED_METHODS:
         if name in args.methods.split(","):
-            if name == "cospec-int8" and not sampling.greedy:
+            if name.startswith("cospec") and not sampling.greedy:
                 continue
-            base = build_method("spd-staged" if "host" in name else name.removesuffix("-int8"),
+            base = build_method("spd-staged" if "host" in name else
+                                name.removesuffix("-int8").removesuffix("-block"),
                                 pair, MethodOptions(), sampling)
             draft = int8_draft() if name.endswith("-int8") else pair.draft
             methods[name] = dataclasses.replace(
                 base, proposer=draft, models=tuple(draft if m is pair.draft else m
                                                    for m in base.models))
             names.insert(names.index("target") + 1, name)
-            if name == "cospec-int8":
+            if name.startswith("cospec"):
                 lossy.append(name)  # its arbiter's figures beside cospec's
     if "target-wait" in args.methods.split(","):
         names.insert(names.index("target") + 1, "target-wait")
@@ -321,6 +324,10 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             ids = fast_block.spd_greedy(pair.target, draft, prompt, k=k, max_new_tokens=n,
                                         eos_ids=eos, stats=stats,
                                         graph=name.startswith("spd-graph"))
+        elif name in RULED_METHODS:  # the method's choice in fast_block's ruled block
+            m = methods[name]
+            ids = fast_block.spd_greedy(m.verifier, m.proposer, prompt, k=k, max_new_tokens=n,
+                                        eos_ids=eos, stats=stats, choice=m.block_choice())
         elif name in HOST_METHODS:  # the host loop's staged drafting, never fast_block
             m = methods[name]
             ids = [t.id for t in lookup_generate(m.verifier, m.proposer, prompt, m.rule, k=k,
@@ -394,6 +401,10 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             "spd_staged_int8_identical_to_target": ("spd-staged-int8", "target"),
             "spd_staged_host_identical_to_target": ("spd-staged-host", "target"),
             "cospec_int8_identical_to_cospec": ("cospec-int8", "cospec"),
+            "cospec_block_identical_to_cospec": ("cospec-block", "cospec"),
+            "cospec_block_int8_identical_to_cospec_int8": ("cospec-block-int8", "cospec-int8"),
+            "cos_we_block_identical_to_cos_we": ("cos-we-block", "cos-we"),
+            "cos_we_block_int8_identical_to_cos_we_int8": ("cos-we-block-int8", "cos-we-int8"),
             "cos_we_int8_identical_to_cos_we": ("cos-we-int8", "cos-we"),
             "cos_we_identical_to_we": ("cos-we", "we"),
             "cos_cd_identical_to_cd": ("cos-cd", "cd")}
@@ -580,6 +591,14 @@ def markdown(res: dict) -> str:
                                "spd-staged-host output identical to target"),
                               ("cospec_int8_identical_to_cospec",
                                "cospec-int8 output identical to cospec"),
+                              ("cospec_block_identical_to_cospec",
+                               "cospec-block output identical to cospec"),
+                              ("cospec_block_int8_identical_to_cospec_int8",
+                               "cospec-block-int8 output identical to cospec-int8"),
+                              ("cos_we_block_identical_to_cos_we",
+                               "cos-we-block output identical to cos-we"),
+                              ("cos_we_block_int8_identical_to_cos_we_int8",
+                               "cos-we-block-int8 output identical to cos-we-int8"),
                               ("cos_we_int8_identical_to_cos_we",
                                "cos-we-int8 output identical to cos-we"),
                               ("cos_we_identical_to_we", "cos-we identical to we"),
@@ -589,13 +608,15 @@ def markdown(res: dict) -> str:
             if s.get("spd_identical_to_target") is not None:
                 notes[-1 if len(notes) == 1 else 0] += (" (bf16: a verify over k+1 rows and a "
                                                         "1-row step round differently)")
-        for name in ("cospec", "cospec-int8", "cospec-host", "confidence", "entropy"):
+        for name in ("cospec", "cospec-int8", "cospec-block", "cospec-block-int8", "cospec-host",
+                     "confidence", "entropy"):
             if name not in s:
                 continue
             c = s[name]
             vs_spd = f"{name} ÷ spd {c['vs_spd']:.2f}×, " if c.get("vs_spd") else f"{name}: "
-            notes.append(f"{vs_spd}arbiter share "
-                         f"of its decode time {100 * c['arbiter_share']:.2f}% "
+            share = ("its arbiter inside each block's graph" if "block" in name else
+                     f"arbiter share of its decode time {100 * c['arbiter_share']:.2f}%")
+            notes.append(f"{vs_spd}{share} "
                          f"({c.get('arbiter_calls', '?')} decisions, "
                          f"{c.get('overrides', '?')} draft tokens kept, "
                          f"{c.get('steps', '?')} steps)")
@@ -633,7 +654,9 @@ def main() -> None:
                          "spd-block-int8 / spd-graph-int8: those with the draft's int8 "
                          "weights (fast.int8_weights); spd-staged-int8 / spd-lookup-int8: "
                          "those methods with the int8 draft (cospec-int8, cos-we-int8 too, "
-                         "in their host loops); spd-staged-host(-int8): "
+                         "in their host loops); cospec-block, cos-we-block (-int8): those "
+                         "with each block on the device (fast_block.ruled_block); "
+                         "spd-staged-host(-int8): "
                          "spd-staged in cospec.decoding's loop, not the device-side block; "
                          "target-wait: target-only reading each chunk of 8 tokens before "
                          "launching the next (no chunk queued ahead)")

@@ -1,0 +1,171 @@
+"""Greedy CoSpec and CoS with each block on the device (``fast_block.ruled_block``) commit
+their host loops' tokens (``decoding.generate`` with ``ArbiterRule``, ``cos.cos_generate``):
+a learned policy, the confidence heuristic and one of positions, a weighted ensemble and
+contrastive decoding; drafts that always, partly and never agree; k = 1, 2, 5; up to an EOS
+and max_new_tokens; on the CPU and, where one is present, through CUDA graphs. The pending
+token's choice both keeps and overrides the target's (the block's ``ok`` both ways), and
+``Method.stream`` takes the block where it can."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from test_fast_block import drafts
+from tiny import tiny_model
+
+from cospec import fast_block
+from cospec.arbiter import FEATURES, ArbiterRule, ConfidencePolicy, LearnedPolicy
+from cospec.block_choice import CombinationChoice, arbiter_choice
+from cospec.cos import Combination, cos_generate
+from cospec.decoding import generate
+from cospec.stats import DecodeStats
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+def learned() -> LearnedPolicy:
+    torch.manual_seed(3)
+    return LearnedPolicy(len(FEATURES), hidden_units=8).eval()
+
+
+@dataclass
+class EvenPositions:
+    """Keeps the draft's token where an even number of tokens came before: a policy any
+    misplaced position changes."""
+
+    needs_hidden: bool = False
+
+    def draft_prob(self, features, target_hidden=None, draft_hidden=None):
+        before = features[:, FEATURES.index("log_position")].exp().sub(1).round()
+        return (before % 2 == 0).float()
+
+
+def rules() -> dict[str, ArbiterRule]:
+    return {"learned": ArbiterRule(learned(), threshold=0.5),
+            "confidence": ArbiterRule(ConfidencePolicy(0.3)),
+            "even positions": ArbiterRule(EvenPositions())}
+
+
+def combos() -> dict[str, Combination]:
+    return {"we": Combination("we", (0.4, 0.6)), "cd": Combination("cd", mu=0.3)}
+
+
+def watch_ok(monkeypatch) -> list[int]:
+    """The ``ok`` of every ruled block run on the CPU (graphs hide theirs)."""
+    seen, ruled = [], fast_block.ruled_block
+
+    def watched(*args):
+        verdict = ruled(*args)
+        seen.append(int(verdict[1]))
+        return verdict
+
+    monkeypatch.setattr(fast_block, "ruled_block", watched)
+    return seen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("graph", [False, True])
+def test_cospec_blocks_commit_the_host_loops_tokens(monkeypatch, device, graph):
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    fast_block._GRAPHS.clear()
+    seen = watch_ok(monkeypatch)
+    target = tiny_model(11, dtype=torch.float32).to(device)
+    models, overrides = drafts(device), 0
+    for name, rule in rules().items():
+        for draft_name, draft in models.items():
+            for prompt in ([5, 17, 33, 2, 60, 41], [3, 9]):
+                plain = [t.id for t in generate(target, draft, prompt, rule, k=3,
+                                                max_new_tokens=30)]
+                for k in (1, 2, 5):
+                    for eos in ((), (plain[7],)):
+                        want = [t.id for t in generate(target, draft, prompt, rule, k=k,
+                                                       max_new_tokens=30, eos_ids=eos)]
+                        stats = DecodeStats()
+                        got = fast_block.spd_greedy(
+                            target, draft, prompt, k=k, max_new_tokens=30, eos_ids=eos,
+                            stats=stats, graph=graph, choice=arbiter_choice(rule, target.device))
+                        assert got == want, (name, draft_name, prompt, k, eos)
+                        assert stats.generated == len(want) and stats.steps >= 1
+                        overrides += stats.overrides
+                        assert stats.arbiter_calls >= stats.overrides
+    assert overrides > 0  # some draft tokens were kept at mismatches
+    if device == "cpu":  # the pending token was kept (and some blocks went on past it)
+        assert 0 in seen and seen.count(1) > seen.count(0)  # and overridden
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("graph", [False, True])
+def test_cos_blocks_commit_the_host_loops_tokens(monkeypatch, device, graph):
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    fast_block._GRAPHS.clear()
+    seen = watch_ok(monkeypatch)
+    target = tiny_model(11, dtype=torch.float32).to(device)
+    for name, combo in combos().items():
+        for draft_name, draft in drafts(device).items():
+            for prompt in ([5, 17, 33, 2, 60, 41], [3, 9]):
+                for k in (1, 2, 5):
+                    for eos in ((), (7,)):
+                        want = [t.id for t in cos_generate([draft, target], prompt, combo,
+                                                           f"cos-{name}", gamma=k,
+                                                           max_new_tokens=30, eos_ids=eos)]
+                        got = fast_block.spd_greedy(target, draft, prompt, k=k,
+                                                    max_new_tokens=30, eos_ids=eos, graph=graph,
+                                                    choice=CombinationChoice(combo))
+                        assert got == want, (name, draft_name, prompt, k, eos)
+    if device == "cpu":
+        assert 0 in seen and 1 in seen
+
+
+def test_budgets_first_mismatch_and_hidden_states_stay_in_the_host_loop():
+    """Rules the block does not express give no choice (the host loop serves them)."""
+    device = torch.device("cpu")
+    assert arbiter_choice(ArbiterRule(learned()), device) is not None
+    assert arbiter_choice(ArbiterRule(learned(), max_overrides=3), device) is None
+    assert arbiter_choice(ArbiterRule(learned(), every_mismatch=False), device) is None
+    hidden = LearnedPolicy(len(FEATURES), hidden_sizes=(32, 32), hidden_units=8)
+    assert arbiter_choice(ArbiterRule(hidden), device) is None
+
+
+def test_methods_stream_cospec_and_cos_from_the_block(monkeypatch):
+    """``Method.stream`` of greedy cospec / confidence and cos-we / cos-cd takes the ruled
+    block where greedy spd takes its block (not we-sd, not sampling, not with
+    COSPEC_SPD_BLOCK=0), with the host loop's tokens either way."""
+    from cospec.methods import Method
+    from cospec.sampling import SamplingConfig
+
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    target, draft = tiny_model(11, dtype=torch.float32), drafts("cpu")["near"]
+    calls = []
+    block_stream = fast_block.stream
+    monkeypatch.setattr(fast_block, "stream", lambda *a, **kw: calls.append(
+        kw.get("choice")) or block_stream(*a, **kw))
+    we = Combination("we", (0.5, 0.5))
+    methods = [Method("cospec", target, draft, rules()["learned"]),
+               Method("confidence", target, draft, rules()["confidence"]),
+               Method("cos-we", target, draft, None, we, (draft, target)),
+               Method("we-sd", target, draft, None, we, (draft, target))]
+    greedy = SamplingConfig()
+    for setting in ("1", "0"):
+        monkeypatch.setenv("COSPEC_SPD_BLOCK", setting)
+        for m in methods:
+            calls.clear()
+            got = [t.id for t in m.stream([5, 17, 33], k=3, max_new_tokens=20,
+                                          sampling=greedy, eos_ids=())]
+            if m.combo is not None:
+                want = [t.id for t in cos_generate([draft, target], [5, 17, 33], we, m.name,
+                                                   gamma=3, max_new_tokens=20)]
+            else:
+                want = [t.id for t in generate(target, draft, [5, 17, 33], m.rule, k=3,
+                                               max_new_tokens=20)]
+            assert got == want, m.name
+            on_block = setting == "1" and m.name != "we-sd"
+            assert len(calls) == on_block and (not calls or calls[0] is not None), m.name
+    monkeypatch.setenv("COSPEC_SPD_BLOCK", "1")
+    calls.clear()
+    hot = SamplingConfig(temperature=0.8)
+    list(methods[2].stream([5, 17, 33], k=3, max_new_tokens=10, sampling=hot, eos_ids=(),
+                           seed=0))
+    assert calls == []
