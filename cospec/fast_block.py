@@ -167,7 +167,8 @@ def ruled_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: 
     pending = held.pending
     was = pending > 0                                                         # [1]
     first = length + pending - 2
-    logits, _ = draft_step(seq.index_select(0, first + span[:2]), first)     # [2, V]
+    # (clones: a step's logits may be a static graph output that the next step overwrites)
+    logits = draft_step(seq.index_select(0, first + span[:2]), first)[0].clone()  # [2, V]
     x = seq.index_select(0, length)  # the pending token (stale when none is pending)
     own = logits[:1].argmax(-1)  # the draft's token there
     y = torch.where(was, choose(held.row[None], logits[:1], own, length - held.prompt), x)
@@ -176,7 +177,7 @@ def ruled_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: 
     base = length + pending
     rows, drafts = [logits[1:]], [logits[1:].argmax(-1)]
     for i in range(1, k):
-        logits, _ = draft_step(drafts[-1], base + i - 1)
+        logits = draft_step(drafts[-1], base + i - 1)[0].clone()
         rows.append(logits)
         drafts.append(logits.argmax(-1))
     d = torch.cat(drafts)                                                     # [k]

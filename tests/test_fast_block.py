@@ -96,7 +96,7 @@ def test_guessed_blocks_give_the_targets_greedy(monkeypatch, device, graph):
                             assert stats.accepted == stats.drafted
     assert stood > 0
     made = sum(len(ks) for by_draft in fast_block._GRAPHS.values() for ks in by_draft.values())
-    assert made == (3 * 3 * 2 if graph and device == "cuda" else 0)  # a draft, k and guesses
+    assert made == (3 * 3 * 3 if graph and device == "cuda" else 0)  # a draft, k and guesses
 
 
 def test_bad_input_is_refused_and_no_budget_gives_nothing():

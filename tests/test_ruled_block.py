@@ -59,7 +59,8 @@ def watch_ok(monkeypatch) -> list[int]:
 
     def watched(*args):
         verdict = ruled(*args)
-        seen.append(int(verdict[1]))
+        if verdict.device.type == "cpu":  # never read inside a graph's capture
+            seen.append(int(verdict[1]))
         return verdict
 
     monkeypatch.setattr(fast_block, "ruled_block", watched)
