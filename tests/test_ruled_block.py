@@ -15,7 +15,7 @@ import torch
 from test_fast_block import drafts
 from tiny import tiny_model
 
-from cospec import fast_block
+from cospec import fast, fast_block
 from cospec.arbiter import FEATURES, ArbiterRule, ConfidencePolicy, LearnedPolicy
 from cospec.block_choice import CombinationChoice, arbiter_choice
 from cospec.cos import Combination, cos_generate
@@ -118,6 +118,28 @@ def test_cos_blocks_commit_the_host_loops_tokens(monkeypatch, device, graph):
                         assert got == want, (name, draft_name, prompt, k, eos)
     if device == "cpu":
         assert 0 in seen and 1 in seen
+
+
+def test_step_outputs_overwritten_by_the_next_step_do_not_change_the_tokens(monkeypatch):
+    """As CUDA step graphs do, each engine returns its logits in one static buffer that its
+    next step overwrites (on the CPU, stood in): the block keeps its rows (copies)."""
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    run, buffers = fast.Engine.run_device, {}
+
+    def static(self, ids, start):
+        logits, hidden = run(self, ids, start)
+        buf = buffers.setdefault(id(self), torch.empty(fast.MAX_GRAPH, logits.shape[-1]))
+        buf[:len(ids)].copy_(logits)
+        return buf[:len(ids)], hidden
+
+    target, draft = tiny_model(11, dtype=torch.float32), drafts("cpu")["near"]
+    prompt, combo = [5, 17, 33, 2, 60, 41], combos()["we"]
+    want = [t.id for t in cos_generate([draft, target], prompt, combo, "cos-we", gamma=4,
+                                       max_new_tokens=30)]
+    monkeypatch.setattr(fast.Engine, "run_device", static)
+    got = fast_block.spd_greedy(target, draft, prompt, k=4, max_new_tokens=30, graph=False,
+                                choice=CombinationChoice(combo))
+    assert buffers and got == want
 
 
 def test_budgets_first_mismatch_and_hidden_states_stay_in_the_host_loop():
