@@ -67,6 +67,19 @@ def watch_ok(monkeypatch) -> list[int]:
     return seen
 
 
+def cases(device: str, host) -> list[tuple]:
+    """(draft name, draft, prompt, k, EOS ids): drafts that always, partly and never agree,
+    two prompts, k = 1, 2, 5, with no EOS and with the 8th token of ``host``'s output
+    (``host(draft, prompt, k, eos)``: the host loop's token ids) as one."""
+    out = []
+    for draft_name, draft in drafts(device).items():
+        for prompt in ([5, 17, 33, 2, 60, 41], [3, 9]):
+            plain = host(draft, prompt, 3, ())
+            out += [(draft_name, draft, prompt, k, eos) for k in (1, 2, 5)
+                    for eos in ((), (plain[7],))]
+    return out
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("graph", [False, True])
 def test_cospec_blocks_commit_the_host_loops_tokens(monkeypatch, device, graph):
@@ -74,27 +87,25 @@ def test_cospec_blocks_commit_the_host_loops_tokens(monkeypatch, device, graph):
     fast_block._GRAPHS.clear()
     seen = watch_ok(monkeypatch)
     target = tiny_model(11, dtype=torch.float32).to(device)
-    models, overrides = drafts(device), 0
+    overrides = 0
     for name, rule in rules().items():
-        for draft_name, draft in models.items():
-            for prompt in ([5, 17, 33, 2, 60, 41], [3, 9]):
-                plain = [t.id for t in generate(target, draft, prompt, rule, k=3,
-                                                max_new_tokens=30)]
-                for k in (1, 2, 5):
-                    for eos in ((), (plain[7],)):
-                        want = [t.id for t in generate(target, draft, prompt, rule, k=k,
-                                                       max_new_tokens=30, eos_ids=eos)]
-                        stats = DecodeStats()
-                        got = fast_block.spd_greedy(
-                            target, draft, prompt, k=k, max_new_tokens=30, eos_ids=eos,
-                            stats=stats, graph=graph, choice=arbiter_choice(rule, target.device))
-                        assert got == want, (name, draft_name, prompt, k, eos)
-                        assert stats.generated == len(want) and stats.steps >= 1
-                        overrides += stats.overrides
-                        assert stats.arbiter_calls >= stats.overrides
+        def host(draft, prompt, k, eos, rule=rule):
+            return [t.id for t in generate(target, draft, prompt, rule, k=k,
+                                           max_new_tokens=30, eos_ids=eos)]
+
+        for draft_name, draft, prompt, k, eos in cases(device, host):
+            stats = DecodeStats()
+            got = fast_block.spd_greedy(target, draft, prompt, k=k, max_new_tokens=30,
+                                        eos_ids=eos, stats=stats, graph=graph,
+                                        choice=arbiter_choice(rule, target.device))
+            want = host(draft, prompt, k, eos)
+            assert got == want, (name, draft_name, prompt, k, eos)
+            assert stats.generated == len(want) and stats.steps >= 1
+            assert stats.arbiter_calls >= stats.overrides
+            overrides += stats.overrides
     assert overrides > 0  # some draft tokens were kept at mismatches
-    if device == "cpu":  # the pending token was kept (and some blocks went on past it)
-        assert 0 in seen and seen.count(1) > seen.count(0)  # and overridden
+    if device == "cpu":  # the pending token was kept (most often) and overridden
+        assert 0 in seen and seen.count(1) > seen.count(0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -105,17 +116,14 @@ def test_cos_blocks_commit_the_host_loops_tokens(monkeypatch, device, graph):
     seen = watch_ok(monkeypatch)
     target = tiny_model(11, dtype=torch.float32).to(device)
     for name, combo in combos().items():
-        for draft_name, draft in drafts(device).items():
-            for prompt in ([5, 17, 33, 2, 60, 41], [3, 9]):
-                for k in (1, 2, 5):
-                    for eos in ((), (7,)):
-                        want = [t.id for t in cos_generate([draft, target], prompt, combo,
-                                                           f"cos-{name}", gamma=k,
-                                                           max_new_tokens=30, eos_ids=eos)]
-                        got = fast_block.spd_greedy(target, draft, prompt, k=k,
-                                                    max_new_tokens=30, eos_ids=eos, graph=graph,
-                                                    choice=CombinationChoice(combo))
-                        assert got == want, (name, draft_name, prompt, k, eos)
+        def host(draft, prompt, k, eos, combo=combo, method=f"cos-{name}"):
+            return [t.id for t in cos_generate([draft, target], prompt, combo, method,
+                                               gamma=k, max_new_tokens=30, eos_ids=eos)]
+
+        for draft_name, draft, prompt, k, eos in cases(device, host):
+            got = fast_block.spd_greedy(target, draft, prompt, k=k, max_new_tokens=30,
+                                        eos_ids=eos, graph=graph, choice=CombinationChoice(combo))
+            assert got == host(draft, prompt, k, eos), (name, draft_name, prompt, k, eos)
     if device == "cpu":
         assert 0 in seen and 1 in seen
 
