@@ -67,6 +67,14 @@ def watch_ok(monkeypatch) -> list[int]:
     return seen
 
 
+def start(monkeypatch, device: str) -> tuple[list[int], torch.nn.Module]:
+    """Engines on the CPU too, no graphs kept from earlier tests, the blocks' ``ok`` watched
+    (``watch_ok``); returns it and the target."""
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    fast_block._GRAPHS.clear()
+    return watch_ok(monkeypatch), tiny_model(11, dtype=torch.float32).to(device)
+
+
 def cases(device: str, host) -> list[tuple]:
     """(draft name, draft, prompt, k, EOS ids): drafts that always, partly and never agree,
     two prompts, k = 1, 2, 5, with no EOS and with the 8th token of ``host``'s output
@@ -83,10 +91,7 @@ def cases(device: str, host) -> list[tuple]:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("graph", [False, True])
 def test_cospec_blocks_commit_the_host_loops_tokens(monkeypatch, device, graph):
-    monkeypatch.setenv("COSPEC_STATIC", "1")
-    fast_block._GRAPHS.clear()
-    seen = watch_ok(monkeypatch)
-    target = tiny_model(11, dtype=torch.float32).to(device)
+    seen, target = start(monkeypatch, device)
     overrides = 0
     for name, rule in rules().items():
         def host(draft, prompt, k, eos, rule=rule):
@@ -111,10 +116,7 @@ def test_cospec_blocks_commit_the_host_loops_tokens(monkeypatch, device, graph):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("graph", [False, True])
 def test_cos_blocks_commit_the_host_loops_tokens(monkeypatch, device, graph):
-    monkeypatch.setenv("COSPEC_STATIC", "1")
-    fast_block._GRAPHS.clear()
-    seen = watch_ok(monkeypatch)
-    target = tiny_model(11, dtype=torch.float32).to(device)
+    seen, target = start(monkeypatch, device)
     for name, combo in combos().items():
         def host(draft, prompt, k, eos, combo=combo, method=f"cos-{name}"):
             return [t.id for t in cos_generate([draft, target], prompt, combo, method,
