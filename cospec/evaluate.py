@@ -438,7 +438,9 @@ def summarize(run: RunDir, command: str) -> dict:
                     "identical": same, "identical_to": ref,
                     "batched_agreement": (sum(agree) / len(agree)) if agree else None,
                     "peak_mem_gb": max(r["peak_mem_gb"] for _, r in sp),
-                    "arbiter_share": (sum(r["arbiter_s"] for _, r in sp)
+                    # None where the arbiter ran inside device-side blocks (not timed)
+                    "arbiter_share": (None if any(r.get("device_blocks") for _, r in sp)
+                                      else sum(r["arbiter_s"] for _, r in sp)
                                       / max(ps["total_decode_s"], 1e-9))}
             summary["methods"].setdefault(m, {}).update(info)
             lo, hi = ps["ratio_ci95"]

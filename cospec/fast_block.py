@@ -384,6 +384,7 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
         else:
             tokens, pending = ruled_tokens(host.tolist(), k, pending, stats,
                                            isinstance(choice, ArbiterChoice))
+        stats.device_blocks += 1
         for tok in tokens:
             produced += 1
             stats.generated += 1

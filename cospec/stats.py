@@ -25,6 +25,8 @@ class DecodeStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     arbiter_s: float = 0.0       # time spent inside the arbiter (part of decode_s)
+    device_blocks: int = 0       # steps run as device-side blocks (``cospec.fast_block``):
+    #                              an arbiter there runs inside them, its time not measured
 
     @property
     def tau(self) -> float:
