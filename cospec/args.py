@@ -208,6 +208,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "requests keep their draft); spd's engine then has this many - 1 "
                         "rows beside --max-batch; 0: never (default: 4, where batched spd "
                         "measured slower than target-only, on a GPU and on a CPU)")
+    p.add_argument("--no-solo", dest="solo", action="store_false",
+                   help="a lone greedy spd, cospec or cos-we request takes the batch engines "
+                        "too (default: it decodes on the batch-1 path, each block on the "
+                        "device, until another request arrives; on a GPU)")
     p.add_argument("--max-context", type=int, default=2048,
                    help="tokens per request, prompt + completion (at most the model's): "
                         "with --max-batch, the KV cache budget")

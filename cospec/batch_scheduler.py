@@ -402,8 +402,8 @@ class BatchPool:
                         g.engine.cancel(rid)
                 elif rid is None:
                     g.engine = g.engine or self._build(g)
-                    try:
-                        g.jobs[job] = g.engine.add(job)
+                    try:  # continuing after what it committed alone, if it started so
+                        g.jobs[job] = g.engine.add(job, job.ids)
                     except CospecError:  # refused (the server checks first): it alone fails
                         log.exception("a batch engine refused a request")
                         del g.jobs[job]

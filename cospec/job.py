@@ -44,6 +44,7 @@ class Job:
     detok: TextStream | None = None
     batch: tuple[str, int] | None = None    # its batch engine's (method, k); None: round robin
     speculation_off: bool = False  # spd planned target-only under load (``batch_scheduler``)
+    solo: bool = False  # a batchable request decoding alone on the batch-1 path (``scheduler``)
 
     @property
     def done(self) -> bool:

@@ -68,15 +68,14 @@ class Method:
         """Tokens as they are committed (the loop for this method; greedy spd, spd-staged,
         cospec and the heuristics, cos-we and cos-cd on a GPU: each block on the device,
         ``cospec.fast_block``, unless COSPEC_SPD_BLOCK=0)."""
-        if sampling.greedy and fast_block.serves(self.verifier, self.proposer, prompt_ids):
+        block = self.device_block(prompt_ids, sampling)
+        if block is not None:
             # spd-staged: fast_block.GUESSES, within the fast path's MAX_GRAPH rows a verify
             guesses = (max(0, min(fast_block.GUESSES, fast.MAX_GRAPH - 1 - k))
                        if self.name == "spd-staged" else 0)
-            choice = self.block_choice()
-            if self.name in ("spd", "spd-staged") or choice is not None:
-                return fast_block.stream(self.verifier, self.proposer, prompt_ids, k=k,
-                                         max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                         stats=stats, guesses=guesses, choice=choice)
+            return fast_block.stream(self.verifier, self.proposer, prompt_ids, k=k,
+                                     max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                     stats=stats, guesses=guesses, choice=block["choice"])
         if self.name in LOOKUP_METHODS:
             return lookup_generate(self.verifier, self.proposer, prompt_ids, self.rule, k=k,
                                    max_new_tokens=max_new_tokens, sampling=sampling,
@@ -89,6 +88,20 @@ class Method:
         return generate(self.verifier, self.proposer, prompt_ids, self.rule, k=k,
                         max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
                         seed=seed, stats=stats)
+
+    def device_block(self, prompt_ids: list[int], sampling: SamplingConfig) -> dict | None:
+        """Where ``stream`` runs each block on the device (``cospec.fast_block``): greedy
+        spd, spd-staged and the methods with a ``block_choice``, both models on the fast
+        path's engines (``fast_block.serves``). Then {"choice": the block's choice or None},
+        else None."""
+        if self.proposer is None or not sampling.greedy:
+            return None
+        choice = self.block_choice()
+        if self.name not in ("spd", "spd-staged") and choice is None:
+            return None
+        if not fast_block.serves(self.verifier, self.proposer, prompt_ids):
+            return None
+        return {"choice": choice}
 
     def block_choice(self) -> Choice | None:
         """What a device-side block commits at each position for this greedy method

@@ -18,6 +18,15 @@ worker never waits on a client and a handler only waits for its own tokens, so a
 delays nobody but itself. At most ``max_batch + max_active + max_queue`` requests are
 admitted; beyond that a request gets a 429 at once.
 
+Alone (``solo``): a batchable request that finds nothing else decoding or waiting, of a
+method whose batch-1 loop runs each block on the device (greedy spd, cospec, cos-we:
+``Method.device_block``), decodes on that path, round robin, since a batch engine's one row
+is slower: on the real pair on an H200 a lone client got 352 tok/s from the spd batch engine
+against 404 target-only (results/gpu/h200/serve-spec-off-at), where the device-side block
+runs 1.2-1.3x target-only at batch 1. When another request arrives it moves to the pool at
+the next turn and goes on from the tokens it committed (prefilled again there), as a
+request moved under load does; its tokens at T = 0 are the same either way.
+
 Time limit: ``timeout`` seconds from arrival, queueing included. A request that reaches it
 ends as if it had reached max_tokens — finish_reason ``"length"`` — with
 ``metrics.timed_out`` true (and no text if it never started).
@@ -51,10 +60,12 @@ class Engine:
     runs the models (``pool`` None: every request round robin)."""
 
     def __init__(self, pair: Pair, methods: dict[str, Method], *, max_active: int = 4,
-                 max_queue: int = 64, timeout: float = 300.0, pool: BatchPool | None = None):
+                 max_queue: int = 64, timeout: float = 300.0, pool: BatchPool | None = None,
+                 solo: bool = True):
         self.pair, self.tokenizer, self.methods = pair, pair.tokenizer, methods
         self.max_active, self.max_queue, self.timeout = max_active, max_queue, timeout
-        self.pool = pool
+        self.pool, self.solo = pool, solo
+        self.turning: Job | None = None  # the round robin's job while its turn runs
         self.eos = tuple(eos_ids(pair.tokenizer, pair.target))
         self.waiting: deque[Job] = deque()
         self.active: deque[Job] = deque()
@@ -147,6 +158,7 @@ class Engine:
             "batch_worker_s": round(self.worker_s, 4)}
         return {"status": "ok" if self.alive else "scheduler stopped",
                 "active": self.decoding, "queued": len(self.waiting),
+                "alone": sum(j.solo for j in (*self.active, self.turning) if j),
                 "max_active": self.max_active, "max_queue": self.max_queue, **batch,
                 **self.counts}
 
@@ -158,6 +170,8 @@ class Engine:
                 self._timed_out(job)
             for job in [j for j in self._batched() if j.deadline <= now]:
                 self._timed_out(job)
+            if self.waiting and any(j.solo for j in self.active):
+                await self._join_pool()
             self._admit(now)
             if not self.active and not (self.pool is not None and self.pool.busy):
                 self._wake.clear()
@@ -174,7 +188,10 @@ class Engine:
         full_batch = full_rr = False
         keys = {j.batch for j in self.waiting if j.batch is not None}
         for job in list(self.waiting):
-            if job.batch is not None:
+            if self._alone(job):
+                job.solo = True
+                self.active.append(job)
+            elif job.batch is not None:
                 full_batch = full_batch or not self.pool.plan(job, job.batch, keys)
                 if full_batch:
                     continue
@@ -184,13 +201,38 @@ class Engine:
                     continue
                 self.active.append(job)
             self.waiting.remove(job)
-            job.started = now
+            job.started = job.started or now  # a job back from decoding alone keeps its own
+
+    def _alone(self, job: Job) -> bool:
+        """Does batchable ``job`` decode alone on the batch-1 path (the module docstring)?
+        With ``solo``, when it is the only request waiting, none decodes, and its method runs
+        each block on the device for it."""
+        return (self.solo and job.batch is not None and len(self.waiting) == 1
+                and not self.active and not (self.pool is not None and self.pool.live())
+                and job.method.device_block(job.prompt_ids, job.sampling) is not None)
+
+    async def _join_pool(self) -> None:
+        """Others wait: the job decoding alone goes to the front of the queue, its batch-1
+        generation closed, to be planned in the pool and go on from its tokens."""
+        for job in [j for j in self.active if j.solo]:
+            self.active.remove(job)
+            job.solo = False
+            tokens, job.tokens = job.tokens, None
+            if tokens is not None:
+                try:
+                    await self.on_worker(tokens.close)
+                except Exception:  # its tokens so far stand; the pool goes on from them
+                    log.exception("closing a generation failed")
+            if not job.done:
+                self.waiting.appendleft(job)
 
     async def _round_robin(self) -> None:
         """One turn of the round robin: the next active job's next token."""
         job = self.active.popleft()
         if not job.cancelled and time.monotonic() < job.deadline:
+            self.turning = job
             await self._turn(job)
+            self.turning = None
         elif not job.cancelled:
             self._timed_out(job)
         if job.cancelled and not job.done:

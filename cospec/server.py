@@ -141,7 +141,7 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
                max_queue: int = 64, timeout: float = 300.0,
                default_max_tokens: int = 256, max_batch: int = 16,
                max_context: int | None = None, warm_up: bool = False,
-               spec_off_at: int = SPEC_OFF_AT) -> FastAPI:
+               spec_off_at: int = SPEC_OFF_AT, solo: bool = True) -> FastAPI:
     """The ASGI app serving an already loaded ``pair``.
 
     ``methods`` are built once here (CospecError for an unknown one or one the pair cannot
@@ -149,6 +149,8 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     0: no batch engines, every request round robin. ``warm_up``: the default method's batch
     engine (at ``k``) is built now and its CUDA graphs captured (``warm``). ``spec_off_at``:
     spd requests planned while that many would decode at once run target-only (0: never).
+    ``solo``: a lone request of a method whose batch-1 loop runs each block on the device
+    decodes there until another arrives (``cospec.scheduler``).
     """
     names = list(methods) if methods else default_methods(pair, arbiter)
     built: dict[str, Method] = {}
@@ -185,7 +187,7 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     if warm_up:
         warm(pool, built[default], k)
     engine = Engine(pair, built, max_active=max_active, max_queue=max_queue, timeout=timeout,
-                    pool=pool)
+                    pool=pool, solo=solo)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -525,7 +527,7 @@ def cmd_serve(args) -> int:
                      max_queue=args.max_queue, timeout=args.timeout,
                      default_max_tokens=args.default_max_tokens, max_batch=args.max_batch,
                      max_context=args.max_context, warm_up=args.warm_up,
-                     spec_off_at=args.spec_off_at)
+                     spec_off_at=args.spec_off_at, solo=args.solo)
     engine: Engine = app.state.engine
     print(f"serving {args.served_model_name or pair.target_name} on "
           f"http://{args.host}:{sock.getsockname()[1]} (methods: {', '.join(engine.methods)})",

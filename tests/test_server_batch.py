@@ -394,6 +394,45 @@ def test_requests_join_mid_flight(pair):
     assert all(g[3]["queue_s"] < 1.0 for g in got_short)  # admitted at once, not after
 
 
+@pytest.mark.parametrize("solo", [True, False])
+def test_a_lone_request_decodes_alone_until_others_arrive(pair, arbiter, monkeypatch, solo):
+    """With the fast path's engines (COSPEC_STATIC=1 on the CPU), a lone greedy spd (or
+    cospec) request decodes on the batch-1 path (each block on the device), not in a batch
+    engine; when short requests arrive it moves to the pool and goes on from its tokens.
+    Every request gets the tokens it gets alone. A lone target-only request and ``solo``
+    off keep to the pool."""
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    short = [{"prompt": f"short {i}", "method": "spd", "k": 3, "max_tokens": 8 + i}
+             for i in range(3)]
+    want = {m: alone(pair, arbiter, m, "a long one", 3, 400, True) for m in ("spd", "cospec")}
+    want_short = [alone(pair, arbiter, "spd", r["prompt"], 3, r["max_tokens"]) for r in short]
+    with serve(pair, arbiter, max_batch=4, solo=solo) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        got, before = {}, {}
+        for method in ("spd", "cospec"):
+            stream = chat(client, "a long one", stream=True, method=method, k=3,
+                          max_tokens=400, ignore_eos=True)
+            pieces = [next(stream).choices[0].delta.content or ""]  # the role chunk
+            while not pieces[-1]:
+                pieces.append(next(stream).choices[0].delta.content or "")  # decoding began
+            before[method] = health(srv)
+            if method == "spd":
+                got_short = concurrently(lambda r: ask(client, r), short)
+                during = health(srv)
+            pieces += [c.choices[0].delta.content or "" for c in stream if c.choices]
+            got[method] = "".join(pieces)
+        lone_target = ask(client, {"prompt": "short 2", "method": "target", "max_tokens": 10})
+        after = health(srv)
+    assert got == {m: w[0] for m, w in want.items()}
+    assert [g[:3] for g in got_short] == want_short
+    assert [before[m]["alone"] for m in ("spd", "cospec")] == [int(solo)] * 2
+    assert before["spd"]["batch_slots_in_use"] == ({} if solo else {"spd/k=3": 1})
+    assert during["alone"] == 0 and during["batch_slots_in_use"]["spd/k=3"] == 1
+    assert lone_target[:3] == alone(pair, arbiter, "target", "short 2", 3, 10)
+    assert after["completed"] == 6 and after["errors"] == 0 and after["alone"] == 0
+
+
 def test_disconnect_frees_the_slot_at_once(pair):
     """One slot: a streamed request whose client leaves after its first chunk gives its
     slot to the next queued request well before it would have finished."""
