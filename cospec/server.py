@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import socket
@@ -66,7 +67,7 @@ from cospec.methods import (
     text_ids,
 )
 from cospec.models import Pair, reads_int8
-from cospec.sampling import SamplingConfig
+from cospec.sampling import GREEDY, SamplingConfig
 from cospec.scheduler import Engine
 from cospec.server_schemas import (
     ApiError,
@@ -186,6 +187,8 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
                          if off else None)
     if warm_up:
         warm(pool, built[default], k)
+        if solo and pool is not None:
+            warm_alone(built[default], k, ctx)
     engine = Engine(pair, built, max_active=max_active, max_queue=max_queue, timeout=timeout,
                     pool=pool, solo=solo)
     created = int(time.time())
@@ -361,6 +364,26 @@ def warm(pool: BatchPool | None, method: Method, k: int) -> None:
     for group, did in done:
         at = f" at k={group.key[1]}" if group.key[1] else ""
         log.info("--warm-up: %s%s, %d slots: %s", group.method.name, at, group.size, did)
+
+
+def warm_alone(method: Method, k: int, context: int, tokens: int = 8) -> None:
+    """``--warm-up`` for the lone-request path (``cospec.scheduler``): where ``method``'s
+    batch-1 loop runs each block on the device, a few tokens of a generation with room for
+    ``context`` tokens, so that its engines are made at full size (``fast.acquire`` reuses
+    them for every shorter request) and their graphs captured (prefill, steps, the block)
+    before any request; logs what it did."""
+    prompt = list(range(1, 17))
+    if method.device_block(prompt, GREEDY) is None:
+        log.info("--warm-up: %s runs no device-side block here: nothing to warm alone",
+                 method.name)
+        return
+    t0 = time.perf_counter()
+    with contextlib.closing(method.stream(prompt, k=k, max_new_tokens=context - len(prompt),
+                                          sampling=GREEDY, eos_ids=())) as gen:
+        for _ in itertools.islice(gen, tokens):
+            pass
+    log.info("--warm-up: %s alone at k=%d, %d tokens of context: %.1f s", method.name, k,
+             context, time.perf_counter() - t0)
 
 
 def _utf8(text: str, param: str) -> str:

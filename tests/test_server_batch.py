@@ -636,7 +636,7 @@ def test_warm_up_serves_from_the_warmed_engine(pair, monkeypatch, caplog, off_at
     want_groups = [(("spd", 3), 4)] if not off_at else [(("spd", 3), 2), (("target", 0), 4)]
     assert [(g.key, g.size) for g in groups] == want_groups and warmed > 0
     assert {b for _, b, _, _ in made} == {1, 2, 4}
-    assert caplog.text.count("--warm-up: ") == 1 + len(groups)
+    assert caplog.text.count("--warm-up: ") == 1 + len(groups) + 2  # 2: nothing alone
     reqs = [{"prompt": f"warm {i} hello world", "max_tokens": 10 + 7 * i, "ignore_eos": i == 2,
              "stream": bool(i % 2)} for i in range(4)]
     want = [alone(pair, None, "spd", r["prompt"], 3, r["max_tokens"], r["ignore_eos"])
@@ -649,6 +649,32 @@ def test_warm_up_serves_from_the_warmed_engine(pair, monkeypatch, caplog, off_at
     assert len(made) == warmed and [g.engine for g in groups] == engines
     off = sum(g[3]["speculation_off"] for g in got)
     assert off >= 2 if off_at else off == 0
+
+
+def test_warm_up_makes_the_lone_path_engines_at_full_context(pair, monkeypatch, caplog):
+    """With the fast path's engines (COSPEC_STATIC=1 on the CPU), ``--warm-up`` also runs a
+    few tokens of the default method alone with room for the whole context: its batch-1
+    engines are made at full size, and a lone request later reuses them."""
+    import logging
+
+    from cospec import fast
+
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    for model in (pair.target, pair.draft):
+        fast._FREE.pop(model, None)
+    with caplog.at_level(logging.INFO, logger="cospec.server"):
+        app = create_app(pair, methods=["target", "spd"], k=3, max_batch=4, max_queue=8,
+                         timeout=60, warm_up=True, spec_off_at=0)
+    assert "--warm-up: spd alone at k=3, 512 tokens of context" in caplog.text
+    engines = {m: list(fast._FREE[m]) for m in (pair.target, pair.draft)}
+    assert all(len(e) == 1 and e[0].max_len >= 512 for e in engines.values())
+    want = alone(pair, None, "spd", "warm hello", 3, 20)
+    with BackgroundServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        got = ask(client, {"prompt": "warm hello", "method": "spd", "k": 3, "max_tokens": 20})
+    assert got[:3] == want and got[3]["steps"] >= 1
+    assert {m: list(fast._FREE[m]) for m in engines} == engines  # the same engines, reused
 
 
 def test_first_token_leaves_before_its_step_ends(pair, monkeypatch):
