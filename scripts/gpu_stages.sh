@@ -92,7 +92,8 @@
 #           serve with target-only, then spd requests (tokens/s, latency, first token);
 #           SPEC_OFF_AT=N: the server's --spec-off-at N, into sspeed-METHOD-offN;
 #           SSPEED_MAX_BATCH=N its --max-batch (default 64; 0: every request on the batch-1
-#           engines, into sspeed-METHOD-mb0), SSPEED_CONCURRENCY=1,4 the client levels
+#           engines, into sspeed-METHOD-mb0), SSPEED_CONCURRENCY=1,4 the client levels,
+#           SSPEED_NO_SOLO=1 the server's --no-solo (a lone request batched too; -nosolo)
 #   vserve  the same load against vLLM's OpenAI server (VSERVE_METHOD=target or spd)
 #   xserve  the same load against cospec serve in its own process (XSERVE_METHOD; into
 #           xserve-METHOD, or xserve-METHOD-MODE-prefill with COSPEC_PREFILL=MODE set, then
@@ -256,11 +257,12 @@ stage_sspeed() {  # cospec serve, bf16, target-only and spd (k = 4) requests, 64
     local m out
     for m in ${SSPEED_METHODS:-target spd}; do  # SPEC_OFF_AT: the server's --spec-off-at
         out="$R/sspeed-$m${SPEC_OFF_AT:+-off$SPEC_OFF_AT}${SSPEED_MAX_BATCH:+-mb$SSPEED_MAX_BATCH}"
+        out+=${SSPEED_NO_SOLO:+-nosolo}  # set: the server's --no-solo
         [ -e "$out/load_test.json" ] || serve_load "" "cospec serve $m" "$out" \
             --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --device cuda \
             --dtype bfloat16 --methods "$m" --k 4 --max-batch "${SSPEED_MAX_BATCH:-64}" \
             --max-queue 128 ${SPEC_OFF_AT:+--spec-off-at "$SPEC_OFF_AT"} \
-            ${SSPEED_CONCURRENCY:+--concurrency "$SSPEED_CONCURRENCY"}
+            ${SSPEED_NO_SOLO:+--no-solo} ${SSPEED_CONCURRENCY:+--concurrency "$SSPEED_CONCURRENCY"}
     done
 }
 

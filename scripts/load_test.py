@@ -332,7 +332,8 @@ def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> 
     server = (f"`{cfg['url']}`" if cfg["url"] else
               f"in-process, max_batch {cfg['max_batch']}, max_context "
               f"{cfg['max_context'] or 'default'}, max_active {cfg['max_active']}, max_queue "
-              f"{cfg['max_queue']}, spec_off_at {cfg['spec_off_at']}")
+              f"{cfg['max_queue']}, spec_off_at {cfg['spec_off_at']}, lone requests "
+              f"{'alone' if cfg.get('solo', True) else 'batched'}")
     k = cfg["k"][0] if cfg["k"][0] == cfg["k"][1] else f"{cfg['k'][0]}–{cfg['k'][1]}"
     lines = [
         "# `cospec serve` load test", "",
@@ -486,6 +487,9 @@ def main() -> int:
     ap.add_argument("--spec-off-at", type=int, default=SPEC_OFF_AT,
                     help="the server's: spd requests arriving while this many would decode "
                          "run target-only (0: never)")
+    ap.add_argument("--no-solo", dest="solo", action="store_false",
+                    help="the server's: a lone greedy spd / cospec / cos-we request takes the "
+                         "batch engines too (default: the batch-1 path until others arrive)")
     ap.add_argument("--max-context", type=int, default=None)
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--client-timeout", type=float, default=300.0)
@@ -514,7 +518,7 @@ def main() -> int:
         app = create_app(pair, methods=args.methods.split(","), max_active=args.max_active,
                          max_queue=args.max_queue, timeout=args.client_timeout,
                          max_batch=args.max_batch, max_context=args.max_context,
-                         spec_off_at=args.spec_off_at)
+                         spec_off_at=args.spec_off_at, solo=args.solo)
         with BackgroundServer(app) as srv:
             levels, failures = sweep(args, srv.url, reqs, model)
     passed = not failures
