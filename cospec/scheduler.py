@@ -138,7 +138,8 @@ class Engine:
         if job.done:
             return
         job.cancelled = True
-        if job in self.waiting or job.batch is not None:  # a batched job's slot: see BatchPool
+        # a batched job's slot: see BatchPool; a job alone ends at its turn, as round robin's
+        if job in self.waiting or (job.batch is not None and not job.solo):
             if job in self.waiting:
                 self.waiting.remove(job)
             self.counts["cancelled"] += 1
@@ -223,6 +224,9 @@ class Engine:
                     await self.on_worker(tokens.close)
                 except Exception:  # its tokens so far stand; the pool goes on from them
                     log.exception("closing a generation failed")
+            if job.cancelled and not job.done:  # its client left since its last turn
+                self.counts["cancelled"] += 1
+                job.end("cancelled")
             if not job.done:
                 self.waiting.appendleft(job)
 
