@@ -12,6 +12,9 @@ position ``--prefix``, for each draft (its model's own bf16 weights, then its in
 - the whole block as ``cospec.fast_block`` runs it for greedy spd (``BlockGraph``: the
   draft's two-row first step, k - 1 one-row steps, the verify and the acceptance, one CUDA
   graph), its position reset before every replay (a one-element copy, included);
+- with ``--choices``, the bf16 draft's block as greedy cospec and cos-we run it
+  (``fast_block.ruled_block``: the shipped arbiter's choice, the weighted ensemble's at
+  λ = 0.5), its pending state reset too: what the in-graph choice adds to a block;
 - the block's bound on spd's speed-up: τ × target step ÷ block for each ``--tau`` (tokens a
   block; the defaults are spd's τ at k = 5 on GSM8K heldout and HumanEval, from
   results/gpu/h200/speed-fused-block-graph). It leaves out the prefills and the host, so a
@@ -35,12 +38,24 @@ from gpu_speed import random_model  # noqa: E402
 from prof_overlap import engine, pair_args, pair_parser, timed  # noqa: E402
 
 from cospec import fast, fast_block  # noqa: E402
+from cospec.arbiter import load_arbiter  # noqa: E402
+from cospec.block_choice import ArbiterChoice, CombinationChoice  # noqa: E402
+from cospec.cos import Combination  # noqa: E402
+from cospec.methods import SHIPPED_ARBITER  # noqa: E402
 
 DRAFTS = ("bf16", "int8")
 
 
+def choices() -> dict:
+    """The ruled blocks' choices ``--choices`` times: cospec's (the shipped arbiter at its
+    threshold) and cos-we's (λ = 0.5)."""
+    policy = load_arbiter(SHIPPED_ARBITER)
+    return {"cospec": ArbiterChoice(policy, policy.threshold, torch.device("cuda")),
+            "cos-we": CombinationChoice(Combination("we", (0.5, 0.5)))}
+
+
 def measure(tgt_model: torch.nn.Module, drafts: dict[str, torch.nn.Module], k: int,
-            prefix: int, reps: int) -> dict:
+            prefix: int, reps: int, ruled: dict | None = None) -> dict:
     """The module docstring's times at one position, in ms: the target's steps, then per
     draft (DRAFTS: the same weights, the second model marked by ``fast.int8_weights``) its
     steps and its block."""
@@ -60,6 +75,17 @@ def measure(tgt_model: torch.nn.Module, drafts: dict[str, torch.nn.Module], k: i
             whole.run()
 
         row["block_ms"] = timed(one_block, reps)
+        for name, choice in (ruled or {}).items() if kind == "bf16" else ():
+            graph = fast_block.BlockGraph(tgt, drf, k, 0, choice)
+            graph.seq[:prefix] = whole.seq[:prefix]
+
+            def ruled_block(graph=graph) -> None:
+                graph.length.fill_(prefix)
+                graph.held.pending.zero_()
+                graph.run()
+
+            row[f"{name}_block_ms"] = timed(ruled_block, reps)
+            del graph
         out[kind] = row
         print(prefix, kind, row, flush=True)
         del whole, drf, dg
@@ -88,12 +114,26 @@ def markdown(out: dict) -> str:
                          f"{d['draft_2_rows_ms']:.3f} | {t1:.3f} | "
                          f"{r[f'verify_{k + 1}_rows_ms']:.3f} | {d['block_ms']:.3f} | "
                          f"{d['block_ms'] / r['bf16']['block_ms']:.3f} | {bounds} |")
+    ruled = [n for n in ("cospec", "cos-we") if any(f"{n}_block_ms" in r["bf16"]
+                                                    for r in out["prefix"].values())]
+    if ruled:
+        lines += ["", "The bf16 draft's block with each ruled choice (`--choices`):", "",
+                  "| position | spd block ms | " + " | ".join(
+                      f"{n} block ms | ÷ spd's" for n in ruled) + " |",
+                  "|---" * (2 + 2 * len(ruled)) + "|"]
+        for prefix, r in out["prefix"].items():
+            b = r["bf16"]
+            lines.append(f"| {prefix} | {b['block_ms']:.3f} | " + " | ".join(
+                f"{b[f'{n}_block_ms']:.3f} | {b[f'{n}_block_ms'] / b['block_ms']:.3f}"
+                for n in ruled) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = pair_parser(__doc__.split("\n")[0])
     p.add_argument("--tau", default="4.97,5.69", help="tokens a block, for the bound")
+    p.add_argument("--choices", action="store_true",
+                   help="also the bf16 draft's block with cospec's and cos-we's choices")
     args = pair_args(p)
     try:
         taus = [float(x) for x in args.tau.split(",")]
@@ -111,7 +151,8 @@ def main() -> None:
            "load": " ".join(f"{x:.2f}" for x in os.getloadavg()), "prefix": {}}
     with torch.inference_mode():
         for prefix in prefixes:
-            out["prefix"][prefix] = measure(tgt_model, drafts, args.k, prefix, args.reps)
+            out["prefix"][prefix] = measure(tgt_model, drafts, args.k, prefix, args.reps,
+                                            choices() if args.choices else None)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prof_block.json").write_text(json.dumps(out, indent=1))
     (args.out / "prof_block.md").write_text(markdown(out))
