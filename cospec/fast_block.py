@@ -151,18 +151,19 @@ def ruled_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: 
     the block has not computed: it is left *pending* in seq[L] (``held``; not committed),
     and the next block's first draft step, over [seq[L-1], pending], gives that row (row 0)
     with the draft's row after the pending token (row 1), so no extra draft step is spent
-    (CoS's alternate proposal; CoSpec's lookahead done by the next catch-up). The choice
-    there, y, is committed at L. If y differs from the pending token, the draft's rows
-    after it stood on the wrong token: the block keeps none of its proposals, and the
-    target's token after y (row 0 of its verify, over [y, ...]) is pending in turn.
+    (CoS's alternate proposal; CoSpec's lookahead done by the next catch-up).
 
-    Then, as ``block``: k - 1 one-token steps, the verify over [seq[base-1], d_1..d_k] at
-    base = L + pending, the choice at each row, a = the proposals kept before the first
-    that is not; the next token (the choice at row a; the target's argmax, pending, when
-    a = k or y broke the chain) follows them. Caches keep ``block``'s invariant below
-    base - 1 + pending. Returns the verdict [k + 6]: a, ok (y was the pending token, or
-    none was pending), overrides (committed tokens unlike the target's argmax), mismatches
-    met (the arbiter's calls), y, then the window [k + 1]."""
+    Then, as ``block``: k - 1 one-token steps and the verify over [seq[base-1], d_1..d_k] at
+    base = L + pending (the pending token first, when there is one). One choice call covers
+    the pending position and the k rows (a choice is a dozen small kernels whatever the
+    rows). y, the choice at the pending position, is committed at L. If it differs from
+    the pending token, the rows after it stood on the wrong token: the block commits y
+    alone. Else a = the proposals kept before the first that is not; the next token (the
+    choice at row a; the target's argmax, pending, when a = k) follows them. Caches keep
+    ``block``'s invariant below the next block's first position. Returns the verdict
+    [k + 6]: a, ok (y was the pending token, or none was pending), overrides (committed
+    tokens unlike the target's argmax), mismatches met (the arbiter's calls), y, then the
+    window [k + 1]."""
     k = len(span) - 1
     pending = held.pending
     was = pending > 0                                                         # [1]
@@ -170,31 +171,34 @@ def ruled_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: 
     # (clones: a step's logits may be a static graph output that the next step overwrites)
     logits = draft_step(seq.index_select(0, first + span[:2]), first)[0].clone()  # [2, V]
     x = seq.index_select(0, length)  # the pending token (stale when none is pending)
-    own = logits[:1].argmax(-1)  # the draft's token there
-    y = torch.where(was, choose(held.row[None], logits[:1], own, length - held.prompt), x)
-    ok = y == x
-    seq.index_copy_(0, length, y)
     base = length + pending
-    rows, drafts = [logits[1:]], [logits[1:].argmax(-1)]
+    rows, drafts = [logits], [logits[:1].argmax(-1), logits[1:].argmax(-1)]
     for i in range(1, k):
         logits = draft_step(drafts[-1], base + i - 1)[0].clone()
         rows.append(logits)
         drafts.append(logits.argmax(-1))
-    d = torch.cat(drafts)                                                     # [k]
+    own, d = drafts[0], torch.cat(drafts[1:])  # the draft's token at L; its proposals [k]
     theirs, _ = target_step(torch.cat([seq.index_select(0, base - 1), d]), base - 1)
     best = theirs.argmax(-1)                                                  # [k + 1]
-    chosen = choose(theirs[:k], torch.cat(rows), d, base - held.prompt + span[:k])  # [k]
+    chosen = choose(torch.cat([held.row[None], theirs[:k].float()]), torch.cat(rows),
+                    torch.cat([own, d]),
+                    torch.cat([length, base + span[:k]]) - held.prompt)      # [k + 1]
+    y = torch.where(was, chosen[:1], x)
+    ok = y == x
+    chosen = chosen[1:]
     accepted = ((chosen == d) & ok).long().cumprod(0).sum().view(1)
-    full = (accepted == k) | ~ok  # the next token is the target's, left pending
+    full = accepted == k  # the next token is the target's, left pending
     nxt = torch.where(full, best, torch.cat([chosen, best[k:]])).index_select(0, accepted)
     window = torch.cat([d, d[:1]]).index_copy(0, accepted, nxt)
-    seq.index_copy_(0, base + span, window)
+    seq.index_copy_(0, length, y)  # (its own stale value where none was pending) ...
+    seq.index_copy_(0, base + span, window)  # ... then the window (past L + 1 if not ok)
     held.row.copy_(theirs.index_select(0, accepted)[0])
-    length.copy_(base + accepted + (~full).long())
-    pending.copy_(full.long())
+    length.copy_(torch.where(ok, base + accepted + (~full).long(), length + 1))
+    pending.copy_((ok & full).long())
     differ = d != best[:k]
-    overrides = ((differ & (span[:k] < accepted)).sum().view(1) + (~ok).long()
-                 + (nxt != best.index_select(0, accepted)).long())
+    overrides = ((~ok).long() + ok.long() * (
+        (differ & (span[:k] < accepted)).sum().view(1)
+        + (nxt != best.index_select(0, accepted)).long()))
     met = ((differ & (span[:k] <= accepted)).sum().view(1) * ok.long()
            + (was & (own != x)).long())
     return torch.cat([accepted, ok.long(), overrides, met, y, window])
@@ -401,11 +405,12 @@ def ruled_tokens(verdict: list[int], k: int, pending: bool, stats: DecodeStats,
     before it, and whether one is after it; its step, overrides (and, where the choice
     ``asks`` an arbiter, the mismatches met as its calls) go to ``stats``."""
     a, ok, overrides, met, y, *window = verdict
-    full = a == k or not ok
-    tokens = ([Token(y, not ok)] if pending else []) + [Token(t, True) for t in window[:a]]
-    if not full:
-        tokens.append(Token(window[a], False))
+    tokens = [Token(y, not ok)] if pending else []
+    if ok:
+        tokens += [Token(t, True) for t in window[:a]]
+        if a < k:
+            tokens.append(Token(window[a], False))
     stats.record_step(k + pending, a + (pending and ok))
     stats.overrides += overrides
     stats.arbiter_calls += met if asks else 0
-    return tokens, full
+    return tokens, bool(ok) and a == k

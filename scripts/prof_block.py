@@ -149,10 +149,10 @@ def main() -> None:
            "device": torch.cuda.get_device_name(), "draft": args.draft,
            "target": args.target, "k": args.k, "tau": taus, "reps": args.reps,
            "load": " ".join(f"{x:.2f}" for x in os.getloadavg()), "prefix": {}}
+    ruled = choices() if args.choices else None  # outside inference mode: policy versions
     with torch.inference_mode():
         for prefix in prefixes:
-            out["prefix"][prefix] = measure(tgt_model, drafts, args.k, prefix, args.reps,
-                                            choices() if args.choices else None)
+            out["prefix"][prefix] = measure(tgt_model, drafts, args.k, prefix, args.reps, ruled)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prof_block.json").write_text(json.dumps(out, indent=1))
     (args.out / "prof_block.md").write_text(markdown(out))
