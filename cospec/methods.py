@@ -18,7 +18,7 @@ import torch
 from cospec import fast, fast_block
 from cospec.acceptance import AcceptanceRule, ExactRule
 from cospec.arbiter import ArbiterRule, ConfidencePolicy, EntropyPolicy, load_arbiter
-from cospec.block_choice import Choice, CombinationChoice, arbiter_choice
+from cospec.block_choice import Choice, arbiter_choice, combination_choice
 from cospec.cos import COS_METHODS, Combination, cos_generate
 from cospec.decoding import Token, generate
 from cospec.errors import CospecError
@@ -110,7 +110,7 @@ class Method:
         if isinstance(self.rule, ArbiterRule):
             return arbiter_choice(self.rule, next(self.verifier.parameters()).device)
         if self.combo is not None and self.name.startswith("cos-") and len(self.models) == 2:
-            return CombinationChoice(self.combo)
+            return combination_choice(self.combo, next(self.verifier.parameters()).device)
         return None
 
     def run(self, prompt_ids: list[int], *, k: int, max_new_tokens: int,

@@ -51,7 +51,7 @@ def choices() -> dict:
     threshold) and cos-we's (λ = 0.5)."""
     policy = load_arbiter(SHIPPED_ARBITER)
     return {"cospec": ArbiterChoice(policy, policy.threshold, torch.device("cuda")),
-            "cos-we": CombinationChoice(Combination("we", (0.5, 0.5)))}
+            "cos-we": CombinationChoice(Combination("we", (0.5, 0.5)), torch.device("cuda"))}
 
 
 def measure(tgt_model: torch.nn.Module, drafts: dict[str, torch.nn.Module], k: int,

@@ -123,8 +123,9 @@ def test_cos_blocks_commit_the_host_loops_tokens(monkeypatch, device, graph):
                                                gamma=k, max_new_tokens=30, eos_ids=eos)]
 
         for draft_name, draft, prompt, k, eos in cases(device, host):
+            choice = CombinationChoice(combo, target.device)
             got = fast_block.spd_greedy(target, draft, prompt, k=k, max_new_tokens=30,
-                                        eos_ids=eos, graph=graph, choice=CombinationChoice(combo))
+                                        eos_ids=eos, graph=graph, choice=choice)
             assert got == host(draft, prompt, k, eos), (name, draft_name, prompt, k, eos)
     if device == "cpu":
         assert 0 in seen and 1 in seen
@@ -148,8 +149,65 @@ def test_step_outputs_overwritten_by_the_next_step_do_not_change_the_tokens(monk
                                        max_new_tokens=30)]
     monkeypatch.setattr(fast.Engine, "run_device", static)
     got = fast_block.spd_greedy(target, draft, prompt, k=4, max_new_tokens=30, graph=False,
-                                choice=CombinationChoice(combo))
+                                choice=CombinationChoice(combo, target.device))
     assert buffers and got == want
+
+
+def test_choices_trace_whole_and_fall_back_when_compiling_fails(monkeypatch):
+    """On CUDA a choice runs compiled (COSPEC_COMPILE=0: eagerly; on the CPU eagerly).
+    Traced whole (fullgraph: no break), every choice commits the host loops' tokens; a
+    compile that fails warns once and the eager call goes on, same tokens."""
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    target, draft = tiny_model(11, dtype=torch.float32), drafts("cpu")["near"]
+    prompt, cpu = [5, 17, 33, 2, 60, 41], torch.device("cpu")
+    made = {**{name: (arbiter_choice(rule, cpu), rule) for name, rule in rules().items()},
+            **{name: (CombinationChoice(combo, cpu), combo) for name, combo in combos().items()}}
+    for name, (choice, how) in made.items():
+        if isinstance(how, ArbiterRule):
+            want = [t.id for t in generate(target, draft, prompt, how, k=3, max_new_tokens=30)]
+        else:
+            want = [t.id for t in cos_generate([draft, target], prompt, how, f"cos-{name}",
+                                               gamma=3, max_new_tokens=30)]
+        assert choice._run == choice._choose  # the CPU: eager
+        choice._run = torch.compile(choice._choose, backend="aot_eager", dynamic=False,
+                                    fullgraph=True)
+        got = fast_block.spd_greedy(target, draft, prompt, k=3, max_new_tokens=30,
+                                    graph=False, choice=choice)
+        assert got == want, name
+
+        def broken(*args):
+            raise RuntimeError("no compiler here")
+
+        choice._run = broken
+        with pytest.warns(UserWarning, match="compiling failed .* it runs eagerly"):
+            got = fast_block.spd_greedy(target, draft, prompt, k=3, max_new_tokens=30,
+                                        graph=False, choice=choice)
+        assert got == want and choice._run == choice._choose, name
+    combo = combos()["we"]
+    compiled = CombinationChoice(combo, torch.device("cuda"))  # compiled at its first call
+    assert compiled._run != compiled._choose
+    monkeypatch.setenv("COSPEC_COMPILE", "0")
+    eager = CombinationChoice(combo, torch.device("cuda"))
+    assert eager._run == eager._choose
+
+
+def test_a_choice_is_made_once_for_its_policy_and_device():
+    """Every generation of a method gets the same choice object (its compiled call traced
+    once), until the policy's weights change in place; another threshold, policy or
+    combination gets its own."""
+    from cospec.block_choice import combination_choice
+
+    cpu, policy = torch.device("cpu"), learned()
+    first = arbiter_choice(ArbiterRule(policy, threshold=0.5), cpu)
+    assert arbiter_choice(ArbiterRule(policy, threshold=0.5), cpu) is first
+    assert arbiter_choice(ArbiterRule(policy, threshold=0.6), cpu) is not first
+    assert arbiter_choice(ArbiterRule(learned(), threshold=0.5), cpu) is not first
+    with torch.no_grad():
+        policy.net[0].weight.add_(1.0)  # trained further, in place
+    assert arbiter_choice(ArbiterRule(policy, threshold=0.5), cpu) is not first
+    we = combination_choice(combos()["we"], cpu)
+    assert combination_choice(Combination("we", (0.4, 0.6)), cpu) is we
+    assert combination_choice(combos()["cd"], cpu) is not we
 
 
 def test_budgets_first_mismatch_and_hidden_states_stay_in_the_host_loop():
