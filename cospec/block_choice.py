@@ -103,11 +103,16 @@ class CombinationChoice(_Compiled):
 _MADE: dict[tuple, tuple[object, _Compiled]] = {}
 
 
+def expresses(rule: ArbiterRule) -> bool:
+    """Does an ``ArbiterChoice`` decide as ``rule`` does? Not for a policy of hidden states,
+    first-mismatch-only or an override budget: those stay in the host loop."""
+    return not (rule.needs_hidden or not rule.every_mismatch or rule.max_overrides is not None)
+
+
 def arbiter_choice(rule: ArbiterRule, device: torch.device) -> ArbiterChoice | None:
     """The rule's choice on the device (made once for the policy, threshold and device), or
-    None where it does not fit one (a policy of hidden states, first-mismatch-only, an
-    override budget: those stay in the host loop)."""
-    if rule.needs_hidden or not rule.every_mismatch or rule.max_overrides is not None:
+    None where it does not express the rule (``expresses``)."""
+    if not expresses(rule):
         return None
     key = ("arbiter", _policy_key(rule.policy), rule.threshold, device)
     if key not in _MADE:

@@ -18,7 +18,7 @@ import torch
 from cospec import fast, fast_block
 from cospec.acceptance import AcceptanceRule, ExactRule
 from cospec.arbiter import ArbiterRule, ConfidencePolicy, EntropyPolicy, load_arbiter
-from cospec.block_choice import Choice, arbiter_choice, combination_choice
+from cospec.block_choice import Choice, arbiter_choice, combination_choice, expresses
 from cospec.cos import COS_METHODS, Combination, cos_generate
 from cospec.decoding import Token, generate
 from cospec.errors import CospecError
@@ -68,14 +68,13 @@ class Method:
         """Tokens as they are committed (the loop for this method; greedy spd, spd-staged,
         cospec and the heuristics, cos-we and cos-cd on a GPU: each block on the device,
         ``cospec.fast_block``, unless COSPEC_SPD_BLOCK=0)."""
-        block = self.device_block(prompt_ids, sampling)
-        if block is not None:
+        if self.device_block(prompt_ids, sampling):
             # spd-staged: fast_block.GUESSES, within the fast path's MAX_GRAPH rows a verify
             guesses = (max(0, min(fast_block.GUESSES, fast.MAX_GRAPH - 1 - k))
                        if self.name == "spd-staged" else 0)
             return fast_block.stream(self.verifier, self.proposer, prompt_ids, k=k,
                                      max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                     stats=stats, guesses=guesses, choice=block["choice"])
+                                     stats=stats, guesses=guesses, choice=self.block_choice())
         if self.name in LOOKUP_METHODS:
             return lookup_generate(self.verifier, self.proposer, prompt_ids, self.rule, k=k,
                                    max_new_tokens=max_new_tokens, sampling=sampling,
@@ -89,29 +88,34 @@ class Method:
                         max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
                         seed=seed, stats=stats)
 
-    def device_block(self, prompt_ids: list[int], sampling: SamplingConfig) -> dict | None:
-        """Where ``stream`` runs each block on the device (``cospec.fast_block``): greedy
-        spd, spd-staged and the methods with a ``block_choice``, both models on the fast
-        path's engines (``fast_block.serves``). Then {"choice": the block's choice or None},
-        else None."""
+    def device_block(self, prompt_ids: list[int], sampling: SamplingConfig) -> bool:
+        """Does ``stream`` run each block on the device (``cospec.fast_block``)? For greedy
+        spd, spd-staged and the methods with a block choice (``has_choice``), both models on
+        the fast path's engines (``fast_block.serves``). Touches no device (the server asks
+        on its event loop)."""
         if self.proposer is None or not sampling.greedy:
-            return None
-        choice = self.block_choice()
-        if self.name not in ("spd", "spd-staged") and choice is None:
-            return None
-        if not fast_block.serves(self.verifier, self.proposer, prompt_ids):
-            return None
-        return {"choice": choice}
+            return False
+        if self.name not in ("spd", "spd-staged") and not self.has_choice():
+            return False
+        return fast_block.serves(self.verifier, self.proposer, prompt_ids)
+
+    def has_choice(self) -> bool:
+        """Does a device-side block express this greedy method by a choice at each position
+        (``cospec.block_choice``)? An arbiter rule it expresses, or the alternate-proposal
+        CoS of two models."""
+        if isinstance(self.rule, ArbiterRule):
+            return expresses(self.rule)
+        return self.combo is not None and self.name.startswith("cos-") and len(self.models) == 2
 
     def block_choice(self) -> Choice | None:
-        """What a device-side block commits at each position for this greedy method
-        (``cospec.block_choice``), or None where its block is spd's or it has none: an
-        arbiter rule the block expresses, or the alternate-proposal CoS of two models."""
+        """The choice of ``has_choice`` on the verifier's device (made once for the policy
+        or combination), or None."""
+        if not self.has_choice():
+            return None
+        device = next(self.verifier.parameters()).device
         if isinstance(self.rule, ArbiterRule):
-            return arbiter_choice(self.rule, next(self.verifier.parameters()).device)
-        if self.combo is not None and self.name.startswith("cos-") and len(self.models) == 2:
-            return combination_choice(self.combo, next(self.verifier.parameters()).device)
-        return None
+            return arbiter_choice(self.rule, device)
+        return combination_choice(self.combo, device)
 
     def run(self, prompt_ids: list[int], *, k: int, max_new_tokens: int,
             sampling: SamplingConfig, eos_ids, seed: int | None = None

@@ -210,7 +210,7 @@ class Engine:
         each block on the device for it."""
         return (self.solo and job.batch is not None and len(self.waiting) == 1
                 and not self.active and not (self.pool is not None and self.pool.live())
-                and job.method.device_block(job.prompt_ids, job.sampling) is not None)
+                and job.method.device_block(job.prompt_ids, job.sampling))
 
     async def _join_pool(self) -> None:
         """Others wait: the job decoding alone goes to the front of the queue, its batch-1

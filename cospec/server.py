@@ -373,7 +373,7 @@ def warm_alone(method: Method, k: int, context: int, tokens: int = 8) -> None:
     them for every shorter request) and their graphs captured (prefill, steps, the block)
     before any request; logs what it did."""
     prompt = list(range(1, 17))
-    if method.device_block(prompt, GREEDY) is None:
+    if not method.device_block(prompt, GREEDY):
         log.info("--warm-up: %s runs no device-side block here: nothing to warm alone",
                  method.name)
         return
