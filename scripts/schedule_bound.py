@@ -170,7 +170,8 @@ class Earlier:
         for n in range(min(self.index.ngram, len(seq)), 0, -1):
             end = self.index.ends.get(tuple(seq[-n:]))
             if end is not None:
-                return [t for t in self.tokens[end:end + m] if t >= 0][:m]
+                ahead = self.tokens[end:end + m]
+                return ahead[:ahead.index(-1)] if -1 in ahead else ahead  # this output's
         return []
 
 
