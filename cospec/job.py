@@ -45,6 +45,7 @@ class Job:
     batch: tuple[str, int] | None = None    # its batch engine's (method, k); None: round robin
     speculation_off: bool = False  # spd planned target-only under load (``batch_scheduler``)
     solo: bool = False  # a batchable request decoding alone on the batch-1 path (``scheduler``)
+    started_alone: bool = False  # it began so (it may have joined the batch engines since)
 
     @property
     def done(self) -> bool:
@@ -68,7 +69,8 @@ class Job:
                 "arbiter_calls": s.arbiter_calls, "prefill_s": s.prefill_s,
                 "decode_s": s.decode_s, "tokens_per_s": s.tokens_per_s,
                 "queue_s": (self.started or now) - self.arrived, "total_s": now - self.arrived,
-                "timed_out": self.timed_out, "speculation_off": self.speculation_off}
+                "timed_out": self.timed_out, "speculation_off": self.speculation_off,
+                "started_alone": self.started_alone}
 
     def usage(self) -> dict:
         return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.ids),

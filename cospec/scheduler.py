@@ -190,7 +190,7 @@ class Engine:
         keys = {j.batch for j in self.waiting if j.batch is not None}
         for job in list(self.waiting):
             if self._alone(job):
-                job.solo = True
+                job.solo = job.started_alone = True
                 self.active.append(job)
             elif job.batch is not None:
                 full_batch = full_batch or not self.pool.plan(job, job.batch, keys)

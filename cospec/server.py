@@ -16,7 +16,8 @@ metrics): method, k, steps, drafted, accepted, tau, acceptance_rate, from_draft 
 tokens that came from the draft), overrides / arbiter_calls (draft tokens an arbiter kept /
 mismatches it saw), prefill_s, decode_s, tokens_per_s, queue_s, total_s, timed_out,
 speculation_off (an spd request decoded target-only because ``spec_off_at`` requests or more
-decoded at once, or did within the last second: ``cospec.batch_scheduler``). A stream
+decoded at once, or did within the last second: ``cospec.batch_scheduler``), started_alone
+(it began on the batch-1 path, nothing else decoding: ``cospec.scheduler``). A stream
 attaches it to the chunk with the finish_reason (and to the usage chunk, if asked for).
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: invalid request

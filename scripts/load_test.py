@@ -317,6 +317,8 @@ def summarize(recs: list[dict], wall: float, health: dict, reqs: list[dict]) -> 
         "throughput_tokens_per_s": tokens / wall, "completion_tokens": tokens,
         "spd_mean_tau": float(np.mean(taus)) if taus else None,
         "spd_off_share": len(off) / len(spd) if spd else None,
+        "alone_share": (sum(bool((r.get("metrics") or {}).get("started_alone")) for r in done)
+                        / len(done) if done else None),
         "health_after": health,
     }
 
@@ -351,14 +353,14 @@ def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> 
           f"{s['mismatched']} | {s['server_errors_5xx']} | {s['completed']} |"
           for lv in levels for s in [lv["summary"]]), "",
         "| concurrent | latency p50 | latency p99 | first token p50 | first token p99 | "
-        "requests/s | completed/s | tokens/s | spd mean τ | spd target-only | "
+        "requests/s | completed/s | tokens/s | spd mean τ | spd target-only | started alone | "
         "engine stepping | worker |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(f"| {lv['concurrency']} | {f(s['latency_p50_s'])} | {f(s['latency_p99_s'])} | "
           f"{f(s['ttft_p50_s'])} | {f(s['ttft_p99_s'])} | "
           f"{s['throughput_requests_per_s']:.1f} | {s['throughput_completed_per_s']:.1f} | "
           f"{s['throughput_tokens_per_s']:.1f} | {f(s['spd_mean_tau'], '')} | "
-          f"{share(s.get('spd_off_share'))} | "
+          f"{share(s.get('spd_off_share'))} | {share(s.get('alone_share'))} | "
           f"{share(s.get('engine_step_share'))} | {share(s.get('batch_worker_share'))} |"
           for lv in levels for s in [lv["summary"]]), "",
     ]

@@ -426,6 +426,8 @@ def test_a_lone_request_decodes_alone_until_others_arrive(pair, arbiter, monkeyp
         after = health(srv)
     assert got == {m: w[0] for m, w in want.items()}
     assert [g[:3] for g in got_short] == want_short
+    assert not any(g[3]["started_alone"] for g in got_short)  # they found the long one
+    assert not lone_target[3]["started_alone"]  # target-only: the pool's one row is fast
     assert [before[m]["alone"] for m in ("spd", "cospec")] == [int(solo)] * 2
     assert before["spd"]["batch_slots_in_use"] == ({} if solo else {"spd/k=3": 1})
     assert during["alone"] == 0 and during["batch_slots_in_use"]["spd/k=3"] == 1
@@ -459,6 +461,7 @@ def test_disconnect_frees_the_slot_at_once(pair, monkeypatch, alone):
         waited = time.monotonic() - t0
         h = health(srv)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert r.json()["metrics"]["started_alone"] == alone
     assert waited < full / 3, (waited, full)
     assert h["cancelled"] == 1 and h["completed"] == 2 and h["active"] == 0
     assert h["alone"] == 0 and h["batch_slots_in_use"] == ({} if alone else {"spd/k=1": 0})
