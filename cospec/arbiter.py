@@ -214,9 +214,12 @@ class GraphedDecision:
 
 def _policy_key(policy: MismatchPolicy) -> tuple:
     """Changes when the policy does: its parameters' in-place version counters (a module),
-    else its fields."""
+    else its fields. A policy made inside ``torch.inference_mode()`` has inference tensors,
+    which keep no counter: their data pointers stand in (an in-place update inside
+    inference mode then goes unseen)."""
     if isinstance(policy, torch.nn.Module):
-        return (id(policy), *(t._version for t in policy.state_dict(keep_vars=True).values()))
+        return (id(policy), *(t.data_ptr() if t.is_inference() else t._version
+                              for t in policy.state_dict(keep_vars=True).values()))
     return (id(policy), repr(policy))
 
 

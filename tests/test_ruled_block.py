@@ -205,6 +205,10 @@ def test_a_choice_is_made_once_for_its_policy_and_device():
     with torch.no_grad():
         policy.net[0].weight.add_(1.0)  # trained further, in place
     assert arbiter_choice(ArbiterRule(policy, threshold=0.5), cpu) is not first
+    with torch.inference_mode():  # a policy made there: no version counters to read
+        made_there = learned()
+    inner = arbiter_choice(ArbiterRule(made_there, threshold=0.5), cpu)
+    assert arbiter_choice(ArbiterRule(made_there, threshold=0.5), cpu) is inner
     we = combination_choice(combos()["we"], cpu)
     assert combination_choice(Combination("we", (0.4, 0.6)), cpu) is we
     assert combination_choice(combos()["cd"], cpu) is not we
