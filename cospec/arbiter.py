@@ -135,6 +135,16 @@ def _combine(row, b: int, position, xp=np):
                      mass[b:], tt - td, dd - dt, xp.log1p(position)], -1)
 
 
+def device_features(target_logits: torch.Tensor, draft_logits: torch.Tensor, t: torch.Tensor,
+                    d: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """``mismatch_features`` wholly on the logits' device, in torch (inside CUDA graphs, over
+    batched rows): rows [n, V], t, d and positions [n] on that device -> [n, len(FEATURES)]
+    float32."""
+    ids = torch.stack([t, d], -1).repeat(2, 1)                                 # [2n, 2]
+    row = _row_stats(torch.cat([target_logits.float(), draft_logits.float()]), ids)  # [2n, 8]
+    return _combine(row, len(t), position.float(), torch)
+
+
 def mismatch_features(target_logits: torch.Tensor, draft_logits: torch.Tensor,
                       t: torch.Tensor | list[int], d: torch.Tensor | list[int],
                       position: torch.Tensor | list[int]) -> torch.Tensor:
@@ -181,8 +191,8 @@ class GraphedDecision:
             self.policy = (copy.deepcopy(policy).to(device)
                            if isinstance(policy, torch.nn.Module) else policy)
             self.x = torch.zeros(2, vocab, device=device)
-            self.host = torch.zeros(5, dtype=torch.long, pin_memory=True)
-            self.ids = torch.zeros(5, dtype=torch.long, device=device)  # t, d, t, d, position
+            self.host = torch.zeros(3, dtype=torch.long, pin_memory=True)
+            self.ids = torch.zeros(3, dtype=torch.long, device=device)  # t, d, position
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):  # warm-up outside the capture
@@ -195,8 +205,8 @@ class GraphedDecision:
                 self.prob = self._decide()
 
     def _decide(self) -> torch.Tensor:
-        row = _row_stats(self.x, self.ids[:4].view(2, 2))
-        return self.policy.draft_prob(_combine(row, 1, self.ids[4:].float(), torch))
+        return self.policy.draft_prob(device_features(self.x[:1], self.x[1:], self.ids[:1],
+                                                      self.ids[1:2], self.ids[2:]))
 
     def fits(self, policy: MismatchPolicy, device: torch.device, vocab: int) -> bool:
         return (device, vocab, _policy_key(policy)) == (self.device, self.vocab, self.key)
@@ -206,7 +216,7 @@ class GraphedDecision:
         """Rows [1, V] on the device -> P(DRAFT)."""
         self.x[:1].copy_(target_row)
         self.x[1:].copy_(draft_row)
-        self.host.numpy()[:] = (t, d, t, d, position)  # the last call's copy has completed
+        self.host.numpy()[:] = (t, d, position)  # the last call's copy has completed
         self.ids.copy_(self.host, non_blocking=True)
         self.graph.replay()
         return float(self.prob[0])

@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from cospec.arbiter import ArbiterRule, MismatchPolicy, _combine, _policy_key, _row_stats
+from cospec.arbiter import ArbiterRule, MismatchPolicy, _policy_key, device_features
 from cospec.cos import Combination
 from cospec.sampling import GREEDY
 
@@ -77,9 +77,7 @@ class ArbiterChoice(_Compiled):
     def _choose(self, target: torch.Tensor, draft: torch.Tensor, d: torch.Tensor,
                 position: torch.Tensor) -> torch.Tensor:
         t = target.argmax(-1)                                              # [n]
-        ids = torch.stack([t, d], -1).repeat(2, 1)                         # [2n, 2]
-        row = _row_stats(torch.cat([target.float(), draft.float()]), ids)  # [2n, 8]
-        prob = self.policy.draft_prob(_combine(row, len(d), position.float(), torch))
+        prob = self.policy.draft_prob(device_features(target, draft, t, d, position))
         return torch.where((d == t) | (prob >= self.threshold), d, t)
 
 

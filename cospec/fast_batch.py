@@ -726,17 +726,15 @@ class BatchEngine:
         the draft's (within the row's override budget; with ``every_mismatch`` off only the
         block's first mismatch is asked); the row keeps dd up to its first failing position
         and commits the target's token there (all pass: the lookahead, kept)."""
-        from cospec.arbiter import _combine, _row_stats
+        from cospec.arbiter import device_features
 
         b, m = dd.shape
         k, vocab = m - 1, t_logits.shape[-1]
         best = t_logits.argmax(-1)                                         # [b, k+1]
         miss = dd != best
-        ids = torch.stack([best, dd], -1).view(-1, 2)                      # [b(k+1), 2]
-        stats = _row_stats(torch.cat([t_logits.reshape(-1, vocab), d_logits.reshape(-1, vocab)]),
-                           torch.cat([ids, ids]))
         at = (self.n[:b] - self.plen[:b])[:, None] + torch.arange(m, device=self.device)
-        feats = _combine(stats, b * m, at.reshape(-1).float(), torch)
+        feats = device_features(t_logits.reshape(-1, vocab), d_logits.reshape(-1, vocab),
+                                best.reshape(-1), dd.reshape(-1), at.reshape(-1))
         if self.policy.needs_hidden:  # hidden-state policies run on the host
             prob = self.policy.draft_prob(feats.cpu(), t_hid.reshape(b * m, -1).float().cpu(),
                                           d_hid.reshape(b * m, -1).float().cpu())
