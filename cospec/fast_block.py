@@ -213,8 +213,9 @@ def held_state(tgt: fast.Engine) -> Held:
 class BlockGraph:
     """A whole block as one CUDA graph for a target and a draft engine, k, m guesses
     (``guessed_block``; 0: ``block``) or a choice (``ruled_block``): ``seq`` [target's
-    max_len], ``length`` [1] and ``held`` are its static state, ``run()`` replays it
-    (capturing it first) and returns its static verdict, overwritten by the next run."""
+    max_len], ``length`` [1] and, with a choice, ``held`` are its static state, ``run()``
+    replays it (capturing it first) and returns its static verdict, overwritten by the next
+    run."""
 
     def __init__(self, tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0,
                  choice: Choice | None = None) -> None:
@@ -224,7 +225,8 @@ class BlockGraph:
         self.seq = torch.zeros(tgt.max_len, dtype=torch.long, device=tgt.device)
         self.length = torch.zeros(1, dtype=torch.long, device=tgt.device)
         self.span = torch.arange(k + guesses + 1, device=tgt.device)
-        self.guesses, self.choice, self.held = guesses, choice, held_state(tgt)
+        self.guesses, self.choice = guesses, choice
+        self.held = held_state(tgt) if choice is not None else None  # ruled blocks only
         self.graph: torch.cuda.CUDAGraph | None = None
         self.verdict: torch.Tensor | None = None
 
@@ -236,8 +238,8 @@ class BlockGraph:
 
     def run(self) -> torch.Tensor:
         if self.graph is None:  # the warm-up runs' writes are the ones the replay makes
-            saved = [t.clone() for t in (self.length, *self.held)]  # again; their state
-            state = [self.length, *self.held]                      # updates are undone
+            state = [self.length, *(self.held or ())]  # again; their state updates are
+            saved = [t.clone() for t in state]        # undone
 
             def warm_up() -> None:
                 self._block()
@@ -360,11 +362,12 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
         seq = torch.zeros(room, dtype=torch.long, device=device)
         length = torch.zeros(1, dtype=torch.long, device=device)
         span = torch.arange(k + guesses + 1, device=device)
-        held = held_state(tgt)
+        held = held_state(tgt) if choice is not None else None
     seq[:start] = torch.tensor(prompt_ids, device=device)
     length.fill_(start)
-    held.pending.zero_()
-    held.prompt.fill_(start)
+    if held is not None:
+        held.pending.zero_()
+        held.prompt.fill_(start)
     queued: collections.deque = collections.deque()  # (host copy, its event) a block
     clock = HeldClock(device, stats, t1)
     produced, pending = 0, False
