@@ -64,8 +64,8 @@
 #   block   one greedy spd block (fast_block's graph) with the draft's bf16 weights and with
 #           its int8 copies, beside the target's step (scripts/prof_block.py; random 0.5B
 #           draft, 1.5B target, no weights; into block${BLOCK_TAG:+-TAG}; BLOCK_PREFIX
-#           positions, default 100,300): the int8 draft's share of a block, and the bound
-#           it puts on spd
+#           positions, default 100,300; BLOCK_ARGS=--choices+--reps=N more of its options):
+#           the int8 draft's share of a block, and the bound it puts on spd
 #   overlap draft steps beside the verify on two streams against one after the other
 #           (scripts/prof_overlap.py; random 0.5B draft, 1.5B target, no weights; into
 #           overlap${OVERLAP_TAG:+-TAG}; OVERLAP_PREFIX positions, default 100,300)
@@ -182,7 +182,7 @@ stage_overlap() {  # draft steps beside the verify (scripts/prof_overlap.py)
 stage_block() {  # one speculative block's cost, bf16 and int8 draft (scripts/prof_block.py)
     local out="$R/block${BLOCK_TAG:+-$BLOCK_TAG}"
     [ -e "$out/prof_block.json" ] || timeout "${BLOCK_S:-300}" python3 \
-        scripts/prof_block.py --out "$out" --prefix "${BLOCK_PREFIX:-100,300}" 2>&1 \
+        scripts/prof_block.py --out "$out" --prefix "${BLOCK_PREFIX:-100,300}" ${BLOCK_ARGS:+${BLOCK_ARGS//+/ }} 2>&1 \
         | tee "$out.log" | tail -12
 }
 
