@@ -45,8 +45,11 @@ from cospec.lookup import NgramIndex  # noqa: E402
 TASKS = ("GSM8K heldout", "HumanEval")
 # ms a step of the fused layers (bf16, position 100, the defaults) over 1, 2 and 6 rows:
 # the draft (0.5B) and the target (1.5B). H200: results/gpu/h200/fused-few-row-attention-
-# chunks/defaults.md; H100: results/gpu/h100/lookup-int8-real-pair/step-rows
+# chunks/defaults.md; H100: results/gpu/h100/lookup-int8-real-pair/step-rows. h200-int8: the
+# draft reading its int8 copies (results/gpu/h200/int8-draft: 1 row tiles/, 512-weight
+# blocks; 2 rows block/; 5 rows steps/, standing for 6), the H200's target
 STEP_MS = {"h200": {"draft": (0.535, 0.762, 0.791), "target": (1.171, 1.529, 1.577)},
+           "h200-int8": {"draft": (0.497, 0.637, 0.649), "target": (1.171, 1.529, 1.577)},
            "h100": {"draft": (0.600, 0.831, 0.851), "target": (1.454, 1.788, 1.846)}}
 C = STEP_MS["h200"]  # the costs in use (main sets them)
 
