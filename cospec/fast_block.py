@@ -1,5 +1,5 @@
-"""Greedy speculative decoding with the whole block on the device: the host queues blocks
-without waiting for their verdicts.
+"""Speculative decoding with the whole block on the device: the host queues blocks without
+waiting for their verdicts.
 
 ``decode`` (``cospec.decoding``) reads each block's verdict on the host before it can start
 the next: the GPU idles while the host synchronises, decides and launches. Here every
@@ -28,15 +28,16 @@ a side stream, whose ``length`` updates are undone) and kept for the engines and
 and a dozen small kernels between them, each launched by the host (on the real pair on an
 H200 the one graph was 2-4 % faster, results/gpu/h200/speed-fused-block-graph).
 
-Two variants keep this shape: ``guessed_block`` (spd-staged: the first draft step also
-checks prompt-lookup guesses) and ``ruled_block`` (greedy CoSpec and CoS: the token at each
+Three variants keep this shape: ``guessed_block`` (spd-staged: the first draft step also
+checks prompt-lookup guesses), ``ruled_block`` (greedy CoSpec and CoS: the token at each
 position is a choice from both models' rows, ``cospec.block_choice``; the token after a
 fully kept block waits, pending, for the draft's row that the next block's first step
-computes anyway).
+computes anyway) and ``sampled_block`` (spd at T > 0: draws and the rejection test on the
+device, the host loop's distribution-exact rule).
 
-Greedy only, batch 1, prompts of two or more tokens, models on ``fast.StaticLM`` engines.
-``stream`` yields the tokens as the blocks' verdicts return; greedy spd, spd-staged, cospec
-(and the heuristics) and cos-we / cos-cd (``methods.Method.stream``: ``cospec eval``,
+Batch 1, prompts of two or more tokens, models on ``fast.StaticLM`` engines. ``stream``
+yields the tokens as the blocks' verdicts return; greedy spd, spd-staged, cospec (and the
+heuristics), cos-we / cos-cd and sampled spd (``methods.Method.stream``: ``cospec eval``,
 ``generate``, the API) take it wherever they can (``serves``; COSPEC_SPD_BLOCK=0: never).
 On that path, cospec eval's speed pass on an H200, spd made 1.12x / 1.26x target-only on
 GSM8K / HumanEval against the host loop's 1.09x / 1.20x, and 1.19x / 1.32x against
@@ -57,6 +58,15 @@ from cospec.block_choice import ArbiterChoice, Choice
 from cospec.decoding import HeldClock, Token
 from cospec.errors import CospecError
 from cospec.lookup import device_guesses
+from cospec.sampling import (
+    GREEDY,
+    SamplingConfig,
+    draw,
+    first_rejection,
+    probabilities,
+    recovery,
+    rejection_test,
+)
 from cospec.settings import choice
 from cospec.stats import DecodeStats
 
@@ -101,6 +111,36 @@ def verify(target_step: Step, seq: torch.Tensor, length: torch.Tensor, span: tor
     seq.index_copy_(0, length + span, window)
     length.add_(accepted + 1)
     return accepted, window
+
+
+def sampled_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.Tensor,
+                  span: torch.Tensor, sampling: SamplingConfig,
+                  gen: torch.Generator | None) -> torch.Tensor:
+    """``block`` for sampled spd: each d_i is drawn from the draft's processed distribution
+    q_i there (``sampling.probabilities``: temperature, top-k, top-p, as the host loop's),
+    the verify gives the target's p_0..p_k, d_i stands while u_i q_i(d_i) < p_i(d_i)
+    (``rejection_test``), and the token at the first rejection a is drawn from
+    norm(max(0, p_a - q_a)), or from p_k when every draft stood (``recovery``): the
+    committed tokens follow the target's processed distribution exactly, as the host loop's
+    (``acceptance.ExactRule``). Every draw is on the device (``sampling.draw``); ``gen``
+    None: the default generator, whose draws a CUDA graph replays afresh. Returns
+    ``block``'s verdict [k + 2]: a, then the window."""
+    k = len(span) - 1
+    logits, _ = draft_step(seq.index_select(0, length - 2 + span[:2]), length - 2)
+    q = [probabilities(logits[1:], sampling)]                                 # [1, V] each
+    drafts = [draw(q[0], gen)]
+    for i in range(1, k):
+        logits, _ = draft_step(drafts[-1], length - 1 + i)
+        q.append(probabilities(logits[:1], sampling))
+        drafts.append(draw(q[-1], gen))
+    q, d = torch.cat(q), torch.cat(drafts)                                    # [k, V], [k]
+    logits, _ = target_step(torch.cat([seq.index_select(0, length - 1), d]), length - 1)
+    p = probabilities(logits, sampling)                                       # [k + 1, V]
+    accepted = first_rejection(rejection_test(p, q, d, gen))
+    window = torch.cat([d, d[:1]]).index_copy(0, accepted, draw(recovery(p, q, accepted), gen))
+    seq.index_copy_(0, length + span, window)
+    length.add_(accepted + 1)
+    return torch.cat([accepted, window])
 
 
 def guessed_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.Tensor,
@@ -212,20 +252,20 @@ def held_state(tgt: fast.Engine) -> Held:
 
 class BlockGraph:
     """A whole block as one CUDA graph for a target and a draft engine, k, m guesses
-    (``guessed_block``; 0: ``block``) or a choice (``ruled_block``): ``seq`` [target's
-    max_len], ``length`` [1] and, with a choice, ``held`` are its static state, ``run()``
-    replays it (capturing it first) and returns its static verdict, overwritten by the next
-    run."""
+    (``guessed_block``; 0: ``block``), a choice (``ruled_block``) or a sampling config
+    (``sampled_block``, from the default generator): ``seq`` [target's max_len],
+    ``length`` [1] and, with a choice, ``held`` are its static state, ``run()`` replays it
+    (capturing it first) and returns its static verdict, overwritten by the next run."""
 
     def __init__(self, tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0,
-                 choice: Choice | None = None) -> None:
+                 choice: Choice | None = None, sampling: SamplingConfig = GREEDY) -> None:
         # weak: the graphs are kept by the engines (``_GRAPHS``), not the engines by them
         self.tgt, self.drf = weakref.ref(tgt), weakref.ref(drf)
         self.device = tgt.device
         self.seq = torch.zeros(tgt.max_len, dtype=torch.long, device=tgt.device)
         self.length = torch.zeros(1, dtype=torch.long, device=tgt.device)
         self.span = torch.arange(k + guesses + 1, device=tgt.device)
-        self.guesses, self.choice = guesses, choice
+        self.guesses, self.choice, self.sampling = guesses, choice, sampling
         self.held = held_state(tgt) if choice is not None else None  # ruled blocks only
         self.graph: torch.cuda.CUDAGraph | None = None
         self.verdict: torch.Tensor | None = None
@@ -234,7 +274,8 @@ class BlockGraph:
         tgt, drf = self.tgt(), self.drf()
         return run_block(lambda ids, start: drf._forward(ids, start, eager=False),
                          lambda ids, start: tgt._forward(ids, start, eager=False),
-                         self.seq, self.length, self.span, self.guesses, self.held, self.choice)
+                         self.seq, self.length, self.span, self.guesses, self.held, self.choice,
+                         self.sampling)
 
     def run(self) -> torch.Tensor:
         if self.graph is None:  # the warm-up runs' writes are the ones the replay makes
@@ -254,29 +295,40 @@ class BlockGraph:
 
 def run_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.Tensor,
               span: torch.Tensor, guesses: int = 0, held: Held | None = None,
-              choice: Choice | None = None) -> torch.Tensor:
+              choice: Choice | None = None, sampling: SamplingConfig = GREEDY,
+              gen: torch.Generator | None = None) -> torch.Tensor:
     """``ruled_block`` with a choice, else ``guessed_block`` with ``guesses`` > 0, else
-    ``block`` (and its verdict)."""
+    ``sampled_block`` for a sampling config, else ``block`` (and its verdict)."""
     if choice is not None:
         return ruled_block(draft_step, target_step, seq, length, span, held, choice)
     if guesses:
         return guessed_block(draft_step, target_step, seq, length, span, guesses)
+    if not sampling.greedy:
+        return sampled_block(draft_step, target_step, seq, length, span, sampling, gen)
     return block(draft_step, target_step, seq, length, span)
 
 
-# target engine -> draft engine -> {(k, guesses, choice's key): BlockGraph}, gone with
-# either engine
+# target engine -> draft engine -> {(k, guesses, choice's key, sampling): BlockGraph}, gone
+# with either engine
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# sampling configs (temperature, top-k, top-p) an engine pair keeps a block graph for: the
+# first ones met; a request with another samples in the step graphs' blocks, as a seeded one
+SAMPLED_GRAPHS = 8
 
 
 def block_graph(tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0,
-                choice: Choice | None = None) -> BlockGraph:
-    """The block graph of these engines, k, guesses and choice (by its ``key``: an equal
-    choice reuses the graph), made once (captured on its first run)."""
+                choice: Choice | None = None, sampling: SamplingConfig = GREEDY
+                ) -> BlockGraph | None:
+    """The block graph of these engines, k, guesses, choice (by its ``key``: an equal
+    choice reuses the graph) and sampling config, made once (captured on its first run);
+    None for a sampling config past the first SAMPLED_GRAPHS of the pair."""
     graphs = _GRAPHS.setdefault(tgt, weakref.WeakKeyDictionary()).setdefault(drf, {})
-    key = (k, guesses, None if choice is None else choice.key)
+    key = (k, guesses, None if choice is None else choice.key, sampling)
     if key not in graphs:
-        graphs[key] = BlockGraph(tgt, drf, k, guesses, choice)
+        if not sampling.greedy and sum(not g.sampling.greedy for g in graphs.values()
+                                       ) >= SAMPLED_GRAPHS:
+            return None
+        graphs[key] = BlockGraph(tgt, drf, k, guesses, choice, sampling)
     return graphs[key]
 
 
@@ -317,7 +369,8 @@ def spd_greedy(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list
 def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int], *,
            k: int = 5, max_new_tokens: int = 128, eos_ids: Iterable[int] = (),
            stats: DecodeStats | None = None, graph: bool | None = None, guesses: int = 0,
-           choice: Choice | None = None) -> Iterator[Token]:
+           choice: Choice | None = None, sampling: SamplingConfig = GREEDY,
+           seed: int | None = None) -> Iterator[Token]:
     """The target's greedy continuation of ``prompt_ids`` (at most ``max_new_tokens``, up to
     and including an EOS), by speculative decoding with ``draft``'s k tokens a block,
     yielded as each block's verdict is read back (AHEAD blocks behind the device); a token
@@ -328,8 +381,11 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     ``guesses``: each block's first draft step also checks that many prompt-lookup guesses
     (``guessed_block``: k + c proposals, ``spd-staged``). ``choice``: each position's token
     is the choice of both models' rows there (``ruled_block``: greedy CoSpec and CoS; a
-    token is ``from_draft`` where it is not the target's own). Inference mode holds while
-    the loop runs, not between yields."""
+    token is ``from_draft`` where it is not the target's own). ``sampling`` (T > 0): a
+    sample of the target's processed distribution instead (``sampled_block``), drawn from a
+    generator seeded with ``seed`` where one is given (its blocks then k + 1 replays of the
+    step graphs and the kernels between them: a block graph replays the default generator
+    only). Inference mode holds while the loop runs, not between yields."""
     if len(prompt_ids) < 2:
         raise CospecError("the device-side block needs a prompt of two or more tokens")
     if k < 1:
@@ -339,6 +395,9 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
                           f"rows at most {fast.MAX_GRAPH}; got k = {k}, guesses = {guesses}")
     if guesses and choice is not None:
         raise CospecError("a block checks prompt-lookup guesses or takes a choice, not both")
+    if not sampling.greedy and (guesses or choice is not None):
+        raise CospecError("a sampled block (T > 0) is spd's: no guesses, no choice")
+    sampling = GREEDY if sampling.greedy else sampling  # one greedy graph, whatever top-p
     stats = stats if stats is not None else DecodeStats()
     if max_new_tokens < 1:  # as ``decode``: nothing to generate
         return
@@ -354,8 +413,10 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     stats.prefill_s += t1 - t0
     if graph is None:
         graph = one_graph()
-    whole = (block_graph(tgt, drf, k, guesses, choice)
-             if graph and tgt.use_graphs and drf.use_graphs else None)
+    gen = (torch.Generator(device).manual_seed(seed)
+           if seed is not None and not sampling.greedy else None)
+    whole = (block_graph(tgt, drf, k, guesses, choice, sampling)
+             if graph and gen is None and tgt.use_graphs and drf.use_graphs else None)
     if whole is not None:  # the graph's own state (its span made with it)
         seq, length, held = whole.seq, whole.length, whole.held
     else:
@@ -375,7 +436,7 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
         # one block, queued on the device
         verdict = (whole.run() if whole is not None
                    else run_block(drf.run_device, tgt.run_device, seq, length, span, guesses,
-                                  held, choice))
+                                  held, choice, sampling, gen))
         queued.append(fast.to_host(verdict))
         if len(queued) <= AHEAD:
             continue

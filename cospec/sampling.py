@@ -90,15 +90,30 @@ def first_rejection(accepted: torch.Tensor) -> torch.Tensor:
     return stop.int().argmax().view(1)
 
 
-def recover(target: torch.Tensor, proposal: torch.Tensor, at: torch.Tensor,
-            gen: torch.Generator | None) -> torch.Tensor:
-    """The token [1] committed at row ``at`` [1] (a device index, no sync) after the
-    tokens before it passed: drawn from norm(max(0, target - proposal)) in that row where a
-    proposed token was rejected (at < k = len(proposal)), from ``target`` itself past the
-    proposals (the bonus). The draw is independent of the uniforms that chose ``at``, so the
-    committed tokens follow ``target`` exactly."""
+def recovery(target: torch.Tensor, proposal: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The distribution [1, V] of the token committed at row ``at`` [1] (a device index, no
+    sync) after the tokens before it passed: norm(max(0, target - proposal)) in that row
+    where a proposed token was rejected (at < k = len(proposal)), ``target`` itself past the
+    proposals (the bonus)."""
     k = len(proposal)
     t = target.index_select(0, at)  # [1, V]
     if k:  # past the proposals (the bonus) the proposal row is zero: residual(t, 0) = t
         t = residual(t, proposal.index_select(0, at.clamp_max(k - 1)) * (at < k).view(1, 1))
-    return torch.multinomial(t, 1, generator=gen)[0]
+    return t
+
+
+def recover(target: torch.Tensor, proposal: torch.Tensor, at: torch.Tensor,
+            gen: torch.Generator | None) -> torch.Tensor:
+    """The token [1] committed at row ``at`` [1], drawn from ``recovery``. The draw is
+    independent of the uniforms that chose ``at``, so the committed tokens follow
+    ``target`` exactly."""
+    return torch.multinomial(recovery(target, proposal, at), 1, generator=gen)[0]
+
+
+def draw(probs: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """One token a row [n] from probability rows [n, V], by an exponential race: the
+    argmax of p_i / E_i with E_i ~ Exp(1) independent is i with probability p_i. Kernels
+    only (exponentials, a division, an argmax), no host read, so a CUDA graph may hold it
+    (its draws then come from the default generator, ``gen`` None)."""
+    race = torch.empty_like(probs).exponential_(generator=gen)
+    return (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(-1)

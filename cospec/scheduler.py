@@ -19,13 +19,14 @@ delays nobody but itself. At most ``max_batch + max_active + max_queue`` request
 admitted; beyond that a request gets a 429 at once.
 
 Alone (``solo``): a batchable request that finds nothing else decoding or waiting, of a
-method whose batch-1 loop runs each block on the device (greedy spd, cospec, cos-we:
-``Method.device_block``), decodes on that path, round robin, since a batch engine's one row
-is slower: on the real pair on an H200 a lone client got 352 tok/s from the spd batch engine
-against 404 target-only (results/gpu/h200/serve-spec-off-at), where the device-side block
-runs 1.2-1.3x target-only at batch 1. When another request arrives it moves to the pool at
-the next turn and goes on from the tokens it committed (prefilled again there), as a
-request moved under load does; its tokens at T = 0 are the same either way.
+method whose batch-1 loop runs each block on the device (greedy spd, cospec, cos-we; spd
+sampled without a seed: ``Method.device_block``), decodes on that path, round robin, since
+a batch engine's one row is slower: on the real pair on an H200 a lone client got 352 tok/s
+from the spd batch engine against 404 target-only (results/gpu/h200/serve-spec-off-at),
+where the device-side block runs 1.2-1.3x target-only at batch 1. When another request
+arrives it moves to the pool at the next turn and goes on from the tokens it committed
+(prefilled again there), as a request moved under load does; its tokens at T = 0 are the
+same either way (sampled, a sample of the same distribution either way).
 
 Time limit: ``timeout`` seconds from arrival, queueing included. A request that reaches it
 ends as if it had reached max_tokens — finish_reason ``"length"`` — with
@@ -206,10 +207,12 @@ class Engine:
 
     def _alone(self, job: Job) -> bool:
         """Does batchable ``job`` decode alone on the batch-1 path (the module docstring)?
-        With ``solo``, when it is the only request waiting, none decodes, and its method runs
-        each block on the device for it."""
+        With ``solo``, when it is the only request waiting, none decodes, its method runs
+        each block on the device for it, and it is greedy or unseeded (a seed gives the
+        batch engine's tokens under any load)."""
         return (self.solo and job.batch is not None and len(self.waiting) == 1
                 and not self.active and not (self.pool is not None and self.pool.live())
+                and (job.sampling.greedy or job.seed is None)
                 and job.method.device_block(job.prompt_ids, job.sampling))
 
     async def _join_pool(self) -> None:

@@ -284,7 +284,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         names = [m for m in names if m in args.methods.split(",") or m == "target"]
     methods = {m: build_method(m, pair, MethodOptions(), sampling) for m in names}
     for block in BLOCK_METHODS:  # cospec.fast_block: steps, or one graph a block
-        if block in args.methods.split(",") and sampling.greedy:
+        if block in args.methods.split(","):
             names.insert(names.index("target") + 1, block)
     for name in INT8_METHODS + HOST_METHODS + RULED_METHODS:
         if name in args.methods.split(","):
@@ -319,11 +319,14 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             with waiting():
                 ids, _, stats = methods["target"].run(prompt, k=k, max_new_tokens=n,
                                                       sampling=sampling, eos_ids=eos, seed=seed)
-        elif name in BLOCK_METHODS:
+        elif name in BLOCK_METHODS:  # sampled: spd-graph draws from the default generator
             draft = int8_draft() if name.endswith("-int8") else pair.draft
-            ids = fast_block.spd_greedy(pair.target, draft, prompt, k=k, max_new_tokens=n,
-                                        eos_ids=eos, stats=stats,
-                                        graph=name.startswith("spd-graph"))
+            graphed = name.startswith("spd-graph")
+            if graphed and not sampling.greedy:
+                torch.manual_seed(seed)
+            ids = [t.id for t in fast_block.stream(
+                pair.target, draft, prompt, k=k, max_new_tokens=n, eos_ids=eos, stats=stats,
+                graph=graphed, sampling=sampling, seed=None if graphed else seed)]
         elif name in RULED_METHODS:  # the method's choice in fast_block's ruled block
             m = methods[name]
             ids = fast_block.spd_greedy(m.verifier, m.proposer, prompt, k=k, max_new_tokens=n,
@@ -649,8 +652,10 @@ def main() -> None:
     ap.add_argument("--methods", default="",
                     help="pair parts: only these methods (and target), comma-separated; "
                          "cospec-host: cospec with its decisions on the host path; "
-                         "spd-block: greedy spd with each block on the device "
-                         "(cospec.fast_block); spd-graph: the same, each block one CUDA graph; "
+                         "spd-block: spd with each block on the device "
+                         "(cospec.fast_block; sampled in parts pair:TASK:T with T > 0, "
+                         "seeded); spd-graph: the same, each block one CUDA graph (sampled: "
+                         "from the default generator, seeded per prompt); "
                          "spd-block-int8 / spd-graph-int8: those with the draft's int8 "
                          "weights (fast.int8_weights); spd-staged-int8 / spd-lookup-int8: "
                          "those methods with the int8 draft (cospec-int8, cos-we-int8 too, "

@@ -435,6 +435,26 @@ def test_a_lone_request_decodes_alone_until_others_arrive(pair, arbiter, monkeyp
     assert after["completed"] == 6 and after["errors"] == 0 and after["alone"] == 0
 
 
+def test_a_lone_sampled_request_goes_alone_unless_seeded(pair, monkeypatch):
+    """With the fast path's engines (COSPEC_STATIC=1 on the CPU) a lone sampled spd request
+    without a seed decodes alone (each block on the device, ``fast_block.sampled_block``);
+    a seeded one keeps to the pool, so that its seed gives the same tokens with ``solo`` on
+    and off."""
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 12, "ignore_eos": True,
+            "temperature": 0.8, "method": "spd", "k": 2}
+    got = {}
+    for solo in (True, False):
+        with serve(pair, max_batch=2, solo=solo) as srv:
+            url = srv.url + "/v1/completions"
+            got[solo] = [httpx.post(url, json=b, timeout=60).json()
+                         for b in (body, {**body, "seed": 5})]
+    alone = {solo: [r["metrics"]["started_alone"] for r in rs] for solo, rs in got.items()}
+    assert alone == {True: [True, False], False: [False, False]}
+    assert got[True][1]["choices"][0]["text"] == got[False][1]["choices"][0]["text"]
+    assert [r["usage"]["completion_tokens"] for rs in got.values() for r in rs] == [12] * 4
+
+
 @pytest.mark.parametrize("alone", [False, True])
 def test_disconnect_frees_the_slot_at_once(pair, monkeypatch, alone):
     """One slot: a streamed request whose client leaves after its first chunk gives its
