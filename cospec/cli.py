@@ -89,6 +89,7 @@ def check_settings() -> None:
     cpu.linear_mode()
     fast.prefill_mode()
     fast_block.one_graph()
+    fast_block.blocks_ahead()
     fast_block.serving()
     fast_batch.run_ahead_setting()
     fused.mode()

@@ -70,7 +70,7 @@ from cospec.sampling import (
 from cospec.settings import choice
 from cospec.stats import DecodeStats
 
-AHEAD = 2  # blocks queued past the last one whose verdict the host has read
+AHEAD = 2  # blocks queued past the last one whose verdict the host has read (the default)
 # prompt-lookup guesses a spd-staged block's first draft step checks (``guessed_block``): of
 # 2, 4 and 6 on an H100, 6 gained most on HumanEval and lost nothing on GSM8K
 # (results/gpu/h100/staged-device-real-pair)
@@ -332,6 +332,14 @@ def block_graph(tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0,
     return graphs[key]
 
 
+def blocks_ahead() -> int:
+    """COSPEC_BLOCK_AHEAD: the blocks ``stream`` queues past the last one whose verdict the
+    host has read, 1-4 (unset: AHEAD). Those queued when a verdict shows the stop (an EOS,
+    the budget) are decoded and dropped, in the generation's time: fewer waste less at the
+    end, more keep the device busy through a slower host."""
+    return int(choice("COSPEC_BLOCK_AHEAD", ("1", "2", "3", "4"), str(AHEAD)))
+
+
 def one_graph() -> bool:
     """COSPEC_BLOCK_GRAPH: each block one CUDA graph (1, unset: the default) or k + 1 step
     graphs and the kernels between them launched by the host (0)."""
@@ -373,7 +381,7 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
            seed: int | None = None) -> Iterator[Token]:
     """The target's greedy continuation of ``prompt_ids`` (at most ``max_new_tokens``, up to
     and including an EOS), by speculative decoding with ``draft``'s k tokens a block,
-    yielded as each block's verdict is read back (AHEAD blocks behind the device); a token
+    yielded as each block's verdict is read back (``blocks_ahead()`` behind the device); a token
     is ``from_draft`` where it is a draft the target accepted. ``stats`` (if given) gets the
     blocks as steps (drafted and accepted tokens), the tokens, and the prefill and decode
     time (the decode clock stops while the caller holds a token). ``graph``: each block one
@@ -402,7 +410,8 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     if max_new_tokens < 1:  # as ``decode``: nothing to generate
         return
     eos, start = set(eos_ids), len(prompt_ids)
-    room = start + max_new_tokens + (AHEAD + 2) * (k + guesses + 1) + 2
+    ahead = blocks_ahead()
+    room = start + max_new_tokens + (ahead + 2) * (k + guesses + 1) + 2
     lms = [fast.StaticLM(m, max_len=room) for m in (target, draft)]
     tgt, drf = (lm.engine for lm in lms)
     device = tgt.device
@@ -438,7 +447,7 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
                    else run_block(drf.run_device, tgt.run_device, seq, length, span, guesses,
                                   held, choice, sampling, gen))
         queued.append(fast.to_host(verdict))
-        if len(queued) <= AHEAD:
+        if len(queued) <= ahead:
             continue
         # the verdict of the oldest queued block, read without stalling the newer ones
         host, done = queued.popleft()
