@@ -334,9 +334,10 @@ def block_graph(tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0,
 
 def blocks_ahead() -> int:
     """COSPEC_BLOCK_AHEAD: the blocks ``stream`` queues past the last one whose verdict the
-    host has read, 1-4 (unset: AHEAD). Those queued when a verdict shows the stop (an EOS,
-    the budget) are decoded and dropped, in the generation's time: fewer waste less at the
-    end, more keep the device busy through a slower host."""
+    host has read, 1-4 (unset: AHEAD), fewer where those queued may already reach
+    ``max_new_tokens``. Those queued when a verdict shows an EOS are decoded and dropped, in
+    the generation's time: fewer waste less at the end, more keep the device busy through a
+    slower host."""
     return int(choice("COSPEC_BLOCK_AHEAD", ("1", "2", "3", "4"), str(AHEAD)))
 
 
@@ -441,14 +442,17 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     queued: collections.deque = collections.deque()  # (host copy, its event) a block
     clock = HeldClock(device, stats, t1)
     produced, pending = 0, False
+    most = k + guesses + 1  # the tokens one block commits at most
     while True:
-        # one block, queued on the device
-        verdict = (whole.run() if whole is not None
-                   else run_block(drf.run_device, tgt.run_device, seq, length, span, guesses,
-                                  held, choice, sampling, gen))
-        queued.append(fast.to_host(verdict))
-        if len(queued) <= ahead:
-            continue
+        # one block, queued on the device, unless those queued may already reach the budget
+        # (a block past it would be decoded and dropped; past an EOS that cannot be known)
+        if produced + len(queued) * most < max_new_tokens:
+            verdict = (whole.run() if whole is not None
+                       else run_block(drf.run_device, tgt.run_device, seq, length, span,
+                                      guesses, held, choice, sampling, gen))
+            queued.append(fast.to_host(verdict))
+            if len(queued) <= ahead:
+                continue
         # the verdict of the oldest queued block, read without stalling the newer ones
         host, done = queued.popleft()
         if done is not None:

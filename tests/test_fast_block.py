@@ -123,24 +123,31 @@ def test_block_graph_setting_is_checked(monkeypatch):
 
 @pytest.mark.parametrize("ahead", ["1", "2", "4"])
 def test_blocks_queued_ahead_are_the_setting(monkeypatch, ahead):
-    """COSPEC_BLOCK_AHEAD blocks are queued past the last verdict read: the blocks run are
-    those read plus that many (decoded and dropped past the stop), the tokens the same; a
-    value outside 1-4 is refused by name."""
+    """COSPEC_BLOCK_AHEAD blocks are queued past the last verdict read: at an EOS the blocks
+    run are those read plus that many (decoded and dropped); at the budget only those that
+    could be needed (none dropped). The tokens are the same; a value outside 1-4 is refused
+    by name."""
     monkeypatch.setenv("COSPEC_STATIC", "1")
     monkeypatch.setenv("COSPEC_BLOCK_AHEAD", ahead)
-    target, draft = tiny_model(11, dtype=torch.float32), drafts("cpu")["near"]
+    target, models, prompt = tiny_model(11, dtype=torch.float32), drafts("cpu"), [5, 17, 33]
     ran = []
     run_block = fast_block.run_block
     monkeypatch.setattr(fast_block, "run_block", lambda *a, **kw: ran.append(1) or
                         run_block(*a, **kw))
-    stats = DecodeStats()
-    got = fast_block.spd_greedy(target, draft, [5, 17, 33], k=2, max_new_tokens=20, stats=stats)
-    assert got == [t.id for t in generate(target, None, [5, 17, 33], ExactRule(),
-                                          max_new_tokens=20)]
-    assert len(ran) == stats.steps + int(ahead)
+    plain = [t.id for t in generate(target, None, prompt, ExactRule(), max_new_tokens=60)]
+    eos = (max(set(plain), key=plain.index),)  # the token met last (the 12th here)
+    for name in ("near", "same"):
+        for budget, stop in ((200, eos), (20, ())):
+            ran.clear()
+            stats = DecodeStats()
+            got = fast_block.spd_greedy(target, models[name], prompt, k=2,
+                                        max_new_tokens=budget, eos_ids=stop, stats=stats)
+            assert got == [t.id for t in generate(target, None, prompt, ExactRule(),
+                                                  max_new_tokens=budget, eos_ids=stop)]
+            assert len(ran) == stats.steps + (int(ahead) if stop else 0), (name, budget)
     monkeypatch.setenv("COSPEC_BLOCK_AHEAD", "0")
     with pytest.raises(CospecError, match="COSPEC_BLOCK_AHEAD='0'"):
-        fast_block.spd_greedy(target, draft, [5, 17, 33], k=2, max_new_tokens=4)
+        fast_block.spd_greedy(target, models["near"], prompt, k=2, max_new_tokens=4)
 
 
 def test_stream_yields_as_blocks_return_with_their_draft_flags(monkeypatch):
