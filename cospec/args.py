@@ -57,9 +57,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_draft_weights_arg(p: argparse.ArgumentParser) -> None:
-    """``--draft-weights``: generate, bench, eval and serve --max-batch 0. The batch engines
+    """``--draft-weights``: generate, bench, eval and serve. The batch engines
     (``fast_batch``) read the draft's own weights, and on a GPU so does eval's batched
-    decoder, so there eval keeps to the methods it decodes at batch 1."""
+    decoder, so there eval keeps to the methods it decodes at batch 1, and serve beside
+    batch engines to those whose output is the target's (``server.int8_batch``)."""
     p.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="model",
                    help="int8: the draft's steps read int8 copies of its projections and "
                         "lm_head (one scale a row): on a CPU every forward after the "
@@ -209,9 +210,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "rows beside --max-batch; 0: never (default: 4, where batched spd "
                         "measured slower than target-only, on a GPU and on a CPU)")
     p.add_argument("--no-solo", dest="solo", action="store_false",
-                   help="a lone greedy spd, cospec or cos-we request takes the batch engines "
-                        "too (default: it decodes on the batch-1 path, each block on the "
-                        "device, until another request arrives; on a GPU)")
+                   help="a lone greedy spd, cospec or cos-we request (or unseeded sampled "
+                        "spd) takes the batch engines too (default: it decodes on the batch-1 "
+                        "path, each block on the device, until another request arrives; on a "
+                        "GPU)")
     p.add_argument("--max-context", type=int, default=2048,
                    help="tokens per request, prompt + completion (at most the model's): "
                         "with --max-batch, the KV cache budget")

@@ -59,6 +59,7 @@ from cospec.job import Job
 from cospec.methods import (
     GREEDY_ONLY,
     OWN_METHODS,
+    SAME_AS_GREEDY,
     SHIPPED_ARBITER,
     Method,
     MethodOptions,
@@ -85,9 +86,20 @@ DEFAULT_MAX_CONTEXT = 2048
 POLL_S = 0.1             # how often a waiting handler checks that its client is still there
 MAX_BODY = 8 << 20       # request bodies above this are refused (413)
 MAX_STOPS = 4
-INT8_BATCH = ("a draft's int8 copies are read by the batch-1 engines only: the batch engines "
-              "(max_batch > 0) compute from the draft's own weights; serve with --max-batch 0 "
-              "(max_batch=0)")
+# methods whose output is the target's whatever the draft (its greedy tokens, a sample of
+# its distribution): the batch engines may read the draft's own weights where the batch-1
+# engines read its int8 copies
+TARGET_OUTPUT = ("target", *(m for m, same in SAME_AS_GREEDY.items() if same == "target"))
+
+
+def int8_batch(names: list[str]) -> str:
+    """Why ``names`` (batched methods whose output depends on the draft) are refused with an
+    int8 draft and batch engines."""
+    return (f"{', '.join(names)} with --draft-weights int8 and batch engines: a draft's int8 "
+            "copies are read by the batch-1 engines only and the batch engines compute from "
+            "its own weights, so under load these would decode with another draft; serve "
+            "them with --max-batch 0 (max_batch=0), or serve methods whose output is the "
+            f"target's ({', '.join(TARGET_OUTPUT)})")
 
 
 class BodyLimit:
@@ -119,15 +131,19 @@ def context_length(pair: Pair) -> int:
 
 
 
-def default_methods(pair: Pair, arbiter: str | None) -> list[str]:
+def default_methods(pair: Pair, arbiter: str | None, copies: bool = False) -> list[str]:
     """target; spd with a draft (the CoS methods with more than two models); cospec when an
-    arbiter is given or the shipped one fits the pair."""
+    arbiter is given or the shipped one fits the pair, unless ``copies`` (an int8 draft
+    beside batch engines: ``int8_batch``)."""
     if pair.draft is None:
         return ["target"]
-    if pair.extra:
+    if pair.extra and not copies:
         return ["target", "cos-we", "cos-cd"]
     names = ["target", "spd"]
-    if arbiter is not None:
+    if copies:
+        log.info("cospec not offered: its batch engine would read another draft than the "
+                 "int8 one (--max-batch 0 serves it)")
+    elif arbiter is not None:
         names.append("cospec")
     elif SHIPPED_ARBITER.exists():
         try:
@@ -154,7 +170,8 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     ``solo``: a lone request of a method whose batch-1 loop runs each block on the device
     decodes there until another arrives (``cospec.scheduler``).
     """
-    names = list(methods) if methods else default_methods(pair, arbiter)
+    copies = bool(max_batch) and reads_int8(pair.draft)  # an int8 draft beside batch engines
+    names = list(methods) if methods else default_methods(pair, arbiter, copies)
     built: dict[str, Method] = {}
     opts = MethodOptions(arbiter=arbiter)
     for name in names:
@@ -168,8 +185,13 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
         raise CospecError("max_active, k, default_max_tokens and timeout must be > 0, "
                           "max_queue, max_batch and spec_off_at >= 0, max_context >= 2")
     batched = [m for m in built.values() if engine_key(m, 1) is not None]
-    if max_batch and any(reads_int8(x) for m in batched for x in engine_models(m)):
-        raise CospecError(INT8_BATCH)
+    mixed = [m.name for m in batched if m.name not in TARGET_OUTPUT
+             and any(reads_int8(x) for x in engine_models(m))]
+    if max_batch and mixed:
+        raise CospecError(int8_batch(mixed))
+    if copies:
+        log.info("the draft's int8 copies serve a lone request decoding alone on the batch-1 "
+                 "path (on a GPU); the batch engines read its own weights")
     default = next((m for m in ("spd", "target") if m in built), names[0])
     served = model_name or pair.target_name
     ctx = min(context_length(pair), max_context or DEFAULT_MAX_CONTEXT)
@@ -536,9 +558,10 @@ def cmd_serve(args) -> int:
             raise CospecError(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535 or args.timeout <= 0:
         raise CospecError("--port must be <= 65535 and --timeout > 0")
-    if args.draft_weights != "model" and args.max_batch:  # before minutes of loading
-        raise CospecError(f"--draft-weights {args.draft_weights}: {INT8_BATCH}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    mixed = [m for m in methods or () if m not in TARGET_OUTPUT and m not in ("we", "cd")]
+    if args.draft_weights != "model" and args.max_batch and mixed:  # before minutes of loading
+        raise CospecError(int8_batch(mixed))
     if args.arbiter:
         from cospec.arbiter import arbiter_info
 

@@ -398,8 +398,10 @@ def test_cli_serve_refuses_a_missing_model(capsys):
     assert main(["serve", "--target", "/no/such/model", "--port", "0"]) == 2
     assert "model not found" in capsys.readouterr().err
     assert main(["serve", "--target", "/no/such/model", "--max-active", "0"]) == 2
-    assert main(["serve", "--target", "/no/such/model", "--draft-weights", "int8"]) == 2
-    assert "serve with --max-batch 0" in capsys.readouterr().err
+    assert main(["serve", "--target", "/no/such/model", "--draft-weights", "int8",
+                 "--methods", "target,spd,cospec"]) == 2
+    err = capsys.readouterr().err
+    assert "cospec with --draft-weights int8" in err and "--max-batch 0" in err
 
 
 def test_cli_serve_end_to_end(tiny_dirs):

@@ -349,21 +349,28 @@ def test_speculation_off_default(pair):
         create_app(pair, methods=["target", "spd"], max_batch=4, spec_off_at=-1)
 
 
-def test_an_int8_draft_is_refused_by_the_batch_engines(pair):
+def test_an_int8_draft_beside_batch_engines_serves_the_targets_output_only(pair, arbiter):
     """A draft given int8 copies (``draft_weights(pair, "int8")``) is read by the batch-1
-    engines only: create_app refuses it with batch engines, for any method that batches
-    with the draft, and serves it with max_batch 0."""
+    engines only. Beside batch engines create_app serves the methods whose output is the
+    target's whatever the draft (target, spd) and refuses any that batches with the draft
+    otherwise (cospec, cos-we: they would decode with another draft under load), which
+    max_batch 0 serves; its default methods leave cospec out there."""
     from cospec import fast
     from cospec.errors import CospecError
 
     draft = copy.deepcopy(pair.draft)
     fast.int8_weights(draft)  # what draft_weights does on a GPU (the CPU's copies alike)
     int8 = Pair(pair.target, draft, pair.tokenizer, MODEL, "tiny-draft")
-    for methods in (["spd"], ["target", "spd"]):
+    for methods in (["cospec"], ["target", "spd", "cos-we"]):
         with pytest.raises(CospecError, match="max-batch 0"):
-            create_app(int8, methods=methods, max_batch=4)
-    assert create_app(int8, methods=["target", "spd"], max_batch=0).state.engine.pool is None
-    assert create_app(int8, methods=["target"], max_batch=4)  # the draft unread
+            create_app(int8, methods=methods, arbiter=arbiter, max_batch=4)
+    assert create_app(int8, methods=["target", "spd", "cospec"], arbiter=arbiter,
+                      max_batch=0).state.engine.pool is None
+    served = create_app(int8, methods=["target", "spd"], max_batch=4).state.engine
+    assert served.pool is not None and list(served.methods) == ["target", "spd"]
+    assert list(create_app(int8, arbiter=arbiter, max_batch=4).state.engine.methods) == [
+        "target", "spd"]
+    assert "cospec" in create_app(pair, arbiter=arbiter, max_batch=4).state.engine.methods
 
 
 def test_requests_join_mid_flight(pair):
