@@ -133,7 +133,7 @@ stage_setup() {
 }
 
 stage_tests() {  # TESTS=FILE+FILE..: only those
-    local files=${TESTS:-tests/test_fast.py+tests/test_cospec.py+tests/test_replay.py+tests/test_fast_batch.py+tests/test_fast_batch_cos.py+tests/test_fused.py+tests/test_fused_int8.py+tests/test_fused_batch.py+tests/test_server_batch.py+tests/test_warm_up.py+tests/test_fast_block.py}
+    local files=${TESTS:-tests/test_fast.py+tests/test_cospec.py+tests/test_replay.py+tests/test_fast_batch.py+tests/test_fast_batch_cos.py+tests/test_fused.py+tests/test_fused_int8.py+tests/test_fused_batch.py+tests/test_server_batch.py+tests/test_warm_up.py+tests/test_fast_block.py+tests/test_ruled_block.py+tests/test_sampled_block.py}
     local no_data=()  # before unpack the machine has no GSM8K (nor network): skip its test
     timeout 60 python3 -c "from cospec.tasks import get_task; get_task('gsm8k').problems('dev')" \
         > /dev/null 2>&1 || no_data=(-k "not gsm8k_dev")
