@@ -33,12 +33,13 @@ checks prompt-lookup guesses), ``ruled_block`` (greedy CoSpec and CoS: the token
 position is a choice from both models' rows, ``cospec.block_choice``; the token after a
 fully kept block waits, pending, for the draft's row that the next block's first step
 computes anyway) and ``sampled_block`` (spd at T > 0: draws and the rejection test on the
-device, the host loop's distribution-exact rule).
+device, the host loop's distribution-exact rule; ``guessed_sampled_block`` for spd-staged).
 
 Batch 1, prompts of two or more tokens, models on ``fast.StaticLM`` engines. ``stream``
-yields the tokens as the blocks' verdicts return; greedy spd, spd-staged, cospec (and the
-heuristics), cos-we / cos-cd and sampled spd (``methods.Method.stream``: ``cospec eval``,
-``generate``, the API) take it wherever they can (``serves``; COSPEC_SPD_BLOCK=0: never).
+yields the tokens as the blocks' verdicts return; spd and spd-staged, greedy or sampled,
+greedy cospec (and the heuristics) and cos-we / cos-cd (``methods.Method.stream``:
+``cospec eval``, ``generate``, the API) take it wherever they can (``serves``;
+COSPEC_SPD_BLOCK=0: never).
 On that path, cospec eval's speed pass on an H200, spd made 1.12x / 1.26x target-only on
 GSM8K / HumanEval against the host loop's 1.09x / 1.20x, and 1.19x / 1.32x against
 1.16x / 1.32x on another lease (results/gpu/h200/spd-block-user-path).
@@ -66,6 +67,7 @@ from cospec.sampling import (
     probabilities,
     recovery,
     rejection_test,
+    residual,
 )
 from cospec.settings import choice
 from cospec.stats import DecodeStats
@@ -169,6 +171,55 @@ def guessed_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length
         d = d.index_copy(0, stood + 1 + span[:k - 1], torch.cat(after))
     proposed = stood + k
     accepted, window = verify(target_step, seq, length, span, d, proposed)
+    return torch.cat([accepted, proposed, window])
+
+
+def guessed_sampled_block(draft_step: Step, target_step: Step, seq: torch.Tensor,
+                          length: torch.Tensor, span: torch.Tensor, m: int,
+                          sampling: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
+    """``guessed_block`` for sampled spd-staged, as the host loop's staged drafting samples:
+    guess j stands with probability q_j(guess) (the draft's processed distribution at its
+    row), and the first that does not is replaced by a draw from q_j without it, which is a
+    draw from q_j. So the c guesses that stood and the token after them are the draft's own
+    sampled tokens d_1..d_{c+1}; k - 1 one-row steps draw the rest, and ``sampled_block``'s
+    rejection test and recovery run over the first k + c (each against its row of q).
+    Returns ``guessed_block``'s verdict [k + m + 3]: a, k + c, then the window."""
+    k = len(span) - 1 - m
+    guess = device_guesses(seq, length, m)                                    # [m], -1: none
+    g = guess.clamp(min=0)
+    logits, _ = draft_step(torch.cat([seq.index_select(0, length - 2 + span[:2]), g]),
+                           length - 2)
+    q = probabilities(logits[1:], sampling)                                   # [m + 1, V]
+    u = torch.rand(m, generator=gen, device=q.device)
+    stands = (guess >= 0) & (u < q[:m].gather(-1, g.view(m, 1))[:, 0])
+    stood = stands.long().cumprod(0).sum().view(1)                            # c
+    # the guess at c that fell (-1: none fell, or none was there)
+    out = torch.where(stood < m, torch.cat([guess, guess[:1]]).index_select(0, stood), -1)
+    gone = torch.zeros_like(q[:1]).scatter(-1, out.clamp(min=0).view(1, 1), (out >= 0).float()
+                                           .view(1, 1))  # [1, V]: the guess that fell, if any
+    last = draw(residual(q.index_select(0, stood), gone), gen)               # d_{c+1}
+    d = torch.cat([torch.cat([g, g[:1]]).index_copy(0, stood, last),
+                   g.new_zeros(k - 1)])                                       # [m + k]
+    rows = torch.cat([q, q.new_zeros(k - 1, q.shape[-1])])                    # [m + k, V]
+    after, after_q = [], []
+    for i in range(1, k):
+        logits, _ = draft_step(last, length + stood + i - 1)
+        after_q.append(probabilities(logits[:1], sampling))
+        last = draw(after_q[-1], gen)
+        after.append(last)
+    if after:  # own[:c + 1], then the steps' tokens and rows; past k + c: unused, rows zero
+        d = d.index_copy(0, stood + 1 + span[:k - 1], torch.cat(after))
+        rows = rows.index_copy(0, stood + 1 + span[:k - 1], torch.cat(after_q))
+    proposed = stood + k
+    rows = rows * (span[:m + k] < proposed).view(-1, 1)
+    logits, _ = target_step(torch.cat([seq.index_select(0, length - 1), d]), length - 1)
+    p = probabilities(logits, sampling)                                       # [k + m + 1, V]
+    passes = rejection_test(p, rows, d, gen) & (span[:m + k] < proposed)
+    accepted = first_rejection(passes)
+    window = torch.cat([d, d[:1]]).index_copy(0, accepted,
+                                              draw(recovery(p, rows, accepted), gen))
+    seq.index_copy_(0, length + span, window)
+    length.add_(accepted + 1)
     return torch.cat([accepted, proposed, window])
 
 
@@ -297,10 +348,14 @@ def run_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: to
               span: torch.Tensor, guesses: int = 0, held: Held | None = None,
               choice: Choice | None = None, sampling: SamplingConfig = GREEDY,
               gen: torch.Generator | None = None) -> torch.Tensor:
-    """``ruled_block`` with a choice, else ``guessed_block`` with ``guesses`` > 0, else
-    ``sampled_block`` for a sampling config, else ``block`` (and its verdict)."""
+    """``ruled_block`` with a choice, else with ``guesses`` > 0 ``guessed_sampled_block``
+    for a sampling config or ``guessed_block``, else ``sampled_block`` for a sampling
+    config, else ``block`` (and its verdict)."""
     if choice is not None:
         return ruled_block(draft_step, target_step, seq, length, span, held, choice)
+    if guesses and not sampling.greedy:
+        return guessed_sampled_block(draft_step, target_step, seq, length, span, guesses,
+                                     sampling, gen)
     if guesses:
         return guessed_block(draft_step, target_step, seq, length, span, guesses)
     if not sampling.greedy:
@@ -404,8 +459,8 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
                           f"rows at most {fast.MAX_GRAPH}; got k = {k}, guesses = {guesses}")
     if guesses and choice is not None:
         raise CospecError("a block checks prompt-lookup guesses or takes a choice, not both")
-    if not sampling.greedy and (guesses or choice is not None):
-        raise CospecError("a sampled block (T > 0) is spd's: no guesses, no choice")
+    if not sampling.greedy and choice is not None:
+        raise CospecError("a sampled block (T > 0) is spd's or spd-staged's: no choice")
     sampling = GREEDY if sampling.greedy else sampling  # one greedy graph, whatever top-p
     stats = stats if stats is not None else DecodeStats()
     if max_new_tokens < 1:  # as ``decode``: nothing to generate

@@ -169,11 +169,11 @@ def test_stream_yields_as_blocks_return_with_their_draft_flags(monkeypatch):
 
 
 def test_greedy_spd_streams_from_the_block_only_where_asked_and_able(monkeypatch):
-    """``Method.stream`` of spd (and greedy spd-staged, with guesses) takes
+    """``Method.stream`` of spd (and spd-staged, with guesses) takes
     ``fast_block.stream`` unless COSPEC_SPD_BLOCK=0, where both models are on the fast
     path's engines (COSPEC_STATIC=1 on the CPU) and the prompt has two or more tokens, greedy
-    or sampled (spd); otherwise ``cospec.decoding``'s loop (sampled spd-staged: the lookup's
-    loop). Greedy, either way the target's tokens."""
+    or sampled; otherwise ``cospec.decoding``'s loop. Greedy, either way the target's
+    tokens."""
     from cospec.methods import Method
     from cospec.sampling import SamplingConfig
 
@@ -192,7 +192,8 @@ def test_greedy_spd_streams_from_the_block_only_where_asked_and_able(monkeypatch
     calls.clear()
     greedy, hot = SamplingConfig(), SamplingConfig(temperature=0.8)
     assert len(list(staged.stream([5, 17, 33], k=3, max_new_tokens=20, sampling=hot,
-                                  eos_ids=(), seed=0))) == 20 and calls == []
+                                  eos_ids=(), seed=0))) == 20 and calls == [[5, 17, 33]]
+    calls.clear()
     cases = [(None, [5, 17, 33], greedy, True), ("1", [5, 17, 33], greedy, True),
              ("0", [5, 17, 33], greedy, False), ("1", [5], greedy, False),
              ("1", [5, 17, 33], hot, True), ("0", [5, 17, 33], hot, False),

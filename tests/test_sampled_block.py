@@ -7,7 +7,9 @@ its plain forward (``distribution.exact_joint``), and each position's marginal, 
 SAMPLES generations, one seed each. k = 2 and three tokens: the first block covers drafts
 that stand, the token drawn from the residual at each draft position and the bonus past
 them; a second block follows where the first commits fewer than three. Drafts: a near copy
-of the target (about half its tokens stand) and an independent model (nearly none do).
+of the target (about half its tokens stand) and an independent model (nearly none do); and
+spd-staged's block (``guessed_sampled_block``), whose first draft step also checks two
+prompt-lookup guesses, on a prompt that repeats itself.
 
 Tiny transformers on the fast path's engines (COSPEC_STATIC=1 on the CPU): about 7 ms a
 generation. Power as in ``test_exactness`` (joints of at most TOP_K ** NEW = 27 cells): at
@@ -28,6 +30,8 @@ from cospec.stats import DecodeStats
 
 CFG = SamplingConfig(temperature=0.9, top_k=3, top_p=0.95)
 PROMPT = [5, 17, 33]
+REPEATS = [5, 17, 33, 92, 89, 92, 39, 39, 39, 92, 89]  # the lookup guesses [92, 39] after it
+GUESSES = 2
 NEW = 3
 K = 2
 SAMPLES = 2000
@@ -44,20 +48,24 @@ def draft_of(target, name: str) -> torch.nn.Module:
                                                                      dtype=torch.float32)
 
 
-@pytest.mark.parametrize("name", ["near", "other"])
-def test_sampled_blocks_follow_the_targets_joint(monkeypatch, target, name):
+@pytest.mark.parametrize("name, guesses", [("near", 0), ("other", 0), ("near", GUESSES)])
+def test_sampled_blocks_follow_the_targets_joint(monkeypatch, target, name, guesses):
     """N generations of three tokens against the target's exact joint (and marginals); the
-    near draft's proposals stand often, the other's seldom."""
+    near draft's proposals stand often, the other's seldom. With guesses (spd-staged's
+    ``guessed_sampled_block``, on a prompt that repeats itself so that the lookup guesses in
+    the first block): some guesses stand, so blocks propose more than k."""
     monkeypatch.setenv("COSPEC_STATIC", "1")
-    draft = draft_of(target, name)
-    probs = exact_joint(lambda ids: probabilities(target(ids).logits[0, -1], CFG), PROMPT, NEW)
+    draft, prompt = draft_of(target, name), REPEATS if guesses else PROMPT
+    probs = exact_joint(lambda ids: probabilities(target(ids).logits[0, -1], CFG), prompt, NEW)
     stats = DecodeStats()
-    samples = [[t.id for t in fast_block.stream(target, draft, PROMPT, k=K, max_new_tokens=NEW,
-                                                sampling=CFG, seed=seed, stats=stats)]
+    samples = [[t.id for t in fast_block.stream(target, draft, prompt, k=K, max_new_tokens=NEW,
+                                                sampling=CFG, seed=seed, stats=stats,
+                                                guesses=guesses)]
                for seed in range(SAMPLES)]
     assert_follows(samples, probs, NEW, ALPHA)
     rate = stats.accepted / stats.drafted
     assert rate > 0.3 if name == "near" else rate < 0.3, rate
+    assert (stats.drafted > 1.2 * K * stats.steps) == bool(guesses), stats.drafted / stats.steps
 
 
 def test_a_seed_repeats_its_tokens_and_another_seed_need_not(monkeypatch, target):
@@ -72,12 +80,11 @@ def test_a_seed_repeats_its_tokens_and_another_seed_need_not(monkeypatch, target
     assert len({tuple(run(s)) for s in range(8)}) > 1
 
 
-def test_a_sampled_block_is_spds_alone():
-    """No guesses and no choice with T > 0 (checked before anything runs)."""
+def test_a_sampled_block_takes_no_choice():
+    """A choice (greedy cospec and CoS) with T > 0 is refused before anything runs."""
     target = tiny_model(11, dtype=torch.float32)
-    for kw in ({"guesses": 2}, {"choice": object()}):
-        with pytest.raises(CospecError, match="sampled block"):
-            list(fast_block.stream(target, target, PROMPT, k=K, sampling=CFG, **kw))
+    with pytest.raises(CospecError, match="sampled block"):
+        list(fast_block.stream(target, target, PROMPT, k=K, sampling=CFG, choice=object()))
 
 
 def test_block_graphs_are_kept_for_the_first_sampling_configs(monkeypatch, target):
