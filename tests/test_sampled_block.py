@@ -104,23 +104,25 @@ def test_block_graphs_are_kept_for_the_first_sampling_configs(monkeypatch, targe
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_sampled_blocks_follow_the_targets_joint_through_a_block_graph(monkeypatch):
+@pytest.mark.parametrize("guesses", [0, GUESSES])
+def test_sampled_blocks_follow_the_targets_joint_through_a_block_graph(monkeypatch, guesses):
     """On a GPU, unseeded: each block one CUDA graph, its draws from the default generator
-    replayed afresh, still the target's joint (float32); a seeded generation takes the step
-    graphs (no second block graph)."""
+    replayed afresh, still the target's joint (float32), with and without guesses; a seeded
+    generation takes the step graphs (no second block graph)."""
     monkeypatch.setenv("COSPEC_SPD_BLOCK", "1")
     fast_block._GRAPHS.clear()
     target = tiny_model(11, dtype=torch.float32).cuda()
-    draft = near_copy(target, 0.05)
+    draft, prompt = near_copy(target, 0.05), REPEATS if guesses else PROMPT
     probs = exact_joint(lambda ids: probabilities(target(ids.cuda()).logits[0, -1], CFG).cpu(),
-                        PROMPT, NEW)
+                        prompt, NEW)
     torch.manual_seed(0)
-    samples = [[t.id for t in fast_block.stream(target, draft, PROMPT, k=K, max_new_tokens=NEW,
-                                                sampling=CFG)] for _ in range(SAMPLES)]
+    samples = [[t.id for t in fast_block.stream(target, draft, prompt, k=K, max_new_tokens=NEW,
+                                                sampling=CFG, guesses=guesses)]
+               for _ in range(SAMPLES)]
     assert_follows(samples, probs, NEW, ALPHA)
     made = sum(len(ks) for by_draft in fast_block._GRAPHS.values() for ks in by_draft.values())
-    seeded = [t.id for t in fast_block.stream(target, draft, PROMPT, k=K, max_new_tokens=NEW,
-                                              sampling=CFG, seed=1)]
+    seeded = [t.id for t in fast_block.stream(target, draft, prompt, k=K, max_new_tokens=NEW,
+                                              sampling=CFG, seed=1, guesses=guesses)]
     assert made == 1 and len(seeded) == NEW
     assert sum(len(ks) for by_draft in fast_block._GRAPHS.values()
                for ks in by_draft.values()) == 1
