@@ -123,12 +123,18 @@ def ours(model, draft, prompt, rule, n, k=5, stats=None) -> tuple[list[int], flo
     return ids, sync() - t0
 
 
+# target-only's loop otherwise chunked: (tokens a host read, chunks launched ahead of it)
+# (``decoding.RUN_AHEAD``, ``decoding.QUEUED``). target-wait: as it was before its chunks
+# were queued (each read before the next launches); target-chunk2: chunks of 2, fewer
+# tokens decoded past an EOS (at most 3 against 7)
+TARGET_CHUNKS = {"target-wait": (8, 0), "target-chunk2": (2, 1)}
+
+
 @contextlib.contextmanager
-def waiting():
-    """Target-only decoding as it was before its chunks were queued ahead on the device
-    (``decoding.QUEUED``): 8 tokens a host read, each read before the next chunk launches."""
+def chunked(run_ahead: int, queued: int):
+    """Target-only decoding with chunks of ``run_ahead`` tokens, ``queued`` launched ahead."""
     saved = decoding.RUN_AHEAD, decoding.QUEUED
-    decoding.RUN_AHEAD, decoding.QUEUED = 8, 0
+    decoding.RUN_AHEAD, decoding.QUEUED = run_ahead, queued
     try:
         yield
     finally:
@@ -300,8 +306,9 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             names.insert(names.index("target") + 1, name)
             if name.startswith("cospec"):
                 lossy.append(name)  # its arbiter's figures beside cospec's
-    if "target-wait" in args.methods.split(","):
-        names.insert(names.index("target") + 1, "target-wait")
+    for name in TARGET_CHUNKS:
+        if name in args.methods.split(","):
+            names.insert(names.index("target") + 1, name)
     if "cospec-host" in args.methods.split(",") and "cospec" in methods:
         # the arbiter's decisions on the host path (ArbiterRule.graphed off), for comparison
         methods["cospec-host"] = build_method("cospec", pair, MethodOptions(), sampling)
@@ -315,8 +322,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         t0 = sync()
         if name == "hf-eager":
             ids = hf(pair.target, prompt, n, eos)[0]
-        elif name == "target-wait":
-            with waiting():
+        elif name in TARGET_CHUNKS:
+            with chunked(*TARGET_CHUNKS[name]):
                 ids, _, stats = methods["target"].run(prompt, k=k, max_new_tokens=n,
                                                       sampling=sampling, eos_ids=eos, seed=seed)
         elif name in BLOCK_METHODS:  # sampled: spd-graph draws from the default generator
@@ -398,6 +405,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             "spd_graph_int8_identical_to_target": ("spd-graph-int8", "target"),
             "spd_block_int8_identical_to_target": ("spd-block-int8", "target"),
             "target_wait_identical_to_target": ("target-wait", "target"),
+            "target_chunk2_identical_to_target": ("target-chunk2", "target"),
             "lookup_identical_to_target": ("lookup", "target"),
             "spd_lookup_identical_to_target": ("spd-lookup", "target"),
             "spd_staged_identical_to_target": ("spd-staged", "target"),
@@ -664,7 +672,8 @@ def main() -> None:
                          "spd-staged-host(-int8): "
                          "spd-staged in cospec.decoding's loop, not the device-side block; "
                          "target-wait: target-only reading each chunk of 8 tokens before "
-                         "launching the next (no chunk queued ahead)")
+                         "launching the next (no chunk queued ahead); target-chunk2: chunks "
+                         "of 2 tokens, one queued ahead (default: 4, one ahead)")
     ap.add_argument("--hf", action="store_true",
                     help="pair parts at T = 0 also time transformers' eager and assisted generate")
     ap.add_argument("--fused-set", action="append", default=[], metavar="NAME=VALUE",
