@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from cpu_int8_cost import load, machine, write
+from tqdm import tqdm
 
 from cospec.decoding import CachedLM
 from cospec.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_pair
@@ -59,7 +60,7 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=120)
     args = ap.parse_args()
     res: dict = {"machine": machine(), "prefix": args.prefix, "dtypes": {}}
-    for dtype in DTYPES:
+    for dtype in tqdm(DTYPES, desc="dtypes"):  # no resume: see cpu_int8_cost.py
         pair = load_pair(DEFAULT_TARGET, DEFAULT_DRAFT, "cpu", dtype)
         res["dtypes"][str(dtype).removeprefix("torch.")] = {
             "target": forward_ms(pair.target, args.prefix, args.steps),

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from cospec import cpu_int8
 from cospec.decoding import CachedLM
@@ -123,16 +124,21 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=120)
     args = ap.parse_args()
     res: dict = {"machine": machine()}
+    # progress on stderr; no resume: a timing resumed in another run would mix two machine
+    # states in one table
     res["shapes"] = {name: {"n": n, "k": k, **products(n, k, 1)}
-                     for name, (n, k) in SHAPES.items()}
+                     for name, (n, k) in tqdm(SHAPES.items(), desc="shapes, one row")}
     res["shapes_load"] = load()
-    res["rows"] = {r: products(4864, 896, r) for r in ROWS}
+    res["rows"] = {r: products(4864, 896, r) for r in tqdm(ROWS, desc="gate/up, rows")}
     res["rows_load"] = load()
     pair = load_pair(DEFAULT_TARGET, DEFAULT_DRAFT, "cpu", torch.float32)
-    steps = {"draft, own weights": step_ms(pair.draft, args.prefix, args.steps),
-             "target, own weights": step_ms(pair.target, args.prefix, args.steps)}
-    cpu_int8.int8_weights(pair.draft)
-    steps["draft, int8 copies"] = step_ms(pair.draft, args.prefix, args.steps)
+    steps = {}
+    for name in tqdm(("draft, own weights", "target, own weights", "draft, int8 copies"),
+                     desc="decode steps"):
+        if name == "draft, int8 copies":
+            cpu_int8.int8_weights(pair.draft)
+        model = pair.target if name.startswith("target") else pair.draft
+        steps[name] = step_ms(model, args.prefix, args.steps)
     res["steps_ms"], res["steps_load"] = steps, load()
     write(Path(args.out) / "cpu_int8_cost", res, table(res))
 
