@@ -403,13 +403,15 @@ def one_graph() -> bool:
 
 
 def serving() -> bool:
-    """COSPEC_SPD_BLOCK: greedy spd (``methods.Method.stream``) runs here where it can
-    (``serves``; 1, unset: the default) or always in ``cospec.decoding``'s loop (0)."""
+    """COSPEC_SPD_BLOCK: the methods ``methods.Method.stream`` brings here (spd, spd-staged,
+    greedy cospec and CoS) run here where they can (``serves``; 1, unset: the default) or
+    always in their host loops (0)."""
     return choice("COSPEC_SPD_BLOCK", ("0", "1"), "1") == "1"
 
 
 def serves(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int]) -> bool:
-    """Does greedy spd of this pair and prompt stream from here? With ``serving()``, where
+    """Do this pair and prompt stream from here (``Method.device_block`` asks which
+    methods)? With ``serving()``, where
     both models run on the fast path's engines (``fast.wanted``: on CUDA), on one device,
     neither a tensor-parallel shard, and the prompt has two or more tokens."""
     if not serving() or len(prompt_ids) < 2:
