@@ -210,10 +210,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "rows beside --max-batch; 0: never (default: 4, where batched spd "
                         "measured slower than target-only, on a GPU and on a CPU)")
     p.add_argument("--no-solo", dest="solo", action="store_false",
-                   help="a lone greedy spd, cospec or cos-we request (or unseeded sampled "
-                        "spd) takes the batch engines too (default: it decodes on the batch-1 "
-                        "path, each block on the device, until another request arrives; on a "
-                        "GPU)")
+                   help="a lone greedy spd, cospec or cos-we request (or an unseeded "
+                        "sampled spd or cos-we one) takes the batch engines too (default: it "
+                        "decodes on the batch-1 path, each block on the device, until another "
+                        "request arrives; on a GPU)")
     p.add_argument("--max-context", type=int, default=2048,
                    help="tokens per request, prompt + completion (at most the model's): "
                         "with --max-batch, the KV cache budget")

@@ -33,11 +33,12 @@ checks prompt-lookup guesses), ``ruled_block`` (greedy CoSpec and CoS: the token
 position is a choice from both models' rows, ``cospec.block_choice``; the token after a
 fully kept block waits, pending, for the draft's row that the next block's first step
 computes anyway) and ``sampled_block`` (spd at T > 0: draws and the rejection test on the
-device, the host loop's distribution-exact rule; ``guessed_sampled_block`` for spd-staged).
+device, the host loop's distribution-exact rule; ``guessed_sampled_block`` for spd-staged,
+``ruled_sampled_block`` for CoS).
 
 Batch 1, prompts of two or more tokens, models on ``fast.StaticLM`` engines. ``stream``
-yields the tokens as the blocks' verdicts return; spd and spd-staged, greedy or sampled,
-greedy cospec (and the heuristics) and cos-we / cos-cd (``methods.Method.stream``:
+yields the tokens as the blocks' verdicts return; spd, spd-staged, cos-we and cos-cd,
+greedy or sampled, and greedy cospec (and the heuristics) (``methods.Method.stream``:
 ``cospec eval``, ``generate``, the API) take it wherever they can (``serves``;
 COSPEC_SPD_BLOCK=0: never).
 On that path, cospec eval's speed pass on an H200, spd made 1.12x / 1.26x target-only on
@@ -55,7 +56,8 @@ from typing import NamedTuple
 import torch
 
 from cospec import fast
-from cospec.block_choice import ArbiterChoice, Choice
+from cospec.block_choice import ArbiterChoice, Choice, CombinationChoice
+from cospec.cos import Combination
 from cospec.decoding import HeldClock, Token
 from cospec.errors import CospecError
 from cospec.lookup import device_guesses
@@ -295,6 +297,63 @@ def ruled_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: 
     return torch.cat([accepted, ok.long(), overrides, met, y, window])
 
 
+def ruled_sampled_block(draft_step: Step, target_step: Step, seq: torch.Tensor,
+                        length: torch.Tensor, span: torch.Tensor, held: Held,
+                        combo: Combination, sampling: SamplingConfig,
+                        gen: torch.Generator | None) -> torch.Tensor:
+    """``ruled_block`` for CoS at T > 0 (cos-we, cos-cd of two models; ``cospec.cos``'s
+    alternate proposal), the tokens following the combination r of both models' rows
+    (``Combination.probs``) exactly:
+
+    - the draft's tokens d_i ~ q_i stand with probability min(1, r_i(d_i) / q_i(d_i)); the
+      first that does not is replaced by a draw from norm(max(0, r - q));
+    - when every draft stands, the token after them is drawn from the target's own p and
+      left pending; the next block's first draft step gives the draft's row there, and it
+      stands with probability min(1, r(x) / p(x)), else it is replaced by a draw from
+      norm(max(0, r - p)) and committed alone (the block's drafts stood on it).
+
+    Returns ``ruled_block``'s verdict [k + 6] (no overrides and no arbiter calls: zeros)."""
+    k = len(span) - 1
+    pending = held.pending
+    was = pending > 0                                                         # [1]
+    first = length + pending - 2
+    # (copies: a step's logits may be a static graph output that the next step overwrites)
+    logits = draft_step(seq.index_select(0, first + span[:2]), first)[0]
+    at_x = logits[:1].to(torch.float32, copy=True)  # the draft's row at the pending token
+    rows = [logits[1:].to(torch.float32, copy=True)]
+    q = [probabilities(rows[0], sampling)]
+    drafts = [draw(q[0], gen)]
+    x = seq.index_select(0, length)  # the pending token (stale when none is pending)
+    base = length + pending
+    for i in range(1, k):
+        logits = draft_step(drafts[-1], base + i - 1)[0]
+        rows.append(logits[:1].to(torch.float32, copy=True))
+        q.append(probabilities(rows[-1], sampling))
+        drafts.append(draw(q[-1], gen))
+    d, q = torch.cat(drafts), torch.cat(q)                                    # [k], [k, V]
+    theirs, _ = target_step(torch.cat([seq.index_select(0, base - 1), d]), base - 1)
+    theirs = theirs.float()                                                   # [k + 1, V]
+    p_x = probabilities(held.row[None], sampling)
+    r_x = combo.probs([at_x, held.row[None]], sampling)
+    stands = rejection_test(r_x, p_x, x, gen)
+    y = torch.where(was & ~stands, draw(residual(r_x, p_x), gen), x)
+    ok = y == x
+    r = combo.probs([torch.cat(rows), theirs[:k]], sampling)                 # [k, V]
+    accepted = first_rejection(rejection_test(r, q, d, gen) & ok)
+    full = accepted == k  # the next token is the target's own draw, left pending
+    at = accepted.clamp_max(k - 1)
+    fix = draw(residual(r.index_select(0, at), q.index_select(0, at)), gen)
+    nxt = torch.where(full, draw(probabilities(theirs[k:], sampling), gen), fix)
+    window = torch.cat([d, d[:1]]).index_copy(0, accepted, nxt)
+    seq.index_copy_(0, length, y)  # (its own stale value where none was pending) ...
+    seq.index_copy_(0, base + span, window)  # ... then the window (past L + 1 if not ok)
+    held.row.copy_(theirs.index_select(0, accepted)[0])
+    length.copy_(torch.where(ok, base + accepted + (~full).long(), length + 1))
+    pending.copy_((ok & full).long())
+    none = torch.zeros_like(accepted)
+    return torch.cat([accepted, ok.long(), none, none, y, window])
+
+
 def held_state(tgt: fast.Engine) -> Held:
     """A ruled block's ``Held`` state for the target engine's vocabulary (nothing pending)."""
     zeros = torch.zeros(2, dtype=torch.long, device=tgt.device)
@@ -348,9 +407,13 @@ def run_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: to
               span: torch.Tensor, guesses: int = 0, held: Held | None = None,
               choice: Choice | None = None, sampling: SamplingConfig = GREEDY,
               gen: torch.Generator | None = None) -> torch.Tensor:
-    """``ruled_block`` with a choice, else with ``guesses`` > 0 ``guessed_sampled_block``
+    """With a choice ``ruled_sampled_block`` for a sampling config (a combination's) or
+    ``ruled_block``, else with ``guesses`` > 0 ``guessed_sampled_block``
     for a sampling config or ``guessed_block``, else ``sampled_block`` for a sampling
     config, else ``block`` (and its verdict)."""
+    if choice is not None and not sampling.greedy:
+        return ruled_sampled_block(draft_step, target_step, seq, length, span, held,
+                                   choice.combo, sampling, gen)
     if choice is not None:
         return ruled_block(draft_step, target_step, seq, length, span, held, choice)
     if guesses and not sampling.greedy:
@@ -461,8 +524,9 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
                           f"rows at most {fast.MAX_GRAPH}; got k = {k}, guesses = {guesses}")
     if guesses and choice is not None:
         raise CospecError("a block checks prompt-lookup guesses or takes a choice, not both")
-    if not sampling.greedy and choice is not None:
-        raise CospecError("a sampled block (T > 0) is spd's or spd-staged's: no choice")
+    if not sampling.greedy and choice is not None and not isinstance(choice, CombinationChoice):
+        raise CospecError("a sampled block (T > 0) takes no arbiter's choice (CoSpec is "
+                          "greedy): spd's, spd-staged's or a CoS combination's")
     sampling = GREEDY if sampling.greedy else sampling  # one greedy graph, whatever top-p
     stats = stats if stats is not None else DecodeStats()
     if max_new_tokens < 1:  # as ``decode``: nothing to generate

@@ -66,8 +66,8 @@ class Method:
                sampling: SamplingConfig, eos_ids, seed: int | None = None,
                stats: DecodeStats | None = None) -> Iterator[Token]:
         """Tokens as they are committed (the loop for this method; greedy spd, spd-staged,
-        cospec and the heuristics, cos-we and cos-cd, and sampled spd and spd-staged on a
-        GPU: each block on the device, ``cospec.fast_block``, unless COSPEC_SPD_BLOCK=0)."""
+        cospec and the heuristics, and sampled spd, spd-staged, cos-we and cos-cd on a GPU:
+        each block on the device, ``cospec.fast_block``, unless COSPEC_SPD_BLOCK=0)."""
         if self.device_block(prompt_ids, sampling):
             # spd-staged: fast_block.GUESSES, within the fast path's MAX_GRAPH rows a verify
             guesses = (max(0, min(fast_block.GUESSES, fast.MAX_GRAPH - 1 - k))
@@ -92,12 +92,14 @@ class Method:
     def device_block(self, prompt_ids: list[int], sampling: SamplingConfig) -> bool:
         """Does ``stream`` run each block on the device (``cospec.fast_block``)? For greedy
         spd, spd-staged and the methods with a block choice (``has_choice``), and for sampled
-        spd and spd-staged, both models on the fast path's engines (``fast_block.serves``).
+        spd, spd-staged, cos-we and cos-cd, both models on the fast path's engines
+        (``fast_block.serves``).
         Touches no device (the server asks on its event loop)."""
         if self.proposer is None:
             return False
         if not sampling.greedy:
-            if self.name not in ("spd", "spd-staged"):
+            if self.name not in ("spd", "spd-staged") and not (self.combo is not None
+                                                              and self.has_choice()):
                 return False
         elif self.name not in ("spd", "spd-staged") and not self.has_choice():
             return False

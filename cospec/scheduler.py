@@ -20,13 +20,14 @@ admitted; beyond that a request gets a 429 at once.
 
 Alone (``solo``): a batchable request that finds nothing else decoding or waiting, of a
 method whose batch-1 loop runs each block on the device (greedy spd, cospec, cos-we; spd
-sampled without a seed: ``Method.device_block``), decodes on that path, round robin, since
-a batch engine's one row is slower: on the real pair on an H200 a lone client got 352 tok/s
-from the spd batch engine against 404 target-only (results/gpu/h200/serve-spec-off-at),
-where the device-side block runs 1.2-1.3x target-only at batch 1. When another request
-arrives it moves to the pool at the next turn and goes on from the tokens it committed
-(prefilled again there), as a request moved under load does; its tokens at T = 0 are the
-same either way (sampled, a sample of the same distribution either way).
+and cos-we sampled without a seed: ``Method.device_block``), decodes on that path, round
+robin, since a batch engine's one row is slower: on the real pair on an H200 a lone client
+got 352 tok/s from the spd batch engine against 404 target-only
+(results/gpu/h200/serve-spec-off-at), where the device-side block runs 1.2-1.3x
+target-only at batch 1. When another request arrives it moves to the pool at the next turn
+and goes on from the tokens it committed (prefilled again there), as a request moved under
+load does; its tokens at T = 0 are the same either way (sampled, a sample of the same
+distribution either way).
 
 Time limit: ``timeout`` seconds from arrival, queueing included. A request that reaches it
 ends as if it had reached max_tokens — finish_reason ``"length"`` — with

@@ -226,8 +226,8 @@ def test_budgets_first_mismatch_and_hidden_states_stay_in_the_host_loop():
 
 def test_methods_stream_cospec_and_cos_from_the_block(monkeypatch):
     """``Method.stream`` of greedy cospec / confidence and cos-we / cos-cd takes the ruled
-    block where greedy spd takes its block (not we-sd, not sampling, not with
-    COSPEC_SPD_BLOCK=0), with the host loop's tokens either way."""
+    block where greedy spd takes its block (not we-sd, not with COSPEC_SPD_BLOCK=0), with
+    the host loop's tokens either way; sampled, cos-we takes its own (test_sampled_block)."""
     from cospec.methods import Method
     from cospec.sampling import SamplingConfig
 
@@ -260,7 +260,7 @@ def test_methods_stream_cospec_and_cos_from_the_block(monkeypatch):
             assert len(calls) == on_block and (not calls or calls[0] is not None), m.name
     monkeypatch.setenv("COSPEC_SPD_BLOCK", "1")
     calls.clear()
-    hot = SamplingConfig(temperature=0.8)
-    list(methods[2].stream([5, 17, 33], k=3, max_new_tokens=10, sampling=hot, eos_ids=(),
-                           seed=0))
-    assert calls == []
+    hot = SamplingConfig(temperature=0.8)  # sampled: cos-we's own block, we-sd its loop
+    for m in methods[2:]:
+        list(m.stream([5, 17, 33], k=3, max_new_tokens=10, sampling=hot, eos_ids=(), seed=0))
+    assert len(calls) == 1 and calls[0] is not None

@@ -9,7 +9,8 @@ that stand, the token drawn from the residual at each draft position and the bon
 them; a second block follows where the first commits fewer than three. Drafts: a near copy
 of the target (about half its tokens stand) and an independent model (nearly none do); and
 spd-staged's block (``guessed_sampled_block``), whose first draft step also checks two
-prompt-lookup guesses, on a prompt that repeats itself.
+prompt-lookup guesses, on a prompt that repeats itself. cos-we and cos-cd
+(``ruled_sampled_block``) against the joint of their combination r.
 
 Tiny transformers on the fast path's engines (COSPEC_STATIC=1 on the CPU): about 7 ms a
 generation. Power as in ``test_exactness`` (joints of at most TOP_K ** NEW = 27 cells): at
@@ -24,6 +25,8 @@ from distribution import assert_follows, exact_joint
 from tiny import near_copy, tiny_model
 
 from cospec import fast, fast_block
+from cospec.block_choice import arbiter_choice, combination_choice
+from cospec.cos import Combination
 from cospec.errors import CospecError
 from cospec.sampling import GREEDY, SamplingConfig, probabilities
 from cospec.stats import DecodeStats
@@ -68,6 +71,55 @@ def test_sampled_blocks_follow_the_targets_joint(monkeypatch, target, name, gues
     assert (stats.drafted > 1.2 * K * stats.steps) == bool(guesses), stats.drafted / stats.steps
 
 
+@pytest.mark.parametrize("kind", ["we", "cd"])
+def test_sampled_cos_blocks_follow_the_combinations_joint(monkeypatch, target, kind):
+    """cos-we and cos-cd at T > 0 (``ruled_sampled_block``, the pending token's alternate
+    proposal): N generations of three tokens against the exact joint of r, the combination
+    of both models' processed rows, and its marginals; the drafts stand often, and tokens
+    are left pending (every draft of a block stood) and taken up by the next block."""
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    draft = draft_of(target, "near")
+    combo = Combination("we", (0.5, 0.5)) if kind == "we" else Combination("cd", mu=0.5)
+    probs = exact_joint(lambda ids: combo.probs([draft(ids).logits[0, -1],
+                                                 target(ids).logits[0, -1]], CFG), PROMPT, NEW)
+    choice = combination_choice(combo, torch.device("cpu"))
+    stats = DecodeStats()
+    samples = [[t.id for t in fast_block.stream(target, draft, PROMPT, k=K, max_new_tokens=NEW,
+                                                sampling=CFG, seed=seed, stats=stats,
+                                                choice=choice)]
+               for seed in range(SAMPLES)]
+    assert_follows(samples, probs, NEW, ALPHA)
+    assert stats.accepted / stats.drafted > 0.2  # cd's strong contrast keeps r far from q
+    assert stats.drafted > K * stats.steps  # some blocks opened with a pending token
+
+
+def test_sampled_methods_take_the_block_where_they_can(monkeypatch, target):
+    """``Method.device_block`` at T > 0 (fast path's engines, COSPEC_STATIC=1 on the CPU):
+    spd, spd-staged, cos-we and cos-cd yes; ``we`` (nothing drafted), target-only and
+    cos-we of three models (the block combines two) no; ``Method.stream`` of cos-we streams
+    from the block."""
+    from cospec.methods import MethodOptions, build_method
+    from cospec.models import Pair
+
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    draft = draft_of(target, "near")
+    two = Pair(target, draft, None, "tiny-target", "tiny-draft")
+    three = Pair(target, draft, None, "tiny-target", "tiny-draft",
+                 extra=(draft_of(target, "other"),))
+    takes = {name: build_method(name, two, sampling=CFG).device_block(PROMPT, CFG)
+             for name in ("spd", "spd-staged", "cos-we", "cos-cd", "we", "target")}
+    assert takes == {"spd": True, "spd-staged": True, "cos-we": True, "cos-cd": True,
+                     "we": False, "target": False}
+    assert not build_method("cos-we", three, MethodOptions(weights=(0.3, 0.3, 0.4)),
+                            CFG).device_block(PROMPT, CFG)
+    calls = []
+    block_stream = fast_block.stream
+    monkeypatch.setattr(fast_block, "stream", lambda *a, **kw: calls.append(kw) or
+                        block_stream(*a, **kw))
+    got = build_method("cos-we", two, sampling=CFG).run(PROMPT, k=K, max_new_tokens=6,
+                                                       sampling=CFG, eos_ids=(), seed=0)[0]
+    assert len(got) == 6 and len(calls) == 1 and calls[0]["choice"] is not None
+
 def test_a_seed_repeats_its_tokens_and_another_seed_need_not(monkeypatch, target):
     monkeypatch.setenv("COSPEC_STATIC", "1")
     draft = draft_of(target, "near")
@@ -80,11 +132,14 @@ def test_a_seed_repeats_its_tokens_and_another_seed_need_not(monkeypatch, target
     assert len({tuple(run(s)) for s in range(8)}) > 1
 
 
-def test_a_sampled_block_takes_no_choice():
-    """A choice (greedy cospec and CoS) with T > 0 is refused before anything runs."""
+def test_a_sampled_block_takes_no_arbiter():
+    """An arbiter's choice (CoSpec is greedy) with T > 0 is refused before anything runs."""
+    from cospec.arbiter import ArbiterRule, ConfidencePolicy
+
     target = tiny_model(11, dtype=torch.float32)
+    choice = arbiter_choice(ArbiterRule(ConfidencePolicy(0.3)), torch.device("cpu"))
     with pytest.raises(CospecError, match="sampled block"):
-        list(fast_block.stream(target, target, PROMPT, k=K, sampling=CFG, choice=object()))
+        list(fast_block.stream(target, target, PROMPT, k=K, sampling=CFG, choice=choice))
 
 
 def test_block_graphs_are_kept_for_the_first_sampling_configs(monkeypatch, target):
@@ -104,25 +159,33 @@ def test_block_graphs_are_kept_for_the_first_sampling_configs(monkeypatch, targe
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("guesses", [0, GUESSES])
-def test_sampled_blocks_follow_the_targets_joint_through_a_block_graph(monkeypatch, guesses):
+@pytest.mark.parametrize("case", ["spd", "spd-staged", "cos-we"])
+def test_sampled_blocks_follow_the_joint_through_a_block_graph(monkeypatch, case):
     """On a GPU, unseeded: each block one CUDA graph, its draws from the default generator
-    replayed afresh, still the target's joint (float32), with and without guesses; a seeded
-    generation takes the step graphs (no second block graph)."""
+    replayed afresh, still the exact joint (float32): spd's, spd-staged's (guesses) and
+    cos-we's (r); a seeded generation takes the step graphs (no second block graph)."""
     monkeypatch.setenv("COSPEC_SPD_BLOCK", "1")
     fast_block._GRAPHS.clear()
     target = tiny_model(11, dtype=torch.float32).cuda()
-    draft, prompt = near_copy(target, 0.05), REPEATS if guesses else PROMPT
-    probs = exact_joint(lambda ids: probabilities(target(ids.cuda()).logits[0, -1], CFG).cpu(),
-                        prompt, NEW)
+    draft = near_copy(target, 0.05)
+    guesses, prompt = (GUESSES, REPEATS) if case == "spd-staged" else (0, PROMPT)
+    combo = Combination("we", (0.5, 0.5)) if case == "cos-we" else None
+    choice = combination_choice(combo, torch.device("cuda")) if combo else None
+
+    def wanted(ids):
+        ids = ids.cuda()
+        if combo is None:
+            return probabilities(target(ids).logits[0, -1], CFG).cpu()
+        return combo.probs([draft(ids).logits[0, -1], target(ids).logits[0, -1]], CFG).cpu()
+
+    probs = exact_joint(wanted, prompt, NEW)
+    kw = dict(k=K, max_new_tokens=NEW, sampling=CFG, guesses=guesses, choice=choice)
     torch.manual_seed(0)
-    samples = [[t.id for t in fast_block.stream(target, draft, prompt, k=K, max_new_tokens=NEW,
-                                                sampling=CFG, guesses=guesses)]
+    samples = [[t.id for t in fast_block.stream(target, draft, prompt, **kw)]
                for _ in range(SAMPLES)]
     assert_follows(samples, probs, NEW, ALPHA)
     made = sum(len(ks) for by_draft in fast_block._GRAPHS.values() for ks in by_draft.values())
-    seeded = [t.id for t in fast_block.stream(target, draft, prompt, k=K, max_new_tokens=NEW,
-                                              sampling=CFG, seed=1, guesses=guesses)]
+    seeded = [t.id for t in fast_block.stream(target, draft, prompt, seed=1, **kw)]
     assert made == 1 and len(seeded) == NEW
     assert sum(len(ks) for by_draft in fast_block._GRAPHS.values()
                for ks in by_draft.values()) == 1
