@@ -335,9 +335,12 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
                 pair.target, draft, prompt, k=k, max_new_tokens=n, eos_ids=eos, stats=stats,
                 graph=graphed, sampling=sampling, seed=None if graphed else seed)]
         elif name in RULED_METHODS:  # the method's choice in fast_block's ruled block
-            m = methods[name]
-            ids = fast_block.spd_greedy(m.verifier, m.proposer, prompt, k=k, max_new_tokens=n,
-                                        eos_ids=eos, stats=stats, choice=m.block_choice())
+            m = methods[name]  # (sampled cos-we: its own block, from the default generator)
+            if not sampling.greedy:
+                torch.manual_seed(seed)
+            ids = [t.id for t in fast_block.stream(
+                m.verifier, m.proposer, prompt, k=k, max_new_tokens=n, eos_ids=eos,
+                stats=stats, choice=m.block_choice(), sampling=sampling)]
         elif name in HOST_METHODS:  # the host loop's staged drafting, never fast_block
             m = methods[name]
             ids = [t.id for t in lookup_generate(m.verifier, m.proposer, prompt, m.rule, k=k,
