@@ -282,12 +282,7 @@ def ruled_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: 
     accepted = ((chosen == d) & ok).long().cumprod(0).sum().view(1)
     full = accepted == k  # the next token is the target's, left pending
     nxt = torch.where(full, best, torch.cat([chosen, best[k:]])).index_select(0, accepted)
-    window = torch.cat([d, d[:1]]).index_copy(0, accepted, nxt)
-    seq.index_copy_(0, length, y)  # (its own stale value where none was pending) ...
-    seq.index_copy_(0, base + span, window)  # ... then the window (past L + 1 if not ok)
-    held.row.copy_(theirs.index_select(0, accepted)[0])
-    length.copy_(torch.where(ok, base + accepted + (~full).long(), length + 1))
-    pending.copy_((ok & full).long())
+    window = commit_ruled(seq, length, span, held, base, y, ok, d, accepted, nxt, theirs)
     differ = d != best[:k]
     overrides = ((~ok).long() + ok.long() * (
         (differ & (span[:k] < accepted)).sum().view(1)
@@ -295,6 +290,25 @@ def ruled_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: 
     met = ((differ & (span[:k] <= accepted)).sum().view(1) * ok.long()
            + (was & (own != x)).long())
     return torch.cat([accepted, ok.long(), overrides, met, y, window])
+
+
+def commit_ruled(seq: torch.Tensor, length: torch.Tensor, span: torch.Tensor, held: Held,
+                 base: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, d: torch.Tensor,
+                 accepted: torch.Tensor, nxt: torch.Tensor, theirs: torch.Tensor
+                 ) -> torch.Tensor:
+    """A ruled block's commit: y [1] at L, then (where ``ok``: y was the pending token, or
+    none was pending) the proposals d [k] with nxt [1] at ``accepted`` [1] from ``base``;
+    the target's row there (``theirs`` [k + 1, V]) kept in ``held``, and length and the
+    pending flag advanced (a token is left pending when every proposal stood). Returns the
+    window [k + 1]."""
+    full = accepted == len(d)
+    window = torch.cat([d, d[:1]]).index_copy(0, accepted, nxt)
+    seq.index_copy_(0, length, y)  # (its own stale value where none was pending) ...
+    seq.index_copy_(0, base + span, window)  # ... then the window (past L + 1 if not ok)
+    held.row.copy_(theirs.index_select(0, accepted)[0])
+    length.copy_(torch.where(ok, base + accepted + (~full).long(), length + 1))
+    held.pending.copy_((ok & full).long())
+    return window
 
 
 def ruled_sampled_block(draft_step: Step, target_step: Step, seq: torch.Tensor,
@@ -344,12 +358,7 @@ def ruled_sampled_block(draft_step: Step, target_step: Step, seq: torch.Tensor,
     at = accepted.clamp_max(k - 1)
     fix = draw(residual(r.index_select(0, at), q.index_select(0, at)), gen)
     nxt = torch.where(full, draw(probabilities(theirs[k:], sampling), gen), fix)
-    window = torch.cat([d, d[:1]]).index_copy(0, accepted, nxt)
-    seq.index_copy_(0, length, y)  # (its own stale value where none was pending) ...
-    seq.index_copy_(0, base + span, window)  # ... then the window (past L + 1 if not ok)
-    held.row.copy_(theirs.index_select(0, accepted)[0])
-    length.copy_(torch.where(ok, base + accepted + (~full).long(), length + 1))
-    pending.copy_((ok & full).long())
+    window = commit_ruled(seq, length, span, held, base, y, ok, d, accepted, nxt, theirs)
     none = torch.zeros_like(accepted)
     return torch.cat([accepted, ok.long(), none, none, y, window])
 

@@ -46,6 +46,14 @@ def target():
     return tiny_model(11, dtype=torch.float32)
 
 
+def samples(target, draft, prompt: list[int], stats: DecodeStats, **kw) -> list[list[int]]:
+    """SAMPLES generations of NEW tokens through ``fast_block.stream`` at CFG, seeds 0..;
+    ``kw``: its guesses or choice."""
+    return [[t.id for t in fast_block.stream(target, draft, prompt, k=K, max_new_tokens=NEW,
+                                             sampling=CFG, seed=seed, stats=stats, **kw)]
+            for seed in range(SAMPLES)]
+
+
 def draft_of(target, name: str) -> torch.nn.Module:
     return near_copy(target, 0.05) if name == "near" else tiny_model(12, layers=1,
                                                                      dtype=torch.float32)
@@ -61,11 +69,7 @@ def test_sampled_blocks_follow_the_targets_joint(monkeypatch, target, name, gues
     draft, prompt = draft_of(target, name), REPEATS if guesses else PROMPT
     probs = exact_joint(lambda ids: probabilities(target(ids).logits[0, -1], CFG), prompt, NEW)
     stats = DecodeStats()
-    samples = [[t.id for t in fast_block.stream(target, draft, prompt, k=K, max_new_tokens=NEW,
-                                                sampling=CFG, seed=seed, stats=stats,
-                                                guesses=guesses)]
-               for seed in range(SAMPLES)]
-    assert_follows(samples, probs, NEW, ALPHA)
+    assert_follows(samples(target, draft, prompt, stats, guesses=guesses), probs, NEW, ALPHA)
     rate = stats.accepted / stats.drafted
     assert rate > 0.3 if name == "near" else rate < 0.3, rate
     assert (stats.drafted > 1.2 * K * stats.steps) == bool(guesses), stats.drafted / stats.steps
@@ -84,11 +88,7 @@ def test_sampled_cos_blocks_follow_the_combinations_joint(monkeypatch, target, k
                                                  target(ids).logits[0, -1]], CFG), PROMPT, NEW)
     choice = combination_choice(combo, torch.device("cpu"))
     stats = DecodeStats()
-    samples = [[t.id for t in fast_block.stream(target, draft, PROMPT, k=K, max_new_tokens=NEW,
-                                                sampling=CFG, seed=seed, stats=stats,
-                                                choice=choice)]
-               for seed in range(SAMPLES)]
-    assert_follows(samples, probs, NEW, ALPHA)
+    assert_follows(samples(target, draft, PROMPT, stats, choice=choice), probs, NEW, ALPHA)
     assert stats.accepted / stats.drafted > 0.2  # cd's strong contrast keeps r far from q
     assert stats.drafted > K * stats.steps  # some blocks opened with a pending token
 
