@@ -111,10 +111,52 @@ def verify(target_step: Step, seq: torch.Tensor, length: torch.Tensor, span: tor
     if proposed is not None:
         keep = keep & (span[:len(d)] < proposed)
     accepted = keep.long().cumprod(0).sum().view(1)
-    window = torch.cat([d, d[:1]]).index_copy(0, accepted, best.index_select(0, accepted))
+    return accepted, commit(seq, length, span, d, accepted, best.index_select(0, accepted))
+
+
+def commit(seq: torch.Tensor, length: torch.Tensor, span: torch.Tensor, d: torch.Tensor,
+           accepted: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+    """A block's commit: the window [len(span)], the proposals d with nxt [1] at
+    ``accepted`` [1], written into seq from length (what lies past a + 1 is overwritten by
+    later blocks), and length advanced by a + 1. Returns the window."""
+    window = torch.cat([d, d[:1]]).index_copy(0, accepted, nxt)
     seq.index_copy_(0, length + span, window)
     length.add_(accepted + 1)
-    return accepted, window
+    return window
+
+
+def sampled_steps(draft_step: Step, last: torch.Tensor, start: torch.Tensor, n: int,
+                  sampling: SamplingConfig, gen: torch.Generator | None
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """n one-row draft steps from token ``last`` [1] at position ``start`` [1], each fed the
+    token drawn from the step before: (the n tokens [1] each, their rows of the draft's
+    processed distribution [1, V] each)."""
+    tokens, rows = [], []
+    for i in range(n):
+        logits, _ = draft_step(last, start + i)
+        rows.append(probabilities(logits[:1], sampling))
+        last = draw(rows[-1], gen)
+        tokens.append(last)
+    return tokens, rows
+
+
+def sampled_verify(target_step: Step, seq: torch.Tensor, length: torch.Tensor,
+                   span: torch.Tensor, d: torch.Tensor, q: torch.Tensor,
+                   sampling: SamplingConfig, gen: torch.Generator | None,
+                   proposed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``verify`` for proposals d [len(span) - 1] drawn from the draft's rows q [len(d), V]:
+    the target's processed p at positions L-1.., d_i stands while u_i q_i(d_i) < p_i(d_i)
+    (``rejection_test``; within the first ``proposed`` [1], if given), and the token at the
+    first rejection a is drawn from norm(max(0, p_a - q_a)), or from p_a past the proposals
+    (``recovery``). Commits as ``verify``; returns (a [1], the window [len(span)])."""
+    logits, _ = target_step(torch.cat([seq.index_select(0, length - 1), d]), length - 1)
+    p = probabilities(logits, sampling)                                   # [len(span), V]
+    passes = rejection_test(p, q, d, gen)
+    if proposed is not None:  # past the proposals: no test, and a zero row (the bonus is p's)
+        within = span[:len(d)] < proposed
+        passes, q = passes & within, q * within.view(-1, 1)
+    accepted = first_rejection(passes)
+    return accepted, commit(seq, length, span, d, accepted, draw(recovery(p, q, accepted), gen))
 
 
 def sampled_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: torch.Tensor,
@@ -122,28 +164,18 @@ def sampled_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length
                   gen: torch.Generator | None) -> torch.Tensor:
     """``block`` for sampled spd: each d_i is drawn from the draft's processed distribution
     q_i there (``sampling.probabilities``: temperature, top-k, top-p, as the host loop's),
-    the verify gives the target's p_0..p_k, d_i stands while u_i q_i(d_i) < p_i(d_i)
-    (``rejection_test``), and the token at the first rejection a is drawn from
-    norm(max(0, p_a - q_a)), or from p_k when every draft stood (``recovery``): the
-    committed tokens follow the target's processed distribution exactly, as the host loop's
-    (``acceptance.ExactRule``). Every draw is on the device (``sampling.draw``); ``gen``
-    None: the default generator, whose draws a CUDA graph replays afresh. Returns
-    ``block``'s verdict [k + 2]: a, then the window."""
+    then ``sampled_verify``: the committed tokens follow the target's processed distribution
+    exactly, as the host loop's (``acceptance.ExactRule``). Every draw is on the device
+    (``sampling.draw``); ``gen`` None: the default generator, whose draws a CUDA graph
+    replays afresh. Returns ``block``'s verdict [k + 2]: a, then the window."""
     k = len(span) - 1
     logits, _ = draft_step(seq.index_select(0, length - 2 + span[:2]), length - 2)
     q = [probabilities(logits[1:], sampling)]                                 # [1, V] each
     drafts = [draw(q[0], gen)]
-    for i in range(1, k):
-        logits, _ = draft_step(drafts[-1], length - 1 + i)
-        q.append(probabilities(logits[:1], sampling))
-        drafts.append(draw(q[-1], gen))
-    q, d = torch.cat(q), torch.cat(drafts)                                    # [k, V], [k]
-    logits, _ = target_step(torch.cat([seq.index_select(0, length - 1), d]), length - 1)
-    p = probabilities(logits, sampling)                                       # [k + 1, V]
-    accepted = first_rejection(rejection_test(p, q, d, gen))
-    window = torch.cat([d, d[:1]]).index_copy(0, accepted, draw(recovery(p, q, accepted), gen))
-    seq.index_copy_(0, length + span, window)
-    length.add_(accepted + 1)
+    tokens, rows = sampled_steps(draft_step, drafts[0], length, k - 1, sampling, gen)
+    accepted, window = sampled_verify(target_step, seq, length, span,
+                                      torch.cat(drafts + tokens), torch.cat(q + rows),
+                                      sampling, gen)
     return torch.cat([accepted, window])
 
 
@@ -183,8 +215,8 @@ def guessed_sampled_block(draft_step: Step, target_step: Step, seq: torch.Tensor
     guess j stands with probability q_j(guess) (the draft's processed distribution at its
     row), and the first that does not is replaced by a draw from q_j without it, which is a
     draw from q_j. So the c guesses that stood and the token after them are the draft's own
-    sampled tokens d_1..d_{c+1}; k - 1 one-row steps draw the rest, and ``sampled_block``'s
-    rejection test and recovery run over the first k + c (each against its row of q).
+    sampled tokens d_1..d_{c+1}; k - 1 one-row steps draw the rest, and ``sampled_verify``
+    runs over the first k + c (each against its row of q).
     Returns ``guessed_block``'s verdict [k + m + 3]: a, k + c, then the window."""
     k = len(span) - 1 - m
     guess = device_guesses(seq, length, m)                                    # [m], -1: none
@@ -203,25 +235,13 @@ def guessed_sampled_block(draft_step: Step, target_step: Step, seq: torch.Tensor
     d = torch.cat([torch.cat([g, g[:1]]).index_copy(0, stood, last),
                    g.new_zeros(k - 1)])                                       # [m + k]
     rows = torch.cat([q, q.new_zeros(k - 1, q.shape[-1])])                    # [m + k, V]
-    after, after_q = [], []
-    for i in range(1, k):
-        logits, _ = draft_step(last, length + stood + i - 1)
-        after_q.append(probabilities(logits[:1], sampling))
-        last = draw(after_q[-1], gen)
-        after.append(last)
-    if after:  # own[:c + 1], then the steps' tokens and rows; past k + c: unused, rows zero
+    after, after_q = sampled_steps(draft_step, last, length + stood, k - 1, sampling, gen)
+    if after:  # own[:c + 1], then the steps' tokens and rows; past k + c: unused
         d = d.index_copy(0, stood + 1 + span[:k - 1], torch.cat(after))
         rows = rows.index_copy(0, stood + 1 + span[:k - 1], torch.cat(after_q))
     proposed = stood + k
-    rows = rows * (span[:m + k] < proposed).view(-1, 1)
-    logits, _ = target_step(torch.cat([seq.index_select(0, length - 1), d]), length - 1)
-    p = probabilities(logits, sampling)                                       # [k + m + 1, V]
-    passes = rejection_test(p, rows, d, gen) & (span[:m + k] < proposed)
-    accepted = first_rejection(passes)
-    window = torch.cat([d, d[:1]]).index_copy(0, accepted,
-                                              draw(recovery(p, rows, accepted), gen))
-    seq.index_copy_(0, length + span, window)
-    length.add_(accepted + 1)
+    accepted, window = sampled_verify(target_step, seq, length, span, d, rows, sampling, gen,
+                                      proposed)
     return torch.cat([accepted, proposed, window])
 
 
@@ -520,7 +540,8 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     (``guessed_block``: k + c proposals, ``spd-staged``). ``choice``: each position's token
     is the choice of both models' rows there (``ruled_block``: greedy CoSpec and CoS; a
     token is ``from_draft`` where it is not the target's own). ``sampling`` (T > 0): a
-    sample of the target's processed distribution instead (``sampled_block``), drawn from a
+    sample of the target's processed distribution instead (``sampled_block``; with a
+    combination's choice, of the combination: ``ruled_sampled_block``), drawn from a
     generator seeded with ``seed`` where one is given (its blocks then k + 1 replays of the
     step graphs and the kernels between them: a block graph replays the default generator
     only). Inference mode holds while the loop runs, not between yields."""
