@@ -137,8 +137,8 @@ def default_methods(pair: Pair, arbiter: str | None, copies: bool = False) -> li
     beside batch engines: ``int8_batch``)."""
     if pair.draft is None:
         return ["target"]
-    if pair.extra and not copies:
-        return ["target", "cos-we", "cos-cd"]
+    if pair.extra:  # the CoS methods combine the draft: not beside batch engines then
+        return ["target"] if copies else ["target", "cos-we", "cos-cd"]
     names = ["target", "spd"]
     if copies:
         log.info("cospec not offered: its batch engine would read another draft than the "

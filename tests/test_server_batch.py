@@ -371,6 +371,8 @@ def test_an_int8_draft_beside_batch_engines_serves_the_targets_output_only(pair,
     assert list(create_app(int8, arbiter=arbiter, max_batch=4).state.engine.methods) == [
         "target", "spd"]
     assert "cospec" in create_app(pair, arbiter=arbiter, max_batch=4).state.engine.methods
+    more = Pair(pair.target, draft, pair.tokenizer, MODEL, "tiny-draft", extra=(pair.draft,))
+    assert list(create_app(more, max_batch=4).state.engine.methods) == ["target"]
 
 
 def test_requests_join_mid_flight(pair):
