@@ -19,12 +19,12 @@ structure commits the same tokens.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from collections.abc import Callable, Hashable
 
 import torch
 
+from cospec import fast
 from cospec.arbiter import ArbiterRule, MismatchPolicy, _policy_key, device_features
 from cospec.cos import Combination
 from cospec.sampling import GREEDY
@@ -42,7 +42,7 @@ class _Compiled:
 
     def __init__(self, device: torch.device):
         self._run = self._choose
-        if device.type == "cuda" and os.environ.get("COSPEC_COMPILE", "1") != "0":
+        if fast.compiles(device):
             self._run = torch.compile(self._choose, dynamic=False)
 
     def __call__(self, target: torch.Tensor, draft: torch.Tensor, d: torch.Tensor,

@@ -502,13 +502,18 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def compiles(device: torch.device) -> bool:
+    """Is work on ``device`` compiled (``torch.compile``) by default? On CUDA, unless
+    COSPEC_COMPILE=0."""
+    return device.type == "cuda" and os.environ.get("COSPEC_COMPILE", "1") != "0"
+
+
 def layer_functions(device: torch.device, graphs: bool | None, compile: bool | None):
     """(use CUDA graphs, compiled, qkv, rest): the two halves of a layer an engine runs, compiled
-    on CUDA unless COSPEC_COMPILE=0; graphs and compile default to "on CUDA"."""
-    cuda = device.type == "cuda"
-    use_graphs = cuda if graphs is None else graphs
+    where ``compiles``; graphs and compile default to "on CUDA"."""
+    use_graphs = device.type == "cuda" if graphs is None else graphs
     if compile is None:
-        compile = cuda and os.environ.get("COSPEC_COMPILE", "1") != "0"
+        compile = compiles(device)
     if not compile:
         return use_graphs, False, _qkv, _rest
     _raise_recompile_limit()
