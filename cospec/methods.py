@@ -93,17 +93,13 @@ class Method:
         """Does ``stream`` run each block on the device (``cospec.fast_block``)? For greedy
         spd, spd-staged and the methods with a block choice (``has_choice``), and for sampled
         spd, spd-staged, cos-we and cos-cd, both models on the fast path's engines
-        (``fast_block.serves``).
-        Touches no device (the server asks on its event loop)."""
+        (``fast_block.serves``). Touches no device (the server asks on its event loop)."""
         if self.proposer is None:
             return False
-        if not sampling.greedy:
-            if self.name not in ("spd", "spd-staged") and not (self.combo is not None
-                                                              and self.has_choice()):
-                return False
-        elif self.name not in ("spd", "spd-staged") and not self.has_choice():
-            return False
-        return fast_block.serves(self.verifier, self.proposer, prompt_ids)
+        # an arbiter's choice is greedy only; a combination's block samples too
+        takes = self.name in ("spd", "spd-staged") or (
+            self.has_choice() and (sampling.greedy or self.combo is not None))
+        return takes and fast_block.serves(self.verifier, self.proposer, prompt_ids)
 
     def has_choice(self) -> bool:
         """Does a device-side block express this greedy method by a choice at each position
