@@ -392,9 +392,10 @@ def held_state(tgt: fast.Engine) -> Held:
 class BlockGraph:
     """A whole block as one CUDA graph for a target and a draft engine, k, m guesses
     (``guessed_block``; 0: ``block``), a choice (``ruled_block``) or a sampling config
-    (``sampled_block``, from the default generator): ``seq`` [target's max_len],
-    ``length`` [1] and, with a choice, ``held`` are its static state, ``run()`` replays it
-    (capturing it first) and returns its static verdict, overwritten by the next run."""
+    (``sampled_block``): ``seq`` [target's max_len], ``length`` [1] and, with a choice,
+    ``held`` are its static state, ``run()`` replays it (capturing it first) and returns its
+    static verdict, overwritten by the next run. A sampled block's draws come from the
+    default CUDA generator, or from ``run(rng)``'s generator."""
 
     def __init__(self, tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0,
                  choice: Choice | None = None, sampling: SamplingConfig = GREEDY) -> None:
@@ -416,7 +417,12 @@ class BlockGraph:
                          self.seq, self.length, self.span, self.guesses, self.held, self.choice,
                          self.sampling)
 
-    def run(self) -> torch.Tensor:
+    def run(self, rng: torch.Generator | None = None) -> torch.Tensor:
+        """Replay the block (captured on the first run, from the default generator's draws
+        whatever ``rng``). ``rng``: the replay draws from that CUDA generator's state and
+        advances it, the default generator's left as it was. A replay reads its generator's
+        seed and offset when it is launched (torch's graph-safe RNG), so the default one
+        holds ``rng``'s state for the launch only: host work, no device read."""
         if self.graph is None:  # the warm-up runs' writes are the ones the replay makes
             state = [self.length, *(self.held or ())]  # again; their state updates are
             saved = [t.clone() for t in state]        # undone
@@ -428,7 +434,19 @@ class BlockGraph:
 
             self.graph, self.verdict = fast.capture_graph(
                 self.device, torch.cuda.graph_pool_handle(), self._block, warm_up=warm_up)
-        self.graph.replay()
+        if rng is None:
+            self.graph.replay()
+            return self.verdict
+        default = torch.cuda.default_generators[self.device.index
+                                                if self.device.index is not None
+                                                else torch.cuda.current_device()]
+        saved = default.get_state()
+        default.set_state(rng.get_state())
+        try:
+            self.graph.replay()
+        finally:
+            rng.set_state(default.get_state())
+            default.set_state(saved)
         return self.verdict
 
 
@@ -459,7 +477,7 @@ def run_block(draft_step: Step, target_step: Step, seq: torch.Tensor, length: to
 # with either engine
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # sampling configs (temperature, top-k, top-p) an engine pair keeps a block graph for: the
-# first ones met; a request with another samples in the step graphs' blocks, as a seeded one
+# first ones met; a request with another samples in the step graphs' blocks
 SAMPLED_GRAPHS = 8
 
 
@@ -542,9 +560,9 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     token is ``from_draft`` where it is not the target's own). ``sampling`` (T > 0): a
     sample of the target's processed distribution instead (``sampled_block``; with a
     combination's choice, of the combination: ``ruled_sampled_block``), drawn from a
-    generator seeded with ``seed`` where one is given (its blocks then k + 1 replays of the
-    step graphs and the kernels between them: a block graph replays the default generator
-    only). Inference mode holds while the loop runs, not between yields."""
+    generator seeded with ``seed`` where one is given (through a block graph too:
+    ``BlockGraph.run``), else from the default one. Inference mode holds while the loop
+    runs, not between yields."""
     if len(prompt_ids) < 2:
         raise CospecError("the device-side block needs a prompt of two or more tokens")
     if k < 1:
@@ -577,7 +595,7 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
     gen = (torch.Generator(device).manual_seed(seed)
            if seed is not None and not sampling.greedy else None)
     whole = (block_graph(tgt, drf, k, guesses, choice, sampling)
-             if graph and gen is None and tgt.use_graphs and drf.use_graphs else None)
+             if graph and tgt.use_graphs and drf.use_graphs else None)
     if whole is not None:  # the graph's own state (its span made with it)
         seq, length, held = whole.seq, whole.length, whole.held
     else:
@@ -598,7 +616,7 @@ def stream(target: torch.nn.Module, draft: torch.nn.Module, prompt_ids: list[int
         # one block, queued on the device, unless those queued may already reach the budget
         # (a block past it would be decoded and dropped; past an EOS that cannot be known)
         if produced + len(queued) * most < max_new_tokens:
-            verdict = (whole.run() if whole is not None
+            verdict = (whole.run(gen) if whole is not None
                        else run_block(drf.run_device, tgt.run_device, seq, length, span,
                                       guesses, held, choice, sampling, gen))
             queued.append(fast.to_host(verdict))

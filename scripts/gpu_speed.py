@@ -326,21 +326,16 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             with chunked(*TARGET_CHUNKS[name]):
                 ids, _, stats = methods["target"].run(prompt, k=k, max_new_tokens=n,
                                                       sampling=sampling, eos_ids=eos, seed=seed)
-        elif name in BLOCK_METHODS:  # sampled: spd-graph draws from the default generator
+        elif name in BLOCK_METHODS:
             draft = int8_draft() if name.endswith("-int8") else pair.draft
-            graphed = name.startswith("spd-graph")
-            if graphed and not sampling.greedy:
-                torch.manual_seed(seed)
             ids = [t.id for t in fast_block.stream(
                 pair.target, draft, prompt, k=k, max_new_tokens=n, eos_ids=eos, stats=stats,
-                graph=graphed, sampling=sampling, seed=None if graphed else seed)]
+                graph=name.startswith("spd-graph"), sampling=sampling, seed=seed)]
         elif name in RULED_METHODS:  # the method's choice in fast_block's ruled block
-            m = methods[name]  # (sampled cos-we: its own block, from the default generator)
-            if not sampling.greedy:
-                torch.manual_seed(seed)
+            m = methods[name]  # (sampled cos-we: its own block)
             ids = [t.id for t in fast_block.stream(
                 m.verifier, m.proposer, prompt, k=k, max_new_tokens=n, eos_ids=eos,
-                stats=stats, choice=m.block_choice(), sampling=sampling)]
+                stats=stats, choice=m.block_choice(), sampling=sampling, seed=seed)]
         elif name in HOST_METHODS:  # the host loop's staged drafting, never fast_block
             m = methods[name]
             ids = [t.id for t in lookup_generate(m.verifier, m.proposer, prompt, m.rule, k=k,
@@ -665,8 +660,7 @@ def main() -> None:
                          "cospec-host: cospec with its decisions on the host path; "
                          "spd-block: spd with each block on the device "
                          "(cospec.fast_block; sampled in parts pair:TASK:T with T > 0, "
-                         "seeded); spd-graph: the same, each block one CUDA graph (sampled: "
-                         "from the default generator, seeded per prompt); "
+                         "seeded per prompt); spd-graph: the same, each block one CUDA graph; "
                          "spd-block-int8 / spd-graph-int8: those with the draft's int8 "
                          "weights (fast.int8_weights); spd-staged-int8 / spd-lookup-int8: "
                          "those methods with the int8 draft (cospec-int8, cos-we-int8 too, "

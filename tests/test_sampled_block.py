@@ -158,12 +158,43 @@ def test_block_graphs_are_kept_for_the_first_sampling_configs(monkeypatch, targe
     fast_block._GRAPHS.clear()
 
 
+def test_a_seeded_replay_draws_from_its_generator_and_leaves_the_default_one(monkeypatch):
+    """``BlockGraph.run(rng)``: a replay draws from the default CUDA generator's state as it
+    is at launch (torch's graph-safe RNG), so for the launch the default one holds ``rng``'s
+    state, which the replay advances; the default one's is put back. A stand-in on the CPU:
+    a "graph" whose replay draws from the stand-in default generator."""
+    default = torch.Generator().manual_seed(123)
+    monkeypatch.setattr(torch.cuda, "default_generators", (default,), raising=False)
+
+    class Replay:  # draws as a captured graph's kernels would: from the default generator
+        def replay(self):
+            bg.verdict.copy_(torch.rand(4, generator=default))
+
+    bg = fast_block.BlockGraph.__new__(fast_block.BlockGraph)
+    bg.device, bg.graph, bg.verdict = torch.device("cuda", 0), Replay(), torch.zeros(4)
+    before = default.get_state()
+
+    def draws(seed: int) -> list[torch.Tensor]:
+        rng = torch.Generator().manual_seed(seed)
+        return [bg.run(rng).clone() for _ in range(3)]
+
+    first, again, other = draws(7), draws(7), draws(8)
+    assert torch.equal(default.get_state(), before)          # the default one untouched
+    want = torch.Generator().manual_seed(7)                  # rng's own stream, advanced
+    assert all(torch.equal(a, torch.rand(4, generator=want)) for a in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other))
+    unseeded = bg.run().clone()                              # no rng: the default one's draws
+    assert torch.equal(unseeded, torch.rand(4, generator=torch.Generator().set_state(before)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", ["spd", "spd-staged", "cos-we"])
 def test_sampled_blocks_follow_the_joint_through_a_block_graph(monkeypatch, case):
-    """On a GPU, unseeded: each block one CUDA graph, its draws from the default generator
-    replayed afresh, still the exact joint (float32): spd's, spd-staged's (guesses) and
-    cos-we's (r); a seeded generation takes the step graphs (no second block graph)."""
+    """On a GPU, each block one CUDA graph, its draws from the default generator replayed
+    afresh, still the exact joint (float32): spd's, spd-staged's (guesses) and cos-we's (r);
+    seeded, the same graph draws from each generation's generator: the joint again over
+    seeds, a seed repeats its tokens, the default generator is left as it was."""
     monkeypatch.setenv("COSPEC_SPD_BLOCK", "1")
     fast_block._GRAPHS.clear()
     target = tiny_model(11, dtype=torch.float32).cuda()
@@ -184,8 +215,11 @@ def test_sampled_blocks_follow_the_joint_through_a_block_graph(monkeypatch, case
     samples = [[t.id for t in fast_block.stream(target, draft, prompt, **kw)]
                for _ in range(SAMPLES)]
     assert_follows(samples, probs, NEW, ALPHA)
-    made = sum(len(ks) for by_draft in fast_block._GRAPHS.values() for ks in by_draft.values())
-    seeded = [t.id for t in fast_block.stream(target, draft, prompt, seed=1, **kw)]
-    assert made == 1 and len(seeded) == NEW
+    state = torch.cuda.get_rng_state()
+    seeded = [[t.id for t in fast_block.stream(target, draft, prompt, seed=seed, **kw)]
+              for seed in range(SAMPLES)]
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert_follows(seeded, probs, NEW, ALPHA)
+    assert [t.id for t in fast_block.stream(target, draft, prompt, seed=3, **kw)] == seeded[3]
     assert sum(len(ks) for by_draft in fast_block._GRAPHS.values()
                for ks in by_draft.values()) == 1
