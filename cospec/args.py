@@ -43,7 +43,8 @@ def draft_length(text: str) -> int | str:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--target", default=DEFAULT_TARGET,
-                   help="target: shipped name, .gguf file or HF folder (default %(default)s)")
+                   help="target: shipped name, .gguf file, HF folder or hub id "
+                        "(default %(default)s)")
     g.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model (default %(default)s)")
     g.add_argument("--models", default=None,
                    help="CoS with n models: comma-separated, the proposer (smallest) first and "
@@ -196,7 +197,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=draft_length, default=4,
                    help="draft length when a request sets none (or auto: see cospec generate)")
     p.add_argument("--max-active", type=int, default=4,
-                   help="requests of methods no batch engine runs (we, cd) decoded at once, "
+                   help="requests of methods no batch engine runs (we, cd, lookup, spd-lookup, "
+                        "spd-staged) decoded at once, "
                         "round robin token by token")
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests decoded together by the batch engines (target, spd, "

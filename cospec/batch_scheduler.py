@@ -18,7 +18,7 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
 - Speculation off under load (``spec_off_at``, default SPEC_OFF_AT): an spd request planned
   while at least ``spec_off_at`` - 1 others decode in the engines runs target-only instead,
   since batched spd is slower than target-only from 4 rows on: on a GPU (H200, the shipped
-  pair, one lease: 0.87x / 0.60x / 0.86x at 4 / 16 / 64 rows against 1.04x at 1,
+  pair, one machine: 0.87x / 0.60x / 0.86x at 4 / 16 / 64 rows against 1.04x at 1,
   results/gpu/h200/batch-real-pair) and on a 2-core CPU (k = 4: 0.88x at 4 rows, 1.15x at
   1; results/cpu/batch-spd-vs-target). Its output is what spd would give: the target's greedy
   tokens, or a sample from the target's distribution (a seeded sampled request keeps its

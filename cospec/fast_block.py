@@ -43,7 +43,7 @@ greedy or sampled, and greedy cospec (and the heuristics) (``methods.Method.stre
 COSPEC_SPD_BLOCK=0: never).
 On that path, cospec eval's speed pass on an H200, spd made 1.12x / 1.26x target-only on
 GSM8K / HumanEval against the host loop's 1.09x / 1.20x, and 1.19x / 1.32x against
-1.16x / 1.32x on another lease (results/gpu/h200/spd-block-user-path).
+1.16x / 1.32x on another machine (results/gpu/h200/spd-block-user-path).
 """
 
 from __future__ import annotations

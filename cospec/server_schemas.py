@@ -4,7 +4,7 @@ Request fields: the OpenAI ones that apply (``model``, ``messages`` / ``prompt``
 ``max_tokens`` (chat: or ``max_completion_tokens``), ``temperature``, ``top_p``, ``stop``,
 ``seed``, ``stream``, ``stream_options.include_usage``, ``n`` = 1, ``user``) plus extensions,
 which OpenAI clients send through ``extra_body``: ``method`` (one the server offers; default
-``spd`` when a draft is loaded, else ``target``), ``k`` (draft length), ``top_k`` and
+``spd`` where the server offers it, else ``target``), ``k`` (draft length), ``top_k`` and
 ``ignore_eos``. An unknown field, a wrong type or an unsupported feature (``n`` > 1,
 ``logprobs``, penalties, tools, ...) is a 400. Defaults as OpenAI's: temperature 1, top-p 1.
 

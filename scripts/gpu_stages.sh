@@ -31,12 +31,12 @@
 #           rows, 64 prompts (32 GSM8K heldout + 32 HumanEval), 256 tokens each, EOS ignored
 #   pbatch  the same with COSPEC_PREFILL=$PREFILL (default eager; compiled: through the
 #           compiled layer halves), into $R/pbatch-$PREFILL: batch (the default prefill,
-#           replayed from CUDA graphs) is its same-lease control
+#           replayed from CUDA graphs) is its same-machine control
 #   rbatch  the same, target-only, on random-weight Qwen2.5-1.5B and 7B shapes (no weights
 #           needed; RBATCH_SIZES picks; COSPEC_PREFILL=MODE into rbatch-SIZE-MODE-prefill)
 #   rpbatch rbatch's random targets at 16 and 64 rows on batch's prompt ids (73-217 tokens)
 #           instead of equal 128-token ones, into rbatch-SIZE-real-prompts: what ragged
-#           prompt lengths cost the batch engine, beside rbatch on the same lease
+#           prompt lengths cost the batch engine, beside rbatch on the same machine
 #   caches  pack the compile caches (vLLM's, triton's, torch inductor's) into $R/caches.tgz.NN
 #           (15 MiB pieces); copied to /tmp/p/C.NN on a later machine, unpack restores them
 #           first, so vLLM's engine start and cospec's graph captures skip the compiles
