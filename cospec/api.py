@@ -17,6 +17,7 @@ alone, ``spd`` (exact speculative decoding), the lossy ``cospec`` (learned arbit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Literal
@@ -161,7 +162,8 @@ def _is_int(x) -> bool:
 
 
 def _number(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
+    """A finite int or float (not a bool)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _options(given: dict) -> methods.MethodOptions:
@@ -255,11 +257,12 @@ class Pair:
         _check(_is_int(max_new_tokens) and max_new_tokens >= 1,
                f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         _check(_number(temperature) and temperature >= 0,
-               f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+               f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
         _check(_number(top_p) and 0 < top_p <= 1,
                f"top_p must be in (0, 1], got {top_p!r}")
         _check(_is_int(top_k) and top_k >= 0, f"top_k must be an integer >= 0, got {top_k!r}")
-        _check(seed is None or _is_int(seed), f"seed must be an integer or None, got {seed!r}")
+        _check(seed is None or _is_int(seed) and -(2**63) <= seed < 2**63,
+               f"seed must be an integer in [-2^63, 2^63) or None, got {seed!r}")
         opts = _options(options)
         sampling = SamplingConfig(float(temperature), float(top_p), top_k)
         ids = self.encode(prompt, chat)

@@ -4,6 +4,7 @@ method options and the loaded models (with ``--k auto`` resolved)."""
 from __future__ import annotations
 
 import argparse
+import math
 
 from cospec.batch_scheduler import SPEC_OFF_AT
 from cospec.errors import CospecError
@@ -21,23 +22,27 @@ def _number(kind: type, ok, rule: str):
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-        if not ok(value):
+        if not (ok(value) and math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
     return parse
 
 
-_positive_int = _number(int, lambda v: v > 0, "> 0")
-_nonneg_int = _number(int, lambda v: v >= 0, ">= 0")
-_nonneg_float = _number(float, lambda v: v >= 0, ">= 0")
-_unit = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
-_unit_closed = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+# argparse types of the subcommands' numeric flags (a float one refuses inf and nan too)
+positive_int = _number(int, lambda v: v > 0, "> 0")
+nonneg_int = _number(int, lambda v: v >= 0, ">= 0")
+positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+finite_float = _number(float, lambda v: True, "a finite number")
+unit = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+unit_closed = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+seed_int = _number(int, lambda v: -(2**63) <= v < 2**63, "in [-2^63, 2^63)")
 
 
 def draft_length(text: str) -> int | str:
     """An argparse type for --k: a positive integer, or ``auto`` (chosen by timing the pair
     once on this machine: ``k_auto.auto_k``; resolved by ``load_pair_of``)."""
-    return "auto" if text == "auto" else _positive_int(text)
+    return "auto" if text == "auto" else positive_int(text)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -77,30 +82,30 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=draft_length, default=4,
                    help="draft length (default 4), or auto: the fastest on this CPU, "
                         "from the pair's timed forwards")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=_unit, default=1.0)
-    g.add_argument("--top-k", type=_nonneg_int, default=0, help="0 = no top-k filter")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=positive_int, default=128)
+    g.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=unit, default=1.0)
+    g.add_argument("--top-k", type=nonneg_int, default=0, help="0 = no top-k filter")
+    g.add_argument("--seed", type=seed_int, default=0)
     g.add_argument("--no-chat", action="store_true", help="send the prompt as raw text")
     g.add_argument("--arbiter", default=None, help="arbiter file for --method cospec")
-    g.add_argument("--threshold", type=_unit_closed, default=None,
+    g.add_argument("--threshold", type=unit_closed, default=None,
                    help="P(DRAFT) needed to keep a draft token (cospec; default: the arbiter's)")
     g.add_argument("--first-mismatch-only", action="store_true",
                    help="arbitrate only the first mismatch of each block")
-    g.add_argument("--max-overrides", type=_nonneg_int, default=None,
+    g.add_argument("--max-overrides", type=nonneg_int, default=None,
                    help="draft tokens an arbiter may keep per generation (default: the "
                         "arbiter's own, else no limit)")
-    g.add_argument("--delta", type=_nonneg_float, default=0.1,
+    g.add_argument("--delta", type=nonneg_float, default=0.1,
                    help="confidence heuristic threshold")
-    g.add_argument("--entropy", type=_nonneg_float, default=1.0,
+    g.add_argument("--entropy", type=nonneg_float, default=1.0,
                    help="entropy-gated deferral (nats)")
-    g.add_argument("--lambda", dest="lam", type=_unit_closed, default=0.5,
+    g.add_argument("--lambda", dest="lam", type=unit_closed, default=0.5,
                    help="CoS ensemble: r = lambda q_draft + (1 - lambda) p_target")
     g.add_argument("--weights", default=None,
                    help="CoS ensemble weights, one per model of --models, summing to 1 "
                         "(default: --lambda for two models, else uniform)")
-    g.add_argument("--mu", type=_nonneg_float, default=0.1,
+    g.add_argument("--mu", type=nonneg_float, default=0.1,
                    help="CoS contrastive: r = softmax(l_target - mu l_draft)")
     g.add_argument("--sandbox", choices=MODES, default="auto",
                    help="where generated code is graded: bwrap (required), process (a plain "
@@ -221,7 +226,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "with --max-batch, the KV cache budget")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting beyond those; more get 429")
-    p.add_argument("--timeout", type=float, default=300.0,
+    p.add_argument("--timeout", type=positive_float, default=300.0,
                    help="seconds per request, queueing included (then finish_reason length)")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens of a request that sets none")

@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -179,11 +180,13 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
             raise CospecError(f"cannot serve method {name!r}; choose from "
                               f"{', '.join(OWN_METHODS)}")
         built[name] = build_method(name, pair, opts)
-    if (max_active < 1 or max_queue < 0 or timeout <= 0 or k < 1 or default_max_tokens < 1
+    if (max_active < 1 or max_queue < 0 or not 0 < timeout < math.inf or k < 1
+            or default_max_tokens < 1
             or max_batch < 0 or (max_context is not None and max_context < 2)
             or spec_off_at < 0):
-        raise CospecError("max_active, k, default_max_tokens and timeout must be > 0, "
-                          "max_queue, max_batch and spec_off_at >= 0, max_context >= 2")
+        raise CospecError("max_active, k, default_max_tokens and timeout must be > 0 (timeout "
+                          "finite), max_queue, max_batch and spec_off_at >= 0, "
+                          "max_context >= 2")
     batched = [m for m in built.values() if engine_key(m, 1) is not None]
     mixed = [m.name for m in batched if m.name not in TARGET_OUTPUT
              and any(reads_int8(x) for x in engine_models(m))]
