@@ -26,6 +26,7 @@ from cospec.decoding import warm_up_budgets
 from cospec.errors import CospecError, read_json
 from cospec.eval_setup import EvalSetup
 from cospec.methods import GREEDY_ONLY, LOSSY, METHODS, SAME_AS_GREEDY
+from cospec.models import check_device, default_device, default_dtype
 from cospec.report import (
     in_turn,
     machine_load,
@@ -38,27 +39,36 @@ from cospec.report import (
 from cospec.tasks import get_task
 
 IDENTITY = ("task", "split", "target", "draft", "models", "k", "max_new_tokens", "temperature",
-            "top_p", "top_k", "seed", "no_chat")
+            "top_p", "top_k", "seed", "no_chat", "dtype", "draft_weights")
+# identity keys that folders made before they were recorded lack: the value such a folder
+# had (None: unknown, not compared)
+LATER_KEYS = {"dtype": None, "draft_weights": "model"}
 
 
 # ---------------------------------------------------------------- the results folder
 
 
 class RunDir:
-    """A results folder bound to one configuration; JSONL record files keyed by (id, method)."""
+    """A results folder bound to one configuration (refused if it holds another one's
+    results); JSONL record files keyed by (id, method). ``save_config`` writes the
+    configuration once the run's other checks have passed."""
 
     def __init__(self, path: str | Path, config: dict):
-        self.path = Path(path)
+        self.path, self.config = Path(path), config
         self.path.mkdir(parents=True, exist_ok=True)
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
             old = read_json(cfg_file)
-            diff = {k: (old.get(k), config.get(k)) for k in IDENTITY if old.get(k) != config.get(k)}
+            diff = {k: (old.get(k, LATER_KEYS.get(k)), config.get(k)) for k in IDENTITY
+                    if old.get(k, LATER_KEYS.get(k)) != config.get(k)
+                    and (k in old or LATER_KEYS.get(k) is not None)}
             if diff:
                 lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
                 raise CospecError(f"{self.path} holds results of another configuration ({lines}); "
                                   "use another --out, or delete that folder to start fresh")
-        cfg_file.write_text(json.dumps(config, indent=1))
+
+    def save_config(self) -> None:
+        (self.path / "config.json").write_text(json.dumps(self.config, indent=1))
 
     def records(self, name: str) -> dict[tuple[str, str], dict]:
         f = self.path / f"{name}.jsonl"
@@ -125,10 +135,13 @@ class PeakMemory:
 
 
 def _config(args) -> dict:
+    """The run's configuration: its IDENTITY (the dtype resolved for the device: float32 on
+    a CPU, bfloat16 on a GPU unless --dtype says), methods and limit."""
     cfg = {k: getattr(args, k, None) for k in IDENTITY}
+    device = check_device(args.device or default_device())
+    cfg["dtype"] = args.dtype or str(default_dtype(device)).removeprefix("torch.")
+    cfg["draft_weights"] = getattr(args, "draft_weights", "model")
     cfg.update(methods=args.methods, limit=args.limit)
-    if getattr(args, "draft_weights", "model") != "model":  # absent: older folders stay valid
-        cfg["draft_weights"] = args.draft_weights
     return cfg
 
 
@@ -526,6 +539,9 @@ def cmd_eval(args) -> int:
     cfg["command"] = "cospec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     run = RunDir(args.out, cfg)
     s = EvalSetup(args, methods)
+    for name in ("speed", "accuracy"):  # before anything of this run is written
+        check_opts(s, run.records(name), run)
+    run.save_config()
     # speed first: the exact methods' accuracy reuses the tokens it decoded at batch 1
     speed_pass(s, run, args.speed_subset if args.command == "eval" else len(s.problems))
     if args.command == "eval":

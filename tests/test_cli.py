@@ -234,6 +234,20 @@ def test_eval_is_resumable_and_refuses_other_configs(tiny_dirs, tmp_path):
     assert len((out / "speed.jsonl").read_text().splitlines()) == 6
     res = cli(*[c if c != "8" else "9" for c in map(str, common)])
     assert res.returncode == 2 and "another configuration" in res.stderr
+    config = (out / "config.json").read_text()
+    for flags, key in ((["--dtype", "bfloat16"], "dtype: 'float32' -> 'bfloat16'"),
+                       (["--draft-weights", "int8"], "draft_weights: 'model' -> 'int8'")):
+        res = cli(*map(str, common), "--methods", "target,spd", *flags)
+        assert res.returncode == 2 and key in res.stderr
+    # a lossy method's other options, refused after loading: nothing of the run is written
+    lossy = [*map(str, common), "--methods", "target,confidence", "--speed-subset", "1"]
+    assert main([*lossy, "--delta", "0.1"]) == 0
+    config = (out / "config.json").read_text()
+    lines = {f: (out / f).read_text() for f in ("accuracy.jsonl", "speed.jsonl")}
+    res = cli(*lossy, "--delta", "0.3", "--limit", "4")
+    assert res.returncode == 2 and "other options" in res.stderr
+    assert (out / "config.json").read_text() == config
+    assert lines == {f: (out / f).read_text() for f in lines}
 
 
 @pytest.mark.parametrize("args, message", [
