@@ -59,9 +59,10 @@ class RunDir:
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
             old = read_json(cfg_file)
-            diff = {k: (old.get(k, LATER_KEYS.get(k)), config.get(k)) for k in IDENTITY
-                    if old.get(k, LATER_KEYS.get(k)) != config.get(k)
-                    and (k in old or LATER_KEYS.get(k) is not None)}
+            pairs = {k: (old.get(k, LATER_KEYS.get(k)), config.get(k, LATER_KEYS.get(k)))
+                     for k in IDENTITY}
+            diff = {k: (a, b) for k, (a, b) in pairs.items()
+                    if a != b and (a is not None or k not in LATER_KEYS)}
             if diff:
                 lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
                 raise CospecError(f"{self.path} holds results of another configuration ({lines}); "
