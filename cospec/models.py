@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,9 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
 
     if (out / "config.json").exists():
         return out
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CospecError(f"{gguf} is not a GGUF file (it does not start with 'GGUF')")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"converting {gguf.name} to safetensors (once; a minute or two) ...", flush=True)
@@ -234,7 +238,35 @@ def load_pair(target: str, draft: str | None, device: str | None = None,
         model, tok = load_model(spec, device, dtype)
         check_same_vocab(t_tok, tok, target, spec)
         more.append(model)
+    loaded = [(target, t_model), (draft, d_model), *zip(extra, more)]
+    share_output_width([(name, m) for name, m in loaded if m is not None], len(t_tok))
     return Pair(t_model, d_model, t_tok, target, draft, tuple(more))
+
+
+def share_output_width(models: list[tuple[str, torch.nn.Module]], ids: int) -> None:
+    """Give models of one tokenizer (``ids`` token ids) one output width. Checkpoints pad
+    their output layer past the tokenizer's ids, and not alike: Qwen2.5-7B's has 152,064
+    rows, the 0.5B's 151,936, for 151,665 ids. Speculation compares, verifies and mixes the
+    models' distributions row for row, so a wider output layer is cut to the narrowest one's
+    rows (its weight a view of the first rows, no copy): the rows cut are padding, never a
+    token of the tokenizer (their logits are dropped, the real ids' distribution renormalised
+    without them). Refused where the narrowest has fewer rows than the tokenizer has ids."""
+    widths = {name: m.get_output_embeddings().weight.shape[0] for name, m in models}
+    rows = min(widths.values())
+    if rows == max(widths.values()):
+        return
+    if rows < ids:
+        raise CospecError(f"output layers of {widths} rows for a tokenizer of {ids} ids: "
+                          "a model that cannot score every token cannot verify another's")
+    for name, m in models:
+        head = m.get_output_embeddings()
+        if head.weight.shape[0] > rows:
+            head.weight = torch.nn.Parameter(head.weight.detach()[:rows], requires_grad=False)
+            if getattr(head, "bias", None) is not None:
+                head.bias = torch.nn.Parameter(head.bias.detach()[:rows], requires_grad=False)
+            head.out_features = rows
+            print(f"{name}: output layer cut from {widths[name]} to {rows} rows, as the "
+                  f"other models' (padding past the tokenizer's {ids} ids)", file=sys.stderr)
 
 
 DRAFT_WEIGHTS = ("model", "int8")  # what a draft's fast-path engines read (draft_weights)

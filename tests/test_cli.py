@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cospec.cli import main
+from cospec.errors import CospecError
 
 
 def cli(*args):
@@ -196,17 +197,27 @@ def test_k_auto_picks_the_predicted_length_and_times_once(tiny_dirs, tmp_path, m
     assert len(timed) == 2 * (len(k_auto.AUTO_KS) + 1)  # an int8 draft is timed on its own
 
 
-def test_int8_draft_weights_mark_a_separate_bench_config():
-    """``--draft-weights int8`` names its own results folder configuration; the default
-    leaves the key out, so folders written before the flag existed stay valid."""
+def test_folders_made_before_dtype_and_draft_weights_were_recorded_stay_resumable(tmp_path):
+    """A folder whose config.json predates the dtype and draft-weights keys resumes with the
+    draft's own weights at any dtype (neither was recorded then), and refuses an int8 draft;
+    a folder that records them refuses another value."""
     from argparse import Namespace
 
-    from cospec.evaluate import IDENTITY, _config
+    from cospec.evaluate import IDENTITY, RunDir, _config
 
-    base = dict.fromkeys(IDENTITY) | {"methods": "target,spd", "limit": None}
-    assert "draft_weights" not in _config(Namespace(**base))
-    assert "draft_weights" not in _config(Namespace(**base, draft_weights="model"))
-    assert _config(Namespace(**base, draft_weights="int8"))["draft_weights"] == "int8"
+    base = dict.fromkeys(IDENTITY) | {"methods": "target,spd", "limit": None, "device": "cpu",
+                                      "draft_weights": "model"}
+    old = {k: v for k, v in _config(Namespace(**base)).items()
+           if k not in ("dtype", "draft_weights")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    RunDir(tmp_path, _config(Namespace(**base | {"dtype": "bfloat16"})))
+    with pytest.raises(CospecError, match="draft_weights: 'model' -> 'int8'"):
+        RunDir(tmp_path, _config(Namespace(**base | {"draft_weights": "int8"})))
+    new = _config(Namespace(**base))
+    assert new["dtype"] == "float32" and new["draft_weights"] == "model"
+    (tmp_path / "config.json").write_text(json.dumps(new))
+    with pytest.raises(CospecError, match="dtype: 'float32' -> 'bfloat16'"):
+        RunDir(tmp_path, _config(Namespace(**base | {"dtype": "bfloat16"})))
 
 
 def test_not_a_model(tmp_path):
@@ -214,6 +225,11 @@ def test_not_a_model(tmp_path):
     f.write_bytes(b"junk")
     res = cli("generate", "--target", f, "--draft", f, "--prompt", "hi")
     assert res.returncode == 2 and "not a .gguf" in res.stderr
+    g = tmp_path / "weights.gguf"
+    g.write_bytes(b"junk" * 8)
+    res = cli("generate", "--target", g, "--draft", g, "--prompt", "hi")
+    assert res.returncode == 2 and "is not a GGUF file" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_eval_is_resumable_and_refuses_other_configs(tiny_dirs, tmp_path):
