@@ -266,6 +266,7 @@ class Pair:
         opts = _options(options)
         sampling = SamplingConfig(float(temperature), float(top_p), top_k)
         ids = self.encode(prompt, chat)
+        models.check_context(self.models, len(ids), max_new_tokens)
         built = methods.build_method(method, self.models, opts, sampling)
         eos = methods.eos_ids(self.tokenizer, self.target)
         counters = DecodeStats()

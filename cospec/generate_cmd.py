@@ -15,6 +15,7 @@ from cospec.args import (
 )
 from cospec.errors import CospecError
 from cospec.methods import OWN_METHODS, build_method, encode_prompt, eos_ids, needs_draft
+from cospec.models import check_context
 from cospec.stats import DecodeStats
 
 
@@ -29,6 +30,7 @@ def cmd_generate(args) -> int:
     method = build_method(args.method, pair, options, sampling)
     tok = pair.tokenizer
     ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
+    check_context(pair, len(ids), args.max_new_tokens)
     stats = DecodeStats()
     out: list[int] = []
     stream = method.stream(ids, k=args.k, max_new_tokens=args.max_new_tokens,

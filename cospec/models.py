@@ -269,6 +269,30 @@ def share_output_width(models: list[tuple[str, torch.nn.Module]], ids: int) -> N
                   f"other models' (padding past the tokenizer's {ids} ids)", file=sys.stderr)
 
 
+def context_length(pair: Pair) -> int:
+    """Positions every loaded model supports (``max_position_embeddings``; the tokenizer's
+    ``model_max_length`` or 32768 when a config has none)."""
+    models = [m for m in (pair.target, pair.draft, *pair.extra) if m is not None]
+    found = [getattr(m.config, "max_position_embeddings", None) for m in models]
+    found = [int(n) for n in found if n]
+    if found:
+        return min(found)
+    n = getattr(pair.tokenizer, "model_max_length", None)
+    return int(n) if n and n < 10**7 else 32768
+
+
+def check_context(pair: Pair, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation that could run past the models' positions (``context_length``):
+    past them a model's output is not what it was trained to give, with no error."""
+    ctx = context_length(pair)
+    if prompt_tokens + max_new_tokens > ctx:
+        room = max(ctx - prompt_tokens, 0)
+        raise CospecError(f"a prompt of {prompt_tokens} tokens and {max_new_tokens} new ones "
+                          f"pass the models' context of {ctx} positions: "
+                          + (f"ask for at most {room} new tokens" if room else
+                             "shorten the prompt"))
+
+
 DRAFT_WEIGHTS = ("model", "int8")  # what a draft's fast-path engines read (draft_weights)
 
 

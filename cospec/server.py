@@ -69,7 +69,7 @@ from cospec.methods import (
     needs_draft,
     text_ids,
 )
-from cospec.models import Pair, reads_int8
+from cospec.models import Pair, context_length, reads_int8
 from cospec.sampling import GREEDY, SamplingConfig
 from cospec.scheduler import Engine
 from cospec.server_schemas import (
@@ -117,18 +117,6 @@ class BodyLimit:
                 await err.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-def context_length(pair: Pair) -> int:
-    """Positions every loaded model supports (``max_position_embeddings``; the tokenizer's
-    ``model_max_length`` or 32768 when a config has none)."""
-    models = [m for m in (pair.target, pair.draft, *pair.extra) if m is not None]
-    found = [getattr(m.config, "max_position_embeddings", None) for m in models]
-    found = [int(n) for n in found if n]
-    if found:
-        return min(found)
-    n = getattr(pair.tokenizer, "model_max_length", None)
-    return int(n) if n and n < 10**7 else 32768
 
 
 

@@ -56,13 +56,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from cospec.batch_scheduler import SPEC_OFF_AT  # noqa: E402
 from cospec.methods import build_method, chat_ids, eos_ids, text_ids  # noqa: E402
-from cospec.models import Pair  # noqa: E402
+from cospec.models import Pair, context_length  # noqa: E402
 from cospec.sampling import GREEDY  # noqa: E402
-from cospec.server import (  # noqa: E402
-    BackgroundServer,
-    context_length,
-    create_app,
-)
+from cospec.server import BackgroundServer, create_app  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")

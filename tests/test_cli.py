@@ -82,6 +82,7 @@ def test_generate_with_an_int8_draft_on_the_cpu(tiny_dirs, capsys):
     (["--method", "cd", "--mu", "inf"], "must be a finite number >= 0, got inf"),
     (["--temperature", "nan"], "must be a finite number >= 0, got nan"),
     (["--seed", str(2**64)], "must be in [-2^63, 2^63)"),
+    (["--prompt", "hello " * 600], "context of 512 positions"),
 ])
 def test_generate_bad_input_is_a_clear_error(tiny_dirs, args, message):
     base = {"--prompt": "w5 w6", "--method": "spd"}

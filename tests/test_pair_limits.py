@@ -1,5 +1,6 @@
-"""Models of one tokenizer whose output layers are padded to different widths (Qwen2.5-7B:
-152,064 rows, 0.5B: 151,936) decode together: the wider is cut to the narrower's rows."""
+"""What a pair's models allow: models of one tokenizer whose output layers are padded to
+different widths (Qwen2.5-7B: 152,064 rows, 0.5B: 151,936) decode together, the wider cut to
+the narrower's rows; a generation that would run past their positions is refused."""
 
 from __future__ import annotations
 
@@ -50,3 +51,14 @@ def test_a_head_narrower_than_the_tokenizer_is_refused():
     a, b = tiny_model(1, vocab=40), tiny_model(2, vocab=48)
     with pytest.raises(CospecError, match="cannot score every token"):
         share_output_width([("a", a), ("b", b)], ids=44)
+
+
+def test_a_generation_past_the_models_context_is_refused(tiny_dirs):
+    """tiny models have 512 positions: a 500-token prompt with 8 new tokens fits, with 20
+    it would run past them (silently, without the check)."""
+    target, draft = map(str, tiny_dirs)
+    pair = load_pair(target, draft, device="cpu")
+    prompt = [5] * 500
+    assert len(pair.generate(prompt, method="spd", max_new_tokens=8).token_ids) <= 8
+    with pytest.raises(CospecError, match="ask for at most 12 new tokens"):
+        pair.generate(prompt, method="spd", max_new_tokens=20)
