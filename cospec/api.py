@@ -225,7 +225,7 @@ class Pair:
         _check(isinstance(prompt, list) and len(prompt) > 0,
                "prompt must be a non-empty string, list of chat messages or list of token ids")
         if all(_is_int(t) for t in prompt):
-            vocab = self.target.get_output_embeddings().weight.shape[0]
+            vocab = len(self.tokenizer)  # ids past it are the output layer's padding
             bad = [t for t in prompt if not 0 <= t < vocab]
             _check(not bad, f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
             return list(prompt)
@@ -309,11 +309,11 @@ def load_pair(target: str | None = None, draft: str | Literal[False] | None = No
     the draft's decode steps read int8 copies of its weights (on a CPU every forward after
     the prompt's prefill, ``cospec.cpu_int8``; on a GPU the fused layers; spd's output is
     still the target's, cospec and CoS use the int8 draft's)."""
-    _check(target is None or isinstance(target, str),
-           f"target must be a model spec (a string) or None, got {target!r}")
-    _check(draft is None or draft is False or isinstance(draft, str),
-           f"draft must be a model spec (a string), None (the shipped draft) or False (no "
-           f"draft), got {draft!r}")
+    _check(target is None or isinstance(target, str) and target.strip() != "",
+           f"target must be a model spec (a non-empty string) or None, got {target!r}")
+    _check(draft is None or draft is False or isinstance(draft, str) and draft.strip() != "",
+           f"draft must be a model spec (a non-empty string), None (the shipped draft) or "
+           f"False (no draft), got {draft!r}")
     _check(draft_weights in models.DRAFT_WEIGHTS, f"draft_weights must be one of "
            f"{', '.join(models.DRAFT_WEIGHTS)}, got {draft_weights!r}")
     loaded = models.load_pair(target or models.DEFAULT_TARGET,

@@ -572,7 +572,7 @@ def cmd_summarize(args) -> int:
 
 
 def add_parsers(sub, add_model_args, add_decoding_args) -> None:
-    from cospec.args import add_draft_weights_arg
+    from cospec.args import add_draft_weights_arg, nonneg_int, positive_int
     from cospec.tasks import TASK_NAMES
 
     p = sub.add_parser("summarize", help="rewrite the report of finished eval/bench folders "
@@ -593,8 +593,8 @@ def add_parsers(sub, add_model_args, add_decoding_args) -> None:
         p.add_argument("--out", required=True, help="results folder (resumable)")
         add_draft_weights_arg(p)
         if name == "eval":
-            p.add_argument("--batch-size", type=int, default=8)
-            p.add_argument("--speed-subset", type=int, default=0,
+            p.add_argument("--batch-size", type=positive_int, default=8)
+            p.add_argument("--speed-subset", type=nonneg_int, default=0,
                            help="also time the first N problems at batch 1")
         else:
             p.set_defaults(batch_size=1, speed_subset=0)

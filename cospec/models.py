@@ -8,6 +8,7 @@ Models are used as they are: no layer is modified. A pair must share its vocabul
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -143,6 +144,9 @@ def resolve(spec: str) -> Path | str:
         return _convert_gguf(shipped_gguf(spec), cache_dir() / "models" / spec)
     path = Path(spec).expanduser()
     if not path.exists():
+        near = difflib.get_close_matches(spec.lower(), SHIPPED, n=1, cutoff=0.85)
+        if near and "/" not in spec:  # a shipped name mistyped, not a hub id to look up
+            raise CospecError(f"model not found: {spec!r}; did you mean the shipped {near[0]}?")
         if is_hub_id(spec):
             return spec
         known = ", ".join(SHIPPED)

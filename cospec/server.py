@@ -550,6 +550,8 @@ def cmd_serve(args) -> int:
     if args.port > 65535 or args.timeout <= 0:
         raise CospecError("--port must be <= 65535 and --timeout > 0")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if args.methods is not None and not methods:
+        raise CospecError(f"--methods {args.methods!r} names no method")
     mixed = [m for m in methods or () if m not in TARGET_OUTPUT and m not in ("we", "cd")]
     if args.draft_weights != "model" and args.max_batch and mixed:  # before minutes of loading
         raise CospecError(int8_batch(mixed))

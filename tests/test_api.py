@@ -153,6 +153,10 @@ def test_target_only_pair_and_bad_loads(tiny_dirs):
         cospec.load_pair("/no/such/model")
     with pytest.raises(cospec.CospecError, match="draft must be a model spec"):
         cospec.load_pair(str(tiny_dirs[0]), draft=True)
+    with pytest.raises(cospec.CospecError, match="target must be a model spec"):
+        cospec.load_pair("", draft=False)  # not the shipped target, loaded unasked
+    with pytest.raises(cospec.CospecError, match="did you mean the shipped qwen2.5-coder-1.5b"):
+        cospec.load_pair("qwen2.5-coder-1.5", draft=False)
     with pytest.raises(cospec.CospecError, match="draft_weights must be one of model, int8"):
         cospec.load_pair(str(tiny_dirs[0]), draft=False, draft_weights="int4")
 

@@ -271,6 +271,8 @@ def test_eval_is_resumable_and_refuses_other_configs(tiny_dirs, tmp_path):
     (["--task", "nope"], "unknown task"),
     (["--task", "gsm8k", "--split", "train"], "no split"),
     (["--task", "gsm8k", "--limit", "0"], "--limit must be > 0"),
+    (["--task", "gsm8k", "--batch-size", "0"], "must be > 0"),
+    (["--task", "gsm8k", "--speed-subset", "-1"], "must be >= 0"),
     (["--task", "gsm8k", "--split", "dev", "--limit", "1", "--methods", "target",
       "--out", "/dev/null/x"], "Not a directory"),
 ])

@@ -398,6 +398,8 @@ def test_cli_serve_refuses_a_missing_model(capsys):
     assert main(["serve", "--target", "/no/such/model", "--port", "0"]) == 2
     assert "model not found" in capsys.readouterr().err
     assert main(["serve", "--target", "/no/such/model", "--max-active", "0"]) == 2
+    assert main(["serve", "--target", "/no/such/model", "--methods", ","]) == 2
+    assert "names no method" in capsys.readouterr().err
     assert main(["serve", "--target", "/no/such/model", "--draft-weights", "int8",
                  "--methods", "target,spd,cospec"]) == 2
     err = capsys.readouterr().err
