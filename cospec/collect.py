@@ -11,23 +11,41 @@ sample of the target when the draft's token is its second choice): if flipping t
 token fixes wrong answers no more often than this re-roll does, the draft carries no
 information an arbiter could learn.
 
-Output: ``OUT/shard-NNNN.jsonl.gz``, one per ``--shard-size`` problems, written atomically,
-so an interrupted run resumes at the first missing shard and never duplicates a point.
+Output: ``OUT/meta.json`` (the settings the data depends on) and ``OUT/shard-NNNN.jsonl.gz``:
+shard N holds problems N * S to (N + 1) * S - 1 of the task's split (S = ``--shard-size``), in
+that order, and is written atomically. A rerun resumes: a shard that holds all of its problems
+is kept as it is, a missing one is collected, and one that holds only the first of them (made
+under a smaller ``--limit``) is completed, its records kept and the rest added (rewritten
+atomically), so a rerun with a larger ``--limit`` collects exactly the new problems and never
+duplicates a point. Refused before the models load: a folder whose shards hold problems beyond
+``--limit`` (rerun with that many or more) or other problems, and one whose meta.json names
+other settings (task, split, models, dtype, ``--no-chat``, ``--max-new-tokens``,
+``--max-points``, ``--shard-size``), each difference named. ``--k``, ``--seed``, top-p and
+top-k are not recorded: greedy lockstep decoding reads none of them.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import re
+import sys
 import time
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from cospec.args import positive_int
+from cospec.assets import write_atomic
 from cospec.batched import lockstep
 from cospec.errors import CospecError, read_json
 
 TRAIN_SPLITS = {"gsm8k": ("dev",), "math500": ("train", "all"), "mbpp": ("dev",)}
+# meta.json keys that folders made before they were recorded lack: not compared there
+LATER_KEYS = ("no_chat", "dtype")
+SHARD_NAME = re.compile(r"shard-(\d+)\.jsonl\.gz")
 
 
 def shard_files(paths: list[str | Path]) -> list[Path]:
@@ -113,43 +131,169 @@ def require_training_data(args, verb: str) -> None:
         raise CospecError(f"{verb} is greedy: use --temperature 0")
 
 
+def pair_specs(args) -> tuple[str, str]:
+    """(target, draft) as collect loads them: ``--models`` names exactly two (the draft
+    first), else ``--target`` and ``--draft``."""
+    if not args.models:
+        return args.target, args.draft
+    specs = [m.strip() for m in args.models.split(",") if m.strip()]
+    if len(specs) != 2:
+        raise CospecError(f"collect rolls out one draft against one target: --models takes "
+                          f"two models (the draft first), got {args.models!r}")
+    return specs[1], specs[0]
+
+
+def resolved_dtype(args) -> str:
+    """``--dtype``, else the device's default (float32 on a CPU, bfloat16 on a GPU)."""
+    from cospec.models import check_device, default_device, default_dtype
+
+    if args.dtype:
+        return args.dtype
+    device = check_device(args.device or default_device())
+    return str(default_dtype(device)).removeprefix("torch.")
+
+
+def collect_meta(args) -> dict:
+    """The settings collected data depends on (meta.json)."""
+    target, draft = pair_specs(args)
+    return {"task": args.task, "split": args.split, "target": target, "draft": draft,
+            "max_new_tokens": args.max_new_tokens, "max_points": args.max_points,
+            "shard_size": args.shard_size, "branches": ["draft", "control"],
+            "no_chat": args.no_chat, "dtype": resolved_dtype(args)}
+
+
+def existing_shards(out: Path) -> dict[int, Path]:
+    """The shard files in ``out`` by number."""
+    found = (SHARD_NAME.fullmatch(f.name) for f in out.glob("shard-*.jsonl.gz"))
+    return {int(m.group(1)): out / m.group(0) for m in found if m}
+
+
+def check_meta(out: Path, meta: dict) -> None:
+    """Refuse a folder whose shards were collected with other settings, naming each one (a
+    folder without shards takes the new ones); keys an older meta.json lacks are noted."""
+    meta_file = out / "meta.json"
+    if not meta_file.exists() or not existing_shards(out):
+        return
+    old = read_json(meta_file)
+    if not isinstance(old, dict):
+        raise CospecError(f"{meta_file} is not a collect meta.json; use another --out")
+    unknown = [k for k in LATER_KEYS if k not in old]
+    diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in meta.items()
+            if k not in unknown and old.get(k) != v]
+    if diff:
+        raise CospecError(f"{out} holds data collected with other settings ({'; '.join(diff)})"
+                          "; use another --out")
+    if unknown:
+        print(f"note: {meta_file} predates recording {', '.join(unknown)}: taken to be this "
+              "run's", file=sys.stderr)
+
+
+def read_shard(f: Path) -> tuple[float, list[dict]]:
+    """A shard's ``shard_seconds`` and records; CospecError naming it if it is damaged."""
+    try:
+        with gzip.open(f, "rt") as fh:
+            lines = fh.read().splitlines()
+        seconds = float(json.loads(lines[0])["shard_seconds"])
+        recs = [json.loads(x) for x in lines[1:]]
+        if not all(isinstance(r, dict) and "id" in r for r in recs):
+            raise ValueError("a record without an id")
+    except (OSError, EOFError, zlib.error, ValueError, IndexError, KeyError, TypeError) as err:
+        raise CospecError(f"{f} is not a readable shard ({err}); delete it to collect its "
+                          "problems again") from None
+    return seconds, recs
+
+
+@dataclass
+class Shard:
+    """Shard ``file``: problems ``idx`` once complete, of which it holds the first ``held``
+    (``recs``, collected in ``seconds``)."""
+
+    file: Path
+    idx: list[int]
+    held: int = 0
+    seconds: float = 0.0
+    recs: list[dict] = field(default_factory=list)
+
+    @property
+    def todo(self) -> list[int]:
+        return self.idx[self.held:]
+
+
+def held_shards(out: Path, ids: list[str], size: int, what: str) -> dict[int, Shard]:
+    """The shards in ``out``, each checked to hold the first problems of its slice of
+    ``ids`` (all of the split's problem ids); CospecError naming one that does not."""
+    held = {}
+    for k, f in sorted(existing_shards(out).items()):
+        seconds, recs = read_shard(f)
+        got = [r["id"] for r in recs if "position" not in r]
+        first = k * size
+        if len(got) > size or got != ids[first:first + len(got)]:
+            raise CospecError(f"{f} holds other problems than {what} {first}-"
+                              f"{first + size - 1} (--shard-size {size}); use another --out")
+        held[k] = Shard(f, list(range(first, first + len(got))), len(got), seconds, recs)
+    return held
+
+
+def plan_shards(out: Path, ids: list[str], limit: int | None, size: int, what: str
+                ) -> list[Shard]:
+    """The shards of the first ``limit`` problems (all where None), with what ``out``
+    already holds of each; refuses a folder holding problems beyond ``limit``."""
+    n = len(ids) if limit is None else min(limit, len(ids))
+    held = held_shards(out, ids, size, what)
+    beyond = max((sh.idx[-1] + 1 for sh in held.values() if sh.idx), default=0)
+    if beyond > n:
+        raise CospecError(f"{out} holds the data of {what} problems up to number {beyond}, "
+                          f"beyond --limit {limit}; rerun with --limit {beyond} or more, "
+                          "or use another --out")
+    plan = []
+    for first in range(0, n, size):
+        sh = held.get(first // size) or Shard(out / f"shard-{first // size:04d}.jsonl.gz", [])
+        sh.idx = list(range(first, min(first + size, n)))
+        if not sh.todo:
+            sh.recs = []  # complete: kept as it is, its records not needed
+        plan.append(sh)
+    return plan
+
+
+def write_shard(f: Path, recs: list[dict], seconds: float) -> None:
+    """Write shard ``f`` atomically: a ``shard_seconds`` header line, then ``recs``."""
+    def write(tmp: Path) -> None:
+        with gzip.open(tmp, "wt") as fh:
+            fh.write(json.dumps({"shard_seconds": seconds}) + "\n")
+            fh.writelines(json.dumps(r) + "\n" for r in recs)
+    write_atomic(f, write)
+
+
+def fill_shard(s, sh: Shard, args) -> list[dict]:
+    """Collect the problems shard ``sh`` lacks and rewrite it whole, the records it held
+    first; returns the new records."""
+    t0 = time.perf_counter()
+    new = collect_shard(s, sh.todo, args.max_points, args.batch_size)
+    write_shard(sh.file, sh.recs + new, sh.seconds + time.perf_counter() - t0)
+    return new
+
+
 def cmd_collect(args) -> int:
     from cospec.eval_setup import EvalSetup
+    from cospec.tasks import get_task
 
     require_training_data(args, "collect")
+    meta = collect_meta(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)  # before minutes of model loading
+    out.mkdir(parents=True, exist_ok=True)
+    check_meta(out, meta)  # every check before minutes of model loading
+    ids = [p.id for p in get_task(args.task).problems(args.split)]
+    plan = plan_shards(out, ids, args.limit, args.shard_size, f"{args.task}/{args.split}")
     s = EvalSetup(args, ["target", "draft"])
-    meta = {"task": args.task, "split": args.split, "target": args.target,
-            "draft": args.draft, "max_new_tokens": args.max_new_tokens,
-            "max_points": args.max_points, "shard_size": args.shard_size,
-            "branches": ["draft", "control"]}
-    meta_file = out / "meta.json"
-    if meta_file.exists():
-        old = read_json(meta_file)
-        diff = [k for k in meta if old.get(k) != meta[k]]
-        if diff:
-            raise CospecError(f"{out} holds data collected with other settings ({', '.join(diff)})"
-                              "; use another --out")
-    meta_file.write_text(json.dumps(meta, indent=1))
-    n = len(s.problems)
-    shards = range(0, n, args.shard_size)
-    bar = tqdm(total=n, desc="collect", unit="problem")
-    for start in shards:
-        f = out / f"shard-{start // args.shard_size:04d}.jsonl.gz"
-        idx = list(range(start, min(start + args.shard_size, n)))
-        if f.exists():
-            bar.update(len(idx))
+    write_atomic(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    bar = tqdm(total=sum(len(sh.idx) for sh in plan), initial=sum(sh.held for sh in plan),
+               desc="collect", unit="problem")
+    for sh in plan:
+        if not sh.todo:
             continue
-        t0 = time.perf_counter()
-        recs = collect_shard(s, idx, args.max_points, args.batch_size)
-        tmp = f.with_suffix(".tmp")
-        with gzip.open(tmp, "wt") as fh:
-            fh.write(json.dumps({"shard_seconds": time.perf_counter() - t0}) + "\n")
-            fh.writelines(json.dumps(r) + "\n" for r in recs)
-        tmp.rename(f)
-        bar.update(len(idx))
-        pts = [r for r in recs if "position" in r]
+        todo = len(sh.todo)
+        pts = [r for r in fill_shard(s, sh, args) if "position" in r]
+        bar.update(todo)
         bar.set_postfix(points=len(pts),
                         draft_better=sum(r["draft_correct"] > r["target_correct"] for r in pts))
     bar.close()
@@ -166,10 +310,11 @@ def add_parser(sub, add_model_args, add_decoding_args) -> None:
     add_decoding_args(p)
     p.add_argument("--task", default="gsm8k")
     p.add_argument("--split", default="dev")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--max-points", type=int, default=8,
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="the first N problems (a rerun with a larger N adds the rest)")
+    p.add_argument("--max-points", type=positive_int, default=8,
                    help="divergence points rolled out per problem (the first ones)")
-    p.add_argument("--shard-size", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=positive_int, default=50)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_collect)

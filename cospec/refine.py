@@ -18,12 +18,17 @@ Output folder: ``arbiter.safetensors`` (the current policy, usable with ``--arbi
 decision threshold becomes 0.5, the policy's most likely action; its metadata holds the
 settings and the history), ``optim.pt`` and ``log.jsonl`` (one line per iteration, rewritten
 from that history). All three are replaced atomically after each iteration, so a rerun of
-the same command resumes after the last finished iteration; other settings are refused.
+the same command resumes after the last finished iteration; other settings are refused, and
+so is an ``--arbiter`` other than the one the run began from (its path and SHA-256 are kept
+as ``refine_start`` in the metadata; resuming needs no ``--arbiter``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,7 @@ from pathlib import Path
 import torch
 
 from cospec.arbiter import LearnedPolicy, arbiter_info, load_arbiter, save_arbiter
+from cospec.args import finite_float, positive_int
 from cospec.assets import write_atomic
 from cospec.batched import lockstep
 from cospec.collect import require_training_data
@@ -92,7 +98,9 @@ def run_iteration(s, policy: LearnedPolicy, opt, idx: list[int], args, it: int) 
     """Roll out problems ``idx`` of setup ``s`` G times each, grade, take one step."""
     g = args.group
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(args.seed * 100_003 + it)
+    # modulo 2^64: the same generator as the seed itself where torch takes that (in
+    # [-2^63, 2^64)), and no overflow for a --seed near 2^63
+    gen = torch.Generator().manual_seed((args.seed * 100_003 + it) % 2**64)
     problems = [i for i in idx for _ in range(g)]  # G consecutive generations per problem
     results = lockstep(s.pair.target, s.pair.draft, [s.prompts[i] for i in problems],
                        max_new_tokens=args.max_new_tokens, eos_ids=s.eos, pad_id=s.pad,
@@ -112,44 +120,90 @@ def run_iteration(s, policy: LearnedPolicy, opt, idx: list[int], args, it: int) 
             "loss": loss, "seconds": time.perf_counter() - t0}
 
 
-def cmd_refine(args) -> int:
-    from cospec.eval_setup import EvalSetup
-
-    require_training_data(args, "refine")  # greedy: the arbiter's actions are the randomness
+def check_counts(args) -> None:
+    """Refuse counts and a step size that make no run (before any model loads)."""
     for name in ("iterations", "problems", "batch_size"):
         if getattr(args, name) < 1:
             raise CospecError(f"--{name.replace('_', '-')} must be >= 1, "
                               f"got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise CospecError(f"--lr must be > 0, got {args.lr}")
+    if args.limit is not None and args.limit < 1:
+        raise CospecError(f"--limit must be > 0, got {args.limit}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise CospecError(f"--lr must be > 0 (and finite), got {args.lr}")
+    if not math.isfinite(args.speed_bonus):
+        raise CospecError(f"--speed-bonus must be a finite number, got {args.speed_bonus}")
     if args.group < 2:
         raise CospecError(f"--group must be >= 2 (a group baseline needs two generations), "
                           f"got {args.group}")
+
+
+def file_sha(path: str | Path) -> str:
+    """The first 16 hex digits of the file's SHA-256."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def check_start(out: Path, info: dict, arbiter: str | None) -> None:
+    """Refuse to resume the refinement in ``out`` (its ``info``) with an ``--arbiter`` other
+    than the one it began from (compared by content); none, or the refined file itself,
+    resumes. A refinement that predates recording its start is resumed with a note."""
+    current = out / "arbiter.safetensors"
+    if arbiter is None or Path(arbiter).resolve() == current.resolve():
+        return
+    arbiter_info(arbiter)  # a missing file or a non-arbiter is named as such
+    began = info.get("refine_start")
+    if not isinstance(began, dict):
+        print(f"note: {out} predates recording the arbiter it began from; it resumes from "
+              f"{current}, and --arbiter {arbiter} is not used", file=sys.stderr)
+    elif file_sha(arbiter) != began.get("sha256"):
+        raise CospecError(f"{out} holds a refinement begun from {began.get('path')} (sha256 "
+                          f"{began.get('sha256')}), not from --arbiter {arbiter}; give that "
+                          "--arbiter (or none) to resume it, or use another --out")
+
+
+def resume_info(out: Path, args, settings: dict) -> dict:
+    """The info of the refinement in ``out`` to resume; refused when it ran with other
+    settings (each named) or began from another arbiter than ``--arbiter``."""
+    info = json.loads(arbiter_info(out / "arbiter.safetensors")["info"])
+    old = info.get("refine_settings", {})
+    diff = [k for k, v in settings.items() if old.get(k) != v]
+    if diff:
+        raise CospecError(f"{out} holds a refinement with other settings "
+                          f"({', '.join(diff)}); use another --out")
+    check_start(out, info, args.arbiter)
+    return info
+
+
+def cmd_refine(args) -> int:
+    from cospec.eval_setup import EvalSetup
+
+    require_training_data(args, "refine")  # greedy: the arbiter's actions are the randomness
+    check_counts(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     current = out / "arbiter.safetensors"
-    start = current if current.exists() else args.arbiter
-    if start is None:
+    settings = {k: getattr(args, k) for k in ("task", "split", "limit", "group", "problems",
+                                              "lr", "speed_bonus", "max_new_tokens", "seed")}
+    resuming = current.exists()
+    if resuming:
+        start, info = current, resume_info(out, args, settings)
+    elif args.arbiter is None:
         raise CospecError("refine starts from an arbiter: give --arbiter PATH (e.g. one made "
                           "by cospec train)")
+    else:
+        start, info = Path(args.arbiter), json.loads(arbiter_info(args.arbiter)["info"])
+        info["refine_start"] = {"path": str(args.arbiter), "sha256": file_sha(args.arbiter)}
     s = EvalSetup(args, ["target", "draft"])
     pair = (s.pair.target_name, s.pair.draft_name)
     policy = load_arbiter(start, pair)
+    if resuming and args.arbiter:  # where the start is not recorded, its pair at least
+        load_arbiter(args.arbiter, pair)
     if policy.needs_hidden:
         raise CospecError(f"{start} uses hidden states; refine trains scalar-feature arbiters")
-    info = json.loads(arbiter_info(start)["info"])
-    settings = {k: getattr(args, k) for k in ("task", "split", "limit", "group", "problems",
-                                              "lr", "speed_bonus", "max_new_tokens", "seed")}
-    history = info.get("refine_history", []) if start == current else []
-    if start == current:
-        diff = [k for k, v in settings.items() if info.get("refine_settings", {}).get(k) != v]
-        if diff:
-            raise CospecError(f"{out} holds a refinement with other settings "
-                              f"({', '.join(diff)}); use another --out")
-    else:
+    history = info.get("refine_history", []) if resuming else []
+    if not resuming:
         recentre(policy, policy.threshold)
     opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
-    if start == current and (out / "optim.pt").exists():
+    if resuming and (out / "optim.pt").exists():
         opt.load_state_dict(torch.load(out / "optim.pt"))
     n = len(s.problems)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -174,13 +228,13 @@ def add_parser(sub, add_model_args, add_decoding_args) -> None:
     add_decoding_args(p)
     p.add_argument("--task", default="gsm8k")
     p.add_argument("--split", default="dev")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="the first N problems")
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--problems", type=int, default=64, help="problems per iteration")
     p.add_argument("--group", type=int, default=4, help="generations per problem")
-    p.add_argument("--lr", type=float, default=0.02,
+    p.add_argument("--lr", type=finite_float, default=0.02,
                    help="Adam step size (0.02: the H100 run of results/gpu/refine-gsm8k-dev)")
-    p.add_argument("--speed-bonus", type=float, default=0.0,
+    p.add_argument("--speed-bonus", type=finite_float, default=0.0,
                    help="reward per draft token kept, added to the grade")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", required=True)
