@@ -23,6 +23,9 @@ from cospec.errors import CospecError
 def forward_cost(model, k: int, prefix: int, reps: int, mode: str) -> float:
     """Median seconds of a cached forward over k tokens after ``prefix`` tokens, with CPU
     linear mode ``mode`` (``auto``: timed once the order is chosen)."""
+    if k < 1 or prefix < 0 or reps < 1:
+        raise CospecError(f"a forward cost needs k >= 1 tokens, a prefix >= 0 and reps >= 1 "
+                          f"(got k {k}, prefix {prefix}, reps {reps})")
     before = os.environ.get("COSPEC_LINEAR")
     os.environ["COSPEC_LINEAR"] = mode  # read by cpu.fast_linear
     lm = CachedLM(model)
@@ -67,6 +70,10 @@ def best_k(target_s: dict[int, float], draft_s: float, alpha: float) -> tuple[in
     tokens; ``draft_s``: one draft step) if each draft token is accepted with probability
     ``alpha``: a block of k drafts costs k draft steps + a verify over k + 1 tokens and
     commits (1 - alpha^(k+1)) / (1 - alpha) tokens on average."""
+    if 1 not in target_s or not any(n > 1 for n in target_s):
+        raise CospecError("predicting a draft length needs the target's cost over 1 token and "
+                          "over k + 1 tokens for some k >= 1 (timed: "
+                          f"{', '.join(map(str, sorted(target_s))) or 'none'})")
     speed = {k: (1 - alpha ** (k + 1)) / (1 - alpha) / (k * draft_s + target_s[k + 1])
              for k in range(1, max(target_s)) if k + 1 in target_s}
     k = max(speed, key=speed.get)
