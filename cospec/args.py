@@ -9,7 +9,15 @@ import math
 from cospec.batch_scheduler import SPEC_OFF_AT
 from cospec.errors import CospecError
 from cospec.methods import MethodOptions
-from cospec.models import DEFAULT_DRAFT, DEFAULT_TARGET, DRAFT_WEIGHTS, draft_weights
+from cospec.models import (
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    DRAFT_WEIGHTS,
+    check_device,
+    default_device,
+    default_dtype,
+    draft_weights,
+)
 from cospec.sampling import SamplingConfig
 from cospec.sandbox import MODES
 
@@ -37,6 +45,15 @@ finite_float = _number(float, lambda v: True, "a finite number")
 unit = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 unit_closed = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 seed_int = _number(int, lambda v: -(2**63) <= v < 2**63, "in [-2^63, 2^63)")
+
+
+def resolved_dtype(args) -> str:
+    """``--dtype``, else the device's default (float32 on a CPU, bfloat16 on a GPU): what a
+    results folder records, so that a resume in another one is refused."""
+    if args.dtype:
+        return args.dtype
+    device = check_device(args.device or default_device())
+    return str(default_dtype(device)).removeprefix("torch.")
 
 
 def draft_length(text: str) -> int | str:

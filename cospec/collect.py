@@ -37,7 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cospec.args import positive_int
+from cospec.args import positive_int, resolved_dtype
 from cospec.assets import write_atomic
 from cospec.batched import lockstep
 from cospec.errors import CospecError, read_json
@@ -141,16 +141,6 @@ def pair_specs(args) -> tuple[str, str]:
         raise CospecError(f"collect rolls out one draft against one target: --models takes "
                           f"two models (the draft first), got {args.models!r}")
     return specs[1], specs[0]
-
-
-def resolved_dtype(args) -> str:
-    """``--dtype``, else the device's default (float32 on a CPU, bfloat16 on a GPU)."""
-    from cospec.models import check_device, default_device, default_dtype
-
-    if args.dtype:
-        return args.dtype
-    device = check_device(args.device or default_device())
-    return str(default_dtype(device)).removeprefix("torch.")
 
 
 def collect_meta(args) -> dict:

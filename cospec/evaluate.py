@@ -22,11 +22,11 @@ import torch
 from tqdm import tqdm
 
 from cospec import fast
+from cospec.args import resolved_dtype
 from cospec.decoding import warm_up_budgets
 from cospec.errors import CospecError, read_json
 from cospec.eval_setup import EvalSetup
 from cospec.methods import GREEDY_ONLY, LOSSY, METHODS, SAME_AS_GREEDY
-from cospec.models import check_device, default_device, default_dtype
 from cospec.report import (
     in_turn,
     machine_load,
@@ -139,8 +139,7 @@ def _config(args) -> dict:
     """The run's configuration: its IDENTITY (the dtype resolved for the device: float32 on
     a CPU, bfloat16 on a GPU unless --dtype says), methods and limit."""
     cfg = {k: getattr(args, k, None) for k in IDENTITY}
-    device = check_device(args.device or default_device())
-    cfg["dtype"] = args.dtype or str(default_dtype(device)).removeprefix("torch.")
+    cfg["dtype"] = resolved_dtype(args)
     cfg["draft_weights"] = getattr(args, "draft_weights", "model")
     cfg.update(methods=args.methods, limit=args.limit)
     return cfg

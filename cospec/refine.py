@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from cospec.arbiter import LearnedPolicy, arbiter_info, load_arbiter, save_arbiter
-from cospec.args import finite_float, positive_int
+from cospec.args import finite_float, positive_int, resolved_dtype
 from cospec.assets import write_atomic
 from cospec.batched import lockstep
 from cospec.collect import require_training_data
@@ -160,12 +160,17 @@ def check_start(out: Path, info: dict, arbiter: str | None) -> None:
                           "--arbiter (or none) to resume it, or use another --out")
 
 
+# settings a refinement records that runs made before lack (not compared for those)
+RECORDED_LATER = ("k", "no_chat", "dtype")
+
+
 def resume_info(out: Path, args, settings: dict) -> dict:
     """The info of the refinement in ``out`` to resume; refused when it ran with other
     settings (each named) or began from another arbiter than ``--arbiter``."""
     info = json.loads(arbiter_info(out / "arbiter.safetensors")["info"])
     old = info.get("refine_settings", {})
-    diff = [k for k, v in settings.items() if old.get(k) != v]
+    diff = [k for k, v in settings.items()
+            if old.get(k) != v and (k in old or k not in RECORDED_LATER)]
     if diff:
         raise CospecError(f"{out} holds a refinement with other settings "
                           f"({', '.join(diff)}); use another --out")
@@ -182,7 +187,9 @@ def cmd_refine(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     current = out / "arbiter.safetensors"
     settings = {k: getattr(args, k) for k in ("task", "split", "limit", "group", "problems",
-                                              "lr", "speed_bonus", "max_new_tokens", "seed")}
+                                              "lr", "speed_bonus", "max_new_tokens", "seed",
+                                              "k", "no_chat")}
+    settings["dtype"] = resolved_dtype(args)
     resuming = current.exists()
     if resuming:
         start, info = current, resume_info(out, args, settings)

@@ -153,4 +153,10 @@ def test_refine_refuses_to_resume_from_another_arbiter(tiny_dirs, tmp_path, caps
     assert main([*common, "--iterations", "3"]) == 0
     info = json.loads(arbiter_info(out / "arbiter.safetensors")["info"])
     assert [r["iteration"] for r in info["refine_history"]] == [0, 1, 2]
+    before = folder_state(out)  # other prompts, draft length or dtype: another refinement
+    for flags, name in ((["--no-chat"], "no_chat"), (["--k", "3"], "k"),
+                        (["--dtype", "bfloat16"], "dtype")):
+        assert main([*common, "--iterations", "4", *flags]) == 2
+        assert f"other settings ({name})" in capsys.readouterr().err
+    assert folder_state(out) == before
     assert info["refine_start"]["path"] == str(arbs[0])
