@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 import sys
 import time
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cospec.arbiter import FEATURES
 from cospec.args import positive_int, resolved_dtype
 from cospec.assets import write_atomic
 from cospec.batched import lockstep
@@ -65,13 +67,67 @@ def shard_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def read_points(paths: list[str | Path]) -> list[dict]:
-    """All divergence records of the given shard files or folders."""
+REDO = "delete it and run the same cospec collect again to redo it"
+
+
+def check_point(rec: dict, where: str) -> None:
+    """Refuse a divergence record train cannot use: a missing or non-string ``id``,
+    ``features`` that are not ``len(FEATURES)`` finite numbers, or grades that are not
+    true/false. ``where`` names the file and line in the message."""
+    if not isinstance(rec.get("id"), str):
+        raise CospecError(f"{where}: a divergence point without a problem id")
+    feats = rec.get("features")
+    if not isinstance(feats, list) or len(feats) != len(FEATURES):
+        n = len(feats) if isinstance(feats, list) else "no"
+        raise CospecError(f"{where}: {n} features, the arbiter takes {len(FEATURES)} "
+                          "(collected by another cospec version? collect it again)")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+               for x in feats):
+        raise CospecError(f"{where}: features that are not all finite numbers")
+    for key in ("target_correct", "draft_correct"):
+        if not isinstance(rec.get(key), (bool, int, float)) or rec[key] not in (0, 1):
+            raise CospecError(f"{where}: {key} is {rec.get(key)!r}, not true or false")
+
+
+def shard_points(path: Path) -> list[dict]:
+    """The divergence records (those with ``position``) of one shard, each checked.
+
+    A shard that is not gzip, is cut short, or has a line that is not a JSON object is
+    refused, naming the file (and line), even when only its last line is cut: collect
+    writes each shard whole (to a temporary file, then renamed), so an interrupted collect
+    leaves no cut shard, and one found cut was damaged afterwards; training on the rest
+    without a word would be silently wrong, so the message says how to redo it.
+    """
     out = []
-    for f in shard_files(paths):
-        with gzip.open(f, "rt") as fh:
-            out += [json.loads(line) for line in fh if '"position"' in line]
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CospecError(f"{path} line {n} is not valid JSON ({err.msg}, "
+                                      f"column {err.colno}): the shard is damaged; {REDO}"
+                                      ) from None
+                if not isinstance(rec, dict):
+                    raise CospecError(f"{path} line {n} is not a JSON object: {REDO}")
+                if "position" in rec:
+                    check_point(rec, f"{path} line {n}")
+                    out.append(rec)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as err:
+        raise CospecError(f"{path} is not a readable gzip shard ({err}); {REDO}") from None
     return out
+
+
+def read_points(paths: list[str | Path]) -> list[dict]:
+    """All divergence records of the shard files or collect folders ``paths`` (a file named
+    twice, or named and inside a folder named, is read once)."""
+    seen: set[Path] = set()
+    points: list[dict] = []
+    for f in shard_files(paths):
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            points += shard_points(f)
+    return points
 
 
 def _rollouts(s, prompts: list[list[int]], paths, branches, batch_size: int

@@ -14,6 +14,7 @@ that maximises that gain on the validation points.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -21,8 +22,65 @@ from pathlib import Path
 import torch
 
 from cospec.arbiter import FEATURES, LearnedPolicy, save_arbiter
+from cospec.args import (
+    finite_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    seed_int,
+    unit_closed,
+)
 from cospec.collect import read_points
 from cospec.errors import CospecError, read_json
+
+
+def open_unit(text: str) -> float:
+    """An argparse type: a finite number strictly between 0 and 1 (``--val-fraction``)."""
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def data_pair(paths: list[str]) -> tuple[str, str] | None:
+    """The (target, draft) pair that the collect folders ``paths`` name in their meta.json
+    (a shard file: its folder's), or None where none has one. Folders of different pairs
+    are refused (compared by file name, as ``load_arbiter`` compares pairs): their features
+    come from other models, and the arbiter would carry only the first pair's name."""
+    pairs: dict[tuple[str, str], tuple[tuple[str, str], Path]] = {}
+    for d in map(Path, paths):
+        meta_file = (d if d.is_dir() else d.parent) / "meta.json"
+        if not meta_file.is_file():
+            continue
+        meta = read_json(meta_file)
+        if not isinstance(meta, dict) or not all(
+                isinstance(meta.get(k), str) and meta[k] for k in ("target", "draft")):
+            raise CospecError(f"{meta_file} does not name the model pair (target, draft) "
+                              "as cospec collect writes it")
+        pair = (meta["target"], meta["draft"])
+        pairs.setdefault((Path(pair[0]).name, Path(pair[1]).name), (pair, meta_file))
+    if len(pairs) > 1:
+        (a, fa), (b, fb) = list(pairs.values())[:2]
+        raise CospecError(f"--data mixes model pairs: {fa} is target {a[0]} / draft {a[1]}, "
+                          f"{fb} is target {b[0]} / draft {b[1]}; train one arbiter per pair")
+    return next(iter(pairs.values()))[0] if pairs else None
+
+
+def report_path(out: str) -> Path:
+    """Where the training report goes beside the arbiter file ``out`` (its name with
+    ``.json``); refuses an ``out`` that is a folder, or one ending in .json, whose report
+    would overwrite the arbiter."""
+    arb = Path(out)
+    if arb.is_dir():
+        raise CospecError(f"--out {out} is a folder: name the arbiter file to write "
+                          "(e.g. arbiter.safetensors)")
+    if arb.suffix.lower() == ".json":
+        raise CospecError(f"--out {out}: the arbiter's report is written beside it as .json; "
+                          "name the arbiter file otherwise (e.g. .safetensors)")
+    report = arb.with_suffix(".json")
+    if report.is_dir():
+        raise CospecError(f"the report {report} for --out {out} would overwrite a folder")
+    return report
 
 
 def split_by_problem(points: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -115,10 +173,18 @@ def reinforce(points: list[dict], *, epochs: int = 300, lr: float = 3e-3,
 
 
 def cmd_train(args) -> int:
+    report_file = report_path(args.out)  # before the data is read and the policy trained
     points = read_points(args.data)
+    pair = data_pair(args.data)
+    target = args.target or (pair[0] if pair else None)
+    draft = args.draft or (pair[1] if pair else None)
+    if not target or not draft:
+        raise CospecError("cannot tell which model pair the data is from: give --target/--draft")
     train, val = split_by_problem(points, args.val_fraction)
     if not train or not val:
-        raise CospecError(f"too few problems to split ({len(points)} points)")
+        raise CospecError(f"too few problems to split with --val-fraction {args.val_fraction} "
+                          f"({len({p['id'] for p in points})} problems, {len(points)} points: "
+                          f"{len(train)} to train on, {len(val)} to validate on)")
     policy = reinforce(train, epochs=args.epochs, lr=args.lr, hidden_units=args.hidden_units,
                        speed_bonus=args.speed_bonus, seed=args.seed)
     threshold = best_threshold(policy, val) if args.threshold is None else args.threshold
@@ -130,16 +196,11 @@ def cmd_train(args) -> int:
                            ("epochs", "lr", "hidden_units", "speed_bonus", "seed",
                             "val_fraction")},
               "data": [str(d) for d in args.data]}
-    metas = [read_json(Path(d) / "meta.json") for d in args.data
-             if (Path(d) / "meta.json").exists()]
-    target = args.target or (metas[0]["target"] if metas else None)
-    draft = args.draft or (metas[0]["draft"] if metas else None)
-    if not target or not draft:
-        raise CospecError("cannot tell which model pair the data is from: give --target/--draft")
     save_arbiter(policy, args.out, (target, draft), report)
-    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1))
+    report_file.write_text(json.dumps(report, indent=1))
     v = report["val"]
-    print(f"arbiter -> {args.out} (threshold {threshold:.2f}); held-out problems: "
+    print(f"arbiter -> {args.out} (report {report_file}, threshold {threshold:.2f}); "
+          f"held-out problems: "
           f"{v['points']} points, {v['decisive']} decisive, oracle agreement "
           f"{v['oracle_agreement']:.1%} (always-TARGET {v['always_target_agreement']:.1%}), "
           f"keep rate {v['keep_rate']:.1%}, single-flip gain {v['single_flip_gain']:+.0f}; "
@@ -150,16 +211,19 @@ def cmd_train(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train the CoSpec arbiter on collected divergences")
     p.add_argument("--data", nargs="+", required=True, help="folders made by cospec collect")
-    p.add_argument("--out", required=True, help="arbiter file to write (.safetensors)")
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--hidden-units", type=int, default=32, help="0: a linear policy")
-    p.add_argument("--speed-bonus", type=float, default=0.0,
+    p.add_argument("--out", required=True,
+                   help="arbiter file to write (.safetensors); its report goes beside it, "
+                        "named with .json")
+    p.add_argument("--epochs", type=positive_int, default=300)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--hidden-units", type=nonneg_int, default=32, help="0: a linear policy")
+    p.add_argument("--speed-bonus", type=finite_float, default=0.0,
                    help="reward added for keeping the draft token")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=unit_closed, default=None,
                    help="decision threshold stored in the report (default: tuned on val)")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=open_unit, default=0.2,
+                   help="share of the problems held out for validation, in (0, 1)")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--target", default=None)
     p.add_argument("--draft", default=None)
     p.set_defaults(func=cmd_train)
