@@ -93,6 +93,10 @@ MAX_STOPS = 4
 TARGET_OUTPUT = ("target", *(m for m, same in SAME_AS_GREEDY.items() if same == "target"))
 
 
+# the sampling of a request that sets none (OpenAI's defaults: temperature 1, top-p 1)
+REQUEST_SAMPLING = SamplingConfig(1.0, 1.0, 0)
+
+
 def int8_batch(names: list[str]) -> str:
     """Why ``names`` (batched methods whose output depends on the draft) are refused with an
     int8 draft and batch engines."""
@@ -383,21 +387,23 @@ def warm(pool: BatchPool | None, method: Method, k: int) -> None:
 def warm_alone(method: Method, k: int, context: int, tokens: int = 8) -> None:
     """``--warm-up`` for the lone-request path (``cospec.scheduler``): where ``method``'s
     batch-1 loop runs each block on the device, a few tokens of a generation with room for
-    ``context`` tokens, so that its engines are made at full size (``fast.acquire`` reuses
-    them for every shorter request) and their graphs captured (prefill, steps, the block)
-    before any request; logs what it did."""
+    ``context`` tokens, greedy and at an OpenAI request's default sampling (temperature 1,
+    top-p 1: another block graph), so that its engines are made at full size
+    (``fast.acquire`` reuses them for every shorter request) and their graphs captured
+    (prefill, steps, both blocks) before any request; logs what it did."""
     prompt = list(range(1, 17))
-    if not method.device_block(prompt, GREEDY):
-        log.info("--warm-up: %s runs no device-side block here: nothing to warm alone",
-                 method.name)
-        return
-    t0 = time.perf_counter()
-    with contextlib.closing(method.stream(prompt, k=k, max_new_tokens=context - len(prompt),
-                                          sampling=GREEDY, eos_ids=())) as gen:
-        for _ in itertools.islice(gen, tokens):
-            pass
-    log.info("--warm-up: %s alone at k=%d, %d tokens of context: %.1f s", method.name, k,
-             context, time.perf_counter() - t0)
+    for sampling, how in ((GREEDY, "greedy"), (REQUEST_SAMPLING, "at temperature 1")):
+        if not method.device_block(prompt, sampling):
+            log.info("--warm-up: %s runs no device-side block %s here: nothing to warm alone",
+                     method.name, how)
+            continue
+        t0 = time.perf_counter()
+        with contextlib.closing(method.stream(prompt, k=k, max_new_tokens=context - len(prompt),
+                                              sampling=sampling, eos_ids=())) as gen:
+            for _ in itertools.islice(gen, tokens):
+                pass
+        log.info("--warm-up: %s alone at k=%d, %s, %d tokens of context: %.1f s", method.name,
+                 k, how, context, time.perf_counter() - t0)
 
 
 def _utf8(text: str, param: str) -> str:

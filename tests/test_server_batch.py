@@ -674,7 +674,7 @@ def test_warm_up_serves_from_the_warmed_engine(pair, monkeypatch, caplog, off_at
     want_groups = [(("spd", 3), 4)] if not off_at else [(("spd", 3), 2), (("target", 0), 4)]
     assert [(g.key, g.size) for g in groups] == want_groups and warmed > 0
     assert {b for _, b, _, _ in made} == {1, 2, 4}
-    assert caplog.text.count("--warm-up: ") == 1 + len(groups) + 2  # 2: nothing alone
+    assert caplog.text.count("--warm-up: ") == 1 + len(groups) + 4  # nothing alone, 2 x 2
     reqs = [{"prompt": f"warm {i} hello world", "max_tokens": 10 + 7 * i, "ignore_eos": i == 2,
              "stream": bool(i % 2)} for i in range(4)]
     want = [alone(pair, None, "spd", r["prompt"], 3, r["max_tokens"], r["ignore_eos"])
@@ -696,14 +696,26 @@ def test_warm_up_makes_the_lone_path_engines_at_full_context(pair, monkeypatch, 
     import logging
 
     from cospec import fast
+    from cospec.methods import Method
+    from cospec.sampling import GREEDY
+    from cospec.server import REQUEST_SAMPLING
 
     monkeypatch.setenv("COSPEC_STATIC", "1")
     for model in (pair.target, pair.draft):
         fast._FREE.pop(model, None)
-    with caplog.at_level(logging.INFO, logger="cospec.server"):
+    warmed, real_stream = [], Method.stream
+
+    def stream(self, prompt_ids, **kw):
+        warmed.append(kw["sampling"])
+        return real_stream(self, prompt_ids, **kw)
+
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="cospec.server"):
+        m.setattr(Method, "stream", stream)
         app = create_app(pair, methods=["target", "spd"], k=3, max_batch=4, max_queue=8,
                          timeout=60, warm_up=True, spec_off_at=0)
-    assert "--warm-up: spd alone at k=3, 512 tokens of context" in caplog.text
+    assert "--warm-up: spd alone at k=3, greedy, 512 tokens of context" in caplog.text
+    assert "--warm-up: spd alone at k=3, at temperature 1, 512 tokens of context" in caplog.text
+    assert warmed == [GREEDY, REQUEST_SAMPLING]  # a default request's block graph too
     engines = {m: list(fast._FREE[m]) for m in (pair.target, pair.draft)}
     assert all(len(e) == 1 and e[0].max_len >= 512 for e in engines.values())
     want = alone(pair, None, "spd", "warm hello", 3, 20)
