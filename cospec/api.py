@@ -225,7 +225,8 @@ class Pair:
         _check(isinstance(prompt, list) and len(prompt) > 0,
                "prompt must be a non-empty string, list of chat messages or list of token ids")
         if all(_is_int(t) for t in prompt):
-            vocab = len(self.tokenizer)  # ids past it are the output layer's padding
+            vocab = min(len(self.tokenizer),  # ids past it: the output layer's padding
+                        self.target.get_output_embeddings().weight.shape[0])
             bad = [t for t in prompt if not 0 <= t < vocab]
             _check(not bad, f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
             return list(prompt)

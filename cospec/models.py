@@ -252,25 +252,39 @@ def share_output_width(models: list[tuple[str, torch.nn.Module]], ids: int) -> N
     their output layer past the tokenizer's ids, and not alike: Qwen2.5-7B's has 152,064
     rows, the 0.5B's 151,936, for 151,665 ids. Speculation compares, verifies and mixes the
     models' distributions row for row, so a wider output layer is cut to the narrowest one's
-    rows (its weight a view of the first rows, no copy): the rows cut are padding, never a
-    token of the tokenizer (their logits are dropped, the real ids' distribution renormalised
-    without them). Refused where the narrowest has fewer rows than the tokenizer has ids."""
+    rows (``cut_output_layer``): the rows cut are padding, never a token of the tokenizer
+    (their logits are dropped, the real ids' distribution renormalised without them)."""
     widths = {name: m.get_output_embeddings().weight.shape[0] for name, m in models}
-    rows = min(widths.values())
-    if rows == max(widths.values()):
+    if len(set(widths.values())) == 1:
         return
+    rows = common_output_rows(widths, ids)
+    for name, m in models:
+        cut_output_layer(name, m, rows, ids)
+
+
+def common_output_rows(widths: dict[str, int], ids: int) -> int:
+    """The output rows models of these widths share (the narrowest); refused where it is
+    fewer than the tokenizer's ``ids``."""
+    rows = min(widths.values())
     if rows < ids:
         raise CospecError(f"output layers of {widths} rows for a tokenizer of {ids} ids: "
                           "a model that cannot score every token cannot verify another's")
-    for name, m in models:
-        head = m.get_output_embeddings()
-        if head.weight.shape[0] > rows:
-            head.weight = torch.nn.Parameter(head.weight.detach()[:rows], requires_grad=False)
-            if getattr(head, "bias", None) is not None:
-                head.bias = torch.nn.Parameter(head.bias.detach()[:rows], requires_grad=False)
-            head.out_features = rows
-            print(f"{name}: output layer cut from {widths[name]} to {rows} rows, as the "
-                  f"other models' (padding past the tokenizer's {ids} ids)", file=sys.stderr)
+    return rows
+
+
+def cut_output_layer(name: str, model: torch.nn.Module, rows: int, ids: int) -> None:
+    """``model``'s output layer cut to its first ``rows`` rows if it has more (its weight
+    and bias views of theirs, no copy), saying so on stderr."""
+    head = model.get_output_embeddings()
+    width = head.weight.shape[0]
+    if width <= rows:
+        return
+    head.weight = torch.nn.Parameter(head.weight.detach()[:rows], requires_grad=False)
+    if getattr(head, "bias", None) is not None:
+        head.bias = torch.nn.Parameter(head.bias.detach()[:rows], requires_grad=False)
+    head.out_features = rows
+    print(f"{name}: output layer cut from {width} to {rows} rows, as the other models' "
+          f"(padding past the tokenizer's {ids} ids)", file=sys.stderr)
 
 
 def context_length(pair: Pair) -> int:

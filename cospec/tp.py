@@ -294,13 +294,26 @@ def load_target(spec: str, device: str, dtype: torch.dtype | None = None):
 def load_pair(target: str, draft: str | None, device: str, dtype: torch.dtype | None = None):
     """``models.Pair`` with the draft whole on this rank and the target as this rank's shard
     (``init`` first)."""
-    from cospec.models import Pair, check_same_vocab, load_model
+    from cospec.models import (
+        Pair,
+        check_same_vocab,
+        common_output_rows,
+        cut_output_layer,
+        load_model,
+    )
 
     t_model, t_tok = load_target(target, device, dtype)
     d_model = None
     if draft is not None:
         d_model, d_tok = load_model(draft, device, dtype)
         check_same_vocab(t_tok, d_tok, target, draft)
+        # one output width for both (as models.share_output_width): the target's gathered
+        # logits are cut to the shared rows (ShardedEngine._logits), a wider draft's layer
+        widths = {target: t_model.vocab, draft: d_model.get_output_embeddings().weight.shape[0]}
+        if len(set(widths.values())) > 1:
+            rows = common_output_rows(widths, len(t_tok))
+            t_model.vocab = rows
+            cut_output_layer(draft, d_model, rows, len(t_tok))
     return Pair(t_model, d_model, t_tok, target, draft)
 
 

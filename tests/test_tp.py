@@ -339,3 +339,32 @@ def test_cli_tp_generate_equals_one_process_and_prints_once(tiny_dirs):
                          timeout=300)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert json.loads(two.stdout)["token_ids"] == json.loads(one.stdout)["token_ids"]
+
+
+def padded_sampled(target: str, draft: str) -> tuple[int, int, list[int]]:
+    """On a rank: the pair of folders padded to different output widths, loaded sharded,
+    and sampled spd on it (rows compared row for row: one width, or a shape error)."""
+    from cospec.methods import build_method
+    from cospec.sampling import SamplingConfig
+
+    pair = tp.load_pair(target, draft, "cpu", torch.float32)
+    hot = SamplingConfig(temperature=1.0)
+    ids, _, _ = build_method("spd", pair, sampling=hot).run(
+        [5, 17, 33], k=3, max_new_tokens=10, sampling=hot, eos_ids=(), seed=3)
+    return pair.target.vocab, pair.draft.get_output_embeddings().weight.shape[0], ids
+
+
+def test_a_pair_padded_differently_decodes_sharded(ranks, tmp_path):
+    """As ``models.load_pair`` (tests/test_pair_limits.py), the sharded target of a pair
+    whose output layers are padded to different widths scores the rows the draft does."""
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    for name, seed, pad in (("target", 1, 8), ("draft", 2, 2)):
+        tiny_model(seed, vocab=len(tok) + pad, dtype=torch.float32).save_pretrained(
+            tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    got = ranks.call(padded_sampled, str(tmp_path / "target"), str(tmp_path / "draft"))
+    assert got[0] == got[1]  # the ranks agree
+    target_rows, draft_rows, ids = got[0]
+    assert target_rows == draft_rows == len(tok) + 2 and len(ids) == 10
