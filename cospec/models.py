@@ -3,7 +3,9 @@ name of the shipped default pair (GGUF files inside registry packages, converted
 safetensors and cached), or a Hugging Face hub id (``org/name``), which transformers loads
 through its own cache (offline with ``HF_HUB_OFFLINE=1`` once the files are there).
 
-Models are used as they are: no layer is modified. A pair must share its vocabulary.
+Models are used as they are: no weight is changed. A pair must share its vocabulary;
+an output layer padded past it wider than the others' is cut to their rows
+(``share_output_width``: padding rows only, the view of the same weights).
 """
 
 from __future__ import annotations
@@ -255,18 +257,17 @@ def share_output_width(models: list[tuple[str, torch.nn.Module]], ids: int) -> N
     rows (``cut_output_layer``): the rows cut are padding, never a token of the tokenizer
     (their logits are dropped, the real ids' distribution renormalised without them)."""
     widths = {name: m.get_output_embeddings().weight.shape[0] for name, m in models}
-    if len(set(widths.values())) == 1:
-        return
     rows = common_output_rows(widths, ids)
     for name, m in models:
         cut_output_layer(name, m, rows, ids)
 
 
 def common_output_rows(widths: dict[str, int], ids: int) -> int:
-    """The output rows models of these widths share (the narrowest); refused where it is
-    fewer than the tokenizer's ``ids``."""
+    """The output rows models of these widths share: the narrowest. Where they differ it
+    must hold the tokenizer's ``ids`` (refused otherwise); equal widths are left as they
+    are (a tokenizer may count added tokens past them)."""
     rows = min(widths.values())
-    if rows < ids:
+    if rows != max(widths.values()) and rows < ids:
         raise CospecError(f"output layers of {widths} rows for a tokenizer of {ids} ids: "
                           "a model that cannot score every token cannot verify another's")
     return rows

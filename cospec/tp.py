@@ -310,10 +310,8 @@ def load_pair(target: str, draft: str | None, device: str, dtype: torch.dtype | 
         # one output width for both (as models.share_output_width): the target's gathered
         # logits are cut to the shared rows (ShardedEngine._logits), a wider draft's layer
         widths = {target: t_model.vocab, draft: d_model.get_output_embeddings().weight.shape[0]}
-        if len(set(widths.values())) > 1:
-            rows = common_output_rows(widths, len(t_tok))
-            t_model.vocab = rows
-            cut_output_layer(draft, d_model, rows, len(t_tok))
+        t_model.vocab = common_output_rows(widths, len(t_tok))
+        cut_output_layer(draft, d_model, t_model.vocab, len(t_tok))
     return Pair(t_model, d_model, t_tok, target, draft)
 
 
