@@ -94,7 +94,8 @@ TARGET_OUTPUT = ("target", *(m for m, same in SAME_AS_GREEDY.items() if same == 
 
 
 # the sampling of a request that sets none (OpenAI's defaults: temperature 1, top-p 1)
-REQUEST_SAMPLING = SamplingConfig(1.0, 1.0, 0)
+REQUEST_SAMPLING = SamplingConfig(*(CommonRequest.model_fields[f].default
+                                    for f in ("temperature", "top_p", "top_k")))
 
 
 def int8_batch(names: list[str]) -> str:
