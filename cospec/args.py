@@ -56,6 +56,18 @@ def resolved_dtype(args) -> str:
     return str(default_dtype(device)).removeprefix("torch.")
 
 
+def changed_settings(old: dict, new: dict, keys, later: dict) -> dict[str, tuple]:
+    """{key: (old value, new value)} for each of ``keys`` whose value a resumed run would
+    change. ``later``: keys recorded only since some version, with the value a record made
+    before had (None: unknown, that key not compared where ``old`` lacks it)."""
+    diff = {}
+    for k in keys:
+        a, b = old.get(k, later.get(k)), new.get(k, later.get(k))
+        if a != b and (a is not None or k not in later):
+            diff[k] = (a, b)
+    return diff
+
+
 def draft_length(text: str) -> int | str:
     """An argparse type for --k: a positive integer, or ``auto`` (chosen by timing the pair
     once on this machine: ``k_auto.auto_k``; resolved by ``load_pair_of``)."""

@@ -39,14 +39,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cospec.arbiter import FEATURES
-from cospec.args import positive_int, resolved_dtype
+from cospec.args import changed_settings, positive_int, resolved_dtype
 from cospec.assets import write_atomic
 from cospec.batched import lockstep
 from cospec.errors import CospecError, read_json
 
 TRAIN_SPLITS = {"gsm8k": ("dev",), "math500": ("train", "all"), "mbpp": ("dev",)}
 # meta.json keys that folders made before they were recorded lack: not compared there
-LATER_KEYS = ("no_chat", "dtype")
+LATER_KEYS = dict.fromkeys(("no_chat", "dtype"))
 SHARD_NAME = re.compile(r"shard-(\d+)\.jsonl\.gz")
 
 
@@ -224,8 +224,8 @@ def check_meta(out: Path, meta: dict) -> None:
     if not isinstance(old, dict):
         raise CospecError(f"{meta_file} is not a collect meta.json; use another --out")
     unknown = [k for k in LATER_KEYS if k not in old]
-    diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in meta.items()
-            if k not in unknown and old.get(k) != v]
+    diff = [f"{k}: {a!r} -> {b!r}"
+            for k, (a, b) in changed_settings(old, meta, meta, LATER_KEYS).items()]
     if diff:
         raise CospecError(f"{out} holds data collected with other settings ({'; '.join(diff)})"
                           "; use another --out")

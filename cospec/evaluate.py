@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from cospec import fast
-from cospec.args import resolved_dtype
+from cospec.args import changed_settings, resolved_dtype
 from cospec.decoding import warm_up_budgets
 from cospec.errors import CospecError, read_json
 from cospec.eval_setup import EvalSetup
@@ -59,10 +59,7 @@ class RunDir:
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
             old = read_json(cfg_file)
-            pairs = {k: (old.get(k, LATER_KEYS.get(k)), config.get(k, LATER_KEYS.get(k)))
-                     for k in IDENTITY}
-            diff = {k: (a, b) for k, (a, b) in pairs.items()
-                    if a != b and (a is not None or k not in LATER_KEYS)}
+            diff = changed_settings(old, config, IDENTITY, LATER_KEYS)
             if diff:
                 lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
                 raise CospecError(f"{self.path} holds results of another configuration ({lines}); "

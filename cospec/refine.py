@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from cospec.arbiter import LearnedPolicy, arbiter_info, load_arbiter, save_arbiter
-from cospec.args import finite_float, positive_int, resolved_dtype
+from cospec.args import changed_settings, finite_float, positive_int, resolved_dtype
 from cospec.assets import write_atomic
 from cospec.batched import lockstep
 from cospec.collect import require_training_data
@@ -161,7 +161,7 @@ def check_start(out: Path, info: dict, arbiter: str | None) -> None:
 
 
 # settings a refinement records that runs made before lack (not compared for those)
-RECORDED_LATER = ("k", "no_chat", "dtype")
+RECORDED_LATER = dict.fromkeys(("k", "no_chat", "dtype"))
 
 
 def resume_info(out: Path, args, settings: dict) -> dict:
@@ -169,8 +169,7 @@ def resume_info(out: Path, args, settings: dict) -> dict:
     settings (each named) or began from another arbiter than ``--arbiter``."""
     info = json.loads(arbiter_info(out / "arbiter.safetensors")["info"])
     old = info.get("refine_settings", {})
-    diff = [k for k, v in settings.items()
-            if old.get(k) != v and (k in old or k not in RECORDED_LATER)]
+    diff = list(changed_settings(old, settings, settings, RECORDED_LATER))
     if diff:
         raise CospecError(f"{out} holds a refinement with other settings "
                           f"({', '.join(diff)}); use another --out")
