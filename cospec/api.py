@@ -28,6 +28,7 @@ from cospec import methods, models
 from cospec.errors import CospecError
 from cospec.sampling import SamplingConfig
 from cospec.stats import DecodeStats
+from cospec.text_stream import TextStream
 
 # every decoding method; ``hf-assisted`` (transformers' own loop, a benchmark peer) is not one
 API_METHODS = tuple(m for m in methods.METHODS if m != "hf-assisted")
@@ -112,44 +113,28 @@ class Stream:
 
 
 def _detokenize(tokens: Iterator, tokenizer) -> Iterator[Token]:
-    """``decoding.Token``s to ``Token``s with text, decoded incrementally (special tokens
-    skipped). The pieces join to ``tokenizer.decode(ids, skip_special_tokens=True)``: a
-    token that ends inside a multi-byte character is held back until the character is
-    complete (or the generation ends, when the decoder's remainder goes to the last token).
-
-    Uses tokenizers' ``DecodeStream`` (O(1) a token) when the installed tokenizers has it and
-    the tokenizer is a fast one; else decodes the whole output each token and cuts the new
-    suffix."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    try:
-        from tokenizers.decoders import DecodeStream
-    except ImportError:
-        DecodeStream = None  # noqa: N806 (a class, or none in this tokenizers)
-    decoder = DecodeStream(skip_special_tokens=True) if DecodeStream and backend else None
-    ids: list[int] = []
+    """``decoding.Token``s to ``Token``s with text, decoded incrementally
+    (``text_stream.TextStream``, special tokens skipped). The pieces join to
+    ``tokenizer.decode(ids, skip_special_tokens=True)``: a token that ends inside a
+    multi-byte character is held back until the character is complete (or the generation
+    ends, when what is left goes to the last token)."""
+    stream = TextStream(tokenizer)
     held: list = []  # tokens whose text is not complete yet
-    shown = ""
+    shown = text = ""
     for token in tokens:
-        ids.append(token.id)
-        if decoder is not None:
-            piece = decoder.step(backend, token.id)
-        else:
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            piece = None if text.endswith("\ufffd") else text[len(shown):]
-        if piece is None:
+        text = stream.add(token.id)
+        if text.endswith("\ufffd"):
             held.append(token)
             continue
-        shown += piece
         for early in held:
             yield Token(early.id, "", early.from_draft)
         held = []
-        yield Token(token.id, piece, token.from_draft)
+        yield Token(token.id, text[len(shown):], token.from_draft)
+        shown = text
     if held:
-        final = tokenizer.decode(ids, skip_special_tokens=True)
-        rest = final[len(shown):] if final.startswith(shown) else ""
         for early in held[:-1]:
             yield Token(early.id, "", early.from_draft)
-        yield Token(held[-1].id, rest, held[-1].from_draft)
+        yield Token(held[-1].id, text[len(shown):], held[-1].from_draft)
 
 
 def _check(ok: bool, message: str) -> None:

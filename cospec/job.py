@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from cospec.decoding import Token
 from cospec.methods import Method
 from cospec.sampling import SamplingConfig
-from cospec.server_text import TextStream
 from cospec.stats import DecodeStats
+from cospec.text_stream import TextStream
 
 
 @dataclass(eq=False)

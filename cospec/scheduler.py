@@ -33,7 +33,7 @@ Time limit: ``timeout`` seconds from arrival, queueing included. A request that 
 ends as if it had reached max_tokens — finish_reason ``"length"`` — with
 ``metrics.timed_out`` true (and no text if it never started).
 
-Text: ``cospec.server_text`` (incremental detokenization, stop strings in the new text only).
+Text: ``cospec.text_stream`` (incremental detokenization, stop strings in the new text only).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from cospec.job import Job
 from cospec.methods import Method, eos_ids
 from cospec.models import Pair
 from cospec.server_schemas import ApiError
-from cospec.server_text import TextStream, stop_at
+from cospec.text_stream import TextStream, stop_at
 
 log = logging.getLogger("cospec.server")
 

@@ -79,7 +79,7 @@ from cospec.server_schemas import (
     CompletionRequest,
     validation_error,
 )
-from cospec.server_text import safe_len
+from cospec.text_stream import safe_len
 
 log = logging.getLogger("cospec.server")
 

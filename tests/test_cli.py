@@ -66,6 +66,29 @@ def test_generate_with_an_int8_draft_on_the_cpu(tiny_dirs, capsys):
     assert outs["spd"]["stats"]["drafted"] > 0
 
 
+def test_generate_prints_characters_split_between_tokens_whole(tiny_dirs, capsys, monkeypatch):
+    """Streamed text equals the whole output's decode where a multi-byte character is split
+    between tokens (each byte a token of the tiny byte-level tokenizer) and where the output
+    ends inside one: a split character is printed once whole, never as "\ufffd"."""
+    from transformers import AutoTokenizer
+
+    from cospec import generate_cmd
+    from cospec.decoding import Token
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dirs[0]))
+    text = "caf\u00e9 \u4e16\u754c ok \U0001f600"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in "".join(tok.decode([i]) for i in ids)  # characters split: the case tested
+    for out_ids in (ids, ids[:-1]):  # whole, and cut inside the last character
+        class Fixed:
+            def stream(self, *args, **kw):
+                return iter(Token(i, False) for i in out_ids)
+
+        monkeypatch.setattr(generate_cmd, "build_method", lambda *a: Fixed())
+        assert main(["generate", *models(tiny_dirs), "--prompt", "w5", "--no-chat"]) == 0
+        assert capsys.readouterr().out == tok.decode(out_ids, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "nope"], "unknown method"),
     (["--k", "0"], "must be > 0"),

@@ -32,7 +32,7 @@ from cospec.models import Pair  # noqa: E402
 from cospec.sampling import GREEDY  # noqa: E402
 from cospec.scheduler import Engine  # noqa: E402
 from cospec.server import BackgroundServer, create_app  # noqa: E402
-from cospec.server_text import TextStream, safe_len, stop_at  # noqa: E402
+from cospec.text_stream import TextStream, safe_len, stop_at  # noqa: E402
 
 MODEL = "tiny"
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"

@@ -1,8 +1,9 @@
-"""The text side of ``cospec serve``: incremental detokenization and stop strings.
+"""Generated text as it grows: incremental detokenization and stop strings.
 
 Each committed token is detokenized incrementally (``TextStream``: tokenizers'
 ``DecodeStream``, O(1) a token); stop strings are looked for in the new text only
-(``stop_at``), and a stream sends only what can no longer change (``safe_len``).
+(``stop_at``), and a stream sends only what can no longer change (``safe_len``). The
+server, the Python API's streams and ``cospec generate`` all read their text from here.
 """
 
 from __future__ import annotations
