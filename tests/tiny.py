@@ -27,12 +27,12 @@ def tiny_model(seed: int, layers: int = 2, width: int = 32, vocab: int = VOCAB,
 def near_copy(model: torch.nn.Module, spread: float = 0.05) -> torch.nn.Module:
     """A copy of ``model`` with each weight moved by ``spread`` times its spread (seeded):
     at 5 % a draft the model agrees with about half the time (an independent random draft
-    almost never)."""
+    almost never). The noise is drawn on the CPU, so a copy on a GPU moves as one on the CPU."""
     near = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in near.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * spread * p.std())
+            p.add_(torch.randn(p.shape, generator=g).to(p) * spread * p.std())
     return near
 
 
