@@ -18,8 +18,8 @@ length ``L`` [1], the drafts, the acceptance. A block is:
 Both caches keep the invariant of ``decode``: their slots below the committed length hold
 the committed tokens (the target's stale slot L+a is re-written by the next verify, the
 draft's by its next first step). So the tokens are plain greedy decoding's, as spd's are.
-The host reads each block's (a, window) back through pinned memory, two blocks behind, to
-stop at an EOS or at ``max_new_tokens``; the blocks queued past the stop are dropped.
+The host reads each block's (a, window) back through pinned memory, a block behind (AHEAD),
+to stop at an EOS or at ``max_new_tokens``; the blocks queued past the stop are dropped.
 
 On a GPU the whole block is one CUDA graph, on static ``seq`` and ``length`` buffers: the host
 launches a block, not a step. It is captured on a pair's first block (after two runs of it on
@@ -74,7 +74,12 @@ from cospec.sampling import (
 from cospec.settings import choice
 from cospec.stats import DecodeStats
 
-AHEAD = 2  # blocks queued past the last one whose verdict the host has read (the default)
+# Blocks queued past the last one whose verdict the host has read (the default). On an H100
+# (real pair, k = 4, same runs) 1 against 2: GSM8K tied (spd-graph 871 / 868 tok/s), HumanEval,
+# whose shorter answers end more often, 3-4 % faster (spd-graph 903 / 877, spd-staged with
+# the int8 draft 1,328 / 1,279): fewer blocks decoded past an EOS, and one queued block
+# already keeps the device busy (results/gpu/h100/block-ahead).
+AHEAD = 1
 # prompt-lookup guesses a spd-staged block's first draft step checks (``guessed_block``): of
 # 2, 4 and 6 on an H100, 6 gained most on HumanEval and lost nothing on GSM8K
 # (results/gpu/h100/staged-device-real-pair)
