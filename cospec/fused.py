@@ -172,8 +172,9 @@ HEAD_BLOCK_N = 8
 # has in flight set its bandwidth (docs/gpu.md), so they are settings of their own: the int8
 # draft and the bf16 target share one process. On an H200 (random 0.5B, one row) a reduction
 # block of 512 for q/k/v and gate/up made the int8 step 0.538 -> 0.497 ms (the bf16 step:
-# 0.535); HEAD_BLOCK_N 4 / 8 / 16 were within 1 % (results/gpu/h200/int8-draft). The others
-# are not measured yet.
+# 0.535); HEAD_BLOCK_N 4 / 8 / 16 were within 1 % (results/gpu/h200/int8-draft). On an H100
+# W8_GEMV_DOWN_BLOCK_K 2048 and W8_GEMV_OUT_BLOCK_N 2 were each 1.5 % slower than these (0.518
+# against 0.510 ms; results/gpu/h100/int8-draft-tiles); W8_GEMV_UP_BLOCK_N is not measured.
 W8_GEMV_UP_BLOCK_N = 0
 W8_GEMV_OUT_BLOCK_N = 0
 W8_GEMV_BLOCK_K = 512
