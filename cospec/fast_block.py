@@ -131,14 +131,19 @@ def commit(seq: torch.Tensor, length: torch.Tensor, span: torch.Tensor, d: torch
 
 
 def sampled_steps(draft_step: Step, last: torch.Tensor, start: torch.Tensor, n: int,
-                  sampling: SamplingConfig, gen: torch.Generator | None
+                  sampling: SamplingConfig, gen: torch.Generator | None,
+                  raw: list[torch.Tensor] | None = None
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """n one-row draft steps from token ``last`` [1] at position ``start`` [1], each fed the
     token drawn from the step before: (the n tokens [1] each, their rows of the draft's
-    processed distribution [1, V] each)."""
+    processed distribution [1, V] each). ``raw``, if given, takes each step's logits [1, V]
+    as a float32 copy (a step's logits may be a static graph output that the next step
+    overwrites), for a combination of the models' rows."""
     tokens, rows = [], []
     for i in range(n):
         logits, _ = draft_step(last, start + i)
+        if raw is not None:
+            raw.append(logits[:1].to(torch.float32, copy=True))
         rows.append(probabilities(logits[:1], sampling))
         last = draw(rows[-1], gen)
         tokens.append(last)
@@ -364,12 +369,8 @@ def ruled_sampled_block(draft_step: Step, target_step: Step, seq: torch.Tensor,
     drafts = [draw(q[0], gen)]
     x = seq.index_select(0, length)  # the pending token (stale when none is pending)
     base = length + pending
-    for i in range(1, k):
-        logits = draft_step(drafts[-1], base + i - 1)[0]
-        rows.append(logits[:1].to(torch.float32, copy=True))
-        q.append(probabilities(rows[-1], sampling))
-        drafts.append(draw(q[-1], gen))
-    d, q = torch.cat(drafts), torch.cat(q)                                    # [k], [k, V]
+    tokens, later = sampled_steps(draft_step, drafts[0], base, k - 1, sampling, gen, raw=rows)
+    d, q = torch.cat(drafts + tokens), torch.cat(q + later)                   # [k], [k, V]
     theirs, _ = target_step(torch.cat([seq.index_select(0, base - 1), d]), base - 1)
     theirs = theirs.float()                                                   # [k + 1, V]
     p_x = probabilities(held.row[None], sampling)
