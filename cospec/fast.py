@@ -588,6 +588,13 @@ def to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     return host, done
 
 
+def capture_seconds() -> float:
+    """Seconds the pooled engines of every model have spent capturing graphs (and compiling
+    for them): a speed run reads it around a timed generation to know whether a capture
+    fell inside it."""
+    return sum(e.capture_s for free in list(_FREE.values()) for e in free)
+
+
 def engines(model: torch.nn.Module) -> list[Engine]:
     """The free (pooled) engines of ``model``: for reporting capture time."""
     return list(_FREE.get(model, []))

@@ -487,6 +487,13 @@ _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 SAMPLED_GRAPHS = 8
 
 
+def captured_graphs() -> int:
+    """Block graphs captured so far, of engines still alive: a speed run reads it around a
+    timed generation to know whether a capture fell inside it."""
+    return sum(g.graph is not None for by_draft in _GRAPHS.values()
+               for graphs in by_draft.values() for g in graphs.values())
+
+
 def block_graph(tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0,
                 choice: Choice | None = None, sampling: SamplingConfig = GREEDY
                 ) -> BlockGraph | None:

@@ -317,8 +317,12 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         lossy.insert(lossy.index("cospec") + 1, "cospec-host")
     k = args.k
 
+    def captures() -> tuple[int, float]:  # block graphs captured, engines' capture seconds
+        return fast_block.captured_graphs(), fast.capture_seconds()
+
     def run(name: str, prompt: list[int], seed: int, n: int = args.new) -> dict:
         stats, trace = DecodeStats(), None
+        before = captures()
         t0 = sync()
         if name == "hf-eager":
             ids = hf(pair.target, prompt, n, eos)[0]
@@ -361,6 +365,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
                                               sampling=sampling, eos_ids=eos, seed=seed)
         total = sync() - t0
         return {"ids": ids, "total_s": total, "tok_s": len(ids) / total, "tau": stats.tau,
+                "captured": captures() != before,  # a graph captured in the timed window
                 "arbiter_s": stats.arbiter_s, "arbiter_calls": stats.arbiter_calls,
                 "overrides": stats.overrides, "steps": stats.steps,
                 "decode_s": stats.decode_s, "prefill_s": stats.prefill_s, "trace": trace}
@@ -377,6 +382,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             print(f"{name} failed, left out: {err!r}", flush=True)
             order.remove(name)
     warm = time.perf_counter() - t0
+    gc.collect()  # what the warm-up left (engines let go, with their graphs) is freed now,
+    sync()        # not inside a timed run
     rows = []
     for i, prompt in enumerate(prompts):
         row = {name: run(name, prompt, i) for name in in_turn(order, i)}
@@ -629,6 +636,11 @@ def markdown(res: dict) -> str:
                          f"({c.get('arbiter_calls', '?')} decisions, "
                          f"{c.get('overrides', '?')} draft tokens kept, "
                          f"{c.get('steps', '?')} steps)")
+        captured = [f"{m} on prompt {i}" for i, row in enumerate(p["per_prompt"])
+                    for m, r in row.items() if r.get("captured")]
+        if "captured" in p["per_prompt"][0].get("target", {}):  # recorded since it was added
+            notes.append("timed runs that captured a graph (their time includes it): "
+                         + (", ".join(captured) if captured else "none"))
         notes.append(f"warm-up {p['warmup_s']:.0f} s")
         lines += ["", "; ".join(notes) + ".", ""]
     if "replay" in res:
@@ -654,7 +666,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3,
+                    help="timed runs a model in the target part (the pair parts time each "
+                         "method once a prompt, in a balanced rotating order)")
     ap.add_argument("--methods", default="",
                     help="pair parts: only these methods (and target), comma-separated; "
                          "cospec-host: cospec with its decisions on the host path; "

@@ -62,3 +62,54 @@ def test_markdown_without_json_is_a_usage_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         gpu_speed.main()
     assert stop.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_markdown_names_the_timed_runs_that_captured_a_graph(tmp_path, monkeypatch):
+    """A run that captured a graph inside its timed window is named in the part's notes
+    (prompt and method); a part where none did says none; one recorded before the flag
+    existed says nothing."""
+    def part(flags: list[bool] | None) -> dict:
+        per = [{"target": {"tok_s": 100.0}, "spd": {"tok_s": 120.0}} for _ in range(2)]
+        for row, flag in zip(per, flags or ()):
+            row["target"]["captured"], row["spd"]["captured"] = False, flag
+        summary = {m: {"tokens": 10, "tok_s": 1.0, "vs_target": 1.0, "tau": 1.0}
+                   for m in ("target", "spd")}
+        return {"task": "gsm8k", "temperature": 0.0, "prompts": 2, "k": 4,
+                "max_new_tokens": 8, "warmup_s": 1.0, "per_prompt": per, "summary": summary}
+
+    for flags, note in (([False, True], "captured a graph (their time includes it): spd on "
+                                        "prompt 1"),
+                        ([False, False], "captured a graph (their time includes it): none"),
+                        (None, None)):
+        res = {"device": "GPU", "command": "gpu_speed.py ...", "pair": part(flags)}
+        (tmp_path / "gpu_speed.json").write_text(json.dumps(res))
+        monkeypatch.setattr(sys, "argv", ["gpu_speed.py", "--out", str(tmp_path), "--markdown"])
+        gpu_speed.main()
+        table = (tmp_path / "gpu_speed.md").read_text()
+        if note is None:
+            assert "captured" not in table
+        else:
+            assert note in table
+
+
+def test_capture_counters_see_block_graphs_and_engine_captures(monkeypatch):
+    """``fast_block.captured_graphs`` counts the block graphs captured (not those made and
+    not yet run); ``fast.capture_seconds`` sums every pooled engine's capture time."""
+    import types
+    import weakref
+
+    from cospec import fast, fast_block
+
+    class Key:  # weakly referable stand-ins for engines and models
+        pass
+
+    tgt, drf, model = Key(), Key(), Key()
+    graphs = weakref.WeakKeyDictionary({tgt: weakref.WeakKeyDictionary({drf: {
+        1: types.SimpleNamespace(graph=None), 2: types.SimpleNamespace(graph=object()),
+        3: types.SimpleNamespace(graph=object())}})})
+    monkeypatch.setattr(fast_block, "_GRAPHS", graphs)
+    assert fast_block.captured_graphs() == 2
+    free = weakref.WeakKeyDictionary({model: [types.SimpleNamespace(capture_s=0.5),
+                                              types.SimpleNamespace(capture_s=0.25)]})
+    monkeypatch.setattr(fast, "_FREE", free)
+    assert fast.capture_seconds() == pytest.approx(0.75)
