@@ -18,6 +18,7 @@ alone, ``spd`` (exact speculative decoding), the lossy ``cospec`` (learned arbit
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Literal
@@ -250,6 +251,9 @@ class Pair:
         _check(seed is None or _is_int(seed) and -(2**63) <= seed < 2**63,
                f"seed must be an integer in [-2^63, 2^63) or None, got {seed!r}")
         opts = _options(options)
+        for field_name, _, readers in methods.unread_options(opts, [method]):
+            warnings.warn(f"{field_name} is read by {', '.join(readers)} only: method "
+                          f"{method} ignores it", stacklevel=2)
         sampling = SamplingConfig(float(temperature), float(top_p), top_k)
         ids = self.encode(prompt, chat)
         models.check_context(self.models, len(ids), max_new_tokens)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 from cospec.batch_scheduler import SPEC_OFF_AT
 from cospec.errors import CospecError
-from cospec.methods import MethodOptions
+from cospec.methods import MethodOptions, unread_options
 from cospec.models import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
@@ -160,6 +161,16 @@ def options_of(args) -> MethodOptions:
     return MethodOptions(args.arbiter, args.threshold, not args.first_mismatch_only,
                          args.max_overrides, args.delta, args.entropy, args.lam, args.mu,
                          weights=weights)
+
+
+def note_unread_options(options: MethodOptions, methods: list[str]) -> None:
+    """A note on stderr for each decoding flag given that none of ``methods`` reads
+    (``methods.unread_options``): it is ignored, not an error, as a flag of the same command
+    is for another method."""
+    for _, flag, readers in unread_options(options, methods):
+        print(f"note: {flag} is read by {', '.join(readers)} only; "
+              f"{', '.join(methods)} ignore{'s' if len(methods) == 1 else ''} it",
+              file=sys.stderr)
 
 
 def load_pair_of(args, need_draft: bool = True):

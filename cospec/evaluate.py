@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from cospec import fast
-from cospec.args import changed_settings, resolved_dtype
+from cospec.args import changed_settings, note_unread_options, options_of, resolved_dtype
 from cospec.decoding import warm_up_budgets
 from cospec.errors import CospecError, read_json
 from cospec.eval_setup import EvalSetup
@@ -531,6 +531,7 @@ def cmd_eval(args) -> int:
         raise CospecError(f"--limit must be > 0, got {args.limit}")
     methods = _methods(args.methods)
     check_draft_weights(args, methods)
+    note_unread_options(options_of(args), methods)
     get_task(args.task).split(args.split)  # a bad task or split must not reach the folder
     cfg = _config(args)
     cfg["command"] = "cospec " + " ".join(shlex.quote(x) for x in sys.argv[1:])

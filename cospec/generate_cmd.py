@@ -10,6 +10,7 @@ from cospec.args import (
     add_draft_weights_arg,
     add_model_args,
     load_pair_of,
+    note_unread_options,
     options_of,
     sampling_of,
 )
@@ -27,6 +28,7 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise CospecError("empty prompt")
     options, sampling = options_of(args), sampling_of(args)
+    note_unread_options(options, [args.method])
     pair = load_pair_of(args, need_draft=needs_draft([args.method]))
     method = build_method(args.method, pair, options, sampling)
     tok = pair.tokenizer

@@ -152,6 +152,27 @@ def policy_for(name: str, pair: Pair, opts: MethodOptions):
     return load_arbiter(path, (pair.target_name, pair.draft_name))
 
 
+def _kind(kind: str) -> tuple[str, ...]:
+    return tuple(m for m in COS_METHODS if kind in m.split("-"))
+
+
+# the options only some methods read: field of MethodOptions -> (its flag, those methods)
+READ_BY = {"arbiter": ("--arbiter", ("cospec",)), "threshold": ("--threshold", LOSSY),
+           "every_mismatch": ("--first-mismatch-only", LOSSY),
+           "max_overrides": ("--max-overrides", LOSSY), "delta": ("--delta", ("confidence",)),
+           "entropy": ("--entropy", ("entropy",)), "lam": ("--lambda", _kind("we")),
+           "weights": ("--weights", _kind("we")), "mu": ("--mu", _kind("cd"))}
+
+
+def unread_options(opts: MethodOptions, methods: list[str]) -> list[tuple[str, str, tuple]]:
+    """The options ``opts`` sets away from their defaults that none of ``methods`` reads
+    (``--arbiter`` with ``--method spd`` decodes spd, not cospec): (field, flag, the methods
+    that read it) each."""
+    base = MethodOptions()
+    return [(field, flag, readers) for field, (flag, readers) in READ_BY.items()
+            if getattr(opts, field) != getattr(base, field) and not set(readers) & set(methods)]
+
+
 def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
                  sampling: SamplingConfig = GREEDY) -> Method:
     opts = opts or MethodOptions()

@@ -232,3 +232,16 @@ def test_core_install_needs_no_extras():
             print("ok")
     """)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_an_option_the_method_does_not_read_is_warned_of(pair):
+    """lam with spd: a warning naming the methods that read it (the tokens are spd's); no
+    warning for an option the method reads."""
+    with pytest.warns(UserWarning, match="lam is read by we, we-sd, cos-we only: method spd "
+                                         "ignores it"):
+        warned = pair.generate("w5 w9", method="spd", max_new_tokens=4, lam=0.3)
+    assert warned.token_ids == pair.generate("w5 w9", method="spd", max_new_tokens=4).token_ids
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pair.generate("w5 w9", method="we", max_new_tokens=4, lam=0.3)

@@ -81,12 +81,39 @@ def test_generate_prints_characters_split_between_tokens_whole(tiny_dirs, capsys
     assert "\ufffd" in "".join(tok.decode([i]) for i in ids)  # characters split: the case tested
     for out_ids in (ids, ids[:-1]):  # whole, and cut inside the last character
         class Fixed:
-            def stream(self, *args, **kw):
-                return iter(Token(i, False) for i in out_ids)
+            def stream(self, *args, ids=out_ids, **kw):
+                return iter(Token(i, False) for i in ids)
 
         monkeypatch.setattr(generate_cmd, "build_method", lambda *a: Fixed())
         assert main(["generate", *models(tiny_dirs), "--prompt", "w5", "--no-chat"]) == 0
         assert capsys.readouterr().out == tok.decode(out_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("method, flags, note", [
+    ("spd", ["--lambda", "0.3"],
+     "note: --lambda is read by we, we-sd, cos-we only; spd ignores it"),
+    ("cos-cd", ["--threshold", "0.4", "--mu", "0.5"],
+     "note: --threshold is read by cospec, confidence, entropy only; cos-cd ignores it"),
+    ("target", ["--first-mismatch-only"], "note: --first-mismatch-only is read by cospec,"),
+])
+def test_generate_notes_a_flag_its_method_does_not_read(tiny_dirs, capsys, method, flags, note):
+    """A decoding flag the method ignores (--lambda with spd: spd is decoded, not an
+    ensemble) is named on stderr; one it reads (--mu with cos-cd) is not."""
+    assert main(["generate", *models(tiny_dirs), "--method", method, "--prompt", "w5 w9",
+                 "--no-chat", "--max-new-tokens", "4", "--json", *flags]) == 0
+    err = capsys.readouterr().err
+    assert note in err and err.count("note:") == 1
+
+
+def test_eval_notes_a_flag_none_of_its_methods_reads(tiny_dirs, tmp_path, capsys):
+    """eval names a decoding flag none of --methods reads, before loading anything; a flag
+    one of them reads is not named."""
+    assert main(["eval", *models(tiny_dirs), "--methods", "target,spd,cd", "--mu", "0.3",
+                 "--delta", "0.2", "--task", "nope", "--out", str(tmp_path / "run")]) == 2
+    # (it stops at the unknown task, after the notes)
+    err = capsys.readouterr().err
+    assert "note: --delta is read by confidence only; target, spd, cd ignore it" in err
+    assert "--mu" not in err
 
 
 @pytest.mark.parametrize("args, message", [
