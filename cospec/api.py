@@ -29,7 +29,7 @@ from cospec import methods, models
 from cospec.errors import CospecError
 from cospec.sampling import SamplingConfig
 from cospec.stats import DecodeStats
-from cospec.text_stream import TextStream
+from cospec.text_stream import pieces
 
 # every decoding method; ``hf-assisted`` (transformers' own loop, a benchmark peer) is not one
 API_METHODS = tuple(m for m in methods.METHODS if m != "hf-assisted")
@@ -114,28 +114,10 @@ class Stream:
 
 
 def _detokenize(tokens: Iterator, tokenizer) -> Iterator[Token]:
-    """``decoding.Token``s to ``Token``s with text, decoded incrementally
-    (``text_stream.TextStream``, special tokens skipped). The pieces join to
-    ``tokenizer.decode(ids, skip_special_tokens=True)``: a token that ends inside a
-    multi-byte character is held back until the character is complete (or the generation
-    ends, when what is left goes to the last token)."""
-    stream = TextStream(tokenizer)
-    held: list = []  # tokens whose text is not complete yet
-    shown = text = ""
-    for token in tokens:
-        text = stream.add(token.id)
-        if text.endswith("\ufffd"):
-            held.append(token)
-            continue
-        for early in held:
-            yield Token(early.id, "", early.from_draft)
-        held = []
-        yield Token(token.id, text[len(shown):], token.from_draft)
-        shown = text
-    if held:
-        for early in held[:-1]:
-            yield Token(early.id, "", early.from_draft)
-        yield Token(held[-1].id, text[len(shown):], held[-1].from_draft)
+    """``decoding.Token``s to ``Token``s with their share of the text
+    (``text_stream.pieces``: a token ending inside a multi-byte character gets "", the one
+    completing it the character; the shares join to the whole decode)."""
+    return (Token(t.id, piece, t.from_draft) for t, piece in pieces(tokens, tokenizer))
 
 
 def _check(ok: bool, message: str) -> None:

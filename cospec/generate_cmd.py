@@ -18,7 +18,7 @@ from cospec.errors import CospecError
 from cospec.methods import OWN_METHODS, build_method, encode_prompt, eos_ids, needs_draft
 from cospec.models import check_context
 from cospec.stats import DecodeStats
-from cospec.text_stream import TextStream
+from cospec.text_stream import pieces
 
 
 def cmd_generate(args) -> int:
@@ -39,21 +39,15 @@ def cmd_generate(args) -> int:
     stream = method.stream(ids, k=args.k, max_new_tokens=args.max_new_tokens,
                            sampling=sampling, eos_ids=eos_ids(tok, pair.target),
                            seed=args.seed, stats=stats)
-    text_stream, shown = TextStream(tok), ""
-    color = args.color and sys.stdout.isatty() and not args.json
-    for token in stream:
-        out.append(token.id)
-        if args.json:
-            continue
-        text = text_stream.add(token.id)
-        if text.endswith("\ufffd"):
-            continue  # a character split between tokens: shown once it is whole
-        piece, shown = text[len(shown):], text
-        print(f"\033[32m{piece}\033[0m" if color and token.from_draft else piece, end="",
-              flush=True)
+    if args.json:
+        out = [token.id for token in stream]
+    else:  # the text as it comes, a character split between tokens shown once whole
+        color = args.color and sys.stdout.isatty()
+        for token, piece in pieces(stream, tok):
+            out.append(token.id)
+            print(f"\033[32m{piece}\033[0m" if color and token.from_draft else piece, end="",
+                  flush=True)
     text = tok.decode(out, skip_special_tokens=True)
-    if not args.json:
-        print(text[len(shown):], end="")  # an incomplete character the output ended in
     if args.json:
         print(json.dumps({"method": args.method, "k": args.k, "text": text, "token_ids": out,
                           "stats": stats.to_dict()}))

@@ -8,6 +8,8 @@ server, the Python API's streams and ``cospec generate`` all read their text fro
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from tokenizers.decoders import DecodeStream
 
 
@@ -70,3 +72,28 @@ class TextStream:
                 return self.text + self.tokenizer.decode(self.ids[self.settled:],
                                                          skip_special_tokens=True)
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+def pieces(tokens: Iterable, tokenizer) -> Iterator[tuple[object, str]]:
+    """(token, its share of the text) for each of ``tokens`` (each with an ``id``), decoded
+    incrementally (``TextStream``, special tokens skipped). The shares join to
+    ``tokenizer.decode(ids, skip_special_tokens=True)``: a token that ends inside a
+    multi-byte character is held back, with "", until the one that completes the character
+    (or the last token, at the end, which gets what is left)."""
+    stream = TextStream(tokenizer)
+    held: list = []  # tokens whose text is not complete yet
+    shown = text = ""
+    for token in tokens:
+        text = stream.add(token.id)
+        if text.endswith("\ufffd"):
+            held.append(token)
+            continue
+        for early in held:
+            yield early, ""
+        held = []
+        yield token, text[len(shown):]
+        shown = text
+    for early in held[:-1]:
+        yield early, ""
+    if held:
+        yield held[-1], text[len(shown):]
