@@ -160,7 +160,8 @@ GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more
 # raises the registers ptxas gives kernels that need fewer (the 7B's gate/up 80 -> 89, q/k/v
 # 43 -> 60), so fewer fit an SM (results/gpu/h200/fused-one-row-regs).
 # GEMV_CAP_ALL = 0 caps the gate/up alone (not yet measured; the compile report has the
-# 1.5B's q/k/v at 56 registers uncapped, 9 programs an SM, and 78 capped, 6).
+# 1.5B's q/k/v at 56 registers uncapped, 9 programs an SM, and 78 capped, 6); the launches it
+# leaves uncapped then load every block early (HOIST = 2, ``_hoist``).
 GEMV_MAX_REGS = 96
 GEMV_CAP_BLOCKS = 6
 GEMV_CAP_ALL = 1
@@ -432,11 +433,22 @@ def _pdl(device: torch.device, d: int) -> int:
     return PDL if _hopper(device) and _blocks(d) <= GEMV_UNROLL else 0
 
 
-def _hoist(d: int, w8: bool = False) -> int:
-    """HOIST for a model of hidden size ``d`` (``w8``: a launch over int8 weights): 2 only with
-    PDL set, for unrolled, uncapped one-row reductions (fewer than GEMV_CAP_BLOCKS blocks);
-    else at most 1."""
-    if HOIST == 2 and PDL and _blocks(d, w8) < GEMV_CAP_BLOCKS:
+def _capped(d: int, gate_up: bool = False, w8: bool = False) -> bool:
+    """A one-row launch of a model of hidden size ``d`` takes GEMV_MAX_REGS: its reductions
+    unroll into GEMV_CAP_BLOCKS .. GEMV_UNROLL blocks, and it is the gate/up's or
+    GEMV_CAP_ALL caps them all (``w8``: over int8 weights, blocks of W8_GEMV_BLOCK_K)."""
+    blocks = _blocks(d, w8)
+    return bool(GEMV_MAX_REGS and GEMV_CAP_BLOCKS <= blocks <= GEMV_UNROLL
+                and (GEMV_CAP_ALL or gate_up))
+
+
+def _hoist(d: int, w8: bool = False, gate_up: bool = False) -> int:
+    """HOIST of a launch for a model of hidden size ``d`` (``w8``: over int8 weights;
+    ``gate_up``: the gate/up's): 2 only with PDL set, where the one-row reductions unroll
+    (<= GEMV_UNROLL blocks) and the launch is not register-capped (``_capped``: under a cap
+    ptxas spills with every block early); else at most 1."""
+    if (HOIST == 2 and PDL and _blocks(d, w8) <= GEMV_UNROLL
+            and not _capped(d, gate_up, w8)):
         return 2
     return min(HOIST, 1)
 
@@ -458,10 +470,7 @@ def _launch(device: torch.device, gemv: bool = False, d: int = 0, gate_up: bool 
     """A launch's num_warps, num_stages, register cap (GEMV_* on the one-row tiles of a
     model of hidden size ``d``; ``gate_up``: the gate/up projection's; ``w8``: over int8
     weights, its blocks counted in W8_GEMV_BLOCK_K) and PDL mode."""
-    blocks = _blocks(d, w8)
-    capped = (gemv and GEMV_MAX_REGS and blocks >= GEMV_CAP_BLOCKS and _unroll(gemv, blocks)
-              and (GEMV_CAP_ALL or gate_up))
-    regs = GEMV_MAX_REGS if capped else MAX_REGS
+    regs = GEMV_MAX_REGS if gemv and _capped(d, gate_up, w8) else MAX_REGS
     pdl = _pdl(device, d)
     return {"num_warps": GEMV_WARPS if gemv else NUM_WARPS, "num_stages": NUM_STAGES,
             "PDL": pdl, **({"maxnreg": regs} if regs else {}),
@@ -558,7 +567,7 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         gate_up_w if gate_up8 is None else gate_up8.s, act, _workspace(x, splits, 2 * inter),
         counters(x.device, tiles), n, inter, per * block_k, eps, D=d, W8=w8_on, IEEE=ieee,
         SPLIT_K=splits, BLOCK_M=_block_m(gemv, n), BLOCK_N=block_n, BLOCK_K=block_k,
-        HOIST=_hoist(d, w8_on), UNROLL=_unroll(gemv, _cdiv(d, block_k)),
+        HOIST=_hoist(d, w8_on, gate_up=True), UNROLL=_unroll(gemv, _cdiv(d, block_k)),
         SPLIT_EARLY=_split_early(per), LN_AHEAD=_ln_ahead(gemv), SWAP=_swap(gemv),
         **_launch(x.device, gemv, d, gate_up=True, w8=w8_on))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)),

@@ -356,7 +356,7 @@ def test_settings(monkeypatch):
     GEMV_MAX_REGS the one-row launches' of hidden sizes of GEMV_CAP_BLOCKS..GEMV_UNROLL
     blocks, MAX_REGS where 0 or elsewhere; PDL only on a Hopper GPU, uninterpreted, for
     models whose one-row reductions unroll; HOIST = 2 only where PDL is set and the one-row
-    launches are uncapped); bad ones are refused with the accepted names, tile and warp sizes
+    launch is uncapped); bad ones are refused with the accepted names, tile and warp sizes
     that are no power of two (the W8_ tiles 0 too) before triton sees them."""
     for name in ("NUM_WARPS", "HOIST", "MAX_REGS", "GEMV_MAX_REGS", "PDL", "W8_GEMV_BLOCK_K",
                  "HEAD_BLOCK_N", "ATTN_TILE"):
@@ -391,7 +391,12 @@ def test_settings(monkeypatch):
         gpu, True, 896)
     # every block early (HOIST = 2) only with PDL set and uncapped one-row launches (0.5B)
     monkeypatch.setattr(fused, "HOIST", 2)
+    assert [fused._hoist(d) for d in (896, 1536, 3584)] == [2, 2, 1]  # GEMV_MAX_REGS 0 still
+    monkeypatch.setattr(fused, "GEMV_MAX_REGS", 96)
     assert [fused._hoist(d) for d in (896, 1536, 3584)] == [2, 1, 1]
+    monkeypatch.setattr(fused, "GEMV_CAP_ALL", 0)                 # the 1.5B's uncapped launches
+    assert [fused._hoist(1536, gate_up=g) for g in (False, True)] == [2, 1]
+    monkeypatch.setattr(fused, "GEMV_CAP_ALL", 1)
     monkeypatch.setattr(fused, "PDL", 0)
     assert fused._hoist(896) == 1
     monkeypatch.setattr(fused, "HOIST", 0)
