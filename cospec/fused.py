@@ -150,7 +150,9 @@ GEMV_DOWN_BLOCK_K = 1024  # of o_proj and down_proj
 GEMV_WARPS = 4
 GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more: a loop). 16
                          # (the 7B's 14 gate/up blocks unrolled, 142 registers a thread) was
-                         # 5 % faster on the 1.5B, 4 % slower on the 7B, equal on the 0.5B
+                         # 5 % faster on the 1.5B, 4 % slower on the 7B, equal on the 0.5B;
+                         # 10 (the 1.5B's 9 down_proj blocks unrolled) gained nothing on an
+                         # H100 (results/gpu/h100/one-row-settings)
 # Registers a thread at most in the one-row launches of a model whose hidden size unrolls
 # into GEMV_CAP_BLOCKS .. GEMV_UNROLL reduction blocks (0, or other models: MAX_REGS). Its
 # unrolled gate/up needs the most: the 1.5B's (6 blocks) takes 112 uncapped and fits 4
@@ -159,9 +161,12 @@ GEMV_UNROLL = 8          # reductions of at most this many blocks unrolled (more
 # registers uncapped) at 0.618 and made a 7B's (14 blocks, looped) 3.817 -> 4.183: a cap
 # raises the registers ptxas gives kernels that need fewer (the 7B's gate/up 80 -> 89, q/k/v
 # 43 -> 60), so fewer fit an SM (results/gpu/h200/fused-one-row-regs).
-# GEMV_CAP_ALL = 0 caps the gate/up alone (not yet measured; the compile report has the
-# 1.5B's q/k/v at 56 registers uncapped, 9 programs an SM, and 78 capped, 6); the launches it
-# leaves uncapped then load every block early (HOIST = 2, ``_hoist``).
+# GEMV_CAP_ALL = 0 caps the gate/up alone (the compile report has the 1.5B's q/k/v at 56
+# registers uncapped, 9 programs an SM, and 78 capped, 6); the launches it leaves uncapped then
+# load every block early (HOIST = 2, ``_hoist``). On an H100 that made a 1.5B step 1.430 ->
+# 1.412 ms and target-only on the real pair 1.2 % faster, spd no faster (its target steps are
+# verifies); unmeasured on an H200, where the defaults were tuned, so 1 (results/gpu/h100/
+# one-row-settings).
 GEMV_MAX_REGS = 96
 GEMV_CAP_BLOCKS = 6
 GEMV_CAP_ALL = 1
