@@ -279,7 +279,7 @@ class Engine:
     def _forward(self, ids: torch.Tensor, start: torch.Tensor, eager: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [n] (device), start [1] (device) -> logits [n, V], hidden [n, d]."""
-        h = _rms(self._layers(ids, start, eager), self.norm, self.eps)
+        h = final_norm(self, self._layers(ids, start, eager), eager)
         if self.head8 is not None and not eager:
             from cospec.fused import logits
 
@@ -294,10 +294,9 @@ class Engine:
         pos = start + self.steps[:n] if n <= MAX_GRAPH else start + torch.arange(
             n, device=self.device)
         x = self._embed(ids)
-        cos, sin = self.cos[pos], self.sin[pos]
         if self.fused and not eager:  # cache writes inside qkv, mask from positions
-            return positioned_layers(self, x, cos, sin, pos, self.kc, self.vc, qkv, rest,
-                                     self.layers8)
+            return positioned_layers(self, x, pos, self.kc, self.vc, qkv, rest, self.layers8)
+        cos, sin = self.cos[pos], self.sin[pos]
         visible = self.slots[None, :] <= pos[:, None]                       # [n, L]
         bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         bias = bias.masked_fill(~visible, float("-inf")).repeat(self.heads // self.kv_heads, 1)
@@ -443,20 +442,36 @@ class Engine:
         return graph, logits, hidden
 
 
-def positioned_layers(engine, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      pos: torch.Tensor, kc: list[torch.Tensor], vc: list[torch.Tensor],
-                      qkv: Callable, rest: Callable, copies: list | None = None
-                      ) -> torch.Tensor:
+def positioned_layers(engine, x: torch.Tensor, pos: torch.Tensor, kc: list[torch.Tensor],
+                      vc: list[torch.Tensor], qkv: Callable, rest: Callable,
+                      copies: list | None = None) -> torch.Tensor:
     """``engine``'s layers (an ``Engine`` or ``fast_batch.BatchLM`` whose layers the fused
-    kernels take) over x [n, d] at positions pos [n], cos, sin [n, hd]: layer l's K/V go to
-    slots pos of kc[l], vc[l] [kv_heads, L, hd], token i attends slots <= pos[i]. ``qkv`` /
-    ``rest``: ``fused.rms_qkv_rope`` / ``attention_mlp`` or their drop-in wrappers;
-    ``copies``: each layer's int8 copies (``fused.Int8``), or None. -> [n, d]."""
+    kernels take) over x [n, d] at positions pos [n]: layer l's K/V go to slots pos of
+    kc[l], vc[l] [kv_heads, L, hd], token i attends slots <= pos[i], and q/k/v read the
+    engine's rotary tables (``cos``, ``sin`` [L, hd]) at rows pos (``fused.EDGES``; 0:
+    gathered first). ``qkv`` / ``rest``:
+    ``fused.rms_qkv_rope`` / ``attention_mlp`` or their drop-in wrappers; ``copies``: each
+    layer's int8 copies (``fused.Int8``), or None. -> [n, d]."""
+    from cospec.fused import EDGES
+
+    cos, sin = (engine.cos, engine.sin) if EDGES else (engine.cos[pos], engine.sin[pos])
     for w, w8, k, v in zip(engine.layers, copies or [None] * len(engine.layers), kc, vc):
         q, _, _ = qkv(x, cos, sin, w, engine.heads, engine.kv_heads, engine.eps,
-                      cache=(k, v, pos), w8=w8)
+                      cache=(k, v, pos), w8=w8, rope_table=bool(EDGES))
         x = rest(x, q, k, v, None, w, engine.scale, engine.eps, pos=pos, w8=w8)
     return x
+
+
+def final_norm(engine, x: torch.Tensor, eager: bool) -> torch.Tensor:
+    """The model's final RMSNorm of ``engine`` (an ``Engine`` or ``fast_batch.BatchLM``) over
+    x [n, d]: one kernel (``fused.rms_norm``) where the engine runs fused layers, they take
+    x and ``fused.EDGES`` is on, else ``_rms``."""
+    if engine.fused and not eager:
+        from cospec import fused
+
+        if fused.EDGES and fused.rows_fit(x):
+            return fused.rms_norm(x, engine.norm, engine.eps)
+    return _rms(x, engine.norm, engine.eps)
 
 
 def fused_wanted(engine, flag: bool | None) -> bool:

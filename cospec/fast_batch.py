@@ -73,6 +73,7 @@ from cospec.fast import (
     _rms,
     capture_graph,
     clock,
+    final_norm,
     fused_wanted,
     layer_functions,
     positioned_layers,
@@ -218,10 +219,10 @@ class BatchLM:
         from cospec.fused import attention_mlp, rms_qkv_rope
 
         pos = pos.contiguous()  # the kernels read it by address (a no-op for every caller's)
-        x = positioned_layers(self, F.embedding(ids, self.embed), self.cos[pos], self.sin[pos],
-                              pos, [k[0] for k in self.kc], [v[0] for v in self.vc],
-                              rms_qkv_rope, attention_mlp)
-        h = _rms(x, self.norm, self.eps)
+        x = positioned_layers(self, F.embedding(ids, self.embed), pos,
+                              [k[0] for k in self.kc], [v[0] for v in self.vc], rms_qkv_rope,
+                              attention_mlp)
+        h = final_norm(self, x, eager=False)
         return (F.linear(h, self.head_w, self.head_b)[None] if head else None), h[None]
 
     def run(self, ids: torch.Tensor, pos: torch.Tensor, first: int = 0

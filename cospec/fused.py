@@ -16,18 +16,19 @@ results/gpu/h200/fused-one-row-tiles), the reference elsewhere and for models th
 do not take; ``1`` wherever they can run (a warning names why where they cannot); ``0`` never.
 
 The two functions ``fused_layer_functions`` returns are drop-in replacements for
-``fast._qkv`` and ``_rest`` (same arguments, same results for a 2-d ``x``), each with one
-optional keyword the engine uses to skip work:
+``fast._qkv`` and ``_rest`` (same arguments, same results for a 2-d ``x``), with
+optional keywords the engine uses to skip work:
 
 - ``qkv(..., cache=(kc, vc, pos))`` writes k and v straight into cache slots ``pos`` and
-  returns (q, None, None);
+  returns (q, None, None); with ``rope_table=True`` too, cos and sin are the rotary tables
+  [L, hd], read at rows pos;
 - ``rest(..., pos=pos)`` masks by positions (token i sees slots <= pos[i]) and reads only
   the visible slots; ``bias`` is then ignored and may be None.
 
 Both take one more keyword, ``w8``: the layer's int8 copies (``Int8`` of q/k/v, o_proj,
 gate/up and down_proj, made by ``quantize``), which the kernels then read instead of w's
 projections (``fast.int8_weights``; calls the kernels do not take keep w). ``logits`` is the
-matching int8 lm_head.
+matching int8 lm_head, ``rms_norm`` the final norm in one kernel.
 
 On CPU tensors the kernels run under triton's interpreter (``TRITON_INTERPRET=1``, set before
 triton is first imported: triton makes its own jit functions then): that is how the tests
@@ -142,6 +143,10 @@ GEMV = 1
 # 6 rows faster, 0.5B slower; 64-column tiles no better), so off (results/gpu/h100/
 # few-row-swap).
 SWAP = 0
+# The step's edges (``fast.final_norm``, ``fast.positioned_layers``): 1 the final RMSNorm in
+# one kernel (``rms_norm``) and q/k/v reading RoPE's cos and sin from the rotary tables at
+# the cache slots; 0 torch's ops (eight launches for the norm, two gathers a step).
+EDGES = 1
 GEMV_QKV_BLOCK_C = 2     # columns of each RoPE half per q/k/v program
 GEMV_UP_BLOCK_N = 8      # gate (and up) columns per program
 GEMV_OUT_BLOCK_N = 1     # o_proj / down_proj output columns per program
@@ -195,7 +200,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K",
            "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL",
            "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
-           "W8_GEMV_DOWN_BLOCK_K", "SWAP")
+           "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES")
 
 
 # Settings that size a tile (triton's ``tl.arange``) or a launch's warps: a power of two
@@ -306,12 +311,16 @@ def unsupported(engine) -> str | None:
     return None
 
 
-def _fits(x: torch.Tensor, w: tuple) -> bool:
-    """The fused kernels take this call: a 2-d contiguous x of <= MAX_ROWS rows, a dtype
-    they know, no per-head norms, on CUDA or under the interpreter."""
+def rows_fit(x: torch.Tensor) -> bool:
+    """The fused kernels take x: 2-d and contiguous, <= MAX_ROWS rows, a dtype they know, on
+    CUDA or under the interpreter."""
     return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype in DTYPES
-            and x.is_contiguous() and w[3] is None
-            and (x.device.type == "cuda" or interpret()))
+            and x.is_contiguous() and (x.device.type == "cuda" or interpret()))
+
+
+def _fits(x: torch.Tensor, w: tuple) -> bool:
+    """The fused kernels take this call: ``rows_fit(x)`` and no per-head norms."""
+    return rows_fit(x) and w[3] is None
 
 
 def _pow2(n: int) -> int:
@@ -492,12 +501,17 @@ def visibility_bias(pos: torch.Tensor, length: int, group: int, dtype: torch.dty
 
 
 def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple, heads: int,
-                 kv_heads: int, eps: float, cache: tuple | None = None, w8: tuple | None = None
+                 kv_heads: int, eps: float, cache: tuple | None = None, w8: tuple | None = None,
+                 rope_table: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``fast._qkv`` in one kernel: x [n, d], cos, sin [n, hd] -> q [H, n, hd] and k, v
     [KVH, n, hd]; with ``cache=(kc, vc, pos)`` k and v go to slots pos of kc, vc
-    [KVH, L, hd] instead and (q, None, None) is returned. ``w8``: the layer's int8 copies
-    (``Int8`` of q/k/v, o, gate/up, down), read instead of w's projections."""
+    [KVH, L, hd] instead and (q, None, None) is returned. ``rope_table`` (with a cache):
+    cos, sin are the rotary tables [L, hd], read at rows pos (a token's position is its
+    slot), so no step gathers them first. ``w8``: the layer's int8 copies (``Int8`` of q/k/v,
+    o, gate/up, down), read instead of w's projections."""
+    if rope_table and cache is None:
+        raise ValueError("rope_table reads the rotary tables at the cache slots: give cache")
     ln1, qkv_w, qkv_b = w[:3]
     qkv8 = w8[0] if w8 is not None else None
     n, d = x.shape
@@ -525,8 +539,18 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         W8=w8_on, IEEE=x.dtype == torch.float32, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d, w8_on),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
-        LN_AHEAD=_ln_ahead(gemv), SWAP=_swap(gemv), **_launch(x.device, gemv, d, w8=w8_on))
+        LN_AHEAD=_ln_ahead(gemv), SWAP=_swap(gemv), ROPE_TABLE=rope_table,
+        **_launch(x.device, gemv, d, w8=w8_on))
     return (q, k, v) if cache is None else (q, None, None)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """``fast._rms`` in one kernel (the final norm of a fused step): x [n, d] with
+    ``rows_fit(x)``, w [d] -> [n, d] in x's dtype."""
+    n, d = x.shape
+    y = torch.empty_like(x)
+    _kernels().rms_norm[(n,)](x, w, y, eps, D=d, BLOCK_D=_pow2(d), **_launch(x.device, d=d))
+    return y
 
 
 def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
@@ -640,9 +664,12 @@ def fused_layer_functions(base: tuple) -> tuple[bool, bool, Callable, Callable]:
     by the fused ones, which hand any call they do not take (``_fits``) to the originals."""
     use_graphs, compiled, qkv_ref, rest_ref = base
 
-    def qkv(x, cos, sin, w, heads, kv_heads, eps, cache=None, w8=None):
-        if _fits(x, w) and cos.dim() == 2 and cos.shape == sin.shape and len(cos) == len(x):
-            return rms_qkv_rope(x, cos, sin, w, heads, kv_heads, eps, cache, w8)
+    def qkv(x, cos, sin, w, heads, kv_heads, eps, cache=None, w8=None, rope_table=False):
+        if (_fits(x, w) and cos.dim() == 2 and cos.shape == sin.shape
+                and (rope_table and cache is not None or len(cos) == len(x))):
+            return rms_qkv_rope(x, cos, sin, w, heads, kv_heads, eps, cache, w8, rope_table)
+        if rope_table:
+            cos, sin = cos[cache[2]], sin[cache[2]]
         q, k, v = qkv_ref(x, cos, sin, w, heads, kv_heads, eps)
         if cache is None:
             return q, k, v

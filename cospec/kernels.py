@@ -335,11 +335,12 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_K: tl.constexpr, HOIST: tl.constexpr, UNROLL: tl.constexpr,
                  PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr,
-                 SWAP: tl.constexpr):
+                 SWAP: tl.constexpr, ROPE_TABLE: tl.constexpr):
     """Program (head j of the H + 2 KVH stacked heads, chunk c, split s): output columns
     c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
-    cos, sin [n, hd]; q [H, n, hd]; k, v [KVH, kv_len, hd], row i written to slot slot[i];
+    cos, sin [n, hd] (ROPE_TABLE: the rotary tables [L, hd], row i's at row slot[i]);
+    q [H, n, hd]; k, v [KVH, kv_len, hd], row i written to slot slot[i];
     ws [SPLIT_K, n, (H + 2 KVH) hd] float32; cnt [>= (H + 2 KVH) * chunks] int32, zeros.
     W8: w is int8 and s [(H + 2 KVH) hd] (float32) its rows' scales (``_scaled``)."""
     head = tl.program_id(0)
@@ -350,12 +351,13 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr,
     w1 = head * HEAD_DIM + cols                                      # weight rows
     w2 = w1 + HALF
     rn = rows[:, None] < n
-    trig = rows[:, None] * HEAD_DIM + cols[None, :]                  # the epilogue's operands,
+    slots = tl.load(slot_ptr + rows, mask=rows < n, other=0)
+    at = slots if ROPE_TABLE else rows                               # the rows of cos, sin
+    trig = at[:, None] * HEAD_DIM + cols[None, :]                    # the epilogue's operands,
     c1 = tl.load(cos_ptr + trig, mask=rn, other=0.0).to(tl.float32)  # loaded early
     c2 = tl.load(cos_ptr + trig + HALF, mask=rn, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + trig, mask=rn, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + trig + HALF, mask=rn, other=0.0).to(tl.float32)
-    slots = tl.load(slot_ptr + rows, mask=rows < n, other=0)
     if HAS_BIAS:
         b1 = tl.load(b_ptr + w1).to(tl.float32)
         b2 = tl.load(b_ptr + w2).to(tl.float32)
@@ -642,3 +644,20 @@ def down_residual(a_ptr, w_ptr, b_ptr, s_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, n, 
     if RESIDUAL:
         out = x + out
     tl.store(y_ptr + xy, out, mask=tl.where(last, rm[:, None] & cm[None, :], False))
+
+
+@triton.jit
+def rms_norm(x_ptr, w_ptr, y_ptr, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
+             PDL: tl.constexpr):
+    """y [n, D] = RMSNorm(x) with weights w [D], rounded as the reference (``_apply_norm``):
+    program i normalises row i (BLOCK_D >= D). The model's final norm, one kernel instead of
+    torch's half dozen."""
+    row = tl.program_id(0)
+    ks = tl.arange(0, BLOCK_D)
+    km = ks < D
+    w = tl.load(w_ptr + ks, mask=km, other=0.0)
+    _after_weights(PDL)
+    xv = tl.load(x_ptr + row * D + ks, mask=km, other=0.0)
+    xf = xv.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    tl.store(y_ptr + row * D + ks, (xf * rstd).to(xv.dtype) * w, mask=km)

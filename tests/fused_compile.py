@@ -103,11 +103,12 @@ def record(cases: list[tuple], twins: bool = True, int8: bool = False) -> list[t
                     for i in fast.PROJECTIONS) if way == "int8" else None)
         x, pos = t(n, d), t(n, dt=torch.int64)
         kc, vc = t(kvh, 512, hd), t(kvh, 512, hd)
-        q, _, _ = fused.rms_qkv_rope(x, t(n, hd), t(n, hd), w, heads, kvh, 1e-6,
-                                     cache=(kc, vc, pos), w8=w8)
+        q, _, _ = fused.rms_qkv_rope(x, t(512, hd), t(512, hd), w, heads, kvh, 1e-6,
+                                     cache=(kc, vc, pos), w8=w8, rope_table=True)
         fused.attention_mlp(x, q, kc, vc, None, w, hd ** -0.5, 1e-6, pos=pos, w8=w8)
         if w8 is None:
             fused.attention_mlp(x, q, kc, vc, t(heads // kvh * n, 512), w, hd ** -0.5, 1e-6)
+            fused.rms_norm(x, t(d), 1e-6)                           # the final norm
         else:
             fused.logits(x, fused.Int8(t(VOCAB, d, dt=torch.int8),
                                        t(VOCAB, dt=torch.float32)), None)

@@ -101,6 +101,30 @@ def test_qkv_kernel(interpret, small_blocks, monkeypatch, n, start, bias, gemv):
     others = torch.ones(length, dtype=torch.bool)
     others[pos] = False
     assert torch.equal(kc[:, others], kc_ref[:, others])  # no other slot written
+    # the rotary tables read at the cache slots: no gather before the kernel
+    cos_t, sin_t = rotary(torch.arange(length), hd)
+    kc2, vc2 = kc.clone(), vc.clone()
+    q2, _, _ = fused.rms_qkv_rope(x, cos_t, sin_t, w, heads, kvh, 1e-6, cache=(kc2, vc2, pos),
+                                  rope_table=True)
+    torch.testing.assert_close(q2, want[0], atol=ATOL, rtol=RTOL)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
+    with pytest.raises(ValueError, match="cache"):
+        fused.rms_qkv_rope(x, cos_t, sin_t, w, heads, kvh, 1e-6, rope_table=True)
+
+
+@pytest.mark.parametrize("n,d,dtype", [(1, 48, torch.float32), (5, 64, torch.float32),
+                                       (16, 40, torch.float32), (3, 48, torch.float16)])
+def test_final_norm_kernel(interpret, n, d, dtype):
+    """``fused.rms_norm`` is ``fast._rms`` (float32 statistics, rounded to the dtype before
+    the weights), rows of a width that is not a power of two too."""
+    g = torch.Generator().manual_seed(n + d)
+    x = (torch.randn(n, d, generator=g) * 3).to(dtype)
+    w = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype)
+    want = fast._rms(x, w, 1e-6)
+    got = fused.rms_norm(x, w, 1e-6)
+    assert got.dtype == dtype and got.shape == (n, d)
+    tol = ATOL if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("n,start,blocks,o_bias", [
@@ -473,24 +497,28 @@ def models(monkeypatch):
     return tiny_model(11, dtype=torch.float32), tiny_model(12, layers=1, dtype=torch.float32)
 
 
-def guard_reference(monkeypatch):
-    """Fail if a forward of <= MAX_ROWS tokens reaches the reference layer."""
-    qkv = fast._qkv
+def guard_reference(monkeypatch, norm: bool = False):
+    """Fail if a forward of <= MAX_ROWS tokens reaches the reference layer (``norm``: or
+    torch's RMSNorm, the final norm's too)."""
+    def only_long(reference):
+        def call(x, *args):
+            assert x.shape[-2] > fused.MAX_ROWS, "a short forward left the fused path"
+            return reference(x, *args)
+        return call
 
-    def only_long(x, *args):
-        assert x.shape[-2] > fused.MAX_ROWS, "a short forward left the fused path"
-        return qkv(x, *args)
-
-    monkeypatch.setattr(fast, "_qkv", only_long)
+    for name in ("_qkv", "_rms") if norm else ("_qkv",):
+        monkeypatch.setattr(fast, name, only_long(getattr(fast, name)))
 
 
-@pytest.mark.parametrize("gemv", [0, 1])
-def test_model_logits_match_transformers(interpret, monkeypatch, models, gemv):
+@pytest.mark.parametrize("gemv,edges", [(0, 1), (1, 1), (1, 0)])
+def test_model_logits_match_transformers(interpret, monkeypatch, models, gemv, edges):
     """Prefill of 12 tokens (fused) or 20 (reference), then 5-token verifies with 2 rows
     rolled back and 1-token steps (with and without the one-row tiles): the fused engine's
-    logits are transformers' to 1e-5."""
+    logits are transformers' to 1e-5; with the step's edges fused (EDGES: the final norm in
+    one kernel, RoPE from the rotary tables) no short forward calls torch's RMSNorm."""
     monkeypatch.setattr(fused, "GEMV", gemv)
-    guard_reference(monkeypatch)
+    monkeypatch.setattr(fused, "EDGES", edges)
+    guard_reference(monkeypatch, norm=bool(edges))
     model = models[0]
     ids = torch.randint(2, 96, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     for start in (12, 20):
@@ -680,4 +708,4 @@ def test_kernels_compile_for_sm90():
     if done.returncode == 77:
         pytest.skip("triton without its NVIDIA backend")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "66 launches compiled" in done.stdout  # 2 steps x (3 ways x 9 + int8's 6)
+    assert "72 launches compiled" in done.stdout  # 2 steps x (3 ways x 10 + int8's 6)
