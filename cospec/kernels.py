@@ -423,21 +423,36 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     the atomic and the combine's loads are dependent round trips that a short cache need
     not pay."""
     _after_weights(PDL)                                              # no weights to load
-    kvh = tl.program_id(0)
-    split = tl.program_id(1)
+    _attend_rows(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr, cnt_ptr,
+                 tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2), n,
+                 cache_len, scale, HEADS, GROUP, HEAD_DIM, SPLITS, USE_POS, IEEE, BLOCK_R,
+                 BLOCK_S, ONE_S, HEADS_PER, False)
+
+
+@triton.jit
+def _attend_rows(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr, cnt_ptr,
+                 kvh, split, chunk, chunks, n, cache_len, scale, HEADS: tl.constexpr,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+                 USE_POS: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_S: tl.constexpr, ONE_S: tl.constexpr, HEADS_PER: tl.constexpr,
+                 FRESH: tl.constexpr):
+    """``attend``'s work for (kv head ``kvh``, ``split``, ``chunk`` of ``chunks``). FRESH: q
+    and the cache's new slots were written by other programs of this very launch, so they
+    are read past L1 (``.cg``), as the split-K partial sums are."""
     R = GROUP * n
     if HEADS_PER < GROUP:                                            # a chunk of the heads
-        first = tl.program_id(2) * HEADS_PER * n
+        first = chunk * HEADS_PER * n
         rows = first + tl.arange(0, BLOCK_R)
         rm = rows < tl.minimum(R, first + HEADS_PER * n)
-        tile = kvh * tl.num_programs(2) + tl.program_id(2)
+        tile = kvh * chunks + chunk
     else:
         rows = tl.arange(0, BLOCK_R)
         rm = rows < R
         tile = kvh
     dims = tl.arange(0, HEAD_DIM)
+    CACHE: tl.constexpr = ".cg" if FRESH else ""
     q = tl.load(q_ptr + (kvh * R + rows[:, None]) * HEAD_DIM + dims[None, :],
-                mask=rm[:, None], other=0.0)
+                mask=rm[:, None], other=0.0, cache_modifier=CACHE)
     dtype = q.dtype
     if USE_POS:
         qpos = tl.load(pos_ptr + rows % n, mask=rm, other=-1)
@@ -457,7 +472,7 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
         slots = s0 + tl.arange(0, BLOCK_S)
         sm = slots < hi
         kt = tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
-                     mask=sm[None, :], other=0.0)                    # [hd, BLOCK_S]
+                     mask=sm[None, :], other=0.0, cache_modifier=CACHE)  # [hd, BLOCK_S]
         s = _dot(q, kt, tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32), IEEE)
         s = s.to(dtype).to(tl.float32) * scale
         if USE_POS:
@@ -472,7 +487,7 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
-                    mask=sm[:, None], other=0.0)
+                    mask=sm[:, None], other=0.0, cache_modifier=CACHE)
         acc = _dot(p.to(dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
     token = rows % n
