@@ -700,6 +700,18 @@ def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows, swa
     assert fused._launch(lm.device)["PDL"] == (pdl if hopper else 0)
 
 
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU and compiled triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pdl,one,rows", [(0, 0, 0), (1, 0, 4), (1, 64, 0), (2, 64, 4)])
+def test_cuda_graphs_attending_in_the_qkv_launch(monkeypatch, dtype, pdl, one, rows):
+    """``test_cuda_graphs`` with the attention in q/k/v's launch (QKV_ATTEND): on a GPU its
+    attention programs really wait for the q/k/v programs of the same grid (the interpreter
+    runs them one after another), under PDL too, split and in one split."""
+    monkeypatch.setattr(fused, "QKV_ATTEND", 1)
+    test_cuda_graphs(monkeypatch, dtype, 2 if pdl else 1, 1, one, pdl, 0, rows, 0)
+
+
 def cuda_agreement(lm, ref, ids: list[int], start: int, dtype: torch.dtype) -> float:
     """The share of rows on which ``lm`` (a ``fast.StaticLM``) and ``ref`` pick the same
     argmax over ``fast.side_by_side``'s schedule from ``start`` (8 steps, every other one a
