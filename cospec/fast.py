@@ -449,17 +449,16 @@ def positioned_layers(engine, x: torch.Tensor, pos: torch.Tensor, kc: list[torch
     kernels take) over x [n, d] at positions pos [n]: layer l's K/V go to slots pos of
     kc[l], vc[l] [kv_heads, L, hd], token i attends slots <= pos[i], and q/k/v read the
     engine's rotary tables (``cos``, ``sin`` [L, hd]) at rows pos (``fused.EDGES``; 0:
-    gathered first), and attend in their launch under ``fused.QKV_ATTEND``. ``qkv`` / ``rest``:
+    gathered first). ``qkv`` / ``rest``:
     ``fused.rms_qkv_rope`` / ``attention_mlp`` or their drop-in wrappers; ``copies``: each
     layer's int8 copies (``fused.Int8``), or None. -> [n, d]."""
-    from cospec.fused import EDGES, QKV_ATTEND
+    from cospec.fused import EDGES
 
     cos, sin = (engine.cos, engine.sin) if EDGES else (engine.cos[pos], engine.sin[pos])
-    scale = engine.scale if QKV_ATTEND else None
     for w, w8, k, v in zip(engine.layers, copies or [None] * len(engine.layers), kc, vc):
-        q, attn, _ = qkv(x, cos, sin, w, engine.heads, engine.kv_heads, engine.eps,
-                         cache=(k, v, pos), w8=w8, rope_table=bool(EDGES), scale=scale)
-        x = rest(x, q, k, v, None, w, engine.scale, engine.eps, pos=pos, w8=w8, attn=attn)
+        q, _, _ = qkv(x, cos, sin, w, engine.heads, engine.kv_heads, engine.eps,
+                      cache=(k, v, pos), w8=w8, rope_table=bool(EDGES))
+        x = rest(x, q, k, v, None, w, engine.scale, engine.eps, pos=pos, w8=w8)
     return x
 
 

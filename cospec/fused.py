@@ -23,9 +23,7 @@ optional keywords the engine uses to skip work:
   returns (q, None, None); with ``rope_table=True`` too, cos and sin are the rotary tables
   [L, hd], read at rows pos;
 - ``rest(..., pos=pos)`` masks by positions (token i sees slots <= pos[i]) and reads only
-  the visible slots; ``bias`` is then ignored and may be None;
-- ``qkv(..., cache=..., scale=s)`` also attends, in the same launch, and returns (q, the
-  attention output, None), which ``rest(..., attn=...)`` then takes instead of attending.
+  the visible slots; ``bias`` is then ignored and may be None.
 
 Both take one more keyword, ``w8``: the layer's int8 copies (``Int8`` of q/k/v, o_proj,
 gate/up and down_proj, made by ``quantize``), which the kernels then read instead of w's
@@ -149,15 +147,6 @@ SWAP = 0
 # one kernel (``rms_norm``) and q/k/v reading RoPE's cos and sin from the rotary tables at
 # the cache slots; 0 torch's ops (eight launches for the norm, two gathers a step).
 EDGES = 1
-# The attention in q/k/v's launch (``kernels.rms_qkv_attend``; ``fast.positioned_layers``):
-# 1 four kernels a layer, the attention's programs after q/k/v's in one grid, each waiting
-# for its kv head's q, k and v; 0 the attention its own launch. Not yet measured on a GPU.
-QKV_ATTEND = 0
-# Polls of its arrival counter an attention program of that launch makes at most before it
-# gives up (NaN output): about seconds on a GPU, far past any real wait; few when
-# interpreted, where the programs run one after another and the counts are complete at once.
-SPINS_GPU = 1 << 24
-SPINS_INTERPRETED = 4
 GEMV_QKV_BLOCK_C = 2     # columns of each RoPE half per q/k/v program
 GEMV_UP_BLOCK_N = 8      # gate (and up) columns per program
 GEMV_OUT_BLOCK_N = 1     # o_proj / down_proj output columns per program
@@ -211,7 +200,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K",
            "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL",
            "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
-           "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES", "QKV_ATTEND")
+           "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES")
 
 
 # Settings that size a tile (triton's ``tl.arange``) or a launch's warps: a power of two
@@ -513,18 +502,16 @@ def visibility_bias(pos: torch.Tensor, length: int, group: int, dtype: torch.dty
 
 def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple, heads: int,
                  kv_heads: int, eps: float, cache: tuple | None = None, w8: tuple | None = None,
-                 rope_table: bool = False, scale: float | None = None
+                 rope_table: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``fast._qkv`` in one kernel: x [n, d], cos, sin [n, hd] -> q [H, n, hd] and k, v
     [KVH, n, hd]; with ``cache=(kc, vc, pos)`` k and v go to slots pos of kc, vc
     [KVH, L, hd] instead and (q, None, None) is returned. ``rope_table`` (with a cache):
     cos, sin are the rotary tables [L, hd], read at rows pos (a token's position is its
-    slot), so no step gathers them first. ``scale`` (with a cache): the same launch also
-    attends (``kernels.rms_qkv_attend``: token i sees slots <= pos[i], scores times scale)
-    and (q, attention output [n, H hd], None) is returned. ``w8``: the layer's int8 copies
-    (``Int8`` of q/k/v, o, gate/up, down), read instead of w's projections."""
-    if (rope_table or scale is not None) and cache is None:
-        raise ValueError("rope_table and scale read the cache slots: give cache")
+    slot), so no step gathers them first. ``w8``: the layer's int8 copies (``Int8`` of q/k/v,
+    o, gate/up, down), read instead of w's projections."""
+    if rope_table and cache is None:
+        raise ValueError("rope_table reads the rotary tables at the cache slots: give cache")
     ln1, qkv_w, qkv_b = w[:3]
     qkv8 = w8[0] if w8 is not None else None
     n, d = x.shape
@@ -543,47 +530,18 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
     tiles = (heads + 2 * kv_heads, half // block_c)
     splits, per = split_k(tiles[0] * tiles[1], _cdiv(d, block_k), 1 if gemv else QKV_SPLIT_K,
                           x.device)
-    args = (x, ln1, qkv_w if qkv8 is None else qkv8.q, qkv_w if qkv_b is None else qkv_b,
-            qkv_w if qkv8 is None else qkv8.s, cos.contiguous(), sin.contiguous(),
-            slots, q, k, v, _workspace(x, splits, qkv_w.shape[0]))
-    consts = dict(
+    _kernels().rms_qkv_rope[(*tiles, splits)](
+        x, ln1, qkv_w if qkv8 is None else qkv8.q, qkv_w if qkv_b is None else qkv_b,
+        qkv_w if qkv8 is None else qkv8.s, cos.contiguous(), sin.contiguous(),
+        slots, q, k, v, _workspace(x, splits, qkv_w.shape[0]),
+        counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
         W8=w8_on, IEEE=x.dtype == torch.float32, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d, w8_on),
         UNROLL=_unroll(gemv, _cdiv(d, block_k)), SPLIT_EARLY=_split_early(per),
         LN_AHEAD=_ln_ahead(gemv), SWAP=_swap(gemv), ROPE_TABLE=rope_table,
         **_launch(x.device, gemv, d, w8=w8_on))
-    if scale is None:
-        _kernels().rms_qkv_rope[(*tiles, splits)](
-            *args, counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
-            **consts)
-        return (q, k, v) if cache is None else (q, None, None)
-    heads_per, chunks, block_r, block_s = _attention_tiles(heads // kv_heads, n, hd)
-    parts, top, denom = _partials(x, heads, n, hd)
-    attn = x.new_empty(n, heads * hd)
-    extra = _cdiv(kv_heads * SPLITS * chunks, tiles[1] * splits)  # the attention's programs
-    _kernels().rms_qkv_attend[(tiles[0] + extra, tiles[1], splits)](
-        *args, counters(x.device, tiles[0] * tiles[1] + kv_heads * (chunks + 2)), n,
-        k.shape[1], per * block_k, eps, parts, top, denom, attn, scale, SPLITS=SPLITS,
-        BLOCK_R=block_r, BLOCK_S=block_s, ONE_S=ATTN_ONE_SPLIT, HEADS_PER=heads_per,
-        CHUNKS=chunks, SPINS=SPINS_INTERPRETED if interpret() else SPINS_GPU, **consts)
-    return q, attn, None
-
-
-def _attention_tiles(group: int, n: int, hd: int) -> tuple[int, int, int, int]:
-    """(query heads a program, chunks of a kv head's heads, row block, slot block) of the
-    attention over n rows of a model whose kv heads each serve ``group`` query heads."""
-    per = _heads_per_program(group, n)
-    block_r = _rows(per * n)
-    return per, _cdiv(group, per), block_r, _attn_block_s(block_r, hd)
-
-
-def _partials(x: torch.Tensor, heads: int, n: int, hd: int) -> tuple[torch.Tensor, ...]:
-    """The attention splits' unnormalised outputs [SPLITS, H, n, hd], running maxima and
-    denominators [SPLITS, H, n] (float32, on x's device)."""
-    parts = torch.empty(SPLITS, heads, n, hd, dtype=torch.float32, device=x.device)
-    top = torch.empty(SPLITS, heads, n, dtype=torch.float32, device=x.device)
-    return parts, top, torch.empty_like(top)
+    return (q, k, v) if cache is None else (q, None, None)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -597,37 +555,36 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                   bias: torch.Tensor | None, w: tuple, scale: float, eps: float,
-                  pos: torch.Tensor | None = None, w8: tuple | None = None,
-                  attn: torch.Tensor | None = None) -> torch.Tensor:
+                  pos: torch.Tensor | None = None, w8: tuple | None = None) -> torch.Tensor:
     """``fast._rest`` in four kernels (attention, o_proj, gate/up, down): x [n, d],
     q [H, n, hd], kc, vc [KVH, L, hd] -> the layer's output [n, d]. Masked by ``pos`` [n]
     (slot <= pos[i]) if given, else by the additive ``bias`` [G*n, L] (or [1, G*n, L]).
-    ``w8``: the layer's int8 copies (``rms_qkv_rope``'s), read instead of w's projections.
-    ``attn``: the attention output [n, H hd] already computed (``rms_qkv_rope``'s with a
-    scale): three kernels."""
+    ``w8``: the layer's int8 copies (``rms_qkv_rope``'s), read instead of w's projections."""
     ow, ob, ln2, gate_up_w, dw = w[5:]
     _, o8, gate_up8, down8 = w8 if w8 is not None else (None,) * 4
-    n = x.shape[0]
+    q = q.contiguous()  # the reference's q is a transposed view
+    heads, n, hd = q.shape
+    kv_heads, length, _ = kc.shape
+    group = heads // kv_heads
     d = x.shape[1]
     inter = gate_up_w.shape[0] // 2
     ieee, gemv = x.dtype == torch.float32, _gemv(n)
     kern = _kernels()
-    if attn is None:
-        q = q.contiguous()  # the reference's q is a transposed view
-        heads, n, hd = q.shape
-        kv_heads, length, _ = kc.shape
-        group = heads // kv_heads
-        if pos is None:
-            bias = bias.reshape(group * n, length).contiguous()
-        attn = x.new_empty(n, heads * hd)
-        per, chunks, block_r, block_s = _attention_tiles(group, n, hd)
-        kern.attend[(kv_heads, SPLITS, chunks)](
-            q, kc, vc, q if pos is None else pos, q if pos is not None else bias,
-            *_partials(x, heads, n, hd), attn, counters(x.device, kv_heads * chunks), n,
-            length, scale, HEADS=heads, GROUP=group, HEAD_DIM=hd, SPLITS=SPLITS,
-            USE_POS=pos is not None, IEEE=ieee, BLOCK_R=block_r, BLOCK_S=block_s,
-            ONE_S=ATTN_ONE_SPLIT, HEADS_PER=per, **_launch(x.device, d=d))
-    x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(attn.shape[1])), o8)
+    parts = torch.empty(SPLITS, heads, n, hd, dtype=torch.float32, device=x.device)
+    top = torch.empty(SPLITS, heads, n, dtype=torch.float32, device=x.device)
+    denom = torch.empty_like(top)
+    if pos is None:
+        bias = bias.reshape(group * n, length).contiguous()
+    attn = x.new_empty(n, heads * hd)
+    per = _heads_per_program(group, n)
+    chunks = _cdiv(group, per)
+    kern.attend[(kv_heads, SPLITS, chunks)](
+        q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
+        attn, counters(x.device, kv_heads * chunks), n, length, scale, HEADS=heads,
+        GROUP=group, HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
+        BLOCK_R=_rows(per * n), BLOCK_S=_attn_block_s(_rows(per * n), hd),
+        ONE_S=ATTN_ONE_SPLIT, HEADS_PER=per, **_launch(x.device, d=d))
+    x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)), o8)
     act = x.new_empty(n, inter)
     w8_on = gate_up8 is not None
     block_n = _tile("GEMV_UP_BLOCK_N", w8_on) if gemv else UP_BLOCK_N
@@ -707,12 +664,10 @@ def fused_layer_functions(base: tuple) -> tuple[bool, bool, Callable, Callable]:
     by the fused ones, which hand any call they do not take (``_fits``) to the originals."""
     use_graphs, compiled, qkv_ref, rest_ref = base
 
-    def qkv(x, cos, sin, w, heads, kv_heads, eps, cache=None, w8=None, rope_table=False,
-            scale=None):
+    def qkv(x, cos, sin, w, heads, kv_heads, eps, cache=None, w8=None, rope_table=False):
         if (_fits(x, w) and cos.dim() == 2 and cos.shape == sin.shape
                 and (rope_table and cache is not None or len(cos) == len(x))):
-            return rms_qkv_rope(x, cos, sin, w, heads, kv_heads, eps, cache, w8, rope_table,
-                                scale)
+            return rms_qkv_rope(x, cos, sin, w, heads, kv_heads, eps, cache, w8, rope_table)
         if rope_table:
             cos, sin = cos[cache[2]], sin[cache[2]]
         q, k, v = qkv_ref(x, cos, sin, w, heads, kv_heads, eps)
@@ -723,9 +678,9 @@ def fused_layer_functions(base: tuple) -> tuple[bool, bool, Callable, Callable]:
         vc.index_copy_(1, pos, v)
         return q, None, None
 
-    def rest(x, q, kc, vc, bias, w, scale, eps, group=None, pos=None, w8=None, attn=None):
+    def rest(x, q, kc, vc, bias, w, scale, eps, group=None, pos=None, w8=None):
         if group is None and _fits(x, w) and q.dim() == 3:
-            return attention_mlp(x, q, kc, vc, bias, w, scale, eps, pos, w8, attn)
+            return attention_mlp(x, q, kc, vc, bias, w, scale, eps, pos, w8)
         if pos is not None:
             bias = visibility_bias(pos, kc.shape[-2], q.shape[-3] // kc.shape[-3], x.dtype)
         return rest_ref(x, q, kc, vc, bias, w, scale, eps, group)

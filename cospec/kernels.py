@@ -336,31 +336,14 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr,
                  BLOCK_K: tl.constexpr, HOIST: tl.constexpr, UNROLL: tl.constexpr,
                  PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr,
                  SWAP: tl.constexpr, ROPE_TABLE: tl.constexpr):
-    """Program (head j, chunk c, split s): ``_qkv_rope``'s columns of head j."""
-    _qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr,
-              v_ptr, ws_ptr, cnt_ptr, n, kv_len, k_per, eps, tl.program_id(0), D, HEADS,
-              KV_HEADS, HEAD_DIM, HAS_BIAS, W8, IEEE, SPLIT_K, BLOCK_M, BLOCK_C, BLOCK_K, HOIST,
-              UNROLL, PDL, SPLIT_EARLY, LN_AHEAD, SWAP, ROPE_TABLE)
-
-
-@triton.jit
-def _qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr,
-              v_ptr, ws_ptr, cnt_ptr, n, kv_len, k_per, eps, head,
-              D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-              HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, W8: tl.constexpr,
-              IEEE: tl.constexpr,
-              SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-              BLOCK_K: tl.constexpr, HOIST: tl.constexpr, UNROLL: tl.constexpr,
-              PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr,
-              SWAP: tl.constexpr, ROPE_TABLE: tl.constexpr):
-    """(head j = ``head`` of the H + 2 KVH stacked heads, chunk c, split s): output columns
+    """Program (head j of the H + 2 KVH stacked heads, chunk c, split s): output columns
     c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
     cos, sin [n, hd] (ROPE_TABLE: the rotary tables [L, hd], row i's at row slot[i]);
     q [H, n, hd]; k, v [KVH, kv_len, hd], row i written to slot slot[i];
     ws [SPLIT_K, n, (H + 2 KVH) hd] float32; cnt [>= (H + 2 KVH) * chunks] int32, zeros.
-    W8: w is int8 and s [(H + 2 KVH) hd] (float32) its rows' scales (``_scaled``). Returns
-    whether this program wrote its columns (the last of its split-K programs)."""
+    W8: w is int8 and s [(H + 2 KVH) hd] (float32) its rows' scales (``_scaled``)."""
+    head = tl.program_id(0)
     split = tl.program_id(2)
     HALF: tl.constexpr = HEAD_DIM // 2
     rows = tl.arange(0, BLOCK_M)
@@ -418,77 +401,6 @@ def _qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr, q_
     tl.store(k_ptr + off + HALF, r2, mask=rm & is_k)
     tl.store(v_ptr + off, r1, mask=rm & is_v)
     tl.store(v_ptr + off + HALF, r2, mask=rm & is_v)
-    return last
-
-
-@triton.jit(do_not_specialize=["n"])
-def rms_qkv_attend(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr,
-                   v_ptr, ws_ptr, cnt_ptr, n, kv_len, k_per, eps, o_ptr, m_ptr, l_ptr, out_ptr,
-                   scale,
-                   D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, W8: tl.constexpr,
-                   IEEE: tl.constexpr,
-                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_K: tl.constexpr, HOIST: tl.constexpr, UNROLL: tl.constexpr,
-                   PDL: tl.constexpr, SPLIT_EARLY: tl.constexpr, LN_AHEAD: tl.constexpr,
-                   SWAP: tl.constexpr, ROPE_TABLE: tl.constexpr, SPLITS: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr,
-                   HEADS_PER: tl.constexpr, CHUNKS: tl.constexpr, SPINS: tl.constexpr):
-    """``rms_qkv_rope`` and ``attend`` in one launch, for a step that writes its k and v to
-    the cache slots pos = slot (``attend``'s USE_POS masking). Programs (j, c, s) with j <
-    H + 2 KVH are ``rms_qkv_rope``'s; each that writes its columns then counts itself in on
-    its kv head's arrival counter. The programs after them in the grid (j >= H + 2 KVH,
-    flattened) are ``attend``'s KVH x SPLITS x CHUNKS programs (the rest do nothing): each
-    waits until its kv head's (G + 2) x (chunks of c) q/k/v programs have arrived, then
-    attends (q and the new slots read past L1), its splits combined as ``attend``'s.
-
-    No program waits on one that cannot run: the q/k/v programs wait on nothing (but the
-    previous kernel), and the attention programs come last in the grid (GPUs start programs
-    in order of their index; triton's interpreter runs them in it), at most KVH x SPLITS x
-    CHUNKS of them. Counters (int32 zeros, left zero): cnt[0 : T] the q/k/v split-K tiles
-    (T = (H + 2 KVH) x chunks), then KVH x CHUNKS attention tiles, KVH arrivals, KVH leaves
-    (the last attention program of a kv head to leave resets its arrival count). Buffers as
-    ``attend``'s: o, m, l the split partials, out [n, H hd] the attention output. An
-    attention program polls its arrival counter at most SPINS times: should its q/k/v
-    programs never all arrive (a counter left wrong), its output is NaN, not a hung GPU."""
-    head = tl.program_id(0)
-    STACKED: tl.constexpr = HEADS + 2 * KV_HEADS
-    GROUP: tl.constexpr = HEADS // KV_HEADS
-    T = STACKED * tl.num_programs(1)
-    arrive_at = cnt_ptr + T + KV_HEADS * CHUNKS
-    if head < STACKED:
-        last = _qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr,
-                         k_ptr, v_ptr, ws_ptr, cnt_ptr, n, kv_len, k_per, eps, head, D, HEADS,
-                         KV_HEADS, HEAD_DIM, HAS_BIAS, W8, IEEE, SPLIT_K, BLOCK_M, BLOCK_C,
-                         BLOCK_K, HOIST, UNROLL, PDL, SPLIT_EARLY, LN_AHEAD, SWAP, ROPE_TABLE)
-        kvh = tl.where(head < HEADS, head // GROUP,
-                       tl.where(head < HEADS + KV_HEADS, head - HEADS, head - HEADS - KV_HEADS))
-        tl.debug_barrier()  # every thread's q, k, v stored before the release below
-        tl.atomic_add(arrive_at + kvh, 1, mask=last, sem="release", scope="gpu")
-    else:
-        _after_weights(PDL)
-        a = ((head - STACKED) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) \
-            + tl.program_id(2)
-        if a < KV_HEADS * SPLITS * CHUNKS:
-            kvh = a // (SPLITS * CHUNKS)
-            split = (a // CHUNKS) % SPLITS
-            chunk = a % CHUNKS
-            total = (GROUP + 2) * tl.num_programs(1)
-            seen = tl.atomic_add(arrive_at + kvh, 0, sem="acquire", scope="gpu")
-            polls = 1
-            while (seen < total) & (polls < SPINS):
-                seen = tl.atomic_add(arrive_at + kvh, 0, sem="acquire", scope="gpu")
-                polls += 1
-            scale = tl.where(seen >= total, scale, float("nan"))     # never arrived: NaN
-            leave_at = arrive_at + KV_HEADS + kvh
-            gone = tl.atomic_add(leave_at, 1, sem="acq_rel", scope="gpu")
-            if gone == SPLITS * CHUNKS - 1:                          # all past the wait
-                tl.store(arrive_at + kvh, 0)
-                tl.store(leave_at, 0)
-            _attend_rows(q_ptr, k_ptr, v_ptr, slot_ptr, q_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
-                         cnt_ptr + T, kvh, split, chunk, CHUNKS, n, kv_len, scale, HEADS,
-                         GROUP, HEAD_DIM, SPLITS, True, IEEE, BLOCK_R, BLOCK_S, ONE_S,
-                         HEADS_PER, True)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -511,36 +423,21 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     the atomic and the combine's loads are dependent round trips that a short cache need
     not pay."""
     _after_weights(PDL)                                              # no weights to load
-    _attend_rows(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr, cnt_ptr,
-                 tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2), n,
-                 cache_len, scale, HEADS, GROUP, HEAD_DIM, SPLITS, USE_POS, IEEE, BLOCK_R,
-                 BLOCK_S, ONE_S, HEADS_PER, False)
-
-
-@triton.jit
-def _attend_rows(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr, cnt_ptr,
-                 kvh, split, chunk, chunks, n, cache_len, scale, HEADS: tl.constexpr,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
-                 USE_POS: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_S: tl.constexpr, ONE_S: tl.constexpr, HEADS_PER: tl.constexpr,
-                 FRESH: tl.constexpr):
-    """``attend``'s work for (kv head ``kvh``, ``split``, ``chunk`` of ``chunks``). FRESH: q
-    and the cache's new slots were written by other programs of this very launch, so they
-    are read past L1 (``.cg``), as the split-K partial sums are."""
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
     R = GROUP * n
     if HEADS_PER < GROUP:                                            # a chunk of the heads
-        first = chunk * HEADS_PER * n
+        first = tl.program_id(2) * HEADS_PER * n
         rows = first + tl.arange(0, BLOCK_R)
         rm = rows < tl.minimum(R, first + HEADS_PER * n)
-        tile = kvh * chunks + chunk
+        tile = kvh * tl.num_programs(2) + tl.program_id(2)
     else:
         rows = tl.arange(0, BLOCK_R)
         rm = rows < R
         tile = kvh
     dims = tl.arange(0, HEAD_DIM)
-    CACHE: tl.constexpr = ".cg" if FRESH else ""
     q = tl.load(q_ptr + (kvh * R + rows[:, None]) * HEAD_DIM + dims[None, :],
-                mask=rm[:, None], other=0.0, cache_modifier=CACHE)
+                mask=rm[:, None], other=0.0)
     dtype = q.dtype
     if USE_POS:
         qpos = tl.load(pos_ptr + rows % n, mask=rm, other=-1)
@@ -560,7 +457,7 @@ def _attend_rows(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, ou
         slots = s0 + tl.arange(0, BLOCK_S)
         sm = slots < hi
         kt = tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
-                     mask=sm[None, :], other=0.0, cache_modifier=CACHE)  # [hd, BLOCK_S]
+                     mask=sm[None, :], other=0.0)                    # [hd, BLOCK_S]
         s = _dot(q, kt, tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32), IEEE)
         s = s.to(dtype).to(tl.float32) * scale
         if USE_POS:
@@ -575,7 +472,7 @@ def _attend_rows(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, ou
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
-                    mask=sm[:, None], other=0.0, cache_modifier=CACHE)
+                    mask=sm[:, None], other=0.0)
         acc = _dot(p.to(dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
     token = rows % n

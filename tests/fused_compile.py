@@ -109,8 +109,6 @@ def record(cases: list[tuple], twins: bool = True, int8: bool = False) -> list[t
         if w8 is None:
             fused.attention_mlp(x, q, kc, vc, t(heads // kvh * n, 512), w, hd ** -0.5, 1e-6)
             fused.rms_norm(x, t(d), 1e-6)                           # the final norm
-            fused.rms_qkv_rope(x, t(512, hd), t(512, hd), w, heads, kvh, 1e-6,  # QKV_ATTEND
-                               cache=(kc, vc, pos), rope_table=True, scale=hd ** -0.5)
         else:
             fused.logits(x, fused.Int8(t(VOCAB, d, dt=torch.int8),
                                        t(VOCAB, dt=torch.float32)), None)

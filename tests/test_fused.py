@@ -184,41 +184,6 @@ def check_attention_mlp(n: int, start: int, seed: int, o_bias: bool = False, hea
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("n,start,one,rows,gemv", [
-    (1, 7, 128, 16, 0), (1, 30, 0, 16, 1), (1, 21, 0, 16, 2), (5, 11, 0, 16, 0),
-    (5, 20, 0, 4, 0), (3, 33, 128, 4, 0), (16, 24, 0, 16, 0)])
-def test_attention_in_the_qkv_launch(interpret, small_blocks, monkeypatch, n, start, one, rows,
-                                     gemv):
-    """``rms_qkv_rope(..., scale=s)``: q/k/v and the attention in one launch (the attention's
-    programs after q/k/v's, each waiting for its kv head's). Its attention output, through
-    o_proj and the MLP, is the layer's output with the attention a launch of its own; the
-    cache and q the same; one split and split-K (with the combine), one chunk of query heads
-    and several (ATTN_ROWS 4), one row on the one-row tiles; the counters left zero."""
-    gemv_blocks(monkeypatch, gemv)
-    monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)
-    monkeypatch.setattr(fused, "ATTN_ROWS", rows)
-    heads, kvh, hd, length = 4, 2, 8, 40
-    w = layer()
-    g = torch.Generator().manual_seed(start)
-    x = torch.randn(n, 48, generator=g)
-    pos = start + torch.arange(n)
-    cos, sin = rotary(torch.arange(length), hd)
-    kc, vc = torch.randn(2, kvh, length, hd, generator=g).unbind(0)
-    kc2, vc2 = kc.clone(), vc.clone()
-    q, _, _ = fused.rms_qkv_rope(x, cos, sin, w, heads, kvh, 1e-6, cache=(kc, vc, pos),
-                                 rope_table=True)
-    want = fused.attention_mlp(x, q, kc, vc, None, w, hd ** -0.5, 1e-6, pos=pos)
-    q2, attn, none = fused.rms_qkv_rope(x, cos, sin, w, heads, kvh, 1e-6, cache=(kc2, vc2, pos),
-                                        rope_table=True, scale=hd ** -0.5)
-    assert none is None and attn.shape == (n, heads * hd)
-    assert torch.equal(q2, q) and torch.equal(kc2, kc) and torch.equal(vc2, vc)
-    got = fused.attention_mlp(x, q2, kc2, vc2, None, w, hd ** -0.5, 1e-6, pos=pos, attn=attn)
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
-    assert not fused.counters(torch.device("cpu"), 1).any()
-    with pytest.raises(ValueError, match="cache"):
-        fused.rms_qkv_rope(x, cos[:n], sin[:n], w, heads, kvh, 1e-6, scale=hd ** -0.5)
-
-
 @pytest.mark.parametrize("one,n,start", [(0, 1, 21), (16, 1, 21), (22, 1, 21), (39, 1, 37),
                                          (40, 1, 39), (24, 3, 19), (8, 2, 30)])
 def test_attention_in_one_split(interpret, monkeypatch, one, n, start):
@@ -339,8 +304,8 @@ def test_norm_weights_ahead_for_few_rows_only(monkeypatch):
     got = {(case[-1], fn.__name__): consts["LN_AHEAD"]
            for fn, _, consts, _, case in fused_compile.record(cases, twins=False)
            if "LN_AHEAD" in consts}
-    assert got == {(n, name): n > 1 for n in (1, 5)
-                   for name in ("rms_qkv_rope", "rms_gate_up", "rms_qkv_attend")}
+    assert got == {(1, "rms_qkv_rope"): False, (1, "rms_gate_up"): False,
+                   (5, "rms_qkv_rope"): True, (5, "rms_gate_up"): True}
 
 
 def check_layer(n: int) -> None:
@@ -545,26 +510,14 @@ def guard_reference(monkeypatch, norm: bool = False):
         monkeypatch.setattr(fast, name, only_long(getattr(fast, name)))
 
 
-@pytest.mark.parametrize("gemv,edges,attend", [(0, 1, 0), (1, 1, 0), (1, 0, 0), (0, 1, 1),
-                                               (1, 1, 1)])
-def test_model_logits_match_transformers(interpret, monkeypatch, models, gemv, edges, attend):
+@pytest.mark.parametrize("gemv,edges", [(0, 1), (1, 1), (1, 0)])
+def test_model_logits_match_transformers(interpret, monkeypatch, models, gemv, edges):
     """Prefill of 12 tokens (fused) or 20 (reference), then 5-token verifies with 2 rows
     rolled back and 1-token steps (with and without the one-row tiles): the fused engine's
     logits are transformers' to 1e-5; with the step's edges fused (EDGES: the final norm in
-    one kernel, RoPE from the rotary tables) no short forward calls torch's RMSNorm; with
-    QKV_ATTEND the attention runs in q/k/v's launch and no attend kernel is launched."""
+    one kernel, RoPE from the rotary tables) no short forward calls torch's RMSNorm."""
     monkeypatch.setattr(fused, "GEMV", gemv)
     monkeypatch.setattr(fused, "EDGES", edges)
-    monkeypatch.setattr(fused, "QKV_ATTEND", attend)
-    if attend:
-        kernels = fused._kernels()
-
-        class NoAttend:
-            def __getattr__(self, name):
-                assert name != "attend", "a layer attended in a launch of its own"
-                return getattr(kernels, name)
-
-        monkeypatch.setattr(fused, "_kernels", NoAttend)
     guard_reference(monkeypatch, norm=bool(edges))
     model = models[0]
     ids = torch.randint(2, 96, (40,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -700,18 +653,6 @@ def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows, swa
     assert fused._launch(lm.device)["PDL"] == (pdl if hopper else 0)
 
 
-@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
-                    reason="needs a CUDA GPU and compiled triton")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("pdl,one,rows", [(0, 0, 0), (1, 0, 4), (1, 64, 0), (2, 64, 4)])
-def test_cuda_graphs_attending_in_the_qkv_launch(monkeypatch, dtype, pdl, one, rows):
-    """``test_cuda_graphs`` with the attention in q/k/v's launch (QKV_ATTEND): on a GPU its
-    attention programs really wait for the q/k/v programs of the same grid (the interpreter
-    runs them one after another), under PDL too, split and in one split."""
-    monkeypatch.setattr(fused, "QKV_ATTEND", 1)
-    test_cuda_graphs(monkeypatch, dtype, 2 if pdl else 1, 1, one, pdl, 0, rows, 0)
-
-
 def cuda_agreement(lm, ref, ids: list[int], start: int, dtype: torch.dtype) -> float:
     """The share of rows on which ``lm`` (a ``fast.StaticLM``) and ``ref`` pick the same
     argmax over ``fast.side_by_side``'s schedule from ``start`` (8 steps, every other one a
@@ -767,4 +708,4 @@ def test_kernels_compile_for_sm90():
     if done.returncode == 77:
         pytest.skip("triton without its NVIDIA backend")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "78 launches compiled" in done.stdout  # 2 steps x (3 ways x 11 + int8's 6)
+    assert "72 launches compiled" in done.stdout  # 2 steps x (3 ways x 10 + int8's 6)
