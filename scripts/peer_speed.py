@@ -96,20 +96,29 @@ def warm_up(fn, prompts: list[list[int]]) -> float:
 
 
 def run_cospec(args, prompts) -> dict:
+    """cospec's own loop; spd once per ``--draft-weights`` kind (its own weights first: the
+    int8 copies replace them in place)."""
     from cospec.methods import MethodOptions, build_method
-    from cospec.models import load_pair
+    from cospec.models import draft_weights, load_pair
     from cospec.sampling import GREEDY
 
     pair = load_pair(args.target, args.draft if args.method == "spd" else None,
                      device=args.device)
-    m = build_method(args.method, pair, MethodOptions(), GREEDY)
+    kinds = args.draft_weights.split(",") if args.method == "spd" else ["model"]
+    if kinds != sorted(set(kinds), key=("model", "int8").index):
+        raise SystemExit(f"--draft-weights {args.draft_weights}: model, int8 or model,int8")
+    configs = {}
+    for kind in kinds:
+        draft_weights(pair, kind)
+        m = build_method(args.method, pair, MethodOptions(), GREEDY)
 
-    def gen(p):  # no EOS: exactly args.new tokens
-        return m.run(p, k=args.k, max_new_tokens=args.new, sampling=GREEDY, eos_ids=())[0]
+        def gen(p, m=m):  # no EOS: exactly args.new tokens
+            return m.run(p, k=args.k, max_new_tokens=args.new, sampling=GREEDY, eos_ids=())[0]
 
-    warm = warm_up(gen, prompts)
-    return {"configs": {"default": {"warmup_s": warm,
-                                    "per_prompt": timed(gen, prompts, args.device)}}}
+        warm = warm_up(gen, prompts)
+        name = "default" if kind == "model" else f"draft-{kind}"
+        configs[name] = {"warmup_s": warm, "per_prompt": timed(gen, prompts, args.device)}
+    return {"configs": configs}
 
 
 def run_hf(args, prompts) -> dict:
@@ -328,6 +337,10 @@ def main() -> None:
     p.add_argument("--draft", default="qwen2.5-coder-0.5b")
     p.add_argument("--device", default="cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
+    p.add_argument("--draft-weights", default="model",
+                   help="cospec spd: model (its own weights), int8 (the draft's steps read "
+                        "int8 copies, as `cospec eval --draft-weights int8`) or model,int8 "
+                        "(both, each a configuration; the table keeps the faster)")
     p.add_argument("--eager", action="store_true", help="hf: also time eager generate")
     p.add_argument("--out", required=True)
     p = sub.add_parser("table")
