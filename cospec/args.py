@@ -8,6 +8,7 @@ import math
 import sys
 
 from cospec.batch_scheduler import SPEC_OFF_AT
+from cospec.cos import MU_MAX
 from cospec.errors import CospecError
 from cospec.methods import MethodOptions, unread_options
 from cospec.models import (
@@ -45,6 +46,7 @@ nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 finite_float = _number(float, lambda v: True, "a finite number")
 unit = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 unit_closed = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+contrast_mu = _number(float, lambda v: 0 <= v <= MU_MAX, f"in [0, {MU_MAX:g}]")
 seed_int = _number(int, lambda v: -(2**63) <= v < 2**63, "in [-2^63, 2^63)")
 
 
@@ -135,8 +137,9 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default=None,
                    help="CoS ensemble weights, one per model of --models, summing to 1 "
                         "(default: --lambda for two models, else uniform)")
-    g.add_argument("--mu", type=nonneg_float, default=0.1,
-                   help="CoS contrastive: r = softmax(l_target - mu l_draft)")
+    g.add_argument("--mu", type=contrast_mu, default=0.1,
+                   help=f"CoS contrastive: r = softmax(l_target - mu l_draft), 0 <= mu <= "
+                        f"{MU_MAX:g}")
     g.add_argument("--sandbox", choices=MODES, default="auto",
                    help="where generated code is graded: bwrap (required), process (a plain "
                         "subprocess) or auto (bwrap where it runs; default)")
@@ -152,8 +155,10 @@ def options_of(args) -> MethodOptions:
         try:
             weights = tuple(float(w) for w in args.weights.split(","))
         except ValueError:
-            raise CospecError(f"--weights must be numbers separated by commas: "
-                              f"{args.weights!r}") from None
+            weights = (math.nan,)
+        if not all(math.isfinite(w) for w in weights):
+            raise CospecError(f"--weights must be finite numbers separated by commas: "
+                              f"{args.weights!r}")
     if args.arbiter:
         from cospec.arbiter import arbiter_info
 

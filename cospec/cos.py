@@ -25,6 +25,7 @@ every resample becomes argmax r: the output equals greedy collaborative decoding
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -38,14 +39,18 @@ from cospec.sampling import GREEDY, SamplingConfig, probabilities
 from cospec.stats import DecodeStats
 
 COS_METHODS = ("we", "cd", "we-sd", "cd-sd", "cos-we", "cos-cd")
+# contrastive decoding's mu at most: mu times a model's logits must stay a float32 (far larger
+# values leave r to the amateur's logits alone)
+MU_MAX = 100.0
 
 
 @dataclass(frozen=True)
 class Combination:
     """How r combines the models' logits, listed proposer (smallest) first.
 
-    ``kind="we"``: weights (one per model, summing to 1). ``kind="cd"``: exactly two models,
-    r from l_large - mu * l_small (the proposer is the "amateur").
+    ``kind="we"``: weights (one per model, finite, >= 0, summing to 1). ``kind="cd"``: exactly
+    two models, r from l_large - mu * l_small (the proposer is the "amateur"), 0 <= mu <=
+    ``MU_MAX``.
     """
 
     kind: str
@@ -55,9 +60,11 @@ class Combination:
     def __post_init__(self):
         if self.kind not in ("we", "cd"):
             raise CospecError(f"unknown combination {self.kind!r} (we or cd)")
-        if self.kind == "we" and (abs(sum(self.weights) - 1) > 1e-6
-                                  or any(w < 0 for w in self.weights)):
+        if self.kind == "we" and not (all(math.isfinite(w) and w >= 0 for w in self.weights)
+                                      and abs(sum(self.weights) - 1) <= 1e-6):
             raise CospecError(f"ensemble weights must be >= 0 and sum to 1: {self.weights}")
+        if self.kind == "cd" and not 0 <= self.mu <= MU_MAX:  # nan fails too
+            raise CospecError(f"contrastive mu must be in [0, {MU_MAX:g}], got {self.mu}")
 
     def probs(self, logits: list[torch.Tensor], cfg: SamplingConfig) -> torch.Tensor:
         """r [..., V] from per-model logits [..., V] (proposer first). Greedy configs give

@@ -15,7 +15,14 @@ from cospec.args import (
     sampling_of,
 )
 from cospec.errors import CospecError
-from cospec.methods import OWN_METHODS, build_method, encode_prompt, eos_ids, needs_draft
+from cospec.methods import (
+    OWN_METHODS,
+    build_method,
+    check_sampling,
+    encode_prompt,
+    eos_ids,
+    needs_draft,
+)
 from cospec.models import check_context
 from cospec.stats import DecodeStats
 from cospec.text_stream import pieces
@@ -28,6 +35,7 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise CospecError("empty prompt")
     options, sampling = options_of(args), sampling_of(args)
+    check_sampling(args.method, sampling)
     note_unread_options(options, [args.method])
     pair = load_pair_of(args, need_draft=needs_draft([args.method]))
     method = build_method(args.method, pair, options, sampling)

@@ -173,6 +173,13 @@ def unread_options(opts: MethodOptions, methods: list[str]) -> list[tuple[str, s
             if getattr(opts, field) != getattr(base, field) and not set(readers) & set(methods)]
 
 
+def check_sampling(name: str, sampling: SamplingConfig) -> None:
+    """Refuses a sampled config for a greedy-only method (the lossy rules decide greedy
+    mismatches): callers check before loading models, ``build_method`` again."""
+    if name in GREEDY_ONLY and not sampling.greedy:
+        raise CospecError(f"method {name} is greedy-only: use --temperature 0")
+
+
 def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
                  sampling: SamplingConfig = GREEDY) -> Method:
     opts = opts or MethodOptions()
@@ -183,8 +190,7 @@ def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
     if pair.extra and name not in (*COS_METHODS, "target", "draft"):
         raise CospecError(f"{len(pair.extra) + 2} models given but {name} uses two: more "
                           f"than two models are for the CoS methods ({', '.join(COS_METHODS)})")
-    if name in GREEDY_ONLY and not sampling.greedy:
-        raise CospecError(f"method {name} is greedy-only: use --temperature 0")
+    check_sampling(name, sampling)
     if name in ("target", "lookup"):
         return Method(name, pair.target, None, ExactRule())
     if name == "draft":

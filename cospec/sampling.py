@@ -10,16 +10,21 @@ from dataclasses import dataclass
 
 import torch
 
+# temperatures below this decode greedily, as OpenAI-style servers treat them (vLLM's too):
+# dividing logits by one overflows float32 (1e-40: inf - inf = nan), and the distribution is
+# the argmax's one-hot but for near-ties
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.0   # 0: greedy (argmax of the raw logits)
+    temperature: float = 0.0   # below GREEDY_BELOW (0 included): greedy (argmax of the logits)
     top_p: float = 1.0
     top_k: int = 0             # 0: off
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 GREEDY = SamplingConfig()

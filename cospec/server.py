@@ -70,7 +70,7 @@ from cospec.methods import (
     text_ids,
 )
 from cospec.models import Pair, context_length, reads_int8
-from cospec.sampling import GREEDY, SamplingConfig
+from cospec.sampling import GREEDY, GREEDY_BELOW, SamplingConfig
 from cospec.scheduler import Engine
 from cospec.server_schemas import (
     ApiError,
@@ -273,7 +273,7 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
             raise ApiError(400, f"method {name!r} is not offered by this server; offered: "
                                 f"{', '.join(built)}", "method", "invalid_method")
         # below 1e-5 greedy (as vLLM): logits / T would overflow into NaN probabilities
-        sampling = SamplingConfig(body.temperature if body.temperature >= 1e-5 else 0.0,
+        sampling = SamplingConfig(body.temperature if body.temperature >= GREEDY_BELOW else 0.0,
                                   body.top_p, body.top_k)
         if name in GREEDY_ONLY and not sampling.greedy:
             raise ApiError(400, f"method {name} is greedy-only: send temperature 0",
@@ -559,6 +559,10 @@ def cmd_serve(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if args.methods is not None and not methods:
         raise CospecError(f"--methods {args.methods!r} names no method")
+    unknown = [m for m in methods or () if m not in OWN_METHODS]
+    if unknown:  # before minutes of loading (create_app refuses them too)
+        raise CospecError(f"cannot serve method(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(OWN_METHODS)}")
     mixed = [m for m in methods or () if m not in TARGET_OUTPUT and m not in ("we", "cd")]
     if args.draft_weights != "model" and args.max_batch and mixed:  # before minutes of loading
         raise CospecError(int8_batch(mixed))
