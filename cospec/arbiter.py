@@ -327,14 +327,19 @@ class LearnedPolicy(torch.nn.Module):
 
 def save_arbiter(policy: LearnedPolicy, path: str | Path, pair: tuple[str, str],
                  info: dict | None = None) -> None:
-    """Weights as safetensors; the feature spec, model pair and training info as metadata."""
+    """Weights as safetensors; the feature spec, model pair and training info as metadata.
+    A file that cannot be written (its folder neither there nor makeable, a full or
+    read-only disk) is a CospecError naming it."""
     meta = {"format": "cospec-arbiter/1", "features": json.dumps(FEATURES),
             "hidden_sizes": json.dumps(policy.hidden_sizes),
             "hidden_units": str(policy.hidden_units),
             "target": pair[0], "draft": pair[1], "info": json.dumps(info or {})}
     tensors = {k: v.contiguous() for k, v in policy.state_dict().items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=meta)
+    except (SafetensorError, OSError) as err:  # SafetensorError is no OSError
+        raise CospecError(f"cannot write the arbiter file {path}: {err}") from None
 
 
 def arbiter_info(path: str | Path) -> dict:
@@ -353,15 +358,26 @@ def arbiter_info(path: str | Path) -> dict:
     return meta
 
 
+def _refuse_other_pair(path: str | Path, meta: dict, pair: tuple[str, str]) -> None:
+    if (Path(meta["target"]).name, Path(meta["draft"]).name) != (
+            Path(pair[0]).name, Path(pair[1]).name):
+        raise CospecError(f"{path} was trained for target {meta['target']} / draft "
+                          f"{meta['draft']}, not {pair[0]} / {pair[1]}")
+
+
+def check_pair(path: str | Path, pair: tuple[str, str]) -> None:
+    """Refuse the arbiter file ``path`` where it was trained for another (target, draft)
+    than ``pair`` (compared by file name), as ``load_arbiter`` does; reads no weights."""
+    _refuse_other_pair(path, arbiter_info(path), pair)
+
+
 def load_arbiter(path: str | Path, pair: tuple[str, str] | None = None) -> LearnedPolicy:
     """Load an arbiter; with ``pair`` = (target, draft), refuse one trained for another pair."""
     meta = arbiter_info(path)
     if json.loads(meta["features"]) != list(FEATURES):
         raise CospecError(f"{path} was trained on other features; retrain it with this version")
-    if pair is not None and (Path(meta["target"]).name, Path(meta["draft"]).name) != (
-            Path(pair[0]).name, Path(pair[1]).name):
-        raise CospecError(f"{path} was trained for target {meta['target']} / draft "
-                          f"{meta['draft']}, not {pair[0]} / {pair[1]}")
+    if pair is not None:
+        _refuse_other_pair(path, meta, pair)
     hs = json.loads(meta["hidden_sizes"])
     policy = LearnedPolicy(len(FEATURES), tuple(hs) if hs else None, int(meta["hidden_units"]))
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cospec.args import load_pair_of, nonneg_int, positive_int
 from cospec.cpu import MODES
+from cospec.errors import check_writable
 from cospec.k_auto import best_k, forward_cost, machine
 
 ALPHAS = (0.6, 0.75, 0.9)  # per-token acceptance rates the best draft length is predicted at
@@ -65,6 +66,7 @@ def command_of(args, ks: list[int]) -> str:
 def cmd_verify_cost(args) -> int:
     from cospec.report import markdown_table
 
+    check_writable(args.out, f"--out {args.out}")  # before the models load and are timed
     ks = sorted(set(args.ks) | {1})
     base = ks[0]  # what the _rel columns divide by: 1, one decoding step
     pair = load_pair_of(args, need_draft=True)

@@ -178,7 +178,11 @@ def collect_shard(s, idx: list[int], max_points: int, batch_size: int) -> list[d
 
 
 def require_training_data(args, verb: str) -> None:
-    """Arbiters learn from training splits only, decoded greedily: refuse anything else."""
+    """Arbiters learn from training splits only, decoded greedily: refuse anything else (an
+    unknown task or split named as such, as ``cospec eval`` names it)."""
+    from cospec.tasks import get_task
+
+    get_task(args.task).split(args.split)
     if args.split not in TRAIN_SPLITS.get(args.task, ()):
         allowed = "; ".join(f"{t}: {', '.join(s)}" for t, s in TRAIN_SPLITS.items())
         raise CospecError(f"{verb} only uses training data ({allowed}); "

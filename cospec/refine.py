@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -35,12 +36,13 @@ from pathlib import Path
 
 import torch
 
-from cospec.arbiter import LearnedPolicy, arbiter_info, load_arbiter, save_arbiter
+from cospec.arbiter import LearnedPolicy, arbiter_info, check_pair, load_arbiter, save_arbiter
 from cospec.args import changed_settings, finite_float, positive_int, resolved_dtype
 from cospec.assets import write_atomic
 from cospec.batched import lockstep
 from cospec.collect import require_training_data
-from cospec.errors import CospecError
+from cospec.errors import CospecError, check_writable
+from cospec.train import in_float32
 
 
 @dataclass
@@ -79,10 +81,16 @@ def policy_step(policy: LearnedPolicy, opt: torch.optim.Optimizer,
     logp = -torch.nn.functional.binary_cross_entropy_with_logits(
         policy.logit(x), act, reduction="none")
     loss = -(adv * logp).sum() / len(decisions)
+    if not torch.isfinite(loss):
+        raise CospecError("refinement diverged: a non-finite loss; lower --speed-bonus "
+                          "or --lr")
     opt.zero_grad()
     loss.backward()
     opt.step()
     policy.eval()
+    if not all(bool(torch.isfinite(w).all()) for w in policy.parameters()):
+        raise CospecError("refinement diverged: the arbiter's weights are no longer finite; "
+                          "lower --lr")
     return float(loss.detach())
 
 
@@ -164,6 +172,36 @@ def check_start(out: Path, info: dict, arbiter: str | None) -> None:
 RECORDED_LATER = dict.fromkeys(("k", "no_chat", "dtype"))
 
 
+def refine_settings(args) -> dict:
+    """The settings a refinement records, and a resume must repeat."""
+    settings = {k: getattr(args, k) for k in ("task", "split", "limit", "group", "problems",
+                                              "lr", "speed_bonus", "max_new_tokens", "seed",
+                                              "k", "no_chat")}
+    settings["dtype"] = resolved_dtype(args)
+    return settings
+
+
+def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    """Load the Adam state a refinement saved in ``path`` into ``opt`` (none there: Adam
+    starts afresh, the weights resumed); CospecError naming a file that is not one for
+    these weights, saying what deleting it does."""
+    if not path.exists():
+        return
+    try:
+        opt.load_state_dict(torch.load(path, weights_only=True))
+        for w in opt.param_groups[0]["params"]:
+            if any(torch.is_tensor(v) and v.dim() and v.shape != w.shape
+                   for v in opt.state.get(w, {}).values()):
+                raise ValueError("moments of other shapes than the arbiter's weights")
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError,
+            IndexError, TypeError, AttributeError) as err:
+        detail = (str(err).splitlines() or [""])[0][:200]
+        raise CospecError(f"{path} is not a readable optimizer state ({type(err).__name__}"
+                          f"{': ' + detail if detail else ''}); delete it to resume the "
+                          f"refinement in {path.parent} with Adam restarted, or use another "
+                          "--out to start over") from None
+
+
 def resume_info(out: Path, args, settings: dict) -> dict:
     """The info of the refinement in ``out`` to resume; refused when it ran with other
     settings (each named) or began from another arbiter than ``--arbiter``."""
@@ -183,12 +221,9 @@ def cmd_refine(args) -> int:
     require_training_data(args, "refine")  # greedy: the arbiter's actions are the randomness
     check_counts(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, f"--out {out}")  # made once every check has passed
     current = out / "arbiter.safetensors"
-    settings = {k: getattr(args, k) for k in ("task", "split", "limit", "group", "problems",
-                                              "lr", "speed_bonus", "max_new_tokens", "seed",
-                                              "k", "no_chat")}
-    settings["dtype"] = resolved_dtype(args)
+    settings = refine_settings(args)
     resuming = current.exists()
     if resuming:
         start, info = current, resume_info(out, args, settings)
@@ -198,19 +233,21 @@ def cmd_refine(args) -> int:
     else:
         start, info = Path(args.arbiter), json.loads(arbiter_info(args.arbiter)["info"])
         info["refine_start"] = {"path": str(args.arbiter), "sha256": file_sha(args.arbiter)}
-    s = EvalSetup(args, ["target", "draft"])
-    pair = (s.pair.target_name, s.pair.draft_name)
-    policy = load_arbiter(start, pair)
-    if resuming and args.arbiter:  # where the start is not recorded, its pair at least
-        load_arbiter(args.arbiter, pair)
+    policy = load_arbiter(start)  # its pair is checked once the models name theirs
     if policy.needs_hidden:
         raise CospecError(f"{start} uses hidden states; refine trains scalar-feature arbiters")
     history = info.get("refine_history", []) if resuming else []
     if not resuming:
         recentre(policy, policy.threshold)
     opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
-    if resuming and (out / "optim.pt").exists():
-        opt.load_state_dict(torch.load(out / "optim.pt"))
+    if resuming:
+        load_optimizer(opt, out / "optim.pt")  # before minutes of model loading
+    s = EvalSetup(args, ["target", "draft"])
+    pair = (s.pair.target_name, s.pair.draft_name)
+    check_pair(start, pair)
+    if resuming and args.arbiter:  # where the start is not recorded, its pair at least
+        check_pair(args.arbiter, pair)
+    out.mkdir(parents=True, exist_ok=True)
     n = len(s.problems)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).tolist()
     for it in range(len(history), args.iterations):
@@ -238,9 +275,9 @@ def add_parser(sub, add_model_args, add_decoding_args) -> None:
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--problems", type=int, default=64, help="problems per iteration")
     p.add_argument("--group", type=int, default=4, help="generations per problem")
-    p.add_argument("--lr", type=finite_float, default=0.02,
+    p.add_argument("--lr", type=in_float32(finite_float), default=0.02,
                    help="Adam step size (0.02: the H100 run of results/gpu/refine-gsm8k-dev)")
-    p.add_argument("--speed-bonus", type=finite_float, default=0.0,
+    p.add_argument("--speed-bonus", type=in_float32(finite_float), default=0.0,
                    help="reward per draft token kept, added to the grade")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", required=True)

@@ -31,7 +31,7 @@ from cospec.args import (
     unit_closed,
 )
 from cospec.collect import read_points
-from cospec.errors import CospecError, read_json
+from cospec.errors import CospecError, check_writable, read_json
 
 
 def open_unit(text: str) -> float:
@@ -40,6 +40,22 @@ def open_unit(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def in_float32(parse):
+    """An argparse type: the number ``parse`` reads, refused where float32, which the policy
+    trains in, cannot hold it (``--lr``, ``--speed-bonus``): it would turn to inf there, and
+    the training to NaN."""
+    def check(text: str) -> float:
+        value = parse(text)
+        if abs(value) > FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(f"must be at most {FLOAT32_MAX:.4g} in size "
+                                             f"(float32, what training computes in), got {text}")
+        return value
+    return check
 
 
 def data_pair(paths: list[str]) -> tuple[str, str] | None:
@@ -81,6 +97,25 @@ def report_path(out: str) -> Path:
     if report.is_dir():
         raise CospecError(f"the report {report} for --out {out} would overwrite a folder")
     return report
+
+
+def model_pair(args) -> tuple[str, str]:
+    """The (target, draft) the arbiter is recorded for: the pair the data's meta.json names,
+    which ``--target`` and ``--draft`` (optional there) must not contradict (compared by file
+    name, as ``load_arbiter`` compares pairs); data without one needs both flags."""
+    pair = data_pair(args.data)
+    if pair:
+        for role, given, collected in (("target", args.target, pair[0]),
+                                       ("draft", args.draft, pair[1])):
+            if given and Path(given).name != Path(collected).name:
+                raise CospecError(f"--{role} {given} contradicts --data, collected with {role} "
+                                  f"{collected}; drop --{role} (the data names its models) or "
+                                  f"train on data collected with {given}")
+    target = args.target or (pair[0] if pair else None)
+    draft = args.draft or (pair[1] if pair else None)
+    if not target or not draft:
+        raise CospecError("cannot tell which model pair the data is from: give --target/--draft")
+    return target, draft
 
 
 def split_by_problem(points: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -145,10 +180,29 @@ def best_threshold(policy: LearnedPolicy, points: list[dict]) -> float:
     return best
 
 
+def diverged(epoch: int, what: str, lr: float, speed_bonus: float,
+             lower: str | None = None) -> CospecError:
+    """The error for a training whose numbers stopped being finite in ``epoch`` (``what``
+    did), naming the flag to lower: ``lower``, else the one past its usual scale (a step size
+    above 1, a bonus larger than the 0/1 rewards), else both."""
+    flags = [f for f, big in (("--lr", lr > 1), ("--speed-bonus", abs(speed_bonus) > 1)) if big]
+    lower = lower or " or ".join(flags or ["--lr", "--speed-bonus"])
+    return CospecError(f"training diverged in epoch {epoch + 1}: {what} (--lr {lr:g}, "
+                       f"--speed-bonus {speed_bonus:g}); lower {lower}")
+
+
+def all_finite(tensors) -> bool:
+    """Whether every element of every tensor of ``tensors`` is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def reinforce(points: list[dict], *, epochs: int = 300, lr: float = 3e-3,
               hidden_units: int = 32, speed_bonus: float = 0.0, seed: int = 0,
               batch: int = 256) -> LearnedPolicy:
-    """REINFORCE with a two-branch group baseline on the bandit data."""
+    """REINFORCE with a two-branch group baseline on the bandit data. A step size or bonus
+    too large for float32 stops it with a CospecError (``diverged``): each batch's logits
+    and, after each epoch, the weights and Adam's moments must stay finite (moments that
+    overflow stop the learning without a word)."""
     torch.manual_seed(seed)
     x, r_d, r_t = tensors(points)
     policy = LearnedPolicy(len(FEATURES), None, hidden_units)
@@ -157,9 +211,12 @@ def reinforce(points: list[dict], *, epochs: int = 300, lr: float = 3e-3,
     opt = torch.optim.Adam(policy.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     baseline = (r_d + speed_bonus + r_t) / 2
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(batch):
             logit = policy.logit(x[idx])
+            if not all_finite([logit]):
+                raise diverged(epoch, "the policy's logits are no longer finite", lr,
+                               speed_bonus)
             p = torch.sigmoid(logit)
             action = torch.bernoulli(p.detach(), generator=gen)   # 1 = DRAFT
             reward = torch.where(action.bool(), r_d[idx] + speed_bonus, r_t[idx])
@@ -168,18 +225,25 @@ def reinforce(points: list[dict], *, epochs: int = 300, lr: float = 3e-3,
             loss = -((reward - baseline[idx]) * logp).mean()
             opt.zero_grad()
             loss.backward()
-            opt.step()
+            try:
+                opt.step()
+            except RuntimeError as err:  # lr / (1 - beta1^t) past float32's range
+                if "overflow" not in str(err):
+                    raise
+                raise diverged(epoch, "Adam's step size overflows float32", lr, speed_bonus,
+                               "--lr") from None
+        moments = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+        if not all_finite([*policy.parameters(), *moments]):
+            raise diverged(epoch, "the weights or Adam's moments are no longer finite", lr,
+                           speed_bonus)
     return policy.eval()
 
 
 def cmd_train(args) -> int:
     report_file = report_path(args.out)  # before the data is read and the policy trained
+    check_writable(Path(args.out).parent, f"--out {args.out}")
+    target, draft = model_pair(args)
     points = read_points(args.data)
-    pair = data_pair(args.data)
-    target = args.target or (pair[0] if pair else None)
-    draft = args.draft or (pair[1] if pair else None)
-    if not target or not draft:
-        raise CospecError("cannot tell which model pair the data is from: give --target/--draft")
     train, val = split_by_problem(points, args.val_fraction)
     if not train or not val:
         raise CospecError(f"too few problems to split with --val-fraction {args.val_fraction} "
@@ -215,15 +279,18 @@ def add_parser(sub) -> None:
                    help="arbiter file to write (.safetensors); its report goes beside it, "
                         "named with .json")
     p.add_argument("--epochs", type=positive_int, default=300)
-    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--lr", type=in_float32(positive_float), default=3e-3)
     p.add_argument("--hidden-units", type=nonneg_int, default=32, help="0: a linear policy")
-    p.add_argument("--speed-bonus", type=finite_float, default=0.0,
+    p.add_argument("--speed-bonus", type=in_float32(finite_float), default=0.0,
                    help="reward added for keeping the draft token")
     p.add_argument("--threshold", type=unit_closed, default=None,
                    help="decision threshold stored in the report (default: tuned on val)")
     p.add_argument("--val-fraction", type=open_unit, default=0.2,
                    help="share of the problems held out for validation, in (0, 1)")
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--target", default=None)
-    p.add_argument("--draft", default=None)
+    p.add_argument("--target", default=None,
+                   help="the target the data is from (default: its meta.json's, which a "
+                        "value given must agree with)")
+    p.add_argument("--draft", default=None,
+                   help="the draft the data is from (default: its meta.json's, likewise)")
     p.set_defaults(func=cmd_train)
