@@ -58,7 +58,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
-            old = read_json(cfg_file)
+            old = read_config(cfg_file, keys=())  # its values are only compared
             diff = changed_settings(old, config, IDENTITY, LATER_KEYS)
             if diff:
                 lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -69,15 +69,25 @@ class RunDir:
         (self.path / "config.json").write_text(json.dumps(self.config, indent=1))
 
     def records(self, name: str) -> dict[tuple[str, str], dict]:
+        """``name``.jsonl's records by (id, method); a line that is not a record (a JSON
+        object with a string id and method) is refused, naming the file and line."""
         f = self.path / f"{name}.jsonl"
         if not f.exists():
             return {}
         out = {}
-        for line in f.read_text().splitlines():
+        for n, line in enumerate(f.read_text().splitlines(), 1):
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a crash: that problem is redone
                 continue
+            if not isinstance(r, dict):
+                wrong = f"a JSON {json_kind(r)}, not a record (an object)"
+            else:
+                wrong = ", ".join(f"no string {k!r}" for k in ("id", "method")
+                                  if not isinstance(r.get(k), str))
+            if wrong:
+                raise CospecError(f"{f}, line {n}: {wrong}; fix or delete that line (a deleted "
+                                  "record is redone by eval / bench)")
             out[(r["id"], r["method"])] = r
         return out
 
@@ -87,6 +97,36 @@ class RunDir:
                 f.write(json.dumps(r) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+# config.json keys read by the summary, and what each must hold
+CONFIG_TYPES = {"task": (str, "a task name"),
+                "methods": (str, 'a comma-separated list of methods, such as "target,spd"'),
+                "split": ((str, type(None)), "a split name or null"),
+                "limit": ((int, type(None)), "a number of problems or null"),
+                "temperature": ((int, float, type(None)), "a number or null")}
+
+
+def json_kind(value) -> str:
+    """What JSON calls ``value``'s type."""
+    kinds = {dict: "object", list: "array", str: "string", bool: "true/false",
+             type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+def read_config(path: Path, keys: tuple[str, ...] = tuple(CONFIG_TYPES)) -> dict:
+    """A results folder's config.json: a JSON object whose ``keys`` (those the summary reads)
+    hold what ``CONFIG_TYPES`` says; CospecError naming the file and the key otherwise."""
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise CospecError(f"{path} holds a JSON {json_kind(cfg)}, not the object of a run's "
+                          "settings; fix it, or delete its folder to start fresh")
+    for key in keys:
+        types, what = CONFIG_TYPES[key]
+        if key in cfg and not isinstance(cfg[key], types):
+            raise CospecError(f"{path}: {key!r} is {json.dumps(cfg[key])}, not {what}; fix it, "
+                              "or delete its folder to start fresh")
+    return cfg
 
 
 def file_sha(path: str | None) -> str | None:
@@ -391,7 +431,7 @@ def summarize(run: RunDir, command: str) -> dict:
     from cospec.report import LOAD_MARGIN, load_verdict, paired_speed
     from cospec.sampling import SamplingConfig
 
-    cfg = read_json(run.path / "config.json")
+    cfg = read_config(run.path / "config.json")
     methods = _methods(cfg["methods"])
     task = get_task(cfg["task"])
     problems = task.problems(cfg.get("split"))
@@ -553,7 +593,10 @@ def cmd_summarize(args) -> int:
     """Summarize finished eval/bench folders again from their records, loading no model."""
     for path in args.folders:
         folder = Path(path)
-        cfg = read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+        if not folder.is_dir():
+            raise CospecError(f"{folder} does not exist" if not folder.exists()
+                              else f"{folder} is a file, not an eval/bench results folder")
+        cfg = read_config(folder / "config.json") if (folder / "config.json").exists() else {}
         if not {"task", "methods"} <= set(cfg):
             raise CospecError(f"{folder} is not an eval/bench results folder (no config.json "
                               "naming its task and methods)")

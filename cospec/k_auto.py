@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -85,6 +86,24 @@ AUTO_ALPHA = 0.85   # per-token acceptance assumed by --k auto (GSM8K: tau 2.70 
 AUTO_KS = range(1, 8)  # --k auto picks k in 1..6 (a verify over k + 1 <= 7 tokens)
 
 
+def cached_costs(entry) -> tuple[dict[int, float], float] | None:
+    """``(target_s, draft_s)`` of a ``k-auto.json`` entry, as ``best_k`` takes them; None
+    where the entry is not what ``auto_k`` writes (positive seconds, the target's timed over
+    1 token and more)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("target_s"), dict):
+        return None
+    try:
+        target_s = {int(n): float(t) for n, t in entry["target_s"].items()}
+        draft_s = float(entry.get("draft_s"))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not all(t > 0 and math.isfinite(t) for t in (*target_s.values(), draft_s)):
+        return None
+    if 1 not in target_s or not any(n > 1 for n in target_s):
+        return None
+    return target_s, draft_s
+
+
 def auto_k(pair, alpha: float = AUTO_ALPHA) -> int:
     """The draft length ``best_k`` predicts fastest for ``pair`` on this machine, from the
     pair's own forward costs (CPU only: on CUDA the fast path's costs are not these).
@@ -105,16 +124,17 @@ def auto_k(pair, alpha: float = AUTO_ALPHA) -> int:
         known = json.loads(path.read_text())
     except (OSError, ValueError):  # none yet, or cut by a crash: timed again
         known = {}
-    if key not in known:
+    if not isinstance(known, dict):
+        known = {}
+    costs = cached_costs(known.get(key))
+    if costs is None:  # not timed yet, or an entry not as written here: timed again
         print("--k auto: timing the pair's forwards once on this machine ...", file=sys.stderr,
               flush=True)
-        known[key] = {"target_s": {n: forward_cost(pair.target, n, 128, 3, mode)
-                                   for n in AUTO_KS},
-                      "draft_s": forward_cost(pair.draft, 1, 128, 3, mode)}
+        costs = ({n: forward_cost(pair.target, n, 128, 3, mode) for n in AUTO_KS},
+                 forward_cost(pair.draft, 1, 128, 3, mode))
+        known[key] = {"target_s": costs[0], "draft_s": costs[1]}
         write_atomic(path, lambda tmp: tmp.write_text(json.dumps(known, indent=1)))
-    costs = known[key]
-    k, speedup = best_k({int(n): t for n, t in costs["target_s"].items()}, costs["draft_s"],
-                        alpha)
+    k, speedup = best_k(*costs, alpha)
     print(f"--k auto: k = {k} (predicted {speedup:.2f}x target-only at acceptance {alpha}; "
           f"costs in {path})", file=sys.stderr, flush=True)
     return k

@@ -16,11 +16,13 @@ import json
 import os
 import re
 import shutil
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from cospec.assets import cache_dir, copy_member, wheel
@@ -105,7 +107,9 @@ def shipped_gguf(name: str) -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantize a GGUF file with transformers and save it as a safetensors folder (once)."""
+    """Dequantize a GGUF file with transformers and save it as a safetensors folder (once).
+    The folder is written beside ``out`` and renamed to it when whole; a damaged file or a
+    failed conversion leaves nothing in the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (out / "config.json").exists():
@@ -113,20 +117,44 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     with open(gguf, "rb") as f:
         if f.read(4) != b"GGUF":
             raise CospecError(f"{gguf} is not a GGUF file (it does not start with 'GGUF')")
+    damage = gguf_damage(gguf)
+    if damage:
+        redo = ("delete it and rerun to assemble it again"
+                if gguf.is_relative_to(cache_dir()) else "download or export it again")
+        raise CospecError(f"{gguf} is damaged or truncated ({damage}); {redo}")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"converting {gguf.name} to safetensors (once; a minute or two) ...", flush=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    # the weights are already dequantized; drop the GGUF quantizer so they can be saved
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        # the weights are already dequantized; drop the GGUF quantizer so they can be saved
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    except ValueError as err:
+        raise CospecError(f"could not convert {gguf} to a Hugging Face model: {err}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def gguf_damage(path: Path) -> str | None:
+    """Why GGUF file ``path`` is damaged or cut short, or None: gguf's own reader must read its
+    header, metadata and tensor table whole, and find every tensor's data inside the file
+    (seconds for a 1 GB file, once before a conversion). Damaged values inside whole tensors
+    go unseen."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, struct.error) as err:
+        return f"gguf's reader: {(str(err).splitlines() or [type(err).__name__])[0][:200]}"
+    return None
 
 
 # a hub id: "name" or "org/name" (letters, digits, "-", "_", "."; no "..", no leading ".")
@@ -186,15 +214,30 @@ def load_model(spec: str, device: str | None = None, dtype: torch.dtype | None =
     try:
         tok = AutoTokenizer.from_pretrained(str(source))
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
-    except (OSError, ValueError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, json.JSONDecodeError, SafetensorError) as err:
         if isinstance(source, Path):
-            raise CospecError(f"could not load a causal LM from {spec}: {err}") from None
+            raise CospecError(damaged_weights(source)
+                              or f"could not load a causal LM from {spec}: {err}") from None
         why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CospecError(f"could not load a causal LM from {spec}: {_hub_hint(spec)} "
                           f"({why})") from None
     if torch.device(device).type == "cpu":
         resident(model)
     return model.to(device).eval(), tok
+
+
+def damaged_weights(folder: Path) -> str | None:
+    """What to say of the first safetensors file in ``folder`` whose header does not cover it
+    (cut short or overwritten), and how to redo it; None if each one reads."""
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(f, "pt"):
+                pass
+        except SafetensorError as err:
+            redo = (f"delete {folder} and rerun to convert it again from its GGUF file"
+                    if folder.parent == cache_dir() / "models" else "save or download it again")
+            return f"{f} is damaged or truncated ({err}); {redo}"
+    return None
 
 
 def resident(model: torch.nn.Module) -> None:
