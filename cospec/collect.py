@@ -42,7 +42,7 @@ from cospec.arbiter import FEATURES
 from cospec.args import changed_settings, positive_int, resolved_dtype
 from cospec.assets import write_atomic
 from cospec.batched import lockstep
-from cospec.errors import CospecError, read_json
+from cospec.errors import CospecError, check_writable, read_json
 
 TRAIN_SPLITS = {"gsm8k": ("dev",), "math500": ("train", "all"), "mbpp": ("dev",)}
 # meta.json keys that folders made before they were recorded lack: not compared there
@@ -330,6 +330,7 @@ def cmd_collect(args) -> int:
     require_training_data(args, "collect")
     meta = collect_meta(args)
     out = Path(args.out)
+    check_writable(out, f"--out {out}")
     out.mkdir(parents=True, exist_ok=True)
     check_meta(out, meta)  # every check before minutes of model loading
     ids = [p.id for p in get_task(args.task).problems(args.split)]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cospec import fast
 from cospec.args import changed_settings, note_unread_options, options_of, resolved_dtype
 from cospec.decoding import warm_up_budgets
-from cospec.errors import CospecError, read_json
+from cospec.errors import CospecError, check_writable, read_json
 from cospec.eval_setup import EvalSetup
 from cospec.methods import GREEDY_ONLY, LOSSY, METHODS, SAME_AS_GREEDY
 from cospec.report import (
@@ -55,6 +55,7 @@ class RunDir:
 
     def __init__(self, path: str | Path, config: dict):
         self.path, self.config = Path(path), config
+        check_writable(self.path, f"--out {self.path}")
         self.path.mkdir(parents=True, exist_ok=True)
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
@@ -209,6 +210,8 @@ def check_opts(s: EvalSetup, done: dict, run: RunDir) -> None:
 
 def _methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise CospecError(f"--methods {text!r} names no method; choose from {', '.join(METHODS)}")
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
         raise CospecError(f"unknown method(s) {', '.join(bad) or text!r}; choose from "

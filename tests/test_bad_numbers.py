@@ -1,6 +1,6 @@
 """Numbers at the edges: a vanishing temperature decodes greedily instead of dividing into
 nan, CoS refuses non-finite weights and an overflowing mu, and a method or sampling the run
-cannot take is refused before any model loads."""
+cannot take (or an output folder it cannot write) is refused before any model loads."""
 
 import json
 import math
@@ -67,3 +67,15 @@ def test_serve_refuses_an_unknown_method_before_loading(monkeypatch, capsys):
     monkeypatch.setattr(server, "bind", _no_loading)
     assert main(["serve", "--methods", "spd,bogus"]) == 2
     assert "cannot serve method(s) bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["eval", "collect"])
+def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path, monkeypatch, capsys, cmd):
+    from cospec import eval_setup
+
+    monkeypatch.setattr(eval_setup, "load_pair_of", _no_loading)
+    (tmp_path / "taken").write_text("")
+    split = ["--split", "dev"]
+    assert main([cmd, "--task", "gsm8k", *split, "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'taken'}: {tmp_path / 'taken'} is not a folder" in err
