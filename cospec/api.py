@@ -157,7 +157,8 @@ def _options(given: dict) -> methods.MethodOptions:
     _check(isinstance(weights, list | tuple) and all(_number(w) for w in weights),
            f"weights must be a list of numbers, one per model, got {weights!r}")
     opts.weights = tuple(float(w) for w in weights)
-    opts.every_mismatch = bool(opts.every_mismatch)
+    _check(isinstance(opts.every_mismatch, bool),
+           f"every_mismatch must be True or False, got {opts.every_mismatch!r}")
     return opts
 
 
@@ -188,6 +189,7 @@ class Pair:
         (raw text with ``chat=False``); a list of ``{"role", "content"}`` messages through
         the chat template; a list of ints is used as it is."""
         tok = self.tokenizer
+        _check(isinstance(chat, bool), f"chat must be True or False, got {chat!r}")
         if isinstance(prompt, str):
             return methods.encode_prompt(tok, prompt, chat=chat)
         _check(isinstance(prompt, list) and len(prompt) > 0,
@@ -263,7 +265,8 @@ class Pair:
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    _check(dtype in DTYPES, f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+    _check(isinstance(dtype, str) and dtype in DTYPES,
+           f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 

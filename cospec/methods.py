@@ -69,6 +69,9 @@ class Method:
         cospec and the heuristics, and sampled spd, spd-staged, cos-we and cos-cd on a GPU:
         each block on the device, ``cospec.fast_block``, unless COSPEC_SPD_BLOCK=0)."""
         if self.device_block(prompt_ids, sampling):
+            # a block drafts k tokens: at most the new tokens less the verify's own (the
+            # host loops cap each block so; the device's caches are sized by k)
+            k = max(1, min(k, max_new_tokens - 1))
             # spd-staged: fast_block.GUESSES, within the fast path's MAX_GRAPH rows a verify
             guesses = (max(0, min(fast_block.GUESSES, fast.MAX_GRAPH - 1 - k))
                        if self.name == "spd-staged" else 0)
@@ -201,6 +204,9 @@ def build_method(name: str, pair: Pair, opts: MethodOptions | None = None,
         models = (pair.draft, *pair.extra, *opts.extra_models, pair.target)
         kind = "we" if "we" in name.split("-") else "cd"
         if kind == "we":
+            if opts.weights and opts.lam != MethodOptions().lam:
+                raise CospecError("give the ensemble's weights (--weights) or lambda "
+                                  "(--lambda), not both")
             weights = opts.weights or ((opts.lam, 1 - opts.lam) if len(models) == 2 else
                                        tuple([1 / len(models)] * len(models)))
             if len(weights) != len(models):
@@ -249,9 +255,18 @@ def hf_assisted(target, draft, prompt_ids, k, max_new_tokens, sampling, eos_ids,
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation through the tokenizer's chat template (generation prompt
-    added). Without a template the contents are joined by blank lines and sent as raw text."""
+    added). Without a template the contents are joined by blank lines and sent as raw text.
+    A template that refuses the messages (roles it does not know, turns that do not
+    alternate) is a CospecError quoting it."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        from jinja2 import TemplateError
+
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=True)
+        except TemplateError as err:
+            raise CospecError(f"the tokenizer's chat template refuses these messages: {err}"
+                              ) from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)

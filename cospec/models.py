@@ -221,6 +221,9 @@ def load_model(spec: str, device: str | None = None, dtype: torch.dtype | None =
         why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CospecError(f"could not load a causal LM from {spec}: {_hub_hint(spec)} "
                           f"({why})") from None
+    if len(tok) < 2:  # transformers builds an empty one for a folder without tokenizer files
+        raise CospecError(f"{spec} has no tokenizer (a vocabulary of {len(tok)}): save the "
+                          "tokenizer beside the model (tokenizer.save_pretrained)")
     if torch.device(device).type == "cpu":
         resident(model)
     return model.to(device).eval(), tok

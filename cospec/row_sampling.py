@@ -74,6 +74,7 @@ def row_probabilities(logits: torch.Tensor, s: RowSampling) -> torch.Tensor:
         top_p = s.top_p.view(shape)
         sorted_p, order = probs.sort(-1, descending=True)
         drop = (sorted_p.cumsum(-1) - sorted_p >= top_p) & (top_p < 1)
+        drop[..., 0] = False  # the top token always stays, as in sampling.probabilities
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
     if s.any_greedy:

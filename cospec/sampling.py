@@ -45,8 +45,10 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     probs = logits.softmax(-1)
     if cfg.top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+        # keep the smallest prefix whose mass reaches top_p; the top token always stays (a
+        # top_p below float32's smallest number rounds to 0 there)
         drop = sorted_p.cumsum(-1) - sorted_p >= cfg.top_p
+        drop[..., 0] = False
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)

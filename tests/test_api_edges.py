@@ -1,0 +1,89 @@
+"""The Python API at its edges: a top-p below float32's smallest number keeps the top token
+(not a nan distribution), a device block never drafts past the tokens asked, a chat template
+that refuses messages, a folder without a tokenizer, and options of the wrong kind are clear
+CospecErrors."""
+
+import pytest
+import torch
+from tiny import tiny_model
+
+import cospec
+from cospec import fast_block, methods
+from cospec.errors import CospecError
+from cospec.sampling import SamplingConfig, probabilities
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_dirs):
+    return cospec.load_pair(str(tiny_dirs[0]), str(tiny_dirs[1]), "cpu")
+
+
+def test_a_vanishing_top_p_keeps_the_top_token():
+    logits = torch.tensor([[3.0, 1.0, 2.5], [0.0, 0.1, -2.0]])
+    probs = probabilities(logits, SamplingConfig(1.0, top_p=1e-46))
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 3).float())
+
+
+@pytest.mark.parametrize("method", ["target", "spd", "cos-we"])
+def test_generate_at_a_vanishing_top_p_gives_the_greedy_tokens(pair, method):
+    greedy = pair.generate("the answer is", method=method, max_new_tokens=10, chat=False)
+    tiny = pair.generate("the answer is", method=method, max_new_tokens=10, chat=False,
+                         temperature=1.0, top_p=1e-46, seed=3)
+    assert tiny.token_ids == greedy.token_ids
+
+
+def test_a_device_block_drafts_at_most_the_tokens_left(pair, monkeypatch):
+    seen = []
+    monkeypatch.setattr(methods.Method, "device_block", lambda self, ids, sampling: True)
+    monkeypatch.setattr(fast_block, "stream", lambda *a, k, **kw: seen.append(k) or iter(()))
+    for k, new, want in ((10**6, 16, 15), (4, 16, 4), (3, 1, 1)):
+        built = methods.build_method("spd", pair.models)
+        list(built.stream([5, 9], k=k, max_new_tokens=new, sampling=SamplingConfig(),
+                          eos_ids=()))
+        assert seen[-1] == want
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_clear_error(tiny_dirs):
+    own = cospec.load_pair(str(tiny_dirs[0]), False, "cpu")
+    own.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+        "{{ raise_exception('Conversation roles must be user/assistant') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}")
+    with pytest.raises(CospecError, match="chat template refuses these messages: "
+                                          "Conversation roles"):
+        own.generate([{"role": "bogus", "content": "hi"}], method="target", max_new_tokens=2)
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused(tmp_path):
+    tiny_model(1, vocab=300, dtype=torch.float32).save_pretrained(tmp_path)
+    with pytest.raises(CospecError, match="has no tokenizer"):
+        cospec.load_pair(str(tmp_path), False, "cpu")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="we", weights=(0.3, 0.7), lam=0.9), "not both"),
+    (dict(method="cospec", every_mismatch="no"), "every_mismatch must be True or False"),
+    (dict(chat="no"), "chat must be True or False"),
+    (dict(chat=None), "chat must be True or False"),
+])
+def test_options_of_the_wrong_kind_are_refused(pair, kwargs, message):
+    with pytest.raises(CospecError, match=message):
+        pair.generate("hello", max_new_tokens=2, **kwargs)
+
+
+def test_an_unhashable_dtype_is_refused(tiny_dirs):
+    with pytest.raises(CospecError, match="unknown dtype"):
+        cospec.load_pair(str(tiny_dirs[0]), False, "cpu", dtype=["float32"])
+
+
+def test_a_batch_row_at_a_vanishing_top_p_keeps_its_top_token():
+    """The batch engines' per-row processing (the server's) keeps it too."""
+    from cospec.row_sampling import RowSampling, row_probabilities
+
+    logits = torch.tensor([[3.0, 1.0, 2.5], [0.0, 0.1, -2.0]])
+    s = RowSampling(temp=torch.ones(2), top_k=torch.full((2,), 3), top_p=torch.tensor([1e-46, 0.5]),
+                    greedy=torch.zeros(2, dtype=torch.bool), all_greedy=False, any_greedy=False,
+                    any_top_k=False, any_top_p=True)
+    probs = row_probabilities(logits, s)
+    assert torch.isfinite(probs).all()
+    assert torch.equal(probs[0], torch.tensor([1.0, 0.0, 0.0]))
