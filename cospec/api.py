@@ -18,6 +18,8 @@ alone, ``spd`` (exact speculative decoding), the lossy ``cospec`` (learned arbit
 from __future__ import annotations
 
 import math
+import numbers
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -129,6 +131,13 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_token_id(x) -> bool:
+    """An integer, numpy's and torch's integer scalars included (not a bool)."""
+    return (isinstance(x, numbers.Integral) or isinstance(x, torch.Tensor) and x.dim() == 0
+            and not x.dtype.is_floating_point and x.dtype != torch.bool) \
+        and not isinstance(x, bool)
+
+
 def _number(x) -> bool:
     """A finite int or float (not a bool)."""
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
@@ -192,14 +201,15 @@ class Pair:
         _check(isinstance(chat, bool), f"chat must be True or False, got {chat!r}")
         if isinstance(prompt, str):
             return methods.encode_prompt(tok, prompt, chat=chat)
-        _check(isinstance(prompt, list) and len(prompt) > 0,
+        _check(isinstance(prompt, list | tuple) and len(prompt) > 0,
                "prompt must be a non-empty string, list of chat messages or list of token ids")
-        if all(_is_int(t) for t in prompt):
+        if all(_is_token_id(t) for t in prompt):
+            ids = [int(t) for t in prompt]
             vocab = min(len(self.tokenizer),  # ids past it: the output layer's padding
                         self.target.get_output_embeddings().weight.shape[0])
-            bad = [t for t in prompt if not 0 <= t < vocab]
+            bad = [t for t in ids if not 0 <= t < vocab]
             _check(not bad, f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-            return list(prompt)
+            return ids
         for m in prompt:
             _check(isinstance(m, dict) and isinstance(m.get("role"), str)
                    and isinstance(m.get("content"), str),
@@ -270,13 +280,14 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def load_pair(target: str | None = None, draft: str | Literal[False] | None = None,
+def load_pair(target: str | os.PathLike | None = None,
+              draft: str | os.PathLike | Literal[False] | None = None,
               device: str | None = None, dtype: torch.dtype | str | None = None,
               draft_weights: str = "model") -> Pair:
     """Load a target and a draft that share one vocabulary.
 
     Each is a shipped name (``qwen2.5-coder-1.5b``, ``qwen2.5-coder-0.5b``; None: the
-    shipped pair), a Hugging Face folder, a ``.gguf`` file or a hub id such as
+    shipped pair), a Hugging Face folder (a string or a path), a ``.gguf`` file or a hub id such as
     ``Qwen/Qwen2.5-7B-Instruct`` (loaded by transformers through its cache; offline with
     ``HF_HUB_OFFLINE=1`` once cached). ``draft=False``: the target alone (method
     ``target``). ``device``: cpu or cuda (default: cuda if present); ``dtype``: a torch
@@ -284,11 +295,13 @@ def load_pair(target: str | None = None, draft: str | Literal[False] | None = No
     the draft's decode steps read int8 copies of its weights (on a CPU every forward after
     the prompt's prefill, ``cospec.cpu_int8``; on a GPU the fused layers; spd's output is
     still the target's, cospec and CoS use the int8 draft's)."""
+    target, draft = (os.fspath(m) if isinstance(m, os.PathLike) else m for m in (target, draft))
     _check(target is None or isinstance(target, str) and target.strip() != "",
-           f"target must be a model spec (a non-empty string) or None, got {target!r}")
+           f"target must be a model spec (a non-empty string or a path) or None, got "
+           f"{target!r}")
     _check(draft is None or draft is False or isinstance(draft, str) and draft.strip() != "",
-           f"draft must be a model spec (a non-empty string), None (the shipped draft) or "
-           f"False (no draft), got {draft!r}")
+           f"draft must be a model spec (a non-empty string or a path), None (the shipped "
+           f"draft) or False (no draft), got {draft!r}")
     _check(draft_weights in models.DRAFT_WEIGHTS, f"draft_weights must be one of "
            f"{', '.join(models.DRAFT_WEIGHTS)}, got {draft_weights!r}")
     loaded = models.load_pair(target or models.DEFAULT_TARGET,

@@ -87,3 +87,16 @@ def test_a_batch_row_at_a_vanishing_top_p_keeps_its_top_token():
     probs = row_probabilities(logits, s)
     assert torch.isfinite(probs).all()
     assert torch.equal(probs[0], torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_token_ids_of_numpy_or_torch_and_a_path_target_are_taken(pair, tiny_dirs):
+    import numpy as np
+
+    ids = [5, 9, 12, 40]
+    want = pair.generate(ids, method="target", max_new_tokens=6).token_ids
+    for given in (tuple(ids), list(np.array(ids)), list(torch.tensor(ids))):
+        assert pair.generate(given, method="target", max_new_tokens=6).token_ids == want
+    with pytest.raises(CospecError, match="token ids"):
+        pair.generate([np.int64(5), np.int64(10**9)], method="target", max_new_tokens=2)
+    by_path = cospec.load_pair(tiny_dirs[0], False, "cpu")
+    assert by_path.generate(ids, method="target", max_new_tokens=6).token_ids == want
