@@ -48,6 +48,13 @@ LATER_KEYS = {"dtype": None, "draft_weights": "model"}
 # ---------------------------------------------------------------- the results folder
 
 
+# the fields every record of a file holds, that the summary reads from each
+RECORD_FIELDS = {"accuracy": ("correct",),
+                 "speed": ("correct", "token_ids", "generated", "steps", "accepted",
+                           "accepted_at", "prefill_s", "decode_s", "arbiter_s", "peak_mem_gb"),
+                 "throughput": ("path", "tokens", "seconds")}
+
+
 class RunDir:
     """A results folder bound to one configuration (refused if it holds another one's
     results); JSONL record files keyed by (id, method). ``save_config`` writes the
@@ -71,7 +78,8 @@ class RunDir:
 
     def records(self, name: str) -> dict[tuple[str, str], dict]:
         """``name``.jsonl's records by (id, method); a line that is not a record (a JSON
-        object with a string id and method) is refused, naming the file and line."""
+        object with a string id and method, and the ``RECORD_FIELDS`` of its file) is
+        refused, naming the file and line."""
         f = self.path / f"{name}.jsonl"
         if not f.exists():
             return {}
@@ -84,8 +92,10 @@ class RunDir:
             if not isinstance(r, dict):
                 wrong = f"a JSON {json_kind(r)}, not a record (an object)"
             else:
-                wrong = ", ".join(f"no string {k!r}" for k in ("id", "method")
-                                  if not isinstance(r.get(k), str))
+                wrong = ", ".join([f"no string {k!r}" for k in ("id", "method")
+                                   if not isinstance(r.get(k), str)]
+                                  + [f"no {k!r}" for k in RECORD_FIELDS.get(name, ())
+                                     if k not in r])
             if wrong:
                 raise CospecError(f"{f}, line {n}: {wrong}; fix or delete that line (a deleted "
                                   "record is redone by eval / bench)")

@@ -187,13 +187,15 @@ def edit_config(folder: Path, **changes) -> None:
      "accuracy.jsonl, line 1: no string 'id'"),
     (lambda f: append(f / "speed.jsonl", "[1]\n"),
      "speed.jsonl, line 5: a JSON array"),
+    (lambda f: append(f / "speed.jsonl", '{"id": "x", "method": "spd", "correct": true}\n'),
+     "speed.jsonl, line 5: no 'token_ids', no 'generated', no 'steps'"),
     (lambda f: (f / "config.json").write_text('["task", "methods"]'),
      "config.json holds a JSON array"),
     (lambda f: edit_config(f, methods=123), "config.json: 'methods' is 123"),
     (lambda f: edit_config(f, limit="2"), "config.json: 'limit' is \"2\""),
     (shutil.rmtree, "does not exist"),
-], ids=["record-without-id", "record-array", "config-array", "methods-number", "limit-string",
-        "no-folder"])
+], ids=["record-without-id", "record-array", "record-without-stats", "config-array",
+        "methods-number", "limit-string", "no-folder"])
 def test_summarize_names_the_file_that_is_wrong(tmp_path, capsys, damage, says):
     folder = results_folder(tmp_path / "run")
     assert main(["summarize", str(folder)]) == 0
