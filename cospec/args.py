@@ -48,6 +48,20 @@ unit = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 unit_closed = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 contrast_mu = _number(float, lambda v: 0 <= v <= MU_MAX, f"in [0, {MU_MAX:g}]")
 seed_int = _number(int, lambda v: -(2**63) <= v < 2**63, "in [-2^63, 2^63)")
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
+def in_float32(parse):
+    """An argparse type: the number ``parse`` reads, refused where float32, which the policy
+    trains in, cannot hold it (train's and refine's ``--lr``, ``--speed-bonus``): it would
+    become inf there, and the training NaN."""
+    def check(text: str) -> float:
+        value = parse(text)
+        if abs(value) > FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(f"must be at most {FLOAT32_MAX:.4g} in size "
+                                             f"(float32, what training computes in), got {text}")
+        return value
+    return check
 
 
 def resolved_dtype(args) -> str:

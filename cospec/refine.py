@@ -37,12 +37,18 @@ from pathlib import Path
 import torch
 
 from cospec.arbiter import LearnedPolicy, arbiter_info, check_pair, load_arbiter, save_arbiter
-from cospec.args import changed_settings, finite_float, positive_int, resolved_dtype
+from cospec.args import (
+    changed_settings,
+    finite_float,
+    in_float32,
+    positive_int,
+    resolved_dtype,
+)
 from cospec.assets import write_atomic
 from cospec.batched import lockstep
 from cospec.collect import require_training_data
 from cospec.errors import CospecError, check_writable
-from cospec.train import in_float32
+from cospec.train import all_finite
 
 
 @dataclass
@@ -88,7 +94,7 @@ def policy_step(policy: LearnedPolicy, opt: torch.optim.Optimizer,
     loss.backward()
     opt.step()
     policy.eval()
-    if not all(bool(torch.isfinite(w).all()) for w in policy.parameters()):
+    if not all_finite(policy.parameters()):
         raise CospecError("refinement diverged: the arbiter's weights are no longer finite; "
                           "lower --lr")
     return float(loss.detach())

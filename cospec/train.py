@@ -24,6 +24,7 @@ import torch
 from cospec.arbiter import FEATURES, LearnedPolicy, save_arbiter
 from cospec.args import (
     finite_float,
+    in_float32,
     nonneg_int,
     positive_float,
     positive_int,
@@ -40,22 +41,6 @@ def open_unit(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
-
-
-FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def in_float32(parse):
-    """An argparse type: the number ``parse`` reads, refused where float32, which the policy
-    trains in, cannot hold it (``--lr``, ``--speed-bonus``): it would turn to inf there, and
-    the training to NaN."""
-    def check(text: str) -> float:
-        value = parse(text)
-        if abs(value) > FLOAT32_MAX:
-            raise argparse.ArgumentTypeError(f"must be at most {FLOAT32_MAX:.4g} in size "
-                                             f"(float32, what training computes in), got {text}")
-        return value
-    return check
 
 
 def data_pair(paths: list[str]) -> tuple[str, str] | None:
