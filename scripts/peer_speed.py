@@ -102,11 +102,11 @@ def run_cospec(args, prompts) -> dict:
     from cospec.models import draft_weights, load_pair
     from cospec.sampling import GREEDY
 
+    kinds = args.draft_weights.split(",") if args.method == "spd" else ["model"]
+    if kinds not in (["model"], ["int8"], ["model", "int8"]):  # before the models load
+        raise SystemExit(f"--draft-weights {args.draft_weights}: model, int8 or model,int8")
     pair = load_pair(args.target, args.draft if args.method == "spd" else None,
                      device=args.device)
-    kinds = args.draft_weights.split(",") if args.method == "spd" else ["model"]
-    if kinds != sorted(set(kinds), key=("model", "int8").index):
-        raise SystemExit(f"--draft-weights {args.draft_weights}: model, int8 or model,int8")
     configs = {}
     for kind in kinds:
         draft_weights(pair, kind)
