@@ -91,10 +91,12 @@ class Result:
 
 class Stream:
     """The tokens of one generation, as they are committed. Iterate once; ``stats`` is
-    updated as it goes, ``text`` and ``token_ids`` grow with it."""
+    updated as it goes, ``text`` and ``token_ids`` grow with it; ``finish_reason`` is None
+    until the last token has been read."""
 
     def __init__(self, pieces: Iterator[Token], counters: DecodeStats, eos: list[int]):
         self._pieces, self._counters, self._eos = pieces, counters, eos
+        self._finished = False
         self.token_ids: list[int] = []
         self.from_draft: list[bool] = []
         self.text = ""
@@ -105,13 +107,18 @@ class Stream:
             self.from_draft.append(token.from_draft)
             self.text += token.text
             yield token
+        self._finished = True
 
     @property
     def stats(self) -> Stats:
         return Stats.of(self._counters)
 
     @property
-    def finish_reason(self) -> str:
+    def finish_reason(self) -> str | None:
+        """Why the generation ended: "stop" (an EOS id) or "length" (``max_new_tokens``
+        reached); None while it has not (a stream not yet read to its end, or left early)."""
+        if not self._finished:
+            return None
         return "stop" if self.token_ids and self.token_ids[-1] in self._eos else "length"
 
 

@@ -390,6 +390,7 @@ def speed_pass(s: EvalSetup, run: RunDir, n: int) -> None:
            if any((s.problems[i].id, m) not in done for m in s.methods)]
     if not idx:
         return
+    passes = speed_passes(run) or []  # a damaged file is refused before the work, not after
     start = machine_load()
     # warm-up: allocator, kernels, thread pools and every step shape, on the longest problem;
     # where the fast path captures CUDA graphs, first at the full budget, so that the caches
@@ -416,19 +417,42 @@ def speed_pass(s: EvalSetup, run: RunDir, n: int) -> None:
         run.append("speed", recs)
         bar.update(1)
     bar.close()
-    passes = speed_passes(run) or []
     (run.path / "speed_load.json").write_text(
         json.dumps([*passes, {"start": start, "end": machine_load()}]))
 
 
+def load_point_wrong(point) -> str | None:
+    """What is wrong with one start or end of a speed pass in speed_load.json (the fields of
+    ``machine_load()`` that the summary reads); None if nothing. A missing one is null."""
+    if point is None:
+        return None
+    if not isinstance(point, dict):
+        return f"a JSON {json_kind(point)}, not an object of load averages"
+    wrong = [f"no {k!r}" if k not in point else f"{k!r} is {json.dumps(point[k])}, not a number"
+             for k in ("load1", "load5", "cpus")
+             if isinstance(point.get(k), bool) or not isinstance(point.get(k), (int, float))]
+    return ", ".join(wrong) or None
+
+
 def speed_passes(run: RunDir) -> list[dict] | None:
     """The machine's load at the start and end of each speed pass (``speed_load.json``: one
-    ``{"start", "end"}`` or a list of them); None where none was recorded."""
+    ``{"start", "end"}`` or a list of them); None where none was recorded. A file of another
+    shape is refused (CospecError naming it, the pass and what is wrong)."""
     load_file = run.path / "speed_load.json"
     if not load_file.exists():
         return None
     passes = read_json(load_file)
-    return passes if isinstance(passes, list) else [passes]
+    passes = passes if isinstance(passes, list) else [passes]
+    for n, p in enumerate(passes, 1):
+        if not isinstance(p, dict):
+            wrong = f"a JSON {json_kind(p)}, not a {{\"start\", \"end\"}} object"
+        else:
+            wrong = "; ".join(f"{w!r}: {bad}" for w in ("start", "end")
+                              if (bad := load_point_wrong(p.get(w))))
+        if wrong:
+            raise CospecError(f"{load_file}, pass {n}: {wrong}; fix it, or delete the file "
+                              "(it only feeds the report's note on the machine's load)")
+    return passes
 
 
 def summarize(run: RunDir, command: str) -> dict:

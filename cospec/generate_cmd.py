@@ -25,7 +25,7 @@ from cospec.methods import (
 )
 from cospec.models import check_context
 from cospec.stats import DecodeStats
-from cospec.text_stream import pieces
+from cospec.text_stream import pieces, warn_outside_vocab
 
 
 def cmd_generate(args) -> int:
@@ -49,6 +49,7 @@ def cmd_generate(args) -> int:
                            seed=args.seed, stats=stats)
     if args.json:
         out = [token.id for token in stream]
+        warn_outside_vocab(out, tok)  # (pieces does for the text below)
     else:  # the text as it comes, a character split between tokens shown once whole
         color = args.color and sys.stdout.isatty()
         for token, piece in pieces(stream, tok):

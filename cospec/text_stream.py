@@ -8,6 +8,7 @@ server, the Python API's streams and ``cospec generate`` all read their text fro
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 
 from tokenizers.decoders import DecodeStream
@@ -74,12 +75,26 @@ class TextStream:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
+def warn_outside_vocab(ids: list[int], tokenizer, stacklevel: int = 2) -> None:
+    """One warning if any of the generated ``ids`` is at or past the tokenizer's length: a
+    row of the model's output layer beyond its vocabulary (padding), which the tokenizer
+    decodes to no text. The ids themselves are kept as generated."""
+    vocab = len(tokenizer)
+    outside = sum(i >= vocab for i in ids)
+    if outside:
+        warnings.warn(f"{outside} generated token id(s) are outside the tokenizer's vocabulary "
+                      f"of size {vocab} (the model's output layer is larger) and decode to no "
+                      "text", stacklevel=stacklevel + 1)
+
+
 def pieces(tokens: Iterable, tokenizer) -> Iterator[tuple[object, str]]:
     """(token, its share of the text) for each of ``tokens`` (each with an ``id``), decoded
     incrementally (``TextStream``, special tokens skipped). The shares join to
     ``tokenizer.decode(ids, skip_special_tokens=True)``: a token that ends inside a
     multi-byte character is held back, with "", until the one that completes the character
-    (or the last token, at the end, which gets what is left)."""
+    (or the last token, at the end, which gets what is left). Ids at or past the tokenizer's
+    length get "" too; once the tokens end, one warning counts them
+    (``warn_outside_vocab``)."""
     stream = TextStream(tokenizer)
     held: list = []  # tokens whose text is not complete yet
     shown = text = ""
@@ -97,3 +112,4 @@ def pieces(tokens: Iterable, tokenizer) -> Iterator[tuple[object, str]]:
         yield early, ""
     if held:
         yield held[-1], text[len(shown):]
+    warn_outside_vocab(stream.ids, tokenizer)

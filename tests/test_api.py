@@ -91,6 +91,9 @@ class SlowTokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def __len__(self) -> int:
+        return len(self.tok)
+
 
 @pytest.mark.parametrize("fast", [True, False], ids=["DecodeStream", "whole-output"])
 def test_detokenizing_holds_back_incomplete_characters(pair, fast):

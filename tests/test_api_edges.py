@@ -1,14 +1,19 @@
 """The Python API at its edges: a top-p below float32's smallest number keeps the top token
 (not a nan distribution), a device block never drafts past the tokens asked, a chat template
 that refuses messages, a folder without a tokenizer, and options of the wrong kind are clear
-CospecErrors."""
+CospecErrors; a stream's finish_reason waits for its end; generated ids past the tokenizer's
+vocabulary are kept, with one warning."""
+
+import json
+import warnings
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import tiny_model, tiny_tokenizer
 
 import cospec
 from cospec import fast_block, methods
+from cospec.cli import main
 from cospec.errors import CospecError
 from cospec.sampling import SamplingConfig, probabilities
 
@@ -100,3 +105,70 @@ def test_token_ids_of_numpy_or_torch_and_a_path_target_are_taken(pair, tiny_dirs
         pair.generate([np.int64(5), np.int64(10**9)], method="target", max_new_tokens=2)
     by_path = cospec.load_pair(tiny_dirs[0], False, "cpu")
     assert by_path.generate(ids, method="target", max_new_tokens=6).token_ids == want
+
+
+def test_a_stream_has_no_finish_reason_until_it_is_read_to_its_end(pair):
+    run = pair.stream("the answer is", method="spd", max_new_tokens=6, chat=False)
+    assert run.finish_reason is None  # nothing read yet
+    for _ in run:
+        assert run.finish_reason is None  # mid-stream: not finished
+    done = pair.generate("the answer is", method="spd", max_new_tokens=6, chat=False)
+    assert run.token_ids == done.token_ids
+    assert run.finish_reason == done.finish_reason
+    assert run.finish_reason == ("length" if len(run.token_ids) == 6 else "stop")
+
+
+@pytest.fixture(scope="module")
+def padded_dirs(tmp_path_factory):
+    """A tiny target and draft whose output layers have 20 rows past the tokenizer's
+    vocabulary (padding, as Qwen2.5's 151936 rows for 151665 tokens), each twice a real
+    row, so that greedy decoding picks them most of the time."""
+    root, tok = tmp_path_factory.mktemp("padded"), tiny_tokenizer()
+    vocab, extra = len(tok), 20
+    dirs = []
+    for name, seed, layers in (("target", 1, 2), ("draft", 2, 1)):
+        model = tiny_model(seed, layers=layers, vocab=vocab + extra, dtype=torch.float32)
+        with torch.no_grad():
+            w = model.lm_head.weight
+            w[vocab:] = 2 * w[2:2 + 3 * extra:3]
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        dirs.append(root / name)
+    return dirs
+
+
+def outside_warnings(caught: list) -> list[str]:
+    """The messages of the warnings in ``caught`` about ids past the tokenizer's vocabulary."""
+    return [str(w.message) for w in caught
+            if "outside the tokenizer's vocabulary" in str(w.message)]
+
+
+def test_ids_past_the_tokenizer_are_kept_and_warned_of_once(padded_dirs, capsys):
+    padded = cospec.load_pair(str(padded_dirs[0]), str(padded_dirs[1]), "cpu")
+    vocab = len(padded.tokenizer)
+    runs = {}
+    for method in ("target", "spd"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs[method] = padded.generate("the answer is", method=method, max_new_tokens=12,
+                                           chat=False)
+        ids = runs[method].token_ids
+        outside = sum(i >= vocab for i in ids)
+        assert 0 < outside < len(ids)  # some padding rows, some real tokens
+        assert outside_warnings(caught) == [  # one warning for the generation, not per token
+            f"{outside} generated token id(s) are outside the tokenizer's vocabulary of size "
+            f"{vocab} (the model's output layer is larger) and decode to no text"]
+    assert runs["spd"].token_ids == runs["target"].token_ids  # generation is unchanged
+    with warnings.catch_warnings(record=True) as caught:  # a stream: each such token has ""
+        warnings.simplefilter("always")
+        tokens = list(padded.stream("the answer is", max_new_tokens=12, chat=False))
+    assert [t.id for t in tokens] == runs["target"].token_ids
+    assert all(t.text == "" for t in tokens if t.id >= vocab)
+    assert len(outside_warnings(caught)) == 1
+    with warnings.catch_warnings(record=True) as caught:  # generate --json warns as well
+        warnings.simplefilter("always")
+        assert main(["generate", "--target", str(padded_dirs[0]), "--draft",
+                     str(padded_dirs[1]), "--prompt", "the answer is", "--no-chat",
+                     "--max-new-tokens", "12", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == runs["target"].token_ids
+    assert len(outside_warnings(caught)) == 1

@@ -206,6 +206,30 @@ def test_summarize_names_the_file_that_is_wrong(tmp_path, capsys, damage, says):
     assert err.startswith(f"error: {folder}") and says in err and err.count("\n") == 1
 
 
+LOAD = {"time": "t", "load1": 0.5, "load5": 0.4, "load15": 0.3, "cpus": 2}
+
+
+@pytest.mark.parametrize("load, says", [
+    ("{not json", "speed_load.json is not valid JSON"),
+    ("7", "speed_load.json, pass 1: a JSON number, not a"),
+    (json.dumps([{"start": LOAD, "end": LOAD}, "x"]), "speed_load.json, pass 2: a JSON string"),
+    (json.dumps({"start": LOAD, "end": [1]}), "pass 1: 'end': a JSON array, not an object"),
+    (json.dumps([{"start": {"load1": 0.5}, "end": LOAD}]),
+     "pass 1: 'start': no 'load5', no 'cpus'"),
+    (json.dumps([{"start": LOAD, "end": LOAD | {"load1": "high", "cpus": None}}]),
+     "pass 1: 'end': 'load1' is \"high\", not a number, 'cpus' is null, not a number"),
+], ids=["not-json", "number", "pass-string", "end-array", "start-missing-keys", "wrong-types"])
+def test_summarize_names_a_damaged_speed_load_file(tmp_path, capsys, load, says):
+    folder = results_folder(tmp_path / "run")
+    (folder / "speed_load.json").write_text(json.dumps([{"start": LOAD, "end": None}]))
+    assert main(["summarize", str(folder)]) == 0  # a pass without its end is no damage
+    capsys.readouterr()
+    (folder / "speed_load.json").write_text(load)
+    assert main(["summarize", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {folder}") and says in err and err.count("\n") == 1
+
+
 def test_a_resumed_run_refuses_a_config_that_is_not_an_object(tmp_path):
     from cospec.evaluate import RunDir
 
