@@ -520,6 +520,72 @@ def _attend_combine(acc, m_i, l_i, o_ptr, m_ptr, l_ptr, out_at, cnt_ptr, kvh, ti
         tl.store(out_at, (o / denom[:, None]).to(out_at.dtype.element_ty), mask=rm[:, None])
 
 
+@triton.jit
+def attend_out(q_ptr, k_ptr, v_ptr, pos_ptr, w_ptr, b_ptr, s_ptr, x_ptr, y_ptr, cache_len,
+               scale, D: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr,
+               HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, W8: tl.constexpr,
+               IEEE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+               BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """A one-row step's attention, o_proj (+ bias) and residual add in one launch:
+    y [1, D] = x + (attention(q) @ w.T + b). Program c owns output columns c*BLOCK_N.. and
+    attends every head itself: q [H, 1, hd] (heads as rows, BLOCK_R >= H), k, v [KVH,
+    cache_len, hd], slots 0..pos[0] visible; w [D, H hd] (int8 under W8, s [D] its rows'
+    scales). No program waits on another and nothing is combined: each reads all the
+    visible keys and values (from L2 after the first), in exchange for no launch and no
+    dependent round trip between the attention and o_proj. Its weight tile [BLOCK_N, H, hd]
+    is loaded before the PDL wait. Rounding as ``attend`` then ``down_residual``: the
+    attention output in the model's dtype, o_proj's sums in float32."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cm = cols < D
+    heads = tl.arange(0, BLOCK_R)
+    hm = heads < HEADS
+    dims = tl.arange(0, HEAD_DIM)
+    w = tl.load(w_ptr + cols[:, None, None] * (HEADS * HEAD_DIM)
+                + (heads * HEAD_DIM)[None, :, None] + dims[None, None, :],
+                mask=cm[:, None, None] & hm[None, :, None], other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    if W8:
+        sc = tl.load(s_ptr + cols, mask=cm, other=0.0)
+    _after_weights(PDL)
+    q = tl.load(q_ptr + heads[:, None] * HEAD_DIM + dims[None, :], mask=hm[:, None], other=0.0)
+    dtype = q.dtype
+    kvrow = heads // GROUP                                           # each row's kv head
+    span = tl.load(pos_ptr) + 1
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, span, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        sm = slots < span
+        s = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
+        for g in tl.static_range(HEADS // GROUP):                    # every kv head's scores
+            kt = tl.load(k_ptr + (g * cache_len + slots[None, :]) * HEAD_DIM + dims[:, None],
+                         mask=sm[None, :], other=0.0)                # [hd, BLOCK_S]
+            s_g = _dot(q, kt, tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32), IEEE)
+            s = tl.where(kvrow[:, None] == g, s_g, s)
+        s = s.to(dtype).to(tl.float32) * scale
+        s = tl.where(sm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        for g in tl.static_range(HEADS // GROUP):
+            v = tl.load(v_ptr + (g * cache_len + slots[:, None]) * HEAD_DIM + dims[None, :],
+                        mask=sm[:, None], other=0.0)                 # [BLOCK_S, hd]
+            acc = _dot(tl.where(kvrow[:, None] == g, p, 0.0).to(dtype), v, acc, IEEE)
+        m_i = m_new
+    o = (acc / l_i[:, None]).to(dtype).to(tl.float32)               # the attention output
+    out = tl.sum(tl.sum(w.to(dtype).to(tl.float32) * o[None, :, :], axis=2), axis=1)
+    if W8:
+        out = out * sc
+    if HAS_BIAS:
+        out += bias
+    x = tl.load(x_ptr + cols, mask=cm, other=0.0)
+    tl.store(y_ptr + cols, x + out.to(dtype), mask=cm)
+
+
 @triton.jit(do_not_specialize=["n"])
 def rms_gate_up(x_ptr, ln_ptr, w_ptr, s_ptr, a_ptr, ws_ptr, cnt_ptr, n, inter, k_per, eps,
                 D: tl.constexpr, W8: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,

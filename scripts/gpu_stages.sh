@@ -51,7 +51,8 @@
 #           FUSED_INT8=1: also over int8 copies of the weights, prof_fused.py --int8; fgrid
 #           too, e.g. FGRID=W8_GEMV_BLOCK_K=0,512+HEAD_BLOCK_N=4,8,16)
 #   fgrid   the fused layers' settings swept on the 0.5B and 1.5B (FGRID_SIZES; FGRID the
-#           axes, NAME=V1,V2+NAME=..; default register cap x K block x programs per SM); FUSED_SET
+#           axes, NAME=V1,V2+NAME=..; default register cap x K block x programs per SM;
+#           FGRID_SET=NAME=V+NAME=V.. the settings under them); FUSED_SET
 #           and FSPEED_SET = best take the combination it ranked first (in fused-grid:
 #           FGRID_TAG names another, fused-grid-TAG); both at FUSED_PREFIX cached tokens
 #           (default 100), over FUSED_ROWS rows a step (default 1,5; a k = 5 verify is 6)
@@ -164,13 +165,14 @@ stage_fused() {  # the fused layers against the reference fast path, random Qwen
         $(sets --set "${FUSED_SET:-}") 2>&1 | tee "$out.log" | tail -30
 }
 
-stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME=..)
+stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME=..; on top
+                 # of FGRID_SET=NAME=V+NAME=V..)
     local out="$R/fused-grid${FGRID_TAG:+-$FGRID_TAG}"
     [ -e "$out/prof_fused.json" ] || timeout "${FGRID_S:-900}" python3 \
         scripts/prof_fused.py --out "$out" --sizes "${FGRID_SIZES:-0.5b,1.5b}" \
         --rows "${FUSED_ROWS:-1,5}" --prefix "${FUSED_PREFIX:-100}" ${FUSED_INT8:+--int8} \
         $(sets --grid "${FGRID:-MAX_REGS=0,128+BLOCK_K=64,128+PROGRAMS_PER_SM=4,6}") \
-        --grid-reps 200 2>&1 | tee "$out.log" | tail -30
+        $(sets --set "${FGRID_SET:-}") --grid-reps 200 2>&1 | tee "$out.log" | tail -30
 }
 
 stage_overlap() {  # draft steps beside the verify (scripts/prof_overlap.py)
