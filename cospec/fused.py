@@ -190,20 +190,6 @@ W8_GEMV_UP_BLOCK_N = 0
 W8_GEMV_OUT_BLOCK_N = 0
 W8_GEMV_BLOCK_K = 512
 W8_GEMV_DOWN_BLOCK_K = 0
-# A one-row step's attention, o_proj and residual add in one launch (``kernels.attend_out``;
-# 0: two, ``attend`` then ``down_residual``), for models of at most ATTN_OUT_HEADS query
-# heads (one tl.dot row block) and positions given. Each program owns ATTN_OUT_BLOCK_N
-# output columns (halved while its weight tile, columns x heads (padded) x head dim, exceeds
-# ATTN_OUT_TILE) and attends every head itself, ATTN_OUT_BLOCK_S slots at a time: no launch
-# and no dependent round trip between the two, for every program reading all the visible
-# keys and values.
-ATTN_OUT = 0
-ATTN_OUT_HEADS = 16
-ATTN_OUT_BLOCK_N = 16
-ATTN_OUT_BLOCK_S = 64
-ATTN_OUT_TILE = 16 * 16 * 64
-ATTN_OUT_WARPS = 4
-ATTN_OUT_STAGES = 1
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -214,9 +200,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K",
            "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL",
            "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
-           "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES", "ATTN_OUT", "ATTN_OUT_HEADS",
-           "ATTN_OUT_BLOCK_N", "ATTN_OUT_BLOCK_S", "ATTN_OUT_TILE", "ATTN_OUT_WARPS",
-           "ATTN_OUT_STAGES")
+           "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES")
 
 
 # Settings that size a tile (triton's ``tl.arange``) or a launch's warps: a power of two
@@ -225,8 +209,7 @@ POWERS_OF_TWO = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BL
                  "ATTN_BLOCK_S", "SPLITS", "NUM_WARPS", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N",
                  "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K", "GEMV_WARPS",
                  "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
-                 "W8_GEMV_DOWN_BLOCK_K", "ATTN_OUT_BLOCK_N", "ATTN_OUT_BLOCK_S",
-                 "ATTN_OUT_WARPS")
+                 "W8_GEMV_DOWN_BLOCK_K")
 
 
 class Int8(NamedTuple):
@@ -573,8 +556,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                   bias: torch.Tensor | None, w: tuple, scale: float, eps: float,
                   pos: torch.Tensor | None = None, w8: tuple | None = None) -> torch.Tensor:
-    """``fast._rest`` in four kernels (attention, o_proj, gate/up, down; three where
-    ``_attend_out`` takes the attention and o_proj as one): x [n, d],
+    """``fast._rest`` in four kernels (attention, o_proj, gate/up, down): x [n, d],
     q [H, n, hd], kc, vc [KVH, L, hd] -> the layer's output [n, d]. Masked by ``pos`` [n]
     (slot <= pos[i]) if given, else by the additive ``bias`` [G*n, L] (or [1, G*n, L]).
     ``w8``: the layer's int8 copies (``rms_qkv_rope``'s), read instead of w's projections."""
@@ -582,14 +564,27 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     _, o8, gate_up8, down8 = w8 if w8 is not None else (None,) * 4
     q = q.contiguous()  # the reference's q is a transposed view
     heads, n, hd = q.shape
+    kv_heads, length, _ = kc.shape
+    group = heads // kv_heads
     d = x.shape[1]
     inter = gate_up_w.shape[0] // 2
     ieee, gemv = x.dtype == torch.float32, _gemv(n)
     kern = _kernels()
-    if _attend_out(n, heads, pos):
-        x1 = attend_out(x, q, kc, vc, pos, ow, ob, o8, scale)
-    else:
-        x1 = _attend_project(x, q, kc, vc, bias, ow, ob, o8, scale, pos)
+    parts = torch.empty(SPLITS, heads, n, hd, dtype=torch.float32, device=x.device)
+    top = torch.empty(SPLITS, heads, n, dtype=torch.float32, device=x.device)
+    denom = torch.empty_like(top)
+    if pos is None:
+        bias = bias.reshape(group * n, length).contiguous()
+    attn = x.new_empty(n, heads * hd)
+    per = _heads_per_program(group, n)
+    chunks = _cdiv(group, per)
+    kern.attend[(kv_heads, SPLITS, chunks)](
+        q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
+        attn, counters(x.device, kv_heads * chunks), n, length, scale, HEADS=heads,
+        GROUP=group, HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
+        BLOCK_R=_rows(per * n), BLOCK_S=_attn_block_s(_rows(per * n), hd),
+        ONE_S=ATTN_ONE_SPLIT, HEADS_PER=per, **_launch(x.device, d=d))
+    x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)), o8)
     act = x.new_empty(n, inter)
     w8_on = gate_up8 is not None
     block_n = _tile("GEMV_UP_BLOCK_N", w8_on) if gemv else UP_BLOCK_N
@@ -606,71 +601,6 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
         **_launch(x.device, gemv, d, gate_up=True, w8=w8_on))
     return project_residual(act, dw, None, x1, DOWN_SPLIT_K, min(DOWN_BLOCK_K, _pow2(inter)),
                             down8)
-
-
-def _attend_out(n: int, heads: int, pos: torch.Tensor | None) -> bool:
-    """The attention and o_proj of n rows over ``heads`` query heads run as one launch
-    (``attend_out``): ATTN_OUT on, one row masked by its position, <= ATTN_OUT_HEADS heads."""
-    return bool(ATTN_OUT) and n == 1 and pos is not None and heads <= ATTN_OUT_HEADS
-
-
-def _attend_out_columns(heads: int, hd: int) -> int:
-    """Output columns an ``attend_out`` program owns: ATTN_OUT_BLOCK_N, halved (not below 1)
-    while its weight tile (columns x ``_rows(heads)`` x hd) exceeds ATTN_OUT_TILE."""
-    cols = ATTN_OUT_BLOCK_N
-    while cols > 1 and cols * _rows(heads) * hd > ATTN_OUT_TILE:
-        cols //= 2
-    return cols
-
-
-def attend_out(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-               pos: torch.Tensor, ow: torch.Tensor, ob: torch.Tensor | None, o8: Int8 | None,
-               scale: float) -> torch.Tensor:
-    """x + o_proj(attention) of one row in one launch (``kernels.attend_out``): x [1, d],
-    q [H, 1, hd] (contiguous), kc, vc [KVH, L, hd], slots <= pos[0] visible; ow [d, H hd],
-    ob [d] or None; ``o8``: ow's int8 copy, read instead of ow. -> [1, d]."""
-    heads, _, hd = q.shape
-    d = x.shape[1]
-    block_r = _rows(heads)
-    block_n = _attend_out_columns(heads, hd)
-    y = torch.empty_like(x)
-    launch = {**_launch(x.device, d=d), "num_warps": ATTN_OUT_WARPS,
-              "num_stages": ATTN_OUT_STAGES}
-    _kernels().attend_out[(_cdiv(d, block_n),)](
-        q, kc, vc, pos, ow if o8 is None else o8.q, ow if ob is None else ob,
-        ow if o8 is None else o8.s, x, y, kc.shape[1], scale, D=d, HEADS=heads,
-        GROUP=heads // kc.shape[0], HEAD_DIM=hd, HAS_BIAS=ob is not None, W8=o8 is not None,
-        IEEE=x.dtype == torch.float32, BLOCK_R=block_r,
-        BLOCK_S=min(ATTN_OUT_BLOCK_S, _pow2(kc.shape[1])), BLOCK_N=block_n, **launch)
-    return y
-
-
-def _attend_project(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                    bias: torch.Tensor | None, ow: torch.Tensor, ob: torch.Tensor | None,
-                    o8: Int8 | None, scale: float, pos: torch.Tensor | None) -> torch.Tensor:
-    """x + o_proj(attention) in two launches (``kernels.attend``, then ``project_residual``),
-    for ``attention_mlp``'s arguments (q contiguous)."""
-    heads, n, hd = q.shape
-    kv_heads, length, _ = kc.shape
-    group = heads // kv_heads
-    d = x.shape[1]
-    ieee = x.dtype == torch.float32
-    kern = _kernels()
-    parts = torch.empty(SPLITS, heads, n, hd, dtype=torch.float32, device=x.device)
-    top = torch.empty(SPLITS, heads, n, dtype=torch.float32, device=x.device)
-    denom = torch.empty_like(top)
-    if pos is None:
-        bias = bias.reshape(group * n, length).contiguous()
-    attn = x.new_empty(n, heads * hd)
-    per = _heads_per_program(group, n)
-    chunks = _cdiv(group, per)
-    kern.attend[(kv_heads, SPLITS, chunks)](
-        q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
-        attn, counters(x.device, kv_heads * chunks), n, length, scale, HEADS=heads,
-        GROUP=group, HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
-        BLOCK_R=_rows(per * n), BLOCK_S=_attn_block_s(_rows(per * n), hd),
-        ONE_S=ATTN_ONE_SPLIT, HEADS_PER=per, **_launch(x.device, d=d))
-    return project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)), o8)
 
 
 def project_residual(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor,

@@ -13,8 +13,7 @@ an unrolled one-row reduction hoisted before a programmatic dependent launch's w
 the looped reductions reading their RMSNorm weights a block ahead (LN_AHEAD = 1) and the
 attention's query heads in programs of at most 16 rows (ATTN_ROWS = 16); and at the
 default settings with int8 weights (``fused.Int8``) and the int8 lm_head (Qwen2.5's 151,936
-rows); a one-row case with the one-row tiles (GEMV = 1) every time, and its attention
-with o_proj in one launch (``fused.attend_out``) under PDL and with int8 weights.
+rows); a one-row case with the one-row tiles (GEMV = 1) every time.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
 the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
 64 Ki a SM; shared memory: 227 KiB) and the waves its grid takes on 132 SMs, for the
@@ -107,9 +106,6 @@ def record(cases: list[tuple], twins: bool = True, int8: bool = False) -> list[t
         q, _, _ = fused.rms_qkv_rope(x, t(512, hd), t(512, hd), w, heads, kvh, 1e-6,
                                      cache=(kc, vc, pos), w8=w8, rope_table=True)
         fused.attention_mlp(x, q, kc, vc, None, w, hd ** -0.5, 1e-6, pos=pos, w8=w8)
-        if (way in ("pdl", "int8", "") and heads <= fused.ATTN_OUT_HEADS and n == 1
-                and not fused._attend_out(n, heads, pos)):       # taken above when on
-            fused.attend_out(x, q, kc, vc, pos, w[5], None, w8 and w8[1], hd ** -0.5)
         if w8 is None:
             fused.attention_mlp(x, q, kc, vc, t(heads // kvh * n, 512), w, hd ** -0.5, 1e-6)
             fused.rms_norm(x, t(d), 1e-6)                           # the final norm

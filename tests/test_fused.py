@@ -184,46 +184,6 @@ def check_attention_mlp(n: int, start: int, seed: int, o_bias: bool = False, hea
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("heads,start,o_bias,block_s,tile", [
-    (4, 0, False, 64, 16 * 16 * 64), (4, 39, True, 4, 16 * 16 * 64), (6, 17, True, 4, 512),
-    (6, 30, False, 64, 16 * 16 * 8), (2, 25, True, 8, 64)])
-def test_attention_and_o_proj_in_one_launch(interpret, monkeypatch, heads, start, o_bias,
-                                            block_s, tile):
-    """ATTN_OUT: one row's attention, o_proj and residual add in one launch (every program
-    attends all heads itself: 2, 4 or 6 query heads over 2 kv heads), over one block of
-    slots or many (block_s), with programs of 16 output columns or fewer (the tile halves
-    them: 8, 4 and 1), against the reference. Masked by the reference's bias instead of
-    positions, or over more rows, the attention and o_proj keep their two launches."""
-    monkeypatch.setattr(fused, "ATTN_OUT", 1)
-    monkeypatch.setattr(fused, "ATTN_OUT_BLOCK_S", block_s)
-    monkeypatch.setattr(fused, "ATTN_OUT_TILE", tile)
-    seen, kern = [], fused._kernels()
-
-    class Counting:
-        def __getattr__(self, name):
-            seen.append(name)
-            return getattr(kern, name)
-
-    monkeypatch.setattr(fused, "_kernels", Counting)
-    w = layer(heads=heads, o_bias=o_bias)
-    g = torch.Generator().manual_seed(start)
-    kc, vc = torch.randn(2, 2, 40, 8, generator=g).unbind(0)
-    for n in (1, 3):
-        x, q = torch.randn(n, 48, generator=g), torch.randn(heads, n, 8, generator=g)
-        pos = start - n + 1 + torch.arange(n) if start >= n else torch.arange(n)
-        bias = fused.visibility_bias(pos, 40, heads // 2, x.dtype)
-        want = fast._rest(x, q, kc, vc, bias, w, 8 ** -0.5, 1e-6)
-        for masked_by in ("pos", "bias"):
-            seen.clear()
-            got = fused.attention_mlp(x, q, kc, vc, bias if masked_by == "bias" else None, w,
-                                      8 ** -0.5, 1e-6, pos=pos if masked_by == "pos" else None)
-            torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
-            one = n == 1 and masked_by == "pos"
-            assert seen == (["attend_out"] if one else ["attend", "down_residual"]) + [
-                "rms_gate_up", "down_residual"]
-    assert fused._attend_out_columns(heads, 8) == max(1, min(16, tile // (16 * 8)))
-
-
 @pytest.mark.parametrize("one,n,start", [(0, 1, 21), (16, 1, 21), (22, 1, 21), (39, 1, 37),
                                          (40, 1, 39), (24, 3, 19), (8, 2, 30)])
 def test_attention_in_one_split(interpret, monkeypatch, one, n, start):
@@ -550,16 +510,14 @@ def guard_reference(monkeypatch, norm: bool = False):
         monkeypatch.setattr(fast, name, only_long(getattr(fast, name)))
 
 
-@pytest.mark.parametrize("gemv,edges,out", [(0, 1, 0), (1, 1, 0), (1, 0, 0), (1, 1, 1)])
-def test_model_logits_match_transformers(interpret, monkeypatch, models, gemv, edges, out):
+@pytest.mark.parametrize("gemv,edges", [(0, 1), (1, 1), (1, 0)])
+def test_model_logits_match_transformers(interpret, monkeypatch, models, gemv, edges):
     """Prefill of 12 tokens (fused) or 20 (reference), then 5-token verifies with 2 rows
-    rolled back and 1-token steps (with and without the one-row tiles, and with the one-row
-    attention and o_proj in one launch: ATTN_OUT): the fused engine's logits are
-    transformers' to 1e-5; with the step's edges fused (EDGES: the final norm in one kernel,
-    RoPE from the rotary tables) no short forward calls torch's RMSNorm."""
+    rolled back and 1-token steps (with and without the one-row tiles): the fused engine's
+    logits are transformers' to 1e-5; with the step's edges fused (EDGES: the final norm in
+    one kernel, RoPE from the rotary tables) no short forward calls torch's RMSNorm."""
     monkeypatch.setattr(fused, "GEMV", gemv)
     monkeypatch.setattr(fused, "EDGES", edges)
-    monkeypatch.setattr(fused, "ATTN_OUT", out)
     guard_reference(monkeypatch, norm=bool(edges))
     model = models[0]
     ids = torch.randint(2, 96, (40,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -654,14 +612,12 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hoist,gemv,one,pdl,ahead,rows,swap,out", [
-    (0, 0, 0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0, 0, 0),
-    (1, 1, 64, 0, 0, 0, 0, 0), (1, 0, 0, 1, 0, 0, 0, 0), (2, 1, 0, 1, 0, 0, 0, 0),
-    (2, 1, 64, 2, 0, 0, 0, 0), (0, 0, 0, 0, 1, 0, 0, 0), (1, 1, 0, 1, 1, 0, 0, 0),
-    (1, 1, 0, 1, 0, 4, 0, 0), (2, 1, 64, 1, 0, 4, 0, 0), (1, 0, 0, 0, 0, 0, 1, 0),
-    (2, 1, 64, 1, 1, 4, 1, 0), (1, 1, 0, 1, 1, 0, 64, 0), (2, 1, 64, 1, 0, 0, 0, 1),
-    (1, 1, 0, 0, 0, 0, 0, 1)])
-def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows, swap, out):
+@pytest.mark.parametrize("hoist,gemv,one,pdl,ahead,rows,swap", [
+    (0, 0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0, 0), (1, 1, 64, 0, 0, 0, 0),
+    (1, 0, 0, 1, 0, 0, 0), (2, 1, 0, 1, 0, 0, 0), (2, 1, 64, 2, 0, 0, 0), (0, 0, 0, 0, 1, 0, 0),
+    (1, 1, 0, 1, 1, 0, 0), (1, 1, 0, 1, 0, 4, 0), (2, 1, 64, 1, 0, 4, 0), (1, 0, 0, 0, 0, 0, 1),
+    (2, 1, 64, 1, 1, 4, 1), (1, 1, 0, 1, 1, 0, 64)])
+def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows, swap):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
     left zero; with and without the first weight block hoisted (every block: 2), one-row
@@ -671,10 +627,8 @@ def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows, swa
     (LN_AHEAD), and a kv head's query heads shared out over attention programs of at most
     4 rows (ATTN_ROWS: the verify's 2 heads x 6 rows in 2 programs), and the few-row
     projections with the weight's columns on tl.dot's M side (SWAP; 64: on 64-column tiles,
-    wide enough for Hopper's wgmma), and the one-row attention with o_proj in one launch
-    (ATTN_OUT)."""
+    wide enough for Hopper's wgmma)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(fused, "ATTN_OUT", out)
     monkeypatch.setattr(fused, "SWAP", int(bool(swap)))
     if swap > 1:
         for name in ("UP_BLOCK_N", "OUT_BLOCK_N"):
@@ -754,5 +708,4 @@ def test_kernels_compile_for_sm90():
     if done.returncode == 77:
         pytest.skip("triton without its NVIDIA backend")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "74 launches compiled" in done.stdout  # 2 steps x (3 ways x 10 + int8's 6)
-    # + the one-row step's attend_out under PDL and over int8 weights
+    assert "72 launches compiled" in done.stdout  # 2 steps x (3 ways x 10 + int8's 6)

@@ -46,17 +46,15 @@ W8_TILES = (("W8_GEMV_BLOCK_K", 16), ("W8_GEMV_UP_BLOCK_N", 2), ("W8_GEMV_OUT_BL
             ("W8_GEMV_DOWN_BLOCK_K", 64))
 
 
-@pytest.mark.parametrize("n,gemv,small,own,out", [
-    (1, 1, False, False, 0), (1, 1, True, False, 0), (1, 2, True, False, 0),
-    (1, 1, False, True, 0), (5, 1, True, False, 0), (3, 0, False, False, 0),
-    (1, 1, True, False, 1)])
-def test_layer_kernels(interpret, monkeypatch, n, gemv, small, own, out):
+@pytest.mark.parametrize("n,gemv,small,own", [(1, 1, False, False), (1, 1, True, False),
+                                              (1, 2, True, False), (1, 1, False, True),
+                                              (5, 1, True, False), (3, 0, False, False)])
+def test_layer_kernels(interpret, monkeypatch, n, gemv, small, own):
     """q/k/v (+ bias, RoPE, cache writes) and attention + o_proj + MLP over int8 copies: one
     row unrolled and looped on the one-row tiles (``own``: the int8 launches' own W8_GEMV_*
-    tiles; ``out``: the attention and o_proj in one launch), a few rows on tl.dot's; small
-    blocks split every reduction (split-K) and leave partial tiles."""
+    tiles), a few rows on tl.dot's; small blocks split every reduction (split-K) and leave
+    partial tiles."""
     gemv_blocks(monkeypatch, gemv)
-    monkeypatch.setattr(fused, "ATTN_OUT", out)
     for name, value in W8_TILES if own else ():
         monkeypatch.setattr(fused, name, value)
     if small:
@@ -250,16 +248,14 @@ def test_unfused_engine_warns(monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hoist,pdl,out", [(1, 0, 0), (2, 1, 0), (2, 1, 1)])
-def test_cuda_graphs(monkeypatch, dtype, hoist, pdl, out):
+@pytest.mark.parametrize("hoist,pdl", [(1, 0), (2, 1)])
+def test_cuda_graphs(monkeypatch, dtype, hoist, pdl):
     """On a GPU: the int8 engine's compiled kernels inside CUDA graphs (the one-row tiles,
-    every weight block loaded early under PDL, or the first only; the one-row attention
-    and o_proj in one launch) against transformers over the dequantized model: float32 to
-    1e-4, bfloat16 argmax-equal on 4 rows of 5 or more."""
+    every weight block loaded early under PDL, or the first only) against transformers over
+    the dequantized model: float32 to 1e-4, bfloat16 argmax-equal on 4 rows of 5 or more."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "HOIST", hoist)
     monkeypatch.setattr(fused, "PDL", pdl)
-    monkeypatch.setattr(fused, "ATTN_OUT", out)
     monkeypatch.setenv("COSPEC_FUSED", "1")
     model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
     fast.int8_weights(model)
