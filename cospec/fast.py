@@ -224,6 +224,7 @@ class Engine:
 
             functions = fused_layer_functions(functions)
         self.use_graphs, self.compiled, self.qkv, self.rest = functions
+        self.int8_asked = has_int8(model)  # as ``int8_weights`` stood at its making
         self.layers8, self.head8 = self._int8_copies(model)
         mode = prefill_mode()
         self.compiled_prefill = mode == "compiled" and self.compiled and not self.fused
@@ -573,13 +574,15 @@ _FREE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [free
 
 
 def acquire(model: torch.nn.Module, max_len: int) -> Engine:
-    """A free engine of ``model`` with room for ``max_len`` tokens (a new one if none)."""
+    """A free engine of ``model`` with room for ``max_len`` tokens, made for the weights
+    ``int8_weights`` now asks for (a new one if none: one made before the int8 copies were
+    asked for would read the model's own weights)."""
     free = _FREE.setdefault(model, [])
     for eng in free:
-        if eng.max_len >= max_len:
+        if eng.max_len >= max_len and eng.int8_asked == has_int8(model):
             free.remove(eng)
             return eng
-    free.clear()  # too small: let them go, a larger one replaces them
+    free.clear()  # too small or for the other weights: let them go, a new one replaces them
     engine_class = getattr(model, "engine_class", None) or Engine  # a TP shard names its own
     return engine_class(model, -(-max_len // LEN_ROUND) * LEN_ROUND)
 

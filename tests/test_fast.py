@@ -104,6 +104,27 @@ def test_engines_are_pooled_and_never_shared(target):
     del b, c
 
 
+def test_an_engine_made_before_int8_weights_is_not_reused(monkeypatch):
+    """``int8_weights`` asked for after a model's engines were made: the engine released
+    back to the pool is not handed out again (it would read the model's own weights, as a
+    draft whose int8 copies were asked for mid-process once did, unseen, in a speed run);
+    the next one is made anew, and is then pooled as any other."""
+    model = tiny_model(12, dtype=torch.float32)
+    a = StaticLM(model, max_len=64)
+    old = a.engine
+    assert not old.int8_asked
+    del a
+    gc.collect()
+    with pytest.warns(UserWarning, match="fused layers only"):  # CPU: no fused layers
+        fast.int8_weights(model)
+        b = StaticLM(model, max_len=64)
+    assert b.engine is not old and b.engine.int8_asked
+    new = b.engine
+    del b
+    gc.collect()
+    assert StaticLM(model, max_len=64).engine is new
+
+
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_generate_greedy_same_tokens(target, draft, static, k):
     ids = prompt(k)
