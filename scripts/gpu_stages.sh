@@ -14,7 +14,9 @@
 #   exact   spd scored with its own tokens (batch 1, the real loop) on GSM8K heldout (831)
 #           and HumanEval (164), beside the committed target records of results/gpu/
 #   peers   batch-1 speed of cospec and transformers (each engine and method in its own
-#           process, same prompts: 8 GSM8K heldout + 8 HumanEval, 128 new tokens, k = 5)
+#           process, same prompts: 8 GSM8K heldout + 8 HumanEval, 128 new tokens, k = 5;
+#           cospec's spd and spd-staged with the draft's own weights and its int8 copies,
+#           PEER_DRAFT_WEIGHTS picks)
 #   vllm    the same for vLLM, from the wheels cut into /tmp/p/B.NN (checked against
 #           $B_SHA256), installed under /tmp/vsite
 #   speed   batch-1 speed of spd and cospec on the real pair (PARTS, default GSM8K and
@@ -422,7 +424,8 @@ peer() {  # $1 engine, $2 method: one process each, nothing else touching its mo
     local f="$R/peers/$1-$2.json"
     [ -e "$f" ] && return 0
     python3 scripts/peer_speed.py run --engine "$1" --method "$2" --prompts "$R/peers/prompts.json" \
-        --new 128 --k 5 --device cuda --out "$f" 2>&1 | whole | grep -v -E "it/s\]|^  prompt" | tail -8
+        --new 128 --k 5 --device cuda --draft-weights "${PEER_DRAFT_WEIGHTS:-model,int8}" \
+        --out "$f" 2>&1 | whole | grep -v -E "it/s\]|^  prompt" | tail -8
 }
 
 stage_peers() {
@@ -430,6 +433,7 @@ stage_peers() {
     [ -e "$R/peers/prompts.json" ] || python3 scripts/peer_speed.py prompts \
         --task gsm8k,humaneval --n 8 --out "$R/peers/prompts.json"
     for e in cospec hf; do for m in target spd; do peer "$e" "$m"; done; done
+    peer cospec spd-staged
     python3 scripts/peer_speed.py table "$R/peers" | tail -8
 }
 

@@ -1,11 +1,13 @@
 """Batch-1 speed of cospec beside the engines a user would pick instead, each in its own process.
 
     python scripts/peer_speed.py prompts --task gsm8k --n 10 --out DIR/prompts.json
-    python scripts/peer_speed.py run --engine ENGINE --method target|spd --prompts DIR/prompts.json
+    python scripts/peer_speed.py run --engine ENGINE --method target|spd|spd-staged \
+        --prompts DIR/prompts.json
         --new 256 --k 5 --target PATH --draft PATH --out DIR/ENGINE-METHOD.json
     python scripts/peer_speed.py table DIR
 
-Engines: ``cospec`` (its own loop: the CUDA fast path on a GPU), ``hf`` (transformers'
+Engines: ``cospec`` (its own loop: the CUDA fast path on a GPU; also ``spd-staged``, its
+fastest greedy form: the draft checks the prompt lookup's guesses), ``hf`` (transformers'
 ``generate``: eager, and static cache + compile; spd = assisted generation with the default
 and with a constant schedule; the best configuration is reported), ``vllm`` (GPU; target-only
 or draft-model speculation) and ``llamacpp`` (CPU, on the GGUF files; scripts/peer_llamacpp.py).
@@ -102,11 +104,11 @@ def run_cospec(args, prompts) -> dict:
     from cospec.models import draft_weights, load_pair
     from cospec.sampling import GREEDY
 
-    kinds = args.draft_weights.split(",") if args.method == "spd" else ["model"]
+    drafted = args.method in ("spd", "spd-staged")
+    kinds = args.draft_weights.split(",") if drafted else ["model"]
     if kinds not in (["model"], ["int8"], ["model", "int8"]):  # before the models load
         raise SystemExit(f"--draft-weights {args.draft_weights}: model, int8 or model,int8")
-    pair = load_pair(args.target, args.draft if args.method == "spd" else None,
-                     device=args.device)
+    pair = load_pair(args.target, args.draft if drafted else None, device=args.device)
     configs = {}
     for kind in kinds:
         draft_weights(pair, kind)
@@ -329,7 +331,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p = sub.add_parser("run")
     p.add_argument("--engine", choices=ENGINES, required=True)
-    p.add_argument("--method", choices=("target", "spd"), required=True)
+    p.add_argument("--method", choices=("target", "spd", "spd-staged"), required=True,
+                   help="spd-staged: cospec only")
     p.add_argument("--prompts", required=True)
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--k", type=int, default=5)
@@ -338,14 +341,17 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the default)")
     p.add_argument("--draft-weights", default="model",
-                   help="cospec spd: model (its own weights), int8 (the draft's steps read "
-                        "int8 copies, as `cospec eval --draft-weights int8`) or model,int8 "
-                        "(both, each a configuration; the table keeps the faster)")
+                   help="cospec spd, spd-staged: model (its own weights), int8 (the "
+                        "draft's steps read int8 copies, as `cospec eval --draft-weights "
+                        "int8`) or model,int8 (both, each a configuration; the table keeps "
+                        "the faster)")
     p.add_argument("--eager", action="store_true", help="hf: also time eager generate")
     p.add_argument("--out", required=True)
     p = sub.add_parser("table")
     p.add_argument("dir")
     args = ap.parse_args()
+    if args.cmd == "run" and args.method == "spd-staged" and args.engine != "cospec":
+        ap.error(f"--method spd-staged: cospec's own (not {args.engine}'s)")
     {"prompts": cmd_prompts, "run": cmd_run, "table": cmd_table}[args.cmd](args)
 
 
