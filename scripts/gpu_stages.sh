@@ -16,9 +16,9 @@
 #   peers   batch-1 speed of cospec and transformers (each engine and method in its own
 #           process, same prompts: 8 GSM8K heldout + 8 HumanEval, 128 new tokens, k = 5;
 #           cospec's spd and spd-staged with the draft's own weights and its int8 copies,
-#           PEER_DRAFT_WEIGHTS picks)
-#   vllm    the same for vLLM, from the wheels cut into /tmp/p/B.NN (checked against
-#           $B_SHA256), installed under /tmp/vsite
+#           PEER_DRAFT_WEIGHTS picks; lookup: prompt lookup, no draft)
+#   vllm    the same for vLLM (lookup: its n-gram speculator), from the wheels cut into
+#           /tmp/p/B.NN (checked against $B_SHA256), installed under /tmp/vsite
 #   speed   batch-1 speed of spd and cospec on the real pair (PARTS, default GSM8K and
 #           HumanEval; 20 prompts each), with the arbiter's share of decode time
 #   replay  the real pair's spd / cospec / CoS (we, we-sd, cos-we) traces on 10 GSM8K prompts,
@@ -432,7 +432,7 @@ stage_peers() {
     mkdir -p "$R/peers"
     [ -e "$R/peers/prompts.json" ] || python3 scripts/peer_speed.py prompts \
         --task gsm8k,humaneval --n 8 --out "$R/peers/prompts.json"
-    for e in cospec hf; do for m in target spd; do peer "$e" "$m"; done; done
+    for e in cospec hf; do for m in target spd lookup; do peer "$e" "$m"; done; done
     peer cospec spd-staged
     python3 scripts/peer_speed.py table "$R/peers" | tail -8
 }
@@ -462,7 +462,7 @@ serve_install() {  # the server's wheels (FastAPI, uvicorn) under /tmp/vsite: fr
 
 stage_vllm() {
     vllm_install
-    for m in target spd; do PYTHONPATH=/tmp/vsite:$PYTHONPATH peer vllm "$m"; done
+    for m in target spd lookup; do PYTHONPATH=/tmp/vsite:$PYTHONPATH peer vllm "$m"; done
     python3 scripts/peer_speed.py table "$R/peers" | tail -8
 }
 

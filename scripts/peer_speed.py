@@ -1,13 +1,16 @@
 """Batch-1 speed of cospec beside the engines a user would pick instead, each in its own process.
 
     python scripts/peer_speed.py prompts --task gsm8k --n 10 --out DIR/prompts.json
-    python scripts/peer_speed.py run --engine ENGINE --method target|spd|spd-staged \
+    python scripts/peer_speed.py run --engine ENGINE --method target|spd|spd-staged|lookup \
         --prompts DIR/prompts.json
         --new 256 --k 5 --target PATH --draft PATH --out DIR/ENGINE-METHOD.json
     python scripts/peer_speed.py table DIR
 
-Engines: ``cospec`` (its own loop: the CUDA fast path on a GPU; also ``spd-staged``, its
-fastest greedy form: the draft checks the prompt lookup's guesses), ``hf`` (transformers'
+Methods: ``target`` (the target alone), ``spd`` (a draft model's proposals), ``lookup``
+(proposals copied from the prompt and output so far, no draft: vLLM's n-gram speculator,
+transformers' prompt lookup decoding) and ``spd-staged`` (cospec's fastest greedy form: the
+draft checks the prompt lookup's guesses; cospec only).
+Engines: ``cospec`` (its own loop: the CUDA fast path on a GPU), ``hf`` (transformers'
 ``generate``: eager, and static cache + compile; spd = assisted generation with the default
 and with a constant schedule; the best configuration is reported), ``vllm`` (GPU; target-only
 or draft-model speculation) and ``llamacpp`` (CPU, on the GGUF files; scripts/peer_llamacpp.py).
@@ -139,7 +142,9 @@ def run_hf(args, prompts) -> dict:
 
     target = load(args.target)
     draft = load(args.draft) if args.method == "spd" else None
-    if draft is not None:
+    if args.method == "lookup":  # prompt lookup decoding (dynamic cache)
+        configs = {"prompt-lookup": dict(prompt_lookup_num_tokens=args.k)}
+    elif draft is not None:
         configs = {"assisted-default": dict(assistant_model=draft),
                    "assisted-constant-k": dict(assistant_model=draft,
                                                num_assistant_tokens=args.k,
@@ -185,6 +190,9 @@ def run_vllm(args, prompts) -> dict:
     if args.method == "spd":
         kw["speculative_config"] = {"method": "draft_model", "model": str(resolve(args.draft)),
                                     "num_speculative_tokens": args.k}
+    elif args.method == "lookup":  # n-grams of the prompt and output so far, no draft
+        kw["speculative_config"] = {"method": "ngram", "num_speculative_tokens": args.k,
+                                    "prompt_lookup_max": 4}
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start = time.perf_counter() - t0
@@ -331,8 +339,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p = sub.add_parser("run")
     p.add_argument("--engine", choices=ENGINES, required=True)
-    p.add_argument("--method", choices=("target", "spd", "spd-staged"), required=True,
-                   help="spd-staged: cospec only")
+    p.add_argument("--method", choices=("target", "spd", "spd-staged", "lookup"),
+                   required=True, help="spd-staged: cospec only; lookup: not llamacpp")
     p.add_argument("--prompts", required=True)
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--k", type=int, default=5)
@@ -352,6 +360,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "run" and args.method == "spd-staged" and args.engine != "cospec":
         ap.error(f"--method spd-staged: cospec's own (not {args.engine}'s)")
+    if args.cmd == "run" and args.method == "lookup" and args.engine == "llamacpp":
+        ap.error("--method lookup: not timed for llamacpp")
     {"prompts": cmd_prompts, "run": cmd_run, "table": cmd_table}[args.cmd](args)
 
 
