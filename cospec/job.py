@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,7 +13,9 @@ from cospec.decoding import Token
 from cospec.methods import Method
 from cospec.sampling import SamplingConfig
 from cospec.stats import DecodeStats
-from cospec.text_stream import TextStream
+from cospec.text_stream import TextStream, outside_vocab
+
+log = logging.getLogger("cospec.server")
 
 
 @dataclass(eq=False)
@@ -52,9 +55,14 @@ class Job:
         return self.finish is not None
 
     def end(self, reason: str) -> None:
+        """Finish the request (once: a later call only wakes its waiters again); a log line
+        if its tokens hold ids the tokenizer has no text for (``outside_vocab``)."""
         if self.finish is None:
             self.finish, self.ended = reason, time.monotonic()
             self.stats.generated = len(self.ids)
+            said = self.detok and outside_vocab(self.ids, self.detok.tokenizer)
+            if said:
+                log.warning("a request's %s", said)
         self.changed.set()
         self.finished.set()
 

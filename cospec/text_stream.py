@@ -75,16 +75,24 @@ class TextStream:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
-def warn_outside_vocab(ids: list[int], tokenizer, stacklevel: int = 2) -> None:
-    """One warning if any of the generated ``ids`` is at or past the tokenizer's length: a
-    row of the model's output layer beyond its vocabulary (padding), which the tokenizer
-    decodes to no text. The ids themselves are kept as generated."""
+def outside_vocab(ids: list[int], tokenizer) -> str | None:
+    """What to say of the generated ``ids`` at or past the tokenizer's length (rows of the
+    model's output layer beyond its vocabulary: padding, which the tokenizer decodes to no
+    text), or None if there are none. The ids themselves are kept as generated."""
     vocab = len(tokenizer)
     outside = sum(i >= vocab for i in ids)
-    if outside:
-        warnings.warn(f"{outside} generated token id(s) are outside the tokenizer's vocabulary "
-                      f"of size {vocab} (the model's output layer is larger) and decode to no "
-                      "text", stacklevel=stacklevel + 1)
+    if not outside:
+        return None
+    return (f"{outside} generated token id(s) are outside the tokenizer's vocabulary of size "
+            f"{vocab} (the model's output layer is larger) and decode to no text")
+
+
+def warn_outside_vocab(ids: list[int], tokenizer, stacklevel: int = 2) -> None:
+    """One warning if any of the generated ``ids`` is outside the tokenizer's vocabulary
+    (``outside_vocab``)."""
+    said = outside_vocab(ids, tokenizer)
+    if said:
+        warnings.warn(said, stacklevel=stacklevel + 1)
 
 
 def pieces(tokens: Iterable, tokenizer) -> Iterator[tuple[object, str]]:

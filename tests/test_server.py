@@ -394,6 +394,31 @@ def test_time_limit_ends_with_length(pair):
         assert wait_idle(srv)["timed_out"] == 1
 
 
+def test_ids_past_the_tokenizer_are_logged_once_a_request(pair, caplog):
+    """A target whose output layer has 20 rows past the tokenizer's vocabulary (padding,
+    each twice a real row, so greedy decoding picks them): the server keeps the ids as
+    generated and logs one line for the request, not one a token."""
+    vocab, extra = len(pair.tokenizer), 20
+    target = tiny_model(1, vocab=vocab + extra)
+    with torch.no_grad():
+        w = target.lm_head.weight
+        w[vocab:] = 2 * w[2:2 + 3 * extra:3]
+    padded = Pair(target, None, pair.tokenizer, MODEL, None)
+    with caplog.at_level("WARNING", logger="cospec.server"), \
+            BackgroundServer(create_app(padded, methods=["target"])) as srv:
+        r = chat(openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0),
+                 PROMPTS[1], max_tokens=12)
+    ids = build_method("target", padded).run(
+        chat_ids(pair.tokenizer, [{"role": "user", "content": PROMPTS[1]}]), k=1,
+        max_new_tokens=12, sampling=GREEDY, eos_ids=eos_ids(pair.tokenizer, target))[0]
+    outside = sum(i >= vocab for i in ids)
+    assert 0 < outside < len(ids) and r.usage.completion_tokens == len(ids)
+    said = [rec.getMessage() for rec in caplog.records if "vocabulary" in rec.getMessage()]
+    assert said == [f"a request's {outside} generated token id(s) are outside the "
+                    f"tokenizer's vocabulary of size {vocab} (the model's output layer is "
+                    "larger) and decode to no text"]
+
+
 def test_cli_serve_refuses_a_missing_model(capsys):
     assert main(["serve", "--target", "/no/such/model", "--port", "0"]) == 2
     assert "model not found" in capsys.readouterr().err
