@@ -190,6 +190,23 @@ W8_GEMV_UP_BLOCK_N = 0
 W8_GEMV_OUT_BLOCK_N = 0
 W8_GEMV_BLOCK_K = 512
 W8_GEMV_DOWN_BLOCK_K = 0
+# All the layers of a one-row step in one persistent launch (``cospec.persistent``; 1 on,
+# 0 the five kernels a layer), where the step reads the model's own weights (not int8
+# copies) and ``EDGES`` is on. Its tiles: q/k/v columns of each RoPE half, o_proj, gate/up
+# and down_proj columns a task; reduction blocks of q/k/v, gate/up and o_proj, and of
+# down_proj; cache slots an attention block; programs an SM (0: as many as fit) and their
+# warps; polls of a wait before it gives up (its output then NaN).
+PERSISTENT = 0
+PERSIST_QKV_BLOCK_C = 4
+PERSIST_OUT_BLOCK_N = 8
+PERSIST_UP_BLOCK_N = 8
+PERSIST_DOWN_BLOCK_N = 2
+PERSIST_BLOCK_K = 256
+PERSIST_DOWN_BLOCK_K = 1024
+PERSIST_BLOCK_S = 64
+PERSIST_PER_SM = 0
+PERSIST_WARPS = 4
+PERSIST_SPINS = 1 << 16
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -200,7 +217,10 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K",
            "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL",
            "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
-           "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES")
+           "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES", "PERSISTENT", "PERSIST_QKV_BLOCK_C",
+           "PERSIST_OUT_BLOCK_N", "PERSIST_UP_BLOCK_N", "PERSIST_DOWN_BLOCK_N", "PERSIST_BLOCK_K",
+           "PERSIST_DOWN_BLOCK_K", "PERSIST_BLOCK_S", "PERSIST_PER_SM", "PERSIST_WARPS",
+           "PERSIST_SPINS")
 
 
 # Settings that size a tile (triton's ``tl.arange``) or a launch's warps: a power of two
@@ -209,7 +229,9 @@ POWERS_OF_TWO = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BL
                  "ATTN_BLOCK_S", "SPLITS", "NUM_WARPS", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N",
                  "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K", "GEMV_WARPS",
                  "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
-                 "W8_GEMV_DOWN_BLOCK_K")
+                 "W8_GEMV_DOWN_BLOCK_K", "PERSIST_QKV_BLOCK_C", "PERSIST_OUT_BLOCK_N",
+                 "PERSIST_UP_BLOCK_N", "PERSIST_DOWN_BLOCK_N", "PERSIST_BLOCK_K",
+                 "PERSIST_DOWN_BLOCK_K", "PERSIST_BLOCK_S", "PERSIST_WARPS")
 
 
 class Int8(NamedTuple):

@@ -13,7 +13,8 @@ an unrolled one-row reduction hoisted before a programmatic dependent launch's w
 the looped reductions reading their RMSNorm weights a block ahead (LN_AHEAD = 1) and the
 attention's query heads in programs of at most 16 rows (ATTN_ROWS = 16); and at the
 default settings with int8 weights (``fused.Int8``) and the int8 lm_head (Qwen2.5's 151,936
-rows); a one-row case with the one-row tiles (GEMV = 1) every time.
+rows); a one-row case with the one-row tiles (GEMV = 1) every time, and once (split) as
+``cospec.persistent``'s one launch of all 24 layers.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
 the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
 64 Ki a SM; shared memory: 227 KiB) and the waves its grid takes on 132 SMs, for the
@@ -41,7 +42,7 @@ try:
 except ImportError:
     sys.exit(77)
 
-from cospec import fast, fused, kernels
+from cospec import fast, fused, kernels, persistent
 from cospec.errors import CospecError
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
@@ -112,6 +113,11 @@ def record(cases: list[tuple], twins: bool = True, int8: bool = False) -> list[t
         else:
             fused.logits(x, fused.Int8(t(VOCAB, d, dt=torch.int8),
                                        t(VOCAB, dt=torch.float32)), None)
+        if n == 1 and way in ("split", ""):                         # every layer in one launch
+            args, consts = persistent.launch(x, pos, t(24, persistent.SLOTS, dt=torch.int64),
+                                             t(512, hd), t(512, hd), 512, w, 24, heads, kvh,
+                                             1e-6, fused)
+            calls.append((persistent.layers, args, consts, fused.GPU_SMS, case))
     fused.configure([f"{k}={v}" for k, v in defaults.items()])
     return calls
 
