@@ -259,18 +259,70 @@ def _gate_up(x_ptr, act_ptr, tab_ptr, cnt_ptr, layer, r, eps, D: tl.constexpr,
 
 
 @triton.jit
+def _bulk_prefetch(ptr, nbytes, on):
+    """Ask the copy engine to bring ``nbytes`` (a multiple of 16) from ``ptr`` (16-byte
+    aligned) into L2 (sm90's ``cp.async.bulk.prefetch.L2``), where ``on``; an int32 0."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $3, 0; "
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
+        "=r,l,r,r", [ptr, nbytes, on], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch(tab_ptr, t, dtype: tl.constexpr, LAYERS: tl.constexpr, D: tl.constexpr,
+              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
+              INTER: tl.constexpr, QC: tl.constexpr, ON: tl.constexpr, UN: tl.constexpr,
+              DN: tl.constexpr, WARPS: tl.constexpr):
+    """Bring task t's weights into L2 ahead of it (nothing for an attention task or past
+    the last task): at most two spans of whole rows, each one bulk prefetch by one thread."""
+    HALF: tl.constexpr = HD // 2
+    NQ: tl.constexpr = (HEADS + 2 * KV_HEADS) * (HALF // QC)
+    NA: tl.constexpr = HEADS
+    NO: tl.constexpr = (D + ON - 1) // ON
+    NU: tl.constexpr = (INTER + UN - 1) // UN
+    ND: tl.constexpr = (D + DN - 1) // DN
+    PER: tl.constexpr = NQ + NA + NO + NU + ND
+    ELEM: tl.constexpr = dtype.primitive_bitwidth // 8
+    layer = tl.minimum(t // PER, LAYERS - 1)
+    r = t % PER
+    if r < NQ:                                                   # q/k/v: two halves of a head
+        at, k, rows, second = 1, D, QC, HALF
+        first = (r // (HALF // QC)) * HD + (r % (HALF // QC)) * QC
+    elif r < NQ + NA:                                            # attention: no weights
+        at, k, rows, second, first = 1, D, 0, 0, 0
+    elif r < NQ + NA + NO:                                       # o_proj
+        c = (r - NQ - NA) * ON
+        at, k, rows, second, first = 3, HEADS * HD, tl.minimum(ON, D - c), 0, c
+    elif r < NQ + NA + NO + NU:                                  # gate and up
+        c = (r - NQ - NA - NO) * UN
+        at, k, rows, second, first = 6, D, tl.minimum(UN, INTER - c), INTER, c
+    else:                                                        # down_proj
+        c = (r - NQ - NA - NO - NU) * DN
+        at, k, rows, second, first = 7, INTER, tl.minimum(DN, D - c), 0, c
+    rows = tl.where(t < LAYERS * PER, rows, 0)
+    base = tl.load(tab_ptr + layer * 10 + at).to(tl.pointer_type(dtype))
+    lane = tl.arange(0, WARPS * 32)
+    span = first + tl.where(lane == 1, second, 0)
+    on = ((lane == 0) | ((lane == 1) & (second > 0))) & (rows > 0)
+    _bulk_prefetch(base + span * k, rows * k * ELEM, on.to(tl.int32))
+
+
+@triton.jit
 def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, act_ptr, tab_ptr, cos_ptr, sin_ptr, pos_ptr,
            cnt_ptr, kv_len, eps, scale, LAYERS: tl.constexpr, D: tl.constexpr,
            HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
            INTER: tl.constexpr, QKV_BIAS: tl.constexpr, O_BIAS: tl.constexpr,
            QC: tl.constexpr, ON: tl.constexpr, UN: tl.constexpr, DN: tl.constexpr,
            BK: tl.constexpr, OBK: tl.constexpr, DBK: tl.constexpr, BLOCK_S: tl.constexpr,
-           SPINS: tl.constexpr):
+           SPINS: tl.constexpr, AHEAD: tl.constexpr, WARPS: tl.constexpr):
     """Every layer of a one-row step (the module docstring). x [D]: the input row, replaced
     by the last layer's output; x1 [D], q [H hd], attn [H hd], act [INTER]: the step's
     buffers; tab [LAYERS, 10] int64: each layer's pointers (``_TABLE``); cos, sin [L, hd] the
     rotary tables; pos [1] the token's position (its cache slot); cnt [LAYERS * 5] int32
-    zeros: tasks done per layer and stage. Program p runs tasks p, p + P, ..."""
+    zeros: tasks done per layer and stage. Program p runs tasks p, p + P, ... AHEAD > 0
+    (compiled for sm90 on): as it starts task t, the program has the weights of its task
+    t + AHEAD * P brought into L2 (``_prefetch``), the first AHEAD tasks' before the first;
+    WARPS: the launch's num_warps."""
     NQ: tl.constexpr = (HEADS + 2 * KV_HEADS) * (HD // 2 // QC)
     NA: tl.constexpr = HEADS
     NO: tl.constexpr = (D + ON - 1) // ON
@@ -278,7 +330,15 @@ def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, act_ptr, tab_ptr, cos_ptr, sin_ptr, p
     ND: tl.constexpr = (D + DN - 1) // DN
     PER: tl.constexpr = NQ + NA + NO + NU + ND
     pos = tl.load(pos_ptr)
-    for t in range(tl.program_id(0), LAYERS * PER, tl.num_programs(0)):
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    P = tl.num_programs(0)
+    for i in tl.static_range(AHEAD):
+        _prefetch(tab_ptr, tl.program_id(0) + i * P, dtype, LAYERS, D, HEADS, KV_HEADS, HD,
+                  INTER, QC, ON, UN, DN, WARPS)
+    for t in range(tl.program_id(0), LAYERS * PER, P):
+        if AHEAD > 0:
+            _prefetch(tab_ptr, t + AHEAD * P, dtype, LAYERS, D, HEADS, KV_HEADS, HD, INTER,
+                      QC, ON, UN, DN, WARPS)
         layer = t // PER
         r = t % PER
         if r < NQ:
@@ -367,11 +427,12 @@ def programs(compiled, device: torch.device, per_sm: int) -> int:
 
 def launch(x: torch.Tensor, pos: torch.Tensor, table: torch.Tensor, cos: torch.Tensor,
            sin: torch.Tensor, kv_len: int, layer: tuple, layers_n: int, heads: int,
-           kv_heads: int, eps: float, fused) -> tuple[tuple, dict]:
+           kv_heads: int, eps: float, fused, ahead: int | None = None) -> tuple[tuple, dict]:
     """(positional arguments, constexprs and num_warps) of ``layers`` over x [1, d] for a
     model of ``layers_n`` layers shaped as ``layer`` (``fast.Engine._layer``'s tuple);
-    ``fused``: the module whose PERSIST_* settings set the tiles. Allocates the step's
-    buffers and its zeroed counters (``counters``)."""
+    ``fused``: the module whose PERSIST_* settings set the tiles; ``ahead``: AHEAD
+    (None: PERSIST_AHEAD). Allocates the step's buffers and its zeroed counters
+    (``counters``)."""
     _, qkv_w, qkv_b, _, _, o_w, o_b, _, gate_up_w, _ = layer
     d, inter = x.shape[1], gate_up_w.shape[0] // 2
     hd = o_w.shape[1] // heads
@@ -380,7 +441,9 @@ def launch(x: torch.Tensor, pos: torch.Tensor, table: torch.Tensor, cos: torch.T
             eps, hd ** -0.5)
     consts = dict(LAYERS=layers_n, D=d, HEADS=heads, KV_HEADS=kv_heads, HD=hd, INTER=inter,
                   QKV_BIAS=qkv_b is not None, O_BIAS=o_b is not None,
-                  **_settings(fused, d, inter, hd, heads), num_warps=fused.PERSIST_WARPS)
+                  **_settings(fused, d, inter, hd, heads), num_warps=fused.PERSIST_WARPS,
+                  WARPS=fused.PERSIST_WARPS,
+                  AHEAD=fused.PERSIST_AHEAD if ahead is None else ahead)
     return args, consts
 
 
@@ -398,9 +461,12 @@ def step_layers(engine, x: torch.Tensor, pos: torch.Tensor, kc: list[torch.Tenso
     from cospec import fused
 
     x = x.contiguous()
-    args, consts = launch(x, pos, _table(engine, kc, vc), engine.cos, engine.sin,
-                          kc[0].shape[1], engine.layers[0], len(engine.layers), engine.heads,
-                          engine.kv_heads, engine.eps, fused)
+    inter = engine.layers[0][8].shape[0] // 2
+    aligned = all(k * x.element_size() % 16 == 0  # bulk copies take 16-byte rows
+                  for k in (x.shape[1], engine.heads * engine.head_dim, inter))
+    args, consts = launch(x, pos, _table(engine, kc, vc), engine.cos, engine.sin, kc[0].shape[1],
+                          engine.layers[0], len(engine.layers), engine.heads, engine.kv_heads,
+                          engine.eps, fused, 0 if interpreted or not aligned else None)
     if interpreted:
         grid = 1
     else:
