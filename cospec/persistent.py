@@ -51,9 +51,24 @@ def _ptr(tab_ptr, layer, i: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _wait(cnt_ptr, need, SPINS: tl.constexpr):
+def _now():
+    """The GPU's global timer, in nanoseconds (int64; the same clock on every SM)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _sm():
+    """The SM this program runs on (int32)."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _wait(cnt_ptr, need, SPINS: tl.constexpr, tr, TRACE: tl.constexpr):
     """Poll counter cnt until it reaches ``need`` (acquire: what the counted tasks stored is
-    then visible); 1.0, or NaN if it did not within SPINS polls."""
+    then visible); 1.0, or NaN if it did not within SPINS polls. TRACE: the time it is
+    reached goes to tr[1] (``_now``)."""
     seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
     polls = 1
     while (seen < need) & (polls < SPINS):
@@ -61,6 +76,8 @@ def _wait(cnt_ptr, need, SPINS: tl.constexpr):
         polls += 1
     if seen < need:                                  # given up: later waits on it pass at once
         tl.atomic_max(cnt_ptr, need, sem="relaxed", scope="gpu")
+    if TRACE:
+        tl.store(tr + 1, _now())
     return tl.where(seen >= need, 1.0, float("nan"))
 
 
@@ -91,32 +108,23 @@ def _column(a_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _rstd(x_ptr, eps, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of the row x [K] ([1], float32)."""
-    ss = tl.zeros([BLOCK_K, 1], dtype=tl.float32)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        xv = _column(x_ptr, k0, K, BLOCK_K).to(tl.float32)
-        ss += xv * xv
-    return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-
-
-@triton.jit
-def _normed(x_ptr, ln_ptr, rstd, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Entries k0.. of RMSNorm(x) as the reference rounds it, a column [BLOCK_K, 1]."""
-    xv = _column(x_ptr, k0, K, BLOCK_K)
-    ks = k0 + tl.arange(0, BLOCK_K)
-    w = tl.load(ln_ptr + ks[:, None], mask=ks[:, None] < K, other=0.0)
-    return (xv.to(tl.float32) * rstd[None, :]).to(xv.dtype) * w
-
-
-@triton.jit
 def _normed_sums(x_ptr, ln_ptr, eps, tiles_a, tiles_b, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """RMSNorm(x) @ the two weights whose ``_tiles`` are given: ([C], [C]) float32 sums."""
-    rstd = _rstd(x_ptr, eps, K, BLOCK_K)
+    """RMSNorm(x) @ the two weights whose ``_tiles`` are given: ([C], [C]) float32 sums. x is
+    read once (its blocks and the norm's weights loaded together, then the statistics)."""
+    xs = ()
+    ws = ()
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xs = xs + (_column(x_ptr, k0, K, BLOCK_K),)
+        ws = ws + (tl.load(ln_ptr + ks[:, None], mask=ks[:, None] < K, other=0.0),)
+    ss = tl.zeros([BLOCK_K, 1], dtype=tl.float32)
+    for i in tl.static_range((K + BLOCK_K - 1) // BLOCK_K):
+        ss += xs[i].to(tl.float32) * xs[i].to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     acc_a = tl.zeros(tiles_a[0].shape, dtype=tl.float32)
     acc_b = tl.zeros(tiles_b[0].shape, dtype=tl.float32)
     for i in tl.static_range((K + BLOCK_K - 1) // BLOCK_K):
-        h = _normed(x_ptr, ln_ptr, rstd, i * BLOCK_K, K, BLOCK_K).to(tl.float32)
+        h = ((xs[i].to(tl.float32) * rstd[None, :]).to(xs[i].dtype) * ws[i]).to(tl.float32)
         acc_a += h * tiles_a[i].to(tl.float32)
         acc_b += h * tiles_b[i].to(tl.float32)
     return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
@@ -135,7 +143,7 @@ def _sums(a_ptr, tiles, K: tl.constexpr, BLOCK_K: tl.constexpr):
 def _qkv(x_ptr, q_ptr, tab_ptr, cos_ptr, sin_ptr, cnt_ptr, layer, r, pos, kv_len, eps,
          D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
          QC: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, ND: tl.constexpr,
-         SPINS: tl.constexpr):
+         SPINS: tl.constexpr, tr, TRACE: tl.constexpr):
     """Stage 1, task r of layer ``layer``: head r // (HD/2/QC) of the stacked H + 2 KVH, QC
     columns of each RoPE half."""
     HALF: tl.constexpr = HD // 2
@@ -154,7 +162,8 @@ def _qkv(x_ptr, q_ptr, tab_ptr, cos_ptr, sin_ptr, cnt_ptr, layer, r, pos, kv_len
         b_ptr = _ptr(tab_ptr, layer, 2, dtype)
         b1 = tl.load(b_ptr + w1).to(tl.float32)
         b2 = tl.load(b_ptr + w1 + HALF).to(tl.float32)
-    ok = _wait(cnt_ptr + tl.maximum(layer - 1, 0) * 5 + 4, tl.where(layer > 0, ND, 0), SPINS)
+    ok = _wait(cnt_ptr + tl.maximum(layer - 1, 0) * 5 + 4, tl.where(layer > 0, ND, 0), SPINS,
+               tr, TRACE)
     acc1, acc2 = _normed_sums(x_ptr, _ptr(tab_ptr, layer, 0, dtype), eps, t1, t2, D, BK)
     if HAS_BIAS:
         acc1 += b1
@@ -182,7 +191,8 @@ def _qkv(x_ptr, q_ptr, tab_ptr, cos_ptr, sin_ptr, cnt_ptr, layer, r, pos, kv_len
 @triton.jit
 def _attend(q_ptr, attn_ptr, tab_ptr, cnt_ptr, layer, head, pos, kv_len, scale,
             HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
-            BLOCK_S: tl.constexpr, NQ: tl.constexpr, SPINS: tl.constexpr):
+            BLOCK_S: tl.constexpr, NQ: tl.constexpr, SPINS: tl.constexpr, tr,
+            TRACE: tl.constexpr):
     """Stage 2: query head ``head`` of layer ``layer`` over the cache slots 0..pos."""
     dtype = q_ptr.dtype.element_ty
     kvh = head // (HEADS // KV_HEADS)
@@ -190,7 +200,7 @@ def _attend(q_ptr, attn_ptr, tab_ptr, cnt_ptr, layer, head, pos, kv_len, scale,
     k_ptr = _ptr(tab_ptr, layer, 8, dtype)
     v_ptr = _ptr(tab_ptr, layer, 9, dtype)
     dims = tl.arange(0, HD)
-    ok = _wait(cnt_ptr + layer * 5, NQ, SPINS)
+    ok = _wait(cnt_ptr + layer * 5, NQ, SPINS, tr, TRACE)
     q = tl.load(q_ptr + head * HD + dims, cache_modifier=".cg").to(tl.float32)
     m_i = tl.full([1], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([1], dtype=tl.float32)
@@ -218,7 +228,7 @@ def _attend(q_ptr, attn_ptr, tab_ptr, cnt_ptr, layer, head, pos, kv_len, scale,
 def _project(a_ptr, x_ptr, y_ptr, tab_ptr, cnt_ptr, layer, r, w_at: tl.constexpr,
              b_at: tl.constexpr, stage: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
              C: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, NEED: tl.constexpr,
-             SPINS: tl.constexpr):
+             SPINS: tl.constexpr, tr, TRACE: tl.constexpr):
     """Stages 3 and 5: y[cols] = x[cols] + (a @ w[cols].T + b[cols]) for the C columns of
     task r; a [K], w [D, K] (table entry w_at, bias b_at), after stage ``stage`` - 1 of the
     layer has NEED tasks done."""
@@ -229,7 +239,7 @@ def _project(a_ptr, x_ptr, y_ptr, tab_ptr, cnt_ptr, layer, r, w_at: tl.constexpr
     tiles = _tiles(_ptr(tab_ptr, layer, w_at, dtype), rows, K, BK)
     if HAS_BIAS:
         bias = tl.load(_ptr(tab_ptr, layer, b_at, dtype) + rows).to(tl.float32)
-    ok = _wait(cnt_ptr + layer * 5 + stage - 1, NEED, SPINS)
+    ok = _wait(cnt_ptr + layer * 5 + stage - 1, NEED, SPINS, tr, TRACE)
     acc = _sums(a_ptr, tiles, K, BK)
     if HAS_BIAS:
         acc += bias
@@ -241,7 +251,7 @@ def _project(a_ptr, x_ptr, y_ptr, tab_ptr, cnt_ptr, layer, r, w_at: tl.constexpr
 @triton.jit
 def _gate_up(x_ptr, act_ptr, tab_ptr, cnt_ptr, layer, r, eps, D: tl.constexpr,
              INTER: tl.constexpr, UN: tl.constexpr, BK: tl.constexpr, NO: tl.constexpr,
-             SPINS: tl.constexpr):
+             SPINS: tl.constexpr, tr, TRACE: tl.constexpr):
     """Stage 4: act[cols] = SiLU(gate) * up of RMSNorm(x) for the UN columns of task r."""
     dtype = x_ptr.dtype.element_ty
     cols = r * UN + tl.arange(0, UN)
@@ -250,7 +260,7 @@ def _gate_up(x_ptr, act_ptr, tab_ptr, cnt_ptr, layer, r, eps, D: tl.constexpr,
     w_ptr = _ptr(tab_ptr, layer, 6, dtype)
     tg = _tiles(w_ptr, rows, D, BK)
     tu = _tiles(w_ptr, rows + INTER, D, BK)
-    ok = _wait(cnt_ptr + layer * 5 + 2, NO, SPINS)
+    ok = _wait(cnt_ptr + layer * 5 + 2, NO, SPINS, tr, TRACE)
     acc_g, acc_u = _normed_sums(x_ptr, _ptr(tab_ptr, layer, 5, dtype), eps, tg, tu, D, BK)
     g = (acc_g * ok).to(dtype).to(tl.float32)
     a = (g / (1.0 + tl.exp(-g))).to(dtype) * acc_u.to(dtype)
@@ -309,12 +319,13 @@ def _prefetch(tab_ptr, t, dtype: tl.constexpr, LAYERS: tl.constexpr, D: tl.const
 
 @triton.jit
 def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, act_ptr, tab_ptr, cos_ptr, sin_ptr, pos_ptr,
-           cnt_ptr, kv_len, eps, scale, LAYERS: tl.constexpr, D: tl.constexpr,
+           cnt_ptr, trace_ptr, kv_len, eps, scale, LAYERS: tl.constexpr, D: tl.constexpr,
            HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
            INTER: tl.constexpr, QKV_BIAS: tl.constexpr, O_BIAS: tl.constexpr,
            QC: tl.constexpr, ON: tl.constexpr, UN: tl.constexpr, DN: tl.constexpr,
            BK: tl.constexpr, OBK: tl.constexpr, DBK: tl.constexpr, BLOCK_S: tl.constexpr,
-           SPINS: tl.constexpr, AHEAD: tl.constexpr, WARPS: tl.constexpr):
+           SPINS: tl.constexpr, AHEAD: tl.constexpr, WARPS: tl.constexpr,
+           TRACE: tl.constexpr):
     """Every layer of a one-row step (the module docstring). x [D]: the input row, replaced
     by the last layer's output; x1 [D], q [H hd], attn [H hd], act [INTER]: the step's
     buffers; tab [LAYERS, 10] int64: each layer's pointers (``_TABLE``); cos, sin [L, hd] the
@@ -322,7 +333,8 @@ def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, act_ptr, tab_ptr, cos_ptr, sin_ptr, p
     zeros: tasks done per layer and stage. Program p runs tasks p, p + P, ... AHEAD > 0
     (compiled for sm90 on): as it starts task t, the program has the weights of its task
     t + AHEAD * P brought into L2 (``_prefetch``), the first AHEAD tasks' before the first;
-    WARPS: the launch's num_warps."""
+    WARPS: the launch's num_warps. TRACE: task t writes trace[t] = (start, its wait over,
+    end: ``_now``; its SM), int64 [LAYERS * tasks a layer, 4]."""
     NQ: tl.constexpr = (HEADS + 2 * KV_HEADS) * (HD // 2 // QC)
     NA: tl.constexpr = HEADS
     NO: tl.constexpr = (D + ON - 1) // ON
@@ -341,21 +353,27 @@ def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, act_ptr, tab_ptr, cos_ptr, sin_ptr, p
                       QC, ON, UN, DN, WARPS)
         layer = t // PER
         r = t % PER
+        tr = trace_ptr + t * 4
+        if TRACE:
+            tl.store(tr, _now())
         if r < NQ:
             _qkv(x_ptr, q_ptr, tab_ptr, cos_ptr, sin_ptr, cnt_ptr, layer, r, pos, kv_len, eps,
-                 D, HEADS, KV_HEADS, HD, QC, BK, QKV_BIAS, ND, SPINS)
+                 D, HEADS, KV_HEADS, HD, QC, BK, QKV_BIAS, ND, SPINS, tr, TRACE)
         elif r < NQ + NA:
             _attend(q_ptr, attn_ptr, tab_ptr, cnt_ptr, layer, r - NQ, pos, kv_len, scale,
-                    HEADS, KV_HEADS, HD, BLOCK_S, NQ, SPINS)
+                    HEADS, KV_HEADS, HD, BLOCK_S, NQ, SPINS, tr, TRACE)
         elif r < NQ + NA + NO:
             _project(attn_ptr, x_ptr, x1_ptr, tab_ptr, cnt_ptr, layer, r - NQ - NA, 3, 4, 2,
-                     HEADS * HD, D, ON, OBK, O_BIAS, NA, SPINS)
+                     HEADS * HD, D, ON, OBK, O_BIAS, NA, SPINS, tr, TRACE)
         elif r < NQ + NA + NO + NU:
             _gate_up(x1_ptr, act_ptr, tab_ptr, cnt_ptr, layer, r - NQ - NA - NO, eps, D, INTER,
-                     UN, BK, NO, SPINS)
+                     UN, BK, NO, SPINS, tr, TRACE)
         else:
             _project(act_ptr, x1_ptr, x_ptr, tab_ptr, cnt_ptr, layer, r - NQ - NA - NO - NU,
-                     7, 7, 4, INTER, D, DN, DBK, False, NU, SPINS)
+                     7, 7, 4, INTER, D, DN, DBK, False, NU, SPINS, tr, TRACE)
+        if TRACE:
+            tl.store(tr + 2, _now())
+            tl.store(tr + 3, _sm().to(tl.int64))
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -417,6 +435,7 @@ def programs(compiled, device: torch.device, per_sm: int) -> int:
     module docstring). ``per_sm`` > 0: that many an SM, but never more than fit; 0: as many
     as fit, by the compiled kernel's registers, shared memory and warps (sm90's limits:
     64 Ki registers, 227 KiB of shared memory, 64 warps, 32 programs an SM)."""
+    compiled._init_handles()  # loads the binary: its n_regs
     warps = compiled.metadata.num_warps
     regs = -(-max(compiled.n_regs, 1) * 32 // 256) * 256 * warps  # a warp's in 256s
     smem = compiled.metadata.shared + 1024
@@ -427,24 +446,34 @@ def programs(compiled, device: torch.device, per_sm: int) -> int:
 
 def launch(x: torch.Tensor, pos: torch.Tensor, table: torch.Tensor, cos: torch.Tensor,
            sin: torch.Tensor, kv_len: int, layer: tuple, layers_n: int, heads: int,
-           kv_heads: int, eps: float, fused, ahead: int | None = None) -> tuple[tuple, dict]:
+           kv_heads: int, eps: float, fused, ahead: int | None = None,
+           trace: torch.Tensor | None = None) -> tuple[tuple, dict]:
     """(positional arguments, constexprs and num_warps) of ``layers`` over x [1, d] for a
     model of ``layers_n`` layers shaped as ``layer`` (``fast.Engine._layer``'s tuple);
     ``fused``: the module whose PERSIST_* settings set the tiles; ``ahead``: AHEAD
-    (None: PERSIST_AHEAD). Allocates the step's buffers and its zeroed counters
-    (``counters``)."""
+    (None: PERSIST_AHEAD); ``trace``: int64 [tasks, 4] the tasks' times (``layers``' TRACE),
+    or None. Allocates the step's buffers and its zeroed counters (``counters``)."""
     _, qkv_w, qkv_b, _, _, o_w, o_b, _, gate_up_w, _ = layer
     d, inter = x.shape[1], gate_up_w.shape[0] // 2
     hd = o_w.shape[1] // heads
     args = (x, torch.empty_like(x), x.new_empty(heads * hd), x.new_empty(heads * hd),
-            x.new_empty(inter), table, cos, sin, pos, counters(layers_n, x.device), kv_len,
-            eps, hd ** -0.5)
+            x.new_empty(inter), table, cos, sin, pos, counters(layers_n, x.device),
+            table if trace is None else trace, kv_len, eps, hd ** -0.5)
     consts = dict(LAYERS=layers_n, D=d, HEADS=heads, KV_HEADS=kv_heads, HD=hd, INTER=inter,
                   QKV_BIAS=qkv_b is not None, O_BIAS=o_b is not None,
                   **_settings(fused, d, inter, hd, heads), num_warps=fused.PERSIST_WARPS,
                   WARPS=fused.PERSIST_WARPS,
-                  AHEAD=fused.PERSIST_AHEAD if ahead is None else ahead)
+                  AHEAD=fused.PERSIST_AHEAD if ahead is None else ahead,
+                  TRACE=trace is not None)
     return args, consts
+
+
+def stage_tasks(consts: dict) -> list[int]:
+    """Tasks a layer of each stage (q/k/v, attention, o_proj, gate/up, down_proj) of a launch
+    with ``launch``'s constexprs: task t of layer l is number l * sum + t."""
+    d, inter, hd, heads = consts["D"], consts["INTER"], consts["HD"], consts["HEADS"]
+    return [(heads + 2 * consts["KV_HEADS"]) * (hd // 2 // consts["QC"]), heads,
+            -(-d // consts["ON"]), -(-inter // consts["UN"]), -(-d // consts["DN"])]
 
 
 def counters(layers_n: int, device: torch.device) -> torch.Tensor:
@@ -453,11 +482,13 @@ def counters(layers_n: int, device: torch.device) -> torch.Tensor:
 
 
 def step_layers(engine, x: torch.Tensor, pos: torch.Tensor, kc: list[torch.Tensor],
-                vc: list[torch.Tensor], interpreted: bool) -> torch.Tensor:
+                vc: list[torch.Tensor], interpreted: bool, trace: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """``engine``'s layers over one token x [1, d] at position pos [1] in one launch
     (``layers``): its K/V go to slot pos of kc[l], vc[l] [KVH, L, hd], the attention reads
     slots <= pos, RoPE's cos and sin are the engine's rotary tables at row pos. -> [1, d]
-    (x itself, overwritten). P programs (``programs``), one under the interpreter."""
+    (x itself, overwritten). P programs (``programs``), one under the interpreter.
+    ``trace``: see ``launch`` (``tasks`` rows)."""
     from cospec import fused
 
     x = x.contiguous()
@@ -466,7 +497,7 @@ def step_layers(engine, x: torch.Tensor, pos: torch.Tensor, kc: list[torch.Tenso
                   for k in (x.shape[1], engine.heads * engine.head_dim, inter))
     args, consts = launch(x, pos, _table(engine, kc, vc), engine.cos, engine.sin, kc[0].shape[1],
                           engine.layers[0], len(engine.layers), engine.heads, engine.kv_heads,
-                          engine.eps, fused, 0 if interpreted or not aligned else None)
+                          engine.eps, fused, 0 if interpreted or not aligned else None, trace)
     if interpreted:
         grid = 1
     else:
