@@ -196,7 +196,8 @@ W8_GEMV_DOWN_BLOCK_K = 0
 # and down_proj columns a task; reduction blocks of q/k/v, gate/up and o_proj, and of
 # down_proj; cache slots an attention block; programs an SM (0: as many as fit) and their
 # warps; polls of a wait before it gives up (its output then NaN); tasks ahead whose weights
-# a program has brought into L2 (0: none; a program's next task is P tasks on).
+# a program has brought into L2 (0: none; a program's next task is P tasks on); registers a
+# thread at most (0: the compiler's choice).
 PERSISTENT = 0
 PERSIST_QKV_BLOCK_C = 4
 PERSIST_OUT_BLOCK_N = 8
@@ -209,6 +210,7 @@ PERSIST_PER_SM = 0
 PERSIST_WARPS = 4
 PERSIST_SPINS = 1 << 16
 PERSIST_AHEAD = 1
+PERSIST_MAX_REGS = 0
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -222,7 +224,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES", "PERSISTENT", "PERSIST_QKV_BLOCK_C",
            "PERSIST_OUT_BLOCK_N", "PERSIST_UP_BLOCK_N", "PERSIST_DOWN_BLOCK_N", "PERSIST_BLOCK_K",
            "PERSIST_DOWN_BLOCK_K", "PERSIST_BLOCK_S", "PERSIST_PER_SM", "PERSIST_WARPS",
-           "PERSIST_SPINS", "PERSIST_AHEAD")
+           "PERSIST_SPINS", "PERSIST_AHEAD", "PERSIST_MAX_REGS")
 
 
 # Settings that size a tile (triton's ``tl.arange``) or a launch's warps: a power of two

@@ -210,13 +210,13 @@ def _attend(q_ptr, attn_ptr, tab_ptr, cnt_ptr, layer, head, pos, kv_len, scale,
         sm = slots <= pos
         at = (base + slots[:, None]) * HD + dims[None, :]
         k = tl.load(k_ptr + at, mask=sm[:, None], other=0.0, cache_modifier=".cg")
+        v = tl.load(v_ptr + at, mask=sm[:, None], other=0.0, cache_modifier=".cg")
         s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
         s = tl.where(sm, s.to(dtype).to(tl.float32) * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        v = tl.load(v_ptr + at, mask=sm[:, None], other=0.0, cache_modifier=".cg")
         pv = p.to(dtype).to(tl.float32)[:, None] * v.to(tl.float32)
         acc = acc * alpha + tl.sum(pv, axis=0)
         m_i = m_new
@@ -240,10 +240,10 @@ def _project(a_ptr, x_ptr, y_ptr, tab_ptr, cnt_ptr, layer, r, w_at: tl.constexpr
     if HAS_BIAS:
         bias = tl.load(_ptr(tab_ptr, layer, b_at, dtype) + rows).to(tl.float32)
     ok = _wait(cnt_ptr + layer * 5 + stage - 1, NEED, SPINS, tr, TRACE)
+    x = tl.load(x_ptr + rows, cache_modifier=".cg")                  # with a's reads
     acc = _sums(a_ptr, tiles, K, BK)
     if HAS_BIAS:
         acc += bias
-    x = tl.load(x_ptr + rows, cache_modifier=".cg")
     tl.store(y_ptr + cols, x + (acc * ok).to(dtype), mask=cm)
     _done(cnt_ptr + layer * 5 + stage)
 
@@ -464,7 +464,8 @@ def launch(x: torch.Tensor, pos: torch.Tensor, table: torch.Tensor, cos: torch.T
                   **_settings(fused, d, inter, hd, heads), num_warps=fused.PERSIST_WARPS,
                   WARPS=fused.PERSIST_WARPS,
                   AHEAD=fused.PERSIST_AHEAD if ahead is None else ahead,
-                  TRACE=trace is not None)
+                  TRACE=trace is not None,
+                  **({"maxnreg": fused.PERSIST_MAX_REGS} if fused.PERSIST_MAX_REGS else {}))
     return args, consts
 
 
