@@ -538,7 +538,15 @@ def test_greedy_tokens_identical(interpret, monkeypatch, models):
     """Target-only and speculative greedy decoding through the fused engines (the one-row
     tiles on) give the plain (transformers, DynamicCache) decoding's tokens."""
     monkeypatch.setattr(fused, "GEMV", 1)
-    target, draft = models
+    want, got = plain_and_fused_tokens(monkeypatch, *models, guard=True)
+    assert got == want and len(got[0]) == 6
+    assert all(e.fused for m in models for e in fast.engines(m))
+
+
+def plain_and_fused_tokens(monkeypatch, target, draft, guard: bool = False):
+    """(plain, fused): the tokens of target-only and speculative (k = 3) greedy decoding of
+    6 tokens, plain (transformers, DynamicCache) then through the fused static engines
+    (``guard``: no short forward may reach the reference layer)."""
     ids = [5, 17, 33, 2, 60, 41]
 
     def run(proposer, k):
@@ -550,10 +558,9 @@ def test_greedy_tokens_identical(interpret, monkeypatch, models):
     monkeypatch.delenv("COSPEC_EAGER")
     monkeypatch.setenv("COSPEC_STATIC", "1")
     monkeypatch.setenv("COSPEC_FUSED", "1")
-    guard_reference(monkeypatch)
-    got = run(None, 1), run(draft, 3)
-    assert got == want and len(got[0]) == 6
-    assert all(e.fused for m in models for e in fast.engines(m))
+    if guard:
+        guard_reference(monkeypatch)
+    return want, (run(None, 1), run(draft, 3))
 
 
 def test_modes(interpret, monkeypatch, models):

@@ -16,8 +16,7 @@ from tiny import tiny_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from cospec import fast, fused
-from cospec.acceptance import ExactRule
-from cospec.decoding import CachedLM, generate
+from cospec.decoding import CachedLM
 from cospec.errors import CospecError
 
 pytest.importorskip("triton")
@@ -81,20 +80,10 @@ def test_steps_match_transformers(interpret, monkeypatch, calls, o_bias, tiles):
 def test_greedy_tokens_identical(interpret, monkeypatch, calls):
     """Target-only and speculative greedy decoding with one-row steps in one launch give the
     plain (transformers, DynamicCache) decoding's tokens."""
-    target, draft = tiny_model(11, dtype=torch.float32), tiny_model(12, layers=1,
-                                                                    dtype=torch.float32)
-    ids = [5, 17, 33, 2, 60, 41]
+    from test_fused import plain_and_fused_tokens
 
-    def run(proposer, k):
-        return [t.id for t in generate(target, proposer, ids, ExactRule(), k=k,
-                                       max_new_tokens=6)]
-
-    monkeypatch.setenv("COSPEC_EAGER", "1")
-    want = run(None, 1), run(draft, 3)
-    monkeypatch.delenv("COSPEC_EAGER")
-    monkeypatch.setenv("COSPEC_STATIC", "1")
-    monkeypatch.setenv("COSPEC_FUSED", "1")
-    got = run(None, 1), run(draft, 3)
+    want, got = plain_and_fused_tokens(monkeypatch, tiny_model(11, dtype=torch.float32),
+                                       tiny_model(12, layers=1, dtype=torch.float32))
     assert got == want and len(got[0]) == 6 and len(calls) >= 5
 
 
