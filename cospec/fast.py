@@ -452,7 +452,9 @@ def positioned_layers(engine, x: torch.Tensor, pos: torch.Tensor, kc: list[torch
     engine's rotary tables (``cos``, ``sin`` [L, hd]) at rows pos (``fused.EDGES``; 0:
     gathered first). ``qkv`` / ``rest``:
     ``fused.rms_qkv_rope`` / ``attention_mlp`` or their drop-in wrappers; ``copies``: each
-    layer's int8 copies (``fused.Int8``), or None. -> [n, d]."""
+    layer's int8 copies (``fused.Int8``), or None. One row with ``fused.PERSISTENT`` on (and
+    no copies): every layer in one launch (``cospec.persistent``) where it takes the
+    engine. -> [n, d]."""
     from cospec import fused
     from cospec.fused import EDGES
 

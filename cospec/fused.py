@@ -194,12 +194,12 @@ W8_GEMV_DOWN_BLOCK_K = 0
 # 0 the five kernels a layer), where the step reads the model's own weights (not int8
 # copies) and ``EDGES`` is on. Off: on an H100 it measured slower than the five kernels
 # (0.5B 0.870 against 0.581 ms, 1.5B 1.902 against 1.436; its weights were then read 2
-# bytes a thread, since fixed; results/gpu/h100/persistent-step). Its tiles: q/k/v columns of each RoPE half, o_proj, gate/up
-# and down_proj columns a task; reduction blocks of q/k/v, gate/up and o_proj, and of
-# down_proj; cache slots an attention block; programs an SM (0: as many as fit) and their
-# warps; polls of a wait before it gives up (its output then NaN); tasks ahead whose weights
-# a program has brought into L2 (0: none; a program's next task is P tasks on); registers a
-# thread at most (0: the compiler's choice).
+# bytes a thread, since fixed; results/gpu/h100/persistent-step). Its tiles: q/k/v columns
+# of each RoPE half, o_proj, gate/up and down_proj columns a task; reduction blocks of
+# q/k/v, gate/up and o_proj, and of down_proj; cache slots an attention block; programs an
+# SM (0: as many as fit) and their warps; polls of a wait before it gives up (its output
+# then NaN); tasks ahead whose weights a program has brought into L2 (0: none; a program's
+# next task is P tasks on); registers a thread at most (0: the compiler's choice).
 PERSISTENT = 0
 PERSIST_QKV_BLOCK_C = 4
 PERSIST_OUT_BLOCK_N = 8

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-STAGES = 5          # tasks kinds a layer (the module docstring's list)
+STAGES = 5          # task kinds a layer (the module docstring's list)
 SLOTS = 10          # pointers a layer in the table: ``_TABLE``
 _TABLE = ("ln1", "qkv_w", "qkv_b", "o_w", "o_b", "ln2", "gate_up_w", "down_w", "k", "v")
 
