@@ -58,6 +58,10 @@
 #           and FSPEED_SET = best take the combination it ranked first (in fused-grid:
 #           FGRID_TAG names another, fused-grid-TAG); both at FUSED_PREFIX cached tokens
 #           (default 100), over FUSED_ROWS rows a step (default 1,5; a k = 5 verify is 6)
+#   persist every layer of a one-row step in one launch (cospec.persistent) against the five
+#           kernels a layer: prof_fused.py --grid PERSISTENT=0,1 over one row (FGRID_SIZES,
+#           default 0.5b,1.5b; PERSIST_GRID=NAME=V1,V2+.. more axes), then each task's times
+#           in the launch (scripts/prof_persistent.py); into persistent${PERSIST_TAG:+-TAG}
 #   launch  the GPU's floors for a few-row step (scripts/prof_launch.py, toy kernels): µs a
 #           launch under a graph, a weight-reading kernel's fixed cost and bandwidth, and a
 #           persistent kernel over a 0.5B's 24 layers with a grid barrier between phases
@@ -165,6 +169,17 @@ stage_fused() {  # the fused layers against the reference fast path, random Qwen
         --out "$out" --sizes "${FUSED_SIZES:-0.5b,1.5b,7b}" --rows "${FUSED_ROWS:-1,5}" \
         --prefix "${FUSED_PREFIX:-100}" ${FUSED_INT8:+--int8} \
         $(sets --set "${FUSED_SET:-}") 2>&1 | tee "$out.log" | tail -30
+}
+
+stage_persist() {  # the one-launch step against the five kernels, then its task trace
+    local out="$R/persistent${PERSIST_TAG:+-$PERSIST_TAG}"
+    [ -e "$out/prof_fused.json" ] || timeout "${PERSIST_S:-400}" python3 scripts/prof_fused.py \
+        --out "$out" --sizes "${FGRID_SIZES:-0.5b,1.5b}" --rows 1 \
+        --prefix "${FUSED_PREFIX:-100}" --grid PERSISTENT=0,1 \
+        $(sets --grid "${PERSIST_GRID:-}") --grid-reps 300 2>&1 | tee "$out.log" | tail -12
+    [ -e "$out/prof_persistent.json" ] || timeout 200 python3 scripts/prof_persistent.py \
+        --out "$out" --sizes "${FGRID_SIZES:-0.5b,1.5b}" --prefix "${FUSED_PREFIX:-100}" \
+        2>&1 | tee -a "$out.log" | tail -20
 }
 
 stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME=..; on top
