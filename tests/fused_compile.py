@@ -13,8 +13,8 @@ an unrolled one-row reduction hoisted before a programmatic dependent launch's w
 the looped reductions reading their RMSNorm weights a block ahead (LN_AHEAD = 1) and the
 attention's query heads in programs of at most 16 rows (ATTN_ROWS = 16); and at the
 default settings with int8 weights (``fused.Int8``) and the int8 lm_head (Qwen2.5's 151,936
-rows); a one-row case with the one-row tiles (GEMV = 1) every time, and once (split) as
-``cospec.persistent``'s one launch of all 24 layers.
+rows); a one-row case with the one-row tiles (GEMV = 1) every time, and twice (split; pdl
+with its L2 prefetch, AHEAD = 1) as ``cospec.persistent``'s one launch of all 24 layers.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
 the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
 64 Ki a SM; shared memory: 227 KiB) and the waves its grid takes on 132 SMs, for the
@@ -113,10 +113,10 @@ def record(cases: list[tuple], twins: bool = True, int8: bool = False) -> list[t
         else:
             fused.logits(x, fused.Int8(t(VOCAB, d, dt=torch.int8),
                                        t(VOCAB, dt=torch.float32)), None)
-        if n == 1 and way in ("split", ""):                         # every layer in one launch
+        if n == 1 and way in ("split", "pdl", ""):                  # every layer in one launch
             args, consts = persistent.launch(x, pos, t(24, persistent.SLOTS, dt=torch.int64),
                                              t(512, hd), t(512, hd), 512, w, 24, heads, kvh,
-                                             1e-6, fused)
+                                             1e-6, fused, 1 if way == "pdl" else None)
             calls.append((persistent.layers, args, consts, fused.GPU_SMS, case))
     fused.configure([f"{k}={v}" for k, v in defaults.items()])
     return calls
@@ -195,6 +195,8 @@ def main() -> None:
             seen.add(key)
             use = usage(kernel.asm["cubin"])
             fit = resident(use["REG"], kernel.metadata.shared, options["num_warps"])
+            if fn is persistent.layers:  # as many programs as fit, each SM once
+                programs = fit * fused.GPU_SMS
             name = fn.__name__ + (" (additive mask)" if consts.get("USE_POS") is False else
                                   " (int8)" if consts.get("W8") else "")
             print(f"| {case[0]}, {TYPES[case[5]]} | {case[6]} | {name} | {programs} | "
