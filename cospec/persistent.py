@@ -282,17 +282,14 @@ def _bulk_prefetch(ptr, nbytes, on):
 
 @triton.jit
 def _prefetch(tab_ptr, t, dtype: tl.constexpr, LAYERS: tl.constexpr, D: tl.constexpr,
-              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
-              INTER: tl.constexpr, QC: tl.constexpr, ON: tl.constexpr, UN: tl.constexpr,
-              DN: tl.constexpr, WARPS: tl.constexpr):
+              HEADS: tl.constexpr, HD: tl.constexpr, INTER: tl.constexpr, QC: tl.constexpr,
+              ON: tl.constexpr, UN: tl.constexpr, DN: tl.constexpr, NQ: tl.constexpr,
+              NA: tl.constexpr, NO: tl.constexpr, NU: tl.constexpr, ND: tl.constexpr,
+              WARPS: tl.constexpr):
     """Bring task t's weights into L2 ahead of it (nothing for an attention task or past
-    the last task): at most two spans of whole rows, each one bulk prefetch by one thread."""
+    the last task): at most two spans of whole rows, each one bulk prefetch by one thread.
+    NQ .. ND: ``layers``'."""
     HALF: tl.constexpr = HD // 2
-    NQ: tl.constexpr = (HEADS + 2 * KV_HEADS) * (HALF // QC)
-    NA: tl.constexpr = HEADS
-    NO: tl.constexpr = (D + ON - 1) // ON
-    NU: tl.constexpr = (INTER + UN - 1) // UN
-    ND: tl.constexpr = (D + DN - 1) // DN
     PER: tl.constexpr = NQ + NA + NO + NU + ND
     ELEM: tl.constexpr = dtype.primitive_bitwidth // 8
     layer = tl.minimum(t // PER, LAYERS - 1)
@@ -327,7 +324,8 @@ def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, act_ptr, tab_ptr, cos_ptr, sin_ptr, p
            QC: tl.constexpr, ON: tl.constexpr, UN: tl.constexpr, DN: tl.constexpr,
            BK: tl.constexpr, OBK: tl.constexpr, DBK: tl.constexpr, BLOCK_S: tl.constexpr,
            SPINS: tl.constexpr, AHEAD: tl.constexpr, WARPS: tl.constexpr,
-           TRACE: tl.constexpr):
+           TRACE: tl.constexpr, NQ: tl.constexpr, NA: tl.constexpr, NO: tl.constexpr,
+           NU: tl.constexpr, ND: tl.constexpr):
     """Every layer of a one-row step (the module docstring). x [D]: the input row, replaced
     by the last layer's output; x1 [D], q [H hd], attn [H hd], act [INTER]: the step's
     buffers; tab [LAYERS, 10] int64: each layer's pointers (``_TABLE``); cos, sin [L, hd] the
@@ -336,23 +334,19 @@ def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, act_ptr, tab_ptr, cos_ptr, sin_ptr, p
     (compiled for sm90 on): as it starts task t, the program has the weights of its task
     t + AHEAD * P brought into L2 (``_prefetch``), the first AHEAD tasks' before the first;
     WARPS: the launch's num_warps. TRACE: task t writes trace[t] = (start, its wait over,
-    end: ``_now``; its SM), int64 [LAYERS * tasks a layer, 4]."""
-    NQ: tl.constexpr = (HEADS + 2 * KV_HEADS) * (HD // 2 // QC)
-    NA: tl.constexpr = HEADS
-    NO: tl.constexpr = (D + ON - 1) // ON
-    NU: tl.constexpr = (INTER + UN - 1) // UN
-    ND: tl.constexpr = (D + DN - 1) // DN
+    end: ``_now``; its SM), int64 [LAYERS * tasks a layer, 4]. NQ, NA, NO, NU, ND: the tasks
+    a layer of each stage (``stage_tasks``)."""
     PER: tl.constexpr = NQ + NA + NO + NU + ND
     pos = tl.load(pos_ptr)
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     P = tl.num_programs(0)
     for i in tl.static_range(AHEAD):
-        _prefetch(tab_ptr, tl.program_id(0) + i * P, dtype, LAYERS, D, HEADS, KV_HEADS, HD,
-                  INTER, QC, ON, UN, DN, WARPS)
+        _prefetch(tab_ptr, tl.program_id(0) + i * P, dtype, LAYERS, D, HEADS, HD, INTER, QC,
+                  ON, UN, DN, NQ, NA, NO, NU, ND, WARPS)
     for t in range(tl.program_id(0), LAYERS * PER, P):
         if AHEAD > 0:
-            _prefetch(tab_ptr, t + AHEAD * P, dtype, LAYERS, D, HEADS, KV_HEADS, HD, INTER,
-                      QC, ON, UN, DN, WARPS)
+            _prefetch(tab_ptr, t + AHEAD * P, dtype, LAYERS, D, HEADS, HD, INTER, QC, ON, UN,
+                      DN, NQ, NA, NO, NU, ND, WARPS)
         layer = t // PER
         r = t % PER
         tr = trace_ptr + t * 4
@@ -471,12 +465,13 @@ def launch(x: torch.Tensor, pos: torch.Tensor, table: torch.Tensor, cos: torch.T
                   AHEAD=fused.PERSIST_AHEAD if ahead is None else ahead,
                   TRACE=trace is not None,
                   **({"maxnreg": fused.PERSIST_MAX_REGS} if fused.PERSIST_MAX_REGS else {}))
+    consts.update(zip(("NQ", "NA", "NO", "NU", "ND"), stage_tasks(consts)))
     return args, consts
 
 
 def stage_tasks(consts: dict) -> list[int]:
     """Tasks a layer of each stage (q/k/v, attention, o_proj, gate/up, down_proj) of a launch
-    with ``launch``'s constexprs: task t of layer l is number l * sum + t."""
+    with ``launch``'s constexprs (its NQ .. ND): task t of layer l is number l * sum + t."""
     d, inter, hd, heads = consts["D"], consts["INTER"], consts["HD"], consts["HEADS"]
     return [(heads + 2 * consts["KV_HEADS"]) * (hd // 2 // consts["QC"]), heads,
             -(-d // consts["ON"]), -(-inter // consts["UN"]), -(-d // consts["DN"])]
