@@ -429,16 +429,21 @@ def _up2(n: int) -> int:
 _PROGRAMS: dict[tuple, int] = {}
 
 
+def resident(regs: int, shared: int, warps: int) -> int:
+    """Programs of ``warps`` warps, ``regs`` registers a thread and ``shared`` bytes of shared
+    memory that fit one sm90 SM at once: 64 Ki registers (a warp's taken in 256s), 227 KiB
+    of shared memory (1 KiB reserved a program), 64 warps, 32 programs."""
+    by_regs = 65536 // (-(-max(regs, 1) * 32 // 256) * 256 * warps)
+    by_shared = (227 * 1024) // (shared + 1024)
+    return min(by_regs, by_shared, 32, 64 // warps)
+
+
 def programs(compiled, device: torch.device, per_sm: int) -> int:
     """Programs of the launch: all resident at once (the deadlock-free condition of the
     module docstring). ``per_sm`` > 0: that many an SM, but never more than fit; 0: as many
-    as fit, by the compiled kernel's registers, shared memory and warps (sm90's limits:
-    64 Ki registers, 227 KiB of shared memory, 64 warps, 32 programs an SM)."""
+    as fit (``resident``, by the compiled kernel's registers, shared memory and warps)."""
     compiled._init_handles()  # loads the binary: its n_regs
-    warps = compiled.metadata.num_warps
-    regs = -(-max(compiled.n_regs, 1) * 32 // 256) * 256 * warps  # a warp's in 256s
-    smem = compiled.metadata.shared + 1024
-    fit = min(65536 // regs, 227 * 1024 // smem, 64 // warps, 32)
+    fit = resident(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return sms * (min(fit, per_sm) if per_sm > 0 else fit)
 

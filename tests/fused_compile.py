@@ -44,6 +44,7 @@ except ImportError:
 
 from cospec import fast, fused, kernels, persistent
 from cospec.errors import CospecError
+from cospec.persistent import resident  # programs that fit an SM (the usage table)
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
          torch.int64: "i64", torch.int32: "i32", torch.int8: "i8"}
@@ -159,13 +160,6 @@ def usage(cubin: bytes) -> dict[str, int]:
     fields = dict(t.split(":") for t in out.split() if t.startswith(("REG:", "STACK:",
                                                                         "SHARED:")))
     return {k: int(v) for k, v in fields.items()}
-
-
-def resident(regs: int, shared: int, warps: int) -> int:
-    """Programs of ``warps`` warps that fit one H100 / H200 SM at once."""
-    by_regs = 65536 // (max(regs, 1) * 32 * warps)
-    by_shared = (227 * 1024) // (shared + 1024)  # 1 KiB reserved a program
-    return min(by_regs, by_shared, 32, 64 // warps)
 
 
 def main() -> None:

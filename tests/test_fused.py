@@ -676,12 +676,14 @@ def cuda_agreement(lm, ref, ids: list[int], start: int, dtype: torch.dtype) -> f
 
 
 def test_programs_resident_an_sm():
-    """``fused_compile.py --usage``'s occupancy arithmetic: registers (64 Ki an SM), shared
+    """``fused_compile.py --usage``'s and the persistent launch's occupancy arithmetic
+    (``persistent.resident``): registers (64 Ki an SM, a warp's taken in 256s), shared
     memory (227 KiB, 1 KiB reserved a program), at most 32 programs and 64 warps an SM."""
     import fused_compile
 
     assert fused_compile.resident(254, 20480, 4) == 2      # 254 x 32 x 4 = 32,512 registers
     assert fused_compile.resident(96, 12288, 4) == 5
+    assert fused_compile.resident(100, 0, 4) == 4           # a warp's 3,200 taken as 3,328
     assert fused_compile.resident(32, 147968, 4) == 1      # shared memory bound
     assert fused_compile.resident(16, 0, 1) == 32           # the programs-an-SM cap
     assert fused_compile.resident(16, 0, 4) == 16           # the warps cap
