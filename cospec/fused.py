@@ -240,6 +240,10 @@ POWERS_OF_TWO = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BL
                  "PERSIST_UP_BLOCK_N", "PERSIST_DOWN_BLOCK_N", "PERSIST_BLOCK_K",
                  "PERSIST_DOWN_BLOCK_K", "PERSIST_BLOCK_S", "PERSIST_WARPS")
 
+# Settings that count something that must happen at least once: a persistent wait polls
+# PERSIST_SPINS times before it gives up (0 would turn every wait into NaN).
+POSITIVE = ("PERSIST_SPINS",)
+
 
 class Int8(NamedTuple):
     """A weight w [rows, k] kept as int8 ``q`` [rows, k] and float32 ``s`` [rows], one scale
@@ -268,8 +272,9 @@ def dequantized(w8: Int8, dtype: torch.dtype) -> torch.Tensor:
 
 def configure(items: list[str]) -> None:
     """Apply settings given as "NAME=VALUE" (NAME one of TUNABLE, VALUE an integer, a power of
-    two for POWERS_OF_TWO) to this module for the rest of the process: how scripts such as
-    ``prof_fused.py`` take them. A CospecError names the first bad one."""
+    two for POWERS_OF_TWO, at least 1 for POSITIVE) to this module for the rest of the
+    process: how scripts such as ``prof_fused.py`` take them. A CospecError names the first
+    bad one."""
     for item in items:
         name, _, value = item.partition("=")
         if name not in TUNABLE or not value.lstrip("-").isdigit():
@@ -280,6 +285,8 @@ def configure(items: list[str]) -> None:
                                           or number == 0 and name.startswith("W8_")):
             raise CospecError(f"fused setting {item!r}: {name} is a power of two"
                               + (" (or 0)" if name.startswith("W8_") else ""))
+        if name in POSITIVE and number < 1:
+            raise CospecError(f"fused setting {item!r}: {name} is at least 1")
         globals()[name] = number
 
 

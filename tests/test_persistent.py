@@ -111,10 +111,14 @@ def test_a_stage_that_never_finishes_gives_nan_not_a_hang(interpret, monkeypatch
 
 
 def test_settings():
-    """PERSISTENT is a tunable setting, off by default; its tiles are powers of two."""
+    """PERSISTENT is a tunable setting, off by default; its tiles are powers of two, a wait's
+    polls at least one."""
     assert fused.PERSISTENT == 0 and "PERSISTENT" in fused.TUNABLE
     with pytest.raises(CospecError, match="power of two"):
         fused.configure(["PERSIST_UP_BLOCK_N=6"])
+    with pytest.raises(CospecError, match="PERSIST_SPINS is at least 1"):
+        fused.configure(["PERSIST_SPINS=0"])
+    assert fused.PERSIST_SPINS == 1 << 16
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
