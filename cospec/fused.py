@@ -196,7 +196,8 @@ W8_GEMV_DOWN_BLOCK_K = 0
 # (0.5B 0.870 against 0.581 ms, 1.5B 1.902 against 1.436; its weights were then read 2
 # bytes a thread, since fixed; results/gpu/h100/persistent-step). Its tiles: q/k/v columns
 # of each RoPE half, o_proj, gate/up and down_proj columns a task; reduction blocks of
-# q/k/v, gate/up and o_proj, and of down_proj; cache slots an attention block; programs an
+# q/k/v, gate/up and o_proj, and of down_proj; cache slots an attention block; shares of
+# the cache slots a query head's attention is cut into (one task each); programs an
 # SM (0: as many as fit) and their warps; polls of a wait before it gives up (its output
 # then NaN); tasks ahead whose weights a program has brought into L2 (0: none; a program's
 # next task is P tasks on; 1 measured slower: 0.900 against 0.870 ms, 0.5B); registers a
@@ -209,6 +210,7 @@ PERSIST_DOWN_BLOCK_N = 2
 PERSIST_BLOCK_K = 256
 PERSIST_DOWN_BLOCK_K = 1024
 PERSIST_BLOCK_S = 64
+PERSIST_SPLITS = 4
 PERSIST_PER_SM = 0
 PERSIST_WARPS = 4
 PERSIST_SPINS = 1 << 16
@@ -226,8 +228,8 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
            "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES", "PERSISTENT", "PERSIST_QKV_BLOCK_C",
            "PERSIST_OUT_BLOCK_N", "PERSIST_UP_BLOCK_N", "PERSIST_DOWN_BLOCK_N", "PERSIST_BLOCK_K",
-           "PERSIST_DOWN_BLOCK_K", "PERSIST_BLOCK_S", "PERSIST_PER_SM", "PERSIST_WARPS",
-           "PERSIST_SPINS", "PERSIST_AHEAD", "PERSIST_MAX_REGS")
+           "PERSIST_DOWN_BLOCK_K", "PERSIST_BLOCK_S", "PERSIST_SPLITS", "PERSIST_PER_SM",
+           "PERSIST_WARPS", "PERSIST_SPINS", "PERSIST_AHEAD", "PERSIST_MAX_REGS")
 
 
 # Settings that size a tile (triton's ``tl.arange``) or a launch's warps: a power of two
@@ -238,7 +240,7 @@ POWERS_OF_TWO = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BL
                  "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
                  "W8_GEMV_DOWN_BLOCK_K", "PERSIST_QKV_BLOCK_C", "PERSIST_OUT_BLOCK_N",
                  "PERSIST_UP_BLOCK_N", "PERSIST_DOWN_BLOCK_N", "PERSIST_BLOCK_K",
-                 "PERSIST_DOWN_BLOCK_K", "PERSIST_BLOCK_S", "PERSIST_WARPS")
+                 "PERSIST_DOWN_BLOCK_K", "PERSIST_BLOCK_S", "PERSIST_SPLITS", "PERSIST_WARPS")
 
 # Settings that count something that must happen at least once: a persistent wait polls
 # PERSIST_SPINS times before it gives up (0 would turn every wait into NaN).

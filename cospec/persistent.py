@@ -8,8 +8,9 @@ as ``fast.Engine._layer`` holds them):
 
 1. q/k/v: RMSNorm, QC columns of each RoPE half of one of the H + 2 KVH stacked heads,
    (+ bias), RoPE; q to a buffer, k and v to the cache slot ``pos``;
-2. attention: one query head over the cache slots 0..pos (an online softmax in blocks of
-   BLOCK_S slots);
+2. attention: one query head over one of SPLITS shares of the cache slots 0..pos (an
+   online softmax in blocks of BLOCK_S slots); the head's last share to finish combines
+   the shares' states;
 3. o_proj (+ bias) + residual: ON output columns;
 4. RMSNorm + gate/up + SiLU(gate) * up: UN columns of each;
 5. down_proj + residual: DN output columns.
@@ -191,14 +192,22 @@ def _qkv(x_ptr, q_ptr, tab_ptr, cos_ptr, sin_ptr, cnt_ptr, layer, r, pos, kv_len
 
 
 @triton.jit
-def _attend(q_ptr, attn_ptr, tab_ptr, cnt_ptr, layer, head, pos, kv_len, scale,
-            HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
-            BLOCK_S: tl.constexpr, NQ: tl.constexpr, SPINS: tl.constexpr, tr,
-            TRACE: tl.constexpr):
-    """Stage 2: query head ``head`` of layer ``layer`` over the cache slots 0..pos."""
+def _attend(q_ptr, attn_ptr, part_ptr, tab_ptr, cnt_ptr, share_ptr, layer, r, pos, kv_len,
+            scale, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
+            BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, NQ: tl.constexpr,
+            SPINS: tl.constexpr, tr, TRACE: tl.constexpr):
+    """Stage 2, task r of layer ``layer``: query head r // SPLITS over its share r % SPLITS
+    of the cache slots 0..pos (SPLITS shares of ceil((pos + 1) / SPLITS) slots, the last
+    ones shorter or empty). SPLITS > 1: the share's online-softmax state goes to part
+    (acc [H SPLITS, HD], then m and l [H SPLITS] each), and the head's last share to finish
+    (share_ptr counts them, per layer and head) combines them into attn."""
     dtype = q_ptr.dtype.element_ty
+    head = r // SPLITS
     kvh = head // (HEADS // KV_HEADS)
     base = kvh * kv_len
+    share = (pos + SPLITS) // SPLITS
+    lo = (r % SPLITS) * share
+    hi = tl.minimum(lo + share, pos + 1)
     k_ptr = _ptr(tab_ptr, layer, 8, dtype)
     v_ptr = _ptr(tab_ptr, layer, 9, dtype)
     dims = tl.arange(0, HD)
@@ -207,9 +216,9 @@ def _attend(q_ptr, attn_ptr, tab_ptr, cnt_ptr, layer, head, pos, kv_len, scale,
     m_i = tl.full([1], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([HD], dtype=tl.float32)
-    for s0 in range(0, pos + 1, BLOCK_S):
+    for s0 in range(lo, hi, BLOCK_S):
         slots = s0 + tl.arange(0, BLOCK_S)
-        sm = slots <= pos
+        sm = slots < hi
         at = (base + slots[:, None]) * HD + dims[None, :]
         k = tl.load(k_ptr + at, mask=sm[:, None], other=0.0, cache_modifier=".cg")
         v = tl.load(v_ptr + at, mask=sm[:, None], other=0.0, cache_modifier=".cg")
@@ -222,7 +231,23 @@ def _attend(q_ptr, attn_ptr, tab_ptr, cnt_ptr, layer, head, pos, kv_len, scale,
         pv = p.to(dtype).to(tl.float32)[:, None] * v.to(tl.float32)
         acc = acc * alpha + tl.sum(pv, axis=0)
         m_i = m_new
-    tl.store(attn_ptr + head * HD + dims, (acc * ok / l_i).to(dtype))
+    if SPLITS == 1:
+        tl.store(attn_ptr + head * HD + dims, (acc * ok / l_i).to(dtype))
+    else:
+        ml = part_ptr + HEADS * SPLITS * HD
+        tl.store(part_ptr + r * HD + dims, acc * ok)
+        tl.store(ml + r + tl.arange(0, 1), m_i)
+        tl.store(ml + HEADS * SPLITS + r + tl.arange(0, 1), l_i)
+        tl.debug_barrier()
+        if tl.atomic_add(share_ptr + layer * HEADS + head, 1, sem="acq_rel", scope="gpu") \
+                == SPLITS - 1:                                # the head's last share: combine
+            at = head * SPLITS + tl.arange(0, SPLITS)
+            m = tl.load(ml + at, cache_modifier=".cg")       # an empty share: -inf, weight 0
+            w = tl.exp(m - tl.max(m, axis=0))
+            l_s = tl.load(ml + HEADS * SPLITS + at, cache_modifier=".cg")
+            a = tl.load(part_ptr + at[:, None] * HD + dims[None, :], cache_modifier=".cg")
+            out = tl.sum(w[:, None] * a, axis=0) / tl.sum(w * l_s, axis=0)
+            tl.store(attn_ptr + head * HD + dims, out.to(dtype))
     _done(cnt_ptr + layer * 5 + 1)
 
 
@@ -317,20 +342,22 @@ def _prefetch(tab_ptr, t, dtype: tl.constexpr, LAYERS: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, act_ptr, tab_ptr, cos_ptr, sin_ptr, pos_ptr,
-           cnt_ptr, trace_ptr, kv_len, eps, scale, LAYERS: tl.constexpr, D: tl.constexpr,
-           HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
+def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, part_ptr, act_ptr, tab_ptr, cos_ptr, sin_ptr,
+           pos_ptr, cnt_ptr, share_ptr, trace_ptr, kv_len, eps, scale, LAYERS: tl.constexpr,
+           D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
            INTER: tl.constexpr, QKV_BIAS: tl.constexpr, O_BIAS: tl.constexpr,
            QC: tl.constexpr, ON: tl.constexpr, UN: tl.constexpr, DN: tl.constexpr,
            BK: tl.constexpr, OBK: tl.constexpr, DBK: tl.constexpr, BLOCK_S: tl.constexpr,
-           SPINS: tl.constexpr, AHEAD: tl.constexpr, WARPS: tl.constexpr,
+           SPLITS: tl.constexpr, SPINS: tl.constexpr, AHEAD: tl.constexpr, WARPS: tl.constexpr,
            TRACE: tl.constexpr, NQ: tl.constexpr, NA: tl.constexpr, NO: tl.constexpr,
            NU: tl.constexpr, ND: tl.constexpr):
     """Every layer of a one-row step (the module docstring). x [D]: the input row, replaced
     by the last layer's output; x1 [D], q [H hd], attn [H hd], act [INTER]: the step's
-    buffers; tab [LAYERS, 10] int64: each layer's pointers (``_TABLE``); cos, sin [L, hd] the
-    rotary tables; pos [1] the token's position (its cache slot); cnt [LAYERS * 5] int32
-    zeros: tasks done per layer and stage. Program p runs tasks p, p + P, ... AHEAD > 0
+    buffers; part float32 [H SPLITS (hd + 2)]: the attention's shares (``_attend``); tab
+    [LAYERS, 10] int64: each layer's pointers (``_TABLE``); cos, sin [L, hd] the rotary
+    tables; pos [1] the token's position (its cache slot); cnt [LAYERS * 5] int32 zeros:
+    tasks done per layer and stage; share [LAYERS * H] int32 zeros: attention shares done
+    per layer and head. Program p runs tasks p, p + P, ... AHEAD > 0
     (compiled for sm90 on): as it starts task t, the program has the weights of its task
     t + AHEAD * P brought into L2 (``_prefetch``), the first AHEAD tasks' before the first;
     WARPS: the launch's num_warps. TRACE: task t writes trace[t] = (start, its wait over,
@@ -356,8 +383,8 @@ def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, act_ptr, tab_ptr, cos_ptr, sin_ptr, p
             _qkv(x_ptr, q_ptr, tab_ptr, cos_ptr, sin_ptr, cnt_ptr, layer, r, pos, kv_len, eps,
                  D, HEADS, KV_HEADS, HD, QC, BK, QKV_BIAS, ND, SPINS, tr, TRACE)
         elif r < NQ + NA:
-            _attend(q_ptr, attn_ptr, tab_ptr, cnt_ptr, layer, r - NQ, pos, kv_len, scale,
-                    HEADS, KV_HEADS, HD, BLOCK_S, NQ, SPINS, tr, TRACE)
+            _attend(q_ptr, attn_ptr, part_ptr, tab_ptr, cnt_ptr, share_ptr, layer, r - NQ, pos,
+                    kv_len, scale, HEADS, KV_HEADS, HD, BLOCK_S, SPLITS, NQ, SPINS, tr, TRACE)
         elif r < NQ + NA + NO:
             _project(attn_ptr, x_ptr, x1_ptr, tab_ptr, cnt_ptr, layer, r - NQ - NA, 3, 4, 2,
                      HEADS * HD, D, ON, OBK, O_BIAS, NA, SPINS, tr, TRACE)
@@ -419,7 +446,8 @@ def _settings(fused, d: int, inter: int, hd: int, heads: int) -> dict:
             "BK": _pow2_at_most(_up2(d), fused.PERSIST_BLOCK_K),
             "OBK": _pow2_at_most(_up2(heads * hd), fused.PERSIST_BLOCK_K),
             "DBK": _pow2_at_most(_up2(inter), fused.PERSIST_DOWN_BLOCK_K),
-            "BLOCK_S": fused.PERSIST_BLOCK_S, "SPINS": fused.PERSIST_SPINS}
+            "BLOCK_S": fused.PERSIST_BLOCK_S, "SPLITS": fused.PERSIST_SPLITS,
+            "SPINS": fused.PERSIST_SPINS}
 
 
 def _up2(n: int) -> int:
@@ -460,8 +488,11 @@ def launch(x: torch.Tensor, pos: torch.Tensor, table: torch.Tensor, cos: torch.T
     _, qkv_w, qkv_b, _, _, o_w, o_b, _, gate_up_w, _ = layer
     d, inter = x.shape[1], gate_up_w.shape[0] // 2
     hd = o_w.shape[1] // heads
+    splits = fused.PERSIST_SPLITS
     args = (x, torch.empty_like(x), x.new_empty(heads * hd), x.new_empty(heads * hd),
-            x.new_empty(inter), table, cos, sin, pos, counters(layers_n, x.device),
+            x.new_empty(heads * splits * (hd + 2), dtype=torch.float32), x.new_empty(inter),
+            table, cos, sin, pos, counters(layers_n, x.device),
+            torch.zeros(layers_n * heads, dtype=torch.int32, device=x.device),
             table if trace is None else trace, kv_len, eps, hd ** -0.5)
     consts = dict(LAYERS=layers_n, D=d, HEADS=heads, KV_HEADS=kv_heads, HD=hd, INTER=inter,
                   QKV_BIAS=qkv_b is not None, O_BIAS=o_b is not None,
@@ -478,7 +509,8 @@ def stage_tasks(consts: dict) -> list[int]:
     """Tasks a layer of each stage (q/k/v, attention, o_proj, gate/up, down_proj) of a launch
     with ``launch``'s constexprs (its NQ .. ND): task t of layer l is number l * sum + t."""
     d, inter, hd, heads = consts["D"], consts["INTER"], consts["HD"], consts["HEADS"]
-    return [(heads + 2 * consts["KV_HEADS"]) * (hd // 2 // consts["QC"]), heads,
+    return [(heads + 2 * consts["KV_HEADS"]) * (hd // 2 // consts["QC"]),
+            heads * consts["SPLITS"],
             -(-d // consts["ON"]), -(-inter // consts["UN"]), -(-d // consts["DN"])]
 
 

@@ -51,17 +51,18 @@ def calls(monkeypatch):
     return made
 
 
-@pytest.mark.parametrize("o_bias,tiles", [(False, (2, 8, 16, 4, 16, 32, 4)),
-                                          (True, (4, 32, 8, 32, 32, 64, 16)),
-                                          (False, (1, 1, 1, 1, 128, 1024, 64))])
+@pytest.mark.parametrize("o_bias,tiles", [(False, (2, 8, 16, 4, 16, 32, 4, 4)),
+                                          (True, (4, 32, 8, 32, 32, 64, 16, 8)),
+                                          (False, (1, 1, 1, 1, 128, 1024, 64, 1))])
 def test_steps_match_transformers(interpret, monkeypatch, calls, o_bias, tiles):
     """One-row steps (and 4-token verifies between them, on the five kernels) from a prefill
     of 9 tokens: the engine's logits are transformers' to 1e-5, tiles smaller than the
     shapes (several tasks a stage, masked last blocks, attention blocks of 4 slots), larger
-    than them, and of one column."""
+    than them, and of one column; each head's attention in 4, 8 (three shares empty at the
+    first step: 10 slots in shares of 2) or 1 share."""
     names = ("PERSIST_QKV_BLOCK_C", "PERSIST_OUT_BLOCK_N", "PERSIST_UP_BLOCK_N",
              "PERSIST_DOWN_BLOCK_N", "PERSIST_BLOCK_K", "PERSIST_DOWN_BLOCK_K",
-             "PERSIST_BLOCK_S")
+             "PERSIST_BLOCK_S", "PERSIST_SPLITS")
     for name, value in zip(names, tiles):
         monkeypatch.setattr(fused, name, value)
     monkeypatch.setenv("COSPEC_FUSED", "1")
