@@ -193,8 +193,8 @@ W8_GEMV_DOWN_BLOCK_K = 0
 # All the layers of a one-row step in one persistent launch (``cospec.persistent``; 1 on,
 # 0 the five kernels a layer), where the step reads the model's own weights (not int8
 # copies) and ``EDGES`` is on. Off: on an H100 it measured slower than the five kernels
-# (0.5B 0.870 against 0.581 ms, 1.5B 1.902 against 1.436; its weights were then read 2
-# bytes a thread, since fixed; results/gpu/h100/persistent-step). Its tiles: q/k/v columns
+# (0.5B 0.768 against 0.584 ms, 1.5B 1.802 against 1.434, one attention task a query head;
+# results/gpu/h100/persistent-step). Its tiles: q/k/v columns
 # of each RoPE half, o_proj, gate/up and down_proj columns a task; reduction blocks of
 # q/k/v, gate/up and o_proj, and of down_proj; cache slots an attention block; shares of
 # the cache slots a query head's attention is cut into (one task each); programs an
