@@ -194,6 +194,7 @@ W8_GEMV_DOWN_BLOCK_K = 0
 # 0 the five kernels a layer), where the step reads the model's own weights (not int8
 # copies) and ``EDGES`` is on. Off: on an H100 it measured slower than the five kernels
 # (0.5B 0.768 against 0.584 ms, 1.5B 1.802 against 1.434, one attention task a query head;
+# 4 shares a head: 0.716 against 0.765 ms in a later run, 0.5B;
 # results/gpu/h100/persistent-step). Its tiles: q/k/v columns
 # of each RoPE half, o_proj, gate/up and down_proj columns a task; reduction blocks of
 # q/k/v, gate/up and o_proj, and of down_proj; cache slots an attention block; shares of
