@@ -192,15 +192,16 @@ def _qkv(x_ptr, q_ptr, tab_ptr, cos_ptr, sin_ptr, cnt_ptr, layer, r, pos, kv_len
 
 
 @triton.jit
-def _attend(q_ptr, attn_ptr, part_ptr, tab_ptr, cnt_ptr, share_ptr, layer, r, pos, kv_len,
-            scale, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
+def _attend(q_ptr, attn_ptr, part_ptr, tab_ptr, cnt_ptr, layer, r, pos, kv_len, scale,
+            LAYERS: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
             BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, NQ: tl.constexpr,
             SPINS: tl.constexpr, tr, TRACE: tl.constexpr):
     """Stage 2, task r of layer ``layer``: query head r // SPLITS over its share r % SPLITS
     of the cache slots 0..pos (SPLITS shares of ceil((pos + 1) / SPLITS) slots, the last
     ones shorter or empty). SPLITS > 1: the share's online-softmax state goes to part
     (acc [H SPLITS, HD], then m and l [H SPLITS] each), and the head's last share to finish
-    (share_ptr counts them, per layer and head) combines them into attn."""
+    (its counter, per layer and head, follows the stages' in cnt: ``counters``) combines
+    them into attn."""
     dtype = q_ptr.dtype.element_ty
     head = r // SPLITS
     kvh = head // (HEADS // KV_HEADS)
@@ -239,8 +240,9 @@ def _attend(q_ptr, attn_ptr, part_ptr, tab_ptr, cnt_ptr, share_ptr, layer, r, po
         tl.store(ml + r + tl.arange(0, 1), m_i)
         tl.store(ml + HEADS * SPLITS + r + tl.arange(0, 1), l_i)
         tl.debug_barrier()
-        if tl.atomic_add(share_ptr + layer * HEADS + head, 1, sem="acq_rel", scope="gpu") \
-                == SPLITS - 1:                                # the head's last share: combine
+        shares_done = cnt_ptr + LAYERS * 5 + layer * HEADS + head
+        # the head's last share to finish combines the shares' states
+        if tl.atomic_add(shares_done, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
             at = head * SPLITS + tl.arange(0, SPLITS)
             m = tl.load(ml + at, cache_modifier=".cg")       # an empty share: -inf, weight 0
             w = tl.exp(m - tl.max(m, axis=0))
@@ -343,7 +345,7 @@ def _prefetch(tab_ptr, t, dtype: tl.constexpr, LAYERS: tl.constexpr, D: tl.const
 
 @triton.jit
 def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, part_ptr, act_ptr, tab_ptr, cos_ptr, sin_ptr,
-           pos_ptr, cnt_ptr, share_ptr, trace_ptr, kv_len, eps, scale, LAYERS: tl.constexpr,
+           pos_ptr, cnt_ptr, trace_ptr, kv_len, eps, scale, LAYERS: tl.constexpr,
            D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr,
            INTER: tl.constexpr, QKV_BIAS: tl.constexpr, O_BIAS: tl.constexpr,
            QC: tl.constexpr, ON: tl.constexpr, UN: tl.constexpr, DN: tl.constexpr,
@@ -355,9 +357,9 @@ def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, part_ptr, act_ptr, tab_ptr, cos_ptr, 
     by the last layer's output; x1 [D], q [H hd], attn [H hd], act [INTER]: the step's
     buffers; part float32 [H SPLITS (hd + 2)]: the attention's shares (``_attend``); tab
     [LAYERS, 10] int64: each layer's pointers (``_TABLE``); cos, sin [L, hd] the rotary
-    tables; pos [1] the token's position (its cache slot); cnt [LAYERS * 5] int32 zeros:
-    tasks done per layer and stage; share [LAYERS * H] int32 zeros: attention shares done
-    per layer and head. Program p runs tasks p, p + P, ... AHEAD > 0
+    tables; pos [1] the token's position (its cache slot); cnt [LAYERS (5 + H)] int32
+    zeros: tasks done per layer and stage, then attention shares done per layer and head
+    (``counters``). Program p runs tasks p, p + P, ... AHEAD > 0
     (compiled for sm90 on): as it starts task t, the program has the weights of its task
     t + AHEAD * P brought into L2 (``_prefetch``), the first AHEAD tasks' before the first;
     WARPS: the launch's num_warps. TRACE: task t writes trace[t] = (start, its wait over,
@@ -383,8 +385,8 @@ def layers(x_ptr, x1_ptr, q_ptr, attn_ptr, part_ptr, act_ptr, tab_ptr, cos_ptr, 
             _qkv(x_ptr, q_ptr, tab_ptr, cos_ptr, sin_ptr, cnt_ptr, layer, r, pos, kv_len, eps,
                  D, HEADS, KV_HEADS, HD, QC, BK, QKV_BIAS, ND, SPINS, tr, TRACE)
         elif r < NQ + NA:
-            _attend(q_ptr, attn_ptr, part_ptr, tab_ptr, cnt_ptr, share_ptr, layer, r - NQ, pos,
-                    kv_len, scale, HEADS, KV_HEADS, HD, BLOCK_S, SPLITS, NQ, SPINS, tr, TRACE)
+            _attend(q_ptr, attn_ptr, part_ptr, tab_ptr, cnt_ptr, layer, r - NQ, pos, kv_len,
+                    scale, LAYERS, HEADS, KV_HEADS, HD, BLOCK_S, SPLITS, NQ, SPINS, tr, TRACE)
         elif r < NQ + NA + NO:
             _project(attn_ptr, x_ptr, x1_ptr, tab_ptr, cnt_ptr, layer, r - NQ - NA, 3, 4, 2,
                      HEADS * HD, D, ON, OBK, O_BIAS, NA, SPINS, tr, TRACE)
@@ -491,8 +493,7 @@ def launch(x: torch.Tensor, pos: torch.Tensor, table: torch.Tensor, cos: torch.T
     splits = fused.PERSIST_SPLITS
     args = (x, torch.empty_like(x), x.new_empty(heads * hd), x.new_empty(heads * hd),
             x.new_empty(heads * splits * (hd + 2), dtype=torch.float32), x.new_empty(inter),
-            table, cos, sin, pos, counters(layers_n, x.device),
-            torch.zeros(layers_n * heads, dtype=torch.int32, device=x.device),
+            table, cos, sin, pos, counters(layers_n, heads, x.device),
             table if trace is None else trace, kv_len, eps, hd ** -0.5)
     consts = dict(LAYERS=layers_n, D=d, HEADS=heads, KV_HEADS=kv_heads, HD=hd, INTER=inter,
                   QKV_BIAS=qkv_b is not None, O_BIAS=o_b is not None,
@@ -514,9 +515,10 @@ def stage_tasks(consts: dict) -> list[int]:
             -(-d // consts["ON"]), -(-inter // consts["UN"]), -(-d // consts["DN"])]
 
 
-def counters(layers_n: int, device: torch.device) -> torch.Tensor:
-    """A step's counters: tasks done per layer and stage, int32 zeros [layers_n * STAGES]."""
-    return torch.zeros(layers_n * STAGES, dtype=torch.int32, device=device)
+def counters(layers_n: int, heads: int, device: torch.device) -> torch.Tensor:
+    """A step's counters, int32 zeros [layers_n (STAGES + heads)]: tasks done per layer and
+    stage, then attention shares done per layer and query head."""
+    return torch.zeros(layers_n * (STAGES + heads), dtype=torch.int32, device=device)
 
 
 def step_layers(engine, x: torch.Tensor, pos: torch.Tensor, kc: list[torch.Tensor],

@@ -97,8 +97,8 @@ def test_a_stage_that_never_finishes_gives_nan_not_a_hang(interpret, monkeypatch
     monkeypatch.setattr(fused, "PERSIST_SPINS", 3)
     made = persistent.counters
 
-    def short(layers_n, device):
-        c = made(layers_n, device)
+    def short(layers_n, heads, device):
+        c = made(layers_n, heads, device)
         c[persistent.STAGES + 1] = -1                    # layer 1's attention, one short
         return c
 
