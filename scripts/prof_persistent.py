@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_speed import random_model, sync  # noqa: E402
+from gpu_speed import SHAPES, random_model, sync  # noqa: E402
 
-from cospec import fast, fused, persistent  # noqa: E402
+from cospec import fast, fused  # noqa: E402
 from cospec.errors import CospecError  # noqa: E402
 
 STAGES = ("q/k/v", "attention", "o_proj", "gate/up", "down_proj")
@@ -71,6 +71,8 @@ def stage_table(trace: torch.Tensor, per_stage: list[int], layers: int) -> dict:
 
 
 def measure(size: str, prefix: int, reps: int) -> dict:
+    from cospec import persistent  # triton's kernels: only where they run
+
     model = random_model(size)
     eng = fast.Engine(model, prefix + 16, fused=True)
     if not eng.fused:
@@ -129,6 +131,13 @@ def main() -> None:
         fused.configure(args.set)
     except CospecError as e:
         sys.exit(f"error: {e}")
+    unknown = [s for s in args.sizes.split(",") if s not in SHAPES]
+    if unknown:
+        sys.exit(f"error: --sizes {','.join(unknown)}: choose from {', '.join(SHAPES)}")
+    if args.prefix < 1:
+        sys.exit(f"error: --prefix {args.prefix}: at least 1 cached token")
+    if not torch.cuda.is_available():  # the arguments checked first, named without a GPU
+        sys.exit("needs a CUDA GPU")
     fused.PERSISTENT = 1
     out = {"device": torch.cuda.get_device_name(), "prefix": args.prefix,
            "settings": {k: getattr(fused, k) for k in fused.TUNABLE if k.startswith("PERSIST")},

@@ -13,10 +13,7 @@ import torch
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prof_persistent.py"
 _spec = importlib.util.spec_from_file_location("prof_persistent", SCRIPT)
 prof_persistent = importlib.util.module_from_spec(_spec)
-try:
-    _spec.loader.exec_module(prof_persistent)
-except ImportError:  # cospec.persistent needs triton
-    pytest.skip("triton is not installed", allow_module_level=True)
+_spec.loader.exec_module(prof_persistent)
 
 
 def test_stage_table():
@@ -46,3 +43,17 @@ def test_stage_table():
     assert all(r["after_median_us"] == pytest.approx(3.0) for r in st.values())
     assert out["layer_us"] == pytest.approx(50.0)
     assert out["sms"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sizes", "0.5b,9b"], "--sizes 9b: choose from"),
+    (["--prefix", "0"], "--prefix 0: at least 1"),
+    (["--set", "PERSIST_SPLITS=3"], "PERSIST_SPLITS is a power of two"),
+])
+def test_bad_arguments_named_before_any_gpu_work(monkeypatch, tmp_path, argv, message):
+    """Unknown sizes, an empty cache and a bad setting end the script with a one-line error,
+    on any machine (no GPU, no triton needed to say so)."""
+    monkeypatch.setattr("sys.argv", ["prof_persistent.py", "--out", str(tmp_path), *argv])
+    with pytest.raises(SystemExit, match=message):
+        prof_persistent.main()
+    assert not list(tmp_path.iterdir())
