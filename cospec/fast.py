@@ -452,17 +452,9 @@ def positioned_layers(engine, x: torch.Tensor, pos: torch.Tensor, kc: list[torch
     engine's rotary tables (``cos``, ``sin`` [L, hd]) at rows pos (``fused.EDGES``; 0:
     gathered first). ``qkv`` / ``rest``:
     ``fused.rms_qkv_rope`` / ``attention_mlp`` or their drop-in wrappers; ``copies``: each
-    layer's int8 copies (``fused.Int8``), or None. One row with ``fused.PERSISTENT`` on (and
-    no copies): every layer in one launch (``cospec.persistent``) where it takes the
-    engine. -> [n, d]."""
-    from cospec import fused
+    layer's int8 copies (``fused.Int8``), or None. -> [n, d]."""
     from cospec.fused import EDGES
 
-    if fused.PERSISTENT and EDGES and x.shape[0] == 1 and copies is None:
-        from cospec import persistent
-
-        if persistent.unsupported(engine, kc) is None:
-            return persistent.step_layers(engine, x, pos, kc, vc, fused.interpret())
     cos, sin = (engine.cos, engine.sin) if EDGES else (engine.cos[pos], engine.sin[pos])
     for w, w8, k, v in zip(engine.layers, copies or [None] * len(engine.layers), kc, vc):
         q, _, _ = qkv(x, cos, sin, w, engine.heads, engine.kv_heads, engine.eps,

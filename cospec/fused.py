@@ -190,33 +190,6 @@ W8_GEMV_UP_BLOCK_N = 0
 W8_GEMV_OUT_BLOCK_N = 0
 W8_GEMV_BLOCK_K = 512
 W8_GEMV_DOWN_BLOCK_K = 0
-# All the layers of a one-row step in one persistent launch (``cospec.persistent``; 1 on,
-# 0 the five kernels a layer), where the step reads the model's own weights (not int8
-# copies) and ``EDGES`` is on. Off: on an H100 it measured slower than the five kernels
-# (0.5B 0.768 against 0.584 ms, 1.5B 1.802 against 1.434, one attention task a query head;
-# 4 shares a head: 0.716 against 0.765 ms in a later run, 0.5B;
-# results/gpu/h100/persistent-step). Its tiles: q/k/v columns
-# of each RoPE half, o_proj, gate/up and down_proj columns a task; reduction blocks of
-# q/k/v, gate/up and o_proj, and of down_proj; cache slots an attention block; shares of
-# the cache slots a query head's attention is cut into (one task each); programs an
-# SM (0: as many as fit) and their warps; polls of a wait before it gives up (its output
-# then NaN); tasks ahead whose weights a program has brought into L2 (0: none; a program's
-# next task is P tasks on; 1 measured slower: 0.900 against 0.870 ms, 0.5B); registers a
-# thread at most (0: the compiler's choice).
-PERSISTENT = 0
-PERSIST_QKV_BLOCK_C = 4
-PERSIST_OUT_BLOCK_N = 8
-PERSIST_UP_BLOCK_N = 8
-PERSIST_DOWN_BLOCK_N = 2
-PERSIST_BLOCK_K = 256
-PERSIST_DOWN_BLOCK_K = 1024
-PERSIST_BLOCK_S = 64
-PERSIST_SPLITS = 4
-PERSIST_PER_SM = 0
-PERSIST_WARPS = 4
-PERSIST_SPINS = 1 << 16
-PERSIST_AHEAD = 0
-PERSIST_MAX_REGS = 0
 GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compile check
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -227,10 +200,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K",
            "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL",
            "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
-           "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES", "PERSISTENT", "PERSIST_QKV_BLOCK_C",
-           "PERSIST_OUT_BLOCK_N", "PERSIST_UP_BLOCK_N", "PERSIST_DOWN_BLOCK_N", "PERSIST_BLOCK_K",
-           "PERSIST_DOWN_BLOCK_K", "PERSIST_BLOCK_S", "PERSIST_SPLITS", "PERSIST_PER_SM",
-           "PERSIST_WARPS", "PERSIST_SPINS", "PERSIST_AHEAD", "PERSIST_MAX_REGS")
+           "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES")
 
 
 # Settings that size a tile (triton's ``tl.arange``) or a launch's warps: a power of two
@@ -239,14 +209,7 @@ POWERS_OF_TWO = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BL
                  "ATTN_BLOCK_S", "SPLITS", "NUM_WARPS", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N",
                  "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K", "GEMV_WARPS",
                  "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
-                 "W8_GEMV_DOWN_BLOCK_K", "PERSIST_QKV_BLOCK_C", "PERSIST_OUT_BLOCK_N",
-                 "PERSIST_UP_BLOCK_N", "PERSIST_DOWN_BLOCK_N", "PERSIST_BLOCK_K",
-                 "PERSIST_DOWN_BLOCK_K", "PERSIST_BLOCK_S", "PERSIST_SPLITS", "PERSIST_WARPS")
-
-# Settings that count something that must happen at least once: a persistent wait polls
-# PERSIST_SPINS times before it gives up (0 would turn every wait into NaN).
-POSITIVE = ("PERSIST_SPINS",)
-
+                 "W8_GEMV_DOWN_BLOCK_K")
 
 class Int8(NamedTuple):
     """A weight w [rows, k] kept as int8 ``q`` [rows, k] and float32 ``s`` [rows], one scale
@@ -275,7 +238,7 @@ def dequantized(w8: Int8, dtype: torch.dtype) -> torch.Tensor:
 
 def configure(items: list[str]) -> None:
     """Apply settings given as "NAME=VALUE" (NAME one of TUNABLE, VALUE an integer, a power of
-    two for POWERS_OF_TWO, at least 1 for POSITIVE) to this module for the rest of the
+    two for POWERS_OF_TWO) to this module for the rest of the
     process: how scripts such as ``prof_fused.py`` take them. A CospecError names the first
     bad one."""
     for item in items:
@@ -288,8 +251,6 @@ def configure(items: list[str]) -> None:
                                           or number == 0 and name.startswith("W8_")):
             raise CospecError(f"fused setting {item!r}: {name} is a power of two"
                               + (" (or 0)" if name.startswith("W8_") else ""))
-        if name in POSITIVE and number < 1:
-            raise CospecError(f"fused setting {item!r}: {name} is at least 1")
         globals()[name] = number
 
 

@@ -16,9 +16,11 @@
 #   peers   batch-1 speed of cospec and transformers (each engine and method in its own
 #           process, same prompts: 8 GSM8K heldout + 8 HumanEval, 128 new tokens, k = 5;
 #           cospec's spd and spd-staged with the draft's own weights and its int8 copies,
-#           PEER_DRAFT_WEIGHTS picks; lookup: prompt lookup, no draft)
-#   vllm    the same for vLLM (lookup: its n-gram speculator), from the wheels cut into
-#           /tmp/p/B.NN (checked against $B_SHA256), installed under /tmp/vsite
+#           PEER_DRAFT_WEIGHTS picks; lookup: prompt lookup, no draft; PEER_ENGINES picks,
+#           default "cospec hf")
+#   vllm    the same for vLLM (lookup: its n-gram speculator; VLLM_METHODS picks, default
+#           "target spd lookup"), from the wheels cut into /tmp/p/B.NN (checked against
+#           $B_SHA256), installed under /tmp/vsite
 #   speed   batch-1 speed of spd and cospec on the real pair (PARTS, default GSM8K and
 #           HumanEval; 20 prompts each), with the arbiter's share of decode time
 #   replay  the real pair's spd / cospec / CoS (we, we-sd, cos-we) traces on 10 GSM8K prompts,
@@ -58,10 +60,6 @@
 #           and FSPEED_SET = best take the combination it ranked first (in fused-grid:
 #           FGRID_TAG names another, fused-grid-TAG); both at FUSED_PREFIX cached tokens
 #           (default 100), over FUSED_ROWS rows a step (default 1,5; a k = 5 verify is 6)
-#   persist every layer of a one-row step in one launch (cospec.persistent) against the five
-#           kernels a layer: prof_fused.py --grid PERSISTENT=0,1 over one row (FGRID_SIZES,
-#           default 0.5b,1.5b; PERSIST_GRID=NAME=V1,V2+.. more axes), then each task's times
-#           in the launch (scripts/prof_persistent.py); into persistent${PERSIST_TAG:+-TAG}
 #   launch  the GPU's floors for a few-row step (scripts/prof_launch.py, toy kernels): µs a
 #           launch under a graph, a weight-reading kernel's fixed cost and bandwidth, and a
 #           persistent kernel over a 0.5B's 24 layers with a grid barrier between phases
@@ -169,17 +167,6 @@ stage_fused() {  # the fused layers against the reference fast path, random Qwen
         --out "$out" --sizes "${FUSED_SIZES:-0.5b,1.5b,7b}" --rows "${FUSED_ROWS:-1,5}" \
         --prefix "${FUSED_PREFIX:-100}" ${FUSED_INT8:+--int8} \
         $(sets --set "${FUSED_SET:-}") 2>&1 | tee "$out.log" | tail -30
-}
-
-stage_persist() {  # the one-launch step against the five kernels, then its task trace
-    local out="$R/persistent${PERSIST_TAG:+-$PERSIST_TAG}"
-    [ -e "$out/prof_fused.json" ] || timeout "${PERSIST_S:-400}" python3 scripts/prof_fused.py \
-        --out "$out" --sizes "${FGRID_SIZES:-0.5b,1.5b}" --rows 1 \
-        --prefix "${FUSED_PREFIX:-100}" --grid PERSISTENT=0,1 \
-        $(sets --grid "${PERSIST_GRID:-}") --grid-reps 300 2>&1 | tee "$out.log" | tail -12
-    [ -e "$out/prof_persistent.json" ] || timeout 200 python3 scripts/prof_persistent.py \
-        --out "$out" --sizes "${FGRID_SIZES:-0.5b,1.5b}" --prefix "${FUSED_PREFIX:-100}" \
-        2>&1 | tee -a "$out.log" | tail -20
 }
 
 stage_fgrid() {  # the fused layers' settings swept (FGRID: axes NAME=V1,V2+NAME=..; on top
@@ -447,7 +434,7 @@ stage_peers() {
     mkdir -p "$R/peers"
     [ -e "$R/peers/prompts.json" ] || python3 scripts/peer_speed.py prompts \
         --task gsm8k,humaneval --n 8 --out "$R/peers/prompts.json"
-    for e in cospec hf; do for m in target spd lookup; do peer "$e" "$m"; done; done
+    for e in ${PEER_ENGINES:-cospec hf}; do for m in target spd lookup; do peer "$e" "$m"; done; done
     peer cospec spd-staged
     python3 scripts/peer_speed.py table "$R/peers" | tail -8
 }
@@ -477,7 +464,7 @@ serve_install() {  # the server's wheels (FastAPI, uvicorn) under /tmp/vsite: fr
 
 stage_vllm() {
     vllm_install
-    for m in target spd lookup; do PYTHONPATH=/tmp/vsite:$PYTHONPATH peer vllm "$m"; done
+    for m in ${VLLM_METHODS:-target spd lookup}; do PYTHONPATH=/tmp/vsite:$PYTHONPATH peer vllm "$m"; done
     python3 scripts/peer_speed.py table "$R/peers" | tail -8
 }
 

@@ -13,8 +13,7 @@ an unrolled one-row reduction hoisted before a programmatic dependent launch's w
 the looped reductions reading their RMSNorm weights a block ahead (LN_AHEAD = 1) and the
 attention's query heads in programs of at most 16 rows (ATTN_ROWS = 16); and at the
 default settings with int8 weights (``fused.Int8``) and the int8 lm_head (Qwen2.5's 151,936
-rows); a one-row case with the one-row tiles (GEMV = 1) every time, and twice (split; pdl
-with its L2 prefetch, AHEAD = 1) as ``cospec.persistent``'s one launch of all 24 layers.
+rows); a one-row case with the one-row tiles (GEMV = 1) every time.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
 the cubin, by the ``cuobjdump`` triton ships), the programs that fit an SM at once (registers:
 64 Ki a SM; shared memory: 227 KiB) and the waves its grid takes on 132 SMs, for the
@@ -42,9 +41,8 @@ try:
 except ImportError:
     sys.exit(77)
 
-from cospec import fast, fused, kernels, persistent
+from cospec import fast, fused, kernels
 from cospec.errors import CospecError
-from cospec.persistent import resident  # programs that fit an SM (the usage table)
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
          torch.int64: "i64", torch.int32: "i32", torch.int8: "i8"}
@@ -114,11 +112,6 @@ def record(cases: list[tuple], twins: bool = True, int8: bool = False) -> list[t
         else:
             fused.logits(x, fused.Int8(t(VOCAB, d, dt=torch.int8),
                                        t(VOCAB, dt=torch.float32)), None)
-        if n == 1 and way in ("split", "pdl", ""):                  # every layer in one launch
-            args, consts = persistent.launch(x, pos, t(24, persistent.SLOTS, dt=torch.int64),
-                                             t(512, hd), t(512, hd), 512, w, 24, heads, kvh,
-                                             1e-6, fused, 1 if way == "pdl" else None)
-            calls.append((persistent.layers, args, consts, fused.GPU_SMS, case))
     fused.configure([f"{k}={v}" for k, v in defaults.items()])
     return calls
 
@@ -146,6 +139,15 @@ def hints(fn, args) -> dict:
     return {(i,): [["tt.divisibility", 16]] for i, (name, a) in enumerate(zip(fn.arg_names, args))
             if isinstance(a, torch.Tensor)
             or (type(a) is int and a % 16 == 0 and name not in skip and i not in skip)}
+
+
+def resident(regs: int, shared: int, warps: int) -> int:
+    """Programs of ``warps`` warps, ``regs`` registers a thread and ``shared`` bytes of shared
+    memory that fit one sm90 SM at once: 64 Ki registers (a warp's taken in 256s), 227 KiB
+    of shared memory (1 KiB reserved a program), 64 warps, 32 programs."""
+    by_regs = 65536 // (-(-max(regs, 1) * 32 // 256) * 256 * warps)
+    by_shared = (227 * 1024) // (shared + 1024)
+    return min(by_regs, by_shared, 32, 64 // warps)
 
 
 def usage(cubin: bytes) -> dict[str, int]:
@@ -189,8 +191,6 @@ def main() -> None:
             seen.add(key)
             use = usage(kernel.asm["cubin"])
             fit = resident(use["REG"], kernel.metadata.shared, options["num_warps"])
-            if fn is persistent.layers:  # as many programs as fit, each SM once
-                programs = fit * fused.GPU_SMS
             name = fn.__name__ + (" (additive mask)" if consts.get("USE_POS") is False else
                                   " (int8)" if consts.get("W8") else "")
             print(f"| {case[0]}, {TYPES[case[5]]} | {case[6]} | {name} | {programs} | "
