@@ -18,9 +18,10 @@
 #           cospec's spd and spd-staged with the draft's own weights and its int8 copies,
 #           PEER_DRAFT_WEIGHTS picks; lookup: prompt lookup, no draft; PEER_ENGINES picks,
 #           default "cospec hf")
-#   vllm    the same for vLLM (lookup: its n-gram speculator; VLLM_METHODS picks, default
-#           "target spd lookup"), from the wheels cut into /tmp/p/B.NN (checked against
-#           $B_SHA256), installed under /tmp/vsite
+#   vllm    the same for vLLM (lookup: its n-gram speculator, lookup-gpu: the same on the
+#           GPU, ngram_gpu; VLLM_METHODS picks, default "target spd lookup lookup-gpu"),
+#           from the wheels cut into /tmp/p/B.NN (checked against $B_SHA256), installed
+#           under /tmp/vsite
 #   speed   batch-1 speed of spd and cospec on the real pair (PARTS, default GSM8K and
 #           HumanEval; 20 prompts each), with the arbiter's share of decode time
 #   replay  the real pair's spd / cospec / CoS (we, we-sd, cos-we) traces on 10 GSM8K prompts,
@@ -422,12 +423,13 @@ stage_exact() {
     exact_eval gsm8k heldout results/gpu/gsm8k-heldout 768
 }
 
-peer() {  # $1 engine, $2 method: one process each, nothing else touching its models
-    local f="$R/peers/$1-$2.json"
+peer() {  # $1 engine, $2 method, then more peer_speed.py flags: one process each, nothing
+          # else touching its models; into $1-$2.json ($1-$2-$PEER_FILE.json if set)
+    local f="$R/peers/$1-$2${PEER_FILE:+-$PEER_FILE}.json"
     [ -e "$f" ] && return 0
     python3 scripts/peer_speed.py run --engine "$1" --method "$2" --prompts "$R/peers/prompts.json" \
         --new 128 --k 5 --device cuda --draft-weights "${PEER_DRAFT_WEIGHTS:-model,int8}" \
-        --out "$f" 2>&1 | whole | grep -v -E "it/s\]|^  prompt" | tail -8
+        --out "$f" "${@:3}" 2>&1 | whole | grep -v -E "it/s\]|^  prompt" | tail -8
 }
 
 stage_peers() {
@@ -464,7 +466,14 @@ serve_install() {  # the server's wheels (FastAPI, uvicorn) under /tmp/vsite: fr
 
 stage_vllm() {
     vllm_install
-    for m in ${VLLM_METHODS:-target spd lookup}; do PYTHONPATH=/tmp/vsite:$PYTHONPATH peer vllm "$m"; done
+    local m
+    for m in ${VLLM_METHODS:-target spd lookup lookup-gpu}; do
+        if [ "$m" = lookup-gpu ]; then  # the n-gram speculator on the GPU, in a file of its own
+            PEER_FILE=ngram_gpu PYTHONPATH=/tmp/vsite:$PYTHONPATH peer vllm lookup --vllm-ngram ngram_gpu
+        else
+            PYTHONPATH=/tmp/vsite:$PYTHONPATH peer vllm "$m"
+        fi
+    done
     python3 scripts/peer_speed.py table "$R/peers" | tail -8
 }
 

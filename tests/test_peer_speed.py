@@ -1,0 +1,61 @@
+"""scripts/peer_speed.py's table on the CPU, from run files written here: each engine and
+method at its fastest configuration over every file that holds the pair, and the ratios
+against cospec's target-only and cospec's same method, prompt by prompt."""
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "peer_speed.py"
+_spec = importlib.util.spec_from_file_location("peer_speed", SCRIPT)
+peer_speed = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(peer_speed)
+
+MACHINE = {"load": [0.5, 0.5, 0.5], "cpus": 2, "gpu": "test GPU"}
+
+
+def write_run(folder: Path, name: str, engine: str, method: str, configs: dict) -> None:
+    """A run file as ``peer_speed.py run`` writes it; ``configs``: name -> seconds a prompt
+    (10 tokens each, token ids [i] for prompt i)."""
+    runs = {n: {"per_prompt": [{"seconds": s, "tokens": 10, "token_ids": [i]}
+                               for i, s in enumerate(secs)]}
+            for n, secs in configs.items()}
+    (folder / name).write_text(json.dumps({
+        "engine": engine, "method": method, "k": 5, "new_tokens": 10, "configs": runs,
+        "machine_start": MACHINE, "machine_end": MACHINE, "command": f"run {name}"}))
+
+
+def test_table_keeps_the_fastest_file_of_a_pair(tmp_path):
+    write_run(tmp_path, "cospec-target.json", "cospec", "target", {"default": [1.0, 1.0]})
+    write_run(tmp_path, "cospec-lookup.json", "cospec", "lookup", {"default": [0.5, 0.25]})
+    # two files of one engine and method: the later file (by name) is the slower one
+    write_run(tmp_path, "vllm-lookup-a.json", "vllm", "lookup", {"ngram_gpu": [0.5, 1.0]})
+    write_run(tmp_path, "vllm-lookup-b.json", "vllm", "lookup", {"ngram": [2.0, 2.0]})
+    peer_speed.cmd_table(argparse.Namespace(dir=str(tmp_path)))
+    rows = {(r["engine"], r["method"]): r
+            for r in json.loads((tmp_path / "peers.json").read_text())}
+    assert set(rows) == {("cospec", "target"), ("cospec", "lookup"), ("vllm", "lookup")}
+    vllm = rows[("vllm", "lookup")]
+    assert vllm["config"] == "ngram_gpu" and vllm["tok_s"] == pytest.approx(20 / 1.5)
+    assert vllm["all_configs"] == pytest.approx({"ngram_gpu": 20 / 1.5, "ngram": 5.0})
+    assert vllm["vs_cospec_target"] == pytest.approx((20 / 1.5) / 10)
+    assert vllm["paired_ratio_q1_median_q3"][1] == pytest.approx(statistics.median([2.0, 1.0]))
+    assert vllm["cospec_vs_this"] == pytest.approx((20 / 0.75) / (20 / 1.5))
+    assert vllm["cospec_vs_this_paired_q1_median_q3"][1] == pytest.approx(
+        statistics.median([1.0, 4.0]))
+    assert vllm["identical_to_cospec_target"] == 2
+    md = (tmp_path / "peers.md").read_text()
+    assert "| vllm | lookup | ngram_gpu | 2 | 13.3 |" in md
+
+
+def test_vllm_ngram_choice_is_checked():
+    run = subprocess.run([sys.executable, str(SCRIPT), "run", "--engine", "vllm", "--method",
+                          "lookup", "--prompts", "p.json", "--out", "o.json", "--vllm-ngram",
+                          "suffix"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--vllm-ngram: invalid choice: 'suffix'" in run.stderr
