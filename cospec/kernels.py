@@ -438,9 +438,6 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
         kt0, v0 = _kv_block(k_ptr, v_ptr, base, slots, (slots < hi) & (slots < fresh), dims,
                             HEAD_DIM)
     _after_weights(PDL)                                              # no weights to load
-    if not KV_EARLY:
-        single, lo, hi = _split_slots(pos_ptr, n, cache_len, split, USE_POS, SPLITS, BLOCK_S,
-                                      ONE_S)
     R = GROUP * n
     if HEADS_PER < GROUP:                                            # a chunk of the heads
         first = tl.program_id(2) * HEADS_PER * n
@@ -457,23 +454,25 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
         qpos = tl.load(pos_ptr + rows % n, mask=rm, other=-1)
     else:
         qpos = rows * 0
+    if not KV_EARLY:
+        single, lo, hi = _split_slots(pos_ptr, n, cache_len, split, USE_POS, SPLITS, BLOCK_S,
+                                      ONE_S)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
     start = lo
     if KV_EARLY:  # the first block: its early part, and now the step's own slots in it
-        kt1, v1 = _kv_block(k_ptr, v_ptr, base, slots, (slots < hi) & (slots >= fresh), dims,
-                            HEAD_DIM)
-        m_i, l_i, acc = _attend_block(q, kt0 + kt1, v0 + v1, slots, slots < hi, qpos,
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, base, slots, slots < hi,
+                                      (slots < hi) & (slots >= fresh), kt0, v0, dims, qpos,
                                       bias_ptr, rows, rm, cache_len, scale, m_i, l_i, acc,
-                                      USE_POS, IEEE)
+                                      USE_POS, IEEE, HEAD_DIM, True)
         start = lo + BLOCK_S
     for s0 in range(start, hi, BLOCK_S):
         slots = s0 + tl.arange(0, BLOCK_S)
         sm = slots < hi
-        kt, v = _kv_block(k_ptr, v_ptr, base, slots, sm, dims, HEAD_DIM)
-        m_i, l_i, acc = _attend_block(q, kt, v, slots, sm, qpos, bias_ptr, rows, rm,
-                                      cache_len, scale, m_i, l_i, acc, USE_POS, IEEE)
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, base, slots, sm, sm, 0, 0, dims, qpos,
+                                      bias_ptr, rows, rm, cache_len, scale, m_i, l_i, acc,
+                                      USE_POS, IEEE, HEAD_DIM, False)
     dtype = q.dtype
     token = rows % n
     head = kvh * GROUP + rows // n
@@ -515,13 +514,20 @@ def _kv_block(k_ptr, v_ptr, base, slots, sm, dims, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(q, kt, v, slots, sm, qpos, bias_ptr, rows, rm, cache_len, scale, m_i, l_i,
-                  acc, USE_POS: tl.constexpr, IEEE: tl.constexpr):
+def _attend_block(q, k_ptr, v_ptr, base, slots, sm, load, kt0, v0, dims, qpos, bias_ptr, rows,
+                  rm, cache_len, scale, m_i, l_i, acc, USE_POS: tl.constexpr,
+                  IEEE: tl.constexpr, HEAD_DIM: tl.constexpr, EARLY: tl.constexpr):
     """One block of ``attend``'s online softmax: the running max m_i, denominator l_i
-    [BLOCK_R] and unnormalised output acc [BLOCK_R, hd] (float32) after the keys kt and
-    values v of slots ``slots`` (those where ``sm``), masked by positions (USE_POS: slot <=
-    qpos[row]) or by the additive bias [rows, cache_len]."""
+    [BLOCK_R] and unnormalised output acc [BLOCK_R, hd] (float32) after the keys and values
+    of slots ``slots`` (those where ``sm``), masked by positions (USE_POS: slot <= qpos[row])
+    or by the additive bias [rows, cache_len]. Keys and values are read where ``load``, the
+    values after the softmax; EARLY: added to kt0 [hd, BLOCK_S] and v0 [BLOCK_S, hd], those
+    read before (``_kv_block``, where not ``load``)."""
     dtype = q.dtype
+    kt = tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
+                 mask=load[None, :], other=0.0)                      # [hd, BLOCK_S]
+    if EARLY:
+        kt = kt0 + kt
     s = _dot(q, kt, tl.zeros([q.shape[0], kt.shape[1]], dtype=tl.float32), IEEE)
     s = s.to(dtype).to(tl.float32) * scale
     if USE_POS:
@@ -535,6 +541,10 @@ def _attend_block(q, kt, v, slots, sm, qpos, bias_ptr, rows, rm, cache_len, scal
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
+                mask=load[:, None], other=0.0)
+    if EARLY:
+        v = v0 + v
     acc = _dot(p.to(dtype), v, acc * alpha[:, None], IEEE)
     return m_new, l_i, acc
 
