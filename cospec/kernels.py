@@ -435,8 +435,9 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
                                       ONE_S)
         fresh = tl.load(pos_ptr)                                     # this step's first slot
         slots = lo + tl.arange(0, BLOCK_S)
-        kt0, v0 = _kv_block(k_ptr, v_ptr, base, slots, (slots < hi) & (slots < fresh), dims,
-                            HEAD_DIM)
+        early = (slots < hi) & (slots < fresh)
+        kt0 = _keys(k_ptr, base, slots, early, dims, HEAD_DIM)
+        v0 = _values(v_ptr, base, slots, early, dims, HEAD_DIM)
     _after_weights(PDL)                                              # no weights to load
     R = GROUP * n
     if HEADS_PER < GROUP:                                            # a chunk of the heads
@@ -503,14 +504,18 @@ def _split_slots(pos_ptr, n, cache_len, split, USE_POS: tl.constexpr, SPLITS: tl
 
 
 @triton.jit
-def _kv_block(k_ptr, v_ptr, base, slots, sm, dims, HEAD_DIM: tl.constexpr):
-    """The keys [hd, BLOCK_S] (transposed) and values [BLOCK_S, hd] of cache slots ``slots``
-    of the kv head whose first slot is ``base``, where ``sm`` (else 0)."""
-    kt = tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
-                 mask=sm[None, :], other=0.0)
-    v = tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
-                mask=sm[:, None], other=0.0)
-    return kt, v
+def _keys(k_ptr, base, slots, sm, dims, HEAD_DIM: tl.constexpr):
+    """The keys [hd, BLOCK_S] (transposed) of cache slots ``slots`` of the kv head whose
+    first slot is ``base``, where ``sm`` (else 0)."""
+    return tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
+                   mask=sm[None, :], other=0.0)
+
+
+@triton.jit
+def _values(v_ptr, base, slots, sm, dims, HEAD_DIM: tl.constexpr):
+    """The values [BLOCK_S, hd] of cache slots ``slots`` (``_keys``'), where ``sm`` (else 0)."""
+    return tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
+                   mask=sm[:, None], other=0.0)
 
 
 @triton.jit
@@ -522,10 +527,9 @@ def _attend_block(q, k_ptr, v_ptr, base, slots, sm, load, kt0, v0, dims, qpos, b
     of slots ``slots`` (those where ``sm``), masked by positions (USE_POS: slot <= qpos[row])
     or by the additive bias [rows, cache_len]. Keys and values are read where ``load``, the
     values after the softmax; EARLY: added to kt0 [hd, BLOCK_S] and v0 [BLOCK_S, hd], those
-    read before (``_kv_block``, where not ``load``)."""
+    read before (where not ``load``)."""
     dtype = q.dtype
-    kt = tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
-                 mask=load[None, :], other=0.0)                      # [hd, BLOCK_S]
+    kt = _keys(k_ptr, base, slots, load, dims, HEAD_DIM)             # [hd, BLOCK_S]
     if EARLY:
         kt = kt0 + kt
     s = _dot(q, kt, tl.zeros([q.shape[0], kt.shape[1]], dtype=tl.float32), IEEE)
@@ -541,8 +545,7 @@ def _attend_block(q, k_ptr, v_ptr, base, slots, sm, load, kt0, v0, dims, qpos, b
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
-                mask=load[:, None], other=0.0)
+    v = _values(v_ptr, base, slots, load, dims, HEAD_DIM)
     if EARLY:
         v = v0 + v
     acc = _dot(p.to(dtype), v, acc * alpha[:, None], IEEE)
