@@ -358,10 +358,10 @@ def main() -> None:
                         "int8`) or model,int8 (both, each a configuration; the table keeps "
                         "the faster)")
     p.add_argument("--eager", action="store_true", help="hf: also time eager generate")
-    p.add_argument("--vllm-ngram", choices=("ngram", "ngram_gpu"), default="ngram",
-                   help="vllm lookup: its n-gram speculator on the CPU (ngram) or the GPU "
-                        "(ngram_gpu); the configuration's name in the table. Run each into "
-                        "its own file: the table keeps the faster")
+    p.add_argument("--vllm-ngram", choices=("ngram", "ngram_gpu"), default=None,
+                   help="vllm lookup: its n-gram speculator on the CPU (ngram, the default) "
+                        "or the GPU (ngram_gpu); the configuration's name in the table. Run "
+                        "each into its own file: the table keeps the faster")
     p.add_argument("--out", required=True)
     p = sub.add_parser("table")
     p.add_argument("dir")
@@ -370,6 +370,10 @@ def main() -> None:
         ap.error(f"--method spd-staged: cospec's own (not {args.engine}'s)")
     if args.cmd == "run" and args.method == "lookup" and args.engine == "llamacpp":
         ap.error("--method lookup: not timed for llamacpp")
+    if args.cmd == "run" and args.vllm_ngram and (args.engine, args.method) != ("vllm", "lookup"):
+        ap.error("--vllm-ngram: for --engine vllm --method lookup only")
+    if args.cmd == "run" and args.vllm_ngram is None:
+        args.vllm_ngram = "ngram"
     {"prompts": cmd_prompts, "run": cmd_run, "table": cmd_table}[args.cmd](args)
 
 

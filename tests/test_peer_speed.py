@@ -59,3 +59,11 @@ def test_vllm_ngram_choice_is_checked():
                           "lookup", "--prompts", "p.json", "--out", "o.json", "--vllm-ngram",
                           "suffix"], capture_output=True, text=True)
     assert run.returncode == 2 and "--vllm-ngram: invalid choice: 'suffix'" in run.stderr
+
+
+def test_vllm_ngram_elsewhere_is_refused():
+    run = subprocess.run([sys.executable, str(SCRIPT), "run", "--engine", "cospec", "--method",
+                          "lookup", "--prompts", "p.json", "--out", "o.json", "--vllm-ngram",
+                          "ngram_gpu"], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "--vllm-ngram: for --engine vllm --method lookup only" in run.stderr
