@@ -10,7 +10,7 @@ import sys
 from cospec.batch_scheduler import SPEC_OFF_AT
 from cospec.cos import MU_MAX
 from cospec.errors import CospecError
-from cospec.methods import MethodOptions, unread_options
+from cospec.methods import TARGET_OUTPUT, MethodOptions, unread_options
 from cospec.models import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
@@ -108,19 +108,45 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "--nproc-per-node N -m cospec ... --tp N; only rank 0 prints and writes)")
 
 
-def add_draft_weights_arg(p: argparse.ArgumentParser) -> None:
-    """``--draft-weights``: generate, bench, eval and serve. The batch engines
+AUTO = "auto"  # --draft-weights of generate and serve: ``auto_draft_weights`` decides
+
+
+def add_draft_weights_arg(p: argparse.ArgumentParser, auto: bool = False) -> None:
+    """``--draft-weights``: generate, bench, eval and serve; ``auto`` (generate and serve)
+    offers "auto", its default (``auto_draft_weights``); eval and bench keep "model" as
+    theirs, so that a committed command measures what it measured. The batch engines
     (``fast_batch``) read the draft's own weights, and on a GPU so does eval's batched
     decoder, so there eval keeps to the methods it decodes at batch 1, and serve beside
     batch engines to those whose output is the target's (``server.int8_batch``)."""
-    p.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, default="model",
+    p.add_argument("--draft-weights", choices=(AUTO, *DRAFT_WEIGHTS) if auto else DRAFT_WEIGHTS,
+                   default=AUTO if auto else "model",
                    help="int8: the draft's steps read int8 copies of its projections and "
                         "lm_head (one scale a row): on a CPU every forward after the "
                         "prompt's prefill, at batch 1 and in eval's batched decoder "
                         "(torch's int8 kernel: a 0.5B step 2.2x faster in float32), on a "
                         "GPU the fused layers at batch 1 (half the bytes). spd's output "
                         "stays the target's; cospec and CoS use the int8 draft's tokens and "
-                        "distribution (default: model, the draft's own weights)")
+                        "distribution. " + (
+                            "auto (default): int8 where every method's output is the "
+                            "target's (target, spd, lookup, spd-lookup, spd-staged) and a "
+                            "fast kernel reads the copies (a CPU with torch's int8 kernel, "
+                            "a GPU's fused layers), else model" if auto else
+                            "Default: model, the draft's own weights"))
+
+
+def auto_draft_weights(pair, methods: list[str]) -> str:
+    """What ``--draft-weights auto`` reads: "int8" where the draft's int8 copies change no
+    output of ``methods`` (all in ``TARGET_OUTPUT``: greedy the target's tokens, sampled
+    its distribution; a seed's sample may differ) and a fast kernel reads them (on a CPU,
+    torch's int8 kernel: ``cpu_int8.can_copy``; on a GPU, the fused layers:
+    ``fast.fused_runs``); else "model". Not for a CoS combination of more models."""
+    from cospec import cpu_int8, fast
+
+    if pair.draft is None or pair.extra or any(m not in TARGET_OUTPUT for m in methods):
+        return "model"
+    if next(pair.draft.parameters()).device.type == "cpu":
+        return "int8" if cpu_int8.can_copy(pair.draft) else "model"
+    return "int8" if fast.fused_runs(pair.draft) else "model"
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -192,10 +218,16 @@ def note_unread_options(options: MethodOptions, methods: list[str]) -> None:
               file=sys.stderr)
 
 
-def load_pair_of(args, need_draft: bool = True):
+def load_pair_of(args, need_draft: bool = True, methods=None):
     """The models named by ``args``; resolves ``args.k == "auto"`` for them (``auto_k``) and
-    gives the draft int8 weights where ``--draft-weights int8`` asks (``draft_weights``)."""
+    gives the draft int8 weights where ``--draft-weights int8`` asks (``draft_weights``).
+    ``--draft-weights auto`` is resolved for ``methods`` (the names, or a function of the
+    loaded pair giving them) by ``auto_draft_weights`` and written back to
+    ``args.draft_weights``."""
     pair = _load_pair(args, need_draft)
+    if getattr(args, "draft_weights", "model") == AUTO:
+        names = methods(pair) if callable(methods) else methods
+        args.draft_weights = auto_draft_weights(pair, list(names or ()))
     draft_weights(pair, getattr(args, "draft_weights", "model"))
     if getattr(args, "k", None) == "auto":
         from cospec.k_auto import auto_k
@@ -249,7 +281,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``cospec serve`` (here, not in ``cospec.server``, so that the command line
     reads the same, and says what to install, where the serve extra is missing)."""
     add_model_args(p)
-    add_draft_weights_arg(p)
+    add_draft_weights_arg(p, auto=True)
     p.add_argument("--arbiter", default=None, help="arbiter file for the cospec method")
     p.add_argument("--methods", default=None,
                    help="methods to offer, comma-separated (default: target, spd, and cospec "

@@ -68,6 +68,7 @@ import torch
 
 from cospec.batch_methods import engine_options
 from cospec.errors import CospecError
+from cospec.fast import attention_shape
 from cospec.fast_batch import PREFILL_TOKENS, RUN_AHEAD, BatchEngine, Commit
 from cospec.fast_batch_warm import WarmUp, warm_up
 from cospec.job import Job
@@ -164,8 +165,7 @@ def kv_bytes(models: Iterable[torch.nn.Module], rows: int, max_len: int) -> int:
     per = 0
     for m in models:
         cfg = m.config
-        kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        _, kv, hd = attention_shape(cfg)
         per += 2 * cfg.num_hidden_layers * kv * hd * next(m.parameters()).element_size()
     return per * rows * max_len
 

@@ -68,16 +68,26 @@ def int8_weights(model: torch.nn.Module) -> int:
                           f"which torch {torch.__version__} lacks: upgrade torch or use "
                           "--draft-weights model")
     copies = {}
-    for mod in model.modules():
-        if (isinstance(mod, torch.nn.Linear) and mod.weight.device.type == "cpu"
-                and mod.weight.shape[1] % WIDTH_MULTIPLE == 0):
-            copy = (*quantize(mod.weight), None if mod.bias is None else mod.bias.detach())
-            copies[mod] = lambda x, copy=copy: product(x, copy)
+    for mod in _fitting(model):
+        copy = (*quantize(mod.weight), None if mod.bias is None else mod.bias.detach())
+        copies[mod] = lambda x, copy=copy: product(x, copy)
     if not copies:
         raise CospecError("int8 draft weights: the model has no CPU linear layer of an input "
                           f"width divisible by {WIDTH_MULTIPLE}")
     _COPIES[model] = copies
     return len(copies)
+
+
+def _fitting(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """``model``'s CPU linears of an input width the kernel takes."""
+    return [mod for mod in model.modules()
+            if isinstance(mod, torch.nn.Linear) and mod.weight.device.type == "cpu"
+            and mod.weight.shape[1] % WIDTH_MULTIPLE == 0]
+
+
+def can_copy(model: torch.nn.Module) -> bool:
+    """``int8_weights(model)`` would make copies: torch has the kernel and some linear fits it."""
+    return available() and bool(_fitting(model))
 
 
 def has_copies(model: torch.nn.Module) -> bool:

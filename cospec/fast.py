@@ -69,6 +69,14 @@ def supported(model: torch.nn.Module) -> bool:
     return all(t == "full_attention" for t in getattr(cfg, "layer_types", None) or [])
 
 
+def attention_shape(cfg) -> tuple[int, int, int]:
+    """(query heads, kv heads, head dim) of a model config (kv heads default to the query
+    heads, head dim to hidden size / heads)."""
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+
 def wanted(model: torch.nn.Module) -> bool:
     """Use the fast path for this model? On CUDA by default; ``COSPEC_EAGER=1`` never,
     ``COSPEC_STATIC=1`` also on CPU (tests). Always for a model that names its own
@@ -198,10 +206,7 @@ class Engine:
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype, self.max_len = p.device, p.dtype, max_len
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
-        self.head_dim = (getattr(cfg, "head_dim", None)
-                         or cfg.hidden_size // cfg.num_attention_heads)
+        self.heads, self.kv_heads, self.head_dim = attention_shape(cfg)
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim ** -0.5
         rotary = self._weights(model)
@@ -473,6 +478,23 @@ def final_norm(engine, x: torch.Tensor, eager: bool) -> torch.Tensor:
         if fused.EDGES and fused.rows_fit(x):
             return fused.rms_norm(x, engine.norm, engine.eps)
     return _rms(x, engine.norm, engine.eps)
+
+
+def fused_runs(model: torch.nn.Module) -> bool:
+    """Would the engines made for ``model`` run their few-row forwards through the fused
+    layers, and so read int8 copies of its weights (``int8_weights``)? As ``fused_wanted``
+    decides for an engine, from the model (COSPEC_FUSED, the device, the shapes)."""
+    from cospec import fused
+
+    if not wanted(model) or getattr(model, "engine_class", None) is not None:
+        return False
+    p = next(model.parameters())
+    mode = fused.mode()
+    if mode == "0" or mode == "auto" and not fused.measured_faster(p.device):
+        return False
+    head_norms = any(getattr(m, "q_norm", None) is not None for m in model.modules())
+    return fused.unsupported_shape(p.device, p.dtype, *attention_shape(model.config),
+                                   head_norms) is None
 
 
 def fused_wanted(engine, flag: bool | None) -> bool:

@@ -71,6 +71,7 @@ from cospec.fast import (
     _qkv,
     _rest,
     _rms,
+    attention_shape,
     capture_graph,
     clock,
     final_norm,
@@ -135,10 +136,7 @@ class BatchLM:
         self.model = model  # the key of its CPU linear-order choice (cospec.cpu.fast_linear)
         p = next(model.parameters())
         self.device, self.dtype, self.rows, self.max_len = p.device, p.dtype, rows, max_len
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
-        self.head_dim = (getattr(cfg, "head_dim", None)
-                         or cfg.hidden_size // cfg.num_attention_heads)
+        self.heads, self.kv_heads, self.head_dim = attention_shape(cfg)
         self.eps, self.scale = cfg.rms_norm_eps, self.head_dim ** -0.5
         self.embed, self.norm = base.embed_tokens.weight, base.norm.weight
         head = model.get_output_embeddings()

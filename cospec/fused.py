@@ -295,24 +295,32 @@ def _kernels() -> ModuleType:
 
 def unsupported(engine) -> str | None:
     """Why the fused kernels cannot run ``engine``'s layers (a ``fast.Engine``), or None."""
-    cuda = engine.device.type == "cuda"
-    hd = engine.head_dim
+    if engine.group is not None:
+        return "a tensor-parallel shard"
+    why = unsupported_shape(engine.device, engine.dtype, engine.heads, engine.kv_heads,
+                            engine.head_dim, engine.layers[0][3] is not None)
+    if why is None and not all(t is None or t.is_contiguous() for w in engine.layers for t in w):
+        return "non-contiguous weights"
+    return why
+
+
+def unsupported_shape(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
+                      head_dim: int, head_norms: bool) -> str | None:
+    """Why the fused kernels cannot run layers of these shapes on ``device``, or None
+    (``unsupported`` for an engine; ``fast.fused_runs`` for a model before its engines)."""
+    cuda = device.type == "cuda"
     if not _has_triton():
         return "triton is not installed"
     if not cuda and not interpret():
-        return f"{engine.device.type} tensors need TRITON_INTERPRET=1"
-    if engine.dtype not in DTYPES:
-        return f"dtype {engine.dtype}"
-    if engine.group is not None:
-        return "a tensor-parallel shard"
-    if hd & (hd - 1) or hd < (32 if cuda else 2):
-        return f"head_dim {hd} (a power of two >= 32 on CUDA)"
-    if engine.heads % engine.kv_heads:
-        return f"{engine.heads} heads over {engine.kv_heads} kv heads"
-    if engine.layers[0][3] is not None:
+        return f"{device.type} tensors need TRITON_INTERPRET=1"
+    if dtype not in DTYPES:
+        return f"dtype {dtype}"
+    if head_dim & (head_dim - 1) or head_dim < (32 if cuda else 2):
+        return f"head_dim {head_dim} (a power of two >= 32 on CUDA)"
+    if heads % kv_heads:
+        return f"{heads} heads over {kv_heads} kv heads"
+    if head_norms:
         return "per-head q/k norms (Qwen3)"
-    if not all(t is None or t.is_contiguous() for w in engine.layers for t in w):
-        return "non-contiguous weights"
     return None
 
 

@@ -37,7 +37,7 @@ def cmd_generate(args) -> int:
     options, sampling = options_of(args), sampling_of(args)
     check_sampling(args.method, sampling)
     note_unread_options(options, [args.method])
-    pair = load_pair_of(args, need_draft=needs_draft([args.method]))
+    pair = load_pair_of(args, need_draft=needs_draft([args.method]), methods=[args.method])
     method = build_method(args.method, pair, options, sampling)
     tok = pair.tokenizer
     ids = encode_prompt(tok, args.prompt, chat=not args.no_chat)
@@ -72,7 +72,7 @@ def cmd_generate(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="decode one prompt and stream the text")
     add_model_args(p)
-    add_draft_weights_arg(p)
+    add_draft_weights_arg(p, auto=True)
     add_decoding_args(p)
     p.add_argument("--method", default="spd", help=f"one of {', '.join(OWN_METHODS)}")
     p.add_argument("--prompt", required=True)

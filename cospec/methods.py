@@ -34,6 +34,9 @@ OWN_METHODS = tuple(m for m in METHODS if m != "hf-assisted")  # decoded by cosp
 SAME_AS_GREEDY = {"spd": "target", "lookup": "target", "spd-lookup": "target",
                   "spd-staged": "target", "we-sd": "we",
                   "cos-we": "we", "cd-sd": "cd", "cos-cd": "cd"}
+# methods whose output is the target's, whatever the draft proposes (greedy: its tokens;
+# sampled: its distribution)
+TARGET_OUTPUT = ("target", *(m for m, same in SAME_AS_GREEDY.items() if same == "target"))
 LOSSY = ("cospec", "confidence", "entropy")
 NO_DRAFT = ("target", "lookup")  # methods that run without a draft model
 GREEDY_ONLY = LOSSY

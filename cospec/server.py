@@ -60,8 +60,8 @@ from cospec.job import Job
 from cospec.methods import (
     GREEDY_ONLY,
     OWN_METHODS,
-    SAME_AS_GREEDY,
     SHIPPED_ARBITER,
+    TARGET_OUTPUT,
     Method,
     MethodOptions,
     build_method,
@@ -87,11 +87,6 @@ DEFAULT_MAX_CONTEXT = 2048
 POLL_S = 0.1             # how often a waiting handler checks that its client is still there
 MAX_BODY = 8 << 20       # request bodies above this are refused (413)
 MAX_STOPS = 4
-# methods whose output is the target's whatever the draft (its greedy tokens, a sample of
-# its distribution): the batch engines may read the draft's own weights where the batch-1
-# engines read its int8 copies
-TARGET_OUTPUT = ("target", *(m for m, same in SAME_AS_GREEDY.items() if same == "target"))
-
 
 # the sampling of a request that sets none (OpenAI's defaults: temperature 1, top-p 1)
 REQUEST_SAMPLING = SamplingConfig(*(CommonRequest.model_fields[f].default
@@ -564,7 +559,7 @@ def cmd_serve(args) -> int:
         raise CospecError(f"cannot serve method(s) {', '.join(unknown)}; choose from "
                           f"{', '.join(OWN_METHODS)}")
     mixed = [m for m in methods or () if m not in TARGET_OUTPUT and m not in ("we", "cd")]
-    if args.draft_weights != "model" and args.max_batch and mixed:  # before minutes of loading
+    if args.draft_weights == "int8" and args.max_batch and mixed:  # before minutes of loading
         raise CospecError(int8_batch(mixed))
     if args.arbiter:
         from cospec.arbiter import arbiter_info
@@ -572,8 +567,14 @@ def cmd_serve(args) -> int:
         arbiter_info(args.arbiter)
     sock = bind(args.host, args.port)  # fail on a busy port before minutes of model loading
     _show_logs()
-    pair = load_pair_of(args, need_draft=needs_draft(methods))
-    app = create_app(pair, methods=methods, arbiter=args.arbiter,
+    offered: list[str] = []  # --draft-weights auto: what it was resolved for
+
+    def offer(pair: Pair) -> list[str]:
+        offered[:] = methods or default_methods(pair, args.arbiter)
+        return offered
+
+    pair = load_pair_of(args, need_draft=needs_draft(methods), methods=offer)
+    app = create_app(pair, methods=offered or methods, arbiter=args.arbiter,
                      model_name=args.served_model_name, k=args.k, max_active=args.max_active,
                      max_queue=args.max_queue, timeout=args.timeout,
                      default_max_tokens=args.default_max_tokens, max_batch=args.max_batch,

@@ -97,9 +97,7 @@ class ShardedLM(torch.nn.Module):
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.group = dist.group.WORLD.group_name  # the collectives' group, by name
         cfg, n = config, self.world
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        heads, kv_heads, hd = fast.attention_shape(cfg)
         inter = cfg.intermediate_size
         if heads % n or kv_heads % n or inter % n:
             raise CospecError(f"cannot split the target over {n} ranks: {heads} heads, "

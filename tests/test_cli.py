@@ -23,13 +23,14 @@ def models(tiny_dirs):
 
 def test_generate_json_spd_equals_target(tiny_dirs, capsys):
     """spd equals the target with an unrelated draft, and with the target as its own draft
-    it speculates: every draft accepted, k + 1 tokens per target pass."""
+    (its own weights, not generate's default int8 copies) it speculates: every draft
+    accepted, k + 1 tokens per target pass."""
     t, d = tiny_dirs
     outs = {}
     for name, method, draft in (("target", "target", d), ("spd", "spd", d), ("self", "spd", t)):
         assert main(["generate", "--target", str(t), "--draft", str(draft), "--method", method,
                      "--prompt", "w5 w9 w12", "--no-chat", "--max-new-tokens", "20", "--k", "4",
-                     "--json"]) == 0
+                     "--draft-weights", "model", "--json"]) == 0
         outs[name] = json.loads(capsys.readouterr().out)
     assert outs["spd"]["token_ids"] == outs["target"]["token_ids"] == outs["self"]["token_ids"]
     assert outs["spd"]["stats"]["generated"] == len(outs["spd"]["token_ids"])
@@ -239,8 +240,8 @@ def test_k_auto_picks_the_predicted_length_and_times_once(tiny_dirs, tmp_path, m
     outs = []
     for _ in range(2):
         assert main(["generate", *models(tiny_dirs), "--method", "spd", "--k", "auto",
-                     "--prompt", "w5 w9 w12", "--no-chat", "--max-new-tokens", "20",
-                     "--json"]) == 0
+                     "--draft-weights", "model", "--prompt", "w5 w9 w12", "--no-chat",
+                     "--max-new-tokens", "20", "--json"]) == 0
         outs.append(json.loads(capsys.readouterr().out))
     assert outs[0]["k"] == 2 == outs[1]["k"]  # best_k on these costs at alpha 0.85
     assert len(timed) == len(k_auto.AUTO_KS) + 1  # timed once: the second run read the cache

@@ -203,7 +203,7 @@ def test_serve_flag(monkeypatch):
     seen = {}
     monkeypatch.setattr(server, "bind", lambda host, port: None)
     monkeypatch.setattr(server, "_show_logs", lambda: None)
-    monkeypatch.setattr(server, "load_pair_of", lambda args, need_draft: "pair")
+    monkeypatch.setattr(server, "load_pair_of", lambda args, need_draft, methods: "pair")
     monkeypatch.setattr(server, "create_app", lambda pair, **kw: seen.update(kw) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
         server.cmd_serve(args)
