@@ -10,7 +10,7 @@ import sys
 from cospec.batch_scheduler import SPEC_OFF_AT
 from cospec.cos import MU_MAX
 from cospec.errors import CospecError
-from cospec.methods import TARGET_OUTPUT, MethodOptions, unread_options
+from cospec.methods import TARGET_OUTPUT, MethodOptions, needs_draft, unread_options
 from cospec.models import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
@@ -134,15 +134,19 @@ def add_draft_weights_arg(p: argparse.ArgumentParser, auto: bool = False) -> Non
                             "Default: model, the draft's own weights"))
 
 
-def auto_draft_weights(pair, methods: list[str]) -> str:
+def auto_draft_weights(pair, methods: list[str], readers: list[str] | None = None) -> str:
     """What ``--draft-weights auto`` reads: "int8" where the draft's int8 copies change no
     output of ``methods`` (all in ``TARGET_OUTPUT``: greedy the target's tokens, sampled
-    its distribution; a seed's sample may differ) and a fast kernel reads them (on a CPU,
-    torch's int8 kernel: ``cpu_int8.can_copy``; on a GPU, the fused layers:
-    ``fast.fused_runs``); else "model". Not for a CoS combination of more models."""
+    its distribution; a seed's sample may differ), some method of ``readers`` (default:
+    ``methods``; serve: those its batch engines leave to the batch-1 paths) runs the draft,
+    and a fast kernel reads the copies (on a CPU, torch's int8 kernel:
+    ``cpu_int8.can_copy``; on a GPU, the fused layers: ``fast.fused_runs``); else "model".
+    Not for a CoS combination of more models."""
     from cospec import cpu_int8, fast
 
     if pair.draft is None or pair.extra or any(m not in TARGET_OUTPUT for m in methods):
+        return "model"
+    if not needs_draft(methods if readers is None else readers):
         return "model"
     if next(pair.draft.parameters()).device.type == "cpu":
         return "int8" if cpu_int8.can_copy(pair.draft) else "model"
@@ -221,13 +225,13 @@ def note_unread_options(options: MethodOptions, methods: list[str]) -> None:
 def load_pair_of(args, need_draft: bool = True, methods=None):
     """The models named by ``args``; resolves ``args.k == "auto"`` for them (``auto_k``) and
     gives the draft int8 weights where ``--draft-weights int8`` asks (``draft_weights``).
-    ``--draft-weights auto`` is resolved for ``methods`` (the names, or a function of the
-    loaded pair giving them) by ``auto_draft_weights`` and written back to
-    ``args.draft_weights``."""
+    ``--draft-weights auto`` is resolved by ``auto_draft_weights`` for ``methods``: the
+    names, or a function of the loaded pair giving them and their readers, and written
+    back to ``args.draft_weights``."""
     pair = _load_pair(args, need_draft)
     if getattr(args, "draft_weights", "model") == AUTO:
-        names = methods(pair) if callable(methods) else methods
-        args.draft_weights = auto_draft_weights(pair, list(names or ()))
+        names, readers = methods(pair) if callable(methods) else (methods or [], None)
+        args.draft_weights = auto_draft_weights(pair, list(names), readers)
     draft_weights(pair, getattr(args, "draft_weights", "model"))
     if getattr(args, "k", None) == "auto":
         from cospec.k_auto import auto_k

@@ -57,6 +57,7 @@ from cospec.batch_scheduler import (
 from cospec.errors import CospecError
 from cospec.fast_batch_warm import captures
 from cospec.job import Job
+from cospec.lookup import LOOKUP_METHODS
 from cospec.methods import (
     GREEDY_ONLY,
     OWN_METHODS,
@@ -118,6 +119,18 @@ class BodyLimit:
                 return
         await self.app(scope, receive, send)
 
+
+
+def int8_readers(names: list[str], pair: Pair, max_batch: int, solo: bool) -> list[str]:
+    """Of served ``names``, those whose requests may decode on a batch-1 path, where a
+    draft's int8 copies are read: all without batch engines; beside them the methods no
+    batch engine runs (prompt lookup's), and on a GPU with ``solo`` spd (a lone request,
+    ``scheduler``)."""
+    if not max_batch:
+        return list(names)
+    gpu_solo = (solo and pair.draft is not None
+                and next(pair.draft.parameters()).device.type == "cuda")
+    return [m for m in names if m in LOOKUP_METHODS or gpu_solo and m == "spd"]
 
 
 def default_methods(pair: Pair, arbiter: str | None, copies: bool = False) -> list[str]:
@@ -569,9 +582,9 @@ def cmd_serve(args) -> int:
     _show_logs()
     offered: list[str] = []  # --draft-weights auto: what it was resolved for
 
-    def offer(pair: Pair) -> list[str]:
+    def offer(pair: Pair) -> tuple[list[str], list[str]]:
         offered[:] = methods or default_methods(pair, args.arbiter)
-        return offered
+        return offered, int8_readers(offered, pair, args.max_batch, args.solo)
 
     pair = load_pair_of(args, need_draft=needs_draft(methods), methods=offer)
     app = create_app(pair, methods=offered or methods, arbiter=args.arbiter,

@@ -25,7 +25,7 @@ def pair():
 @pytest.mark.parametrize("methods, kind", [
     (["spd"], "int8"), (["target", "spd", "spd-staged", "spd-lookup"], "int8"),
     (["target", "spd", "cospec"], "model"), (["draft"], "model"), (["cos-we"], "model"),
-    (["we-sd"], "model"), ([], "int8")])
+    (["we-sd"], "model"), ([], "model"), (["target"], "model")])
 def test_int8_only_where_every_output_stays_the_targets(pair, methods, kind):
     assert auto_draft_weights(pair, methods) == kind
 
@@ -93,9 +93,10 @@ def test_generate_resolves_auto_for_its_method(tiny_dirs, capsys, monkeypatch):
 
 
 def test_serve_resolves_auto_for_the_methods_it_offers(tiny_dirs, monkeypatch):
-    """serve's default: int8 for target and spd, named or offered by default; its own
-    weights where a served method's output is the draft's (never refused beside batch
-    engines, as int8 asked for is)."""
+    """serve's default: int8 where every method offered (named or by default) has the
+    target's output and some request would read the copies on a batch-1 path; on a CPU
+    beside batch engines that is prompt lookup's methods only (never refused, as int8
+    asked for is beside them with a method whose output is the draft's)."""
     from cospec import server
 
     class Loaded(Exception):
@@ -110,9 +111,32 @@ def test_serve_resolves_auto_for_the_methods_it_offers(tiny_dirs, monkeypatch):
     monkeypatch.setattr(cli_args, "draft_weights", lambda pair, kind: kinds.append(kind))
     monkeypatch.setattr(server, "create_app", create_app)
     t, d = tiny_dirs
-    for methods in (["--methods", "target,spd"], ["--methods", "target,spd,draft"], []):
-        with pytest.raises(Loaded):  # [] the defaults: target, spd (the shipped arbiter
-            main(["serve", "--target", str(t), "--draft", str(d), "--device", "cpu",  # does
-                  "--port", "0", *methods])                                 # not fit these)
-    assert kinds == ["int8", "model", "int8"]
-    assert offered == [["target", "spd"], ["target", "spd", "draft"], ["target", "spd"]]
+    cases = {("--max-batch", "0", "--methods", "target,spd"): "int8",
+             ("--max-batch", "0", "--methods", "target,spd,draft"): "model",
+             ("--max-batch", "0"): "int8",  # the defaults: target, spd (the shipped
+             ("--methods", "target,spd"): "model",  # arbiter does not fit these models)
+             ("--methods", "target,spd,spd-staged"): "int8"}
+    for flags in cases:
+        with pytest.raises(Loaded):
+            main(["serve", "--target", str(t), "--draft", str(d), "--device", "cpu",
+                  "--port", "0", *flags])
+    assert kinds == list(cases.values())
+    assert offered[2] == offered[3] == ["target", "spd"]
+
+
+def test_int8_readers_on_a_gpu_include_a_lone_spd_request():
+    from types import SimpleNamespace
+
+    from cospec.server import int8_readers
+
+    def on(device):
+        draft = SimpleNamespace(parameters=lambda: iter([torch.zeros(1, device="meta")]))
+        if device == "cuda":
+            draft.parameters = lambda: iter([SimpleNamespace(device=torch.device("cuda"))])
+        return Pair(None, draft, None, "t", "d")
+
+    names = ["target", "spd", "spd-staged"]
+    assert int8_readers(names, on("cuda"), 16, solo=True) == ["spd", "spd-staged"]
+    assert int8_readers(names, on("cuda"), 16, solo=False) == ["spd-staged"]
+    assert int8_readers(names, on("cpu"), 16, solo=True) == ["spd-staged"]
+    assert int8_readers(names, on("cpu"), 0, solo=True) == names
