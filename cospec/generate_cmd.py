@@ -23,7 +23,7 @@ from cospec.methods import (
     eos_ids,
     needs_draft,
 )
-from cospec.models import check_context
+from cospec.models import check_context, reads_int8
 from cospec.stats import DecodeStats
 from cospec.text_stream import pieces, warn_outside_vocab
 
@@ -57,13 +57,15 @@ def cmd_generate(args) -> int:
             print(f"\033[32m{piece}\033[0m" if color and token.from_draft else piece, end="",
                   flush=True)
     text = tok.decode(out, skip_special_tokens=True)
+    weights = "int8" if reads_int8(pair.draft) else "model"  # what the draft's steps read
     if args.json:
         print(json.dumps({"method": args.method, "k": args.k, "text": text, "token_ids": out,
-                          "stats": stats.to_dict()}))
+                          "draft_weights": weights, "stats": stats.to_dict()}))
     else:
         s = stats
         print(f"\n\n[{args.method}] {s.generated} tokens, {s.tokens_per_s:.2f} tok/s, "
               f"tau {s.tau:.2f}, prefill {s.prefill_s:.2f}s, decode {s.decode_s:.2f}s"
+              + (", int8 draft" if weights == "int8" else "")
               + (f", overrides {s.overrides}/{s.arbiter_calls}" if s.arbiter_calls else ""),
               file=sys.stderr)
     return 0

@@ -82,6 +82,7 @@ def test_generate_resolves_auto_for_its_method(tiny_dirs, capsys, monkeypatch):
                      "--max-new-tokens", "20", "--k", "4", "--json"]) == 0
         outs[method] = json.loads(capsys.readouterr().out)
     assert kinds == ["model", "int8", "model"]
+    assert [outs[m]["draft_weights"] for m in outs] == kinds  # said with the output
     assert outs["spd"]["token_ids"] == outs["target"]["token_ids"]
     assert outs["spd"]["stats"]["drafted"] > 0
     parser = build_parser()
