@@ -130,7 +130,8 @@ def add_draft_weights_arg(p: argparse.ArgumentParser, auto: bool = False) -> Non
                             "auto (default): int8 where every method's output is the "
                             "target's (target, spd, lookup, spd-lookup, spd-staged) and a "
                             "fast kernel reads the copies (a CPU with torch's int8 kernel, "
-                            "a GPU's fused layers), else model" if auto else
+                            "a GPU's fused layers; serve: read by some request's "
+                            "batch-1 path), else model" if auto else
                             "Default: model, the draft's own weights"))
 
 
