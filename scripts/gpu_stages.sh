@@ -311,7 +311,7 @@ stage_xserve() {  # cospec serve in its own process (as vLLM's server), the sspe
     PYTHONPATH=$PYTHONPATH:/tmp/vsite served "cospec serve $m" "$out" 8012 \
         python3 -m cospec serve --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b \
         --device cuda --dtype bfloat16 --methods "$m" --k 4 --max-batch 64 --max-queue 128 \
-        --port 8012 --warm-up
+        --draft-weights model --port 8012 --warm-up  # the draft's own, as vLLM's server reads
 }
 
 stage_replay() {

@@ -37,7 +37,7 @@ if python -m cospec generate --help | grep -q -- "--tp"; then
         for method in target spd; do
             torchrun --standalone --nproc-per-node "$n" -m cospec generate --tp "$n" \
                 --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --method "$method" \
-                --k 4 --max-new-tokens 256 --json --prompt "Write a Python function that \
+                --k 4 --draft-weights model --max-new-tokens 256 --json --prompt "Write a Python function that \
 returns the n-th Fibonacci number, with a docstring and two tests." \
                 > "$R/generate-tp$n-$method.json"
         done
