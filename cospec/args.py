@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 
 from cospec.batch_scheduler import SPEC_OFF_AT
 from cospec.cos import MU_MAX
@@ -15,6 +16,7 @@ from cospec.models import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
     DRAFT_WEIGHTS,
+    Pair,
     check_device,
     default_device,
     default_dtype,
@@ -223,7 +225,9 @@ def note_unread_options(options: MethodOptions, methods: list[str]) -> None:
               file=sys.stderr)
 
 
-def load_pair_of(args, need_draft: bool = True, methods=None):
+def load_pair_of(args, need_draft: bool = True,
+                 methods: list[str] | Callable[[Pair], tuple[list[str], list[str]]] | None = None
+                 ) -> Pair:
     """The models named by ``args``; resolves ``args.k == "auto"`` for them (``auto_k``) and
     gives the draft int8 weights where ``--draft-weights int8`` asks (``draft_weights``).
     ``--draft-weights auto`` is resolved by ``auto_draft_weights`` for ``methods``: the

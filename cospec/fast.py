@@ -483,14 +483,14 @@ def final_norm(engine, x: torch.Tensor, eager: bool) -> torch.Tensor:
 def fused_runs(model: torch.nn.Module) -> bool:
     """Would the engines made for ``model`` run their few-row forwards through the fused
     layers, and so read int8 copies of its weights (``int8_weights``)? As ``fused_wanted``
-    decides for an engine, from the model (COSPEC_FUSED, the device, the shapes)."""
+    decides for an engine, from the model (COSPEC_FUSED, the device, the shapes; not the
+    weights' contiguity, which only an engine's stacked weights show)."""
     from cospec import fused
 
     if not wanted(model) or getattr(model, "engine_class", None) is not None:
         return False
     p = next(model.parameters())
-    mode = fused.mode()
-    if mode == "0" or mode == "auto" and not fused.measured_faster(p.device):
+    if fused.asked(p.device) is None:
         return False
     head_norms = any(getattr(m, "q_norm", None) is not None for m in model.modules())
     return fused.unsupported_shape(p.device, p.dtype, *attention_shape(model.config),
@@ -504,8 +504,8 @@ def fused_wanted(engine, flag: bool | None) -> bool:
     were asked for)."""
     from cospec import fused
 
-    mode = fused.mode(flag)
-    if mode == "0" or mode == "auto" and not fused.measured_faster(engine.device):
+    mode = fused.asked(engine.device, flag)
+    if mode is None:
         return False
     why = fused.unsupported(engine)
     if why is not None and mode == "1":

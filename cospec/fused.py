@@ -267,6 +267,15 @@ def mode(flag: bool | None = None) -> str:
     return choice("COSPEC_FUSED", MODES, "auto")
 
 
+def asked(device: torch.device, flag: bool | None = None) -> str | None:
+    """``mode(flag)`` where it runs the fused layers on ``device`` ("1"; "auto" on the GPUs
+    where they measured faster), else None (the shapes aside: ``unsupported``)."""
+    chosen = mode(flag)
+    if chosen == "0" or chosen == "auto" and not measured_faster(device):
+        return None
+    return chosen
+
+
 def measured_faster(device: torch.device) -> bool:
     """``auto``'s test: a CUDA GPU of compute capability MEASURED_MAJOR or more."""
     return (device.type == "cuda"
