@@ -12,12 +12,15 @@ class DecodeStats:
     Terminology (as in vLLM's rejection sampler): per step the proposer *drafts* k tokens; the
     verifier *accepts* a prefix of them; then one more token is committed, either *recovered*
     (at a rejection) or the *bonus* (all k accepted). Mean acceptance length
-    ``tau = 1 + accepted / steps`` counts that extra token.
+    ``tau = 1 + accepted / steps`` counts that extra token. As vLLM counts them, the drafts a
+    step's verify accepted count whole where a stop (an EOS, the token budget) cuts the step's
+    tokens short, so a generation that stops inside a block has ``tau`` above
+    ``generated / steps`` (one step of 10 tokens, 12 drafts accepted: ``tau`` 13).
     """
 
     steps: int = 0               # verify passes (target forward passes after prefill)
     drafted: int = 0             # draft tokens proposed
-    accepted: int = 0            # draft tokens committed (arbiter overrides included)
+    accepted: int = 0            # draft tokens accepted (arbiter overrides included)
     generated: int = 0           # token ids produced, EOS included, after stop truncation
     accepted_at: list[int] = field(default_factory=list)  # [i]: steps accepting > i drafts
     arbiter_calls: int = 0       # mismatches handed to an arbiter
