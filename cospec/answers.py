@@ -43,17 +43,22 @@ _SPACES = re.compile(r"\\[,;: ]|~|[\u2009\u202f\u00a0]")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°")
 _STATED = re.compile(r"(?:\banswer[\s*_]*(?:(?:is|was|will be|would be)\b|=|:)|####)", re.I)
 _STATED_NUMBER = re.compile(rf"[\s$*_:\\(\[{{]*({NUMBER.pattern})")
+_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
+_OPERATION = re.compile(r"\d\s*(?:[-+*/\u00d7\u00f7x]|\\times|\\cdot|\\div)\s*[$(]?\s*\.?\d")
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last closed ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces allowed),
-    or None. An unclosed one (a completion cut short) is passed over."""
+    or None. An unclosed one (a completion cut short) and an empty one (a template's
+    ``\\boxed{}``) are passed over."""
     for m in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*\{", text))):
         depth = 0
         for j in range(m.end() - 1, len(text)):
             depth += {"{": 1, "}": -1}.get(text[j], 0)
             if depth == 0:
-                return text[m.end():j]
+                if text[m.end():j].strip():
+                    return text[m.end():j]
+                break
     return None
 
 
@@ -113,9 +118,23 @@ def final_answer(text: str) -> str | None:
     for m in reversed(list(_STATED.finditer(text))):
         found = _STATED_NUMBER.match(text, m.end())
         if found is not None:
-            return found[1]
+            return _result(text, found)
     found = NUMBER.findall(text)
     return found[-1] if found else None
+
+
+def _result(text: str, found: re.Match) -> str:
+    """The stated answer ``found`` (a match of _STATED_NUMBER), or, where its sentence goes
+    on as a calculation ("The answer is 20 - 5 = 15."), the number after the sentence's last
+    "=" (not after "18 = 2 x 9": no operation before that "=")."""
+    end = _SENTENCE_END.search(text, found.end())
+    sentence = text[found.start(1):end.start() if end else len(text)]
+    eq = sentence.rfind("=")
+    if eq > 0 and _OPERATION.search(sentence, 0, eq):
+        after = _STATED_NUMBER.match(sentence, eq + 1)
+        if after is not None:
+            return after[1]
+    return found[1]
 
 
 def normalize(answer: str) -> str:
@@ -175,15 +194,13 @@ def extract_code(text: str, entry_point: str = "") -> str:
 
 def function_under_test(tests: str) -> str:
     """The function the test code calls: the first call in an ``assert`` to a name that is
-    not a builtin ('' if none, or if the tests do not parse)."""
+    not a builtin, else the first to one that is (mbpp/126 asks for a function ``sum``;
+    '' if the asserts call no name, or if the tests do not parse)."""
     try:
         tree = ast.parse(tests)
     except SyntaxError:
         return ""
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assert):
-            for call in ast.walk(node.test):
-                if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
-                        and not hasattr(builtins, call.func.id)):
-                    return call.func.id
-    return ""
+    called = [call.func.id for node in ast.walk(tree) if isinstance(node, ast.Assert)
+              for call in ast.walk(node.test)
+              if isinstance(call, ast.Call) and isinstance(call.func, ast.Name)]
+    return next((n for n in called if not hasattr(builtins, n)), called[0] if called else "")

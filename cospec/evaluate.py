@@ -317,7 +317,9 @@ def accuracy_pass(s: EvalSetup, run: RunDir) -> None:
             run.append("accuracy", recs)
             total += len(recs)
             right += sum(correct)
-            run.append("throughput", [{"id": f"chunk{start}", "method": method, "path": path,
+            # named by its first problem: unique across resumes (done problems never return)
+            run.append("throughput", [{"id": f"chunk:{s.problems[idx[0]].id}", "method": method,
+                                       "path": path,
                                        "sequences": len(idx), "seconds": dt,
                                        "tokens": sum(len(o[0]) for o in outs)}])
             bar.update(len(idx))

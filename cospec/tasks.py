@@ -164,7 +164,9 @@ def _mbpp() -> list[Problem]:
             f"You are an expert Python programmer, and here is your task: {d['text']} "
             "Your code should pass these tests:\n\n" + "\n".join(tests)
             + "\nReturn the code in a single ```python code block.",
-            tests="\n".join(tests) + "\n", preamble=d.get("test_setup_code") or ""))
+            # the setup code (mbpp/367's tree of the Node class the answer defines) runs
+            # after the answer, before the asserts
+            tests="\n".join([d.get("test_setup_code") or "", *tests]) + "\n"))
     return out
 
 

@@ -20,6 +20,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import os
 import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", default=",".join(TASK_NAMES),
                     help="comma-separated tasks to re-grade (default: all)")
     ap.add_argument("--out", type=Path, default=Path("results/regrade"))
-    ap.add_argument("--workers", type=int, default=8, help="threads grading code")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                    help="threads grading code (default: the machine's cores)")
     args = ap.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = set(tasks) - set(TASK_NAMES)

@@ -96,6 +96,11 @@ def test_to_number(text, value):
     ("To find the answer: Janet has 3 eggs, sells 2, keeps 1", "1"),  # no stated number
     ("pages 10-15", "15"),
     ("no number here", None),
+    ("So the answer is 20 - 5 = 15.", "15"),             # a calculation: its result
+    ("The answer is 100 / 4 = $25. Then 7", "25"),
+    ("The answer is 18 = 2 x 9.", "18"),                 # no operation before the "="
+    ("The answer is 3.5. Check 4", "3.5"),
+    ("\\boxed{18} eggs. (Template: \\boxed{})", "18"),   # an empty box is no answer
 ])
 def test_final_answer(text, answer):
     assert final_answer(text) == answer
@@ -163,6 +168,18 @@ def test_function_under_test_skips_builtins():
     assert function_under_test("assert math.isclose(area(2), 12.56, rel_tol=0.01)\n") == "area"
     assert function_under_test("assert is_Diff (12345) == False\n") == "is_Diff"
     assert function_under_test("assert (\n") == ""
+    assert function_under_test("assert sum(10, 15) == 6\n") == "sum"  # mbpp/126: a builtin's name
+    assert function_under_test("assert len(pairs(3)) == 2\n") == "pairs"
+
+
+def test_mbpp_grade_finds_a_function_named_as_a_builtin():
+    """mbpp/126 asks for ``sum``: the block defining it is graded, not a later helper's."""
+    task = get_task("mbpp")
+    p = next(p for p in task.problems() if p.id == "mbpp/126")
+    sol = ("def sum(a, b):\n    s = 0\n    for i in range(1, min(a, b) + 1):\n"
+           "        if a % i == 0 and b % i == 0:\n            s += i\n    return s\n")
+    helper = "\nTo check it:\n```python\ndef test():\n    print(sum(10, 15))\ntest()\n```"
+    assert task.grade(p, f"```python\n{sol}```" + helper)
 
 
 def test_mbpp_grade_ignores_a_usage_example_after_the_solution():

@@ -230,3 +230,22 @@ def test_an_int8_draft_on_a_gpu_keeps_eval_to_batch1_methods(monkeypatch):
                         ["draft"])
     s = SimpleNamespace(args=args, device=torch.device("cuda"), built={"spd": None})
     assert not uses_batch_engine(s, "spd")
+
+
+def test_a_resumed_run_keeps_every_chunk_of_its_batched_throughput(tiny_dirs, tmp_path):
+    """A run extended to more problems decodes the new ones in chunks of their own: the
+    batched tokens/s is over every chunk's tokens and seconds, none overwritten by a later
+    chunk that starts at the same place in its own list."""
+    t, d = tiny_dirs
+    out = tmp_path / "run"
+    for limit in ("2", "4"):
+        assert main(["eval", "--target", str(t), "--draft", str(d), "--task", "gsm8k",
+                     "--split", "dev", "--limit", limit, "--max-new-tokens", "4",
+                     "--methods", "target", "--speed-subset", "0", "--batch-size", "1",
+                     "--out", str(out)]) == 0
+    chunks = [json.loads(x) for x in (out / "throughput.jsonl").read_text().splitlines()]
+    assert len(chunks) == 2 and len({c["id"] for c in chunks}) == 2
+    assert sum(c["sequences"] for c in chunks) == 4
+    summary = json.loads((out / "summary.json").read_text())["methods"]["target"]
+    assert summary["batched_tokens_per_s"] == pytest.approx(
+        sum(c["tokens"] for c in chunks) / sum(c["seconds"] for c in chunks))
