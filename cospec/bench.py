@@ -16,8 +16,9 @@ from pathlib import Path
 
 from cospec.args import load_pair_of, nonneg_int, positive_int
 from cospec.cpu import MODES
-from cospec.errors import check_writable
+from cospec.errors import CospecError, check_writable
 from cospec.k_auto import best_k, forward_cost, machine
+from cospec.models import context_length
 
 ALPHAS = (0.6, 0.75, 0.9)  # per-token acceptance rates the best draft length is predicted at
 
@@ -70,6 +71,10 @@ def cmd_verify_cost(args) -> int:
     ks = sorted(set(args.ks) | {1})
     base = ks[0]  # what the _rel columns divide by: 1, one decoding step
     pair = load_pair_of(args, need_draft=True)
+    ctx = context_length(pair)
+    if args.prefix + ks[-1] > ctx:  # past them a forward is timed on no real use (or never ends)
+        raise CospecError(f"--prefix {args.prefix} + the largest of --ks, {ks[-1]}, pass the "
+                          f"models' context of {ctx} positions: give at most {ctx} together")
     keys = labels(pair.target_name, pair.draft_name)
     rows, out = [], {"prefix": args.prefix, "reps": args.reps, "relative_to_k": base,
                      "roles": keys, "models": {}, "machine": machine(),

@@ -59,6 +59,9 @@ def shard_files(paths: list[str | Path]) -> list[Path]:
         if p.is_dir():
             files += sorted(p.glob("shard-*.jsonl.gz"))
         elif p.is_file():
+            if not SHARD_NAME.fullmatch(p.name):
+                raise CospecError(f"{p} is no shard of cospec collect (shard-N.jsonl.gz): "
+                                  "give a collect folder or its shard files")
             files.append(p)
         else:
             raise CospecError(f"no divergence data at {p}")

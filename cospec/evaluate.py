@@ -223,9 +223,12 @@ def _methods(text: str) -> list[str]:
     if not names:
         raise CospecError(f"--methods {text!r} names no method; choose from {', '.join(METHODS)}")
     bad = [m for m in names if m not in METHODS]
-    if bad or not names:
-        raise CospecError(f"unknown method(s) {', '.join(bad) or text!r}; choose from "
+    if bad:
+        raise CospecError(f"unknown method(s) {', '.join(bad)}; choose from "
                           f"{', '.join(METHODS)}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:  # each would be timed and reported twice
+        raise CospecError(f"--methods names {', '.join(twice)} more than once")
     if "target" not in names:
         names.insert(0, "target")  # every speedup is measured against it
     return names

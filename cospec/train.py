@@ -31,7 +31,7 @@ from cospec.args import (
     seed_int,
     unit_closed,
 )
-from cospec.collect import read_points
+from cospec.collect import read_points, shard_files
 from cospec.errors import CospecError, check_writable, read_json
 
 
@@ -69,8 +69,8 @@ def data_pair(paths: list[str]) -> tuple[str, str] | None:
 
 def report_path(out: str) -> Path:
     """Where the training report goes beside the arbiter file ``out`` (its name with
-    ``.json``); refuses an ``out`` that is a folder, or one ending in .json, whose report
-    would overwrite the arbiter."""
+    ``.json``); refuses an ``out`` that is a folder, one ending in .json, whose report
+    would overwrite the arbiter, and one of another kind than .safetensors (or no suffix)."""
     arb = Path(out)
     if arb.is_dir():
         raise CospecError(f"--out {out} is a folder: name the arbiter file to write "
@@ -78,6 +78,9 @@ def report_path(out: str) -> Path:
     if arb.suffix.lower() == ".json":
         raise CospecError(f"--out {out}: the arbiter's report is written beside it as .json; "
                           "name the arbiter file otherwise (e.g. .safetensors)")
+    if arb.suffix.lower() not in ("", ".safetensors"):  # nor overwrite another kind of file
+        raise CospecError(f"--out {out}: an arbiter is a safetensors file; name it "
+                          f"{arb.with_suffix('.safetensors').name}")
     report = arb.with_suffix(".json")
     if report.is_dir():
         raise CospecError(f"the report {report} for --out {out} would overwrite a folder")
@@ -227,6 +230,7 @@ def reinforce(points: list[dict], *, epochs: int = 300, lr: float = 3e-3,
 def cmd_train(args) -> int:
     report_file = report_path(args.out)  # before the data is read and the policy trained
     check_writable(Path(args.out).parent, f"--out {args.out}")
+    shard_files(args.data)  # a missing path is named before the pair is looked for in it
     target, draft = model_pair(args)
     points = read_points(args.data)
     train, val = split_by_problem(points, args.val_fraction)

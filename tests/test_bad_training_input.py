@@ -352,3 +352,32 @@ def test_verify_cost_checks_its_out_before_timing(tmp_path, capsys, no_models, o
     out = out.format(file=file)
     line = refused(capsys, "verify-cost", *NO_MODEL, "--ks", "1", "--out", out)
     assert line.startswith(f"error: --out {out}: {message.format(file=file)}"), line
+
+
+# ---------------------------------------------------------------- 7: train's --data and --out
+
+
+def test_train_names_a_missing_data_path_first(tmp_path, capsys):
+    """Not "cannot tell which model pair": the path that is not there."""
+    line = refused(capsys, "train", "--data", tmp_path / "nope", "--out",
+                   tmp_path / "arb.safetensors")
+    assert line == f"error: no divergence data at {tmp_path / 'nope'}", line
+
+
+def test_train_refuses_a_file_that_is_no_shard(tmp_path, capsys):
+    """Not "delete it and run collect again": it never was collect's."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hi")
+    line = refused(capsys, "train", "--data", notes, "--out", tmp_path / "arb.safetensors",
+                   "--target", "a", "--draft", "b")
+    assert "is no shard of cospec collect" in line and "delete it" not in line, line
+
+
+def test_train_writes_its_arbiter_only_to_a_safetensors_name(tmp_path, capsys):
+    """An --out of another kind (here an existing text file) is refused, not overwritten."""
+    data = data_dir(tmp_path / "data")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    line = refused(capsys, "train", "--data", data, "--out", notes, "--epochs", "1")
+    assert "an arbiter is a safetensors file; name it notes.safetensors" in line, line
+    assert notes.read_text() == "keep me"

@@ -330,6 +330,7 @@ def test_eval_is_resumable_and_refuses_other_configs(tiny_dirs, tmp_path):
     (["--task", "gsm8k", "--split", "dev", "--limit", "1", "--methods", "target",
       "--out", "/dev/null/x"], "--out /dev/null/x: /dev/null is not a folder"),
     (["--task", "gsm8k", "--methods", " , "], "--methods ' , ' names no method"),
+    (["--task", "gsm8k", "--methods", "target,spd, spd"], "--methods names spd more than once"),
 ])
 def test_eval_bad_input(tiny_dirs, tmp_path, args, message):
     out = [] if "--out" in args else ["--out", tmp_path / "x"]

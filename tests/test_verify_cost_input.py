@@ -105,3 +105,17 @@ def test_relative_columns_divide_by_k_1_as_headed(tiny_dirs, tmp_path, monkeypat
                 assert costs[f"{mode}_rel"] == pytest.approx((1 + 0.1 * int(k)) / 1.1)
     assert res["relative_to_k"] == 1 and "auto ÷ k=1" in md
     assert res["best_k"]["0.9"]["k"] in (1, 3)  # verifies over 2 and 4 tokens were timed
+
+
+@pytest.mark.parametrize("flags", [["--ks", "1,100000", "--prefix", "4"],
+                                   ["--ks", "4", "--prefix", "100000"]])
+def test_positions_past_the_models_context_are_refused(tiny_dirs, tmp_path, capsys, flags):
+    """A prefix and k past the models' positions would time forwards no decoding makes (or
+    allocate without end): refused after loading, before any timing, nothing written."""
+    t, d = tiny_dirs
+    out = tmp_path / "out"
+    assert main(["verify-cost", "--target", str(t), "--draft", str(d), *flags, "--reps", "1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pass the models' context of" in err and "Traceback" not in err
+    assert not out.exists()
