@@ -494,6 +494,13 @@ def captured_graphs() -> int:
                for graphs in by_draft.values() for g in graphs.values())
 
 
+def captures() -> tuple[int, float]:
+    """(block graphs captured, the pooled engines' capture seconds): read around a timed
+    generation, a change says a capture (or a new engine, replacing a smaller one) fell
+    inside it."""
+    return captured_graphs(), fast.capture_seconds()
+
+
 def block_graph(tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0,
                 choice: Choice | None = None, sampling: SamplingConfig = GREEDY
                 ) -> BlockGraph | None:

@@ -102,7 +102,7 @@ def median_ci(x: list[float]) -> tuple[float, float]:
     return (float(ci.low), float(ci.high))
 
 
-def paired_speed(pairs: list[tuple[dict, dict]]) -> dict:
+def paired_speed(pairs: list[tuple[dict, dict]], ratio_prefill: bool = False) -> dict:
     """Batch-1 speed of a method against a base on the same prompts.
 
     ``pairs``: ``[(base record, method record)]``, one per prompt, each record with
@@ -110,13 +110,15 @@ def paired_speed(pairs: list[tuple[dict, dict]]) -> dict:
     time), so a prompt that stalled weighs by the time it took, as it did; the per-prompt view is
     the median of paired ratios (method's tokens/s ÷ base's on the same prompt) with its
     interquartile range and exact 95% interval — never a mean of rates, which hides a stall.
+    ``ratio_prefill``: the per-prompt rates with prefill time included (for a method whose
+    decode time holds its prefill, such as transformers' ``generate`` timed whole).
     """
     def rate(rs: list[dict], prefill: bool) -> float:
         secs = sum(r["decode_s"] + (r["prefill_s"] if prefill else 0.0) for r in rs)
         return sum(r["generated"] for r in rs) / secs if secs > 0 else math.nan
 
     base, mine = [b for b, _ in pairs], [r for _, r in pairs]
-    ratios = [rate([r], False) / rate([b], False) for b, r in pairs
+    ratios = [rate([r], ratio_prefill) / rate([b], ratio_prefill) for b, r in pairs
               if b["decode_s"] > 0 and r["decode_s"] > 0 and b["generated"] > 0]
     quart = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2
              else [math.nan] * 3)

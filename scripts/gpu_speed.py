@@ -317,12 +317,9 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
         lossy.insert(lossy.index("cospec") + 1, "cospec-host")
     k = args.k
 
-    def captures() -> tuple[int, float]:  # block graphs captured, engines' capture seconds
-        return fast_block.captured_graphs(), fast.capture_seconds()
-
     def run(name: str, prompt: list[int], seed: int, n: int = args.new) -> dict:
         stats, trace = DecodeStats(), None
-        before = captures()
+        before = fast_block.captures()
         t0 = sync()
         if name == "hf-eager":
             ids = hf(pair.target, prompt, n, eos)[0]
@@ -365,7 +362,7 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
                                               sampling=sampling, eos_ids=eos, seed=seed)
         total = sync() - t0
         return {"ids": ids, "total_s": total, "tok_s": len(ids) / total, "tau": stats.tau,
-                "captured": captures() != before,  # a graph captured in the timed window
+                "captured": fast_block.captures() != before,  # a graph captured in the timed window
                 "arbiter_s": stats.arbiter_s, "arbiter_calls": stats.arbiter_calls,
                 "overrides": stats.overrides, "steps": stats.steps,
                 "decode_s": stats.decode_s, "prefill_s": stats.prefill_s, "trace": trace}
@@ -373,14 +370,18 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     order = names + (["hf-eager"] if "hf-assisted" in names else [])
     longest = max(prompts, key=len)  # the largest caches: their first fill from slot 0
     t0 = time.perf_counter()         # captures every padded prefill length (fast.Engine)
-    for name in list(order):  # warm-up: graphs for every shape, compilation
-        try:
-            run(name, longest, 0)
-            for budget in warm_up_budgets(k):  # a last block of each draft length
-                run(name, prompts[0], 0, budget)
-        except Exception as err:  # report the others rather than lose the part
-            print(f"{name} failed, left out: {err!r}", flush=True)
-            order.remove(name)
+    for _ in range(3):  # warm-up: graphs for every shape, compilation; again while a round
+        before = fast_block.captures()  # captured (a later method's larger cache replaced
+        for name in list(order):        # an earlier one's engine: its graphs come next round)
+            try:
+                run(name, longest, 0)
+                for budget in warm_up_budgets(k):  # a last block of each draft length
+                    run(name, prompts[0], 0, budget)
+            except Exception as err:  # report the others rather than lose the part
+                print(f"{name} failed, left out: {err!r}", flush=True)
+                order.remove(name)
+        if fast_block.captures() == before:
+            break
     warm = time.perf_counter() - t0
     gc.collect()  # what the warm-up left (engines let go, with their graphs) is freed now,
     sync()        # not inside a timed run
@@ -479,11 +480,11 @@ def part_replay(args, pair_result: dict | None) -> dict:
     k = args.k
     we = Combination("we", (0.5, 0.5))
 
-    def one(name: str, i: int) -> tuple[float, int]:
+    def one(name: str, i: int, budget: int | None = None) -> tuple[float, int]:
         """(seconds, tokens) of method ``name`` on prompt i; the target generates as many
-        tokens as spd did, ``we`` as many as cos-we did."""
+        tokens as spd did, ``we`` as many as cos-we did (``budget``: that many instead)."""
         base = {"target": "spd", "we": COS_REPLAYED[-1]}.get(name, name)
-        n = lengths[base][i]
+        n = lengths[base][i] if budget is None else budget
         if name == "target":
             return ours(target, None, prompts[i], ExactRule(), n)[1], n
         if name in ("we", *COS_REPLAYED):
@@ -499,16 +500,27 @@ def part_replay(args, pair_result: dict | None) -> dict:
     order = ["target", *(m for m in ("spd", "cospec") if m in methods)]
     if COS_REPLAYED[-1] in methods:
         order += ["we", *(m for m in COS_REPLAYED if m in methods)]
-    for name in order:
-        one(name, max(range(len(prompts)), key=lambda j: len(prompts[j])))  # warm-up
-    per = {m: [] for m in order}
+    longest = max(range(len(prompts)), key=lambda j: len(prompts[j]))
+    for _ in range(3):  # warm-up as the pair part's: every shape, again while a round captured
+        before = fast_block.captures()
+        for name in order:
+            one(name, longest)
+            for budget in warm_up_budgets(k):  # a last block of each draft length
+                one(name, 0, budget)
+        if fast_block.captures() == before:
+            break
+    per: dict[str, list] = {m: [] for m in order}
+    captured = {m: 0 for m in order}  # timed runs a capture fell inside
     for i in range(len(prompts)):
-        for name in per:
+        for name in in_turn(order, i):
+            before = fast_block.captures()
             per[name].append(one(name, i))
+            captured[name] += fast_block.captures() != before
     out = {"draft_weights": dweights, "traces": source, "k": k,
            "target": "Qwen2.5-7B shapes (vocabulary of the draft), random weights"}
     for name, xs in per.items():
-        out[name] = {"tokens": sum(n for _, n in xs), "seconds": sum(t for t, _ in xs)}
+        out[name] = {"tokens": sum(n for _, n in xs), "seconds": sum(t for t, _ in xs),
+                     "captured_runs": captured[name]}
         out[name]["tok_s"] = out[name]["tokens"] / out[name]["seconds"]
     for name in order[1:]:
         out[name]["vs_target"] = out[name]["tok_s"] / out["target"]["tok_s"]

@@ -33,7 +33,8 @@ Settings, chosen so that llama.cpp gets neither an edge nor a handicap against c
 - everything else at xllamacpp's defaults (flash attention ``auto``, thread polling, mmap,
   ``n_batch``/``n_ubatch``), as a user would run it; :func:`run` records them in ``config``.
 
-Timing: one untimed warm-up request (the first prompt), then each prompt timed end to end with
+Timing: an untimed warm-up pass (the longest prompt, then every prompt, as ``peer_speed.py``
+warms every engine), then each prompt timed end to end with
 the wall clock around its request (prefill included). llama.cpp's own ``prompt_ms`` and
 ``predicted_ms`` are kept beside it; with a draft, the draft's own prefill falls in
 ``predicted_ms`` (llama.cpp runs it at the first draft).
@@ -135,7 +136,7 @@ def _config(xl, p, draft_gguf: str | None, new_tokens: int) -> dict:
         "flash_attn_type": p.flash_attn_type.name,
         "cache_prompt": False,
         "cache_ram_mib": p.cache_ram_mib,
-        "warmup_request": True,
+        "warmup": "the longest prompt, then every prompt",
         "request": _request(None, new_tokens),
     }
     if draft_gguf is not None:
@@ -243,7 +244,8 @@ def run(prompts: list[list[int]], new_tokens: int, target_gguf: str, draft_gguf:
                           "(its log above says why)") from None
     try:
         base = server.listening_address
-        _complete(base, prompts[0], new_tokens)  # warm-up, untimed
+        for ids in [max(prompts, key=len), *prompts]:  # warm-up, untimed: as peer_speed's
+            _complete(base, ids, new_tokens)          # for every engine (the longest, then all)
         per_prompt = [_record(*_complete(base, ids, new_tokens)) for ids in prompts]
     finally:
         del server  # stops llama.cpp's server thread and frees the models

@@ -272,10 +272,34 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
+def check_comparable(runs: list[dict], names: list[str]) -> None:
+    """Exit unless every run timed the same prompts (ids, in order) for the same new tokens,
+    each configuration once a prompt, and every draft method at one k: the table pairs
+    prompts by position and picks each engine's fastest configuration across files."""
+    for key in ("ids", "new_tokens"):
+        for r, name in zip(runs, names):
+            if r.get(key) != runs[0].get(key):
+                sys.exit(f"error: {name} timed {key} {r.get(key)!r}, {names[0]} "
+                         f"{runs[0].get(key)!r}: a table compares runs of one prompts file "
+                         "and one --new (put the others in another folder)")
+    ks = {(r.get("k"), name) for r, name in zip(runs, names) if r.get("method") != "target"}
+    if len({k for k, _ in ks}) > 1:
+        sys.exit("error: draft methods timed at different k: "
+                 + ", ".join(f"{name} k = {k}" for k, name in sorted(ks, key=str)))
+    for r, name in zip(runs, names):
+        n = len(r["ids"]) if r.get("ids") is not None else None
+        for config, c in r["configs"].items():
+            if "per_prompt" in c and n is not None and len(c["per_prompt"]) != n:
+                sys.exit(f"error: {name} ({config}) timed {len(c['per_prompt'])} prompts of "
+                         f"its {n}")
+
+
 def cmd_table(args) -> None:
     folder = Path(args.dir)
-    runs = [json.loads(f.read_text()) for f in sorted(folder.glob("*-*.json"))
-            if f.name != "prompts.json" and f.name != "peers.json"]
+    files = [f for f in sorted(folder.glob("*-*.json"))
+             if f.name != "prompts.json" and f.name != "peers.json"]
+    runs = [json.loads(f.read_text()) for f in files]
+    check_comparable(runs, [f.name for f in files])
     best, tried = {}, {}
     for r in runs:  # each engine's fastest configuration per method, over all its files
         key = (r["engine"], r["method"])

@@ -249,3 +249,39 @@ def test_a_resumed_run_keeps_every_chunk_of_its_batched_throughput(tiny_dirs, tm
     summary = json.loads((out / "summary.json").read_text())["methods"]["target"]
     assert summary["batched_tokens_per_s"] == pytest.approx(
         sum(c["tokens"] for c in chunks) / sum(c["seconds"] for c in chunks))
+
+
+def test_warm_up_goes_again_after_a_capture_and_a_capture_in_timing_is_flagged(
+        tiny_dirs, tmp_path, monkeypatch):
+    """Where graphs are captured (stood in: the static engines on the CPU and a counter in
+    place of ``fast_block.captures``), a warm-up round that captured (a later method's
+    larger cache replacing an earlier one's engine) is followed by another, until one
+    captures nothing; a timed run that still captured is flagged in its record, the summary
+    and the report."""
+    from cospec import fast_block
+    from cospec.eval_setup import EvalSetup
+
+    monkeypatch.setenv("COSPEC_STATIC", "1")
+    calls, captured = [], [0]
+    real_run_one = EvalSetup.run_one
+
+    def run_one(self, m, i, max_new_tokens=None):
+        calls.append(m)
+        out = real_run_one(self, m, i, max_new_tokens)
+        if len(calls) in (6, 22):  # spd's first warm-up; the second timed run
+            captured[0] += 1
+        return out
+
+    monkeypatch.setattr(EvalSetup, "run_one", run_one)
+    monkeypatch.setattr(fast_block, "captures", lambda: (captured[0], 0.0))
+    t, d = tiny_dirs
+    out = tmp_path / "run"
+    assert main(["eval", "--target", str(t), "--draft", str(d), "--task", "gsm8k", "--split",
+                 "dev", "--limit", "3", "--max-new-tokens", "6", "--methods", "target,spd",
+                 "--k", "2", "--speed-subset", "3", "--out", str(out)]) == 0
+    assert len(calls) == 2 * 10 + 6  # two warm-up rounds of 2 methods x 5 budgets, 6 timed
+    recs = [json.loads(x) for x in (out / "speed.jsonl").read_text().splitlines()]
+    flagged = [f"{r['method']} on {r['id']}" for r in recs if r["captured"]]
+    assert len(flagged) == 1 and calls[21] in flagged[0]
+    assert json.loads((out / "summary.json").read_text())["captured_in_timing"] == flagged
+    assert "Warning: 1 timed run(s) captured a CUDA graph" in (out / "report.md").read_text()

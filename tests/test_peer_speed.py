@@ -20,15 +20,47 @@ _spec.loader.exec_module(peer_speed)
 MACHINE = {"load": [0.5, 0.5, 0.5], "cpus": 2, "gpu": "test GPU"}
 
 
-def write_run(folder: Path, name: str, engine: str, method: str, configs: dict) -> None:
+def write_run(folder: Path, name: str, engine: str, method: str, configs: dict,
+              **settings) -> None:
     """A run file as ``peer_speed.py run`` writes it; ``configs``: name -> seconds a prompt
-    (10 tokens each, token ids [i] for prompt i)."""
+    (10 tokens each, token ids [i] for prompt i); ``settings`` replace its ids, k,
+    new_tokens."""
     runs = {n: {"per_prompt": [{"seconds": s, "tokens": 10, "token_ids": [i]}
                                for i, s in enumerate(secs)]}
             for n, secs in configs.items()}
+    ids = [f"p{i}" for i in range(len(next(iter(configs.values()))))]
     (folder / name).write_text(json.dumps({
-        "engine": engine, "method": method, "k": 5, "new_tokens": 10, "configs": runs,
-        "machine_start": MACHINE, "machine_end": MACHINE, "command": f"run {name}"}))
+        "engine": engine, "method": method, "k": 5, "new_tokens": 10, "ids": ids,
+        "configs": runs, "machine_start": MACHINE, "machine_end": MACHINE,
+        "command": f"run {name}", **settings}))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"ids": ["q0", "q1"]}, "vllm-target.json timed ids ['q0', 'q1'], cospec-target.json"),
+    ({"new_tokens": 64}, "vllm-target.json timed new_tokens 64"),
+])
+def test_table_refuses_runs_of_other_prompts_or_lengths(tmp_path, capsys, settings, message):
+    """Ratios pair prompts by position: runs of other prompts or token counts are refused."""
+    write_run(tmp_path, "cospec-target.json", "cospec", "target", {"default": [1.0, 1.0]})
+    write_run(tmp_path, "vllm-target.json", "vllm", "target", {"default": [1.0, 1.0]},
+              **settings)
+    with pytest.raises(SystemExit) as stop:
+        peer_speed.cmd_table(argparse.Namespace(dir=str(tmp_path)))
+    assert message in str(stop.value)
+    assert not (tmp_path / "peers.json").exists()
+
+
+def test_table_refuses_draft_methods_at_other_k_and_short_runs(tmp_path):
+    write_run(tmp_path, "cospec-target.json", "cospec", "target", {"default": [1.0, 1.0]},
+              k=4)  # target-only: its k is not read
+    write_run(tmp_path, "cospec-spd.json", "cospec", "spd", {"default": [1.0, 1.0]})
+    write_run(tmp_path, "vllm-spd.json", "vllm", "spd", {"default": [1.0, 1.0]}, k=3)
+    with pytest.raises(SystemExit, match="draft methods timed at different k"):
+        peer_speed.cmd_table(argparse.Namespace(dir=str(tmp_path)))
+    (tmp_path / "vllm-spd.json").unlink()
+    write_run(tmp_path, "vllm-spd.json", "vllm", "spd", {"default": [1.0]}, ids=["p0", "p1"])
+    with pytest.raises(SystemExit, match=r"vllm-spd.json \(default\) timed 1 prompts of its 2"):
+        peer_speed.cmd_table(argparse.Namespace(dir=str(tmp_path)))
 
 
 def test_table_keeps_the_fastest_file_of_a_pair(tmp_path):

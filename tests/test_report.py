@@ -40,6 +40,17 @@ def test_ratios_pair_prompts_not_ranks():
     assert got["speedup"] == pytest.approx(12.5 / 7.5)       # 240 tokens in 12.5 s vs 7.5 s
 
 
+def test_a_method_timed_whole_is_paired_with_prefill_added_to_both():
+    """transformers' generate timed whole has its prefill inside decode_s (prefill_s 0):
+    the same work in the same wall time must pair at 1, not at decode-only's 2/3."""
+    base = [rec(60, 2.0, 1.0)] * 3
+    whole = [rec(60, 3.0, 0.0)] * 3
+    assert paired_speed(list(zip(base, whole)))["ratio_median"] == pytest.approx(2 / 3)
+    got = paired_speed(list(zip(base, whole)), ratio_prefill=True)
+    assert got["ratio_median"] == pytest.approx(1.0)
+    assert got["speedup_with_prefill"] == pytest.approx(1.0)
+
+
 def test_median_interval_is_the_exact_order_statistic_interval():
     # n = 10: P(Binomial(10, 1/2) <= 1) = 11/1024 per side, so the 95% interval of the median
     # runs from the 2nd to the 9th smallest value (coverage 97.9%).
