@@ -2,7 +2,8 @@
 programming one.
 
 Math: the answer is the last closed ``\\boxed{...}``; without one, the last stated answer
-("The answer is 18.", "Answer: 18", "#### 18"); without that, the last number in the text.
+("The answer is 18.", "Answer: 18", "#### 18"; of "The answer is 20 - 2 = 18.", the result);
+without that, the last number in the text.
 Numbers are compared exactly (as fractions), so "18.00", "$18", "18 eggs", "1{,}000",
 "2\\frac{1}{2}" and "−3" (a unicode minus) read as the numbers they write; an answer that is
 not a number (MATH-500 has many) is compared as normalized LaTeX.

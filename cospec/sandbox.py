@@ -7,7 +7,8 @@ other exception is a failure), and only then writes the secret to the stdout it 
 leaves with ``os._exit(0)``. The grader counts a pass only if the exit status is 0 AND the
 exact secret came back, so exiting early (``sys.exit(0)``, ``os._exit(0)``, an ``atexit`` or
 ``sys.excepthook`` that exits 0) cannot pass: the secret is never in argv, the environment
-or any file the program can read. docs/grading.md states the limits.
+or any file the program can read. (It is in the driver's memory, which a program written
+against this grader could read: docs/grading.md states the limits.)
 
 Two boundaries, chosen by ``use`` (the CLI's ``--sandbox``):
 

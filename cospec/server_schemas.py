@@ -160,6 +160,8 @@ class CompletionRequest(CommonRequest):
     def unsupported(self) -> str | None:
         if self.echo or self.suffix:
             return "echo" if self.echo else "suffix"
+        if self.logprobs is not None and self.logprobs is not False:
+            return "logprobs"  # 0 too: it asks for the chosen tokens' log probabilities
         if self.best_of not in (None, 1):
             return "best_of"
         return super().unsupported()

@@ -233,6 +233,7 @@ BAD = [  # (body or raw bytes, status, error code)
     ({"model": MODEL, "prompt": "hello world " * 400}, 400, "context_length_exceeded"),
     ({"model": MODEL, "prompt": "x", "n": 2}, 400, "unsupported"),
     ({"model": MODEL, "prompt": "x", "logprobs": 3}, 400, "unsupported"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 0}, 400, "unsupported"),  # chosen tokens'
     ({"model": MODEL, "prompt": "x", "frobnicate": 1}, 400, "invalid_value"),
     ({"model": MODEL, "prompt": "x", "k": 0}, 400, "invalid_value"),
     ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
