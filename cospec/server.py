@@ -199,6 +199,9 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     default = next((m for m in ("spd", "target") if m in built), names[0])
     served = model_name or pair.target_name
     ctx = min(context_length(pair), max_context or DEFAULT_MAX_CONTEXT)
+    if max_context is not None and max_context > ctx:
+        log.warning("max_context %d is past the models' %d positions: serving %d", max_context,
+                    ctx, ctx)
     vocab = int(getattr(pair.target.config, "vocab_size", 0) or len(pair.tokenizer))
     pool = None
     if max_batch and batched:

@@ -755,3 +755,18 @@ def test_first_token_leaves_before_its_step_ends(pair, monkeypatch):
         total = time.monotonic() - t0
     assert "".join(pieces) == want[0]
     assert total > 1.0 and first < total - 0.6, (first, total)
+
+
+def test_a_max_context_past_the_models_is_capped_and_said(pair, caplog):
+    """--max-context beyond the models' positions serves their positions, with a warning."""
+    from cospec.models import context_length
+
+    ctx = context_length(pair)
+    with caplog.at_level("WARNING", logger="cospec.server"):
+        app = create_app(pair, methods=["target"], max_batch=0, max_context=ctx + 1000)
+    assert app is not None
+    assert f"max_context {ctx + 1000} is past the models' {ctx} positions" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cospec.server"):
+        create_app(pair, methods=["target"], max_batch=0, max_context=ctx)
+    assert "past the models'" not in caplog.text
