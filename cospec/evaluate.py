@@ -403,18 +403,17 @@ def speed_pass(s: EvalSetup, run: RunDir, n: int) -> None:
     start = machine_load()
     # warm-up: allocator, kernels, thread pools and every step shape, on the longest problem;
     # where the fast path captures CUDA graphs, first at the full budget, so that the caches
-    # every timed problem needs (their graphs captured) exist before the clock runs. Again
-    # while a round captured: a later method (a device-side block's larger cache) may have
-    # replaced an earlier one's engine, whose one-row graph is then captured next round
+    # every timed problem needs (their graphs captured) exist before the clock runs, and
+    # again while a round captured (``fast_block.warm_until_settled``)
     longest = max(idx, key=lambda i: len(s.prompts[i]))
     full = [None] if fast.wanted(s.pair.target) else []  # None: --max-new-tokens
-    for _ in range(3 if full else 1):
-        before = fast_block.captures()
+
+    def warm() -> None:
         for m in s.methods:
             for budget in (*full, 8, *warm_up_budgets(s.args.k)):
                 s.run_one(m, longest, max_new_tokens=budget)
-        if fast_block.captures() == before:
-            break
+
+    fast_block.warm_until_settled(warm, rounds=3 if full else 1)
     bar = tqdm(total=len(idx), desc="speed (batch 1)", unit="problem")
     for turn, i in enumerate(idx):
         recs = []

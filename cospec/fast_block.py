@@ -501,6 +501,18 @@ def captures() -> tuple[int, float]:
     return captured_graphs(), fast.capture_seconds()
 
 
+def warm_until_settled(warm: Callable[[], object], rounds: int) -> None:
+    """Call ``warm`` (one warm-up round over every method a timing compares) up to ``rounds``
+    times, again while a round captured (``captures``): a later method's device-side block
+    may have made a larger engine in place of an earlier method's, whose one-row graph the
+    next round captures, not a timed run."""
+    for _ in range(rounds):
+        before = captures()
+        warm()
+        if captures() == before:
+            return
+
+
 def block_graph(tgt: fast.Engine, drf: fast.Engine, k: int, guesses: int = 0,
                 choice: Choice | None = None, sampling: SamplingConfig = GREEDY
                 ) -> BlockGraph | None:

@@ -230,9 +230,9 @@ def reinforce(points: list[dict], *, epochs: int = 300, lr: float = 3e-3,
 def cmd_train(args) -> int:
     report_file = report_path(args.out)  # before the data is read and the policy trained
     check_writable(Path(args.out).parent, f"--out {args.out}")
-    shard_files(args.data)  # a missing path is named before the pair is looked for in it
+    files = shard_files(args.data)  # a missing path is named before the pair is looked for
     target, draft = model_pair(args)
-    points = read_points(args.data)
+    points = read_points(files)
     train, val = split_by_problem(points, args.val_fraction)
     if not train or not val:
         raise CospecError(f"too few problems to split with --val-fraction {args.val_fraction} "

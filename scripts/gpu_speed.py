@@ -370,9 +370,9 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
     order = names + (["hf-eager"] if "hf-assisted" in names else [])
     longest = max(prompts, key=len)  # the largest caches: their first fill from slot 0
     t0 = time.perf_counter()         # captures every padded prefill length (fast.Engine)
-    for _ in range(3):  # warm-up: graphs for every shape, compilation; again while a round
-        before = fast_block.captures()  # captured (a later method's larger cache replaced
-        for name in list(order):        # an earlier one's engine: its graphs come next round)
+
+    def warm() -> None:  # graphs for every shape, compilation
+        for name in list(order):
             try:
                 run(name, longest, 0)
                 for budget in warm_up_budgets(k):  # a last block of each draft length
@@ -380,8 +380,8 @@ def part_pair(args, task: str = "gsm8k", temperature: float = 0.0) -> dict:
             except Exception as err:  # report the others rather than lose the part
                 print(f"{name} failed, left out: {err!r}", flush=True)
                 order.remove(name)
-        if fast_block.captures() == before:
-            break
+
+    fast_block.warm_until_settled(warm, rounds=3)
     warm = time.perf_counter() - t0
     gc.collect()  # what the warm-up left (engines let go, with their graphs) is freed now,
     sync()        # not inside a timed run
@@ -501,14 +501,14 @@ def part_replay(args, pair_result: dict | None) -> dict:
     if COS_REPLAYED[-1] in methods:
         order += ["we", *(m for m in COS_REPLAYED if m in methods)]
     longest = max(range(len(prompts)), key=lambda j: len(prompts[j]))
-    for _ in range(3):  # warm-up as the pair part's: every shape, again while a round captured
-        before = fast_block.captures()
+
+    def warm() -> None:  # as the pair part's: every shape
         for name in order:
             one(name, longest)
             for budget in warm_up_budgets(k):  # a last block of each draft length
                 one(name, 0, budget)
-        if fast_block.captures() == before:
-            break
+
+    fast_block.warm_until_settled(warm, rounds=3)
     per: dict[str, list] = {m: [] for m in order}
     captured = {m: 0 for m in order}  # timed runs a capture fell inside
     for i in range(len(prompts)):
