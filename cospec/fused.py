@@ -81,11 +81,6 @@ ATTN_ONE_SPLIT = 128
 # 1 % of it; one and two rows fit 16 and are unchanged (results/gpu/h200/
 # fused-few-row-attention-chunks).
 ATTN_ROWS = 16
-# The attention reads its first block of cached keys and values below the step's first slot
-# before the PDL wait (1), as the projections read their weights, where it masks by positions
-# and PDL is not 2 (``kernels.attend``); 0: every block after the wait. Not yet measured, nor
-# its CUDA-graph test (``test_cuda_graphs``) run: off until both are.
-ATTN_KV_EARLY = 0
 # Split-K (``cospec.kernels``' docstring): programs over each projection's reduction. 0:
 # auto, enough splits that the grid has PROGRAMS_PER_SM programs for each SM (at most one
 # split per reduction block; PROGRAMS_PER_SM = 0: unsplit); n > 0: n splits (at most).
@@ -199,13 +194,13 @@ GPU_SMS = 132        # SMs assumed off CUDA (an H200: the interpreter and compil
                      # launch its grids)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K", "ATTN_BLOCK_S",
-           "ATTN_TILE", "ATTN_ONE_SPLIT", "ATTN_ROWS", "ATTN_KV_EARLY", "SPLITS", "QKV_SPLIT_K",
-           "OUT_SPLIT_K", "UP_SPLIT_K", "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS",
-           "NUM_STAGES", "HOIST", "PDL", "SPLIT_EARLY", "LN_AHEAD", "MAX_REGS", "GEMV",
-           "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K",
-           "GEMV_DOWN_BLOCK_K", "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS",
-           "GEMV_CAP_ALL", "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N",
-           "W8_GEMV_BLOCK_K", "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES")
+           "ATTN_TILE", "ATTN_ONE_SPLIT", "ATTN_ROWS", "SPLITS", "QKV_SPLIT_K", "OUT_SPLIT_K",
+           "UP_SPLIT_K", "DOWN_SPLIT_K", "PROGRAMS_PER_SM", "NUM_WARPS", "NUM_STAGES", "HOIST",
+           "PDL", "SPLIT_EARLY", "LN_AHEAD", "MAX_REGS", "GEMV", "GEMV_QKV_BLOCK_C",
+           "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K",
+           "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL",
+           "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
+           "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES")
 
 
 # Settings that size a tile (triton's ``tl.arange``) or a launch's warps: a power of two
@@ -600,14 +595,12 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     attn = x.new_empty(n, heads * hd)
     per = _heads_per_program(group, n)
     chunks = _cdiv(group, per)
-    launch = _launch(x.device, d=d)
     kern.attend[(kv_heads, SPLITS, chunks)](
         q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
         attn, counters(x.device, kv_heads * chunks), n, length, scale, HEADS=heads,
         GROUP=group, HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
         BLOCK_R=_rows(per * n), BLOCK_S=_attn_block_s(_rows(per * n), hd),
-        ONE_S=ATTN_ONE_SPLIT, HEADS_PER=per,
-        KV_EARLY=bool(ATTN_KV_EARLY) and pos is not None and launch["PDL"] < 2, **launch)
+        ONE_S=ATTN_ONE_SPLIT, HEADS_PER=per, **_launch(x.device, d=d))
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)), o8)
     act = x.new_empty(n, inter)
     w8_on = gate_up8 is not None

@@ -409,7 +409,7 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
            SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
            BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr,
-           HEADS_PER: tl.constexpr, PDL: tl.constexpr, KV_EARLY: tl.constexpr):
+           HEADS_PER: tl.constexpr, PDL: tl.constexpr):
     """Program (kv head g, split s, chunk c). q [H, n, hd] (rows r = j*n + i of kv head g
     are query head g*G + j, token i); k, v [KVH, cache_len, hd]. The program takes query
     heads j = c*HEADS_PER .. (c + 1)*HEADS_PER - 1 of its kv head (HEADS_PER = G: all, one
@@ -421,24 +421,11 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     out[i, (g*G + j) hd:]). Up to ONE_S visible slots (0: never) split 0 takes them all and
     writes out itself, and no program stores partials or touches the counter: the store,
     the atomic and the combine's loads are dependent round trips that a short cache need
-    not pay. KV_EARLY (USE_POS, PDL < 2): the program's first block of keys and values
-    below pos[0] is read before the PDL wait, as the projections read their weights: the
-    slots below the step's first one were written by earlier steps, and at PDL <= 1 every
-    kernel before the previous one has ended when this one starts; the rest of that block
-    (this step's slots, written by the previous kernel) is read after the wait."""
+    not pay. Every cache read waits for the previous kernel (PDL): reading the slots earlier
+    steps wrote before the wait was measured slower (results/gpu/h100/attn-kv-early)."""
+    _after_weights(PDL)                                              # no weights to load
     kvh = tl.program_id(0)
     split = tl.program_id(1)
-    dims = tl.arange(0, HEAD_DIM)
-    base = kvh * cache_len
-    if KV_EARLY:
-        single, lo, hi = _split_slots(pos_ptr, n, cache_len, split, USE_POS, SPLITS, BLOCK_S,
-                                      ONE_S)
-        fresh = tl.load(pos_ptr)                                     # this step's first slot
-        slots = lo + tl.arange(0, BLOCK_S)
-        early = (slots < hi) & (slots < fresh)
-        kt0 = _keys(k_ptr, base, slots, early, dims, HEAD_DIM)
-        v0 = _values(v_ptr, base, slots, early, dims, HEAD_DIM)
-    _after_weights(PDL)                                              # no weights to load
     R = GROUP * n
     if HEADS_PER < GROUP:                                            # a chunk of the heads
         first = tl.program_id(2) * HEADS_PER * n
@@ -449,32 +436,46 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
         rows = tl.arange(0, BLOCK_R)
         rm = rows < R
         tile = kvh
+    dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (kvh * R + rows[:, None]) * HEAD_DIM + dims[None, :],
                 mask=rm[:, None], other=0.0)
-    if USE_POS:  # noqa: SIM108 (a constexpr branch)
+    dtype = q.dtype
+    if USE_POS:
         qpos = tl.load(pos_ptr + rows % n, mask=rm, other=-1)
+        span = tl.load(pos_ptr + n - 1) + 1
     else:
         qpos = rows * 0
-    if not KV_EARLY:
-        single, lo, hi = _split_slots(pos_ptr, n, cache_len, split, USE_POS, SPLITS, BLOCK_S,
-                                      ONE_S)
+        span = cache_len
+    single = span <= ONE_S
+    per = tl.where(single, span, tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_S) * BLOCK_S)
+    lo = split * per
+    hi = tl.minimum(lo + per, span)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
-    start = lo
-    if KV_EARLY:  # the first block: its early part, and now the step's own slots in it
-        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, base, slots, slots < hi,
-                                      (slots < hi) & (slots >= fresh), kt0, v0, dims, qpos,
-                                      bias_ptr, rows, rm, cache_len, scale, m_i, l_i, acc,
-                                      USE_POS, IEEE, HEAD_DIM, True)
-        start = lo + BLOCK_S
-    for s0 in range(start, hi, BLOCK_S):
+    base = kvh * cache_len
+    for s0 in range(lo, hi, BLOCK_S):                                # online softmax
         slots = s0 + tl.arange(0, BLOCK_S)
         sm = slots < hi
-        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, base, slots, sm, sm, 0, 0, dims, qpos,
-                                      bias_ptr, rows, rm, cache_len, scale, m_i, l_i, acc,
-                                      USE_POS, IEEE, HEAD_DIM, False)
-    dtype = q.dtype
+        kt = tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
+                     mask=sm[None, :], other=0.0)                    # [hd, BLOCK_S]
+        s = _dot(q, kt, tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32), IEEE)
+        s = s.to(dtype).to(tl.float32) * scale
+        if USE_POS:
+            s = tl.where((slots[None, :] <= qpos[:, None]) & sm[None, :], s, float("-inf"))
+        else:
+            b = tl.load(bias_ptr + rows[:, None] * cache_len + slots[None, :],
+                        mask=rm[:, None] & sm[None, :], other=float("-inf"))
+            s = tl.where(sm[None, :], s + b.to(tl.float32), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)       # rows with nothing seen
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
+                    mask=sm[:, None], other=0.0)                     # after the softmax
+        acc = _dot(p.to(dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
     token = rows % n
     head = kvh * GROUP + rows // n
     out_at = out_ptr + (token[:, None] * HEADS + head[:, None]) * HEAD_DIM + dims[None, :]
@@ -485,71 +486,6 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     else:
         _attend_combine(acc, m_i, l_i, o_ptr, m_ptr, l_ptr, out_at, cnt_ptr, kvh, tile, split,
                         n, rows, rm, dims, HEADS, R, HEAD_DIM, SPLITS)
-
-
-@triton.jit
-def _split_slots(pos_ptr, n, cache_len, split, USE_POS: tl.constexpr, SPLITS: tl.constexpr,
-                 BLOCK_S: tl.constexpr, ONE_S: tl.constexpr):
-    """``attend``'s slots for split ``split``: (single, lo, hi), slots lo..hi - 1 of the
-    span (0..pos[n - 1] with USE_POS, else the whole cache) shared out over SPLITS in whole
-    blocks; single: the span is at most ONE_S slots, all split 0's."""
-    if USE_POS:  # noqa: SIM108 (a constexpr branch)
-        span = tl.load(pos_ptr + n - 1) + 1
-    else:
-        span = cache_len
-    single = span <= ONE_S
-    per = tl.where(single, span, tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_S) * BLOCK_S)
-    lo = split * per
-    return single, lo, tl.minimum(lo + per, span)
-
-
-@triton.jit
-def _keys(k_ptr, base, slots, sm, dims, HEAD_DIM: tl.constexpr):
-    """The keys [hd, BLOCK_S] (transposed) of cache slots ``slots`` of the kv head whose
-    first slot is ``base``, where ``sm`` (else 0)."""
-    return tl.load(k_ptr + (base + slots[None, :]) * HEAD_DIM + dims[:, None],
-                   mask=sm[None, :], other=0.0)
-
-
-@triton.jit
-def _values(v_ptr, base, slots, sm, dims, HEAD_DIM: tl.constexpr):
-    """The values [BLOCK_S, hd] of cache slots ``slots`` (``_keys``'), where ``sm`` (else 0)."""
-    return tl.load(v_ptr + (base + slots[:, None]) * HEAD_DIM + dims[None, :],
-                   mask=sm[:, None], other=0.0)
-
-
-@triton.jit
-def _attend_block(q, k_ptr, v_ptr, base, slots, sm, load, kt0, v0, dims, qpos, bias_ptr, rows,
-                  rm, cache_len, scale, m_i, l_i, acc, USE_POS: tl.constexpr,
-                  IEEE: tl.constexpr, HEAD_DIM: tl.constexpr, EARLY: tl.constexpr):
-    """One block of ``attend``'s online softmax: the running max m_i, denominator l_i
-    [BLOCK_R] and unnormalised output acc [BLOCK_R, hd] (float32) after the keys and values
-    of slots ``slots`` (those where ``sm``), masked by positions (USE_POS: slot <= qpos[row])
-    or by the additive bias [rows, cache_len]. Keys and values are read where ``load``, the
-    values after the softmax; EARLY: added to kt0 [hd, BLOCK_S] and v0 [BLOCK_S, hd], those
-    read before (where not ``load``)."""
-    dtype = q.dtype
-    kt = _keys(k_ptr, base, slots, load, dims, HEAD_DIM)             # [hd, BLOCK_S]
-    if EARLY:
-        kt = kt0 + kt
-    s = _dot(q, kt, tl.zeros([q.shape[0], kt.shape[1]], dtype=tl.float32), IEEE)
-    s = s.to(dtype).to(tl.float32) * scale
-    if USE_POS:
-        s = tl.where((slots[None, :] <= qpos[:, None]) & sm[None, :], s, float("-inf"))
-    else:
-        b = tl.load(bias_ptr + rows[:, None] * cache_len + slots[None, :],
-                    mask=rm[:, None] & sm[None, :], other=float("-inf"))
-        s = tl.where(sm[None, :], s + b.to(tl.float32), float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)           # rows with nothing seen
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _values(v_ptr, base, slots, load, dims, HEAD_DIM)
-    if EARLY:
-        v = v0 + v
-    acc = _dot(p.to(dtype), v, acc * alpha[:, None], IEEE)
-    return m_new, l_i, acc
 
 
 @triton.jit

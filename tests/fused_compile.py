@@ -11,8 +11,7 @@ attention masks). Each case three times: split-K as an H200 gets it (``fused.spl
 an unrolled one-row reduction hoisted before a programmatic dependent launch's wait (HOIST =
 2, PDL = 2), splits of up to 4 blocks loading their whole share first (SPLIT_EARLY = 4) and
 the looped reductions reading their RMSNorm weights a block ahead (LN_AHEAD = 1) and the
-attention's query heads in programs of at most 16 rows (ATTN_ROWS = 16), the split case
-with the attention's earlier slots read first (ATTN_KV_EARLY = 1); and at the
+attention's query heads in programs of at most 16 rows (ATTN_ROWS = 16); and at the
 default settings with int8 weights (``fused.Int8``) and the int8 lm_head (Qwen2.5's 151,936
 rows); a one-row case with the one-row tiles (GEMV = 1) every time.
 ``--usage``: also each launch's registers a thread, spilled bytes and shared memory (from
@@ -91,7 +90,6 @@ def record(cases: list[tuple], twins: bool = True, int8: bool = False) -> list[t
             fused.SPLIT_EARLY = 4 if way == "pdl" else 0
             fused.LN_AHEAD = int(way == "pdl")
             fused.ATTN_ROWS = 16 if way == "pdl" else 0
-            fused.ATTN_KV_EARLY = int(way == "split")  # under PDL = 2 it stays off
             fused.MAX_REGS = 0 if way == "unsplit" else 128
             fused.GEMV = 1  # one row: the one-row tiles (more rows cover the tl.dot path)
 

@@ -198,22 +198,6 @@ def test_attention_in_one_split(interpret, monkeypatch, one, n, start):
     assert not fused.counters(torch.device("cpu"), 1).any()
 
 
-@pytest.mark.parametrize("one,n,start,block", [(40, 1, 21, 4), (40, 1, 5, 64), (0, 1, 30, 4),
-                                               (0, 3, 19, 4), (40, 5, 33, 64), (16, 2, 0, 4)])
-def test_attention_reads_earlier_slots_first(interpret, monkeypatch, one, n, start, block):
-    """ATTN_KV_EARLY: a program's first block of keys and values below the step's first
-    slot read apart from (before) the step's own slots in it, then the rest: the same
-    attention, in one split and split (the first block wholly earlier slots, part of them,
-    or the step's own only: start 0), one row and a few, against the reference; masked by
-    the bias (never early) too; the counters left zero."""
-    monkeypatch.setattr(fused, "ATTN_KV_EARLY", 1)
-    monkeypatch.setattr(fused, "ATTN_BLOCK_S", block)
-    monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)
-    monkeypatch.setattr(fused, "GEMV", 0)
-    check_attention_mlp(n, start, 700 + start)
-    assert not fused.counters(torch.device("cpu"), 1).any()
-
-
 @pytest.mark.parametrize("rows,n,start,one", [(1, 3, 20, 0), (2, 1, 30, 0), (4, 2, 19, 0),
                                           (4, 5, 33, 0), (5, 2, 30, 40), (2, 5, 21, 40),
                                           (16, 5, 30, 0)])
@@ -635,14 +619,12 @@ def test_unsupported_keeps_the_reference(interpret, monkeypatch):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hoist,gemv,one,pdl,ahead,rows,swap,early", [
-    (0, 0, 0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0, 0, 0),
-    (1, 1, 64, 0, 0, 0, 0, 0), (1, 0, 0, 1, 0, 0, 0, 0), (2, 1, 0, 1, 0, 0, 0, 0),
-    (2, 1, 64, 2, 0, 0, 0, 0), (0, 0, 0, 0, 1, 0, 0, 0), (1, 1, 0, 1, 1, 0, 0, 0),
-    (1, 1, 0, 1, 0, 4, 0, 0), (2, 1, 64, 1, 0, 4, 0, 0), (1, 0, 0, 0, 0, 0, 1, 0),
-    (2, 1, 64, 1, 1, 4, 1, 0), (1, 1, 0, 1, 1, 0, 64, 0), (2, 1, 64, 1, 0, 4, 0, 1),
-    (2, 1, 0, 1, 1, 0, 0, 1)])
-def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows, swap, early):
+@pytest.mark.parametrize("hoist,gemv,one,pdl,ahead,rows,swap", [
+    (0, 0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0, 0), (1, 1, 64, 0, 0, 0, 0),
+    (1, 0, 0, 1, 0, 0, 0), (2, 1, 0, 1, 0, 0, 0), (2, 1, 64, 2, 0, 0, 0), (0, 0, 0, 0, 1, 0, 0),
+    (1, 1, 0, 1, 1, 0, 0), (1, 1, 0, 1, 0, 4, 0), (2, 1, 64, 1, 0, 4, 0), (1, 0, 0, 0, 0, 0, 1),
+    (2, 1, 64, 1, 1, 4, 1), (1, 1, 0, 1, 1, 0, 64)])
+def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows, swap):
     """On a GPU: compiled kernels inside captured CUDA graphs; float32 to 1e-4 against
     transformers, bfloat16 argmax-equal on most rows; split-K deterministic, its counters
     left zero; with and without the first weight block hoisted (every block: 2), one-row
@@ -652,8 +634,7 @@ def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows, swa
     (LN_AHEAD), and a kv head's query heads shared out over attention programs of at most
     4 rows (ATTN_ROWS: the verify's 2 heads x 6 rows in 2 programs), and the few-row
     projections with the weight's columns on tl.dot's M side (SWAP; 64: on 64-column tiles,
-    wide enough for Hopper's wgmma), and the attention's earlier slots read before its PDL
-    wait (ATTN_KV_EARLY: a race there would read a stale cache slot)."""
+    wide enough for Hopper's wgmma)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "SWAP", int(bool(swap)))
     if swap > 1:
@@ -665,7 +646,6 @@ def test_cuda_graphs(monkeypatch, dtype, hoist, gemv, one, pdl, ahead, rows, swa
     monkeypatch.setattr(fused, "GEMV", gemv)
     monkeypatch.setattr(fused, "ATTN_ONE_SPLIT", one)  # 64: one split a kv head to 64 slots
     monkeypatch.setattr(fused, "ATTN_ROWS", rows)
-    monkeypatch.setattr(fused, "ATTN_KV_EARLY", early)
     model = tiny_model(14, width=128).to("cuda", dtype)  # head_dim 32
     ids = torch.randint(2, 96, (60,), generator=torch.Generator().manual_seed(6)).tolist()
     monkeypatch.setenv("COSPEC_FUSED", "1")
