@@ -16,8 +16,8 @@
 #   peers   batch-1 speed of cospec and transformers (each engine and method in its own
 #           process, same prompts: 8 GSM8K heldout + 8 HumanEval, 128 new tokens, k = 5;
 #           cospec's spd and spd-staged with the draft's own weights and its int8 copies,
-#           PEER_DRAFT_WEIGHTS picks; lookup: prompt lookup, no draft; PEER_ENGINES picks,
-#           default "cospec hf")
+#           each in its own process too, PEER_DRAFT_WEIGHTS picks; lookup: prompt lookup, no
+#           draft; PEER_ENGINES picks, default "cospec hf")
 #   vllm    the same for vLLM (lookup: its n-gram speculator, lookup-gpu: the same on the
 #           GPU, ngram_gpu; VLLM_METHODS picks, default "target spd lookup lookup-gpu"),
 #           from the wheels cut into /tmp/p/B.NN (checked against $B_SHA256), installed
@@ -424,12 +424,20 @@ stage_exact() {
 }
 
 peer() {  # $1 engine, $2 method, then more peer_speed.py flags: one process each, nothing
-          # else touching its models; into $1-$2.json ($1-$2-$PEER_FILE.json if set)
-    local f="$R/peers/$1-$2${PEER_FILE:+-$PEER_FILE}.json"
-    [ -e "$f" ] && return 0
-    python3 scripts/peer_speed.py run --engine "$1" --method "$2" --prompts "$R/peers/prompts.json" \
-        --new 128 --k 5 --device cuda --draft-weights "${PEER_DRAFT_WEIGHTS:-model,int8}" \
-        --out "$f" "${@:3}" 2>&1 | whole | grep -v -E "it/s\]|^  prompt" | tail -8
+          # else touching its models; into $1-$2.json ($1-$2-$PEER_FILE.json if set). cospec's
+          # drafted methods once per draft kind of PEER_DRAFT_WEIGHTS (default "model int8"),
+          # each in its own process too (-int8 files): two kinds timed in turn in one process
+          # were seen to swap a 10-15 % difference
+    local kinds=model kind
+    case "$1 $2" in "cospec spd" | "cospec spd-staged") kinds=${PEER_DRAFT_WEIGHTS:-model int8};; esac
+    for kind in $kinds; do
+        local f="$R/peers/$1-$2$([ "$kind" = model ] || echo "-$kind")${PEER_FILE:+-$PEER_FILE}.json"
+        [ -e "$f" ] && continue
+        python3 scripts/peer_speed.py run --engine "$1" --method "$2" \
+            --prompts "$R/peers/prompts.json" --new 128 --k 5 --device cuda \
+            --draft-weights "$kind" --out "$f" "${@:3}" 2>&1 | whole \
+            | grep -v -E "it/s\]|^  prompt" | tail -8
+    done
 }
 
 stage_peers() {

@@ -379,8 +379,10 @@ def main() -> None:
     p.add_argument("--draft-weights", default="model",
                    help="cospec spd, spd-staged: model (its own weights), int8 (the "
                         "draft's steps read int8 copies, as `cospec eval --draft-weights "
-                        "int8`) or model,int8 (both, each a configuration; the table keeps "
-                        "the faster)")
+                        "int8`) or model,int8 (both, each a configuration, timed in turn in "
+                        "this one process; the table keeps the faster. Order in one process "
+                        "can swap a 10-15 %% difference: for a choice between them, one kind "
+                        "a process)")
     p.add_argument("--eager", action="store_true", help="hf: also time eager generate")
     p.add_argument("--vllm-ngram", choices=("ngram", "ngram_gpu"), default=None,
                    help="vllm lookup: its n-gram speculator on the CPU (ngram, the default) "
