@@ -2,17 +2,18 @@
 
     import cospec
     pair = cospec.load_pair()                      # the shipped Qwen2.5-Coder 1.5B / 0.5B
-    result = pair.generate("Write a haiku about caches.", method="spd", k=4)
+    result = pair.generate("Write a haiku about caches.")    # spd-staged, k = 4
     print(result.text, result.stats.tau)
     for token in pair.stream("Count to five.", method="cos-we", lam=0.3):
         print(token.text, end="")
 
 Methods are the command line's (``cospec generate --method``): ``target`` and ``draft``
-alone, ``spd`` (exact speculative decoding), the lossy ``cospec`` (learned arbiter),
-``confidence`` and ``entropy``, and the CoS combinations ``we``, ``cd``, ``we-sd``,
-``cd-sd``, ``cos-we``, ``cos-cd``. Everything here is a thin layer over ``cospec.models``,
-``cospec.methods``, ``cospec.decoding`` and ``cospec.cos``; bad arguments raise
-``CospecError`` with a message that says what to change.
+alone, ``spd`` (exact speculative decoding), ``spd-staged`` (spd whose draft checks
+prompt-lookup guesses first; the default), ``lookup`` and ``spd-lookup`` (prompt lookup),
+the lossy ``cospec`` (learned arbiter), ``confidence`` and ``entropy``, and the CoS
+combinations ``we``, ``cd``, ``we-sd``, ``cd-sd``, ``cos-we``, ``cos-cd``. Everything here
+is a thin layer over ``cospec.models``, ``cospec.methods``, ``cospec.decoding`` and
+``cospec.cos``; bad arguments raise ``CospecError`` with a message that says what to change.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ class Pair:
         _check(any(m["content"].strip() for m in prompt), "empty prompt")
         return methods.chat_ids(tok, prompt)
 
-    def stream(self, prompt: Prompt, method: str = "spd", k: int = 4,
+    def stream(self, prompt: Prompt, method: str = methods.DEFAULT_METHOD, k: int = 4,
                max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = 0, chat: bool = True,
                **options) -> Stream:
@@ -265,7 +266,7 @@ class Pair:
                               eos_ids=eos, seed=seed, stats=counters)
         return Stream(_detokenize(tokens, self.tokenizer), counters, eos)
 
-    def generate(self, prompt: Prompt, method: str = "spd", k: int = 4,
+    def generate(self, prompt: Prompt, method: str = methods.DEFAULT_METHOD, k: int = 4,
                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = 0, chat: bool = True,
                  **options) -> Result:

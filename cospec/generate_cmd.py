@@ -16,6 +16,7 @@ from cospec.args import (
 )
 from cospec.errors import CospecError
 from cospec.methods import (
+    DEFAULT_METHOD,
     OWN_METHODS,
     build_method,
     check_sampling,
@@ -76,7 +77,8 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_draft_weights_arg(p, auto=True)
     add_decoding_args(p)
-    p.add_argument("--method", default="spd", help=f"one of {', '.join(OWN_METHODS)}")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"default {DEFAULT_METHOD}; one of {', '.join(OWN_METHODS)}")
     p.add_argument("--prompt", required=True)
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.add_argument("--color", action="store_true", help="color draft-kept tokens")

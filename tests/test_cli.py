@@ -39,6 +39,27 @@ def test_generate_json_spd_equals_target(tiny_dirs, capsys):
     assert st["steps"] == -(-st["generated"] // 5) and st["steps"] < st["generated"]
 
 
+def test_generate_defaults_to_spd_staged_with_the_targets_tokens(tiny_dirs, capsys):
+    """Without --method, generate decodes with spd-staged (spd whose draft checks the prompt
+    lookup's guesses): the target's greedy tokens, and with the target as its own draft
+    (its own weights) every proposal accepted, on a prompt whose n-grams repeat (guesses
+    to check)."""
+    t, d = tiny_dirs
+    common = ["--prompt", "w5 w9 w12 w5 w9 w12 w5", "--no-chat", "--max-new-tokens", "24",
+              "--k", "4", "--draft-weights", "model", "--json"]
+    outs = {}
+    for name, method, draft in (("target", ["--method", "target"], d), ("default", [], d),
+                                ("self", [], t)):
+        assert main(["generate", "--target", str(t), "--draft", str(draft), *method,
+                     *common]) == 0
+        outs[name] = json.loads(capsys.readouterr().out)
+    assert outs["default"]["method"] == outs["self"]["method"] == "spd-staged"
+    assert outs["default"]["token_ids"] == outs["target"]["token_ids"]
+    assert outs["self"]["token_ids"] == outs["target"]["token_ids"]
+    st = outs["self"]["stats"]
+    assert st["drafted"] > 0 and st["accepted"] == st["drafted"]
+
+
 def test_generate_with_prompt_lookup_needs_no_draft(tiny_dirs, capsys):
     """``--method lookup`` runs on the target alone (no --draft) and gives target-only's
     tokens; ``spd-lookup`` takes the draft too."""
