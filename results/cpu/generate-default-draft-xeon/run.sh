@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# cospec generate on the shipped pair (CPU, float32, spd, k = 4, 128 new tokens): its default
+# cospec generate on the shipped pair (CPU, float32, spd: generate's default method when this
+# ran, named since; k = 4, 128 new tokens): its default
 # --draft-weights auto against --draft-weights model, alternating, three prompts, twice each.
 # One JSON line a run in runs.jsonl (with the load before it); nothing else running.
 set -euo pipefail
@@ -13,7 +14,7 @@ for rep in 1 2; do
         for w in auto model; do
             load=$(cut -d' ' -f1 /proc/loadavg)
             python3 -m cospec generate --prompt "${prompts[$i]}" --max-new-tokens 128 \
-                --draft-weights "$w" --json 2>/dev/null \
+                --method spd --draft-weights "$w" --json 2>/dev/null \
                 | python3 -c "import json, sys
 d = json.loads(sys.stdin.read().strip().splitlines()[-1])
 print(json.dumps({'asked': sys.argv[1], 'prompt': int(sys.argv[2]), 'rep': int(sys.argv[3]),
