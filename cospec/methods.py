@@ -32,7 +32,7 @@ METHODS = ("target", "draft", "spd", "cospec", "confidence", "entropy", "hf-assi
 OWN_METHODS = tuple(m for m in METHODS if m != "hf-assisted")  # decoded by cospec's own loops
 # what one prompt decodes with unless told (``cospec generate``, the Python API): spd with
 # the draft checking prompt-lookup guesses, the target's output (greedy: its tokens) and
-# faster than spd in total in every run that timed both (H100: 10-35 %; a 2-core Xeon: 3-12 %;
+# faster than spd in total in every run that timed both (H100: 7-35 %; a 2-core Xeon: 3-12 %;
 # GSM8K and HumanEval, the draft's own weights and its int8 copies; docs/methods.md)
 DEFAULT_METHOD = "spd-staged"
 # greedy methods whose tokens equal another method's by construction (exact speculation)
