@@ -433,6 +433,8 @@ def test_three_models_through_the_cli(tiny_dirs, capsys, tmp_path):
     assert "3 models but 2 weights" in capsys.readouterr().err
     assert main(["generate", *spec, "--method", "spd"]) == 2
     assert "CoS methods" in capsys.readouterr().err
+    assert main(["generate", *spec]) == 2  # the default method (spd-staged) takes two models
+    assert "CoS methods" in capsys.readouterr().err
 
 
 def test_refine_runs_resumes_and_refuses_evaluation_data(tiny_dirs, tmp_path):
