@@ -24,7 +24,10 @@ and cos-we sampled without a seed: ``Method.device_block``), decodes on that pat
 robin, since a batch engine's one row is slower: on the real pair on an H200 a lone client
 got 352 tok/s from the spd batch engine against 404 target-only
 (results/gpu/h200/serve-spec-off-at), where the device-side block runs 1.2-1.3x
-target-only at batch 1. When another request arrives it moves to the pool at the next turn
+target-only at batch 1. A method of ``alone`` decodes it there instead of its own: the
+server gives an spd request spd-staged's blocks (the same tokens at T = 0, the same
+distribution sampled; the metrics keep the name spd), 7-35 % faster than spd's on an H100
+(docs/methods.md). When another request arrives it moves to the pool at the next turn
 and goes on from the tokens it committed (prefilled again there), as a request moved under
 load does; its tokens at T = 0 are the same either way (sampled, a sample of the same
 distribution either way).
@@ -63,10 +66,11 @@ class Engine:
 
     def __init__(self, pair: Pair, methods: dict[str, Method], *, max_active: int = 4,
                  max_queue: int = 64, timeout: float = 300.0, pool: BatchPool | None = None,
-                 solo: bool = True):
+                 solo: bool = True, alone: dict[str, Method] | None = None):
         self.pair, self.tokenizer, self.methods = pair, pair.tokenizer, methods
         self.max_active, self.max_queue, self.timeout = max_active, max_queue, timeout
         self.pool, self.solo = pool, solo
+        self.alone = alone or {}  # a lone request's method by its own name (docstring)
         self.turning: Job | None = None  # the round robin's job while its turn runs
         self.eos = tuple(eos_ids(pair.tokenizer, pair.target))
         self.waiting: deque[Job] = deque()
@@ -352,10 +356,10 @@ class Engine:
         """On the worker thread: the next token, the decoded text so far, and how much of
         that text was already final before this token."""
         if job.tokens is None:
-            job.tokens = job.method.stream(job.prompt_ids, k=job.k,
-                                           max_new_tokens=job.max_tokens,
-                                           sampling=job.sampling, eos_ids=job.eos,
-                                           seed=job.seed, stats=job.stats)
+            method = self.alone.get(job.method.name, job.method) if job.solo else job.method
+            job.tokens = method.stream(job.prompt_ids, k=job.k, max_new_tokens=job.max_tokens,
+                                       sampling=job.sampling, eos_ids=job.eos, seed=job.seed,
+                                       stats=job.stats)
             job.detok = TextStream(self.tokenizer)
         tok = next(job.tokens, None)
         if tok is None:

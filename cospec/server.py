@@ -215,12 +215,15 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
         pool = BatchPool(max_batch, ctx, spec_off_at=spec_off_at if off else 0,
                          target=(built.get("target") or build_method("target", pair, opts))
                          if off else None)
+    # a lone spd request decodes as spd-staged: spd's tokens in fewer draft steps (scheduler)
+    alone = ({"spd": build_method("spd-staged", pair, opts)}
+             if solo and pool is not None and "spd" in built else {})
     if warm_up:
         warm(pool, built[default], k)
         if solo and pool is not None:
-            warm_alone(built[default], k, ctx)
+            warm_alone(alone.get(default, built[default]), k, ctx, served=default)
     engine = Engine(pair, built, max_active=max_active, max_queue=max_queue, timeout=timeout,
-                    pool=pool, solo=solo)
+                    pool=pool, solo=solo, alone=alone)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -396,26 +399,29 @@ def warm(pool: BatchPool | None, method: Method, k: int) -> None:
         log.info("--warm-up: %s%s, %d slots: %s", group.method.name, at, group.size, did)
 
 
-def warm_alone(method: Method, k: int, context: int, tokens: int = 8) -> None:
+def warm_alone(method: Method, k: int, context: int, tokens: int = 8,
+               served: str | None = None) -> None:
     """``--warm-up`` for the lone-request path (``cospec.scheduler``): where ``method``'s
     batch-1 loop runs each block on the device, a few tokens of a generation with room for
     ``context`` tokens, greedy and at an OpenAI request's default sampling (temperature 1,
     top-p 1: another block graph), so that its engines are made at full size
     (``fast.acquire`` reuses them for every shorter request) and their graphs captured
-    (prefill, steps, both blocks) before any request; logs what it did."""
+    (prefill, steps, both blocks) before any request; logs what it did (``served``: the
+    method whose lone requests ``method`` decodes, when another)."""
     prompt = list(range(1, 17))
+    name = method.name if served in (None, method.name) else f"{served} (as {method.name})"
     for sampling, how in ((GREEDY, "greedy"), (REQUEST_SAMPLING, "at temperature 1")):
         if not method.device_block(prompt, sampling):
             log.info("--warm-up: %s runs no device-side block %s here: nothing to warm alone",
-                     method.name, how)
+                     name, how)
             continue
         t0 = time.perf_counter()
         with contextlib.closing(method.stream(prompt, k=k, max_new_tokens=context - len(prompt),
                                               sampling=sampling, eos_ids=())) as gen:
             for _ in itertools.islice(gen, tokens):
                 pass
-        log.info("--warm-up: %s alone at k=%d, %s, %d tokens of context: %.1f s", method.name,
-                 k, how, context, time.perf_counter() - t0)
+        log.info("--warm-up: %s alone at k=%d, %s, %d tokens of context: %.1f s", name, k,
+                 how, context, time.perf_counter() - t0)
 
 
 def _utf8(text: str, param: str) -> str:

@@ -23,6 +23,7 @@ pytest.importorskip("uvicorn")
 from test_server import MODEL, TEMPLATE, chat, health, near_copy  # noqa: E402
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
+from cospec import fast_block  # noqa: E402
 from cospec.arbiter import FEATURES, LearnedPolicy, save_arbiter  # noqa: E402
 from cospec.methods import MethodOptions, build_method, chat_ids, eos_ids  # noqa: E402
 from cospec.models import Pair  # noqa: E402
@@ -408,13 +409,18 @@ def test_a_lone_request_decodes_alone_until_others_arrive(pair, arbiter, monkeyp
     """With the fast path's engines (COSPEC_STATIC=1 on the CPU), a lone greedy spd (or
     cospec) request decodes on the batch-1 path (each block on the device), not in a batch
     engine; when short requests arrive it moves to the pool and goes on from its tokens.
-    Every request gets the tokens it gets alone. A lone target-only request and ``solo``
-    off keep to the pool."""
+    Every request gets the tokens it gets alone. A lone spd request decodes as spd-staged
+    (its draft checks prompt-lookup guesses), a lone cospec one as itself. A lone
+    target-only request and ``solo`` off keep to the pool."""
     monkeypatch.setenv("COSPEC_STATIC", "1")
     short = [{"prompt": f"short {i}", "method": "spd", "k": 3, "max_tokens": 8 + i}
              for i in range(3)]
     want = {m: alone(pair, arbiter, m, "a long one", 3, 400, True) for m in ("spd", "cospec")}
     want_short = [alone(pair, arbiter, "spd", r["prompt"], 3, r["max_tokens"]) for r in short]
+    guessed = []  # the server's device-side generations' guesses a block
+    plain = fast_block.stream
+    monkeypatch.setattr(fast_block, "stream",
+                        lambda *a, **kw: guessed.append(kw["guesses"]) or plain(*a, **kw))
     with serve(pair, arbiter, max_batch=4, solo=solo) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
                                timeout=60)
@@ -442,6 +448,7 @@ def test_a_lone_request_decodes_alone_until_others_arrive(pair, arbiter, monkeyp
     assert during["alone"] == 0 and during["batch_slots_in_use"]["spd/k=3"] == 1
     assert lone_target[:3] == alone(pair, arbiter, "target", "short 2", 3, 10)
     assert after["completed"] == 6 and after["errors"] == 0 and after["alone"] == 0
+    assert len(guessed) == 2 * solo and (not solo or guessed[0] > 0 == guessed[1])
 
 
 def test_a_lone_sampled_request_goes_alone_unless_seeded(pair, monkeypatch):
@@ -713,8 +720,9 @@ def test_warm_up_makes_the_lone_path_engines_at_full_context(pair, monkeypatch, 
         m.setattr(Method, "stream", stream)
         app = create_app(pair, methods=["target", "spd"], k=3, max_batch=4, max_queue=8,
                          timeout=60, warm_up=True, spec_off_at=0)
-    assert "--warm-up: spd alone at k=3, greedy, 512 tokens of context" in caplog.text
-    assert "--warm-up: spd alone at k=3, at temperature 1, 512 tokens of context" in caplog.text
+    for how in ("greedy", "at temperature 1"):  # spd's lone requests decode as spd-staged
+        assert (f"--warm-up: spd (as spd-staged) alone at k=3, {how}, 512 tokens of context"
+                in caplog.text)
     assert warmed == [GREEDY, REQUEST_SAMPLING]  # a default request's block graph too
     engines = {m: list(fast._FREE[m]) for m in (pair.target, pair.draft)}
     assert all(len(e) == 1 and e[0].max_len >= 512 for e in engines.values())
