@@ -320,7 +320,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="a lone greedy spd, cospec or cos-we request (or an unseeded "
                         "sampled spd or cos-we one) takes the batch engines too (default: it "
                         "decodes on the batch-1 path, each block on the device, until another "
-                        "request arrives; on a GPU)")
+                        "request arrives, spd as spd-staged; on a GPU)")
     p.add_argument("--max-context", type=int, default=2048,
                    help="tokens per request, prompt + completion (at most the model's): "
                         "with --max-batch, the KV cache budget")
