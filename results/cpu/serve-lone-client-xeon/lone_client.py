@@ -36,6 +36,7 @@ with httpx.Client(timeout=600) as c:
                      **{k: m[k] for k in ("method", "decode_s", "prefill_s", "tau",
                                           "started_alone", "tokens_per_s")}})
         print(p.id, round(wall, 2), rows[-1]["tokens"], m["tau"], m["started_alone"], flush=True)
-json.dump(rows, open(out, "w"), indent=1)
+with open(out, "w") as f:
+    json.dump(rows, f, indent=1)
 tokens, wall = sum(r["tokens"] for r in rows), sum(r["wall_s"] for r in rows)
 print(method, "total tok/s", round(tokens / wall, 2))
