@@ -107,6 +107,8 @@
 #           (sspeed and vserve: SPEED_REQUESTS requests a level, default 128; SSPEED_METHODS and
 #           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's and
 #           pbatch's, default "target,spd")
+#   lone    one client of cospec serve on real prompts (scripts/lone_client.py), target-only,
+#           spd alone (as spd-staged) and spd with --no-solo (S.00 or vLLM's wheels)
 #   code    MBPP draft records beside the committed target ones (dev and heldout come from the
 #           one test run), then divergence points on MBPP dev with the draft's and the re-roll
 #           control's branches rolled out and graded (shards of 50 problems; rerun to go on)
@@ -273,22 +275,52 @@ stage_sspeed() {  # cospec serve, bf16, target-only and spd (k = 4) requests, 64
     done
 }
 
+start_server() {  # $1 label, $2 log file, $3 port, then the server's command: started in its
+                  # own process (its PID in $server_pid), returns once /health answers
+    local label=$1 log=$2 port=$3; shift 3
+    "$@" > "$log" 2>&1 &
+    server_pid=$!
+    local t0=$SECONDS
+    until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health')" \
+            2>/dev/null; do
+        sleep 2
+        if ! kill -0 $server_pid 2>/dev/null || [ $((SECONDS - t0)) -gt 400 ]; then
+            tail -20 "$log"; kill $server_pid 2>/dev/null; return 1
+        fi
+    done
+    echo "$label up after $((SECONDS - t0)) s"
+}
+
 served() {  # $1 label, $2 output folder, $3 port, then the server's command: started in its
             # own process, loaded by serve_load once /health answers, then stopped
     local label=$1 out=$2 port=$3; shift 3
     mkdir -p "$out"
-    "$@" > "$out.log" 2>&1 &
-    local pid=$! t0=$SECONDS
-    until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health')" \
-            2>/dev/null; do
-        sleep 2
-        if ! kill -0 $pid 2>/dev/null || [ $((SECONDS - t0)) -gt 400 ]; then
-            tail -20 "$out.log"; kill $pid 2>/dev/null; return 1
-        fi
-    done
-    echo "$label up after $((SECONDS - t0)) s"
+    start_server "$label" "$out.log" "$port" "$@" || return 1
     serve_load "http://127.0.0.1:$port" "$label" "$out"
-    kill $pid; wait $pid 2>/dev/null || true
+    kill $server_pid; wait $server_pid 2>/dev/null || true
+}
+
+stage_lone() {  # one client of cospec serve (its own process, bf16, k = 4) on real prompts
+                # (scripts/lone_client.py: LONE_PROMPTS GSM8K heldout + as many HumanEval,
+                # default 10, 128 tokens each): target-only, spd alone (as spd-staged) and
+                # spd on the batch engine's one row (--no-solo), into $R/lone/NAME.json
+    serve_install
+    mkdir -p "$R/lone"
+    local spec name method
+    for spec in "target target" "spd spd" "spd-nosolo spd --no-solo"; do
+        set -- $spec; name=$1 method=$2; shift 2
+        [ -e "$R/lone/$name.json" ] && continue
+        PYTHONPATH=$PYTHONPATH:/tmp/vsite start_server "cospec serve ($name)" \
+            "$R/lone/$name.server.log" 8013 python3 -m cospec serve \
+            --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --device cuda \
+            --dtype bfloat16 --methods target,spd --k 4 --max-batch 64 --max-queue 128 \
+            --port 8013 --warm-up "$@" || continue
+        echo "load before $(cut -d' ' -f1-3 /proc/loadavg)" | whole
+        python3 scripts/lone_client.py --url http://127.0.0.1:8013 --method "$method" \
+            --prompts "${LONE_PROMPTS:-10}" --tokens 128 --out "$R/lone/$name.json" 2>&1 \
+            | whole | tail -2
+        kill $server_pid; wait $server_pid 2>/dev/null || true
+    done
 }
 
 stage_vserve() {  # vLLM's OpenAI server on the real pair (VSERVE_METHOD target or spd, k = 4)
