@@ -18,12 +18,24 @@ import httpx
 from cospec.tasks import get_task
 
 
+def positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def ask(client: httpx.Client, args, text: str, tokens: int) -> dict:
+    """One chat request's JSON answer; SystemExit naming the server's error otherwise."""
     body = {"model": args.model, "messages": [{"role": "user", "content": text}],
             "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
             "method": args.method, "k": args.k}
-    r = client.post(args.url + "/v1/chat/completions", json=body)
-    r.raise_for_status()
+    try:
+        r = client.post(args.url + "/v1/chat/completions", json=body)
+    except httpx.HTTPError as err:
+        raise SystemExit(f"lone_client.py: no answer from {args.url}: {err}") from None
+    if r.status_code != 200:
+        raise SystemExit(f"lone_client.py: {args.url} answered {r.status_code}: {r.text[:500]}")
     return r.json()
 
 
@@ -32,9 +44,9 @@ def main() -> None:
     p.add_argument("--url", required=True)
     p.add_argument("--method", default="spd")
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
-    p.add_argument("--prompts", type=int, default=3, help="N of each task")
-    p.add_argument("--tokens", type=int, default=96)
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--prompts", type=positive, default=3, help="N of each task")
+    p.add_argument("--tokens", type=positive, default=96)
+    p.add_argument("--k", type=positive, default=4)
     p.add_argument("--out", required=True)
     args = p.parse_args()
     probs = (get_task("gsm8k").problems("heldout")[:args.prompts]
