@@ -20,24 +20,4 @@ serve() {  # $1 name, $2 the requests' method, then cospec serve flags
 serve batch-spd spd --methods target,spd                           # the batch engine's one row
 serve rr-staged spd-staged --methods target,spd,spd-staged --max-batch 0  # the batch-1 host loop
 serve batch-target target --methods target,spd
-python3 - "$dir" <<'PY'  # summary.json: totals and per-prompt paired ratios (wall tok/s)
-import json, statistics as st, sys
-D = sys.argv[1]
-d = {n: json.load(open(f"{D}/{n}.json")) for n in ("batch-target", "batch-spd", "rr-staged")}
-out = {"runs": {}, "paired": {}}
-for n, rows in d.items():
-    tot, w = sum(r["tokens"] for r in rows), sum(r["wall_s"] for r in rows)
-    dec = sum(r["decode_s"] for r in rows)
-    out["runs"][n] = {"tokens": tot, "wall_s": round(w, 2), "tokens_per_s": round(tot / w, 3),
-                      "decode_tokens_per_s": round(tot / dec, 3),
-                      "mean_tau": round(st.mean(r["tau"] for r in rows), 3),
-                      "started_alone": sum(r["started_alone"] for r in rows)}
-for a, b in (("batch-target", "batch-spd"), ("batch-target", "rr-staged"),
-             ("batch-spd", "rr-staged")):
-    r = [(y["tokens"] / y["wall_s"]) / (x["tokens"] / x["wall_s"]) for x, y in zip(d[a], d[b])]
-    out["paired"][f"{b} / {a}"] = {
-        "total": round(out["runs"][b]["tokens_per_s"] / out["runs"][a]["tokens_per_s"], 3),
-        "median": round(st.median(r), 3), "min": round(min(r), 3), "max": round(max(r), 3)}
-out["same_text"] = sum(a["text"] == b["text"] == c["text"] for a, b, c in zip(*d.values()))
-json.dump(out, open(f"{D}/summary.json", "w"), indent=1)
-PY
+python3 scripts/lone_summary.py "$dir" batch-target batch-spd rr-staged  # summary.json
