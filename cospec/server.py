@@ -55,6 +55,7 @@ from cospec.batch_scheduler import (
     spd_rows,
 )
 from cospec.errors import CospecError
+from cospec.fast import MAX_GRAPH
 from cospec.fast_batch_warm import captures
 from cospec.job import Job
 from cospec.lookup import LOOKUP_METHODS
@@ -406,20 +407,24 @@ def warm_alone(method: Method, k: int, context: int, tokens: int = 8,
     ``context`` tokens, greedy and at an OpenAI request's default sampling (temperature 1,
     top-p 1: another block graph), so that its engines are made at full size
     (``fast.acquire`` reuses them for every shorter request) and their graphs captured
-    (prefill, steps, both blocks) before any request; logs what it did (``served``: the
-    method whose lone requests ``method`` decodes, when another)."""
-    prompt = list(range(1, 17))
+    before any request: greedy from a prompt of each length up to ``fast.MAX_GRAPH`` (each
+    length's prefill is a graph of its own), then of one more token (a fill from slot 0,
+    which captures every padded prefill length), the steps and both blocks. Logs what it did
+    (``served``: the method whose lone requests ``method`` decodes, when another)."""
     name = method.name if served in (None, method.name) else f"{served} (as {method.name})"
+    longest = list(range(1, MAX_GRAPH + 2))
     for sampling, how in ((GREEDY, "greedy"), (REQUEST_SAMPLING, "at temperature 1")):
-        if not method.device_block(prompt, sampling):
+        if not method.device_block(longest, sampling):
             log.info("--warm-up: %s runs no device-side block %s here: nothing to warm alone",
                      name, how)
             continue
         t0 = time.perf_counter()
-        with contextlib.closing(method.stream(prompt, k=k, max_new_tokens=context - len(prompt),
-                                              sampling=sampling, eos_ids=())) as gen:
-            for _ in itertools.islice(gen, tokens):
-                pass
+        for n in range(1, len(longest) + 1) if sampling is GREEDY else [len(longest)]:
+            prompt = longest[:n]
+            with contextlib.closing(method.stream(prompt, k=k, max_new_tokens=context - n,
+                                                  sampling=sampling, eos_ids=())) as gen:
+                for _ in itertools.islice(gen, tokens):
+                    pass
         log.info("--warm-up: %s alone at k=%d, %s, %d tokens of context: %.1f s", name, k,
                  how, context, time.perf_counter() - t0)
 

@@ -702,7 +702,10 @@ def test_warm_up_serves_from_the_warmed_engine(pair, monkeypatch, caplog, off_at
 def test_warm_up_makes_the_lone_path_engines_at_full_context(pair, monkeypatch, caplog):
     """With the fast path's engines (COSPEC_STATIC=1 on the CPU), ``--warm-up`` also runs a
     few tokens of the default method alone with room for the whole context: its batch-1
-    engines are made at full size, and a lone request later reuses them."""
+    engines are made at full size, and a lone request later reuses them. Greedy, it starts
+    from a prompt of every length that the engines' prefill graphs tell apart (each up to
+    fast.MAX_GRAPH tokens, then one more: a fill from slot 0), so that no request's first
+    token waits for a graph capture."""
     import logging
 
     from cospec import fast
@@ -716,7 +719,7 @@ def test_warm_up_makes_the_lone_path_engines_at_full_context(pair, monkeypatch, 
     warmed, real_stream = [], Method.stream
 
     def stream(self, prompt_ids, **kw):
-        warmed.append(kw["sampling"])
+        warmed.append((kw["sampling"], len(prompt_ids)))
         return real_stream(self, prompt_ids, **kw)
 
     with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="cospec.server"):
@@ -726,7 +729,8 @@ def test_warm_up_makes_the_lone_path_engines_at_full_context(pair, monkeypatch, 
     for how in ("greedy", "at temperature 1"):  # spd's lone requests decode as spd-staged
         assert (f"--warm-up: spd (as spd-staged) alone at k=3, {how}, 512 tokens of context"
                 in caplog.text)
-    assert warmed == [GREEDY, REQUEST_SAMPLING]  # a default request's block graph too
+    longest = fast.MAX_GRAPH + 1  # a default request's block graph too, from one prompt
+    assert warmed == [(GREEDY, n) for n in range(1, longest + 1)] + [(REQUEST_SAMPLING, longest)]
     engines = {m: list(fast._FREE[m]) for m in (pair.target, pair.draft)}
     assert all(len(e) == 1 and e[0].max_len >= 512 for e in engines.values())
     want = alone(pair, None, "spd", "warm hello", 3, 20)
