@@ -83,6 +83,7 @@ from cospec.fast import (
     to_host,
 )
 from cospec.fast_batch_cos import EXTRA, CosStep
+from cospec.lookup import NgramIndex
 from cospec.row_sampling import (
     _M32,
     RowSampling,
@@ -339,6 +340,7 @@ class Request:
     seed: int
     tokens: list[int] = field(default_factory=list)
     from_draft: list[bool] = field(default_factory=list)
+    index: NgramIndex | None = None  # prompt lookup's n-grams of prompt + tokens (``lookup``)
 
 
 @dataclass(frozen=True)
@@ -352,10 +354,12 @@ class Commit:
 
 class BatchEngine:
     """Batched target-only (``draft=None``), speculative (exact: greedy match at T = 0,
-    rejection sampling at T > 0), CoSpec (``policy``: greedy, an arbiter at every
-    mismatch, as ``acceptance.ArbiterRule``) or CoS (``combo``: exact sampling from the
-    combination of draft, ``middle`` and target, ``cospec.fast_batch_cos``; ``alternate``
-    True is ``cos-*``, False ``*-sd``) decoding of up to ``rows`` requests at once.
+    rejection sampling at T > 0), prompt lookup (``lookup``, no draft: each row's k
+    proposals copied from its own sequence, ``cospec.lookup``; exact as spd), CoSpec
+    (``policy``: greedy, an arbiter at every mismatch, as ``acceptance.ArbiterRule``) or CoS
+    (``combo``: exact sampling from the combination of draft, ``middle`` and target,
+    ``cospec.fast_batch_cos``; ``alternate`` True is ``cos-*``, False ``*-sd``) decoding of
+    up to ``rows`` requests at once.
 
     ``submit`` queues a request and returns its id; ``step`` runs one step and returns the
     ``Commit`` of every request that took part. ``stats`` sums all requests' counters.
@@ -367,21 +371,24 @@ class BatchEngine:
                  max_overrides: int | None = None, every_mismatch: bool = True,
                  run_ahead: int | None = None, graphs: bool | None = None,
                  combo: Combination | None = None, middle: Sequence[torch.nn.Module] = (),
-                 alternate: bool = True):
+                 alternate: bool = True, lookup: bool = False):
+        if lookup and draft is not None:
+            raise CospecError("prompt lookup proposes from the sequence itself: no draft")
         if draft is None and (policy is not None or combo is not None):
             raise CospecError("an arbiter policy or a combination needs a draft model")
         if combo is not None and policy is not None:
             raise CospecError("an arbiter policy decides spd's mismatches, not a combination's")
         if middle and combo is None:
             raise CospecError("more than two models are for a combination (combo)")
-        if draft is not None and not 1 <= k <= 2 * RUN_AHEAD - 1:
+        if (draft is not None or lookup) and not 1 <= k <= 2 * RUN_AHEAD - 1:
             raise CospecError(f"k (draft length) must be in 1..{2 * RUN_AHEAD - 1}, got {k}")
         run_ahead = run_ahead_setting() if run_ahead is None else run_ahead
         if not 1 <= run_ahead <= RUN_AHEAD:
             raise CospecError(f"run_ahead must be in 1..{RUN_AHEAD}, got {run_ahead}")
-        self.k = k if draft is not None else 0
-        self.ahead = run_ahead if draft is None else 0
-        self.width = self.k + 1 if draft is not None else run_ahead  # candidates per step
+        self.lookup = lookup
+        self.k = k if draft is not None or lookup else 0
+        self.ahead = 0 if self.k else run_ahead
+        self.width = self.k + 1 if self.k else run_ahead  # candidates per step
         self.rows, self.max_len = rows, max_len
         self.target = BatchLM(target, rows, max_len, graphs)
         self.draft = BatchLM(draft, rows, max_len, graphs) if draft is not None else None
@@ -467,6 +474,9 @@ class BatchEngine:
             self.greedy[slot] = s.greedy
             self.live[slot] = True
             self.slots[slot] = req
+            if self.lookup:
+                req.index = NgramIndex()
+                req.index.extend(req.prompt + req.tokens)
         return [slot for slot, _ in admitted]
 
     def _compact(self) -> None:
@@ -546,6 +556,8 @@ class BatchEngine:
                 u = uniforms(self.seed[:b], self.counter[:b], self.cos.draws())
                 toks, a, extra = self.cos(b, s, self.n[:b], self.prev[:b], self.last[:b],
                                           self.live[:b], u)
+            elif self.lookup:
+                toks, a, extra = self._lookup(b, s)
             elif self.draft is None:
                 toks, a, extra = self._target_only(b, s, first)
             else:
@@ -602,7 +614,8 @@ class BatchEngine:
 
     def forwards(self) -> list[tuple[BatchLM, int]]:
         """The (model, tokens) forwards a step runs, at its rows bucket and span:
-        target-only the target over 1 token (``_target_only``); spd and CoSpec
+        target-only the target over 1 token (``_target_only``); prompt lookup over k + 1
+        (``_lookup``); spd and CoSpec
         (``_speculate``) the draft over 2 (its catch-up), over 1 (the next drafts, when
         there are any) and the target over k + 1; CoS (``fast_batch_cos``'s invariants) the
         proposer over 2 and 1 (the drafts after the first, the lookahead, a turned-down
@@ -610,6 +623,8 @@ class BatchEngine:
         if self.cos is not None:
             return [(self.draft, 2), (self.draft, 1),
                     *((v, self.k + 1) for v in self.cos.verifiers)]
+        if self.lookup:
+            return [(self.target, self.k + 1)]
         if self.draft is None:
             return [(self.target, 1)]
         more = self.k + (self.policy is not None) > 1
@@ -646,6 +661,11 @@ class BatchEngine:
         if self.cos is not None:
             req.from_draft += self.cos.commit(slot, row[width + 1:width + 1 + EXTRA],
                                               self.stats)[:cut]
+        elif self.lookup:
+            guessed = min(a, row[width + 1])  # proposals kept; a padding token may pass too
+            self.stats.record_step(row[width + 1], guessed)
+            req.from_draft += [j < guessed for j in range(cut)]
+            req.index.extend(new[:cut])
         elif self.draft is not None:
             calls, overrides, next_from_draft = row[width + 1:width + 4]
             self.stats.record_step(self.k, a)
@@ -702,20 +722,39 @@ class BatchEngine:
         d = torch.stack(drafts, 1)                                         # [b, k (+1)]
         ids = torch.cat([self.last[:b, None], d[:, :k]], 1)
         t_logits, t_hid = self.target.run(ids, n[:, None] - 1 + torch.arange(k + 1, device=dev))
-        zero = torch.zeros(b, 1, dtype=torch.long, device=dev)
         if look:
             return self._arbitrate(d, torch.stack(d_rows, 1), torch.stack(d_hid, 1),
                                    t_logits, t_hid)
-        if s.all_greedy:
-            best = t_logits.argmax(-1)                                     # [b, k+1]
-            a = first_false(d == best[:, :k])
-            nxt = best.gather(1, a[:, None])[:, 0]
-        else:
-            p = row_probabilities(t_logits, s)
-            q = row_probabilities(torch.stack(d_rows, 1), s)
-            a, nxt = verify(p, q, d, u[:, k:])
-        toks = torch.cat([d, zero], 1).scatter(1, a[:, None], nxt[:, None])
+        toks, a = accept(d, t_logits, s, None if s.all_greedy else u[:, k:],
+                         None if s.all_greedy else torch.stack(d_rows, 1))
+        zero = torch.zeros(b, 1, dtype=torch.long, device=dev)
         return toks, a, [zero, zero, zero]
+
+    def _lookup(self, b: int, s: RowSampling):
+        """Prompt lookup for every row at once: each live row proposes up to k tokens that
+        followed the latest earlier occurrence of its last n-gram (``NgramIndex.propose`` on
+        the host, over its prompt and tokens), padded to k with its last proposal (or its
+        last token); the target verifies [last, d_1..d_k] in one forward, and the rows
+        accept as spd's do against one-hot proposals. The proposals depend on the committed
+        tokens only, so greedy rows give the target's tokens and sampled rows its
+        distribution, padding included (a padding token that passes is one the target
+        would have given). Returns toks [b, k+1], accepted a [b] and the proposals each
+        row had, [b, 1]."""
+        k, n, dev = self.k, self.n[:b], self.device
+        host = torch.zeros(b, k + 1, dtype=torch.long)
+        for slot, req in enumerate(self.slots[:b]):
+            if req is None:
+                continue
+            guess = req.index.propose(k)
+            pad = guess[-1] if guess else req.index.seq[-1]
+            host[slot] = torch.tensor([*guess, *[pad] * (k - len(guess)), len(guess)])
+        proposed = host.to(dev)
+        d = proposed[:, :k]
+        ids = torch.cat([self.last[:b, None], d], 1)
+        t_logits, _ = self.target.run(ids, n[:, None] - 1 + torch.arange(k + 1, device=dev))
+        u = None if s.all_greedy else uniforms(self.seed[:b], self.counter[:b], k + 1)
+        toks, a = accept(d, t_logits, s, u)
+        return toks, a, [proposed[:, k:]]
 
     def _arbitrate(self, dd: torch.Tensor, d_logits: torch.Tensor, d_hid: torch.Tensor,
                    t_logits: torch.Tensor, t_hid: torch.Tensor):
@@ -756,6 +795,24 @@ class BatchEngine:
         self.overrides[:b] += kept * self.live[:b]
         from_draft = (stop > k) & miss[:, k]
         return toks, a, [calls[:, None], kept[:, None], from_draft.long()[:, None]]
+
+
+def accept(d: torch.Tensor, t_logits: torch.Tensor, s: RowSampling, u: torch.Tensor | None,
+           d_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's verdict on its proposals d [b, k] from the target's rows t_logits
+    [b, k+1, V]: greedy (``s.all_greedy``) the proposals up to the first that is not the
+    target's argmax, then its argmax; else rejection sampling with uniforms u [b, k+1]
+    against the draft's rows d_logits [b, k, V] (None: fixed proposals, one-hot). Returns
+    toks [b, k+1] (d_1..d_a, then the next token at a) and accepted a [b]."""
+    if s.all_greedy:
+        best = t_logits.argmax(-1)                                         # [b, k+1]
+        a = first_false(d == best[:, :d.shape[1]])
+        nxt = best.gather(1, a[:, None])[:, 0]
+    else:
+        q = None if d_logits is None else row_probabilities(d_logits, s)
+        a, nxt = verify(row_probabilities(t_logits, s), q, d, u)
+    zero = torch.zeros(d.shape[0], 1, dtype=torch.long, device=d.device)
+    return torch.cat([d, zero], 1).scatter(1, a[:, None], nxt[:, None]), a
 
 
 def generate_batch(target: torch.nn.Module, draft: torch.nn.Module | None,

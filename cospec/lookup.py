@@ -59,7 +59,11 @@ class NgramIndex:
     def sync(self, seq: list[int]) -> None:
         """Index the tokens ``seq`` has beyond those indexed (``seq`` only grows: it must
         start with what was indexed)."""
-        for tok in seq[len(self.seq):]:
+        self.extend(seq[len(self.seq):])
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        """Index ``tokens`` as the sequence's next ones."""
+        for tok in tokens:
             self.seq.append(tok)
             end = len(self.seq)
             for n in range(1, min(self.ngram, end) + 1):

@@ -88,19 +88,24 @@ def first_false(ok: torch.Tensor) -> torch.Tensor:
     return torch.cat([~ok, ok.new_ones(ok.shape[0], 1)], dim=1).int().argmax(-1)
 
 
-def verify(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, u: torch.Tensor
+def verify(p: torch.Tensor, q: torch.Tensor | None, d: torch.Tensor, u: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection sampling for every row at once: target p [b, k+1, V], draft q [b, k, V],
     drafts d [b, k] (drawn from q), uniforms u [b, k+1] (k tests and the final draw).
     Returns accepted a [b] and the next token [b]: drawn from norm(max(0, p_a - q_a)) at a
     rejection (a < k), from the bonus row p_k when all pass. Greedy rows (one-hot p and q)
-    keep the drafts equal to the target's argmax and then commit its argmax."""
+    keep the drafts equal to the target's argmax and then commit its argmax. ``q`` None:
+    the proposals d are fixed tokens (prompt lookup's), q their one-hot rows."""
     b, k = d.shape
     rows = torch.arange(b, device=d.device)
-    q_d = q.gather(-1, d[..., None])[..., 0]
+    q_d = q.gather(-1, d[..., None])[..., 0] if q is not None else torch.ones_like(p[:, :k, 0])
     p_d = p[:, :k].gather(-1, d[..., None])[..., 0]
     passed = u[:, :k] * q_d < p_d
     a = first_false(passed)
     t = p[rows, a]                                                          # [b, V]
-    qa = q[rows, a.clamp_max(k - 1)] * (a < k)[:, None].to(q.dtype)
+    rejected = (a < k)[:, None].to(p.dtype)
+    if q is None:
+        qa = torch.zeros_like(t).scatter_(1, d[rows, a.clamp_max(k - 1)][:, None], rejected)
+    else:
+        qa = q[rows, a.clamp_max(k - 1)] * rejected
     return a, pick(residual(t, qa), u[:, k])

@@ -86,6 +86,34 @@ def test_greedy_rows_equal_batch_one(pair, near, method, min_span, monkeypatch):
         assert 0.2 < stats.accepted / stats.drafted < 0.8
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_lookup_rows_equal_target_greedy(pair, k):
+    """Prompt lookup in the batch engine (no draft): six prompts that repeat themselves
+    through three slots, rows joining and ending at EOS or their budgets, give exactly the
+    target's own greedy tokens, and the lookup proposed and kept some."""
+    target, _ = pair
+    prompts = [(prompt(i, n) * 3)[:3 * n] for i, n in enumerate(LENGTHS)]
+    free = batch1(target, None, prompts, BUDGETS, ExactRule(), k=1)
+    eos = [free[1][6]]
+    want = batch1(target, None, prompts, BUDGETS, ExactRule(), k=1, eos=eos)
+    stats = DecodeStats()
+    got = generate_batch(target, None, prompts, max_new_tokens=BUDGETS, rows=3, k=k,
+                         eos_ids=eos, stats=stats, lookup=True)
+    assert got == want
+    assert any(len(w) < m for w, m in zip(want, BUDGETS))        # some row stopped at EOS
+    assert stats.generated == sum(map(len, want))
+    assert 0 < stats.accepted <= stats.drafted
+    assert stats.steps < stats.generated  # fewer steps than tokens: lookups paid
+
+
+def test_lookup_needs_no_draft(pair):
+    target, draft = pair
+    with pytest.raises(CospecError, match="no draft"):
+        BatchEngine(target, draft, lookup=True)
+    with pytest.raises(CospecError, match="k .draft length"):
+        BatchEngine(target, None, k=0, lookup=True)
+
+
 def test_cpu_forwards_take_the_chosen_linear_order():
     """On a CPU the batch engine's forwards run in the linear order ``cospec.cpu`` chose for
     the model and the forward's rows (rows x tokens), as the library's batch-1 loop does
@@ -498,10 +526,16 @@ def test_toy_pair_has_power(toy):
     assert tv > 0.2 and len(p) >= 30 and max(p.values()) < 0.3
 
 
-@pytest.mark.parametrize("method", ["target", "spd"])
+@pytest.mark.parametrize("method", ["target", "spd", "lookup"])
 def test_sampled_blocks_follow_the_exact_joint(toy, method):
+    """``lookup``: the proposals come from the prompt and the tokens so far (8 tokens of
+    vocabulary: most steps propose), checked against one-hot proposals."""
     target, draft = toy
     probs = exact_joint(target)
+    stats = DecodeStats()
     out = generate_batch(target, draft if method == "spd" else None, [PROMPT] * SAMPLES,
-                         max_new_tokens=NEW, sampling=CFG, seeds=range(SAMPLES), rows=64, k=3)
+                         max_new_tokens=NEW, sampling=CFG, seeds=range(SAMPLES), rows=64, k=3,
+                         lookup=method == "lookup", stats=stats)
     assert_follows(out, probs, NEW, ALPHA)
+    if method == "lookup":
+        assert 0 < stats.accepted < stats.drafted and stats.steps < stats.generated
