@@ -1,7 +1,9 @@
 """Which methods ``fast_batch.BatchEngine`` decodes, and the engine's arguments for each.
 
 The engine runs target-only (``target``, ``draft``: one model, ``ExactRule``), speculative
-decoding (``spd``: ``ExactRule`` with a draft), the arbiter rules (``cospec``,
+decoding (``spd``: ``ExactRule`` with a draft), prompt lookup (``lookup``: no draft, each
+row's proposals from its own sequence; not ``spd-lookup`` or ``spd-staged``, whose draft
+checks the guesses at batch 1), the arbiter rules (``cospec``,
 ``confidence``, ``entropy``: ``ArbiterRule``) and the speculative CoS methods (``cos-we``,
 ``cos-cd``: alternate proposal; ``we-sd``, ``cd-sd``: lookahead), when every model it would
 hold is one the fast path supports (Llama-family, not a tensor-parallel shard). It does not
@@ -36,9 +38,11 @@ def engine_options(method: Method) -> dict | None:
     decode ``method`` — ``policy`` ... for an arbiter rule, ``combo``, ``middle`` and
     ``alternate`` for CoS — or None when no batch engine can decode it."""
     rule = method.rule
-    if method.name in LOOKUP_METHODS:  # proposals from the host's n-gram index
+    if method.name == "lookup":  # each row's proposals from its own n-gram index
+        kw = {"lookup": True}
+    elif method.name in LOOKUP_METHODS:  # the draft checking guesses: batch 1 only
         return None
-    if method.combo is not None:
+    elif method.combo is not None:
         if method.name not in BATCH_COS or method.proposer is None:
             return None
         if method.combo.kind == "cd" and len(method.models) != 2:

@@ -139,19 +139,24 @@ class ServedEngine(BatchEngine):
 
 
 def engine_key(method: Method, k: int) -> tuple[str, int] | None:
-    """The sub-batch of a request: (method name, k; 0 without a draft), or None when no
+    """The sub-batch of a request: (method name, k; 0 without proposals), or None when no
     batch engine can decode it (``batch_methods.engine_options``)."""
     if engine_options(method) is None:
         return None
-    if method.proposer is not None and not 1 <= k <= MAX_K:
+    if proposes(method) and not 1 <= k <= MAX_K:
         return None
-    return method.name, k if method.proposer is not None else 0
+    return method.name, k if proposes(method) else 0
+
+
+def proposes(method: Method) -> bool:
+    """``method``'s engine verifies k proposals a step: a draft's, or prompt lookup's."""
+    return method.proposer is not None or method.name == "lookup"
 
 
 def reserve(method: Method, k: int) -> int:
     """Positions a slot keeps beyond prompt + max_tokens (``BatchEngine.submit``'s margin:
     the last step may write k drafts, or ``RUN_AHEAD`` tokens, past the budget)."""
-    return (k if method.proposer is not None else RUN_AHEAD) + 2
+    return (k if proposes(method) else RUN_AHEAD) + 2
 
 
 def spd_rows(max_batch: int, spec_off_at: int) -> int:

@@ -125,13 +125,14 @@ class BodyLimit:
 def int8_readers(names: list[str], pair: Pair, max_batch: int, solo: bool) -> list[str]:
     """Of served ``names``, those whose requests may decode on a batch-1 path, where a
     draft's int8 copies are read: all without batch engines; beside them the methods no
-    batch engine runs (prompt lookup's), and on a GPU with ``solo`` spd (a lone request,
-    ``scheduler``)."""
+    batch engine runs (spd-lookup, spd-staged), and on a GPU with ``solo`` spd (a lone
+    request, ``scheduler``)."""
     if not max_batch:
         return list(names)
     gpu_solo = (solo and pair.draft is not None
                 and next(pair.draft.parameters()).device.type == "cuda")
-    return [m for m in names if m in LOOKUP_METHODS or gpu_solo and m == "spd"]
+    return [m for m in names
+            if m in LOOKUP_METHODS and m != "lookup" or gpu_solo and m == "spd"]
 
 
 def default_methods(pair: Pair, arbiter: str | None, copies: bool = False) -> list[str]:

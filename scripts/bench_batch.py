@@ -92,7 +92,7 @@ def random_target(args) -> tuple[torch.nn.Module, None, list[list[int]], list[in
 
 
 
-METHODS = ("target", "spd", "cos-we", "cos-cd", "we-sd", "cd-sd")
+METHODS = ("target", "spd", "lookup", "cos-we", "cos-cd", "we-sd", "cd-sd")
 ENV = ("COSPEC_COMPILE", "COSPEC_PREFILL", "COSPEC_FUSED", "COSPEC_LINEAR")  # recorded when set
 
 
@@ -114,7 +114,7 @@ def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig,
         raise SystemExit(f"{method}: no batch engine decodes it for these models")
     engine = BatchEngine(m.verifier, m.proposer, k=args.k, rows=rows, max_len=room, eos_ids=eos,
                          **opts)
-    speculative = m.proposer is not None
+    speculative = m.proposer is not None or method == "lookup"
     print(f"B={rows:3d} {method}: warm-up {warm_up(engine)}", flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

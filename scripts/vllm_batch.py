@@ -1,11 +1,12 @@
 """vLLM's offline throughput on the prompts of ``scripts/bench_batch.py``, at several batch sizes.
 
-    python scripts/vllm_batch.py --prompts FILE --method target|spd --out FILE.json
+    python scripts/vllm_batch.py --prompts FILE --method target|spd|lookup --out FILE.json
         [--target qwen2.5-coder-1.5b] [--draft qwen2.5-coder-0.5b] [--new 256] [--k 4]
         [--batches 1,4,16,64]
 
 The side-by-side peer of ``bench_batch.py --ignore-eos --save-prompts FILE``: the same prompt
-token ids, greedy, exactly ``--new`` new tokens per request (EOS ignored), the same k. One
+token ids, greedy, exactly ``--new`` new tokens per request (EOS ignored), the same k
+(``lookup``: vLLM's n-gram speculator, as ``peer_speed.py`` configures it). One
 process per method (run this script once per method); its engine admits up to the largest
 batch size, and a batch size B is measured by handing the prompts over B at a time: with
 every request exactly ``--new`` tokens long the requests of a group start and end together,
@@ -34,7 +35,7 @@ from device_memory import gpu  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", required=True, type=Path)
-    ap.add_argument("--method", choices=("target", "spd"), required=True)
+    ap.add_argument("--method", choices=("target", "spd", "lookup"), required=True)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--target", default="qwen2.5-coder-1.5b")
     ap.add_argument("--draft", default="qwen2.5-coder-0.5b")
@@ -62,6 +63,9 @@ def main() -> None:
     if args.method == "spd":
         kw["speculative_config"] = {"method": "draft_model", "model": str(resolve(args.draft)),
                                     "num_speculative_tokens": args.k}
+    elif args.method == "lookup":
+        kw["speculative_config"] = {"method": "ngram", "num_speculative_tokens": args.k,
+                                    "prompt_lookup_max": 4}
     t0 = time.perf_counter()
     llm = LLM(**kw)
     report = dict(engine="vllm", vllm=vllm.__version__, method=args.method, new=args.new,

@@ -179,14 +179,14 @@ def test_greedy_staged_is_spd_in_fewer_draft_steps(models, monkeypatch, k):
     assert stood["n"] > 0 and staged_passes < spd_passes
 
 
-def test_lookup_methods_are_built_and_kept_off_the_batch_engines(models):
-    """``lookup`` needs no draft, ``spd-lookup`` and ``spd-staged`` do; none goes to a batch
-    engine (their proposals come from the host's index), and all stream the target's greedy
-    tokens."""
+def test_lookup_methods_are_built_and_batched_without_a_draft(models):
+    """``lookup`` needs no draft, ``spd-lookup`` and ``spd-staged`` do; ``lookup`` alone goes
+    to a batch engine (each row's proposals from its own index; the others' draft checks
+    the guesses at batch 1), and all stream the target's greedy tokens."""
     target, draft = models
     alone = Pair(target, None, None, "t", None)
     method = build_method("lookup", alone)
-    assert method.proposer is None and engine_options(method) is None
+    assert method.proposer is None and engine_options(method) == {"lookup": True}
     for name in ("spd-lookup", "spd-staged"):
         with pytest.raises(CospecError, match="needs a draft"):
             build_method(name, alone)

@@ -600,6 +600,47 @@ def test_cos_requests_batch_beside_the_others(pair32, max_batch):
     assert h["errors"] == 0 and h["completed"] == len(reqs) and h["active"] == 0
 
 
+LOOKUP_REQUESTS = [  # method, k, max_tokens, ignore_eos, stream
+    ("lookup", 3, 24, False, False), ("lookup", 2, 40, True, True),
+    ("target", None, 17, False, True), ("spd-staged", 3, 30, True, False),
+    ("lookup", 3, 36, True, True), ("spd", 3, 21, False, False),
+    ("lookup", 2, 12, False, True), ("lookup", 3, 27, True, False),
+]
+
+
+@pytest.mark.parametrize("max_batch", [3, 16])
+def test_lookup_requests_batch_beside_the_others(pair, max_batch):
+    """Prompt lookup decodes in batch engines (one per k) beside target and spd: each
+    request gets exactly the batch-1 loop's tokens (the target's, T = 0) for its prompt
+    alone; spd-staged, which no engine runs, still goes round robin."""
+    reqs = [{"prompt": f"request {i}: hello world {'the answer ' * (i % 4)}{i}",
+             "method": m, "max_tokens": n, "ignore_eos": ie, "stream": st,
+             **({"k": k} if k else {})}
+            for i, (m, k, n, ie, st) in enumerate(LOOKUP_REQUESTS)]
+    want = [alone(pair, None, r["method"], r["prompt"], r.get("k", 4), r["max_tokens"],
+                  r["ignore_eos"]) for r in reqs]
+    assert {w[2] for w in want} == {"stop", "length"}
+    app = create_app(pair, methods=["target", "spd", "lookup", "spd-staged"], max_active=2,
+                     max_queue=32, timeout=60, max_batch=max_batch, spec_off_at=0)
+    jobs = recording(app)
+    with BackgroundServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        got = concurrently(lambda r: ask(client, r), reqs)
+        h = health(srv)
+    assert [g[:3] for g in got] == want
+    paths = {(j.method.name, j.k): j.batch for j in jobs}
+    assert paths[("spd-staged", 3)] is None  # round robin
+    assert paths[("target", 4)] == ("target", 0)
+    assert {paths[("lookup", k)] for k in (2, 3)} == {("lookup", 2), ("lookup", 3)}
+    looked = [(r, m) for r, (*_, m) in zip(reqs, got) if r["method"] == "lookup"]
+    for r, m in looked:
+        assert m["method"] == "lookup" and m["steps"] >= 1 and m["from_draft"] <= m["accepted"]
+        assert m["accepted"] <= m["drafted"] <= r["k"] * m["steps"]
+    assert sum(m["accepted"] for _, m in looked) > 0  # the lookups paid somewhere
+    assert h["errors"] == 0 and h["completed"] == len(reqs) and h["active"] == 0
+
+
 def test_memory_budget_counts_the_prefill_pass(pair, monkeypatch):
     """The start-up budget counts the KV caches and the largest prefill pass (8,192 padded
     tokens, or one prompt of the whole context: its attention scores grow with the context):
