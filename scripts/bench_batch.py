@@ -45,7 +45,7 @@ import torch
 from cospec.batch_methods import engine_options
 from cospec.fast_batch import BatchEngine
 from cospec.fast_batch_warm import warm_up
-from cospec.methods import Method, MethodOptions, build_method
+from cospec.methods import NO_DRAFT, Method, MethodOptions, build_method
 from cospec.models import Pair
 from cospec.sampling import SamplingConfig
 
@@ -202,7 +202,8 @@ def main() -> None:
                   load_start=os.getloadavg(), runs=[])
     with torch.inference_mode():
         for rows in (int(b) for b in args.batches.split(",")):
-            for method in methods if draft is not None else ["target"]:
+            for method in methods if draft is not None else [m for m in methods
+                                                             if m in NO_DRAFT]:
                 run = one(target, draft, prompts, eos, rows, args, sampling, method)
                 report["runs"].append(run)
                 report["load_end"] = os.getloadavg()
