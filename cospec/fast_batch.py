@@ -615,7 +615,7 @@ class BatchEngine:
     def forwards(self) -> list[tuple[BatchLM, int]]:
         """The (model, tokens) forwards a step runs, at its rows bucket and span:
         target-only the target over 1 token (``_target_only``); prompt lookup over k + 1
-        (``_lookup``); spd and CoSpec
+        and over 1 (``_lookup``, a step with no proposals); spd and CoSpec
         (``_speculate``) the draft over 2 (its catch-up), over 1 (the next drafts, when
         there are any) and the target over k + 1; CoS (``fast_batch_cos``'s invariants) the
         proposer over 2 and 1 (the drafts after the first, the lookahead, a turned-down
@@ -624,7 +624,7 @@ class BatchEngine:
             return [(self.draft, 2), (self.draft, 1),
                     *((v, self.k + 1) for v in self.cos.verifiers)]
         if self.lookup:
-            return [(self.target, self.k + 1)]
+            return [(self.target, self.k + 1), (self.target, 1)]
         if self.draft is None:
             return [(self.target, 1)]
         more = self.k + (self.policy is not None) > 1
@@ -662,9 +662,8 @@ class BatchEngine:
             req.from_draft += self.cos.commit(slot, row[width + 1:width + 1 + EXTRA],
                                               self.stats)[:cut]
         elif self.lookup:
-            guessed = min(a, row[width + 1])  # proposals kept; a padding token may pass too
-            self.stats.record_step(row[width + 1], guessed)
-            req.from_draft += [j < guessed for j in range(cut)]
+            self.stats.record_step(row[width + 1], a)  # a <= the row's proposals
+            req.from_draft += [j < a for j in range(cut)]
             req.index.extend(new[:cut])
         elif self.draft is not None:
             calls, overrides, next_from_draft = row[width + 1:width + 4]
@@ -733,28 +732,43 @@ class BatchEngine:
     def _lookup(self, b: int, s: RowSampling):
         """Prompt lookup for every row at once: each live row proposes up to k tokens that
         followed the latest earlier occurrence of its last n-gram (``NgramIndex.propose`` on
-        the host, over its prompt and tokens), padded to k with its last proposal (or its
-        last token); the target verifies [last, d_1..d_k] in one forward, and the rows
-        accept as spd's do against one-hot proposals. The proposals depend on the committed
-        tokens only, so greedy rows give the target's tokens and sampled rows its
-        distribution, padding included (a padding token that passes is one the target
-        would have given). Returns toks [b, k+1], accepted a [b] and the proposals each
-        row had, [b, 1]."""
+        the host, over its prompt and tokens), g of them (0..k), padded to k; the target
+        verifies [last, d_1..d_k] in one forward, and each row tests its g proposals as spd
+        tests drafts (against one-hot proposals), its next token drawn from p_a at a
+        rejection's residual or, all g passed, from p_g itself. The proposals depend on the
+        row's committed tokens only, so greedy rows give the target's tokens and sampled
+        rows its distribution, their draws their own (``uniforms``). A step in which no row
+        proposes anything is a one-token forward instead (``_unguessed``), with the same
+        tokens. Returns toks [b, k+1], accepted a [b] and the proposals g [b, 1]."""
         k, n, dev = self.k, self.n[:b], self.device
         host = torch.zeros(b, k + 1, dtype=torch.long)
         for slot, req in enumerate(self.slots[:b]):
             if req is None:
                 continue
             guess = req.index.propose(k)
-            pad = guess[-1] if guess else req.index.seq[-1]
-            host[slot] = torch.tensor([*guess, *[pad] * (k - len(guess)), len(guess)])
+            host[slot] = torch.tensor([*guess, *[0] * (k - len(guess)), len(guess)])
+        u = None if s.all_greedy else uniforms(self.seed[:b], self.counter[:b], k + 1)
+        if not host[:, k].any():
+            return self._unguessed(b, s, u)
         proposed = host.to(dev)
-        d = proposed[:, :k]
+        d, g = proposed[:, :k], proposed[:, k]
         ids = torch.cat([self.last[:b, None], d], 1)
         t_logits, _ = self.target.run(ids, n[:, None] - 1 + torch.arange(k + 1, device=dev))
-        u = None if s.all_greedy else uniforms(self.seed[:b], self.counter[:b], k + 1)
-        toks, a = accept(d, t_logits, s, u)
-        return toks, a, [proposed[:, k:]]
+        toks, a = accept(d, t_logits, s, u, proposed=g)
+        return toks, a, [g[:, None]]
+
+    def _unguessed(self, b: int, s: RowSampling, u: torch.Tensor | None):
+        """A lookup step with no proposals in any row: one token a row, drawn as a verify of
+        none would draw it (p_0; sampled with the last uniform, u[:, k]). ``_lookup``'s
+        returns, toks padded to k + 1."""
+        n, k = self.n[:b], self.k
+        logits, _ = self.target.run(self.last[:b, None], (n - 1)[:, None])
+        row = logits[:, -1]
+        tok = row.argmax(-1) if s.all_greedy else pick(row_probabilities(row, s), u[:, k])
+        toks = torch.zeros(b, k + 1, dtype=torch.long, device=self.device)
+        toks[:, 0] = tok
+        zero = torch.zeros(b, dtype=torch.long, device=self.device)
+        return toks, zero, [zero[:, None]]
 
     def _arbitrate(self, dd: torch.Tensor, d_logits: torch.Tensor, d_hid: torch.Tensor,
                    t_logits: torch.Tensor, t_hid: torch.Tensor):
@@ -798,19 +812,25 @@ class BatchEngine:
 
 
 def accept(d: torch.Tensor, t_logits: torch.Tensor, s: RowSampling, u: torch.Tensor | None,
-           d_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           d_logits: torch.Tensor | None = None, proposed: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's verdict on its proposals d [b, k] from the target's rows t_logits
     [b, k+1, V]: greedy (``s.all_greedy``) the proposals up to the first that is not the
     target's argmax, then its argmax; else rejection sampling with uniforms u [b, k+1]
-    against the draft's rows d_logits [b, k, V] (None: fixed proposals, one-hot). Returns
+    against the draft's rows d_logits [b, k, V] (None: fixed proposals, one-hot).
+    ``proposed`` [b]: only a row's first that many proposals count (``verify``). Returns
     toks [b, k+1] (d_1..d_a, then the next token at a) and accepted a [b]."""
     if s.all_greedy:
         best = t_logits.argmax(-1)                                         # [b, k+1]
-        a = first_false(d == best[:, :d.shape[1]])
+        k = d.shape[1]
+        ok = d == best[:, :k]
+        if proposed is not None:
+            ok &= torch.arange(k, device=d.device) < proposed[:, None]
+        a = first_false(ok)
         nxt = best.gather(1, a[:, None])[:, 0]
     else:
         q = None if d_logits is None else row_probabilities(d_logits, s)
-        a, nxt = verify(row_probabilities(t_logits, s), q, d, u)
+        a, nxt = verify(row_probabilities(t_logits, s), q, d, u, proposed)
     zero = torch.zeros(d.shape[0], 1, dtype=torch.long, device=d.device)
     return torch.cat([d, zero], 1).scatter(1, a[:, None], nxt[:, None]), a
 

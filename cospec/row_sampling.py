@@ -88,22 +88,25 @@ def first_false(ok: torch.Tensor) -> torch.Tensor:
     return torch.cat([~ok, ok.new_ones(ok.shape[0], 1)], dim=1).int().argmax(-1)
 
 
-def verify(p: torch.Tensor, q: torch.Tensor | None, d: torch.Tensor, u: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def verify(p: torch.Tensor, q: torch.Tensor | None, d: torch.Tensor, u: torch.Tensor,
+           proposed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection sampling for every row at once: target p [b, k+1, V], draft q [b, k, V],
     drafts d [b, k] (drawn from q), uniforms u [b, k+1] (k tests and the final draw).
     Returns accepted a [b] and the next token [b]: drawn from norm(max(0, p_a - q_a)) at a
     rejection (a < k), from the bonus row p_k when all pass. Greedy rows (one-hot p and q)
     keep the drafts equal to the target's argmax and then commit its argmax. ``q`` None:
-    the proposals d are fixed tokens (prompt lookup's), q their one-hot rows."""
+    the proposals d are fixed tokens (prompt lookup's), q their one-hot rows. ``proposed``
+    [b]: a row's proposals are d[:g] only (g = proposed, 0..k; the rest padding, never
+    tested): a row that passes all g draws its next token from p_g, as at the bonus."""
     b, k = d.shape
     rows = torch.arange(b, device=d.device)
+    g = torch.full((b,), k, device=d.device) if proposed is None else proposed
     q_d = q.gather(-1, d[..., None])[..., 0] if q is not None else torch.ones_like(p[:, :k, 0])
     p_d = p[:, :k].gather(-1, d[..., None])[..., 0]
-    passed = u[:, :k] * q_d < p_d
+    passed = (u[:, :k] * q_d < p_d) & (torch.arange(k, device=d.device) < g[:, None])
     a = first_false(passed)
     t = p[rows, a]                                                          # [b, V]
-    rejected = (a < k)[:, None].to(p.dtype)
+    rejected = (a < g)[:, None].to(p.dtype)
     if q is None:
         qa = torch.zeros_like(t).scatter_(1, d[rows, a.clamp_max(k - 1)][:, None], rejected)
     else:

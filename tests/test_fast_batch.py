@@ -106,6 +106,27 @@ def test_lookup_rows_equal_target_greedy(pair, k):
     assert stats.steps < stats.generated  # fewer steps than tokens: lookups paid
 
 
+def test_lookup_step_without_proposals_is_one_token(pair, monkeypatch):
+    """A lookup step in which no row proposes anything runs the target over one token, not
+    k + 1: a lone row whose prompt repeats nothing starts that way, then proposes once its
+    output repeats; its tokens stay the target's greedy ones."""
+    target, _ = pair
+    widths, real_run = [], fast_batch.BatchLM.run
+
+    def run(self, ids, pos, first=0):
+        widths.append(ids.shape[1])
+        return real_run(self, ids, pos, first)
+
+    monkeypatch.setattr(fast_batch.BatchLM, "run", run)
+    p = list(range(10, 22))  # twelve distinct tokens: no n-gram seen before
+    want = batch1(target, None, [p], [40], ExactRule(), k=1)
+    stats = DecodeStats()
+    assert generate_batch(target, None, [p], max_new_tokens=40, k=3, lookup=True,
+                          stats=stats) == want
+    assert widths[0] == 1 and 4 in widths  # none to propose first; proposals later
+    assert stats.drafted > 0 and stats.steps == len(widths)
+
+
 def test_lookup_needs_no_draft(pair):
     target, draft = pair
     with pytest.raises(CospecError, match="no draft"):
@@ -471,17 +492,21 @@ def test_row_probabilities_match_sampling(pair):
         torch.testing.assert_close(got[i], probabilities(logits[i], c), rtol=1e-5, atol=1e-6)
 
 
-def test_draws_depend_on_the_row_only(pair):
+@pytest.mark.parametrize("method", ["spd", "lookup"])
+def test_draws_depend_on_the_row_only(pair, method):
     """A row's sampled tokens are a function of its seed: the same alone as beside others,
-    in any slot."""
+    in any slot (lookup: whether or not the other rows propose anything)."""
     target, draft = pair
     cfg = SamplingConfig(temperature=1.0)
-    prompts = [prompt(20 + i, n) for i, n in enumerate(LENGTHS)]
+    prompts = [prompt(20 + i, n) * (2 if i % 2 else 1) for i, n in enumerate(LENGTHS)]
+    kw = dict(lookup=True) if method == "lookup" else {}
+    draft = draft if method == "spd" else None
     together = generate_batch(target, draft, prompts, max_new_tokens=12, sampling=cfg,
-                              seeds=range(6), rows=6, k=3)
-    alone = generate_batch(target, draft, prompts[3:4], max_new_tokens=12, sampling=cfg,
-                           seeds=[3], k=3)
-    assert alone[0] == together[3]
+                              seeds=range(6), rows=6, k=3, **kw)
+    for i in (2, 3):
+        alone = generate_batch(target, draft, prompts[i:i + 1], max_new_tokens=12,
+                               sampling=cfg, seeds=[i], k=3, **kw)
+        assert alone[0] == together[i]
     u = uniforms(torch.tensor([5, 5, 6]), torch.tensor([0, 1, 0]), 4)
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
 
