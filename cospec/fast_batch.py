@@ -741,16 +741,14 @@ class BatchEngine:
         proposes anything is a one-token forward instead (``_unguessed``), with the same
         tokens. Returns toks [b, k+1], accepted a [b] and the proposals g [b, 1]."""
         k, n, dev = self.k, self.n[:b], self.device
-        host = torch.zeros(b, k + 1, dtype=torch.long)
-        for slot, req in enumerate(self.slots[:b]):
-            if req is None:
-                continue
-            guess = req.index.propose(k)
-            host[slot] = torch.tensor([*guess, *[0] * (k - len(guess)), len(guess)])
+        rows = []
+        for req in self.slots[:b]:
+            guess = req.index.propose(k) if req is not None else []
+            rows.append([*guess, *[0] * (k - len(guess)), len(guess)])
         u = None if s.all_greedy else uniforms(self.seed[:b], self.counter[:b], k + 1)
-        if not host[:, k].any():
+        if not any(row[k] for row in rows):
             return self._unguessed(b, s, u)
-        proposed = host.to(dev)
+        proposed = torch.tensor(rows, device=dev)
         d, g = proposed[:, :k], proposed[:, k]
         ids = torch.cat([self.last[:b, None], d], 1)
         t_logits, _ = self.target.run(ids, n[:, None] - 1 + torch.arange(k + 1, device=dev))
