@@ -550,6 +550,26 @@ def recording(app) -> list:
     return seen
 
 
+def sent_at_once(pair, table, text, **app_kw):
+    """The requests of ``table`` ((method, k, max_tokens, ignore_eos, stream) rows), prompt i
+    ``text(i)``, sent at once to a server of ``pair`` (``app_kw``: ``create_app``'s). Returns
+    (requests, what each gets from the batch-1 loop alone at T = 0, what each got,
+    /health afterwards, each (method, k)'s path: its engine key, None for round robin)."""
+    reqs = [{"prompt": text(i), "method": m, "max_tokens": n, "ignore_eos": ie, "stream": st,
+             **({"k": k} if k else {})} for i, (m, k, n, ie, st) in enumerate(table)]
+    want = [alone(pair, None, r["method"], r["prompt"], r.get("k", 4), r["max_tokens"],
+                  r["ignore_eos"]) for r in reqs]
+    assert {w[2] for w in want} == {"stop", "length"}
+    app = create_app(pair, max_active=2, max_queue=32, timeout=60, **app_kw)
+    jobs = recording(app)
+    with BackgroundServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        got = concurrently(lambda r: ask(client, r), reqs)
+        h = health(srv)
+    return reqs, want, got, h, {(j.method.name, j.k): j.batch for j in jobs}
+
+
 COS_REQUESTS = [  # method, k, max_tokens, ignore_eos, stream
     ("cos-we", 3, 24, False, False), ("cos-cd", 2, 40, True, True), ("we-sd", 3, 17, False, True),
     ("cd-sd", 3, 30, True, False), ("spd", 3, 24, False, True), ("target", None, 33, True, False),
@@ -563,25 +583,12 @@ def test_cos_requests_batch_beside_the_others(pair32, max_batch):
     """The speculative CoS methods decode in batch engines beside spd and target (fp32,
     T = 0): each request gets exactly ``cos.cos_generate``'s tokens for its prompt alone;
     ``we`` and ``cd``, which no engine runs, still go round robin beside them."""
-    pair = two_models(pair32)
-    reqs = [{"prompt": f"cos {i}: hello world {'the answer ' * (i % 3)}{i}",
-             "method": m, "max_tokens": n, "ignore_eos": ie, "stream": st,
-             **({"k": k} if k else {})}
-            for i, (m, k, n, ie, st) in enumerate(COS_REQUESTS)]
-    want = [alone(pair, None, r["method"], r["prompt"], r.get("k", 4), r["max_tokens"],
-                  r["ignore_eos"]) for r in reqs]
-    assert {w[2] for w in want} == {"stop", "length"}
     methods = ["target", "spd", "cos-we", "cos-cd", "we-sd", "cd-sd", "we", "cd"]
-    app = create_app(pair, methods=methods, max_active=2, max_queue=32, timeout=60,
-                     max_batch=max_batch)
-    jobs = recording(app)
-    with BackgroundServer(app) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
-                               timeout=60)
-        got = concurrently(lambda r: ask(client, r), reqs)
-        h = health(srv)
+    reqs, want, got, h, paths = sent_at_once(
+        two_models(pair32), COS_REQUESTS,
+        lambda i: f"cos {i}: hello world {'the answer ' * (i % 3)}{i}",
+        methods=methods, max_batch=max_batch)
     assert [g[:3] for g in got] == want
-    paths = {(j.method.name, j.k): j.batch for j in jobs}
     for r in reqs:
         key = (r["method"], r.get("k", 4))
         if r["method"] in ("we", "cd"):
@@ -613,23 +620,10 @@ def test_lookup_requests_batch_beside_the_others(pair, max_batch):
     """Prompt lookup decodes in batch engines (one per k) beside target and spd: each
     request gets exactly the batch-1 loop's tokens (the target's, T = 0) for its prompt
     alone; spd-staged, which no engine runs, still goes round robin."""
-    reqs = [{"prompt": f"request {i}: hello world {'the answer ' * (i % 4)}{i}",
-             "method": m, "max_tokens": n, "ignore_eos": ie, "stream": st,
-             **({"k": k} if k else {})}
-            for i, (m, k, n, ie, st) in enumerate(LOOKUP_REQUESTS)]
-    want = [alone(pair, None, r["method"], r["prompt"], r.get("k", 4), r["max_tokens"],
-                  r["ignore_eos"]) for r in reqs]
-    assert {w[2] for w in want} == {"stop", "length"}
-    app = create_app(pair, methods=["target", "spd", "lookup", "spd-staged"], max_active=2,
-                     max_queue=32, timeout=60, max_batch=max_batch, spec_off_at=0)
-    jobs = recording(app)
-    with BackgroundServer(app) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
-                               timeout=60)
-        got = concurrently(lambda r: ask(client, r), reqs)
-        h = health(srv)
+    reqs, want, got, h, paths = sent_at_once(
+        pair, LOOKUP_REQUESTS, lambda i: f"request {i}: hello world {'the answer ' * (i % 4)}{i}",
+        methods=["target", "spd", "lookup", "spd-staged"], max_batch=max_batch, spec_off_at=0)
     assert [g[:3] for g in got] == want
-    paths = {(j.method.name, j.k): j.batch for j in jobs}
     assert paths[("spd-staged", 3)] is None  # round robin
     assert paths[("target", 4)] == ("target", 0)
     assert {paths[("lookup", k)] for k in (2, 3)} == {("lookup", 2), ("lookup", 3)}
