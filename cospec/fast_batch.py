@@ -27,11 +27,11 @@ static caches; a *request* occupies a slot from its prefill until it finishes.
 - Where the fused layers run (``fast.fused_wanted``: by default a GPU of compute capability
   9 or more), a forward over one row (b = 1: a lone request, which takes slot 0) runs
   through them on that row's caches (``BatchLM._forward_one``), as the batch-1 engine's
-  steps do; more rows keep the compiled layer halves. On an H200 the batch engine's
-  target-only decoding made 432 tok/s at one row on those halves
-  (results/gpu/h200/throughput-vs-peers) and the batch-1 engine's fused one 779
-  (results/gpu/h200/fused-few-row-attention-chunks; other prompts): the fused one-row
-  batch step itself is not timed yet.
+  steps do, and so does a decode step (one token a row) of 2..``fused.MAX_ROWS`` rows, each
+  row attending its own cache (``_forward_rows``; COSPEC_FUSED_ROWS=0 turns it off). Other
+  forwards (a verify or catch-up over several rows, more rows, prefill) keep the compiled
+  layer halves. On an H100 (random 1.5B, target-only) the fused decode rows made 1.32x the
+  halves' tokens/s at 4 rows and 1.27x at 16 (results/gpu/h100/fused-decode-rows-random).
 
 Rows join and leave between steps: ``submit`` queues a request; ``step`` prefills queued
 requests into free slots (all of them in one padded pass per model, up to
@@ -54,6 +54,7 @@ alternate proposal from one step to the next (invariants in that module).
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -112,6 +113,13 @@ def run_ahead_setting() -> int:
                       str(RUN_AHEAD)))
 
 
+def fused_rows_setting() -> bool:
+    """COSPEC_FUSED_ROWS: where an engine's fused layers run, decode steps (one token a row)
+    of 2..``fused.MAX_ROWS`` rows through them too, each row attending its own cache (1,
+    unset: the default), or on the compiled layer halves (0)."""
+    return choice("COSPEC_FUSED_ROWS", ("1", "0"), "1") == "1"
+
+
 class BatchLM:
     """One model's per-row static KV caches, rotary tables and per-(b, n) CUDA graphs.
 
@@ -122,7 +130,8 @@ class BatchLM:
     of each row's cache only (set by the engine before a step; every position of the step
     must be < span): the reads grow with the longest sequence, not with ``max_len``. One
     row (b = 1) of <= ``fused.MAX_ROWS`` tokens goes through the fused layers where they
-    run (``fused``, ``_forward_one``).
+    run (``fused``, ``_forward_one``), and so do 2..MAX_ROWS rows of one token each
+    (``fused_rows``, ``_forward_rows``).
     """
 
     group = None  # never a tensor-parallel shard (``fused.unsupported`` asks)
@@ -158,6 +167,7 @@ class BatchLM:
         self.use_graphs, compiled, self.qkv, self.rest = layer_functions(self.device, graphs,
                                                                           compile)
         self.fused = fused_wanted(self, fused)  # one row (slot 0) through cospec.fused
+        self.fused_rows = self.fused and fused_rows_setting()  # decode steps of more rows
         mode = prefill_mode()  # see fast.prefill_mode
         self.compiled_prefill = mode == "compiled" and compiled
         self.graph_prefill = (mode in ("graphs", "all-graphs")  # CPU: nothing to capture
@@ -182,6 +192,8 @@ class BatchLM:
         b, n = ids.shape
         if not eager and rows is None and not first and self._one_row(b, n):
             return self._forward_one(ids[0], pos[0], head)
+        if not eager and rows is None and not first and self._rows_decode(b, n):
+            return self._forward_rows(ids[:, 0], pos[:, 0], head)
         span = self.span if span is None else span
         qkv, rest = (_qkv, _rest) if eager else (self.qkv, self.rest)
         x = F.embedding(ids, self.embed)
@@ -209,6 +221,27 @@ class BatchLM:
 
         return self.fused and b == 1 and n <= MAX_ROWS
 
+    def _rows_decode(self, b: int, n: int) -> bool:
+        """A forward the fused layers take row by row: a decode step (one token a row) of
+        2..MAX_ROWS rows, each attending its own cache (``fused``'s ``per_row``)."""
+        from cospec.fused import MAX_ROWS
+
+        return self.fused_rows and 1 < b <= MAX_ROWS and n == 1
+
+    def _forward_rows(self, ids: torch.Tensor, pos: torch.Tensor, head: bool
+                      ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Rows 0..b-1, one token each, through the fused layers, every row on its own
+        cache row: ids, pos [b] -> logits [b, 1, V] (None unless ``head``), hidden
+        [b, 1, d]. Row i attends slots <= pos[i] of its row whatever the span."""
+        from cospec.fused import attention_mlp, rms_qkv_rope
+
+        pos = pos.contiguous()
+        x = positioned_layers(self, F.embedding(ids, self.embed), pos, self.kc, self.vc,
+                              functools.partial(rms_qkv_rope, per_row=True),
+                              functools.partial(attention_mlp, per_row=True))
+        h = final_norm(self, x, eager=False)
+        return (F.linear(h, self.head_w, self.head_b)[:, None] if head else None), h[:, None]
+
     def _forward_one(self, ids: torch.Tensor, pos: torch.Tensor, head: bool
                      ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Slot 0 alone through the fused layers (``fast.Engine``'s few-row forward, on
@@ -228,7 +261,7 @@ class BatchLM:
             ) -> tuple[torch.Tensor, torch.Tensor]:
         b, n = ids.shape
         if not self.use_graphs or first or n > self.ids.shape[1]:  # eagerly
-            if not first and self._one_row(b, n):  # the fused layers, ungraphed
+            if not first and (self._one_row(b, n) or self._rows_decode(b, n)):  # fused
                 return self._forward(ids, pos, 0, eager=False)
             with fast_linear(self.model, self.device, b, n):  # a CPU's order for b * n rows
                 return self._forward(ids, pos, first, eager=True)

@@ -519,16 +519,20 @@ def visibility_bias(pos: torch.Tensor, length: int, group: int, dtype: torch.dty
 
 def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple, heads: int,
                  kv_heads: int, eps: float, cache: tuple | None = None, w8: tuple | None = None,
-                 rope_table: bool = False
+                 rope_table: bool = False, per_row: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``fast._qkv`` in one kernel: x [n, d], cos, sin [n, hd] -> q [H, n, hd] and k, v
     [KVH, n, hd]; with ``cache=(kc, vc, pos)`` k and v go to slots pos of kc, vc
     [KVH, L, hd] instead and (q, None, None) is returned. ``rope_table`` (with a cache):
     cos, sin are the rotary tables [L, hd], read at rows pos (a token's position is its
     slot), so no step gathers them first. ``w8``: the layer's int8 copies (``Int8`` of q/k/v,
-    o, gate/up, down), read instead of w's projections."""
+    o, gate/up, down), read instead of w's projections. ``per_row`` (with a cache): every row
+    of x is a sequence of its own, kc, vc [rows, KVH, L, hd], row i's k and v written to slot
+    pos[i] of cache row i (a batch's decode step)."""
     if rope_table and cache is None:
         raise ValueError("rope_table reads the rotary tables at the cache slots: give cache")
+    if per_row and cache is None:
+        raise ValueError("per_row writes each row's k and v to its own cache row: give cache")
     ln1, qkv_w, qkv_b = w[:3]
     qkv8 = w8[0] if w8 is not None else None
     n, d = x.shape
@@ -551,7 +555,8 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         x, ln1, qkv_w if qkv8 is None else qkv8.q, qkv_w if qkv_b is None else qkv_b,
         qkv_w if qkv8 is None else qkv8.s, cos.contiguous(), sin.contiguous(),
         slots, q, k, v, _workspace(x, splits, qkv_w.shape[0]),
-        counters(x.device, tiles[0] * tiles[1]), n, k.shape[1], per * block_k, eps,
+        counters(x.device, tiles[0] * tiles[1]), n, k.shape[-2],
+        k.shape[1] * k.shape[2] if per_row else 0, per * block_k, eps,
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
         W8=w8_on, IEEE=x.dtype == torch.float32, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d, w8_on),
@@ -572,16 +577,21 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                   bias: torch.Tensor | None, w: tuple, scale: float, eps: float,
-                  pos: torch.Tensor | None = None, w8: tuple | None = None) -> torch.Tensor:
+                  pos: torch.Tensor | None = None, w8: tuple | None = None,
+                  per_row: bool = False) -> torch.Tensor:
     """``fast._rest`` in four kernels (attention, o_proj, gate/up, down): x [n, d],
     q [H, n, hd], kc, vc [KVH, L, hd] -> the layer's output [n, d]. Masked by ``pos`` [n]
     (slot <= pos[i]) if given, else by the additive ``bias`` [G*n, L] (or [1, G*n, L]).
-    ``w8``: the layer's int8 copies (``rms_qkv_rope``'s), read instead of w's projections."""
+    ``w8``: the layer's int8 copies (``rms_qkv_rope``'s), read instead of w's projections.
+    ``per_row`` (with ``pos``): every row of x is a sequence of its own, kc, vc [rows, KVH,
+    L, hd], row i attending slots <= pos[i] of cache row i (a batch's decode step)."""
+    if per_row and pos is None:
+        raise ValueError("per_row masks each row by its position: give pos")
     ow, ob, ln2, gate_up_w, dw = w[5:]
     _, o8, gate_up8, down8 = w8 if w8 is not None else (None,) * 4
     q = q.contiguous()  # the reference's q is a transposed view
     heads, n, hd = q.shape
-    kv_heads, length, _ = kc.shape
+    kv_heads, length, _ = kc.shape[-3:]
     group = heads // kv_heads
     d = x.shape[1]
     inter = gate_up_w.shape[0] // 2
@@ -593,14 +603,16 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     if pos is None:
         bias = bias.reshape(group * n, length).contiguous()
     attn = x.new_empty(n, heads * hd)
-    per = _heads_per_program(group, n)
-    chunks = _cdiv(group, per)
+    per = group if per_row else _heads_per_program(group, n)
+    chunks = n if per_row else _cdiv(group, per)  # per row: a program a token
+    block_r = _rows(per if per_row else per * n)
     kern.attend[(kv_heads, SPLITS, chunks)](
         q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
-        attn, counters(x.device, kv_heads * chunks), n, length, scale, HEADS=heads,
-        GROUP=group, HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee,
-        BLOCK_R=_rows(per * n), BLOCK_S=_attn_block_s(_rows(per * n), hd),
-        ONE_S=ATTN_ONE_SPLIT, HEADS_PER=per, **_launch(x.device, d=d))
+        attn, counters(x.device, kv_heads * chunks), n, length,
+        kv_heads * length if per_row else 0, scale, HEADS=heads, GROUP=group, HEAD_DIM=hd,
+        SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee, BLOCK_R=block_r,
+        BLOCK_S=_attn_block_s(block_r, hd), ONE_S=ATTN_ONE_SPLIT, HEADS_PER=per,
+        PER_ROW=per_row, **_launch(x.device, d=d))
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)), o8)
     act = x.new_empty(n, inter)
     w8_on = gate_up8 is not None

@@ -328,7 +328,7 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
 
 @triton.jit(do_not_specialize=["n"])
 def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr,
-                 v_ptr, ws_ptr, cnt_ptr, n, kv_len, k_per, eps,
+                 v_ptr, ws_ptr, cnt_ptr, n, kv_len, row_stride, k_per, eps,
                  D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, W8: tl.constexpr,
                  IEEE: tl.constexpr,
@@ -340,7 +340,8 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr,
     c*BLOCK_C.. of both halves of head j (RoPE pairs column i with i + hd/2), reduced over
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
     cos, sin [n, hd] (ROPE_TABLE: the rotary tables [L, hd], row i's at row slot[i]);
-    q [H, n, hd]; k, v [KVH, kv_len, hd], row i written to slot slot[i];
+    q [H, n, hd]; k, v [KVH, kv_len, hd], row i written to slot slot[i] (row_stride > 0:
+    k, v [rows, KVH, kv_len, hd], row_stride = KVH kv_len, row i to its own cache row i);
     ws [SPLIT_K, n, (H + 2 KVH) hd] float32; cnt [>= (H + 2 KVH) * chunks] int32, zeros.
     W8: w is int8 and s [(H + 2 KVH) hd] (float32) its rows' scales (``_scaled``)."""
     head = tl.program_id(0)
@@ -395,7 +396,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr,
     tl.store(qo, r1, mask=rm & is_q)
     tl.store(qo + HALF, r2, mask=rm & is_q)
     kvh = tl.where(is_q, 0, tl.where(is_v, hv - HEADS - KV_HEADS, hv - HEADS))
-    off = (kvh * kv_len + slots[:, None]) * HEAD_DIM + cols[None, :]
+    off = (rows[:, None] * row_stride + kvh * kv_len + slots[:, None]) * HEAD_DIM + cols[None, :]
     is_k = ~is_q & ~is_v
     tl.store(k_ptr + off, r1, mask=rm & is_k)
     tl.store(k_ptr + off + HALF, r2, mask=rm & is_k)
@@ -405,11 +406,11 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr,
 
 @triton.jit(do_not_specialize=["n"])
 def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr, cnt_ptr,
-           n, cache_len, scale,
+           n, cache_len, row_stride, scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
            SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
            BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr,
-           HEADS_PER: tl.constexpr, PDL: tl.constexpr):
+           HEADS_PER: tl.constexpr, PER_ROW: tl.constexpr, PDL: tl.constexpr):
     """Program (kv head g, split s, chunk c). q [H, n, hd] (rows r = j*n + i of kv head g
     are query head g*G + j, token i); k, v [KVH, cache_len, hd]. The program takes query
     heads j = c*HEADS_PER .. (c + 1)*HEADS_PER - 1 of its kv head (HEADS_PER = G: all, one
@@ -422,12 +423,23 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     writes out itself, and no program stores partials or touches the counter: the store,
     the atomic and the combine's loads are dependent round trips that a short cache need
     not pay. Every cache read waits for the previous kernel (PDL): reading the slots earlier
-    steps wrote before the wait was measured slower (results/gpu/h100/attn-kv-early)."""
+    steps wrote before the wait was measured slower (results/gpu/h100/attn-kv-early).
+    PER_ROW (with USE_POS): every token is a sequence of its own, the program (g, s, i)
+    token i's G query heads over its own cache, k, v [rows, KVH, cache_len, hd] (row_stride
+    = KVH cache_len), slots 0..pos[i] (a batch's decode step, one token a row)."""
     _after_weights(PDL)                                              # no weights to load
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     R = GROUP * n
-    if HEADS_PER < GROUP:                                            # a chunk of the heads
+    last = n - 1                                                     # the token seeing most
+    base = kvh * cache_len
+    if PER_ROW:                                                      # token i: its own cache
+        last = tl.program_id(2)
+        rows = tl.arange(0, BLOCK_R) * n + last
+        rm = tl.arange(0, BLOCK_R) < GROUP
+        tile = kvh * n + last
+        base += last * row_stride
+    elif HEADS_PER < GROUP:                                          # a chunk of the heads
         first = tl.program_id(2) * HEADS_PER * n
         rows = first + tl.arange(0, BLOCK_R)
         rm = rows < tl.minimum(R, first + HEADS_PER * n)
@@ -442,7 +454,7 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     dtype = q.dtype
     if USE_POS:
         qpos = tl.load(pos_ptr + rows % n, mask=rm, other=-1)
-        span = tl.load(pos_ptr + n - 1) + 1
+        span = tl.load(pos_ptr + last) + 1
     else:
         qpos = rows * 0
         span = cache_len
@@ -453,7 +465,6 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
-    base = kvh * cache_len
     for s0 in range(lo, hi, BLOCK_S):                                # online softmax
         slots = s0 + tl.arange(0, BLOCK_S)
         sm = slots < hi

@@ -93,7 +93,8 @@ def random_target(args) -> tuple[torch.nn.Module, None, list[list[int]], list[in
 
 
 METHODS = ("target", "spd", "lookup", "cos-we", "cos-cd", "we-sd", "cd-sd")
-ENV = ("COSPEC_COMPILE", "COSPEC_PREFILL", "COSPEC_FUSED", "COSPEC_LINEAR")  # recorded when set
+# the settings a run records when they are set
+ENV = ("COSPEC_COMPILE", "COSPEC_PREFILL", "COSPEC_FUSED", "COSPEC_FUSED_ROWS", "COSPEC_LINEAR")
 
 
 def batch_method(method: str, target, draft, args) -> Method:

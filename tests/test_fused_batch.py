@@ -1,5 +1,7 @@
-"""The batch engine's one-row forwards through the fused layers (``fast_batch.BatchLM``): a
-lone request in slot 0 decodes on ``cospec.fused``'s kernels, more rows on the reference.
+"""The batch engine's forwards through the fused layers (``fast_batch.BatchLM``): a lone
+request in slot 0 decodes on ``cospec.fused``'s kernels, and so does a decode step (one token
+a row) of 2..16 rows, each row on its own cache; more tokens a row over more rows run on the
+reference.
 
 As ``test_fused.py``, these run under triton's interpreter on CPU tensors
 (TRITON_INTERPRET=1 in the environment at start).
@@ -37,7 +39,8 @@ def fused_calls(monkeypatch) -> list[int]:
 def test_one_row_logits_match_the_reference(interpret, fused_calls):
     """Slot 0's steps (1 token, a 2-token catch-up, a 5-token verify) through the fused
     layers give the reference forward's logits and hidden states to 1e-5, over a cache
-    whose slots beyond each position hold stale entries; two rows stay on the reference."""
+    whose slots beyond each position hold stale entries; two rows of two tokens stay on the
+    reference."""
     model = tiny_model(31, dtype=torch.float32)
     lms = [BatchLM(model, rows=2, max_len=64, graphs=False, compile=False, fused=flag)
            for flag in (True, False)]
@@ -54,10 +57,45 @@ def test_one_row_logits_match_the_reference(interpret, fused_calls):
         torch.testing.assert_close(ha, hb, atol=ATOL, rtol=RTOL)
     assert fused_calls == [n for n in (6, 1, 2, 5, 1) for _ in range(2)]  # 2 layers each
     fused_calls.clear()
-    ids, pos = torch.tensor([[7], [8]]), torch.tensor([[25], [9]])
+    ids, pos = torch.tensor([[7, 3], [8, 4]]), torch.tensor([[25, 26], [9, 10]])
     (a, _), (b, _) = (lm.run(ids, pos) for lm in lms)
     torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
     assert fused_calls == []
+
+
+@pytest.mark.parametrize("rows", [2, 5])
+def test_decode_rows_each_on_their_own_cache(interpret, fused_calls, rows):
+    """A decode step of several rows (one token each, every row at its own position, its
+    cache holding other rows' prompts and stale slots) through the fused layers gives the
+    reference forward's logits and hidden states to 1e-5, step after step; the caches they
+    write agree too. Off (COSPEC_FUSED_ROWS=0), such steps stay on the reference."""
+    model = tiny_model(32, dtype=torch.float32)
+    lms = [BatchLM(model, rows=8, max_len=64, graphs=False, compile=False, fused=flag)
+           for flag in (True, False)]
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 96, (n,), generator=g).tolist() for n in (20, 7, 13, 3, 30)]
+    prompts = prompts[:rows]
+    for lm in lms:
+        lm.prefill(prompts, list(range(rows)))
+        lm.run(torch.full((rows, 4), 5), torch.arange(40, 44).expand(rows, 4))  # stale
+    pos = torch.tensor([[len(p)] for p in prompts])
+    for step in range(3):
+        ids = torch.randint(2, 96, (rows, 1), generator=g)
+        (a, ha), (b, hb) = (lm.run(ids, pos + step) for lm in lms)
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(ha, hb, atol=ATOL, rtol=RTOL)
+    for kf, kr in zip(lms[0].kc + lms[0].vc, lms[1].kc + lms[1].vc):
+        torch.testing.assert_close(kf[:rows, :, :33], kr[:rows, :, :33], atol=ATOL, rtol=RTOL)
+    assert fused_calls == [rows] * (2 * 3)  # 2 layers, 3 steps
+
+
+def test_decode_rows_setting(interpret, monkeypatch, fused_calls):
+    monkeypatch.setenv("COSPEC_FUSED_ROWS", "0")
+    lm = BatchLM(tiny_model(32, dtype=torch.float32), rows=2, max_len=32, graphs=False,
+                 compile=False, fused=True)
+    lm.prefill([[3, 4, 5], [6, 7]], [0, 1])
+    lm.run(torch.tensor([[8], [9]]), torch.tensor([[3], [2]]))
+    assert lm.fused and not lm.fused_rows and fused_calls == []
 
 
 @pytest.mark.parametrize("method", ["target", "spd"])
@@ -118,3 +156,40 @@ def test_cuda_graphs(monkeypatch, fused_calls, dtype):
                 got.append(generate_batch(target, proposer, [prompt[:6]], k=3,
                                           max_new_tokens=24)[0])
             assert got[0] == got[1] and len(got[0]) == 24
+
+
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU and compiled triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_decode_rows(monkeypatch, fused_calls, dtype):
+    """On a GPU, in CUDA graphs: decode steps of four rows, each on its own cache, through
+    the fused layers against the reference engine's (float32 to 1e-4, bfloat16
+    argmax-equal on most rows), and in float32 four requests' target-only and speculative
+    tokens equal."""
+    target = tiny_model(16, width=128).to("cuda", dtype)  # head_dim 32
+    lms = [BatchLM(target, rows=4, max_len=64, fused=flag) for flag in (True, False)]
+    assert [lm.fused_rows for lm in lms] == [True, False] and lms[0].use_graphs
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 96, (n,), generator=g).tolist() for n in (20, 7, 13, 3)]
+    pos = torch.tensor([[len(p)] for p in prompts], device="cuda")
+    agree = 0
+    with torch.inference_mode():
+        for lm in lms:
+            lm.prefill(prompts, [0, 1, 2, 3])
+        for step in range(4):
+            ids = torch.randint(2, 96, (4, 1), generator=g).cuda()
+            a, b = (lm.run(ids, pos + step)[0].float().clone() for lm in lms)
+            if dtype == torch.float32:
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+    assert fused_calls and agree >= 0.9 * 16
+    if dtype == torch.float32:
+        draft = tiny_model(17, width=128, layers=1).to("cuda", dtype)
+        for proposer in (None, draft):
+            got = []
+            for flag in ("0", "1"):
+                monkeypatch.setenv("COSPEC_FUSED_ROWS", flag)
+                got.append(generate_batch(target, proposer, [p[:6] for p in prompts], k=3,
+                                          max_new_tokens=24))
+            assert got[0] == got[1] and all(len(t) == 24 for t in got[0])
+
