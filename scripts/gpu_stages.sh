@@ -34,6 +34,7 @@
 #   transfer  the same on HumanEval (164) and MBPP (500)
 #   batch   cospec's batch engine (scripts/bench_batch.py): target-only and spd at 1, 4, 16, 64
 #           rows, 64 prompts (32 GSM8K heldout + 32 HumanEval), 256 tokens each, EOS ignored
+#           (BATCH_METHODS picks, e.g. target,lookup: prompt lookup in the batch engine)
 #   pbatch  the same with COSPEC_PREFILL=$PREFILL (default eager; compiled: through the
 #           compiled layer halves), into $R/pbatch-$PREFILL: batch (the default prefill,
 #           replayed from CUDA graphs) is its same-machine control
