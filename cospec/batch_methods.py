@@ -33,6 +33,11 @@ def engine_models(method: Method) -> tuple[torch.nn.Module, ...]:
     return tuple(m for m in (method.proposer, method.verifier) if m is not None)
 
 
+def proposes(method: Method) -> bool:
+    """``method``'s engine verifies k proposals a step: a draft's, or prompt lookup's."""
+    return method.proposer is not None or method.name == "lookup"
+
+
 def engine_options(method: Method) -> dict | None:
     """``BatchEngine``'s keyword arguments beyond (target, draft, k, rows, max_len) that
     decode ``method`` — ``policy`` ... for an arbiter rule, ``combo``, ``middle`` and

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cospec.batch_methods import engine_options
+from cospec.batch_methods import engine_options, proposes
 from cospec.errors import CospecError
 from cospec.fast import attention_shape
 from cospec.fast_batch import PREFILL_TOKENS, RUN_AHEAD, BatchEngine, Commit
@@ -146,11 +146,6 @@ def engine_key(method: Method, k: int) -> tuple[str, int] | None:
     if proposes(method) and not 1 <= k <= MAX_K:
         return None
     return method.name, k if proposes(method) else 0
-
-
-def proposes(method: Method) -> bool:
-    """``method``'s engine verifies k proposals a step: a draft's, or prompt lookup's."""
-    return method.proposer is not None or method.name == "lookup"
 
 
 def reserve(method: Method, k: int) -> int:

@@ -509,7 +509,7 @@ class BatchEngine:
             self.slots[slot] = req
             if self.lookup:
                 req.index = NgramIndex()
-                req.index.extend(req.prompt + req.tokens)
+                req.index.extend(req.prompt)
         return [slot for slot, _ in admitted]
 
     def _compact(self) -> None:

@@ -100,13 +100,14 @@ def verify(p: torch.Tensor, q: torch.Tensor | None, d: torch.Tensor, u: torch.Te
     tested): a row that passes all g draws its next token from p_g, as at the bonus."""
     b, k = d.shape
     rows = torch.arange(b, device=d.device)
-    g = torch.full((b,), k, device=d.device) if proposed is None else proposed
     q_d = q.gather(-1, d[..., None])[..., 0] if q is not None else torch.ones_like(p[:, :k, 0])
     p_d = p[:, :k].gather(-1, d[..., None])[..., 0]
-    passed = (u[:, :k] * q_d < p_d) & (torch.arange(k, device=d.device) < g[:, None])
+    passed = u[:, :k] * q_d < p_d
+    if proposed is not None:
+        passed &= torch.arange(k, device=d.device) < proposed[:, None]
     a = first_false(passed)
     t = p[rows, a]                                                          # [b, V]
-    rejected = (a < g)[:, None].to(p.dtype)
+    rejected = (a < (k if proposed is None else proposed))[:, None].to(p.dtype)
     if q is None:
         qa = torch.zeros_like(t).scatter_(1, d[rows, a.clamp_max(k - 1)][:, None], rejected)
     else:

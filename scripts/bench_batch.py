@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from cospec.batch_methods import engine_options
+from cospec.batch_methods import engine_options, proposes
 from cospec.fast_batch import BatchEngine
 from cospec.fast_batch_warm import warm_up
 from cospec.methods import NO_DRAFT, Method, MethodOptions, build_method
@@ -115,7 +115,7 @@ def one(target, draft, prompts, eos, rows: int, args, sampling: SamplingConfig,
         raise SystemExit(f"{method}: no batch engine decodes it for these models")
     engine = BatchEngine(m.verifier, m.proposer, k=args.k, rows=rows, max_len=room, eos_ids=eos,
                          **opts)
-    speculative = m.proposer is not None or method == "lookup"
+    speculative = proposes(m)
     print(f"B={rows:3d} {method}: warm-up {warm_up(engine)}", flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

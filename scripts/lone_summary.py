@@ -51,8 +51,9 @@ def main() -> None:
             runs[n] = json.loads((args.dir / f"{n}.json").read_text())
         except (OSError, ValueError) as err:
             raise SystemExit(f"lone_summary.py: cannot read {args.dir / n}.json: {err}") from None
-    (args.dir / "summary.json").write_text(json.dumps(summary(runs), indent=1))
-    print(json.dumps(summary(runs)["paired"], indent=1))
+    out = summary(runs)
+    (args.dir / "summary.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out["paired"], indent=1))
 
 
 if __name__ == "__main__":
