@@ -27,11 +27,12 @@ static caches; a *request* occupies a slot from its prefill until it finishes.
 - Where the fused layers run (``fast.fused_wanted``: by default a GPU of compute capability
   9 or more), a forward over one row (b = 1: a lone request, which takes slot 0) runs
   through them on that row's caches (``BatchLM._forward_one``), as the batch-1 engine's
-  steps do, and so does a decode step (one token a row) of 2..``fused.MAX_ROWS`` rows, each
-  row attending its own cache (``_forward_rows``; COSPEC_FUSED_ROWS=0 turns it off). Other
-  forwards (a verify or catch-up over several rows, more rows, prefill) keep the compiled
-  layer halves. On an H100 (random 1.5B, target-only) the fused decode rows made 1.32x the
-  halves' tokens/s at 4 rows and 1.27x at 16 (results/gpu/h100/fused-decode-rows-random).
+  steps do, and so does a step of b = 2..``fused.MAX_ROWS`` rows of n tokens each (a
+  decode step, a verify, a catch-up) with b * n <= MAX_ROWS, each row attending its own
+  cache (``_forward_rows``; COSPEC_FUSED_ROWS=0 turns it off). Other forwards (more tokens,
+  prefill) keep the compiled layer halves. On an H100 (random 1.5B, target-only) the fused
+  decode rows made 1.32x the halves' tokens/s at 4 rows and 1.27x at 16
+  (results/gpu/h100/fused-decode-rows-random).
 
 Rows join and leave between steps: ``submit`` queues a request; ``step`` prefills queued
 requests into free slots (all of them in one padded pass per model, up to
@@ -114,9 +115,9 @@ def run_ahead_setting() -> int:
 
 
 def fused_rows_setting() -> bool:
-    """COSPEC_FUSED_ROWS: where an engine's fused layers run, decode steps (one token a row)
-    of 2..``fused.MAX_ROWS`` rows through them too, each row attending its own cache (1,
-    unset: the default), or on the compiled layer halves (0)."""
+    """COSPEC_FUSED_ROWS: where an engine's fused layers run, steps of 2..``fused.MAX_ROWS``
+    rows of n tokens each (b * n <= MAX_ROWS) through them too, each row attending its own
+    cache (1, unset: the default), or on the compiled layer halves (0)."""
     return choice("COSPEC_FUSED_ROWS", ("1", "0"), "1") == "1"
 
 
@@ -130,8 +131,8 @@ class BatchLM:
     of each row's cache only (set by the engine before a step; every position of the step
     must be < span): the reads grow with the longest sequence, not with ``max_len``. One
     row (b = 1) of <= ``fused.MAX_ROWS`` tokens goes through the fused layers where they
-    run (``fused``, ``_forward_one``), and so do 2..MAX_ROWS rows of one token each
-    (``fused_rows``, ``_forward_rows``).
+    run (``fused``, ``_forward_one``), and so do 2..MAX_ROWS rows of n tokens each where
+    b * n <= MAX_ROWS (``fused_rows``, ``_forward_rows``).
     """
 
     group = None  # never a tensor-parallel shard (``fused.unsupported`` asks)
@@ -193,7 +194,7 @@ class BatchLM:
         if not eager and rows is None and not first and self._one_row(b, n):
             return self._forward_one(ids[0], pos[0], head)
         if not eager and rows is None and not first and self._rows_decode(b, n):
-            return self._forward_rows(ids[:, 0], pos[:, 0], head)
+            return self._forward_rows(ids, pos, head)
         span = self.span if span is None else span
         qkv, rest = (_qkv, _rest) if eager else (self.qkv, self.rest)
         x = F.embedding(ids, self.embed)
@@ -222,25 +223,30 @@ class BatchLM:
         return self.fused and b == 1 and n <= MAX_ROWS
 
     def _rows_decode(self, b: int, n: int) -> bool:
-        """A forward the fused layers take row by row: a decode step (one token a row) of
-        2..MAX_ROWS rows, each attending its own cache (``fused``'s ``per_row``)."""
+        """A forward the fused layers take row by row: a step of 2..MAX_ROWS rows of n
+        tokens each (a decode step, a verify, a catch-up), b * n <= MAX_ROWS, each row
+        attending its own cache (``fused``'s ``per_row``)."""
         from cospec.fused import MAX_ROWS
 
-        return self.fused_rows and 1 < b <= MAX_ROWS and n == 1
+        return self.fused_rows and b > 1 and b * n <= MAX_ROWS
 
     def _forward_rows(self, ids: torch.Tensor, pos: torch.Tensor, head: bool
                       ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Rows 0..b-1, one token each, through the fused layers, every row on its own
-        cache row: ids, pos [b] -> logits [b, 1, V] (None unless ``head``), hidden
-        [b, 1, d]. Row i attends slots <= pos[i] of its row whatever the span."""
+        """Rows 0..b-1, n tokens each, through the fused layers, every row on its own
+        cache row: ids, pos [b, n] -> logits [b, n, V] (None unless ``head``), hidden
+        [b, n, d]. Token j of row i attends slots <= pos[i, j] of its row whatever the
+        span."""
         from cospec.fused import attention_mlp, rms_qkv_rope
 
-        pos = pos.contiguous()
-        x = positioned_layers(self, F.embedding(ids, self.embed), pos, self.kc, self.vc,
-                              functools.partial(rms_qkv_rope, per_row=True),
-                              functools.partial(attention_mlp, per_row=True))
+        b, n = ids.shape
+        pos = pos.reshape(-1).contiguous()  # the kernels read it by address
+        x = positioned_layers(self, F.embedding(ids.reshape(-1), self.embed), pos, self.kc,
+                              self.vc,
+                              functools.partial(rms_qkv_rope, per_row=True, row_tokens=n),
+                              functools.partial(attention_mlp, per_row=True, row_tokens=n))
         h = final_norm(self, x, eager=False)
-        return (F.linear(h, self.head_w, self.head_b)[:, None] if head else None), h[:, None]
+        logits = F.linear(h, self.head_w, self.head_b).view(b, n, -1) if head else None
+        return logits, h.view(b, n, -1)
 
     def _forward_one(self, ids: torch.Tensor, pos: torch.Tensor, head: bool
                      ) -> tuple[torch.Tensor | None, torch.Tensor]:

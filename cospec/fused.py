@@ -519,16 +519,17 @@ def visibility_bias(pos: torch.Tensor, length: int, group: int, dtype: torch.dty
 
 def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple, heads: int,
                  kv_heads: int, eps: float, cache: tuple | None = None, w8: tuple | None = None,
-                 rope_table: bool = False, per_row: bool = False
+                 rope_table: bool = False, per_row: bool = False, row_tokens: int = 1
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``fast._qkv`` in one kernel: x [n, d], cos, sin [n, hd] -> q [H, n, hd] and k, v
     [KVH, n, hd]; with ``cache=(kc, vc, pos)`` k and v go to slots pos of kc, vc
     [KVH, L, hd] instead and (q, None, None) is returned. ``rope_table`` (with a cache):
     cos, sin are the rotary tables [L, hd], read at rows pos (a token's position is its
     slot), so no step gathers them first. ``w8``: the layer's int8 copies (``Int8`` of q/k/v,
-    o, gate/up, down), read instead of w's projections. ``per_row`` (with a cache): every row
-    of x is a sequence of its own, kc, vc [rows, KVH, L, hd], row i's k and v written to slot
-    pos[i] of cache row i (a batch's decode step)."""
+    o, gate/up, down), read instead of w's projections. ``per_row`` (with a cache): the rows
+    of x are ``row_tokens`` tokens a sequence, each sequence on a cache row of its own, kc,
+    vc [rows, KVH, L, hd], row i's k and v written to slot pos[i] of cache row
+    i // row_tokens (a batch's decode or verify step)."""
     if rope_table and cache is None:
         raise ValueError("rope_table reads the rotary tables at the cache slots: give cache")
     if per_row and cache is None:
@@ -556,7 +557,7 @@ def rms_qkv_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple
         qkv_w if qkv8 is None else qkv8.s, cos.contiguous(), sin.contiguous(),
         slots, q, k, v, _workspace(x, splits, qkv_w.shape[0]),
         counters(x.device, tiles[0] * tiles[1]), n, k.shape[-2],
-        k.shape[1] * k.shape[2] if per_row else 0, per * block_k, eps,
+        k.shape[1] * k.shape[2] if per_row else 0, row_tokens, per * block_k, eps,
         D=d, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=hd, HAS_BIAS=qkv_b is not None,
         W8=w8_on, IEEE=x.dtype == torch.float32, SPLIT_K=splits,
         BLOCK_M=_block_m(gemv, n), BLOCK_C=block_c, BLOCK_K=block_k, HOIST=_hoist(d, w8_on),
@@ -578,13 +579,14 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                   bias: torch.Tensor | None, w: tuple, scale: float, eps: float,
                   pos: torch.Tensor | None = None, w8: tuple | None = None,
-                  per_row: bool = False) -> torch.Tensor:
+                  per_row: bool = False, row_tokens: int = 1) -> torch.Tensor:
     """``fast._rest`` in four kernels (attention, o_proj, gate/up, down): x [n, d],
     q [H, n, hd], kc, vc [KVH, L, hd] -> the layer's output [n, d]. Masked by ``pos`` [n]
     (slot <= pos[i]) if given, else by the additive ``bias`` [G*n, L] (or [1, G*n, L]).
     ``w8``: the layer's int8 copies (``rms_qkv_rope``'s), read instead of w's projections.
-    ``per_row`` (with ``pos``): every row of x is a sequence of its own, kc, vc [rows, KVH,
-    L, hd], row i attending slots <= pos[i] of cache row i (a batch's decode step)."""
+    ``per_row`` (with ``pos``): the rows of x are ``row_tokens`` tokens a sequence, each on
+    a cache row of its own, kc, vc [rows, KVH, L, hd], row i attending slots <= pos[i] of
+    cache row i // row_tokens (a batch's decode or verify step)."""
     if per_row and pos is None:
         raise ValueError("per_row masks each row by its position: give pos")
     ow, ob, ln2, gate_up_w, dw = w[5:]
@@ -609,8 +611,8 @@ def attention_mlp(x: torch.Tensor, q: torch.Tensor, kc: torch.Tensor, vc: torch.
     kern.attend[(kv_heads, SPLITS, chunks)](
         q, kc, vc, q if pos is None else pos, q if pos is not None else bias, parts, top, denom,
         attn, counters(x.device, kv_heads * chunks), n, length,
-        kv_heads * length if per_row else 0, scale, HEADS=heads, GROUP=group, HEAD_DIM=hd,
-        SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee, BLOCK_R=block_r,
+        kv_heads * length if per_row else 0, row_tokens, scale, HEADS=heads, GROUP=group,
+        HEAD_DIM=hd, SPLITS=SPLITS, USE_POS=pos is not None, IEEE=ieee, BLOCK_R=block_r,
         BLOCK_S=_attn_block_s(block_r, hd), ONE_S=ATTN_ONE_SPLIT, HEADS_PER=per,
         PER_ROW=per_row, **_launch(x.device, d=d))
     x1 = project_residual(attn, ow, ob, x, OUT_SPLIT_K, min(BLOCK_K, _pow2(heads * hd)), o8)

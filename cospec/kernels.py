@@ -328,7 +328,7 @@ def _normed_pair(x_ptr, ln_ptr, w_ptr, ra, rb, cm, lo, k_per, n, eps, D: tl.cons
 
 @triton.jit(do_not_specialize=["n"])
 def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr,
-                 v_ptr, ws_ptr, cnt_ptr, n, kv_len, row_stride, k_per, eps,
+                 v_ptr, ws_ptr, cnt_ptr, n, kv_len, row_stride, row_tokens, k_per, eps,
                  D: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, W8: tl.constexpr,
                  IEEE: tl.constexpr,
@@ -341,7 +341,8 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr,
     x's columns s*k_per.. (k_per a multiple of BLOCK_K). x [n, D]; w [(H + 2 KVH) hd, D];
     cos, sin [n, hd] (ROPE_TABLE: the rotary tables [L, hd], row i's at row slot[i]);
     q [H, n, hd]; k, v [KVH, kv_len, hd], row i written to slot slot[i] (row_stride > 0:
-    k, v [rows, KVH, kv_len, hd], row_stride = KVH kv_len, row i to its own cache row i);
+    k, v [rows, KVH, kv_len, hd], row_stride = KVH kv_len, row i to cache row
+    i // row_tokens: each cache row's row_tokens tokens in turn);
     ws [SPLIT_K, n, (H + 2 KVH) hd] float32; cnt [>= (H + 2 KVH) * chunks] int32, zeros.
     W8: w is int8 and s [(H + 2 KVH) hd] (float32) its rows' scales (``_scaled``)."""
     head = tl.program_id(0)
@@ -396,7 +397,8 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr,
     tl.store(qo, r1, mask=rm & is_q)
     tl.store(qo + HALF, r2, mask=rm & is_q)
     kvh = tl.where(is_q, 0, tl.where(is_v, hv - HEADS - KV_HEADS, hv - HEADS))
-    off = (rows[:, None] * row_stride + kvh * kv_len + slots[:, None]) * HEAD_DIM + cols[None, :]
+    cache_row = (rows // row_tokens)[:, None]
+    off = (cache_row * row_stride + kvh * kv_len + slots[:, None]) * HEAD_DIM + cols[None, :]
     is_k = ~is_q & ~is_v
     tl.store(k_ptr + off, r1, mask=rm & is_k)
     tl.store(k_ptr + off + HALF, r2, mask=rm & is_k)
@@ -406,7 +408,7 @@ def rms_qkv_rope(x_ptr, ln_ptr, w_ptr, b_ptr, s_ptr, cos_ptr, sin_ptr, slot_ptr,
 
 @triton.jit(do_not_specialize=["n"])
 def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr, cnt_ptr,
-           n, cache_len, row_stride, scale,
+           n, cache_len, row_stride, row_tokens, scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
            SPLITS: tl.constexpr, USE_POS: tl.constexpr, IEEE: tl.constexpr,
            BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ONE_S: tl.constexpr,
@@ -424,9 +426,9 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
     the atomic and the combine's loads are dependent round trips that a short cache need
     not pay. Every cache read waits for the previous kernel (PDL): reading the slots earlier
     steps wrote before the wait was measured slower (results/gpu/h100/attn-kv-early).
-    PER_ROW (with USE_POS): every token is a sequence of its own, the program (g, s, i)
-    token i's G query heads over its own cache, k, v [rows, KVH, cache_len, hd] (row_stride
-    = KVH cache_len), slots 0..pos[i] (a batch's decode step, one token a row)."""
+    PER_ROW (with USE_POS): the tokens are row_tokens a cache row, the program (g, s, i)
+    token i's G query heads over cache row i // row_tokens, k, v [rows, KVH, cache_len, hd]
+    (row_stride = KVH cache_len), slots 0..pos[i] (a batch's decode or verify step)."""
     _after_weights(PDL)                                              # no weights to load
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -438,7 +440,7 @@ def attend(q_ptr, k_ptr, v_ptr, pos_ptr, bias_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
         rows = tl.arange(0, BLOCK_R) * n + last
         rm = tl.arange(0, BLOCK_R) < GROUP
         tile = kvh * n + last
-        base += last * row_stride
+        base += (last // row_tokens) * row_stride
     elif HEADS_PER < GROUP:                                          # a chunk of the heads
         first = tl.program_id(2) * HEADS_PER * n
         rows = first + tl.arange(0, BLOCK_R)

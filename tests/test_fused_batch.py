@@ -1,7 +1,7 @@
 """The batch engine's forwards through the fused layers (``fast_batch.BatchLM``): a lone
-request in slot 0 decodes on ``cospec.fused``'s kernels, and so does a decode step (one token
-a row) of 2..16 rows, each row on its own cache; more tokens a row over more rows run on the
-reference.
+request in slot 0 decodes on ``cospec.fused``'s kernels, and so does a step of 2..16 rows of
+n tokens each (b * n <= 16: a decode step, a verify, a catch-up), each row on its own cache;
+more tokens run on the reference.
 
 As ``test_fused.py``, these run under triton's interpreter on CPU tensors
 (TRITON_INTERPRET=1 in the environment at start).
@@ -39,8 +39,8 @@ def fused_calls(monkeypatch) -> list[int]:
 def test_one_row_logits_match_the_reference(interpret, fused_calls):
     """Slot 0's steps (1 token, a 2-token catch-up, a 5-token verify) through the fused
     layers give the reference forward's logits and hidden states to 1e-5, over a cache
-    whose slots beyond each position hold stale entries; two rows of two tokens stay on the
-    reference."""
+    whose slots beyond each position hold stale entries; two rows of nine tokens (18 >
+    MAX_ROWS) stay on the reference."""
     model = tiny_model(31, dtype=torch.float32)
     lms = [BatchLM(model, rows=2, max_len=64, graphs=False, compile=False, fused=flag)
            for flag in (True, False)]
@@ -57,18 +57,19 @@ def test_one_row_logits_match_the_reference(interpret, fused_calls):
         torch.testing.assert_close(ha, hb, atol=ATOL, rtol=RTOL)
     assert fused_calls == [n for n in (6, 1, 2, 5, 1) for _ in range(2)]  # 2 layers each
     fused_calls.clear()
-    ids, pos = torch.tensor([[7, 3], [8, 4]]), torch.tensor([[25, 26], [9, 10]])
+    ids = torch.randint(2, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    pos = torch.stack([torch.arange(25, 34), torch.arange(9, 18)])
     (a, _), (b, _) = (lm.run(ids, pos) for lm in lms)
     torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
     assert fused_calls == []
 
 
-@pytest.mark.parametrize("rows", [2, 5])
-def test_decode_rows_each_on_their_own_cache(interpret, fused_calls, rows):
-    """A decode step of several rows (one token each, every row at its own position, its
-    cache holding other rows' prompts and stale slots) through the fused layers gives the
-    reference forward's logits and hidden states to 1e-5, step after step; the caches they
-    write agree too. Off (COSPEC_FUSED_ROWS=0), such steps stay on the reference."""
+@pytest.mark.parametrize(("rows", "tokens"), [(2, 1), (5, 1), (3, 4)])
+def test_decode_rows_each_on_their_own_cache(interpret, fused_calls, rows, tokens):
+    """A step of several rows (``tokens`` each: a decode step, or a verify of 4; every row
+    at its own position, its cache holding other rows' prompts and stale slots) through the
+    fused layers gives the reference forward's logits and hidden states to 1e-5, step after
+    step; the caches they write agree too."""
     model = tiny_model(32, dtype=torch.float32)
     lms = [BatchLM(model, rows=8, max_len=64, graphs=False, compile=False, fused=flag)
            for flag in (True, False)]
@@ -78,15 +79,18 @@ def test_decode_rows_each_on_their_own_cache(interpret, fused_calls, rows):
     for lm in lms:
         lm.prefill(prompts, list(range(rows)))
         lm.run(torch.full((rows, 4), 5), torch.arange(40, 44).expand(rows, 4))  # stale
-    pos = torch.tensor([[len(p)] for p in prompts])
+    fused_calls.clear()
+    pos = torch.tensor([[len(p)] for p in prompts]) + torch.arange(tokens)
     for step in range(3):
-        ids = torch.randint(2, 96, (rows, 1), generator=g)
-        (a, ha), (b, hb) = (lm.run(ids, pos + step) for lm in lms)
+        ids = torch.randint(2, 96, (rows, tokens), generator=g)
+        (a, ha), (b, hb) = (lm.run(ids, pos + step * tokens) for lm in lms)
+        assert a.shape == (rows, tokens, 96)
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(ha, hb, atol=ATOL, rtol=RTOL)
     for kf, kr in zip(lms[0].kc + lms[0].vc, lms[1].kc + lms[1].vc):
-        torch.testing.assert_close(kf[:rows, :, :33], kr[:rows, :, :33], atol=ATOL, rtol=RTOL)
-    assert fused_calls == [rows] * (2 * 3)  # 2 layers, 3 steps
+        torch.testing.assert_close(kf[:rows, :, :33 + 3 * tokens],
+                                   kr[:rows, :, :33 + 3 * tokens], atol=ATOL, rtol=RTOL)
+    assert fused_calls == [rows * tokens] * (2 * 3)  # 2 layers, 3 steps
 
 
 def test_decode_rows_setting(interpret, monkeypatch, fused_calls):
@@ -162,10 +166,10 @@ def test_cuda_graphs(monkeypatch, fused_calls, dtype):
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_decode_rows(monkeypatch, fused_calls, dtype):
-    """On a GPU, in CUDA graphs: decode steps of four rows, each on its own cache, through
-    the fused layers against the reference engine's (float32 to 1e-4, bfloat16
-    argmax-equal on most rows), and in float32 four requests' target-only and speculative
-    tokens equal."""
+    """On a GPU, in CUDA graphs: decode steps and 4-token verifies of four rows, each on its
+    own cache, through the fused layers against the reference engine's (float32 to 1e-4,
+    bfloat16 argmax-equal on most rows), and in float32 four requests' target-only and
+    speculative tokens equal."""
     target = tiny_model(16, width=128).to("cuda", dtype)  # head_dim 32
     lms = [BatchLM(target, rows=4, max_len=64, fused=flag) for flag in (True, False)]
     assert [lm.fused_rows for lm in lms] == [True, False] and lms[0].use_graphs
@@ -176,13 +180,15 @@ def test_cuda_decode_rows(monkeypatch, fused_calls, dtype):
     with torch.inference_mode():
         for lm in lms:
             lm.prefill(prompts, [0, 1, 2, 3])
-        for step in range(4):
-            ids = torch.randint(2, 96, (4, 1), generator=g).cuda()
-            a, b = (lm.run(ids, pos + step)[0].float().clone() for lm in lms)
+        for tokens in (1, 1, 4, 1, 4):
+            ids = torch.randint(2, 96, (4, tokens), generator=g).cuda()
+            at = pos + torch.arange(tokens, device="cuda")
+            a, b = (lm.run(ids, at)[0].float().clone() for lm in lms)
+            pos += tokens
             if dtype == torch.float32:
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-    assert fused_calls and agree >= 0.9 * 16
+    assert sorted(set(fused_calls)) == [4, 16] and agree >= 0.9 * 4 * 11
     if dtype == torch.float32:
         draft = tiny_model(17, width=128, layers=1).to("cuda", dtype)
         for proposer in (None, draft):
