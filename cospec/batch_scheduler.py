@@ -20,7 +20,9 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
   since batched spd is slower than target-only from 4 rows on: on a GPU (H200, the shipped
   pair, one machine: 0.87x / 0.60x / 0.86x at 4 / 16 / 64 rows against 1.04x at 1,
   results/gpu/h200/batch-real-pair) and on a 2-core CPU (k = 4: 0.88x at 4 rows, 1.15x at
-  1; results/cpu/batch-spd-vs-target). Its output is what spd would give: the target's greedy
+  1; results/cpu/batch-spd-vs-target). Below it, at 2 and 3 rows, spd's verifies (k = 4: at
+  most 16 tokens) run the fused layers on a GPU, where spd made 1.36x / 1.33x target-only
+  (H100, results/gpu/h100/fused-verify-rows-real-pair). Its output is what spd would give: the target's greedy
   tokens, or a sample from the target's distribution (a seeded sampled request keeps its
   draft, so that its seed gives the same tokens under any load). Its metrics say
   ``speculation_off``. Other methods with a draft (cospec, CoS) change what they decode, so

@@ -104,7 +104,7 @@
 #   vserve  the same load against vLLM's OpenAI server (VSERVE_METHOD=target or spd)
 #   xserve  the same load against cospec serve in its own process (XSERVE_METHOD; into
 #           xserve-METHOD, or xserve-METHOD-MODE-prefill with COSPEC_PREFILL=MODE set, then
-#           -ahead-A with COSPEC_RUN_AHEAD=A set)
+#           -ahead-A with COSPEC_RUN_AHEAD=A set, then -fused-rows-F with COSPEC_FUSED_ROWS=F)
 #           (sspeed and vserve: SPEED_REQUESTS requests a level, default 128; SSPEED_METHODS and
 #           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's and
 #           pbatch's, default "target,spd")
@@ -341,6 +341,7 @@ stage_xserve() {  # cospec serve in its own process (as vLLM's server), the sspe
     local m=${XSERVE_METHOD:-target}; local out=$R/xserve-$m
     [ -n "${COSPEC_PREFILL:-}" ] && out+=-$COSPEC_PREFILL-prefill
     [ -n "${COSPEC_RUN_AHEAD:-}" ] && out+=-ahead-$COSPEC_RUN_AHEAD
+    [ -n "${COSPEC_FUSED_ROWS:-}" ] && out+=-fused-rows-$COSPEC_FUSED_ROWS
     PYTHONPATH=$PYTHONPATH:/tmp/vsite served "cospec serve $m" "$out" 8012 \
         python3 -m cospec serve --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b \
         --device cuda --dtype bfloat16 --methods "$m" --k 4 --max-batch 64 --max-queue 128 \
