@@ -20,11 +20,12 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
   since batched spd is slower than target-only from 4 rows on: on a GPU (H200, the shipped
   pair, one machine: 0.87x / 0.60x / 0.86x at 4 / 16 / 64 rows against 1.04x at 1,
   results/gpu/h200/batch-real-pair) and on a 2-core CPU (k = 4: 0.88x at 4 rows, 1.15x at
-  1; results/cpu/batch-spd-vs-target). Below it, at 2 and 3 rows, spd's verifies (k = 4: at
-  most 16 tokens) run the fused layers on a GPU, where spd made 1.36x / 1.33x target-only
-  (H100, results/gpu/h100/fused-verify-rows-real-pair). Its output is what spd would give: the target's greedy
-  tokens, or a sample from the target's distribution (a seeded sampled request keeps its
-  draft, so that its seed gives the same tokens under any load). Its metrics say
+  1; results/cpu/batch-spd-vs-target). Below it, at 2 and 3 rows, spd's verifies (k = 4:
+  at most 16 tokens) run the fused layers on a GPU, where spd made 1.36x / 1.33x
+  target-only (H100, results/gpu/h100/fused-verify-rows-real-pair). Its output is what spd
+  would give: the target's greedy tokens, or a sample from the target's distribution (a
+  seeded sampled request keeps its draft, so that its seed gives the same tokens under any
+  load). Its metrics say
   ``speculation_off``. Other methods with a draft (cospec, CoS) change what they decode, so
   they keep it. Every engine must go target-only together: a turn steps each engine once,
   so a few rows left speculating hold every target-only row to one step per spd block
@@ -68,10 +69,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cospec.batch_lm import PREFILL_TOKENS
 from cospec.batch_methods import engine_options, proposes
 from cospec.errors import CospecError
 from cospec.fast import attention_shape
-from cospec.fast_batch import PREFILL_TOKENS, RUN_AHEAD, BatchEngine, Commit
+from cospec.fast_batch import RUN_AHEAD, BatchEngine, Commit
 from cospec.fast_batch_warm import WarmUp, warm_up
 from cospec.job import Job
 from cospec.methods import Method
@@ -175,7 +177,7 @@ def kv_bytes(models: Iterable[torch.nn.Module], rows: int, max_len: int) -> int:
 def prefill_bytes(models: Iterable[torch.nn.Module], max_len: int) -> int:
     """Bytes the largest prefill pass of a batch engine needs beyond the caches, in the
     widest of ``models`` (one model's pass at a time). A pass holds at most PREFILL_TOKENS
-    padded tokens, or one prompt of up to ``max_len`` (``fast_batch.BatchLM.prefill``), each
+    padded tokens, or one prompt of up to ``max_len`` (``batch_lm.BatchLM.prefill``), each
     attending over at most ``max_len`` positions: its attention scores [tokens, heads, span]
     are held as scores, masked scores and probabilities in the model's dtype and as float32
     softmax; its MLP holds [tokens, 3 x intermediate]. The larger of the two counts: a

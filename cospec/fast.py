@@ -451,7 +451,7 @@ class Engine:
 def positioned_layers(engine, x: torch.Tensor, pos: torch.Tensor, kc: list[torch.Tensor],
                       vc: list[torch.Tensor], qkv: Callable, rest: Callable,
                       copies: list | None = None) -> torch.Tensor:
-    """``engine``'s layers (an ``Engine`` or ``fast_batch.BatchLM`` whose layers the fused
+    """``engine``'s layers (an ``Engine`` or ``batch_lm.BatchLM`` whose layers the fused
     kernels take) over x [n, d] at positions pos [n]: layer l's K/V go to slots pos of
     kc[l], vc[l] [kv_heads, L, hd], token i attends slots <= pos[i], and q/k/v read the
     engine's rotary tables (``cos``, ``sin`` [L, hd]) at rows pos (``fused.EDGES``; 0:
@@ -469,7 +469,7 @@ def positioned_layers(engine, x: torch.Tensor, pos: torch.Tensor, kc: list[torch
 
 
 def final_norm(engine, x: torch.Tensor, eager: bool) -> torch.Tensor:
-    """The model's final RMSNorm of ``engine`` (an ``Engine`` or ``fast_batch.BatchLM``) over
+    """The model's final RMSNorm of ``engine`` (an ``Engine`` or ``batch_lm.BatchLM``) over
     x [n, d]: one kernel (``fused.rms_norm``) where the engine runs fused layers, they take
     x and ``fused.EDGES`` is on, else ``_rms``."""
     if engine.fused and not eager:
@@ -498,7 +498,7 @@ def fused_runs(model: torch.nn.Module) -> bool:
 
 
 def fused_wanted(engine, flag: bool | None) -> bool:
-    """Run ``engine``'s (an ``Engine`` or ``fast_batch.BatchLM``) few-row forwards through
+    """Run ``engine``'s (an ``Engine`` or ``batch_lm.BatchLM``) few-row forwards through
     the fused kernels? ``fused.mode``: "1" yes, "auto" on the GPUs where they measured
     faster, "0" no; a model they cannot run keeps the reference (with a warning when they
     were asked for)."""

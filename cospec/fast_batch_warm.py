@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from cospec import fast_batch
+from cospec import batch_lm
 from cospec.errors import CospecError
 from cospec.fast_batch import BatchEngine
 
@@ -59,7 +59,7 @@ class WarmUp:
 def captures(device: torch.device) -> bool:
     """Whether a ``BatchEngine`` built on ``device`` captures CUDA graphs (by default: on
     CUDA)."""
-    return fast_batch.layer_functions(device, None, False)[0]
+    return batch_lm.layer_functions(device, None, False)[0]
 
 
 def warm_up(engine: BatchEngine, progress: bool = True) -> WarmUp:

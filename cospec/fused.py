@@ -1,6 +1,6 @@
 """Fused Triton layers for the fast path's few-row steps (decode, verify).
 
-``fast.Engine`` (batch 1), and ``fast_batch.BatchLM`` for a forward of one row (a lone
+``fast.Engine`` (batch 1), and ``batch_lm.BatchLM`` for a forward of one row (a lone
 request), run each layer of a forward over n <= MAX_ROWS tokens as five Triton kernels
 (``cospec.kernels``) instead of the reference's dozen or so (RMSNorm, projections, RoPE, two
 cache writes, two attention matmuls, softmax, SiLU, residual adds); everything else

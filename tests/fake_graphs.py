@@ -1,4 +1,4 @@
-"""CUDA graphs stood in on the CPU for ``fast_batch.BatchLM``: its graph path runs (one
+"""CUDA graphs stood in on the CPU for ``batch_lm.BatchLM``: its graph path runs (one
 capture per (b, n, span), outputs in static buffers that each replay rewrites), each capture
 and replay an eager forward. And compiled layer halves stood in likewise (``fake_compiled``)."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from cospec import fast_batch
-from cospec.fast_batch import BatchLM
+from cospec import batch_lm
+from cospec.batch_lm import BatchLM
 
 
 class FakeGraph:
@@ -50,8 +50,8 @@ def fake_graphs(monkeypatch) -> list[tuple[int, int, int, int]]:
         g = FakeGraph(self, b, n)
         return g, *g.out
 
-    real = fast_batch.layer_functions
-    monkeypatch.setattr(fast_batch, "layer_functions",
+    real = batch_lm.layer_functions
+    monkeypatch.setattr(batch_lm, "layer_functions",
                         lambda device, graphs, compile: real(device, True, compile))
     monkeypatch.setattr(BatchLM, "_capture", capture)
     monkeypatch.setattr(BatchLM, "_capture_graph", lambda self, forward: (
@@ -61,7 +61,7 @@ def fake_graphs(monkeypatch) -> list[tuple[int, int, int, int]]:
 
 
 def fake_compiled(monkeypatch, module) -> list[torch.Size]:
-    """Engines ``module`` (``fast`` or ``fast_batch``) builds from now on get "compiled" layer
+    """Engines ``module`` (``fast`` or ``batch_lm``) builds from now on get "compiled" layer
     halves (no graphs): the reference ones, recording the shape of each input ``x`` they get.
     Returns that list; what runs eagerly never lands in it."""
     seen = []

@@ -19,7 +19,7 @@ from distribution import exact_joint as joint_of
 from fake_graphs import fake_compiled, fake_graphs
 from tiny import near_copy, tiny_model
 
-from cospec import fast_batch
+from cospec import batch_lm, fast_batch
 from cospec.acceptance import ExactRule
 from cospec.arbiter import ArbiterRule, ConfidencePolicy
 from cospec.decoding import generate
@@ -111,13 +111,13 @@ def test_lookup_step_without_proposals_is_one_token(pair, monkeypatch):
     k + 1: a lone row whose prompt repeats nothing starts that way, then proposes once its
     output repeats; its tokens stay the target's greedy ones."""
     target, _ = pair
-    widths, real_run = [], fast_batch.BatchLM.run
+    widths, real_run = [], batch_lm.BatchLM.run
 
     def run(self, ids, pos, first=0):
         widths.append(ids.shape[1])
         return real_run(self, ids, pos, first)
 
-    monkeypatch.setattr(fast_batch.BatchLM, "run", run)
+    monkeypatch.setattr(batch_lm.BatchLM, "run", run)
     p = list(range(10, 22))  # twelve distinct tokens: no n-gram seen before
     want = batch1(target, None, [p], [40], ExactRule(), k=1)
     stats = DecodeStats()
@@ -199,7 +199,7 @@ def test_prefill_is_compiled_when_asked(pair, near, flag, monkeypatch):
     only those, on CPU) through the engine's compiled layer halves, stood in for here by
     recording wrappers of the reference ones; the tokens stay batch-1 greedy's. Unset, eager
     or graphs (no graphs here): prefill stays eager."""
-    seen = fake_compiled(monkeypatch, fast_batch)
+    seen = fake_compiled(monkeypatch, batch_lm)
     if flag is None:
         monkeypatch.delenv("COSPEC_PREFILL", raising=False)
     else:
@@ -224,14 +224,14 @@ def padded_passes(monkeypatch) -> list[tuple[tuple[int, int], list[int], list[in
     """((rows, length) padded, the prompts' lengths, the slots its graph wrote) of every
     ``BatchLM.prefill_graph`` pass, recorded as they run."""
     seen: list[tuple[tuple[int, int], list[int], list[int]]] = []
-    real = fast_batch.BatchLM.prefill_graph
+    real = batch_lm.BatchLM.prefill_graph
 
     def record(self, part):
         shape = self.prefill_shape(len(part), max(len(p) for p, _ in part))
         real(self, part)
         seen.append((shape, [len(p) for p, _ in part], self.prefill_rows[:shape[0]].tolist()))
 
-    monkeypatch.setattr(fast_batch.BatchLM, "prefill_graph", record)
+    monkeypatch.setattr(batch_lm.BatchLM, "prefill_graph", record)
     return seen
 
 
@@ -263,7 +263,7 @@ def test_graph_prefill_pads_rows_and_length(pair, near, monkeypatch):
         == [(1, 16), (2, 16), (2, 32), (3, 40), (3, 40)]
     assert lm.prefill_shapes() == [(3, 40), (3, 32), (2, 40), (2, 32), (3, 16), (1, 40),
                                    (1, 32), (2, 16), (1, 16)]
-    monkeypatch.setattr(fast_batch, "PREFILL_TOKENS", 40)  # a pass of one prompt always fits
+    monkeypatch.setattr(batch_lm, "PREFILL_TOKENS", 40)  # a pass of one prompt always fits
     assert lm.prefill_shapes() == [(1, 40), (1, 32), (2, 16), (1, 16)]
     # prompt[:-1] of each request, both models (length 1 has nothing to prefill); the
     # engine generate_batch builds has room for 64 here

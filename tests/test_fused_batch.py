@@ -1,4 +1,4 @@
-"""The batch engine's forwards through the fused layers (``fast_batch.BatchLM``): a lone
+"""The batch engine's forwards through the fused layers (``batch_lm.BatchLM``): a lone
 request in slot 0 decodes on ``cospec.fused``'s kernels, and so does a step of 2..16 rows of
 n tokens each (b * n <= 16: a decode step, a verify, a catch-up), each row on its own cache;
 more tokens run on the reference.
@@ -13,7 +13,8 @@ from test_fused import ATOL, INTERPRETED, RTOL
 from tiny import tiny_model
 
 from cospec import fused
-from cospec.fast_batch import BatchLM, generate_batch
+from cospec.batch_lm import BatchLM
+from cospec.fast_batch import generate_batch
 from cospec.sampling import SamplingConfig
 
 

@@ -17,13 +17,14 @@ import torch
 from fake_graphs import fake_compiled, fake_graphs
 from tiny import near_copy, tiny_model
 
-from cospec import fast_batch
+from cospec import batch_lm, fast_batch
 from cospec.acceptance import ExactRule
 from cospec.arbiter import ArbiterRule, ConfidencePolicy
+from cospec.batch_lm import BatchLM
 from cospec.cos import Combination
 from cospec.decoding import generate
 from cospec.errors import CospecError
-from cospec.fast_batch import BatchEngine, BatchLM
+from cospec.fast_batch import BatchEngine
 from cospec.fast_batch_warm import PREFILL_WARM, captures, warm_up
 
 MAX_LEN = 64
@@ -171,7 +172,7 @@ def test_warm_up_compiles_the_prefill(pair, flag, monkeypatch):
     runs each model's prefill through its compiled halves (recording stand-ins here) for one
     row and for two, and the engine's tokens stay batch-1 greedy's; unset, eager or graphs
     (no graphs here): no prefill runs."""
-    seen = fake_compiled(monkeypatch, fast_batch)
+    seen = fake_compiled(monkeypatch, batch_lm)
     if flag is None:
         monkeypatch.delenv("COSPEC_PREFILL", raising=False)
     else:
