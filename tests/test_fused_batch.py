@@ -14,6 +14,7 @@ from tiny import tiny_model
 
 from cospec import fused
 from cospec.batch_lm import BatchLM
+from cospec.cos import Combination
 from cospec.fast_batch import generate_batch
 from cospec.sampling import SamplingConfig
 
@@ -126,6 +127,26 @@ def test_lone_request_tokens(interpret, monkeypatch, fused_calls, method):
             fused_calls.clear()
             assert run("1", many, sampling) == want and len(want[-1]) == 10
             assert fused_calls
+
+
+def test_rows_of_cos_blocks(interpret, monkeypatch, fused_calls):
+    """Three requests of CoS (cos-we: a weighted ensemble, alternate proposals, k = 3) decoded
+    together through the fused rows (three rows of up to four tokens a step) give the
+    reference engine's tokens."""
+    target = tiny_model(13, dtype=torch.float32)
+    draft = tiny_model(14, layers=1, dtype=torch.float32)
+    prompts = [[5, 17, 33, 2, 60, 41], [9, 3, 70, 12], [44, 8, 19, 27, 3]]
+
+    def run(flag: str) -> list[list[int]]:
+        monkeypatch.setenv("COSPEC_FUSED", flag)
+        return generate_batch(target, draft, prompts, k=3, max_new_tokens=[8, 6, 8],
+                              graphs=False, combo=Combination("we", (0.5, 0.5)),
+                              alternate=True)
+
+    want = run("0")
+    fused_calls.clear()
+    assert run("1") == want and [len(t) for t in want] == [8, 6, 8]
+    assert max(fused_calls) >= 8  # steps of several rows of several tokens took them
 
 
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
