@@ -14,10 +14,12 @@ request, no 5xx, every malformed request answered with its 4xx, the server healt
 afterwards. Writes ``load_test.json`` and ``load_test.md`` to ``--out``; exits 1 on failure.
 
 ``--concurrency 1,4,16,64`` runs the same requests at each level in turn (one table row
-each). ``--url`` fires at a server already running instead (``cospec serve``, or any
-OpenAI-compatible server such as vLLM with ``--plain``: OpenAI fields only, any 4xx counts
-as the rejection of a malformed request, no ``metrics`` expected); its responses are checked
-against references only when ``--target`` loads the same model here.
+each); with ``--waves W`` a level of c clients sends max(--requests, W·c) of them, so that
+the many-client levels last more than a wave or two. ``--url`` fires at a server already
+running instead (``cospec serve``, or any OpenAI-compatible server such as vLLM with
+``--plain``: OpenAI fields only, any 4xx counts as the rejection of a malformed request, no
+``metrics`` expected); its responses are checked against references only when ``--target``
+loads the same model here.
 
     python scripts/load_test.py --requests 200 --concurrency 8 --out results/server
 ``--warm-up`` first sends, untimed, c requests c at a time for each level c, so that
@@ -114,14 +116,22 @@ def malformed(i: int, model: str, ctx: int) -> tuple[str, bytes, int]:
     return path, body if isinstance(body, bytes) else json.dumps(body).encode(), status
 
 
+def level_size(args, c: int) -> int:
+    """The requests a level of ``c`` clients sends: --requests, or --waves times c if more
+    (the first of the plan's)."""
+    return max(args.requests, args.waves * c)
+
+
 def plan(args, model: str, ctx: int) -> list[dict]:
-    """The requests, in firing order (shuffled kinds, reproducible from --seed)."""
+    """The requests, in firing order (shuffled kinds, reproducible from --seed): as many as
+    the largest level sends."""
     rng = random.Random(args.seed)
-    n_bad = round(args.requests * args.malformed)
-    n_gone = round(args.requests * args.disconnect)
-    n_slow = round(args.requests * args.slow)
+    total = max(level_size(args, c) for c in args.concurrency)
+    n_bad = round(total * args.malformed)
+    n_gone = round(total * args.disconnect)
+    n_slow = round(total * args.slow)
     kinds = (["malformed"] * n_bad + ["disconnect"] * n_gone + ["slow"] * n_slow
-             + ["ok"] * (args.requests - n_bad - n_gone - n_slow))
+             + ["ok"] * (total - n_bad - n_gone - n_slow))
     rng.shuffle(kinds)
     out = []
     for i, kind in enumerate(kinds):
@@ -429,9 +439,10 @@ def sweep(args, url: str, reqs: list[dict], model: str) -> tuple[list[dict], lis
         at(c, plain[:c])
     before = idle_health(url)
     for c in args.concurrency:
-        recs, wall = at(c, reqs)
+        some = reqs[:level_size(args, c)]
+        recs, wall = at(c, some)
         health = idle_health(url)
-        s = {**summarize(recs, wall, health, reqs), **busy(before, health, wall)}
+        s = {**summarize(recs, wall, health, some), **busy(before, health, wall)}
         before = health
         bad = []
         if s["lost"]:
@@ -470,6 +481,10 @@ def main() -> int:
                     help="no reference outputs (a speed run in bf16, where a batched row may "
                          "part from its batch-1 tokens at a near-tie)")
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--waves", type=int, default=0,
+                    help="a level of c clients sends at least this many times c requests "
+                         "(more than --requests where c is large: 128 requests at 64 clients "
+                         "are two waves, about a second on a GPU)")
     ap.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")],
                     default=[8], help="requests in flight, or a list: 1,4,16,64")
     ap.add_argument("--methods", default="target,spd", help="methods requests pick from")

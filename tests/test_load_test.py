@@ -22,3 +22,30 @@ def test_busy_shares_from_health():
     assert lt.busy(before, after, 2.0) == {"engine_step_share": 0.75,
                                            "batch_worker_share": 1.0}
     assert lt.busy({}, {}, 2.0) == {} and lt.busy(before, {"completed": 9}, 2.0) == {}
+
+
+def test_waves_lengthen_the_many_client_levels(monkeypatch):
+    """With --waves W a level of c clients sends max(--requests, W·c) requests, the first of
+    one plan sized for the largest level; without it every level sends --requests."""
+    args = lt.argparse.Namespace(requests=128, waves=8, concurrency=[1, 4, 16, 64], seed=0,
+                                 malformed=0.1, disconnect=0.0, slow=0.0, plain=True,
+                                 methods="target", k=(4, 4), warm_up=False)
+    reqs = lt.plan(args, "m", 2048)
+    assert len(reqs) == 512 and sum(r["kind"] == "malformed" for r in reqs) == 51
+    sent = []
+
+    async def run(a, url, some, model):
+        sent.append([r["i"] for r in some])
+        return [{"outcome": "ok"}], 1.0
+
+    monkeypatch.setattr(lt, "run", run)
+    monkeypatch.setattr(lt, "idle_health", lambda url: {})
+    monkeypatch.setattr(lt, "summarize", lambda *a: {"lost": 0, "mismatched": 0,
+                                                     "server_errors_5xx": 0})
+    monkeypatch.setattr(lt.httpx, "post", lambda *a, **kw: lt.argparse.Namespace(
+        status_code=200, text=""))
+    levels, failures = lt.sweep(args, "http://x", reqs, "m")
+    assert not failures and [len(s) for s in sent] == [128, 128, 128, 512, 1]
+    assert sent[3][:128] == sent[0] == list(range(128))
+    args.waves = 0
+    assert len(lt.plan(args, "m", 2048)) == 128
