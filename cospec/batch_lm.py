@@ -10,8 +10,8 @@ caches, rotary tables, and the forwards over rows 0..b-1 of n tokens each.
 - Where the fused layers run (``fast.fused_wanted``: by default a GPU of compute capability
   9 or more), a forward over one row (b = 1: a lone request, which takes slot 0) runs
   through them on that row's caches (``BatchLM._forward_one``), as the batch-1 engine's
-  steps do, and so does a step of b = 2..``fused.MAX_ROWS`` rows of n tokens each (a
-  decode step, a verify, a catch-up) with b * n <= MAX_ROWS, each row attending its own
+  steps do, and so does a step of b >= 2 rows of n tokens each (a decode step, a verify, a
+  catch-up) with b * n <= ``fused.ROWS_TOKENS`` (16), each row attending its own
   cache (``_forward_rows``; COSPEC_FUSED_ROWS=0 turns it off). Other forwards (more tokens,
   prefill) keep the compiled layer halves. On an H100 the fused decode rows made 1.32x the
   halves' tokens/s at 4 rows and 1.27x at 16 (random 1.5B, target-only;
@@ -52,8 +52,8 @@ GRAPH_TOKENS = 16  # the most tokens a row a forward replays from a CUDA graph (
 
 
 def fused_rows_setting() -> bool:
-    """COSPEC_FUSED_ROWS: where an engine's fused layers run, steps of 2..``fused.MAX_ROWS``
-    rows of n tokens each (b * n <= MAX_ROWS) through them too, each row attending its own
+    """COSPEC_FUSED_ROWS: where an engine's fused layers run, steps of 2 or more rows of n
+    tokens each (b * n <= ``fused.ROWS_TOKENS``) through them too, each row attending its own
     cache (1, unset: the default), or on the compiled layer halves (0)."""
     return choice("COSPEC_FUSED_ROWS", ("1", "0"), "1") == "1"
 
@@ -68,8 +68,8 @@ class BatchLM:
     of each row's cache only (set by the engine before a step; every position of the step
     must be < span): the reads grow with the longest sequence, not with ``max_len``. One
     row (b = 1) of <= ``fused.MAX_ROWS`` tokens goes through the fused layers where they
-    run (``fused``, ``_forward_one``), and so do 2..MAX_ROWS rows of n tokens each where
-    b * n <= MAX_ROWS (``fused_rows``, ``_forward_rows``).
+    run (``fused``, ``_forward_one``), and so do b >= 2 rows of n tokens each where
+    b * n <= ``fused.ROWS_TOKENS`` (``fused_rows``, ``_forward_rows``).
     """
 
     group = None  # never a tensor-parallel shard (``fused.unsupported`` asks)
@@ -162,12 +162,12 @@ class BatchLM:
         return self.fused and b == 1 and n <= MAX_ROWS
 
     def _rows_decode(self, b: int, n: int) -> bool:
-        """A forward the fused layers take row by row: a step of 2..MAX_ROWS rows of n
-        tokens each (a decode step, a verify, a catch-up), b * n <= MAX_ROWS, each row
+        """A forward the fused layers take row by row: a step of b >= 2 rows of n tokens
+        each (a decode step, a verify, a catch-up), b * n <= ``fused.ROWS_TOKENS``, each row
         attending its own cache (``fused``'s ``per_row``)."""
-        from cospec.fused import MAX_ROWS
+        from cospec import fused
 
-        return self.fused_rows and b > 1 and b * n <= MAX_ROWS
+        return self.fused_rows and b > 1 and b * n <= fused.ROWS_TOKENS
 
     def _forward_rows(self, ids: torch.Tensor, pos: torch.Tensor, head: bool
                       ) -> tuple[torch.Tensor | None, torch.Tensor]:

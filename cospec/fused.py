@@ -49,6 +49,11 @@ from cospec.errors import CospecError
 from cospec.settings import choice
 
 MAX_ROWS = 16        # more rows than this: the reference path
+# The most tokens (rows x tokens a row) a batch engine's step of several rows, each on its own
+# cache, takes through the fused layers (``batch_lm.BatchLM``): 16 measured
+# (results/gpu/h100/fused-verify-rows-real-pair); 32 and 64 are there to be measured
+# (``scripts/bench_batch.py --fused-set ROWS_TOKENS=32``).
+ROWS_TOKENS = 16
 MODES = ("auto", "1", "0")  # the values COSPEC_FUSED takes (unset: "auto")
 MEASURED_MAJOR = 9  # auto: GPUs of this compute capability (major) or more (Hopper on)
 # Blocks, splits and HOIST: the best of an H200 sweep (0.5B, results/gpu/h200/
@@ -200,7 +205,7 @@ TUNABLE = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BLOCK_K"
            "GEMV_UP_BLOCK_N", "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K",
            "GEMV_WARPS", "GEMV_UNROLL", "GEMV_MAX_REGS", "GEMV_CAP_BLOCKS", "GEMV_CAP_ALL",
            "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
-           "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES")
+           "W8_GEMV_DOWN_BLOCK_K", "SWAP", "EDGES", "ROWS_TOKENS")
 
 
 # Settings that size a tile (triton's ``tl.arange``) or a launch's warps: a power of two
@@ -209,7 +214,7 @@ POWERS_OF_TWO = ("QKV_BLOCK_C", "UP_BLOCK_N", "OUT_BLOCK_N", "BLOCK_K", "DOWN_BL
                  "ATTN_BLOCK_S", "SPLITS", "NUM_WARPS", "GEMV_QKV_BLOCK_C", "GEMV_UP_BLOCK_N",
                  "GEMV_OUT_BLOCK_N", "GEMV_BLOCK_K", "GEMV_DOWN_BLOCK_K", "GEMV_WARPS",
                  "HEAD_BLOCK_N", "W8_GEMV_UP_BLOCK_N", "W8_GEMV_OUT_BLOCK_N", "W8_GEMV_BLOCK_K",
-                 "W8_GEMV_DOWN_BLOCK_K")
+                 "W8_GEMV_DOWN_BLOCK_K", "ROWS_TOKENS")
 
 class Int8(NamedTuple):
     """A weight w [rows, k] kept as int8 ``q`` [rows, k] and float32 ``s`` [rows], one scale

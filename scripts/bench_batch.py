@@ -42,7 +42,9 @@ from pathlib import Path
 
 import torch
 
+from cospec import fused
 from cospec.batch_methods import engine_options, proposes
+from cospec.errors import CospecError
 from cospec.fast_batch import BatchEngine
 from cospec.fast_batch_warm import warm_up
 from cospec.methods import NO_DRAFT, Method, MethodOptions, build_method
@@ -166,7 +168,13 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=0.5, help="CoS ensemble: lam q + (1-lam) p")
     ap.add_argument("--mu", type=float, default=0.1, help="CoS contrastive: l_p - mu l_q")
     ap.add_argument("--tiny", action="store_true", help="tiny random models on CPU (smoke)")
+    ap.add_argument("--fused-set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting of cospec.fused, e.g. ROWS_TOKENS=32")
     args = ap.parse_args()
+    try:
+        fused.configure(args.fused_set)
+    except CospecError as e:
+        ap.error(str(e))
     methods = args.methods.split(",")
     if set(methods) - set(METHODS):
         ap.error(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {METHODS}")
@@ -200,6 +208,7 @@ def main() -> None:
                   device=str(next(target.parameters()).device),
                   dtype=str(next(target.parameters()).dtype),
                   env={v: os.environ[v] for v in ENV if v in os.environ},
+                  fused_set=args.fused_set,
                   load_start=os.getloadavg(), runs=[])
     with torch.inference_mode():
         for rows in (int(b) for b in args.batches.split(",")):

@@ -34,7 +34,9 @@
 #   transfer  the same on HumanEval (164) and MBPP (500)
 #   batch   cospec's batch engine (scripts/bench_batch.py): target-only and spd at 1, 4, 16, 64
 #           rows, 64 prompts (32 GSM8K heldout + 32 HumanEval), 256 tokens each, EOS ignored
-#           (BATCH_METHODS picks, e.g. target,lookup: prompt lookup in the batch engine)
+#           (BATCH_METHODS picks, e.g. target,lookup: prompt lookup in the batch engine;
+#           BATCHES the rows, BATCH_SET=NAME=V+.. fused settings, e.g. ROWS_TOKENS=32, also
+#           rbatch's; BATCH_TAG: into batch-TAG)
 #   pbatch  the same with COSPEC_PREFILL=$PREFILL (default eager; compiled: through the
 #           compiled layer halves), into $R/pbatch-$PREFILL: batch (the default prefill,
 #           replayed from CUDA graphs) is its same-machine control
@@ -528,11 +530,13 @@ bench_pair() {  # $1 output folder, then more bench_batch.py flags: the real pai
     mkdir -p "$out"
     [ -e "$out/bench_batch.json" ] || timeout "${BATCH_S:-400}" python3 scripts/bench_batch.py \
         --out "$out" --task gsm8k,humaneval --prompts 64 --new 256 --k 4 --ignore-eos \
-        --batches 1,4,16,64 --methods "${BATCH_METHODS:-target,spd}" "$@" 2>&1 | whole | tail -12
+        --batches "${BATCHES:-1,4,16,64}" --methods "${BATCH_METHODS:-target,spd}" \
+        $(sets --fused-set "${BATCH_SET:-}") "$@" 2>&1 | whole | tail -12
 }
 
 stage_batch() {  # cospec's batch engine, then vLLM, on the same prompt ids and token counts
-    bench_pair "$R/batch" --save-prompts "$R/batch/prompts.json"
+    local out=$R/batch${BATCH_TAG:+-$BATCH_TAG}
+    bench_pair "$out" --save-prompts "$out/prompts.json"
 }
 
 stage_pbatch() {  # batch with another prefill mode (fast.prefill_mode)
@@ -543,7 +547,7 @@ stage_rbatch() {  # target-only throughput of random-weight Qwen2.5 shapes (no w
                   # RBATCH_SIZES, default "1.5b 7b"; with COSPEC_PREFILL=MODE set, into
                   # rbatch-SIZE-MODE-prefill)
     for size in ${RBATCH_SIZES:-1.5b 7b}; do
-        random_batch "$size" "$R/rbatch-$size${COSPEC_PREFILL:+-$COSPEC_PREFILL-prefill}" \
+        random_batch "$size" "$R/rbatch-$size${COSPEC_PREFILL:+-$COSPEC_PREFILL-prefill}${BATCH_TAG:+-$BATCH_TAG}" \
             --save-prompts "$R/rbatch-$size-prompts.json" --batches 1,4,16,64
     done
 }
@@ -560,7 +564,8 @@ random_batch() {  # $1 size, $2 output folder, then more bench_batch.py flags: t
                   # target of that size, 64 prompts, 256 tokens each, EOS ignored
     local size=$1 out=$2; shift 2
     timeout "${RBATCH_S:-200}" python3 scripts/bench_batch.py --out "$out" --random "$size" \
-        --prompts 64 --new 256 --ignore-eos "$@" 2>&1 | whole | tail -6
+        --prompts 64 --new 256 --ignore-eos $(sets --fused-set "${BATCH_SET:-}") "$@" 2>&1 \
+        | whole | tail -6
 }
 
 batch_prompts() {  # $R/batch/prompts.json: batch's prompt ids, or the committed ones
