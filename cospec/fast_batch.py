@@ -24,8 +24,8 @@ static caches; a *request* occupies a slot from its prefill until it finishes.
 - Each model's forwards are a ``batch_lm.BatchLM``: on CUDA one captured CUDA graph per
   (rows bucket b, n tokens, span), b the smallest of ``BUCKETS`` that covers the highest
   slot in use (``fast_batch_warm.warm_up`` captures them all ahead), and the fused layers
-  for the forwards they take (one row; or b rows of n tokens, b * n <= 16). On CPU it all
-  runs eagerly.
+  for the forwards they take (one row; or b rows of n tokens, b * n <= fused.ROWS_TOKENS).
+  On CPU it all runs eagerly.
 
 Rows join and leave between steps: ``submit`` queues a request; ``step`` prefills queued
 requests into free slots (all of them in one padded pass per model, up to
