@@ -108,7 +108,8 @@
 #           xserve-METHOD, or xserve-METHOD-MODE-prefill with COSPEC_PREFILL=MODE set, then
 #           -ahead-A with COSPEC_RUN_AHEAD=A set, then -fused-rows-F with COSPEC_FUSED_ROWS=F)
 #           (sspeed, xserve and vserve: SPEED_REQUESTS requests a level, default 128, or
-#           SPEED_WAVES times the clients if more, default 8: 512 at 64; SSPEED_METHODS and
+#           SPEED_WAVES times the clients if more, default 0: SPEED_WAVES=8 is 512 at 64
+#           clients, where 128 are two waves of about a second; SSPEED_METHODS and
 #           VBATCH_METHODS pick methods, default "target spd"; BATCH_METHODS batch's and
 #           pbatch's, default "target,spd")
 #   lone    one client of cospec serve on real prompts (scripts/lone_client.py), target-only,
@@ -261,7 +262,7 @@ serve_load() {  # $1 url or "", $2 label, $3 output folder, then extra load_test
     local url=$1 label=$2 out=$3; shift 3
     load_test \
         ${url:+--url "$url" --plain} --label "$label" --unchecked --malformed 0 --disconnect 0 \
-        --slow 0 --warm-up --requests "${SPEED_REQUESTS:-128}" --waves "${SPEED_WAVES:-8}" \
+        --slow 0 --warm-up --requests "${SPEED_REQUESTS:-128}" --waves "${SPEED_WAVES:-0}" \
         --max-tokens 128 --concurrency 1,4,16,64 --out "$out" "$@" \
         2>&1 | whole | tail -14
 }

@@ -511,6 +511,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.spec_off_at < 0:
         ap.error(f"--spec-off-at must be >= 0, got {args.spec_off_at}")
+    if args.waves < 0:
+        ap.error(f"--waves must be >= 0, got {args.waves}")
 
     pair, label = (None, "") if args.url and not args.target else \
         real_pair(args) if args.target else tiny_pair()
