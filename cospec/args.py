@@ -310,12 +310,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "cospec, cos-*, *-sd); 0: none, every request round robin")
     p.add_argument("--spec-off-at", type=int, default=SPEC_OFF_AT,
                    help="while this many requests would decode at once (or did within the "
-                        "last second), spd requests run "
+                        "last second), spd and lookup requests run "
                         "target-only, those already decoding too (same output: the target's "
                         "greedy tokens or a sample of its distribution; seeded sampled "
-                        "requests keep their draft); spd's engine then has this many - 1 "
+                        "requests keep their method); their engine then has this many - 1 "
                         "rows beside --max-batch; 0: never (default: 4, where batched spd "
-                        "measured slower than target-only, on a GPU and on a CPU)")
+                        "measured slower than target-only, on a GPU and on a CPU, and "
+                        "batched lookup on a CPU)")
     p.add_argument("--no-solo", dest="solo", action="store_false",
                    help="a lone greedy spd, cospec or cos-we request (or an unseeded "
                         "sampled spd or cos-we one) takes the batch engines too (default: it "

@@ -15,21 +15,23 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
   k) waiting in the queue: alone it takes them all, with three others a quarter. A request
   that finds no slot waits (the scheduler keeps the queue first come, first served); as
   engines drain, the slots go where the queue needs them.
-- Speculation off under load (``spec_off_at``, default SPEC_OFF_AT): an spd request planned
-  while at least ``spec_off_at`` - 1 others decode in the engines runs target-only instead,
-  since batched spd is slower than target-only from 4 rows on: on a GPU (H200, the shipped
-  pair, one machine: 0.87x / 0.60x / 0.86x at 4 / 16 / 64 rows against 1.04x at 1,
+- Speculation off under load (``spec_off_at``, default SPEC_OFF_AT): a request of a method
+  whose output is the target's (``SPEC_OFF_METHODS``: spd, prompt lookup) planned while at
+  least ``spec_off_at`` - 1 others decode in the engines runs target-only instead, since
+  batched spd is slower than target-only from 4 rows on: on a GPU (H200, the shipped pair,
+  one machine: 0.87x / 0.60x / 0.86x at 4 / 16 / 64 rows against 1.04x at 1,
   results/gpu/h200/batch-real-pair) and on a 2-core CPU (k = 4: 0.88x at 4 rows, 1.15x at
-  1; results/cpu/batch-spd-vs-target). Below it, at 2 and 3 rows, spd's verifies (k = 4:
-  at most 16 tokens) run the fused layers on a GPU, where spd made 1.36x / 1.33x
-  target-only (H100, results/gpu/h100/fused-verify-rows-real-pair). Its output is what spd
-  would give: the target's greedy tokens, or a sample from the target's distribution (a
-  seeded sampled request keeps its draft, so that its seed gives the same tokens under any
-  load). Its metrics say
-  ``speculation_off``. Other methods with a draft (cospec, CoS) change what they decode, so
-  they keep it. Every engine must go target-only together: a turn steps each engine once,
-  so a few rows left speculating hold every target-only row to one step per spd block
-  (results/gpu/h200/serve-spec-off-at). Hence:
+  1; results/cpu/batch-spd-vs-target), and so is batched prompt lookup on that CPU (0.83x
+  at 4 rows, 1.20x at 1; results/cpu/batch-lookup-epyc). Below it, at 2 and 3 rows, their
+  verifies (k = 4: at most 16 tokens) run the fused layers on a GPU, where spd made 1.36x /
+  1.33x target-only and prompt lookup 1.39x (H100,
+  results/gpu/h100/fused-verify-rows-real-pair). Its output is what the method would give:
+  the target's greedy tokens, or a sample from the target's distribution (a seeded sampled
+  request keeps its method, so that its seed gives the same tokens under any load). Its
+  metrics say ``speculation_off``. Other methods with a draft (cospec, CoS) change what they
+  decode, so they keep it. Every engine must go target-only together: a turn steps each
+  engine once, so a few rows left speculating hold every target-only row to one step per
+  spd block (results/gpu/h200/serve-spec-off-at). Hence (spd stands for either method):
 
   - below the load, such spd requests share one spd engine of ``spec_off_at`` - 1 rows
     *beside* the ``max_batch`` slots (``Group.extra``; the server's memory check counts
@@ -82,7 +84,8 @@ log = logging.getLogger("cospec.server")
 
 COUNTERS = ("steps", "drafted", "accepted", "arbiter_calls", "overrides")
 SPEC_OFF_AT = 4  # ``spec_off_at``'s default: the rows at which batched spd measured slower
-                 # than target-only, on an H200 and on a 2-core CPU
+                 # than target-only, on an H200 and on a 2-core CPU (prompt lookup there too)
+SPEC_OFF_METHODS = ("spd", "lookup")  # speculating batch methods whose output is the target's
 SPEC_OFF_HOLD_S = 1.0  # seconds the load holds after it was last seen: longer than a client's
                       # turn-around between two requests, short beside a lone client's stream
 MAX_K = 2 * RUN_AHEAD - 1  # the longest draft an engine runs
@@ -158,9 +161,10 @@ def reserve(method: Method, k: int) -> int:
     return (k if proposes(method) else RUN_AHEAD) + 2
 
 
-def spd_rows(max_batch: int, spec_off_at: int) -> int:
-    """The rows of spd's engine beside the ``max_batch`` slots while speculation goes off at
-    ``spec_off_at`` requests: spec_off_at - 1, at least 1, at most max_batch."""
+def spec_rows(max_batch: int, spec_off_at: int) -> int:
+    """The rows of a speculating engine (spd's, prompt lookup's) beside the ``max_batch``
+    slots while speculation goes off at ``spec_off_at`` requests: spec_off_at - 1, at least
+    1, at most max_batch."""
     return min(max_batch, max(1, spec_off_at - 1))
 
 
@@ -193,7 +197,8 @@ def prefill_bytes(models: Iterable[torch.nn.Module], max_len: int) -> int:
 
 def check_memory(models: list[torch.nn.Module], rows: int, max_len: int, extra: int = 0
                  ) -> tuple[int, int]:
-    """(KV bytes, prefill bytes): the KV budget of ``rows`` + ``extra`` (spd's rows beside
+    """(KV bytes, prefill bytes): the KV budget of ``rows`` + ``extra`` (spd's or prompt
+    lookup's rows beside
     the slots, ``Group.extra``) x ``max_len`` positions and the largest prefill pass's
     (``prefill_bytes``). CospecError when together they exceed 90 % of the memory free now
     on the models' device (so that a full server never runs out of memory mid-request)."""
@@ -206,7 +211,7 @@ def check_memory(models: list[torch.nn.Module], rows: int, max_len: int, extra: 
         if free is None:
             return kv, prefill
     if kv + prefill > 0.9 * free:
-        beside = f" (+ {extra} rows of spd's engine, --spec-off-at)" if extra else ""
+        beside = f" (+ {extra} rows of a speculating engine, --spec-off-at)" if extra else ""
         raise CospecError(f"--max-batch {rows}{beside} x --max-context {max_len} needs "
                           f"{kv / 2**30:.2f} GiB of KV cache and {prefill / 2**30:.2f} GiB for "
                           f"a prefill pass, but {free / 2**30:.2f} GiB is free on {device}: "
@@ -237,8 +242,9 @@ class Group:
     size: int
     engine: ServedEngine | None = None
     jobs: dict[Job, int | None] = field(default_factory=dict)
-    extra: bool = False  # spd's few rows while speculation goes off under load: beside the
-                         # max_batch slots the other engines share (``BatchPool.plan``)
+    extra: bool = False  # spd's (or prompt lookup's) few rows while speculation goes off
+                         # under load: beside the max_batch slots the other engines share
+                         # (``BatchPool.plan``; one such engine live at a time)
 
     def live(self) -> int:
         return sum(1 for j in list(self.jobs) if not (j.done or j.cancelled))
@@ -252,9 +258,10 @@ class BatchPool:
     max_context: int
     groups: list[Group] = field(default_factory=list)
     step_s: float = 0.0  # seconds spent in the engines' steps (admission prefill included)
-    spec_off_at: int = 0  # spd runs target-only when this many would decode (0: never)
-    target: Method | None = None  # the target-only method spd falls back to
-    switched: int = 0  # spd requests planned target-only under load
+    spec_off_at: int = 0  # spd and prompt lookup run target-only when this many would
+                          # decode (0: never)
+    target: Method | None = None  # the target-only method they fall back to
+    switched: int = 0  # spd and lookup requests planned target-only under load
     spec_off_hold: float = SPEC_OFF_HOLD_S  # the load holds this long after it was seen
     clock: Callable[[], float] = time.monotonic
     loaded_at: float = float("-inf")  # when spec_off_at requests were last seen live
@@ -278,20 +285,20 @@ class BatchPool:
         requests live). The largest engine of its (method, k) with a free row takes it; else
         a new engine gets the free slots (engines with no live request given up first),
         shared with the other (method, k) in the queue (``waiting``) that find no free row
-        either. Under load an spd request that could run target-only is planned there
-        (``speculation_off``; the module docstring) or waits for a target-only row; below
-        it, such requests share one spd engine of ``spec_off_at`` - 1 rows beside the
+        either. Under load an spd or lookup request that could run target-only is planned
+        there (``speculation_off``; the module docstring) or waits for a target-only row;
+        below it, such requests share one engine of ``spec_off_at`` - 1 rows beside the
         shared slots (``Group.extra``), so that the target-only engine can hold every
         slot."""
         if self.live() >= self.max_batch:
             return False
-        # the queue's spd requests that can go target-only want target-only slots, if any
-        waiting = {engine_key(self.target, 0) if self._spd_off(w) else w for w in waiting}
+        # the queue's spd and lookup requests that can go target-only want its slots, if any
+        waiting = {engine_key(self.target, 0) if self._spec_off(w) else w for w in waiting}
         switchable = self._switchable(job, key)
         if switchable and self._loaded(self.live() + 1):  # under load: target-only
             placed = self._target_only(job, waiting) is not None
         else:
-            cap = self._spd_slots(key) if switchable else self.max_batch
+            cap = self._spec_slots(key) if switchable else self.max_batch
             placed = self._place(job, key, job.method, waiting, cap, extra=switchable) is not None
         self._loaded(self.live())  # noted for the hold
         return placed
@@ -311,8 +318,8 @@ class BatchPool:
                ) -> Group | None:
         """``plan``'s slot for ``job`` in an engine of ``key`` running ``method`` (its group;
         None: no slot free); a new engine takes at most ``cap`` slots. ``extra``: a new
-        engine is spd's few rows beside the shared slots (``Group.extra``) unless another
-        such engine has live requests."""
+        engine is spd's (or lookup's) few rows beside the shared slots (``Group.extra``)
+        unless another such engine has live requests."""
         fits = [g for g in self.groups if g.key == key and g.live() < g.size]
         if fits:
             group = max(fits, key=lambda g: g.size)
@@ -332,21 +339,24 @@ class BatchPool:
         group.jobs[job] = None
         return group
 
-    def _spd_off(self, key: tuple[str, int]) -> bool:
-        """Speculation goes off under load for engine ``key``: spd, spec_off_at > 0."""
-        return key[0] == "spd" and self.spec_off_at > 0 and self.target is not None
+    def _spec_off(self, key: tuple[str, int]) -> bool:
+        """Speculation goes off under load for engine ``key``: one of ``SPEC_OFF_METHODS``
+        (spd, prompt lookup), spec_off_at > 0."""
+        return key[0] in SPEC_OFF_METHODS and self.spec_off_at > 0 and self.target is not None
 
-    def _spd_slots(self, key: tuple[str, int]) -> int:
+    def _spec_slots(self, key: tuple[str, int]) -> int:
         """The slots a new engine of ``key`` takes at most for requests that could run
-        target-only: spec_off_at - 1 (at least 1, at most max_batch) under ``_spd_off``,
+        target-only: spec_off_at - 1 (at least 1, at most max_batch) under ``_spec_off``,
         else every slot."""
-        return spd_rows(self.max_batch, self.spec_off_at) if self._spd_off(key) else self.max_batch
+        if self._spec_off(key):
+            return spec_rows(self.max_batch, self.spec_off_at)
+        return self.max_batch
 
     def _switchable(self, job: Job, key: tuple[str, int]) -> bool:
-        """``job`` (of engine ``key``) would run target-only under load: an spd request,
-        greedy or unseeded (a seed gives the same tokens under any load), that fits a
-        target-only slot, while speculation goes off under load (``_spd_off``)."""
-        return (self._spd_off(key) and (job.sampling.greedy or job.seed is None)
+        """``job`` (of engine ``key``) would run target-only under load: an spd or lookup
+        request, greedy or unseeded (a seed gives the same tokens under any load), that fits
+        a target-only slot, while speculation goes off under load (``_spec_off``)."""
+        return (self._spec_off(key) and (job.sampling.greedy or job.seed is None)
                 and len(job.prompt_ids) + job.max_tokens + reserve(self.target, 0)
                 <= self.max_context)
 
@@ -354,18 +364,18 @@ class BatchPool:
              ) -> list[tuple[Group, WarmUp]]:
         """Before any request: build the engine of (``method``, ``k``) over all
         ``max_batch`` slots and capture its CUDA graphs (``fast_batch_warm.warm_up``); its
-        requests take those slots as ``plan`` finds them. spd while speculation goes off
-        under load: its engine over spec_off_at - 1 rows of its own and the target-only
-        engine over every slot, both warmed. Each engine's group and what its capture did,
-        in that order; empty when no batch engine runs the method. The engines are given
-        up, as any idle one, when another (method, k) needs the slots; the engines built
-        then capture as they go."""
+        requests take those slots as ``plan`` finds them. spd or lookup while speculation
+        goes off under load: its engine over spec_off_at - 1 rows of its own and the
+        target-only engine over every slot, both warmed. Each engine's group and what its
+        capture did, in that order; empty when no batch engine runs the method. The engines
+        are given up, as any idle one, when another (method, k) needs the slots; the engines
+        built then capture as they go."""
         key = engine_key(method, k)
         if key is None:
             return []
         parts = [(key, method, self.max_batch, False)]
-        if self._spd_off(key):
-            parts = [(key, method, self._spd_slots(key), True),
+        if self._spec_off(key):
+            parts = [(key, method, self._spec_slots(key), True),
                      (engine_key(self.target, 0), self.target, self.max_batch, False)]
         done = []
         for *part, extra in parts:
@@ -420,8 +430,8 @@ class BatchPool:
         return out
 
     def _switch_running(self) -> None:
-        """Under load (``spec_off_at`` requests or more live) the switchable spd requests
-        already in an spd engine go target-only too, where a target-only row is free: each
+        """Under load (``spec_off_at`` requests or more live) the switchable spd and lookup
+        requests already in their engines go target-only too, where a target-only row is free: each
         continues from the tokens it has committed (its prompt and those prefilled again in
         the target-only engine, within what is left of its budget), so its output is still
         the target's. A turn steps every engine once, so a few rows left speculating held
@@ -432,7 +442,7 @@ class BatchPool:
             return
         self._loaded(self.live())  # noted for the hold
         for g in list(self.groups):
-            if not self._spd_off(g.key):
+            if not self._spec_off(g.key):
                 continue
             for job, rid in list(g.jobs.items()):
                 if job.done or job.cancelled or not self._switchable(job, g.key):
@@ -449,8 +459,8 @@ class BatchPool:
 
     def _target_only(self, job: Job, waiting: Iterable[tuple[str, int]] = ()
                      ) -> Group | None:
-        """Place spd request ``job`` in the target-only engine (``_place``), counted as
-        ``speculation_off``; None (nothing counted) when no row is free."""
+        """Place spd or lookup request ``job`` in the target-only engine (``_place``),
+        counted as ``speculation_off``; None (nothing counted) when no row is free."""
         group = self._place(job, engine_key(self.target, 0), self.target, waiting,
                             self.max_batch)
         job.speculation_off = group is not None

@@ -15,10 +15,11 @@ Every response carries ``usage`` and a ``metrics`` extension (like vLLM's per-re
 metrics): method, k, steps, drafted, accepted, tau, acceptance_rate, from_draft (committed
 tokens that came from the draft), overrides / arbiter_calls (draft tokens an arbiter kept /
 mismatches it saw), prefill_s, decode_s, tokens_per_s, queue_s, total_s, timed_out,
-speculation_off (an spd request decoded target-only because ``spec_off_at`` requests or more
-decoded at once, or did within the last second: ``cospec.batch_scheduler``), started_alone
-(it began on the batch-1 path, nothing else decoding: ``cospec.scheduler``). A stream
-attaches it to the chunk with the finish_reason (and to the usage chunk, if asked for).
+speculation_off (an spd or lookup request decoded target-only because ``spec_off_at``
+requests or more decoded at once, or did within the last second:
+``cospec.batch_scheduler``), started_alone (it began on the batch-1 path, nothing else
+decoding: ``cospec.scheduler``). A stream attaches it to the chunk with the finish_reason
+(and to the usage chunk, if asked for).
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: invalid request
 400, unknown model or route 404, wrong HTTP method 405, body over 8 MiB 413, full queue 429.
@@ -48,11 +49,12 @@ from cospec.args import load_pair_of
 from cospec.batch_methods import engine_models
 from cospec.batch_scheduler import (
     SPEC_OFF_AT,
+    SPEC_OFF_METHODS,
     BatchPool,
     check_memory,
     engine_key,
     reserve,
-    spd_rows,
+    spec_rows,
 )
 from cospec.errors import CospecError
 from cospec.fast import MAX_GRAPH
@@ -170,7 +172,8 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     run); the first of ``spd``, ``target`` or the first listed is the default. ``max_batch``
     0: no batch engines, every request round robin. ``warm_up``: the default method's batch
     engine (at ``k``) is built now and its CUDA graphs captured (``warm``). ``spec_off_at``:
-    spd requests planned while that many would decode at once run target-only (0: never).
+    spd and lookup requests planned while that many would decode at once run target-only
+    (0: never).
     ``solo``: a lone request of a method whose batch-1 loop runs each block on the device
     decodes there until another arrives (``cospec.scheduler``).
     """
@@ -208,8 +211,9 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
     pool = None
     if max_batch and batched:
         models = list({id(x): x for m in batched for x in engine_models(m)}.values())
-        off = "spd" in built and spec_off_at > 0  # spd's target-only engine under load
-        extra = spd_rows(max_batch, spec_off_at) if off else 0  # spd's rows beside the slots
+        # spd's and lookup's target-only engine under load, their rows beside the slots
+        off = spec_off_at > 0 and any(m.name in SPEC_OFF_METHODS for m in batched)
+        extra = spec_rows(max_batch, spec_off_at) if off else 0
         kv, prefill = check_memory(models, max_batch, ctx, extra)
         log.info("batch engines: %d slots (+ %d) x %d tokens, %.2f GiB of KV cache at most, "
                  "%.2f GiB for the largest prefill pass", max_batch, extra, ctx, kv / 2**30,
@@ -379,12 +383,11 @@ def create_app(pair: Pair, *, methods: list[str] | None = None, arbiter: str | N
 
 
 def warm(pool: BatchPool | None, method: Method, k: int) -> None:
-    """``--warm-up``: build ``method``'s batch engine at ``k`` over every slot (spd under the
-    speculation-off rule: over spec_off_at - 1 rows beside them, the target-only engine over
-    every slot) and
-    capture its CUDA graphs before any request (``BatchPool.warm``); logs what it did.
-    Nothing to do on a CPU (no graphs), without batch engines, or for a method no engine
-    runs."""
+    """``--warm-up``: build ``method``'s batch engine at ``k`` over every slot (spd or lookup
+    under the speculation-off rule: over spec_off_at - 1 rows beside them, the target-only
+    engine over every slot) and capture its CUDA graphs before any request
+    (``BatchPool.warm``); logs what it did. Nothing to do on a CPU (no graphs), without
+    batch engines, or for a method no engine runs."""
     device = next(method.verifier.parameters()).device
     done = []
     if pool is None:

@@ -151,23 +151,24 @@ def test_concurrent_requests_equal_each_alone(pair, arbiter, max_batch):
     assert h["engine_step_s"] >= sum(m["decode_s"] for *_, m in got) / len(reqs)
 
 
-def test_spd_runs_target_only_under_load(pair):
-    """spec_off_at = 1: every spd request is planned target-only. Each still gets spd's
-    batch-1 tokens (greedy: the target's); its metrics say so (no draft, a target pass a
-    token) and only the target-only engine holds slots."""
-    reqs = [{"prompt": f"load {i}: hello world {i}", "method": "spd", "k": 3,
+@pytest.mark.parametrize("method", ["spd", "lookup"])
+def test_spd_runs_target_only_under_load(pair, method):
+    """spec_off_at = 1: every spd (or prompt lookup) request is planned target-only. Each
+    still gets its method's batch-1 tokens (greedy: the target's); its metrics say so (no
+    proposals, a target pass a token) and only the target-only engine holds slots."""
+    reqs = [{"prompt": f"load {i}: hello world {i}", "method": method, "k": 3,
              "max_tokens": 12 + 4 * i, "stream": i % 2 == 1} for i in range(3)]
-    want = [alone(pair, None, "spd", r["prompt"], 3, r["max_tokens"]) for r in reqs]
+    want = [alone(pair, None, method, r["prompt"], 3, r["max_tokens"]) for r in reqs]
     assert want == [alone(pair, None, "target", r["prompt"], 3, r["max_tokens"])
                     for r in reqs]
-    with serve(pair, max_batch=4, spec_off_at=1) as srv:
+    with serve(pair, max_batch=4, spec_off_at=1, methods=["target", method]) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
                                timeout=60)
         got = concurrently(lambda r: ask(client, r), reqs)
         h = health(srv)
     assert [g[:3] for g in got] == want
     for _, n, _, m in got:
-        assert m["method"] == "spd" and m["speculation_off"]
+        assert m["method"] == method and m["speculation_off"]
         assert m["drafted"] == 0 and m["steps"] == n
     assert h["batch_slots_in_use"] == {"target": 0} and h["errors"] == 0
     assert h["spec_off_at"] == 1 and h["speculation_off"] == len(reqs)
@@ -222,18 +223,19 @@ def test_speculation_off_from_the_nth_request(pair, arbiter):
     assert [g.key for g in never.groups] == [("spd", 2)]
 
 
-def test_running_spd_requests_go_target_only_under_load(pair, arbiter):
-    """Under load the spd requests already decoding in an spd engine move to the target-only
-    engine (``BatchPool._switch_running``) and go on from the tokens they committed: two spd
-    requests decode a few blocks, two more arrive (speculation off from 3 live) and are
-    planned target-only, and at the next turn the first two leave the spd engine too, their
-    prefill in the target-only engine counted as prefill. Every request gets target-only
-    greedy decoding's tokens for its prompt alone."""
+@pytest.mark.parametrize("method", ["spd", "lookup"])
+def test_running_spd_requests_go_target_only_under_load(pair, arbiter, method):
+    """Under load the spd (or prompt lookup) requests already decoding in their engine move
+    to the target-only engine (``BatchPool._switch_running``) and go on from the tokens
+    they committed: two such requests decode a few blocks, two more arrive (speculation off
+    from 3 live) and are planned target-only, and at the next turn the first two leave
+    their engine too, their prefill in the target-only engine counted as prefill. Every
+    request gets target-only greedy decoding's tokens for its prompt alone."""
     from cospec.batch_scheduler import BatchPool
     from cospec.job import Job
 
     opts = MethodOptions(arbiter=arbiter)
-    spd, target = (build_method(m, pair, opts) for m in ("spd", "target"))
+    spd, target = (build_method(m, pair, opts) for m in (method, "target"))
     prompts = [[5 + i, 17, 9 + 2 * i, 30 - i] for i in range(4)]
     jobs = [Job(spd, p, 20, 2, GREEDY, None, (), (), deadline=time.monotonic() + 60)
             for p in prompts]
@@ -246,13 +248,13 @@ def test_running_spd_requests_go_target_only_under_load(pair, arbiter):
         for j, c in pool.turn():
             got[j] += c.tokens
 
-    assert pool.plan(jobs[0], ("spd", 2)) and pool.plan(jobs[1], ("spd", 2))
+    assert pool.plan(jobs[0], (method, 2)) and pool.plan(jobs[1], (method, 2))
     for _ in range(3):
         turn()
     spd_group = pool.groups[0]
-    assert spd_group.key == ("spd", 2) and set(spd_group.jobs) == set(jobs[:2])
+    assert spd_group.key == (method, 2) and set(spd_group.jobs) == set(jobs[:2])
     assert all(0 < len(got[j]) < 20 for j in jobs[:2])
-    assert pool.plan(jobs[2], ("spd", 2)) and pool.plan(jobs[3], ("spd", 2))
+    assert pool.plan(jobs[2], (method, 2)) and pool.plan(jobs[3], (method, 2))
     assert [j.speculation_off for j in jobs] == [False, False, True, True]
     prefilled = [j.stats.prefill_s for j in jobs[:2]]
     turn()
