@@ -659,7 +659,8 @@ def test_memory_budget_counts_the_prefill_pass(pair, monkeypatch):
         create_app(pair, methods=["target", "spd"], max_batch=4, max_context=256,
                    spec_off_at=0)
     create_app(pair, methods=["target", "spd"], max_batch=2, max_context=256, spec_off_at=0)
-    with pytest.raises(CospecError, match=r"--max-batch 2 \(\+ 2 rows of spd's engine"):
+    with pytest.raises(CospecError,
+                       match=r"--max-batch 2 \(\+ 2 rows of a speculating engine"):
         create_app(pair, methods=["target", "spd"], max_batch=2, max_context=256)
 
 
