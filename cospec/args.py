@@ -314,9 +314,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "target-only, those already decoding too (same output: the target's "
                         "greedy tokens or a sample of its distribution; seeded sampled "
                         "requests keep their method); their engine then has this many - 1 "
-                        "rows beside --max-batch; 0: never (default: 4, where batched spd "
-                        "measured slower than target-only, on a GPU and on a CPU, and "
-                        "batched lookup on a CPU)")
+                        "rows beside --max-batch; 0: never (default: 4, where batched lookup "
+                        "measured slower than target-only on a GPU and on a CPU, and spd on "
+                        "a CPU; on a GPU spd lost from 8 rows)")
     p.add_argument("--no-solo", dest="solo", action="store_false",
                    help="a lone greedy spd, cospec or cos-we request (or an unseeded "
                         "sampled spd or cos-we one) takes the batch engines too (default: it "

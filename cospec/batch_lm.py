@@ -11,7 +11,7 @@ caches, rotary tables, and the forwards over rows 0..b-1 of n tokens each.
   9 or more), a forward over one row (b = 1: a lone request, which takes slot 0) runs
   through them on that row's caches (``BatchLM._forward_one``), as the batch-1 engine's
   steps do, and so does a step of b >= 2 rows of n tokens each (a decode step, a verify, a
-  catch-up) with b * n <= ``fused.ROWS_TOKENS`` (16), each row attending its own
+  catch-up) with b * n <= ``fused.ROWS_TOKENS`` (64), each row attending its own
   cache (``_forward_rows``; COSPEC_FUSED_ROWS=0 turns it off). Other forwards (more tokens,
   prefill) keep the compiled layer halves. On an H100 the fused decode rows made 1.32x the
   halves' tokens/s at 4 rows and 1.27x at 16 (random 1.5B, target-only;

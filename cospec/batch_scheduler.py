@@ -18,20 +18,24 @@ every model the method runs. The pool owns at most ``max_batch`` slots in all:
 - Speculation off under load (``spec_off_at``, default SPEC_OFF_AT): a request of a method
   whose output is the target's (``SPEC_OFF_METHODS``: spd, prompt lookup) planned while at
   least ``spec_off_at`` - 1 others decode in the engines runs target-only instead, since
-  batched spd is slower than target-only from 4 rows on: on a GPU (H200, the shipped pair,
-  one machine: 0.87x / 0.60x / 0.86x at 4 / 16 / 64 rows against 1.04x at 1,
-  results/gpu/h200/batch-real-pair) and on a 2-core CPU (k = 4: 0.88x at 4 rows, 1.15x at
-  1; results/cpu/batch-spd-vs-target), and so is batched prompt lookup on that CPU (0.83x
-  at 4 rows, 1.20x at 1; results/cpu/batch-lookup-epyc). Below it, at 2 and 3 rows, their
-  verifies (k = 4: at most 16 tokens) run the fused layers on a GPU, where spd made 1.36x /
-  1.33x target-only and prompt lookup 1.39x (H100,
-  results/gpu/h100/fused-verify-rows-real-pair). Its output is what the method would give:
-  the target's greedy tokens, or a sample from the target's distribution (a seeded sampled
-  request keeps its method, so that its seed gives the same tokens under any load). Its
-  metrics say ``speculation_off``. Other methods with a draft (cospec, CoS) change what they
-  decode, so they keep it. Every engine must go target-only together: a turn steps each
-  engine once, so a few rows left speculating hold every target-only row to one step per
-  spd block (results/gpu/h200/serve-spec-off-at). Hence (spd stands for either method):
+  batched spd measured slower than target-only from 4 rows on: on a GPU (H200, the shipped
+  pair, one machine, before the verifies ran fused: 0.87x / 0.60x / 0.86x at 4 / 16 / 64
+  rows against 1.04x at 1, results/gpu/h200/batch-real-pair) and on a 2-core CPU (k = 4:
+  0.88x at 4 rows, 1.15x at 1; results/cpu/batch-spd-vs-target), and so is batched prompt
+  lookup, on that CPU (0.83x at 4 rows, 1.20x at 1; results/cpu/batch-lookup-epyc) and on a
+  GPU (H100, the shipped pair: 0.84x / 0.76x / 0.70x at 4 / 8 / 16 rows, where spd made
+  1.05x / 0.97x / 0.84x; results/gpu/h100/batch-rows-cap-real-pair). Below it, at 2 and 3
+  rows, their verifies run the fused layers on a GPU, where spd made 1.36x / 1.33x
+  target-only and prompt lookup 1.39x (H100, results/gpu/h100/fused-verify-rows-real-pair).
+  With 4-row verifies fused too (``fused.ROWS_TOKENS`` 64) spd made 1.16x at 4 rows, lookup
+  1.00x: on a GPU ``spec_off_at`` 5 may serve spd better (not yet measured served). Its
+  output is what the method would give: the target's greedy tokens, or a sample from the
+  target's distribution (a seeded sampled request keeps its method, so that its seed gives
+  the same tokens under any load). Its metrics say ``speculation_off``. Other methods with a
+  draft (cospec, CoS) change what they decode, so they keep it. Every engine must go
+  target-only together: a turn steps each engine once, so a few rows left speculating hold
+  every target-only row to one step per spd block (results/gpu/h200/serve-spec-off-at).
+  Hence (spd stands for either method):
 
   - below the load, such spd requests share one spd engine of ``spec_off_at`` - 1 rows
     *beside* the ``max_batch`` slots (``Group.extra``; the server's memory check counts

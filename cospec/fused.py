@@ -50,10 +50,11 @@ from cospec.settings import choice
 
 MAX_ROWS = 16        # more rows than this: the reference path
 # The most tokens (rows x tokens a row) a batch engine's step of several rows, each on its own
-# cache, takes through the fused layers (``batch_lm.BatchLM``): 16 measured
-# (results/gpu/h100/fused-verify-rows-real-pair); 32 and 64 are there to be measured
-# (``scripts/bench_batch.py --fused-set ROWS_TOKENS=32``).
-ROWS_TOKENS = 16
+# cache, takes through the fused layers (``batch_lm.BatchLM``; more: the compiled halves).
+# 64 against 16 on an H100 (the real pair, results/gpu/h100/batch-rows-cap-real-pair): 64-row
+# decode steps 1.26x, 4-row verifies at k = 4 (20 tokens) 1.10x (spd) and 1.18x (lookup),
+# 8-row ones (40 tokens) level; steps of <= 16 tokens run the same code under either.
+ROWS_TOKENS = 64
 MODES = ("auto", "1", "0")  # the values COSPEC_FUSED takes (unset: "auto")
 MEASURED_MAJOR = 9  # auto: GPUs of this compute capability (major) or more (Hopper on)
 # Blocks, splits and HOIST: the best of an H200 sweep (0.5B, results/gpu/h200/
