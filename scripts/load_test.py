@@ -56,7 +56,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from cospec.batch_scheduler import SPEC_OFF_AT  # noqa: E402
+from cospec.batch_scheduler import SPEC_OFF_AT, SPEC_OFF_METHODS  # noqa: E402
 from cospec.methods import build_method, chat_ids, eos_ids, text_ids  # noqa: E402
 from cospec.models import Pair, context_length  # noqa: E402
 from cospec.sampling import GREEDY  # noqa: E402
@@ -302,7 +302,8 @@ def summarize(recs: list[dict], wall: float, health: dict, reqs: list[dict]) -> 
     fast = [r["latency_s"] for r in done if r["kind"] == "ok"]
     slow = [r["latency_s"] for r in done if r["kind"] == "slow"]
     ttft = [r["ttft_s"] for r in done if r["kind"] == "ok" and "ttft_s" in r]
-    spd = [r["metrics"] for r in done if r["method"] == "spd" and r.get("metrics")]
+    spd = [r["metrics"] for r in done  # spd and lookup: --spec-off-at's methods
+           if r["method"] in SPEC_OFF_METHODS and r.get("metrics")]
     off = [m for m in spd if m.get("speculation_off")]  # run target-only under load
     taus = [m["tau"] for m in spd if not m.get("speculation_off")]
     tokens = sum(r["tokens"] for r in done)
@@ -359,7 +360,8 @@ def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> 
           f"{s['mismatched']} | {s['server_errors_5xx']} | {s['completed']} |"
           for lv in levels for s in [lv["summary"]]), "",
         "| concurrent | latency p50 | latency p99 | first token p50 | first token p99 | "
-        "requests/s | completed/s | tokens/s | spd mean τ | spd target-only | started alone | "
+        "requests/s | completed/s | tokens/s | spd/lookup mean τ | spd/lookup target-only | "
+        "started alone | "
         "engine stepping | worker |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(f"| {lv['concurrency']} | {f(s['latency_p50_s'])} | {f(s['latency_p99_s'])} | "
@@ -385,9 +387,9 @@ def report(cfg: dict, levels: list[dict], passed: bool, failures: list[str]) -> 
            "computed beforehand one request at a time "
            f"({s['distinct_reference_outputs']} distinct outputs among the prompts)."
            if cfg["checked"] else "Responses were not compared with references."), "",
-        "spd mean τ is over the spd requests that kept their draft; spd target-only is the "
-        "share of completed spd requests the server ran target-only under load "
-        "(`--spec-off-at`).", "",
+        "spd/lookup mean τ is over the spd and prompt-lookup requests that kept speculating; "
+        "spd/lookup target-only is the share of those completed that the server ran "
+        "target-only under load (`--spec-off-at`).", "",
         "Engine stepping / worker: the share of each level's wall time that cospec serve's "
         "worker thread spent in its batch engines' steps / on its batch turns in all (the "
         "steps and detokenizing; from /health); in the rest of it no engine stepped (the "
@@ -498,8 +500,8 @@ def main() -> int:
     ap.add_argument("--max-active", type=int, default=4)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--spec-off-at", type=int, default=SPEC_OFF_AT,
-                    help="the server's: spd requests arriving while this many would decode "
-                         "run target-only (0: never)")
+                    help="the server's: spd and lookup requests arriving while this many "
+                         "would decode run target-only (0: never)")
     ap.add_argument("--no-solo", dest="solo", action="store_false",
                     help="the server's: a lone greedy spd / cospec / cos-we request takes the "
                          "batch engines too (default: the batch-1 path until others arrive)")

@@ -1,4 +1,4 @@
-"""scripts/load_test.py's share of a level's wall time that the server's worker stepped."""
+"""scripts/load_test.py: its per-level summaries and the requests each level sends."""
 
 import importlib.util
 from pathlib import Path
@@ -49,3 +49,17 @@ def test_waves_lengthen_the_many_client_levels(monkeypatch):
     assert sent[3][:128] == sent[0] == list(range(128))
     args.waves = 0
     assert len(lt.plan(args, "m", 2048)) == 128
+
+
+def test_spec_off_share_counts_lookup_requests_too():
+    """The summary's τ and target-only share cover every method --spec-off-at turns off
+    (spd and prompt lookup), not target-only requests."""
+    def rec(method, tau, off):
+        return {"outcome": "ok", "kind": "ok", "method": method, "latency_s": 0.1,
+                "tokens": 8, "metrics": {"tau": tau, "speculation_off": off}}
+
+    recs = [rec("spd", 4.0, False), rec("lookup", 2.0, False), rec("lookup", 1.0, True),
+            rec("target", 1.0, False)]
+    s = lt.summarize(recs, 2.0, {}, [])
+    assert s["spd_off_share"] == pytest.approx(1 / 3) and s["spd_mean_tau"] == 3.0
+    assert s["throughput_tokens_per_s"] == 16.0
