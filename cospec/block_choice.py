@@ -1,4 +1,4 @@
-"""What a device-side block (``fast_block.ruled_block``) commits at a position from both
+"""What a device-side block (``device_blocks.ruled_block``) commits at a position from both
 models' logits rows there, for the greedy methods whose token depends on the draft's row as
 well as the target's:
 

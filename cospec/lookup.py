@@ -20,7 +20,7 @@ Three methods:
   draft speculating on itself): the proposals are the draft's own, as spd's, so greedy
   verdicts and tokens are spd's, in fewer draft steps, each over a few rows. Offline, on
   an H200's step times, it bounded at 1.51x / 1.98x against spd's 1.32x / 1.47x
-  (results/schedule-bound). Greedy on a GPU it runs as ``fast_block.guessed_block``
+  (results/schedule-bound). Greedy on a GPU it runs as ``device_blocks.guessed_block``
   (``device_guesses``: the first draft step checks guesses, no host read, k + c proposals).
 
 Offline, along the target's own greedy outputs of the shipped pair, the lookup proposed in

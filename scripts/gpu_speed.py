@@ -251,7 +251,7 @@ BLOCK_METHODS = ("spd-graph", "spd-block", "spd-graph-int8", "spd-block-int8")
 # the method, its draft's int8 copy (cospec and cos-we: in their host loops)
 INT8_METHODS = ("spd-staged-int8", "spd-lookup-int8", "cospec-int8", "cos-we-int8")
 HOST_METHODS = ("spd-staged-host", "spd-staged-host-int8")  # spd-staged in decoding's loop
-# cospec and cos-we with each block on the device (fast_block.ruled_block), -int8: that draft
+# cospec and cos-we with each block on the device (device_blocks.ruled_block), -int8: that draft
 RULED_METHODS = ("cospec-block", "cos-we-block", "cospec-block-int8", "cos-we-block-int8")
 
 
@@ -691,7 +691,7 @@ def main() -> None:
                          "weights (fast.int8_weights); spd-staged-int8 / spd-lookup-int8: "
                          "those methods with the int8 draft (cospec-int8, cos-we-int8 too, "
                          "in their host loops); cospec-block, cos-we-block (-int8): those "
-                         "with each block on the device (fast_block.ruled_block); "
+                         "with each block on the device (device_blocks.ruled_block); "
                          "spd-staged-host(-int8): "
                          "spd-staged in cospec.decoding's loop, not the device-side block; "
                          "target-wait: target-only reading each chunk of 8 tokens before "

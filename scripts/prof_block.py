@@ -13,7 +13,7 @@ position ``--prefix``, for each draft (its model's own bf16 weights, then its in
   draft's two-row first step, k - 1 one-row steps, the verify and the acceptance, one CUDA
   graph), its position reset before every replay (a one-element copy, included);
 - with ``--choices``, the bf16 draft's block as greedy cospec and cos-we run it
-  (``fast_block.ruled_block``: the shipped arbiter's choice, the weighted ensemble's at
+  (``device_blocks.ruled_block``: the shipped arbiter's choice, the weighted ensemble's at
   λ = 0.5), its pending state reset too: what the in-graph choice adds to a block;
 - the block's bound on spd's speed-up: τ × target step ÷ block for each ``--tau`` (tokens a
   block; the defaults are spd's τ at k = 5 on GSM8K heldout and HumanEval, from

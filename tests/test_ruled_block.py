@@ -1,4 +1,4 @@
-"""Greedy CoSpec and CoS with each block on the device (``fast_block.ruled_block``) commit
+"""Greedy CoSpec and CoS with each block on the device (``device_blocks.ruled_block``) commit
 their host loops' tokens (``decoding.generate`` with ``ArbiterRule``, ``cos.cos_generate``):
 a learned policy, the confidence heuristic and one of positions, a weighted ensemble and
 contrastive decoding; drafts that always, partly and never agree; k = 1, 2, 5; up to an EOS
@@ -15,7 +15,7 @@ import torch
 from test_fast_block import drafts
 from tiny import tiny_model
 
-from cospec import fast, fast_block
+from cospec import device_blocks, fast, fast_block
 from cospec.arbiter import FEATURES, ArbiterRule, ConfidencePolicy, LearnedPolicy
 from cospec.block_choice import CombinationChoice, arbiter_choice
 from cospec.cos import Combination, cos_generate
@@ -55,7 +55,7 @@ def combos() -> dict[str, Combination]:
 
 def watch_ok(monkeypatch) -> list[int]:
     """The ``ok`` of every ruled block run on the CPU (graphs hide theirs)."""
-    seen, ruled = [], fast_block.ruled_block
+    seen, ruled = [], device_blocks.ruled_block
 
     def watched(*args):
         verdict = ruled(*args)
@@ -63,7 +63,7 @@ def watch_ok(monkeypatch) -> list[int]:
             seen.append(int(verdict[1]))
         return verdict
 
-    monkeypatch.setattr(fast_block, "ruled_block", watched)
+    monkeypatch.setattr(device_blocks, "ruled_block", watched)
     return seen
 
 

@@ -1,4 +1,4 @@
-"""Sampled speculative decoding with each block on the device (``fast_block.sampled_block``)
+"""Sampled speculative decoding with each block on the device (``device_blocks.sampled_block``)
 draws exactly the target's processed distribution.
 
 The first three generated tokens of sampled spd (k = 2, temperature, top-k and top-p on)

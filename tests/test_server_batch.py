@@ -458,7 +458,7 @@ def test_a_lone_request_decodes_alone_until_others_arrive(pair, arbiter, monkeyp
 
 def test_a_lone_sampled_request_goes_alone_unless_seeded(pair, monkeypatch):
     """With the fast path's engines (COSPEC_STATIC=1 on the CPU) a lone sampled spd request
-    without a seed decodes alone (each block on the device, ``fast_block.sampled_block``);
+    without a seed decodes alone (each block on the device, ``device_blocks.sampled_block``);
     a seeded one keeps to the pool, so that its seed gives the same tokens with ``solo`` on
     and off."""
     monkeypatch.setenv("COSPEC_STATIC", "1")
