@@ -88,7 +88,8 @@ log = logging.getLogger("cospec.server")
 
 COUNTERS = ("steps", "drafted", "accepted", "arbiter_calls", "overrides")
 SPEC_OFF_AT = 4  # ``spec_off_at``'s default: the rows at which batched spd measured slower
-                 # than target-only, on an H200 and on a 2-core CPU (prompt lookup there too)
+                 # than target-only, on an H200 and on a 2-core CPU (prompt lookup on that
+                 # CPU and on an H100)
 SPEC_OFF_METHODS = ("spd", "lookup")  # speculating batch methods whose output is the target's
 SPEC_OFF_HOLD_S = 1.0  # seconds the load holds after it was last seen: longer than a client's
                       # turn-around between two requests, short beside a lone client's stream
@@ -202,10 +203,10 @@ def prefill_bytes(models: Iterable[torch.nn.Module], max_len: int) -> int:
 def check_memory(models: list[torch.nn.Module], rows: int, max_len: int, extra: int = 0
                  ) -> tuple[int, int]:
     """(KV bytes, prefill bytes): the KV budget of ``rows`` + ``extra`` (spd's or prompt
-    lookup's rows beside
-    the slots, ``Group.extra``) x ``max_len`` positions and the largest prefill pass's
-    (``prefill_bytes``). CospecError when together they exceed 90 % of the memory free now
-    on the models' device (so that a full server never runs out of memory mid-request)."""
+    lookup's rows beside the slots, ``Group.extra``) x ``max_len`` positions and the
+    largest prefill pass's (``prefill_bytes``). CospecError when together they exceed 90 %
+    of the memory free now on the models' device (so that a full server never runs out of
+    memory mid-request)."""
     kv, prefill = kv_bytes(models, rows + extra, max_len), prefill_bytes(models, max_len)
     device = next(models[0].parameters()).device
     if device.type == "cuda":
