@@ -41,8 +41,8 @@ def fused_calls(monkeypatch) -> list[int]:
 def test_one_row_logits_match_the_reference(interpret, fused_calls):
     """Slot 0's steps (1 token, a 2-token catch-up, a 5-token verify) through the fused
     layers give the reference forward's logits and hidden states to 1e-5, over a cache
-    whose slots beyond each position hold stale entries; two rows of nine tokens (18 >
-    MAX_ROWS) stay on the reference."""
+    whose slots beyond each position hold stale entries; two rows of 33 tokens (66 >
+    ROWS_TOKENS) stay on the reference."""
     model = tiny_model(31, dtype=torch.float32)
     lms = [BatchLM(model, rows=2, max_len=64, graphs=False, compile=False, fused=flag)
            for flag in (True, False)]
@@ -59,8 +59,9 @@ def test_one_row_logits_match_the_reference(interpret, fused_calls):
         torch.testing.assert_close(ha, hb, atol=ATOL, rtol=RTOL)
     assert fused_calls == [n for n in (6, 1, 2, 5, 1) for _ in range(2)]  # 2 layers each
     fused_calls.clear()
-    ids = torch.randint(2, 96, (2, 9), generator=torch.Generator().manual_seed(3))
-    pos = torch.stack([torch.arange(25, 34), torch.arange(9, 18)])
+    assert fused.ROWS_TOKENS < 2 * 33
+    ids = torch.randint(2, 96, (2, 33), generator=torch.Generator().manual_seed(3))
+    pos = torch.stack([torch.arange(25, 58), torch.arange(9, 42)])
     (a, _), (b, _) = (lm.run(ids, pos) for lm in lms)
     torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
     assert fused_calls == []
