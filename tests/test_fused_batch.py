@@ -68,8 +68,7 @@ def test_one_row_logits_match_the_reference(interpret, fused_calls):
 
 
 @pytest.mark.parametrize(("rows", "tokens"), [(2, 1), (5, 1), (3, 4), (4, 5), (7, 5), (20, 1)])
-def test_decode_rows_each_on_their_own_cache(interpret, monkeypatch, fused_calls, rows,
-                                             tokens):
+def test_decode_rows_each_on_their_own_cache(interpret, fused_calls, rows, tokens):
     """A step of several rows (``tokens`` each: a decode step, or a verify of 4 or 5; every
     row at its own position, its cache holding other rows' prompts and stale slots) through
     the fused layers gives the reference forward's logits and hidden states to 1e-5, step
