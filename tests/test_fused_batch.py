@@ -191,30 +191,37 @@ def test_cuda_graphs(monkeypatch, fused_calls, dtype):
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and compiled triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_decode_rows(monkeypatch, fused_calls, dtype):
-    """On a GPU, in CUDA graphs: decode steps and 4-token verifies of four rows, each on its
-    own cache, through the fused layers against the reference engine's (float32 to 1e-4,
-    bfloat16 argmax-equal on most rows), and in float32 four requests' target-only and
-    speculative tokens equal."""
+@pytest.mark.parametrize("rows", [4, 24])
+def test_cuda_decode_rows(monkeypatch, fused_calls, dtype, rows):
+    """On a GPU, in CUDA graphs: decode steps and verifies of four rows (4 tokens) and of 24
+    (2 tokens: more rows than the one-row engine's MAX_ROWS, 48 tokens under the cap of 64),
+    each on its own cache, through the fused layers against the reference engine's (float32
+    to 1e-4, bfloat16 argmax-equal on most rows), and in float32 the requests' target-only
+    and speculative tokens equal."""
+    verify = min(4, fused.ROWS_TOKENS // rows)
+    assert verify >= 2
     target = tiny_model(16, width=128).to("cuda", dtype)  # head_dim 32
-    lms = [BatchLM(target, rows=4, max_len=64, fused=flag) for flag in (True, False)]
+    lms = [BatchLM(target, rows=rows, max_len=64, fused=flag) for flag in (True, False)]
     assert [lm.fused_rows for lm in lms] == [True, False] and lms[0].use_graphs
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(2, 96, (n,), generator=g).tolist() for n in (20, 7, 13, 3)]
+    prompts = [torch.randint(2, 96, (n,), generator=g).tolist()
+               for n in [20, 7, 13, 3] * (rows // 4)]
     pos = torch.tensor([[len(p)] for p in prompts], device="cuda")
-    agree = 0
+    agree = steps = 0
     with torch.inference_mode():
         for lm in lms:
-            lm.prefill(prompts, [0, 1, 2, 3])
-        for tokens in (1, 1, 4, 1, 4):
-            ids = torch.randint(2, 96, (4, tokens), generator=g).cuda()
+            lm.prefill(prompts, list(range(rows)))
+        for tokens in (1, 1, verify, 1, verify):
+            ids = torch.randint(2, 96, (rows, tokens), generator=g).cuda()
             at = pos + torch.arange(tokens, device="cuda")
             a, b = (lm.run(ids, at)[0].float().clone() for lm in lms)
             pos += tokens
+            steps += tokens
             if dtype == torch.float32:
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-    assert sorted(set(fused_calls)) == [4, 16] and agree >= 0.9 * 4 * 11
+    assert sorted(set(fused_calls)) == [rows, rows * verify]
+    assert agree >= 0.9 * rows * steps
     if dtype == torch.float32:
         draft = tiny_model(17, width=128, layers=1).to("cuda", dtype)
         for proposer in (None, draft):
