@@ -2,7 +2,8 @@
 # GPU runs, as stages named on the command line (each resumes where it stopped):
 #
 #   tests   the CUDA-only tests (tiny models, no weights needed; TESTS=FILE+FILE.. picks,
-#           TESTS_ARGS=ARGS adds pytest arguments, e.g. -k NAME; whole log in $R/tests.log);
+#           TESTS_ARGS=ARGS adds pytest arguments, e.g. -k NAME; whole log in $R/tests.log;
+#           the whole list ran past 11 minutes on an H200, one process: TESTS_WORKERS=N runs N);
 #           the one test that reads GSM8K is left out while the data is not there (before
 #           unpack: the machine reaches no registry)
 #   ptests  the same fast-path tests with COSPEC_PREFILL=$PREFILL (default eager: the tests
@@ -145,13 +146,20 @@ stage_setup() {
     ls -l "$COSPEC_CACHE"/gguf "$COSPEC_CACHE"/wheels
 }
 
-stage_tests() {  # TESTS=FILE+FILE..: only those
+stage_tests() {  # TESTS=FILE+FILE..: only those; TESTS_WORKERS=N: N processes (pytest-xdist,
+                 # from /tmp/p/*.whl where not importable: pack_for_device.sh x)
     local files=${TESTS:-tests/test_fast.py+tests/test_cospec.py+tests/test_replay.py+tests/test_fast_batch.py+tests/test_fast_batch_cos.py+tests/test_fused.py+tests/test_fused_int8.py+tests/test_fused_batch.py+tests/test_server_batch.py+tests/test_warm_up.py+tests/test_fast_block.py+tests/test_ruled_block.py+tests/test_sampled_block.py}
-    local no_data=()  # before unpack the machine has no GSM8K (nor network): skip its test
+    local no_data=() workers=()
     timeout 60 python3 -c "from cospec.tasks import get_task; get_task('gsm8k').problems('dev')" \
-        > /dev/null 2>&1 || no_data=(-k "not gsm8k_dev")
+        > /dev/null 2>&1 || no_data=(-k "not gsm8k_dev")  # before unpack: no GSM8K, no network
+    if [ -n "${TESTS_WORKERS:-}" ]; then
+        python3 -c "import xdist" 2> /dev/null \
+            || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+                   /tmp/p/pytest_xdist-*.whl /tmp/p/execnet-*.whl  # /tmp/site: on PYTHONPATH
+        workers=(-n "$TESTS_WORKERS")
+    fi
     python3 -m pytest -q -o addopts="" -p no:cacheprovider ${files//+/ } "${no_data[@]}" \
-        ${TESTS_ARGS:-} 2>&1 | tee "$R/tests.log" | tail -15  # the whole log kept beside
+        "${workers[@]}" ${TESTS_ARGS:-} 2>&1 | tee "$R/tests.log" | tail -15  # the whole log
 }
 
 stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=$PREFILL (default

@@ -11,12 +11,14 @@
 #   B  vLLM 0.26.0 and the wheels it needs       -> .dev-b.NN/B.NN   (gpu_stages.sh vllm)
 #   s  only the server's wheels (FastAPI, uvicorn, pydantic) from B's: one piece, for xserve
 #      without vLLM                                -> .dev-s.00/S.00   (gpu_stages.sh xserve)
+#   x  pytest-xdist and execnet, the wheels themselves (no tar; ≈ 0.1 MiB, to carry beside
+#      .dev-a.00)                 -> .dev-x.00/*.whl (gpu_stages.sh tests with TESTS_WORKERS)
 #
 # Run from the repository root after cospec is installed; fetches what the cache lacks (the
 # pair as the README's first command does; vLLM's wheels from the registry) and prints each
 # tar's sha256 (A_SHA256, B_SHA256, S_SHA256 for gpu_stages.sh). Copy one piece per call there:
 #   mkdir -p /tmp/p && cp .dev-a.NN/* /tmp/p/     (carry [".dev-a.NN"])
-#   usage: bash scripts/pack_for_device.sh [a] [b] [s]      (default: a and b)
+#   usage: bash scripts/pack_for_device.sh [a] [b] [s] [x]      (default: a and b)
 # PIECE_MB=N cuts N-MiB pieces instead (up to 64 less the tree that travels beside them).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -79,8 +81,18 @@ pack_s() {  # the server's wheels at vLLM's pins, fetched alone (not all of B's)
     cut_pieces "$work/S.tar" s
 }
 
+pack_x() {  # the test runner's parallel workers, versions as installed here
+    local v
+    rm -rf .dev-x.00 && mkdir .dev-x.00
+    for v in pytest-xdist execnet; do
+        python3 -m pip download -q --no-deps --only-binary=:all: -d .dev-x.00 \
+            "$v==$(python3 -c "import importlib.metadata as m; print(m.version('$v'))")"
+    done
+    ls .dev-x.00
+}
+
 for w in ${@:-a b}; do  # unquoted: the default splits into a and b
-    declare -F "pack_$w" > /dev/null || { echo "usage: pack_for_device.sh [a] [b] [s]" >&2
+    declare -F "pack_$w" > /dev/null || { echo "usage: pack_for_device.sh [a] [b] [s] [x]" >&2
                                           exit 2; }
 done
 for w in ${@:-a b}; do "pack_$w"; done
