@@ -15,8 +15,8 @@
 # per finished step with its exit status and the machine's load. (scripts/gpu_poll.sh reads it
 # and brings the results so far back in $OUT.) A queue's PID is in
 # $R/repo-N.pid (stop it: kill -- -PID, its whole process group). A queue still running
-# refuses a new one without --after (two would time each other): --after its done file, or
-# --alongside to run both at once on purpose.
+# (or still waiting for its --after file) refuses a new one without --after (two would time
+# each other): --after its done file, or --alongside to run both at once on purpose.
 set -eu
 export R=${R:-/tmp/r6}
 after= alongside=
