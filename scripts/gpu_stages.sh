@@ -159,7 +159,7 @@ stage_tests() {  # TESTS=FILE+FILE..: only those; TESTS_WORKERS=N: N processes (
         workers=(-n "$TESTS_WORKERS")
     fi
     python3 -m pytest -q -o addopts="" -p no:cacheprovider ${files//+/ } "${no_data[@]}" \
-        "${workers[@]}" ${TESTS_ARGS:-} 2>&1 | tee "$R/tests.log" | tail -15  # the whole log
+        "${workers[@]}" ${TESTS_ARGS:-} 2>&1 | tee "$R/tests.log" | tail -15  # whole log kept
 }
 
 stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=$PREFILL (default
