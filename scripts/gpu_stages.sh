@@ -6,6 +6,9 @@
 #           the whole list ran past 11 minutes on an H200, one process: TESTS_WORKERS=N runs N);
 #           the one test that reads GSM8K is left out while the data is not there (before
 #           unpack: the machine reaches no registry)
+#   planted the tests (TESTS, TESTS_ARGS) on a copy of the repository with a bug planted:
+#           PLANT_FILE and PLANT_SED (exported by the calling command: a sed script holds
+#           spaces); passes only if a test fails (the test can fail)
 #   ptests  the same fast-path tests with COSPEC_PREFILL=$PREFILL (default eager: the tests
 #           stage runs the default, graphs)
 #   setup   assemble the GGUF chunks copied to /tmp/w (shared/tools/split-for-device) into
@@ -160,6 +163,23 @@ stage_tests() {  # TESTS=FILE+FILE..: only those; TESTS_WORKERS=N: N processes (
     fi
     python3 -m pytest -q -o addopts="" -p no:cacheprovider ${files//+/ } "${no_data[@]}" \
         "${workers[@]}" ${TESTS_ARGS:-} 2>&1 | tee "$R/tests.log" | tail -15  # whole log kept
+}
+
+stage_planted() {  # a planted bug must fail TESTS: PLANT_SED (a sed script, set in the calling
+                   # environment: it holds spaces) applied to PLANT_FILE in a copy of the
+                   # repository, TESTS and TESTS_ARGS run there; passes only if pytest fails
+    local dir="$R/planted" rc=0
+    rm -rf "$dir" && mkdir -p "$dir"
+    tar --exclude='./.git' -cf - . | tar xf - -C "$dir"
+    sed -i "$PLANT_SED" "$dir/$PLANT_FILE"
+    if cmp -s "$PLANT_FILE" "$dir/$PLANT_FILE"; then
+        echo "planted: PLANT_SED changed nothing in $PLANT_FILE" >&2; return 2
+    fi
+    diff "$PLANT_FILE" "$dir/$PLANT_FILE" || true
+    (cd "$dir" && R="$dir" stage_tests) || rc=$?
+    grep -E "passed|failed" "$dir/tests.log" | tail -3 > "$R/planted.log" || true
+    if grep -q failed "$R/planted.log"; then echo "planted: caught"; else
+        echo "planted: NOT caught" >&2; return 1; fi
 }
 
 stage_ptests() {  # the CUDA tests of the fast paths with COSPEC_PREFILL=$PREFILL (default
