@@ -169,6 +169,9 @@ stage_planted() {  # a planted bug must fail TESTS: PLANT_SED (a sed script, set
                    # environment: it holds spaces) applied to PLANT_FILE in a copy of the
                    # repository, TESTS and TESTS_ARGS run there; passes only if pytest fails
     local dir="$R/planted"
+    : "${PLANT_FILE:?planted: export PLANT_FILE (a file of the repository) and PLANT_SED}"
+    : "${PLANT_SED:?planted: export PLANT_SED (a sed script that plants the bug)}"
+    [ -f "$PLANT_FILE" ] || { echo "planted: no file $PLANT_FILE here" >&2; return 2; }
     rm -rf "$dir" && mkdir -p "$dir"
     tar --exclude='./.dev-*' --exclude='./.git' -cf - . | tar xf - -C "$dir"
     sed -i "$PLANT_SED" "$dir/$PLANT_FILE"
