@@ -192,6 +192,23 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                         "subprocess) or auto (bwrap where it runs; default)")
 
 
+LIST_FLAGS = ("--weights",)  # flags whose value is a comma-separated list of numbers
+
+
+def join_list_values(argv: list[str]) -> list[str]:
+    """``argv`` with each ``FLAG VALUE`` of ``LIST_FLAGS`` whose value starts with ``-`` joined
+    into ``FLAG=VALUE``: argparse takes a value like ``-1,2`` for another flag ("expected one
+    argument"), so it would never reach the flag's own check (``options_of``)."""
+    out: list[str] = []
+    for arg in argv:
+        signed = arg[:1] == "-" and (arg[1:2].isdigit() or arg[1:2] == ".")
+        if out and out[-1] in LIST_FLAGS and signed:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def sampling_of(args) -> SamplingConfig:
     return SamplingConfig(args.temperature, args.top_p, args.top_k)
 

@@ -21,7 +21,7 @@ from cospec import (
     refine,
     train,
 )
-from cospec.args import add_decoding_args, add_model_args, add_serve_args
+from cospec.args import add_decoding_args, add_model_args, add_serve_args, join_list_values
 from cospec.errors import CospecError
 from cospec.sandbox import use
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_list_values(sys.argv[1:] if argv is None else argv))
     if getattr(args, "tp", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         quiet_rank(args)
     try:

@@ -155,6 +155,7 @@ def test_eval_notes_a_flag_none_of_its_methods_reads(tiny_dirs, tmp_path, capsys
     (["--method", "cd", "--mu", "1e300"], "must be in [0, 100], got 1e300"),
     (["--method", "we", "--weights", "nan,nan"], "--weights must be finite numbers"),
     (["--method", "we", "--weights", "nan,1"], "--weights must be finite numbers"),
+    (["--method", "we", "--weights", "-1,2"], "ensemble weights must be >= 0 and sum to 1"),
     (["--temperature", "nan"], "must be a finite number >= 0, got nan"),
     (["--seed", str(2**64)], "must be in [-2^63, 2^63)"),
     (["--prompt", "hello " * 600], "context of 512 positions"),
