@@ -265,7 +265,9 @@ def _bwrap_args(info_fd: int) -> list[str]:
             args += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             args += ["--ro-bind", top, top]
-    made: set[str] = set()
+    for folder in ("/tmp", "/work"):  # before the binds: a venv in /tmp or /work stays seen
+        args += ["--perms", "01777", "--size", str(TMPFS), "--tmpfs", folder]
+    made: set[str] = {"/tmp", "/work"}
     for d in _python_dirs():
         parent, parents = os.path.dirname(d), []
         while parent != "/" and parent not in made:
@@ -275,8 +277,6 @@ def _bwrap_args(info_fd: int) -> list[str]:
             args += ["--perms", "0755", "--dir", p]
             made.add(p)
         args += ["--ro-bind", d, d]
-    for folder in ("/tmp", "/work"):
-        args += ["--perms", "01777", "--size", str(TMPFS), "--tmpfs", folder]
     return args + ["--proc", "/proc", "--dev", "/dev", "--chdir", "/work",
                    "--info-fd", str(info_fd), "--"]
 

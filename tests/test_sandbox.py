@@ -310,3 +310,20 @@ def test_cli_sandbox_bwrap_is_a_clear_error_where_it_cannot_run(monkeypatch, cap
     assert "bubblewrap cannot run here (no bwrap on PATH)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "hi", "--sandbox", "docker"])
+
+
+@pytest.mark.skipif(not BWRAP, reason=f"bubblewrap cannot run here ({WHY}); CI installs it")
+def test_bwrap_runs_from_a_venv_under_tmp(tmp_path):
+    """An interpreter in a venv under /tmp (a fresh clone's, a CI job's) is still seen inside
+    bwrap, whose private /tmp would otherwise hide it: bwrap grades, no fallback."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    code = ("from cospec import sandbox\n"
+            "print(sandbox.bwrap_works())\n"
+            "print(sandbox._run('assert 1 + 1 == 2', 30.0, 1024, 'bwrap').passed)\n")
+    res = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True,
+                         text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(sandbox.__file__).parents[1])})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["(True, 'passed')", "True"], res.stdout
