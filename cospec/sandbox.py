@@ -265,9 +265,10 @@ def _bwrap_args(info_fd: int) -> list[str]:
             args += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             args += ["--ro-bind", top, top]
-    for folder in ("/tmp", "/work"):  # before the binds: a venv in /tmp or /work stays seen
+    private = ("/tmp", "/work")  # mounted before the binds: a venv inside them stays seen
+    for folder in private:
         args += ["--perms", "01777", "--size", str(TMPFS), "--tmpfs", folder]
-    made: set[str] = {"/tmp", "/work"}
+    made: set[str] = set(private)
     for d in _python_dirs():
         parent, parents = os.path.dirname(d), []
         while parent != "/" and parent not in made:
